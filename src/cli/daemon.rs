@@ -1,0 +1,304 @@
+//! `kmsfs mount` and `kmsfs umount`: the mount daemon's life cycle.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use kmsfs::fs::{KmsFs, MountOptions};
+use kmsfs::volume::Volume;
+use kmsfs::volume::lock::VolumeLock;
+
+use super::{CliError, ExitCode, KeyOptions, secrets};
+
+const READY: &[u8] = b"ready";
+
+#[derive(Args)]
+pub struct MountArgs {
+    /// The backing directory holding the encrypted volume
+    backing: PathBuf,
+    /// Where the decrypted view appears (an existing directory)
+    mountpoint: PathBuf,
+    /// Stay in the foreground (logs go to stderr)
+    #[arg(short = 'f', long)]
+    foreground: bool,
+    /// Mount options, comma-separated: ro, allow_other, fsname=NAME, noexec, nosuid, nodev, noatime, threads=N
+    #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
+    options: Vec<String>,
+    /// Append the daemon's log to this file (level from RUST_LOG, default warn)
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+fn mount_error(message: impl Into<String>) -> CliError {
+    CliError::new(ExitCode::Mount, message)
+}
+
+fn parse_options(raw: &[String]) -> Result<MountOptions, CliError> {
+    let mut opts = MountOptions {
+        threads: 4,
+        ..MountOptions::default()
+    };
+    for opt in raw
+        .iter()
+        .flat_map(|o| o.split(','))
+        .filter(|o| !o.is_empty())
+    {
+        match opt {
+            "ro" => opts.read_only = true,
+            "rw" => opts.read_only = false,
+            "allow_other" => opts.allow_other = true,
+            "noexec" | "exec" | "nosuid" | "suid" | "nodev" | "dev" | "noatime" | "atime"
+            | "relatime" | "sync" | "async" | "dirsync" => opts.kernel.push(opt.to_string()),
+            // Accepted for fstab compatibility; handled by mount(8) or meaningless here.
+            "defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" => {}
+            o if o.starts_with("fsname=") => opts.fsname = Some(o["fsname=".len()..].to_string()),
+            o if o.starts_with("threads=") => {
+                opts.threads = o["threads=".len()..]
+                    .parse()
+                    .ok()
+                    .filter(|&n| (1..=64).contains(&n))
+                    .ok_or_else(|| {
+                        CliError::new(
+                            ExitCode::Usage,
+                            format!("bad mount option {o}: threads must be 1 to 64"),
+                        )
+                    })?;
+            }
+            o if o.starts_with("x-") || o.starts_with("comment=") => {}
+            o => {
+                return Err(CliError::new(
+                    ExitCode::Usage,
+                    format!("unknown mount option {o}"),
+                ));
+            }
+        }
+    }
+    Ok(opts)
+}
+
+fn absolute(path: &Path, what: &str) -> Result<PathBuf, CliError> {
+    std::fs::canonicalize(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            mount_error(format!("{what} {} does not exist", path.display()))
+        }
+        _ => CliError::new(ExitCode::Io, format!("{what} {}: {e}", path.display())),
+    })
+}
+
+/// Detaches from the terminal. Returns in the child with the write end of
+/// a pipe on which it reports readiness; the parent waits and exits.
+fn daemonize() -> Result<File, CliError> {
+    let (read_end, write_end) = rustix::pipe::pipe()
+        .map_err(|e| CliError::new(ExitCode::Internal, format!("pipe: {e}")))?;
+    // SAFETY: no other thread exists yet (the key flusher, rayon and FUSE
+    // threads all start after this point), so the child is in a sound state.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(CliError::new(
+            ExitCode::Internal,
+            format!("fork: {}", std::io::Error::last_os_error()),
+        ));
+    }
+    if pid > 0 {
+        drop(write_end);
+        let mut report = Vec::new();
+        let _ = File::from(read_end).read_to_end(&mut report);
+        if report == READY {
+            std::process::exit(0);
+        }
+        let message = String::from_utf8_lossy(&report).into_owned();
+        let message = if message.is_empty() {
+            "the mount daemon exited before the mount was ready".into()
+        } else {
+            message
+        };
+        eprintln!("kmsfs: {message}");
+        std::process::exit(ExitCode::Mount as i32);
+    }
+    drop(read_end);
+    let _ = rustix::process::setsid();
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors, which this process owns.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+    Ok(File::from(write_end))
+}
+
+pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
+    let options = parse_options(&args.options)?;
+    let backing = absolute(&args.backing, "backing directory")?;
+    let mountpoint = absolute(&args.mountpoint, "mount point")?;
+    if !mountpoint.is_dir() {
+        return Err(mount_error(format!(
+            "mount point {} is not a directory",
+            mountpoint.display()
+        )));
+    }
+    let (row, _, _) = kmsfs::volume::read_info(&backing)?;
+    let key_id = row.provider.strip_prefix("local:").ok_or_else(|| {
+        CliError::new(
+            ExitCode::Provider,
+            format!("unsupported key provider {}", row.provider),
+        )
+    })?;
+    let store = Arc::new(secrets::open_keystore(keys)?);
+    let provider = store.provider(key_id)?;
+    let mut lock = VolumeLock::acquire(&backing)?;
+    let volume = Arc::new(Volume::open(&backing, &provider)?);
+    log::info!(
+        "volume {} opened with {} provider call(s)",
+        kmsfs::kms::hex(&row.volume_id),
+        volume.provider_calls()
+    );
+
+    let mut ready_pipe = if args.foreground {
+        None
+    } else {
+        Some(daemonize()?)
+    };
+    // From here on this process is the daemon: report failures through the pipe too.
+    let report = |pipe: &mut Option<File>, e: CliError| {
+        if let Some(p) = pipe.as_mut() {
+            let _ = p.write_all(e.message.as_bytes());
+        }
+        e
+    };
+    unsafe { libc::umask(0) };
+    lock.record_pid();
+    volume.start_background_flush();
+    let fs =
+        KmsFs::new(Arc::clone(&volume)).map_err(|e| report(&mut ready_pipe, CliError::from(e)))?;
+    let mut session = kmsfs::fs::mount(fs, &mountpoint, &options).map_err(|e| {
+        report(
+            &mut ready_pipe,
+            mount_error(format!("cannot mount on {}: {e}", mountpoint.display())),
+        )
+    })?;
+    let mut unmounter = session.unmount_callable();
+    let mut signals =
+        signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]).map_err(
+            |e| {
+                report(
+                    &mut ready_pipe,
+                    CliError::new(ExitCode::Internal, format!("signal handler: {e}")),
+                )
+            },
+        )?;
+    let mount_display = mountpoint.display().to_string();
+    std::thread::Builder::new()
+        .name("kmsfs-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!("signal {sig}: unmounting {mount_display}");
+                if let Err(e) = unmounter.unmount() {
+                    log::error!("unmounting {mount_display} failed: {e}");
+                }
+            }
+        })
+        .map_err(|e| {
+            report(
+                &mut ready_pipe,
+                CliError::new(ExitCode::Internal, format!("signal thread: {e}")),
+            )
+        })?;
+    log::info!("mounted {} on {}", backing.display(), mountpoint.display());
+    if let Some(mut pipe) = ready_pipe.take() {
+        let _ = pipe.write_all(READY);
+    }
+    let served = session.run();
+    if let Err(e) = volume.sync_keys() {
+        log::error!("committing file keys at exit failed: {e}");
+        return Err(e.into());
+    }
+    drop(lock);
+    served.map_err(|e| mount_error(format!("serving {}: {e}", mountpoint.display())))
+}
+
+/// Finds the backing directory of a kmsfs mount in /proc/self/mountinfo.
+fn mounted_backing(mountpoint: &Path) -> Result<Option<PathBuf>, CliError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let unescape = |s: &str| {
+        s.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\")
+    };
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        if fields.len() < dash + 3 || fields.len() < 5 {
+            continue;
+        }
+        if Path::new(&unescape(fields[4])) == mountpoint {
+            let fstype = fields[dash + 1];
+            let source = PathBuf::from(unescape(fields[dash + 2]));
+            // Without the mount helper the kernel records plain "fuse"; the
+            // source (the backing directory) then tells it is ours.
+            let ours = fstype == "fuse.kmsfs"
+                || (fstype == "fuse" && source.join(kmsfs::volume::db::DB_FILE).exists());
+            if !ours {
+                return Err(mount_error(format!(
+                    "{} is not a kmsfs mount ({fstype})",
+                    mountpoint.display()
+                )));
+            }
+            return Ok(Some(source));
+        }
+    }
+    Ok(None)
+}
+
+pub fn umount(mountpoint: &Path) -> Result<(), CliError> {
+    let mountpoint = absolute(mountpoint, "mount point")?;
+    let backing = mounted_backing(&mountpoint)?
+        .ok_or_else(|| mount_error(format!("{} is not mounted", mountpoint.display())))?;
+    let c_path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
+        .map_err(|_| CliError::new(ExitCode::Usage, "mount point contains a NUL byte"))?;
+    // SAFETY: c_path is a valid NUL-terminated string.
+    if unsafe { libc::umount2(c_path.as_ptr(), 0) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EPERM) {
+            let status = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg(&mountpoint)
+                .status();
+            if !matches!(status, Ok(s) if s.success()) {
+                return Err(mount_error(format!(
+                    "cannot unmount {}: {err}",
+                    mountpoint.display()
+                )));
+            }
+        } else {
+            let hint = if err.raw_os_error() == Some(libc::EBUSY) {
+                " (a process is using it: see `fuser -m`)"
+            } else {
+                ""
+            };
+            return Err(mount_error(format!(
+                "cannot unmount {}: {err}{hint}",
+                mountpoint.display()
+            )));
+        }
+    }
+    if backing.join(kmsfs::volume::db::DB_FILE).exists()
+        && !VolumeLock::wait_released(&backing, Duration::from_secs(60))
+    {
+        return Err(mount_error(format!(
+            "unmounted {}, but its daemon has not exited after 60 s",
+            mountpoint.display()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! Every failure a user can act on gets a message and a distinct exit code.
+
+use kmsfs::kms::KmsError;
+use kmsfs::volume::VolumeError;
+use kmsfs::volume::db::DbError;
+use kmsfs::volume::lock::LockError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    Internal = 1,
+    Usage = 2,
+    Secret = 3,
+    Volume = 4,
+    Provider = 5,
+    Mount = 6,
+    Io = 7,
+}
+
+#[derive(Debug)]
+pub struct CliError {
+    pub code: ExitCode,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn new(code: ExitCode, message: impl Into<String>) -> Self {
+        CliError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<KmsError> for CliError {
+    fn from(e: KmsError) -> Self {
+        let code = match &e {
+            KmsError::WrongPassphrase(_) | KmsError::WrongKeyFile(_) | KmsError::BadSecret(_) => {
+                ExitCode::Secret
+            }
+            KmsError::Io { .. } => ExitCode::Io,
+            _ => ExitCode::Provider,
+        };
+        CliError::new(code, e.to_string())
+    }
+}
+
+impl From<VolumeError> for CliError {
+    fn from(e: VolumeError) -> Self {
+        match e {
+            VolumeError::Kms(k) => k.into(),
+            VolumeError::Io { .. } => CliError::new(ExitCode::Io, e.to_string()),
+            VolumeError::Db(DbError::Sqlite { .. }) => CliError::new(ExitCode::Io, e.to_string()),
+            _ => CliError::new(ExitCode::Volume, e.to_string()),
+        }
+    }
+}
+
+impl From<LockError> for CliError {
+    fn from(e: LockError) -> Self {
+        match e {
+            LockError::Held { .. } => CliError::new(ExitCode::Mount, e.to_string()),
+            LockError::Io { .. } => CliError::new(ExitCode::Io, e.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        CliError::new(ExitCode::Io, e.to_string())
+    }
+}

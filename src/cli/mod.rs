@@ -1,0 +1,173 @@
+//! Command-line interface: argument parsing, exit codes and the commands.
+
+mod daemon;
+mod errors;
+mod secrets;
+mod status;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use errors::{CliError, ExitCode};
+
+#[derive(Parser)]
+#[command(name = "kmsfs", version, about = "Transparent encrypted filesystem with KMS-style envelope encryption", long_about = None)]
+#[command(
+    after_help = "Exit codes: 0 ok, 1 internal error, 2 usage, 3 wrong or missing passphrase/key file,\n\
+4 not a volume or damaged volume, 5 key provider refused or unreachable, 6 mount problem, 7 I/O error.\n\
+Logging: set RUST_LOG (e.g. RUST_LOG=info or RUST_LOG=kmsfs=debug)."
+)]
+struct Cli {
+    #[command(flatten)]
+    keys: KeyOptions,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the local keystore is and what unlocks it.
+#[derive(Args, Clone)]
+pub struct KeyOptions {
+    /// Keystore of the embedded `local` key provider [default: $XDG_DATA_HOME/kmsfs/keystore.json]
+    #[arg(long, global = true, env = "KMSFS_KEYSTORE", value_name = "PATH")]
+    keystore: Option<PathBuf>,
+    /// Read the keystore passphrase from this file (first line). Otherwise KMSFS_PASSPHRASE, then a prompt.
+    #[arg(long, global = true, value_name = "FILE", conflicts_with = "key_file")]
+    passphrase_file: Option<PathBuf>,
+    /// Unlock the keystore with a 32-byte key file instead of a passphrase (created by `init` if missing)
+    #[arg(long, global = true, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new encrypted volume in an empty or new backing directory
+    Init(InitArgs),
+    /// Mount a volume (goes to the background once the mount is ready, unless -f)
+    Mount(daemon::MountArgs),
+    /// Unmount a kmsfs mount point and wait for its daemon to finish
+    #[command(alias = "unmount")]
+    Umount {
+        /// The mount point
+        mountpoint: PathBuf,
+    },
+    /// Show a volume's id, key provider, volume-key versions and mount state
+    Status {
+        /// The backing directory
+        backing: PathBuf,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// The backing directory (created if missing; must be empty)
+    backing: PathBuf,
+    /// Use this existing master key (id or alias) instead of creating one
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
+    /// Argon2id memory cost in MiB when a new keystore is created
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    kdf_memory_mib: u32,
+    /// Argon2id iterations when a new keystore is created
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    kdf_iterations: u32,
+    /// Machine-readable output
+    #[arg(long)]
+    json: bool,
+}
+
+fn init_logging(log_file: Option<&std::path::Path>) -> Result<(), CliError> {
+    let mut builder = env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("warn,fuser=error"),
+    );
+    if let Some(path) = log_file {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| {
+                CliError::new(
+                    ExitCode::Io,
+                    format!("cannot open log file {}: {e}", path.display()),
+                )
+            })?;
+        builder.target(env_logger::Target::Pipe(Box::new(file)));
+    }
+    builder.init();
+    Ok(())
+}
+
+fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
+    let kdf = kmsfs::kms::local::KdfParams {
+        memory_kib: args.kdf_memory_mib.saturating_mul(1024),
+        iterations: args.kdf_iterations,
+        parallelism: 1,
+    };
+    let (store, created_store) = secrets::open_or_create_keystore(keys, kdf)?;
+    let mut store = store;
+    let key_id = match &args.key {
+        Some(k) => store.key_id(k)?,
+        None => store.create_key(&format!("kmsfs volume at {}", args.backing.display()))?,
+    };
+    let store = std::sync::Arc::new(store);
+    let provider = store.provider(&key_id)?;
+    let row = kmsfs::volume::Volume::create(&args.backing, &provider)?;
+    let volume_id = kmsfs::kms::hex(&row.volume_id);
+    if args.json {
+        let out = serde_json::json!({
+            "volume_id": volume_id,
+            "backing": args.backing,
+            "provider": row.provider,
+            "master_key_id": row.master_key_id,
+            "keystore": store.path(),
+            "keystore_created": created_store,
+        });
+        println!("{out}");
+    } else {
+        println!("Created volume {volume_id} in {}", args.backing.display());
+        println!("Master key {key_id} in keystore {}", store.path().display());
+        println!(
+            "Mount it with: kmsfs mount {} MOUNTPOINT",
+            args.backing.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn run() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::Usage as i32
+            } else {
+                0
+            };
+        }
+    };
+    let log_file = match &cli.command {
+        Command::Mount(m) => m.log_file.clone(),
+        _ => None,
+    };
+    if let Err(e) = init_logging(log_file.as_deref()) {
+        eprintln!("kmsfs: {}", e.message);
+        return e.code as i32;
+    }
+    let result = match cli.command {
+        Command::Init(args) => init(args, &cli.keys),
+        Command::Mount(args) => daemon::mount(args, &cli.keys),
+        Command::Umount { mountpoint } => daemon::umount(&mountpoint),
+        Command::Status { backing, json } => status::status(&backing, json),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("kmsfs: {}", e.message);
+            e.code as i32
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! `kmsfs status`: what a volume is, without unlocking anything.
+
+use std::path::Path;
+
+use kmsfs::kms::hex;
+use kmsfs::volume::lock::VolumeLock;
+
+use super::CliError;
+
+pub fn status(backing: &Path, json: bool) -> Result<(), CliError> {
+    let (row, keys, counts) = kmsfs::volume::read_info(backing)?;
+    let daemon = VolumeLock::holder(backing);
+    let files_of = |v: u32| {
+        counts
+            .iter()
+            .find(|(version, _)| *version == v)
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
+    };
+    if json {
+        let versions: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "version": k.version,
+                    "state": k.state,
+                    "created_at": k.created_at,
+                    "files": files_of(k.version),
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "backing": backing,
+            "volume_id": hex(&row.volume_id),
+            "format_version": row.format_version,
+            "provider": row.provider,
+            "master_key_id": row.master_key_id,
+            "created_at": row.created_at,
+            "volume_keys": versions,
+            "file_keys": counts.iter().map(|(_, n)| n).sum::<u64>(),
+            "mounted": daemon.is_some(),
+            "daemon_pid": daemon.and_then(|p| p.parse::<u64>().ok()),
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!("volume:         {}", hex(&row.volume_id));
+    println!("backing:        {}", backing.display());
+    println!("format:         {}", row.format_version);
+    println!("provider:       {}", row.provider);
+    println!("master key:     {}", row.master_key_id);
+    for k in &keys {
+        println!(
+            "volume key v{}:  {} ({} files)",
+            k.version,
+            k.state,
+            files_of(k.version)
+        );
+    }
+    match daemon {
+        Some(pid) => println!("mounted:        yes (daemon pid {pid})"),
+        None => println!("mounted:        no"),
+    }
+    Ok(())
+}

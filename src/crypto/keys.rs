@@ -1,0 +1,66 @@
+//! Key types. A plaintext key (`SecretKey`) and a wrapped key (`WrappedKey`)
+//! are different types so that one can never be stored where the other belongs.
+
+use std::fmt;
+
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+pub const KEY_LEN: usize = 32;
+
+/// Fills an array from the operating system's CSPRNG.
+pub fn random_array<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    // The kernel CSPRNG does not fail once the system is booted; if it does,
+    // continuing with predictable keys or nonces would be far worse than a panic.
+    getrandom::fill(&mut out).expect("the operating system's random number generator failed");
+    out
+}
+
+/// 256 bits of key material, wiped from memory when dropped and never printed.
+#[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
+pub struct SecretKey([u8; KEY_LEN]);
+
+impl SecretKey {
+    pub fn random() -> Self {
+        let mut bytes = random_array::<KEY_LEN>();
+        let key = SecretKey(bytes);
+        bytes.zeroize();
+        key
+    }
+
+    /// Copies key material out of a buffer the caller is responsible for wiping.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let array: [u8; KEY_LEN] = bytes.try_into().ok()?;
+        Some(SecretKey(array))
+    }
+
+    pub fn expose(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretKey(<redacted>)")
+    }
+}
+
+/// A key sealed under another key (or by a key provider). Safe to store.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WrappedKey(Vec<u8>);
+
+impl WrappedKey {
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        WrappedKey(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for WrappedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WrappedKey({} bytes)", self.0.len())
+    }
+}

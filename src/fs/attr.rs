@@ -1,0 +1,56 @@
+//! Conversions between backing `stat` data, errno values and FUSE attributes.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{Errno, FileAttr, FileType, INodeNo};
+use rustix::fs::Stat;
+
+use super::inodes::file_type;
+use crate::volume::content::plain_size;
+
+pub type FsResult<T> = Result<T, Errno>;
+
+pub fn errno(e: rustix::io::Errno) -> Errno {
+    Errno::from_i32(e.raw_os_error())
+}
+
+pub fn io_errno(e: &std::io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::new(sec.unsigned_abs(), 0) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+/// FUSE attributes of a backing inode; `size` overrides the size for
+/// symlinks (the plaintext target length), regular files derive theirs.
+pub fn to_attr(ino: u64, st: &Stat, symlink_size: Option<u64>) -> FileAttr {
+    let kind = file_type(st.st_mode as u32);
+    let size = match kind {
+        FileType::RegularFile => plain_size(st.st_size as u64),
+        FileType::Symlink => symlink_size.unwrap_or(st.st_size as u64),
+        _ => st.st_size as u64,
+    };
+    let mtime = time(st.st_mtime as i64, st.st_mtime_nsec as i64);
+    FileAttr {
+        ino: INodeNo(ino),
+        size,
+        blocks: st.st_blocks as u64,
+        atime: time(st.st_atime as i64, st.st_atime_nsec as i64),
+        mtime,
+        ctime: time(st.st_ctime as i64, st.st_ctime_nsec as i64),
+        crtime: mtime,
+        kind,
+        perm: (st.st_mode as u32 & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: 4096,
+        flags: 0,
+    }
+}

@@ -1,0 +1,545 @@
+//! Namespace operations: names, directory IVs, lookups, creating, removing
+//! and renaming entries in the backing directory.
+
+use std::ffi::{OsStr, OsString};
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use fuser::{Errno, FileAttr, FileType};
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat};
+
+use super::KmsFs;
+use super::attr::{FsResult, errno, io_errno, to_attr};
+use super::inodes::{Node, file_type};
+use crate::crypto::{FileId, random_array};
+use crate::kms::hex;
+use crate::volume::header::{self, HEADER_LEN};
+use crate::volume::layout::{self, BackingName, DIR_IV_FILE, DirIv, Entry, NAME_MAX, TEMP_PREFIX};
+
+/// One entry of a directory listing snapshot.
+pub struct DirEntry {
+    pub name: OsString,
+    pub ino: u64,
+    pub kind: FileType,
+}
+
+fn read_all_at(fd: BorrowedFd<'_>, path: &str, max: usize) -> rustix::io::Result<Vec<u8>> {
+    let file = rustix::fs::openat(
+        fd,
+        path,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )?;
+    let mut buf = vec![0u8; max];
+    let mut len = 0;
+    while len < max {
+        let n = rustix::io::read(&file, &mut buf[len..])?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+    }
+    buf.truncate(len);
+    Ok(buf)
+}
+
+fn write_new_file(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    content: &[u8],
+    durable: bool,
+) -> rustix::io::Result<()> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::from_raw_mode(0o444),
+    )?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(content)
+        .map_err(|e| rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    if durable {
+        rustix::fs::fsync(&file)?;
+    }
+    Ok(())
+}
+
+impl KmsFs {
+    pub(super) fn dir_iv(&self, dir: &Node) -> FsResult<DirIv> {
+        if let Some(iv) = dir.dir_iv.get() {
+            return Ok(*iv);
+        }
+        let bytes = read_all_at(dir.fd(), DIR_IV_FILE, 16).map_err(|e| {
+            log::error!(
+                "directory {} has no readable IV file: {e}",
+                self.describe(dir)
+            );
+            Errno::EIO
+        })?;
+        let iv: DirIv = bytes.as_slice().try_into().map_err(|_| {
+            log::error!(
+                "directory {}: IV file is {} bytes, expected 16",
+                self.describe(dir),
+                bytes.len()
+            );
+            Errno::EIO
+        })?;
+        Ok(*dir.dir_iv.get_or_init(|| iv))
+    }
+
+    pub(super) fn backing_name(&self, parent: &Node, name: &OsStr) -> FsResult<BackingName> {
+        let bytes = name.as_bytes();
+        if bytes.len() > NAME_MAX {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let iv = self.dir_iv(parent)?;
+        Ok(layout::backing_name(self.volume.names(), &iv, bytes))
+    }
+
+    fn write_sidecar(&self, parent: &Node, name: &BackingName) -> FsResult<()> {
+        if let Some((sidecar, content)) = name.sidecar() {
+            write_new_file(parent.fd(), &sidecar, content.as_bytes(), false).map_err(errno)?;
+        }
+        Ok(())
+    }
+
+    fn remove_sidecar(&self, parent: &Node, name: &BackingName) {
+        if let Some((sidecar, _)) = name.sidecar() {
+            if let Err(e) = rustix::fs::unlinkat(parent.fd(), sidecar.as_str(), AtFlags::empty()) {
+                log::warn!(
+                    "removing long-name sidecar in {}: {e}",
+                    self.describe(parent)
+                );
+            }
+        }
+    }
+
+    /// Looks up `backing` in `parent`, registering the lookup.
+    pub(super) fn lookup_backing(
+        &self,
+        parent: &Node,
+        backing: &str,
+    ) -> FsResult<(Arc<Node>, FileAttr)> {
+        let fd = rustix::fs::openat(
+            parent.fd(),
+            backing,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno)?;
+        let st = rustix::fs::fstat(&fd).map_err(errno)?;
+        let node = self.inodes.remember(fd, &st);
+        let attr = self.attr_of(&node, &st)?;
+        Ok((node, attr))
+    }
+
+    pub(super) fn lookup(&self, parent: &Node, name: &OsStr) -> FsResult<(Arc<Node>, FileAttr)> {
+        let backing = self.backing_name(parent, name)?;
+        self.lookup_backing(parent, backing.as_str())
+    }
+
+    pub(super) fn attr_of(&self, node: &Node, st: &Stat) -> FsResult<FileAttr> {
+        let link_len = if file_type(st.st_mode as u32) == FileType::Symlink {
+            Some(self.read_link(node)?.len() as u64)
+        } else {
+            None
+        };
+        Ok(to_attr(node.ino, st, link_len))
+    }
+
+    pub(super) fn stat_attr(&self, node: &Node) -> FsResult<FileAttr> {
+        let st = rustix::fs::fstat(node.fd()).map_err(errno)?;
+        self.attr_of(node, &st)
+    }
+
+    /// Gives a new entry to the calling user, as the kernel would have.
+    fn set_owner(&self, parent: &Node, backing: &str, uid: u32, gid: u32) -> FsResult<()> {
+        if !rustix::process::geteuid().is_root() {
+            return Ok(());
+        }
+        let parent_st = rustix::fs::fstat(parent.fd()).map_err(errno)?;
+        let gid = if parent_st.st_mode as u32 & libc::S_ISGID != 0 {
+            parent_st.st_gid
+        } else {
+            gid
+        };
+        rustix::fs::chownat(
+            parent.fd(),
+            backing,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(errno)
+    }
+
+    /// Creates a regular file, fifo or socket; returns the open descriptor for regular files.
+    pub(super) fn make_node(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        mode: u32,
+        owner: (u32, u32),
+        open_flags: Option<OFlags>,
+    ) -> FsResult<(Arc<Node>, FileAttr, Option<OwnedFd>)> {
+        let backing = self.backing_name(parent, name)?;
+        self.write_sidecar(parent, &backing)?;
+        let perm = Mode::from_raw_mode(mode & 0o7777);
+        let b = backing.as_str();
+        let mknod = |kind| rustix::fs::mknodat(parent.fd(), b, kind, perm, 0).map(|()| None);
+        let created = match (mode & libc::S_IFMT, open_flags) {
+            (libc::S_IFREG | 0, Some(flags)) => rustix::fs::openat(
+                parent.fd(),
+                b,
+                flags | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+                perm,
+            )
+            .map(Some),
+            (libc::S_IFREG | 0, None) => mknod(rustix::fs::FileType::RegularFile),
+            (libc::S_IFIFO, _) => mknod(rustix::fs::FileType::Fifo),
+            (libc::S_IFSOCK, _) => mknod(rustix::fs::FileType::Socket),
+            _ => {
+                self.remove_sidecar(parent, &backing);
+                return Err(Errno::EPERM);
+            }
+        };
+        let fd = match created {
+            Ok(fd) => fd,
+            Err(e) => {
+                if e != rustix::io::Errno::EXIST {
+                    self.remove_sidecar(parent, &backing);
+                }
+                return Err(errno(e));
+            }
+        };
+        self.set_owner(parent, b, owner.0, owner.1)?;
+        let (node, attr) = self.lookup_backing(parent, b)?;
+        Ok((node, attr, fd))
+    }
+
+    pub(super) fn make_dir(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        mode: u32,
+        owner: (u32, u32),
+    ) -> FsResult<(Arc<Node>, FileAttr)> {
+        let backing = self.backing_name(parent, name)?;
+        // Build the directory, IV included, under a temporary name and move it
+        // into place: a crash never leaves a directory without its IV.
+        let tmp = format!("{TEMP_PREFIX}{}", hex(&random_array::<8>()));
+        rustix::fs::mkdirat(parent.fd(), tmp.as_str(), Mode::from_raw_mode(0o700))
+            .map_err(errno)?;
+        let result = (|| {
+            let dir = rustix::fs::openat(
+                parent.fd(),
+                tmp.as_str(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(errno)?;
+            let iv: DirIv = random_array();
+            write_new_file(dir.as_fd(), DIR_IV_FILE, &iv, true).map_err(errno)?;
+            rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode & 0o7777)).map_err(errno)?;
+            self.set_owner(parent, &tmp, owner.0, owner.1)?;
+            self.write_sidecar(parent, &backing)?;
+            rustix::fs::renameat_with(
+                parent.fd(),
+                tmp.as_str(),
+                parent.fd(),
+                backing.as_str(),
+                RenameFlags::NOREPLACE,
+            )
+            .map_err(errno)
+        })();
+        if let Err(e) = result {
+            let _ = rustix::fs::unlinkat(
+                parent.fd(),
+                format!("{tmp}/{DIR_IV_FILE}").as_str(),
+                AtFlags::empty(),
+            );
+            let _ = rustix::fs::unlinkat(parent.fd(), tmp.as_str(), AtFlags::REMOVEDIR);
+            return Err(e);
+        }
+        self.lookup_backing(parent, backing.as_str())
+    }
+
+    pub(super) fn make_symlink(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        target: &[u8],
+        owner: (u32, u32),
+    ) -> FsResult<(Arc<Node>, FileAttr)> {
+        let backing = self.backing_name(parent, name)?;
+        let stored = self.volume.encrypt_link_target(target);
+        if stored.len() >= libc::PATH_MAX as usize {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        self.write_sidecar(parent, &backing)?;
+        if let Err(e) = rustix::fs::symlinkat(stored.as_str(), parent.fd(), backing.as_str()) {
+            if e != rustix::io::Errno::EXIST {
+                self.remove_sidecar(parent, &backing);
+            }
+            return Err(errno(e));
+        }
+        self.set_owner(parent, backing.as_str(), owner.0, owner.1)?;
+        self.lookup_backing(parent, backing.as_str())
+    }
+
+    pub(super) fn read_link(&self, node: &Node) -> FsResult<Vec<u8>> {
+        let stored = rustix::fs::readlinkat(node.fd(), "", Vec::new()).map_err(errno)?;
+        self.volume
+            .decrypt_link_target(stored.as_bytes())
+            .map_err(|e| {
+                log::error!(
+                    "symlink {}: target does not decrypt ({e})",
+                    self.describe(node)
+                );
+                Errno::EIO
+            })
+    }
+
+    pub(super) fn make_link(
+        &self,
+        node: &Node,
+        new_parent: &Node,
+        new_name: &OsStr,
+    ) -> FsResult<FileAttr> {
+        let backing = self.backing_name(new_parent, new_name)?;
+        self.write_sidecar(new_parent, &backing)?;
+        if let Err(e) = rustix::fs::linkat(
+            node.fd(),
+            "",
+            new_parent.fd(),
+            backing.as_str(),
+            AtFlags::EMPTY_PATH,
+        ) {
+            if e != rustix::io::Errno::EXIST {
+                self.remove_sidecar(new_parent, &backing);
+            }
+            return Err(errno(e));
+        }
+        self.inodes.add_lookup(node);
+        self.stat_attr(node)
+    }
+
+    /// The file id of a regular file about to lose its last name, if it has one.
+    fn last_link_file_id(&self, parent: &Node, backing: &str) -> Option<FileId> {
+        let st = rustix::fs::statat(parent.fd(), backing, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        if file_type(st.st_mode as u32) != FileType::RegularFile || st.st_nlink != 1 {
+            return None;
+        }
+        let head = read_all_at(parent.fd(), backing, HEADER_LEN).ok()?;
+        header::decode(&head).ok()
+    }
+
+    pub(super) fn remove_file(&self, parent: &Node, name: &OsStr) -> FsResult<()> {
+        let backing = self.backing_name(parent, name)?;
+        let file_id = self.last_link_file_id(parent, backing.as_str());
+        rustix::fs::unlinkat(parent.fd(), backing.as_str(), AtFlags::empty()).map_err(errno)?;
+        self.remove_sidecar(parent, &backing);
+        if let Some(id) = file_id {
+            self.volume.forget_file_key(&id);
+        }
+        Ok(())
+    }
+
+    /// Removes the IV of an empty directory so the backing rmdir/rename can
+    /// proceed; returns it so it can be put back if that fails.
+    fn strip_empty_dir(&self, parent: &Node, backing: &str) -> FsResult<Vec<u8>> {
+        let dir = rustix::fs::openat(
+            parent.fd(),
+            backing,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno)?;
+        let mut entries = rustix::fs::Dir::read_from(&dir).map_err(errno)?;
+        while let Some(entry) = entries.read() {
+            let entry = entry.map_err(errno)?;
+            let n = entry.file_name().to_bytes();
+            if n != b"." && n != b".." && n != DIR_IV_FILE.as_bytes() {
+                return Err(Errno::ENOTEMPTY);
+            }
+        }
+        let iv = read_all_at(dir.as_fd(), DIR_IV_FILE, 16).unwrap_or_default();
+        match rustix::fs::unlinkat(&dir, DIR_IV_FILE, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(iv),
+            Err(e) => Err(errno(e)),
+        }
+    }
+
+    fn restore_dir_iv(&self, parent: &Node, backing: &str, iv: &[u8]) {
+        if iv.is_empty() {
+            return;
+        }
+        let restored = rustix::fs::openat(
+            parent.fd(),
+            backing,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .and_then(|dir| write_new_file(dir.as_fd(), DIR_IV_FILE, iv, true));
+        if let Err(e) = restored {
+            log::error!(
+                "could not restore the IV of directory {backing} in {}: {e}",
+                self.describe(parent)
+            );
+        }
+    }
+
+    pub(super) fn remove_dir(&self, parent: &Node, name: &OsStr) -> FsResult<()> {
+        let backing = self.backing_name(parent, name)?;
+        let b = backing.as_str();
+        let iv = self.strip_empty_dir(parent, b)?;
+        if let Err(e) = rustix::fs::unlinkat(parent.fd(), b, AtFlags::REMOVEDIR) {
+            self.restore_dir_iv(parent, b, &iv);
+            return Err(errno(e));
+        }
+        self.remove_sidecar(parent, &backing);
+        Ok(())
+    }
+
+    pub(super) fn rename(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        new_parent: &Node,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        let from = self.backing_name(parent, name)?;
+        let to = self.backing_name(new_parent, new_name)?;
+        let flags = RenameFlags::from_bits(flags).ok_or(Errno::EINVAL)?;
+        if flags.contains(RenameFlags::EXCHANGE) {
+            // Names depend only on (directory, name): both backing names stay valid.
+            return rustix::fs::renameat_with(
+                parent.fd(),
+                from.as_str(),
+                new_parent.fd(),
+                to.as_str(),
+                flags,
+            )
+            .map_err(errno);
+        }
+        let source = rustix::fs::statat(parent.fd(), from.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(errno)?;
+        let target =
+            rustix::fs::statat(new_parent.fd(), to.as_str(), AtFlags::SYMLINK_NOFOLLOW).ok();
+        if let Some(t) = &target {
+            if t.st_ino == source.st_ino && t.st_dev == source.st_dev {
+                return Ok(()); // POSIX: renaming onto another link of the same file does nothing.
+            }
+            if flags.contains(RenameFlags::NOREPLACE) {
+                return Err(Errno::EEXIST);
+            }
+        }
+        let shred = target
+            .as_ref()
+            .and_then(|_| self.last_link_file_id(new_parent, to.as_str()));
+        let mut stripped_iv = None;
+        if let Some(t) = &target {
+            let target_is_dir = file_type(t.st_mode as u32) == FileType::Directory;
+            let source_is_dir = file_type(source.st_mode as u32) == FileType::Directory;
+            match (source_is_dir, target_is_dir) {
+                (true, true) => stripped_iv = Some(self.strip_empty_dir(new_parent, to.as_str())?),
+                (true, false) => return Err(Errno::ENOTDIR),
+                (false, true) => return Err(Errno::EISDIR),
+                (false, false) => {}
+            }
+        }
+        self.write_sidecar(new_parent, &to)?;
+        if let Err(e) = rustix::fs::renameat_with(
+            parent.fd(),
+            from.as_str(),
+            new_parent.fd(),
+            to.as_str(),
+            flags,
+        ) {
+            if let Some(iv) = stripped_iv {
+                self.restore_dir_iv(new_parent, to.as_str(), &iv);
+            }
+            if target.is_none() {
+                self.remove_sidecar(new_parent, &to);
+            }
+            return Err(errno(e));
+        }
+        self.remove_sidecar(parent, &from);
+        if let Some(id) = shred {
+            self.volume.forget_file_key(&id);
+        }
+        Ok(())
+    }
+
+    /// Decrypted listing of a directory, taken at opendir time.
+    pub(super) fn list_dir(&self, dir: &Node) -> FsResult<Vec<DirEntry>> {
+        let iv = self.dir_iv(dir)?;
+        let fd = rustix::fs::openat(
+            dir.fd(),
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno)?;
+        let mut entries = rustix::fs::Dir::read_from(&fd).map_err(errno)?;
+        let mut out = Vec::new();
+        while let Some(entry) = entries.read() {
+            let entry = entry.map_err(errno)?;
+            let raw = entry.file_name().to_bytes();
+            let decrypted = match layout::classify(raw) {
+                Entry::Internal => continue,
+                Entry::Short(enc) => self.volume.names().decrypt(&iv, enc.as_bytes()),
+                Entry::Long { hashed, sidecar } => match read_all_at(fd.as_fd(), &sidecar, 4096) {
+                    Ok(content) => layout::decrypt_long(self.volume.names(), &iv, hashed, &content),
+                    Err(e) => {
+                        log::warn!(
+                            "directory {}: long name {hashed} has no readable sidecar ({e}); hidden",
+                            self.describe(dir)
+                        );
+                        continue;
+                    }
+                },
+            };
+            match decrypted {
+                Ok(name) => out.push(DirEntry {
+                    name: OsString::from(std::ffi::OsStr::from_bytes(&name)),
+                    ino: self.inodes.fuse_ino(entry.ino()),
+                    kind: fuse_kind(entry.file_type()),
+                }),
+                Err(e) => log::warn!(
+                    "directory {}: entry {} does not decrypt ({e}); hidden",
+                    self.describe(dir),
+                    String::from_utf8_lossy(raw)
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The backing path of a node, for log lines.
+    pub(super) fn describe(&self, node: &Node) -> String {
+        std::fs::read_link(node.proc_path())
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| format!("inode {}", node.ino))
+    }
+
+    pub(super) fn io_error(&self, node: &Node, what: &str, e: &std::io::Error) -> Errno {
+        log::warn!("{what} on {}: {e}", self.describe(node));
+        io_errno(e)
+    }
+}
+
+fn fuse_kind(t: rustix::fs::FileType) -> FileType {
+    match t {
+        rustix::fs::FileType::Directory => FileType::Directory,
+        rustix::fs::FileType::Symlink => FileType::Symlink,
+        rustix::fs::FileType::Fifo => FileType::NamedPipe,
+        rustix::fs::FileType::Socket => FileType::Socket,
+        rustix::fs::FileType::CharacterDevice => FileType::CharDevice,
+        rustix::fs::FileType::BlockDevice => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}

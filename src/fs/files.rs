@@ -1,0 +1,369 @@
+//! File content and attribute operations: open, read, write, truncate,
+//! fallocate, setattr and extended attributes.
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use fuser::{Errno, FileType, TimeOrNow};
+use rustix::fs::{
+    AtFlags, FallocateFlags, Mode, OFlags, Timespec, Timestamps, UTIME_NOW, UTIME_OMIT,
+};
+
+use super::KmsFs;
+use super::attr::{FsResult, errno};
+use super::inodes::{Node, file_type};
+use crate::crypto::BlockCipher;
+use crate::volume::content::{self, ContentError, block_offset};
+use crate::volume::header::{self, HEADER_LEN};
+
+const USER_PREFIX: &[u8] = b"user.";
+
+/// An open regular file.
+pub struct OpenFile {
+    pub node: Arc<Node>,
+    pub file: File,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn timespec(t: Option<TimeOrNow>) -> Timespec {
+    match t {
+        None => Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        },
+        Some(TimeOrNow::Now) => Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_NOW,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: d.subsec_nanos() as _,
+            },
+            Err(e) => {
+                let d = e.duration();
+                let (sec, nsec) = if d.subsec_nanos() == 0 {
+                    (-(d.as_secs() as i64), 0)
+                } else {
+                    (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+                };
+                Timespec {
+                    tv_sec: sec,
+                    tv_nsec: nsec as _,
+                }
+            }
+        },
+    }
+}
+
+impl KmsFs {
+    /// Opens the backing inode of `node` for I/O. Writers always get read
+    /// access too: partial blocks are read, modified and sealed again.
+    pub(super) fn reopen(&self, node: &Node, flags: i32) -> FsResult<File> {
+        let mut oflags = if flags & libc::O_ACCMODE == libc::O_RDONLY {
+            OFlags::RDONLY
+        } else {
+            OFlags::RDWR
+        };
+        oflags |= OFlags::CLOEXEC
+            | (OFlags::from_bits_retain(flags as u32)
+                & (OFlags::SYNC | OFlags::DSYNC | OFlags::NOATIME));
+        let fd: OwnedFd =
+            rustix::fs::open(node.proc_path().as_str(), oflags, Mode::empty()).map_err(errno)?;
+        Ok(File::from(fd))
+    }
+
+    /// The cipher of a file that has a header, loading it on first use.
+    pub(super) fn cipher(&self, node: &Node, file: &File) -> FsResult<Option<Arc<BlockCipher>>> {
+        let mut cached = lock(&node.cipher);
+        if let Some(c) = cached.as_ref() {
+            return Ok(Some(Arc::clone(c)));
+        }
+        let len = file
+            .metadata()
+            .map_err(|e| self.io_error(node, "stat", &e))?
+            .len();
+        if len == 0 {
+            return Ok(None);
+        }
+        let mut head = [0u8; HEADER_LEN];
+        let got = rustix::io::pread(file, &mut head, 0).map_err(errno)?;
+        let id = header::decode(&head[..got]).map_err(|e| {
+            log::error!("file {}: damaged header ({e})", self.describe(node));
+            Errno::EIO
+        })?;
+        let cipher = Arc::new(self.volume.file_cipher(&id).map_err(|e| {
+            log::error!("file {}: {e}", self.describe(node));
+            Errno::EIO
+        })?);
+        *cached = Some(Arc::clone(&cipher));
+        Ok(Some(cipher))
+    }
+
+    /// The cipher of a file about to be written: a header-less (empty) file
+    /// gets its id and data key now.
+    fn cipher_for_write(&self, node: &Node, file: &File) -> FsResult<Arc<BlockCipher>> {
+        if let Some(c) = self.cipher(node, file)? {
+            return Ok(c);
+        }
+        let (id, cipher) = self.volume.new_file_key().map_err(|e| {
+            log::error!("cannot create a data key: {e}");
+            Errno::EIO
+        })?;
+        rustix::io::pwrite(file, &header::encode(&id), 0).map_err(errno)?;
+        let cipher = Arc::new(cipher);
+        *lock(&node.cipher) = Some(Arc::clone(&cipher));
+        Ok(cipher)
+    }
+
+    fn content_error(&self, node: &Node, e: ContentError) -> Errno {
+        match e {
+            ContentError::Corrupt { block } => {
+                log::error!(
+                    "file {}: block {block} fails authentication (tampered or damaged); returning EIO",
+                    self.describe(node)
+                );
+                Errno::EIO
+            }
+            ContentError::Io(e) => self.io_error(node, "content I/O", &e),
+        }
+    }
+
+    pub(super) fn read(&self, open: &OpenFile, offset: u64, size: usize) -> FsResult<Vec<u8>> {
+        let _guard = open.node.content.read().unwrap_or_else(|p| p.into_inner());
+        let Some(cipher) = self.cipher(&open.node, &open.file)? else {
+            return Ok(Vec::new());
+        };
+        content::read(&open.file, &cipher, offset, size)
+            .map_err(|e| self.content_error(&open.node, e))
+    }
+
+    pub(super) fn write(&self, open: &OpenFile, offset: u64, data: &[u8]) -> FsResult<()> {
+        let _guard = open.node.content.write().unwrap_or_else(|p| p.into_inner());
+        let cipher = self.cipher_for_write(&open.node, &open.file)?;
+        content::write(&open.file, &cipher, offset, data)
+            .map_err(|e| self.content_error(&open.node, e))
+    }
+
+    pub(super) fn truncate(&self, node: &Node, file: &File, size: u64) -> FsResult<()> {
+        let _guard = node.content.write().unwrap_or_else(|p| p.into_inner());
+        let cipher = if size == 0 {
+            match self.cipher(node, file)? {
+                Some(c) => c,
+                None => return Ok(()),
+            }
+        } else {
+            self.cipher_for_write(node, file)?
+        };
+        content::truncate(file, &cipher, size).map_err(|e| self.content_error(node, e))
+    }
+
+    pub(super) fn fallocate(
+        &self,
+        open: &OpenFile,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> FsResult<()> {
+        let keep_size = match mode {
+            0 => false,
+            libc::FALLOC_FL_KEEP_SIZE => true,
+            _ => return Err(Errno::EOPNOTSUPP),
+        };
+        let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
+        if !keep_size {
+            let size = content::plain_size(
+                open.file
+                    .metadata()
+                    .map_err(|e| self.io_error(&open.node, "stat", &e))?
+                    .len(),
+            );
+            if end > size {
+                self.truncate(&open.node, &open.file, end)?;
+            }
+        }
+        // Reserve the ciphertext range without changing the backing size,
+        // which would change the plaintext size.
+        let start = block_offset(offset / 4096);
+        let stop = content::backing_size(end.div_ceil(4096) * 4096);
+        rustix::fs::fallocate(&open.file, FallocateFlags::KEEP_SIZE, start, stop - start)
+            .map_err(errno)
+    }
+
+    pub(super) fn set_mode(&self, node: &Node, mode: u32) -> FsResult<()> {
+        let st = rustix::fs::fstat(node.fd()).map_err(errno)?;
+        if file_type(st.st_mode as u32) == FileType::Symlink {
+            return Ok(()); // Linux has no symlink permissions.
+        }
+        rustix::fs::chmod(
+            node.proc_path().as_str(),
+            Mode::from_raw_mode(mode & 0o7777),
+        )
+        .map_err(errno)
+    }
+
+    pub(super) fn set_owner_of(
+        &self,
+        node: &Node,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> FsResult<()> {
+        rustix::fs::chownat(
+            node.fd(),
+            "",
+            uid.map(rustix::fs::Uid::from_raw),
+            gid.map(rustix::fs::Gid::from_raw),
+            AtFlags::EMPTY_PATH,
+        )
+        .map_err(errno)
+    }
+
+    pub(super) fn set_times(
+        &self,
+        node: &Node,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+    ) -> FsResult<()> {
+        let times = Timestamps {
+            last_access: timespec(atime),
+            last_modification: timespec(mtime),
+        };
+        rustix::fs::utimensat(node.fd(), "", &times, AtFlags::EMPTY_PATH).map_err(errno)
+    }
+
+    /// The 16 bytes xattr values are bound to: the file id or directory IV.
+    fn xattr_owner(&self, node: &Node, create: bool) -> FsResult<Option<[u8; 16]>> {
+        let st = rustix::fs::fstat(node.fd()).map_err(errno)?;
+        match file_type(st.st_mode as u32) {
+            FileType::Directory => Ok(Some(self.dir_iv(node)?)),
+            FileType::RegularFile => {
+                let file = self.reopen(node, if create { libc::O_RDWR } else { libc::O_RDONLY })?;
+                if create {
+                    let _guard = node.content.write().unwrap_or_else(|p| p.into_inner());
+                    Ok(Some(*self.cipher_for_write(node, &file)?.file_id()))
+                } else {
+                    Ok(self.cipher(node, &file)?.map(|c| *c.file_id()))
+                }
+            }
+            // Linux permits user.* xattrs on regular files and directories only.
+            _ if create => Err(Errno::EPERM),
+            _ => Ok(None),
+        }
+    }
+
+    fn user_xattr_name<'a>(&self, name: &'a [u8]) -> Option<&'a [u8]> {
+        name.strip_prefix(USER_PREFIX)
+            .filter(|rest| !rest.is_empty())
+    }
+
+    pub(super) fn set_xattr(
+        &self,
+        node: &Node,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+    ) -> FsResult<()> {
+        let Some(short) = self.user_xattr_name(name) else {
+            return Err(Errno::EOPNOTSUPP);
+        };
+        let owner = self.xattr_owner(node, true)?.ok_or(Errno::EPERM)?;
+        let sealed = self.volume.seal_xattr(&owner, short, value);
+        let flags = rustix::fs::XattrFlags::from_bits(flags as u32).ok_or(Errno::EINVAL)?;
+        rustix::fs::setxattr(
+            node.proc_path().as_str(),
+            self.volume.xattr_backing_name(short).as_str(),
+            &sealed,
+            flags,
+        )
+        .map_err(errno)
+    }
+
+    pub(super) fn get_xattr(&self, node: &Node, name: &[u8]) -> FsResult<Vec<u8>> {
+        let Some(short) = self.user_xattr_name(name) else {
+            return Err(Errno::NO_XATTR);
+        };
+        let owner = self.xattr_owner(node, false)?.ok_or(Errno::NO_XATTR)?;
+        let backing = self.volume.xattr_backing_name(short);
+        let path = node.proc_path();
+        let len = rustix::fs::getxattr_query(path.as_str(), backing.as_str()).map_err(errno)?;
+        let mut buf = vec![0u8; len];
+        let n =
+            rustix::fs::getxattr(path.as_str(), backing.as_str(), &mut buf[..]).map_err(errno)?;
+        buf.truncate(n);
+        self.volume.open_xattr(&owner, short, &buf).ok_or_else(|| {
+            log::error!(
+                "xattr {} of {} fails authentication; returning EIO",
+                String::from_utf8_lossy(name),
+                self.describe(node)
+            );
+            Errno::EIO
+        })
+    }
+
+    pub(super) fn list_xattrs(&self, node: &Node) -> FsResult<Vec<u8>> {
+        let st = rustix::fs::fstat(node.fd()).map_err(errno)?;
+        if !matches!(
+            file_type(st.st_mode as u32),
+            FileType::Directory | FileType::RegularFile
+        ) {
+            return Ok(Vec::new());
+        }
+        let path = node.proc_path();
+        let len = rustix::fs::listxattr_query(path.as_str()).map_err(errno)?;
+        let mut buf = vec![0u8; len];
+        let n = rustix::fs::listxattr(path.as_str(), &mut buf[..]).map_err(errno)?;
+        let mut out = Vec::new();
+        for backing in buf[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
+            if let Some(name) = self.volume.xattr_plain_name(backing) {
+                out.extend_from_slice(USER_PREFIX);
+                out.extend_from_slice(&name);
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn remove_xattr(&self, node: &Node, name: &[u8]) -> FsResult<()> {
+        let Some(short) = self.user_xattr_name(name) else {
+            return Err(Errno::NO_XATTR);
+        };
+        rustix::fs::removexattr(
+            node.proc_path().as_str(),
+            self.volume.xattr_backing_name(short).as_str(),
+        )
+        .map_err(errno)
+    }
+
+    pub(super) fn sync_file(&self, open: &OpenFile, datasync: bool) -> FsResult<()> {
+        let synced = if datasync {
+            open.file.sync_data()
+        } else {
+            open.file.sync_all()
+        };
+        synced.map_err(|e| self.io_error(&open.node, "fsync", &e))?;
+        self.sync_keys()
+    }
+
+    pub(super) fn sync_keys(&self) -> FsResult<()> {
+        self.volume.sync_keys().map_err(|e| {
+            log::error!("committing file keys failed: {e}");
+            Errno::EIO
+        })
+    }
+
+    pub(super) fn sync_dir(&self, node: &Node) -> FsResult<()> {
+        let dir = rustix::fs::openat(
+            node.fd(),
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno)?;
+        rustix::fs::fsync(dir.as_fd()).map_err(errno)?;
+        self.sync_keys()
+    }
+}

@@ -1,0 +1,135 @@
+//! The inode table: one entry per backing inode the kernel knows about,
+//! holding an `O_PATH` descriptor so that renames never invalidate it.
+//! FUSE inode numbers are the backing inode numbers (the backing root is
+//! swapped with 1), so they are stable for as long as the volume is mounted.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use fuser::FileType;
+use rustix::fs::Stat;
+
+use crate::crypto::BlockCipher;
+use crate::volume::layout::DirIv;
+
+pub const ROOT_INO: u64 = 1;
+
+pub struct Node {
+    pub ino: u64,
+    fd: OwnedFd,
+    lookups: AtomicU64,
+    /// Directory IV, read once.
+    pub dir_iv: OnceLock<DirIv>,
+    /// Serialises writers of a regular file against each other and readers.
+    pub content: RwLock<()>,
+    /// The file's block cipher once its header has been read or written.
+    pub cipher: Mutex<Option<Arc<BlockCipher>>>,
+}
+
+impl Node {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// A path that reopens this node's backing inode (through /proc).
+    pub fn proc_path(&self) -> String {
+        format!("/proc/self/fd/{}", self.fd.as_raw_fd())
+    }
+}
+
+pub fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+pub struct InodeTable {
+    nodes: RwLock<HashMap<u64, Arc<Node>>>,
+    root_backing_ino: u64,
+}
+
+impl InodeTable {
+    pub fn new(root_fd: OwnedFd, root_stat: &Stat) -> Self {
+        let root = Arc::new(Node {
+            ino: ROOT_INO,
+            fd: root_fd,
+            lookups: AtomicU64::new(1),
+            dir_iv: OnceLock::new(),
+            content: RwLock::new(()),
+            cipher: Mutex::new(None),
+        });
+        let mut nodes = HashMap::new();
+        nodes.insert(ROOT_INO, root);
+        InodeTable {
+            nodes: RwLock::new(nodes),
+            root_backing_ino: root_stat.st_ino as u64,
+        }
+    }
+
+    /// The FUSE inode number of a backing inode number.
+    pub fn fuse_ino(&self, backing_ino: u64) -> u64 {
+        if backing_ino == self.root_backing_ino {
+            ROOT_INO
+        } else if backing_ino == ROOT_INO {
+            self.root_backing_ino
+        } else {
+            backing_ino
+        }
+    }
+
+    pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
+        self.nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ino)
+            .cloned()
+    }
+
+    /// Registers a lookup of the inode behind `fd` (counted once), reusing
+    /// the existing node for hard links and repeated lookups.
+    pub fn remember(&self, fd: OwnedFd, stat: &Stat) -> Arc<Node> {
+        let ino = self.fuse_ino(stat.st_ino as u64);
+        let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+        let node = nodes.entry(ino).or_insert_with(|| {
+            Arc::new(Node {
+                ino,
+                fd,
+                lookups: AtomicU64::new(0),
+                dir_iv: OnceLock::new(),
+                content: RwLock::new(()),
+                cipher: Mutex::new(None),
+            })
+        });
+        node.lookups.fetch_add(1, Ordering::Relaxed);
+        Arc::clone(node)
+    }
+
+    /// Counts one more lookup of a node the table already holds.
+    pub fn add_lookup(&self, node: &Node) {
+        node.lookups.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn forget(&self, ino: u64, count: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(node) = nodes.get(&ino) {
+            let before = node.lookups.fetch_sub(
+                count.min(node.lookups.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+            if before <= count {
+                nodes.remove(&ino);
+            }
+        }
+    }
+}

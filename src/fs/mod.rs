@@ -1,0 +1,743 @@
+//! The FUSE front end: a thin adapter from kernel requests to the volume.
+
+mod attr;
+mod dirs;
+mod files;
+mod inodes;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, Config, Errno, FileHandle, FileType, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+};
+use rustix::fs::{Mode, OFlags};
+
+use attr::{FsResult, errno};
+use dirs::DirEntry;
+use files::OpenFile;
+use inodes::{InodeTable, Node};
+
+use crate::volume::Volume;
+
+const GENERATION: Generation = Generation(0);
+const MAX_WRITE: u32 = 1 << 20;
+
+enum Handle {
+    File(Arc<OpenFile>),
+    Dir(Arc<Vec<DirEntry>>),
+}
+
+pub struct KmsFs {
+    volume: Arc<Volume>,
+    inodes: InodeTable,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_handle: AtomicU64,
+    ttl: Duration,
+}
+
+/// How to mount: the `-o` options a user gives.
+#[derive(Debug, Clone, Default)]
+pub struct MountOptions {
+    pub read_only: bool,
+    pub allow_other: bool,
+    pub fsname: Option<String>,
+    pub threads: usize,
+    /// Options passed to the kernel as they are (e.g. `noexec`, `nosuid`).
+    pub kernel: Vec<String>,
+}
+
+impl KmsFs {
+    pub fn new(volume: Arc<Volume>) -> io::Result<Self> {
+        let root = rustix::fs::open(
+            volume.backing(),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let st = rustix::fs::fstat(&root)?;
+        Ok(KmsFs {
+            volume,
+            inodes: InodeTable::new(root, &st),
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            ttl: Duration::from_secs(1),
+        })
+    }
+
+    fn node(&self, ino: INodeNo) -> FsResult<Arc<Node>> {
+        self.inodes.get(ino.0).ok_or(Errno::ENOENT)
+    }
+
+    fn add_handle(&self, handle: Handle) -> FileHandle {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, handle);
+        FileHandle(fh)
+    }
+
+    fn open_file(&self, fh: FileHandle) -> FsResult<Arc<OpenFile>> {
+        match self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+        {
+            Some(Handle::File(f)) => Ok(Arc::clone(f)),
+            _ => Err(Errno::EBADF),
+        }
+    }
+
+    fn dir_listing(&self, fh: FileHandle) -> FsResult<Arc<Vec<DirEntry>>> {
+        match self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+        {
+            Some(Handle::Dir(d)) => Ok(Arc::clone(d)),
+            _ => Err(Errno::EBADF),
+        }
+    }
+
+    fn drop_handle(&self, fh: FileHandle) {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+    }
+
+    fn setattr_inner(
+        &self,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> FsResult<fuser::FileAttr> {
+        let node = self.node(ino)?;
+        if let Some(size) = size {
+            let st = rustix::fs::fstat(node.fd()).map_err(errno)?;
+            match inodes::file_type(st.st_mode as u32) {
+                FileType::Directory => return Err(Errno::EISDIR),
+                FileType::RegularFile => {}
+                _ => return Err(Errno::EINVAL),
+            }
+            match fh.map(|fh| self.open_file(fh)) {
+                Some(Ok(open)) => self.truncate(&node, &open.file, size)?,
+                _ => {
+                    let file = self.reopen(&node, libc::O_RDWR)?;
+                    self.truncate(&node, &file, size)?;
+                }
+            }
+        }
+        if let Some(mode) = mode {
+            self.set_mode(&node, mode)?;
+        }
+        if uid.is_some() || gid.is_some() {
+            self.set_owner_of(&node, uid, gid)?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            self.set_times(&node, atime, mtime)?;
+        }
+        self.stat_attr(&node)
+    }
+
+    fn readdirplus_inner(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: &mut ReplyDirectoryPlus,
+    ) -> FsResult<()> {
+        let dir = self.node(ino)?;
+        let entries = self.dir_listing(fh)?;
+        let dir_attr = self.stat_attr(&dir)?;
+        let mut index = offset;
+        while (index as usize) < entries.len() + 2 {
+            let next = index + 1;
+            let full = match index {
+                0 => reply.add(dir_attr.ino, next, ".", &self.ttl, &dir_attr, GENERATION),
+                1 => reply.add(dir_attr.ino, next, "..", &self.ttl, &dir_attr, GENERATION),
+                i => {
+                    let entry = &entries[i as usize - 2];
+                    let (node, attr) = match self.lookup(&dir, &entry.name) {
+                        Ok(found) => found,
+                        Err(_) => {
+                            index = next; // removed since opendir
+                            continue;
+                        }
+                    };
+                    let full = reply.add(attr.ino, next, &entry.name, &self.ttl, &attr, GENERATION);
+                    if full {
+                        self.inodes.forget(node.ino, 1); // not sent: the kernel did not count it
+                    }
+                    full
+                }
+            };
+            if full {
+                break;
+            }
+            index = next;
+        }
+        Ok(())
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, ttl: &Duration, result: FsResult<(Arc<Node>, fuser::FileAttr)>) {
+    match result {
+        Ok((_, attr)) => reply.entry(ttl, &attr, GENERATION),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, result: FsResult<()>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn owner(req: &Request) -> (u32, u32) {
+    (req.uid(), req.gid())
+}
+
+impl fuser::Filesystem for KmsFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if let Err(limit) = config.set_max_write(MAX_WRITE) {
+            let _ = config.set_max_write(limit);
+        }
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO;
+        if config.add_capabilities(wanted).is_err() {
+            log::info!("kernel does not offer readdirplus; using readdir");
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.volume.sync_keys() {
+            log::error!("committing file keys at unmount failed: {e}");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        reply_entry(
+            reply,
+            &self.ttl,
+            self.node(parent).and_then(|p| self.lookup(&p, name)),
+        );
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inodes.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.node(ino).and_then(|n| self.stat_attr(&n)) {
+            Ok(attr) => reply.attr(&self.ttl, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.setattr_inner(ino, mode, uid, gid, size, atime, mtime, fh) {
+            Ok(attr) => reply.attr(&self.ttl, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.node(ino).and_then(|n| self.read_link(&n)) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = self
+            .node(parent)
+            .and_then(|p| self.make_node(&p, name, mode & !umask, owner(req), None))
+            .map(|(node, attr, _)| (node, attr));
+        reply_entry(reply, &self.ttl, result);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = self
+            .node(parent)
+            .and_then(|p| self.make_dir(&p, name, mode & !umask, owner(req)));
+        reply_entry(reply, &self.ttl, result);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(
+            reply,
+            self.node(parent).and_then(|p| self.remove_file(&p, name)),
+        );
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(
+            reply,
+            self.node(parent).and_then(|p| self.remove_dir(&p, name)),
+        );
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let result = self.node(parent).and_then(|p| {
+            self.make_symlink(&p, link_name, target.as_os_str().as_bytes(), owner(req))
+        });
+        reply_entry(reply, &self.ttl, result);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let result = self
+            .node(parent)
+            .and_then(|p| Ok((p, self.node(newparent)?)))
+            .and_then(|(p, np)| self.rename(&p, name, &np, newname, flags.bits()));
+        reply_empty(reply, result);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let result = self.node(ino).and_then(|n| {
+            let np = self.node(newparent)?;
+            let attr = self.make_link(&n, &np, newname)?;
+            Ok((n, attr))
+        });
+        reply_entry(reply, &self.ttl, result);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let result = self.node(ino).and_then(|node| {
+            let file = self.reopen(&node, flags.0)?;
+            // Load the key now: reads and writes on an open file never touch the DB.
+            self.cipher(&node, &file)?;
+            Ok(self.add_handle(Handle::File(Arc::new(OpenFile { node, file }))))
+        });
+        match result {
+            Ok(fh) => reply.opened(fh, FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self
+            .open_file(fh)
+            .and_then(|f| self.read(&f, offset, size as usize))
+        {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self
+            .open_file(fh)
+            .and_then(|f| self.write(&f, offset, data))
+        {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.drop_handle(fh);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(
+            reply,
+            self.open_file(fh)
+                .and_then(|f| self.sync_file(&f, datasync)),
+        );
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.node(ino).and_then(|n| self.list_dir(&n)) {
+            Ok(entries) => reply.opened(
+                self.add_handle(Handle::Dir(Arc::new(entries))),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.dir_listing(fh) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        let mut index = offset as usize;
+        while index < entries.len() + 2 {
+            let next = index as u64 + 1;
+            let full = match index {
+                0 => reply.add(ino, next, FileType::Directory, "."),
+                1 => reply.add(ino, next, FileType::Directory, ".."),
+                i => {
+                    let e = &entries[i - 2];
+                    reply.add(INodeNo(e.ino), next, e.kind, &e.name)
+                }
+            };
+            if full {
+                break;
+            }
+            index += 1;
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        match self.readdirplus_inner(ino, fh, offset, &mut reply) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.drop_handle(fh);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.node(ino).and_then(|n| self.sync_dir(&n)));
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self
+            .node(INodeNo(inodes::ROOT_INO))
+            .and_then(|root| rustix::fs::fstatvfs(root.fd()).map_err(errno))
+        {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                layout_name_max(),
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(
+            reply,
+            self.node(ino)
+                .and_then(|n| self.set_xattr(&n, name.as_bytes(), value, flags)),
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        reply_xattr(
+            reply,
+            size,
+            self.node(ino)
+                .and_then(|n| self.get_xattr(&n, name.as_bytes())),
+        );
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply_xattr(
+            reply,
+            size,
+            self.node(ino).and_then(|n| self.list_xattrs(&n)),
+        );
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(
+            reply,
+            self.node(ino)
+                .and_then(|n| self.remove_xattr(&n, name.as_bytes())),
+        );
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let result = self
+            .node(ino)
+            .and_then(|n| self.stat_attr(&n))
+            .and_then(|attr| {
+                let mask = mask.bits() as u32 & 0o7;
+                if mask == 0
+                    || req.uid() == 0
+                        && (mask & 1 == 0
+                            || attr.perm & 0o111 != 0
+                            || attr.kind == FileType::Directory)
+                {
+                    return Ok(());
+                }
+                let shift = if req.uid() == attr.uid {
+                    6
+                } else if req.gid() == attr.gid {
+                    3
+                } else {
+                    0
+                };
+                if (u32::from(attr.perm) >> shift) & mask == mask {
+                    Ok(())
+                } else {
+                    Err(Errno::EACCES)
+                }
+            });
+        reply_empty(reply, result);
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let access = if flags & libc::O_ACCMODE == libc::O_RDONLY {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
+        let oflags = OFlags::from_bits_retain(access as u32);
+        let result = self.node(parent).and_then(|p| {
+            let (node, attr, fd) = self.make_node(
+                &p,
+                name,
+                libc::S_IFREG | (mode & !umask),
+                owner(req),
+                Some(oflags),
+            )?;
+            let file = match fd {
+                Some(fd) => std::fs::File::from(fd),
+                None => self.reopen(&node, flags)?,
+            };
+            let fh = self.add_handle(Handle::File(Arc::new(OpenFile { node, file })));
+            Ok((attr, fh))
+        });
+        match result {
+            Ok((attr, fh)) => reply.created(&self.ttl, &attr, GENERATION, fh, FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(
+            reply,
+            self.open_file(fh)
+                .and_then(|f| self.fallocate(&f, offset, length, mode)),
+        );
+    }
+}
+
+fn layout_name_max() -> u32 {
+    crate::volume::layout::NAME_MAX as u32
+}
+
+fn reply_xattr(reply: ReplyXattr, size: u32, result: FsResult<Vec<u8>>) {
+    match result {
+        Ok(data) if size == 0 => reply.size(data.len() as u32),
+        Ok(data) if data.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(data) => reply.data(&data),
+        Err(e) => reply.error(e),
+    }
+}
+
+/// Mounts the filesystem; the returned session serves requests when run.
+pub fn mount(
+    fs: KmsFs,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> io::Result<fuser::Session<KmsFs>> {
+    let mut config = Config::default();
+    let fsname = options
+        .fsname
+        .clone()
+        .unwrap_or_else(|| fs.volume.backing().display().to_string());
+    config.mount_options = vec![
+        MountOption::FSName(fsname),
+        MountOption::Subtype("kmsfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    if options.read_only {
+        config.mount_options.push(MountOption::RO);
+    }
+    config.mount_options.extend(
+        options
+            .kernel
+            .iter()
+            .map(|o| MountOption::CUSTOM(o.clone())),
+    );
+    if options.allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(options.threads.max(1));
+    config.clone_fd = true;
+    fuser::Session::new(fs, mountpoint, &config)
+}

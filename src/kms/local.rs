@@ -1,0 +1,529 @@
+//! The embedded `local` provider: a keystore file with KMS semantics. Master
+//! key material is sealed under a key-encryption key derived from a
+//! passphrase (Argon2id) or a key file (HKDF-SHA256).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use argon2::{Algorithm, Argon2, Params, Version};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::{EncryptionContext, KeyProvider, KmsError, hex};
+use crate::crypto::{KEY_LEN, Sealer, SecretKey, WrappedKey, random_array};
+
+const FORMAT: u32 = 1;
+const VERIFIER_AAD: &[u8] = b"kmsfs-keystore-verifier-v1";
+const VERIFIER_PLAINTEXT: &[u8] = b"kmsfs keystore";
+const DATA_KEY_BLOB_VERSION: u8 = 1;
+
+/// What unlocks the keystore.
+pub enum UnlockSecret {
+    Passphrase(Zeroizing<String>),
+    KeyFile(PathBuf),
+}
+
+/// Argon2id cost parameters, stored in the keystore so they can be raised later.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KdfParams {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+impl Default for KdfParams {
+    fn default() -> Self {
+        KdfParams {
+            memory_kib: 64 * 1024,
+            iterations: 3,
+            parallelism: 1,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+enum Protection {
+    Argon2id { params: KdfParams, salt: String },
+    KeyFile { salt: String },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum KeyState {
+    Enabled,
+    Disabled,
+    PendingDeletion,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyVersion {
+    version: u32,
+    created: u64,
+    /// The key material sealed under the keystore's key-encryption key.
+    material: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MasterKeyRecord {
+    id: String,
+    alias: Option<String>,
+    description: String,
+    state: KeyState,
+    created: u64,
+    versions: Vec<KeyVersion>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeystoreFile {
+    format: u32,
+    protection: Protection,
+    verifier: String,
+    keys: Vec<MasterKeyRecord>,
+}
+
+/// An unlocked keystore.
+pub struct LocalKeystore {
+    path: PathBuf,
+    kek: Sealer,
+    file: KeystoreFile,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KmsError + '_ {
+    move |source| KmsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn corrupt(path: &Path, reason: impl Into<String>) -> KmsError {
+    KmsError::KeystoreCorrupt {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+    let bytes = Zeroizing::new(fs::read(path).map_err(io_err(path))?);
+    if bytes.len() != KEY_LEN {
+        return Err(KmsError::BadSecret(format!(
+            "key file {} must hold exactly {KEY_LEN} bytes, it holds {}",
+            path.display(),
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Creates a key file with 32 random bytes, readable only by its owner.
+pub fn create_key_file(path: &Path) -> Result<(), KmsError> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    let bytes = Zeroizing::new(random_array::<KEY_LEN>());
+    file.write_all(bytes.as_slice()).map_err(io_err(path))?;
+    file.sync_all().map_err(io_err(path))
+}
+
+fn derive_kek(
+    protection: &Protection,
+    secret: &UnlockSecret,
+    path: &Path,
+) -> Result<SecretKey, KmsError> {
+    let mut out = Zeroizing::new([0u8; KEY_LEN]);
+    match (protection, secret) {
+        (Protection::Argon2id { params, salt }, UnlockSecret::Passphrase(pass)) => {
+            let salt = B64
+                .decode(salt)
+                .map_err(|_| corrupt(path, "salt is not base64"))?;
+            let params = Params::new(
+                params.memory_kib,
+                params.iterations,
+                params.parallelism,
+                Some(KEY_LEN),
+            )
+            .map_err(|e| corrupt(path, format!("bad Argon2id parameters: {e}")))?;
+            Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+                .hash_password_into(pass.as_bytes(), &salt, out.as_mut_slice())
+                .map_err(|e| corrupt(path, format!("Argon2id failed: {e}")))?;
+        }
+        (Protection::KeyFile { salt }, UnlockSecret::KeyFile(key_path)) => {
+            let salt = B64
+                .decode(salt)
+                .map_err(|_| corrupt(path, "salt is not base64"))?;
+            let ikm = read_key_file(key_path)?;
+            hkdf::Hkdf::<sha2::Sha256>::new(Some(&salt), &ikm)
+                .expand(b"kmsfs-keyfile-kek-v1", out.as_mut_slice())
+                .map_err(|_| corrupt(path, "HKDF output length"))?;
+        }
+        (Protection::Argon2id { .. }, UnlockSecret::KeyFile(_)) => {
+            return Err(KmsError::BadSecret(format!(
+                "keystore {} is protected by a passphrase, not a key file",
+                path.display()
+            )));
+        }
+        (Protection::KeyFile { .. }, UnlockSecret::Passphrase(_)) => {
+            return Err(KmsError::BadSecret(format!(
+                "keystore {} is protected by a key file: pass --key-file",
+                path.display()
+            )));
+        }
+    }
+    SecretKey::from_slice(out.as_slice()).ok_or_else(|| corrupt(path, "key length"))
+}
+
+fn material_aad(key_id: &str, version: u32) -> Vec<u8> {
+    [
+        b"kmsfs-keystore-material-v1\0".as_slice(),
+        key_id.as_bytes(),
+        b"\0",
+        &version.to_be_bytes(),
+    ]
+    .concat()
+}
+
+fn data_key_aad(key_id: &str, version: u32, context: &EncryptionContext) -> Vec<u8> {
+    [
+        b"kmsfs-local-datakey-v1\0".as_slice(),
+        key_id.as_bytes(),
+        b"\0",
+        &version.to_be_bytes(),
+        &context.canonical_bytes(),
+    ]
+    .concat()
+}
+
+impl LocalKeystore {
+    pub fn exists(path: &Path) -> bool {
+        path.exists()
+    }
+
+    /// Creates a new, empty keystore. Refuses to overwrite an existing one.
+    pub fn create(path: &Path, secret: &UnlockSecret, kdf: KdfParams) -> Result<Self, KmsError> {
+        let salt = B64.encode(random_array::<16>());
+        let protection = match secret {
+            UnlockSecret::Passphrase(p) => {
+                if p.is_empty() {
+                    return Err(KmsError::BadSecret(
+                        "the passphrase must not be empty".into(),
+                    ));
+                }
+                Protection::Argon2id { params: kdf, salt }
+            }
+            UnlockSecret::KeyFile(_) => Protection::KeyFile { salt },
+        };
+        let kek = Sealer::new(&derive_kek(&protection, secret, path)?);
+        let verifier = B64.encode(kek.seal(VERIFIER_AAD, VERIFIER_PLAINTEXT));
+        let store = LocalKeystore {
+            path: path.to_path_buf(),
+            kek,
+            file: KeystoreFile {
+                format: FORMAT,
+                protection,
+                verifier,
+                keys: Vec::new(),
+            },
+        };
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        store.save(true)?;
+        Ok(store)
+    }
+
+    /// Opens and unlocks a keystore; a wrong secret is detected, never turned into keys.
+    pub fn open(path: &Path, secret: &UnlockSecret) -> Result<Self, KmsError> {
+        let text = match fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(KmsError::KeystoreMissing(path.to_path_buf()));
+            }
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        let file: KeystoreFile =
+            serde_json::from_str(&text).map_err(|e| corrupt(path, e.to_string()))?;
+        if file.format != FORMAT {
+            return Err(corrupt(
+                path,
+                format!("unsupported keystore format {}", file.format),
+            ));
+        }
+        let kek = Sealer::new(&derive_kek(&file.protection, secret, path)?);
+        let verifier = B64
+            .decode(&file.verifier)
+            .map_err(|_| corrupt(path, "verifier is not base64"))?;
+        if kek.open(VERIFIER_AAD, &verifier).is_err() {
+            return Err(match secret {
+                UnlockSecret::Passphrase(_) => KmsError::WrongPassphrase(path.to_path_buf()),
+                UnlockSecret::KeyFile(_) => KmsError::WrongKeyFile(path.to_path_buf()),
+            });
+        }
+        Ok(LocalKeystore {
+            path: path.to_path_buf(),
+            kek,
+            file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn save(&self, create_new: bool) -> Result<(), KmsError> {
+        let path = &self.path;
+        let text =
+            serde_json::to_string_pretty(&self.file).map_err(|e| corrupt(path, e.to_string()))?;
+        let tmp = path.with_extension("json.tmp");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        f.write_all(text.as_bytes()).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        if create_new && path.exists() {
+            let _ = fs::remove_file(&tmp);
+            return Err(KmsError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "keystore already exists",
+                ),
+            });
+        }
+        fs::rename(&tmp, path).map_err(io_err(path))?;
+        if let Some(dir) = path.parent() {
+            if let Ok(d) = fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+
+    /// CreateKey: a new enabled master key with one version. Returns its id.
+    pub fn create_key(&mut self, description: &str) -> Result<String, KmsError> {
+        let id = format!("mk-{}", hex(&random_array::<12>()));
+        let material = SecretKey::random();
+        let sealed = self.kek.seal(&material_aad(&id, 1), material.expose());
+        self.file.keys.push(MasterKeyRecord {
+            id: id.clone(),
+            alias: None,
+            description: description.to_string(),
+            state: KeyState::Enabled,
+            created: now(),
+            versions: vec![KeyVersion {
+                version: 1,
+                created: now(),
+                material: B64.encode(sealed),
+            }],
+        });
+        self.save(false)?;
+        Ok(id)
+    }
+
+    fn record(&self, id_or_alias: &str) -> Result<&MasterKeyRecord, KmsError> {
+        self.file
+            .keys
+            .iter()
+            .find(|k| k.id == id_or_alias || k.alias.as_deref() == Some(id_or_alias))
+            .ok_or_else(|| KmsError::KeyNotFound(id_or_alias.to_string()))
+    }
+
+    /// Resolves an id or alias to the key's id.
+    pub fn key_id(&self, id_or_alias: &str) -> Result<String, KmsError> {
+        Ok(self.record(id_or_alias)?.id.clone())
+    }
+
+    fn usable_record(&self, key_id: &str) -> Result<&MasterKeyRecord, KmsError> {
+        let record = self.record(key_id)?;
+        if record.state != KeyState::Enabled {
+            return Err(KmsError::KeyNotUsable {
+                key: key_id.to_string(),
+                state: format!("{:?}", record.state),
+            });
+        }
+        Ok(record)
+    }
+
+    fn material(&self, record: &MasterKeyRecord, version: u32) -> Result<SecretKey, KmsError> {
+        let v = record
+            .versions
+            .iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| {
+                corrupt(
+                    &self.path,
+                    format!("key {} has no version {version}", record.id),
+                )
+            })?;
+        let sealed = B64
+            .decode(&v.material)
+            .map_err(|_| corrupt(&self.path, "key material is not base64"))?;
+        let plain = self
+            .kek
+            .open(&material_aad(&record.id, version), &sealed)
+            .map_err(|_| {
+                corrupt(
+                    &self.path,
+                    format!(
+                        "material of key {} v{version} fails authentication",
+                        record.id
+                    ),
+                )
+            })?;
+        SecretKey::from_slice(&plain).ok_or_else(|| corrupt(&self.path, "key material length"))
+    }
+
+    /// A provider handle bound to one master key.
+    pub fn provider(self: &Arc<Self>, id_or_alias: &str) -> Result<LocalProvider, KmsError> {
+        let key_id = self.key_id(id_or_alias)?;
+        Ok(LocalProvider {
+            store: Arc::clone(self),
+            key_id,
+            calls: AtomicU64::new(0),
+        })
+    }
+}
+
+/// The `local` provider bound to one master key of an unlocked keystore.
+pub struct LocalProvider {
+    store: Arc<LocalKeystore>,
+    key_id: String,
+    calls: AtomicU64,
+}
+
+impl KeyProvider for LocalProvider {
+    fn uri(&self) -> String {
+        format!("local:{}", self.key_id)
+    }
+
+    fn generate_data_key(
+        &self,
+        context: &EncryptionContext,
+    ) -> Result<(SecretKey, WrappedKey), KmsError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let record = self.store.usable_record(&self.key_id)?;
+        let version = record
+            .versions
+            .iter()
+            .map(|v| v.version)
+            .max()
+            .ok_or_else(|| {
+                corrupt(
+                    &self.store.path,
+                    format!("key {} has no versions", record.id),
+                )
+            })?;
+        let master = Sealer::new(&self.store.material(record, version)?);
+        let data_key = SecretKey::random();
+        let sealed = master.seal(
+            &data_key_aad(&self.key_id, version, context),
+            data_key.expose(),
+        );
+        let blob = [
+            &[DATA_KEY_BLOB_VERSION][..],
+            &version.to_be_bytes(),
+            &sealed,
+        ]
+        .concat();
+        Ok((data_key, WrappedKey::from_bytes(blob)))
+    }
+
+    fn decrypt(
+        &self,
+        wrapped: &WrappedKey,
+        context: &EncryptionContext,
+    ) -> Result<SecretKey, KmsError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let record = self.store.usable_record(&self.key_id)?;
+        let bytes = wrapped.as_bytes();
+        if bytes.len() < 5 || bytes[0] != DATA_KEY_BLOB_VERSION {
+            return Err(KmsError::InvalidCiphertext(self.key_id.clone()));
+        }
+        let version = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+        let master = Sealer::new(&self.store.material(record, version)?);
+        master
+            .unwrap_key(
+                &data_key_aad(&self.key_id, version, context),
+                &WrappedKey::from_bytes(bytes[5..].to_vec()),
+            )
+            .map_err(|_| KmsError::InvalidCiphertext(self.key_id.clone()))
+    }
+
+    fn call_count(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fast() -> KdfParams {
+        KdfParams {
+            memory_kib: 1024,
+            iterations: 1,
+            parallelism: 1,
+        }
+    }
+
+    #[test]
+    fn passphrase_keystore_generate_and_decrypt_with_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ks.json");
+        let secret = UnlockSecret::Passphrase(Zeroizing::new("correct horse".into()));
+        let mut ks = LocalKeystore::create(&path, &secret, fast()).unwrap();
+        let id = ks.create_key("test").unwrap();
+        let ks = Arc::new(LocalKeystore::open(&path, &secret).unwrap());
+        let p = ks.provider(&id).unwrap();
+        let ctx = EncryptionContext::for_volume(&[1; 16]);
+        let (key, wrapped) = p.generate_data_key(&ctx).unwrap();
+        assert_eq!(p.decrypt(&wrapped, &ctx).unwrap(), key);
+        let other = EncryptionContext::for_volume(&[2; 16]);
+        assert!(matches!(
+            p.decrypt(&wrapped, &other),
+            Err(KmsError::InvalidCiphertext(_))
+        ));
+        assert_eq!(p.call_count(), 3);
+        let wrong = UnlockSecret::Passphrase(Zeroizing::new("wrong".into()));
+        assert!(matches!(
+            LocalKeystore::open(&path, &wrong),
+            Err(KmsError::WrongPassphrase(_))
+        ));
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("correct horse"));
+    }
+
+    #[test]
+    fn key_file_keystore_rejects_other_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k1, k2) = (dir.path().join("k1"), dir.path().join("k2"));
+        create_key_file(&k1).unwrap();
+        create_key_file(&k2).unwrap();
+        let path = dir.path().join("ks.json");
+        LocalKeystore::create(&path, &UnlockSecret::KeyFile(k1.clone()), fast()).unwrap();
+        assert!(LocalKeystore::open(&path, &UnlockSecret::KeyFile(k1)).is_ok());
+        assert!(matches!(
+            LocalKeystore::open(&path, &UnlockSecret::KeyFile(k2)),
+            Err(KmsError::WrongKeyFile(_))
+        ));
+    }
+}

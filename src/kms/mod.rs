@@ -1,0 +1,88 @@
+//! Key providers: where the master key (CMK) lives. Every provider offers the
+//! same two KMS operations on data keys, bound to an encryption context.
+
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::crypto::{SecretKey, WrappedKey};
+
+/// Key/value pairs bound to a wrapped key as authenticated data, as in AWS KMS:
+/// a blob only decrypts with exactly the context it was created with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncryptionContext(BTreeMap<String, String>);
+
+impl EncryptionContext {
+    pub fn for_volume(volume_id: &[u8; 16]) -> Self {
+        let mut map = BTreeMap::new();
+        map.insert("kmsfs:volume-id".to_string(), hex(volume_id));
+        EncryptionContext(map)
+    }
+
+    /// Unambiguous byte encoding: length-prefixed keys and values in sorted order.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (k, v) in &self.0 {
+            for part in [k, v] {
+                out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+                out.extend_from_slice(part.as_bytes());
+            }
+        }
+        out
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KmsError {
+    #[error("wrong passphrase for keystore {0}")]
+    WrongPassphrase(PathBuf),
+    #[error("wrong key file for keystore {0}")]
+    WrongKeyFile(PathBuf),
+    #[error("keystore {0} does not exist (run `kmsfs init` first, or pass --keystore)")]
+    KeystoreMissing(PathBuf),
+    #[error("keystore {path} is unreadable: {reason}")]
+    KeystoreCorrupt { path: PathBuf, reason: String },
+    #[error("key {0} not found in the keystore")]
+    KeyNotFound(String),
+    #[error("key {key} is {state} and cannot be used")]
+    KeyNotUsable { key: String, state: String },
+    #[error(
+        "the wrapped volume key does not decrypt under key {0} with this volume's encryption context"
+    )]
+    InvalidCiphertext(String),
+    #[error("{0}")]
+    BadSecret(String),
+    #[error("keystore I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A master key in some key provider. Implementations count their calls so
+/// that `status` can show that file operations never reach the provider.
+pub trait KeyProvider: Send + Sync {
+    /// The provider URI stored in the volume, e.g. `local:<key id>`.
+    fn uri(&self) -> String;
+
+    /// GenerateDataKey: a fresh 256-bit key, and the same key wrapped by the master key.
+    fn generate_data_key(
+        &self,
+        context: &EncryptionContext,
+    ) -> Result<(SecretKey, WrappedKey), KmsError>;
+
+    /// Decrypt: unwraps a key produced by `generate_data_key` with the same context.
+    fn decrypt(
+        &self,
+        wrapped: &WrappedKey,
+        context: &EncryptionContext,
+    ) -> Result<SecretKey, KmsError>;
+
+    /// How many provider operations this instance has performed.
+    fn call_count(&self) -> u64;
+}

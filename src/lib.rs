@@ -1,0 +1,12 @@
+//! kmsfs: a transparent encrypted filesystem with KMS-style envelope keys.
+//!
+//! Layers, each knowing nothing of the ones above it:
+//! - [`crypto`]: keys, AES-256-GCM-SIV blocks, name encryption;
+//! - [`kms`]: key providers holding the master key;
+//! - [`volume`]: the backing directory, headers, blocks and the metadata DB;
+//! - [`fs`]: the FUSE adapter.
+
+pub mod crypto;
+pub mod fs;
+pub mod kms;
+pub mod volume;

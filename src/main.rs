@@ -1,0 +1,7 @@
+//! The `kmsfs` command.
+
+mod cli;
+
+fn main() {
+    std::process::exit(cli::run());
+}

@@ -1,0 +1,283 @@
+//! File content on top of a backing file: the header, then sealed 4 KiB
+//! blocks. Plaintext size is a function of the backing size alone.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use crate::crypto::{BLOCK_OVERHEAD, BLOCK_SIZE, BlockCipher, CIPHER_BLOCK_SIZE};
+
+use super::header::HEADER_LEN;
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContentError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("block {block} fails authentication")]
+    Corrupt { block: u64 },
+}
+
+/// Plaintext size of a backing file of `backing` bytes.
+pub fn plain_size(backing: u64) -> u64 {
+    let Some(body) = backing.checked_sub(HEADER_LEN as u64) else {
+        return 0;
+    };
+    let full = body / CIPHER_BLOCK_SIZE as u64;
+    let rest = body % CIPHER_BLOCK_SIZE as u64;
+    full * BS + rest.saturating_sub(BLOCK_OVERHEAD as u64)
+}
+
+/// Backing size that holds `plain` bytes (a header is always present).
+pub fn backing_size(plain: u64) -> u64 {
+    let full = plain / BS;
+    let rest = plain % BS;
+    let tail = if rest > 0 {
+        rest + BLOCK_OVERHEAD as u64
+    } else {
+        0
+    };
+    HEADER_LEN as u64 + full * CIPHER_BLOCK_SIZE as u64 + tail
+}
+
+/// Offset of block `index` in the backing file.
+pub fn block_offset(index: u64) -> u64 {
+    HEADER_LEN as u64 + index * CIPHER_BLOCK_SIZE as u64
+}
+
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> Result<(), ContentError> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO).into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn current_plain_size(file: &File) -> Result<u64, ContentError> {
+    Ok(plain_size(file.metadata()?.len()))
+}
+
+/// Decrypts blocks `first..=last` of a file of plaintext size `size`.
+fn read_blocks(
+    file: &File,
+    cipher: &BlockCipher,
+    size: u64,
+    first: u64,
+    last: u64,
+) -> Result<Vec<u8>, ContentError> {
+    let plain_end = size.min((last + 1) * BS);
+    let plain_len = (plain_end - first * BS) as usize;
+    let blocks = last - first + 1;
+    let mut sealed = vec![0u8; plain_len + blocks as usize * BLOCK_OVERHEAD];
+    read_exact_at(file, &mut sealed, block_offset(first))?;
+    let mut plain = vec![0u8; plain_len];
+    let final_index = (size - 1) / BS;
+    cipher
+        .open_blocks(first, final_index, &sealed, &mut plain)
+        .map_err(|block| ContentError::Corrupt { block })?;
+    Ok(plain)
+}
+
+/// Reads up to `len` bytes at `offset`.
+pub fn read(
+    file: &File,
+    cipher: &BlockCipher,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, ContentError> {
+    let size = current_plain_size(file)?;
+    if offset >= size || len == 0 {
+        return Ok(Vec::new());
+    }
+    let end = size.min(offset + len as u64);
+    let first = offset / BS;
+    let last = (end - 1) / BS;
+    let mut plain = read_blocks(file, cipher, size, first, last)?;
+    let start = (offset - first * BS) as usize;
+    plain.truncate((end - first * BS) as usize);
+    plain.drain(..start);
+    Ok(plain)
+}
+
+/// Writes `data` at `offset`, extending the file if needed.
+pub fn write(
+    file: &File,
+    cipher: &BlockCipher,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), ContentError> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let old_size = current_plain_size(file)?;
+    let end = offset + data.len() as u64;
+    let new_size = old_size.max(end);
+    let first = offset / BS;
+    let last = (end - 1) / BS;
+    let new_final = (new_size - 1) / BS;
+    let old_final = old_size.checked_sub(1).map(|s| s / BS);
+    let span_start = first * BS;
+    let span_end = new_size.min((last + 1) * BS);
+    let mut plain = vec![0u8; (span_end - span_start) as usize];
+
+    // Partially covered edge blocks keep their existing bytes.
+    let mut edges = Vec::with_capacity(2);
+    if offset > span_start {
+        edges.push(first);
+    }
+    if end < span_end && !edges.contains(&last) {
+        edges.push(last);
+    }
+    for block in edges {
+        if block * BS < old_size {
+            let existing = read_blocks(file, cipher, old_size, block, block)?;
+            let at = ((block - first) * BS) as usize;
+            let n = existing.len().min(plain.len() - at);
+            plain[at..at + n].copy_from_slice(&existing[..n]);
+        }
+    }
+    let at = (offset - span_start) as usize;
+    plain[at..at + data.len()].copy_from_slice(data);
+    let sealed = cipher.seal_blocks(first, new_final, &plain);
+    file.write_all_at(&sealed, block_offset(first))?;
+
+    // The old final block is no longer final: seal it again, padded to a full
+    // block. Done after the new blocks so a crash in between leaves a readable
+    // file (see BlockCipher::open_block).
+    if let Some(old_final) = old_final.filter(|&f| f < first) {
+        let mut block = read_blocks(file, cipher, old_size, old_final, old_final)?;
+        block.resize(BLOCK_SIZE, 0);
+        let sealed = cipher.seal_block(old_final, false, &block);
+        file.write_all_at(&sealed, block_offset(old_final))?;
+    }
+    Ok(())
+}
+
+/// Sets the plaintext size to `new_size`. Growing leaves holes.
+pub fn truncate(file: &File, cipher: &BlockCipher, new_size: u64) -> Result<(), ContentError> {
+    let old_size = current_plain_size(file)?;
+    if new_size == old_size {
+        return Ok(());
+    }
+    if new_size == 0 {
+        file.set_len(HEADER_LEN as u64)?;
+        return Ok(());
+    }
+    let new_final = (new_size - 1) / BS;
+    if new_size < old_size {
+        let keep = (new_size - new_final * BS) as usize;
+        let block = read_blocks(file, cipher, old_size, new_final, new_final)?;
+        let sealed = cipher.seal_block(new_final, true, &block[..keep]);
+        file.set_len(block_offset(new_final))?;
+        file.write_all_at(&sealed, block_offset(new_final))?;
+        return Ok(());
+    }
+    if old_size > 0 {
+        let old_final = (old_size - 1) / BS;
+        let mut block = read_blocks(file, cipher, old_size, old_final, old_final)?;
+        let is_final = old_final == new_final;
+        let len = if is_final {
+            (new_size - old_final * BS) as usize
+        } else {
+            BLOCK_SIZE
+        };
+        block.resize(len, 0);
+        let sealed = cipher.seal_block(old_final, is_final, &block);
+        file.write_all_at(&sealed, block_offset(old_final))?;
+    }
+    file.set_len(backing_size(new_size))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::SecretKey;
+
+    fn setup() -> (tempfile::TempDir, File, BlockCipher) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        file.write_all_at(&[0u8; HEADER_LEN], 0).unwrap();
+        (dir, file, BlockCipher::new(&SecretKey::random(), [5u8; 16]))
+    }
+
+    #[test]
+    fn sizes_map_both_ways() {
+        for plain in [0u64, 1, 4095, 4096, 4097, 10 * 4096, 10 * 4096 + 17] {
+            assert_eq!(plain_size(backing_size(plain)), plain);
+        }
+        assert_eq!(plain_size(0), 0);
+    }
+
+    #[test]
+    fn seeded_random_writes_and_truncates_match_a_model() {
+        let (_dir, file, cipher) = setup();
+        let mut model: Vec<u8> = Vec::new();
+        let mut state = 0x1234_5678_u64;
+        let mut next = |m: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % m
+        };
+        for step in 0..600 {
+            match next(10) {
+                0..=5 => {
+                    let off = next(70_000);
+                    let len = next(20_000) as usize + 1;
+                    let data: Vec<u8> = (0..len).map(|i| (i as u64 + step) as u8 | 1).collect();
+                    write(&file, &cipher, off, &data).unwrap();
+                    if model.len() < off as usize + len {
+                        model.resize(off as usize + len, 0);
+                    }
+                    model[off as usize..off as usize + len].copy_from_slice(&data);
+                }
+                6 | 7 => {
+                    let size = next(90_000);
+                    truncate(&file, &cipher, size).unwrap();
+                    model.resize(size as usize, 0);
+                }
+                _ => {
+                    let off = next(80_000);
+                    let len = next(30_000) as usize;
+                    let got = read(&file, &cipher, off, len).unwrap();
+                    let lo = (off as usize).min(model.len());
+                    let hi = (off as usize + len).min(model.len());
+                    assert_eq!(got, &model[lo..hi], "step {step}");
+                }
+            }
+            assert_eq!(
+                current_plain_size(&file).unwrap(),
+                model.len() as u64,
+                "step {step}"
+            );
+        }
+        assert_eq!(read(&file, &cipher, 0, model.len()).unwrap(), model);
+    }
+
+    #[test]
+    fn truncation_at_a_block_boundary_is_detected() {
+        let (_dir, file, cipher) = setup();
+        write(&file, &cipher, 0, &vec![7u8; 3 * BLOCK_SIZE]).unwrap();
+        file.set_len(block_offset(2)).unwrap();
+        assert!(
+            read(&file, &cipher, 0, 100).is_ok(),
+            "blocks before the cut are authentic"
+        );
+        assert!(matches!(
+            read(&file, &cipher, 0, 3 * BLOCK_SIZE),
+            Err(ContentError::Corrupt { block: 1 })
+        ));
+    }
+}

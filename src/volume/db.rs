@@ -1,0 +1,367 @@
+//! The metadata DB: one SQLite file in the backing directory. File data keys
+//! are queued in memory and committed in batches (see docs/DESIGN.md); an
+//! fsync of any file commits the queue first.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use crate::crypto::{FileId, WrappedKey};
+
+pub const DB_FILE: &str = "kmsfs.db";
+pub const FORMAT_VERSION: u32 = 1;
+/// Commit the queue once it holds this many rows, without waiting for the timer.
+const MAX_PENDING: usize = 4096;
+
+const SCHEMA: &str = "
+CREATE TABLE volume (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    volume_id BLOB NOT NULL CHECK (length(volume_id) = 16),
+    format_version INTEGER NOT NULL,
+    provider TEXT NOT NULL,
+    master_key_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE volume_keys (
+    version INTEGER PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('active', 'retired')),
+    wrapped BLOB,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE volume_secrets (
+    kind TEXT PRIMARY KEY,
+    vk_version INTEGER NOT NULL REFERENCES volume_keys(version),
+    wrapped BLOB NOT NULL
+);
+CREATE TABLE file_keys (
+    file_id BLOB PRIMARY KEY CHECK (length(file_id) = 16),
+    vk_version INTEGER NOT NULL REFERENCES volume_keys(version),
+    wrapped BLOB NOT NULL
+) WITHOUT ROWID;
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("metadata DB {path} is damaged or unreadable: {reason}")]
+    Damaged { path: PathBuf, reason: String },
+    #[error("metadata DB {path} has format version {found}; this kmsfs supports {FORMAT_VERSION}")]
+    UnsupportedFormat { path: PathBuf, found: u32 },
+    #[error("metadata DB {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct VolumeRow {
+    pub volume_id: [u8; 16],
+    pub format_version: u32,
+    pub provider: String,
+    pub master_key_id: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct VolumeKeyRow {
+    pub version: u32,
+    pub state: String,
+    pub wrapped: Option<WrappedKey>,
+    pub created_at: i64,
+}
+
+#[derive(Default)]
+struct PendingKeys {
+    inserts: HashMap<FileId, (u32, WrappedKey)>,
+    deletes: HashSet<FileId>,
+}
+
+pub struct MetadataDb {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+    pending: Mutex<PendingKeys>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep serving.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl MetadataDb {
+    fn sqlite(&self) -> impl FnOnce(rusqlite::Error) -> DbError + '_ {
+        move |source| DbError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn connect(path: &Path, flags: OpenFlags) -> Result<Connection, DbError> {
+        let damaged = |e: rusqlite::Error| DbError::Damaged {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let conn = Connection::open_with_flags(path, flags).map_err(damaged)?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(damaged)?;
+        // WAL: readers never block the writer; FULL: a commit is durable when it returns.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(damaged)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(damaged)?;
+        conn.pragma_update(None, "secure_delete", "ON")
+            .map_err(damaged)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(damaged)?;
+        Ok(conn)
+    }
+
+    pub fn create(
+        path: &Path,
+        volume: &VolumeRow,
+        volume_key: (u32, &WrappedKey),
+        secrets: &[(&str, &WrappedKey)],
+    ) -> Result<Self, DbError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Self::connect(path, flags)?;
+        let err = |source| DbError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let tx = conn.transaction().map_err(err)?;
+        tx.execute_batch(SCHEMA).map_err(err)?;
+        tx.execute(
+            "INSERT INTO volume (id, volume_id, format_version, provider, master_key_id, created_at) VALUES (1, ?1, ?2, ?3, ?4, ?5)",
+            params![&volume.volume_id[..], volume.format_version, volume.provider, volume.master_key_id, volume.created_at],
+        )
+        .map_err(err)?;
+        tx.execute(
+            "INSERT INTO volume_keys (version, state, wrapped, created_at) VALUES (?1, 'active', ?2, ?3)",
+            params![volume_key.0, volume_key.1.as_bytes(), volume.created_at],
+        )
+        .map_err(err)?;
+        for (kind, wrapped) in secrets {
+            tx.execute(
+                "INSERT INTO volume_secrets (kind, vk_version, wrapped) VALUES (?1, ?2, ?3)",
+                params![kind, volume_key.0, wrapped.as_bytes()],
+            )
+            .map_err(err)?;
+        }
+        tx.pragma_update(None, "user_version", FORMAT_VERSION)
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(MetadataDb {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+            pending: Mutex::default(),
+        })
+    }
+
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Self::connect(path, flags)?;
+        let damaged = |e: rusqlite::Error| DbError::Damaged {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(damaged)?;
+        if check != "ok" {
+            return Err(DbError::Damaged {
+                path: path.to_path_buf(),
+                reason: check,
+            });
+        }
+        let version: u32 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(damaged)?;
+        if version != FORMAT_VERSION {
+            return Err(DbError::UnsupportedFormat {
+                path: path.to_path_buf(),
+                found: version,
+            });
+        }
+        Ok(MetadataDb {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+            pending: Mutex::default(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn volume(&self) -> Result<VolumeRow, DbError> {
+        let conn = lock(&self.conn);
+        conn.query_row(
+            "SELECT volume_id, format_version, provider, master_key_id, created_at FROM volume WHERE id = 1",
+            [],
+            |r| {
+                let id: Vec<u8> = r.get(0)?;
+                let mut volume_id = [0u8; 16];
+                volume_id.copy_from_slice(&id);
+                Ok(VolumeRow {
+                    volume_id,
+                    format_version: r.get(1)?,
+                    provider: r.get(2)?,
+                    master_key_id: r.get(3)?,
+                    created_at: r.get(4)?,
+                })
+            },
+        )
+        .map_err(|e| DbError::Damaged { path: self.path.clone(), reason: format!("volume row: {e}") })
+    }
+
+    pub fn volume_keys(&self) -> Result<Vec<VolumeKeyRow>, DbError> {
+        let conn = lock(&self.conn);
+        let mut stmt = conn
+            .prepare("SELECT version, state, wrapped, created_at FROM volume_keys ORDER BY version")
+            .map_err(self.sqlite())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(VolumeKeyRow {
+                    version: r.get(0)?,
+                    state: r.get(1)?,
+                    wrapped: r.get::<_, Option<Vec<u8>>>(2)?.map(WrappedKey::from_bytes),
+                    created_at: r.get(3)?,
+                })
+            })
+            .map_err(self.sqlite())?;
+        rows.collect::<Result<_, _>>().map_err(self.sqlite())
+    }
+
+    pub fn secrets(&self) -> Result<Vec<(String, u32, WrappedKey)>, DbError> {
+        let conn = lock(&self.conn);
+        let mut stmt = conn
+            .prepare("SELECT kind, vk_version, wrapped FROM volume_secrets")
+            .map_err(self.sqlite())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, WrappedKey::from_bytes(r.get(2)?)))
+            })
+            .map_err(self.sqlite())?;
+        rows.collect::<Result<_, _>>().map_err(self.sqlite())
+    }
+
+    /// Queues a new file key; it is committed by the next `flush`.
+    pub fn queue_file_key(
+        &self,
+        file_id: FileId,
+        vk_version: u32,
+        wrapped: WrappedKey,
+    ) -> Result<(), DbError> {
+        let full = {
+            let mut pending = lock(&self.pending);
+            pending.deletes.remove(&file_id);
+            pending.inserts.insert(file_id, (vk_version, wrapped));
+            pending.inserts.len() >= MAX_PENDING
+        };
+        if full { self.flush() } else { Ok(()) }
+    }
+
+    /// Queues the erasure of a file key (crypto-shredding of a deleted file).
+    pub fn queue_file_key_delete(&self, file_id: FileId) {
+        let mut pending = lock(&self.pending);
+        if pending.inserts.remove(&file_id).is_none() {
+            pending.deletes.insert(file_id);
+        }
+    }
+
+    pub fn file_key(&self, file_id: &FileId) -> Result<Option<(u32, WrappedKey)>, DbError> {
+        {
+            let pending = lock(&self.pending);
+            if let Some((v, w)) = pending.inserts.get(file_id) {
+                return Ok(Some((*v, w.clone())));
+            }
+            if pending.deletes.contains(file_id) {
+                return Ok(None);
+            }
+        }
+        // Taking the connection lock waits out a flush that already took this row from the queue.
+        let conn = lock(&self.conn);
+        conn.query_row(
+            "SELECT vk_version, wrapped FROM file_keys WHERE file_id = ?1",
+            [&file_id[..]],
+            |r| Ok((r.get(0)?, WrappedKey::from_bytes(r.get(1)?))),
+        )
+        .optional()
+        .map_err(self.sqlite())
+    }
+
+    /// Commits every queued change in one transaction. When this returns,
+    /// every key queued before the call is durable.
+    pub fn flush(&self) -> Result<(), DbError> {
+        let mut conn = lock(&self.conn);
+        let batch = std::mem::take(&mut *lock(&self.pending));
+        if batch.inserts.is_empty() && batch.deletes.is_empty() {
+            return Ok(());
+        }
+        let result = (|| {
+            let tx = conn.transaction()?;
+            {
+                let mut insert =
+                    tx.prepare_cached("INSERT OR REPLACE INTO file_keys (file_id, vk_version, wrapped) VALUES (?1, ?2, ?3)")?;
+                for (id, (version, wrapped)) in &batch.inserts {
+                    insert.execute(params![&id[..], version, wrapped.as_bytes()])?;
+                }
+                let mut delete = tx.prepare_cached("DELETE FROM file_keys WHERE file_id = ?1")?;
+                for id in &batch.deletes {
+                    delete.execute([&id[..]])?;
+                }
+            }
+            tx.commit()
+        })();
+        if let Err(source) = result {
+            // Put the batch back so that nothing is lost; a later flush retries it.
+            let mut pending = lock(&self.pending);
+            for (id, row) in batch.inserts {
+                pending.inserts.entry(id).or_insert(row);
+            }
+            pending.deletes.extend(batch.deletes);
+            return Err(DbError::Sqlite {
+                path: self.path.clone(),
+                source,
+            });
+        }
+        Ok(())
+    }
+
+    /// Number of file keys wrapped under each volume-key version.
+    pub fn file_key_counts(&self) -> Result<Vec<(u32, u64)>, DbError> {
+        let conn = lock(&self.conn);
+        let mut stmt = conn
+            .prepare("SELECT vk_version, count(*) FROM file_keys GROUP BY vk_version ORDER BY vk_version")
+            .map_err(self.sqlite())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.sqlite())?;
+        rows.collect::<Result<_, _>>().map_err(self.sqlite())
+    }
+}
+
+/// Commits the queue periodically until the DB is dropped.
+pub fn spawn_flusher(db: &Arc<MetadataDb>, interval: Duration) {
+    let weak: Weak<MetadataDb> = Arc::downgrade(db);
+    let spawned = std::thread::Builder::new()
+        .name("kmsfs-db-flush".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(interval);
+                let Some(db) = weak.upgrade() else { return };
+                if let Err(e) = db.flush() {
+                    log::error!("committing file keys failed (will retry): {e}");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!(
+            "cannot start the metadata DB flusher thread; keys are committed on fsync and unmount only: {e}"
+        );
+    }
+}

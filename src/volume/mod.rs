@@ -1,0 +1,387 @@
+//! The volume: the backing directory, its metadata DB and the unwrapped key
+//! hierarchy. Testable without mounting; the FUSE layer is built on it.
+
+pub mod content;
+pub mod db;
+pub mod header;
+pub mod layout;
+pub mod lock;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use crate::crypto::{
+    BlockCipher, DIR_IV_LEN, FileId, NameCipher, NameError, Sealer, SecretKey, random_array,
+};
+use crate::kms::{EncryptionContext, KeyProvider, KmsError};
+use db::{DB_FILE, DbError, FORMAT_VERSION, MetadataDb, VolumeKeyRow, VolumeRow};
+use layout::{DIR_IV_FILE, DirIv};
+
+const SECRET_NAMES: &str = "name";
+const SECRET_XATTRS: &str = "xattr";
+const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("{0} is not a kmsfs volume (no {DB_FILE}); run `kmsfs init` first")]
+    NotAVolume(PathBuf),
+    #[error("{0} already holds a kmsfs volume")]
+    AlreadyInitialized(PathBuf),
+    #[error("{0} is not empty; kmsfs init needs an empty (or new) backing directory")]
+    NotEmpty(PathBuf),
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Kms(#[from] KmsError),
+    #[error("volume {volume} uses key provider {stored}, but {given} was given")]
+    ProviderMismatch {
+        volume: PathBuf,
+        stored: String,
+        given: String,
+    },
+    #[error(
+        "{what} in {volume} fails authentication: the metadata DB does not belong to this key or was altered"
+    )]
+    Tampered { volume: PathBuf, what: String },
+    #[error("no data key for file {0} in the metadata DB")]
+    MissingFileKey(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError + '_ {
+    move |source| VolumeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn secret_aad(volume_id: &[u8; 16], kind: &str, vk_version: u32) -> Vec<u8> {
+    [
+        b"kmsfs-volume-secret-v1\0".as_slice(),
+        volume_id,
+        kind.as_bytes(),
+        b"\0",
+        &vk_version.to_be_bytes(),
+    ]
+    .concat()
+}
+
+fn file_key_aad(volume_id: &[u8; 16], file_id: &FileId, vk_version: u32) -> Vec<u8> {
+    [
+        b"kmsfs-dek-v1\0".as_slice(),
+        volume_id,
+        file_id,
+        &vk_version.to_be_bytes(),
+    ]
+    .concat()
+}
+
+/// Writes a fresh directory IV into `dir` and makes it durable.
+pub fn write_dir_iv(dir: &Path) -> Result<DirIv, VolumeError> {
+    let iv: DirIv = random_array();
+    let path = dir.join(DIR_IV_FILE);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o444)
+        .open(&path)
+        .map_err(io_at(&path))?;
+    f.write_all(&iv).map_err(io_at(&path))?;
+    f.sync_all().map_err(io_at(&path))?;
+    Ok(iv)
+}
+
+/// Reads the volume row without unlocking anything (for `status` and for
+/// choosing the key provider before mounting).
+pub fn read_info(
+    backing: &Path,
+) -> Result<(VolumeRow, Vec<VolumeKeyRow>, Vec<(u32, u64)>), VolumeError> {
+    let db = open_db(backing)?;
+    Ok((db.volume()?, db.volume_keys()?, db.file_key_counts()?))
+}
+
+fn open_db(backing: &Path) -> Result<MetadataDb, VolumeError> {
+    if !backing.is_dir() {
+        return Err(if backing.exists() {
+            VolumeError::NotADirectory(backing.to_path_buf())
+        } else {
+            VolumeError::Io {
+                path: backing.to_path_buf(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }
+        });
+    }
+    let path = backing.join(DB_FILE);
+    if !path.exists() {
+        return Err(VolumeError::NotAVolume(backing.to_path_buf()));
+    }
+    Ok(MetadataDb::open(&path)?)
+}
+
+/// An open volume with its keys unwrapped.
+pub struct Volume {
+    backing: PathBuf,
+    info: VolumeRow,
+    db: Arc<MetadataDb>,
+    volume_keys: HashMap<u32, Sealer>,
+    active_version: u32,
+    names: NameCipher,
+    xattr_names: NameCipher,
+    xattr_values: Sealer,
+    link_targets: Sealer,
+    provider_calls: u64,
+}
+
+impl Volume {
+    /// `kmsfs init`: a new volume in an empty (or missing) directory.
+    pub fn create(backing: &Path, provider: &dyn KeyProvider) -> Result<VolumeRow, VolumeError> {
+        if backing.join(DB_FILE).exists() {
+            return Err(VolumeError::AlreadyInitialized(backing.to_path_buf()));
+        }
+        if backing.exists() {
+            if !backing.is_dir() {
+                return Err(VolumeError::NotADirectory(backing.to_path_buf()));
+            }
+            let mut entries = fs::read_dir(backing).map_err(io_at(backing))?;
+            if entries.next().is_some() {
+                return Err(VolumeError::NotEmpty(backing.to_path_buf()));
+            }
+        } else {
+            fs::create_dir_all(backing).map_err(io_at(backing))?;
+        }
+        let volume_id: [u8; 16] = random_array();
+        let context = EncryptionContext::for_volume(&volume_id);
+        let (volume_key, wrapped_vk) = provider.generate_data_key(&context)?;
+        let vk = Sealer::new(&volume_key);
+        let version = 1;
+        let name_key = vk.wrap_key(
+            &secret_aad(&volume_id, SECRET_NAMES, version),
+            &SecretKey::random(),
+        );
+        let xattr_key = vk.wrap_key(
+            &secret_aad(&volume_id, SECRET_XATTRS, version),
+            &SecretKey::random(),
+        );
+        let uri = provider.uri();
+        let master_key_id = uri
+            .split_once(':')
+            .map(|(_, k)| k.to_string())
+            .unwrap_or_default();
+        let row = VolumeRow {
+            volume_id,
+            format_version: FORMAT_VERSION,
+            provider: uri,
+            master_key_id,
+            created_at: now(),
+        };
+        MetadataDb::create(
+            &backing.join(DB_FILE),
+            &row,
+            (version, &wrapped_vk),
+            &[(SECRET_NAMES, &name_key), (SECRET_XATTRS, &xattr_key)],
+        )?;
+        write_dir_iv(backing)?;
+        fs::File::open(backing)
+            .and_then(|d| d.sync_all())
+            .map_err(io_at(backing))?;
+        Ok(row)
+    }
+
+    /// Opens a volume: one provider call per volume-key version, none after.
+    pub fn open(backing: &Path, provider: &dyn KeyProvider) -> Result<Self, VolumeError> {
+        let db = open_db(backing)?;
+        let info = db.volume()?;
+        let context = EncryptionContext::for_volume(&info.volume_id);
+        let calls_before = provider.call_count();
+        let mut volume_keys = HashMap::new();
+        let mut active_version = None;
+        for row in db.volume_keys()? {
+            let Some(wrapped) = row.wrapped else { continue };
+            let key = provider.decrypt(&wrapped, &context)?;
+            volume_keys.insert(row.version, Sealer::new(&key));
+            if row.state == "active" {
+                active_version = Some(row.version);
+            }
+        }
+        let tampered = |what: &str| VolumeError::Tampered {
+            volume: backing.to_path_buf(),
+            what: what.to_string(),
+        };
+        let active_version = active_version.ok_or_else(|| tampered("the active volume key"))?;
+        let mut secrets = HashMap::new();
+        for (kind, version, wrapped) in db.secrets()? {
+            let vk = volume_keys
+                .get(&version)
+                .ok_or_else(|| tampered(&format!("the {kind} key")))?;
+            let key = vk
+                .unwrap_key(&secret_aad(&info.volume_id, &kind, version), &wrapped)
+                .map_err(|_| tampered(&format!("the {kind} key")))?;
+            secrets.insert(kind, key);
+        }
+        let name_key = secrets
+            .get(SECRET_NAMES)
+            .ok_or_else(|| tampered("the name key"))?;
+        let xattr_key = secrets
+            .get(SECRET_XATTRS)
+            .ok_or_else(|| tampered("the xattr key"))?;
+        Ok(Volume {
+            backing: backing.to_path_buf(),
+            db: Arc::new(db),
+            volume_keys,
+            active_version,
+            names: NameCipher::new(name_key),
+            xattr_names: NameCipher::new(xattr_key),
+            xattr_values: Sealer::new(xattr_key),
+            link_targets: Sealer::new(name_key),
+            provider_calls: provider.call_count() - calls_before,
+            info,
+        })
+    }
+
+    /// Starts committing queued file keys in the background. Call after any
+    /// fork: the thread does not survive one.
+    pub fn start_background_flush(&self) {
+        db::spawn_flusher(&self.db, FLUSH_INTERVAL);
+    }
+
+    pub fn backing(&self) -> &Path {
+        &self.backing
+    }
+
+    pub fn info(&self) -> &VolumeRow {
+        &self.info
+    }
+
+    /// Provider calls made while opening; file operations make none.
+    pub fn provider_calls(&self) -> u64 {
+        self.provider_calls
+    }
+
+    pub fn names(&self) -> &NameCipher {
+        &self.names
+    }
+
+    /// A new file: a random id and data key, the wrapped key queued for the DB.
+    pub fn new_file_key(&self) -> Result<(FileId, BlockCipher), VolumeError> {
+        let file_id: FileId = random_array();
+        let dek = SecretKey::random();
+        let vk = &self.volume_keys[&self.active_version];
+        let wrapped = vk.wrap_key(
+            &file_key_aad(&self.info.volume_id, &file_id, self.active_version),
+            &dek,
+        );
+        self.db
+            .queue_file_key(file_id, self.active_version, wrapped)?;
+        Ok((file_id, BlockCipher::new(&dek, file_id)))
+    }
+
+    /// The cipher of an existing file, from its wrapped key in the DB.
+    pub fn file_cipher(&self, file_id: &FileId) -> Result<BlockCipher, VolumeError> {
+        let id_hex = crate::kms::hex(file_id);
+        let (version, wrapped) = self
+            .db
+            .file_key(file_id)?
+            .ok_or_else(|| VolumeError::MissingFileKey(id_hex.clone()))?;
+        let tampered = || VolumeError::Tampered {
+            volume: self.backing.clone(),
+            what: format!("the data key of file {id_hex}"),
+        };
+        let vk = self.volume_keys.get(&version).ok_or_else(tampered)?;
+        let dek = vk
+            .unwrap_key(
+                &file_key_aad(&self.info.volume_id, file_id, version),
+                &wrapped,
+            )
+            .map_err(|_| tampered())?;
+        Ok(BlockCipher::new(&dek, *file_id))
+    }
+
+    /// Crypto-shredding: the file's last link is gone, so is its key.
+    pub fn forget_file_key(&self, file_id: &FileId) {
+        self.db.queue_file_key_delete(*file_id);
+    }
+
+    /// Makes every queued key change durable.
+    pub fn sync_keys(&self) -> Result<(), VolumeError> {
+        Ok(self.db.flush()?)
+    }
+
+    /// Symlink targets are sealed under the name key, bound to this volume.
+    pub fn encrypt_link_target(&self, target: &[u8]) -> String {
+        let sealed = self.link_targets.seal(&self.link_aad(), target);
+        URL_SAFE_NO_PAD.encode(sealed)
+    }
+
+    pub fn decrypt_link_target(&self, stored: &[u8]) -> Result<Vec<u8>, NameError> {
+        let sealed = URL_SAFE_NO_PAD
+            .decode(stored)
+            .map_err(|_| NameError::Encoding)?;
+        let plain = self
+            .link_targets
+            .open(&self.link_aad(), &sealed)
+            .map_err(|_| NameError::Auth)?;
+        Ok(plain.to_vec())
+    }
+
+    fn link_aad(&self) -> Vec<u8> {
+        [b"kmsfs-symlink-v1\0".as_slice(), &self.info.volume_id].concat()
+    }
+
+    /// Backing name of a `user.*` xattr (`name` is the part after `user.`).
+    pub fn xattr_backing_name(&self, name: &[u8]) -> String {
+        format!(
+            "user.kmsfs.{}",
+            self.xattr_names.encrypt(&[0u8; DIR_IV_LEN], name)
+        )
+    }
+
+    pub fn xattr_plain_name(&self, backing: &[u8]) -> Option<Vec<u8>> {
+        let encrypted = backing.strip_prefix(b"user.kmsfs.")?;
+        self.xattr_names.decrypt(&[0u8; DIR_IV_LEN], encrypted).ok()
+    }
+
+    /// xattr values are bound to their owner (file id or directory IV) and name.
+    pub fn seal_xattr(&self, owner: &[u8; 16], name: &[u8], value: &[u8]) -> Vec<u8> {
+        self.xattr_values.seal(&xattr_aad(owner, name), value)
+    }
+
+    pub fn open_xattr(&self, owner: &[u8; 16], name: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        self.xattr_values
+            .open(&xattr_aad(owner, name), sealed)
+            .ok()
+            .map(|v| v.to_vec())
+    }
+}
+
+fn xattr_aad(owner: &[u8; 16], name: &[u8]) -> Vec<u8> {
+    [b"kmsfs-xattr-v1\0".as_slice(), owner, name].concat()
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        if let Err(e) = self.db.flush() {
+            log::error!("committing file keys at close failed: {e}");
+        }
+    }
+}
