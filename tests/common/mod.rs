@@ -1,0 +1,198 @@
+//! Shared helpers for the integration tests: a fresh volume in a temporary
+//! directory, and a mount guard that always unmounts.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const PASSPHRASE: &str = "integration test passphrase";
+
+pub struct TestVolume {
+    pub dir: tempfile::TempDir,
+    pub backing: PathBuf,
+    pub mnt: PathBuf,
+    pub keystore: PathBuf,
+    pub log: PathBuf,
+}
+
+pub fn kmsfs_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_kmsfs")
+}
+
+impl TestVolume {
+    /// A new volume with a fast (test-only) Argon2id setting.
+    pub fn init() -> Self {
+        let dir = tempfile::Builder::new().prefix("kmsfs-test-").tempdir().expect("tempdir");
+        let vol = TestVolume {
+            backing: dir.path().join("cipher"),
+            mnt: dir.path().join("plain"),
+            keystore: dir.path().join("keystore.json"),
+            log: dir.path().join("daemon.log"),
+            dir,
+        };
+        std::fs::create_dir(&vol.mnt).expect("mkdir mountpoint");
+        let out = vol.run(&["init", path_str(&vol.backing), "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+        vol
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(kmsfs_bin());
+        cmd.env("KMSFS_KEYSTORE", &self.keystore).env("KMSFS_PASSPHRASE", PASSPHRASE).env_remove("RUST_LOG");
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("run kmsfs")
+    }
+
+    pub fn mount(&self) -> Mount<'_> {
+        self.mount_with(&[])
+    }
+
+    pub fn mount_with(&self, extra: &[&str]) -> Mount<'_> {
+        let mut args = vec!["mount", path_str(&self.backing), path_str(&self.mnt), "--log-file", path_str(&self.log)];
+        args.extend_from_slice(extra);
+        let out = self.command().env("RUST_LOG", "info").args(&args).output().expect("run kmsfs mount");
+        assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
+        Mount { vol: self, mounted: true }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 test path")
+}
+
+/// Unmounts on drop, even when the test panics.
+pub struct Mount<'a> {
+    vol: &'a TestVolume,
+    mounted: bool,
+}
+
+impl Mount<'_> {
+    pub fn unmount(mut self) {
+        self.do_unmount();
+        assert!(!self.mounted, "unmount failed");
+    }
+
+    fn do_unmount(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        let out = self.vol.run(&["umount", path_str(&self.vol.mnt)]);
+        if out.status.success() {
+            self.mounted = false;
+            return;
+        }
+        eprintln!("kmsfs umount failed: {}", String::from_utf8_lossy(&out.stderr));
+        // Last resort: never leave a stale mount behind.
+        let _ = Command::new("umount").arg("-l").arg(&self.vol.mnt).status();
+    }
+}
+
+impl Drop for Mount<'_> {
+    fn drop(&mut self) {
+        self.do_unmount();
+    }
+}
+
+/// Every regular file (and symlink target, and xattr) under `dir`, as raw bytes, for leak scans.
+pub fn all_backing_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read_dir") {
+            let entry = entry.expect("entry");
+            let path = entry.path();
+            let ft = entry.file_type().expect("file type");
+            let mut bytes = path.file_name().unwrap().as_encoded_bytes().to_vec();
+            if ft.is_dir() {
+                stack.push(path.clone());
+            } else if ft.is_symlink() {
+                bytes.extend(std::fs::read_link(&path).unwrap().as_os_str().as_encoded_bytes());
+            } else if ft.is_file() {
+                bytes.extend(std::fs::read(&path).expect("read backing file"));
+            }
+            if !ft.is_symlink() {
+                if let Ok(names) = xattr_list(&path) {
+                    for name in names {
+                        bytes.extend_from_slice(&name);
+                        bytes.extend(xattr_get(&path, &name).unwrap_or_default());
+                    }
+                }
+            }
+            out.push((path, bytes));
+        }
+    }
+    out
+}
+
+fn cpath(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
+}
+
+pub fn xattr_list(p: &Path) -> std::io::Result<Vec<Vec<u8>>> {
+    let c = cpath(p);
+    let mut buf = vec![0u8; 65536];
+    let n = unsafe { libc::listxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(buf[..n as usize].split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| s.to_vec()).collect())
+}
+
+pub fn xattr_get(p: &Path, name: &[u8]) -> std::io::Result<Vec<u8>> {
+    let c = cpath(p);
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let len = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if len < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(len as usize);
+    Ok(buf)
+}
+
+pub fn xattr_set(p: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Result<()> {
+    let c = cpath(p);
+    let n = std::ffi::CString::new(name).unwrap();
+    let rc = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+pub fn xattr_remove(p: &Path, name: &str) -> std::io::Result<()> {
+    let c = cpath(p);
+    let n = std::ffi::CString::new(name).unwrap();
+    let rc = unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// A small deterministic generator so failures reproduce from the seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
