@@ -16,7 +16,9 @@ fn check_range(file: &File, model: &[u8], off: u64, len: usize, step: usize, see
     let mut buf = vec![0u8; len];
     let mut got = 0;
     while got < len {
-        let n = file.read_at(&mut buf[got..], off + got as u64).unwrap_or_else(|e| panic!("seed {seed} step {step}: read: {e}"));
+        let n = file
+            .read_at(&mut buf[got..], off + got as u64)
+            .unwrap_or_else(|e| panic!("seed {seed} step {step}: read: {e}"));
         if n == 0 {
             break;
         }
@@ -25,7 +27,10 @@ fn check_range(file: &File, model: &[u8], off: u64, len: usize, step: usize, see
     let lo = (off as usize).min(model.len());
     let hi = (off as usize + len).min(model.len());
     assert_eq!(got, hi - lo, "seed {seed} step {step}: short read at {off}+{len}");
-    assert!(buf[..got] == model[lo..hi], "seed {seed} step {step}: content differs at {off}+{len}");
+    assert!(
+        buf[..got] == model[lo..hi],
+        "seed {seed} step {step}: content differs at {off}+{len}"
+    );
 }
 
 fn run(seed: u64, steps: usize) {
@@ -35,7 +40,13 @@ fn run(seed: u64, steps: usize) {
     let mut rng = Rng::new(seed);
     {
         let _mount = vol.mount();
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         for step in 0..steps {
             let op = rng.below(100);
             let size = model.len() as u64;
@@ -46,7 +57,8 @@ fn run(seed: u64, steps: usize) {
                     let cap = if rng.below(4) == 0 { 200_000 } else { 9_000 };
                     let len = 1 + rng.below(cap) as usize;
                     let data = rng.bytes(len);
-                    file.write_all_at(&data, off).unwrap_or_else(|e| panic!("seed {seed} step {step}: write: {e}"));
+                    file.write_all_at(&data, off)
+                        .unwrap_or_else(|e| panic!("seed {seed} step {step}: write: {e}"));
                     if model.len() < off as usize + len {
                         model.resize(off as usize + len, 0);
                     }
@@ -55,7 +67,8 @@ fn run(seed: u64, steps: usize) {
                 }
                 40..=49 => {
                     let new = rng.below(MAX_SIZE);
-                    file.set_len(new).unwrap_or_else(|e| panic!("seed {seed} step {step}: truncate: {e}"));
+                    file.set_len(new)
+                        .unwrap_or_else(|e| panic!("seed {seed} step {step}: truncate: {e}"));
                     model.resize(new as usize, 0);
                     check_range(&file, &model, new.saturating_sub(9000), 9000, step, seed);
                 }
@@ -64,7 +77,9 @@ fn run(seed: u64, steps: usize) {
                     let len = 1 + rng.below(10_000) as usize;
                     let data = rng.bytes(len);
                     let mut appender = OpenOptions::new().append(true).open(&path).unwrap();
-                    appender.write_all(&data).unwrap_or_else(|e| panic!("seed {seed} step {step}: append: {e}"));
+                    appender
+                        .write_all(&data)
+                        .unwrap_or_else(|e| panic!("seed {seed} step {step}: append: {e}"));
                     model.extend_from_slice(&data);
                 }
                 55..=57 => {
@@ -84,7 +99,11 @@ fn run(seed: u64, steps: usize) {
                 }
             }
             let reported = std::fs::metadata(&path).unwrap().len();
-            assert_eq!(reported, model.len() as u64, "seed {seed} step {step}: size after op {op}");
+            assert_eq!(
+                reported,
+                model.len() as u64,
+                "seed {seed} step {step}: size after op {op}"
+            );
             if step % 250 == 0 {
                 check_range(&file, &model, 0, model.len() + 10, step, seed);
             }

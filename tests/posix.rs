@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 
-use common::{xattr_get, xattr_list, xattr_remove, xattr_set, Rng, TestVolume};
+use common::{Rng, TestVolume, xattr_get, xattr_list, xattr_remove, xattr_set};
 
 fn c(p: &Path) -> CString {
     CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
@@ -18,7 +18,11 @@ fn c(p: &Path) -> CString {
 
 fn renameat2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
     let rc = unsafe { libc::renameat2(libc::AT_FDCWD, c(from).as_ptr(), libc::AT_FDCWD, c(to).as_ptr(), flags) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn errno_of<T>(r: std::io::Result<T>) -> i32 {
@@ -46,7 +50,8 @@ fn concurrent_writers_on_different_files_and_on_one_file() {
                 let f = OpenOptions::new().write(true).open(&shared).unwrap();
                 for round in 0..20u64 {
                     let slot = round * 6 + t;
-                    f.write_all_at(&vec![(slot % 251) as u8 + 1; CHUNK], slot * CHUNK as u64).unwrap();
+                    f.write_all_at(&vec![(slot % 251) as u8 + 1; CHUNK], slot * CHUNK as u64)
+                        .unwrap();
                 }
                 assert!(fs::read(&own).unwrap() == data, "private file of thread {t}");
             });
@@ -55,7 +60,12 @@ fn concurrent_writers_on_different_files_and_on_one_file() {
     let content = fs::read(&shared).unwrap();
     assert_eq!(content.len(), 120 * CHUNK);
     for slot in 0..120usize {
-        assert!(content[slot * CHUNK..(slot + 1) * CHUNK].iter().all(|&b| b == (slot % 251) as u8 + 1), "slot {slot}");
+        assert!(
+            content[slot * CHUNK..(slot + 1) * CHUNK]
+                .iter()
+                .all(|&b| b == (slot % 251) as u8 + 1),
+            "slot {slot}"
+        );
     }
 }
 
@@ -91,7 +101,10 @@ fn rename_semantics() {
     // RENAME_NOREPLACE
     fs::write(vol.path("x"), b"x").unwrap();
     fs::write(vol.path("y"), b"y").unwrap();
-    assert_eq!(errno_of(renameat2(&vol.path("x"), &vol.path("y"), libc::RENAME_NOREPLACE)), libc::EEXIST);
+    assert_eq!(
+        errno_of(renameat2(&vol.path("x"), &vol.path("y"), libc::RENAME_NOREPLACE)),
+        libc::EEXIST
+    );
     renameat2(&vol.path("x"), &vol.path("z"), libc::RENAME_NOREPLACE).unwrap();
     // RENAME_EXCHANGE, between a file and a directory in different parents
     renameat2(&vol.path("z"), &vol.path("d"), libc::RENAME_EXCHANGE).unwrap();
@@ -104,7 +117,10 @@ fn rename_semantics() {
     fs::rename(vol.path("y"), vol.path(&long)).unwrap();
     fs::rename(vol.path(&long), vol.path(&format!("c/{long}"))).unwrap();
     assert_eq!(fs::read(vol.path(&format!("c/{long}"))).unwrap(), b"y");
-    let mut names: Vec<_> = fs::read_dir(vol.path("c")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut names: Vec<_> = fs::read_dir(vol.path("c"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     names.sort();
     assert_eq!(names, vec![std::ffi::OsString::from(&long), "two".into()]);
 }
@@ -119,15 +135,30 @@ fn hard_links_share_content_and_count() {
     let long = "H".repeat(255);
     fs::hard_link(vol.path("orig"), vol.path(&long)).unwrap();
     assert_eq!(fs::metadata(vol.path("orig")).unwrap().nlink(), 3);
-    assert_eq!(fs::metadata(vol.path("orig")).unwrap().ino(), fs::metadata(vol.path("sub/link")).unwrap().ino());
-    OpenOptions::new().append(true).open(vol.path("sub/link")).unwrap().write_all(b" and more").unwrap();
+    assert_eq!(
+        fs::metadata(vol.path("orig")).unwrap().ino(),
+        fs::metadata(vol.path("sub/link")).unwrap().ino()
+    );
+    OpenOptions::new()
+        .append(true)
+        .open(vol.path("sub/link"))
+        .unwrap()
+        .write_all(b" and more")
+        .unwrap();
     assert_eq!(fs::read(vol.path("orig")).unwrap(), b"shared content and more");
     fs::remove_file(vol.path("orig")).unwrap();
     assert_eq!(fs::read(vol.path(&long)).unwrap(), b"shared content and more");
     assert_eq!(fs::metadata(vol.path("sub/link")).unwrap().nlink(), 2);
-    assert_eq!(errno_of(fs::hard_link(vol.path("sub/link"), vol.path(&long))), libc::EEXIST);
+    assert_eq!(
+        errno_of(fs::hard_link(vol.path("sub/link"), vol.path(&long))),
+        libc::EEXIST
+    );
     // an unlinked file that is still open stays readable and writable
-    let mut f = OpenOptions::new().read(true).write(true).open(vol.path("sub/link")).unwrap();
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(vol.path("sub/link"))
+        .unwrap();
     fs::remove_file(vol.path("sub/link")).unwrap();
     fs::remove_file(vol.path(&long)).unwrap();
     f.write_all_at(b"XX", 0).unwrap();
@@ -150,8 +181,14 @@ fn xattrs_on_files_and_directories() {
         let mut names = xattr_list(&p).unwrap();
         names.sort();
         assert_eq!(names, vec![b"user.big".to_vec(), b"user.color".to_vec()]);
-        assert_eq!(errno_of(xattr_set(&p, "user.color", b"x", libc::XATTR_CREATE)), libc::EEXIST);
-        assert_eq!(errno_of(xattr_set(&p, "user.none", b"x", libc::XATTR_REPLACE)), libc::ENODATA);
+        assert_eq!(
+            errno_of(xattr_set(&p, "user.color", b"x", libc::XATTR_CREATE)),
+            libc::EEXIST
+        );
+        assert_eq!(
+            errno_of(xattr_set(&p, "user.none", b"x", libc::XATTR_REPLACE)),
+            libc::ENODATA
+        );
         xattr_set(&p, "user.color", b"red", libc::XATTR_REPLACE).unwrap();
         assert_eq!(xattr_get(&p, b"user.color").unwrap(), b"red");
         xattr_remove(&p, "user.color").unwrap();
@@ -179,7 +216,9 @@ fn fifos_symlinks_and_mknod() {
     let fifo = vol.path("pipe");
     let rc = unsafe { libc::mkfifo(c(&fifo).as_ptr(), 0o644) };
     assert_eq!(rc, 0, "mkfifo: {}", std::io::Error::last_os_error());
-    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&fs::metadata(&fifo).unwrap().file_type()));
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(
+        &fs::metadata(&fifo).unwrap().file_type()
+    ));
     let writer = {
         let fifo = fifo.clone();
         std::thread::spawn(move || fs::write(fifo, b"through the pipe").unwrap())
@@ -198,7 +237,10 @@ fn fifos_symlinks_and_mknod() {
     let long_target = format!("/{}", "segment/".repeat(300));
     std::os::unix::fs::symlink(&long_target, vol.path("long")).unwrap();
     assert_eq!(fs::read_link(vol.path("long")).unwrap().to_str().unwrap(), long_target);
-    assert_eq!(fs::symlink_metadata(vol.path("long")).unwrap().len(), long_target.len() as u64);
+    assert_eq!(
+        fs::symlink_metadata(vol.path("long")).unwrap().len(),
+        long_target.len() as u64
+    );
     std::os::unix::fs::symlink("does/not/exist", vol.path("dangling")).unwrap();
     assert_eq!(errno_of(fs::read(vol.path("dangling"))), libc::ENOENT);
     assert_eq!(errno_of(std::os::unix::fs::symlink("x", vol.path("rel"))), libc::EEXIST);
@@ -213,7 +255,12 @@ fn permissions_owners_times_and_limits() {
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
     assert_eq!(fs::metadata(&secret).unwrap().permissions().mode() & 0o7777, 0o600);
     let as_nobody = |args: &[&str]| {
-        std::process::Command::new(args[0]).args(&args[1..]).uid(65534).gid(65534).output().unwrap()
+        std::process::Command::new(args[0])
+            .args(&args[1..])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
     };
     let denied = as_nobody(&["cat", secret.to_str().unwrap()]);
     assert!(!denied.status.success(), "nobody read a 0600 root file");
@@ -233,13 +280,17 @@ fn permissions_owners_times_and_limits() {
     // times
     let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_000_000_000, 123_456_789);
     let f = File::options().write(true).open(&secret).unwrap();
-    f.set_times(fs::FileTimes::new().set_modified(t).set_accessed(t)).unwrap();
+    f.set_times(fs::FileTimes::new().set_modified(t).set_accessed(t))
+        .unwrap();
     let md = fs::metadata(&secret).unwrap();
     assert_eq!((md.mtime(), md.mtime_nsec()), (1_000_000_000, 123_456_789));
     assert_eq!((md.atime(), md.atime_nsec()), (1_000_000_000, 123_456_789));
     // names: 255 bytes work, 256 are refused with ENAMETOOLONG
     fs::write(vol.path(&"n".repeat(255)), b"ok").unwrap();
-    assert_eq!(errno_of(fs::write(vol.path(&"n".repeat(256)), b"no")), libc::ENAMETOOLONG);
+    assert_eq!(
+        errno_of(fs::write(vol.path(&"n".repeat(256)), b"no")),
+        libc::ENAMETOOLONG
+    );
     assert_eq!(errno_of(fs::create_dir(vol.path(&"d".repeat(256)))), libc::ENAMETOOLONG);
     // rmdir of a non-empty directory
     fs::create_dir(vol.path("full")).unwrap();
@@ -258,25 +309,51 @@ fn fallocate_and_sparse_files() {
     let vol = TestVolume::init();
     let _m = vol.mount();
     let p = vol.path("alloc");
-    let f = OpenOptions::new().read(true).write(true).create(true).open(&p).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
     f.write_all_at(b"head", 0).unwrap();
     use std::os::fd::AsRawFd;
     assert_eq!(unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 100_000) }, 0);
     assert_eq!(fs::metadata(&p).unwrap().len(), 100_000);
-    assert_eq!(unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, 500_000) }, 0);
+    assert_eq!(
+        unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, 500_000) },
+        0
+    );
     assert_eq!(fs::metadata(&p).unwrap().len(), 100_000);
-    let punch = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 4096) };
+    let punch = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            4096,
+        )
+    };
     assert_eq!(punch, -1, "hole punching is not supported");
     let data = fs::read(&p).unwrap();
     assert_eq!(&data[..4], b"head");
     assert!(data[4..].iter().all(|&b| b == 0));
     // a sparse file: a write far beyond the end leaves a hole that reads as zeros
     let s = vol.path("sparse");
-    let f = OpenOptions::new().read(true).write(true).create(true).open(&s).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&s)
+        .unwrap();
     f.write_all_at(b"end", 50 << 20).unwrap();
     let md = fs::metadata(&s).unwrap();
     assert_eq!(md.len(), (50 << 20) + 3);
-    assert!(md.blocks() * 512 < 1 << 20, "the hole takes no space: {} blocks", md.blocks());
+    assert!(
+        md.blocks() * 512 < 1 << 20,
+        "the hole takes no space: {} blocks",
+        md.blocks()
+    );
     let mut buf = vec![1u8; 8192];
     f.read_exact_at(&mut buf, 20 << 20).unwrap();
     assert!(buf.iter().all(|&b| b == 0));

@@ -6,14 +6,19 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::{all_backing_bytes, Rng, TestVolume};
+use common::{Rng, TestVolume, all_backing_bytes};
 
 /// Relative path -> content (None for directories).
 fn generate_tree(seed: u64) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
     let mut rng = Rng::new(seed);
     let mut tree = BTreeMap::new();
     let mut dirs = vec![PathBuf::new()];
-    let special = ["with space.txt", "ünïcødé-ファイル.bin", "dash-and_underscore", ".hidden"];
+    let special = [
+        "with space.txt",
+        "ünïcødé-ファイル.bin",
+        "dash-and_underscore",
+        ".hidden",
+    ];
     let long_name: String = "L".repeat(255);
     for i in 0..40 {
         let parent = dirs[rng.below(dirs.len() as u64) as usize].clone();
@@ -29,7 +34,7 @@ fn generate_tree(seed: u64) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
     for i in 0..300 {
         let parent = dirs[rng.below(dirs.len() as u64) as usize].clone();
         let name = match i {
-            0..=3 => special[i].to_string(),
+            0..=3 => special.get(i).map(|s| s.to_string()).unwrap_or_default(),
             4 => long_name.clone(),
             5 => format!("{}é", "m".repeat(253)), // 255 bytes, multibyte at the end
             _ => format!("file-{i}-{}", rng.below(1_000_000)),
@@ -97,7 +102,10 @@ fn generated_tree_survives_copy_unmount_and_remount() {
     // Nothing in the backing directory carries a plaintext name.
     for (path, _) in all_backing_bytes(&vol.backing) {
         let name = path.file_name().unwrap().to_string_lossy();
-        assert!(!name.contains("file-") && !name.contains("dir ") && !name.contains("with space"), "plaintext name {name}");
+        assert!(
+            !name.contains("file-") && !name.contains("dir ") && !name.contains("with space"),
+            "plaintext name {name}"
+        );
     }
 
     let mount = vol.mount();
@@ -113,8 +121,13 @@ fn generated_tree_survives_copy_unmount_and_remount() {
     }
     assert_eq!(std::fs::read_dir(&vol.mnt).unwrap().count(), 0);
     mount.unmount();
-    let mut left: Vec<String> =
-        std::fs::read_dir(&vol.backing).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut left: Vec<String> = std::fs::read_dir(&vol.backing)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     left.sort();
-    assert!(left.iter().all(|n| n.starts_with("kmsfs.") || n == ".kmsfs.diriv"), "left behind: {left:?}");
+    assert!(
+        left.iter().all(|n| n.starts_with("kmsfs.") || n == ".kmsfs.diriv"),
+        "left behind: {left:?}"
+    );
 }

@@ -42,17 +42,13 @@ fn parse_options(raw: &[String]) -> Result<MountOptions, CliError> {
         threads: 4,
         ..MountOptions::default()
     };
-    for opt in raw
-        .iter()
-        .flat_map(|o| o.split(','))
-        .filter(|o| !o.is_empty())
-    {
+    for opt in raw.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
         match opt {
             "ro" => opts.read_only = true,
             "rw" => opts.read_only = false,
             "allow_other" => opts.allow_other = true,
-            "noexec" | "exec" | "nosuid" | "suid" | "nodev" | "dev" | "noatime" | "atime"
-            | "relatime" | "sync" | "async" | "dirsync" => opts.kernel.push(opt.to_string()),
+            "noexec" | "exec" | "nosuid" | "suid" | "nodev" | "dev" | "noatime" | "atime" | "relatime" | "sync"
+            | "async" | "dirsync" => opts.kernel.push(opt.to_string()),
             // Accepted for fstab compatibility; handled by mount(8) or meaningless here.
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" => {}
             o if o.starts_with("fsname=") => opts.fsname = Some(o["fsname=".len()..].to_string()),
@@ -70,10 +66,7 @@ fn parse_options(raw: &[String]) -> Result<MountOptions, CliError> {
             }
             o if o.starts_with("x-") || o.starts_with("comment=") => {}
             o => {
-                return Err(CliError::new(
-                    ExitCode::Usage,
-                    format!("unknown mount option {o}"),
-                ));
+                return Err(CliError::new(ExitCode::Usage, format!("unknown mount option {o}")));
             }
         }
     }
@@ -82,9 +75,7 @@ fn parse_options(raw: &[String]) -> Result<MountOptions, CliError> {
 
 fn absolute(path: &Path, what: &str) -> Result<PathBuf, CliError> {
     std::fs::canonicalize(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => {
-            mount_error(format!("{what} {} does not exist", path.display()))
-        }
+        std::io::ErrorKind::NotFound => mount_error(format!("{what} {} does not exist", path.display())),
         _ => CliError::new(ExitCode::Io, format!("{what} {}: {e}", path.display())),
     })
 }
@@ -92,8 +83,8 @@ fn absolute(path: &Path, what: &str) -> Result<PathBuf, CliError> {
 /// Detaches from the terminal. Returns in the child with the write end of
 /// a pipe on which it reports readiness; the parent waits and exits.
 fn daemonize() -> Result<File, CliError> {
-    let (read_end, write_end) = rustix::pipe::pipe()
-        .map_err(|e| CliError::new(ExitCode::Internal, format!("pipe: {e}")))?;
+    let (read_end, write_end) =
+        rustix::pipe::pipe().map_err(|e| CliError::new(ExitCode::Internal, format!("pipe: {e}")))?;
     // SAFETY: no other thread exists yet (the key flusher, rayon and FUSE
     // threads all start after this point), so the child is in a sound state.
     let pid = unsafe { libc::fork() };
@@ -121,11 +112,7 @@ fn daemonize() -> Result<File, CliError> {
     }
     drop(read_end);
     let _ = rustix::process::setsid();
-    if let Ok(null) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-    {
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
         for fd in 0..3 {
             // SAFETY: dup2 onto the standard descriptors, which this process owns.
             unsafe { libc::dup2(null.as_raw_fd(), fd) };
@@ -144,13 +131,11 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
             mountpoint.display()
         )));
     }
-    let (row, _, _) = kmsfs::volume::read_info(&backing)?;
-    let key_id = row.provider.strip_prefix("local:").ok_or_else(|| {
-        CliError::new(
-            ExitCode::Provider,
-            format!("unsupported key provider {}", row.provider),
-        )
-    })?;
+    let row = kmsfs::volume::read_info(&backing)?.volume;
+    let key_id = row
+        .provider
+        .strip_prefix("local:")
+        .ok_or_else(|| CliError::new(ExitCode::Provider, format!("unsupported key provider {}", row.provider)))?;
     let store = Arc::new(secrets::open_keystore(keys)?);
     let provider = store.provider(key_id)?;
     let mut lock = VolumeLock::acquire(&backing)?;
@@ -161,11 +146,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         volume.provider_calls()
     );
 
-    let mut ready_pipe = if args.foreground {
-        None
-    } else {
-        Some(daemonize()?)
-    };
+    let mut ready_pipe = if args.foreground { None } else { Some(daemonize()?) };
     // From here on this process is the daemon: report failures through the pipe too.
     let report = |pipe: &mut Option<File>, e: CliError| {
         if let Some(p) = pipe.as_mut() {
@@ -176,8 +157,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     unsafe { libc::umask(0) };
     lock.record_pid();
     volume.start_background_flush();
-    let fs =
-        KmsFs::new(Arc::clone(&volume)).map_err(|e| report(&mut ready_pipe, CliError::from(e)))?;
+    let fs = KmsFs::new(Arc::clone(&volume)).map_err(|e| report(&mut ready_pipe, CliError::from(e)))?;
     let mut session = kmsfs::fs::mount(fs, &mountpoint, &options).map_err(|e| {
         report(
             &mut ready_pipe,
@@ -186,14 +166,12 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     })?;
     let mut unmounter = session.unmount_callable();
     let mut signals =
-        signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]).map_err(
-            |e| {
-                report(
-                    &mut ready_pipe,
-                    CliError::new(ExitCode::Internal, format!("signal handler: {e}")),
-                )
-            },
-        )?;
+        signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]).map_err(|e| {
+            report(
+                &mut ready_pipe,
+                CliError::new(ExitCode::Internal, format!("signal handler: {e}")),
+            )
+        })?;
     let mount_display = mountpoint.display().to_string();
     std::thread::Builder::new()
         .name("kmsfs-signals".into())
@@ -246,8 +224,7 @@ fn mounted_backing(mountpoint: &Path) -> Result<Option<PathBuf>, CliError> {
             let source = PathBuf::from(unescape(fields[dash + 2]));
             // Without the mount helper the kernel records plain "fuse"; the
             // source (the backing directory) then tells it is ours.
-            let ours = fstype == "fuse.kmsfs"
-                || (fstype == "fuse" && source.join(kmsfs::volume::db::DB_FILE).exists());
+            let ours = fstype == "fuse.kmsfs" || (fstype == "fuse" && source.join(kmsfs::volume::db::DB_FILE).exists());
             if !ours {
                 return Err(mount_error(format!(
                     "{} is not a kmsfs mount ({fstype})",
@@ -262,8 +239,8 @@ fn mounted_backing(mountpoint: &Path) -> Result<Option<PathBuf>, CliError> {
 
 pub fn umount(mountpoint: &Path) -> Result<(), CliError> {
     let mountpoint = absolute(mountpoint, "mount point")?;
-    let backing = mounted_backing(&mountpoint)?
-        .ok_or_else(|| mount_error(format!("{} is not mounted", mountpoint.display())))?;
+    let backing =
+        mounted_backing(&mountpoint)?.ok_or_else(|| mount_error(format!("{} is not mounted", mountpoint.display())))?;
     let c_path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
         .map_err(|_| CliError::new(ExitCode::Usage, "mount point contains a NUL byte"))?;
     // SAFETY: c_path is a valid NUL-terminated string.
@@ -275,10 +252,7 @@ pub fn umount(mountpoint: &Path) -> Result<(), CliError> {
                 .arg(&mountpoint)
                 .status();
             if !matches!(status, Ok(s) if s.success()) {
-                return Err(mount_error(format!(
-                    "cannot unmount {}: {err}",
-                    mountpoint.display()
-                )));
+                return Err(mount_error(format!("cannot unmount {}: {err}", mountpoint.display())));
             }
         } else {
             let hint = if err.raw_os_error() == Some(libc::EBUSY) {

@@ -34,9 +34,7 @@ impl CliError {
 impl From<KmsError> for CliError {
     fn from(e: KmsError) -> Self {
         let code = match &e {
-            KmsError::WrongPassphrase(_) | KmsError::WrongKeyFile(_) | KmsError::BadSecret(_) => {
-                ExitCode::Secret
-            }
+            KmsError::WrongPassphrase(_) | KmsError::WrongKeyFile(_) | KmsError::BadSecret(_) => ExitCode::Secret,
             KmsError::Io { .. } => ExitCode::Io,
             _ => ExitCode::Provider,
         };

@@ -80,20 +80,13 @@ struct InitArgs {
 }
 
 fn init_logging(log_file: Option<&std::path::Path>) -> Result<(), CliError> {
-    let mut builder = env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("warn,fuser=error"),
-    );
+    let mut builder = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn,fuser=error"));
     if let Some(path) = log_file {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| {
-                CliError::new(
-                    ExitCode::Io,
-                    format!("cannot open log file {}: {e}", path.display()),
-                )
-            })?;
+            .map_err(|e| CliError::new(ExitCode::Io, format!("cannot open log file {}: {e}", path.display())))?;
         builder.target(env_logger::Target::Pipe(Box::new(file)));
     }
     builder.init();
@@ -129,10 +122,7 @@ fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
     } else {
         println!("Created volume {volume_id} in {}", args.backing.display());
         println!("Master key {key_id} in keystore {}", store.path().display());
-        println!(
-            "Mount it with: kmsfs mount {} MOUNTPOINT",
-            args.backing.display()
-        );
+        println!("Mount it with: kmsfs mount {} MOUNTPOINT", args.backing.display());
     }
     Ok(())
 }
@@ -142,11 +132,7 @@ pub fn run() -> i32 {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::Usage as i32
-            } else {
-                0
-            };
+            return if e.use_stderr() { ExitCode::Usage as i32 } else { 0 };
         }
     };
     let log_file = match &cli.command {

@@ -40,14 +40,10 @@ fn passphrase(confirm: bool) -> Result<Zeroizing<String>, CliError> {
             "no passphrase: use --passphrase-file, {PASSPHRASE_ENV}, or run on a terminal"
         )));
     }
-    let first = Zeroizing::new(
-        rpassword::prompt_password("Passphrase: ").map_err(|e| secret_err(e.to_string()))?,
-    );
+    let first = Zeroizing::new(rpassword::prompt_password("Passphrase: ").map_err(|e| secret_err(e.to_string()))?);
     if confirm {
-        let again = Zeroizing::new(
-            rpassword::prompt_password("Repeat passphrase: ")
-                .map_err(|e| secret_err(e.to_string()))?,
-        );
+        let again =
+            Zeroizing::new(rpassword::prompt_password("Repeat passphrase: ").map_err(|e| secret_err(e.to_string()))?);
         if *first != *again {
             return Err(secret_err("the passphrases do not match".into()));
         }
@@ -81,10 +77,7 @@ pub fn open_keystore(keys: &KeyOptions) -> Result<LocalKeystore, CliError> {
 }
 
 /// Opens the keystore, creating it (and a key file, if one was asked for) when missing.
-pub fn open_or_create_keystore(
-    keys: &KeyOptions,
-    kdf: KdfParams,
-) -> Result<(LocalKeystore, bool), CliError> {
+pub fn open_or_create_keystore(keys: &KeyOptions, kdf: KdfParams) -> Result<(LocalKeystore, bool), CliError> {
     let path = keystore_path(keys)?;
     if LocalKeystore::exists(&path) {
         return Ok((open_keystore(keys)?, false));

@@ -8,7 +8,8 @@ use kmsfs::volume::lock::VolumeLock;
 use super::CliError;
 
 pub fn status(backing: &Path, json: bool) -> Result<(), CliError> {
-    let (row, keys, counts) = kmsfs::volume::read_info(backing)?;
+    let summary = kmsfs::volume::read_info(backing)?;
+    let (row, keys, counts) = (summary.volume, summary.volume_keys, summary.file_keys);
     let daemon = VolumeLock::holder(backing);
     let files_of = |v: u32| {
         counts

@@ -31,11 +31,7 @@ impl Sealer {
     /// Seals `plaintext` into `out`, which must be exactly
     /// `plaintext.len() + SEAL_OVERHEAD` bytes long.
     pub fn seal_into(&self, nonce: [u8; NONCE_LEN], aad: &[u8], plaintext: &[u8], out: &mut [u8]) {
-        assert_eq!(
-            out.len(),
-            plaintext.len() + SEAL_OVERHEAD,
-            "sealed buffer size"
-        );
+        assert_eq!(out.len(), plaintext.len() + SEAL_OVERHEAD, "sealed buffer size");
         let (nonce_out, rest) = out.split_at_mut(NONCE_LEN);
         let (body, tag_out) = rest.split_at_mut(plaintext.len());
         nonce_out.copy_from_slice(&nonce);
@@ -88,11 +84,7 @@ impl Sealer {
         super::WrappedKey::from_bytes(self.seal(aad, key.expose()))
     }
 
-    pub fn unwrap_key(
-        &self,
-        aad: &[u8],
-        wrapped: &super::WrappedKey,
-    ) -> Result<SecretKey, AuthError> {
+    pub fn unwrap_key(&self, aad: &[u8], wrapped: &super::WrappedKey) -> Result<SecretKey, AuthError> {
         let plain = self.open(aad, wrapped.as_bytes())?;
         SecretKey::from_slice(&plain).ok_or(AuthError)
     }

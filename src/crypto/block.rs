@@ -56,8 +56,7 @@ impl BlockCipher {
         let count = plaintext.len().div_ceil(BLOCK_SIZE);
         let mut out = vec![0u8; plaintext.len() + count * BLOCK_OVERHEAD];
         let mut nonces = vec![0u8; count * NONCE_LEN];
-        getrandom::fill(&mut nonces)
-            .expect("the operating system's random number generator failed");
+        getrandom::fill(&mut nonces).expect("the operating system's random number generator failed");
         let seal_one = |(i, (plain, sealed)): (usize, (&[u8], &mut [u8]))| {
             let index = first_index + i as u64;
             let mut nonce = [0u8; NONCE_LEN];
@@ -85,8 +84,7 @@ impl BlockCipher {
     pub fn seal_block(&self, index: u64, last: bool, plaintext: &[u8]) -> Vec<u8> {
         let mut out = vec![0u8; plaintext.len() + BLOCK_OVERHEAD];
         let aad = block_aad(&self.file_id, index, last);
-        self.sealer
-            .seal_into(random_array(), &aad, plaintext, &mut out);
+        self.sealer.seal_into(random_array(), &aad, plaintext, &mut out);
         out
     }
 
@@ -94,13 +92,7 @@ impl BlockCipher {
     /// accepted too: that is what an append interrupted by a crash leaves
     /// behind, and it cannot be used to shorten a file (the real final block
     /// must still carry the final flag).
-    pub fn open_block(
-        &self,
-        index: u64,
-        is_final: bool,
-        sealed: &[u8],
-        out: &mut [u8],
-    ) -> Result<(), AuthError> {
+    pub fn open_block(&self, index: u64, is_final: bool, sealed: &[u8], out: &mut [u8]) -> Result<(), AuthError> {
         if is_hole(sealed) {
             out.fill(0);
             return Ok(());
@@ -119,13 +111,7 @@ impl BlockCipher {
     /// Opens consecutive stored blocks starting at `first_index` into
     /// `out` (whose length must be the plaintext length). On failure returns
     /// the index of the first block that did not authenticate.
-    pub fn open_blocks(
-        &self,
-        first_index: u64,
-        final_index: u64,
-        sealed: &[u8],
-        out: &mut [u8],
-    ) -> Result<(), u64> {
+    pub fn open_blocks(&self, first_index: u64, final_index: u64, sealed: &[u8], out: &mut [u8]) -> Result<(), u64> {
         let count = sealed.len().div_ceil(CIPHER_BLOCK_SIZE);
         if out.len() + count * BLOCK_OVERHEAD != sealed.len() {
             return Err(first_index + count.saturating_sub(1) as u64);
@@ -158,10 +144,7 @@ mod tests {
     use super::*;
 
     fn cipher(id: u8) -> BlockCipher {
-        BlockCipher::new(
-            &SecretKey::from_slice(&[7u8; 32]).unwrap(),
-            [id; FILE_ID_LEN],
-        )
+        BlockCipher::new(&SecretKey::from_slice(&[7u8; 32]).unwrap(), [id; FILE_ID_LEN])
     }
 
     #[test]
@@ -195,18 +178,14 @@ mod tests {
             cipher(2).open_block(5, false, &sealed, &mut out).is_err(),
             "moved to another file"
         );
-        assert!(
-            out.iter().all(|&b| b == 0),
-            "no unauthenticated plaintext leaks out"
-        );
+        assert!(out.iter().all(|&b| b == 0), "no unauthenticated plaintext leaks out");
     }
 
     #[test]
     fn all_zero_block_is_a_hole() {
         let c = cipher(1);
         let mut out = vec![1u8; 100];
-        c.open_block(0, true, &[0u8; 100 + BLOCK_OVERHEAD], &mut out)
-            .unwrap();
+        c.open_block(0, true, &[0u8; 100 + BLOCK_OVERHEAD], &mut out).unwrap();
         assert!(out.iter().all(|&b| b == 0));
     }
 }

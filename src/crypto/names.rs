@@ -49,28 +49,20 @@ impl NameCipher {
         padded.extend_from_slice(name);
         padded.resize(name.len() + pad, pad as u8);
         let mut sealed = vec![0u8; padded.len() + super::SEAL_OVERHEAD];
-        self.sealer
-            .seal_into(nonce(dir_iv), &aad(dir_iv), &padded, &mut sealed);
+        self.sealer.seal_into(nonce(dir_iv), &aad(dir_iv), &padded, &mut sealed);
         // The nonce is the directory IV: not stored in every name.
         URL_SAFE_NO_PAD.encode(&sealed[NONCE_LEN..])
     }
 
     pub fn decrypt(&self, dir_iv: &[u8; DIR_IV_LEN], encoded: &[u8]) -> Result<Vec<u8>, NameError> {
-        let body = URL_SAFE_NO_PAD
-            .decode(encoded)
-            .map_err(|_| NameError::Encoding)?;
+        let body = URL_SAFE_NO_PAD.decode(encoded).map_err(|_| NameError::Encoding)?;
         let sealed = [nonce(dir_iv).as_slice(), &body].concat();
-        let padded = self
-            .sealer
-            .open(&aad(dir_iv), &sealed)
-            .map_err(|_| NameError::Auth)?;
+        let padded = self.sealer.open(&aad(dir_iv), &sealed).map_err(|_| NameError::Auth)?;
         let pad = *padded.last().ok_or(NameError::Padding)? as usize;
         if pad == 0
             || pad > PAD_TO
             || pad > padded.len()
-            || padded[padded.len() - pad..]
-                .iter()
-                .any(|&b| b as usize != pad)
+            || padded[padded.len() - pad..].iter().any(|&b| b as usize != pad)
         {
             return Err(NameError::Padding);
         }
@@ -91,12 +83,7 @@ mod tests {
         let c = NameCipher::new(&SecretKey::from_slice(&[3u8; 32]).unwrap());
         let iv1 = [1u8; DIR_IV_LEN];
         let iv2 = [2u8; DIR_IV_LEN];
-        for name in [
-            &b"a"[..],
-            b"exactly sixteen!",
-            "üñí cödé .txt".as_bytes(),
-            &[b'x'; 255],
-        ] {
+        for name in [&b"a"[..], b"exactly sixteen!", "üñí cödé .txt".as_bytes(), &[b'x'; 255]] {
             let enc = c.encrypt(&iv1, name);
             assert_eq!(c.encrypt(&iv1, name), enc, "deterministic");
             assert!(!enc.contains('.') && !enc.contains('/'));

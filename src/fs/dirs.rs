@@ -45,12 +45,7 @@ fn read_all_at(fd: BorrowedFd<'_>, path: &str, max: usize) -> rustix::io::Result
     Ok(buf)
 }
 
-fn write_new_file(
-    dir: BorrowedFd<'_>,
-    name: &str,
-    content: &[u8],
-    durable: bool,
-) -> rustix::io::Result<()> {
+fn write_new_file(dir: BorrowedFd<'_>, name: &str, content: &[u8], durable: bool) -> rustix::io::Result<()> {
     let fd = rustix::fs::openat(
         dir,
         name,
@@ -72,10 +67,7 @@ impl KmsFs {
             return Ok(*iv);
         }
         let bytes = read_all_at(dir.fd(), DIR_IV_FILE, 16).map_err(|e| {
-            log::error!(
-                "directory {} has no readable IV file: {e}",
-                self.describe(dir)
-            );
+            log::error!("directory {} has no readable IV file: {e}", self.describe(dir));
             Errno::EIO
         })?;
         let iv: DirIv = bytes.as_slice().try_into().map_err(|_| {
@@ -108,20 +100,13 @@ impl KmsFs {
     fn remove_sidecar(&self, parent: &Node, name: &BackingName) {
         if let Some((sidecar, _)) = name.sidecar() {
             if let Err(e) = rustix::fs::unlinkat(parent.fd(), sidecar.as_str(), AtFlags::empty()) {
-                log::warn!(
-                    "removing long-name sidecar in {}: {e}",
-                    self.describe(parent)
-                );
+                log::warn!("removing long-name sidecar in {}: {e}", self.describe(parent));
             }
         }
     }
 
     /// Looks up `backing` in `parent`, registering the lookup.
-    pub(super) fn lookup_backing(
-        &self,
-        parent: &Node,
-        backing: &str,
-    ) -> FsResult<(Arc<Node>, FileAttr)> {
+    pub(super) fn lookup_backing(&self, parent: &Node, backing: &str) -> FsResult<(Arc<Node>, FileAttr)> {
         let fd = rustix::fs::openat(
             parent.fd(),
             backing,
@@ -230,8 +215,7 @@ impl KmsFs {
         // Build the directory, IV included, under a temporary name and move it
         // into place: a crash never leaves a directory without its IV.
         let tmp = format!("{TEMP_PREFIX}{}", hex(&random_array::<8>()));
-        rustix::fs::mkdirat(parent.fd(), tmp.as_str(), Mode::from_raw_mode(0o700))
-            .map_err(errno)?;
+        rustix::fs::mkdirat(parent.fd(), tmp.as_str(), Mode::from_raw_mode(0o700)).map_err(errno)?;
         let result = (|| {
             let dir = rustix::fs::openat(
                 parent.fd(),
@@ -255,11 +239,7 @@ impl KmsFs {
             .map_err(errno)
         })();
         if let Err(e) = result {
-            let _ = rustix::fs::unlinkat(
-                parent.fd(),
-                format!("{tmp}/{DIR_IV_FILE}").as_str(),
-                AtFlags::empty(),
-            );
+            let _ = rustix::fs::unlinkat(parent.fd(), format!("{tmp}/{DIR_IV_FILE}").as_str(), AtFlags::empty());
             let _ = rustix::fs::unlinkat(parent.fd(), tmp.as_str(), AtFlags::REMOVEDIR);
             return Err(e);
         }
@@ -291,32 +271,16 @@ impl KmsFs {
 
     pub(super) fn read_link(&self, node: &Node) -> FsResult<Vec<u8>> {
         let stored = rustix::fs::readlinkat(node.fd(), "", Vec::new()).map_err(errno)?;
-        self.volume
-            .decrypt_link_target(stored.as_bytes())
-            .map_err(|e| {
-                log::error!(
-                    "symlink {}: target does not decrypt ({e})",
-                    self.describe(node)
-                );
-                Errno::EIO
-            })
+        self.volume.decrypt_link_target(stored.as_bytes()).map_err(|e| {
+            log::error!("symlink {}: target does not decrypt ({e})", self.describe(node));
+            Errno::EIO
+        })
     }
 
-    pub(super) fn make_link(
-        &self,
-        node: &Node,
-        new_parent: &Node,
-        new_name: &OsStr,
-    ) -> FsResult<FileAttr> {
+    pub(super) fn make_link(&self, node: &Node, new_parent: &Node, new_name: &OsStr) -> FsResult<FileAttr> {
         let backing = self.backing_name(new_parent, new_name)?;
         self.write_sidecar(new_parent, &backing)?;
-        if let Err(e) = rustix::fs::linkat(
-            node.fd(),
-            "",
-            new_parent.fd(),
-            backing.as_str(),
-            AtFlags::EMPTY_PATH,
-        ) {
+        if let Err(e) = rustix::fs::linkat(node.fd(), "", new_parent.fd(), backing.as_str(), AtFlags::EMPTY_PATH) {
             if e != rustix::io::Errno::EXIST {
                 self.remove_sidecar(new_parent, &backing);
             }
@@ -416,19 +380,11 @@ impl KmsFs {
         let flags = RenameFlags::from_bits(flags).ok_or(Errno::EINVAL)?;
         if flags.contains(RenameFlags::EXCHANGE) {
             // Names depend only on (directory, name): both backing names stay valid.
-            return rustix::fs::renameat_with(
-                parent.fd(),
-                from.as_str(),
-                new_parent.fd(),
-                to.as_str(),
-                flags,
-            )
-            .map_err(errno);
+            return rustix::fs::renameat_with(parent.fd(), from.as_str(), new_parent.fd(), to.as_str(), flags)
+                .map_err(errno);
         }
-        let source = rustix::fs::statat(parent.fd(), from.as_str(), AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(errno)?;
-        let target =
-            rustix::fs::statat(new_parent.fd(), to.as_str(), AtFlags::SYMLINK_NOFOLLOW).ok();
+        let source = rustix::fs::statat(parent.fd(), from.as_str(), AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        let target = rustix::fs::statat(new_parent.fd(), to.as_str(), AtFlags::SYMLINK_NOFOLLOW).ok();
         if let Some(t) = &target {
             if t.st_ino == source.st_ino && t.st_dev == source.st_dev {
                 return Ok(()); // POSIX: renaming onto another link of the same file does nothing.
@@ -452,13 +408,7 @@ impl KmsFs {
             }
         }
         self.write_sidecar(new_parent, &to)?;
-        if let Err(e) = rustix::fs::renameat_with(
-            parent.fd(),
-            from.as_str(),
-            new_parent.fd(),
-            to.as_str(),
-            flags,
-        ) {
+        if let Err(e) = rustix::fs::renameat_with(parent.fd(), from.as_str(), new_parent.fd(), to.as_str(), flags) {
             if let Some(iv) = stripped_iv {
                 self.restore_dir_iv(new_parent, to.as_str(), &iv);
             }

@@ -6,9 +6,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use fuser::{Errno, FileType, TimeOrNow};
-use rustix::fs::{
-    AtFlags, FallocateFlags, Mode, OFlags, Timespec, Timestamps, UTIME_NOW, UTIME_OMIT,
-};
+use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, Timespec, Timestamps, UTIME_NOW, UTIME_OMIT};
 
 use super::KmsFs;
 use super::attr::{FsResult, errno};
@@ -70,10 +68,8 @@ impl KmsFs {
             OFlags::RDWR
         };
         oflags |= OFlags::CLOEXEC
-            | (OFlags::from_bits_retain(flags as u32)
-                & (OFlags::SYNC | OFlags::DSYNC | OFlags::NOATIME));
-        let fd: OwnedFd =
-            rustix::fs::open(node.proc_path().as_str(), oflags, Mode::empty()).map_err(errno)?;
+            | (OFlags::from_bits_retain(flags as u32) & (OFlags::SYNC | OFlags::DSYNC | OFlags::NOATIME));
+        let fd: OwnedFd = rustix::fs::open(node.proc_path().as_str(), oflags, Mode::empty()).map_err(errno)?;
         Ok(File::from(fd))
     }
 
@@ -83,10 +79,7 @@ impl KmsFs {
         if let Some(c) = cached.as_ref() {
             return Ok(Some(Arc::clone(c)));
         }
-        let len = file
-            .metadata()
-            .map_err(|e| self.io_error(node, "stat", &e))?
-            .len();
+        let len = file.metadata().map_err(|e| self.io_error(node, "stat", &e))?.len();
         if len == 0 {
             return Ok(None);
         }
@@ -138,15 +131,13 @@ impl KmsFs {
         let Some(cipher) = self.cipher(&open.node, &open.file)? else {
             return Ok(Vec::new());
         };
-        content::read(&open.file, &cipher, offset, size)
-            .map_err(|e| self.content_error(&open.node, e))
+        content::read(&open.file, &cipher, offset, size).map_err(|e| self.content_error(&open.node, e))
     }
 
     pub(super) fn write(&self, open: &OpenFile, offset: u64, data: &[u8]) -> FsResult<()> {
         let _guard = open.node.content.write().unwrap_or_else(|p| p.into_inner());
         let cipher = self.cipher_for_write(&open.node, &open.file)?;
-        content::write(&open.file, &cipher, offset, data)
-            .map_err(|e| self.content_error(&open.node, e))
+        content::write(&open.file, &cipher, offset, data).map_err(|e| self.content_error(&open.node, e))
     }
 
     pub(super) fn truncate(&self, node: &Node, file: &File, size: u64) -> FsResult<()> {
@@ -162,13 +153,7 @@ impl KmsFs {
         content::truncate(file, &cipher, size).map_err(|e| self.content_error(node, e))
     }
 
-    pub(super) fn fallocate(
-        &self,
-        open: &OpenFile,
-        offset: u64,
-        length: u64,
-        mode: i32,
-    ) -> FsResult<()> {
+    pub(super) fn fallocate(&self, open: &OpenFile, offset: u64, length: u64, mode: i32) -> FsResult<()> {
         let keep_size = match mode {
             0 => false,
             libc::FALLOC_FL_KEEP_SIZE => true,
@@ -190,8 +175,7 @@ impl KmsFs {
         // which would change the plaintext size.
         let start = block_offset(offset / 4096);
         let stop = content::backing_size(end.div_ceil(4096) * 4096);
-        rustix::fs::fallocate(&open.file, FallocateFlags::KEEP_SIZE, start, stop - start)
-            .map_err(errno)
+        rustix::fs::fallocate(&open.file, FallocateFlags::KEEP_SIZE, start, stop - start).map_err(errno)
     }
 
     pub(super) fn set_mode(&self, node: &Node, mode: u32) -> FsResult<()> {
@@ -199,19 +183,10 @@ impl KmsFs {
         if file_type(st.st_mode as u32) == FileType::Symlink {
             return Ok(()); // Linux has no symlink permissions.
         }
-        rustix::fs::chmod(
-            node.proc_path().as_str(),
-            Mode::from_raw_mode(mode & 0o7777),
-        )
-        .map_err(errno)
+        rustix::fs::chmod(node.proc_path().as_str(), Mode::from_raw_mode(mode & 0o7777)).map_err(errno)
     }
 
-    pub(super) fn set_owner_of(
-        &self,
-        node: &Node,
-        uid: Option<u32>,
-        gid: Option<u32>,
-    ) -> FsResult<()> {
+    pub(super) fn set_owner_of(&self, node: &Node, uid: Option<u32>, gid: Option<u32>) -> FsResult<()> {
         rustix::fs::chownat(
             node.fd(),
             "",
@@ -222,12 +197,7 @@ impl KmsFs {
         .map_err(errno)
     }
 
-    pub(super) fn set_times(
-        &self,
-        node: &Node,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-    ) -> FsResult<()> {
+    pub(super) fn set_times(&self, node: &Node, atime: Option<TimeOrNow>, mtime: Option<TimeOrNow>) -> FsResult<()> {
         let times = Timestamps {
             last_access: timespec(atime),
             last_modification: timespec(mtime),
@@ -256,17 +226,10 @@ impl KmsFs {
     }
 
     fn user_xattr_name<'a>(&self, name: &'a [u8]) -> Option<&'a [u8]> {
-        name.strip_prefix(USER_PREFIX)
-            .filter(|rest| !rest.is_empty())
+        name.strip_prefix(USER_PREFIX).filter(|rest| !rest.is_empty())
     }
 
-    pub(super) fn set_xattr(
-        &self,
-        node: &Node,
-        name: &[u8],
-        value: &[u8],
-        flags: i32,
-    ) -> FsResult<()> {
+    pub(super) fn set_xattr(&self, node: &Node, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
         let Some(short) = self.user_xattr_name(name) else {
             return Err(Errno::EOPNOTSUPP);
         };
@@ -291,8 +254,7 @@ impl KmsFs {
         let path = node.proc_path();
         let len = rustix::fs::getxattr_query(path.as_str(), backing.as_str()).map_err(errno)?;
         let mut buf = vec![0u8; len];
-        let n =
-            rustix::fs::getxattr(path.as_str(), backing.as_str(), &mut buf[..]).map_err(errno)?;
+        let n = rustix::fs::getxattr(path.as_str(), backing.as_str(), &mut buf[..]).map_err(errno)?;
         buf.truncate(n);
         self.volume.open_xattr(&owner, short, &buf).ok_or_else(|| {
             log::error!(

@@ -86,11 +86,7 @@ impl InodeTable {
     }
 
     pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
-        self.nodes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&ino)
-            .cloned()
+        self.nodes.read().unwrap_or_else(|p| p.into_inner()).get(&ino).cloned()
     }
 
     /// Registers a lookup of the inode behind `fd` (counted once), reusing
@@ -123,10 +119,9 @@ impl InodeTable {
         }
         let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
         if let Some(node) = nodes.get(&ino) {
-            let before = node.lookups.fetch_sub(
-                count.min(node.lookups.load(Ordering::Relaxed)),
-                Ordering::Relaxed,
-            );
+            let before = node
+                .lookups
+                .fetch_sub(count.min(node.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
             if before <= count {
                 nodes.remove(&ino);
             }

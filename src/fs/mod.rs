@@ -1,5 +1,8 @@
 //! The FUSE front end: a thin adapter from kernel requests to the volume.
 
+// `stat` field types differ between architectures; the casts are for the others.
+#![allow(clippy::unnecessary_cast)]
+
 mod attr;
 mod dirs;
 mod files;
@@ -15,10 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Config, Errno, FileHandle, FileType, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, Config, Errno, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
+    TimeOrNow, WriteFlags,
 };
 use rustix::fs::{Mode, OFlags};
 
@@ -31,6 +34,16 @@ use crate::volume::Volume;
 
 const GENERATION: Generation = Generation(0);
 const MAX_WRITE: u32 = 1 << 20;
+
+/// The attributes a setattr request changes.
+struct AttrChange {
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+}
 
 enum Handle {
     File(Arc<OpenFile>),
@@ -87,47 +100,32 @@ impl KmsFs {
     }
 
     fn open_file(&self, fh: FileHandle) -> FsResult<Arc<OpenFile>> {
-        match self
-            .handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh.0)
-        {
+        match self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0) {
             Some(Handle::File(f)) => Ok(Arc::clone(f)),
             _ => Err(Errno::EBADF),
         }
     }
 
     fn dir_listing(&self, fh: FileHandle) -> FsResult<Arc<Vec<DirEntry>>> {
-        match self
-            .handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh.0)
-        {
+        match self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0) {
             Some(Handle::Dir(d)) => Ok(Arc::clone(d)),
             _ => Err(Errno::EBADF),
         }
     }
 
     fn drop_handle(&self, fh: FileHandle) {
-        self.handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh.0);
+        self.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
     }
 
-    fn setattr_inner(
-        &self,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        fh: Option<FileHandle>,
-    ) -> FsResult<fuser::FileAttr> {
+    fn setattr_inner(&self, ino: INodeNo, change: AttrChange, fh: Option<FileHandle>) -> FsResult<fuser::FileAttr> {
+        let AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        } = change;
         let node = self.node(ino)?;
         if let Some(size) = size {
             let st = rustix::fs::fstat(node.fd()).map_err(errno)?;
@@ -234,11 +232,7 @@ impl fuser::Filesystem for KmsFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(
-            reply,
-            &self.ttl,
-            self.node(parent).and_then(|p| self.lookup(&p, name)),
-        );
+        reply_entry(reply, &self.ttl, self.node(parent).and_then(|p| self.lookup(&p, name)));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -270,7 +264,18 @@ impl fuser::Filesystem for KmsFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.setattr_inner(ino, mode, uid, gid, size, atime, mtime, fh) {
+        match self.setattr_inner(
+            ino,
+            AttrChange {
+                mode,
+                uid,
+                gid,
+                size,
+                atime,
+                mtime,
+            },
+            fh,
+        ) {
             Ok(attr) => reply.attr(&self.ttl, &attr),
             Err(e) => reply.error(e),
         }
@@ -300,15 +305,7 @@ impl fuser::Filesystem for KmsFs {
         reply_entry(reply, &self.ttl, result);
     }
 
-    fn mkdir(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let result = self
             .node(parent)
             .and_then(|p| self.make_dir(&p, name, mode & !umask, owner(req)));
@@ -316,30 +313,17 @@ impl fuser::Filesystem for KmsFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(
-            reply,
-            self.node(parent).and_then(|p| self.remove_file(&p, name)),
-        );
+        reply_empty(reply, self.node(parent).and_then(|p| self.remove_file(&p, name)));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(
-            reply,
-            self.node(parent).and_then(|p| self.remove_dir(&p, name)),
-        );
+        reply_empty(reply, self.node(parent).and_then(|p| self.remove_dir(&p, name)));
     }
 
-    fn symlink(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        link_name: &OsStr,
-        target: &Path,
-        reply: ReplyEntry,
-    ) {
-        let result = self.node(parent).and_then(|p| {
-            self.make_symlink(&p, link_name, target.as_os_str().as_bytes(), owner(req))
-        });
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let result = self
+            .node(parent)
+            .and_then(|p| self.make_symlink(&p, link_name, target.as_os_str().as_bytes(), owner(req)));
         reply_entry(reply, &self.ttl, result);
     }
 
@@ -360,14 +344,7 @@ impl fuser::Filesystem for KmsFs {
         reply_empty(reply, result);
     }
 
-    fn link(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        newparent: INodeNo,
-        newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let result = self.node(ino).and_then(|n| {
             let np = self.node(newparent)?;
             let attr = self.make_link(&n, &np, newname)?;
@@ -400,10 +377,7 @@ impl fuser::Filesystem for KmsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self
-            .open_file(fh)
-            .and_then(|f| self.read(&f, offset, size as usize))
-        {
+        match self.open_file(fh).and_then(|f| self.read(&f, offset, size as usize)) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e),
         }
@@ -421,23 +395,13 @@ impl fuser::Filesystem for KmsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self
-            .open_file(fh)
-            .and_then(|f| self.write(&f, offset, data))
-        {
+        match self.open_file(fh).and_then(|f| self.write(&f, offset, data)) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(e),
         }
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         reply.ok();
     }
 
@@ -455,39 +419,18 @@ impl fuser::Filesystem for KmsFs {
         reply.ok();
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        reply_empty(
-            reply,
-            self.open_file(fh)
-                .and_then(|f| self.sync_file(&f, datasync)),
-        );
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        reply_empty(reply, self.open_file(fh).and_then(|f| self.sync_file(&f, datasync)));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.node(ino).and_then(|n| self.list_dir(&n)) {
-            Ok(entries) => reply.opened(
-                self.add_handle(Handle::Dir(Arc::new(entries))),
-                FopenFlags::empty(),
-            ),
+            Ok(entries) => reply.opened(self.add_handle(Handle::Dir(Arc::new(entries))), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let entries = match self.dir_listing(fh) {
             Ok(e) => e,
             Err(e) => return reply.error(e),
@@ -511,40 +454,19 @@ impl fuser::Filesystem for KmsFs {
         reply.ok();
     }
 
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         match self.readdirplus_inner(ino, fh, offset, &mut reply) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         self.drop_handle(fh);
         reply.ok();
     }
 
-    fn fsyncdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         reply_empty(reply, self.node(ino).and_then(|n| self.sync_dir(&n)));
     }
 
@@ -588,54 +510,42 @@ impl fuser::Filesystem for KmsFs {
         reply_xattr(
             reply,
             size,
-            self.node(ino)
-                .and_then(|n| self.get_xattr(&n, name.as_bytes())),
+            self.node(ino).and_then(|n| self.get_xattr(&n, name.as_bytes())),
         );
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(
-            reply,
-            size,
-            self.node(ino).and_then(|n| self.list_xattrs(&n)),
-        );
+        reply_xattr(reply, size, self.node(ino).and_then(|n| self.list_xattrs(&n)));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         reply_empty(
             reply,
-            self.node(ino)
-                .and_then(|n| self.remove_xattr(&n, name.as_bytes())),
+            self.node(ino).and_then(|n| self.remove_xattr(&n, name.as_bytes())),
         );
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        let result = self
-            .node(ino)
-            .and_then(|n| self.stat_attr(&n))
-            .and_then(|attr| {
-                let mask = mask.bits() as u32 & 0o7;
-                if mask == 0
-                    || req.uid() == 0
-                        && (mask & 1 == 0
-                            || attr.perm & 0o111 != 0
-                            || attr.kind == FileType::Directory)
-                {
-                    return Ok(());
-                }
-                let shift = if req.uid() == attr.uid {
-                    6
-                } else if req.gid() == attr.gid {
-                    3
-                } else {
-                    0
-                };
-                if (u32::from(attr.perm) >> shift) & mask == mask {
-                    Ok(())
-                } else {
-                    Err(Errno::EACCES)
-                }
-            });
+        let result = self.node(ino).and_then(|n| self.stat_attr(&n)).and_then(|attr| {
+            let mask = mask.bits() as u32 & 0o7;
+            if mask == 0
+                || req.uid() == 0 && (mask & 1 == 0 || attr.perm & 0o111 != 0 || attr.kind == FileType::Directory)
+            {
+                return Ok(());
+            }
+            let shift = if req.uid() == attr.uid {
+                6
+            } else if req.gid() == attr.gid {
+                3
+            } else {
+                0
+            };
+            if (u32::from(attr.perm) >> shift) & mask == mask {
+                Ok(())
+            } else {
+                Err(Errno::EACCES)
+            }
+        });
         reply_empty(reply, result);
     }
 
@@ -656,13 +566,8 @@ impl fuser::Filesystem for KmsFs {
         };
         let oflags = OFlags::from_bits_retain(access as u32);
         let result = self.node(parent).and_then(|p| {
-            let (node, attr, fd) = self.make_node(
-                &p,
-                name,
-                libc::S_IFREG | (mode & !umask),
-                owner(req),
-                Some(oflags),
-            )?;
+            let (node, attr, fd) =
+                self.make_node(&p, name, libc::S_IFREG | (mode & !umask), owner(req), Some(oflags))?;
             let file = match fd {
                 Some(fd) => std::fs::File::from(fd),
                 None => self.reopen(&node, flags)?,
@@ -708,11 +613,7 @@ fn reply_xattr(reply: ReplyXattr, size: u32, result: FsResult<Vec<u8>>) {
 }
 
 /// Mounts the filesystem; the returned session serves requests when run.
-pub fn mount(
-    fs: KmsFs,
-    mountpoint: &Path,
-    options: &MountOptions,
-) -> io::Result<fuser::Session<KmsFs>> {
+pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result<fuser::Session<KmsFs>> {
     let mut config = Config::default();
     let fsname = options
         .fsname
@@ -728,12 +629,9 @@ pub fn mount(
     if options.read_only {
         config.mount_options.push(MountOption::RO);
     }
-    config.mount_options.extend(
-        options
-            .kernel
-            .iter()
-            .map(|o| MountOption::CUSTOM(o.clone())),
-    );
+    config
+        .mount_options
+        .extend(options.kernel.iter().map(|o| MountOption::CUSTOM(o.clone())));
     if options.allow_other {
         config.acl = SessionACL::All;
     }

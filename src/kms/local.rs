@@ -141,32 +141,19 @@ pub fn create_key_file(path: &Path) -> Result<(), KmsError> {
     file.sync_all().map_err(io_err(path))
 }
 
-fn derive_kek(
-    protection: &Protection,
-    secret: &UnlockSecret,
-    path: &Path,
-) -> Result<SecretKey, KmsError> {
+fn derive_kek(protection: &Protection, secret: &UnlockSecret, path: &Path) -> Result<SecretKey, KmsError> {
     let mut out = Zeroizing::new([0u8; KEY_LEN]);
     match (protection, secret) {
         (Protection::Argon2id { params, salt }, UnlockSecret::Passphrase(pass)) => {
-            let salt = B64
-                .decode(salt)
-                .map_err(|_| corrupt(path, "salt is not base64"))?;
-            let params = Params::new(
-                params.memory_kib,
-                params.iterations,
-                params.parallelism,
-                Some(KEY_LEN),
-            )
-            .map_err(|e| corrupt(path, format!("bad Argon2id parameters: {e}")))?;
+            let salt = B64.decode(salt).map_err(|_| corrupt(path, "salt is not base64"))?;
+            let params = Params::new(params.memory_kib, params.iterations, params.parallelism, Some(KEY_LEN))
+                .map_err(|e| corrupt(path, format!("bad Argon2id parameters: {e}")))?;
             Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
                 .hash_password_into(pass.as_bytes(), &salt, out.as_mut_slice())
                 .map_err(|e| corrupt(path, format!("Argon2id failed: {e}")))?;
         }
         (Protection::KeyFile { salt }, UnlockSecret::KeyFile(key_path)) => {
-            let salt = B64
-                .decode(salt)
-                .map_err(|_| corrupt(path, "salt is not base64"))?;
+            let salt = B64.decode(salt).map_err(|_| corrupt(path, "salt is not base64"))?;
             let ikm = read_key_file(key_path)?;
             hkdf::Hkdf::<sha2::Sha256>::new(Some(&salt), &ikm)
                 .expand(b"kmsfs-keyfile-kek-v1", out.as_mut_slice())
@@ -220,9 +207,7 @@ impl LocalKeystore {
         let protection = match secret {
             UnlockSecret::Passphrase(p) => {
                 if p.is_empty() {
-                    return Err(KmsError::BadSecret(
-                        "the passphrase must not be empty".into(),
-                    ));
+                    return Err(KmsError::BadSecret("the passphrase must not be empty".into()));
                 }
                 Protection::Argon2id { params: kdf, salt }
             }
@@ -256,13 +241,9 @@ impl LocalKeystore {
             }
             Err(e) => return Err(io_err(path)(e)),
         };
-        let file: KeystoreFile =
-            serde_json::from_str(&text).map_err(|e| corrupt(path, e.to_string()))?;
+        let file: KeystoreFile = serde_json::from_str(&text).map_err(|e| corrupt(path, e.to_string()))?;
         if file.format != FORMAT {
-            return Err(corrupt(
-                path,
-                format!("unsupported keystore format {}", file.format),
-            ));
+            return Err(corrupt(path, format!("unsupported keystore format {}", file.format)));
         }
         let kek = Sealer::new(&derive_kek(&file.protection, secret, path)?);
         let verifier = B64
@@ -287,8 +268,7 @@ impl LocalKeystore {
 
     fn save(&self, create_new: bool) -> Result<(), KmsError> {
         let path = &self.path;
-        let text =
-            serde_json::to_string_pretty(&self.file).map_err(|e| corrupt(path, e.to_string()))?;
+        let text = serde_json::to_string_pretty(&self.file).map_err(|e| corrupt(path, e.to_string()))?;
         let tmp = path.with_extension("json.tmp");
         let mut f = fs::OpenOptions::new()
             .write(true)
@@ -303,10 +283,7 @@ impl LocalKeystore {
             let _ = fs::remove_file(&tmp);
             return Err(KmsError::Io {
                 path: path.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "keystore already exists",
-                ),
+                source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "keystore already exists"),
             });
         }
         fs::rename(&tmp, path).map_err(io_err(path))?;
@@ -368,12 +345,7 @@ impl LocalKeystore {
             .versions
             .iter()
             .find(|v| v.version == version)
-            .ok_or_else(|| {
-                corrupt(
-                    &self.path,
-                    format!("key {} has no version {version}", record.id),
-                )
-            })?;
+            .ok_or_else(|| corrupt(&self.path, format!("key {} has no version {version}", record.id)))?;
         let sealed = B64
             .decode(&v.material)
             .map_err(|_| corrupt(&self.path, "key material is not base64"))?;
@@ -383,10 +355,7 @@ impl LocalKeystore {
             .map_err(|_| {
                 corrupt(
                     &self.path,
-                    format!(
-                        "material of key {} v{version} fails authentication",
-                        record.id
-                    ),
+                    format!("material of key {} v{version} fails authentication", record.id),
                 )
             })?;
         SecretKey::from_slice(&plain).ok_or_else(|| corrupt(&self.path, "key material length"))
@@ -415,10 +384,7 @@ impl KeyProvider for LocalProvider {
         format!("local:{}", self.key_id)
     }
 
-    fn generate_data_key(
-        &self,
-        context: &EncryptionContext,
-    ) -> Result<(SecretKey, WrappedKey), KmsError> {
+    fn generate_data_key(&self, context: &EncryptionContext) -> Result<(SecretKey, WrappedKey), KmsError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let record = self.store.usable_record(&self.key_id)?;
         let version = record
@@ -426,32 +392,15 @@ impl KeyProvider for LocalProvider {
             .iter()
             .map(|v| v.version)
             .max()
-            .ok_or_else(|| {
-                corrupt(
-                    &self.store.path,
-                    format!("key {} has no versions", record.id),
-                )
-            })?;
+            .ok_or_else(|| corrupt(&self.store.path, format!("key {} has no versions", record.id)))?;
         let master = Sealer::new(&self.store.material(record, version)?);
         let data_key = SecretKey::random();
-        let sealed = master.seal(
-            &data_key_aad(&self.key_id, version, context),
-            data_key.expose(),
-        );
-        let blob = [
-            &[DATA_KEY_BLOB_VERSION][..],
-            &version.to_be_bytes(),
-            &sealed,
-        ]
-        .concat();
+        let sealed = master.seal(&data_key_aad(&self.key_id, version, context), data_key.expose());
+        let blob = [&[DATA_KEY_BLOB_VERSION][..], &version.to_be_bytes(), &sealed].concat();
         Ok((data_key, WrappedKey::from_bytes(blob)))
     }
 
-    fn decrypt(
-        &self,
-        wrapped: &WrappedKey,
-        context: &EncryptionContext,
-    ) -> Result<SecretKey, KmsError> {
+    fn decrypt(&self, wrapped: &WrappedKey, context: &EncryptionContext) -> Result<SecretKey, KmsError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let record = self.store.usable_record(&self.key_id)?;
         let bytes = wrapped.as_bytes();

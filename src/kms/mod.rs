@@ -51,17 +51,12 @@ pub enum KmsError {
     KeyNotFound(String),
     #[error("key {key} is {state} and cannot be used")]
     KeyNotUsable { key: String, state: String },
-    #[error(
-        "the wrapped volume key does not decrypt under key {0} with this volume's encryption context"
-    )]
+    #[error("the wrapped volume key does not decrypt under key {0} with this volume's encryption context")]
     InvalidCiphertext(String),
     #[error("{0}")]
     BadSecret(String),
     #[error("keystore I/O on {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 /// A master key in some key provider. Implementations count their calls so
@@ -71,17 +66,10 @@ pub trait KeyProvider: Send + Sync {
     fn uri(&self) -> String;
 
     /// GenerateDataKey: a fresh 256-bit key, and the same key wrapped by the master key.
-    fn generate_data_key(
-        &self,
-        context: &EncryptionContext,
-    ) -> Result<(SecretKey, WrappedKey), KmsError>;
+    fn generate_data_key(&self, context: &EncryptionContext) -> Result<(SecretKey, WrappedKey), KmsError>;
 
     /// Decrypt: unwraps a key produced by `generate_data_key` with the same context.
-    fn decrypt(
-        &self,
-        wrapped: &WrappedKey,
-        context: &EncryptionContext,
-    ) -> Result<SecretKey, KmsError>;
+    fn decrypt(&self, wrapped: &WrappedKey, context: &EncryptionContext) -> Result<SecretKey, KmsError>;
 
     /// How many provider operations this instance has performed.
     fn call_count(&self) -> u64;

@@ -33,11 +33,7 @@ pub fn plain_size(backing: u64) -> u64 {
 pub fn backing_size(plain: u64) -> u64 {
     let full = plain / BS;
     let rest = plain % BS;
-    let tail = if rest > 0 {
-        rest + BLOCK_OVERHEAD as u64
-    } else {
-        0
-    };
+    let tail = if rest > 0 { rest + BLOCK_OVERHEAD as u64 } else { 0 };
     HEADER_LEN as u64 + full * CIPHER_BLOCK_SIZE as u64 + tail
 }
 
@@ -64,13 +60,7 @@ fn current_plain_size(file: &File) -> Result<u64, ContentError> {
 }
 
 /// Decrypts blocks `first..=last` of a file of plaintext size `size`.
-fn read_blocks(
-    file: &File,
-    cipher: &BlockCipher,
-    size: u64,
-    first: u64,
-    last: u64,
-) -> Result<Vec<u8>, ContentError> {
+fn read_blocks(file: &File, cipher: &BlockCipher, size: u64, first: u64, last: u64) -> Result<Vec<u8>, ContentError> {
     let plain_end = size.min((last + 1) * BS);
     let plain_len = (plain_end - first * BS) as usize;
     let blocks = last - first + 1;
@@ -85,12 +75,7 @@ fn read_blocks(
 }
 
 /// Reads up to `len` bytes at `offset`.
-pub fn read(
-    file: &File,
-    cipher: &BlockCipher,
-    offset: u64,
-    len: usize,
-) -> Result<Vec<u8>, ContentError> {
+pub fn read(file: &File, cipher: &BlockCipher, offset: u64, len: usize) -> Result<Vec<u8>, ContentError> {
     let size = current_plain_size(file)?;
     if offset >= size || len == 0 {
         return Ok(Vec::new());
@@ -106,12 +91,7 @@ pub fn read(
 }
 
 /// Writes `data` at `offset`, extending the file if needed.
-pub fn write(
-    file: &File,
-    cipher: &BlockCipher,
-    offset: u64,
-    data: &[u8],
-) -> Result<(), ContentError> {
+pub fn write(file: &File, cipher: &BlockCipher, offset: u64, data: &[u8]) -> Result<(), ContentError> {
     if data.is_empty() {
         return Ok(());
     }
@@ -206,6 +186,7 @@ mod tests {
             .read(true)
             .write(true)
             .create(true)
+            .truncate(true)
             .open(dir.path().join("f"))
             .unwrap();
         file.write_all_at(&[0u8; HEADER_LEN], 0).unwrap();
@@ -257,11 +238,7 @@ mod tests {
                     assert_eq!(got, &model[lo..hi], "step {step}");
                 }
             }
-            assert_eq!(
-                current_plain_size(&file).unwrap(),
-                model.len() as u64,
-                "step {step}"
-            );
+            assert_eq!(current_plain_size(&file).unwrap(), model.len() as u64, "step {step}");
         }
         assert_eq!(read(&file, &cipher, 0, model.len()).unwrap(), model);
     }

@@ -50,10 +50,7 @@ pub enum DbError {
     #[error("metadata DB {path} has format version {found}; this kmsfs supports {FORMAT_VERSION}")]
     UnsupportedFormat { path: PathBuf, found: u32 },
     #[error("metadata DB {path}: {source}")]
-    Sqlite {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    Sqlite { path: PathBuf, source: rusqlite::Error },
 }
 
 #[derive(Debug, Clone)]
@@ -104,17 +101,12 @@ impl MetadataDb {
             reason: e.to_string(),
         };
         let conn = Connection::open_with_flags(path, flags).map_err(damaged)?;
-        conn.busy_timeout(Duration::from_secs(10))
-            .map_err(damaged)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(damaged)?;
         // WAL: readers never block the writer; FULL: a commit is durable when it returns.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(damaged)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(damaged)?;
-        conn.pragma_update(None, "secure_delete", "ON")
-            .map_err(damaged)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(damaged)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(damaged)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(damaged)?;
+        conn.pragma_update(None, "secure_delete", "ON").map_err(damaged)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(damaged)?;
         Ok(conn)
     }
 
@@ -124,9 +116,7 @@ impl MetadataDb {
         volume_key: (u32, &WrappedKey),
         secrets: &[(&str, &WrappedKey)],
     ) -> Result<Self, DbError> {
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut conn = Self::connect(path, flags)?;
         let err = |source| DbError::Sqlite {
             path: path.to_path_buf(),
@@ -151,8 +141,7 @@ impl MetadataDb {
             )
             .map_err(err)?;
         }
-        tx.pragma_update(None, "user_version", FORMAT_VERSION)
-            .map_err(err)?;
+        tx.pragma_update(None, "user_version", FORMAT_VERSION).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(MetadataDb {
             path: path.to_path_buf(),
@@ -215,7 +204,10 @@ impl MetadataDb {
                 })
             },
         )
-        .map_err(|e| DbError::Damaged { path: self.path.clone(), reason: format!("volume row: {e}") })
+        .map_err(|e| DbError::Damaged {
+            path: self.path.clone(),
+            reason: format!("volume row: {e}"),
+        })
     }
 
     pub fn volume_keys(&self) -> Result<Vec<VolumeKeyRow>, DbError> {
@@ -242,20 +234,13 @@ impl MetadataDb {
             .prepare("SELECT kind, vk_version, wrapped FROM volume_secrets")
             .map_err(self.sqlite())?;
         let rows = stmt
-            .query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, WrappedKey::from_bytes(r.get(2)?)))
-            })
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, WrappedKey::from_bytes(r.get(2)?))))
             .map_err(self.sqlite())?;
         rows.collect::<Result<_, _>>().map_err(self.sqlite())
     }
 
     /// Queues a new file key; it is committed by the next `flush`.
-    pub fn queue_file_key(
-        &self,
-        file_id: FileId,
-        vk_version: u32,
-        wrapped: WrappedKey,
-    ) -> Result<(), DbError> {
+    pub fn queue_file_key(&self, file_id: FileId, vk_version: u32, wrapped: WrappedKey) -> Result<(), DbError> {
         let full = {
             let mut pending = lock(&self.pending);
             pending.deletes.remove(&file_id);
@@ -305,8 +290,9 @@ impl MetadataDb {
         let result = (|| {
             let tx = conn.transaction()?;
             {
-                let mut insert =
-                    tx.prepare_cached("INSERT OR REPLACE INTO file_keys (file_id, vk_version, wrapped) VALUES (?1, ?2, ?3)")?;
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO file_keys (file_id, vk_version, wrapped) VALUES (?1, ?2, ?3)",
+                )?;
                 for (id, (version, wrapped)) in &batch.inserts {
                     insert.execute(params![&id[..], version, wrapped.as_bytes()])?;
                 }
@@ -360,8 +346,6 @@ pub fn spawn_flusher(db: &Arc<MetadataDb>, interval: Duration) {
             }
         });
     if let Err(e) = spawned {
-        log::error!(
-            "cannot start the metadata DB flusher thread; keys are committed on fsync and unmount only: {e}"
-        );
+        log::error!("cannot start the metadata DB flusher thread; keys are committed on fsync and unmount only: {e}");
     }
 }

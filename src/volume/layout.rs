@@ -39,9 +39,7 @@ impl BackingName {
     pub fn sidecar(&self) -> Option<(String, &str)> {
         match self {
             BackingName::Short(_) => None,
-            BackingName::Long { hashed, encrypted } => {
-                Some((format!("{hashed}{SIDECAR_SUFFIX}"), encrypted))
-            }
+            BackingName::Long { hashed, encrypted } => Some((format!("{hashed}{SIDECAR_SUFFIX}"), encrypted)),
         }
     }
 }
@@ -93,12 +91,7 @@ pub fn classify(backing: &[u8]) -> Entry<'_> {
 }
 
 /// Decrypts a long name from its sidecar content, checking it belongs to `hashed`.
-pub fn decrypt_long(
-    names: &NameCipher,
-    dir_iv: &DirIv,
-    hashed: &str,
-    sidecar: &[u8],
-) -> Result<Vec<u8>, NameError> {
+pub fn decrypt_long(names: &NameCipher, dir_iv: &DirIv, hashed: &str, sidecar: &[u8]) -> Result<Vec<u8>, NameError> {
     let encrypted = std::str::from_utf8(sidecar)
         .map_err(|_| NameError::Encoding)?
         .trim_end();
@@ -119,10 +112,7 @@ mod tests {
         let iv = [4u8; DIR_IV_LEN];
         let short = backing_name(&names, &iv, b"short");
         assert!(short.sidecar().is_none());
-        assert!(matches!(
-            classify(short.as_str().as_bytes()),
-            Entry::Short(_)
-        ));
+        assert!(matches!(classify(short.as_str().as_bytes()), Entry::Short(_)));
         let plain = vec![b'n'; 255];
         let long = backing_name(&names, &iv, &plain);
         let (sidecar_name, content) = long.sidecar().unwrap();
@@ -130,27 +120,13 @@ mod tests {
         match classify(long.as_str().as_bytes()) {
             Entry::Long { hashed, sidecar } => {
                 assert_eq!(sidecar, sidecar_name);
-                assert_eq!(
-                    decrypt_long(&names, &iv, hashed, content.as_bytes()).unwrap(),
-                    plain
-                );
-                assert!(
-                    decrypt_long(&names, &iv, "kmsfs.longname.other", content.as_bytes()).is_err()
-                );
+                assert_eq!(decrypt_long(&names, &iv, hashed, content.as_bytes()).unwrap(), plain);
+                assert!(decrypt_long(&names, &iv, "kmsfs.longname.other", content.as_bytes()).is_err());
             }
             _ => panic!("not a long name"),
         }
-        for internal in [
-            DIR_IV_FILE,
-            LOCK_FILE,
-            "kmsfs.db",
-            "kmsfs.db-wal",
-            &sidecar_name,
-        ] {
-            assert!(
-                matches!(classify(internal.as_bytes()), Entry::Internal),
-                "{internal}"
-            );
+        for internal in [DIR_IV_FILE, LOCK_FILE, "kmsfs.db", "kmsfs.db-wal", &sidecar_name] {
+            assert!(matches!(classify(internal.as_bytes()), Entry::Internal), "{internal}");
         }
     }
 }

@@ -21,10 +21,7 @@ pub enum LockError {
     #[error("volume {path} is already mounted (daemon pid {pid})")]
     Held { path: String, pid: String },
     #[error("cannot open lock file in {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
 }
 
 fn open(backing: &Path) -> Result<File, LockError> {

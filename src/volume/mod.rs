@@ -18,9 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use crate::crypto::{
-    BlockCipher, DIR_IV_LEN, FileId, NameCipher, NameError, Sealer, SecretKey, random_array,
-};
+use crate::crypto::{BlockCipher, DIR_IV_LEN, FileId, NameCipher, NameError, Sealer, SecretKey, random_array};
 use crate::kms::{EncryptionContext, KeyProvider, KmsError};
 use db::{DB_FILE, DbError, FORMAT_VERSION, MetadataDb, VolumeKeyRow, VolumeRow};
 use layout::{DIR_IV_FILE, DirIv};
@@ -49,17 +47,12 @@ pub enum VolumeError {
         stored: String,
         given: String,
     },
-    #[error(
-        "{what} in {volume} fails authentication: the metadata DB does not belong to this key or was altered"
-    )]
+    #[error("{what} in {volume} fails authentication: the metadata DB does not belong to this key or was altered")]
     Tampered { volume: PathBuf, what: String },
     #[error("no data key for file {0} in the metadata DB")]
     MissingFileKey(String),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError + '_ {
@@ -112,13 +105,23 @@ pub fn write_dir_iv(dir: &Path) -> Result<DirIv, VolumeError> {
     Ok(iv)
 }
 
-/// Reads the volume row without unlocking anything (for `status` and for
-/// choosing the key provider before mounting).
-pub fn read_info(
-    backing: &Path,
-) -> Result<(VolumeRow, Vec<VolumeKeyRow>, Vec<(u32, u64)>), VolumeError> {
+/// What can be known of a volume without unlocking anything.
+pub struct VolumeSummary {
+    pub volume: VolumeRow,
+    pub volume_keys: Vec<VolumeKeyRow>,
+    /// (volume-key version, number of file keys wrapped under it)
+    pub file_keys: Vec<(u32, u64)>,
+}
+
+/// Reads the volume's rows (for `status`, and to choose the key provider
+/// before mounting).
+pub fn read_info(backing: &Path) -> Result<VolumeSummary, VolumeError> {
     let db = open_db(backing)?;
-    Ok((db.volume()?, db.volume_keys()?, db.file_key_counts()?))
+    Ok(VolumeSummary {
+        volume: db.volume()?,
+        volume_keys: db.volume_keys()?,
+        file_keys: db.file_key_counts()?,
+    })
 }
 
 fn open_db(backing: &Path) -> Result<MetadataDb, VolumeError> {
@@ -175,19 +178,10 @@ impl Volume {
         let (volume_key, wrapped_vk) = provider.generate_data_key(&context)?;
         let vk = Sealer::new(&volume_key);
         let version = 1;
-        let name_key = vk.wrap_key(
-            &secret_aad(&volume_id, SECRET_NAMES, version),
-            &SecretKey::random(),
-        );
-        let xattr_key = vk.wrap_key(
-            &secret_aad(&volume_id, SECRET_XATTRS, version),
-            &SecretKey::random(),
-        );
+        let name_key = vk.wrap_key(&secret_aad(&volume_id, SECRET_NAMES, version), &SecretKey::random());
+        let xattr_key = vk.wrap_key(&secret_aad(&volume_id, SECRET_XATTRS, version), &SecretKey::random());
         let uri = provider.uri();
-        let master_key_id = uri
-            .split_once(':')
-            .map(|(_, k)| k.to_string())
-            .unwrap_or_default();
+        let master_key_id = uri.split_once(':').map(|(_, k)| k.to_string()).unwrap_or_default();
         let row = VolumeRow {
             volume_id,
             format_version: FORMAT_VERSION,
@@ -239,12 +233,8 @@ impl Volume {
                 .map_err(|_| tampered(&format!("the {kind} key")))?;
             secrets.insert(kind, key);
         }
-        let name_key = secrets
-            .get(SECRET_NAMES)
-            .ok_or_else(|| tampered("the name key"))?;
-        let xattr_key = secrets
-            .get(SECRET_XATTRS)
-            .ok_or_else(|| tampered("the xattr key"))?;
+        let name_key = secrets.get(SECRET_NAMES).ok_or_else(|| tampered("the name key"))?;
+        let xattr_key = secrets.get(SECRET_XATTRS).ok_or_else(|| tampered("the xattr key"))?;
         Ok(Volume {
             backing: backing.to_path_buf(),
             db: Arc::new(db),
@@ -287,12 +277,8 @@ impl Volume {
         let file_id: FileId = random_array();
         let dek = SecretKey::random();
         let vk = &self.volume_keys[&self.active_version];
-        let wrapped = vk.wrap_key(
-            &file_key_aad(&self.info.volume_id, &file_id, self.active_version),
-            &dek,
-        );
-        self.db
-            .queue_file_key(file_id, self.active_version, wrapped)?;
+        let wrapped = vk.wrap_key(&file_key_aad(&self.info.volume_id, &file_id, self.active_version), &dek);
+        self.db.queue_file_key(file_id, self.active_version, wrapped)?;
         Ok((file_id, BlockCipher::new(&dek, file_id)))
     }
 
@@ -309,10 +295,7 @@ impl Volume {
         };
         let vk = self.volume_keys.get(&version).ok_or_else(tampered)?;
         let dek = vk
-            .unwrap_key(
-                &file_key_aad(&self.info.volume_id, file_id, version),
-                &wrapped,
-            )
+            .unwrap_key(&file_key_aad(&self.info.volume_id, file_id, version), &wrapped)
             .map_err(|_| tampered())?;
         Ok(BlockCipher::new(&dek, *file_id))
     }
@@ -334,9 +317,7 @@ impl Volume {
     }
 
     pub fn decrypt_link_target(&self, stored: &[u8]) -> Result<Vec<u8>, NameError> {
-        let sealed = URL_SAFE_NO_PAD
-            .decode(stored)
-            .map_err(|_| NameError::Encoding)?;
+        let sealed = URL_SAFE_NO_PAD.decode(stored).map_err(|_| NameError::Encoding)?;
         let plain = self
             .link_targets
             .open(&self.link_aad(), &sealed)
@@ -350,10 +331,7 @@ impl Volume {
 
     /// Backing name of a `user.*` xattr (`name` is the part after `user.`).
     pub fn xattr_backing_name(&self, name: &[u8]) -> String {
-        format!(
-            "user.kmsfs.{}",
-            self.xattr_names.encrypt(&[0u8; DIR_IV_LEN], name)
-        )
+        format!("user.kmsfs.{}", self.xattr_names.encrypt(&[0u8; DIR_IV_LEN], name))
     }
 
     pub fn xattr_plain_name(&self, backing: &[u8]) -> Option<Vec<u8>> {

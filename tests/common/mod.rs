@@ -23,7 +23,10 @@ pub fn kmsfs_bin() -> &'static str {
 impl TestVolume {
     /// A new volume with a fast (test-only) Argon2id setting.
     pub fn init() -> Self {
-        let dir = tempfile::Builder::new().prefix("kmsfs-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("kmsfs-test-")
+            .tempdir()
+            .expect("tempdir");
         let vol = TestVolume {
             backing: dir.path().join("cipher"),
             mnt: dir.path().join("plain"),
@@ -32,14 +35,27 @@ impl TestVolume {
             dir,
         };
         std::fs::create_dir(&vol.mnt).expect("mkdir mountpoint");
-        let out = vol.run(&["init", path_str(&vol.backing), "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
-        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = vol.run(&[
+            "init",
+            path_str(&vol.backing),
+            "--kdf-memory-mib",
+            "8",
+            "--kdf-iterations",
+            "1",
+        ]);
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         vol
     }
 
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(kmsfs_bin());
-        cmd.env("KMSFS_KEYSTORE", &self.keystore).env("KMSFS_PASSPHRASE", PASSPHRASE).env_remove("RUST_LOG");
+        cmd.env("KMSFS_KEYSTORE", &self.keystore)
+            .env("KMSFS_PASSPHRASE", PASSPHRASE)
+            .env_remove("RUST_LOG");
         cmd
     }
 
@@ -52,11 +68,29 @@ impl TestVolume {
     }
 
     pub fn mount_with(&self, extra: &[&str]) -> Mount<'_> {
-        let mut args = vec!["mount", path_str(&self.backing), path_str(&self.mnt), "--log-file", path_str(&self.log)];
+        let mut args = vec![
+            "mount",
+            path_str(&self.backing),
+            path_str(&self.mnt),
+            "--log-file",
+            path_str(&self.log),
+        ];
         args.extend_from_slice(extra);
-        let out = self.command().env("RUST_LOG", "info").args(&args).output().expect("run kmsfs mount");
-        assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
-        Mount { vol: self, mounted: true }
+        let out = self
+            .command()
+            .env("RUST_LOG", "info")
+            .args(&args)
+            .output()
+            .expect("run kmsfs mount");
+        assert!(
+            out.status.success(),
+            "mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount {
+            vol: self,
+            mounted: true,
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -147,7 +181,11 @@ pub fn xattr_list(p: &Path) -> std::io::Result<Vec<Vec<u8>>> {
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(buf[..n as usize].split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| s.to_vec()).collect())
+    Ok(buf[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.to_vec())
+        .collect())
 }
 
 pub fn xattr_get(p: &Path, name: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -166,14 +204,22 @@ pub fn xattr_set(p: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Res
     let c = cpath(p);
     let n = std::ffi::CString::new(name).unwrap();
     let rc = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags) };
-    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 pub fn xattr_remove(p: &Path, name: &str) -> std::io::Result<()> {
     let c = cpath(p);
     let n = std::ffi::CString::new(name).unwrap();
     let rc = unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) };
-    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// A small deterministic generator so failures reproduce from the seed.

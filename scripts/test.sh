@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what the tests need, then runs them: formatting, lints, unit tests
+# and the integration tests, which mount real FUSE filesystems.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+need_pkgs=()
+command -v fusermount3 >/dev/null 2>&1 || need_pkgs+=(fuse3)
+command -v umount >/dev/null 2>&1 || need_pkgs+=(mount)
+command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    echo "== installing ${need_pkgs[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+if [ ! -c /dev/fuse ]; then
+    as_root modprobe fuse 2>/dev/null || true
+fi
+[ -c /dev/fuse ] || { echo "test.sh: /dev/fuse is missing; the mount tests cannot run" >&2; exit 1; }
+
+mkdir -p target
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy"
+cargo clippy --all-targets --quiet -- -D warnings
+echo "== cargo test"
+# Integration tests mount real filesystems; each unmounts itself even on failure.
+cargo test --all-targets 2>&1 | tee target/test-output.txt
+passed=$(grep -Eo '[0-9]+ passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+echo "kmsfs: ${passed} passed, ${failed} failed"

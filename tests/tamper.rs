@@ -1,0 +1,308 @@
+//! Tampering with the backing directory reads as EIO with a log line naming
+//! the file and block, never as wrong plaintext; bad input to the CLI gets a
+//! clear message and a distinct exit code and changes nothing.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use common::{Rng, TestVolume, all_backing_bytes, path_str};
+
+const HEADER: u64 = 18;
+const CBLOCK: u64 = 4096 + 28;
+
+fn block_at(i: u64) -> u64 {
+    HEADER + i * CBLOCK
+}
+
+fn data_files(backing: &Path) -> BTreeSet<PathBuf> {
+    fs::read_dir(backing)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file() && !p.file_name().unwrap().to_string_lossy().contains('.'))
+        .collect()
+}
+
+/// Writes files one at a time and returns the backing path of each.
+fn write_files(vol: &TestVolume, files: &[(&str, Vec<u8>)]) -> Vec<PathBuf> {
+    let mount = vol.mount();
+    let mut seen = data_files(&vol.backing);
+    let mut out = Vec::new();
+    for (name, data) in files {
+        fs::write(vol.path(name), data).unwrap();
+        let now = data_files(&vol.backing);
+        let new: Vec<_> = now.difference(&seen).cloned().collect();
+        assert_eq!(new.len(), 1);
+        out.push(new[0].clone());
+        seen = now;
+    }
+    mount.unmount();
+    out
+}
+
+fn read_block(path: &Path, i: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; CBLOCK as usize];
+    fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, block_at(i))
+        .unwrap();
+    buf
+}
+
+fn write_at(path: &Path, data: &[u8], off: u64) {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(data, off)
+        .unwrap();
+}
+
+fn expect_eio(vol: &TestVolume, name: &str, backing: &Path, what: &str) {
+    let mount = vol.mount();
+    let err = fs::read(vol.path(name)).expect_err(what);
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{what}: {err}");
+    mount.unmount();
+    let log = vol.log_text();
+    let file_name = backing.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        log.lines().any(|l| l.contains("ERROR") && l.contains(&file_name)),
+        "{what}: no log line naming {file_name}:\n{log}"
+    );
+}
+
+fn three_blocks(seed: u64) -> Vec<u8> {
+    Rng::new(seed).bytes(3 * 4096 - 100)
+}
+
+#[test]
+fn flipped_bit_reads_as_eio_and_names_the_block() {
+    let vol = TestVolume::init();
+    let [a] = write_files(&vol, &[("a", three_blocks(1))]).try_into().unwrap();
+    let mut block = read_block(&a, 1);
+    block[100] ^= 0x04;
+    write_at(&a, &block, block_at(1));
+    expect_eio(&vol, "a", &a, "flipped bit");
+    assert!(vol.log_text().contains("block 1"), "log names the block");
+    // The authentic blocks before the damage still read.
+    let mount = vol.mount();
+    let f = fs::File::open(vol.path("a")).unwrap();
+    let mut first = vec![0u8; 4096];
+    f.read_exact_at(&mut first, 0).unwrap();
+    assert_eq!(first, three_blocks(1)[..4096]);
+    drop(f);
+    mount.unmount();
+}
+
+#[test]
+fn block_swapped_between_files_reads_as_eio() {
+    let vol = TestVolume::init();
+    let [a, b] = write_files(&vol, &[("a", three_blocks(1)), ("b", three_blocks(2))])
+        .try_into()
+        .unwrap();
+    write_at(&a, &read_block(&b, 1), block_at(1));
+    expect_eio(&vol, "a", &a, "block from another file");
+}
+
+#[test]
+fn blocks_swapped_within_a_file_read_as_eio() {
+    let vol = TestVolume::init();
+    let [a] = write_files(&vol, &[("a", three_blocks(3))]).try_into().unwrap();
+    let (b0, b1) = (read_block(&a, 0), read_block(&a, 1));
+    write_at(&a, &b1, block_at(0));
+    write_at(&a, &b0, block_at(1));
+    expect_eio(&vol, "a", &a, "swapped blocks");
+}
+
+#[test]
+fn file_cut_at_a_block_boundary_reads_as_eio() {
+    let vol = TestVolume::init();
+    let [a] = write_files(&vol, &[("a", three_blocks(4))]).try_into().unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&a)
+        .unwrap()
+        .set_len(block_at(2))
+        .unwrap();
+    expect_eio(&vol, "a", &a, "cut at block boundary");
+}
+
+#[test]
+fn missing_data_key_row_reads_as_eio() {
+    let vol = TestVolume::init();
+    let [a, _b] = write_files(&vol, &[("a", three_blocks(5)), ("b", b"other".to_vec())])
+        .try_into()
+        .unwrap();
+    let header = fs::read(&a).unwrap()[..HEADER as usize].to_vec();
+    let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
+    let removed = db
+        .execute("DELETE FROM file_keys WHERE file_id = ?1", [&header[2..]])
+        .unwrap();
+    assert_eq!(removed, 1);
+    drop(db);
+    let mount = vol.mount();
+    assert_eq!(fs::read(vol.path("a")).unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert_eq!(fs::read(vol.path("b")).unwrap(), b"other", "other files unaffected");
+    mount.unmount();
+    assert!(vol.log_text().contains("no data key for file"), "{}", vol.log_text());
+}
+
+#[test]
+fn damaged_header_reads_as_eio() {
+    let vol = TestVolume::init();
+    let [a] = write_files(&vol, &[("a", three_blocks(6))]).try_into().unwrap();
+    write_at(&a, &[0xff], 5);
+    expect_eio(&vol, "a", &a, "damaged file id");
+    let vol = TestVolume::init();
+    let [a] = write_files(&vol, &[("a", three_blocks(6))]).try_into().unwrap();
+    write_at(&a, &[9, 9], 0);
+    expect_eio(&vol, "a", &a, "unknown header version");
+    assert!(vol.log_text().contains("damaged header"));
+}
+
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut all = all_backing_bytes(dir);
+    all.retain(|(p, _)| !p.ends_with("kmsfs.db-shm")); // SQLite's shared-memory index, rebuilt on open
+    all.sort();
+    all
+}
+
+#[test]
+fn bad_input_gets_distinct_exit_codes_and_changes_nothing() {
+    let vol = TestVolume::init();
+    let [_a] = write_files(&vol, &[("a", three_blocks(7))]).try_into().unwrap();
+    let before = snapshot(&vol.backing);
+    let (backing, mnt) = (path_str(&vol.backing), path_str(&vol.mnt));
+
+    let wrong = vol
+        .command()
+        .env("KMSFS_PASSPHRASE", "not the passphrase")
+        .args(["mount", backing, mnt])
+        .output()
+        .unwrap();
+    assert_eq!(wrong.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong passphrase"));
+
+    let pass_file = vol.dir.path().join("pass");
+    fs::write(&pass_file, "also wrong\n").unwrap();
+    let wrong = vol
+        .command()
+        .env_remove("KMSFS_PASSPHRASE")
+        .args(["--passphrase-file", path_str(&pass_file), "mount", backing, mnt])
+        .output()
+        .unwrap();
+    assert_eq!(wrong.status.code(), Some(3));
+
+    let no_secret = vol
+        .command()
+        .env_remove("KMSFS_PASSPHRASE")
+        .args(["mount", backing, mnt])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(no_secret.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&no_secret.stderr).contains("no passphrase"));
+
+    let missing_ks = vol
+        .command()
+        .env("KMSFS_KEYSTORE", vol.dir.path().join("nope.json"))
+        .args(["mount", backing, mnt])
+        .output()
+        .unwrap();
+    assert_eq!(missing_ks.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&missing_ks.stderr).contains("does not exist"));
+
+    let not_volume = vol.run(&["mount", path_str(vol.dir.path()), mnt]);
+    assert_eq!(not_volume.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&not_volume.stderr).contains("not a kmsfs volume"));
+
+    let no_mountpoint = vol.run(&["mount", backing, path_str(&vol.dir.path().join("missing"))]);
+    assert_eq!(no_mountpoint.status.code(), Some(6));
+
+    let reinit = vol.run(&["init", backing]);
+    assert_eq!(reinit.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&reinit.stderr).contains("already holds"));
+
+    let bad_option = vol.run(&["mount", backing, mnt, "-o", "frobnicate"]);
+    assert_eq!(bad_option.status.code(), Some(2));
+
+    assert!(
+        snapshot(&vol.backing) == before,
+        "a failed command changed the backing directory"
+    );
+
+    // A second mount of a mounted volume is refused.
+    let mount = vol.mount();
+    let other = vol.dir.path().join("other");
+    fs::create_dir(&other).unwrap();
+    let twice = vol.run(&["mount", backing, path_str(&other)]);
+    assert_eq!(twice.status.code(), Some(6));
+    assert!(String::from_utf8_lossy(&twice.stderr).contains("already mounted"));
+    assert_eq!(fs::read(vol.path("a")).unwrap(), three_blocks(7));
+    mount.unmount();
+
+    // A damaged DB is named as such; restoring it makes everything readable again.
+    let db_path = vol.backing.join("kmsfs.db");
+    let good_db = fs::read(&db_path).unwrap();
+    fs::write(
+        &db_path,
+        b"this is not an SQLite database, not even close; it is garbage",
+    )
+    .unwrap();
+    let damaged = vol.run(&["mount", backing, mnt]);
+    assert_eq!(damaged.status.code(), Some(4));
+    assert!(
+        String::from_utf8_lossy(&damaged.stderr).contains("damaged"),
+        "{}",
+        String::from_utf8_lossy(&damaged.stderr)
+    );
+    fs::write(&db_path, good_db).unwrap();
+    let mount = vol.mount();
+    assert_eq!(fs::read(vol.path("a")).unwrap(), three_blocks(7));
+    mount.unmount();
+}
+
+#[test]
+fn key_file_unlocks_and_a_wrong_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = dir.path().join("ks.json");
+    let key = dir.path().join("volume.key");
+    let run = |args: &[&str]| {
+        std::process::Command::new(common::kmsfs_bin())
+            .env("KMSFS_KEYSTORE", &ks)
+            .env_remove("KMSFS_PASSPHRASE")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let backing = dir.path().join("c");
+    let out = run(&["--key-file", path_str(&key), "init", path_str(&backing)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(fs::read(&key).unwrap().len(), 32);
+    let mnt = dir.path().join("m");
+    fs::create_dir(&mnt).unwrap();
+    let other_key = dir.path().join("other.key");
+    fs::write(&other_key, [1u8; 32]).unwrap();
+    let wrong = run(&[
+        "--key-file",
+        path_str(&other_key),
+        "mount",
+        path_str(&backing),
+        path_str(&mnt),
+    ]);
+    assert_eq!(wrong.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong key file"));
+    let ok = run(&[
+        "--key-file",
+        path_str(&key),
+        "mount",
+        path_str(&backing),
+        path_str(&mnt),
+    ]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    fs::write(mnt.join("x"), b"with a key file").unwrap();
+    assert!(run(&["umount", path_str(&mnt)]).status.success());
+}
