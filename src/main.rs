@@ -1,4 +1,5 @@
-//! The `kmsfs` command.
+//! The `kmsfs` command. Installed as `mount.kmsfs` (a symlink) it also
+//! serves `mount -t kmsfs` and fstab entries.
 
 mod cli;
 

@@ -25,7 +25,8 @@ pub struct MountArgs {
     /// Stay in the foreground (logs go to stderr)
     #[arg(short = 'f', long)]
     foreground: bool,
-    /// Mount options, comma-separated: ro, allow_other, fsname=NAME, noexec, nosuid, nodev, noatime, threads=N
+    /// Mount options, comma-separated: ro, allow_other, fsname=NAME, threads=N, noexec, nosuid, nodev, noatime,
+    /// sync, dirsync, and keystore=PATH, passphrase_file=PATH, key_file=PATH (for fstab)
     #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
     options: Vec<String>,
     /// Append the daemon's log to this file (level from RUST_LOG, default warn)
@@ -37,7 +38,10 @@ fn mount_error(message: impl Into<String>) -> CliError {
     CliError::new(ExitCode::Mount, message)
 }
 
-fn parse_options(raw: &[String]) -> Result<MountOptions, CliError> {
+/// Parses `-o` options. Key options (`keystore=`, `passphrase_file=`,
+/// `key_file=`) are accepted too, so that an fstab line can carry them.
+fn parse_options(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliError> {
+    use fuser::MountOption as K;
     let mut opts = MountOptions {
         threads: 4,
         ..MountOptions::default()
@@ -47,10 +51,24 @@ fn parse_options(raw: &[String]) -> Result<MountOptions, CliError> {
             "ro" => opts.read_only = true,
             "rw" => opts.read_only = false,
             "allow_other" => opts.allow_other = true,
-            "noexec" | "exec" | "nosuid" | "suid" | "nodev" | "dev" | "noatime" | "atime" | "relatime" | "sync"
-            | "async" | "dirsync" => opts.kernel.push(opt.to_string()),
+            "noexec" => opts.kernel.push(K::NoExec),
+            "exec" => opts.kernel.push(K::Exec),
+            "nosuid" => opts.kernel.push(K::NoSuid),
+            "suid" => opts.kernel.push(K::Suid),
+            "nodev" => opts.kernel.push(K::NoDev),
+            "dev" => opts.kernel.push(K::Dev),
+            "noatime" => opts.kernel.push(K::NoAtime),
+            "atime" => opts.kernel.push(K::Atime),
+            "sync" => opts.kernel.push(K::Sync),
+            "async" => opts.kernel.push(K::Async),
+            "dirsync" => opts.kernel.push(K::DirSync),
+            o if o.starts_with("keystore=") => keys.keystore = Some(PathBuf::from(&o["keystore=".len()..])),
+            o if o.starts_with("passphrase_file=") => {
+                keys.passphrase_file = Some(PathBuf::from(&o["passphrase_file=".len()..]))
+            }
+            o if o.starts_with("key_file=") => keys.key_file = Some(PathBuf::from(&o["key_file=".len()..])),
             // Accepted for fstab compatibility; handled by mount(8) or meaningless here.
-            "defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" => {}
+            "defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" | "relatime" => {}
             o if o.starts_with("fsname=") => opts.fsname = Some(o["fsname=".len()..].to_string()),
             o if o.starts_with("threads=") => {
                 opts.threads = o["threads=".len()..]
@@ -122,7 +140,9 @@ fn daemonize() -> Result<File, CliError> {
 }
 
 pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
-    let options = parse_options(&args.options)?;
+    let mut keys = keys.clone();
+    let options = parse_options(&args.options, &mut keys)?;
+    let keys = &keys;
     let backing = absolute(&args.backing, "backing directory")?;
     let mountpoint = absolute(&args.mountpoint, "mount point")?;
     if !mountpoint.is_dir() {

@@ -127,8 +127,20 @@ fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `mount.kmsfs BACKING MOUNTPOINT [-o OPTS] [-n] [-s] [-v]`, as mount(8)
+/// calls helpers, becomes `kmsfs mount BACKING MOUNTPOINT [-o OPTS]`.
+fn arguments() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invoked_as = args.first().map(std::path::PathBuf::from);
+    if invoked_as.as_deref().and_then(|p| p.file_name()) == Some(std::ffi::OsStr::new("mount.kmsfs")) {
+        args.retain(|a| !matches!(a.to_str(), Some("-n" | "-s" | "-v" | "-f")));
+        args.insert(1, "mount".into());
+    }
+    args
+}
+
 pub fn run() -> i32 {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(arguments()) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();

@@ -65,8 +65,8 @@ pub struct MountOptions {
     pub allow_other: bool,
     pub fsname: Option<String>,
     pub threads: usize,
-    /// Options passed to the kernel as they are (e.g. `noexec`, `nosuid`).
-    pub kernel: Vec<String>,
+    /// Further kernel mount flags (`noexec`, `nosuid`, `noatime` …).
+    pub kernel: Vec<MountOption>,
 }
 
 impl KmsFs {
@@ -629,9 +629,7 @@ pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result
     if options.read_only {
         config.mount_options.push(MountOption::RO);
     }
-    config
-        .mount_options
-        .extend(options.kernel.iter().map(|o| MountOption::CUSTOM(o.clone())));
+    config.mount_options.extend(options.kernel.iter().cloned());
     if options.allow_other {
         config.acl = SessionACL::All;
     }
