@@ -7,7 +7,7 @@ use std::fs;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{path_str, TestVolume, PASSPHRASE};
+use common::{PASSPHRASE, TestVolume, path_str};
 
 fn is_mounted(path: &std::path::Path) -> bool {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -22,7 +22,10 @@ fn read_only_mount_refuses_writes() {
     m.unmount();
     let _m = vol.mount_with(&["-o", "ro,noexec,nosuid"]);
     assert_eq!(fs::read(vol.path("kept")).unwrap(), b"before");
-    assert_eq!(fs::write(vol.path("new"), b"x").unwrap_err().raw_os_error(), Some(libc::EROFS));
+    assert_eq!(
+        fs::write(vol.path("new"), b"x").unwrap_err().raw_os_error(),
+        Some(libc::EROFS)
+    );
 }
 
 #[test]
@@ -32,14 +35,22 @@ fn mount_helper_form_with_fstab_options() {
     std::os::unix::fs::symlink(common::kmsfs_bin(), &helper).unwrap();
     let pass = vol.dir.path().join("passphrase");
     fs::write(&pass, format!("{PASSPHRASE}\n")).unwrap();
-    let opts = format!("rw,nodev,keystore={},passphrase_file={}", path_str(&vol.keystore), path_str(&pass));
+    let opts = format!(
+        "rw,nodev,keystore={},passphrase_file={}",
+        path_str(&vol.keystore),
+        path_str(&pass)
+    );
     let out = Command::new(&helper)
         .env_remove("KMSFS_PASSPHRASE")
         .env_remove("KMSFS_KEYSTORE")
         .args([path_str(&vol.backing), path_str(&vol.mnt), "-n", "-o", &opts])
         .output()
         .unwrap();
-    assert!(out.status.success(), "mount.kmsfs: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mount.kmsfs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let written = fs::write(vol.path("via-helper"), b"ok");
     let unmounted = vol.run(&["umount", path_str(&vol.mnt)]);
     written.unwrap();
@@ -57,7 +68,10 @@ fn foreground_daemon_unmounts_on_sigterm_and_status_reports() {
         .unwrap();
     let start = Instant::now();
     while !is_mounted(&vol.mnt) {
-        assert!(start.elapsed() < Duration::from_secs(20), "foreground mount never became ready");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "foreground mount never became ready"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let result = std::panic::catch_unwind(|| {
@@ -82,5 +96,8 @@ fn foreground_daemon_unmounts_on_sigterm_and_status_reports() {
     let status = vol.run(&["status", "--json", path_str(&vol.backing)]);
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(json["mounted"], false);
-    assert_eq!(json["file_keys"], 1, "the key of the written file was committed before exit");
+    assert_eq!(
+        json["file_keys"], 1,
+        "the key of the written file was committed before exit"
+    );
 }

@@ -12,7 +12,7 @@ use kmsfs::fs::{KmsFs, MountOptions};
 use kmsfs::volume::Volume;
 use kmsfs::volume::lock::VolumeLock;
 
-use super::{CliError, ExitCode, KeyOptions, secrets};
+use super::{CliError, ExitCode, KeyOptions};
 
 const READY: &[u8] = b"ready";
 
@@ -139,6 +139,36 @@ fn daemonize() -> Result<File, CliError> {
     Ok(File::from(write_end))
 }
 
+/// The daemon holds one descriptor per inode the kernel remembers: raise
+/// the limit as far as allowed (root may go up to fs.nr_open).
+fn raise_fd_limit() {
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit calls on a stack value.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let wanted = libc::rlimit {
+            rlim_cur: ceiling,
+            rlim_max: ceiling.max(lim.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+            let soft = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
+        }
+    }
+}
+
 pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let mut keys = keys.clone();
     let options = parse_options(&args.options, &mut keys)?;
@@ -152,20 +182,17 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         )));
     }
     let row = kmsfs::volume::read_info(&backing)?.volume;
-    let key_id = row
-        .provider
-        .strip_prefix("local:")
-        .ok_or_else(|| CliError::new(ExitCode::Provider, format!("unsupported key provider {}", row.provider)))?;
-    let store = Arc::new(secrets::open_keystore(keys)?);
-    let provider = store.provider(key_id)?;
+    let provider = super::volumes::provider_for(&row, keys)?;
     let mut lock = VolumeLock::acquire(&backing)?;
-    let volume = Arc::new(Volume::open(&backing, &provider)?);
+    let volume = Arc::new(Volume::open(&backing, provider)?);
     log::info!(
         "volume {} opened with {} provider call(s)",
         kmsfs::kms::hex(&row.volume_id),
         volume.provider_calls()
     );
 
+    // No SQLite connection may cross the fork: its POSIX locks would not.
+    volume.db().disconnect();
     let mut ready_pipe = if args.foreground { None } else { Some(daemonize()?) };
     // From here on this process is the daemon: report failures through the pipe too.
     let report = |pipe: &mut Option<File>, e: CliError| {
@@ -176,6 +203,11 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     };
     unsafe { libc::umask(0) };
     lock.record_pid();
+    raise_fd_limit();
+    volume
+        .db()
+        .reconnect()
+        .map_err(|e| report(&mut ready_pipe, kmsfs::volume::VolumeError::from(e).into()))?;
     volume.start_background_flush();
     let fs = KmsFs::new(Arc::clone(&volume)).map_err(|e| report(&mut ready_pipe, CliError::from(e)))?;
     let mut session = kmsfs::fs::mount(fs, &mountpoint, &options).map_err(|e| {
@@ -222,39 +254,22 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     served.map_err(|e| mount_error(format!("serving {}: {e}", mountpoint.display())))
 }
 
-/// Finds the backing directory of a kmsfs mount in /proc/self/mountinfo.
+/// The backing directory of the kmsfs mount at exactly `mountpoint`.
 fn mounted_backing(mountpoint: &Path) -> Result<Option<PathBuf>, CliError> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let unescape = |s: &str| {
-        s.replace("\\040", " ")
-            .replace("\\011", "\t")
-            .replace("\\012", "\n")
-            .replace("\\134", "\\")
+    let Some(mount) = super::mounts::mounts()?
+        .into_iter()
+        .find(|m| m.mountpoint == mountpoint)
+    else {
+        return Ok(None);
     };
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(dash) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        if fields.len() < dash + 3 || fields.len() < 5 {
-            continue;
-        }
-        if Path::new(&unescape(fields[4])) == mountpoint {
-            let fstype = fields[dash + 1];
-            let source = PathBuf::from(unescape(fields[dash + 2]));
-            // Without the mount helper the kernel records plain "fuse"; the
-            // source (the backing directory) then tells it is ours.
-            let ours = fstype == "fuse.kmsfs" || (fstype == "fuse" && source.join(kmsfs::volume::db::DB_FILE).exists());
-            if !ours {
-                return Err(mount_error(format!(
-                    "{} is not a kmsfs mount ({fstype})",
-                    mountpoint.display()
-                )));
-            }
-            return Ok(Some(source));
-        }
+    if !mount.is_kmsfs() {
+        return Err(mount_error(format!(
+            "{} is not a kmsfs mount ({})",
+            mountpoint.display(),
+            mount.fstype
+        )));
     }
-    Ok(None)
+    Ok(Some(mount.source))
 }
 
 pub fn umount(mountpoint: &Path) -> Result<(), CliError> {

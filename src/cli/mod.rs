@@ -2,8 +2,12 @@
 
 mod daemon;
 mod errors;
+mod mounts;
+mod rekey;
+mod rotation;
 mod secrets;
 mod status;
+mod volumes;
 
 use std::path::PathBuf;
 
@@ -51,6 +55,33 @@ enum Command {
         /// The mount point
         mountpoint: PathBuf,
     },
+    /// Rotate the volume key: re-wrap every file key under a new version, retire the old one
+    /// (no file data is rewritten; works mounted or not; resumes an interrupted rotation)
+    Rotate {
+        /// The backing directory
+        backing: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-wrap the volume-key blobs under the master key's newest version (after `kmsfs key rotate`)
+    Rewrap {
+        /// The backing directory
+        backing: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-encrypt files under fresh data keys (for a data key that may have leaked);
+    /// PATH is on a mounted volume, or a file in an unmounted volume's backing directory
+    Rekey {
+        /// Files to re-key
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Master keys in the local keystore
+    #[command(subcommand)]
+    Key(rotation::KeyCommand),
     /// Show a volume's id, key provider, volume-key versions and mount state
     Status {
         /// The backing directory
@@ -160,6 +191,10 @@ pub fn run() -> i32 {
         Command::Mount(args) => daemon::mount(args, &cli.keys),
         Command::Umount { mountpoint } => daemon::umount(&mountpoint),
         Command::Status { backing, json } => status::status(&backing, json),
+        Command::Rotate { backing, json } => rotation::rotate(&backing, &cli.keys, json),
+        Command::Rewrap { backing, json } => rotation::rewrap(&backing, &cli.keys, json),
+        Command::Key(command) => rotation::key(command, &cli.keys),
+        Command::Rekey { paths, json } => rekey::rekey(&paths, &cli.keys, json),
     };
     match result {
         Ok(()) => 0,

@@ -18,6 +18,7 @@ pub fn status(backing: &Path, json: bool) -> Result<(), CliError> {
             .map(|(_, n)| *n)
             .unwrap_or(0)
     };
+    let rotating = keys.iter().any(|k| k.state == "retiring");
     if json {
         let versions: Vec<_> = keys
             .iter()
@@ -39,6 +40,7 @@ pub fn status(backing: &Path, json: bool) -> Result<(), CliError> {
             "created_at": row.created_at,
             "volume_keys": versions,
             "file_keys": counts.iter().map(|(_, n)| n).sum::<u64>(),
+            "rotation_in_progress": rotating,
             "mounted": daemon.is_some(),
             "daemon_pid": daemon.and_then(|p| p.parse::<u64>().ok()),
         });
@@ -58,6 +60,14 @@ pub fn status(backing: &Path, json: bool) -> Result<(), CliError> {
             files_of(k.version)
         );
     }
+    println!(
+        "rotation:       {}",
+        if rotating {
+            "in progress (run `kmsfs rotate` to finish it)"
+        } else {
+            "none in progress"
+        }
+    );
     match daemon {
         Some(pid) => println!("mounted:        yes (daemon pid {pid})"),
         None => println!("mounted:        no"),

@@ -66,7 +66,7 @@ impl KmsFs {
         if let Some(iv) = dir.dir_iv.get() {
             return Ok(*iv);
         }
-        let bytes = read_all_at(dir.fd(), DIR_IV_FILE, 16).map_err(|e| {
+        let bytes = read_all_at(dir.fd()?.as_fd(), DIR_IV_FILE, 16).map_err(|e| {
             log::error!("directory {} has no readable IV file: {e}", self.describe(dir));
             Errno::EIO
         })?;
@@ -92,14 +92,18 @@ impl KmsFs {
 
     fn write_sidecar(&self, parent: &Node, name: &BackingName) -> FsResult<()> {
         if let Some((sidecar, content)) = name.sidecar() {
-            write_new_file(parent.fd(), &sidecar, content.as_bytes(), false).map_err(errno)?;
+            write_new_file(parent.fd()?.as_fd(), &sidecar, content.as_bytes(), false).map_err(errno)?;
         }
         Ok(())
     }
 
     fn remove_sidecar(&self, parent: &Node, name: &BackingName) {
         if let Some((sidecar, _)) = name.sidecar() {
-            if let Err(e) = rustix::fs::unlinkat(parent.fd(), sidecar.as_str(), AtFlags::empty()) {
+            let removed = parent
+                .fd()
+                .map_err(|e| rustix::io::Errno::from_raw_os_error(e.code()))
+                .and_then(|pfd| rustix::fs::unlinkat(pfd.as_fd(), sidecar.as_str(), AtFlags::empty()));
+            if let Err(e) = removed {
                 log::warn!("removing long-name sidecar in {}: {e}", self.describe(parent));
             }
         }
@@ -108,7 +112,7 @@ impl KmsFs {
     /// Looks up `backing` in `parent`, registering the lookup.
     pub(super) fn lookup_backing(&self, parent: &Node, backing: &str) -> FsResult<(Arc<Node>, FileAttr)> {
         let fd = rustix::fs::openat(
-            parent.fd(),
+            parent.fd()?.as_fd(),
             backing,
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
@@ -135,7 +139,7 @@ impl KmsFs {
     }
 
     pub(super) fn stat_attr(&self, node: &Node) -> FsResult<FileAttr> {
-        let st = rustix::fs::fstat(node.fd()).map_err(errno)?;
+        let st = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?;
         self.attr_of(node, &st)
     }
 
@@ -144,14 +148,14 @@ impl KmsFs {
         if !rustix::process::geteuid().is_root() {
             return Ok(());
         }
-        let parent_st = rustix::fs::fstat(parent.fd()).map_err(errno)?;
+        let parent_st = rustix::fs::fstat(parent.fd()?.as_fd()).map_err(errno)?;
         let gid = if parent_st.st_mode as u32 & libc::S_ISGID != 0 {
             parent_st.st_gid
         } else {
             gid
         };
         rustix::fs::chownat(
-            parent.fd(),
+            parent.fd()?.as_fd(),
             backing,
             Some(rustix::fs::Uid::from_raw(uid)),
             Some(rustix::fs::Gid::from_raw(gid)),
@@ -173,10 +177,11 @@ impl KmsFs {
         self.write_sidecar(parent, &backing)?;
         let perm = Mode::from_raw_mode(mode & 0o7777);
         let b = backing.as_str();
-        let mknod = |kind| rustix::fs::mknodat(parent.fd(), b, kind, perm, 0).map(|()| None);
+        let pfd = parent.fd()?;
+        let mknod = |kind| rustix::fs::mknodat(pfd.as_fd(), b, kind, perm, 0).map(|()| None);
         let created = match (mode & libc::S_IFMT, open_flags) {
             (libc::S_IFREG | 0, Some(flags)) => rustix::fs::openat(
-                parent.fd(),
+                parent.fd()?.as_fd(),
                 b,
                 flags | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
                 perm,
@@ -215,10 +220,10 @@ impl KmsFs {
         // Build the directory, IV included, under a temporary name and move it
         // into place: a crash never leaves a directory without its IV.
         let tmp = format!("{TEMP_PREFIX}{}", hex(&random_array::<8>()));
-        rustix::fs::mkdirat(parent.fd(), tmp.as_str(), Mode::from_raw_mode(0o700)).map_err(errno)?;
+        rustix::fs::mkdirat(parent.fd()?.as_fd(), tmp.as_str(), Mode::from_raw_mode(0o700)).map_err(errno)?;
         let result = (|| {
             let dir = rustix::fs::openat(
-                parent.fd(),
+                parent.fd()?.as_fd(),
                 tmp.as_str(),
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
                 Mode::empty(),
@@ -230,17 +235,21 @@ impl KmsFs {
             self.set_owner(parent, &tmp, owner.0, owner.1)?;
             self.write_sidecar(parent, &backing)?;
             rustix::fs::renameat_with(
-                parent.fd(),
+                parent.fd()?.as_fd(),
                 tmp.as_str(),
-                parent.fd(),
+                parent.fd()?.as_fd(),
                 backing.as_str(),
                 RenameFlags::NOREPLACE,
             )
             .map_err(errno)
         })();
         if let Err(e) = result {
-            let _ = rustix::fs::unlinkat(parent.fd(), format!("{tmp}/{DIR_IV_FILE}").as_str(), AtFlags::empty());
-            let _ = rustix::fs::unlinkat(parent.fd(), tmp.as_str(), AtFlags::REMOVEDIR);
+            let _ = rustix::fs::unlinkat(
+                parent.fd()?.as_fd(),
+                format!("{tmp}/{DIR_IV_FILE}").as_str(),
+                AtFlags::empty(),
+            );
+            let _ = rustix::fs::unlinkat(parent.fd()?.as_fd(), tmp.as_str(), AtFlags::REMOVEDIR);
             return Err(e);
         }
         self.lookup_backing(parent, backing.as_str())
@@ -259,7 +268,7 @@ impl KmsFs {
             return Err(Errno::ENAMETOOLONG);
         }
         self.write_sidecar(parent, &backing)?;
-        if let Err(e) = rustix::fs::symlinkat(stored.as_str(), parent.fd(), backing.as_str()) {
+        if let Err(e) = rustix::fs::symlinkat(stored.as_str(), parent.fd()?.as_fd(), backing.as_str()) {
             if e != rustix::io::Errno::EXIST {
                 self.remove_sidecar(parent, &backing);
             }
@@ -270,7 +279,7 @@ impl KmsFs {
     }
 
     pub(super) fn read_link(&self, node: &Node) -> FsResult<Vec<u8>> {
-        let stored = rustix::fs::readlinkat(node.fd(), "", Vec::new()).map_err(errno)?;
+        let stored = rustix::fs::readlinkat(node.fd()?.as_fd(), "", Vec::new()).map_err(errno)?;
         self.volume.decrypt_link_target(stored.as_bytes()).map_err(|e| {
             log::error!("symlink {}: target does not decrypt ({e})", self.describe(node));
             Errno::EIO
@@ -280,7 +289,13 @@ impl KmsFs {
     pub(super) fn make_link(&self, node: &Node, new_parent: &Node, new_name: &OsStr) -> FsResult<FileAttr> {
         let backing = self.backing_name(new_parent, new_name)?;
         self.write_sidecar(new_parent, &backing)?;
-        if let Err(e) = rustix::fs::linkat(node.fd(), "", new_parent.fd(), backing.as_str(), AtFlags::EMPTY_PATH) {
+        if let Err(e) = rustix::fs::linkat(
+            node.fd()?.as_fd(),
+            "",
+            new_parent.fd()?.as_fd(),
+            backing.as_str(),
+            AtFlags::EMPTY_PATH,
+        ) {
             if e != rustix::io::Errno::EXIST {
                 self.remove_sidecar(new_parent, &backing);
             }
@@ -292,18 +307,19 @@ impl KmsFs {
 
     /// The file id of a regular file about to lose its last name, if it has one.
     fn last_link_file_id(&self, parent: &Node, backing: &str) -> Option<FileId> {
-        let st = rustix::fs::statat(parent.fd(), backing, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        let pfd = parent.fd().ok()?;
+        let st = rustix::fs::statat(pfd.as_fd(), backing, AtFlags::SYMLINK_NOFOLLOW).ok()?;
         if file_type(st.st_mode as u32) != FileType::RegularFile || st.st_nlink != 1 {
             return None;
         }
-        let head = read_all_at(parent.fd(), backing, HEADER_LEN).ok()?;
+        let head = read_all_at(pfd.as_fd(), backing, HEADER_LEN).ok()?;
         header::decode(&head).ok()
     }
 
     pub(super) fn remove_file(&self, parent: &Node, name: &OsStr) -> FsResult<()> {
         let backing = self.backing_name(parent, name)?;
         let file_id = self.last_link_file_id(parent, backing.as_str());
-        rustix::fs::unlinkat(parent.fd(), backing.as_str(), AtFlags::empty()).map_err(errno)?;
+        rustix::fs::unlinkat(parent.fd()?.as_fd(), backing.as_str(), AtFlags::empty()).map_err(errno)?;
         self.remove_sidecar(parent, &backing);
         if let Some(id) = file_id {
             self.volume.forget_file_key(&id);
@@ -315,7 +331,7 @@ impl KmsFs {
     /// proceed; returns it so it can be put back if that fails.
     fn strip_empty_dir(&self, parent: &Node, backing: &str) -> FsResult<Vec<u8>> {
         let dir = rustix::fs::openat(
-            parent.fd(),
+            parent.fd()?.as_fd(),
             backing,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
@@ -340,13 +356,18 @@ impl KmsFs {
         if iv.is_empty() {
             return;
         }
-        let restored = rustix::fs::openat(
-            parent.fd(),
-            backing,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .and_then(|dir| write_new_file(dir.as_fd(), DIR_IV_FILE, iv, true));
+        let restored = parent
+            .fd()
+            .map_err(|e| rustix::io::Errno::from_raw_os_error(e.code()))
+            .and_then(|pfd| {
+                rustix::fs::openat(
+                    pfd.as_fd(),
+                    backing,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+            })
+            .and_then(|dir| write_new_file(dir.as_fd(), DIR_IV_FILE, iv, true));
         if let Err(e) = restored {
             log::error!(
                 "could not restore the IV of directory {backing} in {}: {e}",
@@ -359,7 +380,7 @@ impl KmsFs {
         let backing = self.backing_name(parent, name)?;
         let b = backing.as_str();
         let iv = self.strip_empty_dir(parent, b)?;
-        if let Err(e) = rustix::fs::unlinkat(parent.fd(), b, AtFlags::REMOVEDIR) {
+        if let Err(e) = rustix::fs::unlinkat(parent.fd()?.as_fd(), b, AtFlags::REMOVEDIR) {
             self.restore_dir_iv(parent, b, &iv);
             return Err(errno(e));
         }
@@ -380,11 +401,18 @@ impl KmsFs {
         let flags = RenameFlags::from_bits(flags).ok_or(Errno::EINVAL)?;
         if flags.contains(RenameFlags::EXCHANGE) {
             // Names depend only on (directory, name): both backing names stay valid.
-            return rustix::fs::renameat_with(parent.fd(), from.as_str(), new_parent.fd(), to.as_str(), flags)
-                .map_err(errno);
+            return rustix::fs::renameat_with(
+                parent.fd()?.as_fd(),
+                from.as_str(),
+                new_parent.fd()?.as_fd(),
+                to.as_str(),
+                flags,
+            )
+            .map_err(errno);
         }
-        let source = rustix::fs::statat(parent.fd(), from.as_str(), AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
-        let target = rustix::fs::statat(new_parent.fd(), to.as_str(), AtFlags::SYMLINK_NOFOLLOW).ok();
+        let source =
+            rustix::fs::statat(parent.fd()?.as_fd(), from.as_str(), AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        let target = rustix::fs::statat(new_parent.fd()?.as_fd(), to.as_str(), AtFlags::SYMLINK_NOFOLLOW).ok();
         if let Some(t) = &target {
             if t.st_ino == source.st_ino && t.st_dev == source.st_dev {
                 return Ok(()); // POSIX: renaming onto another link of the same file does nothing.
@@ -408,7 +436,13 @@ impl KmsFs {
             }
         }
         self.write_sidecar(new_parent, &to)?;
-        if let Err(e) = rustix::fs::renameat_with(parent.fd(), from.as_str(), new_parent.fd(), to.as_str(), flags) {
+        if let Err(e) = rustix::fs::renameat_with(
+            parent.fd()?.as_fd(),
+            from.as_str(),
+            new_parent.fd()?.as_fd(),
+            to.as_str(),
+            flags,
+        ) {
             if let Some(iv) = stripped_iv {
                 self.restore_dir_iv(new_parent, to.as_str(), &iv);
             }
@@ -428,7 +462,7 @@ impl KmsFs {
     pub(super) fn list_dir(&self, dir: &Node) -> FsResult<Vec<DirEntry>> {
         let iv = self.dir_iv(dir)?;
         let fd = rustix::fs::openat(
-            dir.fd(),
+            dir.fd()?.as_fd(),
             ".",
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
@@ -471,9 +505,11 @@ impl KmsFs {
 
     /// The backing path of a node, for log lines.
     pub(super) fn describe(&self, node: &Node) -> String {
-        std::fs::read_link(node.proc_path())
+        node.fd()
+            .ok()
+            .and_then(|fd| std::fs::read_link(fd.proc_path()).ok())
             .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| format!("inode {}", node.ino))
+            .unwrap_or_else(|| format!("inode {}", node.ino))
     }
 
     pub(super) fn io_error(&self, node: &Node, what: &str, e: &std::io::Error) -> Errno {

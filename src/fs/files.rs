@@ -69,7 +69,7 @@ impl KmsFs {
         };
         oflags |= OFlags::CLOEXEC
             | (OFlags::from_bits_retain(flags as u32) & (OFlags::SYNC | OFlags::DSYNC | OFlags::NOATIME));
-        let fd: OwnedFd = rustix::fs::open(node.proc_path().as_str(), oflags, Mode::empty()).map_err(errno)?;
+        let fd: OwnedFd = rustix::fs::open(node.fd()?.proc_path().as_str(), oflags, Mode::empty()).map_err(errno)?;
         Ok(File::from(fd))
     }
 
@@ -179,16 +179,16 @@ impl KmsFs {
     }
 
     pub(super) fn set_mode(&self, node: &Node, mode: u32) -> FsResult<()> {
-        let st = rustix::fs::fstat(node.fd()).map_err(errno)?;
+        let st = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?;
         if file_type(st.st_mode as u32) == FileType::Symlink {
             return Ok(()); // Linux has no symlink permissions.
         }
-        rustix::fs::chmod(node.proc_path().as_str(), Mode::from_raw_mode(mode & 0o7777)).map_err(errno)
+        rustix::fs::chmod(node.fd()?.proc_path().as_str(), Mode::from_raw_mode(mode & 0o7777)).map_err(errno)
     }
 
     pub(super) fn set_owner_of(&self, node: &Node, uid: Option<u32>, gid: Option<u32>) -> FsResult<()> {
         rustix::fs::chownat(
-            node.fd(),
+            node.fd()?.as_fd(),
             "",
             uid.map(rustix::fs::Uid::from_raw),
             gid.map(rustix::fs::Gid::from_raw),
@@ -202,12 +202,12 @@ impl KmsFs {
             last_access: timespec(atime),
             last_modification: timespec(mtime),
         };
-        rustix::fs::utimensat(node.fd(), "", &times, AtFlags::EMPTY_PATH).map_err(errno)
+        rustix::fs::utimensat(node.fd()?.as_fd(), "", &times, AtFlags::EMPTY_PATH).map_err(errno)
     }
 
     /// The 16 bytes xattr values are bound to: the file id or directory IV.
     fn xattr_owner(&self, node: &Node, create: bool) -> FsResult<Option<[u8; 16]>> {
-        let st = rustix::fs::fstat(node.fd()).map_err(errno)?;
+        let st = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?;
         match file_type(st.st_mode as u32) {
             FileType::Directory => Ok(Some(self.dir_iv(node)?)),
             FileType::RegularFile => {
@@ -237,7 +237,7 @@ impl KmsFs {
         let sealed = self.volume.seal_xattr(&owner, short, value);
         let flags = rustix::fs::XattrFlags::from_bits(flags as u32).ok_or(Errno::EINVAL)?;
         rustix::fs::setxattr(
-            node.proc_path().as_str(),
+            node.fd()?.proc_path().as_str(),
             self.volume.xattr_backing_name(short).as_str(),
             &sealed,
             flags,
@@ -251,7 +251,7 @@ impl KmsFs {
         };
         let owner = self.xattr_owner(node, false)?.ok_or(Errno::NO_XATTR)?;
         let backing = self.volume.xattr_backing_name(short);
-        let path = node.proc_path();
+        let path = node.fd()?.proc_path();
         let len = rustix::fs::getxattr_query(path.as_str(), backing.as_str()).map_err(errno)?;
         let mut buf = vec![0u8; len];
         let n = rustix::fs::getxattr(path.as_str(), backing.as_str(), &mut buf[..]).map_err(errno)?;
@@ -267,14 +267,14 @@ impl KmsFs {
     }
 
     pub(super) fn list_xattrs(&self, node: &Node) -> FsResult<Vec<u8>> {
-        let st = rustix::fs::fstat(node.fd()).map_err(errno)?;
+        let st = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?;
         if !matches!(
             file_type(st.st_mode as u32),
             FileType::Directory | FileType::RegularFile
         ) {
             return Ok(Vec::new());
         }
-        let path = node.proc_path();
+        let path = node.fd()?.proc_path();
         let len = rustix::fs::listxattr_query(path.as_str()).map_err(errno)?;
         let mut buf = vec![0u8; len];
         let n = rustix::fs::listxattr(path.as_str(), &mut buf[..]).map_err(errno)?;
@@ -294,7 +294,7 @@ impl KmsFs {
             return Err(Errno::NO_XATTR);
         };
         rustix::fs::removexattr(
-            node.proc_path().as_str(),
+            node.fd()?.proc_path().as_str(),
             self.volume.xattr_backing_name(short).as_str(),
         )
         .map_err(errno)
@@ -319,7 +319,7 @@ impl KmsFs {
 
     pub(super) fn sync_dir(&self, node: &Node) -> FsResult<()> {
         let dir = rustix::fs::openat(
-            node.fd(),
+            node.fd()?.as_fd(),
             ".",
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),

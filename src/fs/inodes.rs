@@ -1,16 +1,18 @@
 //! The inode table: one entry per backing inode the kernel knows about,
-//! holding an `O_PATH` descriptor so that renames never invalidate it.
+//! reached through its file handle (see handles.rs), so that renames never
+//! invalidate it and descriptor use stays bounded.
 //! FUSE inode numbers are the backing inode numbers (the backing root is
 //! swapped with 1), so they are stable for as long as the volume is mounted.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use fuser::FileType;
 use rustix::fs::Stat;
 
+use super::handles::{Locator, NodeFd, Opener, handle_of};
 use crate::crypto::BlockCipher;
 use crate::volume::layout::DirIv;
 
@@ -18,7 +20,8 @@ pub const ROOT_INO: u64 = 1;
 
 pub struct Node {
     pub ino: u64,
-    fd: OwnedFd,
+    locator: Locator,
+    opener: Arc<Opener>,
     lookups: AtomicU64,
     /// Directory IV, read once.
     pub dir_iv: OnceLock<DirIv>,
@@ -29,13 +32,9 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-
-    /// A path that reopens this node's backing inode (through /proc).
-    pub fn proc_path(&self) -> String {
-        format!("/proc/self/fd/{}", self.fd.as_raw_fd())
+    /// An `O_PATH` descriptor of the backing inode.
+    pub fn fd(&self) -> Result<NodeFd, fuser::Errno> {
+        self.opener.open(self.ino, &self.locator)
     }
 }
 
@@ -54,13 +53,18 @@ pub fn file_type(mode: u32) -> FileType {
 pub struct InodeTable {
     nodes: RwLock<HashMap<u64, Arc<Node>>>,
     root_backing_ino: u64,
+    opener: Arc<Opener>,
 }
 
 impl InodeTable {
-    pub fn new(root_fd: OwnedFd, root_stat: &Stat) -> Self {
+    /// `fd_cache` bounds the descriptors kept open for nodes.
+    pub fn new(root_fd: OwnedFd, root_stat: &Stat, fd_cache: usize) -> std::io::Result<Self> {
+        let mount_fd = root_fd.try_clone()?;
+        let opener = Arc::new(Opener::new(mount_fd, fd_cache));
         let root = Arc::new(Node {
             ino: ROOT_INO,
-            fd: root_fd,
+            locator: Locator::Pinned(Arc::new(root_fd)),
+            opener: Arc::clone(&opener),
             lookups: AtomicU64::new(1),
             dir_iv: OnceLock::new(),
             content: RwLock::new(()),
@@ -68,10 +72,11 @@ impl InodeTable {
         });
         let mut nodes = HashMap::new();
         nodes.insert(ROOT_INO, root);
-        InodeTable {
+        Ok(InodeTable {
             nodes: RwLock::new(nodes),
             root_backing_ino: root_stat.st_ino as u64,
-        }
+            opener,
+        })
     }
 
     /// The FUSE inode number of a backing inode number.
@@ -95,9 +100,18 @@ impl InodeTable {
         let ino = self.fuse_ino(stat.st_ino as u64);
         let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
         let node = nodes.entry(ino).or_insert_with(|| {
+            let fd = Arc::new(fd);
+            let locator = match handle_of(fd.as_fd()) {
+                Some(handle) => {
+                    self.opener.remember(ino, &fd);
+                    Locator::Handle(handle)
+                }
+                None => Locator::Pinned(fd),
+            };
             Arc::new(Node {
                 ino,
-                fd,
+                locator,
+                opener: Arc::clone(&self.opener),
                 lookups: AtomicU64::new(0),
                 dir_iv: OnceLock::new(),
                 content: RwLock::new(()),
@@ -124,6 +138,7 @@ impl InodeTable {
                 .fetch_sub(count.min(node.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
             if before <= count {
                 nodes.remove(&ino);
+                self.opener.forget(ino);
             }
         }
     }

@@ -6,6 +6,7 @@
 mod attr;
 mod dirs;
 mod files;
+mod handles;
 mod inodes;
 
 use std::collections::HashMap;
@@ -79,7 +80,7 @@ impl KmsFs {
         let st = rustix::fs::fstat(&root)?;
         Ok(KmsFs {
             volume,
-            inodes: InodeTable::new(root, &st),
+            inodes: InodeTable::new(root, &st, fd_cache_capacity())?,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             ttl: Duration::from_secs(1),
@@ -128,7 +129,7 @@ impl KmsFs {
         } = change;
         let node = self.node(ino)?;
         if let Some(size) = size {
-            let st = rustix::fs::fstat(node.fd()).map_err(errno)?;
+            let st = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?;
             match inodes::file_type(st.st_mode as u32) {
                 FileType::Directory => return Err(Errno::EISDIR),
                 FileType::RegularFile => {}
@@ -473,7 +474,7 @@ impl fuser::Filesystem for KmsFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self
             .node(INodeNo(inodes::ROOT_INO))
-            .and_then(|root| rustix::fs::fstatvfs(root.fd()).map_err(errno))
+            .and_then(|root| rustix::fs::fstatvfs(root.fd()?.as_fd()).map_err(errno))
         {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -597,6 +598,21 @@ impl fuser::Filesystem for KmsFs {
                 .and_then(|f| self.fallocate(&f, offset, length, mode)),
         );
     }
+}
+
+/// Descriptors cached for nodes: a quarter of what the process may open.
+fn fd_cache_capacity() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the stack value.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        1024
+    };
+    (soft / 4).clamp(64, 16384) as usize
 }
 
 fn layout_name_max() -> u32 {

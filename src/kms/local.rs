@@ -316,6 +316,51 @@ impl LocalKeystore {
         Ok(id)
     }
 
+    /// On-demand rotation: a new version of the master key's material. Old
+    /// versions stay, so everything they wrapped still decrypts.
+    pub fn rotate_key(&mut self, id_or_alias: &str) -> Result<u32, KmsError> {
+        let kek = &self.kek;
+        let record = self
+            .file
+            .keys
+            .iter_mut()
+            .find(|k| k.id == id_or_alias || k.alias.as_deref() == Some(id_or_alias))
+            .ok_or_else(|| KmsError::KeyNotFound(id_or_alias.to_string()))?;
+        if record.state != KeyState::Enabled {
+            return Err(KmsError::KeyNotUsable {
+                key: record.id.clone(),
+                state: format!("{:?}", record.state),
+            });
+        }
+        let version = record.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+        let material = SecretKey::random();
+        let sealed = kek.seal(&material_aad(&record.id, version), material.expose());
+        record.versions.push(KeyVersion {
+            version,
+            created: now(),
+            material: B64.encode(sealed),
+        });
+        self.save(false)?;
+        Ok(version)
+    }
+
+    /// (id, alias, description, state, versions) of every master key.
+    pub fn list(&self) -> Vec<(String, Option<String>, String, KeyState, Vec<u32>)> {
+        self.file
+            .keys
+            .iter()
+            .map(|k| {
+                (
+                    k.id.clone(),
+                    k.alias.clone(),
+                    k.description.clone(),
+                    k.state,
+                    k.versions.iter().map(|v| v.version).collect(),
+                )
+            })
+            .collect()
+    }
+
     fn record(&self, id_or_alias: &str) -> Result<&MasterKeyRecord, KmsError> {
         self.file
             .keys
@@ -372,6 +417,30 @@ impl LocalKeystore {
     }
 }
 
+impl LocalProvider {
+    /// Seals a data key under the newest version of the master key.
+    fn encrypt_newest(&self, data_key: &SecretKey, context: &EncryptionContext) -> Result<WrappedKey, KmsError> {
+        let record = self.store.usable_record(&self.key_id)?;
+        let version = record
+            .versions
+            .iter()
+            .map(|v| v.version)
+            .max()
+            .ok_or_else(|| corrupt(&self.store.path, format!("key {} has no versions", record.id)))?;
+        let master = Sealer::new(&self.store.material(record, version)?);
+        let sealed = master.seal(&data_key_aad(&self.key_id, version, context), data_key.expose());
+        Ok(WrappedKey::from_bytes(
+            [&[DATA_KEY_BLOB_VERSION][..], &version.to_be_bytes(), &sealed].concat(),
+        ))
+    }
+
+    /// The master-key version a blob was wrapped under.
+    pub fn blob_version(wrapped: &WrappedKey) -> Option<u32> {
+        let b = wrapped.as_bytes();
+        (b.len() > 5 && b[0] == DATA_KEY_BLOB_VERSION).then(|| u32::from_be_bytes([b[1], b[2], b[3], b[4]]))
+    }
+}
+
 /// The `local` provider bound to one master key of an unlocked keystore.
 pub struct LocalProvider {
     store: Arc<LocalKeystore>,
@@ -386,18 +455,14 @@ impl KeyProvider for LocalProvider {
 
     fn generate_data_key(&self, context: &EncryptionContext) -> Result<(SecretKey, WrappedKey), KmsError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let record = self.store.usable_record(&self.key_id)?;
-        let version = record
-            .versions
-            .iter()
-            .map(|v| v.version)
-            .max()
-            .ok_or_else(|| corrupt(&self.store.path, format!("key {} has no versions", record.id)))?;
-        let master = Sealer::new(&self.store.material(record, version)?);
         let data_key = SecretKey::random();
-        let sealed = master.seal(&data_key_aad(&self.key_id, version, context), data_key.expose());
-        let blob = [&[DATA_KEY_BLOB_VERSION][..], &version.to_be_bytes(), &sealed].concat();
-        Ok((data_key, WrappedKey::from_bytes(blob)))
+        let blob = self.encrypt_newest(&data_key, context)?;
+        Ok((data_key, blob))
+    }
+
+    fn re_encrypt(&self, wrapped: &WrappedKey, context: &EncryptionContext) -> Result<WrappedKey, KmsError> {
+        let data_key = self.decrypt(wrapped, context)?;
+        self.encrypt_newest(&data_key, context)
     }
 
     fn decrypt(&self, wrapped: &WrappedKey, context: &EncryptionContext) -> Result<SecretKey, KmsError> {

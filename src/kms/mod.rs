@@ -71,6 +71,10 @@ pub trait KeyProvider: Send + Sync {
     /// Decrypt: unwraps a key produced by `generate_data_key` with the same context.
     fn decrypt(&self, wrapped: &WrappedKey, context: &EncryptionContext) -> Result<SecretKey, KmsError>;
 
+    /// ReEncrypt: the same data key, wrapped again under the master key's
+    /// newest version (after the master key was rotated in the provider).
+    fn re_encrypt(&self, wrapped: &WrappedKey, context: &EncryptionContext) -> Result<WrappedKey, KmsError>;
+
     /// How many provider operations this instance has performed.
     fn call_count(&self) -> u64;
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -27,7 +27,7 @@ CREATE TABLE volume (
 );
 CREATE TABLE volume_keys (
     version INTEGER PRIMARY KEY,
-    state TEXT NOT NULL CHECK (state IN ('active', 'retired')),
+    state TEXT NOT NULL CHECK (state IN ('active', 'retiring', 'retired')),
     wrapped BLOB,
     created_at INTEGER NOT NULL
 );
@@ -41,6 +41,13 @@ CREATE TABLE file_keys (
     vk_version INTEGER NOT NULL REFERENCES volume_keys(version),
     wrapped BLOB NOT NULL
 ) WITHOUT ROWID;
+-- A key wrapped under a version that is being retired would be lost with it.
+CREATE TRIGGER file_keys_insert_active BEFORE INSERT ON file_keys
+WHEN (SELECT state FROM volume_keys WHERE version = NEW.vk_version) IS NOT 'active'
+BEGIN SELECT RAISE(ABORT, 'file key wrapped under a volume key that is not active'); END;
+CREATE TRIGGER file_keys_update_active BEFORE UPDATE OF vk_version ON file_keys
+WHEN (SELECT state FROM volume_keys WHERE version = NEW.vk_version) IS NOT 'active'
+BEGIN SELECT RAISE(ABORT, 'file key wrapped under a volume key that is not active'); END;
 ";
 
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +85,9 @@ struct PendingKeys {
 
 pub struct MetadataDb {
     path: PathBuf,
-    conn: Mutex<Connection>,
+    /// None between `disconnect` and `reconnect` (across a fork: SQLite's
+    /// POSIX locks do not survive one, so no connection may cross it).
+    conn: Mutex<Option<Connection>>,
     pending: Mutex<PendingKeys>,
 }
 
@@ -145,7 +154,7 @@ impl MetadataDb {
         tx.commit().map_err(err)?;
         Ok(MetadataDb {
             path: path.to_path_buf(),
-            conn: Mutex::new(conn),
+            conn: Mutex::new(Some(conn)),
             pending: Mutex::default(),
         })
     }
@@ -177,7 +186,7 @@ impl MetadataDb {
         }
         Ok(MetadataDb {
             path: path.to_path_buf(),
-            conn: Mutex::new(conn),
+            conn: Mutex::new(Some(conn)),
             pending: Mutex::default(),
         })
     }
@@ -186,8 +195,29 @@ impl MetadataDb {
         &self.path
     }
 
+    fn connected<'a>(&self, guard: &'a mut MutexGuard<'_, Option<Connection>>) -> Result<&'a mut Connection, DbError> {
+        guard.as_mut().ok_or_else(|| DbError::Damaged {
+            path: self.path.clone(),
+            reason: "not connected".into(),
+        })
+    }
+
+    /// Closes the connection (before a fork). Queued keys must be flushed first.
+    pub fn disconnect(&self) {
+        lock(&self.conn).take();
+    }
+
+    /// Opens a fresh connection (after a fork).
+    pub fn reconnect(&self) -> Result<(), DbError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Self::connect(&self.path, flags)?;
+        *lock(&self.conn) = Some(conn);
+        Ok(())
+    }
+
     pub fn volume(&self) -> Result<VolumeRow, DbError> {
-        let conn = lock(&self.conn);
+        let mut guard = lock(&self.conn);
+        let conn = self.connected(&mut guard)?;
         conn.query_row(
             "SELECT volume_id, format_version, provider, master_key_id, created_at FROM volume WHERE id = 1",
             [],
@@ -211,7 +241,8 @@ impl MetadataDb {
     }
 
     pub fn volume_keys(&self) -> Result<Vec<VolumeKeyRow>, DbError> {
-        let conn = lock(&self.conn);
+        let mut guard = lock(&self.conn);
+        let conn = self.connected(&mut guard)?;
         let mut stmt = conn
             .prepare("SELECT version, state, wrapped, created_at FROM volume_keys ORDER BY version")
             .map_err(self.sqlite())?;
@@ -229,7 +260,8 @@ impl MetadataDb {
     }
 
     pub fn secrets(&self) -> Result<Vec<(String, u32, WrappedKey)>, DbError> {
-        let conn = lock(&self.conn);
+        let mut guard = lock(&self.conn);
+        let conn = self.connected(&mut guard)?;
         let mut stmt = conn
             .prepare("SELECT kind, vk_version, wrapped FROM volume_secrets")
             .map_err(self.sqlite())?;
@@ -239,15 +271,16 @@ impl MetadataDb {
         rows.collect::<Result<_, _>>().map_err(self.sqlite())
     }
 
-    /// Queues a new file key; it is committed by the next `flush`.
-    pub fn queue_file_key(&self, file_id: FileId, vk_version: u32, wrapped: WrappedKey) -> Result<(), DbError> {
+    /// Queues a new file key; it is committed by the next `flush`. Returns
+    /// true when the queue is long enough that the caller should flush now.
+    pub fn queue_file_key(&self, file_id: FileId, vk_version: u32, wrapped: WrappedKey) -> bool {
         let full = {
             let mut pending = lock(&self.pending);
             pending.deletes.remove(&file_id);
             pending.inserts.insert(file_id, (vk_version, wrapped));
             pending.inserts.len() >= MAX_PENDING
         };
-        if full { self.flush() } else { Ok(()) }
+        full
     }
 
     /// Queues the erasure of a file key (crypto-shredding of a deleted file).
@@ -269,7 +302,8 @@ impl MetadataDb {
             }
         }
         // Taking the connection lock waits out a flush that already took this row from the queue.
-        let conn = lock(&self.conn);
+        let mut guard = lock(&self.conn);
+        let conn = self.connected(&mut guard)?;
         conn.query_row(
             "SELECT vk_version, wrapped FROM file_keys WHERE file_id = ?1",
             [&file_id[..]],
@@ -280,15 +314,38 @@ impl MetadataDb {
     }
 
     /// Commits every queued change in one transaction. When this returns,
-    /// every key queued before the call is durable.
-    pub fn flush(&self) -> Result<(), DbError> {
-        let mut conn = lock(&self.conn);
-        let batch = std::mem::take(&mut *lock(&self.pending));
+    /// every key queued before the call is durable. Keys queued under a
+    /// volume-key version that is no longer the active one (a rotation
+    /// started meanwhile) are first re-wrapped by `rewrap`, inside the same
+    /// transaction, so none can be stored under a version being retired.
+    pub fn flush(&self, rewrap: &Rewrap<'_>) -> Result<(), DbError> {
+        let mut guard = lock(&self.conn);
+        let conn = self.connected(&mut guard)?;
+        let mut batch = std::mem::take(&mut *lock(&self.pending));
         if batch.inserts.is_empty() && batch.deletes.is_empty() {
             return Ok(());
         }
         let result = (|| {
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if !batch.inserts.is_empty() {
+                let (active, blob): (u32, Option<Vec<u8>>) = tx.query_row(
+                    "SELECT version, wrapped FROM volume_keys WHERE state = 'active'",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                let blob = WrappedKey::from_bytes(blob.unwrap_or_default());
+                for (id, (version, wrapped)) in batch.inserts.iter_mut() {
+                    if *version != active {
+                        *wrapped = rewrap(id, *version, wrapped, active, &blob).map_err(|e| {
+                            rusqlite::Error::SqliteFailure(
+                                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                                Some(format!("re-wrapping a new file key: {e}")),
+                            )
+                        })?;
+                        *version = active;
+                    }
+                }
+            }
             {
                 let mut insert = tx.prepare_cached(
                     "INSERT OR REPLACE INTO file_keys (file_id, vk_version, wrapped) VALUES (?1, ?2, ?3)",
@@ -315,12 +372,31 @@ impl MetadataDb {
                 source,
             });
         }
+        if !batch.deletes.is_empty() {
+            // Crypto-shredding: the erased rows' bytes must leave the WAL too.
+            if let Err(e) = checkpoint_truncate(&conn) {
+                log::warn!("WAL checkpoint after erasing file keys failed (retried at the next one): {e}");
+            }
+        }
         Ok(())
+    }
+
+    /// Runs `f` on the connection, with queued keys committed first by the caller.
+    pub fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, DbError> {
+        let mut guard = lock(&self.conn);
+        let conn = self.connected(&mut guard)?;
+        f(conn).map_err(self.sqlite())
+    }
+
+    /// The wrapped blob of one volume-key version.
+    pub fn volume_key(&self, version: u32) -> Result<Option<VolumeKeyRow>, DbError> {
+        Ok(self.volume_keys()?.into_iter().find(|k| k.version == version))
     }
 
     /// Number of file keys wrapped under each volume-key version.
     pub fn file_key_counts(&self) -> Result<Vec<(u32, u64)>, DbError> {
-        let conn = lock(&self.conn);
+        let mut guard = lock(&self.conn);
+        let conn = self.connected(&mut guard)?;
         let mut stmt = conn
             .prepare("SELECT vk_version, count(*) FROM file_keys GROUP BY vk_version ORDER BY vk_version")
             .map_err(self.sqlite())?;
@@ -331,21 +407,19 @@ impl MetadataDb {
     }
 }
 
-/// Commits the queue periodically until the DB is dropped.
-pub fn spawn_flusher(db: &Arc<MetadataDb>, interval: Duration) {
-    let weak: Weak<MetadataDb> = Arc::downgrade(db);
-    let spawned = std::thread::Builder::new()
-        .name("kmsfs-db-flush".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(interval);
-                let Some(db) = weak.upgrade() else { return };
-                if let Err(e) = db.flush() {
-                    log::error!("committing file keys failed (will retry): {e}");
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        log::error!("cannot start the metadata DB flusher thread; keys are committed on fsync and unmount only: {e}");
+/// A re-wrap of a queued file key: (file id, its version, its wrapped key,
+/// the active version, the active version's provider blob) -> wrapped key.
+pub type Rewrap<'a> = dyn Fn(&FileId, u32, &WrappedKey, u32, &WrappedKey) -> Result<WrappedKey, String> + 'a;
+
+/// Checkpoints the WAL into the DB file and truncates it to zero bytes, so
+/// that erased or replaced rows leave no copy in the WAL.
+pub fn checkpoint_truncate(conn: &Connection) -> rusqlite::Result<()> {
+    let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+    if busy != 0 {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("WAL checkpoint blocked by a reader".into()),
+        ));
     }
+    Ok(())
 }

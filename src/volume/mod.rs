@@ -4,23 +4,29 @@
 pub mod content;
 pub mod db;
 pub mod header;
+pub mod keyring;
 pub mod layout;
 pub mod lock;
+pub mod rekey;
+pub mod rotate;
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use crate::crypto::{BlockCipher, DIR_IV_LEN, FileId, NameCipher, NameError, Sealer, SecretKey, random_array};
+use crate::crypto::{
+    BlockCipher, DIR_IV_LEN, FileId, NameCipher, NameError, Sealer, SecretKey, WrappedKey, random_array,
+};
 use crate::kms::{EncryptionContext, KeyProvider, KmsError};
 use db::{DB_FILE, DbError, FORMAT_VERSION, MetadataDb, VolumeKeyRow, VolumeRow};
+use keyring::{KeyRing, secret_aad};
 use layout::{DIR_IV_FILE, DirIv};
 
 const SECRET_NAMES: &str = "name";
@@ -67,27 +73,6 @@ fn now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-fn secret_aad(volume_id: &[u8; 16], kind: &str, vk_version: u32) -> Vec<u8> {
-    [
-        b"kmsfs-volume-secret-v1\0".as_slice(),
-        volume_id,
-        kind.as_bytes(),
-        b"\0",
-        &vk_version.to_be_bytes(),
-    ]
-    .concat()
-}
-
-fn file_key_aad(volume_id: &[u8; 16], file_id: &FileId, vk_version: u32) -> Vec<u8> {
-    [
-        b"kmsfs-dek-v1\0".as_slice(),
-        volume_id,
-        file_id,
-        &vk_version.to_be_bytes(),
-    ]
-    .concat()
 }
 
 /// Writes a fresh directory IV into `dir` and makes it durable.
@@ -146,9 +131,8 @@ fn open_db(backing: &Path) -> Result<MetadataDb, VolumeError> {
 pub struct Volume {
     backing: PathBuf,
     info: VolumeRow,
-    db: Arc<MetadataDb>,
-    volume_keys: HashMap<u32, Sealer>,
-    active_version: u32,
+    db: MetadataDb,
+    keys: KeyRing,
     names: NameCipher,
     xattr_names: NameCipher,
     xattr_values: Sealer,
@@ -203,31 +187,20 @@ impl Volume {
     }
 
     /// Opens a volume: one provider call per volume-key version, none after.
-    pub fn open(backing: &Path, provider: &dyn KeyProvider) -> Result<Self, VolumeError> {
+    pub fn open(backing: &Path, provider: Arc<dyn KeyProvider>) -> Result<Self, VolumeError> {
         let db = open_db(backing)?;
         let info = db.volume()?;
-        let context = EncryptionContext::for_volume(&info.volume_id);
         let calls_before = provider.call_count();
-        let mut volume_keys = HashMap::new();
-        let mut active_version = None;
-        for row in db.volume_keys()? {
-            let Some(wrapped) = row.wrapped else { continue };
-            let key = provider.decrypt(&wrapped, &context)?;
-            volume_keys.insert(row.version, Sealer::new(&key));
-            if row.state == "active" {
-                active_version = Some(row.version);
-            }
-        }
+        let keys = KeyRing::load(&db, info.volume_id, Arc::clone(&provider))?;
         let tampered = |what: &str| VolumeError::Tampered {
             volume: backing.to_path_buf(),
             what: what.to_string(),
         };
-        let active_version = active_version.ok_or_else(|| tampered("the active volume key"))?;
         let mut secrets = HashMap::new();
         for (kind, version, wrapped) in db.secrets()? {
-            let vk = volume_keys
-                .get(&version)
-                .ok_or_else(|| tampered(&format!("the {kind} key")))?;
+            let vk = keys
+                .key(&db, version)
+                .map_err(|_| tampered(&format!("the {kind} key")))?;
             let key = vk
                 .unwrap_key(&secret_aad(&info.volume_id, &kind, version), &wrapped)
                 .map_err(|_| tampered(&format!("the {kind} key")))?;
@@ -237,22 +210,35 @@ impl Volume {
         let xattr_key = secrets.get(SECRET_XATTRS).ok_or_else(|| tampered("the xattr key"))?;
         Ok(Volume {
             backing: backing.to_path_buf(),
-            db: Arc::new(db),
-            volume_keys,
-            active_version,
+            db,
             names: NameCipher::new(name_key),
             xattr_names: NameCipher::new(xattr_key),
             xattr_values: Sealer::new(xattr_key),
             link_targets: Sealer::new(name_key),
             provider_calls: provider.call_count() - calls_before,
+            keys,
             info,
         })
     }
 
-    /// Starts committing queued file keys in the background. Call after any
-    /// fork: the thread does not survive one.
-    pub fn start_background_flush(&self) {
-        db::spawn_flusher(&self.db, FLUSH_INTERVAL);
+    /// Commits queued file keys every 200 ms until the volume is dropped.
+    /// Call after any fork: the thread does not survive one.
+    pub fn start_background_flush(self: &Arc<Self>) {
+        let weak: Weak<Volume> = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("kmsfs-db-flush".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(FLUSH_INTERVAL);
+                    let Some(volume) = weak.upgrade() else { return };
+                    if let Err(e) = volume.sync_keys() {
+                        log::error!("committing file keys failed (will retry): {e}");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start the key flusher thread; keys are committed on fsync and unmount only: {e}");
+        }
     }
 
     pub fn backing(&self) -> &Path {
@@ -261,6 +247,14 @@ impl Volume {
 
     pub fn info(&self) -> &VolumeRow {
         &self.info
+    }
+
+    pub fn db(&self) -> &MetadataDb {
+        &self.db
+    }
+
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
     }
 
     /// Provider calls made while opening; file operations make none.
@@ -276,9 +270,10 @@ impl Volume {
     pub fn new_file_key(&self) -> Result<(FileId, BlockCipher), VolumeError> {
         let file_id: FileId = random_array();
         let dek = SecretKey::random();
-        let vk = &self.volume_keys[&self.active_version];
-        let wrapped = vk.wrap_key(&file_key_aad(&self.info.volume_id, &file_id, self.active_version), &dek);
-        self.db.queue_file_key(file_id, self.active_version, wrapped)?;
+        let (version, wrapped) = self.keys.wrap_file_key(&file_id, &dek);
+        if self.db.queue_file_key(file_id, version, wrapped) {
+            self.sync_keys()?;
+        }
         Ok((file_id, BlockCipher::new(&dek, file_id)))
     }
 
@@ -293,9 +288,10 @@ impl Volume {
             volume: self.backing.clone(),
             what: format!("the data key of file {id_hex}"),
         };
-        let vk = self.volume_keys.get(&version).ok_or_else(tampered)?;
-        let dek = vk
-            .unwrap_key(&file_key_aad(&self.info.volume_id, file_id, version), &wrapped)
+        let vk = self.keys.key(&self.db, version)?;
+        let dek = self
+            .keys
+            .unwrap_with(&vk, file_id, version, &wrapped)
             .map_err(|_| tampered())?;
         Ok(BlockCipher::new(&dek, *file_id))
     }
@@ -307,7 +303,14 @@ impl Volume {
 
     /// Makes every queued key change durable.
     pub fn sync_keys(&self) -> Result<(), VolumeError> {
-        Ok(self.db.flush()?)
+        let rewrap = |id: &FileId, from: u32, wrapped: &WrappedKey, to: u32, to_blob: &WrappedKey| {
+            let from_key = self.keys.key_cached_or_err(from)?;
+            let to_key = self.keys.adopt(to, to_blob, true).map_err(|e| e.to_string())?;
+            self.keys
+                .rewrap(id, (from, &from_key), wrapped, (to, &to_key))
+                .ok_or_else(|| "file key does not unwrap".to_string())
+        };
+        Ok(self.db.flush(&rewrap)?)
     }
 
     /// Symlink targets are sealed under the name key, bound to this volume.
@@ -358,7 +361,7 @@ fn xattr_aad(owner: &[u8; 16], name: &[u8]) -> Vec<u8> {
 
 impl Drop for Volume {
     fn drop(&mut self) {
-        if let Err(e) = self.db.flush() {
+        if let Err(e) = self.sync_keys() {
             log::error!("committing file keys at close failed: {e}");
         }
     }

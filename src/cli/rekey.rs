@@ -1,0 +1,143 @@
+//! `kmsfs rekey`: fresh data keys for files whose key may have leaked.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use kmsfs::crypto::random_array;
+use kmsfs::kms::hex;
+use kmsfs::volume::Volume;
+use kmsfs::volume::lock::VolumeLock;
+use kmsfs::volume::rekey::{KILL_AT_ENV, rekey_backing_file};
+
+use super::{CliError, ExitCode, KeyOptions, mounts, volumes};
+
+enum Location {
+    /// On a mounted kmsfs volume: re-key through the mount.
+    Mounted,
+    /// In the backing directory rooted here.
+    Backing(PathBuf),
+}
+
+fn locate(path: &Path) -> Result<Location, CliError> {
+    if mounts::mount_containing(path)?.is_some_and(|m| m.is_kmsfs()) {
+        return Ok(Location::Mounted);
+    }
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if d.join(kmsfs::volume::db::DB_FILE).is_file() {
+            return Ok(Location::Backing(d.to_path_buf()));
+        }
+        dir = d.parent();
+    }
+    Err(CliError::new(
+        ExitCode::Volume,
+        format!("{} is not on a kmsfs volume or in a backing directory", path.display()),
+    ))
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> CliError + '_ {
+    move |e| CliError::new(ExitCode::Io, format!("{}: {e}", path.display()))
+}
+
+/// Copies the file under a temporary name (the daemon gives the copy a new
+/// data key), then renames it over the original: atomic per file.
+fn rekey_through_mount(path: &Path) -> Result<u64, CliError> {
+    let meta = fs::symlink_metadata(path).map_err(io(path))?;
+    if !meta.file_type().is_file() {
+        return Err(CliError::new(
+            ExitCode::Usage,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    if meta.nlink() > 1 {
+        return Err(CliError::new(
+            ExitCode::Usage,
+            format!(
+                "{} has {} hard links; re-keying one name would split them",
+                path.display(),
+                meta.nlink()
+            ),
+        ));
+    }
+    let parent = path
+        .parent()
+        .ok_or_else(|| CliError::new(ExitCode::Usage, "no parent directory"))?;
+    let tmp = parent.join(format!(".kmsfs-rekey-{}", hex(&random_array::<8>())));
+    let result = (|| {
+        let mut src = File::open(path).map_err(io(path))?;
+        let mut dst = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(meta.mode() & 0o7777)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        let bytes = std::io::copy(&mut src, &mut dst).map_err(io(path))?;
+        let len = rustix::fs::listxattr_query(path).unwrap_or(0);
+        let mut names = vec![0u8; len];
+        let n = rustix::fs::listxattr(path, &mut names[..]).unwrap_or(0);
+        for name in names[..n].split(|&b| b == 0).filter(|s| s.starts_with(b"user.")) {
+            let name = String::from_utf8_lossy(name).into_owned();
+            let size = rustix::fs::getxattr_query(path, name.as_str()).map_err(|e| io(path)(e.into()))?;
+            let mut value = vec![0u8; size];
+            let got = rustix::fs::getxattr(path, name.as_str(), &mut value[..]).map_err(|e| io(path)(e.into()))?;
+            rustix::fs::setxattr(&tmp, name.as_str(), &value[..got], rustix::fs::XattrFlags::empty())
+                .map_err(|e| io(&tmp)(e.into()))?;
+        }
+        std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())).map_err(io(&tmp))?;
+        let times = fs::FileTimes::new()
+            .set_accessed(meta.accessed().map_err(io(path))?)
+            .set_modified(meta.modified().map_err(io(path))?);
+        dst.set_times(times).map_err(io(&tmp))?;
+        dst.sync_all().map_err(io(&tmp))?;
+        if std::env::var(KILL_AT_ENV).is_ok_and(|v| v == "before-rename") {
+            // SAFETY: test hook; signals ourselves.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        fs::rename(&tmp, path).map_err(io(path))?;
+        File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent))?;
+        Ok(bytes)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+pub fn rekey(paths: &[PathBuf], keys: &KeyOptions, json: bool) -> Result<(), CliError> {
+    // One open volume (and its lock, so it cannot be mounted meanwhile) per backing directory.
+    let mut open: Option<(PathBuf, Volume, VolumeLock)> = None;
+    let mut report = Vec::new();
+    for path in paths {
+        let abs = fs::canonicalize(path).map_err(io(path))?;
+        let outcome = match locate(&abs)? {
+            Location::Mounted => {
+                let bytes = rekey_through_mount(&abs)?;
+                serde_json::json!({"path": path, "via": "mount", "bytes": bytes})
+            }
+            Location::Backing(root) => {
+                if open.as_ref().is_none_or(|(r, _, _)| *r != root) {
+                    let lock = VolumeLock::acquire(&root).map_err(|e| {
+                        CliError::new(ExitCode::Mount, format!("{e}; re-key through its mount point instead"))
+                    })?;
+                    let volume = volumes::open_volume(&root, keys)?;
+                    open = Some((root, volume, lock));
+                }
+                let (_, volume, _) = open
+                    .as_ref()
+                    .ok_or_else(|| CliError::new(ExitCode::Internal, "no volume"))?;
+                let outcome = rekey_backing_file(volume, &abs)?;
+                serde_json::json!({"path": path, "via": "backing", "bytes": outcome.bytes,
+                    "old_file_id": outcome.old_file_id, "new_file_id": outcome.new_file_id})
+            }
+        };
+        if !json {
+            println!("re-keyed {} ({} bytes)", path.display(), outcome["bytes"]);
+        }
+        report.push(outcome);
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(report));
+    }
+    Ok(())
+}

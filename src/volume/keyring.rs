@@ -1,0 +1,186 @@
+//! The volume keys a process holds: every live version, unwrapped once by
+//! the key provider, and which one is active. A version created by a
+//! rotation in another process is loaded on first use.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::crypto::{FileId, Sealer, SecretKey, WrappedKey};
+use crate::kms::{EncryptionContext, KeyProvider};
+
+use super::VolumeError;
+use super::db::MetadataDb;
+
+struct Ring {
+    keys: HashMap<u32, Arc<Sealer>>,
+    active: u32,
+}
+
+pub struct KeyRing {
+    volume_id: [u8; 16],
+    context: EncryptionContext,
+    provider: Arc<dyn KeyProvider>,
+    ring: RwLock<Ring>,
+}
+
+pub fn file_key_aad(volume_id: &[u8; 16], file_id: &FileId, vk_version: u32) -> Vec<u8> {
+    [
+        b"kmsfs-dek-v1\0".as_slice(),
+        volume_id,
+        file_id,
+        &vk_version.to_be_bytes(),
+    ]
+    .concat()
+}
+
+pub fn secret_aad(volume_id: &[u8; 16], kind: &str, vk_version: u32) -> Vec<u8> {
+    [
+        b"kmsfs-volume-secret-v1\0".as_slice(),
+        volume_id,
+        kind.as_bytes(),
+        b"\0",
+        &vk_version.to_be_bytes(),
+    ]
+    .concat()
+}
+
+impl KeyRing {
+    /// Unwraps every version that still has a blob: one provider call each.
+    pub fn load(db: &MetadataDb, volume_id: [u8; 16], provider: Arc<dyn KeyProvider>) -> Result<Self, VolumeError> {
+        let context = EncryptionContext::for_volume(&volume_id);
+        let mut keys = HashMap::new();
+        let mut active = None;
+        for row in db.volume_keys()? {
+            let Some(wrapped) = row.wrapped else { continue };
+            let key = provider.decrypt(&wrapped, &context)?;
+            keys.insert(row.version, Arc::new(Sealer::new(&key)));
+            if row.state == "active" {
+                active = Some(row.version);
+            }
+        }
+        let active = active.ok_or_else(|| VolumeError::Tampered {
+            volume: db.path().to_path_buf(),
+            what: "the active volume key".into(),
+        })?;
+        Ok(KeyRing {
+            volume_id,
+            context,
+            provider,
+            ring: RwLock::new(Ring { keys, active }),
+        })
+    }
+
+    pub fn provider(&self) -> &Arc<dyn KeyProvider> {
+        &self.provider
+    }
+
+    pub fn context(&self) -> &EncryptionContext {
+        &self.context
+    }
+
+    pub fn active_version(&self) -> u32 {
+        self.ring.read().unwrap_or_else(|p| p.into_inner()).active
+    }
+
+    fn cached(&self, version: u32) -> Option<Arc<Sealer>> {
+        self.ring
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys
+            .get(&version)
+            .cloned()
+    }
+
+    /// A loaded key, for re-wrapping queued keys (which were wrapped by it).
+    pub fn key_cached_or_err(&self, version: u32) -> Result<Arc<Sealer>, String> {
+        self.cached(version)
+            .ok_or_else(|| format!("volume key version {version} is not loaded"))
+    }
+
+    /// Adds a version whose plaintext key this process just generated.
+    pub fn install(&self, version: u32, key: &SecretKey, make_active: bool) {
+        let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
+        ring.keys.insert(version, Arc::new(Sealer::new(key)));
+        if make_active && version > ring.active {
+            ring.active = version;
+        }
+    }
+
+    pub fn volume_id(&self) -> &[u8; 16] {
+        &self.volume_id
+    }
+
+    /// Adds a version from its provider blob (no DB access), optionally making it active.
+    pub fn adopt(&self, version: u32, blob: &WrappedKey, make_active: bool) -> Result<Arc<Sealer>, VolumeError> {
+        let sealer = match self.cached(version) {
+            Some(s) => s,
+            None => {
+                let key = self.provider.decrypt(blob, &self.context)?;
+                let sealer = Arc::new(Sealer::new(&key));
+                self.ring
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keys
+                    .insert(version, Arc::clone(&sealer));
+                sealer
+            }
+        };
+        if make_active {
+            let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
+            if version > ring.active {
+                ring.active = version;
+            }
+        }
+        Ok(sealer)
+    }
+
+    /// The key of `version`, loaded from the DB if another process created it.
+    pub fn key(&self, db: &MetadataDb, version: u32) -> Result<Arc<Sealer>, VolumeError> {
+        if let Some(s) = self.cached(version) {
+            return Ok(s);
+        }
+        let row = db.volume_key(version)?.ok_or_else(|| VolumeError::Tampered {
+            volume: db.path().to_path_buf(),
+            what: format!("volume key version {version} (missing)"),
+        })?;
+        let blob = row.wrapped.ok_or_else(|| VolumeError::Tampered {
+            volume: db.path().to_path_buf(),
+            what: format!("volume key version {version} (retired, yet still referenced)"),
+        })?;
+        self.adopt(version, &blob, row.state == "active")
+    }
+
+    /// Wraps a new file key under the active version.
+    pub fn wrap_file_key(&self, file_id: &FileId, dek: &SecretKey) -> (u32, WrappedKey) {
+        let (version, sealer) = {
+            let ring = self.ring.read().unwrap_or_else(|p| p.into_inner());
+            (ring.active, Arc::clone(&ring.keys[&ring.active]))
+        };
+        (
+            version,
+            sealer.wrap_key(&file_key_aad(&self.volume_id, file_id, version), dek),
+        )
+    }
+
+    pub fn unwrap_with(
+        &self,
+        sealer: &Sealer,
+        file_id: &FileId,
+        version: u32,
+        wrapped: &WrappedKey,
+    ) -> Result<SecretKey, crate::crypto::AuthError> {
+        sealer.unwrap_key(&file_key_aad(&self.volume_id, file_id, version), wrapped)
+    }
+
+    /// Re-wraps a file key from one version to another; both keys must be loaded.
+    pub fn rewrap(
+        &self,
+        file_id: &FileId,
+        from: (u32, &Sealer),
+        wrapped: &WrappedKey,
+        to: (u32, &Sealer),
+    ) -> Option<WrappedKey> {
+        let dek = self.unwrap_with(from.1, file_id, from.0, wrapped).ok()?;
+        Some(to.1.wrap_key(&file_key_aad(&self.volume_id, file_id, to.0), &dek))
+    }
+}

@@ -1,0 +1,164 @@
+//! Per-file re-keying in the backing directory: the file's data sealed
+//! again under a fresh data key, atomically (a crash leaves the old file or
+//! the new one, whole). For a mounted volume the CLI re-keys through the
+//! mount instead, so the daemon's view stays coherent.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use super::content::{self, plain_size};
+use super::header::{self, HEADER_LEN};
+use super::layout::TEMP_PREFIX;
+use super::{Volume, VolumeError};
+use crate::crypto::{FileId, random_array};
+use crate::kms::hex;
+
+/// Test hook: SIGKILL the process at this stage ("before-rename" or "after-rename").
+pub const KILL_AT_ENV: &str = "KMSFS_TEST_REKEY_KILL_AT";
+const CHUNK: usize = 1 << 20;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RekeyOutcome {
+    pub old_file_id: Option<String>,
+    pub new_file_id: Option<String>,
+    pub bytes: u64,
+}
+
+fn kill_hook(stage: &str) {
+    if std::env::var(KILL_AT_ENV).is_ok_and(|v| v == stage) {
+        // SAFETY: sending a signal to ourselves; it does not return.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> VolumeError + '_ {
+    move |source| VolumeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn refuse(path: &Path, why: &str) -> VolumeError {
+    VolumeError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string()),
+    }
+}
+
+/// Re-keys the backing file at `path`. The volume must not be mounted.
+pub fn rekey_backing_file(volume: &Volume, path: &Path) -> Result<RekeyOutcome, VolumeError> {
+    let meta = fs::symlink_metadata(path).map_err(io(path))?;
+    if !meta.file_type().is_file() {
+        return Err(refuse(path, "not a regular file"));
+    }
+    if meta.nlink() > 1 {
+        return Err(refuse(path, "has hard links; re-keying one name would split them"));
+    }
+    if meta.len() < HEADER_LEN as u64 {
+        return Ok(RekeyOutcome {
+            old_file_id: None,
+            new_file_id: None,
+            bytes: 0,
+        });
+    }
+    let src = File::open(path).map_err(io(path))?;
+    let mut head = [0u8; HEADER_LEN];
+    std::os::unix::fs::FileExt::read_exact_at(&src, &mut head, 0).map_err(io(path))?;
+    let old_id = header::decode(&head).map_err(|e| refuse(path, &format!("damaged header: {e}")))?;
+    let old = volume.file_cipher(&old_id)?;
+    let parent = path.parent().ok_or_else(|| refuse(path, "no parent directory"))?;
+    let tmp = parent.join(format!("{TEMP_PREFIX}{}", hex(&random_array::<8>())));
+    let (new_id, new) = volume.new_file_key()?;
+    let result = (|| {
+        let dst = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(meta.mode() & 0o7777)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        std::os::unix::fs::FileExt::write_all_at(&dst, &header::encode(&new_id), 0).map_err(io(&tmp))?;
+        let size = plain_size(meta.len());
+        let mut offset = 0u64;
+        while offset < size {
+            let data = content::read(&src, &old, offset, CHUNK).map_err(|e| content_error(path, e))?;
+            if data.is_empty() {
+                break;
+            }
+            // Holes stay holes.
+            if data.iter().any(|&b| b != 0) {
+                content::write(&dst, &new, offset, &data).map_err(|e| content_error(&tmp, e))?;
+            }
+            offset += data.len() as u64;
+        }
+        content::truncate(&dst, &new, size).map_err(|e| content_error(&tmp, e))?;
+        copy_xattrs(volume, path, &tmp, &old_id, &new_id)?;
+        std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())).map_err(io(&tmp))?;
+        let times = fs::FileTimes::new()
+            .set_accessed(meta.accessed().map_err(io(path))?)
+            .set_modified(meta.modified().map_err(io(path))?);
+        dst.set_times(times).map_err(io(&tmp))?;
+        dst.sync_all().map_err(io(&tmp))?;
+        volume.sync_keys()?; // the new key is durable before the new file takes the name
+        kill_hook("before-rename");
+        fs::rename(&tmp, path).map_err(io(path))?;
+        File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent))?;
+        Ok(size)
+    })();
+    match result {
+        Ok(bytes) => {
+            kill_hook("after-rename");
+            volume.forget_file_key(&old_id);
+            volume.sync_keys()?;
+            Ok(RekeyOutcome {
+                old_file_id: Some(hex(&old_id)),
+                new_file_id: Some(hex(&new_id)),
+                bytes,
+            })
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            volume.forget_file_key(&new_id);
+            Err(e)
+        }
+    }
+}
+
+fn content_error(path: &Path, e: content::ContentError) -> VolumeError {
+    match e {
+        content::ContentError::Io(source) => VolumeError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        content::ContentError::Corrupt { block } => VolumeError::Tampered {
+            volume: path.to_path_buf(),
+            what: format!("block {block}"),
+        },
+    }
+}
+
+/// Copies the `user.*` xattrs, sealing their values again for the new file id.
+fn copy_xattrs(volume: &Volume, from: &Path, to: &Path, old_id: &FileId, new_id: &FileId) -> Result<(), VolumeError> {
+    let len = rustix::fs::listxattr_query(from).unwrap_or(0);
+    let mut names = vec![0u8; len];
+    let n = rustix::fs::listxattr(from, &mut names[..]).unwrap_or(0);
+    for backing in names[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
+        let Some(name) = volume.xattr_plain_name(backing) else {
+            continue;
+        };
+        let backing = std::str::from_utf8(backing).unwrap_or_default();
+        let size = rustix::fs::getxattr_query(from, backing).map_err(|e| io(from)(e.into()))?;
+        let mut sealed = vec![0u8; size];
+        let got = rustix::fs::getxattr(from, backing, &mut sealed[..]).map_err(|e| io(from)(e.into()))?;
+        let value = volume
+            .open_xattr(old_id, &name, &sealed[..got])
+            .ok_or_else(|| VolumeError::Tampered {
+                volume: from.to_path_buf(),
+                what: format!("xattr user.{}", String::from_utf8_lossy(&name)),
+            })?;
+        let resealed = volume.seal_xattr(new_id, &name, &value);
+        rustix::fs::setxattr(to, backing, &resealed, rustix::fs::XattrFlags::empty()).map_err(|e| io(to)(e.into()))?;
+    }
+    Ok(())
+}

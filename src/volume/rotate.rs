@@ -1,0 +1,267 @@
+//! Volume-key rotation and master-key re-wrapping. Both touch only wrapped
+//! keys in the metadata DB: zero bytes of file data are rewritten.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rayon::prelude::*;
+use rusqlite::{TransactionBehavior, params};
+
+use super::db::{MetadataDb, checkpoint_truncate};
+use super::keyring::secret_aad;
+use super::{Volume, VolumeError};
+use crate::crypto::{FileId, WrappedKey};
+
+/// Rows re-wrapped per transaction.
+const BATCH: usize = 5000;
+/// Test hook: a smaller batch, so that crashes can be placed between batches.
+pub const BATCH_ENV: &str = "KMSFS_TEST_ROTATE_BATCH";
+/// Test hook: the process kills itself (SIGKILL) once this many file keys
+/// have been re-wrapped and committed, to exercise crash recovery.
+pub const KILL_AFTER_ENV: &str = "KMSFS_TEST_ROTATE_KILL_AFTER";
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RotationReport {
+    pub new_version: u32,
+    pub retired_versions: Vec<u32>,
+    pub rewrapped_file_keys: u64,
+    pub resumed: bool,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RewrapReport {
+    /// The volume-key versions whose blobs were wrapped again.
+    pub rewrapped_volume_keys: Vec<u32>,
+    pub provider_calls: u64,
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn retiring_versions(db: &MetadataDb) -> Result<Vec<u32>, VolumeError> {
+    Ok(db
+        .volume_keys()?
+        .into_iter()
+        .filter(|k| k.state == "retiring")
+        .map(|k| k.version)
+        .collect())
+}
+
+fn active_version(db: &MetadataDb) -> Result<u32, VolumeError> {
+    db.volume_keys()?
+        .into_iter()
+        .find(|k| k.state == "active")
+        .map(|k| k.version)
+        .ok_or_else(|| VolumeError::Tampered {
+            volume: db.path().to_path_buf(),
+            what: "the active volume key".into(),
+        })
+}
+
+/// Starts a rotation: a new version from the provider becomes active and
+/// the old one is marked retiring, in one transaction.
+fn begin(volume: &Volume) -> Result<u32, VolumeError> {
+    let keys = volume.keys();
+    let (key, blob) = keys.provider().generate_data_key(keys.context())?;
+    let version = volume.db().with_conn(|conn| {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: u32 = tx.query_row("SELECT max(version) + 1 FROM volume_keys", [], |r| r.get(0))?;
+        tx.execute("UPDATE volume_keys SET state = 'retiring' WHERE state = 'active'", [])?;
+        tx.execute(
+            "INSERT INTO volume_keys (version, state, wrapped, created_at) VALUES (?1, 'active', ?2, ?3)",
+            params![version, blob.as_bytes(), now()],
+        )?;
+        tx.commit()?;
+        Ok(version)
+    })?;
+    keys.install(version, &key, true);
+    Ok(version)
+}
+
+fn rewrap_secrets(volume: &Volume, to: u32) -> Result<(), VolumeError> {
+    let db = volume.db();
+    let keys = volume.keys();
+    let new_key = keys.key(db, to)?;
+    for (kind, version, wrapped) in db.secrets()? {
+        if version == to {
+            continue;
+        }
+        let old_key = keys.key(db, version)?;
+        let secret = old_key
+            .unwrap_key(&secret_aad(keys.volume_id(), &kind, version), &wrapped)
+            .map_err(|_| VolumeError::Tampered {
+                volume: volume.backing().to_path_buf(),
+                what: format!("the {kind} key"),
+            })?;
+        let rewrapped = new_key.wrap_key(&secret_aad(keys.volume_id(), &kind, to), &secret);
+        db.with_conn(|conn| {
+            conn.execute(
+                "UPDATE volume_secrets SET vk_version = ?1, wrapped = ?2 WHERE kind = ?3",
+                params![to, rewrapped.as_bytes(), kind],
+            )
+        })?;
+    }
+    Ok(())
+}
+
+type Row = (FileId, u32, WrappedKey);
+
+fn next_batch(db: &MetadataDb, to: u32) -> Result<Vec<Row>, VolumeError> {
+    Ok(db.with_conn(|conn| {
+        let mut stmt =
+            conn.prepare_cached("SELECT file_id, vk_version, wrapped FROM file_keys WHERE vk_version != ?1 LIMIT ?2")?;
+        let batch = std::env::var(BATCH_ENV)
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(BATCH as i64);
+        let rows = stmt.query_map(params![to, batch], |r| {
+            let id: Vec<u8> = r.get(0)?;
+            let mut file_id = [0u8; 16];
+            file_id.copy_from_slice(&id[..16.min(id.len())]);
+            Ok((file_id, r.get(1)?, WrappedKey::from_bytes(r.get(2)?)))
+        })?;
+        rows.collect()
+    })?)
+}
+
+fn kill_hook(done: u64) {
+    let limit = std::env::var(KILL_AFTER_ENV).ok().and_then(|v| v.parse::<u64>().ok());
+    if limit.is_some_and(|limit| done >= limit) {
+        // SAFETY: sending a signal to ourselves; it does not return.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
+/// Rotates the volume key, or resumes an interrupted rotation. `progress`
+/// receives (re-wrapped, total) after every batch.
+pub fn rotate(volume: &Volume, progress: &mut dyn FnMut(u64, u64)) -> Result<RotationReport, VolumeError> {
+    let start = Instant::now();
+    volume.sync_keys()?;
+    let db = volume.db();
+    let resumed = !retiring_versions(db)?.is_empty();
+    let to = if resumed { active_version(db)? } else { begin(volume)? };
+    rewrap_secrets(volume, to)?;
+    let keys = volume.keys();
+    let new_key = keys.key(db, to)?;
+    let total: u64 = db.with_conn(|c| {
+        c.query_row("SELECT count(*) FROM file_keys WHERE vk_version != ?1", [to], |r| {
+            r.get(0)
+        })
+    })?;
+    let mut done = 0u64;
+    loop {
+        let batch = next_batch(db, to)?;
+        if batch.is_empty() {
+            let retired = db.with_conn(|conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let left: u64 = tx.query_row("SELECT count(*) FROM file_keys WHERE vk_version != ?1", [to], |r| {
+                    r.get(0)
+                })?;
+                if left > 0 {
+                    return Ok(None); // keys committed under the old version meanwhile: another pass
+                }
+                let retired: Vec<u32> = {
+                    let mut stmt = tx.prepare("SELECT version FROM volume_keys WHERE state = 'retiring'")?;
+                    stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+                };
+                tx.execute(
+                    "UPDATE volume_keys SET state = 'retired', wrapped = NULL WHERE state = 'retiring'",
+                    [],
+                )?;
+                tx.commit()?;
+                Ok(Some(retired))
+            })?;
+            let Some(retired_versions) = retired else { continue };
+            erase_old_bytes(db);
+            return Ok(RotationReport {
+                new_version: to,
+                retired_versions,
+                rewrapped_file_keys: done,
+                resumed,
+                seconds: start.elapsed().as_secs_f64(),
+            });
+        }
+        let mut old_keys = std::collections::HashMap::new();
+        for (_, version, _) in &batch {
+            if !old_keys.contains_key(version) {
+                old_keys.insert(*version, keys.key(db, *version)?);
+            }
+        }
+        let rewrapped: Vec<(FileId, u32, Option<WrappedKey>)> = batch
+            .par_iter()
+            .map(|(id, version, wrapped)| {
+                (
+                    *id,
+                    *version,
+                    keys.rewrap(id, (*version, &old_keys[version]), wrapped, (to, &new_key)),
+                )
+            })
+            .collect();
+        if let Some((id, version, _)) = rewrapped.iter().find(|(_, _, w)| w.is_none()) {
+            return Err(VolumeError::Tampered {
+                volume: volume.backing().to_path_buf(),
+                what: format!("the data key of file {} (version {version})", crate::kms::hex(id)),
+            });
+        }
+        db.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut update = tx.prepare_cached(
+                    "UPDATE file_keys SET vk_version = ?1, wrapped = ?2 WHERE file_id = ?3 AND vk_version = ?4",
+                )?;
+                for (id, version, wrapped) in &rewrapped {
+                    let wrapped = wrapped.as_ref().map(|w| w.as_bytes()).unwrap_or_default();
+                    update.execute(params![to, wrapped, &id[..], version])?;
+                }
+            }
+            tx.commit()
+        })?;
+        done += rewrapped.len() as u64;
+        progress(done, total.max(done));
+        kill_hook(done);
+    }
+}
+
+/// Checkpoints and truncates the WAL so replaced and erased bytes are gone
+/// from the DB files (secure_delete has already zeroed them in the pages).
+fn erase_old_bytes(db: &MetadataDb) {
+    for attempt in 0..50 {
+        match db.with_conn(|conn| checkpoint_truncate(conn)) {
+            Ok(()) => return,
+            Err(e) if attempt == 49 => {
+                log::warn!("WAL checkpoint failed; old key bytes stay in the WAL until the next checkpoint: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// After the master key was rotated in the provider: every live volume-key
+/// blob wrapped again under its newest version (ReEncrypt). One provider
+/// call per volume-key version; no file is touched.
+pub fn rewrap_volume_keys(volume: &Volume) -> Result<RewrapReport, VolumeError> {
+    let db = volume.db();
+    let keys = volume.keys();
+    let calls_before = keys.provider().call_count();
+    let mut rewrapped = Vec::new();
+    for row in db.volume_keys()? {
+        let Some(blob) = row.wrapped else { continue };
+        let new_blob = keys.provider().re_encrypt(&blob, keys.context())?;
+        db.with_conn(|conn| {
+            conn.execute(
+                "UPDATE volume_keys SET wrapped = ?1 WHERE version = ?2",
+                params![new_blob.as_bytes(), row.version],
+            )
+        })?;
+        rewrapped.push(row.version);
+    }
+    erase_old_bytes(db);
+    Ok(RewrapReport {
+        rewrapped_volume_keys: rewrapped,
+        provider_calls: keys.provider().call_count() - calls_before,
+    })
+}
