@@ -103,18 +103,14 @@ pub fn key(command: KeyCommand, keys: &KeyOptions) -> Result<(), CliError> {
         KeyCommand::List { json } => {
             let list = store.list();
             if json {
-                let out: Vec<_> = list
-                    .iter()
-                    .map(|(id, alias, description, state, versions)| {
-                        serde_json::json!({"key_id": id, "alias": alias, "description": description,
-                            "state": format!("{state:?}"), "versions": versions})
-                    })
-                    .collect();
-                println!("{}", serde_json::Value::Array(out));
+                println!("{}", serde_json::to_string(&list).unwrap_or_default());
             } else {
-                for (id, alias, description, state, versions) in list {
-                    let alias = alias.map(|a| format!(" ({a})")).unwrap_or_default();
-                    println!("{id}{alias}  {state:?}  versions {versions:?}  {description}");
+                for k in list {
+                    let alias = k.alias.map(|a| format!(" ({a})")).unwrap_or_default();
+                    println!(
+                        "{}{alias}  {:?}  versions {:?}  {}",
+                        k.id, k.state, k.versions, k.description
+                    );
                 }
             }
         }

@@ -62,6 +62,16 @@ pub enum KeyState {
     PendingDeletion,
 }
 
+/// What `kmsfs key list` shows of a master key.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyInfo {
+    pub id: String,
+    pub alias: Option<String>,
+    pub description: String,
+    pub state: KeyState,
+    pub versions: Vec<u32>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct KeyVersion {
     version: u32,
@@ -344,19 +354,17 @@ impl LocalKeystore {
         Ok(version)
     }
 
-    /// (id, alias, description, state, versions) of every master key.
-    pub fn list(&self) -> Vec<(String, Option<String>, String, KeyState, Vec<u32>)> {
+    /// Every master key, without its material.
+    pub fn list(&self) -> Vec<KeyInfo> {
         self.file
             .keys
             .iter()
-            .map(|k| {
-                (
-                    k.id.clone(),
-                    k.alias.clone(),
-                    k.description.clone(),
-                    k.state,
-                    k.versions.iter().map(|v| v.version).collect(),
-                )
+            .map(|k| KeyInfo {
+                id: k.id.clone(),
+                alias: k.alias.clone(),
+                description: k.description.clone(),
+                state: k.state,
+                versions: k.versions.iter().map(|v| v.version).collect(),
             })
             .collect()
     }

@@ -274,13 +274,10 @@ impl MetadataDb {
     /// Queues a new file key; it is committed by the next `flush`. Returns
     /// true when the queue is long enough that the caller should flush now.
     pub fn queue_file_key(&self, file_id: FileId, vk_version: u32, wrapped: WrappedKey) -> bool {
-        let full = {
-            let mut pending = lock(&self.pending);
-            pending.deletes.remove(&file_id);
-            pending.inserts.insert(file_id, (vk_version, wrapped));
-            pending.inserts.len() >= MAX_PENDING
-        };
-        full
+        let mut pending = lock(&self.pending);
+        pending.deletes.remove(&file_id);
+        pending.inserts.insert(file_id, (vk_version, wrapped));
+        pending.inserts.len() >= MAX_PENDING
     }
 
     /// Queues the erasure of a file key (crypto-shredding of a deleted file).
@@ -374,7 +371,7 @@ impl MetadataDb {
         }
         if !batch.deletes.is_empty() {
             // Crypto-shredding: the erased rows' bytes must leave the WAL too.
-            if let Err(e) = checkpoint_truncate(&conn) {
+            if let Err(e) = checkpoint_truncate(conn) {
                 log::warn!("WAL checkpoint after erasing file keys failed (retried at the next one): {e}");
             }
         }
