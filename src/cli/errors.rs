@@ -14,6 +14,7 @@ pub enum ExitCode {
     Provider = 5,
     Mount = 6,
     Io = 7,
+    ProviderUnreachable = 8,
 }
 
 #[derive(Debug)]
@@ -36,6 +37,8 @@ impl From<KmsError> for CliError {
         let code = match &e {
             KmsError::WrongPassphrase(_) | KmsError::WrongKeyFile(_) | KmsError::BadSecret(_) => ExitCode::Secret,
             KmsError::Io { .. } => ExitCode::Io,
+            KmsError::Unreachable { .. } => ExitCode::ProviderUnreachable,
+            KmsError::BadUri { .. } => ExitCode::Usage,
             _ => ExitCode::Provider,
         };
         CliError::new(code, e.to_string())

@@ -19,7 +19,8 @@ pub use errors::{CliError, ExitCode};
 #[command(name = "kmsfs", version, about = "Transparent encrypted filesystem with KMS-style envelope encryption", long_about = None)]
 #[command(
     after_help = "Exit codes: 0 ok, 1 internal error, 2 usage, 3 wrong or missing passphrase/key file,\n\
-4 not a volume or damaged volume, 5 key provider refused or unreachable, 6 mount problem, 7 I/O error.\n\
+4 not a volume or damaged volume, 5 key provider refused (or missing key, disabled key, bad credentials),\n\
+6 mount problem, 7 I/O error, 8 key provider unreachable.\n\
 Logging: set RUST_LOG (e.g. RUST_LOG=info or RUST_LOG=kmsfs=debug)."
 )]
 struct Cli {
@@ -41,6 +42,12 @@ pub struct KeyOptions {
     /// Unlock the keystore with a 32-byte key file instead of a passphrase (created by `init` if missing)
     #[arg(long, global = true, value_name = "FILE")]
     key_file: Option<PathBuf>,
+    /// Key provider URI: with `init`, where the master key lives (stored in the volume);
+    /// otherwise overrides the stored one. local:[KEY], aws-kms:KEY[?region=…&endpoint=…&profile=…],
+    /// vault-transit:http(s)://HOST:PORT/MOUNT/KEY[?token_file=…&ca_cert=…],
+    /// pkcs11:token=LABEL;object=LABEL?module-path=…&pin-source=file:…
+    #[arg(long, global = true, value_name = "URI", env = "KMSFS_KMS")]
+    kms: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -89,6 +96,9 @@ enum Command {
         /// Machine-readable output
         #[arg(long)]
         json: bool,
+        /// Also ask the key provider for the master key's state (DescribeKey; needs its credentials)
+        #[arg(long)]
+        check_key: bool,
     },
 }
 
@@ -125,20 +135,36 @@ fn init_logging(log_file: Option<&std::path::Path>) -> Result<(), CliError> {
 }
 
 fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
-    let kdf = kmsfs::kms::local::KdfParams {
-        memory_kib: args.kdf_memory_mib.saturating_mul(1024),
-        iterations: args.kdf_iterations,
-        parallelism: 1,
+    let remote = keys.kms.as_deref().filter(|u| !u.starts_with("local:"));
+    let (row, keystore) = match remote {
+        Some(uri) => {
+            let provider = kmsfs::kms::connect(uri)?;
+            (kmsfs::volume::Volume::create(&args.backing, &*provider)?, None)
+        }
+        None => {
+            let kdf = kmsfs::kms::local::KdfParams {
+                memory_kib: args.kdf_memory_mib.saturating_mul(1024),
+                iterations: args.kdf_iterations,
+                parallelism: 1,
+            };
+            let (mut store, created) = secrets::open_or_create_keystore(keys, kdf)?;
+            let named = keys
+                .kms
+                .as_deref()
+                .and_then(|u| u.strip_prefix("local:"))
+                .filter(|k| !k.is_empty());
+            let key_id = match named.or(args.key.as_deref()) {
+                Some(k) => store.key_id(k)?,
+                None => store.create_key(&format!("kmsfs volume at {}", args.backing.display()))?,
+            };
+            let store = std::sync::Arc::new(store);
+            let provider = store.provider(&key_id)?;
+            (
+                kmsfs::volume::Volume::create(&args.backing, &provider)?,
+                Some((store.path().to_path_buf(), created)),
+            )
+        }
     };
-    let (store, created_store) = secrets::open_or_create_keystore(keys, kdf)?;
-    let mut store = store;
-    let key_id = match &args.key {
-        Some(k) => store.key_id(k)?,
-        None => store.create_key(&format!("kmsfs volume at {}", args.backing.display()))?,
-    };
-    let store = std::sync::Arc::new(store);
-    let provider = store.provider(&key_id)?;
-    let row = kmsfs::volume::Volume::create(&args.backing, &provider)?;
     let volume_id = kmsfs::kms::hex(&row.volume_id);
     if args.json {
         let out = serde_json::json!({
@@ -146,13 +172,16 @@ fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
             "backing": args.backing,
             "provider": row.provider,
             "master_key_id": row.master_key_id,
-            "keystore": store.path(),
-            "keystore_created": created_store,
+            "keystore": keystore.as_ref().map(|(p, _)| p),
+            "keystore_created": keystore.as_ref().map(|(_, c)| c),
         });
         println!("{out}");
     } else {
         println!("Created volume {volume_id} in {}", args.backing.display());
-        println!("Master key {key_id} in keystore {}", store.path().display());
+        match &keystore {
+            Some((path, _)) => println!("Master key {} in keystore {}", row.master_key_id, path.display()),
+            None => println!("Master key {} with provider {}", row.master_key_id, row.provider),
+        }
         println!("Mount it with: kmsfs mount {} MOUNTPOINT", args.backing.display());
     }
     Ok(())
@@ -190,7 +219,11 @@ pub fn run() -> i32 {
         Command::Init(args) => init(args, &cli.keys),
         Command::Mount(args) => daemon::mount(args, &cli.keys),
         Command::Umount { mountpoint } => daemon::umount(&mountpoint),
-        Command::Status { backing, json } => status::status(&backing, json),
+        Command::Status {
+            backing,
+            json,
+            check_key,
+        } => status::status(&backing, json, check_key, &cli.keys),
         Command::Rotate { backing, json } => rotation::rotate(&backing, &cli.keys, json),
         Command::Rewrap { backing, json } => rotation::rewrap(&backing, &cli.keys, json),
         Command::Key(command) => rotation::key(command, &cli.keys),

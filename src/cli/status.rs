@@ -5,12 +5,17 @@ use std::path::Path;
 use kmsfs::kms::hex;
 use kmsfs::volume::lock::VolumeLock;
 
-use super::CliError;
+use super::{CliError, KeyOptions};
 
-pub fn status(backing: &Path, json: bool) -> Result<(), CliError> {
+pub fn status(backing: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Result<(), CliError> {
     let summary = kmsfs::volume::read_info(backing)?;
+    let key_state = if check_key {
+        Some(super::volumes::provider_for(&summary.volume, keys)?.key_state()?)
+    } else {
+        None
+    };
     let (row, keys, counts) = (summary.volume, summary.volume_keys, summary.file_keys);
-    let daemon = VolumeLock::holder(backing);
+    let daemon = VolumeLock::daemon(backing);
     let files_of = |v: u32| {
         counts
             .iter()
@@ -42,7 +47,9 @@ pub fn status(backing: &Path, json: bool) -> Result<(), CliError> {
             "file_keys": counts.iter().map(|(_, n)| n).sum::<u64>(),
             "rotation_in_progress": rotating,
             "mounted": daemon.is_some(),
-            "daemon_pid": daemon.and_then(|p| p.parse::<u64>().ok()),
+            "daemon_pid": daemon.as_ref().map(|d| d.pid),
+            "daemon_provider_calls": daemon.as_ref().map(|d| d.provider_calls),
+            "key_state": key_state,
         });
         println!("{out}");
         return Ok(());
@@ -69,8 +76,14 @@ pub fn status(backing: &Path, json: bool) -> Result<(), CliError> {
         }
     );
     match daemon {
-        Some(pid) => println!("mounted:        yes (daemon pid {pid})"),
+        Some(d) => println!(
+            "mounted:        yes (daemon pid {}, {} key-provider call(s) since mount)",
+            d.pid, d.provider_calls
+        ),
         None => println!("mounted:        no"),
+    }
+    if let Some(state) = key_state {
+        println!("key state:      {state} (as the provider reports it)");
     }
     Ok(())
 }

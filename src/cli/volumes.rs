@@ -7,16 +7,18 @@ use kmsfs::kms::KeyProvider;
 use kmsfs::volume::Volume;
 use kmsfs::volume::db::VolumeRow;
 
-use super::{CliError, ExitCode, KeyOptions, secrets};
+use super::{CliError, KeyOptions, secrets};
 
-/// The provider named in the volume, unlocked with the user's secret.
+/// The provider named in the volume (or by --kms), unlocked with the user's secret.
 pub fn provider_for(row: &VolumeRow, keys: &KeyOptions) -> Result<Arc<dyn KeyProvider>, CliError> {
-    let key_id = row
-        .provider
-        .strip_prefix("local:")
-        .ok_or_else(|| CliError::new(ExitCode::Provider, format!("unsupported key provider {}", row.provider)))?;
-    let store = Arc::new(secrets::open_keystore(keys)?);
-    Ok(Arc::new(store.provider(key_id)?))
+    let uri = keys.kms.as_deref().unwrap_or(&row.provider);
+    match uri.strip_prefix("local:") {
+        Some(key_id) => {
+            let store = Arc::new(secrets::open_keystore(keys)?);
+            Ok(Arc::new(store.provider(key_id)?))
+        }
+        None => Ok(kmsfs::kms::connect(uri)?),
+    }
 }
 
 pub fn open_volume(backing: &Path, keys: &KeyOptions) -> Result<Volume, CliError> {

@@ -493,6 +493,10 @@ impl KeyProvider for LocalProvider {
     fn call_count(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }
+
+    fn key_state(&self) -> Result<String, KmsError> {
+        Ok(format!("{:?}", self.store.record(&self.key_id)?.state))
+    }
 }
 
 #[cfg(test)]

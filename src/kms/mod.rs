@@ -1,7 +1,13 @@
 //! Key providers: where the master key (CMK) lives. Every provider offers the
 //! same two KMS operations on data keys, bound to an encryption context.
 
+pub mod aws;
+mod aws_credentials;
+mod http;
 pub mod local;
+pub mod pkcs11;
+pub mod uri;
+pub mod vault;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,6 +27,10 @@ impl EncryptionContext {
     }
 
     /// Unambiguous byte encoding: length-prefixed keys and values in sorted order.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     pub fn canonical_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
         for (k, v) in &self.0 {
@@ -55,6 +65,18 @@ pub enum KmsError {
     InvalidCiphertext(String),
     #[error("{0}")]
     BadSecret(String),
+    #[error("key provider {provider} is unreachable: {cause}")]
+    Unreachable { provider: String, cause: String },
+    #[error("key provider {provider} refused: {code}: {message}")]
+    Refused {
+        provider: String,
+        code: String,
+        message: String,
+    },
+    #[error("bad key provider URI {uri}: {reason}")]
+    BadUri { uri: String, reason: String },
+    #[error("key provider {provider}: {message}")]
+    Config { provider: String, message: String },
     #[error("keystore I/O on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -77,4 +99,29 @@ pub trait KeyProvider: Send + Sync {
 
     /// How many provider operations this instance has performed.
     fn call_count(&self) -> u64;
+
+    /// The master key's state as the provider reports it (DescribeKey).
+    fn key_state(&self) -> Result<String, KmsError>;
+}
+
+/// Connects to a remote provider named by a URI (`local:` needs the
+/// keystore and its secret, which the caller handles).
+pub fn connect(raw: &str) -> Result<std::sync::Arc<dyn KeyProvider>, KmsError> {
+    use uri::ProviderUri;
+    Ok(match ProviderUri::parse(raw)? {
+        ProviderUri::AwsKms { key, query } => std::sync::Arc::new(aws::AwsKmsProvider::new(raw, &key, &query)?),
+        ProviderUri::VaultTransit {
+            address,
+            mount,
+            key,
+            query,
+        } => std::sync::Arc::new(vault::VaultTransitProvider::new(raw, &address, &mount, &key, &query)?),
+        ProviderUri::Pkcs11 { path, query } => std::sync::Arc::new(pkcs11::Pkcs11Provider::new(raw, &path, &query)?),
+        ProviderUri::Local { .. } => {
+            return Err(KmsError::BadUri {
+                uri: raw.to_string(),
+                reason: "local: is opened with its keystore".into(),
+            });
+        }
+    })
 }

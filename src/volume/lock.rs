@@ -12,6 +12,29 @@ use rustix::fs::{FlockOperation, flock};
 
 use super::layout::LOCK_FILE;
 
+/// What the mount daemon publishes in the lock file.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DaemonInfo {
+    pub pid: u32,
+    /// Key-provider calls since the daemon started (one per volume-key version at mount).
+    pub provider_calls: u64,
+}
+
+/// Updates the published call count (the daemon holds the lock itself).
+pub fn publish_provider_calls(backing: &Path, provider_calls: u64) {
+    let info = DaemonInfo {
+        pid: std::process::id(),
+        provider_calls,
+    };
+    if let Ok(text) = serde_json::to_string(&info) {
+        let _ = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(backing.join(LOCK_FILE))
+            .and_then(|mut f| f.write_all(text.as_bytes()));
+    }
+}
+
 pub struct VolumeLock {
     _file: File,
 }
@@ -52,24 +75,36 @@ impl VolumeLock {
     }
 
     /// Records the daemon's pid (after it has forked into the background).
-    pub fn record_pid(&mut self) {
-        let pid = std::process::id().to_string();
+    pub fn record_pid(&mut self, provider_calls: u64) {
+        let info = DaemonInfo {
+            pid: std::process::id(),
+            provider_calls,
+        };
+        let text = serde_json::to_string(&info).unwrap_or_default();
         let f = &mut self._file;
         let _ = f
             .set_len(0)
             .and_then(|_| f.seek(SeekFrom::Start(0)))
-            .and_then(|_| f.write_all(pid.as_bytes()));
+            .and_then(|_| f.write_all(text.as_bytes()));
     }
 
     /// The pid of the daemon holding the lock, if any.
     pub fn holder(backing: &Path) -> Option<String> {
+        Self::daemon(backing).map(|d| d.pid.to_string())
+    }
+
+    /// What the daemon holding the lock last recorded, if a daemon holds it.
+    pub fn daemon(backing: &Path) -> Option<DaemonInfo> {
         let mut file = File::open(backing.join(LOCK_FILE)).ok()?;
         if flock(file.as_fd(), FlockOperation::NonBlockingLockShared).is_ok() {
             return None;
         }
-        let mut pid = String::new();
-        file.read_to_string(&mut pid).ok()?;
-        Some(pid.trim().to_string())
+        let mut text = String::new();
+        file.read_to_string(&mut text).ok()?;
+        Some(serde_json::from_str(&text).unwrap_or(DaemonInfo {
+            pid: text.trim().parse().unwrap_or(0),
+            provider_calls: 0,
+        }))
     }
 
     /// Waits until no daemon holds the lock.

@@ -165,7 +165,9 @@ impl Volume {
         let name_key = vk.wrap_key(&secret_aad(&volume_id, SECRET_NAMES, version), &SecretKey::random());
         let xattr_key = vk.wrap_key(&secret_aad(&volume_id, SECRET_XATTRS, version), &SecretKey::random());
         let uri = provider.uri();
-        let master_key_id = uri.split_once(':').map(|(_, k)| k.to_string()).unwrap_or_default();
+        let master_key_id = crate::kms::uri::ProviderUri::parse(&uri)
+            .map(|u| u.key_label())
+            .unwrap_or_default();
         let row = VolumeRow {
             volume_id,
             format_version: FORMAT_VERSION,
@@ -260,6 +262,11 @@ impl Volume {
     /// Provider calls made while opening; file operations make none.
     pub fn provider_calls(&self) -> u64 {
         self.provider_calls
+    }
+
+    /// Provider calls made by this process so far.
+    pub fn total_provider_calls(&self) -> u64 {
+        self.keys.provider().call_count()
     }
 
     pub fn names(&self) -> &NameCipher {

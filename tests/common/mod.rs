@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod peers;
+
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -14,6 +17,8 @@ pub struct TestVolume {
     pub mnt: PathBuf,
     pub keystore: PathBuf,
     pub log: PathBuf,
+    /// Extra environment for every kmsfs command (provider credentials…).
+    pub env: Vec<(OsString, OsString)>,
 }
 
 pub fn kmsfs_bin() -> &'static str {
@@ -21,8 +26,13 @@ pub fn kmsfs_bin() -> &'static str {
 }
 
 impl TestVolume {
-    /// A new volume with a fast (test-only) Argon2id setting.
+    /// A new volume with the local provider and a fast (test-only) Argon2id setting.
     pub fn init() -> Self {
+        Self::init_with(&[], &["--kdf-memory-mib", "8", "--kdf-iterations", "1"])
+    }
+
+    /// A new volume; `env` applies to every later command too.
+    pub fn init_with(env: &[(&str, &str)], init_args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("kmsfs-test-")
             .tempdir()
@@ -32,17 +42,16 @@ impl TestVolume {
             mnt: dir.path().join("plain"),
             keystore: dir.path().join("keystore.json"),
             log: dir.path().join("daemon.log"),
+            env: env
+                .iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+                .collect(),
             dir,
         };
         std::fs::create_dir(&vol.mnt).expect("mkdir mountpoint");
-        let out = vol.run(&[
-            "init",
-            path_str(&vol.backing),
-            "--kdf-memory-mib",
-            "8",
-            "--kdf-iterations",
-            "1",
-        ]);
+        let mut args = vec!["init", path_str(&vol.backing)];
+        args.extend_from_slice(init_args);
+        let out = vol.run(&args);
         assert!(
             out.status.success(),
             "init failed: {}",
@@ -56,6 +65,9 @@ impl TestVolume {
         cmd.env("KMSFS_KEYSTORE", &self.keystore)
             .env("KMSFS_PASSPHRASE", PASSPHRASE)
             .env_remove("RUST_LOG");
+        // Never reach for the real EC2 metadata service from a test.
+        cmd.env("AWS_EC2_METADATA_DISABLED", "true");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 

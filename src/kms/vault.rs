@@ -1,0 +1,194 @@
+//! The `vault-transit` provider: HashiCorp Vault / OpenBao Transit. Data
+//! keys come from `datakey/plaintext` with the volume's encryption context
+//! as the key-derivation context (the transit key must be created with
+//! `derived=true`); `rewrap` re-wraps under the key's newest version.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use super::http::{MAX_ATTEMPTS, agent, backoff};
+use super::{EncryptionContext, KeyProvider, KmsError};
+use crate::crypto::{SecretKey, WrappedKey};
+
+pub struct VaultTransitProvider {
+    uri: String,
+    address: String,
+    mount: String,
+    key: String,
+    token: Zeroizing<String>,
+    agent: ureq::Agent,
+    calls: AtomicU64,
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+impl VaultTransitProvider {
+    pub fn new(
+        uri: &str,
+        address: &str,
+        mount: &str,
+        key: &str,
+        query: &BTreeMap<String, String>,
+    ) -> Result<Self, KmsError> {
+        let config = |message: String| KmsError::Config {
+            provider: format!("vault-transit ({address})"),
+            message,
+        };
+        let token = match (env("VAULT_TOKEN").or_else(|| env("BAO_TOKEN")), query.get("token_file")) {
+            (Some(t), _) => t,
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map_err(|e| config(format!("cannot read token file {file}: {e}")))?
+                .trim()
+                .to_string(),
+            (None, None) => env("HOME")
+                .and_then(|h| std::fs::read_to_string(format!("{h}/.vault-token")).ok())
+                .map(|t| t.trim().to_string())
+                .ok_or_else(|| {
+                    config("no token: set VAULT_TOKEN (or BAO_TOKEN), token_file= in the URI, or ~/.vault-token".into())
+                })?,
+        };
+        let ca = query
+            .get("ca_cert")
+            .cloned()
+            .or_else(|| env("VAULT_CACERT"))
+            .or_else(|| env("BAO_CACERT"));
+        Ok(VaultTransitProvider {
+            uri: uri.to_string(),
+            address: address.trim_end_matches('/').to_string(),
+            mount: mount.to_string(),
+            key: key.to_string(),
+            token: Zeroizing::new(token),
+            agent: agent("vault-transit", ca.as_deref())?,
+            calls: AtomicU64::new(0),
+        })
+    }
+
+    fn unreachable(&self, cause: impl std::fmt::Display) -> KmsError {
+        KmsError::Unreachable {
+            provider: format!("vault-transit ({})", self.address),
+            cause: cause.to_string(),
+        }
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, KmsError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let url = format!("{}/v1/{}/{}", self.address, self.mount, path);
+        let body = Zeroizing::new(body.map(|b| b.to_string()).unwrap_or_default());
+        let mut last_error = None;
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt > 0 {
+                std::thread::sleep(backoff(attempt - 1));
+            }
+            let sent = if method == "GET" {
+                self.agent.get(&url).header("X-Vault-Token", self.token.as_str()).call()
+            } else {
+                self.agent
+                    .post(&url)
+                    .header("X-Vault-Token", self.token.as_str())
+                    .header("Content-Type", "application/json")
+                    .send(body.as_bytes())
+            };
+            let mut response = match sent {
+                Ok(r) => r,
+                Err(e) => {
+                    last_error = Some(self.unreachable(e));
+                    continue;
+                }
+            };
+            let status = response.status();
+            let text = Zeroizing::new(response.body_mut().read_to_string().unwrap_or_default());
+            if status.is_success() {
+                return serde_json::from_str(&text).map_err(|e| self.unreachable(format!("bad JSON answer: {e}")));
+            }
+            let errors: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let message = errors["errors"]
+                .as_array()
+                .map(|e| e.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; "))
+                .unwrap_or_default();
+            let refused = KmsError::Refused {
+                provider: format!("vault-transit key {}/{}", self.mount, self.key),
+                code: format!("HTTP {}", status.as_u16()),
+                message,
+            };
+            if status.is_server_error() || status.as_u16() == 429 {
+                last_error = Some(refused);
+                continue;
+            }
+            return Err(refused);
+        }
+        Err(last_error.unwrap_or_else(|| self.unreachable("no attempt made")))
+    }
+
+    fn field<'a>(&self, v: &'a Value, name: &str) -> Result<&'a str, KmsError> {
+        v["data"][name]
+            .as_str()
+            .ok_or_else(|| self.unreachable(format!("answer lacks data.{name}")))
+    }
+
+    fn plaintext_key(&self, v: &Value) -> Result<SecretKey, KmsError> {
+        let plain = Zeroizing::new(
+            B64.decode(self.field(v, "plaintext")?)
+                .map_err(|_| self.unreachable("plaintext is not base64"))?,
+        );
+        SecretKey::from_slice(&plain).ok_or_else(|| self.unreachable("the data key is not 32 bytes"))
+    }
+
+    fn ciphertext(&self, wrapped: &WrappedKey) -> Result<String, KmsError> {
+        String::from_utf8(wrapped.as_bytes().to_vec()).map_err(|_| KmsError::InvalidCiphertext(self.key.clone()))
+    }
+}
+
+fn context(context: &EncryptionContext) -> String {
+    B64.encode(context.canonical_bytes())
+}
+
+impl KeyProvider for VaultTransitProvider {
+    fn uri(&self) -> String {
+        self.uri.clone()
+    }
+
+    fn generate_data_key(&self, ctx: &EncryptionContext) -> Result<(SecretKey, WrappedKey), KmsError> {
+        let v = self.request(
+            "POST",
+            &format!("datakey/plaintext/{}", self.key),
+            Some(json!({ "context": context(ctx), "bits": 256 })),
+        )?;
+        let key = self.plaintext_key(&v)?;
+        Ok((
+            key,
+            WrappedKey::from_bytes(self.field(&v, "ciphertext")?.as_bytes().to_vec()),
+        ))
+    }
+
+    fn decrypt(&self, wrapped: &WrappedKey, ctx: &EncryptionContext) -> Result<SecretKey, KmsError> {
+        let body = json!({ "ciphertext": self.ciphertext(wrapped)?, "context": context(ctx) });
+        let v = self.request("POST", &format!("decrypt/{}", self.key), Some(body))?;
+        self.plaintext_key(&v)
+    }
+
+    fn re_encrypt(&self, wrapped: &WrappedKey, ctx: &EncryptionContext) -> Result<WrappedKey, KmsError> {
+        let body = json!({ "ciphertext": self.ciphertext(wrapped)?, "context": context(ctx) });
+        let v = self.request("POST", &format!("rewrap/{}", self.key), Some(body))?;
+        Ok(WrappedKey::from_bytes(
+            self.field(&v, "ciphertext")?.as_bytes().to_vec(),
+        ))
+    }
+
+    fn call_count(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    fn key_state(&self) -> Result<String, KmsError> {
+        let v = self.request("GET", &format!("keys/{}", self.key), None)?;
+        let latest = v["data"]["latest_version"].as_u64().unwrap_or(0);
+        let min = v["data"]["min_decryption_version"].as_u64().unwrap_or(0);
+        Ok(format!("Enabled (version {latest}, decrypts from version {min})"))
+    }
+}

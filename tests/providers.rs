@@ -1,0 +1,314 @@
+//! External key providers against real peers on loopback: AWS KMS (moto),
+//! Vault Transit (OpenBao), PKCS#11 (SoftHSM2), plus scripted fakes for the
+//! failures the peers cannot produce.
+
+mod common;
+
+use std::fs;
+
+use common::peers::{self, SoftHsm};
+use common::{TestVolume, path_str};
+
+const AWS_ENV: &[(&str, &str)] = &[
+    ("AWS_ACCESS_KEY_ID", "test"),
+    ("AWS_SECRET_ACCESS_KEY", "test"),
+    ("AWS_REGION", "us-east-1"),
+];
+
+fn status(vol: &TestVolume) -> serde_json::Value {
+    let out = vol.run(&["status", "--json", path_str(&vol.backing)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// init, mount, write, unmount, remount, read back; returns what was written.
+fn round_trip(vol: &TestVolume, files: usize) -> Vec<(String, Vec<u8>)> {
+    let mount = vol.mount();
+    let written: Vec<(String, Vec<u8>)> = (0..files)
+        .map(|i| {
+            (
+                format!("f{i}"),
+                format!("content of file {i} ").repeat(1 + i % 7).into_bytes(),
+            )
+        })
+        .collect();
+    for (name, data) in &written {
+        fs::write(vol.path(name), data).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500)); // let the daemon publish its call count
+    let s = status(vol);
+    assert_eq!(
+        s["daemon_provider_calls"], 1,
+        "mount + {files} files: one provider call per volume-key version: {s}"
+    );
+    mount.unmount();
+    let _m = vol.mount();
+    for (name, data) in written.iter().step_by((files / 50).max(1)) {
+        assert_eq!(&fs::read(vol.path(name)).unwrap(), data, "{name}");
+    }
+    written
+}
+
+fn check_read(vol: &TestVolume, written: &[(String, Vec<u8>)]) {
+    let _m = vol.mount();
+    for (name, data) in written.iter().step_by((written.len() / 20).max(1)) {
+        assert_eq!(&fs::read(vol.path(name)).unwrap(), data, "{name}");
+    }
+}
+
+#[test]
+fn aws_kms_with_moto_round_trip_rotation_rewrap_and_10000_files_one_call() {
+    let moto = peers::moto();
+    peers::moto_create_key(&moto.url(), "alias/kmsfs");
+    let uri = format!("aws-kms:alias/kmsfs?endpoint={}", moto.url());
+    let vol = TestVolume::init_with(AWS_ENV, &["--kms", &uri]);
+    let s = status(&vol);
+    assert_eq!(s["provider"], uri);
+    assert_eq!(s["master_key_id"], "alias/kmsfs");
+    let written = round_trip(&vol, 10_000);
+    let out = vol.run(&["rotate", path_str(&vol.backing)]);
+    assert!(out.status.success(), "rotate: {}", stderr(&out));
+    let out = vol.run(&["rewrap", "--json", path_str(&vol.backing)]);
+    assert!(out.status.success(), "rewrap (ReEncrypt): {}", stderr(&out));
+    check_read(&vol, &written);
+    let out = vol.run(&["status", "--check-key", path_str(&vol.backing)]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Enabled"),
+        "DescribeKey: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Endpoint from the standard variable instead of the URI.
+    let plain_uri = "aws-kms:alias/kmsfs";
+    let mut env: Vec<(&str, &str)> = AWS_ENV.to_vec();
+    let endpoint = moto.url();
+    env.push(("AWS_ENDPOINT_URL_KMS", &endpoint));
+    let vol2 = TestVolume::init_with(&env, &["--kms", plain_uri]);
+    round_trip(&vol2, 20);
+}
+
+#[test]
+fn aws_credentials_from_a_shared_profile_and_from_imdsv2() {
+    let moto = peers::moto();
+    peers::moto_create_key(&moto.url(), "alias/creds");
+    let home = tempfile::tempdir().unwrap();
+    fs::create_dir(home.path().join(".aws")).unwrap();
+    fs::write(home.path().join(".aws/credentials"), "[default]\naws_access_key_id = nope\n\n[dev]\naws_access_key_id = AKIDDEV\naws_secret_access_key = devsecret\n").unwrap();
+    fs::write(home.path().join(".aws/config"), "[profile dev]\nregion = us-east-1\n").unwrap();
+    let uri = format!("aws-kms:alias/creds?endpoint={}", moto.url());
+    let home_str = path_str(home.path()).to_string();
+    let vol = TestVolume::init_with(&[("HOME", home_str.as_str()), ("AWS_PROFILE", "dev")], &["--kms", &uri]);
+    round_trip(&vol, 5);
+
+    // No environment credentials, no shared files: the instance metadata service (a loopback fake).
+    let imds = peers::python_fake("imds.py", &["AKIDIMDS", "imdssecret"]);
+    let empty_home = tempfile::tempdir().unwrap();
+    let empty = path_str(empty_home.path()).to_string();
+    let imds_url = imds.url();
+    let out = std::process::Command::new(common::kmsfs_bin())
+        .env("HOME", &empty)
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds_url)
+        .env_remove("AWS_EC2_METADATA_DISABLED")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_REGION")
+        .args(["--kms", &uri, "init", path_str(&vol.dir.path().join("imds-volume"))])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "init with IMDSv2 credentials and region: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn aws_kms_failures_unreachable_disabled_and_throttled() {
+    let moto = peers::moto();
+    peers::moto_create_key(&moto.url(), "alias/fail");
+    let uri = format!("aws-kms:alias/fail?endpoint={}", moto.url());
+    let vol = TestVolume::init_with(AWS_ENV, &["--kms", &uri]);
+    round_trip(&vol, 3);
+    let (backing, mnt) = (path_str(&vol.backing), path_str(&vol.mnt));
+
+    let closed = format!("aws-kms:alias/fail?endpoint=http://127.0.0.1:{}", peers::free_port());
+    let out = vol.run(&["--kms", &closed, "mount", backing, mnt]);
+    assert_eq!(out.status.code(), Some(8), "unreachable: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("aws-kms") && stderr(&out).contains("unreachable"),
+        "{}",
+        stderr(&out)
+    );
+
+    for (mode, code, attempts) in [
+        ("disabled", "DisabledException", 1),
+        ("throttle", "ThrottlingException", 4),
+        ("unavailable", "KMSInternalException", 4),
+    ] {
+        let counter = vol.dir.path().join(format!("{mode}.count"));
+        let fake = peers::python_fake("aws_kms_errors.py", &[mode, path_str(&counter)]);
+        let via_fake = format!("aws-kms:alias/fail?endpoint={}", fake.url());
+        let out = vol.run(&["--kms", &via_fake, "mount", backing, mnt]);
+        assert_eq!(out.status.code(), Some(5), "{mode}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(code),
+            "{mode}: AWS's error code in the message: {}",
+            stderr(&out)
+        );
+        if mode == "disabled" {
+            assert!(stderr(&out).contains("is disabled"), "AWS's message: {}", stderr(&out));
+        }
+        let calls = fs::read_to_string(&counter).unwrap_or_default().lines().count();
+        assert_eq!(calls, attempts, "{mode}: retried {attempts} time(s)");
+        fake.stop();
+    }
+    check_read(&vol, &[("f1".into(), b"content of file 1 content of file 1 ".to_vec())]);
+}
+
+#[test]
+fn vault_transit_with_openbao_round_trip_rewrap_and_failures() {
+    let bao = peers::openbao(false);
+    let uri = format!("vault-transit:{}/transit/kmsfs", peers::bao_addr(&bao, false));
+    let vol = TestVolume::init_with(&[("VAULT_TOKEN", "root")], &["--kms", &uri]);
+    let blob = |vol: &TestVolume| {
+        let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
+        let b: Vec<u8> = db
+            .query_row("SELECT wrapped FROM volume_keys WHERE state = 'active'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        String::from_utf8(b).unwrap()
+    };
+    assert!(blob(&vol).starts_with("vault:v1:"));
+    let written = round_trip(&vol, 100);
+    peers::bao(&bao, false, &["write", "-f", "transit/keys/kmsfs/rotate"]);
+    let out = vol.run(&["rewrap", path_str(&vol.backing)]);
+    assert!(out.status.success(), "rewrap: {}", stderr(&out));
+    assert!(
+        blob(&vol).starts_with("vault:v2:"),
+        "re-wrapped under the transit key's newest version"
+    );
+    check_read(&vol, &written);
+
+    // Token from a file instead of the environment.
+    let token_file = vol.dir.path().join("token");
+    fs::write(&token_file, "root\n").unwrap();
+    let with_file = format!("{uri}?token_file={}", token_file.display());
+    let out = vol
+        .command()
+        .env_remove("VAULT_TOKEN")
+        .args(["--kms", &with_file, "status", "--check-key", path_str(&vol.backing)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "token file: {}", stderr(&out));
+
+    let (backing, mnt) = (path_str(&vol.backing), path_str(&vol.mnt));
+    let out = vol
+        .command()
+        .env("VAULT_TOKEN", "wrong-token")
+        .args(["mount", backing, mnt])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "bad token: {}", stderr(&out));
+    assert!(stderr(&out).contains("permission denied"), "{}", stderr(&out));
+    let closed = format!("vault-transit:http://127.0.0.1:{}/transit/kmsfs", peers::free_port());
+    let out = vol.run(&["--kms", &closed, "mount", backing, mnt]);
+    assert_eq!(out.status.code(), Some(8), "unreachable: {}", stderr(&out));
+    // A deleted key is refused with Vault's reason.
+    peers::bao(
+        &bao,
+        false,
+        &["write", "transit/keys/kmsfs/config", "deletion_allowed=true"],
+    );
+    peers::bao(&bao, false, &["delete", "transit/keys/kmsfs"]);
+    let out = vol.run(&["mount", backing, mnt]);
+    assert_eq!(out.status.code(), Some(5), "deleted key: {}", stderr(&out));
+    assert!(stderr(&out).contains("vault-transit"), "{}", stderr(&out));
+}
+
+#[test]
+fn vault_transit_over_tls_with_a_custom_ca() {
+    let bao = peers::openbao(true);
+    let ca = bao.dir.path().join("ca.pem");
+    let uri = format!(
+        "vault-transit:{}/transit/kmsfs?ca_cert={}",
+        peers::bao_addr(&bao, true),
+        ca.display()
+    );
+    let vol = TestVolume::init_with(&[("VAULT_TOKEN", "root")], &["--kms", &uri]);
+    round_trip(&vol, 10);
+    // Without the CA the server's certificate is not trusted.
+    let no_ca = format!("vault-transit:{}/transit/kmsfs", peers::bao_addr(&bao, true));
+    let out = vol.run(&["--kms", &no_ca, "mount", path_str(&vol.backing), path_str(&vol.mnt)]);
+    assert_eq!(out.status.code(), Some(8), "{}", stderr(&out));
+    // VAULT_CACERT works as well.
+    let ca_str = path_str(&ca).to_string();
+    let out = vol
+        .command()
+        .env("VAULT_CACERT", &ca_str)
+        .args(["--kms", &no_ca, "status", "--check-key", path_str(&vol.backing)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "VAULT_CACERT: {}", stderr(&out));
+}
+
+#[test]
+fn pkcs11_with_softhsm_round_trip_and_failures() {
+    let hsm = SoftHsm::new();
+    let conf = path_str(&hsm.conf).to_string();
+    let uri = hsm.uri("master", &hsm.pin_file);
+    let vol = TestVolume::init_with(&[("SOFTHSM2_CONF", &conf)], &["--kms", &uri]);
+    let written = round_trip(&vol, 100);
+    let out = vol.run(&["rotate", path_str(&vol.backing)]);
+    assert!(out.status.success(), "rotate: {}", stderr(&out));
+    check_read(&vol, &written);
+
+    let (backing, mnt) = (path_str(&vol.backing), path_str(&vol.mnt));
+    let bad_pin = vol.dir.path().join("bad-pin");
+    fs::write(&bad_pin, "9999\n").unwrap();
+    let out = vol.run(&["--kms", &hsm.uri("master", &bad_pin), "mount", backing, mnt]);
+    assert_eq!(out.status.code(), Some(5), "wrong PIN: {}", stderr(&out));
+    assert!(stderr(&out).contains("C_Login"), "{}", stderr(&out));
+    let out = vol.run(&["--kms", &hsm.uri("other", &hsm.pin_file), "mount", backing, mnt]);
+    assert_eq!(out.status.code(), Some(5), "missing key: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no secret key labelled other"),
+        "{}",
+        stderr(&out)
+    );
+    let bad_module = uri.replace(peers::SOFTHSM_MODULE, "/nonexistent/libpkcs11.so");
+    let out = vol.run(&["--kms", &bad_module, "mount", backing, mnt]);
+    assert_eq!(out.status.code(), Some(8), "module missing: {}", stderr(&out));
+    // PIN from the environment instead of a file.
+    let env_uri = uri.replace(&format!("file:{}", hsm.pin_file.display()), "env:TEST_HSM_PIN");
+    let out = vol
+        .command()
+        .env("TEST_HSM_PIN", "1234")
+        .args(["--kms", &env_uri, "status", "--check-key", backing])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "PIN from env: {}", stderr(&out));
+}
+
+#[test]
+fn bad_provider_uris_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    for uri in [
+        "nonsense",
+        "aws-kms:",
+        "vault-transit:localhost/transit",
+        "pkcs11:token=x",
+    ] {
+        let out = std::process::Command::new(common::kmsfs_bin())
+            .args(["--kms", uri, "init", path_str(&dir.path().join("v"))])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{uri}: {}", stderr(&out));
+        assert!(stderr(&out).contains("bad key provider URI"), "{}", stderr(&out));
+    }
+}
