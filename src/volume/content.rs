@@ -90,6 +90,49 @@ pub fn read(file: &File, cipher: &BlockCipher, offset: u64, len: usize) -> Resul
     Ok(plain)
 }
 
+/// Checks every block's tag. Returns (blocks checked, indexes of bad blocks);
+/// `progress` is called with the number of blocks checked in each chunk.
+pub fn check_blocks(file: &File, cipher: &BlockCipher, progress: &dyn Fn(u64)) -> Result<(u64, Vec<u64>), io::Error> {
+    const CHUNK: u64 = 256;
+    let size = plain_size(file.metadata()?.len());
+    if size == 0 {
+        return Ok((0, Vec::new()));
+    }
+    let blocks = size.div_ceil(BS);
+    let mut bad = Vec::new();
+    let mut first = 0;
+    while first < blocks {
+        let last = (first + CHUNK - 1).min(blocks - 1);
+        match read_blocks(file, cipher, size, first, last) {
+            Ok(_) => {}
+            Err(ContentError::Io(e)) => return Err(e),
+            // Some block in the chunk is bad: find every one of them.
+            Err(ContentError::Corrupt { .. }) => {
+                for b in first..=last {
+                    if let Err(ContentError::Corrupt { .. }) = read_blocks(file, cipher, size, b, b) {
+                        bad.push(b);
+                    }
+                }
+            }
+        }
+        progress(last - first + 1);
+        first = last + 1;
+    }
+    Ok((blocks, bad))
+}
+
+/// Replaces unreadable blocks with sealed zeros (fsck --salvage).
+pub fn zero_blocks(file: &File, cipher: &BlockCipher, bad: &[u64]) -> Result<(), io::Error> {
+    let size = plain_size(file.metadata()?.len());
+    let final_index = size.saturating_sub(1) / BS;
+    for &b in bad {
+        let len = (size - b * BS).min(BS) as usize;
+        let sealed = cipher.seal_block(b, b == final_index, &vec![0u8; len]);
+        file.write_all_at(&sealed, block_offset(b))?;
+    }
+    file.sync_all()
+}
+
 /// Writes `data` at `offset`, extending the file if needed.
 pub fn write(file: &File, cipher: &BlockCipher, offset: u64, data: &[u8]) -> Result<(), ContentError> {
     if data.is_empty() {

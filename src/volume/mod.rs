@@ -3,6 +3,7 @@
 
 pub mod content;
 pub mod db;
+pub mod fsck;
 pub mod header;
 pub mod keyring;
 pub mod layout;

@@ -1,0 +1,88 @@
+//! `kmsfs fsck`: the report, the progress bar and fsck's exit codes.
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use kmsfs::volume::fsck::{FsckOptions, fsck as check};
+use kmsfs::volume::lock::VolumeLock;
+
+use super::{CliError, ExitCode, KeyOptions, volumes};
+
+/// fsck's own exit codes (other failures use the usual ones).
+pub const CLEAN: i32 = 0;
+pub const PROBLEMS_FOUND: i32 = 10;
+pub const ALL_REPAIRED: i32 = 11;
+pub const PROBLEMS_REMAIN: i32 = 12;
+
+pub fn fsck(backing: &Path, keys: &KeyOptions, opts: FsckOptions, json: bool) -> Result<i32, CliError> {
+    let _lock = VolumeLock::acquire(backing)
+        .map_err(|e| CliError::new(ExitCode::Mount, format!("{e}; unmount it before fsck")))?;
+    let volume = volumes::open_volume(backing, keys)?;
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} checking blocks {bar:40} {pos}/{len} ({per_sec}, {eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let report = check(&volume, opts, &|done, total| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let repair = opts.repair || opts.salvage;
+    let code = if report.problems.is_empty() {
+        CLEAN
+    } else if !repair {
+        PROBLEMS_FOUND
+    } else if report.unrepaired() == 0 {
+        ALL_REPAIRED
+    } else {
+        PROBLEMS_REMAIN
+    };
+    if json {
+        let mut value = serde_json::to_value(&report).unwrap_or_default();
+        value["exit_code"] = code.into();
+        println!("{value}");
+        return Ok(code);
+    }
+    println!(
+        "checked {} directories, {} files ({} blocks), {} symlinks; metadata DB: {}",
+        report.directories, report.files, report.blocks, report.symlinks, report.db_integrity
+    );
+    for p in &report.problems {
+        let path = p.path.as_deref().map(|p| format!(" ({p})")).unwrap_or_default();
+        let repair = match &p.repair {
+            Some(r) => format!(" -> {r}"),
+            None if repair => " -> not repaired".to_string(),
+            None => String::new(),
+        };
+        println!("{}: {}{path}: {}{repair}", p.kind, p.backing, p.detail);
+    }
+    if !report.quarantined.is_empty() {
+        println!(
+            "{} damaged file(s) kept in lost+found from an earlier repair",
+            report.quarantined.len()
+        );
+    }
+    match code {
+        CLEAN => println!("no problems"),
+        PROBLEMS_FOUND => println!(
+            "{} problem(s); run with --repair to fix what can be fixed",
+            report.problems.len()
+        ),
+        ALL_REPAIRED => println!("{} problem(s), all repaired", report.problems.len()),
+        _ => println!(
+            "{} problem(s), {} not repairable",
+            report.problems.len(),
+            report.unrepaired()
+        ),
+    }
+    Ok(code)
+}

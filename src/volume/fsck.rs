@@ -1,0 +1,755 @@
+//! `kmsfs fsck`: checks every directory IV, name, long-name sidecar,
+//! header, data key, block tag and xattr of a volume, and the metadata DB;
+//! with repair, fixes what can be fixed without guessing and moves
+//! unreadable entries into `lost+found` with a report.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::content::{self, plain_size};
+use super::db::DB_FILE;
+use super::header::{self, HEADER_LEN};
+use super::layout::{self, DIR_IV_FILE, DirIv, Entry, LOCK_FILE, LONG_NAME_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX};
+use super::{Volume, VolumeError, write_dir_iv};
+use crate::crypto::FileId;
+use crate::kms::hex;
+
+pub const LOST_FOUND: &str = "lost+found";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    /// missing_dir_iv, bad_dir_iv, bad_name, missing_sidecar, orphan_sidecar, leftover_temporary,
+    /// damaged_header, missing_key, bad_key, bad_blocks, bad_symlink, bad_xattr, orphan_key, db_integrity
+    pub kind: &'static str,
+    /// Path in the backing directory (relative), or the DB row.
+    pub backing: String,
+    /// Plaintext path, when the names leading to it decrypt.
+    pub path: Option<String>,
+    pub detail: String,
+    /// What --repair did about it; None if nothing (yet).
+    pub repair: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct FsckReport {
+    pub directories: u64,
+    pub files: u64,
+    pub symlinks: u64,
+    pub blocks: u64,
+    pub db_integrity: String,
+    pub problems: Vec<Problem>,
+    /// Damaged files an earlier repair already moved into lost+found; they
+    /// stay there (readable parts can be copied out) and do not count as problems.
+    pub quarantined: Vec<Problem>,
+}
+
+impl FsckReport {
+    pub fn unrepaired(&self) -> usize {
+        self.problems.iter().filter(|p| p.repair.is_none()).count()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FsckOptions {
+    pub repair: bool,
+    /// Also rewrite unreadable blocks as zeros (implies repair).
+    pub salvage: bool,
+}
+
+struct FileEntry {
+    backing: PathBuf,
+    plain: Option<String>,
+    inode: (u64, u64),
+}
+
+/// An entry to move into lost+found, and the index of its problem.
+struct Rescue {
+    backing: PathBuf,
+    plain: Option<String>,
+    tag: String,
+    problem: usize,
+    bad_blocks: Vec<u64>,
+}
+
+#[derive(Default)]
+struct Walk {
+    directories: u64,
+    symlinks: u64,
+    files: Vec<FileEntry>,
+    problems: Vec<Problem>,
+    rescues: Vec<Rescue>,
+    /// (path, problem index) of things to delete on repair.
+    removals: Vec<(PathBuf, usize)>,
+    /// Empty directories without an IV: (dir, problem index).
+    missing_ivs: Vec<(PathBuf, usize)>,
+    /// Headers to rewrite: (file, its proven id, problem index).
+    header_fixes: Vec<(PathBuf, FileId, usize)>,
+}
+
+fn rel(root: &Path, p: &Path) -> String {
+    p.strip_prefix(root).unwrap_or(p).display().to_string()
+}
+
+fn join_plain(parent: &Option<String>, name: &str) -> Option<String> {
+    parent.as_ref().map(|p| {
+        if p.is_empty() {
+            name.to_string()
+        } else {
+            format!("{p}/{name}")
+        }
+    })
+}
+
+impl Walk {
+    fn problem(
+        &mut self,
+        root: &Path,
+        kind: &'static str,
+        backing: &Path,
+        path: Option<String>,
+        detail: String,
+    ) -> usize {
+        self.problems.push(Problem {
+            kind,
+            backing: rel(root, backing),
+            path,
+            detail,
+            repair: None,
+        });
+        self.problems.len() - 1
+    }
+}
+
+fn read_iv(dir: &Path) -> Result<DirIv, String> {
+    let bytes = fs::read(dir.join(DIR_IV_FILE)).map_err(|e| e.to_string())?;
+    bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| format!("{} bytes, expected 16", bytes.len()))
+}
+
+fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &mut Walk) -> Result<(), VolumeError> {
+    let root = volume.backing();
+    w.directories += 1;
+    let io = |e: std::io::Error| VolumeError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    };
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .map_err(io)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    let user_entries = names
+        .iter()
+        .filter(|n| !matches!(layout::classify(n.as_encoded_bytes()), Entry::Internal))
+        .count();
+    let iv = match read_iv(dir) {
+        Ok(iv) => Some(iv),
+        Err(e) if user_entries == 0 => {
+            let i = w.problem(
+                root,
+                "missing_dir_iv",
+                dir,
+                plain.clone(),
+                format!("empty directory without a usable IV ({e})"),
+            );
+            w.missing_ivs.push((dir.to_path_buf(), i));
+            None
+        }
+        Err(e) => {
+            w.problem(
+                root,
+                "missing_dir_iv",
+                dir,
+                plain.clone(),
+                format!("IV unusable ({e}); {user_entries} entries cannot be named"),
+            );
+            None
+        }
+    };
+    if let Some(iv) = &iv {
+        for x in check_xattrs(volume, dir, iv) {
+            w.problem(
+                root,
+                "bad_xattr",
+                dir,
+                plain.clone(),
+                format!("{x} does not authenticate"),
+            );
+        }
+    }
+    let is_root = dir == root;
+    for name in names {
+        let raw = name.as_encoded_bytes();
+        let path = dir.join(&name);
+        let text = name.to_string_lossy();
+        if text == DIR_IV_FILE || (is_root && (text.starts_with(DB_FILE) || text == LOCK_FILE)) {
+            continue;
+        }
+        if text.starts_with(TEMP_PREFIX) {
+            let i = w.problem(
+                root,
+                "leftover_temporary",
+                &path,
+                None,
+                "left by an interrupted mkdir or rekey".into(),
+            );
+            w.removals.push((path, i));
+            continue;
+        }
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(_) => continue,
+        };
+        let decrypted = match layout::classify(raw) {
+            Entry::Internal => {
+                if text.starts_with(LONG_NAME_PREFIX) && text.ends_with(SIDECAR_SUFFIX) {
+                    let owner = dir.join(&text[..text.len() - SIDECAR_SUFFIX.len()]);
+                    if fs::symlink_metadata(&owner).is_err() {
+                        let i = w.problem(
+                            root,
+                            "orphan_sidecar",
+                            &path,
+                            None,
+                            "long-name sidecar without its entry".into(),
+                        );
+                        w.removals.push((path, i));
+                    }
+                } else {
+                    w.problem(
+                        root,
+                        "unknown_entry",
+                        &path,
+                        None,
+                        "not a name kmsfs writes; left alone".into(),
+                    );
+                }
+                continue;
+            }
+            Entry::Short(enc) => match &iv {
+                Some(iv) => volume.names().decrypt(iv, enc.as_bytes()).map_err(|e| e.to_string()),
+                None => Err("directory IV unusable".into()),
+            },
+            Entry::Long { hashed, sidecar } => match (&iv, fs::read(dir.join(&sidecar))) {
+                (Some(iv), Ok(content)) => {
+                    layout::decrypt_long(volume.names(), iv, hashed, &content).map_err(|e| e.to_string())
+                }
+                (None, _) => Err("directory IV unusable".into()),
+                (_, Err(e)) => Err(format!("sidecar unreadable: {e}")),
+            },
+        };
+        let child_plain = match &decrypted {
+            Ok(n) => join_plain(&plain, &String::from_utf8_lossy(n)),
+            Err(_) => None,
+        };
+        if let Err(e) = &decrypted {
+            let kind = if e.starts_with("sidecar") {
+                "missing_sidecar"
+            } else {
+                "bad_name"
+            };
+            let i = w.problem(
+                root,
+                kind,
+                &path,
+                None,
+                format!("name does not decrypt ({e}); invisible through the mount"),
+            );
+            w.rescues.push(Rescue {
+                backing: path.clone(),
+                plain: None,
+                tag: format!("ino{}", meta.ino()),
+                problem: i,
+                bad_blocks: Vec::new(),
+            });
+        }
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            walk_dir(
+                volume,
+                &path,
+                child_plain.or_else(|| Some(format!("<unnamed {}>", meta.ino()))),
+                w,
+            )?;
+        } else if ft.is_file() {
+            w.files.push(FileEntry {
+                backing: path,
+                plain: child_plain,
+                inode: (meta.dev(), meta.ino()),
+            });
+        } else if ft.is_symlink() {
+            w.symlinks += 1;
+            let target = fs::read_link(&path)
+                .map(|t| t.into_os_string().into_encoded_bytes())
+                .unwrap_or_default();
+            if let Err(e) = volume.decrypt_link_target(&target) {
+                w.problem(
+                    root,
+                    "bad_symlink",
+                    &path,
+                    child_plain,
+                    format!("target does not decrypt ({e})"),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+enum FileOutcome {
+    Fine(Option<FileId>, u64),
+    /// Only the header's version field is damaged: its file id has a key and
+    /// every block authenticates with it, which proves the id right.
+    HeaderFixable(FileId, u64),
+    Unreadable {
+        id: Option<FileId>,
+        kind: &'static str,
+        detail: String,
+        bad_blocks: Vec<u64>,
+        blocks: u64,
+    },
+}
+
+fn check_file(volume: &Volume, path: &Path, progress: &(dyn Fn(u64) + Sync)) -> FileOutcome {
+    let unreadable = |id, kind, detail: String| FileOutcome::Unreadable {
+        id,
+        kind,
+        detail,
+        bad_blocks: Vec::new(),
+        blocks: 0,
+    };
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => return unreadable(None, "damaged_header", format!("cannot open: {e}")),
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if len == 0 {
+        return FileOutcome::Fine(None, 0);
+    }
+    let mut head = [0u8; HEADER_LEN];
+    let got = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0).unwrap_or(0);
+    let id = match header::decode(&head[..got]) {
+        Ok(id) => id,
+        Err(e) => {
+            let raw: Option<FileId> = head[2..].try_into().ok().filter(|_| got == HEADER_LEN);
+            if let Some(id) = raw {
+                if let Ok(cipher) = volume.file_cipher(&id) {
+                    if let Ok((blocks, bad)) = content::check_blocks(&file, &cipher, progress) {
+                        if bad.is_empty() {
+                            return FileOutcome::HeaderFixable(id, blocks);
+                        }
+                    }
+                }
+            }
+            return unreadable(raw, "damaged_header", e.to_string());
+        }
+    };
+    let cipher = match volume.file_cipher(&id) {
+        Ok(c) => c,
+        Err(VolumeError::MissingFileKey(_)) => {
+            return unreadable(Some(id), "missing_key", "no data key row in the DB".into());
+        }
+        Err(e) => return unreadable(Some(id), "bad_key", e.to_string()),
+    };
+    match content::check_blocks(&file, &cipher, progress) {
+        Ok((blocks, bad)) if bad.is_empty() => FileOutcome::Fine(Some(id), blocks),
+        Ok((blocks, bad)) => FileOutcome::Unreadable {
+            id: Some(id),
+            kind: "bad_blocks",
+            detail: format!("{} of {blocks} blocks fail authentication: {bad:?}", bad.len()),
+            bad_blocks: bad,
+            blocks,
+        },
+        Err(e) => unreadable(Some(id), "damaged_header", format!("read error: {e}")),
+    }
+}
+
+/// Checks `user.*` xattrs of a file or directory against their owner id.
+fn check_xattrs(volume: &Volume, path: &Path, owner: &[u8; 16]) -> Vec<String> {
+    let mut bad = Vec::new();
+    let len = rustix::fs::listxattr_query(path).unwrap_or(0);
+    let mut names = vec![0u8; len];
+    let n = rustix::fs::listxattr(path, &mut names[..]).unwrap_or(0);
+    for backing in names[..n].split(|&b| b == 0).filter(|s| s.starts_with(b"user.kmsfs.")) {
+        let Some(name) = volume.xattr_plain_name(backing) else {
+            bad.push(String::from_utf8_lossy(backing).into_owned());
+            continue;
+        };
+        let key = String::from_utf8_lossy(backing).into_owned();
+        let size = rustix::fs::getxattr_query(path, key.as_str()).unwrap_or(0);
+        let mut value = vec![0u8; size];
+        let got = rustix::fs::getxattr(path, key.as_str(), &mut value[..]).unwrap_or(0);
+        if volume.open_xattr(owner, &name, &value[..got]).is_none() {
+            bad.push(format!("user.{}", String::from_utf8_lossy(&name)));
+        }
+    }
+    bad
+}
+
+/// Runs the check; `progress` gets (blocks checked, total blocks).
+pub fn fsck(
+    volume: &Volume,
+    opts: FsckOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<FsckReport, VolumeError> {
+    let repair = opts.repair || opts.salvage;
+    let root = volume.backing().to_path_buf();
+    volume.sync_keys()?;
+    let mut w = Walk::default();
+    walk_dir(volume, &root, Some(String::new()), &mut w)?;
+
+    // Regular files, once per inode (hard links share content), in parallel.
+    let mut seen = HashSet::new();
+    let all_files = std::mem::take(&mut w.files);
+    let files: Vec<&FileEntry> = all_files.iter().filter(|f| seen.insert(f.inode)).collect();
+    let total: u64 = files
+        .iter()
+        .map(|f| plain_size(fs::metadata(&f.backing).map(|m| m.len()).unwrap_or(0)).div_ceil(4096))
+        .sum();
+    let done = AtomicU64::new(0);
+    let tick = |n: u64| progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
+    let outcomes: Vec<FileOutcome> = files
+        .par_iter()
+        .map(|f| check_file(volume, &f.backing, &tick))
+        .collect();
+    let mut referenced = HashSet::new();
+    let mut report = FsckReport {
+        directories: w.directories,
+        files: files.len() as u64,
+        symlinks: w.symlinks,
+        ..Default::default()
+    };
+    for (f, outcome) in files.iter().zip(outcomes) {
+        match outcome {
+            FileOutcome::Fine(id, blocks) => {
+                report.blocks += blocks;
+                if let Some(id) = id {
+                    referenced.insert(id);
+                    for x in check_xattrs(volume, &f.backing, &id) {
+                        w.problem(
+                            &root,
+                            "bad_xattr",
+                            &f.backing,
+                            f.plain.clone(),
+                            format!("{x} does not authenticate"),
+                        );
+                    }
+                }
+            }
+            FileOutcome::HeaderFixable(id, blocks) => {
+                report.blocks += blocks;
+                referenced.insert(id);
+                let i = w.problem(
+                    &root,
+                    "damaged_header",
+                    &f.backing,
+                    f.plain.clone(),
+                    "header version damaged; file id intact".into(),
+                );
+                w.header_fixes.push((f.backing.clone(), id, i));
+            }
+            FileOutcome::Unreadable {
+                id,
+                kind,
+                detail,
+                bad_blocks,
+                blocks,
+            } => {
+                report.blocks += blocks;
+                if let Some(id) = id {
+                    referenced.insert(id);
+                }
+                let i = w.problem(&root, kind, &f.backing, f.plain.clone(), detail);
+                let tag = id
+                    .map(|id| hex(&id[..4]))
+                    .unwrap_or_else(|| format!("ino{}", f.inode.1));
+                if !w.rescues.iter().any(|r| r.backing == f.backing) {
+                    w.rescues.push(Rescue {
+                        backing: f.backing.clone(),
+                        plain: f.plain.clone(),
+                        tag,
+                        problem: i,
+                        bad_blocks,
+                    });
+                }
+            }
+        }
+    }
+
+    // The metadata DB: integrity, and key rows no file refers to.
+    report.db_integrity = volume
+        .db()
+        .with_conn(|c| c.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0)))
+        .unwrap_or_else(|e| e.to_string());
+    if report.db_integrity != "ok" {
+        let d = report.db_integrity.clone();
+        w.problem(&root, "db_integrity", &root.join(DB_FILE), None, d);
+    }
+    let ids: Vec<Vec<u8>> = volume.db().with_conn(|c| {
+        let mut stmt = c.prepare("SELECT file_id FROM file_keys")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect()
+    })?;
+    let mut orphan_keys = Vec::new();
+    for id in ids {
+        let Ok(id) = <FileId>::try_from(id.as_slice()) else {
+            continue;
+        };
+        if !referenced.contains(&id) {
+            let i = w.problem(
+                &root,
+                "orphan_key",
+                &root.join(DB_FILE),
+                None,
+                format!("data key of file {} that no file uses", hex(&id)),
+            );
+            orphan_keys.push((id, i));
+        }
+    }
+
+    // Already quarantined by an earlier repair: reported apart, left alone.
+    let in_lost_found = |p: &Problem| {
+        p.path
+            .as_deref()
+            .is_some_and(|p| p.starts_with(&format!("{LOST_FOUND}/")))
+    };
+    let quarantined: Vec<usize> = (0..w.problems.len())
+        .filter(|&i| in_lost_found(&w.problems[i]))
+        .collect();
+    let (held, rescues): (Vec<Rescue>, Vec<Rescue>) = std::mem::take(&mut w.rescues)
+        .into_iter()
+        .partition(|r| quarantined.contains(&r.problem));
+    w.rescues = rescues;
+    if opts.salvage {
+        for r in held.iter().filter(|r| !r.bad_blocks.is_empty()) {
+            if let Some(note) = salvage_in_place(volume, r) {
+                w.problems[r.problem].repair = Some(note);
+            }
+        }
+    }
+    if repair {
+        repair_volume(volume, &mut w, &orphan_keys, opts.salvage)?;
+    }
+    for (i, p) in w.problems.into_iter().enumerate() {
+        if quarantined.contains(&i) {
+            report.quarantined.push(p);
+        } else {
+            report.problems.push(p);
+        }
+    }
+    Ok(report)
+}
+
+fn repair_volume(
+    volume: &Volume,
+    w: &mut Walk,
+    orphan_keys: &[(FileId, usize)],
+    salvage: bool,
+) -> Result<(), VolumeError> {
+    for (path, i) in std::mem::take(&mut w.removals) {
+        let removed = if path.is_dir() {
+            // An interrupted mkdir: only its IV inside.
+            let only_iv = fs::read_dir(&path)
+                .map(|d| d.filter_map(|e| e.ok()).all(|e| e.file_name() == DIR_IV_FILE))
+                .unwrap_or(false);
+            if only_iv {
+                fs::remove_dir_all(&path).map(|_| "removed")
+            } else {
+                Ok("left alone: not empty")
+            }
+        } else {
+            fs::remove_file(&path).map(|_| "removed")
+        };
+        w.problems[i].repair = removed.ok().filter(|r| *r == "removed").map(str::to_string);
+    }
+    for (dir, i) in std::mem::take(&mut w.missing_ivs) {
+        let _ = fs::remove_file(dir.join(DIR_IV_FILE));
+        if write_dir_iv(&dir).is_ok() {
+            w.problems[i].repair = Some("wrote a new IV (the directory was empty)".into());
+        }
+    }
+    for (path, id, i) in std::mem::take(&mut w.header_fixes) {
+        let fixed = fs::OpenOptions::new().write(true).open(&path).and_then(|f| {
+            std::os::unix::fs::FileExt::write_all_at(&f, &header::encode(&id), 0).and_then(|_| f.sync_all())
+        });
+        if fixed.is_ok() {
+            w.problems[i].repair =
+                Some("header rewritten (its file id has a key and every block authenticates)".into());
+        }
+    }
+    for (id, i) in orphan_keys {
+        volume.forget_file_key(id);
+        w.problems[*i].repair = Some("key row erased".into());
+    }
+    volume.sync_keys()?;
+    let rescues = std::mem::take(&mut w.rescues);
+    if rescues.is_empty() {
+        return Ok(());
+    }
+    let lost = LostFound::open(volume)?;
+    let mut lines = vec![format!("kmsfs fsck report, {} entries moved here", rescues.len())];
+    for r in rescues {
+        let base = r
+            .plain
+            .as_deref()
+            .and_then(|p| p.rsplit('/').next())
+            .unwrap_or("unnamed")
+            .to_string();
+        let mut name = format!("{}-{}", truncate(&base, 200), r.tag);
+        let mut note = String::new();
+        if salvage && !r.bad_blocks.is_empty() {
+            if let Some(cipher) = file_cipher_of(volume, &r.backing) {
+                let file = fs::OpenOptions::new().read(true).write(true).open(&r.backing);
+                if let Ok(file) = file {
+                    if content::zero_blocks(&file, &cipher, &r.bad_blocks).is_ok() {
+                        name.push_str(".salvaged");
+                        note = format!("; blocks {:?} (4 KiB each) replaced by ZEROS", r.bad_blocks);
+                    }
+                }
+            }
+        }
+        lost.move_in(volume, &r.backing, &name)?;
+        let problem = &mut w.problems[r.problem];
+        lines.push(format!(
+            "{name}: was {} ({}): {}{note}",
+            r.plain.as_deref().unwrap_or("<name unknown>"),
+            problem.kind,
+            problem.detail
+        ));
+        problem.repair = Some(format!("moved to {LOST_FOUND}/{name}{note}"));
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    lost.write_file(
+        volume,
+        &format!("fsck-report-{stamp}.txt"),
+        (lines.join("\n") + "\n").as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// Zeroes the bad blocks of a file already in lost+found and marks its name.
+fn salvage_in_place(volume: &Volume, r: &Rescue) -> Option<String> {
+    let cipher = file_cipher_of(volume, &r.backing)?;
+    let file = fs::OpenOptions::new().read(true).write(true).open(&r.backing).ok()?;
+    content::zero_blocks(&file, &cipher, &r.bad_blocks).ok()?;
+    let name = r.plain.as_deref()?.rsplit('/').next()?.to_string() + ".salvaged";
+    let lost = LostFound::open(volume).ok()?;
+    lost.move_in(volume, &r.backing, &name).ok()?;
+    Some(format!("blocks {:?} replaced by ZEROS; renamed {name}", r.bad_blocks))
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn file_cipher_of(volume: &Volume, path: &Path) -> Option<crate::crypto::BlockCipher> {
+    let head = fs::read(path).ok()?;
+    let id = header::decode(head.get(..HEADER_LEN)?).ok()?;
+    volume.file_cipher(&id).ok()
+}
+
+/// The volume's `lost+found` directory (created when first needed).
+struct LostFound {
+    dir: PathBuf,
+    iv: DirIv,
+}
+
+impl LostFound {
+    fn open(volume: &Volume) -> Result<Self, VolumeError> {
+        let root = volume.backing();
+        let root_iv = read_iv(root).map_err(|e| VolumeError::Tampered {
+            volume: root.to_path_buf(),
+            what: format!("root IV ({e})"),
+        })?;
+        let name = layout::backing_name(volume.names(), &root_iv, LOST_FOUND.as_bytes());
+        let dir = root.join(name.as_str());
+        if !dir.exists() {
+            fs::create_dir(&dir).map_err(|e| VolumeError::Io {
+                path: dir.clone(),
+                source: e,
+            })?;
+            fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(|e| {
+                VolumeError::Io {
+                    path: dir.clone(),
+                    source: e,
+                }
+            })?;
+            write_dir_iv(&dir)?;
+        }
+        let iv = read_iv(&dir).map_err(|e| VolumeError::Tampered {
+            volume: dir.clone(),
+            what: format!("lost+found IV ({e})"),
+        })?;
+        Ok(LostFound { dir, iv })
+    }
+
+    fn target(&self, volume: &Volume, name: &str) -> Result<PathBuf, VolumeError> {
+        let backing = layout::backing_name(volume.names(), &self.iv, name.as_bytes());
+        if let Some((sidecar, content)) = backing.sidecar() {
+            fs::write(self.dir.join(&sidecar), content).map_err(|e| VolumeError::Io {
+                path: self.dir.join(sidecar),
+                source: e,
+            })?;
+        }
+        Ok(self.dir.join(backing.as_str()))
+    }
+
+    fn move_in(&self, volume: &Volume, from: &Path, name: &str) -> Result<(), VolumeError> {
+        let to = self.target(volume, name)?;
+        fs::rename(from, &to).map_err(|e| VolumeError::Io {
+            path: from.to_path_buf(),
+            source: e,
+        })?;
+        let from_name = from
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if from_name.starts_with(LONG_NAME_PREFIX) {
+            let _ = fs::remove_file(from.with_file_name(format!("{from_name}{SIDECAR_SUFFIX}")));
+        }
+        Ok(())
+    }
+
+    /// Writes a new encrypted file (the report) into lost+found.
+    fn write_file(&self, volume: &Volume, name: &str, data: &[u8]) -> Result<(), VolumeError> {
+        let path = self.target(volume, name)?;
+        let io = |e: std::io::Error| VolumeError::Io {
+            path: path.clone(),
+            source: e,
+        };
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        let (id, cipher) = volume.new_file_key()?;
+        file.write_all(&header::encode(&id)).map_err(io)?;
+        content::write(&file, &cipher, 0, data).map_err(|e| match e {
+            content::ContentError::Io(e) => io(e),
+            content::ContentError::Corrupt { block } => VolumeError::Tampered {
+                volume: path.clone(),
+                what: format!("block {block}"),
+            },
+        })?;
+        file.sync_all().map_err(io)?;
+        volume.sync_keys()
+    }
+}

@@ -1,0 +1,312 @@
+//! fsck detects each kind of damage, repairs what can be repaired without
+//! guessing, and moves unreadable entries into lost+found with a report.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use common::{Rng, TestVolume, path_str};
+
+fn fsck(vol: &TestVolume, extra: &[&str]) -> (i32, serde_json::Value) {
+    let mut args = vec!["fsck", "--json", path_str(&vol.backing)];
+    args.extend_from_slice(extra);
+    let out = vol.run(&args);
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "fsck output ({e}): {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), json)
+}
+
+fn kinds(report: &serde_json::Value) -> Vec<String> {
+    let mut k: Vec<String> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap().to_string())
+        .collect();
+    k.sort();
+    k
+}
+
+/// Backing entries of a directory that are user entries (encrypted names).
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().contains('.'))
+        .collect();
+    v.sort();
+    v
+}
+
+fn new_entry<T>(vol: &TestVolume, dir: &Path, f: impl FnOnce() -> T) -> (T, PathBuf) {
+    let before = entries(dir);
+    let out = f();
+    let after = entries(dir);
+    let new: Vec<_> = after.into_iter().filter(|p| !before.contains(p)).collect();
+    assert_eq!(new.len(), 1, "{new:?}");
+    let _ = vol;
+    (out, new[0].clone())
+}
+
+#[test]
+fn clean_volume_is_clean_and_mounted_volume_is_refused() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    fs::create_dir(vol.path("d")).unwrap();
+    fs::write(vol.path("d/f"), Rng::new(1).bytes(100_000)).unwrap();
+    fs::write(vol.path(&"L".repeat(255)), b"long").unwrap();
+    std::os::unix::fs::symlink("d/f", vol.path("s")).unwrap();
+    common::xattr_set(&vol.path("d"), "user.x", b"y", 0).unwrap();
+    let refused = vol.run(&["fsck", path_str(&vol.backing)]);
+    assert_eq!(refused.status.code(), Some(6), "fsck refuses a mounted volume");
+    m.unmount();
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["files"], 2);
+    assert_eq!(report["directories"], 2);
+    assert_eq!(report["symlinks"], 1);
+    assert_eq!(report["blocks"], 25 + 1);
+    assert_eq!(report["db_integrity"], "ok");
+}
+
+#[test]
+fn damaged_files_go_to_lost_and_found_and_salvage_zeroes_bad_blocks() {
+    let vol = TestVolume::init();
+    let data = Rng::new(2).bytes(5 * 4096);
+    let m = vol.mount();
+    let (_, bad_block) = new_entry(&vol, &vol.backing, || fs::write(vol.path("bad-block"), &data).unwrap());
+    let (_, no_key) = new_entry(&vol, &vol.backing, || {
+        fs::write(vol.path("no-key"), b"lost key").unwrap()
+    });
+    let (_, bad_header) = new_entry(&vol, &vol.backing, || {
+        fs::write(vol.path("bad-header"), b"header").unwrap()
+    });
+    let (_, salvage) = new_entry(&vol, &vol.backing, || fs::write(vol.path("salvage-me"), &data).unwrap());
+    fs::write(vol.path("fine"), b"untouched").unwrap();
+    m.unmount();
+    // Damage: a flipped bit in block 2, a missing key row, a broken header version.
+    for f in [&bad_block, &salvage] {
+        let file = fs::OpenOptions::new().read(true).write(true).open(f).unwrap();
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, 18 + 2 * 4124 + 100).unwrap();
+        file.write_all_at(&[byte[0] ^ 1], 18 + 2 * 4124 + 100).unwrap();
+    }
+    let id = fs::read(&no_key).unwrap()[2..18].to_vec();
+    rusqlite::Connection::open(vol.backing.join("kmsfs.db"))
+        .unwrap()
+        .execute("DELETE FROM file_keys WHERE file_id = ?1", [&id])
+        .unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&bad_header)
+        .unwrap()
+        .write_all_at(&[0, 9], 0)
+        .unwrap();
+    let (_, zero_id) = new_entry(&vol, &vol.backing, || {
+        let m = vol.mount();
+        fs::write(vol.path("zero-id"), b"id gone").unwrap();
+        m.unmount();
+    });
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&zero_id)
+        .unwrap()
+        .write_all_at(&[0u8; 16], 2)
+        .unwrap();
+
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 10, "{report}");
+    // The zeroed id also leaves its key row without a file.
+    assert_eq!(
+        kinds(&report),
+        [
+            "bad_blocks",
+            "bad_blocks",
+            "damaged_header",
+            "damaged_header",
+            "missing_key",
+            "orphan_key"
+        ]
+    );
+    let bad = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["path"] == "bad-block")
+        .unwrap();
+    assert!(
+        bad["detail"].as_str().unwrap().contains("[2]"),
+        "names the bad block: {bad}"
+    );
+
+    let (code, report) = fsck(&vol, &["--repair"]);
+    assert_eq!(code, 11, "{report}");
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 0, "after repair the volume is clean: {report}");
+    assert_eq!(
+        report["quarantined"].as_array().unwrap().len(),
+        4,
+        "unreadable files wait in lost+found: {report}"
+    );
+
+    let lost_names = |vol: &TestVolume| {
+        let m = vol.mount();
+        let mut lost: Vec<String> = fs::read_dir(vol.path("lost+found"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        lost.sort();
+        m.unmount();
+        lost
+    };
+    {
+        let _m = vol.mount();
+        assert_eq!(fs::read(vol.path("fine")).unwrap(), b"untouched");
+        assert_eq!(
+            fs::read(vol.path("bad-header")).unwrap(),
+            b"header",
+            "a header whose id is proven is rewritten in place"
+        );
+        for gone in ["bad-block", "no-key", "zero-id", "salvage-me"] {
+            assert!(!vol.path(gone).exists(), "{gone} moved away");
+        }
+        // Moved as it is: the readable blocks read, the bad one is EIO.
+        let moved = fs::read_dir(vol.path("lost+found"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .find(|n| n.starts_with("bad-block-"))
+            .unwrap();
+        let f = fs::File::open(vol.path(&format!("lost+found/{moved}"))).unwrap();
+        let mut first = vec![0u8; 4096];
+        f.read_exact_at(&mut first, 0).unwrap();
+        assert_eq!(first, data[..4096]);
+        assert_eq!(
+            f.read_exact_at(&mut first, 2 * 4096).unwrap_err().raw_os_error(),
+            Some(libc::EIO)
+        );
+    }
+    let lost = lost_names(&vol);
+    assert_eq!(lost.len(), 5, "{lost:?}");
+
+    // Salvage: the bad blocks become zeros, clearly marked; everything else is intact.
+    let (code, report) = fsck(&vol, &["--repair", "--salvage"]);
+    assert_eq!(code, 0, "{report}");
+    let _m = vol.mount();
+    let lost: Vec<String> = fs::read_dir(vol.path("lost+found"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let salvaged: Vec<&String> = lost.iter().filter(|n| n.ends_with(".salvaged")).collect();
+    assert_eq!(salvaged.len(), 2, "{lost:?}");
+    for name in salvaged {
+        let got = fs::read(vol.path(&format!("lost+found/{name}"))).unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(got[2 * 4096..3 * 4096].iter().all(|&b| b == 0));
+        assert_eq!(got[..2 * 4096], data[..2 * 4096]);
+        assert_eq!(got[3 * 4096..], data[3 * 4096..]);
+    }
+    let report_name = lost.iter().find(|n| n.starts_with("fsck-report-")).unwrap();
+    let text = fs::read_to_string(vol.path(&format!("lost+found/{report_name}"))).unwrap();
+    assert!(
+        text.contains("bad-block") && text.contains("[2]"),
+        "the report names the file and block: {text}"
+    );
+}
+
+#[test]
+fn orphans_temporaries_ivs_and_names() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    fs::create_dir(vol.path("empty")).unwrap();
+    fs::create_dir(vol.path("full")).unwrap();
+    fs::write(vol.path("full/inside"), b"inside").unwrap();
+    let long = "N".repeat(200);
+    fs::write(vol.path(&long), b"long").unwrap();
+    let (_, renamed) = new_entry(&vol, &vol.backing, || {
+        fs::write(vol.path("renamed"), b"content kept").unwrap()
+    });
+    let (_, deleted) = new_entry(&vol, &vol.backing, || fs::write(vol.path("deleted"), b"x").unwrap());
+    m.unmount();
+    let dirs = entries(&vol.backing)
+        .into_iter()
+        .filter(|p| p.is_dir())
+        .collect::<Vec<_>>();
+    // Damage: IVs removed from both directories; a long name's entry removed
+    // (leaving its sidecar); a backing file deleted behind kmsfs's back (an
+    // orphan key); a leftover temporary directory; a name that does not decrypt.
+    for d in &dirs {
+        fs::remove_file(d.join(".kmsfs.diriv")).unwrap();
+    }
+    let long_entry = fs::read_dir(&vol.backing)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with("kmsfs.longname.") && !n.ends_with(".name")
+        })
+        .unwrap();
+    fs::remove_file(&long_entry).unwrap();
+    fs::remove_file(&deleted).unwrap();
+    fs::create_dir(vol.backing.join("kmsfs.tmp.0123456789abcdef")).unwrap();
+    fs::write(vol.backing.join("kmsfs.tmp.0123456789abcdef/.kmsfs.diriv"), [7u8; 16]).unwrap();
+    fs::rename(
+        &renamed,
+        vol.backing.join("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+    )
+    .unwrap();
+
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 10, "{report}");
+    let k = kinds(&report);
+    for kind in [
+        "bad_name",
+        "leftover_temporary",
+        "missing_dir_iv",
+        "orphan_key",
+        "orphan_sidecar",
+    ] {
+        assert!(k.contains(&kind.to_string()), "{kind} in {k:?}");
+    }
+    let (code, report) = fsck(&vol, &["--repair"]);
+    // The non-empty directory's IV cannot be recovered: its entry is moved, the directory stays.
+    assert_eq!(code, 12, "{report}");
+    let unrepaired: Vec<_> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["repair"].is_null())
+        .collect();
+    assert_eq!(unrepaired.len(), 1, "{unrepaired:?}");
+    assert_eq!(unrepaired[0]["kind"], "missing_dir_iv");
+    assert!(!vol.backing.join("kmsfs.tmp.0123456789abcdef").exists());
+    let _m = vol.mount();
+    let lost: Vec<String> = fs::read_dir(vol.path("lost+found"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let contents: Vec<Vec<u8>> = lost
+        .iter()
+        .filter(|n| !n.starts_with("fsck-report"))
+        .map(|n| fs::read(vol.path(&format!("lost+found/{n}"))).unwrap())
+        .collect();
+    assert!(
+        contents.contains(&b"content kept".to_vec()),
+        "the entry whose name broke is rescued"
+    );
+    assert!(
+        contents.contains(&b"inside".to_vec()),
+        "entries of the directory whose IV was lost are rescued"
+    );
+    assert!(
+        fs::read_dir(vol.path("empty")).unwrap().next().is_none(),
+        "the empty directory works again"
+    );
+    fs::write(vol.path("empty/new"), b"ok").unwrap();
+}
