@@ -181,6 +181,13 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
             mountpoint.display()
         )));
     }
+    if rustix::fs::statvfs(&backing).is_ok_and(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY)) {
+        return Err(mount_error(format!(
+            "backing directory {} is on a read-only filesystem: kmsfs writes its metadata DB and lock there \
+             (even for a read-only mount); remount it read-write",
+            backing.display()
+        )));
+    }
     let row = kmsfs::volume::read_info(&backing)?.volume;
     let provider = super::volumes::provider_for(&row, keys)?;
     let mut lock = VolumeLock::acquire(&backing)?;

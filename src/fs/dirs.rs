@@ -263,15 +263,19 @@ impl KmsFs {
         owner: (u32, u32),
     ) -> FsResult<(Arc<Node>, FileAttr)> {
         let backing = self.backing_name(parent, name)?;
-        let stored = self.volume.encrypt_link_target(target);
-        if stored.len() >= libc::PATH_MAX as usize {
+        if target.len() >= libc::PATH_MAX as usize {
             return Err(Errno::ENAMETOOLONG);
         }
+        let stored = self.volume.encrypt_link_target(target).map_err(|e| {
+            log::error!("storing a long symlink target: {e}");
+            Errno::EIO
+        })?;
         self.write_sidecar(parent, &backing)?;
         if let Err(e) = rustix::fs::symlinkat(stored.as_str(), parent.fd()?.as_fd(), backing.as_str()) {
             if e != rustix::io::Errno::EXIST {
                 self.remove_sidecar(parent, &backing);
             }
+            self.volume.forget_link_target(stored.as_bytes());
             return Err(errno(e));
         }
         self.set_owner(parent, backing.as_str(), owner.0, owner.1)?;
@@ -319,12 +323,31 @@ impl KmsFs {
     pub(super) fn remove_file(&self, parent: &Node, name: &OsStr) -> FsResult<()> {
         let backing = self.backing_name(parent, name)?;
         let file_id = self.last_link_file_id(parent, backing.as_str());
+        let long_target = self.last_link_long_target(parent, backing.as_str());
         rustix::fs::unlinkat(parent.fd()?.as_fd(), backing.as_str(), AtFlags::empty()).map_err(errno)?;
         self.remove_sidecar(parent, &backing);
         if let Some(id) = file_id {
             self.volume.forget_file_key(&id);
         }
+        if let Some(stored) = long_target {
+            self.volume.forget_link_target(&stored);
+        }
         Ok(())
+    }
+
+    /// The stored target of a symlink about to lose its last name, if it is kept in the DB.
+    fn last_link_long_target(&self, parent: &Node, backing: &str) -> Option<Vec<u8>> {
+        let pfd = parent.fd().ok()?;
+        let st = rustix::fs::statat(pfd.as_fd(), backing, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        if file_type(st.st_mode as u32) != FileType::Symlink || st.st_nlink != 1 {
+            return None;
+        }
+        let stored = rustix::fs::readlinkat(pfd.as_fd(), backing, Vec::new())
+            .ok()?
+            .into_bytes();
+        stored
+            .starts_with(crate::volume::LONG_LINK_PREFIX.as_bytes())
+            .then_some(stored)
     }
 
     /// Removes the IV of an empty directory so the backing rmdir/rename can

@@ -178,6 +178,76 @@ impl KmsFs {
         rustix::fs::fallocate(&open.file, FallocateFlags::KEEP_SIZE, start, stop - start).map_err(errno)
     }
 
+    /// SEEK_DATA / SEEK_HOLE in plaintext offsets. A plaintext hole is a
+    /// block whose stored bytes are all zero; SEEK_DATA may report a hole as
+    /// data (allowed), SEEK_HOLE only reports verified holes.
+    pub(super) fn seek_data_hole(&self, open: &OpenFile, offset: u64, whence: i32) -> FsResult<u64> {
+        use crate::crypto::{BLOCK_SIZE, CIPHER_BLOCK_SIZE};
+        let (bs, cbs, head) = (BLOCK_SIZE as u64, CIPHER_BLOCK_SIZE as u64, HEADER_LEN as u64);
+        let len = open
+            .file
+            .metadata()
+            .map_err(|e| self.io_error(&open.node, "stat", &e))?
+            .len();
+        let size = content::plain_size(len);
+        if offset >= size {
+            return Err(Errno::from_i32(libc::ENXIO));
+        }
+        let blocks = size.div_ceil(bs);
+        let lseek = |pos: u64, how: i32| -> Result<Option<u64>, Errno> {
+            // SAFETY: lseek on a descriptor we own; no memory is passed.
+            let r = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&open.file), pos as i64, how) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+                return if e == libc::ENXIO {
+                    Ok(None)
+                } else {
+                    Err(Errno::from_i32(e))
+                };
+            }
+            Ok(Some(r as u64))
+        };
+        if whence == libc::SEEK_DATA {
+            return match lseek(block_offset(offset / bs), libc::SEEK_DATA)? {
+                Some(pos) => {
+                    let index = pos.saturating_sub(head) / cbs;
+                    let plain = (index * bs).max(offset);
+                    if plain >= size {
+                        Err(Errno::from_i32(libc::ENXIO))
+                    } else {
+                        Ok(plain)
+                    }
+                }
+                None => Err(Errno::from_i32(libc::ENXIO)),
+            };
+        }
+        if whence != libc::SEEK_HOLE {
+            return Err(Errno::EINVAL);
+        }
+        let mut block = offset / bs;
+        while block < blocks {
+            let Some(pos) = lseek(block_offset(block), libc::SEEK_HOLE)? else {
+                return Ok(size);
+            };
+            if pos >= len {
+                return Ok(size);
+            }
+            let index = pos.saturating_sub(head).div_ceil(cbs).max(block);
+            if index >= blocks {
+                return Ok(size);
+            }
+            let stored = (len - block_offset(index)).min(cbs) as usize;
+            let mut buf = vec![0u8; stored];
+            std::os::unix::fs::FileExt::read_exact_at(&open.file, &mut buf, block_offset(index))
+                .map_err(|e| self.io_error(&open.node, "read", &e))?;
+            if buf.iter().all(|&b| b == 0) {
+                return Ok((index * bs).max(offset));
+            }
+            block = index + 1;
+        }
+        Ok(size)
+    }
+
     pub(super) fn set_mode(&self, node: &Node, mode: u32) -> FsResult<()> {
         let st = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?;
         if file_type(st.st_mode as u32) == FileType::Symlink {

@@ -21,8 +21,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, BsdFileFlags, Config, Errno, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
-    TimeOrNow, WriteFlags,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    SessionACL, TimeOrNow, WriteFlags,
 };
 use rustix::fs::{Mode, OFlags};
 
@@ -240,8 +240,14 @@ impl fuser::Filesystem for KmsFs {
         self.inodes.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.node(ino).and_then(|n| self.stat_attr(&n)) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        // fstat on an open file: its descriptor still works after an unlink or a rename over it.
+        let via_handle = fh.and_then(|fh| self.open_file(fh).ok()).map(|open| {
+            rustix::fs::fstat(&open.file)
+                .map_err(errno)
+                .map(|st| attr::to_attr(open.node.ino, &st, None))
+        });
+        match via_handle.unwrap_or_else(|| self.node(ino).and_then(|n| self.stat_attr(&n))) {
             Ok(attr) => reply.attr(&self.ttl, &attr),
             Err(e) => reply.error(e),
         }
@@ -578,6 +584,14 @@ impl fuser::Filesystem for KmsFs {
         });
         match result {
             Ok((attr, fh)) => reply.created(&self.ttl, &attr, GENERATION, fh, FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL);
+        match offset.and_then(|off| self.open_file(fh).and_then(|f| self.seek_data_hole(&f, off, whence))) {
+            Ok(pos) => reply.offset(pos as i64),
             Err(e) => reply.error(e),
         }
     }

@@ -41,6 +41,11 @@ CREATE TABLE file_keys (
     vk_version INTEGER NOT NULL REFERENCES volume_keys(version),
     wrapped BLOB NOT NULL
 ) WITHOUT ROWID;
+-- Symlink targets too long to be stored (encrypted) in the backing symlink itself.
+CREATE TABLE link_targets (
+    link_id BLOB PRIMARY KEY CHECK (length(link_id) = 16),
+    sealed BLOB NOT NULL
+) WITHOUT ROWID;
 -- A key wrapped under a version that is being retired would be lost with it.
 CREATE TRIGGER file_keys_insert_active BEFORE INSERT ON file_keys
 WHEN (SELECT state FROM volume_keys WHERE version = NEW.vk_version) IS NOT 'active'

@@ -321,23 +321,66 @@ impl Volume {
         Ok(self.db.flush(&rewrap)?)
     }
 
-    /// Symlink targets are sealed under the name key, bound to this volume.
-    pub fn encrypt_link_target(&self, target: &[u8]) -> String {
-        let sealed = self.link_targets.seal(&self.link_aad(), target);
-        URL_SAFE_NO_PAD.encode(sealed)
+    /// What to store as a backing symlink's target: the sealed target itself,
+    /// or, when that would not fit in a symlink, a reference to a DB row.
+    pub fn encrypt_link_target(&self, target: &[u8]) -> Result<String, VolumeError> {
+        let inline = URL_SAFE_NO_PAD.encode(self.link_targets.seal(&self.link_aad(None), target));
+        if inline.len() < INLINE_LINK_MAX {
+            return Ok(inline);
+        }
+        let id: [u8; 16] = random_array();
+        let sealed = self.link_targets.seal(&self.link_aad(Some(&id)), target);
+        self.db.with_conn(|c| {
+            c.execute(
+                "INSERT INTO link_targets (link_id, sealed) VALUES (?1, ?2)",
+                rusqlite::params![&id[..], sealed],
+            )
+        })?;
+        Ok(format!("{LONG_LINK_PREFIX}{}", crate::kms::hex(&id)))
     }
 
     pub fn decrypt_link_target(&self, stored: &[u8]) -> Result<Vec<u8>, NameError> {
+        if let Some(id) = long_link_id(stored) {
+            let sealed: Vec<u8> = self
+                .db
+                .with_conn(|c| {
+                    c.query_row("SELECT sealed FROM link_targets WHERE link_id = ?1", [&id[..]], |r| {
+                        r.get(0)
+                    })
+                })
+                .map_err(|_| NameError::Auth)?;
+            let plain = self
+                .link_targets
+                .open(&self.link_aad(Some(&id)), &sealed)
+                .map_err(|_| NameError::Auth)?;
+            return Ok(plain.to_vec());
+        }
         let sealed = URL_SAFE_NO_PAD.decode(stored).map_err(|_| NameError::Encoding)?;
         let plain = self
             .link_targets
-            .open(&self.link_aad(), &sealed)
+            .open(&self.link_aad(None), &sealed)
             .map_err(|_| NameError::Auth)?;
         Ok(plain.to_vec())
     }
 
-    fn link_aad(&self) -> Vec<u8> {
-        [b"kmsfs-symlink-v1\0".as_slice(), &self.info.volume_id].concat()
+    /// The symlink's last name is gone: erase its long target, if it has one.
+    pub fn forget_link_target(&self, stored: &[u8]) {
+        if let Some(id) = long_link_id(stored) {
+            let erased = self
+                .db
+                .with_conn(|c| c.execute("DELETE FROM link_targets WHERE link_id = ?1", [&id[..]]));
+            if let Err(e) = erased {
+                log::warn!("erasing a long symlink target failed: {e}");
+            }
+        }
+    }
+
+    fn link_aad(&self, long_id: Option<&[u8; 16]>) -> Vec<u8> {
+        let mut aad = [b"kmsfs-symlink-v1\0".as_slice(), &self.info.volume_id].concat();
+        if let Some(id) = long_id {
+            aad.extend_from_slice(id);
+        }
+        aad
     }
 
     /// Backing name of a `user.*` xattr (`name` is the part after `user.`).
@@ -361,6 +404,23 @@ impl Volume {
             .ok()
             .map(|v| v.to_vec())
     }
+}
+
+/// Sealed targets at least this long go to the DB (a symlink target must be
+/// shorter than PATH_MAX, 4096 bytes).
+const INLINE_LINK_MAX: usize = 4000;
+pub const LONG_LINK_PREFIX: &str = "kmsfs.longlink.";
+
+fn long_link_id(stored: &[u8]) -> Option<[u8; 16]> {
+    let hex = stored.strip_prefix(LONG_LINK_PREFIX.as_bytes())?;
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        id[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(id)
 }
 
 fn xattr_aad(owner: &[u8; 16], name: &[u8]) -> Vec<u8> {

@@ -1,0 +1,258 @@
+//! POSIX details that conformance suites check: long paths and names,
+//! symlink targets near PATH_MAX, timestamps, hard-link counts and ctime,
+//! fstat after unlink/replace, SEEK_HOLE/SEEK_DATA, open flags, mmap, and
+//! files beyond 4 GiB.
+
+mod common;
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+use common::TestVolume;
+
+fn c(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
+}
+
+#[test]
+fn paths_near_path_max_and_255_byte_names_everywhere() {
+    let vol = TestVolume::init();
+    let _m = vol.mount();
+    let prefix = vol.mnt.as_os_str().len();
+    let mut dir = vol.mnt.clone();
+    let mut level = 0;
+    // Directories of 255-byte names until the path is close to PATH_MAX.
+    while dir.as_os_str().len() + 2 * 256 < 4000 {
+        dir = dir.join(format!("{level:03}{}", "d".repeat(252)));
+        fs::create_dir(&dir)
+            .unwrap_or_else(|e| panic!("mkdir at depth {level} ({} bytes): {e}", dir.as_os_str().len()));
+        level += 1;
+    }
+    assert!(
+        dir.as_os_str().len() - prefix > 3000,
+        "deep enough: {}",
+        dir.as_os_str().len()
+    );
+    let file = dir.join("f".repeat(255));
+    fs::write(&file, b"deep").unwrap();
+    let renamed = dir.join("r".repeat(255));
+    fs::rename(&file, &renamed).unwrap();
+    let linked = dir.join("l".repeat(255));
+    fs::hard_link(&renamed, &linked).unwrap();
+    let sym = dir.join("s".repeat(255));
+    std::os::unix::fs::symlink("r".repeat(255), &sym).unwrap();
+    assert_eq!(fs::read(&sym).unwrap(), b"deep");
+    assert_eq!(fs::metadata(&linked).unwrap().nlink(), 2);
+    fs::remove_file(&renamed).unwrap();
+    fs::remove_file(&sym).unwrap();
+    assert_eq!(fs::read(&linked).unwrap(), b"deep");
+    fs::remove_file(&linked).unwrap();
+    assert!(fs::read_dir(&dir).unwrap().next().is_none());
+}
+
+#[test]
+fn symlink_targets_near_path_max() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    let target: String = (0..4000)
+        .map(|i| {
+            if i % 50 == 0 {
+                '/'
+            } else {
+                (b'a' + (i % 26) as u8) as char
+            }
+        })
+        .collect();
+    std::os::unix::fs::symlink(&target, vol.path("long")).unwrap();
+    fs::hard_link(vol.path("long"), vol.path("long-link")).unwrap();
+    assert_eq!(fs::read_link(vol.path("long")).unwrap().to_str().unwrap(), target);
+    assert_eq!(fs::symlink_metadata(vol.path("long")).unwrap().len(), 4000);
+    let too_long = "x".repeat(4096);
+    assert_eq!(
+        std::os::unix::fs::symlink(&too_long, vol.path("too-long"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENAMETOOLONG)
+    );
+    m.unmount();
+    let m = vol.mount();
+    assert_eq!(fs::read_link(vol.path("long-link")).unwrap().to_str().unwrap(), target);
+    fs::remove_file(vol.path("long")).unwrap();
+    assert_eq!(
+        fs::read_link(vol.path("long-link")).unwrap().to_str().unwrap(),
+        target,
+        "the other link keeps the target"
+    );
+    fs::remove_file(vol.path("long-link")).unwrap();
+    m.unmount();
+    let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
+    let rows: u64 = db
+        .query_row("SELECT count(*) FROM link_targets", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0, "the long target is erased with the last link");
+}
+
+#[test]
+fn timestamps_links_ctime_and_fstat_after_unlink_or_replace() {
+    let vol = TestVolume::init();
+    let _m = vol.mount();
+    let p = vol.path("t");
+    fs::write(&p, b"x").unwrap();
+    // UTIME_OMIT keeps a time, UTIME_NOW sets it to now.
+    let set = |atime: libc::timespec, mtime: libc::timespec| {
+        let times = [atime, mtime];
+        assert_eq!(
+            unsafe { libc::utimensat(libc::AT_FDCWD, c(&p).as_ptr(), times.as_ptr(), 0) },
+            0
+        );
+    };
+    let ts = |sec, nsec| libc::timespec {
+        tv_sec: sec,
+        tv_nsec: nsec,
+    };
+    set(ts(1_000_000_000, 5), ts(1_100_000_000, 7));
+    set(ts(0, libc::UTIME_OMIT), ts(1_200_000_000, 9));
+    let md = fs::metadata(&p).unwrap();
+    assert_eq!((md.atime(), md.atime_nsec()), (1_000_000_000, 5));
+    assert_eq!((md.mtime(), md.mtime_nsec()), (1_200_000_000, 9));
+    set(ts(0, libc::UTIME_NOW), ts(0, libc::UTIME_OMIT));
+    let md = fs::metadata(&p).unwrap();
+    assert!(md.atime() > 1_600_000_000 && md.mtime() == 1_200_000_000);
+    // nlink and ctime through hard links
+    let before = fs::metadata(&p).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    fs::hard_link(&p, vol.path("t2")).unwrap();
+    let after = fs::metadata(&p).unwrap();
+    assert_eq!(after.nlink(), 2);
+    assert!(
+        (after.ctime(), after.ctime_nsec()) > (before.ctime(), before.ctime_nsec()),
+        "link changes ctime"
+    );
+    // fstat of an open file after its last name is gone, and after being replaced
+    let f = File::open(vol.path("t2")).unwrap();
+    fs::remove_file(&p).unwrap();
+    fs::remove_file(vol.path("t2")).unwrap();
+    let md = f.metadata().unwrap();
+    assert_eq!((md.nlink(), md.len()), (0, 1));
+    fs::write(vol.path("a"), b"old content").unwrap();
+    fs::write(vol.path("b"), b"new").unwrap();
+    let old = File::open(vol.path("a")).unwrap();
+    fs::rename(vol.path("b"), vol.path("a")).unwrap();
+    assert_eq!(old.metadata().unwrap().len(), 11);
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut &old, &mut s).unwrap();
+    assert_eq!(s, "old content");
+    assert_eq!(fs::read(vol.path("a")).unwrap(), b"new");
+}
+
+#[test]
+fn open_flags_seek_hole_data_mmap_and_files_beyond_4_gib() {
+    let vol = TestVolume::init();
+    let _m = vol.mount();
+    let p = vol.path("flags");
+    fs::write(&p, b"0123456789").unwrap();
+    assert_eq!(
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EEXIST)
+    );
+    OpenOptions::new()
+        .append(true)
+        .open(&p)
+        .unwrap()
+        .write_all(b"ab")
+        .unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"0123456789ab");
+    OpenOptions::new().write(true).truncate(true).open(&p).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().len(), 0);
+
+    // SEEK_DATA / SEEK_HOLE
+    let s = vol.path("sparse");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&s)
+        .unwrap();
+    f.write_all_at(&[1u8; 4096], 0).unwrap();
+    f.write_all_at(&[2u8; 4096], 1 << 20).unwrap();
+    let seek = |off: i64, whence| unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+    let hole = seek(0, libc::SEEK_HOLE);
+    assert!(
+        (4096..(1 << 20)).contains(&hole),
+        "first hole after the first block: {hole}"
+    );
+    let data = seek(8192, libc::SEEK_DATA);
+    assert!(data > 8192 && data <= 1 << 20, "next data at or before 1 MiB: {data}");
+    let mut buf = vec![9u8; (data - 8192) as usize];
+    f.read_exact_at(&mut buf, 8192).unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "nothing but zeros is skipped");
+    assert_eq!(
+        seek((1 << 20) + 100, libc::SEEK_HOLE),
+        (1 << 20) + 4096,
+        "the end of the file is a hole"
+    );
+    assert_eq!(seek(2 << 20, libc::SEEK_DATA), -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENXIO));
+
+    // mmap: a shared writable mapping, then a read through read(2)
+    let m = vol.path("mapped");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&m)
+        .unwrap();
+    f.set_len(3 * 4096 + 10).unwrap();
+    f.write_all_at(b"hello mmap", 4096).unwrap();
+    unsafe {
+        let len = 3 * 4096 + 10;
+        let ptr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        let bytes = std::slice::from_raw_parts_mut(ptr as *mut u8, len);
+        assert_eq!(&bytes[4096..4106], b"hello mmap", "mmap read");
+        bytes[2 * 4096..2 * 4096 + 5].copy_from_slice(b"WRITE");
+        assert_eq!(libc::msync(ptr, len, libc::MS_SYNC), 0);
+        libc::munmap(ptr, len);
+    }
+    drop(f);
+    let got = fs::read(&m).unwrap();
+    assert_eq!(
+        &got[2 * 4096..2 * 4096 + 5],
+        b"WRITE",
+        "shared-mmap write reached the file"
+    );
+    assert_eq!(&got[4096..4106], b"hello mmap");
+
+    // A sparse file beyond 4 GiB
+    let big = vol.path("big");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&big)
+        .unwrap();
+    f.write_all_at(b"the end", 5 << 30).unwrap();
+    assert_eq!(fs::metadata(&big).unwrap().len(), (5 << 30) + 7);
+    let mut tail = [0u8; 7];
+    f.read_exact_at(&mut tail, 5 << 30).unwrap();
+    assert_eq!(&tail, b"the end");
+    let mut middle = vec![1u8; 8192];
+    f.read_exact_at(&mut middle, (4 << 30) + 12345).unwrap();
+    assert!(middle.iter().all(|&b| b == 0));
+}
