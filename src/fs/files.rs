@@ -69,7 +69,17 @@ impl KmsFs {
         };
         oflags |= OFlags::CLOEXEC
             | (OFlags::from_bits_retain(flags as u32) & (OFlags::SYNC | OFlags::DSYNC | OFlags::NOATIME));
-        let fd: OwnedFd = rustix::fs::open(node.fd()?.proc_path().as_str(), oflags, Mode::empty()).map_err(errno)?;
+        // The node's descriptor must stay open while its /proc path is used.
+        let node_fd = node.fd()?;
+        let path = node_fd.proc_path();
+        let fd: OwnedFd = match rustix::fs::open(path.as_str(), oflags, Mode::empty()) {
+            Err(rustix::io::Errno::MFILE) => {
+                // Out of descriptors: give back the cached ones and try once more.
+                self.inodes.release_descriptors();
+                rustix::fs::open(path.as_str(), oflags, Mode::empty()).map_err(errno)?
+            }
+            other => other.map_err(errno)?,
+        };
         Ok(File::from(fd))
     }
 
@@ -321,7 +331,8 @@ impl KmsFs {
         };
         let owner = self.xattr_owner(node, false)?.ok_or(Errno::NO_XATTR)?;
         let backing = self.volume.xattr_backing_name(short);
-        let path = node.fd()?.proc_path();
+        let node_fd = node.fd()?;
+        let path = node_fd.proc_path();
         let len = rustix::fs::getxattr_query(path.as_str(), backing.as_str()).map_err(errno)?;
         let mut buf = vec![0u8; len];
         let n = rustix::fs::getxattr(path.as_str(), backing.as_str(), &mut buf[..]).map_err(errno)?;
@@ -344,7 +355,8 @@ impl KmsFs {
         ) {
             return Ok(Vec::new());
         }
-        let path = node.fd()?.proc_path();
+        let node_fd = node.fd()?;
+        let path = node_fd.proc_path();
         let len = rustix::fs::listxattr_query(path.as_str()).map_err(errno)?;
         let mut buf = vec![0u8; len];
         let n = rustix::fs::listxattr(path.as_str(), &mut buf[..]).map_err(errno)?;

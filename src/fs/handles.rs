@@ -136,6 +136,11 @@ impl Opener {
         }
     }
 
+    /// Closes every cached descriptor (when the process runs out of them).
+    pub fn clear(&self) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     pub fn forget(&self, ino: u64) {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).remove(&ino);
     }

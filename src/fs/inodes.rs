@@ -122,6 +122,11 @@ impl InodeTable {
         Arc::clone(node)
     }
 
+    /// Gives back the cached descriptors (on EMFILE).
+    pub fn release_descriptors(&self) {
+        self.opener.clear();
+    }
+
     /// Counts one more lookup of a node the table already holds.
     pub fn add_lookup(&self, node: &Node) {
         node.lookups.fetch_add(1, Ordering::Relaxed);

@@ -626,7 +626,7 @@ fn fd_cache_capacity() -> usize {
     } else {
         1024
     };
-    (soft / 4).clamp(64, 16384) as usize
+    (soft / 4).clamp(8, 16384) as usize
 }
 
 fn layout_name_max() -> u32 {

@@ -1,0 +1,170 @@
+//! Resource faults: a backing filesystem that fills up, a read-only backing
+//! filesystem, and a daemon that runs out of file descriptors.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{path_str, Rng, TestVolume};
+
+/// A mount made by the test (tmpfs, bind), unmounted on drop.
+struct TestMount(PathBuf);
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn sh(cmd: &[&str]) {
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_full_backing_filesystem_gives_enospc_and_corrupts_nothing() {
+    let outer = tempfile::tempdir().unwrap();
+    let small = outer.path().join("small");
+    fs::create_dir(&small).unwrap();
+    sh(&["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", path_str(&small)]);
+    let _tmpfs = TestMount(small.clone());
+    let keystore = outer.path().join("ks.json");
+    let mnt = outer.path().join("plain");
+    fs::create_dir(&mnt).unwrap();
+    let backing = small.join("cipher");
+    let kmsfs = |args: &[&str]| {
+        Command::new(common::kmsfs_bin())
+            .env("KMSFS_KEYSTORE", &keystore)
+            .env("KMSFS_PASSPHRASE", "p")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(kmsfs(&["init", path_str(&backing), "--kdf-memory-mib", "8", "--kdf-iterations", "1"]).status.success());
+    let mount = || {
+        let out = kmsfs(&["mount", path_str(&backing), path_str(&mnt)]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let umount = || assert!(kmsfs(&["umount", path_str(&mnt)]).status.success());
+    mount();
+    let result = std::panic::catch_unwind(|| {
+        let mut rng = Rng::new(9);
+        let mut written: Vec<(PathBuf, Vec<u8>)> = Vec::new();
+        let mut error = None;
+        for i in 0..100 {
+            let path = mnt.join(format!("f{i}"));
+            let data = rng.bytes(700_000);
+            let res = fs::File::create(&path).and_then(|mut f| f.write_all(&data).and_then(|_| f.sync_all()));
+            match res {
+                Ok(()) => written.push((path, data)),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        let e = error.expect("the 12 MiB filesystem filled up");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "the application sees ENOSPC, not {e}");
+        assert!(written.len() >= 5, "{} files fit", written.len());
+        for (p, d) in &written {
+            assert!(&fs::read(p).unwrap() == d, "{} intact after ENOSPC", p.display());
+        }
+        // Freeing space makes writes work again.
+        fs::remove_file(&written.pop().unwrap().0).unwrap();
+        let mut f = fs::File::create(mnt.join("after")).unwrap();
+        f.write_all(b"space again").unwrap();
+        f.sync_all().unwrap();
+        written
+    });
+    umount();
+    let written = result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    mount();
+    let check = std::panic::catch_unwind(|| {
+        for (p, d) in &written {
+            assert!(&fs::read(p).unwrap() == d, "{} intact after remount", p.display());
+        }
+        assert_eq!(fs::read(mnt.join("after")).unwrap(), b"space again");
+    });
+    umount();
+    check.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    let db = rusqlite::Connection::open(backing.join("kmsfs.db")).unwrap();
+    let integrity: String = db.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    assert_eq!(integrity, "ok");
+}
+
+#[test]
+fn a_read_only_backing_filesystem_is_refused_clearly() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    fs::write(vol.path("kept"), b"kept").unwrap();
+    m.unmount();
+    let ro = vol.dir.path().join("ro");
+    fs::create_dir(&ro).unwrap();
+    sh(&["mount", "--bind", path_str(&vol.backing), path_str(&ro)]);
+    let _bind = TestMount(ro.clone());
+    sh(&["mount", "-o", "remount,bind,ro", path_str(&ro)]);
+    let out = vol.run(&["mount", path_str(&ro), path_str(&vol.mnt)]);
+    assert_eq!(out.status.code(), Some(6), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("read-only filesystem"), "{}", String::from_utf8_lossy(&out.stderr));
+    let _m = vol.mount();
+    assert_eq!(fs::read(vol.path("kept")).unwrap(), b"kept");
+}
+
+#[test]
+fn running_out_of_descriptors_is_reported_not_a_crash() {
+    let vol = TestVolume::init();
+    // The daemon inherits a hard limit of 100 descriptors.
+    let cmd = format!(
+        "ulimit -n 100 && exec {} mount {} {}",
+        common::kmsfs_bin(),
+        path_str(&vol.backing),
+        path_str(&vol.mnt)
+    );
+    let out = vol.command().env("PATH", std::env::var("PATH").unwrap()).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .env("KMSFS_KEYSTORE", &vol.keystore)
+        .env("KMSFS_PASSPHRASE", common::PASSPHRASE)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let guard = Guard(&vol);
+    let mut open = Vec::new();
+    let mut failure = None;
+    for i in 0..300 {
+        let p = vol.path(&format!("f{i}"));
+        match fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p) {
+            Ok(f) => open.push(f),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let e = failure.expect("the daemon ran out of descriptors");
+    assert!(open.len() >= 40, "most of the limit serves open files, not caches: {} opened", open.len());
+    assert!(matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)), "reported as EMFILE/ENFILE, not {e}");
+    drop(open);
+    // Still serving.
+    fs::write(vol.path("after"), b"still alive").unwrap();
+    assert_eq!(fs::read(vol.path("after")).unwrap(), b"still alive");
+    assert!(fs::read_dir(&vol.mnt).unwrap().count() >= 40);
+    drop(guard);
+}
+
+struct Guard<'a>(&'a TestVolume);
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        let out = self.0.run(&["umount", path_str(&self.0.mnt)]);
+        if !out.status.success() {
+            let _ = Command::new("umount").arg("-l").arg(&self.0.mnt).status();
+        }
+    }
+}
+
