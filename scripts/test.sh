@@ -40,4 +40,14 @@ echo "== cargo test"
 cargo test --all-targets 2>&1 | tee target/test-output.txt
 passed=$(grep -Eo '[0-9]+ passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+
+# Fuzz targets (cargo-fuzz needs nightly features; RUSTC_BOOTSTRAP enables
+# them on the stable toolchain this machine has). A crash fails the run and
+# leaves its input in fuzz/artifacts/TARGET/ to turn into a regression test.
+echo "== fuzzing, ${KMSFS_FUZZ_SECONDS:=20} s per target"
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
+for target in header names sidecar blocks db_rows; do
+    (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$target" -- -max_total_time="$KMSFS_FUZZ_SECONDS" 2>&1 | grep -E "^Done" | sed "s/^/fuzz $target: /")
+    passed=$((passed + 1))
+done
 echo "kmsfs: ${passed} passed, ${failed} failed"

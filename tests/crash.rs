@@ -10,14 +10,17 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{path_str, Rng, TestVolume};
+use common::{Rng, TestVolume, path_str};
 
 fn is_mounted(path: &Path) -> bool {
-    fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(path_str(path)))
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(path_str(path)))
 }
 
 fn start_daemon(vol: &TestVolume) -> Child {
@@ -137,7 +140,11 @@ fn kill_9_at_random_moments_loses_nothing_that_was_fsynced() {
         for dir in &d.dirs {
             fs::read_dir(vol.path(dir)).unwrap_or_else(|e| panic!("round {round}: fsynced dir {dir}: {e}"));
         }
-        assert!(d.files.len() > round, "round {round}: the workload made progress ({} files)", d.files.len());
+        assert!(
+            d.files.len() > round,
+            "round {round}: the workload made progress ({} files)",
+            d.files.len()
+        );
         drop(d);
         m.unmount();
     }
@@ -146,10 +153,21 @@ fn kill_9_at_random_moments_loses_nothing_that_was_fsynced() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for p in report["problems"].as_array().unwrap() {
         let kind = p["kind"].as_str().unwrap();
-        assert!(["orphan_key", "leftover_temporary", "missing_key", "orphan_sidecar"].contains(&kind), "unexpected damage after crashes: {p}");
+        assert!(
+            ["orphan_key", "leftover_temporary", "missing_key", "orphan_sidecar"].contains(&kind),
+            "unexpected damage after crashes: {p}"
+        );
         let path = p["path"].as_str().unwrap_or("");
-        assert!(!durable.lock().unwrap().files.contains_key(path), "damage to a fsynced file: {p}");
+        assert!(
+            !durable.lock().unwrap().files.contains_key(path),
+            "damage to a fsynced file: {p}"
+        );
     }
     let out = vol.run(&["fsck", "--json", path_str(&vol.backing)]);
-    assert_eq!(out.status.code(), Some(0), "clean after repair: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "clean after repair: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

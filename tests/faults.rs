@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{path_str, Rng, TestVolume};
+use common::{Rng, TestVolume, path_str};
 
 /// A mount made by the test (tmpfs, bind), unmounted on drop.
 struct TestMount(PathBuf);
@@ -21,7 +21,11 @@ impl Drop for TestMount {
 
 fn sh(cmd: &[&str]) {
     let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -43,7 +47,18 @@ fn a_full_backing_filesystem_gives_enospc_and_corrupts_nothing() {
             .output()
             .unwrap()
     };
-    assert!(kmsfs(&["init", path_str(&backing), "--kdf-memory-mib", "8", "--kdf-iterations", "1"]).status.success());
+    assert!(
+        kmsfs(&[
+            "init",
+            path_str(&backing),
+            "--kdf-memory-mib",
+            "8",
+            "--kdf-iterations",
+            "1"
+        ])
+        .status
+        .success()
+    );
     let mount = || {
         let out = kmsfs(&["mount", path_str(&backing), path_str(&mnt)]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -67,7 +82,11 @@ fn a_full_backing_filesystem_gives_enospc_and_corrupts_nothing() {
             }
         }
         let e = error.expect("the 12 MiB filesystem filled up");
-        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "the application sees ENOSPC, not {e}");
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ENOSPC),
+            "the application sees ENOSPC, not {e}"
+        );
         assert!(written.len() >= 5, "{} files fit", written.len());
         for (p, d) in &written {
             assert!(&fs::read(p).unwrap() == d, "{} intact after ENOSPC", p.display());
@@ -108,7 +127,11 @@ fn a_read_only_backing_filesystem_is_refused_clearly() {
     sh(&["mount", "-o", "remount,bind,ro", path_str(&ro)]);
     let out = vol.run(&["mount", path_str(&ro), path_str(&vol.mnt)]);
     assert_eq!(out.status.code(), Some(6), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("read-only filesystem"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("read-only filesystem"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _m = vol.mount();
     assert_eq!(fs::read(vol.path("kept")).unwrap(), b"kept");
 }
@@ -123,7 +146,12 @@ fn running_out_of_descriptors_is_reported_not_a_crash() {
         path_str(&vol.backing),
         path_str(&vol.mnt)
     );
-    let out = vol.command().env("PATH", std::env::var("PATH").unwrap()).arg("--version").output().unwrap();
+    let out = vol
+        .command()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .arg("--version")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let out = Command::new("sh")
         .arg("-c")
@@ -138,7 +166,13 @@ fn running_out_of_descriptors_is_reported_not_a_crash() {
     let mut failure = None;
     for i in 0..300 {
         let p = vol.path(&format!("f{i}"));
-        match fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p) {
+        match fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+        {
             Ok(f) => open.push(f),
             Err(e) => {
                 failure = Some(e);
@@ -147,8 +181,15 @@ fn running_out_of_descriptors_is_reported_not_a_crash() {
         }
     }
     let e = failure.expect("the daemon ran out of descriptors");
-    assert!(open.len() >= 40, "most of the limit serves open files, not caches: {} opened", open.len());
-    assert!(matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)), "reported as EMFILE/ENFILE, not {e}");
+    assert!(
+        open.len() >= 40,
+        "most of the limit serves open files, not caches: {} opened",
+        open.len()
+    );
+    assert!(
+        matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)),
+        "reported as EMFILE/ENFILE, not {e}"
+    );
     drop(open);
     // Still serving.
     fs::write(vol.path("after"), b"still alive").unwrap();
@@ -167,4 +208,3 @@ impl Drop for Guard<'_> {
         }
     }
 }
-

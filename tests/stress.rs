@@ -11,7 +11,7 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use common::{path_str, xattr_get, xattr_list, xattr_remove, xattr_set, Rng, TestVolume};
+use common::{Rng, TestVolume, path_str, xattr_get, xattr_list, xattr_remove, xattr_set};
 
 #[derive(Default, Clone)]
 struct Inode {
@@ -31,7 +31,10 @@ impl Model {
         if self.files.is_empty() {
             return None;
         }
-        self.files.keys().nth(rng.below(self.files.len() as u64) as usize).cloned()
+        self.files
+            .keys()
+            .nth(rng.below(self.files.len() as u64) as usize)
+            .cloned()
     }
 
     fn new_path(&self, rng: &mut Rng, prefix: &str, n: usize) -> String {
@@ -44,10 +47,23 @@ impl Model {
 fn check_file(vol: &TestVolume, model: &Model, path: &str, ctx: &str) {
     let inode = &model.inodes[model.files[path]];
     let got = fs::read(vol.path(path)).unwrap_or_else(|e| panic!("{ctx}: read {path}: {e}"));
-    assert!(got == inode.data, "{ctx}: {path} differs ({} vs {} bytes)", got.len(), inode.data.len());
-    let mut names: Vec<String> = xattr_list(&vol.path(path)).unwrap().into_iter().map(|n| String::from_utf8(n).unwrap()).collect();
+    assert!(
+        got == inode.data,
+        "{ctx}: {path} differs ({} vs {} bytes)",
+        got.len(),
+        inode.data.len()
+    );
+    let mut names: Vec<String> = xattr_list(&vol.path(path))
+        .unwrap()
+        .into_iter()
+        .map(|n| String::from_utf8(n).unwrap())
+        .collect();
     names.sort();
-    assert_eq!(names, inode.xattrs.keys().cloned().collect::<Vec<_>>(), "{ctx}: xattrs of {path}");
+    assert_eq!(
+        names,
+        inode.xattrs.keys().cloned().collect::<Vec<_>>(),
+        "{ctx}: xattrs of {path}"
+    );
 }
 
 fn run_thread(vol: &TestVolume, t: u64, deadline: Instant) -> Model {
@@ -70,8 +86,14 @@ fn run_thread(vol: &TestVolume, t: u64, deadline: Instant) -> Model {
                 let off = rng.below(200_000) as usize;
                 let len = rng.below(40_000) as usize + 1;
                 let data = rng.bytes(len);
-                let f = fs::OpenOptions::new().write(true).create(true).truncate(false).open(vol.path(&path)).unwrap();
-                f.write_all_at(&data, off as u64).unwrap_or_else(|e| panic!("{ctx}: write {path}: {e}"));
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(vol.path(&path))
+                    .unwrap();
+                f.write_all_at(&data, off as u64)
+                    .unwrap_or_else(|e| panic!("{ctx}: write {path}: {e}"));
                 let idx = *m.files.entry(path.clone()).or_insert_with(|| {
                     m.inodes.push(Inode::default());
                     m.inodes.len() - 1
@@ -86,7 +108,12 @@ fn run_thread(vol: &TestVolume, t: u64, deadline: Instant) -> Model {
             6 | 7 => {
                 let Some(path) = m.pick_file(&mut rng) else { continue };
                 let size = rng.below(250_000) as usize;
-                fs::OpenOptions::new().write(true).open(vol.path(&path)).unwrap().set_len(size as u64).unwrap();
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(vol.path(&path))
+                    .unwrap()
+                    .set_len(size as u64)
+                    .unwrap();
                 let idx = m.files[&path];
                 m.inodes[idx].data.resize(size, 0);
                 check_file(vol, &m, &path, &ctx);
@@ -132,7 +159,11 @@ fn run_thread(vol: &TestVolume, t: u64, deadline: Instant) -> Model {
                 let empty: Vec<String> = m
                     .dirs
                     .iter()
-                    .filter(|d| **d != root && !m.files.keys().any(|f| f.starts_with(&format!("{d}/"))) && !m.dirs.iter().any(|o| o.starts_with(&format!("{d}/"))))
+                    .filter(|d| {
+                        **d != root
+                            && !m.files.keys().any(|f| f.starts_with(&format!("{d}/")))
+                            && !m.dirs.iter().any(|o| o.starts_with(&format!("{d}/")))
+                    })
                     .cloned()
                     .collect();
                 if let Some(dir) = empty.first() {
@@ -153,7 +184,9 @@ fn run_thread(vol: &TestVolume, t: u64, deadline: Instant) -> Model {
             _ => {
                 let Some(path) = m.pick_file(&mut rng) else { continue };
                 let idx = m.files[&path];
-                let Some(name) = m.inodes[idx].xattrs.keys().next().cloned() else { continue };
+                let Some(name) = m.inodes[idx].xattrs.keys().next().cloned() else {
+                    continue;
+                };
                 xattr_remove(&vol.path(&path), &name).unwrap();
                 m.inodes[idx].xattrs.remove(&name);
                 check_file(vol, &m, &path, &ctx);
@@ -191,27 +224,45 @@ fn daemon_peak_rss_kib(vol: &TestVolume) -> u64 {
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let pid = s["daemon_pid"].as_u64().unwrap();
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[test]
 fn threads_of_random_operations_match_their_models() {
-    let seconds: u64 = std::env::var("KMSFS_STRESS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
-    let vol = TestVolume::init();
+    let seconds: u64 = std::env::var("KMSFS_STRESS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    // A small descriptor cache, so that nodes are reopened from their handles all the time.
+    let vol = TestVolume::init_with(
+        &[("KMSFS_FD_CACHE", "16")],
+        &["--kdf-memory-mib", "8", "--kdf-iterations", "1"],
+    );
     let mount = vol.mount();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let models: Vec<Model> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..4).map(|t| {
-            let vol = &vol;
-            s.spawn(move || run_thread(vol, t, deadline))
-        }).collect();
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let vol = &vol;
+                s.spawn(move || run_thread(vol, t, deadline))
+            })
+            .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for (t, m) in models.iter().enumerate() {
         verify_tree(&vol, t as u64, m, "end of run");
     }
     let total: usize = models.iter().map(|m| m.files.len()).sum();
-    println!("stress: {seconds} s, {total} files at the end, daemon peak RSS {} KiB", daemon_peak_rss_kib(&vol));
+    println!(
+        "stress: {seconds} s, {total} files at the end, daemon peak RSS {} KiB",
+        daemon_peak_rss_kib(&vol)
+    );
     mount.unmount();
     let _m = vol.mount();
     for (t, m) in models.iter().enumerate() {

@@ -92,7 +92,11 @@ fn assert_same(expected: &BTreeMap<PathBuf, Option<Vec<u8>>>, got: &BTreeMap<Pat
 
 #[test]
 fn generated_tree_survives_copy_unmount_and_remount() {
-    let vol = TestVolume::init();
+    // A small descriptor cache: most lookups reopen inodes from their handles.
+    let vol = TestVolume::init_with(
+        &[("KMSFS_FD_CACHE", "16")],
+        &["--kdf-memory-mib", "8", "--kdf-iterations", "1"],
+    );
     let tree = generate_tree(42);
     let mount = vol.mount();
     write_tree(&vol.mnt, &tree);

@@ -309,6 +309,21 @@ impl KmsFs {
         self.stat_attr(node)
     }
 
+    /// Before a name is removed: if it is the inode's last name and the
+    /// kernel knows the inode, pin it so its number is not reused meanwhile.
+    fn pin_if_last_name(&self, parent: &Node, backing: &str) {
+        let Ok(pfd) = parent.fd() else { return };
+        let Ok(st) = rustix::fs::statat(pfd.as_fd(), backing, AtFlags::SYMLINK_NOFOLLOW) else {
+            return;
+        };
+        let is_dir = file_type(st.st_mode as u32) == FileType::Directory;
+        if st.st_nlink <= 1 || is_dir {
+            if let Some(node) = self.inodes.get(self.inodes.fuse_ino(st.st_ino as u64)) {
+                node.pin();
+            }
+        }
+    }
+
     /// The file id of a regular file about to lose its last name, if it has one.
     fn last_link_file_id(&self, parent: &Node, backing: &str) -> Option<FileId> {
         let pfd = parent.fd().ok()?;
@@ -324,6 +339,7 @@ impl KmsFs {
         let backing = self.backing_name(parent, name)?;
         let file_id = self.last_link_file_id(parent, backing.as_str());
         let long_target = self.last_link_long_target(parent, backing.as_str());
+        self.pin_if_last_name(parent, backing.as_str());
         rustix::fs::unlinkat(parent.fd()?.as_fd(), backing.as_str(), AtFlags::empty()).map_err(errno)?;
         self.remove_sidecar(parent, &backing);
         if let Some(id) = file_id {
@@ -403,6 +419,7 @@ impl KmsFs {
         let backing = self.backing_name(parent, name)?;
         let b = backing.as_str();
         let iv = self.strip_empty_dir(parent, b)?;
+        self.pin_if_last_name(parent, b);
         if let Err(e) = rustix::fs::unlinkat(parent.fd()?.as_fd(), b, AtFlags::REMOVEDIR) {
             self.restore_dir_iv(parent, b, &iv);
             return Err(errno(e));
@@ -457,6 +474,9 @@ impl KmsFs {
                 (false, true) => return Err(Errno::EISDIR),
                 (false, false) => {}
             }
+        }
+        if target.is_some() {
+            self.pin_if_last_name(new_parent, to.as_str());
         }
         self.write_sidecar(new_parent, &to)?;
         if let Err(e) = rustix::fs::renameat_with(

@@ -29,12 +29,28 @@ pub struct Node {
     pub content: RwLock<()>,
     /// The file's block cipher once its header has been read or written.
     pub cipher: Mutex<Option<Arc<BlockCipher>>>,
+    /// A descriptor held once the inode's last name is gone, while the kernel
+    /// still knows the node: it keeps the backing inode (and so its number,
+    /// which is this node's id) from being freed and reused.
+    pinned: OnceLock<NodeFd>,
 }
 
 impl Node {
     /// An `O_PATH` descriptor of the backing inode.
     pub fn fd(&self) -> Result<NodeFd, fuser::Errno> {
+        if let Some(fd) = self.pinned.get() {
+            return Ok(fd.clone());
+        }
         self.opener.open(self.ino, &self.locator)
+    }
+
+    /// Holds the inode open until the kernel forgets the node.
+    pub fn pin(&self) {
+        if self.pinned.get().is_none() {
+            if let Ok(fd) = self.opener.open(self.ino, &self.locator) {
+                let _ = self.pinned.set(fd);
+            }
+        }
     }
 }
 
@@ -59,7 +75,13 @@ pub struct InodeTable {
 impl InodeTable {
     /// `fd_cache` bounds the descriptors kept open for nodes.
     pub fn new(root_fd: OwnedFd, root_stat: &Stat, fd_cache: usize) -> std::io::Result<Self> {
-        let mount_fd = root_fd.try_clone()?;
+        // open_by_handle_at refuses an O_PATH descriptor as its mount fd.
+        let mount_fd: OwnedFd = rustix::fs::openat(
+            &root_fd,
+            ".",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
         let opener = Arc::new(Opener::new(mount_fd, fd_cache));
         let root = Arc::new(Node {
             ino: ROOT_INO,
@@ -69,6 +91,7 @@ impl InodeTable {
             dir_iv: OnceLock::new(),
             content: RwLock::new(()),
             cipher: Mutex::new(None),
+            pinned: OnceLock::new(),
         });
         let mut nodes = HashMap::new();
         nodes.insert(ROOT_INO, root);
@@ -116,6 +139,7 @@ impl InodeTable {
                 dir_iv: OnceLock::new(),
                 content: RwLock::new(()),
                 cipher: Mutex::new(None),
+                pinned: OnceLock::new(),
             })
         });
         node.lookups.fetch_add(1, Ordering::Relaxed);

@@ -614,8 +614,15 @@ impl fuser::Filesystem for KmsFs {
     }
 }
 
-/// Descriptors cached for nodes: a quarter of what the process may open.
+/// Descriptors cached for nodes: a quarter of what the process may open,
+/// or KMSFS_FD_CACHE.
 fn fd_cache_capacity() -> usize {
+    if let Some(n) = std::env::var("KMSFS_FD_CACHE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        return n.max(8);
+    }
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

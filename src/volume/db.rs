@@ -228,8 +228,13 @@ impl MetadataDb {
             [],
             |r| {
                 let id: Vec<u8> = r.get(0)?;
-                let mut volume_id = [0u8; 16];
-                volume_id.copy_from_slice(&id);
+                let volume_id = decode_id(&id).ok_or_else(|| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        0,
+                        rusqlite::types::Type::Blob,
+                        "volume id is not 16 bytes".into(),
+                    )
+                })?;
                 Ok(VolumeRow {
                     volume_id,
                     format_version: r.get(1)?,
@@ -407,6 +412,19 @@ impl MetadataDb {
             .map_err(self.sqlite())?;
         rows.collect::<Result<_, _>>().map_err(self.sqlite())
     }
+}
+
+/// A 16-byte id (volume id, file id) from a DB blob; None if the length is wrong.
+pub fn decode_id(bytes: &[u8]) -> Option<[u8; 16]> {
+    bytes.try_into().ok()
+}
+
+/// A `file_keys` row as read from the DB, validated: (file id, volume-key version, wrapped key).
+pub fn decode_file_key_row(file_id: &[u8], vk_version: i64, wrapped: Vec<u8>) -> Option<(FileId, u32, WrappedKey)> {
+    let id = decode_id(file_id)?;
+    let version = u32::try_from(vk_version).ok().filter(|&v| v > 0)?;
+    // nonce (12) + key (32) + tag (16)
+    (wrapped.len() == 60).then(|| (id, version, WrappedKey::from_bytes(wrapped)))
 }
 
 /// A re-wrap of a queued file key: (file id, its version, its wrapped key,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rayon::prelude::*;
 use rusqlite::{TransactionBehavior, params};
 
-use super::db::{MetadataDb, checkpoint_truncate};
+use super::db::{MetadataDb, checkpoint_truncate, decode_file_key_row};
 use super::keyring::secret_aad;
 use super::{Volume, VolumeError};
 use crate::crypto::{FileId, WrappedKey};
@@ -119,10 +119,14 @@ fn next_batch(db: &MetadataDb, to: u32) -> Result<Vec<Row>, VolumeError> {
             .and_then(|v| v.parse::<i64>().ok())
             .unwrap_or(BATCH as i64);
         let rows = stmt.query_map(params![to, batch], |r| {
-            let id: Vec<u8> = r.get(0)?;
-            let mut file_id = [0u8; 16];
-            file_id.copy_from_slice(&id[..16.min(id.len())]);
-            Ok((file_id, r.get(1)?, WrappedKey::from_bytes(r.get(2)?)))
+            let (id, version, wrapped): (Vec<u8>, i64, Vec<u8>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            decode_file_key_row(&id, version, wrapped).ok_or_else(|| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Blob,
+                    "malformed file_keys row".into(),
+                )
+            })
         })?;
         rows.collect()
     })?)
