@@ -257,6 +257,10 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         log::error!("committing file keys at exit failed: {e}");
         return Err(e.into());
     }
+    // Close the DB (SQLite checkpoints the WAL on close) before releasing the
+    // lock: `kmsfs umount` returns when the lock is free, and the backing
+    // directory must not change after that.
+    volume.db().disconnect();
     drop(lock);
     served.map_err(|e| mount_error(format!("serving {}: {e}", mountpoint.display())))
 }

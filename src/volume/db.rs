@@ -327,11 +327,21 @@ impl MetadataDb {
     /// transaction, so none can be stored under a version being retired.
     pub fn flush(&self, rewrap: &Rewrap<'_>) -> Result<(), DbError> {
         let mut guard = lock(&self.conn);
-        let conn = self.connected(&mut guard)?;
         let mut batch = std::mem::take(&mut *lock(&self.pending));
         if batch.inserts.is_empty() && batch.deletes.is_empty() {
             return Ok(());
         }
+        let conn = match self.connected(&mut guard) {
+            Ok(conn) => conn,
+            Err(e) => {
+                let mut pending = lock(&self.pending);
+                for (id, row) in batch.inserts {
+                    pending.inserts.entry(id).or_insert(row);
+                }
+                pending.deletes.extend(batch.deletes);
+                return Err(e);
+            }
+        };
         let result = (|| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             if !batch.inserts.is_empty() {
