@@ -1,9 +1,7 @@
 //! `kmsfs fsck`: the report, the progress bar and fsck's exit codes.
 
-use std::io::IsTerminal;
 use std::path::Path;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use kmsfs::volume::fsck::{FsckOptions, fsck as check};
 use kmsfs::volume::lock::VolumeLock;
 
@@ -19,23 +17,9 @@ pub fn fsck(backing: &Path, keys: &KeyOptions, opts: FsckOptions, json: bool) ->
     let _lock = VolumeLock::acquire(backing)
         .map_err(|e| CliError::new(ExitCode::Mount, format!("{e}; unmount it before fsck")))?;
     let volume = volumes::open_volume(backing, keys)?;
-    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} checking blocks {bar:40} {pos}/{len} ({per_sec}, {eta})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar
-    });
-    let report = check(&volume, opts, &|done, total| {
-        if let Some(bar) = &bar {
-            bar.set_length(total);
-            bar.set_position(done);
-        }
-    })?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    let progress = super::progress::Progress::new("checking blocks", json);
+    let report = check(&volume, opts, &|done, total| progress.update(done, total))?;
+    progress.finish();
     let repair = opts.repair || opts.salvage;
     let code = if report.problems.is_empty() {
         CLEAN

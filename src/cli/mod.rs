@@ -4,6 +4,7 @@ mod daemon;
 mod errors;
 mod fsck;
 mod mounts;
+mod progress;
 mod rekey;
 mod rotation;
 mod secrets;

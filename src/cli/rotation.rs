@@ -1,10 +1,8 @@
 //! `kmsfs rotate`, `kmsfs rewrap` and `kmsfs key …`.
 
-use std::io::IsTerminal;
 use std::path::Path;
 
 use clap::Subcommand;
-use indicatif::{ProgressBar, ProgressStyle};
 use kmsfs::volume::rotate;
 
 use super::{CliError, KeyOptions, secrets, volumes};
@@ -25,30 +23,11 @@ pub enum KeyCommand {
     },
 }
 
-fn progress_bar(json: bool) -> Option<ProgressBar> {
-    if json || !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} re-wrapping file keys {bar:40} {pos}/{len} ({per_sec}, {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    Some(bar)
-}
-
 pub fn rotate(backing: &Path, keys: &KeyOptions, json: bool) -> Result<(), CliError> {
     let volume = volumes::open_volume(backing, keys)?;
-    let bar = progress_bar(json);
-    let report = rotate::rotate(&volume, &mut |done, total| {
-        if let Some(bar) = &bar {
-            bar.set_length(total);
-            bar.set_position(done);
-        }
-    })?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    let progress = super::progress::Progress::new("re-wrapping file keys", json);
+    let report = rotate::rotate(&volume, &mut |done, total| progress.update(done, total))?;
+    progress.finish();
     if json {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
     } else {
