@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use super::aws_credentials::{self, AwsCredentials};
-use super::http::{MAX_ATTEMPTS, agent, backoff};
+use super::http::{agent, call_with_retries};
 use super::{EncryptionContext, KeyProvider, KmsError};
 use crate::crypto::{SecretKey, WrappedKey};
 
@@ -112,11 +112,7 @@ impl AwsKmsProvider {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let body = Zeroizing::new(serde_json::to_vec(&body).map_err(|e| self.unreachable(e))?);
         let target = format!("TrentService.{operation}");
-        let mut last_error = None;
-        for attempt in 0..MAX_ATTEMPTS {
-            if attempt > 0 {
-                std::thread::sleep(backoff(attempt - 1));
-            }
+        let mut send = || {
             let credentials = aws_credentials::credentials(self.profile.as_deref())?;
             let headers = [
                 ("content-type", "application/x-amz-json-1.1"),
@@ -141,19 +137,9 @@ impl AwsKmsProvider {
             {
                 request = request.header(k, v);
             }
-            let mut response = match request.send(&body[..]) {
-                Ok(r) => r,
-                Err(e) => {
-                    last_error = Some(self.unreachable(e));
-                    continue;
-                }
-            };
-            let status = response.status();
-            let text = Zeroizing::new(response.body_mut().read_to_string().unwrap_or_default());
-            if status.is_success() {
-                return serde_json::from_str(&text).map_err(|e| self.unreachable(format!("bad JSON answer: {e}")));
-            }
-            let err: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            Ok(request.send(&body[..]))
+        };
+        let refusal = |status: u16, err: &Value| {
             let code = err["__type"]
                 .as_str()
                 .unwrap_or("")
@@ -166,22 +152,22 @@ impl AwsKmsProvider {
                 .or(err["Message"].as_str())
                 .unwrap_or("")
                 .to_string();
-            let refused = KmsError::Refused {
-                provider: format!("aws-kms key {}", self.key),
-                code: if code.is_empty() {
-                    format!("HTTP {}", status.as_u16())
-                } else {
-                    code.clone()
-                },
-                message,
+            let retry = status >= 500 || RETRYABLE.contains(&code.as_str());
+            let code = if code.is_empty() {
+                format!("HTTP {status}")
+            } else {
+                code
             };
-            if status.is_server_error() || RETRYABLE.contains(&code.as_str()) {
-                last_error = Some(refused);
-                continue;
-            }
-            return Err(refused);
-        }
-        Err(last_error.unwrap_or_else(|| self.unreachable("no attempt made")))
+            (
+                KmsError::Refused {
+                    provider: format!("aws-kms key {}", self.key),
+                    code,
+                    message,
+                },
+                retry,
+            )
+        };
+        call_with_retries(&|cause| self.unreachable(cause), &mut send, &refusal)
     }
 
     fn blob_of(&self, v: &Value, field: &str) -> Result<Vec<u8>, KmsError> {

@@ -5,6 +5,9 @@ use std::time::Duration;
 use ureq::Agent;
 use ureq::tls::{PemItem, RootCerts, TlsConfig, parse_pem};
 
+use serde_json::Value;
+use zeroize::Zeroizing;
+
 use super::KmsError;
 
 /// An agent with bounded timeouts, non-2xx answers returned as responses,
@@ -40,8 +43,46 @@ pub fn agent(provider: &str, ca_file: Option<&str>) -> Result<Agent, KmsError> {
 }
 
 /// Exponential backoff for retried calls: 100 ms, 200 ms, 400 ms, …
-pub fn backoff(attempt: u32) -> Duration {
+fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(100u64 << attempt.min(6))
 }
 
-pub const MAX_ATTEMPTS: u32 = 4;
+const MAX_ATTEMPTS: u32 = 4;
+
+/// What a provider makes of a non-2xx answer: the error, and whether to retry.
+pub type Refusal<'a> = dyn Fn(u16, &Value) -> (KmsError, bool) + 'a;
+
+/// Sends a request up to MAX_ATTEMPTS times with exponential backoff,
+/// retrying transport errors and the answers `refusal` marks as retryable.
+/// `send` builds and sends one attempt (an Err from it is final, e.g. no
+/// credentials); a 2xx answer is parsed as JSON.
+pub fn call_with_retries(
+    unreachable: &dyn Fn(String) -> KmsError,
+    send: &mut dyn FnMut() -> Result<Result<ureq::http::Response<ureq::Body>, ureq::Error>, KmsError>,
+    refusal: &Refusal<'_>,
+) -> Result<Value, KmsError> {
+    let mut last_error = None;
+    for attempt in 0..MAX_ATTEMPTS {
+        if attempt > 0 {
+            std::thread::sleep(backoff(attempt - 1));
+        }
+        let mut response = match send()? {
+            Ok(r) => r,
+            Err(e) => {
+                last_error = Some(unreachable(e.to_string()));
+                continue;
+            }
+        };
+        let status = response.status().as_u16();
+        let text = Zeroizing::new(response.body_mut().read_to_string().unwrap_or_default());
+        if (200..300).contains(&status) {
+            return serde_json::from_str(&text).map_err(|e| unreachable(format!("bad JSON answer: {e}")));
+        }
+        let (error, retry) = refusal(status, &serde_json::from_str(&text).unwrap_or(Value::Null));
+        if !retry {
+            return Err(error);
+        }
+        last_error = Some(error);
+    }
+    Err(last_error.unwrap_or_else(|| unreachable("no attempt made".into())))
+}

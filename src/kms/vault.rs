@@ -11,7 +11,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use super::http::{MAX_ATTEMPTS, agent, backoff};
+use super::http::{agent, call_with_retries};
 use super::{EncryptionContext, KeyProvider, KmsError};
 use crate::crypto::{SecretKey, WrappedKey};
 
@@ -81,12 +81,8 @@ impl VaultTransitProvider {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let url = format!("{}/v1/{}/{}", self.address, self.mount, path);
         let body = Zeroizing::new(body.map(|b| b.to_string()).unwrap_or_default());
-        let mut last_error = None;
-        for attempt in 0..MAX_ATTEMPTS {
-            if attempt > 0 {
-                std::thread::sleep(backoff(attempt - 1));
-            }
-            let sent = if method == "GET" {
+        let mut send = || {
+            Ok(if method == "GET" {
                 self.agent.get(&url).header("X-Vault-Token", self.token.as_str()).call()
             } else {
                 self.agent
@@ -94,36 +90,21 @@ impl VaultTransitProvider {
                     .header("X-Vault-Token", self.token.as_str())
                     .header("Content-Type", "application/json")
                     .send(body.as_bytes())
-            };
-            let mut response = match sent {
-                Ok(r) => r,
-                Err(e) => {
-                    last_error = Some(self.unreachable(e));
-                    continue;
-                }
-            };
-            let status = response.status();
-            let text = Zeroizing::new(response.body_mut().read_to_string().unwrap_or_default());
-            if status.is_success() {
-                return serde_json::from_str(&text).map_err(|e| self.unreachable(format!("bad JSON answer: {e}")));
-            }
-            let errors: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            })
+        };
+        let refusal = |status: u16, errors: &Value| {
             let message = errors["errors"]
                 .as_array()
                 .map(|e| e.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; "))
                 .unwrap_or_default();
             let refused = KmsError::Refused {
                 provider: format!("vault-transit key {}/{}", self.mount, self.key),
-                code: format!("HTTP {}", status.as_u16()),
+                code: format!("HTTP {status}"),
                 message,
             };
-            if status.is_server_error() || status.as_u16() == 429 {
-                last_error = Some(refused);
-                continue;
-            }
-            return Err(refused);
-        }
-        Err(last_error.unwrap_or_else(|| self.unreachable("no attempt made")))
+            (refused, status >= 500 || status == 429)
+        };
+        call_with_retries(&|cause| self.unreachable(cause), &mut send, &refusal)
     }
 
     fn field<'a>(&self, v: &'a Value, name: &str) -> Result<&'a str, KmsError> {
