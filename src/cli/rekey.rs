@@ -8,7 +8,7 @@ use kmsfs::crypto::random_array;
 use kmsfs::kms::hex;
 use kmsfs::volume::Volume;
 use kmsfs::volume::lock::VolumeLock;
-use kmsfs::volume::rekey::{KILL_AT_ENV, rekey_backing_file};
+use kmsfs::volume::rekey::{finish_copy, kill_hook, rekey_backing_file};
 
 use super::{CliError, ExitCode, KeyOptions, mounts, volumes};
 
@@ -84,16 +84,8 @@ fn rekey_through_mount(path: &Path) -> Result<u64, CliError> {
             rustix::fs::setxattr(&tmp, name.as_str(), &value[..got], rustix::fs::XattrFlags::empty())
                 .map_err(|e| io(&tmp)(e.into()))?;
         }
-        std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())).map_err(io(&tmp))?;
-        let times = fs::FileTimes::new()
-            .set_accessed(meta.accessed().map_err(io(path))?)
-            .set_modified(meta.modified().map_err(io(path))?);
-        dst.set_times(times).map_err(io(&tmp))?;
-        dst.sync_all().map_err(io(&tmp))?;
-        if std::env::var(KILL_AT_ENV).is_ok_and(|v| v == "before-rename") {
-            // SAFETY: test hook; signals ourselves.
-            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-        }
+        finish_copy(&meta, &dst).map_err(io(&tmp))?;
+        kill_hook("before-rename");
         fs::rename(&tmp, path).map_err(io(path))?;
         File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent))?;
         Ok(bytes)

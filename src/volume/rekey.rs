@@ -15,7 +15,7 @@ use crate::crypto::{FileId, random_array};
 use crate::kms::hex;
 
 /// Test hook: SIGKILL the process at this stage ("before-rename" or "after-rename").
-pub const KILL_AT_ENV: &str = "KMSFS_TEST_REKEY_KILL_AT";
+const KILL_AT_ENV: &str = "KMSFS_TEST_REKEY_KILL_AT";
 const CHUNK: usize = 1 << 20;
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -25,7 +25,19 @@ pub struct RekeyOutcome {
     pub bytes: u64,
 }
 
-fn kill_hook(stage: &str) {
+/// Gives a re-keyed copy the original's owner and times, and makes it durable.
+pub fn finish_copy(original: &fs::Metadata, copy: &File) -> std::io::Result<()> {
+    std::os::unix::fs::fchown(copy, Some(original.uid()), Some(original.gid()))?;
+    copy.set_times(
+        fs::FileTimes::new()
+            .set_accessed(original.accessed()?)
+            .set_modified(original.modified()?),
+    )?;
+    copy.sync_all()
+}
+
+/// Test hook: SIGKILL this process when `KMSFS_TEST_REKEY_KILL_AT` names `stage`.
+pub fn kill_hook(stage: &str) {
     if std::env::var(KILL_AT_ENV).is_ok_and(|v| v == stage) {
         // SAFETY: sending a signal to ourselves; it does not return.
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
@@ -94,12 +106,7 @@ pub fn rekey_backing_file(volume: &Volume, path: &Path) -> Result<RekeyOutcome, 
         }
         content::truncate(&dst, &new, size).map_err(|e| content_error(&tmp, e))?;
         copy_xattrs(volume, path, &tmp, &old_id, &new_id)?;
-        std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())).map_err(io(&tmp))?;
-        let times = fs::FileTimes::new()
-            .set_accessed(meta.accessed().map_err(io(path))?)
-            .set_modified(meta.modified().map_err(io(path))?);
-        dst.set_times(times).map_err(io(&tmp))?;
-        dst.sync_all().map_err(io(&tmp))?;
+        finish_copy(&meta, &dst).map_err(io(&tmp))?;
         volume.sync_keys()?; // the new key is durable before the new file takes the name
         kill_hook("before-rename");
         fs::rename(&tmp, path).map_err(io(path))?;
