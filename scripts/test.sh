@@ -9,6 +9,9 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 need_pkgs=()
 command -v fusermount3 >/dev/null 2>&1 || need_pkgs+=(fuse3)
 command -v umount >/dev/null 2>&1 || need_pkgs+=(mount)
+# Power-cut test: an ext4 image on a loop device, frozen while it is copied.
+command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
+command -v fsfreeze >/dev/null 2>&1 || need_pkgs+=(util-linux)
 command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
 # PKCS#11 peer: SoftHSM2 and pkcs11-tool (to create the token's AES key)
 [ -e /usr/lib/softhsm/libsofthsm2.so ] || need_pkgs+=(softhsm2)

@@ -1,7 +1,7 @@
-//! kill -9 of the mount daemon at seeded random moments during heavy
-//! writes, creates, renames and mkdirs: after each crash every fsynced file
-//! reads back byte for byte, every fsynced directory lists, and the metadata
-//! DB passes `PRAGMA integrity_check`.
+//! kill -9 of the mount daemon, and simulated power cuts, at seeded random
+//! moments during heavy writes, creates, renames and mkdirs: after each crash
+//! every fsynced file reads back byte for byte, every fsynced directory
+//! lists, and the metadata DB passes `PRAGMA integrity_check`.
 
 mod common;
 
@@ -42,7 +42,7 @@ fn fsync_dir(path: &Path) -> std::io::Result<()> {
     File::open(path)?.sync_all()
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Durable {
     files: BTreeMap<String, Vec<u8>>,
     dirs: BTreeSet<String>,
@@ -127,28 +127,39 @@ fn kill_9_at_random_moments_loses_nothing_that_was_fsynced() {
         });
         // The dead daemon's mount point answers ENOTCONN until detached.
         let _ = Command::new("umount").arg("-l").arg(&vol.mnt).status();
-        let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
-        let integrity: String = db.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
-        assert_eq!(integrity, "ok", "round {round}: the metadata DB is intact");
-        drop(db);
-        let m = vol.mount();
-        let d = durable.lock().unwrap();
-        for (name, data) in &d.files {
-            let got = fs::read(vol.path(name)).unwrap_or_else(|e| panic!("round {round}: fsynced {name}: {e}"));
-            assert!(&got == data, "round {round}: fsynced {name} differs");
-        }
-        for dir in &d.dirs {
-            fs::read_dir(vol.path(dir)).unwrap_or_else(|e| panic!("round {round}: fsynced dir {dir}: {e}"));
-        }
+        let d = durable.lock().unwrap().clone();
+        check_after_crash(&vol, &d, &format!("round {round}"));
         assert!(
             d.files.len() > round,
             "round {round}: the workload made progress ({} files)",
             d.files.len()
         );
-        drop(d);
-        m.unmount();
     }
-    // fsck finds at most the traces of interrupted operations, and repairs them.
+    let d = durable.lock().unwrap().clone();
+    fsck_finds_only_interrupted_operations(&vol, &d);
+}
+
+/// The DB is intact, and a fresh mount reads every fsynced file and lists
+/// every fsynced directory of `durable`.
+fn check_after_crash(vol: &TestVolume, durable: &Durable, what: &str) {
+    let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
+    let integrity: String = db.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    assert_eq!(integrity, "ok", "{what}: the metadata DB is intact");
+    drop(db);
+    let m = vol.mount();
+    for (name, data) in &durable.files {
+        let got = fs::read(vol.path(name)).unwrap_or_else(|e| panic!("{what}: fsynced {name}: {e}"));
+        assert!(&got == data, "{what}: fsynced {name} differs");
+    }
+    for dir in &durable.dirs {
+        fs::read_dir(vol.path(dir)).unwrap_or_else(|e| panic!("{what}: fsynced dir {dir}: {e}"));
+    }
+    m.unmount();
+}
+
+/// fsck finds at most the traces of interrupted operations, none of them on
+/// a fsynced file, and after `--repair` the volume is clean.
+fn fsck_finds_only_interrupted_operations(vol: &TestVolume, durable: &Durable) {
     let out = vol.run(&["fsck", "--json", "--repair", path_str(&vol.backing)]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for p in report["problems"].as_array().unwrap() {
@@ -158,10 +169,7 @@ fn kill_9_at_random_moments_loses_nothing_that_was_fsynced() {
             "unexpected damage after crashes: {p}"
         );
         let path = p["path"].as_str().unwrap_or("");
-        assert!(
-            !durable.lock().unwrap().files.contains_key(path),
-            "damage to a fsynced file: {p}"
-        );
+        assert!(!durable.files.contains_key(path), "damage to a fsynced file: {p}");
     }
     let out = vol.run(&["fsck", "--json", path_str(&vol.backing)]);
     assert_eq!(
@@ -170,4 +178,115 @@ fn kill_9_at_random_moments_loses_nothing_that_was_fsynced() {
         "clean after repair: {}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An ext4 filesystem in an image file, loop-mounted; unmounted on drop.
+struct LoopFs {
+    _dir: tempfile::TempDir,
+    image: std::path::PathBuf,
+    mnt: std::path::PathBuf,
+}
+
+impl LoopFs {
+    fn create(size_mib: u64) -> Self {
+        let dir = tempfile::Builder::new().prefix("kmsfs-disk-").tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        File::create(&image).unwrap().set_len(size_mib << 20).unwrap();
+        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        Self::mount(dir, image)
+    }
+
+    /// Mounts a copy of a disk image, as the machine would boot after a power cut.
+    fn boot(image: &Path) -> Self {
+        let dir = tempfile::Builder::new().prefix("kmsfs-disk-").tempdir().unwrap();
+        let copy = dir.path().join("disk.img");
+        fs::rename(image, &copy).unwrap();
+        Self::mount(dir, copy)
+    }
+
+    fn mount(dir: tempfile::TempDir, image: std::path::PathBuf) -> Self {
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        run_ok(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mnt));
+        LoopFs { _dir: dir, image, mnt }
+    }
+
+    /// The disk as a power cut right after a `syncfs` would leave it: the
+    /// filesystem is frozen (which syncs it and holds every later write,
+    /// including the daemon's, mid-flight) while the image is copied.
+    fn power_cut_image(&self, to: &Path) {
+        let _frozen = Frozen::new(&self.mnt);
+        run_ok(Command::new("cp").arg("--sparse=always").arg(&self.image).arg(to));
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+    }
+}
+
+/// `fsfreeze -f` until dropped, so a failing test never leaves a frozen filesystem.
+struct Frozen<'a>(&'a Path);
+
+impl<'a> Frozen<'a> {
+    fn new(mnt: &'a Path) -> Self {
+        run_ok(Command::new("fsfreeze").arg("-f").arg(mnt));
+        Frozen(mnt)
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(self.0).status();
+    }
+}
+
+#[test]
+fn power_cut_after_syncfs_loses_nothing_that_was_fsynced() {
+    let disk = LoopFs::create(1024);
+    let vol = TestVolume::init_on(disk.mnt.join("cipher"));
+    let snapshots_dir = tempfile::Builder::new().prefix("kmsfs-cuts-").tempdir().unwrap();
+    let mut cuts: Vec<(std::path::PathBuf, Durable)> = Vec::new();
+    let durable = Mutex::new(Durable::default());
+    let mut rng = Rng::new(4242);
+    let m = vol.mount();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for t in 0..3 {
+            let (vol, durable, stop) = (&vol, &durable, &stop);
+            s.spawn(move || worker(vol, 100, t, durable, stop));
+        }
+        for cut in 0..4 {
+            std::thread::sleep(Duration::from_millis(300 + rng.below(700)));
+            // Everything in the model was fsynced before the freeze began.
+            // Holding the lock through the freeze keeps a worker from moving
+            // a modelled file to its new name before the cut.
+            let model = durable.lock().unwrap();
+            let before = model.clone();
+            let image = snapshots_dir.path().join(format!("cut{cut}.img"));
+            disk.power_cut_image(&image);
+            drop(model);
+            eprintln!("power cut {cut}: {} fsynced files", before.files.len());
+            cuts.push((image, before));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    m.unmount();
+    for (cut, (image, before)) in cuts.iter().enumerate() {
+        let rebooted = LoopFs::boot(image);
+        let view = vol.view_of(rebooted.mnt.join("cipher"));
+        check_after_crash(&view, before, &format!("power cut {cut}"));
+        fsck_finds_only_interrupted_operations(&view, before);
+        assert!(before.files.len() > cut, "power cut {cut}: the workload made progress");
+    }
 }

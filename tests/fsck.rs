@@ -310,3 +310,45 @@ fn orphans_temporaries_ivs_and_names() {
     );
     fs::write(vol.path("empty/new"), b"ok").unwrap();
 }
+
+#[test]
+fn orphan_long_symlink_targets_are_reported_and_erased() {
+    let vol = TestVolume::init();
+    let long_target = "t/".repeat(1900);
+    let m = vol.mount();
+    std::os::unix::fs::symlink(&long_target, vol.path("long-link")).unwrap();
+    std::os::unix::fs::symlink("short", vol.path("short-link")).unwrap();
+    m.unmount();
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 0, "a long target in use is no orphan: {report}");
+
+    // A crash between removing the backing symlink and erasing its row.
+    let rows = |vol: &TestVolume| -> i64 {
+        rusqlite::Connection::open(vol.backing.join("kmsfs.db"))
+            .unwrap()
+            .query_row("SELECT count(*) FROM link_targets", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(rows(&vol), 1);
+    let long_backing = entries(&vol.backing)
+        .into_iter()
+        .find(|p| {
+            fs::read_link(p)
+                .map(|t| t.to_string_lossy().starts_with("kmsfs.longlink."))
+                .unwrap_or(false)
+        })
+        .expect("the long symlink's backing entry");
+    fs::remove_file(long_backing).unwrap();
+
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 10, "{report}");
+    assert_eq!(kinds(&report), ["orphan_link_target"]);
+    let (code, report) = fsck(&vol, &["--repair"]);
+    assert_eq!(code, 11, "{report}");
+    assert_eq!(rows(&vol), 0, "the orphan row is erased");
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 0, "{report}");
+    let m = vol.mount();
+    assert_eq!(fs::read_link(vol.path("short-link")).unwrap().to_str(), Some("short"));
+    m.unmount();
+}

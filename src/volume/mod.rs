@@ -366,13 +366,16 @@ impl Volume {
     /// The symlink's last name is gone: erase its long target, if it has one.
     pub fn forget_link_target(&self, stored: &[u8]) {
         if let Some(id) = long_link_id(stored) {
-            let erased = self
-                .db
-                .with_conn(|c| c.execute("DELETE FROM link_targets WHERE link_id = ?1", [&id[..]]));
-            if let Err(e) = erased {
+            if let Err(e) = self.erase_long_link_target(&id) {
                 log::warn!("erasing a long symlink target failed: {e}");
             }
         }
+    }
+
+    pub(crate) fn erase_long_link_target(&self, id: &[u8; 16]) -> Result<(), VolumeError> {
+        self.db
+            .with_conn(|c| c.execute("DELETE FROM link_targets WHERE link_id = ?1", [&id[..]]))?;
+        Ok(())
     }
 
     fn link_aad(&self, long_id: Option<&[u8; 16]>) -> Vec<u8> {
@@ -411,7 +414,7 @@ impl Volume {
 const INLINE_LINK_MAX: usize = 4000;
 pub const LONG_LINK_PREFIX: &str = "kmsfs.longlink.";
 
-fn long_link_id(stored: &[u8]) -> Option<[u8; 16]> {
+pub(crate) fn long_link_id(stored: &[u8]) -> Option<[u8; 16]> {
     let hex = stored.strip_prefix(LONG_LINK_PREFIX.as_bytes())?;
     if hex.len() != 32 {
         return None;

@@ -33,12 +33,22 @@ impl TestVolume {
 
     /// A new volume; `env` applies to every later command too.
     pub fn init_with(env: &[(&str, &str)], init_args: &[&str]) -> Self {
+        Self::create(env, init_args, None)
+    }
+
+    /// A new local-provider volume whose backing directory is `backing`
+    /// (on a filesystem of the test's choosing); the rest lives in a tempdir.
+    pub fn init_on(backing: PathBuf) -> Self {
+        Self::create(&[], &["--kdf-memory-mib", "8", "--kdf-iterations", "1"], Some(backing))
+    }
+
+    fn create(env: &[(&str, &str)], init_args: &[&str], backing: Option<PathBuf>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("kmsfs-test-")
             .tempdir()
             .expect("tempdir");
         let vol = TestVolume {
-            backing: dir.path().join("cipher"),
+            backing: backing.unwrap_or_else(|| dir.path().join("cipher")),
             mnt: dir.path().join("plain"),
             keystore: dir.path().join("keystore.json"),
             log: dir.path().join("daemon.log"),
@@ -103,6 +113,25 @@ impl TestVolume {
             vol: self,
             mounted: true,
         }
+    }
+
+    /// The same keys and environment, over another backing directory (a
+    /// copy of this one) and with its own mount point.
+    pub fn view_of(&self, backing: PathBuf) -> TestVolume {
+        let dir = tempfile::Builder::new()
+            .prefix("kmsfs-view-")
+            .tempdir()
+            .expect("tempdir");
+        let view = TestVolume {
+            backing,
+            mnt: dir.path().join("plain"),
+            keystore: self.keystore.clone(),
+            log: dir.path().join("daemon.log"),
+            env: self.env.clone(),
+            dir,
+        };
+        std::fs::create_dir(&view.mnt).expect("mkdir mountpoint");
+        view
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {

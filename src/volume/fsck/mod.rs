@@ -3,10 +3,11 @@
 //! with repair, fixes what can be fixed without guessing and moves
 //! unreadable entries into `lost+found` with a report.
 
+mod repair;
+
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,7 +18,7 @@ use super::content::{self, plain_size};
 use super::db::DB_FILE;
 use super::header::{self, HEADER_LEN};
 use super::layout::{self, DIR_IV_FILE, DirIv, Entry, LOCK_FILE, LONG_NAME_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX};
-use super::{Volume, VolumeError, write_dir_iv};
+use super::{Volume, VolumeError};
 use crate::crypto::FileId;
 use crate::kms::hex;
 
@@ -26,7 +27,8 @@ pub const LOST_FOUND: &str = "lost+found";
 #[derive(Debug, Clone, Serialize)]
 pub struct Problem {
     /// missing_dir_iv, bad_dir_iv, bad_name, missing_sidecar, orphan_sidecar, leftover_temporary,
-    /// damaged_header, missing_key, bad_key, bad_blocks, bad_symlink, bad_xattr, orphan_key, db_integrity
+    /// damaged_header, missing_key, bad_key, bad_blocks, bad_symlink, bad_xattr, orphan_key,
+    /// orphan_link_target, db_integrity
     pub kind: &'static str,
     /// Path in the backing directory (relative), or the DB row.
     pub backing: String,
@@ -91,6 +93,10 @@ struct Walk {
     missing_ivs: Vec<(PathBuf, usize)>,
     /// Headers to rewrite: (file, its proven id, problem index).
     header_fixes: Vec<(PathBuf, FileId, usize)>,
+    /// DB rows of long symlink targets that some symlink refers to.
+    long_links: HashSet<[u8; 16]>,
+    /// Long symlink target rows to erase: (link id, problem index).
+    orphan_links: Vec<([u8; 16], usize)>,
 }
 
 fn rel(root: &Path, p: &Path) -> String {
@@ -291,6 +297,7 @@ fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &mut Walk) ->
             let target = fs::read_link(&path)
                 .map(|t| t.into_os_string().into_encoded_bytes())
                 .unwrap_or_default();
+            w.long_links.extend(super::long_link_id(&target));
             if let Err(e) = volume.decrypt_link_target(&target) {
                 w.problem(
                     root,
@@ -516,6 +523,27 @@ pub fn fsck(
         }
     }
 
+    let link_ids: Vec<Vec<u8>> = volume.db().with_conn(|c| {
+        let mut stmt = c.prepare("SELECT link_id FROM link_targets")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect()
+    })?;
+    for id in link_ids {
+        let Ok(id) = <[u8; 16]>::try_from(id.as_slice()) else {
+            continue;
+        };
+        if !w.long_links.contains(&id) {
+            let i = w.problem(
+                &root,
+                "orphan_link_target",
+                &root.join(DB_FILE),
+                None,
+                format!("long symlink target {} that no symlink uses", hex(&id)),
+            );
+            w.orphan_links.push((id, i));
+        }
+    }
+
     // Already quarantined by an earlier repair: reported apart, left alone.
     let in_lost_found = |p: &Problem| {
         p.path
@@ -531,13 +559,13 @@ pub fn fsck(
     w.rescues = rescues;
     if opts.salvage {
         for r in held.iter().filter(|r| !r.bad_blocks.is_empty()) {
-            if let Some(note) = salvage_in_place(volume, r) {
+            if let Some(note) = repair::salvage_in_place(volume, r) {
                 w.problems[r.problem].repair = Some(note);
             }
         }
     }
     if repair {
-        repair_volume(volume, &mut w, &orphan_keys, opts.salvage)?;
+        repair::repair_volume(volume, &mut w, &orphan_keys, opts.salvage)?;
     }
     for (i, p) in w.problems.into_iter().enumerate() {
         if quarantined.contains(&i) {
@@ -547,209 +575,4 @@ pub fn fsck(
         }
     }
     Ok(report)
-}
-
-fn repair_volume(
-    volume: &Volume,
-    w: &mut Walk,
-    orphan_keys: &[(FileId, usize)],
-    salvage: bool,
-) -> Result<(), VolumeError> {
-    for (path, i) in std::mem::take(&mut w.removals) {
-        let removed = if path.is_dir() {
-            // An interrupted mkdir: only its IV inside.
-            let only_iv = fs::read_dir(&path)
-                .map(|d| d.filter_map(|e| e.ok()).all(|e| e.file_name() == DIR_IV_FILE))
-                .unwrap_or(false);
-            if only_iv {
-                fs::remove_dir_all(&path).map(|_| "removed")
-            } else {
-                Ok("left alone: not empty")
-            }
-        } else {
-            fs::remove_file(&path).map(|_| "removed")
-        };
-        w.problems[i].repair = removed.ok().filter(|r| *r == "removed").map(str::to_string);
-    }
-    for (dir, i) in std::mem::take(&mut w.missing_ivs) {
-        let _ = fs::remove_file(dir.join(DIR_IV_FILE));
-        if write_dir_iv(&dir).is_ok() {
-            w.problems[i].repair = Some("wrote a new IV (the directory was empty)".into());
-        }
-    }
-    for (path, id, i) in std::mem::take(&mut w.header_fixes) {
-        let fixed = fs::OpenOptions::new().write(true).open(&path).and_then(|f| {
-            std::os::unix::fs::FileExt::write_all_at(&f, &header::encode(&id), 0).and_then(|_| f.sync_all())
-        });
-        if fixed.is_ok() {
-            w.problems[i].repair =
-                Some("header rewritten (its file id has a key and every block authenticates)".into());
-        }
-    }
-    for (id, i) in orphan_keys {
-        volume.forget_file_key(id);
-        w.problems[*i].repair = Some("key row erased".into());
-    }
-    volume.sync_keys()?;
-    let rescues = std::mem::take(&mut w.rescues);
-    if rescues.is_empty() {
-        return Ok(());
-    }
-    let lost = LostFound::open(volume)?;
-    let mut lines = vec![format!("kmsfs fsck report, {} entries moved here", rescues.len())];
-    for r in rescues {
-        let base = r
-            .plain
-            .as_deref()
-            .and_then(|p| p.rsplit('/').next())
-            .unwrap_or("unnamed")
-            .to_string();
-        let mut name = format!("{}-{}", truncate(&base, 200), r.tag);
-        let mut note = String::new();
-        if salvage && !r.bad_blocks.is_empty() {
-            if let Some(cipher) = file_cipher_of(volume, &r.backing) {
-                let file = fs::OpenOptions::new().read(true).write(true).open(&r.backing);
-                if let Ok(file) = file {
-                    if content::zero_blocks(&file, &cipher, &r.bad_blocks).is_ok() {
-                        name.push_str(".salvaged");
-                        note = format!("; blocks {:?} (4 KiB each) replaced by ZEROS", r.bad_blocks);
-                    }
-                }
-            }
-        }
-        lost.move_in(volume, &r.backing, &name)?;
-        let problem = &mut w.problems[r.problem];
-        lines.push(format!(
-            "{name}: was {} ({}): {}{note}",
-            r.plain.as_deref().unwrap_or("<name unknown>"),
-            problem.kind,
-            problem.detail
-        ));
-        problem.repair = Some(format!("moved to {LOST_FOUND}/{name}{note}"));
-    }
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    lost.write_file(
-        volume,
-        &format!("fsck-report-{stamp}.txt"),
-        (lines.join("\n") + "\n").as_bytes(),
-    )?;
-    Ok(())
-}
-
-/// Zeroes the bad blocks of a file already in lost+found and marks its name.
-fn salvage_in_place(volume: &Volume, r: &Rescue) -> Option<String> {
-    let cipher = file_cipher_of(volume, &r.backing)?;
-    let file = fs::OpenOptions::new().read(true).write(true).open(&r.backing).ok()?;
-    content::zero_blocks(&file, &cipher, &r.bad_blocks).ok()?;
-    let name = r.plain.as_deref()?.rsplit('/').next()?.to_string() + ".salvaged";
-    let lost = LostFound::open(volume).ok()?;
-    lost.move_in(volume, &r.backing, &name).ok()?;
-    Some(format!("blocks {:?} replaced by ZEROS; renamed {name}", r.bad_blocks))
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-fn file_cipher_of(volume: &Volume, path: &Path) -> Option<crate::crypto::BlockCipher> {
-    let head = fs::read(path).ok()?;
-    let id = header::decode(head.get(..HEADER_LEN)?).ok()?;
-    volume.file_cipher(&id).ok()
-}
-
-/// The volume's `lost+found` directory (created when first needed).
-struct LostFound {
-    dir: PathBuf,
-    iv: DirIv,
-}
-
-impl LostFound {
-    fn open(volume: &Volume) -> Result<Self, VolumeError> {
-        let root = volume.backing();
-        let root_iv = read_iv(root).map_err(|e| VolumeError::Tampered {
-            volume: root.to_path_buf(),
-            what: format!("root IV ({e})"),
-        })?;
-        let name = layout::backing_name(volume.names(), &root_iv, LOST_FOUND.as_bytes());
-        let dir = root.join(name.as_str());
-        if !dir.exists() {
-            fs::create_dir(&dir).map_err(|e| VolumeError::Io {
-                path: dir.clone(),
-                source: e,
-            })?;
-            fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(|e| {
-                VolumeError::Io {
-                    path: dir.clone(),
-                    source: e,
-                }
-            })?;
-            write_dir_iv(&dir)?;
-        }
-        let iv = read_iv(&dir).map_err(|e| VolumeError::Tampered {
-            volume: dir.clone(),
-            what: format!("lost+found IV ({e})"),
-        })?;
-        Ok(LostFound { dir, iv })
-    }
-
-    fn target(&self, volume: &Volume, name: &str) -> Result<PathBuf, VolumeError> {
-        let backing = layout::backing_name(volume.names(), &self.iv, name.as_bytes());
-        if let Some((sidecar, content)) = backing.sidecar() {
-            fs::write(self.dir.join(&sidecar), content).map_err(|e| VolumeError::Io {
-                path: self.dir.join(sidecar),
-                source: e,
-            })?;
-        }
-        Ok(self.dir.join(backing.as_str()))
-    }
-
-    fn move_in(&self, volume: &Volume, from: &Path, name: &str) -> Result<(), VolumeError> {
-        let to = self.target(volume, name)?;
-        fs::rename(from, &to).map_err(|e| VolumeError::Io {
-            path: from.to_path_buf(),
-            source: e,
-        })?;
-        let from_name = from
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if from_name.starts_with(LONG_NAME_PREFIX) {
-            let _ = fs::remove_file(from.with_file_name(format!("{from_name}{SIDECAR_SUFFIX}")));
-        }
-        Ok(())
-    }
-
-    /// Writes a new encrypted file (the report) into lost+found.
-    fn write_file(&self, volume: &Volume, name: &str, data: &[u8]) -> Result<(), VolumeError> {
-        let path = self.target(volume, name)?;
-        let io = |e: std::io::Error| VolumeError::Io {
-            path: path.clone(),
-            source: e,
-        };
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io)?;
-        let (id, cipher) = volume.new_file_key()?;
-        file.write_all(&header::encode(&id)).map_err(io)?;
-        content::write(&file, &cipher, 0, data).map_err(|e| match e {
-            content::ContentError::Io(e) => io(e),
-            content::ContentError::Corrupt { block } => VolumeError::Tampered {
-                volume: path.clone(),
-                what: format!("block {block}"),
-            },
-        })?;
-        file.sync_all().map_err(io)?;
-        volume.sync_keys()
-    }
 }
