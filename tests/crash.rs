@@ -223,31 +223,30 @@ impl LoopFs {
     /// The disk as a power cut right after a `syncfs` would leave it: the
     /// filesystem is frozen (which syncs it and holds every later write,
     /// including the daemon's, mid-flight) while the image is copied.
+    ///
+    /// Freeze, copy and thaw run in one helper shell, started before the
+    /// freeze: this process writes through the mount, and while the daemon
+    /// is held by the freeze its threads may block in memory management
+    /// (dirty pages of the writeback cache), so starting a process from
+    /// here to thaw could wait for the thaw itself.
     fn power_cut_image(&self, to: &Path) {
-        let _frozen = Frozen::new(&self.mnt);
-        run_ok(Command::new("cp").arg("--sparse=always").arg(&self.image).arg(to));
+        let script = r#"fsfreeze -f "$1" || exit 1
+cp --sparse=always "$2" "$3"; rc=$?
+fsfreeze -u "$1" || exit 1
+exit $rc"#;
+        run_ok(
+            Command::new("sh")
+                .args(["-c", script, "power-cut"])
+                .arg(&self.mnt)
+                .arg(&self.image)
+                .arg(to),
+        );
     }
 }
 
 impl Drop for LoopFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.mnt).status();
-    }
-}
-
-/// `fsfreeze -f` until dropped, so a failing test never leaves a frozen filesystem.
-struct Frozen<'a>(&'a Path);
-
-impl<'a> Frozen<'a> {
-    fn new(mnt: &'a Path) -> Self {
-        run_ok(Command::new("fsfreeze").arg("-f").arg(mnt));
-        Frozen(mnt)
-    }
-}
-
-impl Drop for Frozen<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new("fsfreeze").arg("-u").arg(self.0).status();
     }
 }
 

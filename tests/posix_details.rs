@@ -152,7 +152,8 @@ fn timestamps_links_ctime_and_fstat_after_unlink_or_replace() {
 #[test]
 fn open_flags_seek_hole_data_mmap_and_files_beyond_4_gib() {
     let vol = TestVolume::init();
-    let _m = vol.mount();
+    // Exact holes need the daemon to see every write at once.
+    let _m = vol.mount_with(&["-o", "no_writeback_cache"]);
     let p = vol.path("flags");
     fs::write(&p, b"0123456789").unwrap();
     assert_eq!(
@@ -255,4 +256,81 @@ fn open_flags_seek_hole_data_mmap_and_files_beyond_4_gib() {
     let mut middle = vec![1u8; 8192];
     f.read_exact_at(&mut middle, (4 << 30) + 12345).unwrap();
     assert!(middle.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn with_the_writeback_cache_seek_hole_never_skips_unwritten_data() {
+    let vol = TestVolume::init();
+    let _m = vol.mount();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(vol.path("sparse"))
+        .unwrap();
+    f.write_all_at(&[1u8; 4096], 0).unwrap();
+    f.write_all_at(&[2u8; 4096], 1 << 20).unwrap();
+    let seek = |off: i64, whence| unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+    let size = (1 << 20) + 4096;
+    // Whatever the kernel has not written back yet, no data is reported as a hole.
+    let hole = seek(0, libc::SEEK_HOLE);
+    assert!(hole == size || (4096..(1 << 20)).contains(&hole), "hole at {hole}");
+    let data = seek(8192, libc::SEEK_DATA);
+    assert!((8192..=(1 << 20)).contains(&data), "data at {data}");
+    assert_eq!(seek(size, libc::SEEK_DATA), -1, "ENXIO at the end");
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 1 << 20).unwrap();
+    assert!(buf.iter().all(|&b| b == 2));
+}
+
+/// The kernel leaves clearing set-ID bits to the daemon (FUSE_HANDLE_KILLPRIV_V2).
+#[test]
+fn writes_and_truncation_by_a_non_root_owner_clear_set_id_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    let vol = TestVolume::init();
+    fs::set_permissions(vol.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let _m = vol.mount_with(&["-o", "allow_other"]);
+    let p = vol.path("setid");
+    fs::write(&p, b"x").unwrap();
+    std::os::unix::fs::chown(&p, Some(1000), Some(1000)).unwrap();
+    let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let as_user = |script: &str| {
+        let ok = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=1000",
+                "--regid=1000",
+                "--clear-groups",
+                "sh",
+                "-c",
+                script,
+                "sh",
+            ])
+            .arg(&p)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{script} as uid 1000");
+    };
+
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o6755)).unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&p)
+        .unwrap()
+        .write_all(b"root")
+        .unwrap();
+    assert_eq!(mode(&p), 0o6755, "root (CAP_FSETID) keeps the bits");
+
+    as_user(r#"printf y >> "$1""#);
+    assert_eq!(mode(&p), 0o755, "a write by the owner clears both bits");
+    assert_eq!(fs::read(&p).unwrap(), b"xrooty");
+
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o6745)).unwrap();
+    as_user(r#"truncate -s 1 "$1""#);
+    assert_eq!(
+        mode(&p),
+        0o2745,
+        "truncation clears set-user-ID; set-group-ID stays without group exec"
+    );
+    assert_eq!(fs::read(&p).unwrap(), b"x");
 }

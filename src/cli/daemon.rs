@@ -26,7 +26,9 @@ pub struct MountArgs {
     #[arg(short = 'f', long)]
     foreground: bool,
     /// Mount options, comma-separated: ro, allow_other, fsname=NAME, threads=N, noexec, nosuid, nodev, noatime,
-    /// sync, dirsync, and keystore=PATH, passphrase_file=PATH, key_file=PATH (for fstab)
+    /// sync, dirsync; caching: attr_timeout=SECS (entries and attributes, default 1), writeback_cache /
+    /// no_writeback_cache (default on), keep_cache / no_keep_cache (default on); and keystore=PATH,
+    /// passphrase_file=PATH, key_file=PATH (for fstab)
     #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
     options: Vec<String>,
     /// Append the daemon's log to this file (level from RUST_LOG, default warn)
@@ -79,6 +81,23 @@ fn parse_options(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, 
                         CliError::new(
                             ExitCode::Usage,
                             format!("bad mount option {o}: threads must be 1 to 64"),
+                        )
+                    })?;
+            }
+            "writeback_cache" => opts.cache.writeback = true,
+            "no_writeback_cache" => opts.cache.writeback = false,
+            "keep_cache" => opts.cache.keep_cache = true,
+            "no_keep_cache" => opts.cache.keep_cache = false,
+            o if o.starts_with("attr_timeout=") => {
+                opts.cache.ttl = o["attr_timeout=".len()..]
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| (0.0..=86400.0).contains(s))
+                    .map(std::time::Duration::from_secs_f64)
+                    .ok_or_else(|| {
+                        CliError::new(
+                            ExitCode::Usage,
+                            format!("bad mount option {o}: attr_timeout must be 0 to 86400 seconds"),
                         )
                     })?;
             }
@@ -216,7 +235,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         .reconnect()
         .map_err(|e| report(&mut ready_pipe, kmsfs::volume::VolumeError::from(e).into()))?;
     volume.start_background_flush();
-    let fs = KmsFs::new(Arc::clone(&volume)).map_err(|e| report(&mut ready_pipe, CliError::from(e)))?;
+    let fs = KmsFs::new(Arc::clone(&volume), options.cache).map_err(|e| report(&mut ready_pipe, CliError::from(e)))?;
     let mut session = kmsfs::fs::mount(fs, &mountpoint, &options).map_err(|e| {
         report(
             &mut ready_pipe,

@@ -266,6 +266,22 @@ impl KmsFs {
         rustix::fs::chmod(node.fd()?.proc_path().as_str(), Mode::from_raw_mode(mode & 0o7777)).map_err(errno)
     }
 
+    /// Clears set-user-ID (and set-group-ID on group-executable files), as
+    /// a write or truncation by someone without CAP_FSETID must. The daemon
+    /// writes as root, so the backing filesystem does not do it for us.
+    pub(super) fn kill_suidgid(&self, file: &File) -> FsResult<()> {
+        let st = rustix::fs::fstat(file).map_err(errno)?;
+        let mode = st.st_mode as u32 & 0o7777;
+        let mut kill = libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            kill |= libc::S_ISGID;
+        }
+        if mode & kill == 0 {
+            return Ok(());
+        }
+        rustix::fs::fchmod(file, Mode::from_raw_mode(mode & !kill)).map_err(errno)
+    }
+
     pub(super) fn set_owner_of(&self, node: &Node, uid: Option<u32>, gid: Option<u32>) -> FsResult<()> {
         rustix::fs::chownat(
             node.fd()?.as_fd(),

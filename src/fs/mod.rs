@@ -14,7 +14,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -38,6 +38,8 @@ const MAX_WRITE: u32 = 1 << 20;
 
 /// The attributes a setattr request changes.
 struct AttrChange {
+    /// A truncation by someone without CAP_FSETID: clear set-ID bits.
+    kill_suidgid: bool,
     mode: Option<u32>,
     uid: Option<u32>,
     gid: Option<u32>,
@@ -56,7 +58,37 @@ pub struct KmsFs {
     inodes: InodeTable,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
+    /// How long the kernel may cache entries and attributes.
     ttl: Duration,
+    cache: CacheOptions,
+    /// The kernel leaves clearing set-user/group-ID bits on write and
+    /// truncate to us (FUSE_HANDLE_KILLPRIV_V2), so it skips a
+    /// `security.capability` lookup before every write.
+    kill_suidgid: AtomicBool,
+}
+
+/// The kernel caches kmsfs asks for; every change goes through the daemon,
+/// so the kernel's view can only go stale if the backing directory is
+/// changed behind the mount's back (which is unsupported).
+#[derive(Debug, Clone, Copy)]
+pub struct CacheOptions {
+    /// Entry and attribute TTL (`attr_timeout=`).
+    pub ttl: Duration,
+    /// The kernel writeback cache: writes land in the page cache and reach
+    /// the daemon in large batches, at the latest on close or fsync.
+    pub writeback: bool,
+    /// Keep a file's page cache across opens (FOPEN_KEEP_CACHE).
+    pub keep_cache: bool,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions {
+            ttl: Duration::from_secs(1),
+            writeback: true,
+            keep_cache: true,
+        }
+    }
 }
 
 /// How to mount: the `-o` options a user gives.
@@ -66,12 +98,13 @@ pub struct MountOptions {
     pub allow_other: bool,
     pub fsname: Option<String>,
     pub threads: usize,
+    pub cache: CacheOptions,
     /// Further kernel mount flags (`noexec`, `nosuid`, `noatime` …).
     pub kernel: Vec<MountOption>,
 }
 
 impl KmsFs {
-    pub fn new(volume: Arc<Volume>) -> io::Result<Self> {
+    pub fn new(volume: Arc<Volume>, cache: CacheOptions) -> io::Result<Self> {
         let root = rustix::fs::open(
             volume.backing(),
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -83,8 +116,18 @@ impl KmsFs {
             inodes: InodeTable::new(root, &st, fd_cache_capacity())?,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-            ttl: Duration::from_secs(1),
+            ttl: cache.ttl,
+            cache,
+            kill_suidgid: AtomicBool::new(false),
         })
+    }
+
+    fn fopen_flags(&self) -> FopenFlags {
+        if self.cache.keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        }
     }
 
     fn node(&self, ino: INodeNo) -> FsResult<Arc<Node>> {
@@ -120,6 +163,7 @@ impl KmsFs {
 
     fn setattr_inner(&self, ino: INodeNo, change: AttrChange, fh: Option<FileHandle>) -> FsResult<fuser::FileAttr> {
         let AttrChange {
+            kill_suidgid,
             mode,
             uid,
             gid,
@@ -135,12 +179,17 @@ impl KmsFs {
                 FileType::RegularFile => {}
                 _ => return Err(Errno::EINVAL),
             }
-            match fh.map(|fh| self.open_file(fh)) {
-                Some(Ok(open)) => self.truncate(&node, &open.file, size)?,
-                _ => {
-                    let file = self.reopen(&node, libc::O_RDWR)?;
-                    self.truncate(&node, &file, size)?;
+            let reopened;
+            let file = match fh.map(|fh| self.open_file(fh)) {
+                Some(Ok(open)) => {
+                    reopened = open;
+                    &reopened.file
                 }
+                _ => &self.reopen(&node, libc::O_RDWR)?,
+            };
+            self.truncate(&node, file, size)?;
+            if kill_suidgid && mode.is_none() {
+                self.kill_suidgid(file)?;
             }
         }
         if let Some(mode) = mode {
@@ -219,9 +268,28 @@ impl fuser::Filesystem for KmsFs {
         if let Err(limit) = config.set_max_write(MAX_WRITE) {
             let _ = config.set_max_write(limit);
         }
-        let wanted = InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO;
-        if config.add_capabilities(wanted).is_err() {
-            log::info!("kernel does not offer readdirplus; using readdir");
+        // Room for the writeback cache's and readahead's requests in flight.
+        let _ = config.set_max_background(64);
+        let mut wanted = vec![
+            (
+                InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
+                "readdirplus",
+            ),
+            (InitFlags::FUSE_PARALLEL_DIROPS, "parallel directory operations"),
+            (InitFlags::FUSE_HANDLE_KILLPRIV_V2, "clearing set-ID bits in the daemon"),
+        ];
+        if self.cache.writeback {
+            wanted.push((InitFlags::FUSE_WRITEBACK_CACHE, "the writeback cache"));
+        }
+        for (flags, what) in wanted {
+            match config.add_capabilities(flags) {
+                Ok(()) => log::debug!("kernel: using {what}"),
+                Err(_) => log::info!("kernel does not offer {what}; going without"),
+            }
+            if flags == InitFlags::FUSE_HANDLE_KILLPRIV_V2 {
+                self.kill_suidgid
+                    .store(config.capabilities().contains(flags), Ordering::Relaxed);
+            }
         }
         Ok(())
     }
@@ -255,7 +323,7 @@ impl fuser::Filesystem for KmsFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -274,6 +342,10 @@ impl fuser::Filesystem for KmsFs {
         match self.setattr_inner(
             ino,
             AttrChange {
+                // The kernel leaves this to us (FUSE_HANDLE_KILLPRIV_V2);
+                // fuser does not pass FATTR_KILL_SUIDGID, so root stands for
+                // CAP_FSETID.
+                kill_suidgid: size.is_some() && req.uid() != 0 && self.kill_suidgid.load(Ordering::Relaxed),
                 mode,
                 uid,
                 gid,
@@ -368,7 +440,7 @@ impl fuser::Filesystem for KmsFs {
             Ok(self.add_handle(Handle::File(Arc::new(OpenFile { node, file }))))
         });
         match result {
-            Ok(fh) => reply.opened(fh, FopenFlags::empty()),
+            Ok(fh) => reply.opened(fh, self.fopen_flags()),
             Err(e) => reply.error(e),
         }
     }
@@ -397,19 +469,29 @@ impl fuser::Filesystem for KmsFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.open_file(fh).and_then(|f| self.write(&f, offset, data)) {
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        let result = self.open_file(fh).and_then(|f| {
+            self.write(&f, offset, data)?;
+            if kill { self.kill_suidgid(&f.file) } else { Ok(()) }
+        });
+        match result {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(e),
         }
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+        // Nothing to do at close (no locks, keys are committed on fsync and
+        // in the background); ENOSYS makes the kernel stop sending FLUSH,
+        // saving a round trip per close. With the writeback cache the
+        // kernel still writes a closing file's dirty pages first, and
+        // reports their errors from close().
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -583,12 +665,20 @@ impl fuser::Filesystem for KmsFs {
             Ok((attr, fh))
         });
         match result {
-            Ok((attr, fh)) => reply.created(&self.ttl, &attr, GENERATION, fh, FopenFlags::empty()),
+            Ok((attr, fh)) => reply.created(&self.ttl, &attr, GENERATION, fh, self.fopen_flags()),
             Err(e) => reply.error(e),
         }
     }
 
     fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        if self.cache.writeback {
+            // Dirty pages the kernel has not written back yet are invisible
+            // here, so a hole found in the backing file may hold new data.
+            // ENOSYS makes the kernel answer by itself: SEEK_DATA is the
+            // offset, SEEK_HOLE the end of the file (correct, if coarse).
+            reply.error(Errno::ENOSYS);
+            return;
+        }
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL);
         match offset.and_then(|off| self.open_file(fh).and_then(|f| self.seek_data_hole(&f, off, whence))) {
             Ok(pos) => reply.offset(pos as i64),

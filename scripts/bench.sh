@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# Side-by-side filesystem benchmark. One run mounts, on the same backing
+# filesystem: the raw directory, a plain FUSE passthrough (bindfs
+# --multithreaded), gocryptfs, securefs (lite format) and kmsfs, and runs every
+# workload on each, interleaved (round 1: workload 1 on A B C D E, workload 2
+# on A B C D E, ...; then round 2 ...). Prints medians, min-max and the ratios
+# kmsfs/gocryptfs and kmsfs/raw, and writes docs/bench.svg, docs/bench.md and
+# $WORK/results.json. Needs root (mounts, drop_caches).
+#
+#   scripts/bench.sh                  3 rounds, full size (about 20 minutes)
+#   ROUNDS=5 scripts/bench.sh         more rounds
+#   BENCH_SCALE=small scripts/bench.sh   a quick look: 1/8 of the sizes
+#   TARGETS="raw kmsfs" scripts/bench.sh only some targets
+#   BENCH_DIR=/mnt/disk/x scripts/bench.sh  where the backing dirs live
+#                                     (default /var/tmp/kmsfs-bench)
+#   KMSFS_MOUNT_OPTS="-o foo" scripts/bench.sh  extra kmsfs mount options
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+ROUNDS=${ROUNDS:-3}
+TARGETS=(${TARGETS:-raw bindfs gocryptfs securefs kmsfs})
+WORK=${BENCH_DIR:-/var/tmp/kmsfs-bench}
+SCALE=${BENCH_SCALE:-full}
+OUT_SVG=${BENCH_SVG:-$ROOT/docs/bench.svg}
+OUT_MD=${BENCH_MD:-$ROOT/docs/bench.md}
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "bench.sh: run as root (it mounts filesystems and drops caches)" >&2
+    exit 2
+fi
+
+need=()
+command -v gocryptfs >/dev/null || need+=(gocryptfs)
+command -v securefs >/dev/null || need+=(securefs)
+command -v bindfs >/dev/null || need+=(bindfs)
+command -v fio >/dev/null || need+=(fio)
+command -v bc >/dev/null || need+=(bc)
+command -v fusermount3 >/dev/null || need+=(fuse3)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "== installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+cargo build --release --quiet
+KMSFS=$ROOT/target/release/kmsfs
+
+case $SCALE in
+    full) FILES=20000 DIRS=1000 SEQ=1G RAND=256M RANDIO=32M META=10000 DD_COUNT=2000 ;;
+    small) FILES=2500 DIRS=125 SEQ=128M RAND=64M RANDIO=4M META=1250 DD_COUNT=250 ;;
+    *) echo "BENCH_SCALE must be full or small" >&2; exit 2 ;;
+esac
+
+if [ -e "$WORK" ]; then
+    if awk -v w="$WORK/" 'index($5, w) == 1 {found=1} END {exit !found}' /proc/self/mountinfo; then
+        echo "bench.sh: something is still mounted under $WORK; unmount it first" >&2
+        exit 2
+    fi
+    rm -rf "$WORK"
+fi
+mkdir -p "$WORK"
+export KMSFS_KEYSTORE=$WORK/kmsfs-keystore.json KMSFS_PASSPHRASE=bench
+
+mounted=()
+cleanup() {
+    for m in "${mounted[@]}"; do
+        if [[ $m == */kmsfs ]]; then
+            "$KMSFS" umount "$m" 2>/dev/null || umount "$m" 2>/dev/null || true
+        else
+            umount "$m" 2>/dev/null || true
+        fi
+    done
+}
+trap cleanup EXIT
+
+wait_mounted() {
+    for _ in $(seq 200); do
+        awk -v m="$1" '$5 == m {found=1} END {exit !found}' /proc/self/mountinfo && return 0
+        sleep 0.05
+    done
+    echo "bench.sh: $1 did not mount" >&2
+    exit 1
+}
+
+# Every target gets a backing directory $WORK/back-NAME and is used at $WORK/NAME.
+setup_target() {
+    local t=$1 back=$WORK/back-$1 mnt=$WORK/$1
+    mkdir -p "$back" "$mnt"
+    case $t in
+        raw) rmdir "$mnt"; ln -s "$back" "$mnt"; return ;;
+        bindfs) bindfs --multithreaded "$back" "$mnt" ;;
+        gocryptfs)
+            gocryptfs -init -q -extpass "echo bench" "$back" >/dev/null
+            gocryptfs -q -extpass "echo bench" "$back" "$mnt" ;;
+        securefs)
+            securefs create --format 4 --pass bench --pbkdf pkcs5-pbkdf2-hmac-sha256 -r 1000 "$back" >/dev/null
+            securefs mount -b --pass bench "$back" "$mnt" >/dev/null 2>&1 ;;
+        kmsfs)
+            rmdir "$back"
+            "$KMSFS" init "$back" --kdf-memory-mib 8 --kdf-iterations 1 >/dev/null
+            # shellcheck disable=SC2086
+            "$KMSFS" mount "$back" "$mnt" ${KMSFS_MOUNT_OPTS:-} ;;
+        *) echo "unknown target $t" >&2; exit 2 ;;
+    esac
+    mounted+=("$mnt")
+    wait_mounted "$mnt"
+}
+
+echo "== generating a tarball of $FILES small files (0-16 KiB) in $DIRS directories (seed 1)"
+python3 - "$WORK/tree.tar" "$FILES" "$DIRS" <<'PY'
+import io, random, sys, tarfile
+rng = random.Random(1)
+files, dirs = int(sys.argv[2]), int(sys.argv[3])
+with tarfile.open(sys.argv[1], "w") as tar:
+    for d in range(dirs):
+        info = tarfile.TarInfo(f"tree/d{d // 32}/d{d}")
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(info)
+    for i in range(files):
+        data = rng.randbytes(rng.randrange(0, 16385))
+        info = tarfile.TarInfo(f"tree/d{(i % dirs) // 32}/d{i % dirs}/f{i}")
+        info.size, info.mode = len(data), 0o644
+        tar.addfile(info, io.BytesIO(data))
+PY
+
+for t in "${TARGETS[@]}"; do setup_target "$t"; done
+KMSFS_PID=
+if [[ " ${TARGETS[*]} " == *" kmsfs "* ]]; then
+    KMSFS_PID=$("$KMSFS" status --json "$WORK/back-kmsfs" | python3 -c 'import json,sys; print(json.load(sys.stdin)["daemon_pid"])')
+fi
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+now() { date +%s.%N; }
+# fio's own start-up takes about 0.3 s, so a fio workload's time is the
+# runtime fio reports (which includes its end_fsync), not the wall clock.
+fio_timed() {
+    fio --output-format=json --output="$WORK/fio.json" --ioengine=psync --group_reporting --fallocate=none "$@"
+    python3 -c '
+import json, sys
+job = json.load(open(sys.argv[1]))["jobs"][0]
+print(max(job["read"]["runtime"], job["write"]["runtime"]) / 1000)' "$WORK/fio.json" > "$WORK/measured"
+}
+FIO=(fio --output-format=terse --ioengine=psync --group_reporting --fallocate=none)
+
+# Each workload: `prepare_W DIR` (untimed, optional) then `run_W DIR` (timed).
+run_dd_write() { dd if=/dev/zero of="$1/dd.bin" bs=128k count="$DD_COUNT" conv=fsync status=none; }
+prepare_dd_read_cold() { drop_caches; }
+run_dd_read_cold() { dd if="$1/dd.bin" of=/dev/null bs=128k status=none; rm -f "$1/dd.bin"; }
+run_untar() { tar -xf "$WORK/tree.tar" -C "$1"; }
+prepare_ls_lR() { drop_caches; }
+run_ls_lR() { ls -lR "$1/tree" >/dev/null; }
+prepare_read_all() { drop_caches; }
+run_read_all() { find "$1/tree" -type f -print0 | xargs -0 cat >/dev/null; }
+run_rm_rf() { rm -rf "$1/tree"; }
+run_fio_seq_write() { fio_timed --name=seqw --filename="$1/seq.bin" --rw=write --bs=1M --size="$SEQ" --end_fsync=1 >/dev/null; }
+prepare_fio_seq_read() { drop_caches; }
+run_fio_seq_read() { fio_timed --name=seqr --filename="$1/seq.bin" --rw=read --bs=1M --size="$SEQ" >/dev/null; rm -f "$1/seq.bin"; }
+prepare_fio_rand_read_qd1() {
+    "${FIO[@]}" --name=layout --filename="$1/rand.bin" --rw=write --bs=1M --size="$RAND" --end_fsync=1 >/dev/null
+    drop_caches
+}
+run_fio_rand_read_qd1() { fio_timed --name=rr1 --filename="$1/rand.bin" --rw=randread --bs=4k --size="$RAND" --io_size="$RANDIO" --randseed=1 >/dev/null; }
+prepare_fio_rand_read_4jobs() { drop_caches; }
+run_fio_rand_read_4jobs() { fio_timed --name=rr4 --filename="$1/rand.bin" --rw=randread --bs=4k --size="$RAND" --io_size="$RANDIO" --numjobs=4 --randseed=2 >/dev/null; }
+run_fio_rand_write_qd1() { fio_timed --name=rw1 --filename="$1/rand.bin" --rw=randwrite --bs=4k --size="$RAND" --io_size="$RANDIO" --end_fsync=1 --randseed=3 >/dev/null; }
+run_fio_rand_write_4jobs() {
+    fio_timed --name=rw4 --filename="$1/rand.bin" --rw=randwrite --bs=4k --size="$RAND" --io_size="$RANDIO" --numjobs=4 --end_fsync=1 --randseed=4 >/dev/null
+    rm -f "$1/rand.bin"
+}
+META_PY='
+import os, sys
+d, n, op = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if op == "create":
+    os.mkdir(d)
+    for i in range(n):
+        os.close(os.open(f"{d}/e{i}", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))
+elif op == "stat":
+    for i in range(n):
+        os.stat(f"{d}/e{i}")
+else:
+    for i in range(n):
+        os.unlink(f"{d}/e{i}")
+    os.rmdir(d)
+'
+run_meta_create() { python3 -c "$META_PY" "$1/meta" "$META" create; }
+prepare_meta_stat() { drop_caches; }
+run_meta_stat() { python3 -c "$META_PY" "$1/meta" "$META" stat; }
+run_meta_unlink() { python3 -c "$META_PY" "$1/meta" "$META" unlink; }
+
+WORKLOADS=(dd_write dd_read_cold untar ls_lR read_all rm_rf
+    fio_seq_write fio_seq_read fio_rand_read_qd1 fio_rand_read_4jobs fio_rand_write_qd1 fio_rand_write_4jobs
+    meta_create meta_stat meta_unlink)
+
+RESULTS=$WORK/results.tsv
+printf "round\tworkload\ttarget\tseconds\n" > "$RESULTS"
+for round in $(seq "$ROUNDS"); do
+    for w in "${WORKLOADS[@]}"; do
+        line="round $round  $w:"
+        for t in "${TARGETS[@]}"; do
+            dir=$WORK/$t
+            if declare -F "prepare_$w" >/dev/null; then "prepare_$w" "$dir"; fi
+            rm -f "$WORK/measured"
+            s=$(now)
+            "run_$w" "$dir"
+            e=$(now)
+            secs=$(echo "$e - $s" | bc)
+            if [ -s "$WORK/measured" ]; then secs=$(cat "$WORK/measured"); fi
+            printf "%s\t%s\t%s\t%s\n" "$round" "$w" "$t" "$secs" >> "$RESULTS"
+            line+=" $t $(printf %.2f "$secs")"
+        done
+        echo "$line"
+    done
+done
+
+RSS_KB=
+if [ -n "$KMSFS_PID" ] && [ -r "/proc/$KMSFS_PID/status" ]; then
+    RSS_KB=$(awk '/^VmHWM/ {print $2}' "/proc/$KMSFS_PID/status")
+fi
+versions="kmsfs $("$KMSFS" --version | awk '{print $2}'), gocryptfs $(gocryptfs -version | awk '{print $2}' | tr -d ';'), securefs $(dpkg-query -W -f='${Version}' securefs), bindfs $(bindfs --version | awk '{print $2}'), $(fio --version)"
+machine="$(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r), backing fs $(stat -f -c %T "$WORK")"
+python3 "$ROOT/scripts/bench_report.py" "$RESULTS" "$OUT_MD" "$OUT_SVG" "$WORK/results.json" \
+    --machine "$machine" --versions "$versions" --scale "$SCALE" --rounds "$ROUNDS" \
+    --rss-kb "${RSS_KB:-0}" --command "$(basename "$0") ${BENCH_ARGS_NOTE:-}"

@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Summarises scripts/bench.sh results: medians, min-max, ratios to raw and
+to gocryptfs, the issue's targets met or not; writes a Markdown table, an SVG
+chart and a JSON file."""
+import argparse
+import json
+import math
+import statistics
+from collections import defaultdict
+
+SMALL_FILE = {"untar", "ls_lR", "read_all", "rm_rf", "meta_create", "meta_stat", "meta_unlink"}
+SEQ_WRITE = {"dd_write", "fio_seq_write"}
+SEQ_READ = {"dd_read_cold", "fio_seq_read"}
+COLORS = {
+    "raw": "#9e9e9e",
+    "bindfs": "#8d6e63",
+    "gocryptfs": "#ef6c00",
+    "securefs": "#7b1fa2",
+    "kmsfs": "#1565c0",
+}
+
+
+def load(path):
+    times = defaultdict(list)
+    workloads, targets = [], []
+    with open(path) as f:
+        next(f)
+        for line in f:
+            _, w, t, s = line.rstrip("\n").split("\t")
+            times[w, t].append(float(s))
+            if w not in workloads:
+                workloads.append(w)
+            if t not in targets:
+                targets.append(t)
+    return times, workloads, targets
+
+
+def ratio(times, w, a, b):
+    if (w, a) not in times or (w, b) not in times:
+        return None
+    den = statistics.median(times[w, b])
+    return statistics.median(times[w, a]) / den if den > 0 else None
+
+
+def goals(times, workloads, rss_mb):
+    """The issue's targets, each as (description, value, limit, met)."""
+    out = []
+    for w in workloads:
+        r = ratio(times, w, "kmsfs", "gocryptfs")
+        if r is not None:
+            limit = 0.5 if w in SMALL_FILE else 0.6
+            out.append((f"{w}: kmsfs/gocryptfs", r, limit, r <= limit))
+        r = ratio(times, w, "kmsfs", "raw")
+        if r is not None and (w in SEQ_WRITE or w in SEQ_READ):
+            limit = 1.3 if w in SEQ_WRITE else 1.6
+            out.append((f"{w}: kmsfs/raw", r, limit, r <= limit))
+    if rss_mb:
+        out.append(("kmsfs daemon peak RSS (MB)", rss_mb, 200, rss_mb < 200))
+    return out
+
+
+def markdown(times, workloads, targets, args, rss_mb):
+    head = ["workload"] + [f"{t} s" for t in targets]
+    if "raw" in targets and "kmsfs" in targets:
+        head.append("kmsfs/raw")
+    if "gocryptfs" in targets and "kmsfs" in targets:
+        head.append("kmsfs/gocryptfs")
+    lines = [
+        f"Median of {args.rounds} interleaved rounds (min-max), seconds; lower is better. "
+        f"Scale: {args.scale}.",
+        "",
+        f"Machine: {args.machine}.  ",
+        f"Versions: {args.versions}.  ",
+        f"Command: `{args.command.strip()}`",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for w in workloads:
+        row = [w]
+        for t in targets:
+            v = times.get((w, t))
+            row.append(f"{statistics.median(v):.3f} ({min(v):.2f}-{max(v):.2f})" if v else "-")
+        for other in ("raw", "gocryptfs"):
+            if other in targets and "kmsfs" in targets:
+                r = ratio(times, w, "kmsfs", other)
+                row.append(f"{r:.2f}" if r is not None else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    g = goals(times, workloads, rss_mb)
+    if g:
+        lines += ["", "Targets (issue 6):", "", "| target | measured | limit | met |", "|---|---|---|---|"]
+        for desc, v, limit, met in g:
+            lines.append(f"| {desc} | {v:.2f} | {limit} | {'yes' if met else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def svg(times, workloads, targets, args):
+    """Grouped horizontal bars: each target's median time relative to raw (log scale)."""
+    base = "raw" if "raw" in targets else targets[0]
+    shown = [t for t in targets if t != base]
+    bar_h, group_gap, left, width = 9, 10, 150, 820
+    plot_w = width - left - 90
+    vals = [ratio(times, w, t, base) for w in workloads for t in shown]
+    hi = max([v for v in vals if v] + [2.0])
+    lo = min([v for v in vals if v] + [0.5])
+    lmin, lmax = math.floor(math.log10(lo) * 2) / 2, math.ceil(math.log10(hi) * 2) / 2
+
+    def x(v):
+        return left + plot_w * (math.log10(v) - lmin) / (lmax - lmin)
+
+    group_h = bar_h * len(shown) + group_gap
+    height = 95 + group_h * len(workloads) + 30
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="11">',
+        '<rect width="100%" height="100%" fill="white"/>',
+        f'<text x="10" y="18" font-size="14">Time relative to the raw directory ({base} = 1, log scale, '
+        f"lower is better; median of {args.rounds} rounds)</text>",
+        f'<text x="10" y="34" fill="#444">{esc(args.machine)}</text>',
+        f'<text x="10" y="48" fill="#444">{esc(args.versions)}</text>',
+        f'<text x="10" y="62" fill="#444">scripts/bench.sh, scale {args.scale}</text>',
+    ]
+    for i, t in enumerate(shown):
+        lx = left + i * 110
+        out.append(f'<rect x="{lx}" y="70" width="10" height="10" fill="{COLORS.get(t, "#333")}"/>')
+        out.append(f'<text x="{lx + 14}" y="79">{t}</text>')
+    top = 92
+    tick = lmin
+    while tick <= lmax + 1e-9:
+        v = 10**tick
+        out.append(
+            f'<line x1="{x(v):.1f}" y1="{top}" x2="{x(v):.1f}" y2="{height - 25}" '
+            f'stroke="{"#000" if abs(v - 1) < 1e-9 else "#ddd"}"/>'
+        )
+        out.append(f'<text x="{x(v) - 8:.1f}" y="{height - 10}" fill="#444">{v:g}x</text>')
+        tick += 0.5
+    for gi, w in enumerate(workloads):
+        y0 = top + gi * group_h
+        out.append(f'<text x="10" y="{y0 + group_h / 2:.0f}">{w}</text>')
+        for ti, t in enumerate(shown):
+            r = ratio(times, w, t, base)
+            if r is None:
+                continue
+            y = y0 + ti * bar_h
+            x0, x1 = x(10**lmin), x(max(r, 10**lmin))
+            out.append(
+                f'<rect x="{x0:.1f}" y="{y}" width="{max(x1 - x0, 1):.1f}" height="{bar_h - 1}" '
+                f'fill="{COLORS.get(t, "#333")}"/>'
+            )
+            out.append(f'<text x="{x1 + 3:.1f}" y="{y + bar_h - 1}" font-size="9">{r:.2f}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def esc(s):
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("results")
+    p.add_argument("markdown")
+    p.add_argument("svg")
+    p.add_argument("json")
+    p.add_argument("--machine", default="")
+    p.add_argument("--versions", default="")
+    p.add_argument("--scale", default="full")
+    p.add_argument("--rounds", default="3")
+    p.add_argument("--rss-kb", type=int, default=0)
+    p.add_argument("--command", default="scripts/bench.sh")
+    args = p.parse_args()
+    times, workloads, targets = load(args.results)
+    rss_mb = args.rss_kb / 1024 if args.rss_kb else None
+    md = markdown(times, workloads, targets, args, rss_mb)
+    if rss_mb:
+        md += f"\nkmsfs daemon peak RSS over the whole run (VmHWM): {rss_mb:.1f} MB\n"
+    print(md)
+    open(args.markdown, "w").write(md)
+    open(args.svg, "w").write(svg(times, workloads, targets, args))
+    summary = {
+        "machine": args.machine,
+        "versions": args.versions,
+        "scale": args.scale,
+        "rounds": int(args.rounds),
+        "kmsfs_peak_rss_mb": rss_mb,
+        "times": {f"{w}/{t}": v for (w, t), v in times.items()},
+        "goals": [
+            {"goal": d, "value": v, "limit": limit, "met": met} for d, v, limit, met in goals(times, workloads, rss_mb)
+        ],
+    }
+    json.dump(summary, open(args.json, "w"), indent=1)
+    print(f"wrote {args.markdown}, {args.svg}, {args.json}")
+
+
+if __name__ == "__main__":
+    main()
