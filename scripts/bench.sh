@@ -63,6 +63,7 @@ export KMSFS_KEYSTORE=$WORK/kmsfs-keystore.json KMSFS_PASSPHRASE=bench
 
 mounted=()
 cleanup() {
+    rm -f /dev/shm/kmsfs-bench-tree.tar
     for m in "${mounted[@]}"; do
         if [[ $m == */kmsfs ]]; then
             "$KMSFS" umount "$m" 2>/dev/null || umount "$m" 2>/dev/null || true
@@ -106,8 +107,11 @@ setup_target() {
     wait_mounted "$mnt"
 }
 
+# The tarball lives in /dev/shm: the source must not be what is measured
+# (this VM's page cache does not reliably keep a file that size).
+TREE_TAR=/dev/shm/kmsfs-bench-tree.tar
 echo "== generating a tarball of $FILES small files (0-16 KiB) in $DIRS directories (seed 1)"
-python3 - "$WORK/tree.tar" "$FILES" "$DIRS" <<'PY'
+python3 - "$TREE_TAR" "$FILES" "$DIRS" <<'PY'
 import io, random, sys, tarfile
 rng = random.Random(1)
 files, dirs = int(sys.argv[2]), int(sys.argv[3])
@@ -146,7 +150,7 @@ FIO=(fio --output-format=terse --ioengine=psync --group_reporting --fallocate=no
 run_dd_write() { dd if=/dev/zero of="$1/dd.bin" bs=128k count="$DD_COUNT" conv=fsync status=none; }
 prepare_dd_read_cold() { drop_caches; }
 run_dd_read_cold() { dd if="$1/dd.bin" of=/dev/null bs=128k status=none; rm -f "$1/dd.bin"; }
-run_untar() { tar -xf "$WORK/tree.tar" -C "$1"; }
+run_untar() { tar -xf "$TREE_TAR" -C "$1"; }
 prepare_ls_lR() { drop_caches; }
 run_ls_lR() { ls -lR "$1/tree" >/dev/null; }
 prepare_read_all() { drop_caches; }
@@ -200,6 +204,7 @@ for round in $(seq "$ROUNDS"); do
             dir=$WORK/$t
             if declare -F "prepare_$w" >/dev/null; then "prepare_$w" "$dir"; fi
             rm -f "$WORK/measured"
+            sync # no target pays for the previous one's writeback
             s=$(now)
             "run_$w" "$dir"
             e=$(now)

@@ -27,8 +27,10 @@ pub struct MountArgs {
     foreground: bool,
     /// Mount options, comma-separated: ro, allow_other, fsname=NAME, threads=N, noexec, nosuid, nodev, noatime,
     /// sync, dirsync; caching: attr_timeout=SECS (entries and attributes, default 1), writeback_cache /
-    /// no_writeback_cache (default on), keep_cache / no_keep_cache (default on); and keystore=PATH,
-    /// passphrase_file=PATH, key_file=PATH (for fstab)
+    /// no_writeback_cache (default on), keep_cache / no_keep_cache (default on); kernel limits (root only):
+    /// bdi_max_ratio=PCT (default 20), bdi_strict_limit=0|1 (default 0), read_ahead_kb=KB (default 1024),
+    /// bdi_defaults (leave all three to the kernel); and keystore=PATH, passphrase_file=PATH, key_file=PATH
+    /// (for fstab)
     #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
     options: Vec<String>,
     /// Append the daemon's log to this file (level from RUST_LOG, default warn)
@@ -72,18 +74,17 @@ fn parse_options(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, 
             // Accepted for fstab compatibility; handled by mount(8) or meaningless here.
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" | "relatime" => {}
             o if o.starts_with("fsname=") => opts.fsname = Some(o["fsname=".len()..].to_string()),
-            o if o.starts_with("threads=") => {
-                opts.threads = o["threads=".len()..]
-                    .parse()
-                    .ok()
-                    .filter(|&n| (1..=64).contains(&n))
-                    .ok_or_else(|| {
-                        CliError::new(
-                            ExitCode::Usage,
-                            format!("bad mount option {o}: threads must be 1 to 64"),
-                        )
-                    })?;
+            o if o.starts_with("threads=") => opts.threads = number(o, 1, 64)? as usize,
+            "bdi_defaults" => {
+                opts.bdi = kmsfs::fs::bdi::BdiTuning {
+                    max_ratio: None,
+                    strict_limit: None,
+                    read_ahead_kb: None,
+                }
             }
+            o if o.starts_with("bdi_max_ratio=") => opts.bdi.max_ratio = Some(number(o, 1, 100)?),
+            o if o.starts_with("bdi_strict_limit=") => opts.bdi.strict_limit = Some(number(o, 0, 1)? == 1),
+            o if o.starts_with("read_ahead_kb=") => opts.bdi.read_ahead_kb = Some(number(o, 0, 65536)?),
             "writeback_cache" => opts.cache.writeback = true,
             "no_writeback_cache" => opts.cache.writeback = false,
             "keep_cache" => opts.cache.keep_cache = true,
@@ -108,6 +109,21 @@ fn parse_options(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, 
         }
     }
     Ok(opts)
+}
+
+/// The number after `name=` in a mount option, within `min..=max`.
+fn number(option: &str, min: u32, max: u32) -> Result<u32, CliError> {
+    let (name, value) = option.split_once('=').unwrap_or((option, ""));
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| {
+            CliError::new(
+                ExitCode::Usage,
+                format!("bad mount option {option}: {name} must be a number from {min} to {max}"),
+            )
+        })
 }
 
 fn absolute(path: &Path, what: &str) -> Result<PathBuf, CliError> {
@@ -242,6 +258,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
             mount_error(format!("cannot mount on {}: {e}", mountpoint.display())),
         )
     })?;
+    kmsfs::fs::bdi::tune(&mountpoint, &options.bdi);
     let mut unmounter = session.unmount_callable();
     let mut signals =
         signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]).map_err(|e| {

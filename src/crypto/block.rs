@@ -12,7 +12,8 @@ pub const BLOCK_OVERHEAD: usize = SEAL_OVERHEAD;
 pub const CIPHER_BLOCK_SIZE: usize = BLOCK_SIZE + BLOCK_OVERHEAD;
 pub const FILE_ID_LEN: usize = 16;
 
-/// Below this many blocks the cost of handing work to rayon exceeds the gain.
+/// Below this many blocks the cost of handing work to rayon exceeds the
+/// gain; it is also the smallest batch one rayon task gets.
 const PARALLEL_MIN_BLOCKS: usize = 8;
 
 pub type FileId = [u8; FILE_ID_LEN];
@@ -69,6 +70,7 @@ impl BlockCipher {
                 .par_chunks(BLOCK_SIZE)
                 .zip(out.par_chunks_mut(CIPHER_BLOCK_SIZE))
                 .enumerate()
+                .with_min_len(PARALLEL_MIN_BLOCKS)
                 .for_each(seal_one);
         } else {
             plaintext
@@ -126,6 +128,7 @@ impl BlockCipher {
                 .par_chunks(CIPHER_BLOCK_SIZE)
                 .zip(out.par_chunks_mut(BLOCK_SIZE))
                 .enumerate()
+                .with_min_len(PARALLEL_MIN_BLOCKS)
                 .map(open_one)
                 .collect::<Result<Vec<()>, u64>>()
                 .map(|_| ())

@@ -4,6 +4,7 @@
 #![allow(clippy::unnecessary_cast)]
 
 mod attr;
+pub mod bdi;
 mod dirs;
 mod files;
 mod handles;
@@ -99,6 +100,8 @@ pub struct MountOptions {
     pub fsname: Option<String>,
     pub threads: usize,
     pub cache: CacheOptions,
+    /// The kernel's writeback and readahead limits for this mount.
+    pub bdi: bdi::BdiTuning,
     /// Further kernel mount flags (`noexec`, `nosuid`, `noatime` …).
     pub kernel: Vec<MountOption>,
 }
@@ -267,6 +270,10 @@ impl fuser::Filesystem for KmsFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         if let Err(limit) = config.set_max_write(MAX_WRITE) {
             let _ = config.set_max_write(limit);
+        }
+        // The kernel caps this at what it offered; read_ahead_kb (bdi.rs) raises it after mounting.
+        if let Err(limit) = config.set_max_readahead(MAX_WRITE) {
+            let _ = config.set_max_readahead(limit);
         }
         // Room for the writeback cache's and readahead's requests in flight.
         let _ = config.set_max_background(64);
