@@ -101,3 +101,51 @@ fn foreground_daemon_unmounts_on_sigterm_and_status_reports() {
         "the key of the written file was committed before exit"
     );
 }
+
+/// The per-mount kernel limits are applied after mounting, and bad values
+/// are refused with a usage error naming the option.
+#[test]
+fn kernel_limits_are_set_and_bad_cache_options_refused() {
+    let vol = TestVolume::init();
+    let bdi_value = |name: &str| {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let device = info
+            .lines()
+            .find(|l| l.split(' ').nth(4) == vol.mnt.to_str())
+            .and_then(|l| l.split(' ').nth(2))
+            .expect("mounted")
+            .to_string();
+        std::fs::read_to_string(format!("/sys/class/bdi/{device}/{name}"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let m = vol.mount();
+    assert_eq!(bdi_value("read_ahead_kb"), "1024", "the default readahead");
+    m.unmount();
+    let m = vol.mount_with(&[
+        "-o",
+        "read_ahead_kb=2048,bdi_max_ratio=15,bdi_strict_limit=0,attr_timeout=0.5",
+    ]);
+    assert_eq!(bdi_value("read_ahead_kb"), "2048");
+    assert_eq!(bdi_value("max_ratio"), "15");
+    assert_eq!(bdi_value("strict_limit"), "0");
+    std::fs::write(vol.path("f"), b"data").unwrap();
+    m.unmount();
+
+    for bad in [
+        "read_ahead_kb=lots",
+        "bdi_max_ratio=0",
+        "attr_timeout=-1",
+        "bdi_strict_limit=2",
+    ] {
+        let out = vol.run(&["mount", path_str(&vol.backing), path_str(&vol.mnt), "-o", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad} is a usage error");
+        let name = bad.split('=').next().unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(name),
+            "the message names {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

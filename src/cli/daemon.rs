@@ -28,8 +28,8 @@ pub struct MountArgs {
     /// Mount options, comma-separated: ro, allow_other, fsname=NAME, threads=N, noexec, nosuid, nodev, noatime,
     /// sync, dirsync; caching: attr_timeout=SECS (entries and attributes, default 1), writeback_cache /
     /// no_writeback_cache (default on), keep_cache / no_keep_cache (default on); kernel limits (root only):
-    /// bdi_max_ratio=PCT (default 20), bdi_strict_limit=0|1 (default 0), read_ahead_kb=KB (default 1024),
-    /// bdi_defaults (leave all three to the kernel); and keystore=PATH, passphrase_file=PATH, key_file=PATH
+    /// bdi_max_ratio=PCT, bdi_strict_limit=0|1 (default: the kernel's, 1 and 1), read_ahead_kb=KB
+    /// (default 1024), bdi_defaults (leave all three to the kernel); and keystore=PATH, passphrase_file=PATH, key_file=PATH
     /// (for fstab)
     #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
     options: Vec<String>,
