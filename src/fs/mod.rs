@@ -63,8 +63,9 @@ pub struct KmsFs {
     ttl: Duration,
     cache: CacheOptions,
     /// The kernel leaves clearing set-user/group-ID bits on write and
-    /// truncate to us (FUSE_HANDLE_KILLPRIV_V2), so it skips a
-    /// `security.capability` lookup before every write.
+    /// truncate to us (FUSE_HANDLE_KILLPRIV_V2). Meant to spare a
+    /// `security.capability` lookup per write; the 6.18 kernel here still
+    /// sends it (see DESIGN.md), but the bits must be cleared either way.
     kill_suidgid: AtomicBool,
 }
 
