@@ -59,8 +59,6 @@ pub struct KmsFs {
     inodes: InodeTable,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
-    /// How long the kernel may cache entries and attributes.
-    ttl: Duration,
     cache: CacheOptions,
     /// The kernel leaves clearing set-user/group-ID bits on write and
     /// truncate to us (FUSE_HANDLE_KILLPRIV_V2). Meant to spare a
@@ -120,7 +118,6 @@ impl KmsFs {
             inodes: InodeTable::new(root, &st, fd_cache_capacity())?,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-            ttl: cache.ttl,
             cache,
             kill_suidgid: AtomicBool::new(false),
         })
@@ -222,8 +219,8 @@ impl KmsFs {
         while (index as usize) < entries.len() + 2 {
             let next = index + 1;
             let full = match index {
-                0 => reply.add(dir_attr.ino, next, ".", &self.ttl, &dir_attr, GENERATION),
-                1 => reply.add(dir_attr.ino, next, "..", &self.ttl, &dir_attr, GENERATION),
+                0 => reply.add(dir_attr.ino, next, ".", &self.cache.ttl, &dir_attr, GENERATION),
+                1 => reply.add(dir_attr.ino, next, "..", &self.cache.ttl, &dir_attr, GENERATION),
                 i => {
                     let entry = &entries[i as usize - 2];
                     let (node, attr) = match self.lookup(&dir, &entry.name) {
@@ -233,7 +230,7 @@ impl KmsFs {
                             continue;
                         }
                     };
-                    let full = reply.add(attr.ino, next, &entry.name, &self.ttl, &attr, GENERATION);
+                    let full = reply.add(attr.ino, next, &entry.name, &self.cache.ttl, &attr, GENERATION);
                     if full {
                         self.inodes.forget(node.ino, 1); // not sent: the kernel did not count it
                     }
@@ -309,7 +306,11 @@ impl fuser::Filesystem for KmsFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, &self.ttl, self.node(parent).and_then(|p| self.lookup(&p, name)));
+        reply_entry(
+            reply,
+            &self.cache.ttl,
+            self.node(parent).and_then(|p| self.lookup(&p, name)),
+        );
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -324,7 +325,7 @@ impl fuser::Filesystem for KmsFs {
                 .map(|st| attr::to_attr(open.node.ino, &st, None))
         });
         match via_handle.unwrap_or_else(|| self.node(ino).and_then(|n| self.stat_attr(&n))) {
-            Ok(attr) => reply.attr(&self.ttl, &attr),
+            Ok(attr) => reply.attr(&self.cache.ttl, &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -363,7 +364,7 @@ impl fuser::Filesystem for KmsFs {
             },
             fh,
         ) {
-            Ok(attr) => reply.attr(&self.ttl, &attr),
+            Ok(attr) => reply.attr(&self.cache.ttl, &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -389,14 +390,14 @@ impl fuser::Filesystem for KmsFs {
             .node(parent)
             .and_then(|p| self.make_node(&p, name, mode & !umask, owner(req), None))
             .map(|(node, attr, _)| (node, attr));
-        reply_entry(reply, &self.ttl, result);
+        reply_entry(reply, &self.cache.ttl, result);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let result = self
             .node(parent)
             .and_then(|p| self.make_dir(&p, name, mode & !umask, owner(req)));
-        reply_entry(reply, &self.ttl, result);
+        reply_entry(reply, &self.cache.ttl, result);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -411,7 +412,7 @@ impl fuser::Filesystem for KmsFs {
         let result = self
             .node(parent)
             .and_then(|p| self.make_symlink(&p, link_name, target.as_os_str().as_bytes(), owner(req)));
-        reply_entry(reply, &self.ttl, result);
+        reply_entry(reply, &self.cache.ttl, result);
     }
 
     fn rename(
@@ -437,7 +438,7 @@ impl fuser::Filesystem for KmsFs {
             let attr = self.make_link(&n, &np, newname)?;
             Ok((n, attr))
         });
-        reply_entry(reply, &self.ttl, result);
+        reply_entry(reply, &self.cache.ttl, result);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -673,7 +674,7 @@ impl fuser::Filesystem for KmsFs {
             Ok((attr, fh))
         });
         match result {
-            Ok((attr, fh)) => reply.created(&self.ttl, &attr, GENERATION, fh, self.fopen_flags()),
+            Ok((attr, fh)) => reply.created(&self.cache.ttl, &attr, GENERATION, fh, self.fopen_flags()),
             Err(e) => reply.error(e),
         }
     }

@@ -403,6 +403,20 @@ fn check_xattrs(volume: &Volume, path: &Path, owner: &[u8; 16]) -> Vec<String> {
 }
 
 /// Runs the check; `progress` gets (blocks checked, total blocks).
+/// The 16-byte ids a DB query returns; malformed ones are skipped (the DB's
+/// own triggers and `integrity_check` cover those).
+fn stored_ids(volume: &Volume, sql: &str) -> Result<Vec<[u8; 16]>, VolumeError> {
+    let ids: Vec<Vec<u8>> = volume.db().with_conn(|c| {
+        let mut stmt = c.prepare(sql)?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect()
+    })?;
+    Ok(ids
+        .iter()
+        .filter_map(|id| <[u8; 16]>::try_from(id.as_slice()).ok())
+        .collect())
+}
+
 pub fn fsck(
     volume: &Volume,
     opts: FsckOptions,
@@ -501,45 +515,17 @@ pub fn fsck(
         let d = report.db_integrity.clone();
         w.problem(&root, "db_integrity", &root.join(DB_FILE), None, d);
     }
-    let ids: Vec<Vec<u8>> = volume.db().with_conn(|c| {
-        let mut stmt = c.prepare("SELECT file_id FROM file_keys")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        rows.collect()
-    })?;
     let mut orphan_keys = Vec::new();
-    for id in ids {
-        let Ok(id) = <FileId>::try_from(id.as_slice()) else {
-            continue;
-        };
+    for id in stored_ids(volume, "SELECT file_id FROM file_keys")? {
         if !referenced.contains(&id) {
-            let i = w.problem(
-                &root,
-                "orphan_key",
-                &root.join(DB_FILE),
-                None,
-                format!("data key of file {} that no file uses", hex(&id)),
-            );
-            orphan_keys.push((id, i));
+            let detail = format!("data key of file {} that no file uses", hex(&id));
+            orphan_keys.push((id, w.problem(&root, "orphan_key", &root.join(DB_FILE), None, detail)));
         }
     }
-
-    let link_ids: Vec<Vec<u8>> = volume.db().with_conn(|c| {
-        let mut stmt = c.prepare("SELECT link_id FROM link_targets")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        rows.collect()
-    })?;
-    for id in link_ids {
-        let Ok(id) = <[u8; 16]>::try_from(id.as_slice()) else {
-            continue;
-        };
+    for id in stored_ids(volume, "SELECT link_id FROM link_targets")? {
         if !w.long_links.contains(&id) {
-            let i = w.problem(
-                &root,
-                "orphan_link_target",
-                &root.join(DB_FILE),
-                None,
-                format!("long symlink target {} that no symlink uses", hex(&id)),
-            );
+            let detail = format!("long symlink target {} that no symlink uses", hex(&id));
+            let i = w.problem(&root, "orphan_link_target", &root.join(DB_FILE), None, detail);
             w.orphan_links.push((id, i));
         }
     }
