@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -136,23 +136,14 @@ fn a_read_only_backing_filesystem_is_refused_clearly() {
     assert_eq!(fs::read(vol.path("kept")).unwrap(), b"kept");
 }
 
-#[test]
-fn running_out_of_descriptors_is_reported_not_a_crash() {
-    let vol = TestVolume::init();
-    // The daemon inherits a hard limit of 100 descriptors.
+/// Mounts with the daemon limited to 100 descriptors (it inherits the hard limit).
+fn mount_with_100_descriptors<'a>(vol: &'a TestVolume, options: &str) -> Guard<'a> {
     let cmd = format!(
-        "ulimit -n 100 && exec {} mount {} {}",
+        "ulimit -n 100 && exec {} mount {} {} {options}",
         common::kmsfs_bin(),
         path_str(&vol.backing),
         path_str(&vol.mnt)
     );
-    let out = vol
-        .command()
-        .env("PATH", std::env::var("PATH").unwrap())
-        .arg("--version")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
     let out = Command::new("sh")
         .arg("-c")
         .arg(&cmd)
@@ -161,10 +152,13 @@ fn running_out_of_descriptors_is_reported_not_a_crash() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let guard = Guard(&vol);
+    Guard(vol)
+}
+
+/// Creates and keeps open up to `count` files; returns them and the error that stopped it.
+fn open_many(vol: &TestVolume, count: usize) -> (Vec<fs::File>, Option<std::io::Error>) {
     let mut open = Vec::new();
-    let mut failure = None;
-    for i in 0..300 {
+    for i in 0..count {
         let p = vol.path(&format!("f{i}"));
         match fs::OpenOptions::new()
             .read(true)
@@ -174,12 +168,18 @@ fn running_out_of_descriptors_is_reported_not_a_crash() {
             .open(&p)
         {
             Ok(f) => open.push(f),
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
+            Err(e) => return (open, Some(e)),
         }
     }
+    (open, None)
+}
+
+#[test]
+fn running_out_of_descriptors_is_reported_not_a_crash() {
+    let vol = TestVolume::init();
+    // With OPEN requests each open file holds a daemon descriptor.
+    let guard = mount_with_100_descriptors(&vol, "-o open_requests");
+    let (open, failure) = open_many(&vol, 300);
     let e = failure.expect("the daemon ran out of descriptors");
     assert!(
         open.len() >= 40,
@@ -196,6 +196,43 @@ fn running_out_of_descriptors_is_reported_not_a_crash() {
     assert_eq!(fs::read(vol.path("after")).unwrap(), b"still alive");
     assert!(fs::read_dir(&vol.mnt).unwrap().count() >= 40);
     drop(guard);
+}
+
+#[test]
+fn without_open_requests_open_files_do_not_hold_daemon_descriptors() {
+    let vol = TestVolume::init();
+    // Running as root, the daemon has the kernel open files by itself and
+    // keeps a bounded cache of backing descriptors instead.
+    let guard = mount_with_100_descriptors(&vol, "");
+    let (mut open, failure) = open_many(&vol, 300);
+    assert!(failure.is_none(), "open failed: {failure:?}");
+    for (i, f) in open.iter_mut().enumerate() {
+        f.write_all(format!("file {i} ").repeat(1000).as_bytes()).unwrap();
+    }
+    for f in &open {
+        f.sync_all().unwrap();
+    }
+    for (i, f) in open.iter_mut().enumerate() {
+        let mut back = String::new();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.read_to_string(&mut back).unwrap();
+        assert_eq!(
+            back,
+            format!("file {i} ").repeat(1000),
+            "file {i} through its open descriptor"
+        );
+    }
+    drop(open);
+    for i in (0..300).step_by(37) {
+        assert_eq!(
+            fs::read_to_string(vol.path(&format!("f{i}"))).unwrap(),
+            format!("file {i} ").repeat(1000)
+        );
+    }
+    drop(guard);
+    // And after a remount, from the backing files.
+    let _m = vol.mount();
+    assert_eq!(fs::read_to_string(vol.path("f299")).unwrap(), "file 299 ".repeat(1000));
 }
 
 struct Guard<'a>(&'a TestVolume);

@@ -25,9 +25,11 @@ pub struct MountArgs {
     /// Stay in the foreground (logs go to stderr)
     #[arg(short = 'f', long)]
     foreground: bool,
-    /// Mount options, comma-separated: ro, allow_other, fsname=NAME, threads=N, noexec, nosuid, nodev, noatime,
+    /// Mount options, comma-separated: ro, allow_other (implies default_permissions), default_permissions
+    /// (the kernel checks permissions; off by default, when only the mounting user has access), fsname=NAME, threads=N, noexec, nosuid, nodev, noatime,
     /// sync, dirsync; caching: attr_timeout=SECS (entries and attributes, default 1), writeback_cache /
-    /// no_writeback_cache (default on), keep_cache / no_keep_cache (default on); kernel limits (root only):
+    /// no_writeback_cache (default on), keep_cache / no_keep_cache (default on), open_requests (have the kernel send
+    /// OPEN and RELEASE; by default it does not when the daemon runs as root or the kernel checks permissions); kernel limits (root only):
     /// bdi_max_ratio=PCT, bdi_strict_limit=0|1 (default: the kernel's, 1 and 1), read_ahead_kb=KB
     /// (default 1024), bdi_defaults (leave all three to the kernel); and keystore=PATH, passphrase_file=PATH, key_file=PATH
     /// (for fstab)
@@ -50,11 +52,13 @@ fn parse_options(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, 
         threads: 4,
         ..MountOptions::default()
     };
+    let mut force_open_requests = false;
     for opt in raw.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
         match opt {
             "ro" => opts.read_only = true,
             "rw" => opts.read_only = false,
             "allow_other" => opts.allow_other = true,
+            "default_permissions" => opts.default_permissions = true,
             "noexec" => opts.kernel.push(K::NoExec),
             "exec" => opts.kernel.push(K::Exec),
             "nosuid" => opts.kernel.push(K::NoSuid),
@@ -87,6 +91,7 @@ fn parse_options(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, 
             o if o.starts_with("read_ahead_kb=") => opts.bdi.read_ahead_kb = Some(number(o, 0, 65536)?),
             "writeback_cache" => opts.cache.writeback = true,
             "no_writeback_cache" => opts.cache.writeback = false,
+            "open_requests" => force_open_requests = true,
             "keep_cache" => opts.cache.keep_cache = true,
             "no_keep_cache" => opts.cache.keep_cache = false,
             o if o.starts_with("attr_timeout=") => {
@@ -108,6 +113,10 @@ fn parse_options(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, 
             }
         }
     }
+    // Without OPEN requests only the kernel checks a file's access mode:
+    // see CacheOptions::open_requests.
+    let kernel_or_root_checks = opts.allow_other || opts.default_permissions || rustix::process::geteuid().is_root();
+    opts.cache.open_requests = force_open_requests || !kernel_or_root_checks;
     Ok(opts)
 }
 

@@ -25,6 +25,15 @@ pub struct DirEntry {
     pub kind: FileType,
 }
 
+/// What becomes garbage when an inode loses its last name.
+#[derive(Default)]
+struct Orphans {
+    /// The file's id, whose key is then crypto-shredded.
+    file_id: Option<FileId>,
+    /// A symlink target kept in the DB (see `LONG_LINK_PREFIX`).
+    long_link_target: Option<Vec<u8>>,
+}
+
 fn read_all_at(fd: BorrowedFd<'_>, path: &str, max: usize) -> rustix::io::Result<Vec<u8>> {
     let file = rustix::fs::openat(
         fd,
@@ -309,61 +318,63 @@ impl KmsFs {
         self.stat_attr(node)
     }
 
-    /// Before a name is removed: if it is the inode's last name and the
-    /// kernel knows the inode, pin it so its number is not reused meanwhile.
-    fn pin_if_last_name(&self, parent: &Node, backing: &str) {
-        let Ok(pfd) = parent.fd() else { return };
-        let Ok(st) = rustix::fs::statat(pfd.as_fd(), backing, AtFlags::SYMLINK_NOFOLLOW) else {
-            return;
-        };
-        let is_dir = file_type(st.st_mode as u32) == FileType::Directory;
-        if st.st_nlink <= 1 || is_dir {
+    /// Called with the stat of a name about to be removed or replaced, read
+    /// once: pins the inode if this is its last name and the kernel knows it
+    /// (so its number is not reused meanwhile), and returns what becomes
+    /// garbage once the name is gone.
+    fn before_last_name_goes(&self, parent: &Node, backing: &str, st: &Stat) -> Orphans {
+        let kind = file_type(st.st_mode as u32);
+        let last = st.st_nlink <= 1 || kind == FileType::Directory;
+        if last {
             if let Some(node) = self.inodes.get(self.inodes.fuse_ino(st.st_ino as u64)) {
                 node.pin();
             }
         }
+        let mut orphans = Orphans::default();
+        if !last {
+            return orphans;
+        }
+        let Ok(pfd) = parent.fd() else { return orphans };
+        match kind {
+            // A file shorter than a header has none, and so no key.
+            FileType::RegularFile if st.st_size >= HEADER_LEN as i64 => {
+                orphans.file_id = read_all_at(pfd.as_fd(), backing, HEADER_LEN)
+                    .ok()
+                    .and_then(|head| header::decode(&head).ok());
+            }
+            FileType::Symlink => {
+                orphans.long_link_target = rustix::fs::readlinkat(pfd.as_fd(), backing, Vec::new())
+                    .ok()
+                    .map(|target| target.into_bytes())
+                    .filter(|stored| stored.starts_with(crate::volume::LONG_LINK_PREFIX.as_bytes()));
+            }
+            _ => {}
+        }
+        orphans
     }
 
-    /// The file id of a regular file about to lose its last name, if it has one.
-    fn last_link_file_id(&self, parent: &Node, backing: &str) -> Option<FileId> {
-        let pfd = parent.fd().ok()?;
-        let st = rustix::fs::statat(pfd.as_fd(), backing, AtFlags::SYMLINK_NOFOLLOW).ok()?;
-        if file_type(st.st_mode as u32) != FileType::RegularFile || st.st_nlink != 1 {
-            return None;
+    /// Crypto-shreds the key and erases the stored link target of an inode whose last name is gone.
+    fn discard(&self, orphans: Orphans) {
+        if let Some(id) = orphans.file_id {
+            self.volume.forget_file_key(&id);
         }
-        let head = read_all_at(pfd.as_fd(), backing, HEADER_LEN).ok()?;
-        header::decode(&head).ok()
+        if let Some(stored) = orphans.long_link_target {
+            self.volume.forget_link_target(&stored);
+        }
     }
 
     pub(super) fn remove_file(&self, parent: &Node, name: &OsStr) -> FsResult<()> {
         let backing = self.backing_name(parent, name)?;
-        let file_id = self.last_link_file_id(parent, backing.as_str());
-        let long_target = self.last_link_long_target(parent, backing.as_str());
-        self.pin_if_last_name(parent, backing.as_str());
-        rustix::fs::unlinkat(parent.fd()?.as_fd(), backing.as_str(), AtFlags::empty()).map_err(errno)?;
+        let pfd = parent.fd()?;
+        let st = rustix::fs::statat(pfd.as_fd(), backing.as_str(), AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        if file_type(st.st_mode as u32) == FileType::Directory {
+            return Err(Errno::EISDIR);
+        }
+        let orphans = self.before_last_name_goes(parent, backing.as_str(), &st);
+        rustix::fs::unlinkat(pfd.as_fd(), backing.as_str(), AtFlags::empty()).map_err(errno)?;
         self.remove_sidecar(parent, &backing);
-        if let Some(id) = file_id {
-            self.volume.forget_file_key(&id);
-        }
-        if let Some(stored) = long_target {
-            self.volume.forget_link_target(&stored);
-        }
+        self.discard(orphans);
         Ok(())
-    }
-
-    /// The stored target of a symlink about to lose its last name, if it is kept in the DB.
-    fn last_link_long_target(&self, parent: &Node, backing: &str) -> Option<Vec<u8>> {
-        let pfd = parent.fd().ok()?;
-        let st = rustix::fs::statat(pfd.as_fd(), backing, AtFlags::SYMLINK_NOFOLLOW).ok()?;
-        if file_type(st.st_mode as u32) != FileType::Symlink || st.st_nlink != 1 {
-            return None;
-        }
-        let stored = rustix::fs::readlinkat(pfd.as_fd(), backing, Vec::new())
-            .ok()?
-            .into_bytes();
-        stored
-            .starts_with(crate::volume::LONG_LINK_PREFIX.as_bytes())
-            .then_some(stored)
     }
 
     /// Removes the IV of an empty directory so the backing rmdir/rename can
@@ -419,7 +430,9 @@ impl KmsFs {
         let backing = self.backing_name(parent, name)?;
         let b = backing.as_str();
         let iv = self.strip_empty_dir(parent, b)?;
-        self.pin_if_last_name(parent, b);
+        if let Ok(st) = rustix::fs::statat(parent.fd()?.as_fd(), b, AtFlags::SYMLINK_NOFOLLOW) {
+            self.before_last_name_goes(parent, b, &st);
+        }
         if let Err(e) = rustix::fs::unlinkat(parent.fd()?.as_fd(), b, AtFlags::REMOVEDIR) {
             self.restore_dir_iv(parent, b, &iv);
             return Err(errno(e));
@@ -461,9 +474,6 @@ impl KmsFs {
                 return Err(Errno::EEXIST);
             }
         }
-        let shred = target
-            .as_ref()
-            .and_then(|_| self.last_link_file_id(new_parent, to.as_str()));
         let mut stripped_iv = None;
         if let Some(t) = &target {
             let target_is_dir = file_type(t.st_mode as u32) == FileType::Directory;
@@ -475,9 +485,10 @@ impl KmsFs {
                 (false, false) => {}
             }
         }
-        if target.is_some() {
-            self.pin_if_last_name(new_parent, to.as_str());
-        }
+        let orphans = match &target {
+            Some(t) => self.before_last_name_goes(new_parent, to.as_str(), t),
+            None => Orphans::default(),
+        };
         self.write_sidecar(new_parent, &to)?;
         if let Err(e) = rustix::fs::renameat_with(
             parent.fd()?.as_fd(),
@@ -495,9 +506,7 @@ impl KmsFs {
             return Err(errno(e));
         }
         self.remove_sidecar(parent, &from);
-        if let Some(id) = shred {
-            self.volume.forget_file_key(&id);
-        }
+        self.discard(orphans);
         Ok(())
     }
 

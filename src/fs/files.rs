@@ -69,16 +69,14 @@ impl KmsFs {
         };
         oflags |= OFlags::CLOEXEC
             | (OFlags::from_bits_retain(flags as u32) & (OFlags::SYNC | OFlags::DSYNC | OFlags::NOATIME));
-        // The node's descriptor must stay open while its /proc path is used.
-        let node_fd = node.fd()?;
-        let path = node_fd.proc_path();
-        let fd: OwnedFd = match rustix::fs::open(path.as_str(), oflags, Mode::empty()) {
-            Err(rustix::io::Errno::MFILE) => {
+        let fd: OwnedFd = match node.reopen(oflags) {
+            Err(e) if e.code() == libc::EMFILE => {
                 // Out of descriptors: give back the cached ones and try once more.
                 self.inodes.release_descriptors();
-                rustix::fs::open(path.as_str(), oflags, Mode::empty()).map_err(errno)?
+                self.node_files.clear();
+                node.reopen(oflags)?
             }
-            other => other.map_err(errno)?,
+            other => other?,
         };
         Ok(File::from(fd))
     }
@@ -89,12 +87,11 @@ impl KmsFs {
         if let Some(c) = cached.as_ref() {
             return Ok(Some(Arc::clone(c)));
         }
-        let len = file.metadata().map_err(|e| self.io_error(node, "stat", &e))?.len();
-        if len == 0 {
-            return Ok(None);
-        }
         let mut head = [0u8; HEADER_LEN];
         let got = rustix::io::pread(file, &mut head, 0).map_err(errno)?;
+        if got == 0 {
+            return Ok(None);
+        }
         let id = header::decode(&head[..got]).map_err(|e| {
             log::error!("file {}: damaged header ({e})", self.describe(node));
             Errno::EIO

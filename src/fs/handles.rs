@@ -5,12 +5,12 @@
 //! kernel remembers. Backing filesystems without file handles fall back to
 //! one pinned descriptor per node.
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use fuser::Errno;
+
+use super::bounded::BoundedCache;
 
 const HANDLE_HEADER: usize = 8;
 const MAX_HANDLE_BYTES: usize = 128;
@@ -62,26 +62,17 @@ pub fn handle_of(fd: BorrowedFd<'_>) -> Option<Box<[u8]>> {
     Some(buf.into_boxed_slice())
 }
 
-struct CacheEntry {
-    fd: Arc<OwnedFd>,
-    used: u64,
-}
-
 /// Opens nodes' descriptors from their handles, caching up to `capacity`.
 pub struct Opener {
     mount_fd: OwnedFd,
-    cache: Mutex<HashMap<u64, CacheEntry>>,
-    tick: AtomicU64,
-    capacity: usize,
+    cache: BoundedCache<Arc<OwnedFd>>,
 }
 
 impl Opener {
     pub fn new(mount_fd: OwnedFd, capacity: usize) -> Self {
         Opener {
             mount_fd,
-            cache: Mutex::new(HashMap::new()),
-            tick: AtomicU64::new(0),
-            capacity: capacity.max(16),
+            cache: BoundedCache::new(capacity),
         }
     }
 
@@ -90,18 +81,23 @@ impl Opener {
             Locator::Pinned(fd) => return Ok(NodeFd(Arc::clone(fd))),
             Locator::Handle(h) => h,
         };
-        let now = self.tick.fetch_add(1, Ordering::Relaxed);
-        if let Some(entry) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&ino) {
-            entry.used = now;
-            return Ok(NodeFd(Arc::clone(&entry.fd)));
+        if let Some(fd) = self.cache.get(ino) {
+            return Ok(NodeFd(fd));
         }
+        let fd = Arc::new(self.open_handle(handle, libc::O_PATH | libc::O_CLOEXEC)?);
+        self.remember(ino, &fd);
+        Ok(NodeFd(fd))
+    }
+
+    /// A new descriptor of the inode behind `handle`, opened with `flags`.
+    pub fn open_handle(&self, handle: &[u8], flags: libc::c_int) -> Result<OwnedFd, Errno> {
         let mut buf = handle.to_vec();
         // SAFETY: buf holds a file_handle exactly as name_to_handle_at wrote it.
         let raw = unsafe {
             libc::open_by_handle_at(
                 self.mount_fd.as_raw_fd(),
                 buf.as_mut_ptr().cast::<libc::file_handle>(),
-                libc::O_PATH | libc::O_CLOEXEC,
+                flags,
             )
         };
         if raw < 0 {
@@ -110,38 +106,20 @@ impl Opener {
             return Err(Errno::from_i32(if err == libc::ESTALE { libc::ENOENT } else { err }));
         }
         // SAFETY: raw is a descriptor we just opened and own.
-        let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
-        self.remember(ino, &fd);
-        Ok(NodeFd(fd))
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
 
     /// Caches a descriptor just opened by a lookup.
     pub fn remember(&self, ino: u64, fd: &Arc<OwnedFd>) {
-        let now = self.tick.fetch_add(1, Ordering::Relaxed);
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.insert(
-            ino,
-            CacheEntry {
-                fd: Arc::clone(fd),
-                used: now,
-            },
-        );
-        if cache.len() > self.capacity {
-            // Drop the least recently used half: amortised O(1) per insert.
-            let mut ticks: Vec<u64> = cache.values().map(|e| e.used).collect();
-            let mid = ticks.len() / 2;
-            let (_, median, _) = ticks.select_nth_unstable(mid);
-            let cutoff = *median;
-            cache.retain(|_, e| e.used > cutoff);
-        }
+        self.cache.insert(ino, Arc::clone(fd));
     }
 
     /// Closes every cached descriptor (when the process runs out of them).
     pub fn clear(&self) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.cache.clear();
     }
 
     pub fn forget(&self, ino: u64) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).remove(&ino);
+        self.cache.remove(ino);
     }
 }

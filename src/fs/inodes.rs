@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use fuser::FileType;
-use rustix::fs::Stat;
+use rustix::fs::{OFlags, Stat};
 
 use super::handles::{Locator, NodeFd, Opener, handle_of};
 use crate::crypto::BlockCipher;
@@ -42,6 +42,23 @@ impl Node {
             return Ok(fd.clone());
         }
         self.opener.open(self.ino, &self.locator)
+    }
+
+    /// A new descriptor of the backing inode opened with `flags` (which must
+    /// not create). From the file handle directly when there is one: a single
+    /// syscall, where reopening an `O_PATH` descriptor through /proc walks a
+    /// path. A pinned (unlinked) inode is reopened through its descriptor,
+    /// since a handle to an inode without names is not reliably reopened.
+    pub fn reopen(&self, flags: OFlags) -> Result<OwnedFd, fuser::Errno> {
+        let errno = |e: rustix::io::Errno| fuser::Errno::from_i32(e.raw_os_error());
+        match (&self.locator, self.pinned.get()) {
+            (Locator::Handle(handle), None) => self.opener.open_handle(handle, flags.bits() as libc::c_int),
+            _ => {
+                // The node's descriptor must stay open while its /proc path is used.
+                let node_fd = self.fd()?;
+                rustix::fs::open(node_fd.proc_path().as_str(), flags, rustix::fs::Mode::empty()).map_err(errno)
+            }
+        }
     }
 
     /// Holds the inode open until the kernel forgets the node.
@@ -156,9 +173,10 @@ impl InodeTable {
         node.lookups.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn forget(&self, ino: u64, count: u64) {
+    /// Counts down a node's lookups; true once the node is gone.
+    pub fn forget(&self, ino: u64, count: u64) -> bool {
         if ino == ROOT_INO {
-            return;
+            return false;
         }
         let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
         if let Some(node) = nodes.get(&ino) {
@@ -168,7 +186,9 @@ impl InodeTable {
             if before <= count {
                 nodes.remove(&ino);
                 self.opener.forget(ino);
+                return true;
             }
         }
+        false
     }
 }

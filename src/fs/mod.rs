@@ -5,10 +5,12 @@
 
 mod attr;
 pub mod bdi;
+mod bounded;
 mod dirs;
 mod files;
 mod handles;
 mod inodes;
+mod mount;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -20,10 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Config, Errno, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    SessionACL, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, Errno, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use rustix::fs::{Mode, OFlags};
 
@@ -33,9 +34,13 @@ use files::OpenFile;
 use inodes::{InodeTable, Node};
 
 use crate::volume::Volume;
+use bounded::BoundedCache;
+pub use mount::{CacheOptions, MountOptions, mount};
 
 const GENERATION: Generation = Generation(0);
 const MAX_WRITE: u32 = 1 << 20;
+/// The file handle of files opened without an OPEN request.
+const NO_OPEN_HANDLE: u64 = 0;
 
 /// The attributes a setattr request changes.
 struct AttrChange {
@@ -60,49 +65,14 @@ pub struct KmsFs {
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
     cache: CacheOptions,
+    /// Backing files of regular files the kernel opened without an OPEN
+    /// request (see `CacheOptions::open_requests`), one per inode.
+    node_files: BoundedCache<Arc<OpenFile>>,
     /// The kernel leaves clearing set-user/group-ID bits on write and
     /// truncate to us (FUSE_HANDLE_KILLPRIV_V2). Meant to spare a
     /// `security.capability` lookup per write; the 6.18 kernel here still
     /// sends it (see DESIGN.md), but the bits must be cleared either way.
     kill_suidgid: AtomicBool,
-}
-
-/// The kernel caches kmsfs asks for; every change goes through the daemon,
-/// so the kernel's view can only go stale if the backing directory is
-/// changed behind the mount's back (which is unsupported).
-#[derive(Debug, Clone, Copy)]
-pub struct CacheOptions {
-    /// Entry and attribute TTL (`attr_timeout=`).
-    pub ttl: Duration,
-    /// The kernel writeback cache: writes land in the page cache and reach
-    /// the daemon in large batches, at the latest on close or fsync.
-    pub writeback: bool,
-    /// Keep a file's page cache across opens (FOPEN_KEEP_CACHE).
-    pub keep_cache: bool,
-}
-
-impl Default for CacheOptions {
-    fn default() -> Self {
-        CacheOptions {
-            ttl: Duration::from_secs(1),
-            writeback: true,
-            keep_cache: true,
-        }
-    }
-}
-
-/// How to mount: the `-o` options a user gives.
-#[derive(Debug, Clone, Default)]
-pub struct MountOptions {
-    pub read_only: bool,
-    pub allow_other: bool,
-    pub fsname: Option<String>,
-    pub threads: usize,
-    pub cache: CacheOptions,
-    /// The kernel's writeback and readahead limits for this mount.
-    pub bdi: bdi::BdiTuning,
-    /// Further kernel mount flags (`noexec`, `nosuid`, `noatime` …).
-    pub kernel: Vec<MountOption>,
 }
 
 impl KmsFs {
@@ -115,7 +85,8 @@ impl KmsFs {
         let st = rustix::fs::fstat(&root)?;
         Ok(KmsFs {
             volume,
-            inodes: InodeTable::new(root, &st, fd_cache_capacity())?,
+            inodes: InodeTable::new(root, &st, mount::fd_cache_capacity())?,
+            node_files: BoundedCache::new(mount::fd_cache_capacity()),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             cache,
@@ -144,17 +115,48 @@ impl KmsFs {
         FileHandle(fh)
     }
 
-    fn open_file(&self, fh: FileHandle) -> FsResult<Arc<OpenFile>> {
+    /// The open file behind a request. Handle 0 is never given out: it comes
+    /// with files the kernel opened without asking (no OPEN requests).
+    fn open_file(&self, ino: INodeNo, fh: FileHandle) -> FsResult<Arc<OpenFile>> {
+        if fh.0 == NO_OPEN_HANDLE {
+            return self.node_file(ino);
+        }
         match self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0) {
             Some(Handle::File(f)) => Ok(Arc::clone(f)),
             _ => Err(Errno::EBADF),
         }
     }
 
+    /// The backing file of an inode opened without an OPEN request: read-write
+    /// when the backing file allows it, cached for the next requests.
+    fn node_file(&self, ino: INodeNo) -> FsResult<Arc<OpenFile>> {
+        let node = self.node(ino)?;
+        // An entry cached for an earlier node of this inode (forgotten and
+        // looked up again) would not share the current node's locks.
+        if let Some(open) = self.node_files.get(ino.0).filter(|open| Arc::ptr_eq(&open.node, &node)) {
+            return Ok(open);
+        }
+        let file = match self.reopen(&node, libc::O_RDWR) {
+            Err(e) if [libc::EACCES, libc::EROFS, libc::EPERM].contains(&e.code()) => {
+                self.reopen(&node, libc::O_RDONLY)?
+            }
+            other => other?,
+        };
+        let open = Arc::new(OpenFile { node, file });
+        self.node_files.insert(ino.0, Arc::clone(&open));
+        Ok(open)
+    }
+
     fn dir_listing(&self, fh: FileHandle) -> FsResult<Arc<Vec<DirEntry>>> {
         match self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0) {
             Some(Handle::Dir(d)) => Ok(Arc::clone(d)),
             _ => Err(Errno::EBADF),
+        }
+    }
+
+    fn forget_node(&self, ino: u64, count: u64) {
+        if self.inodes.forget(ino, count) {
+            self.node_files.remove(ino);
         }
     }
 
@@ -181,7 +183,7 @@ impl KmsFs {
                 _ => return Err(Errno::EINVAL),
             }
             let reopened;
-            let file = match fh.map(|fh| self.open_file(fh)) {
+            let file = match fh.map(|fh| self.open_file(ino, fh)) {
                 Some(Ok(open)) => {
                     reopened = open;
                     &reopened.file
@@ -232,7 +234,7 @@ impl KmsFs {
                     };
                     let full = reply.add(attr.ino, next, &entry.name, &self.cache.ttl, &attr, GENERATION);
                     if full {
-                        self.inodes.forget(node.ino, 1); // not sent: the kernel did not count it
+                        self.forget_node(node.ino, 1); // not sent: the kernel did not count it
                     }
                     full
                 }
@@ -314,12 +316,13 @@ impl fuser::Filesystem for KmsFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.inodes.forget(ino.0, nlookup);
+        self.forget_node(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         // fstat on an open file: its descriptor still works after an unlink or a rename over it.
-        let via_handle = fh.and_then(|fh| self.open_file(fh).ok()).map(|open| {
+        let handle = fh.filter(|fh| fh.0 != NO_OPEN_HANDLE);
+        let via_handle = handle.and_then(|fh| self.open_file(ino, fh).ok()).map(|open| {
             rustix::fs::fstat(&open.file)
                 .map_err(errno)
                 .map(|st| attr::to_attr(open.node.ino, &st, None))
@@ -442,6 +445,13 @@ impl fuser::Filesystem for KmsFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if !self.cache.open_requests {
+            // The kernel then opens files by itself (keeping their page
+            // cache) and sends no OPEN or RELEASE again: two round trips
+            // less per open. I/O comes with handle 0 (see `node_file`).
+            reply.error(Errno::ENOSYS);
+            return;
+        }
         let result = self.node(ino).and_then(|node| {
             let file = self.reopen(&node, flags.0)?;
             // Load the key now: reads and writes on an open file never touch the DB.
@@ -457,7 +467,7 @@ impl fuser::Filesystem for KmsFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -465,7 +475,10 @@ impl fuser::Filesystem for KmsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.open_file(fh).and_then(|f| self.read(&f, offset, size as usize)) {
+        match self
+            .open_file(ino, fh)
+            .and_then(|f| self.read(&f, offset, size as usize))
+        {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e),
         }
@@ -474,7 +487,7 @@ impl fuser::Filesystem for KmsFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -484,7 +497,7 @@ impl fuser::Filesystem for KmsFs {
         reply: ReplyWrite,
     ) {
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        let result = self.open_file(fh).and_then(|f| {
+        let result = self.open_file(ino, fh).and_then(|f| {
             self.write(&f, offset, data)?;
             if kill { self.kill_suidgid(&f.file) } else { Ok(()) }
         });
@@ -517,8 +530,11 @@ impl fuser::Filesystem for KmsFs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        reply_empty(reply, self.open_file(fh).and_then(|f| self.sync_file(&f, datasync)));
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        reply_empty(
+            reply,
+            self.open_file(ino, fh).and_then(|f| self.sync_file(&f, datasync)),
+        );
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -657,7 +673,9 @@ impl fuser::Filesystem for KmsFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let access = if flags & libc::O_ACCMODE == libc::O_RDONLY {
+        // Without OPEN requests the new file's descriptor serves every later
+        // open of it too, so it must allow writing.
+        let access = if flags & libc::O_ACCMODE == libc::O_RDONLY && self.cache.open_requests {
             libc::O_RDONLY
         } else {
             libc::O_RDWR
@@ -670,8 +688,14 @@ impl fuser::Filesystem for KmsFs {
                 Some(fd) => std::fs::File::from(fd),
                 None => self.reopen(&node, flags)?,
             };
-            let fh = self.add_handle(Handle::File(Arc::new(OpenFile { node, file })));
-            Ok((attr, fh))
+            let open = Arc::new(OpenFile { node, file });
+            if !self.cache.open_requests {
+                // The kernel sends no RELEASE for this handle once it has
+                // stopped sending OPEN: the file joins the per-inode ones.
+                self.node_files.insert(open.node.ino, open);
+                return Ok((attr, FileHandle(NO_OPEN_HANDLE)));
+            }
+            Ok((attr, self.add_handle(Handle::File(open))))
         });
         match result {
             Ok((attr, fh)) => reply.created(&self.cache.ttl, &attr, GENERATION, fh, self.fopen_flags()),
@@ -679,7 +703,7 @@ impl fuser::Filesystem for KmsFs {
         }
     }
 
-    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
         if self.cache.writeback {
             // Dirty pages the kernel has not written back yet are invisible
             // here, so a hole found in the backing file may hold new data.
@@ -689,7 +713,10 @@ impl fuser::Filesystem for KmsFs {
             return;
         }
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL);
-        match offset.and_then(|off| self.open_file(fh).and_then(|f| self.seek_data_hole(&f, off, whence))) {
+        match offset.and_then(|off| {
+            self.open_file(ino, fh)
+                .and_then(|f| self.seek_data_hole(&f, off, whence))
+        }) {
             Ok(pos) => reply.offset(pos as i64),
             Err(e) => reply.error(e),
         }
@@ -698,7 +725,7 @@ impl fuser::Filesystem for KmsFs {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
@@ -707,32 +734,10 @@ impl fuser::Filesystem for KmsFs {
     ) {
         reply_empty(
             reply,
-            self.open_file(fh)
+            self.open_file(ino, fh)
                 .and_then(|f| self.fallocate(&f, offset, length, mode)),
         );
     }
-}
-
-/// Descriptors cached for nodes: a quarter of what the process may open,
-/// or KMSFS_FD_CACHE.
-fn fd_cache_capacity() -> usize {
-    if let Some(n) = std::env::var("KMSFS_FD_CACHE")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        return n.max(8);
-    }
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the stack value.
-    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        lim.rlim_cur
-    } else {
-        1024
-    };
-    (soft / 4).clamp(8, 16384) as usize
 }
 
 fn layout_name_max() -> u32 {
@@ -746,30 +751,4 @@ fn reply_xattr(reply: ReplyXattr, size: u32, result: FsResult<Vec<u8>>) {
         Ok(data) => reply.data(&data),
         Err(e) => reply.error(e),
     }
-}
-
-/// Mounts the filesystem; the returned session serves requests when run.
-pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result<fuser::Session<KmsFs>> {
-    let mut config = Config::default();
-    let fsname = options
-        .fsname
-        .clone()
-        .unwrap_or_else(|| fs.volume.backing().display().to_string());
-    config.mount_options = vec![
-        MountOption::FSName(fsname),
-        MountOption::Subtype("kmsfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-    ];
-    if options.read_only {
-        config.mount_options.push(MountOption::RO);
-    }
-    config.mount_options.extend(options.kernel.iter().cloned());
-    if options.allow_other {
-        config.acl = SessionACL::All;
-    }
-    config.n_threads = Some(options.threads.max(1));
-    config.clone_fd = true;
-    fuser::Session::new(fs, mountpoint, &config)
 }
