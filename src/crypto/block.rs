@@ -16,6 +16,10 @@ pub const FILE_ID_LEN: usize = 16;
 /// gain; it is also the smallest batch one rayon task gets.
 const PARALLEL_MIN_BLOCKS: usize = 8;
 
+/// Nonces for up to this many blocks are drawn into a stack buffer: a 1 MiB
+/// request spans at most 257 blocks.
+const MAX_STACK_BLOCKS: usize = 260;
+
 pub type FileId = [u8; FILE_ID_LEN];
 
 /// Seals and opens the blocks of one file.
@@ -54,10 +58,27 @@ impl BlockCipher {
     /// `final_index` is the index of the file's last block after this write.
     /// Returns the sealed blocks back to back.
     pub fn seal_blocks(&self, first_index: u64, final_index: u64, plaintext: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.seal_blocks_into(first_index, final_index, plaintext, &mut out);
+        out
+    }
+
+    /// As `seal_blocks`, into `out` (resized to fit), so that a caller can
+    /// reuse one buffer for every write.
+    pub fn seal_blocks_into(&self, first_index: u64, final_index: u64, plaintext: &[u8], out: &mut Vec<u8>) {
         let count = plaintext.len().div_ceil(BLOCK_SIZE);
-        let mut out = vec![0u8; plaintext.len() + count * BLOCK_OVERHEAD];
-        let mut nonces = vec![0u8; count * NONCE_LEN];
-        getrandom::fill(&mut nonces).expect("the operating system's random number generator failed");
+        out.resize(plaintext.len() + count * BLOCK_OVERHEAD, 0);
+        // One request of up to 1 MiB (plus an unaligned edge) fits on the stack.
+        let mut stack_nonces = [0u8; NONCE_LEN * (MAX_STACK_BLOCKS)];
+        let mut heap_nonces = Vec::new();
+        let nonces: &mut [u8] = if count <= MAX_STACK_BLOCKS {
+            &mut stack_nonces[..count * NONCE_LEN]
+        } else {
+            heap_nonces.resize(count * NONCE_LEN, 0);
+            &mut heap_nonces
+        };
+        getrandom::fill(nonces).expect("the operating system's random number generator failed");
+        let nonces: &[u8] = nonces;
         let seal_one = |(i, (plain, sealed)): (usize, (&[u8], &mut [u8]))| {
             let index = first_index + i as u64;
             let mut nonce = [0u8; NONCE_LEN];
@@ -79,7 +100,6 @@ impl BlockCipher {
                 .enumerate()
                 .for_each(seal_one);
         }
-        out
     }
 
     /// Seals a single block with a fresh nonce.

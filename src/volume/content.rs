@@ -1,6 +1,7 @@
 //! File content on top of a backing file: the header, then sealed 4 KiB
 //! blocks. Plaintext size is a function of the backing size alone.
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -59,18 +60,53 @@ fn current_plain_size(file: &File) -> Result<u64, ContentError> {
     Ok(plain_size(file.metadata()?.len()))
 }
 
+/// Buffers a request thread reuses, so that reads and writes of up to a
+/// FUSE request's size allocate nothing but the plaintext they return.
+#[derive(Default)]
+struct Scratch {
+    sealed: Vec<u8>,
+    plain: Vec<u8>,
+}
+
+/// Larger buffers are given back after use rather than kept per thread.
+const SCRATCH_KEEP: usize = 4 << 20;
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's scratch buffers (fresh ones in a nested call).
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => {
+            let scratch = &mut *scratch;
+            let result = f(scratch);
+            for buf in [&mut scratch.sealed, &mut scratch.plain] {
+                if buf.capacity() > SCRATCH_KEEP {
+                    *buf = Vec::new();
+                }
+            }
+            result
+        }
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
 /// Decrypts blocks `first..=last` of a file of plaintext size `size`.
 fn read_blocks(file: &File, cipher: &BlockCipher, size: u64, first: u64, last: u64) -> Result<Vec<u8>, ContentError> {
     let plain_end = size.min((last + 1) * BS);
     let plain_len = (plain_end - first * BS) as usize;
     let blocks = last - first + 1;
-    let mut sealed = vec![0u8; plain_len + blocks as usize * BLOCK_OVERHEAD];
-    read_exact_at(file, &mut sealed, block_offset(first))?;
     let mut plain = vec![0u8; plain_len];
-    let final_index = (size - 1) / BS;
-    cipher
-        .open_blocks(first, final_index, &sealed, &mut plain)
-        .map_err(|block| ContentError::Corrupt { block })?;
+    with_scratch(|scratch| {
+        let sealed = &mut scratch.sealed;
+        sealed.resize(plain_len + blocks as usize * BLOCK_OVERHEAD, 0);
+        read_exact_at(file, sealed, block_offset(first))?;
+        let final_index = (size - 1) / BS;
+        cipher
+            .open_blocks(first, final_index, sealed, &mut plain)
+            .map_err(|block| ContentError::Corrupt { block })
+    })?;
     Ok(plain)
 }
 
@@ -86,7 +122,9 @@ pub fn read(file: &File, cipher: &BlockCipher, offset: u64, len: usize) -> Resul
     let mut plain = read_blocks(file, cipher, size, first, last)?;
     let start = (offset - first * BS) as usize;
     plain.truncate((end - first * BS) as usize);
-    plain.drain(..start);
+    if start > 0 {
+        plain.drain(..start);
+    }
     Ok(plain)
 }
 
@@ -147,28 +185,34 @@ pub fn write(file: &File, cipher: &BlockCipher, offset: u64, data: &[u8]) -> Res
     let old_final = old_size.checked_sub(1).map(|s| s / BS);
     let span_start = first * BS;
     let span_end = new_size.min((last + 1) * BS);
-    let mut plain = vec![0u8; (span_end - span_start) as usize];
-
     // Partially covered edge blocks keep their existing bytes.
-    let mut edges = Vec::with_capacity(2);
-    if offset > span_start {
-        edges.push(first);
-    }
-    if end < span_end && !edges.contains(&last) {
-        edges.push(last);
-    }
-    for block in edges {
-        if block * BS < old_size {
-            let existing = read_blocks(file, cipher, old_size, block, block)?;
-            let at = ((block - first) * BS) as usize;
-            let n = existing.len().min(plain.len() - at);
-            plain[at..at + n].copy_from_slice(&existing[..n]);
-        }
-    }
-    let at = (offset - span_start) as usize;
-    plain[at..at + data.len()].copy_from_slice(data);
-    let sealed = cipher.seal_blocks(first, new_final, &plain);
-    file.write_all_at(&sealed, block_offset(first))?;
+    let edges = [
+        (offset > span_start).then_some(first),
+        (end < span_end && (last != first || offset == span_start)).then_some(last),
+    ];
+    with_scratch(|scratch| -> Result<(), ContentError> {
+        let plain: &[u8] = if edges == [None, None] {
+            data // Whole blocks (or up to the end of the file): sealed as they are.
+        } else {
+            let plain = &mut scratch.plain;
+            plain.clear();
+            plain.resize((span_end - span_start) as usize, 0);
+            for block in edges.into_iter().flatten() {
+                if block * BS < old_size {
+                    let existing = read_blocks(file, cipher, old_size, block, block)?;
+                    let at = ((block - first) * BS) as usize;
+                    let n = existing.len().min(plain.len() - at);
+                    plain[at..at + n].copy_from_slice(&existing[..n]);
+                }
+            }
+            let at = (offset - span_start) as usize;
+            plain[at..at + data.len()].copy_from_slice(data);
+            plain
+        };
+        cipher.seal_blocks_into(first, new_final, plain, &mut scratch.sealed);
+        file.write_all_at(&scratch.sealed, block_offset(first))?;
+        Ok(())
+    })?;
 
     // The old final block is no longer final: seal it again, padded to a full
     // block. Done after the new blocks so a crash in between leaves a readable
