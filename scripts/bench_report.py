@@ -66,7 +66,7 @@ def markdown(times, workloads, targets, args, rss_mb):
     if "gocryptfs" in targets and "kmsfs" in targets:
         head.append("kmsfs/gocryptfs")
     lines = [
-        f"Median of {args.rounds} interleaved rounds (min-max), seconds; lower is better. "
+        f"Median of {args.rounds} interleaved rounds, target order rotated each round (min-max), seconds; lower is better. "
         f"Scale: {args.scale}.",
         "",
         f"Machine: {args.machine}.  ",
