@@ -278,10 +278,10 @@ impl fuser::Filesystem for KmsFs {
         // Room for the writeback cache's and readahead's requests in flight.
         let _ = config.set_max_background(64);
         let mut wanted = vec![
-            (
-                InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
-                "readdirplus",
-            ),
+            // Every READDIR is a READDIRPLUS (no _AUTO): with the automatic
+            // mode the kernel asks for attributes only in a directory's first
+            // batch, and a `find | xargs cat` then costs a LOOKUP per file.
+            (InitFlags::FUSE_DO_READDIRPLUS, "readdirplus"),
             (InitFlags::FUSE_PARALLEL_DIROPS, "parallel directory operations"),
             (InitFlags::FUSE_HANDLE_KILLPRIV_V2, "clearing set-ID bits in the daemon"),
         ];
