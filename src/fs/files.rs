@@ -21,6 +21,8 @@ const USER_PREFIX: &[u8] = b"user.";
 pub struct OpenFile {
     pub node: Arc<Node>,
     pub file: File,
+    /// Opened for writing (a read-only one cannot serve writes).
+    pub writable: bool,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

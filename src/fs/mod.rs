@@ -116,10 +116,11 @@ impl KmsFs {
     }
 
     /// The open file behind a request. Handle 0 is never given out: it comes
-    /// with files the kernel opened without asking (no OPEN requests).
-    fn open_file(&self, ino: INodeNo, fh: FileHandle) -> FsResult<Arc<OpenFile>> {
+    /// with files the kernel opened without asking (no OPEN requests), and
+    /// `write` says whether the request needs to write.
+    fn open_file(&self, ino: INodeNo, fh: FileHandle, write: bool) -> FsResult<Arc<OpenFile>> {
         if fh.0 == NO_OPEN_HANDLE {
-            return self.node_file(ino);
+            return self.node_file(ino, write);
         }
         match self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0) {
             Some(Handle::File(f)) => Ok(Arc::clone(f)),
@@ -129,20 +130,25 @@ impl KmsFs {
 
     /// The backing file of an inode opened without an OPEN request: read-write
     /// when the backing file allows it, cached for the next requests.
-    fn node_file(&self, ino: INodeNo) -> FsResult<Arc<OpenFile>> {
+    fn node_file(&self, ino: INodeNo, write: bool) -> FsResult<Arc<OpenFile>> {
         let node = self.node(ino)?;
         // An entry cached for an earlier node of this inode (forgotten and
-        // looked up again) would not share the current node's locks.
-        if let Some(open) = self.node_files.get(ino.0).filter(|open| Arc::ptr_eq(&open.node, &node)) {
+        // looked up again) would not share the current node's locks; a
+        // read-only one is replaced once a write comes (after a chmod).
+        if let Some(open) = self
+            .node_files
+            .get(ino.0)
+            .filter(|open| Arc::ptr_eq(&open.node, &node) && (open.writable || !write))
+        {
             return Ok(open);
         }
-        let file = match self.reopen(&node, libc::O_RDWR) {
-            Err(e) if [libc::EACCES, libc::EROFS, libc::EPERM].contains(&e.code()) => {
-                self.reopen(&node, libc::O_RDONLY)?
+        let (file, writable) = match self.reopen(&node, libc::O_RDWR) {
+            Err(e) if !write && [libc::EACCES, libc::EROFS, libc::EPERM].contains(&e.code()) => {
+                (self.reopen(&node, libc::O_RDONLY)?, false)
             }
-            other => other?,
+            other => (other?, true),
         };
-        let open = Arc::new(OpenFile { node, file });
+        let open = Arc::new(OpenFile { node, file, writable });
         self.node_files.insert(ino.0, Arc::clone(&open));
         Ok(open)
     }
@@ -183,7 +189,7 @@ impl KmsFs {
                 _ => return Err(Errno::EINVAL),
             }
             let reopened;
-            let file = match fh.map(|fh| self.open_file(ino, fh)) {
+            let file = match fh.map(|fh| self.open_file(ino, fh, true)) {
                 Some(Ok(open)) => {
                     reopened = open;
                     &reopened.file
@@ -322,7 +328,7 @@ impl fuser::Filesystem for KmsFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         // fstat on an open file: its descriptor still works after an unlink or a rename over it.
         let handle = fh.filter(|fh| fh.0 != NO_OPEN_HANDLE);
-        let via_handle = handle.and_then(|fh| self.open_file(ino, fh).ok()).map(|open| {
+        let via_handle = handle.and_then(|fh| self.open_file(ino, fh, false).ok()).map(|open| {
             rustix::fs::fstat(&open.file)
                 .map_err(errno)
                 .map(|st| attr::to_attr(open.node.ino, &st, None))
@@ -456,7 +462,8 @@ impl fuser::Filesystem for KmsFs {
             let file = self.reopen(&node, flags.0)?;
             // Load the key now: reads and writes on an open file never touch the DB.
             self.cipher(&node, &file)?;
-            Ok(self.add_handle(Handle::File(Arc::new(OpenFile { node, file }))))
+            let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+            Ok(self.add_handle(Handle::File(Arc::new(OpenFile { node, file, writable }))))
         });
         match result {
             Ok(fh) => reply.opened(fh, self.fopen_flags()),
@@ -476,7 +483,7 @@ impl fuser::Filesystem for KmsFs {
         reply: ReplyData,
     ) {
         match self
-            .open_file(ino, fh)
+            .open_file(ino, fh, false)
             .and_then(|f| self.read(&f, offset, size as usize))
         {
             Ok(data) => reply.data(&data),
@@ -497,7 +504,7 @@ impl fuser::Filesystem for KmsFs {
         reply: ReplyWrite,
     ) {
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        let result = self.open_file(ino, fh).and_then(|f| {
+        let result = self.open_file(ino, fh, true).and_then(|f| {
             self.write(&f, offset, data)?;
             if kill { self.kill_suidgid(&f.file) } else { Ok(()) }
         });
@@ -533,7 +540,8 @@ impl fuser::Filesystem for KmsFs {
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         reply_empty(
             reply,
-            self.open_file(ino, fh).and_then(|f| self.sync_file(&f, datasync)),
+            self.open_file(ino, fh, false)
+                .and_then(|f| self.sync_file(&f, datasync)),
         );
     }
 
@@ -688,7 +696,8 @@ impl fuser::Filesystem for KmsFs {
                 Some(fd) => std::fs::File::from(fd),
                 None => self.reopen(&node, flags)?,
             };
-            let open = Arc::new(OpenFile { node, file });
+            let writable = access != libc::O_RDONLY;
+            let open = Arc::new(OpenFile { node, file, writable });
             if !self.cache.open_requests {
                 // The kernel sends no RELEASE for this handle once it has
                 // stopped sending OPEN: the file joins the per-inode ones.
@@ -714,7 +723,7 @@ impl fuser::Filesystem for KmsFs {
         }
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL);
         match offset.and_then(|off| {
-            self.open_file(ino, fh)
+            self.open_file(ino, fh, false)
                 .and_then(|f| self.seek_data_hole(&f, off, whence))
         }) {
             Ok(pos) => reply.offset(pos as i64),
@@ -734,7 +743,7 @@ impl fuser::Filesystem for KmsFs {
     ) {
         reply_empty(
             reply,
-            self.open_file(ino, fh)
+            self.open_file(ino, fh, true)
                 .and_then(|f| self.fallocate(&f, offset, length, mode)),
         );
     }

@@ -4,6 +4,7 @@
 use std::cell::RefCell;
 use std::fs::File;
 use std::io;
+use std::num::NonZeroU64;
 use std::os::unix::fs::FileExt;
 
 use crate::crypto::{BLOCK_OVERHEAD, BLOCK_SIZE, BlockCipher, CIPHER_BLOCK_SIZE};
@@ -171,6 +172,27 @@ pub fn zero_blocks(file: &File, cipher: &BlockCipher, bad: &[u64]) -> Result<(),
     file.sync_all()
 }
 
+/// Sealed blocks are not page-aligned in the backing file, so a write
+/// usually covers its first and last backing pages in part, and the backing
+/// filesystem reads such a page (if not cached) before writing into it, one
+/// page after the other. Asking for both pages first lets the reads overlap:
+/// measured on 4 KiB random writes to a cold file, see DESIGN.md.
+fn prefetch_partial_pages(file: &File, start: u64, len: u64) {
+    const PAGE: u64 = 4096;
+    // Advice only: a failure changes nothing but the speed.
+    let advise = |offset: u64, len: u64| {
+        let _ = rustix::fs::fadvise(file, offset, NonZeroU64::new(len), rustix::fs::Advice::WillNeed);
+    };
+    let end = start + len;
+    let head = (start % PAGE != 0).then_some(start - start % PAGE);
+    let tail = (end % PAGE != 0).then_some(end - end % PAGE);
+    match (head, tail) {
+        // The same or adjacent pages: one call.
+        (Some(head), Some(tail)) if tail - head <= PAGE => advise(head, tail + PAGE - head),
+        (head, tail) => [head, tail].into_iter().flatten().for_each(|page| advise(page, PAGE)),
+    }
+}
+
 /// Writes `data` at `offset`, extending the file if needed.
 pub fn write(file: &File, cipher: &BlockCipher, offset: u64, data: &[u8]) -> Result<(), ContentError> {
     if data.is_empty() {
@@ -210,6 +232,7 @@ pub fn write(file: &File, cipher: &BlockCipher, offset: u64, data: &[u8]) -> Res
             plain
         };
         cipher.seal_blocks_into(first, new_final, plain, &mut scratch.sealed);
+        prefetch_partial_pages(file, block_offset(first), scratch.sealed.len() as u64);
         file.write_all_at(&scratch.sealed, block_offset(first))?;
         Ok(())
     })?;
