@@ -1,11 +1,15 @@
-//! Conversions between backing `stat` data, errno values and FUSE attributes.
+//! Conversions between backing `stat` data, errno values and FUSE
+//! attributes, and from results to FUSE replies.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fuser::{Errno, FileAttr, FileType, INodeNo};
+use std::sync::Arc;
+
+use fuser::{Errno, FileAttr, FileType, INodeNo, ReplyEmpty, ReplyEntry, ReplyXattr};
 use rustix::fs::Stat;
 
-use super::inodes::file_type;
+use super::GENERATION;
+use super::inodes::{Node, file_type};
 use crate::volume::content::plain_size;
 
 pub type FsResult<T> = Result<T, Errno>;
@@ -52,5 +56,28 @@ pub fn to_attr(ino: u64, st: &Stat, symlink_size: Option<u64>) -> FileAttr {
         rdev: st.st_rdev as u32,
         blksize: 4096,
         flags: 0,
+    }
+}
+
+pub fn reply_entry(reply: ReplyEntry, ttl: &Duration, result: FsResult<(Arc<Node>, fuser::FileAttr)>) {
+    match result {
+        Ok((_, attr)) => reply.entry(ttl, &attr, GENERATION),
+        Err(e) => reply.error(e),
+    }
+}
+
+pub fn reply_empty(reply: ReplyEmpty, result: FsResult<()>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+pub fn reply_xattr(reply: ReplyXattr, size: u32, result: FsResult<Vec<u8>>) {
+    match result {
+        Ok(data) if size == 0 => reply.size(data.len() as u32),
+        Ok(data) if data.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(data) => reply.data(&data),
+        Err(e) => reply.error(e),
     }
 }

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use fuser::{Errno, FileType, TimeOrNow};
+use fuser::{Errno, FileHandle, FileType, INodeNo, TimeOrNow};
 use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, Timespec, Timestamps, UTIME_NOW, UTIME_OMIT};
 
 use super::KmsFs;
@@ -16,6 +16,18 @@ use crate::volume::content::{self, ContentError, block_offset};
 use crate::volume::header::{self, HEADER_LEN};
 
 const USER_PREFIX: &[u8] = b"user.";
+
+/// The attributes a setattr request changes.
+pub(super) struct AttrChange {
+    /// A truncation by someone without CAP_FSETID: clear set-ID bits.
+    pub kill_suidgid: bool,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeOrNow>,
+    pub mtime: Option<TimeOrNow>,
+}
 
 /// An open regular file.
 pub struct OpenFile {
@@ -424,5 +436,55 @@ impl KmsFs {
         .map_err(errno)?;
         rustix::fs::fsync(dir.as_fd()).map_err(errno)?;
         self.sync_keys()
+    }
+}
+
+impl KmsFs {
+    pub(super) fn setattr_inner(
+        &self,
+        ino: INodeNo,
+        change: AttrChange,
+        fh: Option<FileHandle>,
+    ) -> FsResult<fuser::FileAttr> {
+        let AttrChange {
+            kill_suidgid,
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        } = change;
+        let node = self.node(ino)?;
+        if let Some(size) = size {
+            let st = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?;
+            match file_type(st.st_mode as u32) {
+                FileType::Directory => return Err(Errno::EISDIR),
+                FileType::RegularFile => {}
+                _ => return Err(Errno::EINVAL),
+            }
+            let reopened;
+            let file = match fh.map(|fh| self.open_file(ino, fh, true)) {
+                Some(Ok(open)) => {
+                    reopened = open;
+                    &reopened.file
+                }
+                _ => &self.reopen(&node, libc::O_RDWR)?,
+            };
+            self.truncate(&node, file, size)?;
+            if kill_suidgid && mode.is_none() {
+                self.kill_suidgid(file)?;
+            }
+        }
+        if let Some(mode) = mode {
+            self.set_mode(&node, mode)?;
+        }
+        if uid.is_some() || gid.is_some() {
+            self.set_owner_of(&node, uid, gid)?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            self.set_times(&node, atime, mtime)?;
+        }
+        self.stat_attr(&node)
     }
 }

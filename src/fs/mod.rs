@@ -11,6 +11,9 @@ mod files;
 mod handles;
 mod inodes;
 mod mount;
+mod open_files;
+mod remove;
+mod shred;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -19,19 +22,19 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Errno, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
-    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, Errno, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use rustix::fs::{Mode, OFlags};
 
-use attr::{FsResult, errno};
-use dirs::DirEntry;
-use files::OpenFile;
+use attr::{FsResult, errno, reply_empty, reply_entry, reply_xattr};
+use files::{AttrChange, OpenFile};
 use inodes::{InodeTable, Node};
+use open_files::{Handle, NO_OPEN_HANDLE};
 
 use crate::volume::Volume;
 use bounded::BoundedCache;
@@ -39,25 +42,6 @@ pub use mount::{CacheOptions, MountOptions, mount};
 
 const GENERATION: Generation = Generation(0);
 const MAX_WRITE: u32 = 1 << 20;
-/// The file handle of files opened without an OPEN request.
-const NO_OPEN_HANDLE: u64 = 0;
-
-/// The attributes a setattr request changes.
-struct AttrChange {
-    /// A truncation by someone without CAP_FSETID: clear set-ID bits.
-    kill_suidgid: bool,
-    mode: Option<u32>,
-    uid: Option<u32>,
-    gid: Option<u32>,
-    size: Option<u64>,
-    atime: Option<TimeOrNow>,
-    mtime: Option<TimeOrNow>,
-}
-
-enum Handle {
-    File(Arc<OpenFile>),
-    Dir(Arc<Vec<DirEntry>>),
-}
 
 pub struct KmsFs {
     volume: Arc<Volume>,
@@ -68,6 +52,8 @@ pub struct KmsFs {
     /// Backing files of regular files the kernel opened without an OPEN
     /// request (see `CacheOptions::open_requests`), one per inode.
     node_files: BoundedCache<Arc<OpenFile>>,
+    /// Erases the keys of removed files whose ids must be read first.
+    shredder: shred::Shredder,
     /// The kernel leaves clearing set-user/group-ID bits on write and
     /// truncate to us (FUSE_HANDLE_KILLPRIV_V2). Meant to spare a
     /// `security.capability` lookup per write; the 6.18 kernel here still
@@ -84,9 +70,11 @@ impl KmsFs {
         )?;
         let st = rustix::fs::fstat(&root)?;
         Ok(KmsFs {
+            shredder: shred::Shredder::new(Arc::clone(&volume)),
             volume,
             inodes: InodeTable::new(root, &st, mount::fd_cache_capacity())?,
             node_files: BoundedCache::new(mount::fd_cache_capacity()),
+
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             cache,
@@ -94,123 +82,14 @@ impl KmsFs {
         })
     }
 
-    fn fopen_flags(&self) -> FopenFlags {
-        if self.cache.keep_cache {
-            FopenFlags::FOPEN_KEEP_CACHE
-        } else {
-            FopenFlags::empty()
-        }
-    }
-
     fn node(&self, ino: INodeNo) -> FsResult<Arc<Node>> {
         self.inodes.get(ino.0).ok_or(Errno::ENOENT)
-    }
-
-    fn add_handle(&self, handle: Handle) -> FileHandle {
-        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, handle);
-        FileHandle(fh)
-    }
-
-    /// The open file behind a request. Handle 0 is never given out: it comes
-    /// with files the kernel opened without asking (no OPEN requests), and
-    /// `write` says whether the request needs to write.
-    fn open_file(&self, ino: INodeNo, fh: FileHandle, write: bool) -> FsResult<Arc<OpenFile>> {
-        if fh.0 == NO_OPEN_HANDLE {
-            return self.node_file(ino, write);
-        }
-        match self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0) {
-            Some(Handle::File(f)) => Ok(Arc::clone(f)),
-            _ => Err(Errno::EBADF),
-        }
-    }
-
-    /// The backing file of an inode opened without an OPEN request: read-write
-    /// when the backing file allows it, cached for the next requests.
-    fn node_file(&self, ino: INodeNo, write: bool) -> FsResult<Arc<OpenFile>> {
-        let node = self.node(ino)?;
-        // An entry cached for an earlier node of this inode (forgotten and
-        // looked up again) would not share the current node's locks; a
-        // read-only one is replaced once a write comes (after a chmod).
-        if let Some(open) = self
-            .node_files
-            .get(ino.0)
-            .filter(|open| Arc::ptr_eq(&open.node, &node) && (open.writable || !write))
-        {
-            return Ok(open);
-        }
-        let (file, writable) = match self.reopen(&node, libc::O_RDWR) {
-            Err(e) if !write && [libc::EACCES, libc::EROFS, libc::EPERM].contains(&e.code()) => {
-                (self.reopen(&node, libc::O_RDONLY)?, false)
-            }
-            other => (other?, true),
-        };
-        let open = Arc::new(OpenFile { node, file, writable });
-        self.node_files.insert(ino.0, Arc::clone(&open));
-        Ok(open)
-    }
-
-    fn dir_listing(&self, fh: FileHandle) -> FsResult<Arc<Vec<DirEntry>>> {
-        match self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0) {
-            Some(Handle::Dir(d)) => Ok(Arc::clone(d)),
-            _ => Err(Errno::EBADF),
-        }
     }
 
     fn forget_node(&self, ino: u64, count: u64) {
         if self.inodes.forget(ino, count) {
             self.node_files.remove(ino);
         }
-    }
-
-    fn drop_handle(&self, fh: FileHandle) {
-        self.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
-    }
-
-    fn setattr_inner(&self, ino: INodeNo, change: AttrChange, fh: Option<FileHandle>) -> FsResult<fuser::FileAttr> {
-        let AttrChange {
-            kill_suidgid,
-            mode,
-            uid,
-            gid,
-            size,
-            atime,
-            mtime,
-        } = change;
-        let node = self.node(ino)?;
-        if let Some(size) = size {
-            let st = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?;
-            match inodes::file_type(st.st_mode as u32) {
-                FileType::Directory => return Err(Errno::EISDIR),
-                FileType::RegularFile => {}
-                _ => return Err(Errno::EINVAL),
-            }
-            let reopened;
-            let file = match fh.map(|fh| self.open_file(ino, fh, true)) {
-                Some(Ok(open)) => {
-                    reopened = open;
-                    &reopened.file
-                }
-                _ => &self.reopen(&node, libc::O_RDWR)?,
-            };
-            self.truncate(&node, file, size)?;
-            if kill_suidgid && mode.is_none() {
-                self.kill_suidgid(file)?;
-            }
-        }
-        if let Some(mode) = mode {
-            self.set_mode(&node, mode)?;
-        }
-        if uid.is_some() || gid.is_some() {
-            self.set_owner_of(&node, uid, gid)?;
-        }
-        if atime.is_some() || mtime.is_some() {
-            self.set_times(&node, atime, mtime)?;
-        }
-        self.stat_attr(&node)
     }
 
     fn readdirplus_inner(
@@ -254,60 +133,18 @@ impl KmsFs {
     }
 }
 
-fn reply_entry(reply: ReplyEntry, ttl: &Duration, result: FsResult<(Arc<Node>, fuser::FileAttr)>) {
-    match result {
-        Ok((_, attr)) => reply.entry(ttl, &attr, GENERATION),
-        Err(e) => reply.error(e),
-    }
-}
-
-fn reply_empty(reply: ReplyEmpty, result: FsResult<()>) {
-    match result {
-        Ok(()) => reply.ok(),
-        Err(e) => reply.error(e),
-    }
-}
-
 fn owner(req: &Request) -> (u32, u32) {
     (req.uid(), req.gid())
 }
 
 impl fuser::Filesystem for KmsFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        if let Err(limit) = config.set_max_write(MAX_WRITE) {
-            let _ = config.set_max_write(limit);
-        }
-        // The kernel caps this at what it offered; read_ahead_kb (bdi.rs) raises it after mounting.
-        if let Err(limit) = config.set_max_readahead(MAX_WRITE) {
-            let _ = config.set_max_readahead(limit);
-        }
-        // Room for the writeback cache's and readahead's requests in flight.
-        let _ = config.set_max_background(64);
-        let mut wanted = vec![
-            // Every READDIR is a READDIRPLUS (no _AUTO): with the automatic
-            // mode the kernel asks for attributes only in a directory's first
-            // batch, and a `find | xargs cat` then costs a LOOKUP per file.
-            (InitFlags::FUSE_DO_READDIRPLUS, "readdirplus"),
-            (InitFlags::FUSE_PARALLEL_DIROPS, "parallel directory operations"),
-            (InitFlags::FUSE_HANDLE_KILLPRIV_V2, "clearing set-ID bits in the daemon"),
-        ];
-        if self.cache.writeback {
-            wanted.push((InitFlags::FUSE_WRITEBACK_CACHE, "the writeback cache"));
-        }
-        for (flags, what) in wanted {
-            match config.add_capabilities(flags) {
-                Ok(()) => log::debug!("kernel: using {what}"),
-                Err(_) => log::info!("kernel does not offer {what}; going without"),
-            }
-            if flags == InitFlags::FUSE_HANDLE_KILLPRIV_V2 {
-                self.kill_suidgid
-                    .store(config.capabilities().contains(flags), Ordering::Relaxed);
-            }
-        }
+        self.negotiate(config);
         Ok(())
     }
 
     fn destroy(&mut self) {
+        self.shredder.drain();
         if let Err(e) = self.volume.sync_keys() {
             log::error!("committing file keys at unmount failed: {e}");
         }
@@ -751,13 +588,4 @@ impl fuser::Filesystem for KmsFs {
 
 fn layout_name_max() -> u32 {
     crate::volume::layout::NAME_MAX as u32
-}
-
-fn reply_xattr(reply: ReplyXattr, size: u32, result: FsResult<Vec<u8>>) {
-    match result {
-        Ok(data) if size == 0 => reply.size(data.len() as u32),
-        Ok(data) if data.len() > size as usize => reply.error(Errno::ERANGE),
-        Ok(data) => reply.data(&data),
-        Err(e) => reply.error(e),
-    }
 }

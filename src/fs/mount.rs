@@ -4,9 +4,11 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-use fuser::{Config, MountOption, SessionACL};
+use std::sync::atomic::Ordering;
 
-use super::{KmsFs, bdi};
+use fuser::{Config, InitFlags, KernelConfig, MountOption, SessionACL};
+
+use super::{KmsFs, MAX_WRITE, bdi};
 
 /// The kernel caches kmsfs asks for; every change goes through the daemon,
 /// so the kernel's view can only go stale if the backing directory is
@@ -108,4 +110,41 @@ pub(super) fn fd_cache_capacity() -> usize {
         1024
     };
     (soft / 4).clamp(8, 16384) as usize
+}
+
+impl KmsFs {
+    /// What kmsfs asks of the kernel at INIT: request sizes and the
+    /// capabilities behind the levers in DESIGN.md.
+    pub(super) fn negotiate(&self, config: &mut KernelConfig) {
+        if let Err(limit) = config.set_max_write(MAX_WRITE) {
+            let _ = config.set_max_write(limit);
+        }
+        // The kernel caps this at what it offered; read_ahead_kb (bdi.rs) raises it after mounting.
+        if let Err(limit) = config.set_max_readahead(MAX_WRITE) {
+            let _ = config.set_max_readahead(limit);
+        }
+        // Room for the writeback cache's and readahead's requests in flight.
+        let _ = config.set_max_background(64);
+        let mut wanted = vec![
+            // Every READDIR is a READDIRPLUS (no _AUTO): with the automatic
+            // mode the kernel asks for attributes only in a directory's first
+            // batch, and a `find | xargs cat` then costs a LOOKUP per file.
+            (InitFlags::FUSE_DO_READDIRPLUS, "readdirplus"),
+            (InitFlags::FUSE_PARALLEL_DIROPS, "parallel directory operations"),
+            (InitFlags::FUSE_HANDLE_KILLPRIV_V2, "clearing set-ID bits in the daemon"),
+        ];
+        if self.cache.writeback {
+            wanted.push((InitFlags::FUSE_WRITEBACK_CACHE, "the writeback cache"));
+        }
+        for (flags, what) in wanted {
+            match config.add_capabilities(flags) {
+                Ok(()) => log::debug!("kernel: using {what}"),
+                Err(_) => log::info!("kernel does not offer {what}; going without"),
+            }
+            if flags == InitFlags::FUSE_HANDLE_KILLPRIV_V2 {
+                self.kill_suidgid
+                    .store(config.capabilities().contains(flags), Ordering::Relaxed);
+            }
+        }
+    }
 }

@@ -1,0 +1,88 @@
+//! The kernel's open files: handles given out at OPEN, CREATE and OPENDIR,
+//! and, when the kernel sends no OPEN, one backing file per inode.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use fuser::{Errno, FileHandle, FopenFlags, INodeNo};
+
+use super::KmsFs;
+use super::attr::FsResult;
+use super::dirs::DirEntry;
+use super::files::OpenFile;
+
+/// The file handle of files opened without an OPEN request.
+pub(super) const NO_OPEN_HANDLE: u64 = 0;
+
+pub(super) enum Handle {
+    File(Arc<OpenFile>),
+    Dir(Arc<Vec<DirEntry>>),
+}
+
+impl KmsFs {
+    pub(super) fn fopen_flags(&self) -> FopenFlags {
+        if self.cache.keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        }
+    }
+
+    pub(super) fn add_handle(&self, handle: Handle) -> FileHandle {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, handle);
+        FileHandle(fh)
+    }
+
+    /// The open file behind a request. Handle 0 is never given out: it comes
+    /// with files the kernel opened without asking (no OPEN requests), and
+    /// `write` says whether the request needs to write.
+    pub(super) fn open_file(&self, ino: INodeNo, fh: FileHandle, write: bool) -> FsResult<Arc<OpenFile>> {
+        if fh.0 == NO_OPEN_HANDLE {
+            return self.node_file(ino, write);
+        }
+        match self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0) {
+            Some(Handle::File(f)) => Ok(Arc::clone(f)),
+            _ => Err(Errno::EBADF),
+        }
+    }
+
+    /// The backing file of an inode opened without an OPEN request: read-write
+    /// when the backing file allows it, cached for the next requests.
+    pub(super) fn node_file(&self, ino: INodeNo, write: bool) -> FsResult<Arc<OpenFile>> {
+        let node = self.node(ino)?;
+        // An entry cached for an earlier node of this inode (forgotten and
+        // looked up again) would not share the current node's locks; a
+        // read-only one is replaced once a write comes (after a chmod).
+        if let Some(open) = self
+            .node_files
+            .get(ino.0)
+            .filter(|open| Arc::ptr_eq(&open.node, &node) && (open.writable || !write))
+        {
+            return Ok(open);
+        }
+        let (file, writable) = match self.reopen(&node, libc::O_RDWR) {
+            Err(e) if !write && [libc::EACCES, libc::EROFS, libc::EPERM].contains(&e.code()) => {
+                (self.reopen(&node, libc::O_RDONLY)?, false)
+            }
+            other => (other?, true),
+        };
+        let open = Arc::new(OpenFile { node, file, writable });
+        self.node_files.insert(ino.0, Arc::clone(&open));
+        Ok(open)
+    }
+
+    pub(super) fn dir_listing(&self, fh: FileHandle) -> FsResult<Arc<Vec<DirEntry>>> {
+        match self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0) {
+            Some(Handle::Dir(d)) => Ok(Arc::clone(d)),
+            _ => Err(Errno::EBADF),
+        }
+    }
+
+    pub(super) fn drop_handle(&self, fh: FileHandle) {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+    }
+}

@@ -1,0 +1,249 @@
+//! Names going away: unlink, rmdir and rename over an existing name. The
+//! inode losing its last name is pinned while the kernel still knows it,
+//! its data key is crypto-shredded and a symlink target kept in the DB is
+//! erased; a directory's IV is set aside so the backing rmdir can proceed.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+
+use fuser::{Errno, FileType};
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat};
+
+use super::KmsFs;
+use super::attr::{FsResult, errno};
+use super::dirs::{read_all_at, write_new_file};
+use super::inodes::{Node, file_type};
+use crate::crypto::FileId;
+use crate::volume::header::HEADER_LEN;
+use crate::volume::layout::DIR_IV_FILE;
+
+/// Where the id of a file whose key must be erased is found.
+enum KeyToErase {
+    Known(FileId),
+    /// In the header of the file behind this descriptor (read off the request path).
+    InHeaderOf(OwnedFd),
+}
+
+/// What becomes garbage when an inode loses its last name.
+#[derive(Default)]
+struct Orphans {
+    /// The file's key, then crypto-shredded.
+    key: Option<KeyToErase>,
+    /// A symlink target kept in the DB (see `LONG_LINK_PREFIX`).
+    long_link_target: Option<Vec<u8>>,
+}
+
+impl KmsFs {
+    /// Called with the stat of a name about to be removed or replaced, read
+    /// once: pins the inode if this is its last name and the kernel knows it
+    /// (so its number is not reused meanwhile), and returns what becomes
+    /// garbage once the name is gone.
+    fn before_last_name_goes(&self, parent: &Node, backing: &str, st: &Stat) -> Orphans {
+        let kind = file_type(st.st_mode as u32);
+        let last = st.st_nlink <= 1 || kind == FileType::Directory;
+        if last {
+            if let Some(node) = self.inodes.get(self.inodes.fuse_ino(st.st_ino as u64)) {
+                node.pin();
+            }
+        }
+        let mut orphans = Orphans::default();
+        if !last {
+            return orphans;
+        }
+        let Ok(pfd) = parent.fd() else { return orphans };
+        match kind {
+            // A file shorter than a header has none, and so no key.
+            FileType::RegularFile if st.st_size >= HEADER_LEN as i64 => {
+                let known = self
+                    .inodes
+                    .get(self.inodes.fuse_ino(st.st_ino as u64))
+                    .and_then(|node| {
+                        node.cipher
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_ref()
+                            .map(|c| *c.file_id())
+                    });
+                orphans.key = match known {
+                    Some(id) => Some(KeyToErase::Known(id)),
+                    // The inode is cached after the stat: opening it reads nothing from disk.
+                    None => rustix::fs::openat(
+                        pfd.as_fd(),
+                        backing,
+                        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .ok()
+                    .map(KeyToErase::InHeaderOf),
+                };
+            }
+            FileType::Symlink => {
+                orphans.long_link_target = rustix::fs::readlinkat(pfd.as_fd(), backing, Vec::new())
+                    .ok()
+                    .map(|target| target.into_bytes())
+                    .filter(|stored| stored.starts_with(crate::volume::LONG_LINK_PREFIX.as_bytes()));
+            }
+            _ => {}
+        }
+        orphans
+    }
+
+    /// Crypto-shreds the key and erases the stored link target of an inode whose last name is gone.
+    fn discard(&self, orphans: Orphans) {
+        match orphans.key {
+            Some(KeyToErase::Known(id)) => self.volume.forget_file_key(&id),
+            Some(KeyToErase::InHeaderOf(file)) => self.shredder.shred(file),
+            None => {}
+        }
+        if let Some(stored) = orphans.long_link_target {
+            self.volume.forget_link_target(&stored);
+        }
+    }
+
+    pub(super) fn remove_file(&self, parent: &Node, name: &OsStr) -> FsResult<()> {
+        let backing = self.backing_name(parent, name)?;
+        let pfd = parent.fd()?;
+        let st = rustix::fs::statat(pfd.as_fd(), backing.as_str(), AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        if file_type(st.st_mode as u32) == FileType::Directory {
+            return Err(Errno::EISDIR);
+        }
+        let orphans = self.before_last_name_goes(parent, backing.as_str(), &st);
+        rustix::fs::unlinkat(pfd.as_fd(), backing.as_str(), AtFlags::empty()).map_err(errno)?;
+        self.remove_sidecar(parent, &backing);
+        self.discard(orphans);
+        Ok(())
+    }
+
+    /// Removes the IV of an empty directory so the backing rmdir/rename can
+    /// proceed; returns it so it can be put back if that fails.
+    fn strip_empty_dir(&self, parent: &Node, backing: &str) -> FsResult<Vec<u8>> {
+        let dir = rustix::fs::openat(
+            parent.fd()?.as_fd(),
+            backing,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno)?;
+        let mut entries = rustix::fs::Dir::read_from(&dir).map_err(errno)?;
+        while let Some(entry) = entries.read() {
+            let entry = entry.map_err(errno)?;
+            let n = entry.file_name().to_bytes();
+            if n != b"." && n != b".." && n != DIR_IV_FILE.as_bytes() {
+                return Err(Errno::ENOTEMPTY);
+            }
+        }
+        let iv = read_all_at(dir.as_fd(), DIR_IV_FILE, 16).unwrap_or_default();
+        match rustix::fs::unlinkat(&dir, DIR_IV_FILE, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(iv),
+            Err(e) => Err(errno(e)),
+        }
+    }
+
+    fn restore_dir_iv(&self, parent: &Node, backing: &str, iv: &[u8]) {
+        if iv.is_empty() {
+            return;
+        }
+        let restored = parent
+            .fd()
+            .map_err(|e| rustix::io::Errno::from_raw_os_error(e.code()))
+            .and_then(|pfd| {
+                rustix::fs::openat(
+                    pfd.as_fd(),
+                    backing,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+            })
+            .and_then(|dir| write_new_file(dir.as_fd(), DIR_IV_FILE, iv, true));
+        if let Err(e) = restored {
+            log::error!(
+                "could not restore the IV of directory {backing} in {}: {e}",
+                self.describe(parent)
+            );
+        }
+    }
+
+    pub(super) fn remove_dir(&self, parent: &Node, name: &OsStr) -> FsResult<()> {
+        let backing = self.backing_name(parent, name)?;
+        let b = backing.as_str();
+        let iv = self.strip_empty_dir(parent, b)?;
+        if let Ok(st) = rustix::fs::statat(parent.fd()?.as_fd(), b, AtFlags::SYMLINK_NOFOLLOW) {
+            self.before_last_name_goes(parent, b, &st);
+        }
+        if let Err(e) = rustix::fs::unlinkat(parent.fd()?.as_fd(), b, AtFlags::REMOVEDIR) {
+            self.restore_dir_iv(parent, b, &iv);
+            return Err(errno(e));
+        }
+        self.remove_sidecar(parent, &backing);
+        Ok(())
+    }
+
+    pub(super) fn rename(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        new_parent: &Node,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        let from = self.backing_name(parent, name)?;
+        let to = self.backing_name(new_parent, new_name)?;
+        let flags = RenameFlags::from_bits(flags).ok_or(Errno::EINVAL)?;
+        if flags.contains(RenameFlags::EXCHANGE) {
+            // Names depend only on (directory, name): both backing names stay valid.
+            return rustix::fs::renameat_with(
+                parent.fd()?.as_fd(),
+                from.as_str(),
+                new_parent.fd()?.as_fd(),
+                to.as_str(),
+                flags,
+            )
+            .map_err(errno);
+        }
+        let source =
+            rustix::fs::statat(parent.fd()?.as_fd(), from.as_str(), AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        let target = rustix::fs::statat(new_parent.fd()?.as_fd(), to.as_str(), AtFlags::SYMLINK_NOFOLLOW).ok();
+        if let Some(t) = &target {
+            if t.st_ino == source.st_ino && t.st_dev == source.st_dev {
+                return Ok(()); // POSIX: renaming onto another link of the same file does nothing.
+            }
+            if flags.contains(RenameFlags::NOREPLACE) {
+                return Err(Errno::EEXIST);
+            }
+        }
+        let mut stripped_iv = None;
+        if let Some(t) = &target {
+            let target_is_dir = file_type(t.st_mode as u32) == FileType::Directory;
+            let source_is_dir = file_type(source.st_mode as u32) == FileType::Directory;
+            match (source_is_dir, target_is_dir) {
+                (true, true) => stripped_iv = Some(self.strip_empty_dir(new_parent, to.as_str())?),
+                (true, false) => return Err(Errno::ENOTDIR),
+                (false, true) => return Err(Errno::EISDIR),
+                (false, false) => {}
+            }
+        }
+        let orphans = match &target {
+            Some(t) => self.before_last_name_goes(new_parent, to.as_str(), t),
+            None => Orphans::default(),
+        };
+        self.write_sidecar(new_parent, &to)?;
+        if let Err(e) = rustix::fs::renameat_with(
+            parent.fd()?.as_fd(),
+            from.as_str(),
+            new_parent.fd()?.as_fd(),
+            to.as_str(),
+            flags,
+        ) {
+            if let Some(iv) = stripped_iv {
+                self.restore_dir_iv(new_parent, to.as_str(), &iv);
+            }
+            if target.is_none() {
+                self.remove_sidecar(new_parent, &to);
+            }
+            return Err(errno(e));
+        }
+        self.remove_sidecar(parent, &from);
+        self.discard(orphans);
+        Ok(())
+    }
+}

@@ -1,0 +1,102 @@
+//! Finding the key to erase off the unlink path. Erasing a removed file's
+//! data key needs the file's id, which sits in its header; reading it while
+//! answering UNLINK costs a disk read per file when the file is not cached
+//! (a cold `rm -rf`). The unlink instead hands a descriptor of the removed
+//! inode to one worker thread, which reads the id and queues the key's
+//! deletion. The descriptor keeps the inode, and so its header, alive until
+//! then; the queue is bounded, so descriptors cannot pile up.
+
+use std::os::fd::OwnedFd;
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::volume::Volume;
+use crate::volume::header::{self, HEADER_LEN};
+
+/// Files waiting for their id to be read.
+const QUEUE: usize = 256;
+
+enum State {
+    Idle,
+    Running(SyncSender<OwnedFd>, JoinHandle<()>),
+    /// Unmounting: whatever still comes is handled at once.
+    Drained,
+}
+
+pub struct Shredder {
+    volume: Arc<Volume>,
+    state: Mutex<State>,
+}
+
+/// Reads the id of a removed file and queues the deletion of its key.
+fn erase_key_of(volume: &Volume, file: OwnedFd) {
+    let mut head = [0u8; HEADER_LEN];
+    match rustix::io::pread(&file, &mut head, 0) {
+        Ok(n) => match header::decode(&head[..n]) {
+            Ok(id) => volume.forget_file_key(&id),
+            // Not a kmsfs file (or a damaged one): there is no key to erase.
+            Err(e) => log::warn!("removed file without a readable header ({e}); no key erased"),
+        },
+        Err(e) => log::error!("reading the header of a removed file failed ({e}); its key stays until fsck"),
+    }
+}
+
+impl Shredder {
+    pub fn new(volume: Arc<Volume>) -> Self {
+        Shredder {
+            volume,
+            state: Mutex::new(State::Idle),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Erases the key of the file behind `file`, a descriptor of an inode
+    /// whose last name is gone. The thread starts with the first removal.
+    pub fn shred(&self, file: OwnedFd) {
+        let sender = {
+            let mut state = self.state();
+            if let State::Idle = *state {
+                let (sender, receiver) = sync_channel::<OwnedFd>(QUEUE);
+                let volume = Arc::clone(&self.volume);
+                let spawned = std::thread::Builder::new().name("kmsfs-shred".into()).spawn(move || {
+                    for file in receiver {
+                        erase_key_of(&volume, file);
+                    }
+                });
+                match spawned {
+                    Ok(worker) => *state = State::Running(sender, worker),
+                    Err(e) => log::warn!("cannot start the key-erasing thread, erasing keys inline: {e}"),
+                }
+            }
+            match &*state {
+                State::Running(sender, _) => Some(sender.clone()),
+                State::Idle | State::Drained => None,
+            }
+        };
+        match sender {
+            // Blocks while the queue is full, which bounds the descriptors held.
+            Some(sender) => {
+                if let Err(unsent) = sender.send(file) {
+                    erase_key_of(&self.volume, unsent.0);
+                }
+            }
+            None => erase_key_of(&self.volume, file),
+        }
+    }
+
+    /// Waits until every handed-over file's key deletion is queued in the
+    /// DB; called at unmount, before the last commit.
+    pub fn drain(&self) {
+        let previous = std::mem::replace(&mut *self.state(), State::Drained);
+        if let State::Running(sender, worker) = previous {
+            drop(sender);
+            if worker.join().is_err() {
+                log::error!("the key-erasing thread panicked; fsck reports keys left behind");
+            }
+        }
+    }
+}
