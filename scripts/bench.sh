@@ -111,21 +111,7 @@ setup_target() {
 # (this VM's page cache does not reliably keep a file that size).
 TREE_TAR=/dev/shm/kmsfs-bench-tree.tar
 echo "== generating a tarball of $FILES small files (0-16 KiB) in $DIRS directories (seed 1)"
-python3 - "$TREE_TAR" "$FILES" "$DIRS" <<'PY'
-import io, random, sys, tarfile
-rng = random.Random(1)
-files, dirs = int(sys.argv[2]), int(sys.argv[3])
-with tarfile.open(sys.argv[1], "w") as tar:
-    for d in range(dirs):
-        info = tarfile.TarInfo(f"tree/d{d // 32}/d{d}")
-        info.type, info.mode = tarfile.DIRTYPE, 0o755
-        tar.addfile(info)
-    for i in range(files):
-        data = rng.randbytes(rng.randrange(0, 16385))
-        info = tarfile.TarInfo(f"tree/d{(i % dirs) // 32}/d{i % dirs}/f{i}")
-        info.size, info.mode = len(data), 0o644
-        tar.addfile(info, io.BytesIO(data))
-PY
+python3 "$ROOT/scripts/make_tree.py" "$TREE_TAR" "$FILES" "$DIRS"
 
 for t in "${TARGETS[@]}"; do setup_target "$t"; done
 KMSFS_PID=

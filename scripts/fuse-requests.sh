@@ -35,21 +35,7 @@ for _ in $(seq 100); do
     sleep 0.05
 done
 
-python3 - "$WORK/tree.tar" "$FILES" "$DIRS" <<'PY'
-import io, random, sys, tarfile
-rng = random.Random(1)
-files, dirs = int(sys.argv[2]), int(sys.argv[3])
-with tarfile.open(sys.argv[1], "w") as tar:
-    for d in range(dirs):
-        info = tarfile.TarInfo(f"tree/d{d}")
-        info.type, info.mode = tarfile.DIRTYPE, 0o755
-        tar.addfile(info)
-    for i in range(files):
-        data = rng.randbytes(rng.randrange(0, 16385))
-        info = tarfile.TarInfo(f"tree/d{i % dirs}/f{i}")
-        info.size, info.mode = len(data), 0o644
-        tar.addfile(info, io.BytesIO(data))
-PY
+python3 scripts/make_tree.py "$WORK/tree.tar" "$FILES" "$DIRS" --flat
 
 # A first open puts the kernel in its steady state (it learns whether the
 # daemon wants OPEN requests), as on any mount that has served a read.
