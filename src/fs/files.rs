@@ -437,9 +437,7 @@ impl KmsFs {
         rustix::fs::fsync(dir.as_fd()).map_err(errno)?;
         self.sync_keys()
     }
-}
 
-impl KmsFs {
     pub(super) fn setattr_inner(
         &self,
         ino: INodeNo,

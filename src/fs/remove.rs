@@ -40,30 +40,25 @@ impl KmsFs {
     /// garbage once the name is gone.
     fn before_last_name_goes(&self, parent: &Node, backing: &str, st: &Stat) -> Orphans {
         let kind = file_type(st.st_mode as u32);
-        let last = st.st_nlink <= 1 || kind == FileType::Directory;
-        if last {
-            if let Some(node) = self.inodes.get(self.inodes.fuse_ino(st.st_ino as u64)) {
-                node.pin();
-            }
-        }
         let mut orphans = Orphans::default();
-        if !last {
+        if st.st_nlink > 1 && kind != FileType::Directory {
             return orphans;
+        }
+        let known_node = self.inodes.get(self.inodes.fuse_ino(st.st_ino as u64));
+        if let Some(node) = &known_node {
+            node.pin();
         }
         let Ok(pfd) = parent.fd() else { return orphans };
         match kind {
             // A file shorter than a header has none, and so no key.
             FileType::RegularFile if st.st_size >= HEADER_LEN as i64 => {
-                let known = self
-                    .inodes
-                    .get(self.inodes.fuse_ino(st.st_ino as u64))
-                    .and_then(|node| {
-                        node.cipher
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .as_ref()
-                            .map(|c| *c.file_id())
-                    });
+                let known = known_node.as_ref().and_then(|node| {
+                    node.cipher
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .map(|c| *c.file_id())
+                });
                 orphans.key = match known {
                     Some(id) => Some(KeyToErase::Known(id)),
                     // The inode is cached after the stat: opening it reads nothing from disk.
