@@ -95,6 +95,11 @@ impl KmsFs {
         Ok(File::from(fd))
     }
 
+    /// Whether the file's header has been read (or written) already.
+    pub(super) fn cipher_cached(&self, node: &Node) -> bool {
+        lock(&node.cipher).is_some()
+    }
+
     /// The cipher of a file that has a header, loading it on first use.
     pub(super) fn cipher(&self, node: &Node, file: &File) -> FsResult<Option<Arc<BlockCipher>>> {
         let mut cached = lock(&node.cipher);
@@ -159,6 +164,17 @@ impl KmsFs {
         let _guard = open.node.content.write().unwrap_or_else(|p| p.into_inner());
         let cipher = self.cipher_for_write(&open.node, &open.file)?;
         content::write(&open.file, &cipher, offset, data).map_err(|e| self.content_error(&open.node, e))
+    }
+
+    /// A WRITE request: the data, then (when the kernel asks) clearing the
+    /// set-ID bits.
+    pub(super) fn write_file(&self, open: &OpenFile, offset: u64, data: &[u8], kill_suidgid: bool) -> FsResult<()> {
+        self.write(open, offset, data)?;
+        if kill_suidgid {
+            self.kill_suidgid(&open.file)
+        } else {
+            Ok(())
+        }
     }
 
     pub(super) fn truncate(&self, node: &Node, file: &File, size: u64) -> FsResult<()> {

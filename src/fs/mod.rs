@@ -11,6 +11,7 @@ mod files;
 mod handles;
 mod inodes;
 mod mount;
+mod offload;
 mod open_files;
 mod remove;
 mod shred;
@@ -39,6 +40,7 @@ use open_files::{Handle, NO_OPEN_HANDLE};
 use crate::volume::Volume;
 use bounded::BoundedCache;
 pub use mount::{CacheOptions, MountOptions, mount};
+pub use offload::Mounted;
 
 const GENERATION: Generation = Generation(0);
 const MAX_WRITE: u32 = 1 << 20;
@@ -137,13 +139,14 @@ fn owner(req: &Request) -> (u32, u32) {
     (req.uid(), req.gid())
 }
 
-impl fuser::Filesystem for KmsFs {
+impl fuser::Filesystem for Mounted {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         self.negotiate(config);
         Ok(())
     }
 
     fn destroy(&mut self) {
+        self.io.shutdown();
         self.shredder.drain();
         if let Err(e) = self.volume.sync_keys() {
             log::error!("committing file keys at unmount failed: {e}");
@@ -154,7 +157,7 @@ impl fuser::Filesystem for KmsFs {
         reply_entry(
             reply,
             &self.cache.ttl,
-            self.node(parent).and_then(|p| self.lookup(&p, name)),
+            self.node(parent).and_then(|p| self.fs.lookup(&p, name)),
         );
     }
 
@@ -274,7 +277,7 @@ impl fuser::Filesystem for KmsFs {
         let result = self
             .node(parent)
             .and_then(|p| Ok((p, self.node(newparent)?)))
-            .and_then(|(p, np)| self.rename(&p, name, &np, newname, flags.bits()));
+            .and_then(|(p, np)| self.fs.rename(&p, name, &np, newname, flags.bits()));
         reply_empty(reply, result);
     }
 
@@ -319,13 +322,7 @@ impl fuser::Filesystem for KmsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self
-            .open_file(ino, fh, false)
-            .and_then(|f| self.read(&f, offset, size as usize))
-        {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(e),
-        }
+        self.serve_read(ino, fh, offset, size, reply);
     }
 
     fn write(
@@ -341,14 +338,7 @@ impl fuser::Filesystem for KmsFs {
         reply: ReplyWrite,
     ) {
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        let result = self.open_file(ino, fh, true).and_then(|f| {
-            self.write(&f, offset, data)?;
-            if kill { self.kill_suidgid(&f.file) } else { Ok(()) }
-        });
-        match result {
-            Ok(()) => reply.written(data.len() as u32),
-            Err(e) => reply.error(e),
-        }
+        self.serve_write(ino, fh, offset, data, kill, reply);
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
@@ -375,11 +365,7 @@ impl fuser::Filesystem for KmsFs {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        reply_empty(
-            reply,
-            self.open_file(ino, fh, false)
-                .and_then(|f| self.sync_file(&f, datasync)),
-        );
+        self.serve_fsync(ino, fh, datasync, reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -426,7 +412,7 @@ impl fuser::Filesystem for KmsFs {
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply_empty(reply, self.node(ino).and_then(|n| self.sync_dir(&n)));
+        self.serve_fsyncdir(ino, reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -581,7 +567,7 @@ impl fuser::Filesystem for KmsFs {
         reply_empty(
             reply,
             self.open_file(ino, fh, true)
-                .and_then(|f| self.fallocate(&f, offset, length, mode)),
+                .and_then(|f| self.fs.fallocate(&f, offset, length, mode)),
         );
     }
 }

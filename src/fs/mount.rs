@@ -4,10 +4,13 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 
 use fuser::{Config, InitFlags, KernelConfig, MountOption, SessionACL};
 
+use super::offload::{IoPool, Mounted};
 use super::{KmsFs, MAX_WRITE, bdi};
 
 /// The kernel caches kmsfs asks for; every change goes through the daemon,
@@ -49,7 +52,10 @@ pub struct MountOptions {
     /// Let the kernel check permissions (always on with `allow_other`).
     pub default_permissions: bool,
     pub fsname: Option<String>,
+    /// Threads reading requests from the kernel (`threads=`).
     pub threads: usize,
+    /// Threads for requests that wait on the disk (`io_threads=`).
+    pub io_threads: usize,
     pub cache: CacheOptions,
     /// The kernel's writeback and readahead limits for this mount.
     pub bdi: bdi::BdiTuning,
@@ -58,7 +64,7 @@ pub struct MountOptions {
 }
 
 /// Mounts the filesystem; the returned session serves requests when run.
-pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result<fuser::Session<KmsFs>> {
+pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result<fuser::Session<Mounted>> {
     let mut config = Config::default();
     let fsname = options
         .fsname
@@ -87,7 +93,15 @@ pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result
     }
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
-    fuser::Session::new(fs, mountpoint, &config)
+    let device = Arc::new(OnceLock::new());
+    let fs = Mounted {
+        fs: Arc::new(fs),
+        io: IoPool::new(options.io_threads)?,
+        device: Arc::clone(&device),
+    };
+    let session = fuser::Session::new(fs, mountpoint, &config)?;
+    let _ = device.set(session.as_fd().try_clone_to_owned()?);
+    Ok(session)
 }
 
 /// Descriptors cached for nodes: a quarter of what the process may open,

@@ -1,0 +1,142 @@
+//! Reads and writes whose backing pages are not cached: the request thread
+//! hands them to the I/O threads when other requests wait or the pool is
+//! busy, and answers them itself otherwise. Both paths must return the same
+//! bytes, and fsyncs (always on the pool) must not lose or reorder data.
+
+mod common;
+
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use common::{Rng, TestVolume, path_str};
+
+const FILES: usize = 12;
+const FILE_LEN: usize = 1 << 20;
+
+/// Drops the clean cached pages of every file under `dir`, so that the next
+/// read of them goes to the disk (for the mount: to the daemon).
+fn drop_cached_pages(dir: &Path) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let file = File::open(&path).unwrap();
+            file.sync_all().unwrap();
+            rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        } else if path.is_dir() {
+            drop_cached_pages(&path);
+        }
+    }
+}
+
+fn contents(seed: u64) -> Vec<u8> {
+    Rng::new(seed).bytes(FILE_LEN)
+}
+
+fn check_every_file_in_parallel(vol: &TestVolume, threads: usize, chunk: usize) {
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || {
+                for i in (t..FILES).step_by(threads) {
+                    let want = contents(i as u64);
+                    let file = File::open(vol.path(&format!("f{i}"))).unwrap();
+                    let mut got = vec![0u8; FILE_LEN];
+                    // Out of order, so the kernel's readahead does not turn
+                    // the reads into one sequential stream.
+                    let chunks = FILE_LEN / chunk;
+                    for k in (0..chunks).rev() {
+                        file.read_exact_at(&mut got[k * chunk..(k + 1) * chunk], (k * chunk) as u64)
+                            .unwrap();
+                    }
+                    assert!(
+                        got == want,
+                        "f{i} read back wrong ({threads} threads, {chunk}-byte reads)"
+                    );
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn cold_reads_alone_and_in_parallel_return_what_was_written() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    for i in 0..FILES {
+        fs::write(vol.path(&format!("f{i}")), contents(i as u64)).unwrap();
+    }
+    for (threads, chunk) in [(1, 4096), (6, 4096), (6, 256 * 1024), (1, 256 * 1024)] {
+        drop_cached_pages(&vol.mnt);
+        drop_cached_pages(&vol.backing);
+        check_every_file_in_parallel(&vol, threads, chunk);
+    }
+    m.unmount();
+    let m = vol.mount();
+    check_every_file_in_parallel(&vol, 4, 64 * 1024);
+    m.unmount();
+}
+
+#[test]
+fn cold_partial_writes_and_fsyncs_from_many_threads_keep_every_byte() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    for i in 0..FILES {
+        fs::write(vol.path(&format!("f{i}")), contents(i as u64)).unwrap();
+    }
+    drop_cached_pages(&vol.mnt);
+    drop_cached_pages(&vol.backing);
+    // Each thread overwrites unaligned pieces of its files (every block
+    // they touch must be read back first, from the disk) and fsyncs.
+    let models: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|t| {
+                let vol = &vol;
+                s.spawn(move || {
+                    let mut rng = Rng::new(100 + t as u64);
+                    let mut models = Vec::new();
+                    for i in (t..FILES).step_by(4) {
+                        let mut model = contents(i as u64);
+                        let file = fs::OpenOptions::new()
+                            .write(true)
+                            .open(vol.path(&format!("f{i}")))
+                            .unwrap();
+                        for _ in 0..20 {
+                            let len = 1 + rng.below(9000) as usize;
+                            let at = rng.below((FILE_LEN - len) as u64) as usize;
+                            let piece = rng.bytes(len);
+                            file.write_all_at(&piece, at as u64).unwrap();
+                            model[at..at + len].copy_from_slice(&piece);
+                        }
+                        file.sync_all().unwrap();
+                        models.push((i, model));
+                    }
+                    models
+                })
+            })
+            .collect();
+        let mut all: Vec<(usize, Vec<u8>)> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+        all.sort_by_key(|(i, _)| *i);
+        all.into_iter().map(|(_, model)| model).collect()
+    });
+    m.unmount();
+    let _m = vol.mount();
+    for (i, model) in models.iter().enumerate() {
+        let got = fs::read(vol.path(&format!("f{i}"))).unwrap();
+        assert!(&got == model, "f{i} differs from its model after remount");
+    }
+}
+
+#[test]
+fn io_thread_counts_are_checked() {
+    let vol = TestVolume::init();
+    for bad in ["io_threads=0", "io_threads=65", "io_threads=x", "threads=0"] {
+        let out = vol.run(&["mount", path_str(&vol.backing), path_str(&vol.mnt), "-o", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(bad.split('=').next().unwrap()), "{bad}: {err}");
+    }
+    let m = vol.mount_with(&["-o", "threads=3,io_threads=2"]);
+    fs::write(vol.path("x"), b"ok").unwrap();
+    assert_eq!(fs::read(vol.path("x")).unwrap(), b"ok");
+    m.unmount();
+}
