@@ -101,6 +101,12 @@ impl IoPool {
     }
 }
 
+impl Drop for IoPool {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
 fn work(queue: &(Mutex<Queue>, Condvar), pending: &AtomicUsize) {
     let (lock, ready) = queue;
     loop {
