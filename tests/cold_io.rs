@@ -1,7 +1,6 @@
-//! Reads and writes whose backing pages are not cached: the request thread
-//! hands them to the I/O threads when other requests wait or the pool is
-//! busy, and answers them itself otherwise. Both paths must return the same
-//! bytes, and fsyncs (always on the pool) must not lose or reorder data.
+//! Reads and writes whose backing pages are not cached, alone and from many
+//! threads at once, and fsyncs (which run on the daemon's sync threads)
+//! racing with them: every byte must come back as written.
 
 mod common;
 
@@ -127,15 +126,15 @@ fn cold_partial_writes_and_fsyncs_from_many_threads_keep_every_byte() {
 }
 
 #[test]
-fn io_thread_counts_are_checked() {
+fn thread_counts_are_checked() {
     let vol = TestVolume::init();
-    for bad in ["io_threads=0", "io_threads=65", "io_threads=x", "threads=0"] {
+    for bad in ["sync_threads=0", "sync_threads=65", "sync_threads=x", "threads=0"] {
         let out = vol.run(&["mount", path_str(&vol.backing), path_str(&vol.mnt), "-o", bad]);
         assert_eq!(out.status.code(), Some(2), "{bad} accepted");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(bad.split('=').next().unwrap()), "{bad}: {err}");
     }
-    let m = vol.mount_with(&["-o", "threads=3,io_threads=2"]);
+    let m = vol.mount_with(&["-o", "threads=3,sync_threads=2"]);
     fs::write(vol.path("x"), b"ok").unwrap();
     assert_eq!(fs::read(vol.path("x")).unwrap(), b"ok");
     m.unmount();

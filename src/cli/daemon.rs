@@ -26,8 +26,8 @@ pub struct MountArgs {
     #[arg(short = 'f', long)]
     foreground: bool,
     /// Mount options, comma-separated: ro, allow_other (implies default_permissions), default_permissions
-    /// (the kernel checks permissions; off by default, when only the mounting user has access), fsname=NAME, threads=N (threads taking requests, default 1), io_threads=N (threads for requests that wait
-    /// on the disk, default 8), noexec, nosuid, nodev, noatime,
+    /// (the kernel checks permissions; off by default, when only the mounting user has access), fsname=NAME, threads=N (threads taking requests, default 4), sync_threads=N (threads running fsync, default
+    /// 4), noexec, nosuid, nodev, noatime,
     /// sync, dirsync; caching: attr_timeout=SECS (entries and attributes, default 1), writeback_cache /
     /// no_writeback_cache (default on), keep_cache / no_keep_cache (default on), open_requests (have the kernel send
     /// OPEN and RELEASE; by default it does not when the daemon runs as root or the kernel checks permissions); kernel limits (root only):
@@ -50,8 +50,8 @@ fn mount_error(message: impl Into<String>) -> CliError {
 fn parse_options(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliError> {
     use fuser::MountOption as K;
     let mut opts = MountOptions {
-        threads: 1,
-        io_threads: 8,
+        threads: 4,
+        sync_threads: 4,
         ..MountOptions::default()
     };
     let mut force_open_requests = false;
@@ -81,7 +81,7 @@ fn parse_options(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, 
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" | "relatime" => {}
             o if o.starts_with("fsname=") => opts.fsname = Some(o["fsname=".len()..].to_string()),
             o if o.starts_with("threads=") => opts.threads = number(o, 1, 64)? as usize,
-            o if o.starts_with("io_threads=") => opts.io_threads = number(o, 1, 64)? as usize,
+            o if o.starts_with("sync_threads=") => opts.sync_threads = number(o, 1, 64)? as usize,
             "bdi_defaults" => {
                 opts.bdi = kmsfs::fs::bdi::BdiTuning {
                     max_ratio: None,

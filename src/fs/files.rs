@@ -95,11 +95,6 @@ impl KmsFs {
         Ok(File::from(fd))
     }
 
-    /// Whether the file's header has been read (or written) already.
-    pub(super) fn cipher_cached(&self, node: &Node) -> bool {
-        lock(&node.cipher).is_some()
-    }
-
     /// The cipher of a file that has a header, loading it on first use.
     pub(super) fn cipher(&self, node: &Node, file: &File) -> FsResult<Option<Arc<BlockCipher>>> {
         let mut cached = lock(&node.cipher);

@@ -11,10 +11,10 @@ mod files;
 mod handles;
 mod inodes;
 mod mount;
-mod offload;
 mod open_files;
 mod remove;
 mod shred;
+mod sync_pool;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -32,7 +32,7 @@ use fuser::{
 };
 use rustix::fs::{Mode, OFlags};
 
-use attr::{FsResult, errno, reply_empty, reply_entry, reply_xattr};
+use attr::{FsResult, errno, reply_data, reply_empty, reply_entry, reply_written, reply_xattr};
 use files::{AttrChange, OpenFile};
 use inodes::{InodeTable, Node};
 use open_files::{Handle, NO_OPEN_HANDLE};
@@ -40,7 +40,7 @@ use open_files::{Handle, NO_OPEN_HANDLE};
 use crate::volume::Volume;
 use bounded::BoundedCache;
 pub use mount::{CacheOptions, MountOptions, mount};
-pub use offload::Mounted;
+pub use sync_pool::Mounted;
 
 const GENERATION: Generation = Generation(0);
 const MAX_WRITE: u32 = 1 << 20;
@@ -146,7 +146,7 @@ impl fuser::Filesystem for Mounted {
     }
 
     fn destroy(&mut self) {
-        self.io.shutdown();
+        self.syncs.shutdown();
         self.shredder.drain();
         if let Err(e) = self.volume.sync_keys() {
             log::error!("committing file keys at unmount failed: {e}");
@@ -322,7 +322,11 @@ impl fuser::Filesystem for Mounted {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.serve_read(ino, fh, offset, size, reply);
+        reply_data(
+            reply,
+            self.open_file(ino, fh, false)
+                .and_then(|f| self.fs.read(&f, offset, size as usize)),
+        );
     }
 
     fn write(
@@ -338,7 +342,12 @@ impl fuser::Filesystem for Mounted {
         reply: ReplyWrite,
     ) {
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        self.serve_write(ino, fh, offset, data, kill, reply);
+        reply_written(
+            reply,
+            data.len(),
+            self.open_file(ino, fh, true)
+                .and_then(|f| self.fs.write_file(&f, offset, data, kill)),
+        );
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {

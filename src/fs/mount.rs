@@ -4,13 +4,12 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
 
 use fuser::{Config, InitFlags, KernelConfig, MountOption, SessionACL};
 
-use super::offload::{IoPool, Mounted};
+use super::sync_pool::{Mounted, SyncPool};
 use super::{KmsFs, MAX_WRITE, bdi};
 
 /// The kernel caches kmsfs asks for; every change goes through the daemon,
@@ -54,8 +53,8 @@ pub struct MountOptions {
     pub fsname: Option<String>,
     /// Threads reading requests from the kernel (`threads=`).
     pub threads: usize,
-    /// Threads for requests that wait on the disk (`io_threads=`).
-    pub io_threads: usize,
+    /// Threads for fsync and fsyncdir (`sync_threads=`).
+    pub sync_threads: usize,
     pub cache: CacheOptions,
     /// The kernel's writeback and readahead limits for this mount.
     pub bdi: bdi::BdiTuning,
@@ -93,15 +92,11 @@ pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result
     }
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
-    let device = Arc::new(OnceLock::new());
     let fs = Mounted {
         fs: Arc::new(fs),
-        io: IoPool::new(options.io_threads)?,
-        device: Arc::clone(&device),
+        syncs: SyncPool::new(options.sync_threads)?,
     };
-    let session = fuser::Session::new(fs, mountpoint, &config)?;
-    let _ = device.set(session.as_fd().try_clone_to_owned()?);
-    Ok(session)
+    fuser::Session::new(fs, mountpoint, &config)
 }
 
 /// Descriptors cached for nodes: a quarter of what the process may open,
