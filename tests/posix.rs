@@ -209,6 +209,38 @@ fn xattrs_on_files_and_directories() {
     assert_eq!(xattr_get(&vol.path("dir/moved"), b"user.big").unwrap(), vec![7u8; 3000]);
 }
 
+/// `-o noxattr`: every xattr call fails with EOPNOTSUPP (the kernel stops
+/// asking after the first), files work as before, and the attributes stored
+/// earlier are back after a remount without the option.
+#[test]
+fn noxattr_refuses_extended_attributes_and_keeps_the_stored_ones() {
+    let vol = TestVolume::init();
+    let f = vol.path("file");
+    let m = vol.mount();
+    fs::write(&f, b"data").unwrap();
+    xattr_set(&f, "user.kept", b"yes", 0).unwrap();
+    m.unmount();
+
+    let m = vol.mount_with(&["-o", "noxattr"]);
+    for _ in 0..2 {
+        assert_eq!(errno_of(xattr_get(&f, b"user.kept")), libc::EOPNOTSUPP);
+        assert_eq!(errno_of(xattr_list(&f)), libc::EOPNOTSUPP);
+        assert_eq!(errno_of(xattr_set(&f, "user.new", b"v", 0)), libc::EOPNOTSUPP);
+        assert_eq!(errno_of(xattr_remove(&f, "user.kept")), libc::EOPNOTSUPP);
+    }
+    let mut file = OpenOptions::new().append(true).open(&f).unwrap();
+    file.write_all(b" more").unwrap();
+    drop(file);
+    std::os::unix::fs::chown(&f, Some(1234), Some(1234)).unwrap();
+    assert_eq!(fs::metadata(&f).unwrap().uid(), 1234);
+    assert_eq!(fs::read(&f).unwrap(), b"data more");
+    m.unmount();
+
+    let _m = vol.mount();
+    assert_eq!(xattr_get(&f, b"user.kept").unwrap(), b"yes");
+    assert_eq!(xattr_list(&f).unwrap(), vec![b"user.kept".to_vec()]);
+}
+
 #[test]
 fn fifos_symlinks_and_mknod() {
     let vol = TestVolume::init();

@@ -453,6 +453,9 @@ impl fuser::Filesystem for Mounted {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        if !self.cache.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         reply_empty(
             reply,
             self.node(ino)
@@ -461,6 +464,9 @@ impl fuser::Filesystem for Mounted {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.cache.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         reply_xattr(
             reply,
             size,
@@ -469,10 +475,16 @@ impl fuser::Filesystem for Mounted {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.cache.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         reply_xattr(reply, size, self.node(ino).and_then(|n| self.list_xattrs(&n)));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if !self.cache.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         reply_empty(
             reply,
             self.node(ino).and_then(|n| self.remove_xattr(&n, name.as_bytes())),

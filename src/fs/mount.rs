@@ -30,6 +30,12 @@ pub struct CacheOptions {
     /// (default_permissions) or the daemon runs as root (whom the backing
     /// filesystem lets open anything anyway).
     pub open_requests: bool,
+    /// Serve extended attributes. Without (`noxattr`, as gocryptfs's
+    /// `-noxattr`), the first xattr request of each kind is answered ENOSYS
+    /// and the kernel answers the rest with EOPNOTSUPP itself: no more
+    /// GETXATTR round trips for `security.capability` before writes and
+    /// chowns, or for the SELinux label and ACL `ls -l` asks for.
+    pub xattrs: bool,
 }
 
 impl Default for CacheOptions {
@@ -39,6 +45,7 @@ impl Default for CacheOptions {
             writeback: true,
             keep_cache: true,
             open_requests: true,
+            xattrs: true,
         }
     }
 }
