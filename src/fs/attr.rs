@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use std::sync::Arc;
 
-use fuser::{Errno, FileAttr, FileType, INodeNo, ReplyData, ReplyEmpty, ReplyEntry, ReplyWrite, ReplyXattr};
+use fuser::{Errno, FileAttr, FileType, INodeNo, ReplyEmpty, ReplyEntry, ReplyXattr};
 use rustix::fs::Stat;
 
 use super::GENERATION;
@@ -78,20 +78,6 @@ pub fn reply_xattr(reply: ReplyXattr, size: u32, result: FsResult<Vec<u8>>) {
         Ok(data) if size == 0 => reply.size(data.len() as u32),
         Ok(data) if data.len() > size as usize => reply.error(Errno::ERANGE),
         Ok(data) => reply.data(&data),
-        Err(e) => reply.error(e),
-    }
-}
-
-pub fn reply_data(reply: ReplyData, result: FsResult<Vec<u8>>) {
-    match result {
-        Ok(data) => reply.data(&data),
-        Err(e) => reply.error(e),
-    }
-}
-
-pub fn reply_written(reply: ReplyWrite, len: usize, result: FsResult<()>) {
-    match result {
-        Ok(()) => reply.written(len as u32),
         Err(e) => reply.error(e),
     }
 }

@@ -161,17 +161,6 @@ impl KmsFs {
         content::write(&open.file, &cipher, offset, data).map_err(|e| self.content_error(&open.node, e))
     }
 
-    /// A WRITE request: the data, then (when the kernel asks) clearing the
-    /// set-ID bits.
-    pub(super) fn write_file(&self, open: &OpenFile, offset: u64, data: &[u8], kill_suidgid: bool) -> FsResult<()> {
-        self.write(open, offset, data)?;
-        if kill_suidgid {
-            self.kill_suidgid(&open.file)
-        } else {
-            Ok(())
-        }
-    }
-
     pub(super) fn truncate(&self, node: &Node, file: &File, size: u64) -> FsResult<()> {
         let _guard = node.content.write().unwrap_or_else(|p| p.into_inner());
         let cipher = if size == 0 {

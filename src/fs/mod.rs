@@ -32,7 +32,7 @@ use fuser::{
 };
 use rustix::fs::{Mode, OFlags};
 
-use attr::{FsResult, errno, reply_data, reply_empty, reply_entry, reply_written, reply_xattr};
+use attr::{FsResult, errno, reply_empty, reply_entry, reply_xattr};
 use files::{AttrChange, OpenFile};
 use inodes::{InodeTable, Node};
 use open_files::{Handle, NO_OPEN_HANDLE};
@@ -322,11 +322,13 @@ impl fuser::Filesystem for Mounted {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        reply_data(
-            reply,
-            self.open_file(ino, fh, false)
-                .and_then(|f| self.fs.read(&f, offset, size as usize)),
-        );
+        match self
+            .open_file(ino, fh, false)
+            .and_then(|f| self.fs.read(&f, offset, size as usize))
+        {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn write(
@@ -342,12 +344,14 @@ impl fuser::Filesystem for Mounted {
         reply: ReplyWrite,
     ) {
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        reply_written(
-            reply,
-            data.len(),
-            self.open_file(ino, fh, true)
-                .and_then(|f| self.fs.write_file(&f, offset, data, kill)),
-        );
+        let result = self.open_file(ino, fh, true).and_then(|f| {
+            self.fs.write(&f, offset, data)?;
+            if kill { self.kill_suidgid(&f.file) } else { Ok(()) }
+        });
+        match result {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
