@@ -157,25 +157,10 @@ run_fio_rand_write_4jobs() {
     fio_timed --name=rw4 --filename="$1/rand.bin" --rw=randwrite --bs=4k --size="$RAND" --io_size="$RANDIO" --numjobs=4 --end_fsync=1 --randseed=4 >/dev/null
     rm -f "$1/rand.bin"
 }
-META_PY='
-import os, sys
-d, n, op = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-if op == "create":
-    os.mkdir(d)
-    for i in range(n):
-        os.close(os.open(f"{d}/e{i}", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))
-elif op == "stat":
-    for i in range(n):
-        os.stat(f"{d}/e{i}")
-else:
-    for i in range(n):
-        os.unlink(f"{d}/e{i}")
-    os.rmdir(d)
-'
-run_meta_create() { python3 -c "$META_PY" "$1/meta" "$META" create; }
+run_meta_create() { python3 "$ROOT/scripts/meta_ops.py" "$1/meta" "$META" create; }
 prepare_meta_stat() { drop_caches; }
-run_meta_stat() { python3 -c "$META_PY" "$1/meta" "$META" stat; }
-run_meta_unlink() { python3 -c "$META_PY" "$1/meta" "$META" unlink; }
+run_meta_stat() { python3 "$ROOT/scripts/meta_ops.py" "$1/meta" "$META" stat; }
+run_meta_unlink() { python3 "$ROOT/scripts/meta_ops.py" "$1/meta" "$META" unlink; }
 
 WORKLOADS=(dd_write dd_read_cold untar ls_lR read_all rm_rf
     fio_seq_write fio_seq_read fio_rand_read_qd1 fio_rand_read_4jobs fio_rand_write_qd1 fio_rand_write_4jobs

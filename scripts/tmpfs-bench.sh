@@ -54,22 +54,7 @@ timed() { # LABEL COMMAND...
     e=$(date +%s.%N)
     printf "%s %.3f  " "$label" "$(echo "$e - $s" | bc)"
 }
-meta() { python3 - "$M/meta" "$META" "$1" <<'EOF'
-import os, sys
-d, n, op = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-if op == "create":
-    os.mkdir(d)
-    for i in range(n):
-        os.close(os.open(f"{d}/e{i}", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))
-elif op == "stat":
-    for i in range(n):
-        os.stat(f"{d}/e{i}")
-else:
-    for i in range(n):
-        os.unlink(f"{d}/e{i}")
-    os.rmdir(d)
-EOF
-}
+meta() { python3 scripts/meta_ops.py "$M/meta" "$META" "$1"; }
 echo "== $FILES files in $DIRS directories, $META empty files; seconds"
 for round in $(seq "$ROUNDS"); do
     printf "round %s: " "$round"
