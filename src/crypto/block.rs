@@ -36,6 +36,11 @@ fn block_aad(file_id: &FileId, index: u64, last: bool) -> [u8; FILE_ID_LEN + 9] 
     aad
 }
 
+/// The stored length of `plain_len` bytes of consecutive blocks.
+pub fn sealed_len(plain_len: usize) -> usize {
+    plain_len + plain_len.div_ceil(BLOCK_SIZE) * BLOCK_OVERHEAD
+}
+
 /// A block whose stored bytes are all zero is a hole (see docs/FORMAT.md).
 pub fn is_hole(sealed: &[u8]) -> bool {
     sealed.iter().all(|&b| b == 0)
@@ -58,16 +63,17 @@ impl BlockCipher {
     /// `final_index` is the index of the file's last block after this write.
     /// Returns the sealed blocks back to back.
     pub fn seal_blocks(&self, first_index: u64, final_index: u64, plaintext: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
+        let mut out = vec![0u8; sealed_len(plaintext.len())];
         self.seal_blocks_into(first_index, final_index, plaintext, &mut out);
         out
     }
 
-    /// As `seal_blocks`, into `out` (resized to fit), so that a caller can
-    /// reuse one buffer for every write.
-    pub fn seal_blocks_into(&self, first_index: u64, final_index: u64, plaintext: &[u8], out: &mut Vec<u8>) {
+    /// As `seal_blocks`, into `out`, which must be exactly
+    /// `sealed_len(plaintext.len())` bytes long, so that a caller can reuse
+    /// one buffer for every write.
+    pub fn seal_blocks_into(&self, first_index: u64, final_index: u64, plaintext: &[u8], out: &mut [u8]) {
+        assert_eq!(out.len(), sealed_len(plaintext.len()), "sealed buffer size");
         let count = plaintext.len().div_ceil(BLOCK_SIZE);
-        out.resize(plaintext.len() + count * BLOCK_OVERHEAD, 0);
         // One request of up to 1 MiB (plus an unaligned edge) fits on the stack.
         let mut stack_nonces = [0u8; NONCE_LEN * (MAX_STACK_BLOCKS)];
         let mut heap_nonces = Vec::new();

@@ -147,12 +147,20 @@ impl KmsFs {
         }
     }
 
-    pub(super) fn read(&self, open: &OpenFile, offset: u64, size: usize) -> FsResult<Vec<u8>> {
+    /// Reads up to `size` bytes at `offset` and hands them to `reply`
+    /// (straight from the thread's decryption buffer).
+    pub(super) fn read<R>(
+        &self,
+        open: &OpenFile,
+        offset: u64,
+        size: usize,
+        reply: impl FnOnce(&[u8]) -> R,
+    ) -> FsResult<R> {
         let _guard = open.node.content.read().unwrap_or_else(|p| p.into_inner());
         let Some(cipher) = self.cipher(&open.node, &open.file)? else {
-            return Ok(Vec::new());
+            return Ok(reply(&[]));
         };
-        content::read(&open.file, &cipher, offset, size).map_err(|e| self.content_error(&open.node, e))
+        content::read_with(&open.file, &cipher, offset, size, reply).map_err(|e| self.content_error(&open.node, e))
     }
 
     pub(super) fn write(&self, open: &OpenFile, offset: u64, data: &[u8]) -> FsResult<()> {

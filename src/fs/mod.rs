@@ -322,12 +322,17 @@ impl fuser::Filesystem for Mounted {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self
-            .open_file(ino, fh, false)
-            .and_then(|f| self.fs.read(&f, offset, size as usize))
-        {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(e),
+        // Replied to from the decryption buffer on success, else with the error.
+        let mut reply = Some(reply);
+        let result = self.open_file(ino, fh, false).and_then(|f| {
+            self.fs.read(&f, offset, size as usize, |data| {
+                if let Some(r) = reply.take() {
+                    r.data(data);
+                }
+            })
+        });
+        if let (Err(e), Some(r)) = (result, reply) {
+            r.error(e);
         }
     }
 

@@ -5,9 +5,10 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::num::NonZeroU64;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
-use crate::crypto::{BLOCK_OVERHEAD, BLOCK_SIZE, BlockCipher, CIPHER_BLOCK_SIZE};
+use crate::crypto::{BLOCK_OVERHEAD, BLOCK_SIZE, BlockCipher, CIPHER_BLOCK_SIZE, sealed_len};
 
 use super::header::HEADER_LEN;
 
@@ -62,7 +63,7 @@ fn current_plain_size(file: &File) -> Result<u64, ContentError> {
 }
 
 /// Buffers a request thread reuses, so that reads and writes of up to a
-/// FUSE request's size allocate nothing but the plaintext they return.
+/// FUSE request's size allocate nothing.
 #[derive(Default)]
 struct Scratch {
     sealed: Vec<u8>,
@@ -93,40 +94,71 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     })
 }
 
-/// Decrypts blocks `first..=last` of a file of plaintext size `size`.
-fn read_blocks(file: &File, cipher: &BlockCipher, size: u64, first: u64, last: u64) -> Result<Vec<u8>, ContentError> {
+/// The first `len` bytes of a reused buffer. The buffer only grows, so the
+/// bytes are cleared once rather than on every request; callers overwrite
+/// all `len` bytes.
+fn scratch_slice(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    &mut buf[..len]
+}
+
+/// Decrypts blocks `first..=last` of a file of plaintext size `size` into
+/// the scratch buffers and returns the plaintext.
+fn read_blocks_into<'s>(
+    file: &File,
+    cipher: &BlockCipher,
+    size: u64,
+    first: u64,
+    last: u64,
+    scratch: &'s mut Scratch,
+) -> Result<&'s [u8], ContentError> {
     let plain_end = size.min((last + 1) * BS);
     let plain_len = (plain_end - first * BS) as usize;
-    let blocks = last - first + 1;
-    let mut plain = vec![0u8; plain_len];
-    with_scratch(|scratch| {
-        let sealed = &mut scratch.sealed;
-        sealed.resize(plain_len + blocks as usize * BLOCK_OVERHEAD, 0);
-        read_exact_at(file, sealed, block_offset(first))?;
-        let final_index = (size - 1) / BS;
-        cipher
-            .open_blocks(first, final_index, sealed, &mut plain)
-            .map_err(|block| ContentError::Corrupt { block })
-    })?;
+    let sealed = scratch_slice(&mut scratch.sealed, sealed_len(plain_len));
+    let plain = scratch_slice(&mut scratch.plain, plain_len);
+    read_exact_at(file, sealed, block_offset(first))?;
+    let final_index = (size - 1) / BS;
+    cipher
+        .open_blocks(first, final_index, sealed, plain)
+        .map_err(|block| ContentError::Corrupt { block })?;
     Ok(plain)
 }
 
-/// Reads up to `len` bytes at `offset`.
-pub fn read(file: &File, cipher: &BlockCipher, offset: u64, len: usize) -> Result<Vec<u8>, ContentError> {
+/// Decrypts blocks `first..=last` into a buffer of their own (edge blocks
+/// of a write or truncation, which are then changed).
+fn read_blocks(file: &File, cipher: &BlockCipher, size: u64, first: u64, last: u64) -> Result<Vec<u8>, ContentError> {
+    with_scratch(|scratch| Ok(read_blocks_into(file, cipher, size, first, last, scratch)?.to_vec()))
+}
+
+/// Reads up to `len` bytes at `offset` and hands them to `consume` (empty
+/// at or past the end of the file). The bytes live in this thread's scratch
+/// buffer: a read allocates nothing and copies nothing after decryption.
+pub fn read_with<R>(
+    file: &File,
+    cipher: &BlockCipher,
+    offset: u64,
+    len: usize,
+    consume: impl FnOnce(&[u8]) -> R,
+) -> Result<R, ContentError> {
     let size = current_plain_size(file)?;
     if offset >= size || len == 0 {
-        return Ok(Vec::new());
+        return Ok(consume(&[]));
     }
     let end = size.min(offset + len as u64);
     let first = offset / BS;
     let last = (end - 1) / BS;
-    let mut plain = read_blocks(file, cipher, size, first, last)?;
-    let start = (offset - first * BS) as usize;
-    plain.truncate((end - first * BS) as usize);
-    if start > 0 {
-        plain.drain(..start);
-    }
-    Ok(plain)
+    with_scratch(|scratch| {
+        let plain = read_blocks_into(file, cipher, size, first, last, scratch)?;
+        let start = (offset - first * BS) as usize;
+        Ok(consume(&plain[start..(end - first * BS) as usize]))
+    })
+}
+
+/// Reads up to `len` bytes at `offset` into a new buffer.
+pub fn read(file: &File, cipher: &BlockCipher, offset: u64, len: usize) -> Result<Vec<u8>, ContentError> {
+    read_with(file, cipher, offset, len, <[u8]>::to_vec)
 }
 
 /// Checks every block's tag. Returns (blocks checked, indexes of bad blocks);
@@ -142,8 +174,8 @@ pub fn check_blocks(file: &File, cipher: &BlockCipher, progress: &dyn Fn(u64)) -
     let mut first = 0;
     while first < blocks {
         let last = (first + CHUNK - 1).min(blocks - 1);
-        match read_blocks(file, cipher, size, first, last) {
-            Ok(_) => {}
+        match with_scratch(|scratch| read_blocks_into(file, cipher, size, first, last, scratch).map(|_| ())) {
+            Ok(()) => {}
             Err(ContentError::Io(e)) => return Err(e),
             // Some block in the chunk is bad: find every one of them.
             Err(ContentError::Corrupt { .. }) => {
@@ -193,6 +225,20 @@ fn prefetch_partial_pages(file: &File, start: u64, len: u64) {
     }
 }
 
+/// Writes at least this large (what the kernel's writeback sends for
+/// sequential data) start the backing filesystem's writeback at once.
+const WRITEBACK_KICK: usize = 256 << 10;
+
+/// Starts writing a range of the backing file to disk without waiting for
+/// it. The backing filesystem would otherwise keep the data dirty until an
+/// fsync (or its own flusher, seconds later) and then write it all at once,
+/// after the FUSE writeback has finished instead of alongside it.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    // SAFETY: the descriptor is open for the duration of the call.
+    // Advice only: a failure changes nothing but the speed.
+    let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
 /// Writes `data` at `offset`, extending the file if needed.
 pub fn write(file: &File, cipher: &BlockCipher, offset: u64, data: &[u8]) -> Result<(), ContentError> {
     if data.is_empty() {
@@ -231,9 +277,13 @@ pub fn write(file: &File, cipher: &BlockCipher, offset: u64, data: &[u8]) -> Res
             plain[at..at + data.len()].copy_from_slice(data);
             plain
         };
-        cipher.seal_blocks_into(first, new_final, plain, &mut scratch.sealed);
-        prefetch_partial_pages(file, block_offset(first), scratch.sealed.len() as u64);
-        file.write_all_at(&scratch.sealed, block_offset(first))?;
+        let sealed = scratch_slice(&mut scratch.sealed, sealed_len(plain.len()));
+        cipher.seal_blocks_into(first, new_final, plain, sealed);
+        prefetch_partial_pages(file, block_offset(first), sealed.len() as u64);
+        file.write_all_at(sealed, block_offset(first))?;
+        if sealed.len() >= WRITEBACK_KICK {
+            start_writeback(file, block_offset(first), sealed.len() as u64);
+        }
         Ok(())
     })?;
 
