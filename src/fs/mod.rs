@@ -11,10 +11,12 @@ mod files;
 mod handles;
 mod inodes;
 mod mount;
+mod mounted;
 mod open_files;
+mod prefetch;
 mod remove;
 mod shred;
-mod sync_pool;
+mod workers;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -40,7 +42,7 @@ use open_files::{Handle, NO_OPEN_HANDLE};
 use crate::volume::Volume;
 use bounded::BoundedCache;
 pub use mount::{CacheOptions, MountOptions, mount};
-pub use sync_pool::Mounted;
+pub use mounted::Mounted;
 
 const GENERATION: Generation = Generation(0);
 const MAX_WRITE: u32 = 1 << 20;
@@ -56,6 +58,8 @@ pub struct KmsFs {
     node_files: BoundedCache<Arc<OpenFile>>,
     /// Erases the keys of removed files whose ids must be read first.
     shredder: shred::Shredder,
+    /// The order of the files in recent directory listings (prefetch.rs).
+    read_orders: prefetch::ReadOrders,
     /// The kernel leaves clearing set-user/group-ID bits on write and
     /// truncate to us (FUSE_HANDLE_KILLPRIV_V2). Meant to spare a
     /// `security.capability` lookup per write; the 6.18 kernel here still
@@ -73,6 +77,7 @@ impl KmsFs {
         let st = rustix::fs::fstat(&root)?;
         Ok(KmsFs {
             shredder: shred::Shredder::new(Arc::clone(&volume)),
+            read_orders: prefetch::ReadOrders::default(),
             volume,
             inodes: InodeTable::new(root, &st, mount::fd_cache_capacity())?,
             node_files: BoundedCache::new(mount::fd_cache_capacity()),
@@ -147,6 +152,7 @@ impl fuser::Filesystem for Mounted {
 
     fn destroy(&mut self) {
         self.syncs.shutdown();
+        self.prefetches.shutdown();
         self.shredder.drain();
         if let Err(e) = self.volume.sync_keys() {
             log::error!("committing file keys at unmount failed: {e}");
@@ -322,6 +328,9 @@ impl fuser::Filesystem for Mounted {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if offset == 0 {
+            self.prefetch_after(ino);
+        }
         // Replied to from the decryption buffer on success, else with the error.
         let mut reply = Some(reply);
         let result = self.open_file(ino, fh, false).and_then(|f| {
@@ -388,7 +397,10 @@ impl fuser::Filesystem for Mounted {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.node(ino).and_then(|n| self.list_dir(&n)) {
-            Ok(entries) => reply.opened(self.add_handle(Handle::Dir(Arc::new(entries))), FopenFlags::empty()),
+            Ok(entries) => {
+                self.read_orders.listed(&entries);
+                reply.opened(self.add_handle(Handle::Dir(Arc::new(entries))), FopenFlags::empty())
+            }
             Err(e) => reply.error(e),
         }
     }

@@ -9,7 +9,9 @@ use std::sync::atomic::Ordering;
 
 use fuser::{Config, InitFlags, KernelConfig, MountOption, SessionACL};
 
-use super::sync_pool::{Mounted, SyncPool};
+use super::mounted::Mounted;
+use super::prefetch;
+use super::workers::WorkerPool;
 use super::{KmsFs, MAX_WRITE, bdi};
 
 /// The kernel caches kmsfs asks for; every change goes through the daemon,
@@ -101,7 +103,10 @@ pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result
     config.clone_fd = true;
     let fs = Mounted {
         fs: Arc::new(fs),
-        syncs: SyncPool::new(options.sync_threads)?,
+        syncs: WorkerPool::new("sync", options.sync_threads, usize::MAX)?,
+        // One thread: its jobs only start reads. At most a few sequential
+        // readers' worth of jobs wait; beyond that advice is dropped.
+        prefetches: WorkerPool::new("ahead", 1, 4 * prefetch::WINDOW)?,
     };
     fuser::Session::new(fs, mountpoint, &config)
 }

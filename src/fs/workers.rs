@@ -1,22 +1,10 @@
-//! Requests that wait for the disk for long: fsync and fsyncdir.
-//!
-//! They run on a small pool of their own, so that a long fsync (seconds
-//! for a large file on a slow disk) never occupies one of the threads
-//! reading requests from /dev/fuse: with four request threads, four
-//! concurrent fsyncs would otherwise stall every other request, `stat`s
-//! included. Reads and writes stay on the request threads: handing cold
-//! ones to a pool was measured and costs a second cross-CPU wake-up per
-//! request (DESIGN.md, "Request threads").
+//! Small pools of threads for work that must not occupy the threads
+//! reading requests from /dev/fuse: fsync and fsyncdir (long waits for the
+//! disk) and cross-file prefetching (see prefetch.rs).
 
 use std::collections::VecDeque;
-use std::ops::Deref;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
-
-use fuser::{FileHandle, INodeNo, ReplyEmpty};
-
-use super::KmsFs;
-use super::attr::reply_empty;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -27,29 +15,48 @@ struct Queue {
 }
 
 /// A fixed set of threads running jobs in arrival order.
-pub struct SyncPool {
+pub struct WorkerPool {
     queue: Arc<(Mutex<Queue>, Condvar)>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// `offer` refuses jobs beyond this many waiting.
+    max_waiting: usize,
 }
 
-impl SyncPool {
-    pub fn new(threads: usize) -> std::io::Result<Self> {
+impl WorkerPool {
+    /// `threads` threads named `kmsfs-{name}-N`.
+    pub fn new(name: &str, threads: usize, max_waiting: usize) -> std::io::Result<Self> {
         let queue: Arc<(Mutex<Queue>, Condvar)> = Arc::default();
         let handles = (0..threads.max(1))
             .map(|i| {
                 let queue = Arc::clone(&queue);
                 std::thread::Builder::new()
-                    .name(format!("kmsfs-sync-{i}"))
+                    .name(format!("kmsfs-{name}-{i}"))
                     .spawn(move || work(&queue))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(SyncPool {
+        Ok(WorkerPool {
             queue,
             threads: Mutex::new(handles),
+            max_waiting,
         })
     }
 
-    /// Runs `job` on a pool thread (on this one once the pool is shut down).
+    /// Queues `job` unless `max_waiting` jobs are waiting already or the
+    /// pool is shut down (for work that may be skipped, such as advice).
+    pub fn offer(&self, job: impl FnOnce() + Send + 'static) -> bool {
+        let (lock, ready) = &*self.queue;
+        let mut queue = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        if queue.closed || queue.jobs.len() >= self.max_waiting {
+            return false;
+        }
+        queue.jobs.push_back(Box::new(job));
+        drop(queue);
+        ready.notify_one();
+        true
+    }
+
+    /// Runs `job` on a pool thread (on this one once the pool is shut down),
+    /// however many jobs are waiting.
     pub fn run(&self, job: impl FnOnce() + Send + 'static) {
         let (lock, ready) = &*self.queue;
         let mut queue = lock.lock().unwrap_or_else(PoisonError::into_inner);
@@ -70,13 +77,13 @@ impl SyncPool {
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
         for thread in threads {
             if thread.join().is_err() {
-                log::error!("a sync thread panicked");
+                log::error!("a worker thread panicked");
             }
         }
     }
 }
 
-impl Drop for SyncPool {
+impl Drop for WorkerPool {
     fn drop(&mut self) {
         self.shutdown();
     }
@@ -101,37 +108,6 @@ fn work(queue: &(Mutex<Queue>, Condvar)) {
     }
 }
 
-/// The filesystem as the FUSE session sees it: `KmsFs` plus the sync pool.
-pub struct Mounted {
-    pub(super) fs: Arc<KmsFs>,
-    pub(super) syncs: SyncPool,
-}
-
-impl Deref for Mounted {
-    type Target = KmsFs;
-    fn deref(&self) -> &KmsFs {
-        &self.fs
-    }
-}
-
-impl Mounted {
-    pub(super) fn serve_fsync(&self, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        let fs = Arc::clone(&self.fs);
-        self.syncs.run(move || {
-            reply_empty(
-                reply,
-                fs.open_file(ino, fh, false).and_then(|f| fs.sync_file(&f, datasync)),
-            )
-        });
-    }
-
-    pub(super) fn serve_fsyncdir(&self, ino: INodeNo, reply: ReplyEmpty) {
-        let fs = Arc::clone(&self.fs);
-        self.syncs
-            .run(move || reply_empty(reply, fs.node(ino).and_then(|n| fs.sync_dir(&n))));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,7 +115,7 @@ mod tests {
 
     #[test]
     fn the_pool_runs_every_job_and_shutdown_waits_for_them() {
-        let pool = SyncPool::new(3).unwrap();
+        let pool = WorkerPool::new("test", 3, usize::MAX).unwrap();
         let (done, results) = mpsc::channel();
         for i in 0..50u32 {
             let done = done.clone();
@@ -156,5 +132,29 @@ mod tests {
         let caller = std::thread::current().id();
         pool.run(move || done.send(u32::from(std::thread::current().id() == caller)).unwrap());
         assert_eq!(results.try_recv(), Ok(1));
+    }
+
+    #[test]
+    fn offer_refuses_jobs_beyond_the_limit_and_after_shutdown() {
+        let pool = WorkerPool::new("test", 1, 2).unwrap();
+        let (started, wait_started) = mpsc::channel();
+        let (release, blocked) = mpsc::channel::<()>();
+        assert!(pool.offer(move || {
+            started.send(()).unwrap();
+            blocked.recv().unwrap();
+        }));
+        wait_started.recv().unwrap(); // the thread is busy; nothing waits
+        let ran = Arc::new(Mutex::new(0));
+        let offered: Vec<bool> = (0..3)
+            .map(|_| {
+                let ran = Arc::clone(&ran);
+                pool.offer(move || *ran.lock().unwrap() += 1)
+            })
+            .collect();
+        assert_eq!(offered, [true, true, false]);
+        release.send(()).unwrap();
+        pool.shutdown();
+        assert_eq!(*ran.lock().unwrap(), 2);
+        assert!(!pool.offer(|| {}));
     }
 }

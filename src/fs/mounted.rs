@@ -1,0 +1,67 @@
+//! The filesystem as the FUSE session sees it: `KmsFs` plus the worker
+//! pools that take work off the request threads.
+//!
+//! fsync and fsyncdir run on a small pool of their own, so that a long
+//! fsync (seconds for a large file on a slow disk) never occupies one of the
+//! threads reading requests from /dev/fuse: with four request threads, four
+//! concurrent fsyncs would otherwise stall every other request, `stat`s
+//! included. Reads and writes stay on the request threads: handing cold
+//! ones to a pool was measured and costs a second cross-CPU wake-up per
+//! request (DESIGN.md, "Request threads").
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use fuser::{FileHandle, INodeNo, ReplyEmpty};
+
+use super::KmsFs;
+use super::attr::reply_empty;
+use super::prefetch;
+use super::workers::WorkerPool;
+
+/// The filesystem as the FUSE session sees it: `KmsFs` plus its worker pools.
+pub struct Mounted {
+    pub(super) fs: Arc<KmsFs>,
+    pub(super) syncs: WorkerPool,
+    pub(super) prefetches: WorkerPool,
+}
+
+impl Deref for Mounted {
+    type Target = KmsFs;
+    fn deref(&self) -> &KmsFs {
+        &self.fs
+    }
+}
+
+impl Mounted {
+    pub(super) fn serve_fsync(&self, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        let fs = Arc::clone(&self.fs);
+        self.syncs.run(move || {
+            reply_empty(
+                reply,
+                fs.open_file(ino, fh, false).and_then(|f| fs.sync_file(&f, datasync)),
+            )
+        });
+    }
+
+    pub(super) fn serve_fsyncdir(&self, ino: INodeNo, reply: ReplyEmpty) {
+        let fs = Arc::clone(&self.fs);
+        self.syncs
+            .run(move || reply_empty(reply, fs.node(ino).and_then(|n| fs.sync_dir(&n))));
+    }
+
+    /// Called when a file's first bytes are read: if the files of its
+    /// directory are being read in listing order, asks for the next ones.
+    pub(super) fn prefetch_after(&self, ino: INodeNo) {
+        let nodes: Vec<_> = self
+            .read_orders
+            .next_after(ino.0)
+            .into_iter()
+            .filter_map(|next| self.inodes.get(next))
+            .collect();
+        if !nodes.is_empty() {
+            self.prefetches
+                .offer(move || nodes.iter().for_each(|node| prefetch::start_reading(node)));
+        }
+    }
+}
