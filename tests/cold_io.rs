@@ -1,6 +1,7 @@
 //! Reads and writes whose backing pages are not cached, alone and from many
 //! threads at once, and fsyncs (which run on the daemon's sync threads)
-//! racing with them: every byte must come back as written.
+//! racing with them: every byte must come back as written. Also the
+//! readahead across files (prefetch.rs), observed in the backing page cache.
 
 mod common;
 
@@ -137,5 +138,93 @@ fn thread_counts_are_checked() {
     let m = vol.mount_with(&["-o", "threads=3,sync_threads=2"]);
     fs::write(vol.path("x"), b"ok").unwrap();
     assert_eq!(fs::read(vol.path("x")).unwrap(), b"ok");
+    m.unmount();
+}
+
+/// Whether every page of `path` is in the page cache.
+fn resident(path: &Path) -> bool {
+    let file = File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    let pages = len.div_ceil(4096);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: a read-only shared mapping of a file we keep open, unmapped
+    // before returning; mincore only writes `pages` bytes into `vec`.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            0,
+        );
+        assert_ne!(addr, libc::MAP_FAILED, "mmap {}", path.display());
+        assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
+        libc::munmap(addr, len);
+    }
+    vec.iter().all(|&page| page & 1 == 1)
+}
+
+#[test]
+fn reading_a_directory_in_listing_order_prefetches_the_next_files() {
+    const SMALL: usize = 20;
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    let dir = vol.path("small");
+    fs::create_dir(&dir).unwrap();
+    for i in 0..SMALL {
+        fs::write(dir.join(format!("s{i}")), Rng::new(100 + i as u64).bytes(8192)).unwrap();
+    }
+    drop_cached_pages(&vol.mnt);
+    drop_cached_pages(&vol.backing);
+    // Backing files by inode number (a file's inode number is the same
+    // through the mount), in the mount's listing order.
+    let backing_dir = fs::read_dir(&vol.backing)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .unwrap();
+    let mut backing_of = std::collections::HashMap::new();
+    for entry in fs::read_dir(backing_dir).unwrap() {
+        let path = entry.unwrap().path();
+        backing_of.insert(std::os::unix::fs::MetadataExt::ino(&fs::metadata(&path).unwrap()), path);
+    }
+    let listing: Vec<(std::path::PathBuf, std::path::PathBuf)> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let ino = std::os::unix::fs::DirEntryExt::ino(&e);
+            (e.path(), backing_of[&ino].clone())
+        })
+        .collect();
+    assert_eq!(listing.len(), SMALL);
+    if listing.iter().any(|(_, backing)| resident(backing)) {
+        eprintln!("the backing filesystem keeps its pages (tmpfs?): prefetching cannot be observed");
+        return;
+    }
+    // Reading the listing's first file asks for the next 8.
+    fs::read(&listing[0].0).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !listing[1..9].iter().all(|(_, b)| resident(b)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "files 1-8 were not prefetched: {:?}",
+            listing[1..9].iter().map(|(_, b)| resident(b)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        listing[9..].iter().all(|(_, b)| !resident(b)),
+        "only the window is prefetched"
+    );
+    // Reading in another order asks for nothing more.
+    fs::read(&listing[15].0).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!resident(&listing[16].1) && !resident(&listing[10].1));
+    // Whatever was prefetched reads back as written.
+    for (path, _) in &listing {
+        let i: u64 = path.file_name().unwrap().to_str().unwrap()[1..].parse().unwrap();
+        assert_eq!(fs::read(path).unwrap(), Rng::new(100 + i).bytes(8192));
+    }
     m.unmount();
 }
