@@ -334,3 +334,53 @@ fn writes_and_truncation_by_a_non_root_owner_clear_set_id_bits() {
     );
     assert_eq!(fs::read(&p).unwrap(), b"x");
 }
+
+/// A new file is open for writing whatever mode it was created with, and
+/// `O_EXCL` refuses existing names, both when files are created with CREATE
+/// (`allow_other`, where the kernel checks permissions) and when the daemon
+/// lets the kernel create them with MKNOD (the default for a root daemon).
+#[test]
+fn creating_a_file_opens_it_whatever_its_mode() {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let vol = TestVolume::init();
+    fs::set_permissions(vol.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    for options in [&[][..], &["-o", "allow_other"][..]] {
+        let m = vol.mount_with(options);
+        let dir = vol.path("new");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let p = dir.join("readonly");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .open(&p)
+            .unwrap();
+        f.write_all(b"written").unwrap();
+        drop(f);
+        assert_eq!(fs::read(&p).unwrap(), b"written", "{options:?}");
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o7777, 0o444);
+        let again = fs::OpenOptions::new().write(true).create_new(true).open(&p);
+        assert_eq!(again.unwrap_err().kind(), std::io::ErrorKind::AlreadyExists);
+        if !options.is_empty() {
+            // Another user (only allow_other lets one in).
+            let q = dir.join("theirs");
+            let ok = std::process::Command::new("setpriv")
+                // The shell creates with O_CREAT|O_EXCL (set -C) and mode
+                // 0666 & ~umask = 0444.
+                .args(["--reuid=1000", "--regid=1000", "--clear-groups", "sh", "-c"])
+                .arg(r#"umask 222; set -C; printf mine > "$1""#)
+                .args(["sh"])
+                .arg(&q)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "uid 1000 creates a 0444 file and writes it");
+            assert_eq!(fs::read(&q).unwrap(), b"mine");
+            assert_eq!(fs::metadata(&q).unwrap().uid(), 1000);
+            assert_eq!(fs::metadata(&q).unwrap().permissions().mode() & 0o7777, 0o444);
+        }
+        fs::remove_dir_all(&dir).unwrap();
+        m.unmount();
+    }
+}
