@@ -336,9 +336,9 @@ fn writes_and_truncation_by_a_non_root_owner_clear_set_id_bits() {
 }
 
 /// A new file is open for writing whatever mode it was created with, and
-/// `O_EXCL` refuses existing names, both when files are created with CREATE
-/// (`allow_other`, where the kernel checks permissions) and when the daemon
-/// lets the kernel create them with MKNOD (the default for a root daemon).
+/// `O_EXCL` refuses existing names, both on a default mount (the root
+/// daemon's: no OPEN requests, no permission checks in the kernel) and with
+/// `allow_other` (the kernel checks permissions, and other users come in).
 #[test]
 fn creating_a_file_opens_it_whatever_its_mode() {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};

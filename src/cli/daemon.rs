@@ -30,8 +30,7 @@ pub struct MountArgs {
     /// 4), noexec, nosuid, nodev, noatime,
     /// sync, dirsync; caching: attr_timeout=SECS (entries and attributes, default 1), writeback_cache /
     /// no_writeback_cache (default on), keep_cache / no_keep_cache (default on), noxattr (no extended attributes: fewer round trips), open_requests (have the kernel send
-    /// OPEN and RELEASE, and CREATE for new files; by default it does not when the daemon runs as root or the kernel checks
-    /// permissions, and creates files with MKNOD unless it checks permissions); kernel limits (root only):
+    /// OPEN and RELEASE; by default it does not when the daemon runs as root or the kernel checks permissions); kernel limits (root only):
     /// bdi_max_ratio=PCT, bdi_strict_limit=0|1 (default: the kernel's, 1 and 1), read_ahead_kb=KB
     /// (default 1024), bdi_defaults (leave all three to the kernel); and keystore=PATH, passphrase_file=PATH, key_file=PATH
     /// (for fstab)
@@ -122,8 +121,6 @@ fn parse_options(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, 
     // see CacheOptions::open_requests.
     let kernel_or_root_checks = opts.allow_other || opts.default_permissions || rustix::process::geteuid().is_root();
     opts.cache.open_requests = force_open_requests || !kernel_or_root_checks;
-    // See CacheOptions::create_requests.
-    opts.cache.create_requests = opts.cache.open_requests || opts.allow_other || opts.default_permissions;
     Ok(opts)
 }
 

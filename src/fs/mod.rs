@@ -546,12 +546,6 @@ impl fuser::Filesystem for Mounted {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        if !self.cache.create_requests {
-            // The kernel then creates files with MKNOD and opens them by
-            // itself: no RELEASE at close (see CacheOptions::create_requests).
-            reply.error(Errno::ENOSYS);
-            return;
-        }
         // Without OPEN requests the new file's descriptor serves every later
         // open of it too, so it must allow writing.
         let access = if flags & libc::O_ACCMODE == libc::O_RDONLY && self.cache.open_requests {

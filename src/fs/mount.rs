@@ -32,14 +32,6 @@ pub struct CacheOptions {
     /// (default_permissions) or the daemon runs as root (whom the backing
     /// filesystem lets open anything anyway).
     pub open_requests: bool,
-    /// Create files with CREATE (open with `O_CREAT` in one request, which
-    /// hands out a file handle and so costs a RELEASE at close). Without,
-    /// the first CREATE is answered ENOSYS and the kernel creates files with
-    /// MKNOD and opens them itself: one round trip less per new file. Only
-    /// without OPEN requests and without the kernel's permission checks:
-    /// with `default_permissions` the kernel would check the new file's
-    /// mode on that open, and `open(O_CREAT|O_WRONLY, 0444)` would fail.
-    pub create_requests: bool,
     /// Serve extended attributes. Without (`noxattr`, as gocryptfs's
     /// `-noxattr`), the first xattr request of each kind is answered ENOSYS
     /// and the kernel answers the rest with EOPNOTSUPP itself: no more
@@ -55,7 +47,6 @@ impl Default for CacheOptions {
             writeback: true,
             keep_cache: true,
             open_requests: true,
-            create_requests: true,
             xattrs: true,
         }
     }
