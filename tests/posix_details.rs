@@ -339,8 +339,10 @@ fn writes_and_truncation_by_a_non_root_owner_clear_set_id_bits() {
 /// `O_EXCL` refuses existing names, both on a default mount (the root
 /// daemon's: no OPEN requests, no permission checks in the kernel) and with
 /// `allow_other` (the kernel checks permissions, and other users come in).
+/// New entries belong to their creator, with the group of a set-group-ID
+/// parent directory.
 #[test]
-fn creating_a_file_opens_it_whatever_its_mode() {
+fn new_files_open_whatever_their_mode_and_get_the_right_owner() {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let vol = TestVolume::init();
     fs::set_permissions(vol.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -379,6 +381,25 @@ fn creating_a_file_opens_it_whatever_its_mode() {
             assert_eq!(fs::read(&q).unwrap(), b"mine");
             assert_eq!(fs::metadata(&q).unwrap().uid(), 1000);
             assert_eq!(fs::metadata(&q).unwrap().permissions().mode() & 0o7777, 0o444);
+            // In a set-group-ID directory new entries take its group.
+            let shared = dir.join("shared");
+            fs::create_dir(&shared).unwrap();
+            std::os::unix::fs::chown(&shared, None, Some(2000)).unwrap();
+            fs::set_permissions(&shared, fs::Permissions::from_mode(0o2777)).unwrap();
+            fs::write(shared.join("root's"), b"r").unwrap();
+            let ok = std::process::Command::new("setpriv")
+                .args(["--reuid=1000", "--regid=1000", "--clear-groups", "sh", "-c"])
+                .arg(r#"printf u > "$1/user's""#)
+                .args(["sh"])
+                .arg(&shared)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "uid 1000 creates in a set-group-ID directory");
+            for (name, uid) in [("root's", 0), ("user's", 1000)] {
+                let meta = fs::metadata(shared.join(name)).unwrap();
+                assert_eq!((meta.uid(), meta.gid()), (uid, 2000), "{name}");
+            }
         }
         fs::remove_dir_all(&dir).unwrap();
         m.unmount();

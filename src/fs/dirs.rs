@@ -163,6 +163,29 @@ impl KmsFs {
         .map_err(errno)
     }
 
+    /// Gives a new entry, just looked up as `node` with `attr`, to the
+    /// calling user unless it is theirs already (a root caller's, usually:
+    /// then no chown and no stat of the parent).
+    fn settle_owner(
+        &self,
+        parent: &Node,
+        backing: &str,
+        node: &Node,
+        attr: FileAttr,
+        owner: (u32, u32),
+    ) -> FsResult<FileAttr> {
+        if (attr.uid, attr.gid) == owner {
+            return Ok(attr);
+        }
+        let settled = self
+            .set_owner(parent, backing, owner.0, owner.1)
+            .and_then(|()| self.stat_attr(node));
+        if settled.is_err() {
+            self.forget_node(node.ino, 1); // the kernel never hears of it
+        }
+        settled
+    }
+
     /// Creates a regular file, fifo or socket; returns the open descriptor for regular files.
     pub(super) fn make_node(
         &self,
@@ -203,8 +226,8 @@ impl KmsFs {
                 return Err(errno(e));
             }
         };
-        self.set_owner(parent, b, owner.0, owner.1)?;
         let (node, attr) = self.lookup_backing(parent, b)?;
+        let attr = self.settle_owner(parent, b, &node, attr, owner)?;
         Ok((node, attr, fd))
     }
 
@@ -277,8 +300,9 @@ impl KmsFs {
             self.volume.forget_link_target(stored.as_bytes());
             return Err(errno(e));
         }
-        self.set_owner(parent, backing.as_str(), owner.0, owner.1)?;
-        self.lookup_backing(parent, backing.as_str())
+        let (node, attr) = self.lookup_backing(parent, backing.as_str())?;
+        let attr = self.settle_owner(parent, backing.as_str(), &node, attr, owner)?;
+        Ok((node, attr))
     }
 
     pub(super) fn read_link(&self, node: &Node) -> FsResult<Vec<u8>> {
