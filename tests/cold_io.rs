@@ -127,9 +127,16 @@ fn cold_partial_writes_and_fsyncs_from_many_threads_keep_every_byte() {
 }
 
 #[test]
-fn thread_counts_are_checked() {
+fn thread_and_prefetch_counts_are_checked() {
     let vol = TestVolume::init();
-    for bad in ["sync_threads=0", "sync_threads=65", "sync_threads=x", "threads=0"] {
+    for bad in [
+        "sync_threads=0",
+        "sync_threads=65",
+        "sync_threads=x",
+        "threads=0",
+        "prefetch=65",
+        "prefetch=-1",
+    ] {
         let out = vol.run(&["mount", path_str(&vol.backing), path_str(&vol.mnt), "-o", bad]);
         assert_eq!(out.status.code(), Some(2), "{bad} accepted");
         let err = String::from_utf8_lossy(&out.stderr);
@@ -226,5 +233,19 @@ fn reading_a_directory_in_listing_order_prefetches_the_next_files() {
         let i: u64 = path.file_name().unwrap().to_str().unwrap()[1..].parse().unwrap();
         assert_eq!(fs::read(path).unwrap(), Rng::new(100 + i).bytes(8192));
     }
+    m.unmount();
+    // `prefetch=0` turns it off; a listing is taken at opendir, so list again.
+    let m = vol.mount_with(&["-o", "prefetch=0"]);
+    drop_cached_pages(&vol.mnt);
+    drop_cached_pages(&vol.backing);
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), SMALL);
+    for (path, _) in &listing[..3] {
+        fs::read(path).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        listing[3..].iter().all(|(_, b)| !resident(b)),
+        "nothing read ahead with prefetch=0"
+    );
     m.unmount();
 }

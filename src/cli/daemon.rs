@@ -29,7 +29,8 @@ pub struct MountArgs {
     /// (the kernel checks permissions; off by default, when only the mounting user has access), fsname=NAME, threads=N (threads taking requests, default 4), sync_threads=N (threads running fsync, default
     /// 4), noexec, nosuid, nodev, noatime,
     /// sync, dirsync; caching: attr_timeout=SECS (entries and attributes, default 1), writeback_cache /
-    /// no_writeback_cache (default on), keep_cache / no_keep_cache (default on), noxattr (no extended attributes: fewer round trips), open_requests (have the kernel send
+    /// no_writeback_cache (default on), keep_cache / no_keep_cache (default on), noxattr (no extended attributes: fewer round trips), prefetch=N (files of a directory read ahead
+    /// when its files are read in listing order, default 8, 0 off), open_requests (have the kernel send
     /// OPEN and RELEASE; by default it does not when the daemon runs as root or the kernel checks permissions); kernel limits (root only):
     /// bdi_max_ratio=PCT, bdi_strict_limit=0|1 (default: the kernel's, 1 and 1), read_ahead_kb=KB
     /// (default 1024), bdi_defaults (leave all three to the kernel); and keystore=PATH, passphrase_file=PATH, key_file=PATH
@@ -96,6 +97,7 @@ fn parse_options(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, 
             "no_writeback_cache" => opts.cache.writeback = false,
             "open_requests" => force_open_requests = true,
             "noxattr" => opts.cache.xattrs = false,
+            o if o.starts_with("prefetch=") => opts.cache.prefetch_files = number(o, 0, 64)? as usize,
             "keep_cache" => opts.cache.keep_cache = true,
             "no_keep_cache" => opts.cache.keep_cache = false,
             o if o.starts_with("attr_timeout=") => {

@@ -77,7 +77,7 @@ impl KmsFs {
         let st = rustix::fs::fstat(&root)?;
         Ok(KmsFs {
             shredder: shred::Shredder::new(Arc::clone(&volume)),
-            read_orders: prefetch::ReadOrders::default(),
+            read_orders: prefetch::ReadOrders::new(cache.prefetch_files),
             volume,
             inodes: InodeTable::new(root, &st, mount::fd_cache_capacity())?,
             node_files: BoundedCache::new(mount::fd_cache_capacity()),

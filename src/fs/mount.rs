@@ -38,6 +38,9 @@ pub struct CacheOptions {
     /// GETXATTR round trips for `security.capability` before writes and
     /// chowns, or for the SELinux label and ACL `ls -l` asks for.
     pub xattrs: bool,
+    /// Files of a directory asked for ahead of the one being read in
+    /// listing order (`prefetch=N`, 0 turns it off; see prefetch.rs).
+    pub prefetch_files: usize,
 }
 
 impl Default for CacheOptions {
@@ -48,6 +51,7 @@ impl Default for CacheOptions {
             keep_cache: true,
             open_requests: true,
             xattrs: true,
+            prefetch_files: prefetch::DEFAULT_WINDOW,
         }
     }
 }
@@ -106,7 +110,7 @@ pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result
         syncs: WorkerPool::new("sync", options.sync_threads, usize::MAX)?,
         // One thread: its jobs only start reads. At most a few sequential
         // readers' worth of jobs wait; beyond that advice is dropped.
-        prefetches: WorkerPool::new("ahead", 1, 4 * prefetch::WINDOW)?,
+        prefetches: WorkerPool::new("ahead", 1, 32)?,
     };
     fuser::Session::new(fs, mountpoint, &config)
 }

@@ -17,8 +17,9 @@ use rustix::fs::{Advice, OFlags};
 use super::dirs::DirEntry;
 use super::inodes::Node;
 
-/// Files asked for ahead of the one being read.
-pub const WINDOW: usize = 8;
+/// Files asked for ahead of the one being read, unless the mount says
+/// otherwise (`prefetch=N`).
+pub const DEFAULT_WINDOW: usize = 8;
 /// Backing bytes asked for per file: small files whole, large ones are
 /// left to the kernel's readahead once they are read.
 const PREFETCH_BYTES: u64 = 128 << 10;
@@ -30,6 +31,7 @@ const MAX_TRACKED: usize = 1 << 18;
 /// The regular files of one directory listing, in listing order.
 struct ReadOrder {
     files: Vec<u64>,
+    window: usize,
     progress: Mutex<Progress>,
 }
 
@@ -50,14 +52,14 @@ impl ReadOrder {
         // after the previous.
         let sequential = match progress.last {
             None => index == 0,
-            Some(last) => index > last && index <= last + WINDOW,
+            Some(last) => index > last && index <= last + self.window,
         };
         progress.last = Some(index);
         if !sequential {
             return &[];
         }
         let start = progress.asked_until.max(index + 1);
-        let end = (index + 1 + WINDOW).min(self.files.len());
+        let end = (index + 1 + self.window).min(self.files.len());
         if start >= end {
             return &[];
         }
@@ -67,14 +69,25 @@ impl ReadOrder {
 }
 
 /// Where each listed file stands in the latest listing of its directory.
-#[derive(Default)]
 pub struct ReadOrders {
+    /// Files asked for ahead; 0 turns the readahead off.
+    window: usize,
     by_file: Mutex<HashMap<u64, (Arc<ReadOrder>, usize)>>,
 }
 
 impl ReadOrders {
+    pub fn new(window: usize) -> Self {
+        ReadOrders {
+            window,
+            by_file: Mutex::default(),
+        }
+    }
+
     /// Remembers the order of the regular files in a new listing.
     pub fn listed(&self, entries: &[DirEntry]) {
+        if self.window == 0 {
+            return;
+        }
         let files: Vec<u64> = entries
             .iter()
             .filter(|e| e.kind == FileType::RegularFile)
@@ -86,6 +99,7 @@ impl ReadOrders {
         }
         let order = Arc::new(ReadOrder {
             files,
+            window: self.window,
             progress: Mutex::default(),
         });
         let mut by_file = self.by_file.lock().unwrap_or_else(PoisonError::into_inner);
@@ -122,6 +136,8 @@ mod tests {
 
     use super::*;
 
+    const WINDOW: usize = DEFAULT_WINDOW;
+
     fn entry(ino: u64, kind: FileType) -> DirEntry {
         DirEntry {
             name: OsString::from(format!("e{ino}")),
@@ -136,7 +152,7 @@ mod tests {
 
     #[test]
     fn reading_in_listing_order_asks_for_the_next_files_once() {
-        let orders = ReadOrders::default();
+        let orders = ReadOrders::new(WINDOW);
         let mut entries = listing(100..130);
         entries.insert(3, entry(999, FileType::Directory)); // skipped
         orders.listed(&entries);
@@ -157,7 +173,7 @@ mod tests {
 
     #[test]
     fn other_orders_ask_for_nothing() {
-        let orders = ReadOrders::default();
+        let orders = ReadOrders::new(WINDOW);
         orders.listed(&listing(0..100));
         for ino in [50, 10, 90, 89, 30, 70] {
             assert_eq!(orders.next_after(ino), Vec::<u64>::new(), "ino {ino}");
@@ -170,7 +186,7 @@ mod tests {
 
     #[test]
     fn a_new_listing_starts_over_and_old_ones_are_dropped_in_bulk() {
-        let orders = ReadOrders::default();
+        let orders = ReadOrders::new(WINDOW);
         orders.listed(&listing(0..20));
         orders.next_after(0);
         orders.listed(&listing(0..20));
@@ -188,5 +204,18 @@ mod tests {
         orders.next_after(big);
         assert_eq!(orders.next_after(big + 1), Vec::<u64>::new(), "so was the second");
         assert_eq!(orders.next_after(2 * big).len(), WINDOW);
+    }
+
+    #[test]
+    fn the_window_is_the_mounts_and_zero_turns_it_off() {
+        let off = ReadOrders::new(0);
+        off.listed(&listing(0..20));
+        assert_eq!(off.next_after(0), Vec::<u64>::new());
+        assert_eq!(off.next_after(1), Vec::<u64>::new());
+        let two = ReadOrders::new(2);
+        two.listed(&listing(0..20));
+        assert_eq!(two.next_after(0), vec![1, 2]);
+        assert_eq!(two.next_after(1), vec![3]);
+        assert_eq!(two.next_after(4), Vec::<u64>::new(), "a jump beyond the window");
     }
 }
