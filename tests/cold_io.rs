@@ -33,6 +33,13 @@ fn contents(seed: u64) -> Vec<u8> {
     Rng::new(seed).bytes(FILE_LEN)
 }
 
+/// Writes `f0`..`f{FILES-1}` through the mount.
+fn write_every_file(vol: &TestVolume) {
+    for i in 0..FILES {
+        fs::write(vol.path(&format!("f{i}")), contents(i as u64)).unwrap();
+    }
+}
+
 fn check_every_file_in_parallel(vol: &TestVolume, threads: usize, chunk: usize) {
     std::thread::scope(|s| {
         for t in 0..threads {
@@ -62,9 +69,7 @@ fn check_every_file_in_parallel(vol: &TestVolume, threads: usize, chunk: usize) 
 fn cold_reads_alone_and_in_parallel_return_what_was_written() {
     let vol = TestVolume::init();
     let m = vol.mount();
-    for i in 0..FILES {
-        fs::write(vol.path(&format!("f{i}")), contents(i as u64)).unwrap();
-    }
+    write_every_file(&vol);
     for (threads, chunk) in [(1, 4096), (6, 4096), (6, 256 * 1024), (1, 256 * 1024)] {
         drop_cached_pages(&vol.mnt);
         drop_cached_pages(&vol.backing);
@@ -80,9 +85,7 @@ fn cold_reads_alone_and_in_parallel_return_what_was_written() {
 fn cold_partial_writes_and_fsyncs_from_many_threads_keep_every_byte() {
     let vol = TestVolume::init();
     let m = vol.mount();
-    for i in 0..FILES {
-        fs::write(vol.path(&format!("f{i}")), contents(i as u64)).unwrap();
-    }
+    write_every_file(&vol);
     drop_cached_pages(&vol.mnt);
     drop_cached_pages(&vol.backing);
     // Each thread overwrites unaligned pieces of its files (every block
