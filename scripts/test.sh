@@ -40,7 +40,7 @@ echo "== cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
 echo "== cargo test"
 # Integration tests mount real filesystems; each unmounts itself even on failure.
-cargo test --all-targets 2>&1 | tee target/test-output.txt
+cargo test --all-targets --no-fail-fast 2>&1 | tee target/test-output.txt
 passed=$(grep -Eo '[0-9]+ passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 
