@@ -145,10 +145,29 @@ fn thread_and_prefetch_counts_are_checked() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(bad.split('=').next().unwrap()), "{bad}: {err}");
     }
-    let m = vol.mount_with(&["-o", "threads=3,sync_threads=2"]);
-    fs::write(vol.path("x"), b"ok").unwrap();
-    assert_eq!(fs::read(vol.path("x")).unwrap(), b"ok");
-    m.unmount();
+    for (options, threads) in [(None, 16), (Some("threads=3,sync_threads=2"), 3)] {
+        let m = match options {
+            Some(o) => vol.mount_with(&["-o", o]),
+            None => vol.mount(),
+        };
+        fs::write(vol.path("x"), b"ok").unwrap();
+        assert_eq!(fs::read(vol.path("x")).unwrap(), b"ok");
+        assert_eq!(request_threads(&vol), threads, "request threads with {options:?}");
+        m.unmount();
+    }
+}
+
+/// The number of distinct request threads (`fuser-N`) of the mounted daemon.
+fn request_threads(vol: &TestVolume) -> usize {
+    let out = vol.run(&["status", "--json", path_str(&vol.backing)]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pid = status["daemon_pid"].as_u64().expect("daemon pid");
+    let names: std::collections::BTreeSet<String> = fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| fs::read_to_string(task.unwrap().path().join("comm")).unwrap())
+        .filter(|comm| comm.starts_with("fuser-"))
+        .collect();
+    names.len()
 }
 
 /// Whether every page of `path` is in the page cache.

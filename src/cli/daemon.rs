@@ -26,7 +26,7 @@ pub struct MountArgs {
     #[arg(short = 'f', long)]
     foreground: bool,
     /// Mount options, comma-separated: ro, allow_other (implies default_permissions), default_permissions
-    /// (the kernel checks permissions; off by default, when only the mounting user has access), fsname=NAME, threads=N (threads taking requests, default 4), sync_threads=N (threads running fsync, default
+    /// (the kernel checks permissions; off by default, when only the mounting user has access), fsname=NAME, threads=N (threads taking requests, default 16), sync_threads=N (threads running fsync, default
     /// 4), noexec, nosuid, nodev, noatime,
     /// sync, dirsync; caching: attr_timeout=SECS (entries and attributes, default 1), writeback_cache /
     /// no_writeback_cache (default on), keep_cache / no_keep_cache (default on), noxattr (no extended attributes: fewer round trips), prefetch=N (files of a directory read ahead
@@ -51,7 +51,7 @@ fn mount_error(message: impl Into<String>) -> CliError {
 fn parse_options(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliError> {
     use fuser::MountOption as K;
     let mut opts = MountOptions {
-        threads: 4,
+        threads: 16,
         sync_threads: 4,
         ..MountOptions::default()
     };

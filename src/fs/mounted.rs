@@ -3,9 +3,9 @@
 //!
 //! fsync and fsyncdir run on a small pool of their own, so that a long
 //! fsync (seconds for a large file on a slow disk) never occupies one of the
-//! threads reading requests from /dev/fuse: with four request threads, four
-//! concurrent fsyncs would otherwise stall every other request, `stat`s
-//! included. Reads and writes stay on the request threads: handing cold
+//! threads reading requests from /dev/fuse: as many concurrent fsyncs as
+//! there are request threads would otherwise stall every other request,
+//! `stat`s included. Reads and writes stay on the request threads: handing cold
 //! ones to a pool was measured and costs a second cross-CPU wake-up per
 //! request (DESIGN.md, "Request threads").
 
