@@ -77,6 +77,44 @@ fn clean_volume_is_clean_and_mounted_volume_is_refused() {
 }
 
 #[test]
+fn a_write_cut_short_at_a_page_boundary_is_named_as_such() {
+    let vol = TestVolume::init();
+    let data = Rng::new(3).bytes(3 * 4096);
+    let m = vol.mount();
+    let (_, torn) = new_entry(&vol, &vol.backing, || fs::write(vol.path("torn"), &data).unwrap());
+    let (_, flipped) = new_entry(&vol, &vol.backing, || fs::write(vol.path("flipped"), &data).unwrap());
+    m.unmount();
+    // What a kill -9 during the write of block 2 leaves: the backing file
+    // stops at the page boundary inside it.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&torn)
+        .unwrap()
+        .set_len(3 * 4096)
+        .unwrap();
+    let file = fs::OpenOptions::new().read(true).write(true).open(&flipped).unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, 18 + 2 * 4124 + 7).unwrap();
+    file.write_all_at(&[byte[0] ^ 1], 18 + 2 * 4124 + 7).unwrap();
+
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 10, "{report}");
+    let detail = |path: &str| {
+        let problem = report["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["path"] == path);
+        problem.unwrap()["detail"].as_str().unwrap().to_string()
+    };
+    assert!(
+        detail("torn").contains("[2]; the file ends at a page boundary"),
+        "{report}"
+    );
+    assert!(!detail("flipped").contains("page boundary"), "{report}");
+}
+
+#[test]
 fn damaged_files_go_to_lost_and_found_and_salvage_zeroes_bad_blocks() {
     let vol = TestVolume::init();
     let data = Rng::new(2).bytes(5 * 4096);

@@ -369,16 +369,30 @@ fn check_file(volume: &Volume, path: &Path, progress: &(dyn Fn(u64) + Sync)) -> 
     };
     match content::check_blocks(&file, &cipher, progress) {
         Ok((blocks, bad)) if bad.is_empty() => FileOutcome::Fine(Some(id), blocks),
-        Ok((blocks, bad)) => FileOutcome::Unreadable {
-            id: Some(id),
-            kind: "bad_blocks",
-            detail: format!("{} of {blocks} blocks fail authentication: {bad:?}", bad.len()),
-            bad_blocks: bad,
-            blocks,
-        },
+        Ok((blocks, bad)) => {
+            let mut detail = format!("{} of {blocks} blocks fail authentication: {bad:?}", bad.len());
+            if bad == [blocks - 1] && len % PAGE_SIZE == 0 {
+                detail.push_str(TORN_TAIL);
+            }
+            FileOutcome::Unreadable {
+                id: Some(id),
+                kind: "bad_blocks",
+                detail,
+                bad_blocks: bad,
+                blocks,
+            }
+        }
         Err(e) => unreadable(Some(id), "damaged_header", format!("read error: {e}")),
     }
 }
+
+const PAGE_SIZE: u64 = 4096;
+
+/// What a bad last block ending at a page boundary most likely is: Linux
+/// ends a buffered write early, between pages, when the writer is killed
+/// (DESIGN.md, "Write ordering and crash safety").
+const TORN_TAIL: &str = "; the file ends at a page boundary inside its last block, \
+    as a write cut short by a crash or kill -9 leaves it (or a truncation of the backing file)";
 
 /// Checks `user.*` xattrs of a file or directory against their owner id.
 fn check_xattrs(volume: &Volume, path: &Path, owner: &[u8; 16]) -> Vec<String> {
