@@ -55,6 +55,14 @@ fn new_entry<T>(vol: &TestVolume, dir: &Path, f: impl FnOnce() -> T) -> (T, Path
     (out, new[0].clone())
 }
 
+/// Flips the lowest bit of the byte at `offset` of a backing file.
+fn flip_bit(path: &Path, offset: u64) {
+    let file = fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, offset).unwrap();
+    file.write_all_at(&[byte[0] ^ 1], offset).unwrap();
+}
+
 #[test]
 fn clean_volume_is_clean_and_mounted_volume_is_refused() {
     let vol = TestVolume::init();
@@ -92,10 +100,7 @@ fn a_write_cut_short_at_a_page_boundary_is_named_as_such() {
         .unwrap()
         .set_len(3 * 4096)
         .unwrap();
-    let file = fs::OpenOptions::new().read(true).write(true).open(&flipped).unwrap();
-    let mut byte = [0u8; 1];
-    file.read_exact_at(&mut byte, 18 + 2 * 4124 + 7).unwrap();
-    file.write_all_at(&[byte[0] ^ 1], 18 + 2 * 4124 + 7).unwrap();
+    flip_bit(&flipped, 18 + 2 * 4124 + 7);
 
     let (code, report) = fsck(&vol, &[]);
     assert_eq!(code, 10, "{report}");
@@ -131,10 +136,7 @@ fn damaged_files_go_to_lost_and_found_and_salvage_zeroes_bad_blocks() {
     m.unmount();
     // Damage: a flipped bit in block 2, a missing key row, a broken header version.
     for f in [&bad_block, &salvage] {
-        let file = fs::OpenOptions::new().read(true).write(true).open(f).unwrap();
-        let mut byte = [0u8; 1];
-        file.read_exact_at(&mut byte, 18 + 2 * 4124 + 100).unwrap();
-        file.write_all_at(&[byte[0] ^ 1], 18 + 2 * 4124 + 100).unwrap();
+        flip_bit(f, 18 + 2 * 4124 + 100);
     }
     let id = fs::read(&no_key).unwrap()[2..18].to_vec();
     rusqlite::Connection::open(vol.backing.join("kmsfs.db"))
