@@ -18,8 +18,8 @@ pub struct AuthError;
 /// An AES-256-GCM-SIV instance for one key, backed by AWS-LC's assembly
 /// (AES-NI, AVX and CLMUL), which opens 4 KiB blocks 1.5 times as fast as
 /// RustCrypto's `aes-gcm-siv` did here (docs/DESIGN.md, the levers table).
-/// AWS-LC keeps the expanded
-/// key inside its context and wipes it when the context is freed on drop.
+/// AWS-LC keeps the expanded key inside its context and wipes it when the
+/// context is freed on drop.
 pub struct Sealer {
     cipher: LessSafeKey,
 }
