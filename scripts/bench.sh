@@ -11,6 +11,9 @@
 #   ROUNDS=3 scripts/bench.sh         fewer rounds
 #   BENCH_SCALE=small scripts/bench.sh   a quick look: 1/8 of the sizes
 #   TARGETS="raw kmsfs" scripts/bench.sh only some targets
+#   WORKLOADS="dd_write dd_read_cold" scripts/bench.sh  only some workloads
+#                                     (in the order below; a read workload
+#                                     needs the write that makes its file)
 #   BENCH_DIR=/mnt/disk/x scripts/bench.sh  where the backing dirs live
 #                                     (default /var/tmp/kmsfs-bench)
 #   KMSFS_MOUNT_OPTS="-o foo" scripts/bench.sh  extra kmsfs mount options
@@ -18,6 +21,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 TARGETS=(${TARGETS:-raw bindfs gocryptfs securefs kmsfs})
+ALL_WORKLOADS=(dd_write dd_read_cold untar ls_lR read_all rm_rf
+    fio_seq_write fio_seq_read fio_rand_read_qd1 fio_rand_read_4jobs fio_rand_write_qd1 fio_rand_write_4jobs
+    meta_create meta_stat meta_unlink)
+WANTED_WORKLOADS=${WORKLOADS:-${ALL_WORKLOADS[*]}}
+for w in $WANTED_WORKLOADS; do
+    if [[ " ${ALL_WORKLOADS[*]} " != *" $w "* ]]; then
+        echo "bench.sh: unknown workload '$w' (known: ${ALL_WORKLOADS[*]})" >&2
+        exit 2
+    fi
+done
+WORKLOADS=()
+for w in "${ALL_WORKLOADS[@]}"; do
+    if [[ " $WANTED_WORKLOADS " == *" $w "* ]]; then WORKLOADS+=("$w"); fi
+done
 ROUNDS=${ROUNDS:-${#TARGETS[@]}}
 WORK=${BENCH_DIR:-/var/tmp/kmsfs-bench}
 SCALE=${BENCH_SCALE:-full}
@@ -162,9 +179,6 @@ prepare_meta_stat() { drop_caches; }
 run_meta_stat() { python3 "$ROOT/scripts/meta_ops.py" "$1/meta" "$META" stat; }
 run_meta_unlink() { python3 "$ROOT/scripts/meta_ops.py" "$1/meta" "$META" unlink; }
 
-WORKLOADS=(dd_write dd_read_cold untar ls_lR read_all rm_rf
-    fio_seq_write fio_seq_read fio_rand_read_qd1 fio_rand_read_4jobs fio_rand_write_qd1 fio_rand_write_4jobs
-    meta_create meta_stat meta_unlink)
 
 RESULTS=$WORK/results.tsv
 printf "round\tworkload\ttarget\tseconds\n" > "$RESULTS"

@@ -6,6 +6,7 @@
 mod common;
 
 use std::fs::{self, File};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -152,20 +153,33 @@ fn thread_and_prefetch_counts_are_checked() {
         };
         fs::write(vol.path("x"), b"ok").unwrap();
         assert_eq!(fs::read(vol.path("x")).unwrap(), b"ok");
-        assert_eq!(request_threads(&vol), threads, "request threads with {options:?}");
+        assert_eq!(
+            daemon_threads(&vol, "fuser-"),
+            threads,
+            "request threads with {options:?}"
+        );
+        // 1 MiB sealed at once goes to the block crypto pool.
+        {
+            let mut f = File::create(vol.path("big")).unwrap();
+            f.write_all(&[7u8; 1 << 20]).unwrap();
+            f.sync_all().unwrap();
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(daemon_threads(&vol, "kmsfs-crypto-"), cores, "named crypto threads");
         m.unmount();
     }
 }
 
-/// The number of distinct request threads (`fuser-N`) of the mounted daemon.
-fn request_threads(vol: &TestVolume) -> usize {
+/// The number of distinct names starting with `prefix` among the mounted
+/// daemon's threads (request threads are `fuser-N`).
+fn daemon_threads(vol: &TestVolume, prefix: &str) -> usize {
     let out = vol.run(&["status", "--json", path_str(&vol.backing)]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let pid = status["daemon_pid"].as_u64().expect("daemon pid");
     let names: std::collections::BTreeSet<String> = fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .map(|task| fs::read_to_string(task.unwrap().path().join("comm")).unwrap())
-        .filter(|comm| comm.starts_with("fuser-"))
+        .filter(|comm| comm.starts_with(prefix))
         .collect();
     names.len()
 }

@@ -261,6 +261,15 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     unsafe { libc::umask(0) };
     lock.record_pid(volume.total_provider_calls());
     raise_fd_limit();
+    // Block crypto runs on rayon's pool. Named, its threads are told apart
+    // from the request threads in `ps -L`, `top -H` and profiles (unnamed,
+    // they would inherit the name of the request thread that first used it).
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("kmsfs-crypto-{i}"))
+        .build_global()
+    {
+        log::debug!("block crypto pool already set up: {e}");
+    }
     volume
         .db()
         .reconnect()
