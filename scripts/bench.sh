@@ -179,7 +179,6 @@ prepare_meta_stat() { drop_caches; }
 run_meta_stat() { python3 "$ROOT/scripts/meta_ops.py" "$1/meta" "$META" stat; }
 run_meta_unlink() { python3 "$ROOT/scripts/meta_ops.py" "$1/meta" "$META" unlink; }
 
-
 RESULTS=$WORK/results.tsv
 printf "round\tworkload\ttarget\tseconds\n" > "$RESULTS"
 for round in $(seq "$ROUNDS"); do
