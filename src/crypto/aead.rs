@@ -110,6 +110,11 @@ mod tests {
         flipped[14] ^= 1;
         assert!(sealer.open(b"aad", &flipped).is_err());
         assert!(sealer.open(b"aad", &sealed[..10]).is_err());
+        // Empty values exist (an xattr set to ""): only the tag authenticates them.
+        let empty = sealer.seal(b"aad", b"");
+        assert_eq!(empty.len(), SEAL_OVERHEAD);
+        assert!(sealer.open(b"aad", &empty).unwrap().is_empty());
+        assert!(sealer.open(b"other", &empty).is_err());
     }
 
     /// RFC 8452 appendix C.2 (AEAD_AES_256_GCM_SIV): sealed blocks must stay
