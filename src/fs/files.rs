@@ -164,9 +164,19 @@ impl KmsFs {
     }
 
     pub(super) fn write(&self, open: &OpenFile, offset: u64, data: &[u8]) -> FsResult<()> {
-        let _guard = open.node.content.write().unwrap_or_else(|p| p.into_inner());
-        let cipher = self.cipher_for_write(&open.node, &open.file)?;
-        content::write(&open.file, &cipher, offset, data).map_err(|e| self.content_error(&open.node, e))
+        let content_lock = || open.node.content.write().unwrap_or_else(|p| p.into_inner());
+        // A node's cipher never changes once known, so with it at hand the
+        // sealing can start before the content lock (see `content::write_under`).
+        let known = lock(&open.node.cipher).as_ref().map(Arc::clone);
+        let result = match known {
+            Some(cipher) => content::write_under(&open.file, &cipher, offset, data, content_lock),
+            None => {
+                let _guard = content_lock();
+                let cipher = self.cipher_for_write(&open.node, &open.file)?;
+                content::write(&open.file, &cipher, offset, data)
+            }
+        };
+        result.map_err(|e| self.content_error(&open.node, e))
     }
 
     pub(super) fn truncate(&self, node: &Node, file: &File, size: u64) -> FsResult<()> {

@@ -247,59 +247,98 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
-/// Writes `data` at `offset`, extending the file if needed.
+/// Writes `data` at `offset`, extending the file if needed (one writer at
+/// a time: see `write_under`).
 pub fn write(file: &File, cipher: &BlockCipher, offset: u64, data: &[u8]) -> Result<(), ContentError> {
+    write_under(file, cipher, offset, data, || ())
+}
+
+/// Block index no block has: sealing with it as the final index marks no
+/// block as the file's last.
+const NO_FINAL_BLOCK: u64 = u64::MAX;
+
+/// Writes `data` at `offset`, extending the file if needed, calling `lock`
+/// for the guard that keeps other writers of the file out (and holding it
+/// to the end) once the work that needs no lock is done. Whole blocks at a
+/// block boundary need nothing from the file, so they are sealed before the
+/// lock: the kernel's writeback sends several large writes to one file at
+/// once, and they then seal in parallel and queue only for the backing
+/// write. Which block is the file's last is known only under the lock; if
+/// it is one of these, that block alone is sealed again.
+pub fn write_under<G>(
+    file: &File,
+    cipher: &BlockCipher,
+    offset: u64,
+    data: &[u8],
+    lock: impl FnOnce() -> G,
+) -> Result<(), ContentError> {
     if data.is_empty() {
         return Ok(());
     }
-    let old_size = current_plain_size(file)?;
     let end = offset + data.len() as u64;
-    let new_size = old_size.max(end);
     let first = offset / BS;
     let last = (end - 1) / BS;
-    let new_final = (new_size - 1) / BS;
-    let old_final = old_size.checked_sub(1).map(|s| s / BS);
-    let span_start = first * BS;
-    let span_end = new_size.min((last + 1) * BS);
-    // Partially covered edge blocks keep their existing bytes.
-    let edges = [
-        (offset > span_start).then_some(first),
-        (end < span_end && (last != first || offset == span_start)).then_some(last),
-    ];
-    with_scratch(|scratch| -> Result<(), ContentError> {
-        let plain: &[u8] = if edges == [None, None] {
-            data // Whole blocks (or up to the end of the file): sealed as they are.
-        } else {
-            let plain = &mut scratch.plain;
-            plain.clear();
-            plain.resize((span_end - span_start) as usize, 0);
-            for block in edges.into_iter().flatten() {
-                if block * BS < old_size {
-                    let existing = read_blocks(file, cipher, old_size, block, block)?;
-                    let at = ((block - first) * BS) as usize;
-                    let n = existing.len().min(plain.len() - at);
-                    plain[at..at + n].copy_from_slice(&existing[..n]);
-                }
+    let whole_blocks = offset % BS == 0 && data.len() as u64 % BS == 0;
+    let (_guard, old_size) = with_scratch(|scratch| -> Result<(G, u64), ContentError> {
+        if whole_blocks {
+            let sealed = scratch_slice(&mut scratch.sealed, sealed_len(data.len()));
+            cipher.seal_blocks_into(first, NO_FINAL_BLOCK, data, sealed);
+        }
+        let guard = lock();
+        let old_size = current_plain_size(file)?;
+        let new_size = old_size.max(end);
+        let new_final = (new_size - 1) / BS;
+        let sealed: &[u8] = if whole_blocks {
+            let sealed = &mut scratch.sealed[..sealed_len(data.len())];
+            if new_final == last {
+                let at = (last - first) as usize;
+                let plain = &data[at * BLOCK_SIZE..];
+                cipher.seal_blocks_into(last, last, plain, &mut sealed[at * CIPHER_BLOCK_SIZE..]);
             }
-            let at = (offset - span_start) as usize;
-            plain[at..at + data.len()].copy_from_slice(data);
-            plain
+            sealed
+        } else {
+            let span_start = first * BS;
+            let span_end = new_size.min((last + 1) * BS);
+            // Partially covered edge blocks keep their existing bytes.
+            let edges = [
+                (offset > span_start).then_some(first),
+                (end < span_end && (last != first || offset == span_start)).then_some(last),
+            ];
+            let plain: &[u8] = if edges == [None, None] {
+                data // Up to the end of the file: sealed as it is.
+            } else {
+                let plain = &mut scratch.plain;
+                plain.clear();
+                plain.resize((span_end - span_start) as usize, 0);
+                for block in edges.into_iter().flatten() {
+                    if block * BS < old_size {
+                        let existing = read_blocks(file, cipher, old_size, block, block)?;
+                        let at = ((block - first) * BS) as usize;
+                        let n = existing.len().min(plain.len() - at);
+                        plain[at..at + n].copy_from_slice(&existing[..n]);
+                    }
+                }
+                let at = (offset - span_start) as usize;
+                plain[at..at + data.len()].copy_from_slice(data);
+                plain
+            };
+            let sealed = scratch_slice(&mut scratch.sealed, sealed_len(plain.len()));
+            cipher.seal_blocks_into(first, new_final, plain, sealed);
+            sealed
         };
-        let sealed = scratch_slice(&mut scratch.sealed, sealed_len(plain.len()));
-        cipher.seal_blocks_into(first, new_final, plain, sealed);
         let backing_len = if old_size == 0 { 0 } else { backing_size(old_size) };
         prefetch_partial_pages(file, block_offset(first), sealed.len() as u64, backing_len);
         file.write_all_at(sealed, block_offset(first))?;
         if sealed.len() >= WRITEBACK_KICK {
             start_writeback(file, block_offset(first), sealed.len() as u64);
         }
-        Ok(())
+        Ok((guard, old_size))
     })?;
 
     // The old final block is no longer final: seal it again, padded to a full
     // block. Done after the new blocks so a crash in between leaves a readable
     // file (see BlockCipher::open_block).
-    if let Some(old_final) = old_final.filter(|&f| f < first) {
+    if let Some(old_final) = old_size.checked_sub(1).map(|s| s / BS).filter(|&f| f < first) {
         let mut block = read_blocks(file, cipher, old_size, old_final, old_final)?;
         block.resize(BLOCK_SIZE, 0);
         let sealed = cipher.seal_block(old_final, false, &block);
@@ -384,8 +423,13 @@ mod tests {
         for step in 0..600 {
             match next(10) {
                 0..=5 => {
-                    let off = next(70_000);
-                    let len = next(20_000) as usize + 1;
+                    // One write in three is whole blocks at a block boundary
+                    // (what the writeback cache sends), sealed before the lock.
+                    let (off, len) = if next(3) == 0 {
+                        (next(18) * BS, (next(5) as usize + 1) * BLOCK_SIZE)
+                    } else {
+                        (next(70_000), next(20_000) as usize + 1)
+                    };
                     let data: Vec<u8> = (0..len).map(|i| (i as u64 + step) as u8 | 1).collect();
                     write(&file, &cipher, off, &data).unwrap();
                     if model.len() < off as usize + len {
@@ -410,6 +454,50 @@ mod tests {
             assert_eq!(current_plain_size(&file).unwrap(), model.len() as u64, "step {step}");
         }
         assert_eq!(read(&file, &cipher, 0, model.len()).unwrap(), model);
+    }
+
+    #[test]
+    fn concurrent_whole_block_writers_leave_one_final_block() {
+        // As the kernel's writeback does: several large writes to one file
+        // at once, extending it in any order.
+        let (_dir, file, cipher) = setup();
+        let writers = std::sync::Mutex::new(());
+        let (chunk, chunks) = (8 * BLOCK_SIZE, 24);
+        let expected: Vec<u8> = (0..chunks * chunk).map(|i| (i / BLOCK_SIZE * 7 + i) as u8).collect();
+        for round in 0..6 {
+            file.set_len(HEADER_LEN as u64).unwrap();
+            std::thread::scope(|s| {
+                for t in 0..4 {
+                    let (file, cipher, writers, expected) = (&file, &cipher, &writers, &expected);
+                    s.spawn(move || {
+                        let mine = (0..chunks).filter(|c| (c + round) % 4 == t);
+                        let order: Vec<usize> = if round % 2 == 0 {
+                            mine.rev().collect()
+                        } else {
+                            mine.collect()
+                        };
+                        for c in order {
+                            let range = c * chunk..(c + 1) * chunk;
+                            let lock = || writers.lock().unwrap();
+                            write_under(file, cipher, range.start as u64, &expected[range], lock).unwrap();
+                        }
+                    });
+                }
+            });
+            assert_eq!(
+                read(&file, &cipher, 0, expected.len()).unwrap(),
+                expected,
+                "round {round}"
+            );
+            // Only the real last block is sealed as final: a cut anywhere is detected.
+            let keep = (5 + 13 * round as u64) % (chunks * 8) as u64 + 1;
+            file.set_len(block_offset(keep)).unwrap();
+            let cut = read(&file, &cipher, 0, expected.len());
+            assert!(
+                matches!(cut, Err(ContentError::Corrupt { block }) if block == keep - 1),
+                "round {round}: cut after block {keep} not detected"
+            );
+        }
     }
 
     #[test]
