@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Side-by-side filesystem benchmark. One run mounts, on the same backing
 # filesystem: the raw directory, a plain FUSE passthrough (bindfs
-# --multithreaded), gocryptfs, securefs (lite format) and kmsfs, and runs every
+# --multithreaded), gocryptfs, securefs (lite format), the FUSE floor (an
+# in-memory FUSE filesystem with kmsfs's kernel settings and no disk or
+# crypto: examples/fuse_floor.rs) and kmsfs, and runs every
 # workload on each, interleaved (round 1: workload 1 on A B C D E, workload 2
 # on A B C D E, ...; then round 2 in the order B C D E A ...). Prints medians, min-max and the ratios
 # kmsfs/gocryptfs and kmsfs/raw, and writes docs/bench.svg, docs/bench.md and
 # $WORK/results.json. Needs root (mounts, drop_caches).
 #
-#   scripts/bench.sh                  one round per target (5), full size (about 20 minutes)
+#   scripts/bench.sh                  one round per target (6), full size (about an hour)
 #   ROUNDS=3 scripts/bench.sh         fewer rounds
 #   BENCH_SCALE=small scripts/bench.sh   a quick look: 1/8 of the sizes
 #   TARGETS="raw kmsfs" scripts/bench.sh only some targets
@@ -20,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-TARGETS=(${TARGETS:-raw bindfs gocryptfs securefs kmsfs})
+TARGETS=(${TARGETS:-raw bindfs gocryptfs securefs floor kmsfs})
 ALL_WORKLOADS=(dd_write dd_read_cold untar ls_lR read_all rm_rf
     fio_seq_write fio_seq_read fio_rand_read_qd1 fio_rand_read_4jobs fio_rand_write_qd1 fio_rand_write_4jobs
     meta_create meta_stat meta_unlink)
@@ -59,8 +61,9 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-cargo build --release --quiet
+cargo build --release --quiet --bin kmsfs --example fuse_floor
 KMSFS=$ROOT/target/release/kmsfs
+FLOOR=$ROOT/target/release/examples/fuse_floor
 
 case $SCALE in
     full) FILES=20000 DIRS=1000 SEQ=1G RAND=256M RANDIO=32M META=10000 DD_COUNT=2000 ;;
@@ -107,6 +110,9 @@ setup_target() {
     case $t in
         raw) rmdir "$mnt"; ln -s "$back" "$mnt"; return ;;
         bindfs) bindfs --multithreaded "$back" "$mnt" ;;
+        floor)
+            # In memory: $back stays empty. Runs until unmounted.
+            "$FLOOR" "$mnt" >"$WORK/floor.log" 2>&1 & ;;
         gocryptfs)
             gocryptfs -init -q -extpass "echo bench" "$back" >/dev/null
             gocryptfs -q -extpass "echo bench" "$back" "$mnt" ;;

@@ -16,6 +16,7 @@ COLORS = {
     "bindfs": "#8d6e63",
     "gocryptfs": "#ef6c00",
     "securefs": "#7b1fa2",
+    "floor": "#2e7d32",
     "kmsfs": "#1565c0",
 }
 
@@ -43,19 +44,19 @@ def ratio(times, w, a, b):
 
 
 def goals(times, workloads, rss_mb):
-    """The issue's targets, each as (description, value, limit, met)."""
+    """The issue's targets, each as (description, value, limit, met, floor):
+    floor is the same ratio for the FUSE floor (None if it did not run); a
+    floor above the limit means no FUSE filesystem meets that target here."""
     out = []
     for w in workloads:
-        r = ratio(times, w, "kmsfs", "gocryptfs")
-        if r is not None:
-            limit = 0.5 if w in SMALL_FILE else 0.6
-            out.append((f"{w}: kmsfs/gocryptfs", r, limit, r <= limit))
-        r = ratio(times, w, "kmsfs", "raw")
-        if r is not None and (w in SEQ_WRITE or w in SEQ_READ):
-            limit = 1.3 if w in SEQ_WRITE else 1.6
-            out.append((f"{w}: kmsfs/raw", r, limit, r <= limit))
+        for base, limit in (("gocryptfs", 0.5 if w in SMALL_FILE else 0.6),
+                            ("raw", 1.3 if w in SEQ_WRITE else 1.6 if w in SEQ_READ else None)):
+            r = ratio(times, w, "kmsfs", base)
+            if r is None or limit is None:
+                continue
+            out.append((f"{w}: kmsfs/{base}", r, limit, r <= limit, ratio(times, w, "floor", base)))
     if rss_mb:
-        out.append(("kmsfs daemon peak RSS (MB)", rss_mb, 200, rss_mb < 200))
+        out.append(("kmsfs daemon peak RSS (MB)", rss_mb, 200, rss_mb < 200, None))
     return out
 
 
@@ -88,9 +89,13 @@ def markdown(times, workloads, targets, args, rss_mb):
         lines.append("| " + " | ".join(row) + " |")
     g = goals(times, workloads, rss_mb)
     if g:
-        lines += ["", "Targets (issue 6):", "", "| target | measured | limit | met |", "|---|---|---|---|"]
-        for desc, v, limit, met in g:
-            lines.append(f"| {desc} | {v:.2f} | {limit} | {'yes' if met else 'NO'} |")
+        lines += ["", "Targets (issue 6). The last column is the same ratio for the FUSE floor (an in-memory",
+                  "FUSE filesystem with kmsfs's kernel settings, no disk, no crypto); where it exceeds the",
+                  "limit, no FUSE filesystem meets the target on this machine.", "",
+                  "| target | measured | limit | met | FUSE floor |", "|---|---|---|---|---|"]
+        for desc, v, limit, met, floor in g:
+            shown = "-" if floor is None else f"{floor:.2f}" + (" (over the limit)" if floor > limit else "")
+            lines.append(f"| {desc} | {v:.2f} | {limit} | {'yes' if met else 'NO'} | {shown} |")
     return "\n".join(lines) + "\n"
 
 
@@ -185,7 +190,8 @@ def main():
         "kmsfs_peak_rss_mb": rss_mb,
         "times": {f"{w}/{t}": v for (w, t), v in times.items()},
         "goals": [
-            {"goal": d, "value": v, "limit": limit, "met": met} for d, v, limit, met in goals(times, workloads, rss_mb)
+            {"goal": d, "value": v, "limit": limit, "met": met, "floor": floor}
+            for d, v, limit, met, floor in goals(times, workloads, rss_mb)
         ],
     }
     json.dump(summary, open(args.json, "w"), indent=1)
