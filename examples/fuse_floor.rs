@@ -55,7 +55,7 @@ struct Floor {
     writeback_cache: bool,
 }
 
-fn new_attr(ino: u64, kind: FileType, mode: u32, req: &Request) -> FileAttr {
+fn new_attr(ino: u64, kind: FileType, mode: u32, (uid, gid): (u32, u32)) -> FileAttr {
     let now = SystemTime::now();
     FileAttr {
         ino: INodeNo(ino),
@@ -68,8 +68,8 @@ fn new_attr(ino: u64, kind: FileType, mode: u32, req: &Request) -> FileAttr {
         kind,
         perm: (mode & 0o7777) as u16,
         nlink: if kind == FileType::Directory { 2 } else { 1 },
-        uid: req.uid(),
-        gid: req.gid(),
+        uid,
+        gid,
         rdev: 0,
         flags: 0,
         blksize: 4096,
@@ -119,7 +119,7 @@ impl State {
         }
         let ino = self.next_ino;
         self.next_ino += 1;
-        let attr = new_attr(ino, kind, mode, req);
+        let attr = new_attr(ino, kind, mode, (req.uid(), req.gid()));
         self.dir_mut(parent)?.insert(name.to_owned(), ino);
         if kind == FileType::Directory {
             self.touch_dir(parent, 1);
@@ -649,24 +649,7 @@ fn main() {
     let mut nodes = HashMap::new();
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let now = SystemTime::now();
-    let root = FileAttr {
-        ino: INodeNo::ROOT,
-        size: 0,
-        blocks: 0,
-        atime: now,
-        mtime: now,
-        ctime: now,
-        crtime: now,
-        kind: FileType::Directory,
-        perm: 0o755,
-        nlink: 2,
-        uid,
-        gid,
-        rdev: 0,
-        flags: 0,
-        blksize: 4096,
-    };
+    let root = new_attr(INodeNo::ROOT.0, FileType::Directory, 0o755, (uid, gid));
     nodes.insert(
         1,
         Node {

@@ -9,7 +9,7 @@
 # kmsfs/gocryptfs and kmsfs/raw, and writes docs/bench.svg, docs/bench.md and
 # $WORK/results.json. Needs root (mounts, drop_caches).
 #
-#   scripts/bench.sh                  one round per target (6), full size (about an hour)
+#   scripts/bench.sh                  one round per target (6), full size (about 30 minutes)
 #   ROUNDS=3 scripts/bench.sh         fewer rounds
 #   BENCH_SCALE=small scripts/bench.sh   a quick look: 1/8 of the sizes
 #   TARGETS="raw kmsfs" scripts/bench.sh only some targets
@@ -19,6 +19,7 @@
 #   BENCH_DIR=/mnt/disk/x scripts/bench.sh  where the backing dirs live
 #                                     (default /var/tmp/kmsfs-bench)
 #   KMSFS_MOUNT_OPTS="-o foo" scripts/bench.sh  extra kmsfs mount options
+#   FLOOR_OPTS="--no-writeback-cache" scripts/bench.sh  options of the FUSE floor
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -112,7 +113,8 @@ setup_target() {
         bindfs) bindfs --multithreaded "$back" "$mnt" ;;
         floor)
             # In memory: $back stays empty. Runs until unmounted.
-            "$FLOOR" "$mnt" >"$WORK/floor.log" 2>&1 & ;;
+            # shellcheck disable=SC2086
+            "$FLOOR" "$mnt" ${FLOOR_OPTS:-} >"$WORK/floor.log" 2>&1 & ;;
         gocryptfs)
             gocryptfs -init -q -extpass "echo bench" "$back" >/dev/null
             gocryptfs -q -extpass "echo bench" "$back" "$mnt" ;;
