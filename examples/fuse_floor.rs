@@ -121,11 +121,7 @@ impl State {
         self.next_ino += 1;
         let attr = new_attr(ino, kind, mode, (req.uid(), req.gid()));
         self.dir_mut(parent)?.insert(name.to_owned(), ino);
-        if kind == FileType::Directory {
-            self.touch_dir(parent, 1);
-        } else {
-            self.touch_dir(parent, 0);
-        }
+        self.touch_dir(parent, i32::from(kind == FileType::Directory));
         let lookups = AtomicU64::new(1);
         self.nodes.insert(
             ino,
@@ -243,7 +239,8 @@ impl Filesystem for Floor {
         let _ = config.set_max_write(MAX_REQUEST);
         let _ = config.set_max_readahead(MAX_REQUEST);
         let _ = config.set_max_background(64);
-        let mut wanted = InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_PARALLEL_DIROPS;
+        let mut wanted =
+            InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         if self.writeback_cache {
             wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
@@ -282,7 +279,7 @@ impl Filesystem for Floor {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -315,6 +312,10 @@ impl Filesystem for Floor {
             truncate_chunks(chunks, size);
             attr.size = size;
             attr.blocks = size.div_ceil(512);
+            // As kmsfs under FUSE_HANDLE_KILLPRIV_V2: a non-root truncation clears set-ID bits.
+            if mode.is_none() && req.uid() != 0 {
+                attr.perm &= !0o6000;
+            }
         }
         attr.atime = atime.map(time).unwrap_or(attr.atime);
         attr.mtime = mtime.map(time).unwrap_or(attr.mtime);
