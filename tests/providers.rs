@@ -67,7 +67,13 @@ fn aws_kms_with_moto_round_trip_rotation_rewrap_and_10000_files_one_call() {
     let uri = format!("aws-kms:alias/kmsfs?endpoint={}", moto.url());
     let vol = TestVolume::init_with(AWS_ENV, &["--kms", &uri]);
     let s = status(&vol);
-    assert_eq!(s["provider"], uri);
+    // The volume records the key, not how to reach it (that is the host's).
+    assert_eq!(s["provider"], "aws-kms:alias/kmsfs");
+    let config = fs::read_to_string(&vol.config).unwrap();
+    assert!(
+        config.contains(&uri),
+        "init records the URI in the host configuration: {config}"
+    );
     assert_eq!(s["master_key_id"], "alias/kmsfs");
     let written = round_trip(&vol, 10_000);
     let out = vol.run(&["rotate", path_str(&vol.backing)]);
@@ -111,6 +117,7 @@ fn aws_credentials_from_a_shared_profile_and_from_imdsv2() {
     let imds_url = imds.url();
     let out = std::process::Command::new(common::kmsfs_bin())
         .env("HOME", &empty)
+        .env("KMSFS_CONFIG", &vol.config)
         .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds_url)
         .env_remove("AWS_EC2_METADATA_DISABLED")
         .env_remove("AWS_ACCESS_KEY_ID")
@@ -275,9 +282,10 @@ fn pkcs11_with_softhsm_round_trip_and_failures() {
     assert_eq!(out.status.code(), Some(5), "wrong PIN: {}", stderr(&out));
     assert!(stderr(&out).contains("C_Login"), "{}", stderr(&out));
     let out = vol.run(&["--kms", &hsm.uri("other", &hsm.pin_file), "mount", backing, mnt]);
-    assert_eq!(out.status.code(), Some(5), "missing key: {}", stderr(&out));
+    assert_eq!(out.status.code(), Some(5), "another key: {}", stderr(&out));
     assert!(
-        stderr(&out).contains("no secret key labelled other"),
+        stderr(&out).contains("records key provider pkcs11:token=kmsfs;object=master")
+            && stderr(&out).contains("--kms names pkcs11:token=kmsfs;object=other"),
         "{}",
         stderr(&out)
     );
@@ -293,6 +301,31 @@ fn pkcs11_with_softhsm_round_trip_and_failures() {
         .output()
         .unwrap();
     assert!(out.status.success(), "PIN from env: {}", stderr(&out));
+
+    // A PIN given in the URI is used, and never stored or printed.
+    let with_pin = format!(
+        "pkcs11:token=kmsfs;object=master?module-path={}&pin-value=1234",
+        peers::SOFTHSM_MODULE
+    );
+    let second = vol.dir.path().join("second");
+    let out = vol.run(&["--kms", &with_pin, "init", path_str(&second)]);
+    assert!(out.status.success(), "init with pin-value: {}", stderr(&out));
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(!printed.contains("1234"), "{printed}");
+    assert!(printed.contains("not saved"), "says the PIN is not kept: {printed}");
+    let db = fs::read(second.join("kmsfs.db")).unwrap();
+    assert!(!db.windows(4).any(|w| w == b"1234"), "PIN in the DB");
+    assert!(
+        !fs::read_to_string(&vol.config).unwrap().contains("1234"),
+        "PIN in the host configuration"
+    );
+    let out = vol
+        .command()
+        .env("KMSFS_PKCS11_PIN", "1234")
+        .args(["status", "--check-key", path_str(&second)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mount side needs only the PIN: {}", stderr(&out));
 }
 
 #[test]
@@ -301,7 +334,7 @@ fn bad_provider_uris_are_usage_errors() {
     for uri in [
         "nonsense",
         "aws-kms:",
-        "vault-transit:localhost/transit",
+        "vault-transit:localhost:8200/transit",
         "pkcs11:token=x",
     ] {
         let out = std::process::Command::new(common::kmsfs_bin())

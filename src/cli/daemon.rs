@@ -239,7 +239,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         )));
     }
     let row = kmsfs::volume::read_info(&backing)?.volume;
-    let provider = super::volumes::provider_for(&row, keys)?;
+    let provider = super::volumes::provider_for(&backing, &row, keys)?;
     let mut lock = VolumeLock::acquire(&backing)?;
     let volume = Arc::new(Volume::open(&backing, provider)?);
     log::info!(

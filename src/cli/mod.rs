@@ -3,6 +3,7 @@
 mod daemon;
 mod errors;
 mod fsck;
+mod host_config;
 mod mounts;
 mod progress;
 mod rekey;
@@ -44,12 +45,18 @@ pub struct KeyOptions {
     /// Unlock the keystore with a 32-byte key file instead of a passphrase (created by `init` if missing)
     #[arg(long, global = true, value_name = "FILE")]
     key_file: Option<PathBuf>,
-    /// Key provider URI: with `init`, where the master key lives (stored in the volume);
-    /// otherwise overrides the stored one. local:[KEY], aws-kms:KEY[?region=…&endpoint=…&profile=…],
-    /// vault-transit:http(s)://HOST:PORT/MOUNT/KEY[?token_file=…&ca_cert=…],
-    /// pkcs11:token=LABEL;object=LABEL?module-path=…&pin-source=file:…
+    /// Key provider URI: with `init`, where the master key lives (the volume records only the key's
+    /// identifiers; the rest goes to the host configuration). Otherwise how to reach the key the volume
+    /// records (refused with exit 5 if it names another key). local:[KEY],
+    /// aws-kms:KEY[?region=…&endpoint=…&profile=…&ca_cert=…],
+    /// vault-transit:[http(s)://HOST:PORT/]MOUNT/KEY[?token_file=…&ca_cert=…],
+    /// pkcs11:[token=LABEL;]object=LABEL[?module-path=…&pin-source=file:…|env:…]
     #[arg(long, global = true, value_name = "URI", env = "KMSFS_KMS")]
     kms: Option<String>,
+    /// Host configuration: how this host reaches each volume's key provider
+    /// [default: /etc/kmsfs/providers.toml for root, else $XDG_CONFIG_HOME/kmsfs/providers.toml]
+    #[arg(long, global = true, value_name = "PATH", env = "KMSFS_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -153,9 +160,34 @@ fn init_logging(log_file: Option<&std::path::Path>) -> Result<(), CliError> {
 fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let remote = keys.kms.as_deref().filter(|u| !u.starts_with("local:"));
     let (row, keystore) = match remote {
-        Some(uri) => {
-            let provider = kmsfs::kms::connect(uri)?;
-            (kmsfs::volume::Volume::create(&args.backing, &*provider)?, None)
+        Some(raw) => {
+            let uri = kmsfs::kms::uri::ProviderUri::parse(raw)?;
+            let config_path = host_config::path(keys.config.as_deref())?;
+            // Fail on a bad configuration before a volume exists.
+            host_config::HostConfig::load(&config_path)?;
+            let provider = kmsfs::kms::connect(&uri)?;
+            let row = kmsfs::volume::Volume::create(&args.backing, &*provider)?;
+            let entry = host_config::VolumeEntry {
+                kms: kmsfs::kms::uri::without_secrets(raw),
+                backing: Some(std::fs::canonicalize(&args.backing).unwrap_or(args.backing.clone())),
+            };
+            host_config::HostConfig::record(&config_path, &kmsfs::kms::hex(&row.volume_id), entry).map_err(|e| {
+                CliError::new(
+                    e.code,
+                    format!(
+                        "volume created in {}, but {}; mount it with --kms",
+                        args.backing.display(),
+                        e.message
+                    ),
+                )
+            })?;
+            if uri.has_secret() {
+                eprintln!(
+                    "kmsfs: the PIN given with pin-value= is not saved; at mount give it with \
+                     pin-source=, KMSFS_PKCS11_PIN or --kms"
+                );
+            }
+            (row, None)
         }
         None => {
             let kdf = kmsfs::kms::local::KdfParams {

@@ -10,10 +10,11 @@ use super::{CliError, KeyOptions};
 pub fn status(backing: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Result<(), CliError> {
     let summary = kmsfs::volume::read_info(backing)?;
     let key_state = if check_key {
-        Some(super::volumes::provider_for(&summary.volume, keys)?.key_state()?)
+        Some(super::volumes::provider_for(backing, &summary.volume, keys)?.key_state()?)
     } else {
         None
     };
+    let provider = super::volumes::recorded_provider(backing, &summary.volume)?;
     let (row, keys, counts) = (summary.volume, summary.volume_keys, summary.file_keys);
     let daemon = VolumeLock::daemon(backing);
     let files_of = |v: u32| {
@@ -40,8 +41,8 @@ pub fn status(backing: &Path, json: bool, check_key: bool, keys: &KeyOptions) ->
             "backing": backing,
             "volume_id": hex(&row.volume_id),
             "format_version": row.format_version,
-            "provider": row.provider,
-            "master_key_id": row.master_key_id,
+            "provider": provider.to_string(),
+            "master_key_id": provider.key_label(),
             "created_at": row.created_at,
             "volume_keys": versions,
             "file_keys": counts.iter().map(|(_, n)| n).sum::<u64>(),
@@ -57,8 +58,8 @@ pub fn status(backing: &Path, json: bool, check_key: bool, keys: &KeyOptions) ->
     println!("volume:         {}", hex(&row.volume_id));
     println!("backing:        {}", backing.display());
     println!("format:         {}", row.format_version);
-    println!("provider:       {}", row.provider);
-    println!("master key:     {}", row.master_key_id);
+    println!("provider:       {provider}");
+    println!("master key:     {}", provider.key_label());
     for k in &keys {
         println!(
             "volume key v{}:  {} ({} files)",

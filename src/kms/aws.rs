@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use super::aws_credentials::{self, AwsCredentials};
-use super::http::{agent, call_with_retries};
-use super::{EncryptionContext, KeyProvider, KmsError};
+use super::http::{agent, call_with_retries, check_transport};
+use super::{EncryptionContext, KeyProvider, KmsError, ProviderId};
 use crate::crypto::{SecretKey, WrappedKey};
 
 /// Error types worth retrying (AWS's own SDKs retry these).
@@ -27,7 +27,6 @@ const RETRYABLE: &[&str] = &[
 ];
 
 pub struct AwsKmsProvider {
-    uri: String,
     key: String,
     region: String,
     endpoint: String,
@@ -79,7 +78,7 @@ fn context_json(context: &EncryptionContext) -> Value {
 }
 
 impl AwsKmsProvider {
-    pub fn new(uri: &str, key: &str, query: &BTreeMap<String, String>) -> Result<Self, KmsError> {
+    pub fn new(key: &str, query: &BTreeMap<String, String>) -> Result<Self, KmsError> {
         let profile = query.get("profile").cloned();
         let region = aws_credentials::region(query.get("region").map(String::as_str), profile.as_deref())?;
         let env = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
@@ -89,8 +88,8 @@ impl AwsKmsProvider {
             .or_else(|| env("AWS_ENDPOINT_URL_KMS"))
             .or_else(|| env("AWS_ENDPOINT_URL"))
             .unwrap_or_else(|| format!("https://kms.{region}.amazonaws.com"));
+        check_transport("aws-kms", &endpoint)?;
         Ok(AwsKmsProvider {
-            uri: uri.to_string(),
             key: key.to_string(),
             region,
             endpoint: endpoint.trim_end_matches('/').to_string() + "/",
@@ -191,8 +190,8 @@ impl AwsKmsProvider {
 }
 
 impl KeyProvider for AwsKmsProvider {
-    fn uri(&self) -> String {
-        self.uri.clone()
+    fn id(&self) -> ProviderId {
+        ProviderId::AwsKms { key: self.key.clone() }
     }
 
     fn generate_data_key(&self, context: &EncryptionContext) -> Result<(SecretKey, WrappedKey), KmsError> {

@@ -42,6 +42,37 @@ pub fn agent(provider: &str, ca_file: Option<&str>) -> Result<Agent, KmsError> {
         .new_agent())
 }
 
+/// Refuses plain `http://` to anything but this machine: a token or signed
+/// request sent in clear across a network is readable by anyone on the path.
+pub fn check_transport(provider: &str, url: &str) -> Result<(), KmsError> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return if url.starts_with("https://") {
+            Ok(())
+        } else {
+            Err(KmsError::InsecureTransport {
+                provider: provider.to_string(),
+                url: url.to_string(),
+                reason: "the address must start with https:// (or http:// to this machine)",
+            })
+        };
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(KmsError::InsecureTransport {
+            provider: provider.to_string(),
+            url: url.to_string(),
+            reason: "plain http:// is only allowed to this machine (127.0.0.1, ::1, localhost); use https://",
+        })
+    }
+}
+
 /// Exponential backoff for retried calls: 100 ms, 200 ms, 400 ms, …
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(100u64 << attempt.min(6))
@@ -85,4 +116,34 @@ pub fn call_with_retries(
         last_error = Some(error);
     }
     Err(last_error.unwrap_or_else(|| unreachable("no attempt made".into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_transport;
+
+    #[test]
+    fn plain_http_only_to_loopback() {
+        for ok in [
+            "https://kms.eu-west-1.amazonaws.com",
+            "http://127.0.0.1:8200",
+            "http://127.9.9.9/x",
+            "http://[::1]:5000/",
+            "http://localhost:8200",
+        ] {
+            assert!(check_transport("p", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://10.0.0.1:8200",
+            "http://vault.example:8200",
+            "http://127.0.0.1.evil.example/",
+            "http://localhost.evil.example",
+            "http://127.0.0.1@evil.example/",
+            "http://[::2]:1",
+            "ftp://127.0.0.1",
+            "127.0.0.1:8200",
+        ] {
+            assert!(check_transport("p", bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -16,7 +16,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::{EncryptionContext, KeyProvider, KmsError, hex};
+use super::{EncryptionContext, KeyProvider, KmsError, ProviderId, hex};
 use crate::crypto::{KEY_LEN, Sealer, SecretKey, WrappedKey, random_array};
 
 const FORMAT: u32 = 1;
@@ -457,8 +457,10 @@ pub struct LocalProvider {
 }
 
 impl KeyProvider for LocalProvider {
-    fn uri(&self) -> String {
-        format!("local:{}", self.key_id)
+    fn id(&self) -> ProviderId {
+        ProviderId::Local {
+            key: self.key_id.clone(),
+        }
     }
 
     fn generate_data_key(&self, context: &EncryptionContext) -> Result<(SecretKey, WrappedKey), KmsError> {

@@ -4,7 +4,9 @@
 pub mod aws;
 mod aws_credentials;
 mod http;
+pub mod identity;
 pub mod local;
+pub mod locked_file;
 pub mod pkcs11;
 pub mod uri;
 pub mod vault;
@@ -13,6 +15,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::crypto::{SecretKey, WrappedKey};
+pub use identity::ProviderId;
+use uri::ProviderUri;
 
 /// Key/value pairs bound to a wrapped key as authenticated data, as in AWS KMS:
 /// a blob only decrypts with exactly the context it was created with.
@@ -73,6 +77,12 @@ pub enum KmsError {
         code: String,
         message: String,
     },
+    #[error("key provider {provider}: refusing {url}: {reason}")]
+    InsecureTransport {
+        provider: String,
+        url: String,
+        reason: &'static str,
+    },
     #[error("bad key provider URI {uri}: {reason}")]
     BadUri { uri: String, reason: String },
     #[error("key provider {provider}: {message}")]
@@ -84,8 +94,8 @@ pub enum KmsError {
 /// A master key in some key provider. Implementations count their calls so
 /// that `status` can show that file operations never reach the provider.
 pub trait KeyProvider: Send + Sync {
-    /// The provider URI stored in the volume, e.g. `local:<key id>`.
-    fn uri(&self) -> String;
+    /// The key's identifiers, as the volume records them (never how to reach it).
+    fn id(&self) -> ProviderId;
 
     /// GenerateDataKey: a fresh 256-bit key, and the same key wrapped by the master key.
     fn generate_data_key(&self, context: &EncryptionContext) -> Result<(SecretKey, WrappedKey), KmsError>;
@@ -104,22 +114,22 @@ pub trait KeyProvider: Send + Sync {
     fn key_state(&self) -> Result<String, KmsError>;
 }
 
-/// Connects to a remote provider named by a URI (`local:` needs the
-/// keystore and its secret, which the caller handles).
-pub fn connect(raw: &str) -> Result<std::sync::Arc<dyn KeyProvider>, KmsError> {
-    use uri::ProviderUri;
-    Ok(match ProviderUri::parse(raw)? {
-        ProviderUri::AwsKms { key, query } => std::sync::Arc::new(aws::AwsKmsProvider::new(raw, &key, &query)?),
+/// Connects to a remote provider named by a URI the user gave (`local:`
+/// needs the keystore and its secret, which the caller handles). What the
+/// URI leaves out comes from the environment.
+pub fn connect(uri: &ProviderUri) -> Result<std::sync::Arc<dyn KeyProvider>, KmsError> {
+    Ok(match uri {
+        ProviderUri::AwsKms { key, query } => std::sync::Arc::new(aws::AwsKmsProvider::new(key, query)?),
         ProviderUri::VaultTransit {
             address,
             mount,
             key,
             query,
-        } => std::sync::Arc::new(vault::VaultTransitProvider::new(raw, &address, &mount, &key, &query)?),
-        ProviderUri::Pkcs11 { path, query } => std::sync::Arc::new(pkcs11::Pkcs11Provider::new(raw, &path, &query)?),
-        ProviderUri::Local { .. } => {
+        } => std::sync::Arc::new(vault::VaultTransitProvider::new(address.as_deref(), mount, key, query)?),
+        ProviderUri::Pkcs11 { path, query } => std::sync::Arc::new(pkcs11::Pkcs11Provider::new(path, query)?),
+        ProviderUri::Local { key } => {
             return Err(KmsError::BadUri {
-                uri: raw.to_string(),
+                uri: format!("local:{key}"),
                 reason: "local: is opened with its keystore".into(),
             });
         }

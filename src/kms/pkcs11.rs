@@ -15,7 +15,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
-use super::{EncryptionContext, KeyProvider, KmsError};
+use super::{EncryptionContext, KeyProvider, KmsError, ProviderId};
 use crate::crypto::{SecretKey, WrappedKey, random_array};
 
 const BLOB_VERSION: u8 = 1;
@@ -28,7 +28,6 @@ struct Connection {
 }
 
 pub struct Pkcs11Provider {
-    uri: String,
     module: String,
     token: Option<String>,
     object: String,
@@ -63,7 +62,7 @@ fn read_pin(query: &BTreeMap<String, String>) -> Result<Zeroizing<String>, Strin
 }
 
 impl Pkcs11Provider {
-    pub fn new(uri: &str, path: &BTreeMap<String, String>, query: &BTreeMap<String, String>) -> Result<Self, KmsError> {
+    pub fn new(path: &BTreeMap<String, String>, query: &BTreeMap<String, String>) -> Result<Self, KmsError> {
         let config = |message: String| KmsError::Config {
             provider: "pkcs11".into(),
             message,
@@ -72,13 +71,18 @@ impl Pkcs11Provider {
             .get("module-path")
             .cloned()
             .or_else(|| std::env::var("KMSFS_PKCS11_MODULE").ok())
-            .ok_or_else(|| config("no module: module-path= in the URI, or KMSFS_PKCS11_MODULE".into()))?;
+            .ok_or_else(|| {
+                config(
+                    "no module configured for this token: give module-path= in --kms, set KMSFS_PKCS11_MODULE, \
+                     or run `kmsfs init --kms` on this host"
+                        .into(),
+                )
+            })?;
         let object = path
             .get("object")
             .cloned()
             .ok_or_else(|| config("no object= (key label) in the URI".into()))?;
         Ok(Pkcs11Provider {
-            uri: uri.to_string(),
             module,
             token: path.get("token").cloned(),
             object,
@@ -197,8 +201,11 @@ impl Pkcs11Provider {
 }
 
 impl KeyProvider for Pkcs11Provider {
-    fn uri(&self) -> String {
-        self.uri.clone()
+    fn id(&self) -> ProviderId {
+        ProviderId::Pkcs11 {
+            token: self.token.clone(),
+            object: self.object.clone(),
+        }
     }
 
     fn generate_data_key(&self, context: &EncryptionContext) -> Result<(SecretKey, WrappedKey), KmsError> {

@@ -1,13 +1,18 @@
-//! Key provider URIs, as stored in a volume and given to `init --kms`:
+//! Key provider URIs, as the user gives them (`--kms`, the host
+//! configuration). A volume records only the [`ProviderId`] part.
 //!
 //! - `local:<key id or alias>`
-//! - `aws-kms:<key id, alias/NAME or ARN>[?region=R&endpoint=URL&profile=P]`
-//! - `vault-transit:<http(s)://host:port>/<mount>/<key>[?token_file=F&ca_cert=F]`
-//! - `pkcs11:token=<label>;object=<label>?module-path=<path>&pin-source=<file:PATH|env:VAR>` (RFC 7512)
+//! - `aws-kms:<key id, alias/NAME or ARN>[?region=R&endpoint=URL&profile=P&ca_cert=F]`
+//! - `vault-transit:[<http(s)://host:port>/]<mount>/<key>[?token_file=F&ca_cert=F]`
+//! - `pkcs11:[token=<label>;]object=<label>[?module-path=<path>&pin-source=<file:PATH|env:VAR>&pin-value=PIN]` (RFC 7512)
 
 use std::collections::BTreeMap;
 
 use super::KmsError;
+use super::identity::ProviderId;
+
+/// Query parameters whose values are secrets: never stored, never printed.
+const SECRET_PARAMS: &[&str] = &["pin-value"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderUri {
@@ -19,7 +24,8 @@ pub enum ProviderUri {
         query: BTreeMap<String, String>,
     },
     VaultTransit {
-        address: String,
+        /// None: VAULT_ADDR (or BAO_ADDR) from the environment.
+        address: Option<String>,
         mount: String,
         key: String,
         query: BTreeMap<String, String>,
@@ -32,12 +38,12 @@ pub enum ProviderUri {
 
 fn bad(uri: &str, reason: &str) -> KmsError {
     KmsError::BadUri {
-        uri: uri.to_string(),
+        uri: redact(uri),
         reason: reason.to_string(),
     }
 }
 
-fn percent_decode(s: &str, uri: &str) -> Result<String, KmsError> {
+pub(super) fn percent_decode(s: &str, uri: &str) -> Result<String, KmsError> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -88,29 +94,39 @@ impl ProviderUri {
             }
             "vault-transit" => {
                 let (target, query) = split_query(rest);
-                let (base, key) = target
-                    .rsplit_once('/')
-                    .ok_or_else(|| bad(uri, "expected ADDRESS/MOUNT/KEY"))?;
-                let (address, mount) = base
-                    .rsplit_once('/')
-                    .ok_or_else(|| bad(uri, "expected ADDRESS/MOUNT/KEY"))?;
-                if !(address.starts_with("http://") || address.starts_with("https://"))
-                    || mount.is_empty()
-                    || key.is_empty()
-                {
-                    return Err(bad(uri, "expected http(s)://HOST:PORT/MOUNT/KEY"));
+                let expected = || bad(uri, "expected [http(s)://HOST:PORT/]MOUNT/KEY");
+                let (address, path) = match target.split_once("://") {
+                    Some((scheme, after)) => {
+                        if scheme != "http" && scheme != "https" {
+                            return Err(expected());
+                        }
+                        let (host, path) = after.split_once('/').ok_or_else(expected)?;
+                        if host.is_empty() {
+                            return Err(expected());
+                        }
+                        (Some(format!("{scheme}://{host}")), path)
+                    }
+                    None => (None, target),
+                };
+                let (mount, key) = path.rsplit_once('/').ok_or_else(expected)?;
+                let mount = mount.trim_matches('/');
+                if mount.is_empty() || key.is_empty() {
+                    return Err(expected());
+                }
+                if address.is_none() && mount.contains(':') {
+                    return Err(bad(uri, "the address needs its scheme: http(s)://HOST:PORT/MOUNT/KEY"));
                 }
                 Ok(ProviderUri::VaultTransit {
-                    address: address.to_string(),
-                    mount: mount.to_string(),
-                    key: key.to_string(),
+                    address,
+                    mount: percent_decode(mount, uri)?,
+                    key: percent_decode(key, uri)?,
                     query: pairs(query, '&', uri)?,
                 })
             }
             "pkcs11" => {
                 let (path, query) = split_query(rest);
                 let path = pairs(path, ';', uri)?;
-                if !path.contains_key("object") && !path.contains_key("id") {
+                if !path.contains_key("object") {
                     return Err(bad(uri, "missing object=<key label>"));
                 }
                 Ok(ProviderUri::Pkcs11 {
@@ -122,18 +138,62 @@ impl ProviderUri {
         }
     }
 
-    /// The master key's identifier, as `status` shows it.
-    pub fn key_label(&self) -> String {
+    /// The identifiers of the key this URI names: what a volume records.
+    pub fn id(&self) -> ProviderId {
         match self {
-            ProviderUri::Local { key } | ProviderUri::AwsKms { key, .. } | ProviderUri::VaultTransit { key, .. } => {
-                key.clone()
-            }
-            ProviderUri::Pkcs11 { path, .. } => path
-                .get("object")
-                .or_else(|| path.get("id"))
-                .cloned()
-                .unwrap_or_default(),
+            ProviderUri::Local { key } => ProviderId::Local { key: key.clone() },
+            ProviderUri::AwsKms { key, .. } => ProviderId::AwsKms { key: key.clone() },
+            ProviderUri::VaultTransit { mount, key, .. } => ProviderId::VaultTransit {
+                mount: mount.clone(),
+                key: key.clone(),
+            },
+            ProviderUri::Pkcs11 { path, .. } => ProviderId::Pkcs11 {
+                token: path.get("token").cloned(),
+                object: path.get("object").cloned().unwrap_or_default(),
+            },
         }
+    }
+
+    /// True when the URI carries a secret (a PIN) that must not be stored.
+    pub fn has_secret(&self) -> bool {
+        match self {
+            ProviderUri::AwsKms { query, .. }
+            | ProviderUri::VaultTransit { query, .. }
+            | ProviderUri::Pkcs11 { query, .. } => SECRET_PARAMS.iter().any(|p| query.contains_key(*p)),
+            ProviderUri::Local { .. } => false,
+        }
+    }
+}
+
+/// The URI with the values of secret parameters replaced, fit for error
+/// messages, logs and the host configuration.
+pub fn redact(uri: &str) -> String {
+    let Some((head, query)) = uri.split_once('?') else {
+        return uri.to_string();
+    };
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|part| match part.split_once('=') {
+            Some((k, _)) if SECRET_PARAMS.contains(&k) => format!("{k}=<redacted>"),
+            _ => part.to_string(),
+        })
+        .collect();
+    format!("{head}?{}", parts.join("&"))
+}
+
+/// The URI without its secret parameters: what the host configuration keeps.
+pub fn without_secrets(uri: &str) -> String {
+    let Some((head, query)) = uri.split_once('?') else {
+        return uri.to_string();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|part| !SECRET_PARAMS.contains(&part.split_once('=').map_or(*part, |(k, _)| k)))
+        .collect();
+    if kept.is_empty() {
+        head.to_string()
+    } else {
+        format!("{head}?{}", kept.join("&"))
     }
 }
 
@@ -169,8 +229,8 @@ mod tests {
                 query,
             } => {
                 assert_eq!(
-                    (address.as_str(), mount.as_str(), key.as_str()),
-                    ("https://vault.example:8200", "transit", "kmsfs")
+                    (address.as_deref(), mount.as_str(), key.as_str()),
+                    (Some("https://vault.example:8200"), "transit", "kmsfs")
                 );
                 assert_eq!(query["ca_cert"], "/etc/ca.pem");
             }
@@ -180,7 +240,7 @@ mod tests {
             "pkcs11:token=My%20Token;object=master?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/pin",
         )
         .unwrap();
-        assert_eq!(p.key_label(), "master");
+        assert_eq!(p.id().key_label(), "master");
         match p {
             ProviderUri::Pkcs11 { path, query } => {
                 assert_eq!(path["token"], "My Token");
@@ -191,12 +251,42 @@ mod tests {
         for bad in [
             "nothing",
             "aws-kms:",
-            "vault-transit:127.0.0.1/transit/k",
+            "vault-transit:127.0.0.1:8200/transit/k",
             "pkcs11:token=x",
             "ftp:x",
             "aws-kms:k?x",
+            "vault-transit:ftp://h/transit/k",
+            "vault-transit:k",
+            "pkcs11:id=%01",
         ] {
             assert!(matches!(ProviderUri::parse(bad), Err(KmsError::BadUri { .. })), "{bad}");
         }
+    }
+
+    #[test]
+    fn vault_address_is_optional_and_secrets_are_redacted() {
+        match ProviderUri::parse("vault-transit:transit/kmsfs").unwrap() {
+            ProviderUri::VaultTransit {
+                address, mount, key, ..
+            } => {
+                assert_eq!((address, mount.as_str(), key.as_str()), (None, "transit", "kmsfs"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let uri = "pkcs11:object=m?module-path=/m.so&pin-value=1234&pin-source=env:X";
+        assert!(ProviderUri::parse(uri).unwrap().has_secret());
+        assert_eq!(
+            redact(uri),
+            "pkcs11:object=m?module-path=/m.so&pin-value=<redacted>&pin-source=env:X"
+        );
+        assert_eq!(
+            without_secrets(uri),
+            "pkcs11:object=m?module-path=/m.so&pin-source=env:X"
+        );
+        assert_eq!(without_secrets("pkcs11:object=m?pin-value=1"), "pkcs11:object=m");
+        let err = ProviderUri::parse("pkcs11:token=t?pin-value=1234")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("1234"), "{err}");
     }
 }

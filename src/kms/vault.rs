@@ -11,12 +11,11 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use super::http::{agent, call_with_retries};
-use super::{EncryptionContext, KeyProvider, KmsError};
+use super::http::{agent, call_with_retries, check_transport};
+use super::{EncryptionContext, KeyProvider, KmsError, ProviderId};
 use crate::crypto::{SecretKey, WrappedKey};
 
 pub struct VaultTransitProvider {
-    uri: String,
     address: String,
     mount: String,
     key: String,
@@ -30,13 +29,25 @@ fn env(name: &str) -> Option<String> {
 }
 
 impl VaultTransitProvider {
+    /// `address` None: VAULT_ADDR (or BAO_ADDR) from the environment.
     pub fn new(
-        uri: &str,
-        address: &str,
+        address: Option<&str>,
         mount: &str,
         key: &str,
         query: &BTreeMap<String, String>,
     ) -> Result<Self, KmsError> {
+        let address = match address {
+            Some(a) => a.to_string(),
+            None => env("VAULT_ADDR")
+                .or_else(|| env("BAO_ADDR"))
+                .ok_or_else(|| KmsError::Config {
+                    provider: format!("vault-transit ({mount}/{key})"),
+                    message: "no Vault address: set VAULT_ADDR (or BAO_ADDR), give it in --kms \
+                          (vault-transit:https://HOST:PORT/MOUNT/KEY), or run `kmsfs init --kms` on this host"
+                        .into(),
+                })?,
+        };
+        check_transport("vault-transit", &address)?;
         let config = |message: String| KmsError::Config {
             provider: format!("vault-transit ({address})"),
             message,
@@ -60,7 +71,6 @@ impl VaultTransitProvider {
             .or_else(|| env("VAULT_CACERT"))
             .or_else(|| env("BAO_CACERT"));
         Ok(VaultTransitProvider {
-            uri: uri.to_string(),
             address: address.trim_end_matches('/').to_string(),
             mount: mount.to_string(),
             key: key.to_string(),
@@ -131,8 +141,11 @@ fn context(context: &EncryptionContext) -> String {
 }
 
 impl KeyProvider for VaultTransitProvider {
-    fn uri(&self) -> String {
-        self.uri.clone()
+    fn id(&self) -> ProviderId {
+        ProviderId::VaultTransit {
+            mount: self.mount.clone(),
+            key: self.key.clone(),
+        }
     }
 
     fn generate_data_key(&self, ctx: &EncryptionContext) -> Result<(SecretKey, WrappedKey), KmsError> {

@@ -48,12 +48,6 @@ pub enum VolumeError {
     Db(#[from] DbError),
     #[error(transparent)]
     Kms(#[from] KmsError),
-    #[error("volume {volume} uses key provider {stored}, but {given} was given")]
-    ProviderMismatch {
-        volume: PathBuf,
-        stored: String,
-        given: String,
-    },
     #[error("{what} in {volume} fails authentication: the metadata DB does not belong to this key or was altered")]
     Tampered { volume: PathBuf, what: String },
     #[error("no data key for file {0} in the metadata DB")]
@@ -165,15 +159,12 @@ impl Volume {
         let version = 1;
         let name_key = vk.wrap_key(&secret_aad(&volume_id, SECRET_NAMES, version), &SecretKey::random());
         let xattr_key = vk.wrap_key(&secret_aad(&volume_id, SECRET_XATTRS, version), &SecretKey::random());
-        let uri = provider.uri();
-        let master_key_id = crate::kms::uri::ProviderUri::parse(&uri)
-            .map(|u| u.key_label())
-            .unwrap_or_default();
+        let provider_id = provider.id();
         let row = VolumeRow {
             volume_id,
             format_version: FORMAT_VERSION,
-            provider: uri,
-            master_key_id,
+            master_key_id: provider_id.key_label().to_string(),
+            provider: provider_id.to_string(),
             created_at: now(),
         };
         MetadataDb::create(

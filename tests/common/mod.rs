@@ -16,6 +16,8 @@ pub struct TestVolume {
     pub backing: PathBuf,
     pub mnt: PathBuf,
     pub keystore: PathBuf,
+    /// The host configuration (KMSFS_CONFIG): never the real /etc/kmsfs.
+    pub config: PathBuf,
     pub log: PathBuf,
     /// Extra environment for every kmsfs command (provider credentials…).
     pub env: Vec<(OsString, OsString)>,
@@ -51,6 +53,7 @@ impl TestVolume {
             backing: backing.unwrap_or_else(|| dir.path().join("cipher")),
             mnt: dir.path().join("plain"),
             keystore: dir.path().join("keystore.json"),
+            config: dir.path().join("providers.toml"),
             log: dir.path().join("daemon.log"),
             env: env
                 .iter()
@@ -73,6 +76,7 @@ impl TestVolume {
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(kmsfs_bin());
         cmd.env("KMSFS_KEYSTORE", &self.keystore)
+            .env("KMSFS_CONFIG", &self.config)
             .env("KMSFS_PASSPHRASE", PASSPHRASE)
             .env_remove("RUST_LOG");
         // Never reach for the real EC2 metadata service from a test.
@@ -126,6 +130,7 @@ impl TestVolume {
             backing,
             mnt: dir.path().join("plain"),
             keystore: self.keystore.clone(),
+            config: self.config.clone(),
             log: dir.path().join("daemon.log"),
             env: self.env.clone(),
             dir,
