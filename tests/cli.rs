@@ -29,6 +29,104 @@ fn read_only_mount_refuses_writes() {
 }
 
 #[test]
+fn concurrent_inits_and_key_rotations_keep_every_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let keystore = dir.path().join("keystore.json");
+    let kmsfs = |args: &[&str]| {
+        let mut cmd = Command::new(common::kmsfs_bin());
+        cmd.env("KMSFS_KEYSTORE", &keystore)
+            .env("KMSFS_PASSPHRASE", PASSPHRASE)
+            .env("KMSFS_CONFIG", dir.path().join("providers.toml"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    let wait_all = |children: Vec<std::process::Child>| {
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    };
+    // Eight inits race to create the keystore, then to add their keys.
+    let volumes: Vec<_> = (0..8).map(|i| dir.path().join(format!("v{i}"))).collect();
+    let children = volumes
+        .iter()
+        .map(|v| {
+            kmsfs(&["init", path_str(v), "--kdf-memory-mib", "8", "--kdf-iterations", "1"])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    wait_all(children);
+    let list = kmsfs(&["key", "list", "--json"]).output().unwrap();
+    let keys: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 8, "{keys}");
+    let key = keys[0]["id"].as_str().unwrap().to_string();
+    let children = (0..4)
+        .map(|_| kmsfs(&["key", "rotate", &key]).spawn().unwrap())
+        .collect();
+    wait_all(children);
+    let list = kmsfs(&["key", "list", "--json"]).output().unwrap();
+    let keys: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let rotated = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == key.as_str())
+        .unwrap();
+    assert_eq!(rotated["versions"].as_array().unwrap().len(), 5, "{rotated}");
+    for v in &volumes {
+        let out = kmsfs(&["status", "--check-key", path_str(v)]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            v.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let leftovers: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn init_makes_private_files_and_a_refused_init_makes_no_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let vol = TestVolume::init();
+    assert_eq!(mode(&vol.backing), 0o700, "backing directory");
+    assert_eq!(mode(&vol.backing.join("kmsfs.db")), 0o600, "metadata DB");
+    let m = vol.mount();
+    fs::write(vol.path("f"), b"x").unwrap();
+    let wal = vol.backing.join("kmsfs.db-wal");
+    assert!(wal.exists());
+    assert_eq!(mode(&wal), 0o600, "WAL");
+    m.unmount();
+
+    let key_count = || {
+        let out = vol.run(&["key", "list", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = key_count();
+    let not_empty = vol.dir.path().join("not-empty");
+    fs::create_dir(&not_empty).unwrap();
+    fs::write(not_empty.join("x"), b"x").unwrap();
+    for target in [&not_empty, &vol.backing] {
+        let out = vol.run(&["init", path_str(target)]);
+        assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(key_count(), before, "a refused init leaves no master key behind");
+}
+
+#[test]
 fn mount_helper_form_with_fstab_options() {
     let vol = TestVolume::init();
     let helper = vol.dir.path().join("mount.kmsfs");

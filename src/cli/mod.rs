@@ -162,6 +162,7 @@ fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let (row, keystore) = match remote {
         Some(raw) => {
             let uri = kmsfs::kms::uri::ProviderUri::parse(raw)?;
+            kmsfs::volume::Volume::check_new_backing(&args.backing)?;
             let config_path = host_config::path(keys.config.as_deref())?;
             // Fail on a bad configuration before a volume exists.
             host_config::HostConfig::load(&config_path)?;
@@ -190,6 +191,8 @@ fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
             (row, None)
         }
         None => {
+            // Before a master key is made for it, so a refused init leaves none behind.
+            kmsfs::volume::Volume::check_new_backing(&args.backing)?;
             let kdf = kmsfs::kms::local::KdfParams {
                 memory_kib: args.kdf_memory_mib.saturating_mul(1024),
                 iterations: args.kdf_iterations,

@@ -92,5 +92,12 @@ pub fn open_or_create_keystore(keys: &KeyOptions, kdf: KdfParams) -> Result<(Loc
         }
     }
     let secret = unlock_secret(keys, true)?;
-    Ok((LocalKeystore::create(&path, &secret, kdf)?, true))
+    match LocalKeystore::create(&path, &secret, kdf) {
+        Ok(store) => Ok((store, true)),
+        // Another command created it meanwhile: use that one.
+        Err(kmsfs::kms::KmsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok((LocalKeystore::open(&path, &secret)?, false))
+        }
+        Err(e) => Err(e.into()),
+    }
 }

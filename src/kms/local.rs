@@ -235,10 +235,11 @@ impl LocalKeystore {
                 keys: Vec::new(),
             },
         };
-        if let Some(dir) = path.parent() {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
-        store.save(true)?;
+        let _lock = super::locked_file::lock(path).map_err(io_err(path))?;
+        Self::write(path, &store.file, true)?;
         Ok(store)
     }
 
@@ -276,82 +277,90 @@ impl LocalKeystore {
         &self.path
     }
 
-    fn save(&self, create_new: bool) -> Result<(), KmsError> {
-        let path = &self.path;
-        let text = serde_json::to_string_pretty(&self.file).map_err(|e| corrupt(path, e.to_string()))?;
-        let tmp = path.with_extension("json.tmp");
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        f.write_all(text.as_bytes()).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        if create_new && path.exists() {
-            let _ = fs::remove_file(&tmp);
-            return Err(KmsError::Io {
-                path: path.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "keystore already exists"),
-            });
+    fn write(path: &Path, file: &KeystoreFile, create_new: bool) -> Result<(), KmsError> {
+        let text = Zeroizing::new(serde_json::to_string_pretty(file).map_err(|e| corrupt(path, e.to_string()))?);
+        super::locked_file::replace(path, text.as_bytes(), 0o600, create_new).map_err(io_err(path))
+    }
+
+    /// Reads the keystore as it is on disk now, checking it is still the
+    /// one this handle unlocked (same key-encryption key).
+    fn reread(&self) -> Result<KeystoreFile, KmsError> {
+        let text = fs::read_to_string(&self.path).map_err(io_err(&self.path))?;
+        let file: KeystoreFile = serde_json::from_str(&text).map_err(|e| corrupt(&self.path, e.to_string()))?;
+        let verifier = B64
+            .decode(&file.verifier)
+            .map_err(|_| corrupt(&self.path, "verifier is not base64"))?;
+        if self.kek.open(VERIFIER_AAD, &verifier).is_err() {
+            return Err(corrupt(
+                &self.path,
+                "the keystore was replaced or re-protected while this command ran; run it again",
+            ));
         }
-        fs::rename(&tmp, path).map_err(io_err(path))?;
-        if let Some(dir) = path.parent() {
-            if let Ok(d) = fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
+        Ok(file)
+    }
+
+    /// Read-modify-write under the keystore's lock: concurrent `init`s and
+    /// `key rotate`s each see the others' keys and none is lost.
+    fn update<T>(
+        &mut self,
+        change: impl FnOnce(&Sealer, &mut KeystoreFile) -> Result<T, KmsError>,
+    ) -> Result<T, KmsError> {
+        let _lock = super::locked_file::lock(&self.path).map_err(io_err(&self.path))?;
+        let mut file = self.reread()?;
+        let out = change(&self.kek, &mut file)?;
+        Self::write(&self.path, &file, false)?;
+        self.file = file;
+        Ok(out)
     }
 
     /// CreateKey: a new enabled master key with one version. Returns its id.
     pub fn create_key(&mut self, description: &str) -> Result<String, KmsError> {
         let id = format!("mk-{}", hex(&random_array::<12>()));
         let material = SecretKey::random();
-        let sealed = self.kek.seal(&material_aad(&id, 1), material.expose());
-        self.file.keys.push(MasterKeyRecord {
-            id: id.clone(),
-            alias: None,
-            description: description.to_string(),
-            state: KeyState::Enabled,
-            created: now(),
-            versions: vec![KeyVersion {
-                version: 1,
+        self.update(|kek, file| {
+            let sealed = kek.seal(&material_aad(&id, 1), material.expose());
+            file.keys.push(MasterKeyRecord {
+                id: id.clone(),
+                alias: None,
+                description: description.to_string(),
+                state: KeyState::Enabled,
                 created: now(),
-                material: B64.encode(sealed),
-            }],
-        });
-        self.save(false)?;
+                versions: vec![KeyVersion {
+                    version: 1,
+                    created: now(),
+                    material: B64.encode(sealed),
+                }],
+            });
+            Ok(())
+        })?;
         Ok(id)
     }
 
     /// On-demand rotation: a new version of the master key's material. Old
     /// versions stay, so everything they wrapped still decrypts.
     pub fn rotate_key(&mut self, id_or_alias: &str) -> Result<u32, KmsError> {
-        let kek = &self.kek;
-        let record = self
-            .file
-            .keys
-            .iter_mut()
-            .find(|k| k.id == id_or_alias || k.alias.as_deref() == Some(id_or_alias))
-            .ok_or_else(|| KmsError::KeyNotFound(id_or_alias.to_string()))?;
-        if record.state != KeyState::Enabled {
-            return Err(KmsError::KeyNotUsable {
-                key: record.id.clone(),
-                state: format!("{:?}", record.state),
-            });
-        }
-        let version = record.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
         let material = SecretKey::random();
-        let sealed = kek.seal(&material_aad(&record.id, version), material.expose());
-        record.versions.push(KeyVersion {
-            version,
-            created: now(),
-            material: B64.encode(sealed),
-        });
-        self.save(false)?;
-        Ok(version)
+        self.update(|kek, file| {
+            let record = file
+                .keys
+                .iter_mut()
+                .find(|k| k.id == id_or_alias || k.alias.as_deref() == Some(id_or_alias))
+                .ok_or_else(|| KmsError::KeyNotFound(id_or_alias.to_string()))?;
+            if record.state != KeyState::Enabled {
+                return Err(KmsError::KeyNotUsable {
+                    key: record.id.clone(),
+                    state: format!("{:?}", record.state),
+                });
+            }
+            let version = record.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+            let sealed = kek.seal(&material_aad(&record.id, version), material.expose());
+            record.versions.push(KeyVersion {
+                version,
+                created: now(),
+                material: B64.encode(sealed),
+            });
+            Ok(version)
+        })
     }
 
     /// Every master key, without its material.

@@ -3,6 +3,7 @@
 //! fsync of any file commits the queue first.
 
 use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -130,7 +131,17 @@ impl MetadataDb {
         volume_key: (u32, &WrappedKey),
         secrets: &[(&str, &WrappedKey)],
     ) -> Result<Self, DbError> {
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        // SQLite gives the -wal and -shm files the main file's mode: 0600 for all three.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| DbError::Damaged {
+                path: path.to_path_buf(),
+                reason: format!("cannot create: {e}"),
+            })?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut conn = Self::connect(path, flags)?;
         let err = |source| DbError::Sqlite {
             path: path.to_path_buf(),

@@ -14,7 +14,7 @@ pub mod rotate;
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -136,8 +136,9 @@ pub struct Volume {
 }
 
 impl Volume {
-    /// `kmsfs init`: a new volume in an empty (or missing) directory.
-    pub fn create(backing: &Path, provider: &dyn KeyProvider) -> Result<VolumeRow, VolumeError> {
+    /// Whether `backing` can receive a new volume (missing, or an empty
+    /// directory): checked before a master key is made for it.
+    pub fn check_new_backing(backing: &Path) -> Result<(), VolumeError> {
         if backing.join(DB_FILE).exists() {
             return Err(VolumeError::AlreadyInitialized(backing.to_path_buf()));
         }
@@ -145,12 +146,23 @@ impl Volume {
             if !backing.is_dir() {
                 return Err(VolumeError::NotADirectory(backing.to_path_buf()));
             }
-            let mut entries = fs::read_dir(backing).map_err(io_at(backing))?;
-            if entries.next().is_some() {
+            if fs::read_dir(backing).map_err(io_at(backing))?.next().is_some() {
                 return Err(VolumeError::NotEmpty(backing.to_path_buf()));
             }
-        } else {
-            fs::create_dir_all(backing).map_err(io_at(backing))?;
+        }
+        Ok(())
+    }
+
+    /// `kmsfs init`: a new volume in an empty (or missing) directory.
+    pub fn create(backing: &Path, provider: &dyn KeyProvider) -> Result<VolumeRow, VolumeError> {
+        Self::check_new_backing(backing)?;
+        if !backing.exists() {
+            // Only its owner may list, read or replace what it holds.
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(backing)
+                .map_err(io_at(backing))?;
         }
         let volume_id: [u8; 16] = random_array();
         let context = EncryptionContext::for_volume(&volume_id);
@@ -167,12 +179,22 @@ impl Volume {
             provider: provider_id.to_string(),
             created_at: now(),
         };
-        MetadataDb::create(
-            &backing.join(DB_FILE),
+        let db_path = backing.join(DB_FILE);
+        let created = MetadataDb::create(
+            &db_path,
             &row,
             (version, &wrapped_vk),
             &[(SECRET_NAMES, &name_key), (SECRET_XATTRS, &xattr_key)],
-        )?;
+        );
+        if let Err(e) = created {
+            // A half-made DB would make the next `init` say "already a volume".
+            for suffix in ["", "-wal", "-shm"] {
+                let mut name = db_path.clone().into_os_string();
+                name.push(suffix);
+                let _ = fs::remove_file(name);
+            }
+            return Err(e.into());
+        }
         write_dir_iv(backing)?;
         fs::File::open(backing)
             .and_then(|d| d.sync_all())
