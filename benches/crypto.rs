@@ -6,10 +6,10 @@
 //! The `bytes/s` criterion prints are the figures docs/DESIGN.md quotes.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use kmsfs::crypto::{BLOCK_SIZE, BlockCipher, SecretKey};
+use kmsfs::crypto::{BLOCK_SIZE, BlockCipher, Layout, SecretKey};
 
 fn cipher() -> BlockCipher {
-    BlockCipher::new(&SecretKey::random(), [7u8; 16])
+    BlockCipher::new(&SecretKey::random(), [7u8; 16], Layout::Sealed)
 }
 
 fn single_blocks(c: &mut Criterion) {

@@ -179,7 +179,7 @@ fn foreground_daemon_unmounts_on_sigterm_and_status_reports() {
         let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
         assert_eq!(json["mounted"], true);
         assert_eq!(json["daemon_pid"], child.id());
-        assert_eq!(json["format_version"], 1);
+        assert_eq!(json["format_version"], 2);
         assert!(json["provider"].as_str().unwrap().starts_with("local:mk-"));
         assert_eq!(json["volume_keys"][0]["state"], "active");
     });

@@ -274,6 +274,11 @@ fn power_cut_after_syncfs_loses_nothing_that_was_fsynced() {
         }
         for cut in 0..4 {
             std::thread::sleep(Duration::from_millis(300 + rng.below(700)));
+            // Under load the first fsyncs can take longer than the pause.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while durable.lock().unwrap().files.len() <= cut && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             // Everything in the model was fsynced before the freeze began.
             // Holding the lock through the freeze keeps a worker from moving
             // a modelled file to its new name before the cut.

@@ -282,6 +282,8 @@ fn fifos_symlinks_and_mknod() {
 fn permissions_owners_times_and_limits() {
     let vol = TestVolume::init();
     let _m = vol.mount_with(&["-o", "allow_other"]);
+    // A new volume's root is its owner's alone (0700); open it to others.
+    fs::set_permissions(&vol.mnt, fs::Permissions::from_mode(0o755)).unwrap();
     let secret = vol.path("secret");
     fs::write(&secret, b"private").unwrap();
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();

@@ -290,6 +290,7 @@ fn writes_and_truncation_by_a_non_root_owner_clear_set_id_bits() {
     let vol = TestVolume::init();
     fs::set_permissions(vol.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let _m = vol.mount_with(&["-o", "allow_other"]);
+    fs::set_permissions(&vol.mnt, fs::Permissions::from_mode(0o755)).unwrap();
     let p = vol.path("setid");
     fs::write(&p, b"x").unwrap();
     std::os::unix::fs::chown(&p, Some(1000), Some(1000)).unwrap();
@@ -348,6 +349,7 @@ fn new_files_open_whatever_their_mode_and_get_the_right_owner() {
     fs::set_permissions(vol.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     for options in [&[][..], &["-o", "allow_other"][..]] {
         let m = vol.mount_with(options);
+        fs::set_permissions(&vol.mnt, fs::Permissions::from_mode(0o755)).unwrap();
         let dir = vol.path("new");
         fs::create_dir(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();

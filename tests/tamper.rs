@@ -154,7 +154,8 @@ fn missing_data_key_row_reads_as_eio() {
 fn damaged_header_reads_as_eio() {
     let vol = TestVolume::init();
     let [a] = write_files(&vol, &[("a", three_blocks(6))]).try_into().unwrap();
-    write_at(&a, &[0xff], 5);
+    let id_byte = fs::read(&a).unwrap()[5];
+    write_at(&a, &[id_byte ^ 0x40], 5); // a changed byte, whatever the random id held
     expect_eio(&vol, "a", &a, "damaged file id");
     let vol = TestVolume::init();
     let [a] = write_files(&vol, &[("a", three_blocks(6))]).try_into().unwrap();
@@ -311,4 +312,153 @@ fn key_file_unlocks_and_a_wrong_one_is_refused() {
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     fs::write(mnt.join("x"), b"with a key file").unwrap();
     assert!(run(&["umount", path_str(&mnt)]).status.success());
+}
+
+fn fsck_kinds(vol: &TestVolume) -> (i32, Vec<String>) {
+    let out = vol.run(&["fsck", "--json", path_str(&vol.backing)]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut kinds: Vec<String> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap().to_string())
+        .collect();
+    kinds.sort();
+    (out.status.code().unwrap(), kinds)
+}
+
+#[test]
+fn every_cut_and_appended_zero_blocks_read_as_eio_and_fsck_reports_them() {
+    let vol = TestVolume::init();
+    let names = [
+        "empty",
+        "cut-0",
+        "cut-header",
+        "cut-19",
+        "cut-46",
+        "grown",
+        "grown-small",
+    ];
+    let files: Vec<(&str, Vec<u8>)> = names
+        .iter()
+        .map(|&n| {
+            (
+                n,
+                if n == "empty" {
+                    Vec::new()
+                } else {
+                    three_blocks(n.len() as u64)
+                },
+            )
+        })
+        .collect();
+    let backing = write_files(&vol, &files);
+    assert_eq!(
+        fs::metadata(&backing[0]).unwrap().len(),
+        HEADER + 28,
+        "an empty file ends in a sealed block"
+    );
+    let set_len = |p: &Path, len: u64| OpenOptions::new().write(true).open(p).unwrap().set_len(len).unwrap();
+    set_len(&backing[1], 0);
+    set_len(&backing[2], HEADER);
+    set_len(&backing[3], HEADER + 1);
+    set_len(&backing[4], HEADER + 28);
+    let len = fs::metadata(&backing[5]).unwrap().len();
+    set_len(&backing[5], len + 2 * CBLOCK); // whole zero blocks appended
+    set_len(&backing[6], len + 40); // a short zero block appended
+    for (name, path) in names.iter().zip(&backing).skip(1) {
+        expect_eio(&vol, name, path, name);
+    }
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("empty")).unwrap(), b"", "the intact empty file");
+    m.unmount();
+    let (code, kinds) = fsck_kinds(&vol);
+    assert_eq!(code, 10);
+    assert_eq!(
+        kinds,
+        // cut-46 and both growths: a last block that does not open; cut-header and
+        // cut-19: lengths no file has; cut-0: no header, and so its key unused.
+        [
+            "bad_blocks",
+            "bad_blocks",
+            "bad_blocks",
+            "bad_length",
+            "bad_length",
+            "no_header",
+            "orphan_key"
+        ],
+        "every cut and growth is reported"
+    );
+}
+
+#[test]
+fn a_backing_file_copied_over_another_is_caught_and_keeps_its_key() {
+    let vol = TestVolume::init();
+    let [a, b] = write_files(&vol, &[("a", three_blocks(1)), ("b", three_blocks(2))])
+        .try_into()
+        .unwrap();
+    fs::copy(&a, &b).unwrap(); // b's name now holds a copy of a: same file id
+    let (code, kinds) = fsck_kinds(&vol);
+    assert_eq!(
+        (code, kinds),
+        (10, vec!["duplicate_file_id".to_string(), "orphan_key".into()])
+    );
+
+    let m = vol.mount();
+    let first = fs::read(vol.path("a")).unwrap();
+    assert_eq!(first, three_blocks(1));
+    let second = fs::read(vol.path("b"));
+    assert_eq!(
+        second.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EIO)),
+        "the second inode with the same id"
+    );
+    // Deleting the copy must not erase the key the original uses.
+    fs::remove_file(vol.path("b")).unwrap();
+    m.unmount();
+    let m = vol.mount();
+    assert_eq!(
+        fs::read(vol.path("a")).unwrap(),
+        three_blocks(1),
+        "the original still reads"
+    );
+    m.unmount();
+    assert!(vol.log_text().contains("same file id"), "{}", vol.log_text());
+}
+
+#[test]
+fn an_open_file_whose_name_is_removed_stays_readable_until_closed() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let vol = TestVolume::init();
+    write_files(&vol, &[("victim", three_blocks(3)), ("old", three_blocks(4))]);
+    // A fresh mount: the files' keys are not cached yet.
+    let m = vol.mount();
+    let mut open = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(vol.path("victim"))
+        .unwrap();
+    let mut replaced = fs::File::open(vol.path("old")).unwrap();
+    fs::remove_file(vol.path("victim")).unwrap();
+    fs::write(vol.path("new"), b"replacement").unwrap();
+    fs::rename(vol.path("new"), vol.path("old")).unwrap();
+    let mut got = Vec::new();
+    open.read_to_end(&mut got).unwrap();
+    assert_eq!(got, three_blocks(3), "read through the descriptor after unlink");
+    open.seek(SeekFrom::Start(10)).unwrap();
+    open.write_all(b"still writable").unwrap();
+    open.sync_all().unwrap();
+    let mut old = Vec::new();
+    replaced.read_to_end(&mut old).unwrap();
+    assert_eq!(old, three_blocks(4), "read after a rename over it");
+    drop((open, replaced));
+    m.unmount();
+    // Once closed, both keys are gone: fsck finds nothing left behind.
+    let (code, kinds) = fsck_kinds(&vol);
+    assert_eq!((code, kinds), (0, Vec::<String>::new()));
+    let keys = rusqlite::Connection::open(vol.backing.join("kmsfs.db"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM file_keys", [], |r| r.get::<_, i64>(0))
+        .unwrap();
+    assert_eq!(keys, 1, "only the replacement's key remains");
 }

@@ -22,10 +22,23 @@ const MAX_STACK_BLOCKS: usize = 260;
 
 pub type FileId = [u8; FILE_ID_LEN];
 
+/// What a file's end promises, as the volume's format decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Format 1: a file may have no header or only a header (both empty),
+    /// and its final block may be a hole. Cuts to those lengths, and zero
+    /// blocks appended, are not detected.
+    Lenient,
+    /// Format 2: every file has a header and ends in an authenticated final
+    /// block (an empty one for an empty file); a hole is never final.
+    Sealed,
+}
+
 /// Seals and opens the blocks of one file.
 pub struct BlockCipher {
     sealer: Sealer,
     file_id: FileId,
+    layout: Layout,
 }
 
 fn block_aad(file_id: &FileId, index: u64, last: bool) -> [u8; FILE_ID_LEN + 9] {
@@ -47,15 +60,20 @@ pub fn is_hole(sealed: &[u8]) -> bool {
 }
 
 impl BlockCipher {
-    pub fn new(data_key: &SecretKey, file_id: FileId) -> Self {
+    pub fn new(data_key: &SecretKey, file_id: FileId, layout: Layout) -> Self {
         BlockCipher {
             sealer: Sealer::new(data_key),
             file_id,
+            layout,
         }
     }
 
     pub fn file_id(&self) -> &FileId {
         &self.file_id
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     /// Seals consecutive plaintext blocks starting at block `first_index`.
@@ -119,9 +137,10 @@ impl BlockCipher {
     /// Opens one stored block. A non-final block that was sealed as final is
     /// accepted too: that is what an append interrupted by a crash leaves
     /// behind, and it cannot be used to shorten a file (the real final block
-    /// must still carry the final flag).
+    /// must still carry the final flag). With the sealed layout a hole is
+    /// never final, so zero blocks appended to a file do not open.
     pub fn open_block(&self, index: u64, is_final: bool, sealed: &[u8], out: &mut [u8]) -> Result<(), AuthError> {
-        if is_hole(sealed) {
+        if is_hole(sealed) && !(is_final && self.layout == Layout::Sealed) {
             out.fill(0);
             return Ok(());
         }
@@ -173,7 +192,11 @@ mod tests {
     use super::*;
 
     fn cipher(id: u8) -> BlockCipher {
-        BlockCipher::new(&SecretKey::from_slice(&[7u8; 32]).unwrap(), [id; FILE_ID_LEN])
+        BlockCipher::new(
+            &SecretKey::from_slice(&[7u8; 32]).unwrap(),
+            [id; FILE_ID_LEN],
+            Layout::Lenient,
+        )
     }
 
     #[test]
@@ -216,5 +239,26 @@ mod tests {
         let mut out = vec![1u8; 100];
         c.open_block(0, true, &[0u8; 100 + BLOCK_OVERHEAD], &mut out).unwrap();
         assert!(out.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn sealed_layout_never_ends_in_a_hole() {
+        let c = BlockCipher::new(
+            &SecretKey::from_slice(&[7u8; 32]).unwrap(),
+            [1; FILE_ID_LEN],
+            Layout::Sealed,
+        );
+        let mut out = vec![1u8; BLOCK_SIZE];
+        let hole = [0u8; CIPHER_BLOCK_SIZE];
+        c.open_block(3, false, &hole, &mut out).unwrap();
+        assert!(out.iter().all(|&b| b == 0), "a hole inside the file reads as zeros");
+        assert!(
+            c.open_block(4, true, &hole, &mut out).is_err(),
+            "a hole as the last block"
+        );
+        let empty_final = c.seal_block(0, true, &[]);
+        assert_eq!(empty_final.len(), BLOCK_OVERHEAD);
+        c.open_block(0, true, &empty_final, &mut []).unwrap();
+        assert!(c.open_block(0, true, &[0u8; BLOCK_OVERHEAD], &mut []).is_err());
     }
 }

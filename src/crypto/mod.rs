@@ -7,6 +7,6 @@ mod keys;
 mod names;
 
 pub use aead::{AuthError, NONCE_LEN, SEAL_OVERHEAD, Sealer, TAG_LEN};
-pub use block::{BLOCK_OVERHEAD, BLOCK_SIZE, BlockCipher, CIPHER_BLOCK_SIZE, FILE_ID_LEN, FileId, sealed_len};
+pub use block::{BLOCK_OVERHEAD, BLOCK_SIZE, BlockCipher, CIPHER_BLOCK_SIZE, FILE_ID_LEN, FileId, Layout, sealed_len};
 pub use keys::{KEY_LEN, SecretKey, WrappedKey, random_array};
 pub use names::{DIR_IV_LEN, NameCipher, NameError};

@@ -12,8 +12,9 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat};
 
 use super::KmsFs;
 use super::attr::{FsResult, errno, io_errno, to_attr};
+use super::files::lock;
 use super::inodes::{Node, file_type};
-use crate::crypto::random_array;
+use crate::crypto::{BlockCipher, Layout, random_array};
 use crate::kms::hex;
 use crate::volume::layout::{self, BackingName, DIR_IV_FILE, DirIv, Entry, NAME_MAX, TEMP_PREFIX};
 
@@ -110,6 +111,16 @@ impl KmsFs {
 
     /// Looks up `backing` in `parent`, registering the lookup.
     pub(super) fn lookup_backing(&self, parent: &Node, backing: &str) -> FsResult<(Arc<Node>, FileAttr)> {
+        self.lookup_new(parent, backing, None)
+    }
+
+    /// As `lookup_backing`; a file just made here comes with its cipher.
+    fn lookup_new(
+        &self,
+        parent: &Node,
+        backing: &str,
+        made: Option<Arc<BlockCipher>>,
+    ) -> FsResult<(Arc<Node>, FileAttr)> {
         let fd = rustix::fs::openat(
             parent.fd()?.as_fd(),
             backing,
@@ -119,8 +130,21 @@ impl KmsFs {
         .map_err(errno)?;
         let st = rustix::fs::fstat(&fd).map_err(errno)?;
         let node = self.inodes.remember(fd, &st);
-        let attr = self.attr_of(&node, &st)?;
-        Ok((node, attr))
+        if let Some(cipher) = made {
+            if let Err(e) = self.claim_id(&node, cipher.file_id()) {
+                self.forget_node(node.ino, 1);
+                return Err(e);
+            }
+            *lock(&node.cipher) = Some(cipher);
+            node.mark_verified_empty(); // made here: its empty final block is ours
+        }
+        match self.attr_of(&node, &st) {
+            Ok(attr) => Ok((node, attr)),
+            Err(e) => {
+                self.forget_node(node.ino, 1); // the kernel gets no entry to forget
+                Err(e)
+            }
+        }
     }
 
     pub(super) fn lookup(&self, parent: &Node, name: &OsStr) -> FsResult<(Arc<Node>, FileAttr)> {
@@ -129,10 +153,13 @@ impl KmsFs {
     }
 
     pub(super) fn attr_of(&self, node: &Node, st: &Stat) -> FsResult<FileAttr> {
-        let link_len = if file_type(st.st_mode as u32) == FileType::Symlink {
-            Some(self.read_link(node)?.len() as u64)
-        } else {
-            None
+        let link_len = match file_type(st.st_mode as u32) {
+            FileType::Symlink => Some(self.read_link(node)?.len() as u64),
+            FileType::RegularFile => {
+                self.check_backing_length(node, st.st_size as u64)?;
+                None
+            }
+            _ => None,
         };
         Ok(to_attr(node.ino, st, link_len))
     }
@@ -201,14 +228,20 @@ impl KmsFs {
         let b = backing.as_str();
         let pfd = parent.fd()?;
         let mknod = |kind| rustix::fs::mknodat(pfd.as_fd(), b, kind, perm, 0).map(|()| None);
+        let sealed = self.volume.layout() == Layout::Sealed;
         let created = match (mode & libc::S_IFMT, open_flags) {
-            (libc::S_IFREG | 0, Some(flags)) => rustix::fs::openat(
-                parent.fd()?.as_fd(),
-                b,
-                flags | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
-                perm,
-            )
-            .map(Some),
+            // A new file's descriptor may write whatever its mode: the sealed
+            // layout's header and final block go in through it.
+            (libc::S_IFREG | 0, flags) if flags.is_some() || sealed => {
+                let access = if sealed { OFlags::RDWR } else { OFlags::empty() };
+                rustix::fs::openat(
+                    pfd.as_fd(),
+                    b,
+                    flags.unwrap_or(OFlags::RDWR) | access | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+                    perm,
+                )
+                .map(Some)
+            }
             (libc::S_IFREG | 0, None) => mknod(rustix::fs::FileType::RegularFile),
             (libc::S_IFIFO, _) => mknod(rustix::fs::FileType::Fifo),
             (libc::S_IFSOCK, _) => mknod(rustix::fs::FileType::Socket),
@@ -226,7 +259,22 @@ impl KmsFs {
                 return Err(errno(e));
             }
         };
-        let (node, attr) = self.lookup_backing(parent, b)?;
+        let (fd, cipher) = match fd {
+            Some(fd) => {
+                let file = std::fs::File::from(fd);
+                match self.init_content(&file) {
+                    Ok(cipher) => (open_flags.map(|_| OwnedFd::from(file)), cipher),
+                    Err(e) => {
+                        // No half-made file stays behind: the creator sees the error.
+                        let _ = rustix::fs::unlinkat(pfd.as_fd(), b, AtFlags::empty());
+                        self.remove_sidecar(parent, &backing);
+                        return Err(e);
+                    }
+                }
+            }
+            None => (None, None),
+        };
+        let (node, attr) = self.lookup_new(parent, b, cipher)?;
         let attr = self.settle_owner(parent, b, &node, attr, owner)?;
         Ok((node, attr, fd))
     }

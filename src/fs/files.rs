@@ -11,7 +11,7 @@ use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, Timespec, Timestamps, UT
 use super::KmsFs;
 use super::attr::{FsResult, errno};
 use super::inodes::{Node, file_type};
-use crate::crypto::BlockCipher;
+use crate::crypto::{BlockCipher, Layout};
 use crate::volume::content::{self, ContentError, block_offset};
 use crate::volume::header::{self, HEADER_LEN};
 
@@ -37,7 +37,7 @@ pub struct OpenFile {
     pub writable: bool,
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -104,12 +104,21 @@ impl KmsFs {
         let mut head = [0u8; HEADER_LEN];
         let got = rustix::io::pread(file, &mut head, 0).map_err(errno)?;
         if got == 0 {
+            if self.volume.layout() == Layout::Sealed {
+                log::error!(
+                    "file {}: backing file is empty, but every file of this volume has a header \
+                     (cut to 0 bytes, or its creation was interrupted); returning EIO",
+                    self.describe(node)
+                );
+                return Err(Errno::EIO);
+            }
             return Ok(None);
         }
         let id = header::decode(&head[..got]).map_err(|e| {
             log::error!("file {}: damaged header ({e})", self.describe(node));
             Errno::EIO
         })?;
+        self.claim_id(node, &id)?;
         let cipher = Arc::new(self.volume.file_cipher(&id).map_err(|e| {
             log::error!("file {}: {e}", self.describe(node));
             Errno::EIO
@@ -118,8 +127,66 @@ impl KmsFs {
         Ok(Some(cipher))
     }
 
-    /// The cipher of a file about to be written: a header-less (empty) file
-    /// gets its id and data key now.
+    /// With the sealed layout a backing length that no file has is damage,
+    /// and so is an empty file whose final block does not authenticate: the
+    /// kernel reads nothing from a file it believes empty, so this is
+    /// checked when the size is reported (once per inode and mount).
+    pub(super) fn check_backing_length(&self, node: &Node, len: u64) -> FsResult<()> {
+        if self.volume.layout() != Layout::Sealed {
+            return Ok(());
+        }
+        let ok_or_empty =
+            |len| content::sealed_length_ok(len) && (len != content::EMPTY_FILE_LEN || node.is_verified_empty());
+        if ok_or_empty(len) {
+            return Ok(());
+        }
+        // Writers change the length in steps under the content lock: look again under it.
+        let _guard = node.content.read().unwrap_or_else(|p| p.into_inner());
+        let len = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?.st_size as u64;
+        if ok_or_empty(len) {
+            return Ok(());
+        }
+        if !content::sealed_length_ok(len) {
+            return Err(self.content_error(node, ContentError::Length { len }));
+        }
+        let file = self.reopen(node, libc::O_RDONLY)?;
+        let cipher = self.cipher(node, &file)?.ok_or(Errno::EIO)?;
+        content::read(&file, &cipher, 0, 0).map_err(|e| self.content_error(node, e))?;
+        node.mark_verified_empty();
+        Ok(())
+    }
+
+    /// Records the node's file id; a second backing inode with the same id
+    /// (one backing file copied over another's name) reads as EIO.
+    pub(super) fn claim_id(&self, node: &Node, id: &crate::crypto::FileId) -> FsResult<()> {
+        self.inodes.ids.claim(*id, node.ino).map_err(|other| {
+            log::error!(
+                "file {}: backing inode has the same file id ({}) as inode {other}: one backing file \
+                 was copied over another's name; returning EIO (run fsck)",
+                self.describe(node),
+                crate::kms::hex(id)
+            );
+            Errno::EIO
+        })
+    }
+
+    /// A new regular file's content: with the sealed layout its header and
+    /// empty final block are written at creation (a format-1 file gets them
+    /// at its first write).
+    pub(super) fn init_content(&self, file: &File) -> FsResult<Option<Arc<BlockCipher>>> {
+        if self.volume.layout() != Layout::Sealed {
+            return Ok(None);
+        }
+        let (_, cipher) = self.volume.new_file_key().map_err(|e| {
+            log::error!("cannot create a data key: {e}");
+            Errno::EIO
+        })?;
+        content::create(file, &cipher).map_err(|e| Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        Ok(Some(Arc::new(cipher)))
+    }
+
+    /// The cipher of a file about to be written: a header-less (empty,
+    /// format 1) file gets its id and data key now.
     fn cipher_for_write(&self, node: &Node, file: &File) -> FsResult<Arc<BlockCipher>> {
         if let Some(c) = self.cipher(node, file)? {
             return Ok(c);
@@ -129,16 +196,25 @@ impl KmsFs {
             Errno::EIO
         })?;
         rustix::io::pwrite(file, &header::encode(&id), 0).map_err(errno)?;
+        self.claim_id(node, &id)?;
         let cipher = Arc::new(cipher);
         *lock(&node.cipher) = Some(Arc::clone(&cipher));
         Ok(cipher)
     }
 
-    fn content_error(&self, node: &Node, e: ContentError) -> Errno {
+    pub(super) fn content_error(&self, node: &Node, e: ContentError) -> Errno {
         match e {
             ContentError::Corrupt { block } => {
                 log::error!(
                     "file {}: block {block} fails authentication (tampered or damaged); returning EIO",
+                    self.describe(node)
+                );
+                Errno::EIO
+            }
+            ContentError::Length { len } => {
+                log::error!(
+                    "file {}: backing file is {len} bytes long, which no file of this volume is \
+                     (cut short or grown by someone else); returning EIO",
                     self.describe(node)
                 );
                 Errno::EIO

@@ -6,14 +6,14 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use fuser::FileType;
 use rustix::fs::{OFlags, Stat};
 
 use super::handles::{Locator, NodeFd, Opener, handle_of};
-use crate::crypto::BlockCipher;
+use crate::crypto::{BlockCipher, FileId};
 use crate::volume::layout::DirIv;
 
 pub const ROOT_INO: u64 = 1;
@@ -33,6 +33,11 @@ pub struct Node {
     /// still knows the node: it keeps the backing inode (and so its number,
     /// which is this node's id) from being freed and reused.
     pinned: OnceLock<NodeFd>,
+    /// Its last name is gone while the kernel still knows it (open files):
+    /// its key is erased once the kernel forgets it.
+    unlinked: AtomicBool,
+    /// An empty file whose final block authenticated (sealed layout).
+    verified_empty: AtomicBool,
 }
 
 impl Node {
@@ -61,6 +66,32 @@ impl Node {
         }
     }
 
+    /// The file id, once its header was read or written.
+    pub fn file_id(&self) -> Option<FileId> {
+        self.cipher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| *c.file_id())
+    }
+
+    /// Marks the node as having lost its last name; see `unlinked`.
+    pub fn mark_unlinked(&self) {
+        self.unlinked.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_unlinked(&self) -> bool {
+        self.unlinked.load(Ordering::Relaxed)
+    }
+
+    pub fn mark_verified_empty(&self) {
+        self.verified_empty.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_verified_empty(&self) -> bool {
+        self.verified_empty.load(Ordering::Relaxed)
+    }
+
     /// Holds the inode open until the kernel forgets the node.
     pub fn pin(&self) {
         if self.pinned.get().is_none() {
@@ -83,10 +114,44 @@ pub fn file_type(mode: u32) -> FileType {
     }
 }
 
+/// The file ids of the nodes whose headers this mount has read. Two backing
+/// inodes with one id (a backing file copied over another's name) are
+/// caught here, and deleting one never erases the key the other still uses.
+#[derive(Default)]
+pub struct LiveIds(Mutex<HashMap<FileId, u64>>);
+
+impl LiveIds {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<FileId, u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that node `ino` has file id `id`; Err(other node) if another
+    /// node already has it.
+    pub fn claim(&self, id: FileId, ino: u64) -> Result<(), u64> {
+        match *self.map().entry(id).or_insert(ino) {
+            holder if holder == ino => Ok(()),
+            other => Err(other),
+        }
+    }
+
+    fn release(&self, id: &FileId, ino: u64) {
+        let mut map = self.map();
+        if map.get(id) == Some(&ino) {
+            map.remove(id);
+        }
+    }
+
+    /// The node other than `ino` that has file id `id`, if this mount knows one.
+    pub fn other_holder(&self, id: &FileId, ino: Option<u64>) -> Option<u64> {
+        self.map().get(id).copied().filter(|&holder| Some(holder) != ino)
+    }
+}
+
 pub struct InodeTable {
     nodes: RwLock<HashMap<u64, Arc<Node>>>,
     root_backing_ino: u64,
     opener: Arc<Opener>,
+    pub ids: Arc<LiveIds>,
 }
 
 impl InodeTable {
@@ -109,6 +174,8 @@ impl InodeTable {
             content: RwLock::new(()),
             cipher: Mutex::new(None),
             pinned: OnceLock::new(),
+            unlinked: AtomicBool::new(false),
+            verified_empty: AtomicBool::new(false),
         });
         let mut nodes = HashMap::new();
         nodes.insert(ROOT_INO, root);
@@ -116,6 +183,7 @@ impl InodeTable {
             nodes: RwLock::new(nodes),
             root_backing_ino: root_stat.st_ino as u64,
             opener,
+            ids: Arc::default(),
         })
     }
 
@@ -157,6 +225,8 @@ impl InodeTable {
                 content: RwLock::new(()),
                 cipher: Mutex::new(None),
                 pinned: OnceLock::new(),
+                unlinked: AtomicBool::new(false),
+                verified_empty: AtomicBool::new(false),
             })
         });
         node.lookups.fetch_add(1, Ordering::Relaxed);
@@ -173,22 +243,30 @@ impl InodeTable {
         node.lookups.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts down a node's lookups; true once the node is gone.
-    pub fn forget(&self, ino: u64, count: u64) -> bool {
+    /// Counts down a node's lookups; returns the node once it is gone.
+    pub fn forget(&self, ino: u64, count: u64) -> Option<Arc<Node>> {
         if ino == ROOT_INO {
-            return false;
+            return None;
         }
         let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(node) = nodes.get(&ino) {
-            let before = node
-                .lookups
-                .fetch_sub(count.min(node.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
-            if before <= count {
-                nodes.remove(&ino);
-                self.opener.forget(ino);
-                return true;
-            }
+        let node = nodes.get(&ino)?;
+        let before = node
+            .lookups
+            .fetch_sub(count.min(node.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
+        if before > count {
+            return None;
         }
-        false
+        let node = nodes.remove(&ino)?;
+        self.opener.forget(ino);
+        if let Some(id) = node.file_id() {
+            self.ids.release(&id, ino);
+        }
+        Some(node)
+    }
+
+    /// Every node that lost its last name and is still held (at unmount).
+    pub fn unlinked_nodes(&self) -> Vec<Arc<Node>> {
+        let nodes = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        nodes.values().filter(|n| n.is_unlinked()).cloned().collect()
     }
 }

@@ -75,11 +75,12 @@ impl KmsFs {
             Mode::empty(),
         )?;
         let st = rustix::fs::fstat(&root)?;
+        let inodes = InodeTable::new(root, &st, mount::fd_cache_capacity())?;
         Ok(KmsFs {
-            shredder: shred::Shredder::new(Arc::clone(&volume)),
+            shredder: shred::Shredder::new(Arc::clone(&volume), Arc::clone(&inodes.ids)),
             read_orders: prefetch::ReadOrders::new(cache.prefetch_files),
             volume,
-            inodes: InodeTable::new(root, &st, mount::fd_cache_capacity())?,
+            inodes,
             node_files: BoundedCache::new(mount::fd_cache_capacity()),
 
             handles: Mutex::new(HashMap::new()),
@@ -94,8 +95,11 @@ impl KmsFs {
     }
 
     fn forget_node(&self, ino: u64, count: u64) {
-        if self.inodes.forget(ino, count) {
+        if let Some(node) = self.inodes.forget(ino, count) {
             self.node_files.remove(ino);
+            if node.is_unlinked() {
+                self.erase_key_of_unlinked(&node);
+            }
         }
     }
 
@@ -153,6 +157,10 @@ impl fuser::Filesystem for Mounted {
     fn destroy(&mut self) {
         self.syncs.shutdown();
         self.prefetches.shutdown();
+        // Removed files still open (or not yet forgotten) at unmount.
+        for node in self.inodes.unlinked_nodes() {
+            self.erase_key_of_unlinked(&node);
+        }
         self.shredder.drain();
         if let Err(e) = self.volume.sync_keys() {
             log::error!("committing file keys at unmount failed: {e}");

@@ -5,6 +5,7 @@
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 
 use fuser::{Errno, FileType};
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat};
@@ -13,22 +14,18 @@ use super::KmsFs;
 use super::attr::{FsResult, errno};
 use super::dirs::{read_all_at, write_new_file};
 use super::inodes::{Node, file_type};
-use crate::crypto::FileId;
 use crate::volume::header::HEADER_LEN;
 use crate::volume::layout::DIR_IV_FILE;
-
-/// Where the id of a file whose key must be erased is found.
-enum KeyToErase {
-    Known(FileId),
-    /// In the header of the file behind this descriptor (read off the request path).
-    InHeaderOf(OwnedFd),
-}
 
 /// What becomes garbage when an inode loses its last name.
 #[derive(Default)]
 struct Orphans {
-    /// The file's key, then crypto-shredded.
-    key: Option<KeyToErase>,
+    /// A file the kernel still knows (it may be open): its key is erased
+    /// once the kernel forgets it, so open descriptors keep reading it.
+    held: Option<Arc<Node>>,
+    /// A file the kernel does not know: its key is erased now, by the id in
+    /// the header behind this descriptor (read off the request path).
+    header_of: Option<OwnedFd>,
     /// A symlink target kept in the DB (see `LONG_LINK_PREFIX`).
     long_link_target: Option<Vec<u8>>,
 }
@@ -50,28 +47,21 @@ impl KmsFs {
         }
         let Ok(pfd) = parent.fd() else { return orphans };
         match kind {
-            // A file shorter than a header has none, and so no key.
-            FileType::RegularFile if st.st_size >= HEADER_LEN as i64 => {
-                let known = known_node.as_ref().and_then(|node| {
-                    node.cipher
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .as_ref()
-                        .map(|c| *c.file_id())
-                });
-                orphans.key = match known {
-                    Some(id) => Some(KeyToErase::Known(id)),
-                    // The inode is cached after the stat: opening it reads nothing from disk.
-                    None => rustix::fs::openat(
+            FileType::RegularFile => match known_node {
+                Some(node) => orphans.held = Some(node),
+                // A file shorter than a header has none, and so no key. The
+                // inode is cached after the stat: opening it reads nothing from disk.
+                None if st.st_size >= HEADER_LEN as i64 => {
+                    orphans.header_of = rustix::fs::openat(
                         pfd.as_fd(),
                         backing,
                         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                         Mode::empty(),
                     )
-                    .ok()
-                    .map(KeyToErase::InHeaderOf),
-                };
-            }
+                    .ok();
+                }
+                None => {}
+            },
             FileType::Symlink => {
                 orphans.long_link_target = rustix::fs::readlinkat(pfd.as_fd(), backing, Vec::new())
                     .ok()
@@ -83,15 +73,37 @@ impl KmsFs {
         orphans
     }
 
-    /// Crypto-shreds the key and erases the stored link target of an inode whose last name is gone.
+    /// Crypto-shreds the key (now, or once the kernel forgets the inode) and
+    /// erases the stored link target of an inode whose last name is gone.
     fn discard(&self, orphans: Orphans) {
-        match orphans.key {
-            Some(KeyToErase::Known(id)) => self.volume.forget_file_key(&id),
-            Some(KeyToErase::InHeaderOf(file)) => self.shredder.shred(file),
-            None => {}
+        if let Some(node) = orphans.held {
+            node.mark_unlinked();
+            // Forgotten meanwhile: nothing will call back, so erase now.
+            let still_held = self.inodes.get(node.ino).is_some_and(|n| Arc::ptr_eq(&n, &node));
+            if !still_held {
+                self.erase_key_of_unlinked(&node);
+            }
+        }
+        if let Some(file) = orphans.header_of {
+            self.shredder.shred(file);
         }
         if let Some(stored) = orphans.long_link_target {
             self.volume.forget_link_target(&stored);
+        }
+    }
+
+    /// Erases the key of a node whose last name went while the kernel knew
+    /// it, once nothing can use it any more.
+    pub(super) fn erase_key_of_unlinked(&self, node: &Node) {
+        match node.file_id() {
+            Some(id) => self.shredder.erase(&id, Some(node.ino)),
+            None => match node.reopen(OFlags::RDONLY | OFlags::CLOEXEC) {
+                Ok(file) => self.shredder.shred(file),
+                Err(e) => log::error!(
+                    "cannot read the header of removed file {} ({e:?}); its key stays until fsck --repair",
+                    node.ino
+                ),
+            },
         }
     }
 

@@ -11,6 +11,8 @@ use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::inodes::LiveIds;
+use crate::crypto::FileId;
 use crate::volume::Volume;
 use crate::volume::header::{self, HEADER_LEN};
 
@@ -26,15 +28,29 @@ enum State {
 
 pub struct Shredder {
     volume: Arc<Volume>,
+    ids: Arc<LiveIds>,
     state: Mutex<State>,
 }
 
+/// Queues the deletion of a removed file's key, unless another backing
+/// inode this mount has seen uses the same id (one was copied over another's name).
+fn erase(volume: &Volume, ids: &LiveIds, id: &FileId, ino: Option<u64>) {
+    match ids.other_holder(id, ino) {
+        Some(other) => log::warn!(
+            "removed file's id {} is also the id of inode {other} (a backing file copied over \
+             another's name; fsck reports both): its key is kept",
+            crate::kms::hex(id)
+        ),
+        None => volume.forget_file_key(id),
+    }
+}
+
 /// Reads the id of a removed file and queues the deletion of its key.
-fn erase_key_of(volume: &Volume, file: OwnedFd) {
+fn erase_key_of(volume: &Volume, ids: &LiveIds, file: OwnedFd) {
     let mut head = [0u8; HEADER_LEN];
     match rustix::io::pread(&file, &mut head, 0) {
         Ok(n) => match header::decode(&head[..n]) {
-            Ok(id) => volume.forget_file_key(&id),
+            Ok(id) => erase(volume, ids, &id, None),
             // Not a kmsfs file (or a damaged one): there is no key to erase.
             Err(e) => log::warn!("removed file without a readable header ({e}); no key erased"),
         },
@@ -43,11 +59,18 @@ fn erase_key_of(volume: &Volume, file: OwnedFd) {
 }
 
 impl Shredder {
-    pub fn new(volume: Arc<Volume>) -> Self {
+    pub fn new(volume: Arc<Volume>, ids: Arc<LiveIds>) -> Self {
         Shredder {
             volume,
+            ids,
             state: Mutex::new(State::Idle),
         }
+    }
+
+    /// Erases the key of file `id`, whose node `ino` (if the mount knew
+    /// it) is gone.
+    pub fn erase(&self, id: &FileId, ino: Option<u64>) {
+        erase(&self.volume, &self.ids, id, ino);
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -61,10 +84,10 @@ impl Shredder {
             let mut state = self.state();
             if let State::Idle = *state {
                 let (sender, receiver) = sync_channel::<OwnedFd>(QUEUE);
-                let volume = Arc::clone(&self.volume);
+                let (volume, ids) = (Arc::clone(&self.volume), Arc::clone(&self.ids));
                 let spawned = std::thread::Builder::new().name("kmsfs-shred".into()).spawn(move || {
                     for file in receiver {
-                        erase_key_of(&volume, file);
+                        erase_key_of(&volume, &ids, file);
                     }
                 });
                 match spawned {
@@ -81,10 +104,10 @@ impl Shredder {
             // Blocks while the queue is full, which bounds the descriptors held.
             Some(sender) => {
                 if let Err(unsent) = sender.send(file) {
-                    erase_key_of(&self.volume, unsent.0);
+                    erase_key_of(&self.volume, &self.ids, unsent.0);
                 }
             }
-            None => erase_key_of(&self.volume, file),
+            None => erase_key_of(&self.volume, &self.ids, file),
         }
     }
 

@@ -8,9 +8,9 @@ use std::num::NonZeroU64;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
-use crate::crypto::{BLOCK_OVERHEAD, BLOCK_SIZE, BlockCipher, CIPHER_BLOCK_SIZE, sealed_len};
+use crate::crypto::{BLOCK_OVERHEAD, BLOCK_SIZE, BlockCipher, CIPHER_BLOCK_SIZE, Layout, sealed_len};
 
-use super::header::HEADER_LEN;
+use super::header::{self, HEADER_LEN};
 
 const BS: u64 = BLOCK_SIZE as u64;
 
@@ -20,6 +20,58 @@ pub enum ContentError {
     Io(#[from] io::Error),
     #[error("block {block} fails authentication")]
     Corrupt { block: u64 },
+    #[error("backing file is {len} bytes long, which no file of this format is (cut short or grown)")]
+    Length { len: u64 },
+}
+
+impl ContentError {
+    /// The error as the volume layer reports it, naming the backing file.
+    pub fn at(self, path: &std::path::Path) -> super::VolumeError {
+        match self {
+            ContentError::Io(source) => super::VolumeError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+            other => super::VolumeError::Tampered {
+                volume: path.to_path_buf(),
+                what: other.to_string(),
+            },
+        }
+    }
+}
+
+/// Backing length of an empty file of the sealed layout.
+pub const EMPTY_FILE_LEN: u64 = (HEADER_LEN + BLOCK_OVERHEAD) as u64;
+
+/// Whether a file of the sealed layout can be `len` bytes long: a header and
+/// an empty final block, or a header and blocks whose last holds 1–4096 bytes.
+pub fn sealed_length_ok(len: u64) -> bool {
+    let Some(body) = len.checked_sub(HEADER_LEN as u64) else {
+        return false;
+    };
+    let rest = body % CIPHER_BLOCK_SIZE as u64;
+    body == BLOCK_OVERHEAD as u64 || (body > 0 && (rest == 0 || rest > BLOCK_OVERHEAD as u64))
+}
+
+/// A new file's content: its header and, with the sealed layout, the empty
+/// final block that an empty file ends in.
+pub fn create(file: &File, cipher: &BlockCipher) -> io::Result<()> {
+    let mut content = header::encode(cipher.file_id()).to_vec();
+    if cipher.layout() == Layout::Sealed {
+        content.extend_from_slice(&cipher.seal_block(0, true, &[]));
+    }
+    file.write_all_at(&content, 0)?;
+    file.set_len(content.len() as u64)
+}
+
+/// With the sealed layout an empty file still ends in an authenticated
+/// (empty) final block: a file cut to its header and a few bytes is caught.
+fn check_empty_final(file: &File, cipher: &BlockCipher) -> Result<(), ContentError> {
+    let mut sealed = [0u8; BLOCK_OVERHEAD];
+    read_exact_at(file, &mut sealed, HEADER_LEN as u64)?;
+    cipher
+        .open_block(0, true, &sealed, &mut [])
+        .map_err(|_| ContentError::Corrupt { block: 0 })
 }
 
 /// Plaintext size of a backing file of `backing` bytes.
@@ -58,8 +110,13 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> Result<(), Content
     Ok(())
 }
 
-fn current_plain_size(file: &File) -> Result<u64, ContentError> {
-    Ok(plain_size(file.metadata()?.len()))
+/// The plaintext size, once the backing length is one the file's layout allows.
+fn current_plain_size(file: &File, cipher: &BlockCipher) -> Result<u64, ContentError> {
+    let len = file.metadata()?.len();
+    if cipher.layout() == Layout::Sealed && !sealed_length_ok(len) {
+        return Err(ContentError::Length { len });
+    }
+    Ok(plain_size(len))
 }
 
 /// Buffers a request thread reuses, so that reads and writes of up to a
@@ -142,7 +199,10 @@ pub fn read_with<R>(
     len: usize,
     consume: impl FnOnce(&[u8]) -> R,
 ) -> Result<R, ContentError> {
-    let size = current_plain_size(file)?;
+    let size = current_plain_size(file, cipher)?;
+    if size == 0 && cipher.layout() == Layout::Sealed {
+        check_empty_final(file, cipher)?;
+    }
     if offset >= size || len == 0 {
         return Ok(consume(&[]));
     }
@@ -162,11 +222,23 @@ pub fn read(file: &File, cipher: &BlockCipher, offset: u64, len: usize) -> Resul
 }
 
 /// Checks every block's tag. Returns (blocks checked, indexes of bad blocks);
-/// `progress` is called with the number of blocks checked in each chunk.
-pub fn check_blocks(file: &File, cipher: &BlockCipher, progress: &dyn Fn(u64)) -> Result<(u64, Vec<u64>), io::Error> {
+/// `progress` is called with the number of blocks checked in each chunk. A
+/// backing length the layout does not allow is an error of its own.
+pub fn check_blocks(
+    file: &File,
+    cipher: &BlockCipher,
+    progress: &dyn Fn(u64),
+) -> Result<(u64, Vec<u64>), ContentError> {
     const CHUNK: u64 = 256;
-    let size = plain_size(file.metadata()?.len());
+    let size = current_plain_size(file, cipher)?;
     if size == 0 {
+        if cipher.layout() == Layout::Sealed {
+            return match check_empty_final(file, cipher) {
+                Ok(()) => Ok((1, Vec::new())),
+                Err(ContentError::Corrupt { block }) => Ok((1, vec![block])),
+                Err(e) => Err(e),
+            };
+        }
         return Ok((0, Vec::new()));
     }
     let blocks = size.div_ceil(BS);
@@ -176,7 +248,6 @@ pub fn check_blocks(file: &File, cipher: &BlockCipher, progress: &dyn Fn(u64)) -
         let last = (first + CHUNK - 1).min(blocks - 1);
         match with_scratch(|scratch| read_blocks_into(file, cipher, size, first, last, scratch).map(|_| ())) {
             Ok(()) => {}
-            Err(ContentError::Io(e)) => return Err(e),
             // Some block in the chunk is bad: find every one of them.
             Err(ContentError::Corrupt { .. }) => {
                 for b in first..=last {
@@ -185,6 +256,7 @@ pub fn check_blocks(file: &File, cipher: &BlockCipher, progress: &dyn Fn(u64)) -
                     }
                 }
             }
+            Err(e) => return Err(e),
         }
         progress(last - first + 1);
         first = last + 1;
@@ -285,7 +357,11 @@ pub fn write_under<G>(
             cipher.seal_blocks_into(first, NO_FINAL_BLOCK, data, sealed);
         }
         let guard = lock();
-        let old_size = current_plain_size(file)?;
+        let old_size = current_plain_size(file, cipher)?;
+        if old_size == 0 && first > 0 && cipher.layout() == Layout::Sealed {
+            // The empty final block goes: block 0 becomes a hole.
+            file.set_len(HEADER_LEN as u64)?;
+        }
         let new_size = old_size.max(end);
         let new_final = (new_size - 1) / BS;
         let sealed: &[u8] = if whole_blocks {
@@ -347,14 +423,20 @@ pub fn write_under<G>(
     Ok(())
 }
 
-/// Sets the plaintext size to `new_size`. Growing leaves holes.
+/// Sets the plaintext size to `new_size`. Growing leaves holes, but with
+/// the sealed layout the new final block is sealed (zeros), never a hole.
 pub fn truncate(file: &File, cipher: &BlockCipher, new_size: u64) -> Result<(), ContentError> {
-    let old_size = current_plain_size(file)?;
-    if new_size == old_size {
+    let sealed = cipher.layout() == Layout::Sealed;
+    if new_size == 0 {
+        // Whatever the file held (damaged or not) goes, so nothing is checked.
+        file.set_len(HEADER_LEN as u64)?;
+        if sealed {
+            file.write_all_at(&cipher.seal_block(0, true, &[]), HEADER_LEN as u64)?;
+        }
         return Ok(());
     }
-    if new_size == 0 {
-        file.set_len(HEADER_LEN as u64)?;
+    let old_size = current_plain_size(file, cipher)?;
+    if new_size == old_size {
         return Ok(());
     }
     let new_final = (new_size - 1) / BS;
@@ -366,9 +448,21 @@ pub fn truncate(file: &File, cipher: &BlockCipher, new_size: u64) -> Result<(), 
         file.write_all_at(&sealed, block_offset(new_final))?;
         return Ok(());
     }
-    if old_size > 0 {
-        let old_final = (old_size - 1) / BS;
-        let mut block = read_blocks(file, cipher, old_size, old_final, old_final)?;
+    let old_final = old_size.checked_sub(1).map(|s| s / BS);
+    let old_block = match old_final {
+        Some(f) => Some(read_blocks(file, cipher, old_size, f, f)?),
+        None => None,
+    };
+    if sealed && old_final != Some(new_final) {
+        if old_size == 0 {
+            file.set_len(HEADER_LEN as u64)?;
+        }
+        // The new final block first: a crash before the old one is resealed
+        // leaves it final at a non-final position, which still opens.
+        let tail = vec![0u8; (new_size - new_final * BS) as usize];
+        file.write_all_at(&cipher.seal_block(new_final, true, &tail), block_offset(new_final))?;
+    }
+    if let (Some(old_final), Some(mut block)) = (old_final, old_block) {
         let is_final = old_final == new_final;
         let len = if is_final {
             (new_size - old_final * BS) as usize
@@ -389,6 +483,10 @@ mod tests {
     use crate::crypto::SecretKey;
 
     fn setup() -> (tempfile::TempDir, File, BlockCipher) {
+        setup_with(Layout::Lenient)
+    }
+
+    fn setup_with(layout: Layout) -> (tempfile::TempDir, File, BlockCipher) {
         let dir = tempfile::tempdir().unwrap();
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -397,8 +495,9 @@ mod tests {
             .truncate(true)
             .open(dir.path().join("f"))
             .unwrap();
-        file.write_all_at(&[0u8; HEADER_LEN], 0).unwrap();
-        (dir, file, BlockCipher::new(&SecretKey::random(), [5u8; 16]))
+        let cipher = BlockCipher::new(&SecretKey::random(), [5u8; 16], layout);
+        create(&file, &cipher).unwrap();
+        (dir, file, cipher)
     }
 
     #[test]
@@ -411,7 +510,13 @@ mod tests {
 
     #[test]
     fn seeded_random_writes_and_truncates_match_a_model() {
-        let (_dir, file, cipher) = setup();
+        for layout in [Layout::Lenient, Layout::Sealed] {
+            model_check(layout);
+        }
+    }
+
+    fn model_check(layout: Layout) {
+        let (_dir, file, cipher) = setup_with(layout);
         let mut model: Vec<u8> = Vec::new();
         let mut state = 0x1234_5678_u64;
         let mut next = |m: u64| {
@@ -451,7 +556,18 @@ mod tests {
                     assert_eq!(got, &model[lo..hi], "step {step}");
                 }
             }
-            assert_eq!(current_plain_size(&file).unwrap(), model.len() as u64, "step {step}");
+            assert_eq!(
+                current_plain_size(&file, &cipher).unwrap(),
+                model.len() as u64,
+                "step {step}"
+            );
+            if layout == Layout::Sealed {
+                // Always an authenticated end: a cut or appended zeros would show.
+                let len = file.metadata().unwrap().len();
+                assert!(sealed_length_ok(len), "step {step}: length {len}");
+                let (_, bad) = check_blocks(&file, &cipher, &|_| ()).unwrap();
+                assert!(bad.is_empty(), "step {step}: {bad:?}");
+            }
         }
         assert_eq!(read(&file, &cipher, 0, model.len()).unwrap(), model);
     }
@@ -513,5 +629,56 @@ mod tests {
             read(&file, &cipher, 0, 3 * BLOCK_SIZE),
             Err(ContentError::Corrupt { block: 1 })
         ));
+    }
+
+    #[test]
+    fn sealed_layout_detects_cuts_and_appended_zeros() {
+        let (_dir, file, cipher) = setup_with(Layout::Sealed);
+        assert_eq!(file.metadata().unwrap().len(), (HEADER_LEN + BLOCK_OVERHEAD) as u64);
+        assert_eq!(read(&file, &cipher, 0, 10).unwrap(), b"");
+        // An empty file cut to its header, or into its empty final block.
+        for len in [0, HEADER_LEN as u64, HEADER_LEN as u64 + 5] {
+            file.set_len(len).unwrap();
+            assert!(read(&file, &cipher, 0, 10).is_err(), "cut to {len}");
+        }
+        // Header plus 28 zero bytes: the empty final block replaced by a hole.
+        file.set_len((HEADER_LEN + BLOCK_OVERHEAD) as u64).unwrap();
+        assert!(matches!(
+            read(&file, &cipher, 0, 1),
+            Err(ContentError::Corrupt { block: 0 })
+        ));
+
+        truncate(&file, &cipher, 0).unwrap();
+        write(&file, &cipher, 0, &[7u8; 5000]).unwrap();
+        // Whole zero blocks appended: the new last one is a hole.
+        let len = file.metadata().unwrap().len();
+        file.set_len(len + 2 * CIPHER_BLOCK_SIZE as u64).unwrap();
+        assert!(read(&file, &cipher, 0, 20_000).is_err(), "grown by zero blocks");
+        file.set_len(len).unwrap();
+        assert_eq!(read(&file, &cipher, 0, 20_000).unwrap(), vec![7u8; 5000]);
+        // Cut into the last block's overhead, or just past a whole block.
+        for cut in [len - 1000 - 4, block_offset(1) + 10, block_offset(1) + 28] {
+            file.set_len(cut).unwrap();
+            assert!(read(&file, &cipher, 0, 20_000).is_err(), "cut to {cut}");
+        }
+        // Growing keeps a sealed final block.
+        truncate(&file, &cipher, 0).unwrap();
+        truncate(&file, &cipher, 3 * BS + 7).unwrap();
+        assert_eq!(read(&file, &cipher, 0, 20_000).unwrap(), vec![0u8; 3 * BLOCK_SIZE + 7]);
+        let (blocks, bad) = check_blocks(&file, &cipher, &|_| ()).unwrap();
+        assert_eq!((blocks, bad.len()), (4, 0));
+    }
+
+    #[test]
+    fn lenient_layout_keeps_reading_format_1_files() {
+        let (_dir, file, cipher) = setup_with(Layout::Lenient);
+        assert_eq!(file.metadata().unwrap().len(), HEADER_LEN as u64, "header only");
+        assert_eq!(read(&file, &cipher, 0, 10).unwrap(), b"");
+        truncate(&file, &cipher, 2 * BS).unwrap();
+        assert_eq!(
+            read(&file, &cipher, 0, 3 * BLOCK_SIZE).unwrap(),
+            vec![0u8; 2 * BLOCK_SIZE],
+            "ends in a hole"
+        );
     }
 }

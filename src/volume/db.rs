@@ -13,7 +13,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use crate::crypto::{FileId, WrappedKey};
 
 pub const DB_FILE: &str = "kmsfs.db";
-pub const FORMAT_VERSION: u32 = 1;
+/// The format new volumes get. Format 1 (files may end after their header
+/// or in a hole) is still read; see docs/FORMAT.md.
+pub const FORMAT_VERSION: u32 = 2;
 /// Commit the queue once it holds this many rows, without waiting for the timer.
 const MAX_PENDING: usize = 4096;
 
@@ -60,7 +62,7 @@ BEGIN SELECT RAISE(ABORT, 'file key wrapped under a volume key that is not activ
 pub enum DbError {
     #[error("metadata DB {path} is damaged or unreadable: {reason}")]
     Damaged { path: PathBuf, reason: String },
-    #[error("metadata DB {path} has format version {found}; this kmsfs supports {FORMAT_VERSION}")]
+    #[error("metadata DB {path} has format version {found}; this kmsfs supports 1 to {FORMAT_VERSION}")]
     UnsupportedFormat { path: PathBuf, found: u32 },
     #[error("metadata DB {path}: {source}")]
     Sqlite { path: PathBuf, source: rusqlite::Error },
@@ -95,6 +97,8 @@ pub struct MetadataDb {
     /// POSIX locks do not survive one, so no connection may cross it).
     conn: Mutex<Option<Connection>>,
     pending: Mutex<PendingKeys>,
+    /// `PRAGMA user_version`; the volume row must say the same.
+    format: u32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -166,12 +170,14 @@ impl MetadataDb {
             )
             .map_err(err)?;
         }
-        tx.pragma_update(None, "user_version", FORMAT_VERSION).map_err(err)?;
+        tx.pragma_update(None, "user_version", volume.format_version)
+            .map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(MetadataDb {
             path: path.to_path_buf(),
             conn: Mutex::new(Some(conn)),
             pending: Mutex::default(),
+            format: volume.format_version,
         })
     }
 
@@ -194,7 +200,7 @@ impl MetadataDb {
         let version: u32 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(damaged)?;
-        if version != FORMAT_VERSION {
+        if !(1..=FORMAT_VERSION).contains(&version) {
             return Err(DbError::UnsupportedFormat {
                 path: path.to_path_buf(),
                 found: version,
@@ -204,6 +210,7 @@ impl MetadataDb {
             path: path.to_path_buf(),
             conn: Mutex::new(Some(conn)),
             pending: Mutex::default(),
+            format: version,
         })
     }
 
@@ -232,6 +239,20 @@ impl MetadataDb {
     }
 
     pub fn volume(&self) -> Result<VolumeRow, DbError> {
+        let row = self.volume_row()?;
+        if row.format_version != self.format {
+            return Err(DbError::Damaged {
+                path: self.path.clone(),
+                reason: format!(
+                    "the volume row says format {} but the DB is format {}",
+                    row.format_version, self.format
+                ),
+            });
+        }
+        Ok(row)
+    }
+
+    fn volume_row(&self) -> Result<VolumeRow, DbError> {
         let mut guard = lock(&self.conn);
         let conn = self.connected(&mut guard)?;
         conn.query_row(

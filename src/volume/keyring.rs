@@ -33,15 +33,22 @@ pub fn file_key_aad(volume_id: &[u8; 16], file_id: &FileId, vk_version: u32) -> 
     .concat()
 }
 
-pub fn secret_aad(volume_id: &[u8; 16], kind: &str, vk_version: u32) -> Vec<u8> {
-    [
+/// From format 2 on the volume's format is bound here too: a DB edited to
+/// claim an older format (with laxer rules for files) no longer opens.
+pub fn secret_aad(volume_id: &[u8; 16], kind: &str, vk_version: u32, format: u32) -> Vec<u8> {
+    let mut aad = [
         b"kmsfs-volume-secret-v1\0".as_slice(),
         volume_id,
         kind.as_bytes(),
         b"\0",
         &vk_version.to_be_bytes(),
     ]
-    .concat()
+    .concat();
+    if format >= 2 {
+        aad.extend_from_slice(b"\0format\0");
+        aad.extend_from_slice(&format.to_be_bytes());
+    }
+    aad
 }
 
 impl KeyRing {

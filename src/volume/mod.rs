@@ -23,7 +23,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::crypto::{
-    BlockCipher, DIR_IV_LEN, FileId, NameCipher, NameError, Sealer, SecretKey, WrappedKey, random_array,
+    BlockCipher, DIR_IV_LEN, FileId, Layout, NameCipher, NameError, Sealer, SecretKey, WrappedKey, random_array,
 };
 use crate::kms::{EncryptionContext, KeyProvider, KmsError};
 use db::{DB_FILE, DbError, FORMAT_VERSION, MetadataDb, VolumeKeyRow, VolumeRow};
@@ -169,8 +169,9 @@ impl Volume {
         let (volume_key, wrapped_vk) = provider.generate_data_key(&context)?;
         let vk = Sealer::new(&volume_key);
         let version = 1;
-        let name_key = vk.wrap_key(&secret_aad(&volume_id, SECRET_NAMES, version), &SecretKey::random());
-        let xattr_key = vk.wrap_key(&secret_aad(&volume_id, SECRET_XATTRS, version), &SecretKey::random());
+        let aad = |kind| secret_aad(&volume_id, kind, version, FORMAT_VERSION);
+        let name_key = vk.wrap_key(&aad(SECRET_NAMES), &SecretKey::random());
+        let xattr_key = vk.wrap_key(&aad(SECRET_XATTRS), &SecretKey::random());
         let provider_id = provider.id();
         let row = VolumeRow {
             volume_id,
@@ -218,7 +219,10 @@ impl Volume {
                 .key(&db, version)
                 .map_err(|_| tampered(&format!("the {kind} key")))?;
             let key = vk
-                .unwrap_key(&secret_aad(&info.volume_id, &kind, version), &wrapped)
+                .unwrap_key(
+                    &secret_aad(&info.volume_id, &kind, version, info.format_version),
+                    &wrapped,
+                )
                 .map_err(|_| tampered(&format!("the {kind} key")))?;
             secrets.insert(kind, key);
         }
@@ -283,6 +287,15 @@ impl Volume {
         self.keys.provider().call_count()
     }
 
+    /// What the volume's format promises about the end of every file.
+    pub fn layout(&self) -> Layout {
+        if self.info.format_version >= 2 {
+            Layout::Sealed
+        } else {
+            Layout::Lenient
+        }
+    }
+
     pub fn names(&self) -> &NameCipher {
         &self.names
     }
@@ -295,7 +308,7 @@ impl Volume {
         if self.db.queue_file_key(file_id, version, wrapped) {
             self.sync_keys()?;
         }
-        Ok((file_id, BlockCipher::new(&dek, file_id)))
+        Ok((file_id, BlockCipher::new(&dek, file_id, self.layout())))
     }
 
     /// The cipher of an existing file, from its wrapped key in the DB.
@@ -314,7 +327,7 @@ impl Volume {
             .keys
             .unwrap_with(&vk, file_id, version, &wrapped)
             .map_err(|_| tampered())?;
-        Ok(BlockCipher::new(&dek, *file_id))
+        Ok(BlockCipher::new(&dek, *file_id, self.layout()))
     }
 
     /// Crypto-shredding: the file's last link is gone, so is its key.

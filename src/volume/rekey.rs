@@ -90,21 +90,21 @@ pub fn rekey_backing_file(volume: &Volume, path: &Path) -> Result<RekeyOutcome, 
             .mode(meta.mode() & 0o7777)
             .open(&tmp)
             .map_err(io(&tmp))?;
-        std::os::unix::fs::FileExt::write_all_at(&dst, &header::encode(&new_id), 0).map_err(io(&tmp))?;
+        content::create(&dst, &new).map_err(io(&tmp))?;
         let size = plain_size(meta.len());
         let mut offset = 0u64;
         while offset < size {
-            let data = content::read(&src, &old, offset, CHUNK).map_err(|e| content_error(path, e))?;
+            let data = content::read(&src, &old, offset, CHUNK).map_err(|e| e.at(path))?;
             if data.is_empty() {
                 break;
             }
             // Holes stay holes.
             if data.iter().any(|&b| b != 0) {
-                content::write(&dst, &new, offset, &data).map_err(|e| content_error(&tmp, e))?;
+                content::write(&dst, &new, offset, &data).map_err(|e| e.at(&tmp))?;
             }
             offset += data.len() as u64;
         }
-        content::truncate(&dst, &new, size).map_err(|e| content_error(&tmp, e))?;
+        content::truncate(&dst, &new, size).map_err(|e| e.at(&tmp))?;
         copy_xattrs(volume, path, &tmp, &old_id, &new_id)?;
         finish_copy(&meta, &dst).map_err(io(&tmp))?;
         volume.sync_keys()?; // the new key is durable before the new file takes the name
@@ -129,19 +129,6 @@ pub fn rekey_backing_file(volume: &Volume, path: &Path) -> Result<RekeyOutcome, 
             volume.forget_file_key(&new_id);
             Err(e)
         }
-    }
-}
-
-fn content_error(path: &Path, e: content::ContentError) -> VolumeError {
-    match e {
-        content::ContentError::Io(source) => VolumeError::Io {
-            path: path.to_path_buf(),
-            source,
-        },
-        content::ContentError::Corrupt { block } => VolumeError::Tampered {
-            volume: path.to_path_buf(),
-            what: format!("block {block}"),
-        },
     }
 }
 

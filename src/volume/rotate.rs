@@ -85,6 +85,7 @@ fn begin(volume: &Volume) -> Result<u32, VolumeError> {
 fn rewrap_secrets(volume: &Volume, to: u32) -> Result<(), VolumeError> {
     let db = volume.db();
     let keys = volume.keys();
+    let format = volume.info().format_version;
     let new_key = keys.key(db, to)?;
     for (kind, version, wrapped) in db.secrets()? {
         if version == to {
@@ -92,12 +93,12 @@ fn rewrap_secrets(volume: &Volume, to: u32) -> Result<(), VolumeError> {
         }
         let old_key = keys.key(db, version)?;
         let secret = old_key
-            .unwrap_key(&secret_aad(keys.volume_id(), &kind, version), &wrapped)
+            .unwrap_key(&secret_aad(keys.volume_id(), &kind, version, format), &wrapped)
             .map_err(|_| VolumeError::Tampered {
                 volume: volume.backing().to_path_buf(),
                 what: format!("the {kind} key"),
             })?;
-        let rewrapped = new_key.wrap_key(&secret_aad(keys.volume_id(), &kind, to), &secret);
+        let rewrapped = new_key.wrap_key(&secret_aad(keys.volume_id(), &kind, to, format), &secret);
         db.with_conn(|conn| {
             conn.execute(
                 "UPDATE volume_secrets SET vk_version = ?1, wrapped = ?2 WHERE kind = ?3",

@@ -5,7 +5,7 @@
 
 mod repair;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -14,12 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::content::{self, plain_size};
+use super::content::{self, ContentError, plain_size};
 use super::db::DB_FILE;
 use super::header::{self, HEADER_LEN};
 use super::layout::{self, DIR_IV_FILE, DirIv, Entry, LOCK_FILE, LONG_NAME_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX};
 use super::{Volume, VolumeError};
-use crate::crypto::FileId;
+use crate::crypto::{FileId, Layout};
 use crate::kms::hex;
 
 pub const LOST_FOUND: &str = "lost+found";
@@ -28,7 +28,7 @@ pub const LOST_FOUND: &str = "lost+found";
 pub struct Problem {
     /// missing_dir_iv, bad_dir_iv, bad_name, missing_sidecar, orphan_sidecar, leftover_temporary,
     /// damaged_header, missing_key, bad_key, bad_blocks, bad_symlink, bad_xattr, orphan_key,
-    /// orphan_link_target, db_integrity
+    /// orphan_link_target, db_integrity, no_header, bad_length, duplicate_file_id
     pub kind: &'static str,
     /// Path in the backing directory (relative), or the DB row.
     pub backing: String,
@@ -340,6 +340,15 @@ fn check_file(volume: &Volume, path: &Path, progress: &(dyn Fn(u64) + Sync)) -> 
     };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     if len == 0 {
+        if volume.layout() == Layout::Sealed {
+            return unreadable(
+                None,
+                "no_header",
+                "empty backing file: every file of this volume has a header and a final block \
+                 (cut to 0 bytes, or its creation was interrupted)"
+                    .into(),
+            );
+        }
         return FileOutcome::Fine(None, 0);
     }
     let mut head = [0u8; HEADER_LEN];
@@ -382,6 +391,11 @@ fn check_file(volume: &Volume, path: &Path, progress: &(dyn Fn(u64) + Sync)) -> 
                 blocks,
             }
         }
+        Err(ContentError::Length { len }) => unreadable(
+            Some(id),
+            "bad_length",
+            format!("{len} bytes long, which no file of this volume is: cut short, or grown by appended bytes"),
+        ),
         Err(e) => unreadable(Some(id), "damaged_header", format!("read error: {e}")),
     }
 }
@@ -456,7 +470,8 @@ pub fn fsck(
         .par_iter()
         .map(|f| check_file(volume, &f.backing, &tick))
         .collect();
-    let mut referenced = HashSet::new();
+    // File id -> the first backing file (inode) seen with it.
+    let mut referenced: HashMap<FileId, PathBuf> = HashMap::new();
     let mut report = FsckReport {
         directories: w.directories,
         files: files.len() as u64,
@@ -464,11 +479,28 @@ pub fn fsck(
         ..Default::default()
     };
     for (f, outcome) in files.iter().zip(outcomes) {
+        let id = match &outcome {
+            FileOutcome::Fine(id, _) | FileOutcome::Unreadable { id, .. } => *id,
+            FileOutcome::HeaderFixable(id, _) => Some(*id),
+        };
+        if let Some(id) = id {
+            if let Some(first) = referenced.get(&id) {
+                let detail = format!(
+                    "has the same file id ({}) as {}, another backing file: one was copied over \
+                     another's name; they read the same, and deleting either through a mount that has \
+                     not seen both erases the key of both",
+                    hex(&id),
+                    first.strip_prefix(&root).unwrap_or(first).display()
+                );
+                w.problem(&root, "duplicate_file_id", &f.backing, f.plain.clone(), detail);
+            } else {
+                referenced.insert(id, f.backing.clone());
+            }
+        }
         match outcome {
             FileOutcome::Fine(id, blocks) => {
                 report.blocks += blocks;
                 if let Some(id) = id {
-                    referenced.insert(id);
                     for x in check_xattrs(volume, &f.backing, &id) {
                         w.problem(
                             &root,
@@ -482,7 +514,6 @@ pub fn fsck(
             }
             FileOutcome::HeaderFixable(id, blocks) => {
                 report.blocks += blocks;
-                referenced.insert(id);
                 let i = w.problem(
                     &root,
                     "damaged_header",
@@ -500,9 +531,6 @@ pub fn fsck(
                 blocks,
             } => {
                 report.blocks += blocks;
-                if let Some(id) = id {
-                    referenced.insert(id);
-                }
                 let i = w.problem(&root, kind, &f.backing, f.plain.clone(), detail);
                 let tag = id
                     .map(|id| hex(&id[..4]))
@@ -531,7 +559,7 @@ pub fn fsck(
     }
     let mut orphan_keys = Vec::new();
     for id in stored_ids(volume, "SELECT file_id FROM file_keys")? {
-        if !referenced.contains(&id) {
+        if !referenced.contains_key(&id) {
             let detail = format!("data key of file {} that no file uses", hex(&id));
             orphan_keys.push((id, w.problem(&root, "orphan_key", &root.join(DB_FILE), None, detail)));
         }

@@ -2,7 +2,6 @@
 //! lost+found directory that unreadable entries move into.
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -201,22 +200,16 @@ impl LostFound {
             path: path.clone(),
             source: e,
         };
-        let mut file = fs::OpenOptions::new()
+        let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&path)
             .map_err(io)?;
-        let (id, cipher) = volume.new_file_key()?;
-        file.write_all(&header::encode(&id)).map_err(io)?;
-        content::write(&file, &cipher, 0, data).map_err(|e| match e {
-            content::ContentError::Io(e) => io(e),
-            content::ContentError::Corrupt { block } => VolumeError::Tampered {
-                volume: path.clone(),
-                what: format!("block {block}"),
-            },
-        })?;
+        let (_, cipher) = volume.new_file_key()?;
+        content::create(&file, &cipher).map_err(io)?;
+        content::write(&file, &cipher, 0, data).map_err(|e| e.at(&path))?;
         file.sync_all().map_err(io)?;
         volume.sync_keys()
     }
