@@ -10,7 +10,7 @@ cargo build --release --quiet
 KMSFS=$PWD/target/release/kmsfs
 export KMSFS_KEYSTORE=$WORK/keystore.json KMSFS_PASSPHRASE=bench
 mkdir -p "$WORK/plain"
-"$KMSFS" init "$WORK/cipher" --kdf-memory-mib 8 --kdf-iterations 1 >/dev/null
+"$KMSFS" init "$WORK/cipher" --kdf-memory-mib 19 --kdf-iterations 2 >/dev/null
 "$KMSFS" mount "$WORK/cipher" "$WORK/plain"
 trap '"$KMSFS" umount "$WORK/plain" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 

@@ -6,8 +6,8 @@
 # crypto: examples/fuse_floor.rs) and kmsfs, and runs every
 # workload on each, interleaved (round 1: workload 1 on A B C D E, workload 2
 # on A B C D E, ...; then round 2 in the order B C D E A ...). Prints medians, min-max and the ratios
-# kmsfs/gocryptfs and kmsfs/raw, and writes docs/bench.svg, docs/bench.md and
-# $WORK/results.json. Needs root (mounts, drop_caches).
+# kmsfs/gocryptfs and kmsfs/raw, and writes docs/bench.svg, target/bench/latest.md
+# (to be added to docs/bench.md under its date and commit) and $WORK/results.json. Needs root (mounts, drop_caches).
 #
 #   scripts/bench.sh                  one round per target (6), full size (about 30 minutes)
 #   ROUNDS=3 scripts/bench.sh         fewer rounds
@@ -42,7 +42,8 @@ ROUNDS=${ROUNDS:-${#TARGETS[@]}}
 WORK=${BENCH_DIR:-/var/tmp/kmsfs-bench}
 SCALE=${BENCH_SCALE:-full}
 OUT_SVG=${BENCH_SVG:-$ROOT/docs/bench.svg}
-OUT_MD=${BENCH_MD:-$ROOT/docs/bench.md}
+OUT_MD=${BENCH_MD:-$ROOT/target/bench/latest.md}
+mkdir -p "$(dirname "$OUT_MD")"
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "bench.sh: run as root (it mounts filesystems and drops caches)" >&2
@@ -123,7 +124,7 @@ setup_target() {
             securefs mount -b --pass bench "$back" "$mnt" >/dev/null 2>&1 ;;
         kmsfs)
             rmdir "$back"
-            "$KMSFS" init "$back" --kdf-memory-mib 8 --kdf-iterations 1 >/dev/null
+            "$KMSFS" init "$back" --kdf-memory-mib 19 --kdf-iterations 2 >/dev/null
             # shellcheck disable=SC2086
             "$KMSFS" mount "$back" "$mnt" ${KMSFS_MOUNT_OPTS:-} ;;
         *) echo "unknown target $t" >&2; exit 2 ;;

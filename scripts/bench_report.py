@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summarises scripts/bench.sh results: medians, min-max, ratios to raw and
-to gocryptfs, the issue's targets met or not; writes a Markdown table, an SVG
-chart and a JSON file."""
+to gocryptfs, the throughput targets met or not; writes a Markdown table,
+an SVG chart and a JSON file."""
 import argparse
 import json
 import math
@@ -44,9 +44,10 @@ def ratio(times, w, a, b):
 
 
 def goals(times, workloads, rss_mb):
-    """The issue's targets, each as (description, value, limit, met, floor):
-    floor is the same ratio for the FUSE floor (None if it did not run); a
-    floor above the limit means no FUSE filesystem meets that target here."""
+    """The throughput targets, each as (description, value, limit, met,
+    floor): floor is the same ratio for the FUSE floor (None if it did not
+    run); a floor above the limit means no FUSE filesystem meets that
+    target here."""
     out = []
     for w in workloads:
         for base, limit in (("gocryptfs", 0.5 if w in SMALL_FILE else 0.6),
@@ -89,7 +90,7 @@ def markdown(times, workloads, targets, args, rss_mb):
         lines.append("| " + " | ".join(row) + " |")
     g = goals(times, workloads, rss_mb)
     if g:
-        lines += ["", "Targets (issue 6). The last column is the same ratio for the FUSE floor (an in-memory",
+        lines += ["", "Throughput targets. The last column is the same ratio for the FUSE floor (an in-memory",
                   "FUSE filesystem with kmsfs's kernel settings, no disk, no crypto); where it exceeds the",
                   "limit, no FUSE filesystem meets the target on this machine.", "",
                   "| target | measured | limit | met | FUSE floor |", "|---|---|---|---|---|"]

@@ -20,7 +20,7 @@ KMSFS=$PWD/target/release/kmsfs
 WORK=$(mktemp -d /var/tmp/kmsfs-requests.XXXXXX)
 export KMSFS_KEYSTORE=$WORK/keystore.json KMSFS_PASSPHRASE=requests
 mkdir -p "$WORK/mnt"
-"$KMSFS" init "$WORK/backing" --kdf-memory-mib 8 --kdf-iterations 1 >/dev/null
+"$KMSFS" init "$WORK/backing" --kdf-memory-mib 19 --kdf-iterations 2 >/dev/null
 # shellcheck disable=SC2086
 RUST_LOG=fuser=debug "$KMSFS" mount -f "$WORK/backing" "$WORK/mnt" ${KMSFS_MOUNT_OPTS:-} 2>"$WORK/log" &
 DAEMON=$!

@@ -37,7 +37,7 @@ mount_kmsfs() { # NAME [extra mount args]
     local name=$1
     shift
     mkdir -p "$WORK/$name"
-    "$KMSFS" init "$WORK/back-$name" --kdf-memory-mib 8 --kdf-iterations 1 >/dev/null
+    "$KMSFS" init "$WORK/back-$name" --kdf-memory-mib 19 --kdf-iterations 2 >/dev/null
     # shellcheck disable=SC2086
     "$KMSFS" mount "$WORK/back-$name" "$WORK/$name" ${KMSFS_MOUNT_OPTS:-} "$@"
     mounted+=("$WORK/$name")

@@ -53,7 +53,7 @@ fn concurrent_inits_and_key_rotations_keep_every_key() {
     let children = volumes
         .iter()
         .map(|v| {
-            kmsfs(&["init", path_str(v), "--kdf-memory-mib", "8", "--kdf-iterations", "1"])
+            kmsfs(&["init", path_str(v), "--kdf-memory-mib", "19", "--kdf-iterations", "2"])
                 .spawn()
                 .unwrap()
         })
@@ -124,6 +124,43 @@ fn init_makes_private_files_and_a_refused_init_makes_no_key() {
         assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     }
     assert_eq!(key_count(), before, "a refused init leaves no master key behind");
+}
+
+#[test]
+fn the_daemon_keeps_no_passphrase_in_its_environment_dumps_no_core_and_logs_no_names() {
+    let vol = TestVolume::init();
+    let out = vol
+        .command()
+        .env("RUST_LOG", "debug")
+        .args([
+            "mount",
+            path_str(&vol.backing),
+            path_str(&vol.mnt),
+            "--log-file",
+            path_str(&vol.log),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = vol.run(&["status", "--json", path_str(&vol.backing)]);
+    let pid = serde_json::from_slice::<serde_json::Value>(&status.stdout).unwrap()["daemon_pid"]
+        .as_u64()
+        .unwrap();
+    let environ = fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    fs::write(vol.path("a-plaintext-name"), b"x").unwrap();
+    fs::read_dir(&vol.mnt).unwrap().for_each(drop);
+    let unmounted = vol.run(&["umount", path_str(&vol.mnt)]);
+    assert!(unmounted.status.success());
+    assert!(
+        !environ.windows(PASSPHRASE.len()).any(|w| w == PASSPHRASE.as_bytes()),
+        "the passphrase is readable in /proc/PID/environ"
+    );
+    let core = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
+    assert!(core.split_whitespace().skip(4).take(2).all(|v| v == "0"), "{core}");
+    let log = vol.log_text();
+    assert!(log.contains("DEBUG"), "debug logging is on: {log}");
+    assert!(!log.contains("a-plaintext-name"), "a plaintext name in the debug log");
 }
 
 #[test]

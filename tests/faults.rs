@@ -52,9 +52,9 @@ fn a_full_backing_filesystem_gives_enospc_and_corrupts_nothing() {
             "init",
             path_str(&backing),
             "--kdf-memory-mib",
-            "8",
+            "19",
             "--kdf-iterations",
-            "1"
+            "2"
         ])
         .status
         .success()

@@ -242,7 +242,7 @@ fn threads_of_random_operations_match_their_models() {
     // A small descriptor cache, so that nodes are reopened from their handles all the time.
     let vol = TestVolume::init_with(
         &[("KMSFS_FD_CACHE", "16")],
-        &["--kdf-memory-mib", "8", "--kdf-iterations", "1"],
+        &["--kdf-memory-mib", "19", "--kdf-iterations", "2"],
     );
     let mount = vol.mount();
     let deadline = Instant::now() + Duration::from_secs(seconds);

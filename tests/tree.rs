@@ -95,7 +95,7 @@ fn generated_tree_survives_copy_unmount_and_remount() {
     // A small descriptor cache: most lookups reopen inodes from their handles.
     let vol = TestVolume::init_with(
         &[("KMSFS_FD_CACHE", "16")],
-        &["--kdf-memory-mib", "8", "--kdf-iterations", "1"],
+        &["--kdf-memory-mib", "19", "--kdf-iterations", "2"],
     );
     let tree = generate_tree(42);
     let mount = vol.mount();

@@ -38,7 +38,7 @@ impl From<KmsError> for CliError {
             KmsError::WrongPassphrase(_) | KmsError::WrongKeyFile(_) | KmsError::BadSecret(_) => ExitCode::Secret,
             KmsError::Io { .. } => ExitCode::Io,
             KmsError::Unreachable { .. } => ExitCode::ProviderUnreachable,
-            KmsError::BadUri { .. } | KmsError::InsecureTransport { .. } => ExitCode::Usage,
+            KmsError::BadUri { .. } | KmsError::InsecureTransport { .. } | KmsError::WeakKdf { .. } => ExitCode::Usage,
             _ => ExitCode::Provider,
         };
         CliError::new(code, e.to_string())

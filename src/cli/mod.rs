@@ -3,6 +3,7 @@
 mod daemon;
 mod errors;
 mod fsck;
+mod harden;
 mod host_config;
 mod mounts;
 mod progress;
@@ -57,6 +58,9 @@ pub struct KeyOptions {
     /// [default: /etc/kmsfs/providers.toml for root, else $XDG_CONFIG_HOME/kmsfs/providers.toml]
     #[arg(long, global = true, value_name = "PATH", env = "KMSFS_CONFIG")]
     config: Option<PathBuf>,
+    /// KMSFS_PASSPHRASE, taken out of the environment at start.
+    #[arg(skip)]
+    env_passphrase: Option<zeroize::Zeroizing<String>>,
 }
 
 #[derive(Subcommand)]
@@ -153,8 +157,33 @@ fn init_logging(log_file: Option<&std::path::Path>) -> Result<(), CliError> {
             .map_err(|e| CliError::new(ExitCode::Io, format!("cannot open log file {}: {e}", path.display())))?;
         builder.target(env_logger::Target::Pipe(Box::new(file)));
     }
-    builder.init();
+    let logger = builder.build();
+    let max = logger.filter();
+    if log::set_boxed_logger(Box::new(NoFuserDebug(logger))).is_ok() {
+        log::set_max_level(max);
+    }
     Ok(())
+}
+
+/// fuser logs every request, plaintext names included, at debug level:
+/// whatever RUST_LOG says, nothing below info from it is written.
+struct NoFuserDebug(env_logger::Logger);
+
+impl log::Log for NoFuserDebug {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        let fuser = metadata.target() == "fuser" || metadata.target().starts_with("fuser::");
+        !(fuser && metadata.level() > log::Level::Info) && self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush();
+    }
 }
 
 fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
@@ -251,13 +280,16 @@ fn arguments() -> Vec<std::ffi::OsString> {
 }
 
 pub fn run() -> i32 {
-    let cli = match Cli::try_parse_from(arguments()) {
+    harden::harden_process();
+    let env_passphrase = harden::take_env_secret(secrets::PASSPHRASE_ENV);
+    let mut cli = match Cli::try_parse_from(arguments()) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() { ExitCode::Usage as i32 } else { 0 };
         }
     };
+    cli.keys.env_passphrase = env_passphrase;
     let log_file = match &cli.command {
         Command::Mount(m) => m.log_file.clone(),
         _ => None,

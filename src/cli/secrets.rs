@@ -27,13 +27,10 @@ pub fn keystore_path(keys: &KeyOptions) -> Result<PathBuf, CliError> {
     Ok(data.join("kmsfs").join("keystore.json"))
 }
 
-fn passphrase(confirm: bool) -> Result<Zeroizing<String>, CliError> {
+fn passphrase(keys: &KeyOptions, confirm: bool) -> Result<Zeroizing<String>, CliError> {
     let secret_err = |m: String| CliError::new(ExitCode::Secret, m);
-    if let Some(p) = std::env::var_os(PASSPHRASE_ENV) {
-        let p = p
-            .into_string()
-            .map_err(|_| secret_err(format!("{PASSPHRASE_ENV} is not valid UTF-8")))?;
-        return Ok(Zeroizing::new(p));
+    if let Some(p) = &keys.env_passphrase {
+        return Ok(p.clone());
     }
     if !std::io::stdin().is_terminal() {
         return Err(secret_err(format!(
@@ -65,7 +62,7 @@ fn unlock_secret(keys: &KeyOptions, confirm: bool) -> Result<UnlockSecret, CliEr
         let line = text.lines().next().unwrap_or("");
         return Ok(UnlockSecret::Passphrase(Zeroizing::new(line.to_string())));
     }
-    Ok(UnlockSecret::Passphrase(passphrase(confirm)?))
+    Ok(UnlockSecret::Passphrase(passphrase(keys, confirm)?))
 }
 
 pub fn open_keystore(keys: &KeyOptions) -> Result<LocalKeystore, CliError> {

@@ -19,9 +19,13 @@ use zeroize::Zeroizing;
 use super::{EncryptionContext, KeyProvider, KmsError, ProviderId, hex};
 use crate::crypto::{KEY_LEN, Sealer, SecretKey, WrappedKey, random_array};
 
-const FORMAT: u32 = 1;
-const VERIFIER_AAD: &[u8] = b"kmsfs-keystore-verifier-v1";
+/// Format 2 authenticates the whole file (states, aliases, dates), not only
+/// the key material; format 1 keystores are read and written back as 2.
+const FORMAT: u32 = 2;
+const VERIFIER_AAD_V1: &[u8] = b"kmsfs-keystore-verifier-v1";
+const VERIFIER_AAD: &[u8] = b"kmsfs-keystore-verifier-v2";
 const VERIFIER_PLAINTEXT: &[u8] = b"kmsfs keystore";
+const INTEGRITY_AAD: &[u8] = b"kmsfs-keystore-integrity-v1\0";
 const DATA_KEY_BLOB_VERSION: u8 = 1;
 
 /// What unlocks the keystore.
@@ -37,6 +41,14 @@ pub struct KdfParams {
     pub iterations: u32,
     pub parallelism: u32,
 }
+
+/// The weakest Argon2id setting a new keystore accepts: OWASP's minimum
+/// for Argon2id (19 MiB of memory, 2 passes).
+pub const MIN_KDF: KdfParams = KdfParams {
+    memory_kib: 19 * 1024,
+    iterations: 2,
+    parallelism: 1,
+};
 
 impl Default for KdfParams {
     fn default() -> Self {
@@ -96,6 +108,77 @@ struct KeystoreFile {
     protection: Protection,
     verifier: String,
     keys: Vec<MasterKeyRecord>,
+    /// A tag over everything above, under the key-encryption key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    integrity: Option<String>,
+}
+
+impl KeystoreFile {
+    /// The bytes the integrity tag covers: the file as JSON without the tag.
+    fn authenticated_bytes(&self, path: &Path) -> Result<Vec<u8>, KmsError> {
+        let mut value = serde_json::to_value(self).map_err(|e| corrupt(path, e.to_string()))?;
+        if let Some(map) = value.as_object_mut() {
+            map.remove("integrity");
+        }
+        Ok([
+            INTEGRITY_AAD,
+            &serde_json::to_vec(&value).map_err(|e| corrupt(path, e.to_string()))?,
+        ]
+        .concat())
+    }
+
+    /// Checks the verifier (is this the key-encryption key?) and, from
+    /// format 2 on, that nothing in the file was changed without it.
+    fn check(&self, kek: &Sealer, path: &Path) -> Result<(), VerifyError> {
+        let aad = match self.format {
+            1 => VERIFIER_AAD_V1,
+            FORMAT => VERIFIER_AAD,
+            other => {
+                return Err(VerifyError::Corrupt(corrupt(
+                    path,
+                    format!("unsupported keystore format {other}"),
+                )));
+            }
+        };
+        let verifier = B64
+            .decode(&self.verifier)
+            .map_err(|_| VerifyError::Corrupt(corrupt(path, "verifier is not base64")))?;
+        if kek.open(aad, &verifier).is_err() {
+            return Err(VerifyError::WrongKey);
+        }
+        if self.format == 1 {
+            return Ok(());
+        }
+        let tag = self
+            .integrity
+            .as_deref()
+            .and_then(|t| B64.decode(t).ok())
+            .ok_or_else(|| VerifyError::Corrupt(corrupt(path, "integrity tag missing")))?;
+        let aad = self.authenticated_bytes(path).map_err(VerifyError::Corrupt)?;
+        kek.open(&aad, &tag).map(|_| ()).map_err(|_| {
+            VerifyError::Corrupt(corrupt(
+                path,
+                "its contents (key states, aliases, versions) were changed outside kmsfs",
+            ))
+        })
+    }
+
+    /// Brings the file to the current format and seals verifier and tag.
+    fn seal(&mut self, kek: &Sealer, path: &Path) -> Result<(), KmsError> {
+        if self.format != FORMAT {
+            self.format = FORMAT;
+            self.verifier = B64.encode(kek.seal(VERIFIER_AAD, VERIFIER_PLAINTEXT));
+        }
+        self.integrity = None;
+        let aad = self.authenticated_bytes(path)?;
+        self.integrity = Some(B64.encode(kek.seal(&aad, b"")));
+        Ok(())
+    }
+}
+
+enum VerifyError {
+    WrongKey,
+    Corrupt(KmsError),
 }
 
 /// An unlocked keystore.
@@ -219,13 +302,19 @@ impl LocalKeystore {
                 if p.is_empty() {
                     return Err(KmsError::BadSecret("the passphrase must not be empty".into()));
                 }
+                if kdf.memory_kib < MIN_KDF.memory_kib || kdf.iterations < MIN_KDF.iterations || kdf.parallelism < 1 {
+                    return Err(KmsError::WeakKdf {
+                        memory_mib: kdf.memory_kib / 1024,
+                        iterations: kdf.iterations,
+                    });
+                }
                 Protection::Argon2id { params: kdf, salt }
             }
             UnlockSecret::KeyFile(_) => Protection::KeyFile { salt },
         };
         let kek = Sealer::new(&derive_kek(&protection, secret, path)?);
         let verifier = B64.encode(kek.seal(VERIFIER_AAD, VERIFIER_PLAINTEXT));
-        let store = LocalKeystore {
+        let mut store = LocalKeystore {
             path: path.to_path_buf(),
             kek,
             file: KeystoreFile {
@@ -233,13 +322,14 @@ impl LocalKeystore {
                 protection,
                 verifier,
                 keys: Vec::new(),
+                integrity: None,
             },
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
         let _lock = super::locked_file::lock(path).map_err(io_err(path))?;
-        Self::write(path, &store.file, true)?;
+        Self::write(path, &store.kek, &mut store.file, true)?;
         Ok(store)
     }
 
@@ -253,18 +343,27 @@ impl LocalKeystore {
             Err(e) => return Err(io_err(path)(e)),
         };
         let file: KeystoreFile = serde_json::from_str(&text).map_err(|e| corrupt(path, e.to_string()))?;
-        if file.format != FORMAT {
+        if file.format != 1 && file.format != FORMAT {
             return Err(corrupt(path, format!("unsupported keystore format {}", file.format)));
         }
         let kek = Sealer::new(&derive_kek(&file.protection, secret, path)?);
-        let verifier = B64
-            .decode(&file.verifier)
-            .map_err(|_| corrupt(path, "verifier is not base64"))?;
-        if kek.open(VERIFIER_AAD, &verifier).is_err() {
-            return Err(match secret {
-                UnlockSecret::Passphrase(_) => KmsError::WrongPassphrase(path.to_path_buf()),
-                UnlockSecret::KeyFile(_) => KmsError::WrongKeyFile(path.to_path_buf()),
-            });
+        match file.check(&kek, path) {
+            Ok(()) => {}
+            Err(VerifyError::WrongKey) => {
+                return Err(match secret {
+                    UnlockSecret::Passphrase(_) => KmsError::WrongPassphrase(path.to_path_buf()),
+                    UnlockSecret::KeyFile(_) => KmsError::WrongKeyFile(path.to_path_buf()),
+                });
+            }
+            Err(VerifyError::Corrupt(e)) => return Err(e),
+        }
+        if let Protection::Argon2id { params, .. } = &file.protection {
+            if params.memory_kib < MIN_KDF.memory_kib || params.iterations < MIN_KDF.iterations {
+                log::warn!(
+                    "keystore {} uses Argon2id below the minimum (19 MiB, 2 passes); re-create it with stronger settings",
+                    path.display()
+                );
+            }
         }
         Ok(LocalKeystore {
             path: path.to_path_buf(),
@@ -277,7 +376,8 @@ impl LocalKeystore {
         &self.path
     }
 
-    fn write(path: &Path, file: &KeystoreFile, create_new: bool) -> Result<(), KmsError> {
+    fn write(path: &Path, kek: &Sealer, file: &mut KeystoreFile, create_new: bool) -> Result<(), KmsError> {
+        file.seal(kek, path)?;
         let text = Zeroizing::new(serde_json::to_string_pretty(file).map_err(|e| corrupt(path, e.to_string()))?);
         super::locked_file::replace(path, text.as_bytes(), 0o600, create_new).map_err(io_err(path))
     }
@@ -287,16 +387,14 @@ impl LocalKeystore {
     fn reread(&self) -> Result<KeystoreFile, KmsError> {
         let text = fs::read_to_string(&self.path).map_err(io_err(&self.path))?;
         let file: KeystoreFile = serde_json::from_str(&text).map_err(|e| corrupt(&self.path, e.to_string()))?;
-        let verifier = B64
-            .decode(&file.verifier)
-            .map_err(|_| corrupt(&self.path, "verifier is not base64"))?;
-        if self.kek.open(VERIFIER_AAD, &verifier).is_err() {
-            return Err(corrupt(
+        match file.check(&self.kek, &self.path) {
+            Ok(()) => Ok(file),
+            Err(VerifyError::WrongKey) => Err(corrupt(
                 &self.path,
                 "the keystore was replaced or re-protected while this command ran; run it again",
-            ));
+            )),
+            Err(VerifyError::Corrupt(e)) => Err(e),
         }
-        Ok(file)
     }
 
     /// Read-modify-write under the keystore's lock: concurrent `init`s and
@@ -308,7 +406,7 @@ impl LocalKeystore {
         let _lock = super::locked_file::lock(&self.path).map_err(io_err(&self.path))?;
         let mut file = self.reread()?;
         let out = change(&self.kek, &mut file)?;
-        Self::write(&self.path, &file, false)?;
+        Self::write(&self.path, &self.kek, &mut file, false)?;
         self.file = file;
         Ok(out)
     }
@@ -515,11 +613,7 @@ mod tests {
     use super::*;
 
     fn fast() -> KdfParams {
-        KdfParams {
-            memory_kib: 1024,
-            iterations: 1,
-            parallelism: 1,
-        }
+        MIN_KDF
     }
 
     #[test]
@@ -562,5 +656,61 @@ mod tests {
             LocalKeystore::open(&path, &UnlockSecret::KeyFile(k2)),
             Err(KmsError::WrongKeyFile(_))
         ));
+    }
+
+    #[test]
+    fn states_aliases_and_versions_are_authenticated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ks.json");
+        let secret = UnlockSecret::Passphrase(Zeroizing::new("pass".into()));
+        let mut ks = LocalKeystore::create(&path, &secret, fast()).unwrap();
+        let id = ks.create_key("test").unwrap();
+        let original = fs::read_to_string(&path).unwrap();
+        for (from, to) in [
+            ("\"state\": \"Enabled\"", "\"state\": \"Disabled\""),
+            ("\"alias\": null", "\"alias\": \"prod\""),
+            ("\"description\": \"test\"", "\"description\": \"x\""),
+        ] {
+            assert!(original.contains(from), "{from}");
+            fs::write(&path, original.replace(from, to)).unwrap();
+            match LocalKeystore::open(&path, &secret) {
+                Err(KmsError::KeystoreCorrupt { reason, .. }) => {
+                    assert!(reason.contains("changed outside"), "{reason}")
+                }
+                other => panic!("{to}: {:?}", other.map(|_| ())),
+            }
+        }
+        // Dropping the tag, or claiming the old format, does not get around it.
+        let mut value: serde_json::Value = serde_json::from_str(&original).unwrap();
+        value.as_object_mut().unwrap().remove("integrity");
+        fs::write(&path, value.to_string()).unwrap();
+        assert!(LocalKeystore::open(&path, &secret).is_err());
+        value["format"] = 1.into();
+        fs::write(&path, value.to_string()).unwrap();
+        assert!(matches!(
+            LocalKeystore::open(&path, &secret),
+            Err(KmsError::WrongPassphrase(_))
+        ));
+        fs::write(&path, &original).unwrap();
+        assert_eq!(LocalKeystore::open(&path, &secret).unwrap().key_id(&id).unwrap(), id);
+    }
+
+    #[test]
+    fn weak_argon2_settings_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = UnlockSecret::Passphrase(Zeroizing::new("pass".into()));
+        for (memory_kib, iterations) in [(8 * 1024, 3), (64 * 1024, 1)] {
+            let weak = KdfParams {
+                memory_kib,
+                iterations,
+                parallelism: 1,
+            };
+            let path = dir.path().join(format!("{memory_kib}-{iterations}.json"));
+            assert!(matches!(
+                LocalKeystore::create(&path, &secret, weak),
+                Err(KmsError::WeakKdf { .. })
+            ));
+            assert!(!path.exists());
+        }
     }
 }

@@ -83,6 +83,11 @@ pub enum KmsError {
         url: String,
         reason: &'static str,
     },
+    #[error(
+        "Argon2id with {memory_mib} MiB and {iterations} pass(es) is too weak for a keystore: \
+         at least 19 MiB and 2 passes (--kdf-memory-mib, --kdf-iterations)"
+    )]
+    WeakKdf { memory_mib: u32, iterations: u32 },
     #[error("bad key provider URI {uri}: {reason}")]
     BadUri { uri: String, reason: String },
     #[error("key provider {provider}: {message}")]

@@ -30,7 +30,7 @@ pub fn kmsfs_bin() -> &'static str {
 impl TestVolume {
     /// A new volume with the local provider and a fast (test-only) Argon2id setting.
     pub fn init() -> Self {
-        Self::init_with(&[], &["--kdf-memory-mib", "8", "--kdf-iterations", "1"])
+        Self::init_with(&[], &["--kdf-memory-mib", "19", "--kdf-iterations", "2"])
     }
 
     /// A new volume; `env` applies to every later command too.
@@ -41,7 +41,7 @@ impl TestVolume {
     /// A new local-provider volume whose backing directory is `backing`
     /// (on a filesystem of the test's choosing); the rest lives in a tempdir.
     pub fn init_on(backing: PathBuf) -> Self {
-        Self::create(&[], &["--kdf-memory-mib", "8", "--kdf-iterations", "1"], Some(backing))
+        Self::create(&[], &["--kdf-memory-mib", "19", "--kdf-iterations", "2"], Some(backing))
     }
 
     fn create(env: &[(&str, &str)], init_args: &[&str], backing: Option<PathBuf>) -> Self {
