@@ -138,7 +138,7 @@ fn rotation_rewraps_keys_and_leaves_every_data_byte_alone() {
 }
 
 #[test]
-fn rotation_on_a_live_mount_during_concurrent_writes() {
+fn rotation_and_master_key_rotation_on_a_live_mount_during_concurrent_writes() {
     let vol = TestVolume::init();
     let files = populate(&vol, 60, 2);
     let mount = vol.mount();
@@ -161,7 +161,11 @@ fn rotation_on_a_live_mount_during_concurrent_writes() {
             }
             written
         });
+        let master_key = status(&vol)["master_key_id"].as_str().unwrap().to_string();
         for _ in 0..3 {
+            // The master key gains a version the daemon has not seen; the new
+            // volume key is wrapped under it, and the daemon must adopt it.
+            json(&vol.run(&["key", "rotate", &master_key, "--json"]));
             let out = vol.run(&["rotate", "--json", path_str(&vol.backing)]);
             json(&out);
         }

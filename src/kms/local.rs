@@ -6,8 +6,8 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -84,7 +84,7 @@ pub struct KeyInfo {
     pub versions: Vec<u32>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct KeyVersion {
     version: u32,
     created: u64,
@@ -92,7 +92,7 @@ struct KeyVersion {
     material: String,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct MasterKeyRecord {
     id: String,
     alias: Option<String>,
@@ -185,7 +185,9 @@ enum VerifyError {
 pub struct LocalKeystore {
     path: PathBuf,
     kek: Sealer,
-    file: KeystoreFile,
+    /// The file as last read or written; read again when a key version is
+    /// missing (another command rotated the key after this one opened it).
+    file: RwLock<KeystoreFile>,
 }
 
 fn now() -> u64 {
@@ -314,23 +316,23 @@ impl LocalKeystore {
         };
         let kek = Sealer::new(&derive_kek(&protection, secret, path)?);
         let verifier = B64.encode(kek.seal(VERIFIER_AAD, VERIFIER_PLAINTEXT));
-        let mut store = LocalKeystore {
-            path: path.to_path_buf(),
-            kek,
-            file: KeystoreFile {
-                format: FORMAT,
-                protection,
-                verifier,
-                keys: Vec::new(),
-                integrity: None,
-            },
+        let mut file = KeystoreFile {
+            format: FORMAT,
+            protection,
+            verifier,
+            keys: Vec::new(),
+            integrity: None,
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
         let _lock = super::locked_file::lock(path).map_err(io_err(path))?;
-        Self::write(path, &store.kek, &mut store.file, true)?;
-        Ok(store)
+        Self::write(path, &kek, &mut file, true)?;
+        Ok(LocalKeystore {
+            path: path.to_path_buf(),
+            kek,
+            file: RwLock::new(file),
+        })
     }
 
     /// Opens and unlocks a keystore; a wrong secret is detected, never turned into keys.
@@ -368,8 +370,19 @@ impl LocalKeystore {
         Ok(LocalKeystore {
             path: path.to_path_buf(),
             kek,
-            file,
+            file: RwLock::new(file),
         })
+    }
+
+    fn file(&self) -> RwLockReadGuard<'_, KeystoreFile> {
+        self.file.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads the file again (after another command changed it).
+    fn refresh(&self) -> Result<(), KmsError> {
+        let file = self.reread()?;
+        *self.file.write().unwrap_or_else(|p| p.into_inner()) = file;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -407,7 +420,7 @@ impl LocalKeystore {
         let mut file = self.reread()?;
         let out = change(&self.kek, &mut file)?;
         Self::write(&self.path, &self.kek, &mut file, false)?;
-        self.file = file;
+        *self.file.write().unwrap_or_else(|p| p.into_inner()) = file;
         Ok(out)
     }
 
@@ -463,7 +476,7 @@ impl LocalKeystore {
 
     /// Every master key, without its material.
     pub fn list(&self) -> Vec<KeyInfo> {
-        self.file
+        self.file()
             .keys
             .iter()
             .map(|k| KeyInfo {
@@ -476,20 +489,21 @@ impl LocalKeystore {
             .collect()
     }
 
-    fn record(&self, id_or_alias: &str) -> Result<&MasterKeyRecord, KmsError> {
-        self.file
+    fn record(&self, id_or_alias: &str) -> Result<MasterKeyRecord, KmsError> {
+        self.file()
             .keys
             .iter()
             .find(|k| k.id == id_or_alias || k.alias.as_deref() == Some(id_or_alias))
+            .cloned()
             .ok_or_else(|| KmsError::KeyNotFound(id_or_alias.to_string()))
     }
 
     /// Resolves an id or alias to the key's id.
     pub fn key_id(&self, id_or_alias: &str) -> Result<String, KmsError> {
-        Ok(self.record(id_or_alias)?.id.clone())
+        Ok(self.record(id_or_alias)?.id)
     }
 
-    fn usable_record(&self, key_id: &str) -> Result<&MasterKeyRecord, KmsError> {
+    fn usable_record(&self, key_id: &str) -> Result<MasterKeyRecord, KmsError> {
         let record = self.record(key_id)?;
         if record.state != KeyState::Enabled {
             return Err(KmsError::KeyNotUsable {
@@ -500,7 +514,15 @@ impl LocalKeystore {
         Ok(record)
     }
 
-    fn material(&self, record: &MasterKeyRecord, version: u32) -> Result<SecretKey, KmsError> {
+    /// The material of one version of a usable key. A version this handle
+    /// has not seen may have been made since it was opened (`key rotate` by
+    /// another command while a volume is mounted): the file is read again.
+    fn material(&self, key_id: &str, version: u32) -> Result<SecretKey, KmsError> {
+        let mut record = self.usable_record(key_id)?;
+        if !record.versions.iter().any(|v| v.version == version) {
+            self.refresh()?;
+            record = self.usable_record(key_id)?;
+        }
         let v = record
             .versions
             .iter()
@@ -521,6 +543,19 @@ impl LocalKeystore {
         SecretKey::from_slice(&plain).ok_or_else(|| corrupt(&self.path, "key material length"))
     }
 
+    /// The newest version of a usable key, after reading the file again:
+    /// new data keys go under what another command may just have made.
+    fn newest_version(&self, key_id: &str) -> Result<u32, KmsError> {
+        self.refresh()?;
+        let record = self.usable_record(key_id)?;
+        record
+            .versions
+            .iter()
+            .map(|v| v.version)
+            .max()
+            .ok_or_else(|| corrupt(&self.path, format!("key {} has no versions", record.id)))
+    }
+
     /// A provider handle bound to one master key.
     pub fn provider(self: &Arc<Self>, id_or_alias: &str) -> Result<LocalProvider, KmsError> {
         let key_id = self.key_id(id_or_alias)?;
@@ -535,14 +570,8 @@ impl LocalKeystore {
 impl LocalProvider {
     /// Seals a data key under the newest version of the master key.
     fn encrypt_newest(&self, data_key: &SecretKey, context: &EncryptionContext) -> Result<WrappedKey, KmsError> {
-        let record = self.store.usable_record(&self.key_id)?;
-        let version = record
-            .versions
-            .iter()
-            .map(|v| v.version)
-            .max()
-            .ok_or_else(|| corrupt(&self.store.path, format!("key {} has no versions", record.id)))?;
-        let master = Sealer::new(&self.store.material(record, version)?);
+        let version = self.store.newest_version(&self.key_id)?;
+        let master = Sealer::new(&self.store.material(&self.key_id, version)?);
         let sealed = master.seal(&data_key_aad(&self.key_id, version, context), data_key.expose());
         Ok(WrappedKey::from_bytes(
             [&[DATA_KEY_BLOB_VERSION][..], &version.to_be_bytes(), &sealed].concat(),
@@ -584,13 +613,12 @@ impl KeyProvider for LocalProvider {
 
     fn decrypt(&self, wrapped: &WrappedKey, context: &EncryptionContext) -> Result<SecretKey, KmsError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let record = self.store.usable_record(&self.key_id)?;
         let bytes = wrapped.as_bytes();
         if bytes.len() < 5 || bytes[0] != DATA_KEY_BLOB_VERSION {
             return Err(KmsError::InvalidCiphertext(self.key_id.clone()));
         }
         let version = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
-        let master = Sealer::new(&self.store.material(record, version)?);
+        let master = Sealer::new(&self.store.material(&self.key_id, version)?);
         master
             .unwrap_key(
                 &data_key_aad(&self.key_id, version, context),
