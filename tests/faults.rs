@@ -258,3 +258,61 @@ impl Drop for Guard<'_> {
         }
     }
 }
+
+#[test]
+fn key_commits_that_keep_failing_are_reported_and_lose_nothing() {
+    use std::io::Write;
+    let vol = TestVolume::init();
+    let backing = path_str(&vol.backing);
+    let m = vol.mount();
+    fs::write(vol.path("before"), b"committed").unwrap();
+    // From now on every commit of file keys fails, as on a broken disk.
+    let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON file_keys BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+    )
+    .unwrap();
+    let mut f = fs::File::create(vol.path("during")).unwrap();
+    f.write_all(b"precious").unwrap();
+    assert_eq!(
+        f.sync_all().unwrap_err().raw_os_error(),
+        Some(libc::EIO),
+        "fsync reports it"
+    );
+    drop(f);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        let out = vol.run(&["status", "--json", backing]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if !json["commit_error"].is_null() || std::time::Instant::now() > deadline {
+            break json;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        status["commit_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("injected failure"),
+        "status shows it: {status}"
+    );
+    let out = m.umount_output();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "umount exits non-zero: {said}");
+    assert!(
+        said.contains(backing) && said.contains("kmsfs.pending-keys") && said.contains("kmsfs fsck"),
+        "names the volume and what to do: {said}"
+    );
+    let status = vol.run(&["status", backing]);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("pending keys"));
+    // The cause goes away: the next mount stores the saved keys.
+    db.execute_batch("DROP TRIGGER refuse;").unwrap();
+    drop(db);
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("during")).unwrap(), b"precious");
+    assert_eq!(fs::read(vol.path("before")).unwrap(), b"committed");
+    m.unmount();
+    assert!(!vol.backing.join("kmsfs.pending-keys").exists());
+    let fsck = vol.run(&["fsck", backing]);
+    assert_eq!(fsck.status.code(), Some(0), "{}", String::from_utf8_lossy(&fsck.stdout));
+}

@@ -5,12 +5,13 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::Args;
 use kmsfs::fs::{KmsFs, MountOptions};
 use kmsfs::volume::Volume;
-use kmsfs::volume::lock::VolumeLock;
+use kmsfs::volume::lock::{DaemonInfo, VolumeLock};
 
 use super::{CliError, ExitCode, KeyOptions};
 
@@ -240,7 +241,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     }
     let row = kmsfs::volume::read_info(&backing)?.volume;
     let provider = super::volumes::provider_for(&backing, &row, keys)?;
-    let mut lock = VolumeLock::acquire(&backing)?;
+    let lock = VolumeLock::acquire(&backing)?;
     let volume = Arc::new(Volume::open(&backing, provider)?);
     log::info!(
         "volume {} opened with {} provider call(s)",
@@ -259,7 +260,8 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         e
     };
     unsafe { libc::umask(0) };
-    lock.record_pid(volume.total_provider_calls());
+    let lock = Arc::new(lock);
+    let (stop_publishing, publisher) = publish_status(&lock, &volume).map_err(|e| report(&mut ready_pipe, e))?;
     raise_fd_limit();
     // Block crypto runs on rayon's pool. Named, its threads are told apart
     // from the request threads in `ps -L`, `top -H` and profiles (unnamed,
@@ -313,9 +315,18 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         let _ = pipe.write_all(READY);
     }
     let served = session.run();
-    if let Err(e) = volume.sync_keys() {
-        log::error!("committing file keys at exit failed: {e}");
-        return Err(e.into());
+    stop_publishing.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = publisher.join();
+    // The daemon's last word, which `kmsfs umount` reads once the lock is free.
+    let committed = commit_at_exit(&volume);
+    lock.publish(&DaemonInfo {
+        pid: std::process::id(),
+        provider_calls: volume.total_provider_calls(),
+        commit_error: committed.as_ref().err().cloned(),
+    });
+    if let Err(e) = committed {
+        log::error!("{e}");
+        return Err(CliError::new(ExitCode::Io, e));
     }
     // Close the DB (SQLite checkpoints the WAL on close) before releasing the
     // lock: `kmsfs umount` returns when the lock is free, and the backing
@@ -324,6 +335,72 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     drop(lock);
     served.map_err(|e| mount_error(format!("serving {}: {e}", mountpoint.display())))
 }
+
+/// Publishes the daemon's pid, provider-call count and commit failures in
+/// the lock file, now and whenever they change; `status` and `umount` read
+/// them. Returns the flag that stops the publishing thread, and the thread.
+fn publish_status(
+    lock: &Arc<VolumeLock>,
+    volume: &Arc<Volume>,
+) -> Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>), CliError> {
+    let current = {
+        let volume = Arc::clone(volume);
+        move || DaemonInfo {
+            pid: std::process::id(),
+            provider_calls: volume.total_provider_calls(),
+            commit_error: volume.commit_error(),
+        }
+    };
+    let mut published = current();
+    lock.publish(&published);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (lock, stopped) = (Arc::clone(lock), Arc::clone(&stop));
+    std::thread::Builder::new()
+        .name("kmsfs-status".into())
+        .spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(250));
+                let now = current();
+                if now != published {
+                    lock.publish(&now);
+                    published = now;
+                }
+            }
+        })
+        .map(|thread| (stop, thread))
+        .map_err(|e| CliError::new(ExitCode::Internal, format!("status thread: {e}")))
+}
+
+/// The last commit of file keys, retried for a while (a provider or a disk
+/// may come back); if it still fails, the keys are saved beside the DB for
+/// the next open rather than lost.
+fn commit_at_exit(volume: &Volume) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 0..COMMIT_ATTEMPTS_AT_EXIT {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(500 << attempt.min(3)));
+        }
+        match volume.sync_keys() {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    let volume_name = volume.backing().display();
+    match volume.save_pending_keys() {
+        Ok(rows) => Err(format!(
+            "committing file keys of volume {volume_name} failed at unmount ({last}); {rows} key change(s) \
+             were saved to {}/{} and are stored at the next mount or fsck: fix the cause, then run `kmsfs fsck {volume_name}`",
+            volume_name,
+            kmsfs::volume::rescue::PENDING_FILE
+        )),
+        Err(e) => Err(format!(
+            "committing file keys of volume {volume_name} failed at unmount ({last}), and saving them failed too \
+             ({e}): files written since the last commit read as EIO; run `kmsfs fsck {volume_name}`"
+        )),
+    }
+}
+
+const COMMIT_ATTEMPTS_AT_EXIT: u32 = 5;
 
 /// The backing directory of the kmsfs mount at exactly `mountpoint`.
 fn mounted_backing(mountpoint: &Path) -> Result<Option<PathBuf>, CliError> {
@@ -379,6 +456,12 @@ pub fn umount(mountpoint: &Path) -> Result<(), CliError> {
             "unmounted {}, but its daemon has not exited after 60 s",
             mountpoint.display()
         )));
+    }
+    if let Some(error) = VolumeLock::last_published(&backing).and_then(|info| info.commit_error) {
+        return Err(CliError::new(
+            ExitCode::Io,
+            format!("unmounted {}, but: {error}", mountpoint.display()),
+        ));
     }
     Ok(())
 }

@@ -25,6 +25,7 @@ pub fn status(backing: &Path, json: bool, check_key: bool, keys: &KeyOptions) ->
             .unwrap_or(0)
     };
     let rotating = keys.iter().any(|k| k.state == "retiring");
+    let pending = kmsfs::volume::rescue::waiting(backing);
     if json {
         let versions: Vec<_> = keys
             .iter()
@@ -50,6 +51,8 @@ pub fn status(backing: &Path, json: bool, check_key: bool, keys: &KeyOptions) ->
             "mounted": daemon.is_some(),
             "daemon_pid": daemon.as_ref().map(|d| d.pid),
             "daemon_provider_calls": daemon.as_ref().map(|d| d.provider_calls),
+            "commit_error": daemon.as_ref().and_then(|d| d.commit_error.clone()),
+            "pending_keys_file": pending,
             "key_state": key_state,
         });
         println!("{out}");
@@ -77,11 +80,20 @@ pub fn status(backing: &Path, json: bool, check_key: bool, keys: &KeyOptions) ->
         }
     );
     match daemon {
-        Some(d) => println!(
+        Some(ref d) => println!(
             "mounted:        yes (daemon pid {}, {} key-provider call(s) since mount)",
             d.pid, d.provider_calls
         ),
         None => println!("mounted:        no"),
+    }
+    if let Some(e) = daemon.as_ref().and_then(|d| d.commit_error.as_ref()) {
+        println!("FAILING:        committing file keys: {e} (the daemon keeps retrying; fsync reports EIO meanwhile)");
+    }
+    if pending {
+        println!(
+            "pending keys:   {} holds file keys an unmount could not commit; the next mount or fsck stores them",
+            kmsfs::volume::rescue::PENDING_FILE
+        );
     }
     if let Some(state) = key_state {
         println!("key state:      {state} (as the provider reports it)");

@@ -14,7 +14,7 @@ use super::KmsFs;
 use super::attr::{FsResult, errno, io_errno, to_attr};
 use super::files::lock;
 use super::inodes::{Node, file_type};
-use crate::crypto::{BlockCipher, Layout, random_array};
+use crate::crypto::{BlockCipher, random_array};
 use crate::kms::hex;
 use crate::volume::layout::{self, BackingName, DIR_IV_FILE, DirIv, Entry, NAME_MAX, TEMP_PREFIX};
 
@@ -227,52 +227,23 @@ impl KmsFs {
         let perm = Mode::from_raw_mode(mode & 0o7777);
         let b = backing.as_str();
         let pfd = parent.fd()?;
-        let mknod = |kind| rustix::fs::mknodat(pfd.as_fd(), b, kind, perm, 0).map(|()| None);
-        let sealed = self.volume.layout() == Layout::Sealed;
-        let created = match (mode & libc::S_IFMT, open_flags) {
-            // A new file's descriptor may write whatever its mode: the sealed
-            // layout's header and final block go in through it.
-            (libc::S_IFREG | 0, flags) if flags.is_some() || sealed => {
-                let access = if sealed { OFlags::RDWR } else { OFlags::empty() };
-                rustix::fs::openat(
-                    pfd.as_fd(),
-                    b,
-                    flags.unwrap_or(OFlags::RDWR) | access | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
-                    perm,
-                )
-                .map(Some)
-            }
-            (libc::S_IFREG | 0, None) => mknod(rustix::fs::FileType::RegularFile),
-            (libc::S_IFIFO, _) => mknod(rustix::fs::FileType::Fifo),
-            (libc::S_IFSOCK, _) => mknod(rustix::fs::FileType::Socket),
-            _ => {
-                self.remove_sidecar(parent, &backing);
-                return Err(Errno::EPERM);
-            }
+        let mknod = |kind| rustix::fs::mknodat(pfd.as_fd(), b, kind, perm, 0).map_err(errno);
+        let created = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => self
+                .create_regular(pfd.as_fd(), b, perm, open_flags.unwrap_or(OFlags::RDWR))
+                .map(|(fd, cipher)| (open_flags.map(|_| fd), cipher)),
+            libc::S_IFIFO => mknod(rustix::fs::FileType::Fifo).map(|()| (None, None)),
+            libc::S_IFSOCK => mknod(rustix::fs::FileType::Socket).map(|()| (None, None)),
+            _ => Err(Errno::EPERM),
         };
-        let fd = match created {
-            Ok(fd) => fd,
+        let (fd, cipher) = match created {
+            Ok(made) => made,
             Err(e) => {
-                if e != rustix::io::Errno::EXIST {
+                if e != Errno::EEXIST {
                     self.remove_sidecar(parent, &backing);
                 }
-                return Err(errno(e));
+                return Err(e);
             }
-        };
-        let (fd, cipher) = match fd {
-            Some(fd) => {
-                let file = std::fs::File::from(fd);
-                match self.init_content(&file) {
-                    Ok(cipher) => (open_flags.map(|_| OwnedFd::from(file)), cipher),
-                    Err(e) => {
-                        // No half-made file stays behind: the creator sees the error.
-                        let _ = rustix::fs::unlinkat(pfd.as_fd(), b, AtFlags::empty());
-                        self.remove_sidecar(parent, &backing);
-                        return Err(e);
-                    }
-                }
-            }
-            None => (None, None),
         };
         let (node, attr) = self.lookup_new(parent, b, cipher)?;
         let attr = self.settle_owner(parent, b, &node, attr, owner)?;

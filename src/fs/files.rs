@@ -2,7 +2,7 @@
 //! fallocate, setattr and extended attributes.
 
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use fuser::{Errno, FileHandle, FileType, INodeNo, TimeOrNow};
@@ -170,19 +170,76 @@ impl KmsFs {
         })
     }
 
-    /// A new regular file's content: with the sealed layout its header and
-    /// empty final block are written at creation (a format-1 file gets them
-    /// at its first write).
-    pub(super) fn init_content(&self, file: &File) -> FsResult<Option<Arc<BlockCipher>>> {
+    /// Creates regular file `name` in `dir`, open with `access` (a new
+    /// file's descriptor may write whatever its mode). With the sealed layout
+    /// it gets its key, header and empty final block before its name: an
+    /// `O_TMPFILE` linked in once complete, so no crash leaves a file
+    /// without them. (A format-1 file gets them at its first write.)
+    pub(super) fn create_regular(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &str,
+        perm: Mode,
+        access: OFlags,
+    ) -> FsResult<(OwnedFd, Option<Arc<BlockCipher>>)> {
+        let create = |access| {
+            rustix::fs::openat(
+                dir,
+                name,
+                access | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+                perm,
+            )
+        };
         if self.volume.layout() != Layout::Sealed {
-            return Ok(None);
+            return Ok((create(access).map_err(errno)?, None));
         }
-        let (_, cipher) = self.volume.new_file_key().map_err(|e| {
-            log::error!("cannot create a data key: {e}");
-            Errno::EIO
-        })?;
-        content::create(file, &cipher).map_err(|e| Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO)))?;
-        Ok(Some(Arc::new(cipher)))
+        let new_content = |file: &File| -> FsResult<Arc<BlockCipher>> {
+            let (_, cipher) = self.volume.new_file_key().map_err(|e| {
+                log::error!("cannot create a data key: {e}");
+                Errno::EIO
+            })?;
+            if let Err(e) = content::create(file, &cipher) {
+                self.volume.forget_file_key(cipher.file_id());
+                return Err(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO)));
+            }
+            Ok(Arc::new(cipher))
+        };
+        match rustix::fs::openat(dir, ".", OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC, perm) {
+            Ok(fd) => {
+                let file = File::from(fd);
+                let cipher = new_content(&file)?;
+                let unnamed = format!("/proc/self/fd/{}", file.as_raw_fd());
+                if let Err(e) =
+                    rustix::fs::linkat(rustix::fs::CWD, unnamed.as_str(), dir, name, AtFlags::SYMLINK_FOLLOW)
+                {
+                    self.volume.forget_file_key(cipher.file_id()); // the file never got a name
+                    return Err(errno(e));
+                }
+                Ok((file.into(), Some(cipher)))
+            }
+            // No O_TMPFILE on this backing filesystem: made in place. A
+            // crash before the header is written leaves an empty file,
+            // which fsck reports.
+            Err(e)
+                if [
+                    rustix::io::Errno::OPNOTSUPP,
+                    rustix::io::Errno::ISDIR,
+                    rustix::io::Errno::INVAL,
+                ]
+                .contains(&e) =>
+            {
+                let file = File::from(create(OFlags::RDWR).map_err(errno)?);
+                match new_content(&file) {
+                    Ok(cipher) => Ok((file.into(), Some(cipher))),
+                    Err(e) => {
+                        // No half-made file stays behind: the creator sees the error.
+                        let _ = rustix::fs::unlinkat(dir, name, AtFlags::empty());
+                        Err(e)
+                    }
+                }
+            }
+            Err(e) => Err(errno(e)),
+        }
     }
 
     /// The cipher of a file about to be written: a header-less (empty,

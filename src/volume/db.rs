@@ -430,6 +430,46 @@ impl MetadataDb {
         Ok(())
     }
 
+    /// Takes every queued change out of the queue: (inserts, deletes).
+    pub fn take_pending(&self) -> (Vec<(FileId, u32, WrappedKey)>, Vec<FileId>) {
+        let batch = std::mem::take(&mut *lock(&self.pending));
+        let inserts = batch.inserts.into_iter().map(|(id, (v, w))| (id, v, w)).collect();
+        (inserts, batch.deletes.into_iter().collect())
+    }
+
+    /// Stores rows saved by a daemon that could not commit them: a row never
+    /// replaces one the DB already has, and one under a version that no
+    /// longer has a key is skipped. Returns (stored, skipped).
+    pub fn restore_rows(
+        &self,
+        inserts: &[(FileId, u32, WrappedKey)],
+        deletes: &[FileId],
+    ) -> Result<(usize, usize), DbError> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let (mut stored, mut skipped) = (0, 0);
+            {
+                let mut insert = tx.prepare(
+                    "INSERT OR IGNORE INTO file_keys (file_id, vk_version, wrapped) \
+                     SELECT ?1, ?2, ?3 WHERE EXISTS \
+                     (SELECT 1 FROM volume_keys WHERE version = ?2 AND state = 'active')",
+                )?;
+                for (id, version, wrapped) in inserts {
+                    match insert.execute(params![&id[..], version, wrapped.as_bytes()])? {
+                        0 => skipped += 1,
+                        _ => stored += 1,
+                    }
+                }
+                let mut delete = tx.prepare("DELETE FROM file_keys WHERE file_id = ?1")?;
+                for id in deletes {
+                    delete.execute([&id[..]])?;
+                }
+            }
+            tx.commit()?;
+            Ok((stored, skipped))
+        })
+    }
+
     /// Runs `f` on the connection, with queued keys committed first by the caller.
     pub fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, DbError> {
         let mut guard = lock(&self.conn);

@@ -12,27 +12,16 @@ use rustix::fs::{FlockOperation, flock};
 
 use super::layout::LOCK_FILE;
 
-/// What the mount daemon publishes in the lock file.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// What the mount daemon publishes in the lock file, while it runs and (its
+/// last word) after it exits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DaemonInfo {
     pub pid: u32,
     /// Key-provider calls since the daemon started (one per volume-key version at mount).
     pub provider_calls: u64,
-}
-
-/// Updates the published call count (the daemon holds the lock itself).
-pub fn publish_provider_calls(backing: &Path, provider_calls: u64) {
-    let info = DaemonInfo {
-        pid: std::process::id(),
-        provider_calls,
-    };
-    if let Ok(text) = serde_json::to_string(&info) {
-        let _ = OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .open(backing.join(LOCK_FILE))
-            .and_then(|mut f| f.write_all(text.as_bytes()));
-    }
+    /// Why committing file keys fails, while it does (or why it failed at exit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_error: Option<String>,
 }
 
 pub struct VolumeLock {
@@ -74,18 +63,22 @@ impl VolumeLock {
         Ok(VolumeLock { _file: file })
     }
 
-    /// Records the daemon's pid (after it has forked into the background).
-    pub fn record_pid(&mut self, provider_calls: u64) {
-        let info = DaemonInfo {
-            pid: std::process::id(),
-            provider_calls,
-        };
-        let text = serde_json::to_string(&info).unwrap_or_default();
-        let f = &mut self._file;
+    /// Publishes what the daemon holding the lock has to say (its pid once
+    /// it has forked into the background, its counts, its failures).
+    pub fn publish(&self, info: &DaemonInfo) {
+        let text = serde_json::to_string(info).unwrap_or_default();
+        let mut f = &self._file;
         let _ = f
             .set_len(0)
             .and_then(|_| f.seek(SeekFrom::Start(0)))
             .and_then(|_| f.write_all(text.as_bytes()));
+    }
+
+    /// What the last daemon published, held or not: after `umount`, its
+    /// last word.
+    pub fn last_published(backing: &Path) -> Option<DaemonInfo> {
+        let text = std::fs::read_to_string(backing.join(LOCK_FILE)).ok()?;
+        serde_json::from_str(&text).ok()
     }
 
     /// The pid of the daemon holding the lock, if any.
@@ -103,7 +96,7 @@ impl VolumeLock {
         file.read_to_string(&mut text).ok()?;
         Some(serde_json::from_str(&text).unwrap_or(DaemonInfo {
             pid: text.trim().parse().unwrap_or(0),
-            provider_calls: 0,
+            ..DaemonInfo::default()
         }))
     }
 

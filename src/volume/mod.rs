@@ -9,6 +9,7 @@ pub mod keyring;
 pub mod layout;
 pub mod lock;
 pub mod rekey;
+pub mod rescue;
 pub mod rotate;
 
 use std::collections::HashMap;
@@ -133,6 +134,8 @@ pub struct Volume {
     xattr_values: Sealer,
     link_targets: Sealer,
     provider_calls: u64,
+    /// Why the last commit of file keys failed, until one succeeds.
+    commit_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Volume {
@@ -228,6 +231,7 @@ impl Volume {
         }
         let name_key = secrets.get(SECRET_NAMES).ok_or_else(|| tampered("the name key"))?;
         let xattr_key = secrets.get(SECRET_XATTRS).ok_or_else(|| tampered("the xattr key"))?;
+        rescue::restore(backing, &info.volume_id, &db)?;
         Ok(Volume {
             backing: backing.to_path_buf(),
             db,
@@ -236,6 +240,7 @@ impl Volume {
             xattr_values: Sealer::new(xattr_key),
             link_targets: Sealer::new(name_key),
             provider_calls: provider.call_count() - calls_before,
+            commit_error: std::sync::Mutex::default(),
             keys,
             info,
         })
@@ -248,12 +253,17 @@ impl Volume {
         let spawned = std::thread::Builder::new()
             .name("kmsfs-db-flush".into())
             .spawn(move || {
+                let mut failing = false;
                 loop {
                     std::thread::sleep(FLUSH_INTERVAL);
                     let Some(volume) = weak.upgrade() else { return };
-                    if let Err(e) = volume.sync_keys() {
-                        log::error!("committing file keys failed (will retry): {e}");
+                    // Logged when it starts and stops failing, not every 200 ms.
+                    match volume.sync_keys() {
+                        Err(e) if !failing => log::error!("committing file keys failed (retrying): {e}"),
+                        Ok(()) if failing => log::warn!("committing file keys works again"),
+                        _ => {}
                     }
+                    failing = volume.commit_error().is_some();
                 }
             });
         if let Err(e) = spawned {
@@ -344,7 +354,20 @@ impl Volume {
                 .rewrap(id, (from, &from_key), wrapped, (to, &to_key))
                 .ok_or_else(|| "file key does not unwrap".to_string())
         };
-        Ok(self.db.flush(&rewrap)?)
+        let result = self.db.flush(&rewrap);
+        *self.commit_error.lock().unwrap_or_else(|p| p.into_inner()) = result.as_ref().err().map(|e| e.to_string());
+        Ok(result?)
+    }
+
+    /// Why committing file keys last failed, while it keeps failing.
+    pub fn commit_error(&self) -> Option<String> {
+        self.commit_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Saves the file keys that could not be committed beside the DB (see
+    /// `rescue`); the next open of the volume stores them.
+    pub fn save_pending_keys(&self) -> Result<usize, VolumeError> {
+        rescue::save(&self.backing, &self.info.volume_id, &self.db)
     }
 
     /// What to store as a backing symlink's target: the sealed target itself,

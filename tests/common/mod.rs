@@ -164,6 +164,17 @@ impl Mount<'_> {
         assert!(!self.mounted, "unmount failed");
     }
 
+    /// Runs `kmsfs umount` once and returns what it said, whatever it was
+    /// (the guard still unmounts on drop if the mount is left).
+    pub fn umount_output(mut self) -> Output {
+        let out = self.vol.run(&["umount", path_str(&self.vol.mnt)]);
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        self.mounted = info
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(path_str(&self.vol.mnt)));
+        out
+    }
+
     fn do_unmount(&mut self) {
         if !self.mounted {
             return;

@@ -18,6 +18,7 @@ use super::content::{self, ContentError, plain_size};
 use super::db::DB_FILE;
 use super::header::{self, HEADER_LEN};
 use super::layout::{self, DIR_IV_FILE, DirIv, Entry, LOCK_FILE, LONG_NAME_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX};
+use super::rescue::PENDING_FILE;
 use super::{Volume, VolumeError};
 use crate::crypto::{FileId, Layout};
 use crate::kms::hex;
@@ -198,7 +199,8 @@ fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &mut Walk) ->
         let raw = name.as_encoded_bytes();
         let path = dir.join(&name);
         let text = name.to_string_lossy();
-        if text == DIR_IV_FILE || (is_root && (text.starts_with(DB_FILE) || text == LOCK_FILE)) {
+        let internal = text.starts_with(DB_FILE) || text == LOCK_FILE || text.starts_with(PENDING_FILE);
+        if text == DIR_IV_FILE || (is_root && internal) {
             continue;
         }
         if text.starts_with(TEMP_PREFIX) {
