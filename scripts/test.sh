@@ -41,6 +41,40 @@ cargo clippy --all-targets --quiet -- -D warnings
 echo "== cargo test"
 # Integration tests mount real filesystems; each unmounts itself even on failure.
 cargo test --all-targets --no-fail-fast 2>&1 | tee target/test-output.txt
+
+# The mount tests that matter, again as a normal user: a daemon without
+# capabilities (no open_by_handle_at), mounting through fusermount3.
+if [ "$(id -u)" -eq 0 ]; then
+    echo "== mount tests as a normal user"
+    id kmsfs-ci >/dev/null 2>&1 || useradd --create-home --shell /bin/bash kmsfs-ci
+    chmod 0666 /dev/fuse
+    # The user must reach the test binaries: let it traverse (not list) the
+    # directories above the checkout, and put them back as they were.
+    restore_modes=()
+    dir=$(pwd -P)
+    while [ "$dir" != "/" ]; do
+        if [ "$(( 0$(stat -c %a "$dir") & 01 ))" -eq 0 ]; then
+            restore_modes+=("$(stat -c %a "$dir")" "$dir")
+            chmod o+x "$dir"
+        fi
+        dir=$(dirname "$dir")
+    done
+    trap 'set -- "${restore_modes[@]}"; while [ $# -gt 0 ]; do chmod "$1" "$2"; shift 2; done' EXIT
+    cargo test --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])' > target/test-binaries.txt
+    for spec in tree rotation fsck tamper golden fsx stress \
+        "posix rename_semantics hard_links fifos_symlinks fallocate concurrent_writers xattrs_on_files"; do
+        set -- $spec
+        bin=$(awk -v t="$1" '$1 == t {print $2}' target/test-binaries.txt)
+        shift
+        setpriv --reuid=kmsfs-ci --regid=kmsfs-ci --init-groups env HOME="$(getent passwd kmsfs-ci | cut -d: -f6)" \
+            "$bin" --test-threads=2 "$@" 2>&1 | sed 's/^test /test (normal user) /' | tee -a target/test-output.txt
+    done
+fi
 passed=$(grep -Eo '[0-9]+ passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 

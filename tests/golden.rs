@@ -15,8 +15,9 @@ const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/format1"
 
 fn copy_of_golden() -> (TestVolume, String) {
     let dir = tempfile::Builder::new().prefix("kmsfs-golden-").tempdir().unwrap();
+    // -R, not -a: a normal user running the tests cannot keep root's ownership.
     let status = Command::new("cp")
-        .args(["-a", GOLDEN, path_str(&dir.path().join("g"))])
+        .args(["-R", GOLDEN, path_str(&dir.path().join("g"))])
         .status()
         .unwrap();
     assert!(status.success());

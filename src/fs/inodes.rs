@@ -151,6 +151,9 @@ pub struct InodeTable {
     nodes: RwLock<HashMap<u64, Arc<Node>>>,
     root_backing_ino: u64,
     opener: Arc<Opener>,
+    /// `open_by_handle_at` needs CAP_DAC_READ_SEARCH: without it (a daemon
+    /// run by a normal user) every node keeps a descriptor instead.
+    handles_open: bool,
     pub ids: Arc<LiveIds>,
 }
 
@@ -165,6 +168,11 @@ impl InodeTable {
             rustix::fs::Mode::empty(),
         )?;
         let opener = Arc::new(Opener::new(mount_fd, fd_cache));
+        let handles_open =
+            handle_of(root_fd.as_fd()).is_some_and(|h| opener.open_handle(&h, libc::O_PATH | libc::O_CLOEXEC).is_ok());
+        if !handles_open {
+            log::info!("file handles cannot be opened here (no CAP_DAC_READ_SEARCH): one descriptor per known inode");
+        }
         let root = Arc::new(Node {
             ino: ROOT_INO,
             locator: Locator::Pinned(Arc::new(root_fd)),
@@ -183,6 +191,7 @@ impl InodeTable {
             nodes: RwLock::new(nodes),
             root_backing_ino: root_stat.st_ino as u64,
             opener,
+            handles_open,
             ids: Arc::default(),
         })
     }
@@ -209,7 +218,7 @@ impl InodeTable {
         let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
         let node = nodes.entry(ino).or_insert_with(|| {
             let fd = Arc::new(fd);
-            let locator = match handle_of(fd.as_fd()) {
+            let locator = match handle_of(fd.as_fd()).filter(|_| self.handles_open) {
                 Some(handle) => {
                     self.opener.remember(ino, &fd);
                     Locator::Handle(handle)
