@@ -284,6 +284,38 @@ fn fifos_symlinks_and_mknod() {
     assert_eq!(errno_of(std::os::unix::fs::symlink("x", vol.path("rel"))), libc::EEXIST);
 }
 
+/// Device nodes are kept as what they are (root only: the backing mknod
+/// needs CAP_MKNOD); the mount is nodev unless `-o dev`.
+#[test]
+fn device_nodes_with_and_without_dev() {
+    if unsafe { libc::geteuid() } != 0 {
+        return; // making device nodes needs root, here as on any filesystem
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let vol = TestVolume::init();
+    let null = vol.path("null");
+    let disk = vol.path("disk");
+    let m = vol.mount();
+    let dev_null = libc::makedev(1, 3);
+    assert_eq!(
+        unsafe { libc::mknod(c(&null).as_ptr(), libc::S_IFCHR | 0o666, dev_null) },
+        0
+    );
+    assert_eq!(
+        unsafe { libc::mknod(c(&disk).as_ptr(), libc::S_IFBLK | 0o600, libc::makedev(7, 200)) },
+        0
+    );
+    let meta = fs::metadata(&null).unwrap();
+    assert!(meta.file_type().is_char_device());
+    assert_eq!(std::os::unix::fs::MetadataExt::rdev(&meta), dev_null);
+    assert!(fs::metadata(&disk).unwrap().file_type().is_block_device());
+    assert_eq!(errno_of(fs::write(&null, b"x")), libc::EACCES, "nodev by default");
+    m.unmount();
+    let _m = vol.mount_with(&["-o", "dev,suid"]);
+    fs::write(&null, b"into /dev/null").unwrap();
+    assert_eq!(fs::read(&null).unwrap(), b"");
+}
+
 #[test]
 fn permissions_owners_times_and_limits() {
     let vol = TestVolume::init();

@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::Args;
-use kmsfs::fs::{KmsFs, MountOptions};
+use kmsfs::fs::KmsFs;
 use kmsfs::volume::Volume;
 use kmsfs::volume::lock::{DaemonInfo, VolumeLock};
 
@@ -47,106 +47,68 @@ fn mount_error(message: impl Into<String>) -> CliError {
     CliError::new(ExitCode::Mount, message)
 }
 
-/// Parses `-o` options. Key options (`keystore=`, `passphrase_file=`,
-/// `key_file=`) are accepted too, so that an fstab line can carry them.
-fn parse_options(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliError> {
-    use fuser::MountOption as K;
-    let mut opts = MountOptions {
-        threads: 16,
-        sync_threads: 4,
-        ..MountOptions::default()
-    };
-    let mut force_open_requests = false;
-    for opt in raw.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
-        match opt {
-            "ro" => opts.read_only = true,
-            "rw" => opts.read_only = false,
-            "allow_other" => opts.allow_other = true,
-            "default_permissions" => opts.default_permissions = true,
-            "noexec" => opts.kernel.push(K::NoExec),
-            "exec" => opts.kernel.push(K::Exec),
-            "nosuid" => opts.kernel.push(K::NoSuid),
-            "suid" => opts.kernel.push(K::Suid),
-            "nodev" => opts.kernel.push(K::NoDev),
-            "dev" => opts.kernel.push(K::Dev),
-            "noatime" => opts.kernel.push(K::NoAtime),
-            "atime" => opts.kernel.push(K::Atime),
-            "sync" => opts.kernel.push(K::Sync),
-            "async" => opts.kernel.push(K::Async),
-            "dirsync" => opts.kernel.push(K::DirSync),
-            o if o.starts_with("keystore=") => keys.keystore = Some(PathBuf::from(&o["keystore=".len()..])),
-            o if o.starts_with("passphrase_file=") => {
-                keys.passphrase_file = Some(PathBuf::from(&o["passphrase_file=".len()..]))
-            }
-            o if o.starts_with("key_file=") => keys.key_file = Some(PathBuf::from(&o["key_file=".len()..])),
-            // Accepted for fstab compatibility; handled by mount(8) or meaningless here.
-            "defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" | "relatime" => {}
-            o if o.starts_with("fsname=") => opts.fsname = Some(o["fsname=".len()..].to_string()),
-            o if o.starts_with("threads=") => opts.threads = number(o, 1, 64)? as usize,
-            o if o.starts_with("sync_threads=") => opts.sync_threads = number(o, 1, 64)? as usize,
-            "bdi_defaults" => {
-                opts.bdi = kmsfs::fs::bdi::BdiTuning {
-                    max_ratio: None,
-                    strict_limit: None,
-                    read_ahead_kb: None,
-                }
-            }
-            o if o.starts_with("bdi_max_ratio=") => opts.bdi.max_ratio = Some(number(o, 1, 100)?),
-            o if o.starts_with("bdi_strict_limit=") => opts.bdi.strict_limit = Some(number(o, 0, 1)? == 1),
-            o if o.starts_with("read_ahead_kb=") => opts.bdi.read_ahead_kb = Some(number(o, 0, 65536)?),
-            "writeback_cache" => opts.cache.writeback = true,
-            "no_writeback_cache" => opts.cache.writeback = false,
-            "open_requests" => force_open_requests = true,
-            "noxattr" => opts.cache.xattrs = false,
-            o if o.starts_with("prefetch=") => opts.cache.prefetch_files = number(o, 0, 64)? as usize,
-            "keep_cache" => opts.cache.keep_cache = true,
-            "no_keep_cache" => opts.cache.keep_cache = false,
-            o if o.starts_with("attr_timeout=") => {
-                opts.cache.ttl = o["attr_timeout=".len()..]
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|s| (0.0..=86400.0).contains(s))
-                    .map(std::time::Duration::from_secs_f64)
-                    .ok_or_else(|| {
-                        CliError::new(
-                            ExitCode::Usage,
-                            format!("bad mount option {o}: attr_timeout must be 0 to 86400 seconds"),
-                        )
-                    })?;
-            }
-            o if o.starts_with("x-") || o.starts_with("comment=") => {}
-            o => {
-                return Err(CliError::new(ExitCode::Usage, format!("unknown mount option {o}")));
-            }
-        }
-    }
-    // Without OPEN requests only the kernel checks a file's access mode:
-    // see CacheOptions::open_requests.
-    let kernel_or_root_checks = opts.allow_other || opts.default_permissions || rustix::process::geteuid().is_root();
-    opts.cache.open_requests = force_open_requests || !kernel_or_root_checks;
-    Ok(opts)
-}
-
-/// The number after `name=` in a mount option, within `min..=max`.
-fn number(option: &str, min: u32, max: u32) -> Result<u32, CliError> {
-    let (name, value) = option.split_once('=').unwrap_or((option, ""));
-    value
-        .parse::<u32>()
-        .ok()
-        .filter(|n| (min..=max).contains(n))
-        .ok_or_else(|| {
-            CliError::new(
-                ExitCode::Usage,
-                format!("bad mount option {option}: {name} must be a number from {min} to {max}"),
-            )
-        })
-}
-
 fn absolute(path: &Path, what: &str) -> Result<PathBuf, CliError> {
     std::fs::canonicalize(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => mount_error(format!("{what} {} does not exist", path.display())),
+        _ if e.raw_os_error() == Some(libc::ENOTCONN) => stale_mount(path),
         _ => CliError::new(ExitCode::Io, format!("{what} {}: {e}", path.display())),
     })
+}
+
+/// What the kernel says of a FUSE mount whose daemon died (kill -9, a crash).
+fn stale_mount(path: &Path) -> CliError {
+    mount_error(format!(
+        "{p} is a stale kmsfs mount: its daemon is gone (killed or crashed). Clear it with \
+         `kmsfs umount {p}` (or `umount -l {p}`), then mount again; files not fsynced before the \
+         daemon died may be missing (`kmsfs fsck` tells)",
+        p = path.display()
+    ))
+}
+
+/// A mount point that may be stale: canonical when it answers, else made
+/// absolute as given (a stale mount point cannot be resolved).
+fn mount_point_path(path: &Path) -> Result<PathBuf, CliError> {
+    match std::fs::canonicalize(path) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(std::path::absolute(path)?),
+        _ => absolute(path, "mount point"),
+    }
+}
+
+/// Refuses a mount point that is not an empty directory, or that already
+/// has something mounted on it, unless `-o nonempty`.
+fn check_mount_point(mountpoint: &Path, nonempty: bool) -> Result<(), CliError> {
+    match std::fs::metadata(mountpoint) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Err(stale_mount(mountpoint)),
+        Ok(m) if m.is_dir() => {}
+        _ => {
+            return Err(mount_error(format!(
+                "mount point {} is not a directory",
+                mountpoint.display()
+            )));
+        }
+    }
+    if nonempty {
+        return Ok(());
+    }
+    if let Some(m) = super::mounts::mounts()?
+        .into_iter()
+        .find(|m| m.mountpoint == mountpoint)
+    {
+        return Err(mount_error(format!(
+            "{} is already a mount point ({} of {}); unmount it first, or mount over it with -o nonempty",
+            mountpoint.display(),
+            m.fstype,
+            m.source.display()
+        )));
+    }
+    if std::fs::read_dir(mountpoint)?.next().is_some() {
+        return Err(mount_error(format!(
+            "mount point {} is not empty: its files would be hidden while mounted; use an empty directory, \
+             or -o nonempty",
+            mountpoint.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Detaches from the terminal. Returns in the child with the write end of
@@ -222,16 +184,11 @@ fn raise_fd_limit() {
 
 pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let mut keys = keys.clone();
-    let options = parse_options(&args.options, &mut keys)?;
+    let options = super::mount_options::parse(&args.options, &mut keys)?;
     let keys = &keys;
     let backing = absolute(&args.backing, "backing directory")?;
     let mountpoint = absolute(&args.mountpoint, "mount point")?;
-    if !mountpoint.is_dir() {
-        return Err(mount_error(format!(
-            "mount point {} is not a directory",
-            mountpoint.display()
-        )));
-    }
+    check_mount_point(&mountpoint, options.nonempty)?;
     if rustix::fs::statvfs(&backing).is_ok_and(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY)) {
         return Err(mount_error(format!(
             "backing directory {} is on a read-only filesystem: kmsfs writes its metadata DB and lock there \
@@ -278,14 +235,13 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         .map_err(|e| report(&mut ready_pipe, kmsfs::volume::VolumeError::from(e).into()))?;
     volume.start_background_flush();
     let fs = KmsFs::new(Arc::clone(&volume), options.cache).map_err(|e| report(&mut ready_pipe, CliError::from(e)))?;
-    let mut session = kmsfs::fs::mount(fs, &mountpoint, &options).map_err(|e| {
+    let session = kmsfs::fs::mount(fs, &mountpoint, &options).map_err(|e| {
         report(
             &mut ready_pipe,
             mount_error(format!("cannot mount on {}: {e}", mountpoint.display())),
         )
     })?;
     kmsfs::fs::bdi::tune(&mountpoint, &options.bdi);
-    let mut unmounter = session.unmount_callable();
     let mut signals =
         signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]).map_err(|e| {
             report(
@@ -294,13 +250,25 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
             )
         })?;
     let mount_display = mountpoint.display().to_string();
+    let unmount_path = mountpoint.clone();
     std::thread::Builder::new()
         .name("kmsfs-signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                log::info!("signal {sig}: unmounting {mount_display}");
-                if let Err(e) = unmounter.unmount() {
-                    log::error!("unmounting {mount_display} failed: {e}");
+            // A busy mount point cannot be unmounted yet: keep trying, once a
+            // second, and at once on every further signal.
+            let Some(sig) = signals.forever().next() else { return };
+            log::info!("signal {sig}: unmounting {mount_display}");
+            for attempt in 0u64.. {
+                match unmount_now(&unmount_path) {
+                    Ok(()) => return,
+                    Err(e) if attempt % 60 == 0 => {
+                        log::warn!("unmounting {mount_display} failed ({e}); retrying every second")
+                    }
+                    Err(_) => {}
+                }
+                let deadline = std::time::Instant::now() + Duration::from_secs(1);
+                while std::time::Instant::now() < deadline && signals.pending().next().is_none() {
+                    std::thread::sleep(Duration::from_millis(50));
                 }
             }
         })
@@ -402,6 +370,35 @@ fn commit_at_exit(volume: &Volume) -> Result<(), String> {
 
 const COMMIT_ATTEMPTS_AT_EXIT: u32 = 5;
 
+/// Unmounts `mountpoint` now, or fails (EBUSY while in use): umount2 as
+/// root, fusermount3 otherwise.
+fn unmount_now(mountpoint: &Path) -> std::io::Result<()> {
+    let c_path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: c_path is a valid NUL-terminated string.
+    if unsafe { libc::umount2(c_path.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EPERM) {
+        return Err(err);
+    }
+    let out = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(mountpoint)
+        .stderr(std::process::Stdio::piped())
+        .output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    Err(if said.contains("busy") {
+        std::io::Error::from_raw_os_error(libc::EBUSY)
+    } else {
+        std::io::Error::other(said.trim().to_string())
+    })
+}
+
 /// The backing directory of the kmsfs mount at exactly `mountpoint`.
 fn mounted_backing(mountpoint: &Path) -> Result<Option<PathBuf>, CliError> {
     let Some(mount) = super::mounts::mounts()?
@@ -421,33 +418,19 @@ fn mounted_backing(mountpoint: &Path) -> Result<Option<PathBuf>, CliError> {
 }
 
 pub fn umount(mountpoint: &Path) -> Result<(), CliError> {
-    let mountpoint = absolute(mountpoint, "mount point")?;
+    let mountpoint = mount_point_path(mountpoint)?;
     let backing =
         mounted_backing(&mountpoint)?.ok_or_else(|| mount_error(format!("{} is not mounted", mountpoint.display())))?;
-    let c_path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
-        .map_err(|_| CliError::new(ExitCode::Usage, "mount point contains a NUL byte"))?;
-    // SAFETY: c_path is a valid NUL-terminated string.
-    if unsafe { libc::umount2(c_path.as_ptr(), 0) } != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EPERM) {
-            let status = std::process::Command::new("fusermount3")
-                .arg("-u")
-                .arg(&mountpoint)
-                .status();
-            if !matches!(status, Ok(s) if s.success()) {
-                return Err(mount_error(format!("cannot unmount {}: {err}", mountpoint.display())));
-            }
+    if let Err(err) = unmount_now(&mountpoint) {
+        let hint = if err.raw_os_error() == Some(libc::EBUSY) {
+            " (a process is using it: see `fuser -m`)"
         } else {
-            let hint = if err.raw_os_error() == Some(libc::EBUSY) {
-                " (a process is using it: see `fuser -m`)"
-            } else {
-                ""
-            };
-            return Err(mount_error(format!(
-                "cannot unmount {}: {err}{hint}",
-                mountpoint.display()
-            )));
-        }
+            ""
+        };
+        return Err(mount_error(format!(
+            "cannot unmount {}: {err}{hint}",
+            mountpoint.display()
+        )));
     }
     if backing.join(kmsfs::volume::db::DB_FILE).exists()
         && !VolumeLock::wait_released(&backing, Duration::from_secs(60))

@@ -5,6 +5,7 @@ mod errors;
 mod fsck;
 mod harden;
 mod host_config;
+mod mount_options;
 mod mounts;
 mod progress;
 mod rekey;
@@ -118,7 +119,7 @@ enum Command {
     Key(rotation::KeyCommand),
     /// Show a volume's id, key provider, volume-key versions and mount state
     Status {
-        /// The backing directory
+        /// The backing directory, or a mount point of one
         backing: PathBuf,
         /// Machine-readable output
         #[arg(long)]
@@ -262,9 +263,27 @@ fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
             Some((path, _)) => println!("Master key {} in keystore {}", row.master_key_id, path.display()),
             None => println!("Master key {} with provider {}", row.master_key_id, row.provider),
         }
-        println!("Mount it with: kmsfs mount {} MOUNTPOINT", args.backing.display());
+        println!("Mount it with: {}", mount_hint(&args.backing, keys));
     }
     Ok(())
+}
+
+/// The command that mounts a new volume, with the options `init` was given
+/// that mounting needs too.
+fn mount_hint(backing: &std::path::Path, keys: &KeyOptions) -> String {
+    let mut hint = String::from("kmsfs");
+    let options = [
+        ("--keystore", &keys.keystore),
+        ("--key-file", &keys.key_file),
+        ("--passphrase-file", &keys.passphrase_file),
+        ("--config", &keys.config),
+    ];
+    for (flag, value) in options {
+        if let Some(path) = value {
+            hint.push_str(&format!(" {flag} {}", path.display()));
+        }
+    }
+    format!("{hint} mount {} MOUNTPOINT", backing.display())
 }
 
 /// `mount.kmsfs BACKING MOUNTPOINT [-o OPTS] [-n] [-s] [-v]`, as mount(8)

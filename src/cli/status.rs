@@ -1,13 +1,46 @@
 //! `kmsfs status`: what a volume is, without unlocking anything.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kmsfs::kms::hex;
+use kmsfs::volume::db::DB_FILE;
 use kmsfs::volume::lock::VolumeLock;
 
-use super::{CliError, KeyOptions};
+use super::mounts::{MountEntry, mounts};
+use super::{CliError, ExitCode, KeyOptions};
 
-pub fn status(backing: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Result<(), CliError> {
+/// The backing directory `path` names: itself, or the volume mounted at it.
+fn backing_of(path: &Path) -> Result<PathBuf, CliError> {
+    if path.join(DB_FILE).exists() {
+        return Ok(path.to_path_buf());
+    }
+    let at = match std::fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => std::path::absolute(path)?,
+        Err(_) => return Ok(path.to_path_buf()), // read_info names what is wrong
+    };
+    match mounts()?.into_iter().find(|m| m.mountpoint == at && m.is_kmsfs()) {
+        Some(m) if m.source.join(DB_FILE).exists() => Ok(m.source),
+        Some(_) => Err(CliError::new(
+            ExitCode::Usage,
+            format!(
+                "{} is a kmsfs mount point mounted with fsname=: give its backing directory",
+                path.display()
+            ),
+        )),
+        None => Ok(path.to_path_buf()),
+    }
+}
+
+/// Where the volume in `backing` is mounted, as the mount table says.
+fn mounted_at(backing: &Path) -> Option<MountEntry> {
+    let backing = std::fs::canonicalize(backing).ok()?;
+    mounts().ok()?.into_iter().find(|m| m.source == backing && m.is_kmsfs())
+}
+
+pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Result<(), CliError> {
+    let backing_dir = backing_of(path)?;
+    let backing = backing_dir.as_path();
     let summary = kmsfs::volume::read_info(backing)?;
     let key_state = if check_key {
         Some(super::volumes::provider_for(backing, &summary.volume, keys)?.key_state()?)
@@ -17,6 +50,9 @@ pub fn status(backing: &Path, json: bool, check_key: bool, keys: &KeyOptions) ->
     let provider = super::volumes::recorded_provider(backing, &summary.volume)?;
     let (row, keys, counts) = (summary.volume, summary.volume_keys, summary.file_keys);
     let daemon = VolumeLock::daemon(backing);
+    let mount = mounted_at(backing);
+    // In the mount table, but no daemon holds the volume: it died.
+    let stale = daemon.is_none() && mount.is_some();
     let files_of = |v: u32| {
         counts
             .iter()
@@ -49,6 +85,8 @@ pub fn status(backing: &Path, json: bool, check_key: bool, keys: &KeyOptions) ->
             "file_keys": counts.iter().map(|(_, n)| n).sum::<u64>(),
             "rotation_in_progress": rotating,
             "mounted": daemon.is_some(),
+            "mountpoint": mount.as_ref().map(|m| &m.mountpoint),
+            "stale_mount": stale,
             "daemon_pid": daemon.as_ref().map(|d| d.pid),
             "daemon_provider_calls": daemon.as_ref().map(|d| d.provider_calls),
             "commit_error": daemon.as_ref().and_then(|d| d.commit_error.clone()),
@@ -79,12 +117,20 @@ pub fn status(backing: &Path, json: bool, check_key: bool, keys: &KeyOptions) ->
             "none in progress"
         }
     );
-    match daemon {
-        Some(ref d) => println!(
-            "mounted:        yes (daemon pid {}, {} key-provider call(s) since mount)",
+    let at = mount
+        .as_ref()
+        .map(|m| format!(" at {}", m.mountpoint.display()))
+        .unwrap_or_default();
+    match (&daemon, &mount) {
+        (Some(d), _) => println!(
+            "mounted:        yes{at} (daemon pid {}, {} key-provider call(s) since mount)",
             d.pid, d.provider_calls
         ),
-        None => println!("mounted:        no"),
+        (None, Some(m)) => println!(
+            "mounted:        STALE{at}: its daemon is gone; clear it with `kmsfs umount {}`",
+            m.mountpoint.display()
+        ),
+        (None, None) => println!("mounted:        no"),
     }
     if let Some(e) = daemon.as_ref().and_then(|d| d.commit_error.as_ref()) {
         println!("FAILING:        committing file keys: {e} (the daemon keeps retrying; fsync reports EIO meanwhile)");

@@ -213,12 +213,14 @@ impl KmsFs {
         settled
     }
 
-    /// Creates a regular file, fifo or socket; returns the open descriptor for regular files.
+    /// Creates a regular file, fifo, socket or device node (`rdev`); returns
+    /// the open descriptor for regular files.
     pub(super) fn make_node(
         &self,
         parent: &Node,
         name: &OsStr,
         mode: u32,
+        rdev: u32,
         owner: (u32, u32),
         open_flags: Option<OFlags>,
     ) -> FsResult<(Arc<Node>, FileAttr, Option<OwnedFd>)> {
@@ -227,13 +229,17 @@ impl KmsFs {
         let perm = Mode::from_raw_mode(mode & 0o7777);
         let b = backing.as_str();
         let pfd = parent.fd()?;
-        let mknod = |kind| rustix::fs::mknodat(pfd.as_fd(), b, kind, perm, 0).map_err(errno);
+        let mknod = |kind, dev| rustix::fs::mknodat(pfd.as_fd(), b, kind, perm, dev).map_err(errno);
         let created = match mode & libc::S_IFMT {
             libc::S_IFREG | 0 => self
                 .create_regular(pfd.as_fd(), b, perm, open_flags.unwrap_or(OFlags::RDWR))
                 .map(|(fd, cipher)| (open_flags.map(|_| fd), cipher)),
-            libc::S_IFIFO => mknod(rustix::fs::FileType::Fifo).map(|()| (None, None)),
-            libc::S_IFSOCK => mknod(rustix::fs::FileType::Socket).map(|()| (None, None)),
+            libc::S_IFIFO => mknod(rustix::fs::FileType::Fifo, 0).map(|()| (None, None)),
+            libc::S_IFSOCK => mknod(rustix::fs::FileType::Socket, 0).map(|()| (None, None)),
+            // Stored as what they are: the backing filesystem keeps the
+            // device number. The mount is nodev unless `-o dev`.
+            libc::S_IFCHR => mknod(rustix::fs::FileType::CharacterDevice, u64::from(rdev)).map(|()| (None, None)),
+            libc::S_IFBLK => mknod(rustix::fs::FileType::BlockDevice, u64::from(rdev)).map(|()| (None, None)),
             _ => Err(Errno::EPERM),
         };
         let (fd, cipher) = match created {

@@ -239,19 +239,10 @@ impl fuser::Filesystem for Mounted {
         }
     }
 
-    fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
         let result = self
             .node(parent)
-            .and_then(|p| self.make_node(&p, name, mode & !umask, owner(req), None))
+            .and_then(|p| self.make_node(&p, name, mode & !umask, rdev, owner(req), None))
             .map(|(node, attr, _)| (node, attr));
         reply_entry(reply, &self.cache.ttl, result);
     }
@@ -564,7 +555,7 @@ impl fuser::Filesystem for Mounted {
         let oflags = OFlags::from_bits_retain(access as u32);
         let result = self.node(parent).and_then(|p| {
             let (node, attr, fd) =
-                self.make_node(&p, name, libc::S_IFREG | (mode & !umask), owner(req), Some(oflags))?;
+                self.make_node(&p, name, libc::S_IFREG | (mode & !umask), 0, owner(req), Some(oflags))?;
             let file = match fd {
                 Some(fd) => std::fs::File::from(fd),
                 None => self.reopen(&node, flags)?,

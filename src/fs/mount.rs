@@ -64,6 +64,8 @@ pub struct MountOptions {
     /// Let the kernel check permissions (always on with `allow_other`).
     pub default_permissions: bool,
     pub fsname: Option<String>,
+    /// Mount over a directory that is not empty (or is a mount point).
+    pub nonempty: bool,
     /// Threads reading requests from the kernel (`threads=`).
     pub threads: usize,
     /// Threads for fsync and fsyncdir (`sync_threads=`).
@@ -82,12 +84,22 @@ pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result
         .fsname
         .clone()
         .unwrap_or_else(|| fs.volume.backing().display().to_string());
-    config.mount_options = vec![
-        MountOption::FSName(fsname),
-        MountOption::Subtype("kmsfs".into()),
-        MountOption::NoDev,
-        MountOption::NoSuid,
-    ];
+    config.mount_options = vec![MountOption::FSName(fsname)];
+    // A root daemon mounts with mount(2) itself, where the subtype must be a
+    // kernel option to make the type "fuse.kmsfs"; fusermount3 takes it as is.
+    config.mount_options.push(if rustix::process::geteuid().is_root() {
+        MountOption::CUSTOM("subtype=kmsfs".into())
+    } else {
+        MountOption::Subtype("kmsfs".into())
+    });
+    // nodev and nosuid unless asked otherwise: a device node or set-ID file
+    // is only as trustworthy as the backing directory it came from.
+    if !options.kernel.contains(&MountOption::Dev) {
+        config.mount_options.push(MountOption::NoDev);
+    }
+    if !options.kernel.contains(&MountOption::Suid) {
+        config.mount_options.push(MountOption::NoSuid);
+    }
     // Other users reach the files only through the kernel's permission
     // checks. Without allow_other only the daemon's own user can, and the
     // daemon acts with that user's rights: the checks would change nothing

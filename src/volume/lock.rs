@@ -53,11 +53,14 @@ impl VolumeLock {
     pub fn acquire(backing: &Path) -> Result<Self, LockError> {
         let mut file = open(backing)?;
         if flock(file.as_fd(), FlockOperation::NonBlockingLockExclusive).is_err() {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let pid = serde_json::from_str::<DaemonInfo>(&text)
+                .map(|info| info.pid.to_string())
+                .unwrap_or_else(|_| "unknown".into());
             return Err(LockError::Held {
                 path: backing.display().to_string(),
-                pid: pid.trim().to_string(),
+                pid,
             });
         }
         Ok(VolumeLock { _file: file })

@@ -152,6 +152,12 @@ pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 test path")
 }
 
+/// Whether something is mounted at exactly `path`.
+pub fn is_mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(path_str(path)))
+}
+
 /// Unmounts on drop, even when the test panics.
 pub struct Mount<'a> {
     vol: &'a TestVolume,
@@ -168,15 +174,13 @@ impl Mount<'_> {
     /// (the guard still unmounts on drop if the mount is left).
     pub fn umount_output(mut self) -> Output {
         let out = self.vol.run(&["umount", path_str(&self.vol.mnt)]);
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        self.mounted = info
-            .lines()
-            .any(|l| l.split(' ').nth(4) == Some(path_str(&self.vol.mnt)));
+        self.mounted = is_mounted(&self.vol.mnt);
         out
     }
 
     fn do_unmount(&mut self) {
-        if !self.mounted {
+        if !self.mounted || !is_mounted(&self.vol.mnt) {
+            self.mounted = false;
             return;
         }
         let out = self.vol.run(&["umount", path_str(&self.vol.mnt)]);

@@ -1,0 +1,169 @@
+//! `-o` mount options, as `kmsfs mount -o`, mount(8) and fstab give them.
+
+use std::path::PathBuf;
+
+use kmsfs::fs::MountOptions;
+
+use super::{CliError, ExitCode, KeyOptions};
+
+/// Parses `-o` options. Key options (`keystore=`, `passphrase_file=`,
+/// `key_file=`) are accepted too, so that an fstab line can carry them.
+pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliError> {
+    use fuser::MountOption as K;
+    let mut opts = MountOptions {
+        threads: 16,
+        sync_threads: 4,
+        ..MountOptions::default()
+    };
+    let mut force_open_requests = false;
+    for opt in raw.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
+        match opt {
+            "ro" => opts.read_only = true,
+            "rw" => opts.read_only = false,
+            "allow_other" => opts.allow_other = true,
+            "nonempty" => opts.nonempty = true,
+            "default_permissions" => opts.default_permissions = true,
+            "noexec" => opts.kernel.push(K::NoExec),
+            "exec" => opts.kernel.push(K::Exec),
+            "nosuid" => opts.kernel.push(K::NoSuid),
+            "suid" => opts.kernel.push(K::Suid),
+            "nodev" => opts.kernel.push(K::NoDev),
+            "dev" => opts.kernel.push(K::Dev),
+            "noatime" => opts.kernel.push(K::NoAtime),
+            "atime" => opts.kernel.push(K::Atime),
+            "sync" => opts.kernel.push(K::Sync),
+            "async" => opts.kernel.push(K::Async),
+            "dirsync" => opts.kernel.push(K::DirSync),
+            o if o.starts_with("keystore=") => keys.keystore = Some(PathBuf::from(&o["keystore=".len()..])),
+            o if o.starts_with("passphrase_file=") => {
+                keys.passphrase_file = Some(PathBuf::from(&o["passphrase_file=".len()..]))
+            }
+            o if o.starts_with("key_file=") => keys.key_file = Some(PathBuf::from(&o["key_file=".len()..])),
+            // Accepted for fstab compatibility; handled by mount(8) or meaningless here.
+            "defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" | "relatime" => {}
+            o if o.starts_with("fsname=") => opts.fsname = Some(o["fsname=".len()..].to_string()),
+            o if o.starts_with("threads=") => opts.threads = number(o, 1, 64)? as usize,
+            o if o.starts_with("sync_threads=") => opts.sync_threads = number(o, 1, 64)? as usize,
+            "bdi_defaults" => {
+                opts.bdi = kmsfs::fs::bdi::BdiTuning {
+                    max_ratio: None,
+                    strict_limit: None,
+                    read_ahead_kb: None,
+                }
+            }
+            o if o.starts_with("bdi_max_ratio=") => opts.bdi.max_ratio = Some(number(o, 1, 100)?),
+            o if o.starts_with("bdi_strict_limit=") => opts.bdi.strict_limit = Some(number(o, 0, 1)? == 1),
+            o if o.starts_with("read_ahead_kb=") => opts.bdi.read_ahead_kb = Some(number(o, 0, 65536)?),
+            "writeback_cache" => opts.cache.writeback = true,
+            "no_writeback_cache" => opts.cache.writeback = false,
+            "open_requests" => force_open_requests = true,
+            "noxattr" => opts.cache.xattrs = false,
+            o if o.starts_with("prefetch=") => opts.cache.prefetch_files = number(o, 0, 64)? as usize,
+            "keep_cache" => opts.cache.keep_cache = true,
+            "no_keep_cache" => opts.cache.keep_cache = false,
+            o if o.starts_with("attr_timeout=") => {
+                opts.cache.ttl = o["attr_timeout=".len()..]
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| (0.0..=86400.0).contains(s))
+                    .map(std::time::Duration::from_secs_f64)
+                    .ok_or_else(|| {
+                        CliError::new(
+                            ExitCode::Usage,
+                            format!("bad mount option {o}: attr_timeout must be 0 to 86400 seconds"),
+                        )
+                    })?;
+            }
+            o if o.starts_with("x-") || o.starts_with("comment=") => {}
+            o => {
+                return Err(CliError::new(ExitCode::Usage, format!("unknown mount option {o}")));
+            }
+        }
+    }
+    // Without OPEN requests only the kernel checks a file's access mode:
+    // see CacheOptions::open_requests.
+    let kernel_or_root_checks = opts.allow_other || opts.default_permissions || rustix::process::geteuid().is_root();
+    opts.cache.open_requests = force_open_requests || !kernel_or_root_checks;
+    Ok(opts)
+}
+
+/// The number after `name=` in a mount option, within `min..=max`.
+fn number(option: &str, min: u32, max: u32) -> Result<u32, CliError> {
+    let (name, value) = option.split_once('=').unwrap_or((option, ""));
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| {
+            CliError::new(
+                ExitCode::Usage,
+                format!("bad mount option {option}: {name} must be a number from {min} to {max}"),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fuser::MountOption as K;
+
+    fn keys() -> KeyOptions {
+        KeyOptions {
+            keystore: None,
+            passphrase_file: None,
+            key_file: None,
+            kms: None,
+            config: None,
+            env_passphrase: None,
+        }
+    }
+
+    fn parse_one(raw: &str) -> Result<MountOptions, CliError> {
+        parse(&[raw.to_string()], &mut keys())
+    }
+
+    #[test]
+    fn options_set_what_they_name() {
+        let mut k = keys();
+        let o = parse(
+            &[
+                "ro,allow_other,noexec,dev,suid,threads=8,prefetch=0".into(),
+                "keystore=/k,key_file=/f".into(),
+            ],
+            &mut k,
+        )
+        .unwrap();
+        assert!(o.read_only && o.allow_other);
+        assert_eq!(o.threads, 8);
+        assert_eq!(o.cache.prefetch_files, 0);
+        assert!(o.kernel.contains(&K::NoExec) && o.kernel.contains(&K::Dev) && o.kernel.contains(&K::Suid));
+        assert_eq!(k.keystore, Some(PathBuf::from("/k")));
+        assert_eq!(k.key_file, Some(PathBuf::from("/f")));
+        assert!(parse_one("defaults,noauto,x-systemd.automount,nofail").is_ok());
+        assert!(parse_one("nonempty").unwrap().nonempty);
+        assert_eq!(
+            parse_one("attr_timeout=2.5").unwrap().cache.ttl,
+            std::time::Duration::from_millis(2500)
+        );
+    }
+
+    #[test]
+    fn bad_options_are_usage_errors_naming_the_option() {
+        for bad in [
+            "threads=0",
+            "threads=65",
+            "prefetch=x",
+            "attr_timeout=-1",
+            "bogus",
+            "read_ahead_kb=70000",
+        ] {
+            let err = parse_one(bad).err().unwrap_or_else(|| panic!("{bad} accepted"));
+            assert_eq!(err.code, ExitCode::Usage, "{bad}");
+            assert!(
+                err.message.contains(bad.split('=').next().unwrap()),
+                "{bad}: {}",
+                err.message
+            );
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! What an operator meets when things are not as they should be: a busy
+//! unmount, a killed daemon, a mount point in use, an `init` to repeat.
+//! Each gets a message naming the problem and the command that fixes it.
+
+mod common;
+
+use std::fs;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestVolume, path_str};
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn mount_type(path: &std::path::Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines().find_map(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let dash = fields.iter().position(|f| *f == "-")?;
+        (fields[4] == path_str(path)).then(|| fields[dash + 1].to_string())
+    })
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(20), "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_on_a_busy_mount_unmounts_once_it_is_free() {
+    let vol = TestVolume::init();
+    let mut daemon = vol
+        .command()
+        .args(["mount", "-f", path_str(&vol.backing), path_str(&vol.mnt)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("mounted", || mount_type(&vol.mnt).is_some());
+    let busy = fs::File::create(vol.path("open")).unwrap();
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(1500));
+    let still_mounted = mount_type(&vol.mnt).is_some();
+    drop(busy);
+    wait_until("unmounted once free", || {
+        daemon.try_wait().unwrap().is_some() && mount_type(&vol.mnt).is_none()
+    });
+    assert!(still_mounted, "a busy mount stays mounted");
+    assert!(daemon.wait().unwrap().success());
+}
+
+#[test]
+fn a_killed_daemon_leaves_a_mount_that_status_mount_and_umount_name() {
+    let vol = TestVolume::init();
+    let (backing, mnt) = (path_str(&vol.backing), path_str(&vol.mnt));
+    let m = vol.mount();
+    fs::write(vol.path("f"), b"x").unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&vol.run(&["status", "--json", backing]).stdout).unwrap();
+    let pid = status["daemon_pid"].as_i64().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_until("daemon gone", || unsafe { libc::kill(pid, 0) } != 0);
+    let status = vol.run(&["status", backing]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("STALE") && text.contains(&format!("kmsfs umount {mnt}")),
+        "{text}"
+    );
+    let out = vol.run(&["mount", backing, mnt]);
+    assert_eq!(out.status.code(), Some(6));
+    assert!(
+        stderr(&out).contains("stale kmsfs mount") && stderr(&out).contains(&format!("kmsfs umount {mnt}")),
+        "{}",
+        stderr(&out)
+    );
+    let out = vol.run(&["umount", mnt]);
+    assert!(out.status.success(), "umount clears a stale mount: {}", stderr(&out));
+    assert!(mount_type(&vol.mnt).is_none());
+    drop(m);
+    let m = vol.mount();
+    m.unmount();
+}
+
+#[test]
+fn mount_points_in_use_are_refused_unless_nonempty() {
+    let vol = TestVolume::init();
+    let (backing, mnt) = (path_str(&vol.backing), path_str(&vol.mnt));
+    fs::write(vol.mnt.join("already-here"), b"x").unwrap();
+    let out = vol.run(&["mount", backing, mnt]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not empty") && stderr(&out).contains("nonempty"));
+    let m = vol.mount_with(&["-o", "nonempty"]);
+    assert_eq!(
+        mount_type(&vol.mnt).as_deref(),
+        Some("fuse.kmsfs"),
+        "the type is fuse.kmsfs"
+    );
+    // Mounted already: a second mount names the first, not raw JSON.
+    fs::remove_file(vol.path("already-here")).ok();
+    let out = vol.run(&["mount", backing, mnt, "-o", "nonempty"]);
+    assert_eq!(out.status.code(), Some(6));
+    assert!(
+        stderr(&out).contains("already mounted (daemon pid "),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains('{'), "{}", stderr(&out));
+    // Over another mount (this one), without nonempty.
+    let other = TestVolume::init();
+    let out = other.run(&["mount", path_str(&other.backing), mnt]);
+    assert_eq!(out.status.code(), Some(6));
+    assert!(stderr(&out).contains("already a mount point"), "{}", stderr(&out));
+    m.unmount();
+    fs::remove_file(vol.mnt.join("already-here")).unwrap();
+}
+
+#[test]
+fn status_of_a_mount_point_and_umount_with_fsname_or_backing_gone() {
+    let vol = TestVolume::init();
+    let mnt = path_str(&vol.mnt);
+    let m = vol.mount_with(&["-o", "fsname=my-volume"]);
+    assert_eq!(mount_type(&vol.mnt).as_deref(), Some("fuse.kmsfs"));
+    m.unmount();
+
+    let m = vol.mount();
+    let status: serde_json::Value = serde_json::from_slice(&vol.run(&["status", "--json", mnt]).stdout).unwrap();
+    assert_eq!(
+        status["backing"],
+        path_str(&vol.backing),
+        "a mount point names its backing directory"
+    );
+    assert_eq!(status["mountpoint"], mnt);
+    assert_eq!(status["mounted"], true);
+    // The backing directory removed under a live mount: it still unmounts.
+    let moved = vol.dir.path().join("moved-away");
+    fs::rename(&vol.backing, &moved).unwrap();
+    let out = vol.run(&["umount", mnt]);
+    fs::rename(&moved, &vol.backing).unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(mount_type(&vol.mnt).is_none());
+    drop(m);
+}
+
+#[test]
+fn the_init_hint_repeats_the_options_mounting_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let keystore = dir.path().join("ks.json");
+    let key_file = dir.path().join("volume.key");
+    let backing = dir.path().join("v");
+    let out = Command::new(common::kmsfs_bin())
+        .env("KMSFS_CONFIG", dir.path().join("providers.toml"))
+        .args(["--keystore", path_str(&keystore), "--key-file", path_str(&key_file)])
+        .args(["init", path_str(&backing)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    let hint = said.lines().find_map(|l| l.strip_prefix("Mount it with: ")).unwrap();
+    assert!(hint.starts_with("kmsfs "), "{hint}");
+    assert!(hint.contains(&format!(" --keystore {} ", keystore.display())), "{hint}");
+    assert!(hint.contains(&format!(" --key-file {} ", key_file.display())), "{hint}");
+    assert!(
+        hint.ends_with(&format!(" mount {} MOUNTPOINT", backing.display())),
+        "{hint}"
+    );
+}
