@@ -364,6 +364,30 @@ fn deleting_a_file_shreds_its_key_from_the_db_files() {
     assert_eq!(fs::read(vol.path("kept")).unwrap(), b"keep me");
 }
 
+/// pjdfstest unlink/14: written, unlinked and closed before the written data
+/// (held by the writeback cache) reached the daemon: the key still goes.
+#[test]
+fn a_file_unlinked_while_open_is_shredded_when_closed() {
+    use std::io::Write;
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    for i in 0..20 {
+        let path = vol.path(&format!("brief{i}"));
+        let mut f = fs::File::create(&path).unwrap();
+        f.write_all(&vec![i as u8; 5000 + i * 300]).unwrap();
+        fs::remove_file(&path).unwrap();
+        f.write_all(b"written after the unlink").unwrap();
+        drop(f);
+    }
+    m.unmount();
+    assert!(
+        query_blobs(&vol, "SELECT wrapped FROM file_keys").is_empty(),
+        "every key erased"
+    );
+    let fsck = vol.run(&["fsck", path_str(&vol.backing)]);
+    assert_eq!(fsck.status.code(), Some(0), "{}", String::from_utf8_lossy(&fsck.stdout));
+}
+
 #[test]
 fn removing_many_files_erases_every_key_by_unmount() {
     // Keys of files read or written in this mount are known to the daemon;
