@@ -88,6 +88,28 @@ fn a_full_backing_filesystem_gives_enospc_and_corrupts_nothing() {
             "the application sees ENOSPC, not {e}"
         );
         assert!(written.len() >= 5, "{} files fit", written.len());
+        // A shell redirection, which never looks at close(): with room for
+        // the file but not for its data, the write itself fails.
+        let (freed, _) = written.pop().unwrap();
+        fs::remove_file(&freed).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500)); // the removed inode's release
+        let shell = mnt.join("from-a-shell");
+        // bash's echo is a builtin: bash closes the file itself and ignores close errors.
+        let script = format!(
+            "line=$(printf '%01000d' 0); for i in $(seq 3000); do echo \"$line\"; done > {}",
+            path_str(&shell)
+        );
+        let out = Command::new("bash").arg("-c").arg(script).output().unwrap();
+        assert!(!out.status.success(), "a shell write to a full volume reports failure");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("No space left"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let shown = fs::metadata(&shell).unwrap().len();
+        let stored = fs::read(&shell).unwrap().len() as u64;
+        assert_eq!(shown, stored, "the size shown is what is stored");
+        fs::remove_file(&shell).unwrap();
         for (p, d) in &written {
             assert!(&fs::read(p).unwrap() == d, "{} intact after ENOSPC", p.display());
         }

@@ -59,6 +59,9 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
             "open_requests" => force_open_requests = true,
             "noxattr" => opts.cache.xattrs = false,
             o if o.starts_with("prefetch=") => opts.cache.prefetch_files = number(o, 0, 64)? as usize,
+            o if o.starts_with("write_through_below=") => {
+                opts.cache.write_through_below = u64::from(number(o, 0, 1 << 20)?) << 20
+            }
             "keep_cache" => opts.cache.keep_cache = true,
             "no_keep_cache" => opts.cache.keep_cache = false,
             o if o.starts_with("attr_timeout=") => {

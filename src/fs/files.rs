@@ -11,7 +11,7 @@ use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, Timespec, Timestamps, UT
 use super::KmsFs;
 use super::attr::{FsResult, errno};
 use super::inodes::{Node, file_type};
-use crate::crypto::{BlockCipher, Layout};
+use crate::crypto::{BLOCK_SIZE, BlockCipher, Layout};
 use crate::volume::content::{self, ContentError, block_offset};
 use crate::volume::header::{self, HEADER_LEN};
 
@@ -297,6 +297,9 @@ impl KmsFs {
     }
 
     pub(super) fn write(&self, open: &OpenFile, offset: u64, data: &[u8]) -> FsResult<()> {
+        if self.space.is_low() {
+            self.reserve(open, offset, data.len() as u64)?;
+        }
         let content_lock = || open.node.content.write().unwrap_or_else(|p| p.into_inner());
         // A node's cipher never changes once known, so with it at hand the
         // sealing can start before the content lock (see `content::write_under`).
@@ -310,6 +313,18 @@ impl KmsFs {
             }
         };
         result.map_err(|e| self.content_error(&open.node, e))
+    }
+
+    /// With little space left, the backing blocks a write needs are
+    /// allocated first: a full disk then fails the write before any of it
+    /// lands, instead of leaving a half-written block behind.
+    fn reserve(&self, open: &OpenFile, offset: u64, len: u64) -> FsResult<()> {
+        let start = block_offset(offset / BLOCK_SIZE as u64);
+        let end = content::backing_size((offset + len).div_ceil(BLOCK_SIZE as u64) * BLOCK_SIZE as u64);
+        match rustix::fs::fallocate(&open.file, FallocateFlags::KEEP_SIZE, start, end - start) {
+            Err(rustix::io::Errno::OPNOTSUPP) | Ok(()) => Ok(()),
+            Err(e) => Err(errno(e)),
+        }
     }
 
     pub(super) fn truncate(&self, node: &Node, file: &File, size: u64) -> FsResult<()> {
@@ -354,7 +369,7 @@ impl KmsFs {
     /// block whose stored bytes are all zero; SEEK_DATA may report a hole as
     /// data (allowed), SEEK_HOLE only reports verified holes.
     pub(super) fn seek_data_hole(&self, open: &OpenFile, offset: u64, whence: i32) -> FsResult<u64> {
-        use crate::crypto::{BLOCK_SIZE, CIPHER_BLOCK_SIZE};
+        use crate::crypto::CIPHER_BLOCK_SIZE;
         let (bs, cbs, head) = (BLOCK_SIZE as u64, CIPHER_BLOCK_SIZE as u64, HEADER_LEN as u64);
         let len = open
             .file

@@ -16,6 +16,7 @@ mod open_files;
 mod prefetch;
 mod remove;
 mod shred;
+mod space;
 mod workers;
 
 use std::collections::HashMap;
@@ -60,6 +61,8 @@ pub struct KmsFs {
     shredder: shred::Shredder,
     /// The order of the files in recent directory listings (prefetch.rs).
     read_orders: prefetch::ReadOrders,
+    /// Free space on the backing filesystem (new files written through when low).
+    space: space::FreeSpace,
     /// The kernel leaves clearing set-user/group-ID bits on write and
     /// truncate to us (FUSE_HANDLE_KILLPRIV_V2). Meant to spare a
     /// `security.capability` lookup per write; the 6.18 kernel here still
@@ -75,6 +78,7 @@ impl KmsFs {
             Mode::empty(),
         )?;
         let st = rustix::fs::fstat(&root)?;
+        let space = space::FreeSpace::new(rustix::io::dup(&root)?, cache.write_through_below);
         let inodes = InodeTable::new(root, &st, mount::fd_cache_capacity())?;
         Ok(KmsFs {
             shredder: shred::Shredder::new(Arc::clone(&volume), Arc::clone(&inodes.ids)),
@@ -86,6 +90,7 @@ impl KmsFs {
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             cache,
+            space,
             kill_suidgid: AtomicBool::new(false),
         })
     }
@@ -311,7 +316,7 @@ impl fuser::Filesystem for Mounted {
             Ok(self.add_handle(Handle::File(Arc::new(OpenFile { node, file, writable }))))
         });
         match result {
-            Ok(fh) => reply.opened(fh, self.fopen_flags()),
+            Ok(fh) => reply.opened(fh, self.file_open_flags()),
             Err(e) => reply.error(e),
         }
     }
@@ -571,7 +576,7 @@ impl fuser::Filesystem for Mounted {
             Ok((attr, self.add_handle(Handle::File(open))))
         });
         match result {
-            Ok((attr, fh)) => reply.created(&self.cache.ttl, &attr, GENERATION, fh, self.fopen_flags()),
+            Ok((attr, fh)) => reply.created(&self.cache.ttl, &attr, GENERATION, fh, self.file_open_flags()),
             Err(e) => reply.error(e),
         }
     }

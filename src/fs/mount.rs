@@ -41,6 +41,9 @@ pub struct CacheOptions {
     /// Files of a directory asked for ahead of the one being read in
     /// listing order (`prefetch=N`, 0 turns it off; see prefetch.rs).
     pub prefetch_files: usize,
+    /// Below this much free space on the backing filesystem, files created
+    /// are written through (`write_through_below=MIB`; see space.rs).
+    pub write_through_below: u64,
 }
 
 impl Default for CacheOptions {
@@ -52,6 +55,7 @@ impl Default for CacheOptions {
             open_requests: true,
             xattrs: true,
             prefetch_files: prefetch::DEFAULT_WINDOW,
+            write_through_below: 256 << 20,
         }
     }
 }

@@ -20,12 +20,18 @@ pub(super) enum Handle {
 }
 
 impl KmsFs {
-    pub(super) fn fopen_flags(&self) -> FopenFlags {
+    /// How the kernel is to treat a file it opens or creates: its page
+    /// cache kept across opens, and (when the backing filesystem runs low)
+    /// every write sent through at once, so that ENOSPC reaches `write`.
+    pub(super) fn file_open_flags(&self) -> FopenFlags {
+        let mut flags = FopenFlags::empty();
         if self.cache.keep_cache {
-            FopenFlags::FOPEN_KEEP_CACHE
-        } else {
-            FopenFlags::empty()
+            flags |= FopenFlags::FOPEN_KEEP_CACHE;
         }
+        if self.cache.writeback && self.space.is_low() {
+            flags |= FopenFlags::FOPEN_DIRECT_IO;
+        }
+        flags
     }
 
     pub(super) fn add_handle(&self, handle: Handle) -> FileHandle {
