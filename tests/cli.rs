@@ -284,3 +284,44 @@ fn kernel_limits_are_set_and_bad_cache_options_refused() {
         );
     }
 }
+
+#[test]
+fn a_background_daemon_without_a_log_file_logs_to_syslog() {
+    let vol = TestVolume::init();
+    let socket_path = vol.dir.path().join("syslog.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let m = vol.mount();
+    fs::write(vol.path("victim"), vec![7u8; 9000]).unwrap();
+    m.unmount();
+    let backing_file = fs::read_dir(&vol.backing)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_file() && !p.file_name().unwrap().to_string_lossy().contains('.'))
+        .unwrap();
+    let mut bytes = fs::read(&backing_file).unwrap();
+    bytes[18 + 100] ^= 1;
+    fs::write(&backing_file, bytes).unwrap();
+    let out = vol
+        .command()
+        .env("KMSFS_LOG_SOCKET", &socket_path)
+        .args(["mount", path_str(&vol.backing), path_str(&vol.mnt)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let read = fs::read(vol.path("victim"));
+    let unmounted = vol.run(&["umount", path_str(&vol.mnt)]);
+    assert_eq!(read.unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert!(unmounted.status.success());
+    let mut buf = vec![0u8; 4096];
+    let mut received = String::new();
+    while !received.contains("fails authentication") {
+        let n = socket.recv(&mut buf).expect("a syslog line about the damaged block");
+        received.push_str(&String::from_utf8_lossy(&buf[..n]));
+        received.push('\n');
+    }
+    assert!(
+        received.contains("<27>kmsfs["),
+        "an error at facility daemon: {received}"
+    );
+}

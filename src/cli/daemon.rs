@@ -209,6 +209,9 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     // No SQLite connection may cross the fork: its POSIX locks would not.
     volume.db().disconnect();
     let mut ready_pipe = if args.foreground { None } else { Some(daemonize()?) };
+    if ready_pipe.is_some() && args.log_file.is_none() {
+        super::logging::to_syslog();
+    }
     // From here on this process is the daemon: report failures through the pipe too.
     let report = |pipe: &mut Option<File>, e: CliError| {
         if let Some(p) = pipe.as_mut() {

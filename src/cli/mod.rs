@@ -5,6 +5,7 @@ mod errors;
 mod fsck;
 mod harden;
 mod host_config;
+mod logging;
 mod mount_options;
 mod mounts;
 mod progress;
@@ -148,45 +149,6 @@ struct InitArgs {
     json: bool,
 }
 
-fn init_logging(log_file: Option<&std::path::Path>) -> Result<(), CliError> {
-    let mut builder = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn,fuser=error"));
-    if let Some(path) = log_file {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| CliError::new(ExitCode::Io, format!("cannot open log file {}: {e}", path.display())))?;
-        builder.target(env_logger::Target::Pipe(Box::new(file)));
-    }
-    let logger = builder.build();
-    let max = logger.filter();
-    if log::set_boxed_logger(Box::new(NoFuserDebug(logger))).is_ok() {
-        log::set_max_level(max);
-    }
-    Ok(())
-}
-
-/// fuser logs every request, plaintext names included, at debug level:
-/// whatever RUST_LOG says, nothing below info from it is written.
-struct NoFuserDebug(env_logger::Logger);
-
-impl log::Log for NoFuserDebug {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        let fuser = metadata.target() == "fuser" || metadata.target().starts_with("fuser::");
-        !(fuser && metadata.level() > log::Level::Info) && self.0.enabled(metadata)
-    }
-
-    fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) {
-            self.0.log(record);
-        }
-    }
-
-    fn flush(&self) {
-        self.0.flush();
-    }
-}
-
 fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let remote = keys.kms.as_deref().filter(|u| !u.starts_with("local:"));
     let (row, keystore) = match remote {
@@ -313,7 +275,7 @@ pub fn run() -> i32 {
         Command::Mount(m) => m.log_file.clone(),
         _ => None,
     };
-    if let Err(e) = init_logging(log_file.as_deref()) {
+    if let Err(e) = logging::init(log_file.as_deref()) {
         eprintln!("kmsfs: {}", e.message);
         return e.code as i32;
     }

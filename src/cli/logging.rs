@@ -1,0 +1,100 @@
+//! Logging: `RUST_LOG` filters, env_logger formats. A mount daemon in the
+//! background has no terminal: unless `--log-file` names a file, it logs to
+//! syslog (`/dev/log`, which journald serves too), so that tamper and EIO
+//! reports are never dropped.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+use super::{CliError, ExitCode};
+
+/// Where syslog listens, unless KMSFS_LOG_SOCKET names another socket.
+const SYSLOG_SOCKET: &str = "/dev/log";
+
+struct Logger {
+    inner: env_logger::Logger,
+    /// Set once the daemon is in the background without a log file.
+    syslog: Mutex<Option<UnixDatagram>>,
+}
+
+static LOGGER: OnceLock<&'static Logger> = OnceLock::new();
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        // fuser logs every request, plaintext names included, at debug
+        // level: whatever RUST_LOG says, nothing below info from it is written.
+        let fuser = metadata.target() == "fuser" || metadata.target().starts_with("fuser::");
+        !(fuser && metadata.level() > log::Level::Info) && self.inner.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let syslog = self.syslog.lock().unwrap_or_else(|p| p.into_inner());
+        match syslog.as_ref() {
+            Some(socket) => {
+                // RFC 3164: <facility daemon (3) * 8 + severity>tag[pid]: message
+                let severity = match record.level() {
+                    log::Level::Error => 3,
+                    log::Level::Warn => 4,
+                    log::Level::Info => 6,
+                    log::Level::Debug | log::Level::Trace => 7,
+                };
+                let line = format!(
+                    "<{}>kmsfs[{}]: {} {}: {}",
+                    3 * 8 + severity,
+                    std::process::id(),
+                    record.level(),
+                    record.target(),
+                    record.args()
+                );
+                let _ = socket.send(line.as_bytes());
+            }
+            None => self.inner.log(record),
+        }
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
+}
+
+/// Sets up logging to stderr, or to `log_file`.
+pub fn init(log_file: Option<&Path>) -> Result<(), CliError> {
+    let mut builder = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn,fuser=error"));
+    if let Some(path) = log_file {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| CliError::new(ExitCode::Io, format!("cannot open log file {}: {e}", path.display())))?;
+        builder.target(env_logger::Target::Pipe(Box::new(file)));
+    }
+    let inner = builder.build();
+    let max = inner.filter();
+    let logger: &'static Logger = Box::leak(Box::new(Logger {
+        inner,
+        syslog: Mutex::new(None),
+    }));
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(max);
+        let _ = LOGGER.set(logger);
+    }
+    Ok(())
+}
+
+/// From now on log to syslog (the daemon has detached from the terminal
+/// and has no log file). Without a syslog socket, lines go where they went.
+pub fn to_syslog() {
+    let path = std::env::var_os("KMSFS_LOG_SOCKET").unwrap_or_else(|| SYSLOG_SOCKET.into());
+    let Some(logger) = LOGGER.get() else { return };
+    match UnixDatagram::unbound().and_then(|s| s.connect(&path).map(|()| s)) {
+        Ok(socket) => *logger.syslog.lock().unwrap_or_else(|p| p.into_inner()) = Some(socket),
+        Err(e) => log::warn!(
+            "no syslog at {} ({e}): the daemon's log is lost; use --log-file",
+            Path::new(&path).display()
+        ),
+    }
+}
