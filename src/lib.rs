@@ -9,4 +9,5 @@
 pub mod crypto;
 pub mod fs;
 pub mod kms;
+pub mod test_hooks;
 pub mod volume;

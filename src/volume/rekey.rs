@@ -38,10 +38,7 @@ pub fn finish_copy(original: &fs::Metadata, copy: &File) -> std::io::Result<()> 
 
 /// Test hook: SIGKILL this process when `KMSFS_TEST_REKEY_KILL_AT` names `stage`.
 pub fn kill_hook(stage: &str) {
-    if std::env::var(KILL_AT_ENV).is_ok_and(|v| v == stage) {
-        // SAFETY: sending a signal to ourselves; it does not return.
-        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-    }
+    crate::test_hooks::kill_if(KILL_AT_ENV, |v| v == stage);
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> VolumeError + '_ {

@@ -115,10 +115,7 @@ fn next_batch(db: &MetadataDb, to: u32) -> Result<Vec<Row>, VolumeError> {
     Ok(db.with_conn(|conn| {
         let mut stmt =
             conn.prepare_cached("SELECT file_id, vk_version, wrapped FROM file_keys WHERE vk_version != ?1 LIMIT ?2")?;
-        let batch = std::env::var(BATCH_ENV)
-            .ok()
-            .and_then(|v| v.parse::<i64>().ok())
-            .unwrap_or(BATCH as i64);
+        let batch = crate::test_hooks::number(BATCH_ENV).map_or(BATCH as i64, |b| b as i64);
         let rows = stmt.query_map(params![to, batch], |r| {
             let (id, version, wrapped): (Vec<u8>, i64, Vec<u8>) = (r.get(0)?, r.get(1)?, r.get(2)?);
             decode_file_key_row(&id, version, wrapped).ok_or_else(|| {
@@ -134,11 +131,9 @@ fn next_batch(db: &MetadataDb, to: u32) -> Result<Vec<Row>, VolumeError> {
 }
 
 fn kill_hook(done: u64) {
-    let limit = std::env::var(KILL_AFTER_ENV).ok().and_then(|v| v.parse::<u64>().ok());
-    if limit.is_some_and(|limit| done >= limit) {
-        // SAFETY: sending a signal to ourselves; it does not return.
-        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-    }
+    crate::test_hooks::kill_if(KILL_AFTER_ENV, |limit| {
+        limit.parse::<u64>().is_ok_and(|limit| done >= limit)
+    });
 }
 
 /// Rotates the volume key, or resumes an interrupted rotation. `progress`
