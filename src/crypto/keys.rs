@@ -37,6 +37,19 @@ impl SecretKey {
     pub fn expose(&self) -> &[u8; KEY_LEN] {
         &self.0
     }
+
+    /// A key for one purpose only, derived from this one with HKDF-SHA256
+    /// (no salt, `info` naming the purpose): keys for different purposes
+    /// never meet in one cipher.
+    pub fn derive(&self, info: &[u8]) -> SecretKey {
+        let mut out = [0u8; KEY_LEN];
+        hkdf::Hkdf::<sha2::Sha256>::new(None, &self.0)
+            .expand(info, &mut out)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        let key = SecretKey(out);
+        out.zeroize();
+        key
+    }
 }
 
 impl fmt::Debug for SecretKey {
@@ -62,5 +75,25 @@ impl WrappedKey {
 impl fmt::Debug for WrappedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "WrappedKey({} bytes)", self.0.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_keys_are_fixed_per_purpose_and_differ_between_purposes() {
+        let key = SecretKey::from_slice(&[5u8; KEY_LEN]).unwrap();
+        assert!(key.derive(b"kmsfs-names-v2") == key.derive(b"kmsfs-names-v2"));
+        assert!(key.derive(b"kmsfs-names-v2") != key.derive(b"kmsfs-symlink-targets-v2"));
+        assert!(key.derive(b"kmsfs-names-v2") != key);
+        // RFC 5869 A.3 (no salt, no info), cut to our 32-byte output.
+        let ikm = [0x0bu8; 22];
+        let mut okm = [0u8; 32];
+        hkdf::Hkdf::<sha2::Sha256>::new(None, &ikm)
+            .expand(b"", &mut okm)
+            .unwrap();
+        assert_eq!(okm[..4], [0x8d, 0xa4, 0xe7, 0x75]);
     }
 }

@@ -232,13 +232,23 @@ impl Volume {
         let name_key = secrets.get(SECRET_NAMES).ok_or_else(|| tampered("the name key"))?;
         let xattr_key = secrets.get(SECRET_XATTRS).ok_or_else(|| tampered("the xattr key"))?;
         rescue::restore(backing, &info.volume_id, &db)?;
+        // Format 1 used the name key for names and symlink targets, and the
+        // xattr key for xattr names and values; from format 2 each purpose
+        // has its own subkey.
+        let subkey = |key: &SecretKey, purpose: &str| {
+            if info.format_version >= 2 {
+                key.derive(format!("kmsfs-{purpose}-v2").as_bytes())
+            } else {
+                key.clone()
+            }
+        };
         Ok(Volume {
             backing: backing.to_path_buf(),
             db,
-            names: NameCipher::new(name_key),
-            xattr_names: NameCipher::new(xattr_key),
-            xattr_values: Sealer::new(xattr_key),
-            link_targets: Sealer::new(name_key),
+            names: NameCipher::new(&subkey(name_key, "names")),
+            xattr_names: NameCipher::new(&subkey(xattr_key, "xattr-names")),
+            xattr_values: Sealer::new(&subkey(xattr_key, "xattr-values")),
+            link_targets: Sealer::new(&subkey(name_key, "symlink-targets")),
             provider_calls: provider.call_count() - calls_before,
             commit_error: std::sync::Mutex::default(),
             keys,
