@@ -89,6 +89,50 @@ pub struct VolumeKeyRow {
 struct PendingKeys {
     inserts: HashMap<FileId, (u32, WrappedKey)>,
     deletes: HashSet<FileId>,
+    /// Taken for a commit that has not finished: still what `file_key`
+    /// answers, and put back if the commit fails.
+    in_flight: PendingBatch,
+}
+
+/// Queued changes to `file_keys`, taken together for one commit.
+#[derive(Default, Clone)]
+pub struct PendingBatch {
+    inserts: HashMap<FileId, (u32, WrappedKey)>,
+    deletes: HashSet<FileId>,
+}
+
+impl PendingBatch {
+    pub fn is_empty(&self) -> bool {
+        self.inserts.is_empty() && self.deletes.is_empty()
+    }
+
+    pub fn has_inserts(&self) -> bool {
+        !self.inserts.is_empty()
+    }
+
+    /// Re-wraps every key queued under another version than `active` (a
+    /// rotation began after it was queued) with `rewrap`.
+    pub fn rewrap_stale<E>(
+        &mut self,
+        active: u32,
+        mut rewrap: impl FnMut(&FileId, u32, &WrappedKey) -> Result<WrappedKey, E>,
+    ) -> Result<(), E> {
+        for (id, (version, wrapped)) in self.inserts.iter_mut() {
+            if *version != active {
+                *wrapped = rewrap(id, *version, wrapped)?;
+                *version = active;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a commit of a batch ended.
+pub enum Commit {
+    Done,
+    /// The active volume-key version changed after the batch was re-wrapped
+    /// (a rotation began meanwhile): re-wrap and commit again.
+    ActiveChanged,
 }
 
 pub struct MetadataDb {
@@ -333,14 +377,18 @@ impl MetadataDb {
     pub fn file_key(&self, file_id: &FileId) -> Result<Option<(u32, WrappedKey)>, DbError> {
         {
             let pending = lock(&self.pending);
-            if let Some((v, w)) = pending.inserts.get(file_id) {
-                return Ok(Some((*v, w.clone())));
-            }
-            if pending.deletes.contains(file_id) {
-                return Ok(None);
+            for queued in [
+                (&pending.inserts, &pending.deletes),
+                (&pending.in_flight.inserts, &pending.in_flight.deletes),
+            ] {
+                if let Some((v, w)) = queued.0.get(file_id) {
+                    return Ok(Some((*v, w.clone())));
+                }
+                if queued.1.contains(file_id) {
+                    return Ok(None);
+                }
             }
         }
-        // Taking the connection lock waits out a flush that already took this row from the queue.
         let mut guard = lock(&self.conn);
         let conn = self.connected(&mut guard)?;
         // Cached: this runs on every first open of a file, where parsing the SQL showed in profiles.
@@ -352,47 +400,83 @@ impl MetadataDb {
             .map_err(self.sqlite())
     }
 
-    /// Commits every queued change in one transaction. When this returns,
-    /// every key queued before the call is durable. Keys queued under a
-    /// volume-key version that is no longer the active one (a rotation
-    /// started meanwhile) are first re-wrapped by `rewrap`, inside the same
-    /// transaction, so none can be stored under a version being retired.
-    pub fn flush(&self, rewrap: &Rewrap<'_>) -> Result<(), DbError> {
-        let mut guard = lock(&self.conn);
-        let mut batch = std::mem::take(&mut *lock(&self.pending));
-        if batch.inserts.is_empty() && batch.deletes.is_empty() {
-            return Ok(());
+    /// Takes the queued changes for a commit (they stay visible to
+    /// `file_key` until it finishes); None when nothing is queued or
+    /// another commit is under way.
+    pub fn take_batch(&self) -> Option<PendingBatch> {
+        let mut pending = lock(&self.pending);
+        if !pending.in_flight.is_empty() || (pending.inserts.is_empty() && pending.deletes.is_empty()) {
+            return None;
         }
+        let batch = PendingBatch {
+            inserts: std::mem::take(&mut pending.inserts),
+            deletes: std::mem::take(&mut pending.deletes),
+        };
+        pending.in_flight = batch.clone();
+        Some(batch)
+    }
+
+    /// Whether a commit taken by `take_batch` has not finished.
+    pub fn has_in_flight(&self) -> bool {
+        !lock(&self.pending).in_flight.is_empty()
+    }
+
+    /// Puts an uncommitted batch back in the queue (newer changes win).
+    pub fn give_back(&self) {
+        let mut pending = lock(&self.pending);
+        let batch = std::mem::take(&mut pending.in_flight);
+        for (id, row) in batch.inserts {
+            if !pending.deletes.contains(&id) {
+                pending.inserts.entry(id).or_insert(row);
+            }
+        }
+        for id in batch.deletes {
+            if !pending.inserts.contains_key(&id) {
+                pending.deletes.insert(id);
+            }
+        }
+    }
+
+    /// The active volume key's version and provider blob.
+    pub fn active_volume_key(&self) -> Result<(u32, WrappedKey), DbError> {
+        let mut guard = lock(&self.conn);
+        let conn = self.connected(&mut guard)?;
+        conn.query_row(
+            "SELECT version, wrapped FROM volume_keys WHERE state = 'active'",
+            [],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    WrappedKey::from_bytes(r.get::<_, Option<Vec<u8>>>(1)?.unwrap_or_default()),
+                ))
+            },
+        )
+        .map_err(self.sqlite())
+    }
+
+    /// Commits a batch from `take_batch` in one transaction; its inserts
+    /// must be wrapped under `active`. When this returns Done, every key in
+    /// it is durable. On failure (and ActiveChanged) the batch goes back to
+    /// the queue. No provider is called here: the caller re-wraps first,
+    /// without holding the DB.
+    pub fn commit_batch(&self, batch: &PendingBatch, active: u32) -> Result<Commit, DbError> {
+        let mut guard = lock(&self.conn);
         let conn = match self.connected(&mut guard) {
             Ok(conn) => conn,
             Err(e) => {
-                let mut pending = lock(&self.pending);
-                for (id, row) in batch.inserts {
-                    pending.inserts.entry(id).or_insert(row);
-                }
-                pending.deletes.extend(batch.deletes);
+                self.give_back();
                 return Err(e);
             }
         };
         let result = (|| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             if !batch.inserts.is_empty() {
-                let (active, blob): (u32, Option<Vec<u8>>) = tx.query_row(
-                    "SELECT version, wrapped FROM volume_keys WHERE state = 'active'",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )?;
-                let blob = WrappedKey::from_bytes(blob.unwrap_or_default());
-                for (id, (version, wrapped)) in batch.inserts.iter_mut() {
-                    if *version != active {
-                        *wrapped = rewrap(id, *version, wrapped, active, &blob).map_err(|e| {
-                            rusqlite::Error::SqliteFailure(
-                                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
-                                Some(format!("re-wrapping a new file key: {e}")),
-                            )
-                        })?;
-                        *version = active;
-                    }
+                let now_active: u32 =
+                    tx.query_row("SELECT version FROM volume_keys WHERE state = 'active'", [], |r| {
+                        r.get(0)
+                    })?;
+                if now_active != active {
+                    return Ok(Commit::ActiveChanged);
                 }
             }
             {
@@ -407,34 +491,41 @@ impl MetadataDb {
                     delete.execute([&id[..]])?;
                 }
             }
-            tx.commit()
+            tx.commit()?;
+            Ok(Commit::Done)
         })();
-        if let Err(source) = result {
-            // Put the batch back so that nothing is lost; a later flush retries it.
-            let mut pending = lock(&self.pending);
-            for (id, row) in batch.inserts {
-                pending.inserts.entry(id).or_insert(row);
+        match result {
+            Ok(Commit::Done) => {
+                lock(&self.pending).in_flight = PendingBatch::default();
+                if !batch.deletes.is_empty() {
+                    // Crypto-shredding: the erased rows' bytes must leave the WAL too.
+                    if let Err(e) = checkpoint_truncate(conn) {
+                        log::warn!("WAL checkpoint after erasing file keys failed (retried at the next one): {e}");
+                    }
+                }
+                Ok(Commit::Done)
             }
-            pending.deletes.extend(batch.deletes);
-            return Err(DbError::Sqlite {
-                path: self.path.clone(),
-                source,
-            });
-        }
-        if !batch.deletes.is_empty() {
-            // Crypto-shredding: the erased rows' bytes must leave the WAL too.
-            if let Err(e) = checkpoint_truncate(conn) {
-                log::warn!("WAL checkpoint after erasing file keys failed (retried at the next one): {e}");
+            Ok(Commit::ActiveChanged) => {
+                self.give_back();
+                Ok(Commit::ActiveChanged)
+            }
+            Err(source) => {
+                // Back in the queue, so that nothing is lost; a later commit retries it.
+                self.give_back();
+                Err(DbError::Sqlite {
+                    path: self.path.clone(),
+                    source,
+                })
             }
         }
-        Ok(())
     }
 
     /// Takes every queued change out of the queue: (inserts, deletes).
     pub fn take_pending(&self) -> (Vec<(FileId, u32, WrappedKey)>, Vec<FileId>) {
-        let batch = std::mem::take(&mut *lock(&self.pending));
-        let inserts = batch.inserts.into_iter().map(|(id, (v, w))| (id, v, w)).collect();
-        (inserts, batch.deletes.into_iter().collect())
+        self.give_back();
+        let mut pending = lock(&self.pending);
+        let inserts = pending.inserts.drain().map(|(id, (v, w))| (id, v, w)).collect();
+        (inserts, pending.deletes.drain().collect())
     }
 
     /// Stores rows saved by a daemon that could not commit them: a row never
@@ -508,10 +599,6 @@ pub fn decode_file_key_row(file_id: &[u8], vk_version: i64, wrapped: Vec<u8>) ->
     // nonce (12) + key (32) + tag (16)
     (wrapped.len() == 60).then(|| (id, version, WrappedKey::from_bytes(wrapped)))
 }
-
-/// A re-wrap of a queued file key: (file id, its version, its wrapped key,
-/// the active version, the active version's provider blob) -> wrapped key.
-pub type Rewrap<'a> = dyn Fn(&FileId, u32, &WrappedKey, u32, &WrappedKey) -> Result<WrappedKey, String> + 'a;
 
 /// Checkpoints the WAL into the DB file and truncates it to zero bytes, so
 /// that erased or replaced rows leave no copy in the WAL.

@@ -11,6 +11,8 @@ pub mod lock;
 pub mod rekey;
 pub mod rescue;
 pub mod rotate;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::fs;
@@ -357,16 +359,68 @@ impl Volume {
 
     /// Makes every queued key change durable.
     pub fn sync_keys(&self) -> Result<(), VolumeError> {
-        let rewrap = |id: &FileId, from: u32, wrapped: &WrappedKey, to: u32, to_blob: &WrappedKey| {
-            let from_key = self.keys.key_cached_or_err(from)?;
-            let to_key = self.keys.adopt(to, to_blob, true).map_err(|e| e.to_string())?;
-            self.keys
-                .rewrap(id, (from, &from_key), wrapped, (to, &to_key))
-                .ok_or_else(|| "file key does not unwrap".to_string())
-        };
-        let result = self.db.flush(&rewrap);
+        let result = self.commit_queued();
         *self.commit_error.lock().unwrap_or_else(|p| p.into_inner()) = result.as_ref().err().map(|e| e.to_string());
-        Ok(result?)
+        result
+    }
+
+    fn commit_queued(&self) -> Result<(), VolumeError> {
+        loop {
+            let Some(mut batch) = self.db.take_batch() else {
+                if self.db.has_in_flight() {
+                    // Another thread is committing: wait for it, so that
+                    // what was queued before this call is durable on return.
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                return Ok(());
+            };
+            // Keys queued under an older volume-key version (a rotation began
+            // since) are re-wrapped under the active one first, with the DB
+            // free: adopting a new version may ask the key provider.
+            let active = match self.db.active_volume_key() {
+                Ok(active) => active,
+                Err(e) => {
+                    self.db.give_back();
+                    return Err(e.into());
+                }
+            };
+            let rewrapped = if batch.has_inserts() {
+                batch.rewrap_stale(active.0, |id, from, wrapped| {
+                    self.rewrap_queued(id, from, wrapped, &active)
+                })
+            } else {
+                Ok(())
+            };
+            if let Err(e) = rewrapped {
+                self.db.give_back();
+                return Err(e);
+            }
+            match self.db.commit_batch(&batch, active.0)? {
+                db::Commit::Done => return Ok(()),
+                db::Commit::ActiveChanged => {}
+            }
+        }
+    }
+
+    /// A file key queued under version `from`, wrapped again under the
+    /// active volume key.
+    fn rewrap_queued(
+        &self,
+        id: &FileId,
+        from: u32,
+        wrapped: &WrappedKey,
+        (active, blob): &(u32, WrappedKey),
+    ) -> Result<WrappedKey, VolumeError> {
+        let tampered = || VolumeError::Tampered {
+            volume: self.backing.clone(),
+            what: format!("a new file key under volume key version {from}"),
+        };
+        let from_key = self.keys.key_cached_or_err(from).map_err(|_| tampered())?;
+        let to_key = self.keys.adopt(*active, blob, true)?;
+        self.keys
+            .rewrap(id, (from, &from_key), wrapped, (*active, &to_key))
+            .ok_or_else(tampered)
     }
 
     /// Why committing file keys last failed, while it keeps failing.

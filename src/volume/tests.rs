@@ -1,0 +1,151 @@
+//! The volume layer without a mount: a local keystore in a temporary
+//! directory, the real metadata DB, two handles on one volume where a test
+//! needs a second process (a `kmsfs rotate` beside a mounted daemon).
+
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use super::*;
+use crate::kms::local::{LocalKeystore, MIN_KDF, UnlockSecret};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    backing: PathBuf,
+    store: Arc<LocalKeystore>,
+    key: String,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = UnlockSecret::Passphrase(Zeroizing::new("volume tests".into()));
+    let mut store = LocalKeystore::create(&dir.path().join("ks.json"), &secret, MIN_KDF).unwrap();
+    let key = store.create_key("volume tests").unwrap();
+    let store = Arc::new(store);
+    let backing = dir.path().join("backing");
+    Volume::create(&backing, &store.provider(&key).unwrap()).unwrap();
+    Fixture {
+        _dir: dir,
+        backing,
+        store,
+        key,
+    }
+}
+
+impl Fixture {
+    fn open(&self) -> Volume {
+        Volume::open(&self.backing, Arc::new(self.store.provider(&self.key).unwrap())).unwrap()
+    }
+}
+
+fn file_key_rows(volume: &Volume) -> Vec<(FileId, u32)> {
+    volume
+        .db
+        .with_conn(|c| {
+            let mut stmt = c.prepare("SELECT file_id, vk_version FROM file_keys ORDER BY file_id")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, u32>(1)?)))?;
+            rows.collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap()
+        .into_iter()
+        .map(|(id, v)| (id.try_into().unwrap(), v))
+        .collect()
+}
+
+#[test]
+fn new_keys_are_readable_queued_and_committed() {
+    let f = fixture();
+    let volume = f.open();
+    let (id, cipher) = volume.new_file_key().unwrap();
+    let sealed = cipher.seal_block(0, true, b"queued");
+    let mut out = [0u8; 6];
+    volume
+        .file_cipher(&id)
+        .unwrap()
+        .open_block(0, true, &sealed, &mut out)
+        .unwrap();
+    assert!(file_key_rows(&volume).is_empty(), "not committed yet");
+    volume.sync_keys().unwrap();
+    assert_eq!(file_key_rows(&volume), vec![(id, 1)]);
+    drop(volume);
+    let reopened = f.open();
+    reopened
+        .file_cipher(&id)
+        .unwrap()
+        .open_block(0, true, &sealed, &mut out)
+        .unwrap();
+    assert_eq!(&out, b"queued");
+}
+
+#[test]
+fn a_failed_commit_keeps_the_keys_queued_and_says_why() {
+    let f = fixture();
+    let volume = f.open();
+    let (id, _) = volume.new_file_key().unwrap();
+    let other = rusqlite::Connection::open(f.backing.join(DB_FILE)).unwrap();
+    other
+        .execute_batch("CREATE TRIGGER refuse BEFORE INSERT ON file_keys BEGIN SELECT RAISE(ABORT, 'refused'); END;")
+        .unwrap();
+    assert!(volume.sync_keys().is_err());
+    assert!(volume.commit_error().unwrap().contains("refused"));
+    assert!(volume.file_cipher(&id).is_ok(), "still served from the queue");
+    other.execute_batch("DROP TRIGGER refuse;").unwrap();
+    volume.sync_keys().unwrap();
+    assert_eq!(volume.commit_error(), None);
+    assert_eq!(file_key_rows(&volume), vec![(id, 1)]);
+}
+
+#[test]
+fn keys_queued_before_a_rotation_are_committed_under_the_new_version() {
+    let f = fixture();
+    let daemon = f.open();
+    let queued: Vec<FileId> = (0..5).map(|_| daemon.new_file_key().unwrap().0).collect();
+    // Another process rotates meanwhile (with a new master-key version too).
+    let mut store = LocalKeystore::open(
+        &f.store.path().to_path_buf(),
+        &UnlockSecret::Passphrase(Zeroizing::new("volume tests".into())),
+    )
+    .unwrap();
+    store.rotate_key(&f.key).unwrap();
+    let rotating = f.open();
+    let report = rotate::rotate(&rotating, &mut |_, _| ()).unwrap();
+    assert_eq!((report.new_version, report.retired_versions.clone()), (2, vec![1]));
+    // The daemon's queue was wrapped under version 1, now retired.
+    daemon.sync_keys().unwrap();
+    let rows = file_key_rows(&daemon);
+    assert_eq!(rows.len(), 5);
+    assert!(rows.iter().all(|(_, v)| *v == 2), "{rows:?}");
+    drop(daemon);
+    let reopened = f.open();
+    for id in &queued {
+        reopened.file_cipher(id).unwrap();
+    }
+}
+
+#[test]
+fn an_interrupted_rotation_resumes() {
+    let f = fixture();
+    let volume = f.open();
+    for _ in 0..3 {
+        volume.new_file_key().unwrap();
+    }
+    volume.sync_keys().unwrap();
+    // Begin a rotation by hand: a new active version, the old one retiring.
+    volume
+        .db
+        .with_conn(|c| {
+            let blob: Vec<u8> = c.query_row("SELECT wrapped FROM volume_keys WHERE version = 1", [], |r| r.get(0))?;
+            c.execute("UPDATE volume_keys SET state = 'retiring' WHERE version = 1", [])?;
+            c.execute(
+                "INSERT INTO volume_keys (version, state, wrapped, created_at) VALUES (2, 'active', ?1, 0)",
+                [blob],
+            )
+        })
+        .unwrap();
+    drop(volume);
+    let volume = f.open();
+    let report = rotate::rotate(&volume, &mut |_, _| ()).unwrap();
+    assert!(report.resumed);
+    assert_eq!((report.new_version, report.retired_versions), (2, vec![1]));
+    assert!(file_key_rows(&volume).iter().all(|(_, v)| *v == 2));
+}
