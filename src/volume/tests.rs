@@ -102,7 +102,7 @@ fn keys_queued_before_a_rotation_are_committed_under_the_new_version() {
     let queued: Vec<FileId> = (0..5).map(|_| daemon.new_file_key().unwrap().0).collect();
     // Another process rotates meanwhile (with a new master-key version too).
     let mut store = LocalKeystore::open(
-        &f.store.path().to_path_buf(),
+        f.store.path(),
         &UnlockSecret::Passphrase(Zeroizing::new("volume tests".into())),
     )
     .unwrap();
