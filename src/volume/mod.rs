@@ -443,25 +443,13 @@ impl Volume {
         }
         let id: [u8; 16] = random_array();
         let sealed = self.link_targets.seal(&self.link_aad(Some(&id)), target);
-        self.db.with_conn(|c| {
-            c.execute(
-                "INSERT INTO link_targets (link_id, sealed) VALUES (?1, ?2)",
-                rusqlite::params![&id[..], sealed],
-            )
-        })?;
+        self.db.insert_link_target(&id, &sealed)?;
         Ok(format!("{LONG_LINK_PREFIX}{}", crate::kms::hex(&id)))
     }
 
     pub fn decrypt_link_target(&self, stored: &[u8]) -> Result<Vec<u8>, NameError> {
         if let Some(id) = long_link_id(stored) {
-            let sealed: Vec<u8> = self
-                .db
-                .with_conn(|c| {
-                    c.query_row("SELECT sealed FROM link_targets WHERE link_id = ?1", [&id[..]], |r| {
-                        r.get(0)
-                    })
-                })
-                .map_err(|_| NameError::Auth)?;
+            let sealed = self.db.link_target(&id).ok().flatten().ok_or(NameError::Auth)?;
             let plain = self
                 .link_targets
                 .open(&self.link_aad(Some(&id)), &sealed)
@@ -486,8 +474,7 @@ impl Volume {
     }
 
     pub(crate) fn erase_long_link_target(&self, id: &[u8; 16]) -> Result<(), VolumeError> {
-        self.db
-            .with_conn(|c| c.execute("DELETE FROM link_targets WHERE link_id = ?1", [&id[..]]))?;
+        self.db.delete_link_target(id)?;
         Ok(())
     }
 

@@ -4,9 +4,9 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rayon::prelude::*;
-use rusqlite::{TransactionBehavior, params};
 
-use super::db::{MetadataDb, checkpoint_truncate, decode_file_key_row};
+use super::db::MetadataDb;
+use super::db::rotation::FileKeyRow;
 use super::keyring::secret_aad;
 use super::{Volume, VolumeError};
 use crate::crypto::{FileId, WrappedKey};
@@ -67,17 +67,7 @@ fn active_version(db: &MetadataDb) -> Result<u32, VolumeError> {
 fn begin(volume: &Volume) -> Result<u32, VolumeError> {
     let keys = volume.keys();
     let (key, blob) = keys.provider().generate_data_key(keys.context())?;
-    let version = volume.db().with_conn(|conn| {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let version: u32 = tx.query_row("SELECT max(version) + 1 FROM volume_keys", [], |r| r.get(0))?;
-        tx.execute("UPDATE volume_keys SET state = 'retiring' WHERE state = 'active'", [])?;
-        tx.execute(
-            "INSERT INTO volume_keys (version, state, wrapped, created_at) VALUES (?1, 'active', ?2, ?3)",
-            params![version, blob.as_bytes(), now()],
-        )?;
-        tx.commit()?;
-        Ok(version)
-    })?;
+    let version = volume.db().begin_rotation(&blob, now())?;
     keys.install(version, &key, true);
     Ok(version)
 }
@@ -99,35 +89,14 @@ fn rewrap_secrets(volume: &Volume, to: u32) -> Result<(), VolumeError> {
                 what: format!("the {kind} key"),
             })?;
         let rewrapped = new_key.wrap_key(&secret_aad(keys.volume_id(), &kind, to, format), &secret);
-        db.with_conn(|conn| {
-            conn.execute(
-                "UPDATE volume_secrets SET vk_version = ?1, wrapped = ?2 WHERE kind = ?3",
-                params![to, rewrapped.as_bytes(), kind],
-            )
-        })?;
+        db.set_secret(&kind, to, &rewrapped)?;
     }
     Ok(())
 }
 
-type Row = (FileId, u32, WrappedKey);
-
-fn next_batch(db: &MetadataDb, to: u32) -> Result<Vec<Row>, VolumeError> {
-    Ok(db.with_conn(|conn| {
-        let mut stmt =
-            conn.prepare_cached("SELECT file_id, vk_version, wrapped FROM file_keys WHERE vk_version != ?1 LIMIT ?2")?;
-        let batch = crate::test_hooks::number(BATCH_ENV).map_or(BATCH as i64, |b| b as i64);
-        let rows = stmt.query_map(params![to, batch], |r| {
-            let (id, version, wrapped): (Vec<u8>, i64, Vec<u8>) = (r.get(0)?, r.get(1)?, r.get(2)?);
-            decode_file_key_row(&id, version, wrapped).ok_or_else(|| {
-                rusqlite::Error::FromSqlConversionFailure(
-                    0,
-                    rusqlite::types::Type::Blob,
-                    "malformed file_keys row".into(),
-                )
-            })
-        })?;
-        rows.collect()
-    })?)
+fn next_batch(db: &MetadataDb, to: u32) -> Result<Vec<FileKeyRow>, VolumeError> {
+    let batch = crate::test_hooks::number(BATCH_ENV).map_or(BATCH as i64, |b| b as i64);
+    Ok(db.file_keys_not_under(to, batch)?)
 }
 
 fn kill_hook(done: u64) {
@@ -147,34 +116,13 @@ pub fn rotate(volume: &Volume, progress: &mut dyn FnMut(u64, u64)) -> Result<Rot
     rewrap_secrets(volume, to)?;
     let keys = volume.keys();
     let new_key = keys.key(db, to)?;
-    let total: u64 = db.with_conn(|c| {
-        c.query_row("SELECT count(*) FROM file_keys WHERE vk_version != ?1", [to], |r| {
-            r.get(0)
-        })
-    })?;
+    let total = db.count_file_keys_not_under(to)?;
     let mut done = 0u64;
     loop {
         let batch = next_batch(db, to)?;
         if batch.is_empty() {
-            let retired = db.with_conn(|conn| {
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let left: u64 = tx.query_row("SELECT count(*) FROM file_keys WHERE vk_version != ?1", [to], |r| {
-                    r.get(0)
-                })?;
-                if left > 0 {
-                    return Ok(None); // keys committed under the old version meanwhile: another pass
-                }
-                let retired: Vec<u32> = {
-                    let mut stmt = tx.prepare("SELECT version FROM volume_keys WHERE state = 'retiring'")?;
-                    stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
-                };
-                tx.execute(
-                    "UPDATE volume_keys SET state = 'retired', wrapped = NULL WHERE state = 'retiring'",
-                    [],
-                )?;
-                tx.commit()?;
-                Ok(Some(retired))
-            })?;
+            // Keys committed under the old version meanwhile: another pass.
+            let retired = db.retire_if_done(to)?;
             let Some(retired_versions) = retired else { continue };
             erase_old_bytes(db);
             return Ok(RotationReport {
@@ -207,19 +155,11 @@ pub fn rotate(volume: &Volume, progress: &mut dyn FnMut(u64, u64)) -> Result<Rot
                 what: format!("the data key of file {} (version {version})", crate::kms::hex(id)),
             });
         }
-        db.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            {
-                let mut update = tx.prepare_cached(
-                    "UPDATE file_keys SET vk_version = ?1, wrapped = ?2 WHERE file_id = ?3 AND vk_version = ?4",
-                )?;
-                for (id, version, wrapped) in &rewrapped {
-                    let wrapped = wrapped.as_ref().map(|w| w.as_bytes()).unwrap_or_default();
-                    update.execute(params![to, wrapped, &id[..], version])?;
-                }
-            }
-            tx.commit()
-        })?;
+        let rewrapped: Vec<FileKeyRow> = rewrapped
+            .into_iter()
+            .filter_map(|(id, from, wrapped)| Some((id, from, wrapped?)))
+            .collect();
+        db.store_rewrapped(to, &rewrapped)?;
         done += rewrapped.len() as u64;
         progress(done, total.max(done));
         kill_hook(done);
@@ -230,7 +170,7 @@ pub fn rotate(volume: &Volume, progress: &mut dyn FnMut(u64, u64)) -> Result<Rot
 /// from the DB files (secure_delete has already zeroed them in the pages).
 fn erase_old_bytes(db: &MetadataDb) {
     for attempt in 0..50 {
-        match db.with_conn(|conn| checkpoint_truncate(conn)) {
+        match db.checkpoint() {
             Ok(()) => return,
             Err(e) if attempt == 49 => {
                 log::warn!("WAL checkpoint failed; old key bytes stay in the WAL until the next checkpoint: {e}")
@@ -251,12 +191,7 @@ pub fn rewrap_volume_keys(volume: &Volume) -> Result<RewrapReport, VolumeError> 
     for row in db.volume_keys()? {
         let Some(blob) = row.wrapped else { continue };
         let new_blob = keys.provider().re_encrypt(&blob, keys.context())?;
-        db.with_conn(|conn| {
-            conn.execute(
-                "UPDATE volume_keys SET wrapped = ?1 WHERE version = ?2",
-                params![new_blob.as_bytes(), row.version],
-            )
-        })?;
+        db.set_volume_key_blob(row.version, &new_blob)?;
         rewrapped.push(row.version);
     }
     erase_old_bytes(db);

@@ -38,18 +38,20 @@ impl Fixture {
     }
 }
 
+/// The committed rows, read as another process would.
 fn file_key_rows(volume: &Volume) -> Vec<(FileId, u32)> {
-    volume
-        .db
-        .with_conn(|c| {
-            let mut stmt = c.prepare("SELECT file_id, vk_version FROM file_keys ORDER BY file_id")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, u32>(1)?)))?;
-            rows.collect::<Result<Vec<_>, _>>()
-        })
-        .unwrap()
-        .into_iter()
-        .map(|(id, v)| (id.try_into().unwrap(), v))
-        .collect()
+    let db = rusqlite::Connection::open(volume.backing().join(DB_FILE)).unwrap();
+    let mut stmt = db
+        .prepare("SELECT file_id, vk_version FROM file_keys ORDER BY file_id")
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, u32>(1)?)))
+        .unwrap();
+    rows.map(|r| {
+        let (id, v) = r.unwrap();
+        (id.try_into().unwrap(), v)
+    })
+    .collect()
 }
 
 #[test]
@@ -131,17 +133,18 @@ fn an_interrupted_rotation_resumes() {
     }
     volume.sync_keys().unwrap();
     // Begin a rotation by hand: a new active version, the old one retiring.
-    volume
-        .db
-        .with_conn(|c| {
-            let blob: Vec<u8> = c.query_row("SELECT wrapped FROM volume_keys WHERE version = 1", [], |r| r.get(0))?;
-            c.execute("UPDATE volume_keys SET state = 'retiring' WHERE version = 1", [])?;
-            c.execute(
-                "INSERT INTO volume_keys (version, state, wrapped, created_at) VALUES (2, 'active', ?1, 0)",
-                [blob],
-            )
-        })
+    let db = rusqlite::Connection::open(f.backing.join(DB_FILE)).unwrap();
+    let blob: Vec<u8> = db
+        .query_row("SELECT wrapped FROM volume_keys WHERE version = 1", [], |r| r.get(0))
         .unwrap();
+    db.execute("UPDATE volume_keys SET state = 'retiring' WHERE version = 1", [])
+        .unwrap();
+    db.execute(
+        "INSERT INTO volume_keys (version, state, wrapped, created_at) VALUES (2, 'active', ?1, 0)",
+        [blob],
+    )
+    .unwrap();
+    drop(db);
     drop(volume);
     let volume = f.open();
     let report = rotate::rotate(&volume, &mut |_, _| ()).unwrap();

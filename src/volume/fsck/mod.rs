@@ -433,20 +433,6 @@ fn check_xattrs(volume: &Volume, path: &Path, owner: &[u8; 16]) -> Vec<String> {
 }
 
 /// Runs the check; `progress` gets (blocks checked, total blocks).
-/// The 16-byte ids a DB query returns; malformed ones are skipped (the DB's
-/// own triggers and `integrity_check` cover those).
-fn stored_ids(volume: &Volume, sql: &str) -> Result<Vec<[u8; 16]>, VolumeError> {
-    let ids: Vec<Vec<u8>> = volume.db().with_conn(|c| {
-        let mut stmt = c.prepare(sql)?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        rows.collect()
-    })?;
-    Ok(ids
-        .iter()
-        .filter_map(|id| <[u8; 16]>::try_from(id.as_slice()).ok())
-        .collect())
-}
-
 pub fn fsck(
     volume: &Volume,
     opts: FsckOptions,
@@ -551,22 +537,19 @@ pub fn fsck(
     }
 
     // The metadata DB: integrity, and key rows no file refers to.
-    report.db_integrity = volume
-        .db()
-        .with_conn(|c| c.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0)))
-        .unwrap_or_else(|e| e.to_string());
+    report.db_integrity = volume.db().integrity_check();
     if report.db_integrity != "ok" {
         let d = report.db_integrity.clone();
         w.problem(&root, "db_integrity", &root.join(DB_FILE), None, d);
     }
     let mut orphan_keys = Vec::new();
-    for id in stored_ids(volume, "SELECT file_id FROM file_keys")? {
+    for id in volume.db().file_key_ids()? {
         if !referenced.contains_key(&id) {
             let detail = format!("data key of file {} that no file uses", hex(&id));
             orphan_keys.push((id, w.problem(&root, "orphan_key", &root.join(DB_FILE), None, detail)));
         }
     }
-    for id in stored_ids(volume, "SELECT link_id FROM link_targets")? {
+    for id in volume.db().link_target_ids()? {
         if !w.long_links.contains(&id) {
             let detail = format!("long symlink target {} that no symlink uses", hex(&id));
             let i = w.problem(&root, "orphan_link_target", &root.join(DB_FILE), None, detail);

@@ -1,0 +1,126 @@
+//! The DB side of volume-key rotation and master-key re-wrapping: one
+//! method per step, each a transaction of its own (see volume::rotate).
+
+use rusqlite::{TransactionBehavior, params};
+
+use super::{DbError, MetadataDb, checkpoint_truncate, decode_file_key_row, lock};
+use crate::crypto::{FileId, WrappedKey};
+
+/// A `file_keys` row: (file id, volume-key version, wrapped key).
+pub type FileKeyRow = (FileId, u32, WrappedKey);
+
+impl MetadataDb {
+    /// Starts a rotation: version max+1 with `blob` becomes active, the
+    /// active one retiring, in one transaction. Returns the new version.
+    pub fn begin_rotation(&self, blob: &WrappedKey, created_at: i64) -> Result<u32, DbError> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let version: u32 = tx.query_row("SELECT max(version) + 1 FROM volume_keys", [], |r| r.get(0))?;
+            tx.execute("UPDATE volume_keys SET state = 'retiring' WHERE state = 'active'", [])?;
+            tx.execute(
+                "INSERT INTO volume_keys (version, state, wrapped, created_at) VALUES (?1, 'active', ?2, ?3)",
+                params![version, blob.as_bytes(), created_at],
+            )?;
+            tx.commit()?;
+            Ok(version)
+        })
+    }
+
+    /// Replaces a volume secret's wrapping (name or xattr key).
+    pub fn set_secret(&self, kind: &str, vk_version: u32, wrapped: &WrappedKey) -> Result<(), DbError> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE volume_secrets SET vk_version = ?1, wrapped = ?2 WHERE kind = ?3",
+                params![vk_version, wrapped.as_bytes(), kind],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Up to `limit` file keys not yet under version `to`.
+    pub fn file_keys_not_under(&self, to: u32, limit: i64) -> Result<Vec<FileKeyRow>, DbError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT file_id, vk_version, wrapped FROM file_keys WHERE vk_version != ?1 LIMIT ?2")?;
+            let rows = stmt.query_map(params![to, limit], |r| {
+                let (id, version, wrapped): (Vec<u8>, i64, Vec<u8>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+                decode_file_key_row(&id, version, wrapped).ok_or_else(|| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        0,
+                        rusqlite::types::Type::Blob,
+                        "malformed file_keys row".into(),
+                    )
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn count_file_keys_not_under(&self, to: u32) -> Result<u64, DbError> {
+        self.with_conn(|c| {
+            c.query_row("SELECT count(*) FROM file_keys WHERE vk_version != ?1", [to], |r| {
+                r.get(0)
+            })
+        })
+    }
+
+    /// Stores re-wrapped keys, each only if its row is still under the
+    /// version it was read with (a newer change wins).
+    pub fn store_rewrapped(&self, to: u32, rows: &[FileKeyRow]) -> Result<(), DbError> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut update = tx.prepare_cached(
+                    "UPDATE file_keys SET vk_version = ?1, wrapped = ?2 WHERE file_id = ?3 AND vk_version = ?4",
+                )?;
+                for (id, from, wrapped) in rows {
+                    update.execute(params![to, wrapped.as_bytes(), &id[..], from])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    /// Ends a rotation once no file key is left under another version than
+    /// `active`: the retiring versions become retired and lose their blobs.
+    /// Returns them, or None if keys under an old version remain.
+    pub fn retire_if_done(&self, active: u32) -> Result<Option<Vec<u32>>, DbError> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let left: u64 = tx.query_row("SELECT count(*) FROM file_keys WHERE vk_version != ?1", [active], |r| {
+                r.get(0)
+            })?;
+            if left > 0 {
+                return Ok(None);
+            }
+            let retired: Vec<u32> = {
+                let mut stmt = tx.prepare("SELECT version FROM volume_keys WHERE state = 'retiring'")?;
+                stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+            };
+            tx.execute(
+                "UPDATE volume_keys SET state = 'retired', wrapped = NULL WHERE state = 'retiring'",
+                [],
+            )?;
+            tx.commit()?;
+            Ok(Some(retired))
+        })
+    }
+
+    /// Replaces a volume-key version's provider blob (master-key re-wrap).
+    pub fn set_volume_key_blob(&self, version: u32, blob: &WrappedKey) -> Result<(), DbError> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE volume_keys SET wrapped = ?1 WHERE version = ?2",
+                params![blob.as_bytes(), version],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Checkpoints and truncates the WAL (see `checkpoint_truncate`).
+    pub fn checkpoint(&self) -> Result<(), DbError> {
+        let mut guard = lock(&self.conn);
+        let conn = self.connected(&mut guard)?;
+        checkpoint_truncate(conn).map_err(self.sqlite())
+    }
+}
