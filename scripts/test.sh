@@ -42,6 +42,13 @@ echo "== cargo test"
 # Integration tests mount real filesystems; each unmounts itself even on failure.
 cargo test --all-targets --no-fail-fast 2>&1 | tee target/test-output.txt
 
+# The suites that exercise I/O, again under the other cache setting: every
+# write reaching the daemon at once, OPEN/RELEASE sent for every file.
+echo "== I/O suites with -o open_requests,no_writeback_cache"
+KMSFS_TEST_MOUNT_OPTIONS=open_requests,no_writeback_cache \
+    cargo test --test fsx --test stress --test posix --test tree --test tamper --no-fail-fast 2>&1 \
+    | sed 's/^test /test (open_requests,no_writeback_cache) /' | tee -a target/test-output.txt
+
 # The mount tests that matter, again as a normal user: a daemon without
 # capabilities (no open_by_handle_at), mounting through fusermount3.
 if [ "$(id -u)" -eq 0 ]; then

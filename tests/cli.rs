@@ -22,6 +22,15 @@ fn read_only_mount_refuses_writes() {
     m.unmount();
     let _m = vol.mount_with(&["-o", "ro,noexec,nosuid"]);
     assert_eq!(fs::read(vol.path("kept")).unwrap(), b"before");
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(path_str(&vol.mnt)))
+        .unwrap();
+    let options = line.split(' ').nth(5).unwrap();
+    for flag in ["ro", "noexec", "nosuid", "nodev"] {
+        assert!(options.split(',').any(|o| o == flag), "{flag} in {options}");
+    }
     assert_eq!(
         fs::write(vol.path("new"), b"x").unwrap_err().raw_os_error(),
         Some(libc::EROFS)

@@ -102,6 +102,11 @@ impl TestVolume {
             path_str(&self.log),
         ];
         args.extend_from_slice(extra);
+        // scripts/test.sh runs some suites again under other option sets.
+        let matrix = std::env::var("KMSFS_TEST_MOUNT_OPTIONS").unwrap_or_default();
+        if !matrix.is_empty() {
+            args.extend_from_slice(&["-o", &matrix]);
+        }
         let out = self
             .command()
             .env("RUST_LOG", "info")
