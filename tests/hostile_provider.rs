@@ -96,7 +96,7 @@ fn a_module_path_in_the_db_is_never_loaded() {
             assert!(printed.contains("pkcs11:token=t;object=o"), "{printed}");
         } else {
             assert_eq!(out.status.code(), Some(5), "{args:?}: {printed}");
-            assert!(printed.contains("no module"), "{args:?}: {printed}");
+            assert!(printed.contains("does not name"), "{args:?}: {printed}");
         }
     }
 }
@@ -260,5 +260,40 @@ fn plain_http_only_to_loopback() {
         assert_eq!(out.status.code(), Some(2), "{kms} {env:?}: {}", stderr(&out));
         assert!(stderr(&out).contains("https://"), "{}", stderr(&out));
         assert!(!dir.path().join("v").exists(), "nothing created");
+    }
+}
+
+#[test]
+fn a_db_switched_to_a_remote_provider_contacts_nothing_and_prints_no_escapes() {
+    let vol = TestVolume::init();
+    let (backing, mnt) = (path_str(&vol.backing), path_str(&vol.mnt));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // A local volume edited to name a remote key: with the user's AWS
+    // settings in the environment, nothing on this host named it.
+    set_recorded_provider(&vol, "aws-kms:arn:aws:kms:us-east-1:999999999999:key/attacker", b"blob");
+    let mut cmd = vol.command();
+    cmd.env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        .env("AWS_ACCESS_KEY_ID", "AKIDUSER")
+        .env("AWS_SECRET_ACCESS_KEY", "users-aws-secret")
+        .env("AWS_REGION", "us-east-1")
+        .args(["mount", backing, mnt]);
+    let (out, made) = connections_during(&listener, cmd);
+    assert_eq!(made, 0, "contacted a provider only the DB named");
+    assert_eq!(out.status.code(), Some(5));
+    assert!(stderr(&out).contains("does not name for it"), "{}", stderr(&out));
+    // Escape sequences and fake lines from the DB are shown escaped.
+    set_recorded_provider(&vol, "local:mk-x\u{1b}]0;PWNED\u{7}\nfake line: FAKE", b"blob");
+    for args in [vec!["status", backing], vec!["mount", backing, mnt]] {
+        let out = vol.run(&args);
+        let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+        assert!(
+            !printed.contains('\u{1b}') && !printed.contains('\u{7}'),
+            "{args:?}: {printed:?}"
+        );
+        assert!(
+            !printed.contains("\nfake line: FAKE"),
+            "{args:?}: a fake line: {printed}"
+        );
     }
 }

@@ -462,3 +462,28 @@ fn an_open_file_whose_name_is_removed_stays_readable_until_closed() {
         .unwrap();
     assert_eq!(keys, 1, "only the replacement's key remains");
 }
+
+#[test]
+fn files_kmsfs_writes_in_the_backing_directory_are_never_followed_through_symlinks() {
+    let vol = TestVolume::init();
+    let outside = vol.dir.path().join("victim");
+    fs::write(&outside, b"precious").unwrap();
+    let lock = vol.backing.join("kmsfs.lock");
+    let _ = fs::remove_file(&lock);
+    std::os::unix::fs::symlink(&outside, &lock).unwrap();
+    let pending = vol.backing.join("kmsfs.pending-keys");
+    std::os::unix::fs::symlink(&outside, &pending).unwrap();
+    for args in [
+        vec!["mount", path_str(&vol.backing), path_str(&vol.mnt)],
+        vec!["fsck", path_str(&vol.backing)],
+        vec!["status", path_str(&vol.backing)],
+    ] {
+        let out = vol.run(&args);
+        if args[0] != "status" {
+            assert!(!out.status.success(), "{args:?} went through the symlinked lock file");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("kmsfs.lock"), "{args:?}");
+        }
+    }
+    assert_eq!(fs::read(&outside).unwrap(), b"precious", "a file outside was written");
+    assert!(!common::is_mounted(&vol.mnt));
+}

@@ -38,7 +38,11 @@ pub fn fsck(backing: &Path, keys: &KeyOptions, opts: FsckOptions, json: bool) ->
     }
     println!(
         "checked {} directories, {} files ({} blocks), {} symlinks; metadata DB: {}",
-        report.directories, report.files, report.blocks, report.symlinks, report.db_integrity
+        report.directories,
+        report.files,
+        report.blocks,
+        report.symlinks,
+        super::printable(&report.db_integrity)
     );
     for p in &report.problems {
         let path = p.path.as_deref().map(|p| format!(" ({p})")).unwrap_or_default();
@@ -47,7 +51,14 @@ pub fn fsck(backing: &Path, keys: &KeyOptions, opts: FsckOptions, json: bool) ->
             None if repair => " -> not repaired".to_string(),
             None => String::new(),
         };
-        println!("{}: {}{path}: {}{repair}", p.kind, p.backing, p.detail);
+        // Names and details come from the backing directory: shown escaped.
+        println!(
+            "{}: {}{}: {}{repair}",
+            p.kind,
+            super::printable(&p.backing),
+            super::printable(&path),
+            super::printable(&p.detail)
+        );
     }
     if !report.quarantined.is_empty() {
         println!(

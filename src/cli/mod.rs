@@ -230,6 +230,20 @@ fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Text from the backing directory, fit for a terminal: control characters
+/// (escape sequences, fake line breaks) are shown escaped, never sent.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 /// The command that mounts a new volume, with the options `init` was given
 /// that mounting needs too.
 fn mount_hint(backing: &std::path::Path, keys: &KeyOptions) -> String {
@@ -312,7 +326,7 @@ pub fn run() -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("kmsfs: {}", e.message);
+            eprintln!("kmsfs: {}", printable(&e.message));
             e.code as i32
         }
     }

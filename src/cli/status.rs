@@ -99,8 +99,8 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     println!("volume:         {}", hex(&row.volume_id));
     println!("backing:        {}", backing.display());
     println!("format:         {}", row.format_version);
-    println!("provider:       {provider}");
-    println!("master key:     {}", provider.key_label());
+    println!("provider:       {}", super::printable(&provider.to_string()));
+    println!("master key:     {}", super::printable(provider.key_label()));
     for k in &keys {
         println!(
             "volume key v{}:  {} ({} files)",

@@ -1,12 +1,13 @@
 //! Opening a volume from the command line: its key provider, then its keys.
 //!
 //! The volume records which key it uses ([`ProviderId`]); how to reach that
-//! key comes from the user's side only, in this order: `--kms` (or
-//! `KMSFS_KMS`), the host configuration's entry for the volume, the
-//! environment. A configured provider that names another key than the
-//! volume records is refused.
+//! key comes from the user's side only: `--kms` (or `KMSFS_KMS`) or the host
+//! configuration's entry for the volume, with the environment filling in
+//! what they leave out. A configured provider that names another key than
+//! the volume records is refused, and so is a remote provider this host
+//! names nowhere: an edited DB must not make a host contact any provider.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kmsfs::kms::uri::ProviderUri;
@@ -30,10 +31,11 @@ pub fn recorded_provider(backing: &Path, row: &VolumeRow) -> Result<ProviderId, 
     })
 }
 
-/// The URI the user configured for this volume, and where it came from.
-fn configured_uri(row: &VolumeRow, keys: &KeyOptions) -> Result<Option<(ProviderUri, String)>, CliError> {
+/// The URI the user configured for this volume and where it came from, or
+/// the configuration file that has no entry for it.
+fn configured_uri(row: &VolumeRow, keys: &KeyOptions) -> Result<Result<(ProviderUri, String), PathBuf>, CliError> {
     if let Some(raw) = &keys.kms {
-        return Ok(Some((ProviderUri::parse(raw)?, "--kms".to_string())));
+        return Ok(Ok((ProviderUri::parse(raw)?, "--kms".to_string())));
     }
     let path = host_config::path(keys.config.as_deref())?;
     let config = HostConfig::load(&path)?;
@@ -45,9 +47,9 @@ fn configured_uri(row: &VolumeRow, keys: &KeyOptions) -> Result<Option<(Provider
                     format!("host configuration {}: {e}", config.path().display()),
                 )
             })?;
-            Ok(Some((uri, format!("host configuration {}", config.path().display()))))
+            Ok(Ok((uri, format!("host configuration {}", config.path().display()))))
         }
-        None => Ok(None),
+        None => Ok(Err(path)),
     }
 }
 
@@ -55,9 +57,11 @@ fn mismatch(backing: &Path, recorded: &ProviderId, given: &ProviderId, source: &
     CliError::new(
         ExitCode::Provider,
         format!(
-            "volume {} records key provider {recorded}, but {source} names {given}; \
+            "volume {} records key provider {}, but {source} names {}; \
              if the volume was moved or its metadata DB edited, check it before trusting it",
-            backing.display()
+            backing.display(),
+            super::printable(&recorded.to_string()),
+            super::printable(&given.to_string())
         ),
     )
 }
@@ -70,7 +74,7 @@ pub fn provider_for(backing: &Path, row: &VolumeRow, keys: &KeyOptions) -> Resul
     let uri = match configured {
         // `local:` alone means the local keystore with the recorded key; an
         // alias is checked once the keystore is open.
-        Some((ProviderUri::Local { key }, source)) => {
+        Ok((ProviderUri::Local { key }, source)) => {
             let ProviderId::Local { key: recorded_key } = &recorded else {
                 return Err(mismatch(backing, &recorded, &ProviderId::Local { key }, &source));
             };
@@ -80,13 +84,27 @@ pub fn provider_for(backing: &Path, row: &VolumeRow, keys: &KeyOptions) -> Resul
             }
             return Ok(Arc::new(store.provider(recorded_key)?));
         }
-        Some((uri, source)) => {
+        Ok((uri, source)) => {
             if uri.id() != recorded {
                 return Err(mismatch(backing, &recorded, &uri.id(), &source));
             }
             uri
         }
-        None => recorded.bare_uri(),
+        Err(_) if matches!(recorded, ProviderId::Local { .. }) => recorded.bare_uri(),
+        Err(config) => {
+            return Err(CliError::new(
+                ExitCode::Provider,
+                format!(
+                    "volume {} records key provider {}, which this host does not name for it: pass \
+                     --kms URI (or KMSFS_KMS), or add an entry for volume {} to {} (`kmsfs init --kms` \
+                     writes one); kmsfs contacts no provider a volume alone names",
+                    backing.display(),
+                    super::printable(&recorded.to_string()),
+                    kmsfs::kms::hex(&row.volume_id),
+                    config.display()
+                ),
+            ));
+        }
     };
     match uri {
         ProviderUri::Local { key } => {

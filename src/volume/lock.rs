@@ -5,6 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -32,17 +33,30 @@ pub struct VolumeLock {
 pub enum LockError {
     #[error("volume {path} is already mounted (daemon pid {pid})")]
     Held { path: String, pid: String },
-    #[error("cannot open lock file in {path}: {source}")]
+    #[error(
+        "cannot open the lock file {path}/kmsfs.lock ({source}); if it is a symlink or not a regular file, remove it"
+    )]
     Io { path: String, source: std::io::Error },
 }
 
+/// Opens the lock file, never through a symlink: the backing directory is
+/// not trusted to pick a file for kmsfs to write.
 fn open(backing: &Path) -> Result<File, LockError> {
     OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(backing.join(LOCK_FILE))
+        .and_then(|f| {
+            if f.metadata()?.is_file() {
+                Ok(f)
+            } else {
+                Err(std::io::Error::other("not a regular file"))
+            }
+        })
         .map_err(|source| LockError::Io {
             path: backing.display().to_string(),
             source,
@@ -80,7 +94,14 @@ impl VolumeLock {
     /// What the last daemon published, held or not: after `umount`, its
     /// last word.
     pub fn last_published(backing: &Path) -> Option<DaemonInfo> {
-        let text = std::fs::read_to_string(backing.join(LOCK_FILE)).ok()?;
+        let mut text = String::new();
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(backing.join(LOCK_FILE))
+            .ok()?
+            .read_to_string(&mut text)
+            .ok()?;
         serde_json::from_str(&text).ok()
     }
 
@@ -91,7 +112,11 @@ impl VolumeLock {
 
     /// What the daemon holding the lock last recorded, if a daemon holds it.
     pub fn daemon(backing: &Path) -> Option<DaemonInfo> {
-        let mut file = File::open(backing.join(LOCK_FILE)).ok()?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(backing.join(LOCK_FILE))
+            .ok()?;
         if flock(file.as_fd(), FlockOperation::NonBlockingLockShared).is_ok() {
             return None;
         }

@@ -7,6 +7,7 @@
 //! row only ever fills a gap (never replaces a stored key), must be under
 //! the active volume-key version, and still has to unwrap under it.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use base64::Engine;
@@ -72,8 +73,22 @@ fn unhex(s: &str) -> Option<FileId> {
 /// The rows of the pending file, if there is one for this volume.
 fn read(backing: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeError> {
     let path = backing.join(PENDING_FILE);
-    let text = match std::fs::read(&path) {
+    // Never through a symlink: the backing directory is not trusted to pick a file.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path);
+    let text = match opened.and_then(|mut f| {
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut text).map(|_| text)
+    }) {
         Ok(t) => t,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(VolumeError::Tampered {
+                volume: path.clone(),
+                what: "the pending-keys file (a symlink)".into(),
+            });
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_at(&path)(e)),
     };

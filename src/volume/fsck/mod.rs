@@ -6,8 +6,8 @@
 mod repair;
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
-use std::os::unix::fs::MetadataExt;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -134,8 +134,26 @@ impl Walk {
     }
 }
 
+/// Reads at most `max` bytes of a regular file of the backing directory,
+/// never through a symlink and never blocking on a fifo or device: the
+/// backing directory does not get to choose what fsck reads.
+pub(super) fn read_at_most(path: &Path, max: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(max as u64).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 fn read_iv(dir: &Path) -> Result<DirIv, String> {
-    let bytes = fs::read(dir.join(DIR_IV_FILE)).map_err(|e| e.to_string())?;
+    let bytes = read_at_most(&dir.join(DIR_IV_FILE), 64).map_err(|e| e.to_string())?;
     bytes
         .as_slice()
         .try_into()
@@ -247,7 +265,7 @@ fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &mut Walk) ->
                 Some(iv) => volume.names().decrypt(iv, enc.as_bytes()).map_err(|e| e.to_string()),
                 None => Err("directory IV unusable".into()),
             },
-            Entry::Long { hashed, sidecar } => match (&iv, fs::read(dir.join(&sidecar))) {
+            Entry::Long { hashed, sidecar } => match (&iv, read_at_most(&dir.join(&sidecar), 4096)) {
                 (Some(iv), Ok(content)) => {
                     layout::decrypt_long(volume.names(), iv, hashed, &content).map_err(|e| e.to_string())
                 }
@@ -336,7 +354,11 @@ fn check_file(volume: &Volume, path: &Path, progress: &(dyn Fn(u64) + Sync)) -> 
         bad_blocks: Vec::new(),
         blocks: 0,
     };
-    let file = match File::open(path) {
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) => return unreadable(None, "damaged_header", format!("cannot open: {e}")),
     };

@@ -126,7 +126,7 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 fn file_cipher_of(volume: &Volume, path: &Path) -> Option<crate::crypto::BlockCipher> {
-    let head = fs::read(path).ok()?;
+    let head = super::read_at_most(path, HEADER_LEN).ok()?;
     let id = header::decode(head.get(..HEADER_LEN)?).ok()?;
     volume.file_cipher(&id).ok()
 }
