@@ -371,6 +371,21 @@ fn every_cut_and_appended_zero_blocks_read_as_eio_and_fsck_reports_them() {
     }
     let m = vol.mount();
     assert_eq!(fs::read(vol.path("empty")).unwrap(), b"", "the intact empty file");
+    // Damaged files stay listed (a backup must meet them, not skip them).
+    let mut listed: Vec<String> = fs::read_dir(&vol.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    listed.sort();
+    let mut all: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    all.sort();
+    assert_eq!(listed, all);
+    let copy = vol.dir.path().join("copy");
+    let cp = std::process::Command::new("cp")
+        .args(["-r", path_str(&vol.mnt), path_str(&copy)])
+        .output()
+        .unwrap();
+    assert!(!cp.status.success(), "cp -r of the volume reports the damaged files");
     m.unmount();
     let (code, kinds) = fsck_kinds(&vol);
     assert_eq!(code, 10);

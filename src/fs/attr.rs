@@ -32,13 +32,14 @@ fn time(sec: i64, nsec: i64) -> SystemTime {
 
 /// FUSE attributes of a backing inode; `size` overrides the size for
 /// symlinks (the plaintext target length), regular files derive theirs.
-pub fn to_attr(ino: u64, st: &Stat, symlink_size: Option<u64>) -> FileAttr {
+/// `size`: the size to show where it is not what the backing stat gives
+/// (a symlink's target length, a damaged file's stand-in).
+pub fn to_attr(ino: u64, st: &Stat, size: Option<u64>) -> FileAttr {
     let kind = file_type(st.st_mode as u32);
-    let size = match kind {
+    let size = size.unwrap_or(match kind {
         FileType::RegularFile => plain_size(st.st_size as u64),
-        FileType::Symlink => symlink_size.unwrap_or(st.st_size as u64),
         _ => st.st_size as u64,
-    };
+    });
     let mtime = time(st.st_mtime as i64, st.st_mtime_nsec as i64);
     FileAttr {
         ino: INodeNo(ino),

@@ -153,15 +153,13 @@ impl KmsFs {
     }
 
     pub(super) fn attr_of(&self, node: &Node, st: &Stat) -> FsResult<FileAttr> {
-        let link_len = match file_type(st.st_mode as u32) {
+        // The size shown, where it is not the stored one's plaintext size.
+        let size = match file_type(st.st_mode as u32) {
             FileType::Symlink => Some(self.read_link(node)?.len() as u64),
-            FileType::RegularFile => {
-                self.check_backing_length(node, st.st_size as u64)?;
-                None
-            }
+            FileType::RegularFile => self.damaged_size(node, st.st_size as u64),
             _ => None,
         };
-        Ok(to_attr(node.ino, st, link_len))
+        Ok(to_attr(node.ino, st, size))
     }
 
     pub(super) fn stat_attr(&self, node: &Node) -> FsResult<FileAttr> {

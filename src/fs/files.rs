@@ -128,32 +128,44 @@ impl KmsFs {
     }
 
     /// With the sealed layout a backing length that no file has is damage,
-    /// and so is an empty file whose final block does not authenticate: the
-    /// kernel reads nothing from a file it believes empty, so this is
-    /// checked when the size is reported (once per inode and mount).
-    pub(super) fn check_backing_length(&self, node: &Node, len: u64) -> FsResult<()> {
+    /// and so is an empty file whose final block does not authenticate. The
+    /// kernel reads nothing from a file it believes empty, so such a file is
+    /// shown one byte long: it stays in listings (a backup meets it) and its
+    /// first read reaches the daemon, which answers EIO. Returns the size to
+    /// show instead of the stored one, if any. Checked when the size is
+    /// reported (once per inode and mount for intact empty files).
+    pub(super) fn damaged_size(&self, node: &Node, len: u64) -> Option<u64> {
         if self.volume.layout() != Layout::Sealed {
-            return Ok(());
+            return None;
         }
         let ok_or_empty =
             |len| content::sealed_length_ok(len) && (len != content::EMPTY_FILE_LEN || node.is_verified_empty());
         if ok_or_empty(len) {
-            return Ok(());
+            return None;
         }
         // Writers change the length in steps under the content lock: look again under it.
         let _guard = node.content.read().unwrap_or_else(|p| p.into_inner());
-        let len = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?.st_size as u64;
+        let len = rustix::fs::fstat(node.fd().ok()?.as_fd()).ok()?.st_size as u64;
         if ok_or_empty(len) {
-            return Ok(());
+            return None;
         }
-        if !content::sealed_length_ok(len) {
-            return Err(self.content_error(node, ContentError::Length { len }));
+        let intact = content::sealed_length_ok(len)
+            && self.reopen(node, libc::O_RDONLY).is_ok_and(|file| {
+                self.cipher(node, &file)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|cipher| content::read(&file, &cipher, 0, 0).is_ok())
+            });
+        if intact {
+            node.mark_verified_empty();
+            return None;
         }
-        let file = self.reopen(node, libc::O_RDONLY)?;
-        let cipher = self.cipher(node, &file)?.ok_or(Errno::EIO)?;
-        content::read(&file, &cipher, 0, 0).map_err(|e| self.content_error(node, e))?;
-        node.mark_verified_empty();
-        Ok(())
+        log::error!(
+            "file {}: backing file is {len} bytes long and does not end in an authenticated block \
+             (cut short or grown by someone else); its reads return EIO",
+            self.describe(node)
+        );
+        Some(content::plain_size(len).max(1))
     }
 
     /// Records the node's file id; a second backing inode with the same id

@@ -190,7 +190,7 @@ impl fuser::Filesystem for Mounted {
         let via_handle = handle.and_then(|fh| self.open_file(ino, fh, false).ok()).map(|open| {
             rustix::fs::fstat(&open.file)
                 .map_err(errno)
-                .map(|st| attr::to_attr(open.node.ino, &st, None))
+                .and_then(|st| self.attr_of(&open.node, &st))
         });
         match via_handle.unwrap_or_else(|| self.node(ino).and_then(|n| self.stat_attr(&n))) {
             Ok(attr) => reply.attr(&self.cache.ttl, &attr),
