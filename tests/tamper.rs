@@ -502,3 +502,28 @@ fn files_kmsfs_writes_in_the_backing_directory_are_never_followed_through_symlin
     assert_eq!(fs::read(&outside).unwrap(), b"precious", "a file outside was written");
     assert!(!common::is_mounted(&vol.mnt));
 }
+
+#[test]
+fn a_db_with_schema_objects_of_someone_elses_is_refused() {
+    let vol = TestVolume::init();
+    write_files(&vol, &[("a", three_blocks(9))]);
+    let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
+    db.execute_batch(
+        "CREATE TABLE stolen (file_id BLOB, wrapped BLOB);
+         CREATE TRIGGER keep_keys BEFORE DELETE ON file_keys
+         BEGIN INSERT INTO stolen VALUES (old.file_id, old.wrapped); SELECT RAISE(IGNORE); END;",
+    )
+    .unwrap();
+    drop(db);
+    for args in [
+        vec!["mount", path_str(&vol.backing), path_str(&vol.mnt)],
+        vec!["fsck", path_str(&vol.backing)],
+        vec!["status", path_str(&vol.backing)],
+    ] {
+        let out = vol.run(&args);
+        assert_eq!(out.status.code(), Some(4), "{args:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("is not kmsfs's"), "{args:?}: {said}");
+    }
+    assert!(!common::is_mounted(&vol.mnt));
+}

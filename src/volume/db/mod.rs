@@ -126,6 +126,8 @@ impl MetadataDb {
         conn.pragma_update(None, "synchronous", "FULL").map_err(damaged)?;
         conn.pragma_update(None, "secure_delete", "ON").map_err(damaged)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(damaged)?;
+        // Schema objects may not call functions with side effects.
+        conn.pragma_update(None, "trusted_schema", "OFF").map_err(damaged)?;
         Ok(conn)
     }
 
@@ -200,6 +202,10 @@ impl MetadataDb {
         let version: u32 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(damaged)?;
+        check_schema(&conn).map_err(|reason| DbError::Damaged {
+            path: path.to_path_buf(),
+            reason,
+        })?;
         if !(1..=FORMAT_VERSION).contains(&version) {
             return Err(DbError::UnsupportedFormat {
                 path: path.to_path_buf(),
@@ -366,6 +372,39 @@ impl MetadataDb {
 }
 
 /// A 16-byte id (volume id, file id) from a DB blob; None if the length is wrong.
+/// The schema objects (type, name, table, SQL) of a connection's DB.
+fn schema_objects(conn: &Connection) -> rusqlite::Result<Vec<(String, String, String, Option<String>)>> {
+    let mut stmt = conn.prepare("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    rows.collect()
+}
+
+/// The DB holds exactly kmsfs's tables, indexes and triggers: the backing
+/// directory is not trusted, and a trigger of someone else's could keep
+/// erased keys, copy them aside, or change what kmsfs reads.
+fn check_schema(conn: &Connection) -> Result<(), String> {
+    let expected = Connection::open_in_memory()
+        .and_then(|m| m.execute_batch(SCHEMA).map(|()| m))
+        .and_then(|m| schema_objects(&m))
+        .map_err(|e| e.to_string())?;
+    let found = schema_objects(conn).map_err(|e| e.to_string())?;
+    if found == expected {
+        return Ok(());
+    }
+    let differs = found
+        .iter()
+        .find(|o| !expected.contains(o))
+        .map(|(kind, name, ..)| format!("{kind} {name} is not kmsfs's (the DB was edited)"))
+        .or_else(|| {
+            expected
+                .iter()
+                .find(|o| !found.contains(o))
+                .map(|(kind, name, ..)| format!("{kind} {name} is missing or altered"))
+        })
+        .unwrap_or_else(|| "its schema differs from kmsfs's".into());
+    Err(differs)
+}
+
 pub fn decode_id(bytes: &[u8]) -> Option<[u8; 16]> {
     bytes.try_into().ok()
 }
