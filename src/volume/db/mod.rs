@@ -372,8 +372,11 @@ impl MetadataDb {
 }
 
 /// A 16-byte id (volume id, file id) from a DB blob; None if the length is wrong.
-/// The schema objects (type, name, table, SQL) of a connection's DB.
-fn schema_objects(conn: &Connection) -> rusqlite::Result<Vec<(String, String, String, Option<String>)>> {
+/// A schema object: (type, name, table, SQL).
+type SchemaObject = (String, String, String, Option<String>);
+
+/// The schema objects of a connection's DB.
+fn schema_objects(conn: &Connection) -> rusqlite::Result<Vec<SchemaObject>> {
     let mut stmt = conn.prepare("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
     rows.collect()
