@@ -77,9 +77,29 @@ fn a_killed_daemon_leaves_a_mount_that_status_mount_and_umount_name() {
         "{}",
         stderr(&out)
     );
+    // Mounted again elsewhere before the stale mount is cleared.
+    let elsewhere = vol.dir.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    let out = vol.run(&["mount", backing, path_str(&elsewhere)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&vol.run(&["status", "--json", backing]).stdout).unwrap();
+    assert_eq!(
+        status["mountpoint"],
+        path_str(&elsewhere),
+        "the live mount, not the stale one"
+    );
+    assert_eq!(status["stale_mount"], false);
+    let start = Instant::now();
     let out = vol.run(&["umount", mnt]);
     assert!(out.status.success(), "umount clears a stale mount: {}", stderr(&out));
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "it does not wait for the other daemon"
+    );
     assert!(mount_type(&vol.mnt).is_none());
+    assert!(mount_type(&elsewhere).is_some(), "the live mount stays");
+    let out = vol.run(&["umount", path_str(&elsewhere)]);
+    assert!(out.status.success(), "{}", stderr(&out));
     drop(m);
     let m = vol.mount();
     m.unmount();

@@ -321,6 +321,16 @@ fn rekey_in_the_backing_directory_is_atomic() {
     assert_eq!(through[0]["via"], "mount");
     assert_eq!(fs::read(vol.path("secret")).unwrap(), data);
     assert_eq!(xattr_get(&vol.path("secret"), b"user.k").unwrap(), b"v");
+    // A read-only file with xattrs (its copy gets them before its mode).
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(vol.path("secret"), fs::Permissions::from_mode(0o444)).unwrap();
+    json(&vol.run(&["rekey", "--json", path_str(&vol.path("secret"))]));
+    assert_eq!(xattr_get(&vol.path("secret"), b"user.k").unwrap(), b"v");
+    assert_eq!(
+        fs::metadata(vol.path("secret")).unwrap().permissions().mode() & 0o777,
+        0o444
+    );
+    fs::set_permissions(vol.path("secret"), fs::Permissions::from_mode(0o644)).unwrap();
     fs::hard_link(vol.path("secret"), vol.path("link")).unwrap();
     let linked = vol.run(&["rekey", path_str(&vol.path("secret"))]);
     assert_eq!(linked.status.code(), Some(2), "hard-linked files are refused");

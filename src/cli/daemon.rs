@@ -424,6 +424,9 @@ pub fn umount(mountpoint: &Path) -> Result<(), CliError> {
     let mountpoint = mount_point_path(mountpoint)?;
     let backing =
         mounted_backing(&mountpoint)?.ok_or_else(|| mount_error(format!("{} is not mounted", mountpoint.display())))?;
+    // A stale mount (its daemon died) has no daemon to wait for; the volume
+    // may meanwhile be mounted elsewhere by another.
+    let stale = std::fs::metadata(&mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
     if let Err(err) = unmount_now(&mountpoint) {
         let hint = if err.raw_os_error() == Some(libc::EBUSY) {
             " (a process is using it: see `fuser -m`)"
@@ -434,6 +437,9 @@ pub fn umount(mountpoint: &Path) -> Result<(), CliError> {
             "cannot unmount {}: {err}{hint}",
             mountpoint.display()
         )));
+    }
+    if stale {
+        return Ok(());
     }
     if backing.join(kmsfs::volume::db::DB_FILE).exists()
         && !VolumeLock::wait_released(&backing, Duration::from_secs(60))

@@ -69,7 +69,9 @@ fn rekey_through_mount(path: &Path) -> Result<u64, CliError> {
         let mut dst = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(meta.mode() & 0o7777)
+            // Owner-only until done: a read-only mode would refuse the
+            // xattrs copied onto it; finish_copy gives it the original's.
+            .mode(0o600)
             .open(&tmp)
             .map_err(io(&tmp))?;
         let bytes = std::io::copy(&mut src, &mut dst).map_err(io(path))?;

@@ -32,10 +32,19 @@ fn backing_of(path: &Path) -> Result<PathBuf, CliError> {
     }
 }
 
-/// Where the volume in `backing` is mounted, as the mount table says.
+/// Where the volume in `backing` is mounted, as the mount table says: a
+/// live mount first (a stale one of a dead daemon may linger beside it).
 fn mounted_at(backing: &Path) -> Option<MountEntry> {
     let backing = std::fs::canonicalize(backing).ok()?;
-    mounts().ok()?.into_iter().find(|m| m.source == backing && m.is_kmsfs())
+    let mut ours: Vec<MountEntry> = mounts()
+        .ok()?
+        .into_iter()
+        .filter(|m| m.source == backing && m.is_kmsfs())
+        .collect();
+    let stale =
+        |m: &MountEntry| std::fs::metadata(&m.mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+    ours.sort_by_key(stale);
+    ours.into_iter().next()
 }
 
 pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Result<(), CliError> {

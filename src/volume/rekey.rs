@@ -4,7 +4,7 @@
 //! mount instead, so the daemon's view stays coherent.
 
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use super::content::{self, plain_size};
@@ -28,6 +28,7 @@ pub struct RekeyOutcome {
 /// Gives a re-keyed copy the original's owner and times, and makes it durable.
 pub fn finish_copy(original: &fs::Metadata, copy: &File) -> std::io::Result<()> {
     std::os::unix::fs::fchown(copy, Some(original.uid()), Some(original.gid()))?;
+    copy.set_permissions(fs::Permissions::from_mode(original.mode() & 0o7777))?;
     copy.set_times(
         fs::FileTimes::new()
             .set_accessed(original.accessed()?)
@@ -84,7 +85,9 @@ pub fn rekey_backing_file(volume: &Volume, path: &Path) -> Result<RekeyOutcome, 
             .read(true)
             .write(true)
             .create_new(true)
-            .mode(meta.mode() & 0o7777)
+            // Owner-only until done: a read-only mode would refuse the
+            // xattrs copied onto it; finish_copy gives it the original's.
+            .mode(0o600)
             .open(&tmp)
             .map_err(io(&tmp))?;
         content::create(&dst, &new).map_err(io(&tmp))?;
