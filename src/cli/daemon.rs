@@ -57,9 +57,14 @@ fn absolute(path: &Path, what: &str) -> Result<PathBuf, CliError> {
 
 /// What the kernel says of a FUSE mount whose daemon died (kill -9, a crash).
 fn stale_mount(path: &Path) -> CliError {
+    let lazy = if rustix::process::geteuid().is_root() {
+        "umount -l"
+    } else {
+        "fusermount3 -uz"
+    };
     mount_error(format!(
         "{p} is a stale kmsfs mount: its daemon is gone (killed or crashed). Clear it with \
-         `kmsfs umount {p}` (or `umount -l {p}`), then mount again; files not fsynced before the \
+         `kmsfs umount {p}` (or `{lazy} {p}`), then mount again; files not fsynced before the \
          daemon died may be missing (`kmsfs fsck` tells)",
         p = path.display()
     ))

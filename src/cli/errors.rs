@@ -50,6 +50,14 @@ impl From<VolumeError> for CliError {
         match e {
             VolumeError::Kms(k) => k.into(),
             VolumeError::Io { .. } => CliError::new(ExitCode::Io, e.to_string()),
+            // A value of the wrong type or range is a damaged DB, not an I/O failure.
+            VolumeError::Db(DbError::Sqlite {
+                source:
+                    rusqlite::Error::InvalidColumnType(..)
+                    | rusqlite::Error::FromSqlConversionFailure(..)
+                    | rusqlite::Error::IntegralValueOutOfRange(..),
+                ..
+            }) => CliError::new(ExitCode::Volume, e.to_string()),
             VolumeError::Db(DbError::Sqlite { .. }) => CliError::new(ExitCode::Io, e.to_string()),
             _ => CliError::new(ExitCode::Volume, e.to_string()),
         }

@@ -198,7 +198,10 @@ fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
                 .filter(|k| !k.is_empty());
             let key_id = match named.or(args.key.as_deref()) {
                 Some(k) => store.key_id(k)?,
-                None => store.create_key(&format!("kmsfs volume at {}", args.backing.display()))?,
+                None => {
+                    let at = std::path::absolute(&args.backing).unwrap_or(args.backing.clone());
+                    store.create_key(&format!("kmsfs volume at {}", at.display()))?
+                }
             };
             let store = std::sync::Arc::new(store);
             let provider = store.provider(&key_id)?;
@@ -255,7 +258,9 @@ fn mount_hint(backing: &std::path::Path, keys: &KeyOptions) -> String {
         ("--config", &keys.config),
     ];
     for (flag, value) in options {
-        if let Some(path) = value {
+        // A host configuration init did not write is no use for mounting.
+        let unused = flag == "--config" && value.as_ref().is_some_and(|p| !p.exists());
+        if let Some(path) = value.as_ref().filter(|_| !unused) {
             hint.push_str(&format!(" {flag} {}", path.display()));
         }
     }

@@ -34,14 +34,12 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
             "sync" => opts.kernel.push(K::Sync),
             "async" => opts.kernel.push(K::Async),
             "dirsync" => opts.kernel.push(K::DirSync),
-            o if o.starts_with("keystore=") => keys.keystore = Some(PathBuf::from(&o["keystore=".len()..])),
-            o if o.starts_with("passphrase_file=") => {
-                keys.passphrase_file = Some(PathBuf::from(&o["passphrase_file=".len()..]))
-            }
-            o if o.starts_with("key_file=") => keys.key_file = Some(PathBuf::from(&o["key_file=".len()..])),
+            o if o.starts_with("keystore=") => keys.keystore = Some(PathBuf::from(value(o)?)),
+            o if o.starts_with("passphrase_file=") => keys.passphrase_file = Some(PathBuf::from(value(o)?)),
+            o if o.starts_with("key_file=") => keys.key_file = Some(PathBuf::from(value(o)?)),
             // Accepted for fstab compatibility; handled by mount(8) or meaningless here.
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" | "relatime" => {}
-            o if o.starts_with("fsname=") => opts.fsname = Some(o["fsname=".len()..].to_string()),
+            o if o.starts_with("fsname=") => opts.fsname = Some(value(o)?.to_string()),
             o if o.starts_with("threads=") => opts.threads = number(o, 1, 64)? as usize,
             o if o.starts_with("sync_threads=") => opts.sync_threads = number(o, 1, 64)? as usize,
             "bdi_defaults" => {
@@ -88,6 +86,17 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
     let kernel_or_root_checks = opts.allow_other || opts.default_permissions || rustix::process::geteuid().is_root();
     opts.cache.open_requests = force_open_requests || !kernel_or_root_checks;
     Ok(opts)
+}
+
+/// The text after `name=` in a mount option, which must not be empty.
+fn value(option: &str) -> Result<&str, CliError> {
+    match option.split_once('=') {
+        Some((_, v)) if !v.is_empty() => Ok(v),
+        _ => Err(CliError::new(
+            ExitCode::Usage,
+            format!("bad mount option {option}: it needs a value"),
+        )),
+    }
 }
 
 /// The number after `name=` in a mount option, within `min..=max`.
@@ -159,6 +168,8 @@ mod tests {
             "attr_timeout=-1",
             "bogus",
             "read_ahead_kb=70000",
+            "fsname=",
+            "keystore=",
         ] {
             let err = parse_one(bad).err().unwrap_or_else(|| panic!("{bad} accepted"));
             assert_eq!(err.code, ExitCode::Usage, "{bad}");

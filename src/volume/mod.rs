@@ -47,6 +47,8 @@ pub enum VolumeError {
     NotEmpty(PathBuf),
     #[error("{0} is not a directory")]
     NotADirectory(PathBuf),
+    #[error("{0} does not exist")]
+    Missing(PathBuf),
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
@@ -112,10 +114,7 @@ fn open_db(backing: &Path) -> Result<MetadataDb, VolumeError> {
         return Err(if backing.exists() {
             VolumeError::NotADirectory(backing.to_path_buf())
         } else {
-            VolumeError::Io {
-                path: backing.to_path_buf(),
-                source: std::io::Error::from(std::io::ErrorKind::NotFound),
-            }
+            VolumeError::Missing(backing.to_path_buf())
         });
     }
     let path = backing.join(DB_FILE);
