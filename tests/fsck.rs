@@ -392,3 +392,26 @@ fn orphan_long_symlink_targets_are_reported_and_erased() {
     assert_eq!(fs::read_link(vol.path("short-link")).unwrap().to_str(), Some("short"));
     m.unmount();
 }
+
+#[test]
+fn a_damaged_file_id_is_restored_from_the_key_that_opens_its_blocks() {
+    let vol = TestVolume::init();
+    let data = Rng::new(77).bytes(10_000);
+    let m = vol.mount();
+    let ((), backing) = new_entry(&vol, &vol.backing, || fs::write(vol.path("kept"), &data).unwrap());
+    m.unmount();
+    flip_bit(&backing, 5); // inside the file id
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 10);
+    assert_eq!(kinds(&report), ["damaged_header", "orphan_key"], "{report}");
+    let (code, report) = fsck(&vol, &["--repair"]);
+    assert_eq!(code, 11, "{report}");
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 0, "{report}");
+    let _m = vol.mount();
+    assert_eq!(
+        fs::read(vol.path("kept")).unwrap(),
+        data,
+        "not quarantined: repaired in place"
+    );
+}

@@ -455,6 +455,46 @@ fn check_xattrs(volume: &Volume, path: &Path, owner: &[u8; 16]) -> Vec<String> {
 }
 
 /// Runs the check; `progress` gets (blocks checked, total blocks).
+/// A file whose header names an id without a key, beside a key no file
+/// names: when that key opens every block of the file, the header's id was
+/// damaged (blocks are bound to their file's true id), and the repair is
+/// to write the true id back, not to quarantine the file and erase its key.
+fn match_damaged_ids(volume: &Volume, w: &mut Walk, orphan_keys: &mut Vec<(FileId, usize)>) {
+    let keyless: Vec<(usize, PathBuf)> = w
+        .rescues
+        .iter()
+        .filter(|r| w.problems[r.problem].kind == "missing_key")
+        .map(|r| (r.problem, r.backing.clone()))
+        .collect();
+    for (problem, path) in keyless {
+        let Ok(file) = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+        else {
+            continue;
+        };
+        let opens = |id: &FileId| {
+            volume.file_cipher(id).is_ok_and(|cipher| {
+                content::check_blocks(&file, &cipher, &|_| ()).is_ok_and(|(blocks, bad)| blocks > 0 && bad.is_empty())
+            })
+        };
+        let Some(at) = orphan_keys.iter().position(|(id, _)| opens(id)) else {
+            continue;
+        };
+        let (id, key_problem) = orphan_keys.remove(at);
+        w.problems[problem].kind = "damaged_header";
+        w.problems[problem].detail = format!(
+            "file id damaged: its blocks open with the key of file {}, its true id",
+            hex(&id)
+        );
+        w.problems[key_problem].detail = format!("data key of file {}, whose header names another id", hex(&id));
+        w.problems[key_problem].repair = Some("kept: it is the damaged file's key".into());
+        w.rescues.retain(|r| r.problem != problem);
+        w.header_fixes.push((path, id, problem));
+    }
+}
+
 pub fn fsck(
     volume: &Volume,
     opts: FsckOptions,
@@ -571,6 +611,7 @@ pub fn fsck(
             orphan_keys.push((id, w.problem(&root, "orphan_key", &root.join(DB_FILE), None, detail)));
         }
     }
+    match_damaged_ids(volume, &mut w, &mut orphan_keys);
     for id in volume.db().link_target_ids()? {
         if !w.long_links.contains(&id) {
             let detail = format!("long symlink target {} that no symlink uses", hex(&id));
