@@ -14,8 +14,12 @@ pub const ALL_REPAIRED: i32 = 11;
 pub const PROBLEMS_REMAIN: i32 = 12;
 
 pub fn fsck(backing: &Path, keys: &KeyOptions, opts: FsckOptions, json: bool) -> Result<i32, CliError> {
-    let _lock = VolumeLock::acquire(backing)
-        .map_err(|e| CliError::new(ExitCode::Mount, format!("{e}; unmount it before fsck")))?;
+    let _lock = VolumeLock::acquire(backing).map_err(|e| match e {
+        held @ kmsfs::volume::lock::LockError::Held { .. } => {
+            CliError::new(ExitCode::Mount, format!("{held}; unmount it before fsck"))
+        }
+        other => CliError::from(other),
+    })?;
     let volume = volumes::open_volume(backing, keys)?;
     let progress = super::progress::Progress::new("checking blocks", json);
     let report = check(&volume, opts, &|done, total| progress.update(done, total))?;
