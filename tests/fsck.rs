@@ -7,32 +7,7 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::{Rng, TestVolume, path_str};
-
-fn fsck(vol: &TestVolume, extra: &[&str]) -> (i32, serde_json::Value) {
-    let mut args = vec!["fsck", "--json", path_str(&vol.backing)];
-    args.extend_from_slice(extra);
-    let out = vol.run(&args);
-    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "fsck output ({e}): {} {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code().unwrap_or(-1), json)
-}
-
-fn kinds(report: &serde_json::Value) -> Vec<String> {
-    let mut k: Vec<String> = report["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["kind"].as_str().unwrap().to_string())
-        .collect();
-    k.sort();
-    k
-}
+use common::{Rng, TestVolume, fsck, kinds, path_str};
 
 /// Backing entries of a directory that are user entries (encrypted names).
 fn entries(dir: &Path) -> Vec<PathBuf> {

@@ -315,16 +315,8 @@ fn key_file_unlocks_and_a_wrong_one_is_refused() {
 }
 
 fn fsck_kinds(vol: &TestVolume) -> (i32, Vec<String>) {
-    let out = vol.run(&["fsck", "--json", path_str(&vol.backing)]);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut kinds: Vec<String> = report["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["kind"].as_str().unwrap().to_string())
-        .collect();
-    kinds.sort();
-    (out.status.code().unwrap(), kinds)
+    let (code, report) = common::fsck(vol, &[]);
+    (code, common::kinds(&report))
 }
 
 #[test]

@@ -157,6 +157,33 @@ pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 test path")
 }
 
+/// `kmsfs fsck --json` with `extra` options: (exit code, report).
+pub fn fsck(vol: &TestVolume, extra: &[&str]) -> (i32, serde_json::Value) {
+    let mut args = vec!["fsck", "--json", path_str(&vol.backing)];
+    args.extend_from_slice(extra);
+    let out = vol.run(&args);
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "fsck output ({e}): {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), json)
+}
+
+/// The kinds of problem an fsck report lists, sorted.
+pub fn kinds(report: &serde_json::Value) -> Vec<String> {
+    let mut k: Vec<String> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap().to_string())
+        .collect();
+    k.sort();
+    k
+}
+
 /// Whether something is mounted at exactly `path`.
 pub fn is_mounted(path: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
