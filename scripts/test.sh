@@ -13,6 +13,8 @@ command -v umount >/dev/null 2>&1 || need_pkgs+=(mount)
 command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
 command -v fsfreeze >/dev/null 2>&1 || need_pkgs+=(util-linux)
 command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
+# POSIX ACL tests: setfacl and getfacl
+command -v setfacl >/dev/null 2>&1 || need_pkgs+=(acl)
 # PKCS#11 peer: SoftHSM2 and pkcs11-tool (to create the token's AES key)
 [ -e /usr/lib/softhsm/libsofthsm2.so ] || need_pkgs+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need_pkgs+=(opensc)
@@ -74,7 +76,8 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["target"]["name"], m["executable"])' > target/test-binaries.txt
     for spec in tree rotation fsck tamper golden fsx stress \
-        "posix rename_semantics hard_links fifos_symlinks fallocate concurrent_writers xattrs_on_files"; do
+        "posix rename_semantics hard_links fifos_symlinks fallocate concurrent_writers xattrs_on_files" \
+        "acl_atime acl_option_on_a_private_mount reads_move"; do
         set -- $spec
         bin=$(awk -v t="$1" '$1 == t {print $2}' target/test-binaries.txt)
         shift

@@ -242,7 +242,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         .reconnect()
         .map_err(|e| report(&mut ready_pipe, kmsfs::volume::VolumeError::from(e).into()))?;
     volume.start_background_flush();
-    let fs = KmsFs::new(Arc::clone(&volume), options.cache).map_err(|e| report(&mut ready_pipe, CliError::from(e)))?;
+    let fs = KmsFs::new(Arc::clone(&volume), options.fs).map_err(|e| report(&mut ready_pipe, CliError::from(e)))?;
     let session = kmsfs::fs::mount(fs, &mountpoint, &options).map_err(|e| {
         report(
             &mut ready_pipe,

@@ -16,6 +16,8 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
         ..MountOptions::default()
     };
     let mut force_open_requests = false;
+    let mut acl = None;
+    let mut nodiratime = false;
     for opt in raw.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
         match opt {
             "ro" => opts.read_only = true,
@@ -29,8 +31,14 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
             "suid" => opts.kernel.push(K::Suid),
             "nodev" => opts.kernel.push(K::NoDev),
             "dev" => opts.kernel.push(K::Dev),
-            "noatime" => opts.kernel.push(K::NoAtime),
-            "atime" => opts.kernel.push(K::Atime),
+            // The backing filesystem's own mount options say how often a
+            // read moves an access time (see fs/atime.rs).
+            "noatime" => opts.fs.file_atime = false,
+            "atime" | "relatime" | "strictatime" => opts.fs.file_atime = true,
+            "nodiratime" => nodiratime = true,
+            "diratime" => nodiratime = false,
+            "acl" => acl = Some(true),
+            "noacl" => acl = Some(false),
             "sync" => opts.kernel.push(K::Sync),
             "async" => opts.kernel.push(K::Async),
             "dirsync" => opts.kernel.push(K::DirSync),
@@ -38,7 +46,7 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
             o if o.starts_with("passphrase_file=") => keys.passphrase_file = Some(PathBuf::from(value(o)?)),
             o if o.starts_with("key_file=") => keys.key_file = Some(PathBuf::from(value(o)?)),
             // Accepted for fstab compatibility; handled by mount(8) or meaningless here.
-            "defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" | "relatime" => {}
+            "defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" => {}
             o if o.starts_with("fsname=") => opts.fsname = Some(value(o)?.to_string()),
             o if o.starts_with("threads=") => opts.threads = number(o, 1, 64)? as usize,
             o if o.starts_with("sync_threads=") => opts.sync_threads = number(o, 1, 64)? as usize,
@@ -52,18 +60,18 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
             o if o.starts_with("bdi_max_ratio=") => opts.bdi.max_ratio = Some(number(o, 1, 100)?),
             o if o.starts_with("bdi_strict_limit=") => opts.bdi.strict_limit = Some(number(o, 0, 1)? == 1),
             o if o.starts_with("read_ahead_kb=") => opts.bdi.read_ahead_kb = Some(number(o, 0, 65536)?),
-            "writeback_cache" => opts.cache.writeback = true,
-            "no_writeback_cache" => opts.cache.writeback = false,
+            "writeback_cache" => opts.fs.writeback = true,
+            "no_writeback_cache" => opts.fs.writeback = false,
             "open_requests" => force_open_requests = true,
-            "noxattr" => opts.cache.xattrs = false,
-            o if o.starts_with("prefetch=") => opts.cache.prefetch_files = number(o, 0, 64)? as usize,
+            "noxattr" => opts.fs.xattrs = false,
+            o if o.starts_with("prefetch=") => opts.fs.prefetch_files = number(o, 0, 64)? as usize,
             o if o.starts_with("write_through_below=") => {
-                opts.cache.write_through_below = u64::from(number(o, 0, 1 << 20)?) << 20
+                opts.fs.write_through_below = u64::from(number(o, 0, 1 << 20)?) << 20
             }
-            "keep_cache" => opts.cache.keep_cache = true,
-            "no_keep_cache" => opts.cache.keep_cache = false,
+            "keep_cache" => opts.fs.keep_cache = true,
+            "no_keep_cache" => opts.fs.keep_cache = false,
             o if o.starts_with("attr_timeout=") => {
-                opts.cache.ttl = o["attr_timeout=".len()..]
+                opts.fs.ttl = o["attr_timeout=".len()..]
                     .parse::<f64>()
                     .ok()
                     .filter(|s| (0.0..=86400.0).contains(s))
@@ -82,9 +90,22 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
         }
     }
     // Without OPEN requests only the kernel checks a file's access mode:
-    // see CacheOptions::open_requests.
+    // see FsOptions::open_requests.
     let kernel_or_root_checks = opts.allow_other || opts.default_permissions || rustix::process::geteuid().is_root();
-    opts.cache.open_requests = force_open_requests || !kernel_or_root_checks;
+    opts.fs.open_requests = force_open_requests || !kernel_or_root_checks;
+    opts.fs.dir_atime = opts.fs.file_atime && !nodiratime;
+    if !opts.fs.file_atime {
+        opts.kernel.push(K::NoAtime);
+    }
+    // ACLs need the kernel's permission checks (FUSE_POSIX_ACL turns them
+    // on): on by default where those are on anyway.
+    opts.fs.posix_acl = acl.unwrap_or((opts.allow_other || opts.default_permissions) && opts.fs.xattrs);
+    if opts.fs.posix_acl && !opts.fs.xattrs {
+        return Err(CliError::new(
+            ExitCode::Usage,
+            "mount options acl and noxattr conflict: ACLs are stored as extended attributes",
+        ));
+    }
     Ok(opts)
 }
 
@@ -147,14 +168,24 @@ mod tests {
         .unwrap();
         assert!(o.read_only && o.allow_other);
         assert_eq!(o.threads, 8);
-        assert_eq!(o.cache.prefetch_files, 0);
+        assert_eq!(o.fs.prefetch_files, 0);
         assert!(o.kernel.contains(&K::NoExec) && o.kernel.contains(&K::Dev) && o.kernel.contains(&K::Suid));
         assert_eq!(k.keystore, Some(PathBuf::from("/k")));
         assert_eq!(k.key_file, Some(PathBuf::from("/f")));
         assert!(parse_one("defaults,noauto,x-systemd.automount,nofail").is_ok());
         assert!(parse_one("nonempty").unwrap().nonempty);
+        let acl = |raw| parse_one(raw).unwrap().fs.posix_acl;
+        assert!(acl("acl") && acl("allow_other") && acl("default_permissions"));
+        assert!(!acl("noacl,allow_other") && !acl("allow_other,noxattr"));
+        let quiet = parse_one("noatime").unwrap().fs;
+        assert!(!quiet.file_atime && !quiet.dir_atime);
+        let conflict = parse_one("noxattr,acl").err().unwrap();
+        assert_eq!(conflict.code, ExitCode::Usage);
+        assert!(conflict.message.contains("acl and noxattr"), "{}", conflict.message);
+        let nodir = parse_one("nodiratime,relatime").unwrap().fs;
+        assert!(nodir.file_atime && !nodir.dir_atime);
         assert_eq!(
-            parse_one("attr_timeout=2.5").unwrap().cache.ttl,
+            parse_one("attr_timeout=2.5").unwrap().fs.ttl,
             std::time::Duration::from_millis(2500)
         );
     }

@@ -78,7 +78,8 @@ fn rekey_through_mount(path: &Path) -> Result<u64, CliError> {
         let len = rustix::fs::listxattr_query(path).unwrap_or(0);
         let mut names = vec![0u8; len];
         let n = rustix::fs::listxattr(path, &mut names[..]).unwrap_or(0);
-        for name in names[..n].split(|&b| b == 0).filter(|s| s.starts_with(b"user.")) {
+        let kept = |name: &&[u8]| name.starts_with(b"user.") || *name == kmsfs::volume::xattrs::ACL_ACCESS;
+        for name in names[..n].split(|&b| b == 0).filter(kept) {
             let name = String::from_utf8_lossy(name).into_owned();
             let size = rustix::fs::getxattr_query(path, name.as_str()).map_err(|e| io(path)(e.into()))?;
             let mut value = vec![0u8; size];

@@ -11,6 +11,7 @@ use fuser::{Errno, FileAttr, FileType};
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat};
 
 use super::KmsFs;
+use super::atime;
 use super::attr::{FsResult, errno, io_errno, to_attr};
 use super::files::lock;
 use super::inodes::{Node, file_type};
@@ -26,12 +27,7 @@ pub struct DirEntry {
 }
 
 pub(super) fn read_all_at(fd: BorrowedFd<'_>, path: &str, max: usize) -> rustix::io::Result<Vec<u8>> {
-    let file = rustix::fs::openat(
-        fd,
-        path,
-        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::empty(),
-    )?;
+    let file = atime::openat_quietly(fd, path, OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW)?;
     let mut buf = vec![0u8; max];
     let mut len = 0;
     while len < max {
@@ -358,12 +354,11 @@ impl KmsFs {
     /// Decrypted listing of a directory, taken at opendir time.
     pub(super) fn list_dir(&self, dir: &Node) -> FsResult<Vec<DirEntry>> {
         let iv = self.dir_iv(dir)?;
-        let fd = rustix::fs::openat(
-            dir.fd()?.as_fd(),
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
+        let dir_fd = dir.fd()?;
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let fd = atime::open_with(self.listing_flags(), flags, |f| {
+            rustix::fs::openat(dir_fd.as_fd(), ".", f, Mode::empty())
+        })
         .map_err(errno)?;
         let mut entries = rustix::fs::Dir::read_from(&fd).map_err(errno)?;
         let mut out = Vec::new();

@@ -9,13 +9,12 @@ use fuser::{Errno, FileHandle, FileType, INodeNo, TimeOrNow};
 use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, Timespec, Timestamps, UTIME_NOW, UTIME_OMIT};
 
 use super::KmsFs;
+use super::atime;
 use super::attr::{FsResult, errno};
 use super::inodes::{Node, file_type};
 use crate::crypto::{BLOCK_SIZE, BlockCipher, Layout};
 use crate::volume::content::{self, ContentError, block_offset};
 use crate::volume::header::{self, HEADER_LEN};
-
-const USER_PREFIX: &[u8] = b"user.";
 
 /// The attributes a setattr request changes.
 pub(super) struct AttrChange {
@@ -73,22 +72,22 @@ fn timespec(t: Option<TimeOrNow>) -> Timespec {
 }
 
 impl KmsFs {
-    /// Opens the backing inode of `node` for I/O. Writers always get read
-    /// access too: partial blocks are read, modified and sealed again.
+    /// Opens the backing inode of `node` for I/O (which never moves its
+    /// access time: see atime.rs). Writers always get read access too:
+    /// partial blocks are read, modified and sealed again.
     pub(super) fn reopen(&self, node: &Node, flags: i32) -> FsResult<File> {
         let mut oflags = if flags & libc::O_ACCMODE == libc::O_RDONLY {
             OFlags::RDONLY
         } else {
             OFlags::RDWR
         };
-        oflags |= OFlags::CLOEXEC
-            | (OFlags::from_bits_retain(flags as u32) & (OFlags::SYNC | OFlags::DSYNC | OFlags::NOATIME));
-        let fd: OwnedFd = match node.reopen(oflags) {
+        oflags |= OFlags::CLOEXEC | (OFlags::from_bits_retain(flags as u32) & (OFlags::SYNC | OFlags::DSYNC));
+        let fd: OwnedFd = match atime::reopen_quietly(node, oflags) {
             Err(e) if e.code() == libc::EMFILE => {
                 // Out of descriptors: give back the cached ones and try once more.
                 self.inodes.release_descriptors();
                 self.node_files.clear();
-                node.reopen(oflags)?
+                atime::reopen_quietly(node, oflags)?
             }
             other => other?,
         };
@@ -256,7 +255,7 @@ impl KmsFs {
 
     /// The cipher of a file about to be written: a header-less (empty,
     /// format 1) file gets its id and data key now.
-    fn cipher_for_write(&self, node: &Node, file: &File) -> FsResult<Arc<BlockCipher>> {
+    pub(super) fn cipher_for_write(&self, node: &Node, file: &File) -> FsResult<Arc<BlockCipher>> {
         if let Some(c) = self.cipher(node, file)? {
             return Ok(c);
         }
@@ -309,6 +308,7 @@ impl KmsFs {
     }
 
     pub(super) fn write(&self, open: &OpenFile, offset: u64, data: &[u8]) -> FsResult<()> {
+        open.node.changed();
         if self.space.is_low() {
             self.reserve(open, offset, data.len() as u64)?;
         }
@@ -340,6 +340,7 @@ impl KmsFs {
     }
 
     pub(super) fn truncate(&self, node: &Node, file: &File, size: u64) -> FsResult<()> {
+        node.changed();
         let _guard = node.content.write().unwrap_or_else(|p| p.into_inner());
         let cipher = if size == 0 {
             match self.cipher(node, file)? {
@@ -353,6 +354,7 @@ impl KmsFs {
     }
 
     pub(super) fn fallocate(&self, open: &OpenFile, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        open.node.changed();
         let keep_size = match mode {
             0 => false,
             libc::FALLOC_FL_KEEP_SIZE => true,
@@ -490,103 +492,6 @@ impl KmsFs {
         rustix::fs::utimensat(node.fd()?.as_fd(), "", &times, AtFlags::EMPTY_PATH).map_err(errno)
     }
 
-    /// The 16 bytes xattr values are bound to: the file id or directory IV.
-    fn xattr_owner(&self, node: &Node, create: bool) -> FsResult<Option<[u8; 16]>> {
-        let st = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?;
-        match file_type(st.st_mode as u32) {
-            FileType::Directory => Ok(Some(self.dir_iv(node)?)),
-            FileType::RegularFile => {
-                let file = self.reopen(node, if create { libc::O_RDWR } else { libc::O_RDONLY })?;
-                if create {
-                    let _guard = node.content.write().unwrap_or_else(|p| p.into_inner());
-                    Ok(Some(*self.cipher_for_write(node, &file)?.file_id()))
-                } else {
-                    Ok(self.cipher(node, &file)?.map(|c| *c.file_id()))
-                }
-            }
-            // Linux permits user.* xattrs on regular files and directories only.
-            _ if create => Err(Errno::EPERM),
-            _ => Ok(None),
-        }
-    }
-
-    fn user_xattr_name<'a>(&self, name: &'a [u8]) -> Option<&'a [u8]> {
-        name.strip_prefix(USER_PREFIX).filter(|rest| !rest.is_empty())
-    }
-
-    pub(super) fn set_xattr(&self, node: &Node, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
-        let Some(short) = self.user_xattr_name(name) else {
-            return Err(Errno::EOPNOTSUPP);
-        };
-        let owner = self.xattr_owner(node, true)?.ok_or(Errno::EPERM)?;
-        let sealed = self.volume.seal_xattr(&owner, short, value);
-        let flags = rustix::fs::XattrFlags::from_bits(flags as u32).ok_or(Errno::EINVAL)?;
-        rustix::fs::setxattr(
-            node.fd()?.proc_path().as_str(),
-            self.volume.xattr_backing_name(short).as_str(),
-            &sealed,
-            flags,
-        )
-        .map_err(errno)
-    }
-
-    pub(super) fn get_xattr(&self, node: &Node, name: &[u8]) -> FsResult<Vec<u8>> {
-        let Some(short) = self.user_xattr_name(name) else {
-            return Err(Errno::NO_XATTR);
-        };
-        let owner = self.xattr_owner(node, false)?.ok_or(Errno::NO_XATTR)?;
-        let backing = self.volume.xattr_backing_name(short);
-        let node_fd = node.fd()?;
-        let path = node_fd.proc_path();
-        let len = rustix::fs::getxattr_query(path.as_str(), backing.as_str()).map_err(errno)?;
-        let mut buf = vec![0u8; len];
-        let n = rustix::fs::getxattr(path.as_str(), backing.as_str(), &mut buf[..]).map_err(errno)?;
-        buf.truncate(n);
-        self.volume.open_xattr(&owner, short, &buf).ok_or_else(|| {
-            log::error!(
-                "xattr {} of {} fails authentication; returning EIO",
-                String::from_utf8_lossy(name),
-                self.describe(node)
-            );
-            Errno::EIO
-        })
-    }
-
-    pub(super) fn list_xattrs(&self, node: &Node) -> FsResult<Vec<u8>> {
-        let st = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?;
-        if !matches!(
-            file_type(st.st_mode as u32),
-            FileType::Directory | FileType::RegularFile
-        ) {
-            return Ok(Vec::new());
-        }
-        let node_fd = node.fd()?;
-        let path = node_fd.proc_path();
-        let len = rustix::fs::listxattr_query(path.as_str()).map_err(errno)?;
-        let mut buf = vec![0u8; len];
-        let n = rustix::fs::listxattr(path.as_str(), &mut buf[..]).map_err(errno)?;
-        let mut out = Vec::new();
-        for backing in buf[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
-            if let Some(name) = self.volume.xattr_plain_name(backing) {
-                out.extend_from_slice(USER_PREFIX);
-                out.extend_from_slice(&name);
-                out.push(0);
-            }
-        }
-        Ok(out)
-    }
-
-    pub(super) fn remove_xattr(&self, node: &Node, name: &[u8]) -> FsResult<()> {
-        let Some(short) = self.user_xattr_name(name) else {
-            return Err(Errno::NO_XATTR);
-        };
-        rustix::fs::removexattr(
-            node.fd()?.proc_path().as_str(),
-            self.volume.xattr_backing_name(short).as_str(),
-        )
-        .map_err(errno)
-    }
-
     pub(super) fn sync_file(&self, open: &OpenFile, datasync: bool) -> FsResult<()> {
         let synced = if datasync {
             open.file.sync_data()
@@ -632,6 +537,7 @@ impl KmsFs {
             mtime,
         } = change;
         let node = self.node(ino)?;
+        node.changed();
         if let Some(size) = size {
             let st = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?;
             match file_type(st.st_mode as u32) {
@@ -654,6 +560,7 @@ impl KmsFs {
         }
         if let Some(mode) = mode {
             self.set_mode(&node, mode)?;
+            self.chmod_acl(&node, mode)?;
         }
         if uid.is_some() || gid.is_some() {
             self.set_owner_of(&node, uid, gid)?;

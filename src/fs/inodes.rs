@@ -38,6 +38,9 @@ pub struct Node {
     unlinked: AtomicBool,
     /// An empty file whose final block authenticated (sealed layout).
     verified_empty: AtomicBool,
+    /// When a read last moved the access time (atime.rs; 0: not since the
+    /// node was looked up or last changed).
+    pub atime_moved: AtomicU64,
 }
 
 impl Node {
@@ -90,6 +93,12 @@ impl Node {
 
     pub fn is_verified_empty(&self) -> bool {
         self.verified_empty.load(Ordering::Relaxed)
+    }
+
+    /// Its data or attributes changed: the next read moves the access time
+    /// again (relatime moves it once it is not newer than the mtime/ctime).
+    pub fn changed(&self) {
+        self.atime_moved.store(0, Ordering::Relaxed);
     }
 
     /// Holds the inode open until the kernel forgets the node.
@@ -184,6 +193,7 @@ impl InodeTable {
             pinned: OnceLock::new(),
             unlinked: AtomicBool::new(false),
             verified_empty: AtomicBool::new(false),
+            atime_moved: AtomicU64::new(0),
         });
         let mut nodes = HashMap::new();
         nodes.insert(ROOT_INO, root);
@@ -236,6 +246,7 @@ impl InodeTable {
                 pinned: OnceLock::new(),
                 unlinked: AtomicBool::new(false),
                 verified_empty: AtomicBool::new(false),
+                atime_moved: AtomicU64::new(0),
             })
         });
         node.lookups.fetch_add(1, Ordering::Relaxed);

@@ -3,6 +3,8 @@
 // `stat` field types differ between architectures; the casts are for the others.
 #![allow(clippy::unnecessary_cast)]
 
+mod acl;
+mod atime;
 mod attr;
 pub mod bdi;
 mod bounded;
@@ -18,6 +20,7 @@ mod remove;
 mod shred;
 mod space;
 mod workers;
+mod xattrs;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -42,7 +45,7 @@ use open_files::{Handle, NO_OPEN_HANDLE};
 
 use crate::volume::Volume;
 use bounded::BoundedCache;
-pub use mount::{CacheOptions, MountOptions, mount};
+pub use mount::{FsOptions, MountOptions, mount};
 pub use mounted::Mounted;
 
 const GENERATION: Generation = Generation(0);
@@ -53,9 +56,9 @@ pub struct KmsFs {
     inodes: InodeTable,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
-    cache: CacheOptions,
+    options: FsOptions,
     /// Backing files of regular files the kernel opened without an OPEN
-    /// request (see `CacheOptions::open_requests`), one per inode.
+    /// request (see `FsOptions::open_requests`), one per inode.
     node_files: BoundedCache<Arc<OpenFile>>,
     /// Erases the keys of removed files whose ids must be read first.
     shredder: shred::Shredder,
@@ -68,30 +71,33 @@ pub struct KmsFs {
     /// `security.capability` lookup per write; the 6.18 kernel here still
     /// sends it (see DESIGN.md), but the bits must be cleared either way.
     kill_suidgid: AtomicBool,
+    /// The kernel enforces POSIX ACLs (FUSE_POSIX_ACL); see acl.rs.
+    acl_on: AtomicBool,
 }
 
 impl KmsFs {
-    pub fn new(volume: Arc<Volume>, cache: CacheOptions) -> io::Result<Self> {
+    pub fn new(volume: Arc<Volume>, options: FsOptions) -> io::Result<Self> {
         let root = rustix::fs::open(
             volume.backing(),
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
         let st = rustix::fs::fstat(&root)?;
-        let space = space::FreeSpace::new(rustix::io::dup(&root)?, cache.write_through_below);
+        let space = space::FreeSpace::new(rustix::io::dup(&root)?, options.write_through_below);
         let inodes = InodeTable::new(root, &st, mount::fd_cache_capacity())?;
         Ok(KmsFs {
             shredder: shred::Shredder::new(Arc::clone(&volume), Arc::clone(&inodes.ids)),
-            read_orders: prefetch::ReadOrders::new(cache.prefetch_files),
+            read_orders: prefetch::ReadOrders::new(options.prefetch_files),
             volume,
             inodes,
             node_files: BoundedCache::new(mount::fd_cache_capacity()),
 
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-            cache,
+            options,
             space,
             kill_suidgid: AtomicBool::new(false),
+            acl_on: AtomicBool::new(false),
         })
     }
 
@@ -122,8 +128,8 @@ impl KmsFs {
         while (index as usize) < entries.len() + 2 {
             let next = index + 1;
             let full = match index {
-                0 => reply.add(dir_attr.ino, next, ".", &self.cache.ttl, &dir_attr, GENERATION),
-                1 => reply.add(dir_attr.ino, next, "..", &self.cache.ttl, &dir_attr, GENERATION),
+                0 => reply.add(dir_attr.ino, next, ".", &self.options.ttl, &dir_attr, GENERATION),
+                1 => reply.add(dir_attr.ino, next, "..", &self.options.ttl, &dir_attr, GENERATION),
                 i => {
                     let entry = &entries[i as usize - 2];
                     let (node, attr) = match self.lookup(&dir, &entry.name) {
@@ -133,7 +139,7 @@ impl KmsFs {
                             continue;
                         }
                     };
-                    let full = reply.add(attr.ino, next, &entry.name, &self.cache.ttl, &attr, GENERATION);
+                    let full = reply.add(attr.ino, next, &entry.name, &self.options.ttl, &attr, GENERATION);
                     if full {
                         self.forget_node(node.ino, 1); // not sent: the kernel did not count it
                     }
@@ -175,7 +181,7 @@ impl fuser::Filesystem for Mounted {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         reply_entry(
             reply,
-            &self.cache.ttl,
+            &self.options.ttl,
             self.node(parent).and_then(|p| self.fs.lookup(&p, name)),
         );
     }
@@ -193,7 +199,7 @@ impl fuser::Filesystem for Mounted {
                 .and_then(|st| self.attr_of(&open.node, &st))
         });
         match via_handle.unwrap_or_else(|| self.node(ino).and_then(|n| self.stat_attr(&n))) {
-            Ok(attr) => reply.attr(&self.cache.ttl, &attr),
+            Ok(attr) => reply.attr(&self.options.ttl, &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -232,7 +238,7 @@ impl fuser::Filesystem for Mounted {
             },
             fh,
         ) {
-            Ok(attr) => reply.attr(&self.cache.ttl, &attr),
+            Ok(attr) => reply.attr(&self.options.ttl, &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -245,18 +251,29 @@ impl fuser::Filesystem for Mounted {
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
-        let result = self
-            .node(parent)
-            .and_then(|p| self.make_node(&p, name, mode & !umask, rdev, owner(req), None))
-            .map(|(node, attr, _)| (node, attr));
-        reply_entry(reply, &self.cache.ttl, result);
+        let result = self.node(parent).and_then(|p| {
+            let (mode, inherited) = self.creation_mode(&p, mode, umask, mode & libc::S_IFMT)?;
+            let initial = xattrs::provisional_mode(mode, inherited.as_ref());
+            let (node, attr, _) = self.make_node(&p, name, initial, rdev, owner(req), None)?;
+            match inherited {
+                None => Ok((node, attr)),
+                Some(_) => Ok((Arc::clone(&node), self.apply_inherited(&node, inherited, mode)?)),
+            }
+        });
+        reply_entry(reply, &self.options.ttl, result);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let result = self
-            .node(parent)
-            .and_then(|p| self.make_dir(&p, name, mode & !umask, owner(req)));
-        reply_entry(reply, &self.cache.ttl, result);
+        let result = self.node(parent).and_then(|p| {
+            let (mode, inherited) = self.creation_mode(&p, libc::S_IFDIR | mode, umask, libc::S_IFDIR)?;
+            let initial = xattrs::provisional_mode(mode, inherited.as_ref());
+            let (node, attr) = self.make_dir(&p, name, initial, owner(req))?;
+            match inherited {
+                None => Ok((node, attr)),
+                Some(_) => Ok((Arc::clone(&node), self.apply_inherited(&node, inherited, mode)?)),
+            }
+        });
+        reply_entry(reply, &self.options.ttl, result);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -271,7 +288,7 @@ impl fuser::Filesystem for Mounted {
         let result = self
             .node(parent)
             .and_then(|p| self.make_symlink(&p, link_name, target.as_os_str().as_bytes(), owner(req)));
-        reply_entry(reply, &self.cache.ttl, result);
+        reply_entry(reply, &self.options.ttl, result);
     }
 
     fn rename(
@@ -297,11 +314,11 @@ impl fuser::Filesystem for Mounted {
             let attr = self.make_link(&n, &np, newname)?;
             Ok((n, attr))
         });
-        reply_entry(reply, &self.cache.ttl, result);
+        reply_entry(reply, &self.options.ttl, result);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if !self.cache.open_requests {
+        if !self.options.open_requests {
             // The kernel then opens files by itself (keeping their page
             // cache) and sends no OPEN or RELEASE again: two round trips
             // less per open. I/O comes with handle 0 (see `node_file`).
@@ -338,6 +355,7 @@ impl fuser::Filesystem for Mounted {
         // Replied to from the decryption buffer on success, else with the error.
         let mut reply = Some(reply);
         let result = self.open_file(ino, fh, false).and_then(|f| {
+            self.file_read(&f.node);
             self.fs.read(&f, offset, size as usize, |data| {
                 if let Some(r) = reply.take() {
                     r.data(data);
@@ -478,7 +496,7 @@ impl fuser::Filesystem for Mounted {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        if !self.cache.xattrs {
+        if !self.options.xattrs {
             return reply.error(Errno::ENOSYS);
         }
         reply_empty(
@@ -489,7 +507,7 @@ impl fuser::Filesystem for Mounted {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if !self.cache.xattrs {
+        if !self.options.xattrs {
             return reply.error(Errno::ENOSYS);
         }
         reply_xattr(
@@ -500,14 +518,14 @@ impl fuser::Filesystem for Mounted {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if !self.cache.xattrs {
+        if !self.options.xattrs {
             return reply.error(Errno::ENOSYS);
         }
         reply_xattr(reply, size, self.node(ino).and_then(|n| self.list_xattrs(&n)));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        if !self.cache.xattrs {
+        if !self.options.xattrs {
             return reply.error(Errno::ENOSYS);
         }
         reply_empty(
@@ -552,22 +570,33 @@ impl fuser::Filesystem for Mounted {
     ) {
         // Without OPEN requests the new file's descriptor serves every later
         // open of it too, so it must allow writing.
-        let access = if flags & libc::O_ACCMODE == libc::O_RDONLY && self.cache.open_requests {
+        let access = if flags & libc::O_ACCMODE == libc::O_RDONLY && self.options.open_requests {
             libc::O_RDONLY
         } else {
             libc::O_RDWR
         };
         let oflags = OFlags::from_bits_retain(access as u32);
         let result = self.node(parent).and_then(|p| {
-            let (node, attr, fd) =
-                self.make_node(&p, name, libc::S_IFREG | (mode & !umask), 0, owner(req), Some(oflags))?;
+            let (mode, inherited) = self.creation_mode(&p, libc::S_IFREG | mode, umask, libc::S_IFREG)?;
+            let initial = xattrs::provisional_mode(mode, inherited.as_ref());
+            let (node, attr, fd) = self.make_node(&p, name, initial, 0, owner(req), Some(oflags))?;
+            let attr = match inherited {
+                None => attr,
+                Some(_) => self.apply_inherited(&node, inherited, mode)?,
+            };
             let file = match fd {
-                Some(fd) => std::fs::File::from(fd),
+                Some(fd) => {
+                    // Its reads are the daemon's (see atime.rs); O_TMPFILE
+                    // and O_CREAT take no O_NOATIME.
+                    let quiet = rustix::fs::fcntl_getfl(&fd).map(|f| f | OFlags::NOATIME);
+                    let _ = quiet.and_then(|f| rustix::fs::fcntl_setfl(&fd, f));
+                    std::fs::File::from(fd)
+                }
                 None => self.reopen(&node, flags)?,
             };
             let writable = access != libc::O_RDONLY;
             let open = Arc::new(OpenFile { node, file, writable });
-            if !self.cache.open_requests {
+            if !self.options.open_requests {
                 // The kernel sends no RELEASE for this handle once it has
                 // stopped sending OPEN: the file joins the per-inode ones.
                 self.node_files.insert(open.node.ino, open);
@@ -576,13 +605,13 @@ impl fuser::Filesystem for Mounted {
             Ok((attr, self.add_handle(Handle::File(open))))
         });
         match result {
-            Ok((attr, fh)) => reply.created(&self.cache.ttl, &attr, GENERATION, fh, self.file_open_flags()),
+            Ok((attr, fh)) => reply.created(&self.options.ttl, &attr, GENERATION, fh, self.file_open_flags()),
             Err(e) => reply.error(e),
         }
     }
 
     fn lseek(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        if self.cache.writeback {
+        if self.options.writeback {
             // Dirty pages the kernel has not written back yet are invisible
             // here, so a hole found in the backing file may hold new data.
             // ENOSYS makes the kernel answer by itself: SEEK_DATA is the

@@ -14,11 +14,12 @@ use super::prefetch;
 use super::workers::WorkerPool;
 use super::{KmsFs, MAX_WRITE, bdi};
 
-/// The kernel caches kmsfs asks for; every change goes through the daemon,
-/// so the kernel's view can only go stale if the backing directory is
-/// changed behind the mount's back (which is unsupported).
+/// How the daemon serves the mount: the kernel caches it asks for (every
+/// change goes through the daemon, so the kernel's view can only go stale
+/// if the backing directory is changed behind the mount's back, which is
+/// unsupported), the requests it takes, and what it keeps of POSIX.
 #[derive(Debug, Clone, Copy)]
-pub struct CacheOptions {
+pub struct FsOptions {
     /// Entry and attribute TTL (`attr_timeout=`).
     pub ttl: Duration,
     /// The kernel writeback cache: writes land in the page cache and reach
@@ -44,11 +45,20 @@ pub struct CacheOptions {
     /// Below this much free space on the backing filesystem, files created
     /// are written through (`write_through_below=MIB`; see space.rs).
     pub write_through_below: u64,
+    /// Reads the daemon serves move a file's access time (not `noatime`);
+    /// see atime.rs.
+    pub file_atime: bool,
+    /// Listings move a directory's access time (not `noatime`/`nodiratime`).
+    pub dir_atime: bool,
+    /// POSIX ACLs (`acl`; on with `allow_other` and `default_permissions`
+    /// unless `noacl`): the kernel enforces them, the daemon stores them as
+    /// encrypted xattrs and inherits default ACLs (see acl.rs).
+    pub posix_acl: bool,
 }
 
-impl Default for CacheOptions {
+impl Default for FsOptions {
     fn default() -> Self {
-        CacheOptions {
+        FsOptions {
             ttl: Duration::from_secs(1),
             writeback: true,
             keep_cache: true,
@@ -56,6 +66,9 @@ impl Default for CacheOptions {
             xattrs: true,
             prefetch_files: prefetch::DEFAULT_WINDOW,
             write_through_below: 256 << 20,
+            file_atime: true,
+            dir_atime: true,
+            posix_acl: false,
         }
     }
 }
@@ -74,7 +87,7 @@ pub struct MountOptions {
     pub threads: usize,
     /// Threads for fsync and fsyncdir (`sync_threads=`).
     pub sync_threads: usize,
-    pub cache: CacheOptions,
+    pub fs: FsOptions,
     /// The kernel's writeback and readahead limits for this mount.
     pub bdi: bdi::BdiTuning,
     /// Further kernel mount flags (`noexec`, `nosuid`, `noatime` …).
@@ -109,7 +122,7 @@ pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result
     // daemon acts with that user's rights: the checks would change nothing
     // but cost a GETATTR of the parent before every create and unlink (the
     // kernel drops the directory's cached attributes on each change).
-    if options.allow_other || options.default_permissions {
+    if options.allow_other || options.default_permissions || options.fs.posix_acl {
         config.mount_options.push(MountOption::DefaultPermissions);
     }
     if options.read_only {
@@ -174,8 +187,13 @@ impl KmsFs {
             (InitFlags::FUSE_PARALLEL_DIROPS, "parallel directory operations"),
             (InitFlags::FUSE_HANDLE_KILLPRIV_V2, "clearing set-ID bits in the daemon"),
         ];
-        if self.cache.writeback {
+        if self.options.writeback {
             wanted.push((InitFlags::FUSE_WRITEBACK_CACHE, "the writeback cache"));
+        }
+        if self.options.posix_acl && self.options.xattrs {
+            // DONT_MASK: the umask is not for the kernel to apply where a
+            // default ACL replaces it (acl.rs applies one or the other).
+            wanted.push((InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK, "POSIX ACLs"));
         }
         for (flags, what) in wanted {
             match config.add_capabilities(flags) {
@@ -184,6 +202,10 @@ impl KmsFs {
             }
             if flags == InitFlags::FUSE_HANDLE_KILLPRIV_V2 {
                 self.kill_suidgid
+                    .store(config.capabilities().contains(flags), Ordering::Relaxed);
+            }
+            if flags.contains(InitFlags::FUSE_POSIX_ACL) {
+                self.acl_on
                     .store(config.capabilities().contains(flags), Ordering::Relaxed);
             }
         }

@@ -25,10 +25,10 @@ impl KmsFs {
     /// every write sent through at once, so that ENOSPC reaches `write`.
     pub(super) fn file_open_flags(&self) -> FopenFlags {
         let mut flags = FopenFlags::empty();
-        if self.cache.keep_cache {
+        if self.options.keep_cache {
             flags |= FopenFlags::FOPEN_KEEP_CACHE;
         }
-        if self.cache.writeback && self.space.is_low() {
+        if self.options.writeback && self.space.is_low() {
             flags |= FopenFlags::FOPEN_DIRECT_IO;
         }
         flags

@@ -128,7 +128,7 @@ impl ReadOrders {
 /// Asks the backing filesystem to start reading a file's first bytes.
 /// Advice only: a failure changes nothing but the speed.
 pub fn start_reading(node: &Node) {
-    if let Ok(fd) = node.reopen(OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW) {
+    if let Ok(fd) = super::atime::reopen_quietly(node, OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW) {
         let _ = rustix::fs::fadvise(&fd, 0, NonZeroU64::new(PREFETCH_BYTES), Advice::WillNeed);
     }
 }

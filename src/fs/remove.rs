@@ -11,6 +11,7 @@ use fuser::{Errno, FileType};
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat};
 
 use super::KmsFs;
+use super::atime;
 use super::attr::{FsResult, errno};
 use super::dirs::{read_all_at, write_new_file};
 use super::inodes::{Node, file_type};
@@ -52,11 +53,10 @@ impl KmsFs {
                 // A file shorter than a header has none, and so no key. The
                 // inode is cached after the stat: opening it reads nothing from disk.
                 None if st.st_size >= HEADER_LEN as i64 => {
-                    orphans.header_of = rustix::fs::openat(
+                    orphans.header_of = atime::openat_quietly(
                         pfd.as_fd(),
                         backing,
                         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
                     )
                     .ok();
                 }
@@ -97,7 +97,7 @@ impl KmsFs {
     pub(super) fn erase_key_of_unlinked(&self, node: &Node) {
         match node.file_id() {
             Some(id) => self.shredder.erase(&id, Some(node.ino)),
-            None => match node.reopen(OFlags::RDONLY | OFlags::CLOEXEC) {
+            None => match atime::reopen_quietly(node, OFlags::RDONLY | OFlags::CLOEXEC) {
                 Ok(file) => self.shredder.shred(file),
                 Err(e) => log::error!(
                     "cannot read the header of removed file {} ({e:?}); its key stays until fsck --repair",
@@ -124,11 +124,10 @@ impl KmsFs {
     /// Removes the IV of an empty directory so the backing rmdir/rename can
     /// proceed; returns it so it can be put back if that fails.
     fn strip_empty_dir(&self, parent: &Node, backing: &str) -> FsResult<Vec<u8>> {
-        let dir = rustix::fs::openat(
+        let dir = atime::openat_quietly(
             parent.fd()?.as_fd(),
             backing,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
         )
         .map_err(errno)?;
         let mut entries = rustix::fs::Dir::read_from(&dir).map_err(errno)?;

@@ -13,6 +13,7 @@ pub mod rescue;
 pub mod rotate;
 #[cfg(test)]
 mod tests;
+pub mod xattrs;
 
 use std::collections::HashMap;
 use std::fs;
@@ -25,9 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use crate::crypto::{
-    BlockCipher, DIR_IV_LEN, FileId, Layout, NameCipher, NameError, Sealer, SecretKey, WrappedKey, random_array,
-};
+use crate::crypto::{BlockCipher, FileId, Layout, NameCipher, NameError, Sealer, SecretKey, WrappedKey, random_array};
 use crate::kms::{EncryptionContext, KeyProvider, KmsError};
 use db::{DB_FILE, DbError, FORMAT_VERSION, MetadataDb, VolumeKeyRow, VolumeRow};
 use keyring::{KeyRing, secret_aad};
@@ -484,28 +483,6 @@ impl Volume {
         }
         aad
     }
-
-    /// Backing name of a `user.*` xattr (`name` is the part after `user.`).
-    pub fn xattr_backing_name(&self, name: &[u8]) -> String {
-        format!("user.kmsfs.{}", self.xattr_names.encrypt(&[0u8; DIR_IV_LEN], name))
-    }
-
-    pub fn xattr_plain_name(&self, backing: &[u8]) -> Option<Vec<u8>> {
-        let encrypted = backing.strip_prefix(b"user.kmsfs.")?;
-        self.xattr_names.decrypt(&[0u8; DIR_IV_LEN], encrypted).ok()
-    }
-
-    /// xattr values are bound to their owner (file id or directory IV) and name.
-    pub fn seal_xattr(&self, owner: &[u8; 16], name: &[u8], value: &[u8]) -> Vec<u8> {
-        self.xattr_values.seal(&xattr_aad(owner, name), value)
-    }
-
-    pub fn open_xattr(&self, owner: &[u8; 16], name: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
-        self.xattr_values
-            .open(&xattr_aad(owner, name), sealed)
-            .ok()
-            .map(|v| v.to_vec())
-    }
 }
 
 /// Sealed targets at least this long go to the DB (a symlink target must be
@@ -523,10 +500,6 @@ pub(crate) fn long_link_id(stored: &[u8]) -> Option<[u8; 16]> {
         id[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
     }
     Some(id)
-}
-
-fn xattr_aad(owner: &[u8; 16], name: &[u8]) -> Vec<u8> {
-    [b"kmsfs-xattr-v1\0".as_slice(), owner, name].concat()
 }
 
 impl Drop for Volume {

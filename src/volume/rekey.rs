@@ -132,13 +132,13 @@ pub fn rekey_backing_file(volume: &Volume, path: &Path) -> Result<RekeyOutcome, 
     }
 }
 
-/// Copies the `user.*` xattrs, sealing their values again for the new file id.
+/// Copies the xattrs (`user.*` and ACLs), sealing their values again for the new file id.
 fn copy_xattrs(volume: &Volume, from: &Path, to: &Path, old_id: &FileId, new_id: &FileId) -> Result<(), VolumeError> {
     let len = rustix::fs::listxattr_query(from).unwrap_or(0);
     let mut names = vec![0u8; len];
     let n = rustix::fs::listxattr(from, &mut names[..]).unwrap_or(0);
     for backing in names[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
-        let Some(name) = volume.xattr_plain_name(backing) else {
+        let Some(name) = volume.xattr_stored_name(backing) else {
             continue;
         };
         let backing = std::str::from_utf8(backing).unwrap_or_default();
@@ -149,7 +149,7 @@ fn copy_xattrs(volume: &Volume, from: &Path, to: &Path, old_id: &FileId, new_id:
             .open_xattr(old_id, &name, &sealed[..got])
             .ok_or_else(|| VolumeError::Tampered {
                 volume: from.to_path_buf(),
-                what: format!("xattr user.{}", String::from_utf8_lossy(&name)),
+                what: format!("xattr {}", String::from_utf8_lossy(&name.full_name())),
             })?;
         let resealed = volume.seal_xattr(new_id, &name, &value);
         rustix::fs::setxattr(to, backing, &resealed, rustix::fs::XattrFlags::empty()).map_err(|e| io(to)(e.into()))?;

@@ -432,14 +432,14 @@ const PAGE_SIZE: u64 = 4096;
 const TORN_TAIL: &str = "; the file ends at a page boundary inside its last block, \
     as a write cut short by a crash or kill -9 leaves it (or a truncation of the backing file)";
 
-/// Checks `user.*` xattrs of a file or directory against their owner id.
+/// Checks the xattrs (`user.*` and ACLs) of a file or directory against their owner id.
 fn check_xattrs(volume: &Volume, path: &Path, owner: &[u8; 16]) -> Vec<String> {
     let mut bad = Vec::new();
     let len = rustix::fs::listxattr_query(path).unwrap_or(0);
     let mut names = vec![0u8; len];
     let n = rustix::fs::listxattr(path, &mut names[..]).unwrap_or(0);
     for backing in names[..n].split(|&b| b == 0).filter(|s| s.starts_with(b"user.kmsfs.")) {
-        let Some(name) = volume.xattr_plain_name(backing) else {
+        let Some(name) = volume.xattr_stored_name(backing) else {
             bad.push(String::from_utf8_lossy(backing).into_owned());
             continue;
         };
@@ -448,7 +448,7 @@ fn check_xattrs(volume: &Volume, path: &Path, owner: &[u8; 16]) -> Vec<String> {
         let mut value = vec![0u8; size];
         let got = rustix::fs::getxattr(path, key.as_str(), &mut value[..]).unwrap_or(0);
         if volume.open_xattr(owner, &name, &value[..got]).is_none() {
-            bad.push(format!("user.{}", String::from_utf8_lossy(&name)));
+            bad.push(String::from_utf8_lossy(&name.full_name()).into_owned());
         }
     }
     bad
