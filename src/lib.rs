@@ -4,10 +4,12 @@
 //! - [`crypto`]: keys, AES-256-GCM-SIV blocks, name encryption;
 //! - [`kms`]: key providers holding the master key;
 //! - [`volume`]: the backing directory, headers, blocks and the metadata DB;
-//! - [`fs`]: the FUSE adapter.
+//! - [`fs`]: the FUSE adapter;
+//! - [`util`]: hex, the clock and poison-tolerant locks, for all of them.
 
 pub mod crypto;
 pub mod fs;
 pub mod kms;
 pub mod test_hooks;
+pub mod util;
 pub mod volume;

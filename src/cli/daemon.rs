@@ -207,7 +207,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let volume = Arc::new(Volume::open(&backing, provider)?);
     log::info!(
         "volume {} opened with {} provider call(s)",
-        kmsfs::kms::hex(&row.volume_id),
+        kmsfs::util::hex(&row.volume_id),
         volume.provider_calls()
     );
 

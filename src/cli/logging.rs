@@ -32,7 +32,7 @@ impl log::Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let syslog = self.syslog.lock().unwrap_or_else(|p| p.into_inner());
+        let syslog = kmsfs::util::lock(&self.syslog);
         match syslog.as_ref() {
             Some(socket) => {
                 // RFC 3164: <facility daemon (3) * 8 + severity>tag[pid]: message
@@ -91,7 +91,7 @@ pub fn to_syslog() {
     let path = std::env::var_os("KMSFS_LOG_SOCKET").unwrap_or_else(|| SYSLOG_SOCKET.into());
     let Some(logger) = LOGGER.get() else { return };
     match UnixDatagram::unbound().and_then(|s| s.connect(&path).map(|()| s)) {
-        Ok(socket) => *logger.syslog.lock().unwrap_or_else(|p| p.into_inner()) = Some(socket),
+        Ok(socket) => *kmsfs::util::lock(&logger.syslog) = Some(socket),
         Err(e) => log::warn!(
             "no syslog at {} ({e}): the daemon's log is lost; use --log-file",
             Path::new(&path).display()

@@ -164,7 +164,7 @@ fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
                 kms: kmsfs::kms::uri::without_secrets(raw),
                 backing: Some(std::fs::canonicalize(&args.backing).unwrap_or(args.backing.clone())),
             };
-            host_config::HostConfig::record(&config_path, &kmsfs::kms::hex(&row.volume_id), entry).map_err(|e| {
+            host_config::HostConfig::record(&config_path, &kmsfs::util::hex(&row.volume_id), entry).map_err(|e| {
                 CliError::new(
                     e.code,
                     format!(
@@ -211,7 +211,7 @@ fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
             )
         }
     };
-    let volume_id = kmsfs::kms::hex(&row.volume_id);
+    let volume_id = kmsfs::util::hex(&row.volume_id);
     if args.json {
         let out = serde_json::json!({
             "volume_id": volume_id,

@@ -5,7 +5,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use kmsfs::crypto::random_array;
-use kmsfs::kms::hex;
+use kmsfs::util::hex;
 use kmsfs::volume::Volume;
 use kmsfs::volume::lock::VolumeLock;
 use kmsfs::volume::rekey::{finish_copy, kill_hook, rekey_backing_file};

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kmsfs::kms::hex;
+use kmsfs::util::hex;
 use kmsfs::volume::db::DB_FILE;
 use kmsfs::volume::lock::VolumeLock;
 

@@ -39,7 +39,7 @@ fn configured_uri(row: &VolumeRow, keys: &KeyOptions) -> Result<Result<(Provider
     }
     let path = host_config::path(keys.config.as_deref())?;
     let config = HostConfig::load(&path)?;
-    match config.volume(&kmsfs::kms::hex(&row.volume_id)) {
+    match config.volume(&kmsfs::util::hex(&row.volume_id)) {
         Some(entry) => {
             let uri = ProviderUri::parse(&entry.kms).map_err(|e| {
                 CliError::new(
@@ -100,7 +100,7 @@ pub fn provider_for(backing: &Path, row: &VolumeRow, keys: &KeyOptions) -> Resul
                      writes one); kmsfs contacts no provider a volume alone names",
                     backing.display(),
                     super::printable(&recorded.to_string()),
-                    kmsfs::kms::hex(&row.volume_id),
+                    kmsfs::util::hex(&row.volume_id),
                     config.display()
                 ),
             ));

@@ -10,11 +10,11 @@
 //! hour) reads one byte of it through such a descriptor. `utimensat` is no
 //! way to do it: it moves the ctime too. Under `noatime` nothing moves.
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use rustix::fs::{Mode, OFlags};
+use rustix::fs::OFlags;
 
 use super::KmsFs;
 use super::inodes::Node;
@@ -23,9 +23,8 @@ use super::inodes::Node;
 /// moves it at most once a day once it is newer than the mtime).
 const RETOUCH_AFTER_SECS: u64 = 3600;
 
-/// Opens with `quiet` (O_NOATIME) if it is not empty, or without it where the
-/// backing filesystem refuses it (only an owner or CAP_FOWNER may ask: a
-/// non-root daemon on files it did not create).
+/// Opens with `quiet` (O_NOATIME) if it is not empty, or without it where
+/// the backing filesystem refuses it (see `namespace::openat_quietly`).
 pub(super) fn open_with<T>(
     quiet: OFlags,
     flags: OFlags,
@@ -35,13 +34,6 @@ pub(super) fn open_with<T>(
         Err(rustix::io::Errno::PERM) if !quiet.is_empty() => open(flags),
         other => other,
     }
-}
-
-/// `openat` for the daemon's own reads.
-pub(super) fn openat_quietly(dir: BorrowedFd<'_>, path: &str, flags: OFlags) -> rustix::io::Result<OwnedFd> {
-    open_with(OFlags::NOATIME, flags, |f| {
-        rustix::fs::openat(dir, path, f, Mode::empty())
-    })
 }
 
 /// Reopens a node's backing inode for the daemon's own I/O.

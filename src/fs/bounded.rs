@@ -28,7 +28,7 @@ impl<V: Clone> BoundedCache<V> {
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry<V>>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+        crate::util::lock(&self.map)
     }
 
     pub fn get(&self, key: u64) -> Option<V> {

@@ -2,8 +2,7 @@
 //! and renaming entries in the backing directory.
 
 use std::ffi::{OsStr, OsString};
-use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
@@ -13,11 +12,12 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat};
 use super::KmsFs;
 use super::atime;
 use super::attr::{FsResult, errno, io_errno, to_attr};
-use super::files::lock;
 use super::inodes::{Node, file_type};
 use crate::crypto::{BlockCipher, random_array};
-use crate::kms::hex;
-use crate::volume::layout::{self, BackingName, DIR_IV_FILE, DirIv, Entry, NAME_MAX, TEMP_PREFIX};
+use crate::util::hex;
+use crate::util::lock;
+use crate::volume::layout::{self, BackingName, DIR_IV_FILE, DirIv, NAME_MAX, TEMP_PREFIX};
+use crate::volume::namespace;
 
 /// One entry of a directory listing snapshot.
 pub struct DirEntry {
@@ -26,52 +26,13 @@ pub struct DirEntry {
     pub kind: FileType,
 }
 
-pub(super) fn read_all_at(fd: BorrowedFd<'_>, path: &str, max: usize) -> rustix::io::Result<Vec<u8>> {
-    let file = atime::openat_quietly(fd, path, OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW)?;
-    let mut buf = vec![0u8; max];
-    let mut len = 0;
-    while len < max {
-        let n = rustix::io::read(&file, &mut buf[len..])?;
-        if n == 0 {
-            break;
-        }
-        len += n;
-    }
-    buf.truncate(len);
-    Ok(buf)
-}
-
-pub(super) fn write_new_file(dir: BorrowedFd<'_>, name: &str, content: &[u8], durable: bool) -> rustix::io::Result<()> {
-    let fd = rustix::fs::openat(
-        dir,
-        name,
-        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::from_raw_mode(0o444),
-    )?;
-    let mut file = std::fs::File::from(fd);
-    file.write_all(content)
-        .map_err(|e| rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))?;
-    if durable {
-        rustix::fs::fsync(&file)?;
-    }
-    Ok(())
-}
-
 impl KmsFs {
     pub(super) fn dir_iv(&self, dir: &Node) -> FsResult<DirIv> {
         if let Some(iv) = dir.dir_iv.get() {
             return Ok(*iv);
         }
-        let bytes = read_all_at(dir.fd()?.as_fd(), DIR_IV_FILE, 16).map_err(|e| {
-            log::error!("directory {} has no readable IV file: {e}", self.describe(dir));
-            Errno::EIO
-        })?;
-        let iv: DirIv = bytes.as_slice().try_into().map_err(|_| {
-            log::error!(
-                "directory {}: IV file is {} bytes, expected 16",
-                self.describe(dir),
-                bytes.len()
-            );
+        let iv = namespace::read_dir_iv(dir.fd()?.as_fd()).map_err(|e| {
+            log::error!("directory {}: {e}", self.describe(dir));
             Errno::EIO
         })?;
         Ok(*dir.dir_iv.get_or_init(|| iv))
@@ -87,21 +48,16 @@ impl KmsFs {
     }
 
     pub(super) fn write_sidecar(&self, parent: &Node, name: &BackingName) -> FsResult<()> {
-        if let Some((sidecar, content)) = name.sidecar() {
-            write_new_file(parent.fd()?.as_fd(), &sidecar, content.as_bytes(), false).map_err(errno)?;
-        }
-        Ok(())
+        namespace::write_sidecar(parent.fd()?.as_fd(), name).map_err(|e| io_errno(&e))
     }
 
     pub(super) fn remove_sidecar(&self, parent: &Node, name: &BackingName) {
-        if let Some((sidecar, _)) = name.sidecar() {
-            let removed = parent
-                .fd()
-                .map_err(|e| rustix::io::Errno::from_raw_os_error(e.code()))
-                .and_then(|pfd| rustix::fs::unlinkat(pfd.as_fd(), sidecar.as_str(), AtFlags::empty()));
-            if let Err(e) = removed {
-                log::warn!("removing long-name sidecar in {}: {e}", self.describe(parent));
-            }
+        let removed = parent
+            .fd()
+            .map_err(|e| std::io::Error::from_raw_os_error(e.code()))
+            .and_then(|pfd| namespace::remove_sidecar(pfd.as_fd(), name));
+        if let Err(e) = removed {
+            log::warn!("removing long-name sidecar in {}: {e}", self.describe(parent));
         }
     }
 
@@ -270,8 +226,7 @@ impl KmsFs {
                 Mode::empty(),
             )
             .map_err(errno)?;
-            let iv: DirIv = random_array();
-            write_new_file(dir.as_fd(), DIR_IV_FILE, &iv, true).map_err(errno)?;
+            namespace::create_dir_iv(dir.as_fd()).map_err(|e| io_errno(&e))?;
             rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode & 0o7777)).map_err(errno)?;
             self.set_owner(parent, &tmp, owner.0, owner.1)?;
             self.write_sidecar(parent, &backing)?;
@@ -365,19 +320,8 @@ impl KmsFs {
         while let Some(entry) = entries.read() {
             let entry = entry.map_err(errno)?;
             let raw = entry.file_name().to_bytes();
-            let decrypted = match layout::classify(raw) {
-                Entry::Internal => continue,
-                Entry::Short(enc) => self.volume.names().decrypt(&iv, enc.as_bytes()),
-                Entry::Long { hashed, sidecar } => match read_all_at(fd.as_fd(), &sidecar, 4096) {
-                    Ok(content) => layout::decrypt_long(self.volume.names(), &iv, hashed, &content),
-                    Err(e) => {
-                        log::warn!(
-                            "directory {}: long name {hashed} has no readable sidecar ({e}); hidden",
-                            self.describe(dir)
-                        );
-                        continue;
-                    }
-                },
+            let Some(decrypted) = namespace::plain_name(self.volume.names(), fd.as_fd(), &iv, raw) else {
+                continue;
             };
             match decrypted {
                 Ok(name) => out.push(DirEntry {

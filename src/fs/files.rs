@@ -10,11 +10,13 @@ use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, Timespec, Timestamps, UT
 
 use super::KmsFs;
 use super::atime;
-use super::attr::{FsResult, errno};
+use super::attr::{FsResult, errno, io_errno};
 use super::inodes::{Node, file_type};
 use crate::crypto::{BLOCK_SIZE, BlockCipher, Layout};
+use crate::util::lock;
 use crate::volume::content::{self, ContentError, block_offset};
 use crate::volume::header::{self, HEADER_LEN};
+use crate::volume::namespace::{self, FileIdRead};
 
 /// The attributes a setattr request changes.
 pub(super) struct AttrChange {
@@ -34,10 +36,6 @@ pub struct OpenFile {
     pub file: File,
     /// Opened for writing (a read-only one cannot serve writes).
     pub writable: bool,
-}
-
-pub(super) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn timespec(t: Option<TimeOrNow>) -> Timespec {
@@ -100,10 +98,10 @@ impl KmsFs {
         if let Some(c) = cached.as_ref() {
             return Ok(Some(Arc::clone(c)));
         }
-        let mut head = [0u8; HEADER_LEN];
-        let got = rustix::io::pread(file, &mut head, 0).map_err(errno)?;
-        if got == 0 {
-            if self.volume.layout() == Layout::Sealed {
+        let id = match namespace::read_file_id(file).map_err(|e| io_errno(&e))? {
+            FileIdRead::Id(id) => id,
+            FileIdRead::Empty if self.volume.layout() != Layout::Sealed => return Ok(None),
+            FileIdRead::Empty => {
                 log::error!(
                     "file {}: backing file is empty, but every file of this volume has a header \
                      (cut to 0 bytes, or its creation was interrupted); returning EIO",
@@ -111,12 +109,11 @@ impl KmsFs {
                 );
                 return Err(Errno::EIO);
             }
-            return Ok(None);
-        }
-        let id = header::decode(&head[..got]).map_err(|e| {
-            log::error!("file {}: damaged header ({e})", self.describe(node));
-            Errno::EIO
-        })?;
+            FileIdRead::Damaged { error, .. } => {
+                log::error!("file {}: damaged header ({error})", self.describe(node));
+                return Err(Errno::EIO);
+            }
+        };
         self.claim_id(node, &id)?;
         let cipher = Arc::new(self.volume.file_cipher(&id).map_err(|e| {
             log::error!("file {}: {e}", self.describe(node));
@@ -143,7 +140,7 @@ impl KmsFs {
             return None;
         }
         // Writers change the length in steps under the content lock: look again under it.
-        let _guard = node.content.read().unwrap_or_else(|p| p.into_inner());
+        let _guard = crate::util::read(&node.content);
         let len = rustix::fs::fstat(node.fd().ok()?.as_fd()).ok()?.st_size as u64;
         if ok_or_empty(len) {
             return None;
@@ -175,7 +172,7 @@ impl KmsFs {
                 "file {}: backing inode has the same file id ({}) as inode {other}: one backing file \
                  was copied over another's name; returning EIO (run fsck)",
                 self.describe(node),
-                crate::kms::hex(id)
+                crate::util::hex(id)
             );
             Errno::EIO
         })
@@ -300,7 +297,7 @@ impl KmsFs {
         size: usize,
         reply: impl FnOnce(&[u8]) -> R,
     ) -> FsResult<R> {
-        let _guard = open.node.content.read().unwrap_or_else(|p| p.into_inner());
+        let _guard = crate::util::read(&open.node.content);
         let Some(cipher) = self.cipher(&open.node, &open.file)? else {
             return Ok(reply(&[]));
         };
@@ -312,7 +309,7 @@ impl KmsFs {
         if self.space.is_low() {
             self.reserve(open, offset, data.len() as u64)?;
         }
-        let content_lock = || open.node.content.write().unwrap_or_else(|p| p.into_inner());
+        let content_lock = || crate::util::write(&open.node.content);
         // A node's cipher never changes once known, so with it at hand the
         // sealing can start before the content lock (see `content::write_under`).
         let known = lock(&open.node.cipher).as_ref().map(Arc::clone);
@@ -341,7 +338,7 @@ impl KmsFs {
 
     pub(super) fn truncate(&self, node: &Node, file: &File, size: u64) -> FsResult<()> {
         node.changed();
-        let _guard = node.content.write().unwrap_or_else(|p| p.into_inner());
+        let _guard = crate::util::write(&node.content);
         let cipher = if size == 0 {
             match self.cipher(node, file)? {
                 Some(c) => c,

@@ -71,11 +71,7 @@ impl Node {
 
     /// The file id, once its header was read or written.
     pub fn file_id(&self) -> Option<FileId> {
-        self.cipher
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|c| *c.file_id())
+        crate::util::lock(&self.cipher).as_ref().map(|c| *c.file_id())
     }
 
     /// Marks the node as having lost its last name; see `unlinked`.
@@ -131,7 +127,7 @@ pub struct LiveIds(Mutex<HashMap<FileId, u64>>);
 
 impl LiveIds {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<FileId, u64>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        crate::util::lock(&self.0)
     }
 
     /// Records that node `ino` has file id `id`; Err(other node) if another
@@ -218,14 +214,14 @@ impl InodeTable {
     }
 
     pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
-        self.nodes.read().unwrap_or_else(|p| p.into_inner()).get(&ino).cloned()
+        crate::util::read(&self.nodes).get(&ino).cloned()
     }
 
     /// Registers a lookup of the inode behind `fd` (counted once), reusing
     /// the existing node for hard links and repeated lookups.
     pub fn remember(&self, fd: OwnedFd, stat: &Stat) -> Arc<Node> {
         let ino = self.fuse_ino(stat.st_ino as u64);
-        let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+        let mut nodes = crate::util::write(&self.nodes);
         let node = nodes.entry(ino).or_insert_with(|| {
             let fd = Arc::new(fd);
             let locator = match handle_of(fd.as_fd()).filter(|_| self.handles_open) {
@@ -268,7 +264,7 @@ impl InodeTable {
         if ino == ROOT_INO {
             return None;
         }
-        let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+        let mut nodes = crate::util::write(&self.nodes);
         let node = nodes.get(&ino)?;
         let before = node
             .lookups
@@ -286,7 +282,7 @@ impl InodeTable {
 
     /// Every node that lost its last name and is still held (at unmount).
     pub fn unlinked_nodes(&self) -> Vec<Arc<Node>> {
-        let nodes = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        let nodes = crate::util::read(&self.nodes);
         nodes.values().filter(|n| n.is_unlinked()).cloned().collect()
     }
 }

@@ -9,7 +9,6 @@
 //! ones to a pool was measured and costs a second cross-CPU wake-up per
 //! request (DESIGN.md, "Request threads").
 
-use std::ops::Deref;
 use std::sync::Arc;
 
 use fuser::{FileHandle, INodeNo, ReplyEmpty};
@@ -24,13 +23,6 @@ pub struct Mounted {
     pub(super) fs: Arc<KmsFs>,
     pub(super) syncs: WorkerPool,
     pub(super) prefetches: WorkerPool,
-}
-
-impl Deref for Mounted {
-    type Target = KmsFs;
-    fn deref(&self) -> &KmsFs {
-        &self.fs
-    }
 }
 
 impl Mounted {
@@ -54,10 +46,11 @@ impl Mounted {
     /// directory are being read in listing order, asks for the next ones.
     pub(super) fn prefetch_after(&self, ino: INodeNo) {
         let nodes: Vec<_> = self
+            .fs
             .read_orders
             .next_after(ino.0)
             .into_iter()
-            .filter_map(|next| self.inodes.get(next))
+            .filter_map(|next| self.fs.inodes.get(next))
             .collect();
         if !nodes.is_empty() {
             self.prefetches

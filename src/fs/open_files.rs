@@ -36,10 +36,7 @@ impl KmsFs {
 
     pub(super) fn add_handle(&self, handle: Handle) -> FileHandle {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, handle);
+        crate::util::lock(&self.handles).insert(fh, handle);
         FileHandle(fh)
     }
 
@@ -50,7 +47,7 @@ impl KmsFs {
         if fh.0 == NO_OPEN_HANDLE {
             return self.node_file(ino, write);
         }
-        match self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0) {
+        match crate::util::lock(&self.handles).get(&fh.0) {
             Some(Handle::File(f)) => Ok(Arc::clone(f)),
             _ => Err(Errno::EBADF),
         }
@@ -82,13 +79,13 @@ impl KmsFs {
     }
 
     pub(super) fn dir_listing(&self, fh: FileHandle) -> FsResult<Arc<Vec<DirEntry>>> {
-        match self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0) {
+        match crate::util::lock(&self.handles).get(&fh.0) {
             Some(Handle::Dir(d)) => Ok(Arc::clone(d)),
             _ => Err(Errno::EBADF),
         }
     }
 
     pub(super) fn drop_handle(&self, fh: FileHandle) {
-        self.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        crate::util::lock(&self.handles).remove(&fh.0);
     }
 }

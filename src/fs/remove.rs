@@ -8,15 +8,14 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use fuser::{Errno, FileType};
-use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat};
+use rustix::fs::{AtFlags, OFlags, RenameFlags, Stat};
 
 use super::KmsFs;
 use super::atime;
-use super::attr::{FsResult, errno};
-use super::dirs::{read_all_at, write_new_file};
+use super::attr::{FsResult, errno, io_errno};
 use super::inodes::{Node, file_type};
 use crate::volume::header::HEADER_LEN;
-use crate::volume::layout::DIR_IV_FILE;
+use crate::volume::namespace;
 
 /// What becomes garbage when an inode loses its last name.
 #[derive(Default)]
@@ -53,7 +52,7 @@ impl KmsFs {
                 // A file shorter than a header has none, and so no key. The
                 // inode is cached after the stat: opening it reads nothing from disk.
                 None if st.st_size >= HEADER_LEN as i64 => {
-                    orphans.header_of = atime::openat_quietly(
+                    orphans.header_of = namespace::openat_quietly(
                         pfd.as_fd(),
                         backing,
                         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
@@ -124,43 +123,24 @@ impl KmsFs {
     /// Removes the IV of an empty directory so the backing rmdir/rename can
     /// proceed; returns it so it can be put back if that fails.
     fn strip_empty_dir(&self, parent: &Node, backing: &str) -> FsResult<Vec<u8>> {
-        let dir = atime::openat_quietly(
+        let dir = namespace::openat_quietly(
             parent.fd()?.as_fd(),
             backing,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         )
         .map_err(errno)?;
-        let mut entries = rustix::fs::Dir::read_from(&dir).map_err(errno)?;
-        while let Some(entry) = entries.read() {
-            let entry = entry.map_err(errno)?;
-            let n = entry.file_name().to_bytes();
-            if n != b"." && n != b".." && n != DIR_IV_FILE.as_bytes() {
-                return Err(Errno::ENOTEMPTY);
-            }
-        }
-        let iv = read_all_at(dir.as_fd(), DIR_IV_FILE, 16).unwrap_or_default();
-        match rustix::fs::unlinkat(&dir, DIR_IV_FILE, AtFlags::empty()) {
-            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(iv),
-            Err(e) => Err(errno(e)),
-        }
+        namespace::take_dir_iv(dir.as_fd()).map_err(|e| io_errno(&e))
     }
 
     fn restore_dir_iv(&self, parent: &Node, backing: &str, iv: &[u8]) {
-        if iv.is_empty() {
-            return;
-        }
         let restored = parent
             .fd()
-            .map_err(|e| rustix::io::Errno::from_raw_os_error(e.code()))
+            .map_err(|e| std::io::Error::from_raw_os_error(e.code()))
             .and_then(|pfd| {
-                rustix::fs::openat(
-                    pfd.as_fd(),
-                    backing,
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
+                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                Ok(namespace::openat_quietly(pfd.as_fd(), backing, flags)?)
             })
-            .and_then(|dir| write_new_file(dir.as_fd(), DIR_IV_FILE, iv, true));
+            .and_then(|dir| namespace::restore_dir_iv(dir.as_fd(), iv));
         if let Err(e) = restored {
             log::error!(
                 "could not restore the IV of directory {backing} in {}: {e}",

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use super::inodes::LiveIds;
 use crate::crypto::FileId;
 use crate::volume::Volume;
-use crate::volume::header::{self, HEADER_LEN};
+use crate::volume::namespace::{self, FileIdRead};
 
 /// Files waiting for their id to be read.
 const QUEUE: usize = 256;
@@ -39,7 +39,7 @@ fn erase(volume: &Volume, ids: &LiveIds, id: &FileId, ino: Option<u64>) {
         Some(other) => log::warn!(
             "removed file's id {} is also the id of inode {other} (a backing file copied over \
              another's name; fsck reports both): its key is kept",
-            crate::kms::hex(id)
+            crate::util::hex(id)
         ),
         None => volume.forget_file_key(id),
     }
@@ -47,13 +47,13 @@ fn erase(volume: &Volume, ids: &LiveIds, id: &FileId, ino: Option<u64>) {
 
 /// Reads the id of a removed file and queues the deletion of its key.
 fn erase_key_of(volume: &Volume, ids: &LiveIds, file: OwnedFd) {
-    let mut head = [0u8; HEADER_LEN];
-    match rustix::io::pread(&file, &mut head, 0) {
-        Ok(n) => match header::decode(&head[..n]) {
-            Ok(id) => erase(volume, ids, &id, None),
-            // Not a kmsfs file (or a damaged one): there is no key to erase.
-            Err(e) => log::warn!("removed file without a readable header ({e}); no key erased"),
-        },
+    match namespace::read_file_id(&file) {
+        Ok(FileIdRead::Id(id)) => erase(volume, ids, &id, None),
+        // Not a kmsfs file (or a damaged one): there is no key to erase.
+        Ok(FileIdRead::Empty) => {}
+        Ok(FileIdRead::Damaged { error, .. }) => {
+            log::warn!("removed file without a readable header ({error}); no key erased")
+        }
         Err(e) => log::error!("reading the header of a removed file failed ({e}); its key stays until fsck"),
     }
 }
@@ -74,7 +74,7 @@ impl Shredder {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::util::lock(&self.state)
     }
 
     /// Erases the key of the file behind `file`, a descriptor of an inode

@@ -8,7 +8,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use argon2::{Algorithm, Argon2, Params, Version};
 use base64::Engine;
@@ -16,8 +15,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::{EncryptionContext, KeyProvider, KmsError, ProviderId, hex};
+use super::{EncryptionContext, KeyProvider, KmsError, ProviderId};
 use crate::crypto::{KEY_LEN, Sealer, SecretKey, WrappedKey, random_array};
+use crate::util::hex;
 
 /// Format 2 authenticates the whole file (states, aliases, dates), not only
 /// the key material; format 1 keystores are read and written back as 2.
@@ -188,13 +188,6 @@ pub struct LocalKeystore {
     /// The file as last read or written; read again when a key version is
     /// missing (another command rotated the key after this one opened it).
     file: RwLock<KeystoreFile>,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KmsError + '_ {
@@ -375,13 +368,13 @@ impl LocalKeystore {
     }
 
     fn file(&self) -> RwLockReadGuard<'_, KeystoreFile> {
-        self.file.read().unwrap_or_else(|p| p.into_inner())
+        crate::util::read(&self.file)
     }
 
     /// Reads the file again (after another command changed it).
     fn refresh(&self) -> Result<(), KmsError> {
         let file = self.reread()?;
-        *self.file.write().unwrap_or_else(|p| p.into_inner()) = file;
+        *crate::util::write(&self.file) = file;
         Ok(())
     }
 
@@ -420,7 +413,7 @@ impl LocalKeystore {
         let mut file = self.reread()?;
         let out = change(&self.kek, &mut file)?;
         Self::write(&self.path, &self.kek, &mut file, false)?;
-        *self.file.write().unwrap_or_else(|p| p.into_inner()) = file;
+        *crate::util::write(&self.file) = file;
         Ok(out)
     }
 
@@ -435,10 +428,10 @@ impl LocalKeystore {
                 alias: None,
                 description: description.to_string(),
                 state: KeyState::Enabled,
-                created: now(),
+                created: crate::util::unix_now(),
                 versions: vec![KeyVersion {
                     version: 1,
-                    created: now(),
+                    created: crate::util::unix_now(),
                     material: B64.encode(sealed),
                 }],
             });
@@ -467,7 +460,7 @@ impl LocalKeystore {
             let sealed = kek.seal(&material_aad(&record.id, version), material.expose());
             record.versions.push(KeyVersion {
                 version,
-                created: now(),
+                created: crate::util::unix_now(),
                 material: B64.encode(sealed),
             });
             Ok(version)

@@ -46,7 +46,7 @@ pub fn replace(path: &Path, contents: &[u8], mode: u32, create_new: bool) -> std
         _ => Path::new("."),
     };
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(format!(".tmp-{}", crate::kms::hex(&random_array::<8>())));
+    tmp_name.push(format!(".tmp-{}", crate::util::hex(&random_array::<8>())));
     let tmp = dir.join(tmp_name);
     let written = (|| {
         let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;

@@ -26,7 +26,7 @@ pub struct EncryptionContext(BTreeMap<String, String>);
 impl EncryptionContext {
     pub fn for_volume(volume_id: &[u8; 16]) -> Self {
         let mut map = BTreeMap::new();
-        map.insert("kmsfs:volume-id".to_string(), hex(volume_id));
+        map.insert("kmsfs:volume-id".to_string(), crate::util::hex(volume_id));
         EncryptionContext(map)
     }
 
@@ -45,10 +45,6 @@ impl EncryptionContext {
         }
         out
     }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Debug, thiserror::Error)]

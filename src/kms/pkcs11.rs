@@ -175,7 +175,7 @@ impl Pkcs11Provider {
 
     fn with_session<T>(&self, f: impl FnOnce(&Session, ObjectHandle) -> Result<T, KmsError>) -> Result<T, KmsError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut conn = crate::util::lock(&self.conn);
         if conn.as_ref().is_some_and(|c| c.pid != std::process::id()) {
             // Inherited across a fork: the library's state is not ours to use or finalize.
             std::mem::forget(conn.take());

@@ -86,16 +86,11 @@ impl KeyRing {
     }
 
     pub fn active_version(&self) -> u32 {
-        self.ring.read().unwrap_or_else(|p| p.into_inner()).active
+        crate::util::read(&self.ring).active
     }
 
     fn cached(&self, version: u32) -> Option<Arc<Sealer>> {
-        self.ring
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys
-            .get(&version)
-            .cloned()
+        crate::util::read(&self.ring).keys.get(&version).cloned()
     }
 
     /// A loaded key, for re-wrapping queued keys (which were wrapped by it).
@@ -106,7 +101,7 @@ impl KeyRing {
 
     /// Adds a version whose plaintext key this process just generated.
     pub fn install(&self, version: u32, key: &SecretKey, make_active: bool) {
-        let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
+        let mut ring = crate::util::write(&self.ring);
         ring.keys.insert(version, Arc::new(Sealer::new(key)));
         if make_active && version > ring.active {
             ring.active = version;
@@ -124,16 +119,12 @@ impl KeyRing {
             None => {
                 let key = self.provider.decrypt(blob, &self.context)?;
                 let sealer = Arc::new(Sealer::new(&key));
-                self.ring
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .keys
-                    .insert(version, Arc::clone(&sealer));
+                crate::util::write(&self.ring).keys.insert(version, Arc::clone(&sealer));
                 sealer
             }
         };
         if make_active {
-            let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
+            let mut ring = crate::util::write(&self.ring);
             if version > ring.active {
                 ring.active = version;
             }
@@ -160,7 +151,7 @@ impl KeyRing {
     /// Wraps a new file key under the active version.
     pub fn wrap_file_key(&self, file_id: &FileId, dek: &SecretKey) -> (u32, WrappedKey) {
         let (version, sealer) = {
-            let ring = self.ring.read().unwrap_or_else(|p| p.into_inner());
+            let ring = crate::util::read(&self.ring);
             (ring.active, Arc::clone(&ring.keys[&ring.active]))
         };
         (

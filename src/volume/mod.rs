@@ -8,6 +8,7 @@ pub mod header;
 pub mod keyring;
 pub mod layout;
 pub mod lock;
+pub mod namespace;
 pub mod rekey;
 pub mod rescue;
 pub mod rotate;
@@ -17,11 +18,11 @@ pub mod xattrs;
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::fd::AsFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -67,26 +68,11 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError + '_ {
     }
 }
 
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// Writes a fresh directory IV into `dir` and makes it durable.
 pub fn write_dir_iv(dir: &Path) -> Result<DirIv, VolumeError> {
-    let iv: DirIv = random_array();
-    let path = dir.join(DIR_IV_FILE);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o444)
-        .open(&path)
-        .map_err(io_at(&path))?;
-    f.write_all(&iv).map_err(io_at(&path))?;
-    f.sync_all().map_err(io_at(&path))?;
-    Ok(iv)
+    namespace::open_dir(dir)
+        .and_then(|fd| namespace::create_dir_iv(fd.as_fd()))
+        .map_err(io_at(&dir.join(DIR_IV_FILE)))
 }
 
 /// What can be known of a volume without unlocking anything.
@@ -181,7 +167,7 @@ impl Volume {
             format_version: FORMAT_VERSION,
             master_key_id: provider_id.key_label().to_string(),
             provider: provider_id.to_string(),
-            created_at: now(),
+            created_at: crate::util::unix_now() as i64,
         };
         let db_path = backing.join(DB_FILE);
         let created = MetadataDb::create(
@@ -333,7 +319,7 @@ impl Volume {
 
     /// The cipher of an existing file, from its wrapped key in the DB.
     pub fn file_cipher(&self, file_id: &FileId) -> Result<BlockCipher, VolumeError> {
-        let id_hex = crate::kms::hex(file_id);
+        let id_hex = crate::util::hex(file_id);
         let (version, wrapped) = self
             .db
             .file_key(file_id)?
@@ -358,7 +344,7 @@ impl Volume {
     /// Makes every queued key change durable.
     pub fn sync_keys(&self) -> Result<(), VolumeError> {
         let result = self.commit_queued();
-        *self.commit_error.lock().unwrap_or_else(|p| p.into_inner()) = result.as_ref().err().map(|e| e.to_string());
+        *crate::util::lock(&self.commit_error) = result.as_ref().err().map(|e| e.to_string());
         result
     }
 
@@ -423,7 +409,7 @@ impl Volume {
 
     /// Why committing file keys last failed, while it keeps failing.
     pub fn commit_error(&self) -> Option<String> {
-        self.commit_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::util::lock(&self.commit_error).clone()
     }
 
     /// Saves the file keys that could not be committed beside the DB (see
@@ -442,7 +428,7 @@ impl Volume {
         let id: [u8; 16] = random_array();
         let sealed = self.link_targets.seal(&self.link_aad(Some(&id)), target);
         self.db.insert_link_target(&id, &sealed)?;
-        Ok(format!("{LONG_LINK_PREFIX}{}", crate::kms::hex(&id)))
+        Ok(format!("{LONG_LINK_PREFIX}{}", crate::util::hex(&id)))
     }
 
     pub fn decrypt_link_target(&self, stored: &[u8]) -> Result<Vec<u8>, NameError> {

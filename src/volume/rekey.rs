@@ -8,11 +8,12 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use super::content::{self, plain_size};
-use super::header::{self, HEADER_LEN};
+use super::header::HEADER_LEN;
 use super::layout::TEMP_PREFIX;
+use super::namespace::{self, FileIdRead};
 use super::{Volume, VolumeError};
 use crate::crypto::{FileId, random_array};
-use crate::kms::hex;
+use crate::util::hex;
 
 /// Test hook: SIGKILL the process at this stage ("before-rename" or "after-rename").
 const KILL_AT_ENV: &str = "KMSFS_TEST_REKEY_KILL_AT";
@@ -73,9 +74,11 @@ pub fn rekey_backing_file(volume: &Volume, path: &Path) -> Result<RekeyOutcome, 
         });
     }
     let src = File::open(path).map_err(io(path))?;
-    let mut head = [0u8; HEADER_LEN];
-    std::os::unix::fs::FileExt::read_exact_at(&src, &mut head, 0).map_err(io(path))?;
-    let old_id = header::decode(&head).map_err(|e| refuse(path, &format!("damaged header: {e}")))?;
+    let old_id = match namespace::read_file_id(&src).map_err(io(path))? {
+        FileIdRead::Id(id) => id,
+        FileIdRead::Damaged { error, .. } => return Err(refuse(path, &format!("damaged header: {error}"))),
+        FileIdRead::Empty => return Err(refuse(path, "damaged header: the file is empty")),
+    };
     let old = volume.file_cipher(&old_id)?;
     let parent = path.parent().ok_or_else(|| refuse(path, "no parent directory"))?;
     let tmp = parent.join(format!("{TEMP_PREFIX}{}", hex(&random_array::<8>())));

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::db::{MetadataDb, decode_id};
 use super::{VolumeError, io_at};
 use crate::crypto::{FileId, WrappedKey};
-use crate::kms::hex;
+use crate::util::hex;
 
 pub const PENDING_FILE: &str = "kmsfs.pending-keys";
 

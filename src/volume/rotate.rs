@@ -1,7 +1,7 @@
 //! Volume-key rotation and master-key re-wrapping. Both touch only wrapped
 //! keys in the metadata DB: zero bytes of file data are rewritten.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
@@ -35,13 +35,6 @@ pub struct RewrapReport {
     pub provider_calls: u64,
 }
 
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 fn retiring_versions(db: &MetadataDb) -> Result<Vec<u32>, VolumeError> {
     Ok(db
         .volume_keys()?
@@ -67,7 +60,7 @@ fn active_version(db: &MetadataDb) -> Result<u32, VolumeError> {
 fn begin(volume: &Volume) -> Result<u32, VolumeError> {
     let keys = volume.keys();
     let (key, blob) = keys.provider().generate_data_key(keys.context())?;
-    let version = volume.db().begin_rotation(&blob, now())?;
+    let version = volume.db().begin_rotation(&blob, crate::util::unix_now() as i64)?;
     keys.install(version, &key, true);
     Ok(version)
 }
@@ -152,7 +145,7 @@ pub fn rotate(volume: &Volume, progress: &mut dyn FnMut(u64, u64)) -> Result<Rot
         if let Some((id, version, _)) = rewrapped.iter().find(|(_, _, w)| w.is_none()) {
             return Err(VolumeError::Tampered {
                 volume: volume.backing().to_path_buf(),
-                what: format!("the data key of file {} (version {version})", crate::kms::hex(id)),
+                what: format!("the data key of file {} (version {version})", crate::util::hex(id)),
             });
         }
         let rewrapped: Vec<FileKeyRow> = rewrapped

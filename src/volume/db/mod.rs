@@ -2,6 +2,7 @@
 //! are queued in memory and committed in batches (see docs/DESIGN.md); an
 //! fsync of any file commits the queue first.
 
+use crate::util::lock;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -99,11 +100,6 @@ pub struct MetadataDb {
     pending: Mutex<PendingKeys>,
     /// `PRAGMA user_version`; the volume row must say the same.
     format: u32,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock leaves plain data behind; keep serving.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl MetadataDb {

@@ -7,8 +7,9 @@ use std::collections::{HashMap, HashSet};
 
 use rusqlite::params;
 
-use super::{DbError, MAX_PENDING, MetadataDb, checkpoint_truncate, lock};
+use super::{DbError, MAX_PENDING, MetadataDb, checkpoint_truncate};
 use crate::crypto::{FileId, WrappedKey};
+use crate::util::lock;
 
 #[derive(Default)]
 pub(super) struct PendingKeys {

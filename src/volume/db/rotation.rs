@@ -3,8 +3,9 @@
 
 use rusqlite::{TransactionBehavior, params};
 
-use super::{DbError, MetadataDb, checkpoint_truncate, decode_file_key_row, lock};
+use super::{DbError, MetadataDb, checkpoint_truncate, decode_file_key_row};
 use crate::crypto::{FileId, WrappedKey};
+use crate::util::lock;
 
 /// A `file_keys` row: (file id, volume-key version, wrapped key).
 pub type FileKeyRow = (FileId, u32, WrappedKey);

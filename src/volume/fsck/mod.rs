@@ -16,12 +16,13 @@ use serde::Serialize;
 
 use super::content::{self, ContentError, plain_size};
 use super::db::DB_FILE;
-use super::header::{self, HEADER_LEN};
-use super::layout::{self, DIR_IV_FILE, DirIv, Entry, LOCK_FILE, LONG_NAME_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX};
+use super::layout::{self, DIR_IV_FILE, Entry, LOCK_FILE, LONG_NAME_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX};
+use super::namespace::{self, FileIdRead};
 use super::rescue::PENDING_FILE;
 use super::{Volume, VolumeError};
 use crate::crypto::{FileId, Layout};
-use crate::kms::hex;
+use crate::util::hex;
+use std::os::fd::AsFd;
 
 pub const LOST_FOUND: &str = "lost+found";
 
@@ -134,32 +135,6 @@ impl Walk {
     }
 }
 
-/// Reads at most `max` bytes of a regular file of the backing directory,
-/// never through a symlink and never blocking on a fifo or device: the
-/// backing directory does not get to choose what fsck reads.
-pub(super) fn read_at_most(path: &Path, max: usize) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    let mut bytes = Vec::new();
-    file.take(max as u64).read_to_end(&mut bytes)?;
-    Ok(bytes)
-}
-
-fn read_iv(dir: &Path) -> Result<DirIv, String> {
-    let bytes = read_at_most(&dir.join(DIR_IV_FILE), 64).map_err(|e| e.to_string())?;
-    bytes
-        .as_slice()
-        .try_into()
-        .map_err(|_| format!("{} bytes, expected 16", bytes.len()))
-}
-
 fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &mut Walk) -> Result<(), VolumeError> {
     let root = volume.backing();
     w.directories += 1;
@@ -173,11 +148,12 @@ fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &mut Walk) ->
         .map(|e| e.file_name())
         .collect();
     names.sort();
+    let dir_fd = fs::File::open(dir).map_err(io)?;
     let user_entries = names
         .iter()
         .filter(|n| !matches!(layout::classify(n.as_encoded_bytes()), Entry::Internal))
         .count();
-    let iv = match read_iv(dir) {
+    let iv = match namespace::read_dir_iv(dir_fd.as_fd()) {
         Ok(iv) => Some(iv),
         Err(e) if user_entries == 0 => {
             let i = w.problem(
@@ -261,16 +237,12 @@ fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &mut Walk) ->
                 }
                 continue;
             }
-            Entry::Short(enc) => match &iv {
-                Some(iv) => volume.names().decrypt(iv, enc.as_bytes()).map_err(|e| e.to_string()),
+            _ => match &iv {
+                Some(iv) => match namespace::plain_name(volume.names(), dir_fd.as_fd(), iv, raw) {
+                    Some(named) => named.map_err(|e| e.to_string()),
+                    None => continue,
+                },
                 None => Err("directory IV unusable".into()),
-            },
-            Entry::Long { hashed, sidecar } => match (&iv, read_at_most(&dir.join(&sidecar), 4096)) {
-                (Some(iv), Ok(content)) => {
-                    layout::decrypt_long(volume.names(), iv, hashed, &content).map_err(|e| e.to_string())
-                }
-                (None, _) => Err("directory IV unusable".into()),
-                (_, Err(e)) => Err(format!("sidecar unreadable: {e}")),
             },
         };
         let child_plain = match &decrypted {
@@ -375,12 +347,11 @@ fn check_file(volume: &Volume, path: &Path, progress: &(dyn Fn(u64) + Sync)) -> 
         }
         return FileOutcome::Fine(None, 0);
     }
-    let mut head = [0u8; HEADER_LEN];
-    let got = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0).unwrap_or(0);
-    let id = match header::decode(&head[..got]) {
-        Ok(id) => id,
-        Err(e) => {
-            let raw: Option<FileId> = head[2..].try_into().ok().filter(|_| got == HEADER_LEN);
+    let id = match namespace::read_file_id(&file) {
+        Ok(FileIdRead::Id(id)) => id,
+        Ok(FileIdRead::Empty) => return unreadable(None, "damaged_header", "no header".into()),
+        Err(e) => return unreadable(None, "damaged_header", e.to_string()),
+        Ok(FileIdRead::Damaged { raw, error: e }) => {
             if let Some(id) = raw {
                 if let Ok(cipher) = volume.file_cipher(&id) {
                     if let Ok((blocks, bad)) = content::check_blocks(&file, &cipher, progress) {

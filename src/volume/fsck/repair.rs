@@ -6,10 +6,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::super::content;
-use super::super::header::{self, HEADER_LEN};
+use super::super::header;
 use super::super::layout::{self, DIR_IV_FILE, DirIv, LONG_NAME_PREFIX, SIDECAR_SUFFIX};
+use super::super::namespace::{self, FileIdRead};
 use super::super::{Volume, VolumeError, write_dir_iv};
-use super::{LOST_FOUND, Rescue, Walk, read_iv};
+use super::{LOST_FOUND, Rescue, Walk};
 use crate::crypto::FileId;
 
 pub(super) fn repair_volume(
@@ -126,9 +127,10 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 fn file_cipher_of(volume: &Volume, path: &Path) -> Option<crate::crypto::BlockCipher> {
-    let head = super::read_at_most(path, HEADER_LEN).ok()?;
-    let id = header::decode(head.get(..HEADER_LEN)?).ok()?;
-    volume.file_cipher(&id).ok()
+    match namespace::read_file_id_at(path) {
+        Ok(FileIdRead::Id(id)) => volume.file_cipher(&id).ok(),
+        _ => None,
+    }
 }
 
 /// The volume's `lost+found` directory (created when first needed).
@@ -140,7 +142,7 @@ struct LostFound {
 impl LostFound {
     fn open(volume: &Volume) -> Result<Self, VolumeError> {
         let root = volume.backing();
-        let root_iv = read_iv(root).map_err(|e| VolumeError::Tampered {
+        let root_iv = namespace::read_dir_iv_at(root).map_err(|e| VolumeError::Tampered {
             volume: root.to_path_buf(),
             what: format!("root IV ({e})"),
         })?;
@@ -159,7 +161,7 @@ impl LostFound {
             })?;
             write_dir_iv(&dir)?;
         }
-        let iv = read_iv(&dir).map_err(|e| VolumeError::Tampered {
+        let iv = namespace::read_dir_iv_at(&dir).map_err(|e| VolumeError::Tampered {
             volume: dir.clone(),
             what: format!("lost+found IV ({e})"),
         })?;
@@ -168,11 +170,13 @@ impl LostFound {
 
     fn target(&self, volume: &Volume, name: &str) -> Result<PathBuf, VolumeError> {
         let backing = layout::backing_name(volume.names(), &self.iv, name.as_bytes());
-        if let Some((sidecar, content)) = backing.sidecar() {
-            fs::write(self.dir.join(&sidecar), content).map_err(|e| VolumeError::Io {
-                path: self.dir.join(sidecar),
-                source: e,
-            })?;
+        if backing.sidecar().is_some() {
+            namespace::open_dir(&self.dir)
+                .and_then(|d| namespace::write_sidecar(std::os::fd::AsFd::as_fd(&d), &backing))
+                .map_err(|e| VolumeError::Io {
+                    path: self.dir.clone(),
+                    source: e,
+                })?;
         }
         Ok(self.dir.join(backing.as_str()))
     }
