@@ -109,6 +109,19 @@ fn acls_are_enforced_inherited_kept_in_step_with_chmod_and_stored_sealed() {
     assert!(sub_default.contains("user:1000:rwx"), "{sub_default}");
     assert!(as_user(1000, r#"printf x > "$1/sub/by-1000""#, &shared));
 
+    // A fifo keeps no ACL: its owning group gets what both its entry and
+    // the mask allow (never the mask alone), and plain ACLs set on it are
+    // its mode bits (as `cp -a` sets them).
+    ok("setfacl", &["-d", "-m", "u:1001:rw,g::r,o::-", path_str(&shared)]);
+    ok("mkfifo", &[path_str(&shared.join("fifo"))]);
+    assert_eq!(mode(&shared.join("fifo")), 0o640);
+    ok("setfacl", &["-m", "g::rw", path_str(&shared.join("fifo"))]);
+    assert_eq!(mode(&shared.join("fifo")), 0o660);
+    assert!(!run("setfacl", &["-m", "u:1001:rw", path_str(&shared.join("fifo"))]).status.success());
+    // Removing an ACL there is none of succeeds, as on ext4.
+    common::xattr_remove(&shared.join("fifo"), "system.posix_acl_access").unwrap();
+    common::xattr_remove(&vol.path("secret"), "system.posix_acl_default").unwrap();
+
     // setfacl -b leaves the mode bits alone and nothing stored.
     ok("setfacl", &["-b", path_str(&shared.join("new"))]);
     assert!(!getfacl(&shared.join("new")).contains("1000"));
@@ -171,6 +184,31 @@ fn acls_are_enforced_inherited_kept_in_step_with_chmod_and_stored_sealed() {
         "{}",
         String::from_utf8_lossy(&damaged.stderr)
     );
+    m.unmount();
+}
+
+/// A directory made in a set-group-ID directory takes its group and is
+/// set-group-ID too, so the group carries down the tree (as on ext4), with
+/// and without a default ACL.
+#[test]
+fn new_directories_inherit_set_group_id() {
+    let vol = TestVolume::init();
+    let m = vol.mount_with(&["-o", "allow_other"]);
+    let top = vol.path("shared");
+    fs::create_dir(&top).unwrap();
+    std::os::unix::fs::chown(&top, None, Some(2002)).unwrap();
+    fs::set_permissions(&top, fs::Permissions::from_mode(0o2775)).unwrap();
+    fs::create_dir(top.join("sub")).unwrap();
+    fs::create_dir(top.join("sub/deeper")).unwrap();
+    fs::write(top.join("sub/deeper/f"), b"x").unwrap();
+    for p in [top.join("sub"), top.join("sub/deeper")] {
+        assert_eq!(mode(&p) & 0o2000, 0o2000, "{p:?}");
+        assert_eq!(fs::metadata(&p).unwrap().gid(), 2002, "{p:?}");
+    }
+    assert_eq!(fs::metadata(top.join("sub/deeper/f")).unwrap().gid(), 2002);
+    ok("setfacl", &["-d", "-m", "u:1000:rwx", path_str(&top)]);
+    fs::create_dir(top.join("with-acl")).unwrap();
+    assert_eq!(mode(&top.join("with-acl")) & 0o2000, 0o2000);
     m.unmount();
 }
 

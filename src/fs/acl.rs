@@ -101,6 +101,18 @@ impl Acl {
         self.perm(USER_OBJ) << 6 | group << 3 | self.perm(OTHER)
     }
 
+    /// Permission bits that give no more than the ACL, for a node that
+    /// cannot keep one (a fifo, socket or device node): the owning group
+    /// gets what both its entry and the mask allow; named entries are lost.
+    pub fn narrowest_mode(&self) -> u32 {
+        let group = if self.entries.iter().any(|e| e.tag == MASK) {
+            self.perm(MASK) & self.perm(GROUP_OBJ)
+        } else {
+            self.perm(GROUP_OBJ)
+        };
+        self.perm(USER_OBJ) << 6 | group << 3 | self.perm(OTHER)
+    }
+
     /// What chmod does to an access ACL: the owner, other and mask (else
     /// owning-group) entries take the new bits (posix_acl_chmod).
     pub fn chmod(&mut self, mode: u32) {
@@ -250,6 +262,7 @@ mod tests {
         assert_eq!(access.perm(USER), 7, "named entries stay; the mask limits them");
         assert_eq!(access.perm(MASK), 6);
         assert_eq!(access.perm(GROUP_OBJ), 5);
+        assert_eq!(access.narrowest_mode(), 0o654, "owning group: its entry and the mask");
         // mkdir(0755) keeps set-group-ID and the rest of the mode.
         let (_, mode) = default.inherit(libc::S_IFDIR | libc::S_ISGID | 0o755);
         assert_eq!(mode, libc::S_IFDIR | libc::S_ISGID | 0o755);

@@ -27,6 +27,15 @@ pub(super) fn provisional_mode(mode: u32, inherited: Option<&Inherited>) -> u32 
     }
 }
 
+/// Regular files and directories keep ACLs; a fifo, socket or device node
+/// keeps its mode bits only (xattrs cannot be bound to it: it has no id).
+fn keeps_acls(st: &rustix::fs::Stat) -> bool {
+    matches!(
+        file_type(st.st_mode as u32),
+        FileType::RegularFile | FileType::Directory
+    )
+}
+
 impl KmsFs {
     fn acl_on(&self) -> bool {
         self.acl_on.load(std::sync::atomic::Ordering::Relaxed)
@@ -144,7 +153,14 @@ impl KmsFs {
 
     pub(super) fn remove_xattr(&self, node: &Node, name: &[u8]) -> FsResult<()> {
         let stored = self.stored_name(name).ok_or(Errno::NO_XATTR)?;
-        self.unstore_xattr(node, &stored)
+        if stored.is_acl() && !self.keeps_acls(node)? {
+            return Ok(());
+        }
+        match self.unstore_xattr(node, &stored) {
+            // As on a disk filesystem, removing an ACL there is none of succeeds.
+            Err(e) if e == Errno::NO_XATTR && stored.is_acl() => Ok(()),
+            other => other,
+        }
     }
 
     fn stored_acl(&self, node: &Node, name: &[u8]) -> FsResult<Option<Acl>> {
@@ -161,21 +177,24 @@ impl KmsFs {
         }
     }
 
+    fn keeps_acls(&self, node: &Node) -> FsResult<bool> {
+        Ok(keeps_acls(&rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?))
+    }
+
     /// Sets an access ACL and the mode bits that mirror it; one the mode
     /// bits say all of is not stored (as a disk filesystem does).
     fn set_access_acl(&self, node: &Node, acl: &Acl) -> FsResult<()> {
         let stored = self.stored_name(ACL_ACCESS).ok_or(Errno::EOPNOTSUPP)?;
         let st = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?;
-        if acl.is_minimal() {
-            match self.unstore_xattr(node, &stored) {
+        match (acl.is_minimal(), keeps_acls(&st)) {
+            (true, true) => match self.unstore_xattr(node, &stored) {
                 Err(e) if e != Errno::NO_XATTR => return Err(e),
                 _ => {}
-            }
-        } else {
-            if file_type(st.st_mode as u32) == FileType::Symlink {
-                return Err(Errno::EOPNOTSUPP);
-            }
-            self.store_xattr(node, &stored, &acl.to_bytes(), XattrFlags::empty())?;
+            },
+            // Its mode bits are all a fifo, socket or device node keeps.
+            (true, false) => {}
+            (false, true) => self.store_xattr(node, &stored, &acl.to_bytes(), XattrFlags::empty())?,
+            (false, false) => return Err(Errno::EOPNOTSUPP),
         }
         self.set_mode(node, (st.st_mode as u32 & 0o7000) | acl.mode())
     }
@@ -210,9 +229,13 @@ impl KmsFs {
         let Some(default) = default else {
             return Ok((mode & !umask, None));
         };
-        let (access, mode) = default.inherit(mode);
+        let (access, mut mode) = default.inherit(mode);
+        let keeps_acls = kind == libc::S_IFREG || kind == libc::S_IFDIR;
+        if !keeps_acls {
+            mode = (mode & !0o777) | access.narrowest_mode();
+        }
         let inherited = Inherited {
-            access: (!access.is_minimal() && (kind == libc::S_IFREG || kind == libc::S_IFDIR)).then_some(access),
+            access: (!access.is_minimal() && keeps_acls).then_some(access),
             default: (kind == libc::S_IFDIR).then_some(default),
         };
         Ok((mode, Some(inherited)))
@@ -228,8 +251,10 @@ impl KmsFs {
             if let Some(access) = &inherited.access {
                 let stored = self.stored_name(ACL_ACCESS).ok_or(Errno::EOPNOTSUPP)?;
                 self.store_xattr(node, &stored, &access.to_bytes(), XattrFlags::empty())?;
-                rustix::fs::chmod(node.fd()?.proc_path().as_str(), Mode::from_raw_mode(mode & 0o7777))
-                    .map_err(errno)?;
+                // Keeping the set-group-ID bit make_dir gave a directory.
+                let made = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?.st_mode as u32;
+                let mode = (mode & 0o7777) | (made & libc::S_ISGID);
+                rustix::fs::chmod(node.fd()?.proc_path().as_str(), Mode::from_raw_mode(mode)).map_err(errno)?;
             }
         }
         self.stat_attr(node)
