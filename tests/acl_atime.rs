@@ -117,7 +117,11 @@ fn acls_are_enforced_inherited_kept_in_step_with_chmod_and_stored_sealed() {
     assert_eq!(mode(&shared.join("fifo")), 0o640);
     ok("setfacl", &["-m", "g::rw", path_str(&shared.join("fifo"))]);
     assert_eq!(mode(&shared.join("fifo")), 0o660);
-    assert!(!run("setfacl", &["-m", "u:1001:rw", path_str(&shared.join("fifo"))]).status.success());
+    assert!(
+        !run("setfacl", &["-m", "u:1001:rw", path_str(&shared.join("fifo"))])
+            .status
+            .success()
+    );
     // Removing an ACL there is none of succeeds, as on ext4.
     common::xattr_remove(&shared.join("fifo"), "system.posix_acl_access").unwrap();
     common::xattr_remove(&vol.path("secret"), "system.posix_acl_default").unwrap();

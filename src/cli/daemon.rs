@@ -224,7 +224,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         }
         e
     };
-    unsafe { libc::umask(0) };
+    rustix::process::umask(rustix::fs::Mode::empty());
     let lock = Arc::new(lock);
     let (stop_publishing, publisher) = publish_status(&lock, &volume).map_err(|e| report(&mut ready_pipe, e))?;
     raise_fd_limit();

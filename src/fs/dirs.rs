@@ -231,7 +231,11 @@ impl KmsFs {
             // A directory made in a set-group-ID directory is one too, as
             // the kernel's inode_init_owner makes it on a disk filesystem.
             let parent_mode = rustix::fs::fstat(parent.fd()?.as_fd()).map_err(errno)?.st_mode as u32;
-            let inherited = if parent_mode & libc::S_ISGID != 0 { libc::S_ISGID } else { 0 };
+            let inherited = if parent_mode & libc::S_ISGID != 0 {
+                libc::S_ISGID
+            } else {
+                0
+            };
             rustix::fs::fchmod(&dir, Mode::from_raw_mode((mode | inherited) & 0o7777)).map_err(errno)?;
             self.write_sidecar(parent, &backing)?;
             rustix::fs::renameat_with(

@@ -392,21 +392,15 @@ impl KmsFs {
             return Err(Errno::from_i32(libc::ENXIO));
         }
         let blocks = size.div_ceil(bs);
-        let lseek = |pos: u64, how: i32| -> Result<Option<u64>, Errno> {
-            // SAFETY: lseek on a descriptor we own; no memory is passed.
-            let r = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&open.file), pos as i64, how) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
-                return if e == libc::ENXIO {
-                    Ok(None)
-                } else {
-                    Err(Errno::from_i32(e))
-                };
+        let lseek = |from: rustix::fs::SeekFrom| -> Result<Option<u64>, Errno> {
+            match rustix::fs::seek(&open.file, from) {
+                Ok(pos) => Ok(Some(pos)),
+                Err(rustix::io::Errno::NXIO) => Ok(None),
+                Err(e) => Err(errno(e)),
             }
-            Ok(Some(r as u64))
         };
         if whence == libc::SEEK_DATA {
-            return match lseek(block_offset(offset / bs), libc::SEEK_DATA)? {
+            return match lseek(rustix::fs::SeekFrom::Data(block_offset(offset / bs)))? {
                 Some(pos) => {
                     let index = pos.saturating_sub(head) / cbs;
                     let plain = (index * bs).max(offset);
@@ -424,7 +418,7 @@ impl KmsFs {
         }
         let mut block = offset / bs;
         while block < blocks {
-            let Some(pos) = lseek(block_offset(block), libc::SEEK_HOLE)? else {
+            let Some(pos) = lseek(rustix::fs::SeekFrom::Hole(block_offset(block)))? else {
                 return Ok(size);
             };
             if pos >= len {
