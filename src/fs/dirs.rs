@@ -22,6 +22,9 @@ use crate::volume::namespace;
 /// One entry of a directory listing snapshot.
 pub struct DirEntry {
     pub name: OsString,
+    /// Its name in the backing directory: readdirplus looks entries up by
+    /// it, without encrypting every name again.
+    pub backing: String,
     pub ino: u64,
     pub kind: FileType,
 }
@@ -334,6 +337,8 @@ impl KmsFs {
             match decrypted {
                 Ok(name) => out.push(DirEntry {
                     name: OsString::from(std::ffi::OsStr::from_bytes(&name)),
+                    // Names that decrypt are ASCII (base64url, or a hashed long name).
+                    backing: String::from_utf8_lossy(raw).into_owned(),
                     ino: self.inodes.fuse_ino(entry.ino()),
                     kind: fuse_kind(entry.file_type()),
                 }),

@@ -125,7 +125,7 @@ impl KmsFs {
                 1 => reply.add(dir_attr.ino, next, "..", &self.options.ttl, &dir_attr, GENERATION),
                 i => {
                     let entry = &entries[i as usize - 2];
-                    let (node, attr) = match self.lookup(&dir, &entry.name) {
+                    let (node, attr) = match self.lookup_backing(&dir, &entry.backing) {
                         Ok(found) => found,
                         Err(_) => {
                             index = next; // removed since opendir

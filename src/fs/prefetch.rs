@@ -144,6 +144,7 @@ mod tests {
     fn entry(ino: u64, kind: FileType) -> DirEntry {
         DirEntry {
             name: OsString::from(format!("e{ino}")),
+            backing: format!("b{ino}"),
             ino,
             kind,
         }

@@ -97,6 +97,10 @@ pub struct MetadataDb {
     /// None between `disconnect` and `reconnect` (across a fork: SQLite's
     /// POSIX locks do not survive one, so no connection may cross it).
     conn: Mutex<Option<Connection>>,
+    /// A second connection for the lookups of first opens (`file_key`): in
+    /// WAL mode it reads while `conn` commits, so an open never waits for a
+    /// flush and its fsync. Reconnected with `conn`.
+    reader: Mutex<Option<Connection>>,
     pending: Mutex<PendingKeys>,
     /// `PRAGMA user_version`; the volume row must say the same.
     format: u32,
@@ -174,6 +178,10 @@ impl MetadataDb {
         Ok(MetadataDb {
             path: path.to_path_buf(),
             conn: Mutex::new(Some(conn)),
+            reader: Mutex::new(Some(Self::connect(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?)),
             pending: Mutex::default(),
             format: volume.format_version,
         })
@@ -211,6 +219,10 @@ impl MetadataDb {
         Ok(MetadataDb {
             path: path.to_path_buf(),
             conn: Mutex::new(Some(conn)),
+            reader: Mutex::new(Some(Self::connect(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?)),
             pending: Mutex::default(),
             format: version,
         })
@@ -230,13 +242,16 @@ impl MetadataDb {
     /// Closes the connection (before a fork). Queued keys must be flushed first.
     pub fn disconnect(&self) {
         lock(&self.conn).take();
+        lock(&self.reader).take();
     }
 
     /// Opens a fresh connection (after a fork).
     pub fn reconnect(&self) -> Result<(), DbError> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Self::connect(&self.path, flags)?;
+        let reader = Self::connect(&self.path, flags)?;
         *lock(&self.conn) = Some(conn);
+        *lock(&self.reader) = Some(reader);
         Ok(())
     }
 
@@ -330,7 +345,9 @@ impl MetadataDb {
                 }
             }
         }
-        let mut guard = lock(&self.conn);
+        // Not found queued: then it was committed before it left the queue,
+        // and the reader's snapshot (taken now) has it.
+        let mut guard = lock(&self.reader);
         let conn = self.connected(&mut guard)?;
         // Cached: this runs on every first open of a file, where parsing the SQL showed in profiles.
         conn.prepare_cached("SELECT vk_version, wrapped FROM file_keys WHERE file_id = ?1")
