@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU64;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use fuser::FileType;
 use rustix::fs::{Advice, OFlags};
@@ -47,7 +47,7 @@ impl ReadOrder {
     /// The files to ask for now that the first bytes of `files[index]` are
     /// being read.
     fn started(&self, index: usize) -> &[u64] {
-        let mut progress = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut progress = crate::util::lock(&self.progress);
         // In order: the listing's first file first, then each one shortly
         // after the previous.
         let sequential = match progress.last {
@@ -102,7 +102,7 @@ impl ReadOrders {
             window: self.window,
             progress: Mutex::default(),
         });
-        let mut by_file = self.by_file.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut by_file = crate::util::lock(&self.by_file);
         if by_file.len() + order.files.len() > MAX_TRACKED {
             *by_file = HashMap::new();
         }
@@ -117,7 +117,7 @@ impl ReadOrders {
         if self.window == 0 {
             return Vec::new(); // off: no lock on the read path
         }
-        let by_file = self.by_file.lock().unwrap_or_else(PoisonError::into_inner);
+        let by_file = crate::util::lock(&self.by_file);
         match by_file.get(&ino) {
             Some((order, index)) => order.started(*index).to_vec(),
             None => Vec::new(),

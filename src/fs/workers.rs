@@ -3,7 +3,7 @@
 //! disk) and cross-file prefetching (see prefetch.rs).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -45,7 +45,7 @@ impl WorkerPool {
     /// pool is shut down (for work that may be skipped, such as advice).
     pub fn offer(&self, job: impl FnOnce() + Send + 'static) -> bool {
         let (lock, ready) = &*self.queue;
-        let mut queue = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut queue = crate::util::lock(lock);
         if queue.closed || queue.jobs.len() >= self.max_waiting {
             return false;
         }
@@ -59,7 +59,7 @@ impl WorkerPool {
     /// however many jobs are waiting.
     pub fn run(&self, job: impl FnOnce() + Send + 'static) {
         let (lock, ready) = &*self.queue;
-        let mut queue = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut queue = crate::util::lock(lock);
         if queue.closed {
             drop(queue);
             return job();
@@ -72,9 +72,9 @@ impl WorkerPool {
     /// Finishes the queued jobs and stops the threads.
     pub fn shutdown(&self) {
         let (lock, ready) = &*self.queue;
-        lock.lock().unwrap_or_else(PoisonError::into_inner).closed = true;
+        crate::util::lock(lock).closed = true;
         ready.notify_all();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        let threads = std::mem::take(&mut *crate::util::lock(&self.threads));
         for thread in threads {
             if thread.join().is_err() {
                 log::error!("a worker thread panicked");
@@ -93,7 +93,7 @@ fn work(queue: &(Mutex<Queue>, Condvar)) {
     let (lock, ready) = queue;
     loop {
         let job = {
-            let mut queue = lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut queue = crate::util::lock(lock);
             loop {
                 if let Some(job) = queue.jobs.pop_front() {
                     break job;
@@ -101,7 +101,7 @@ fn work(queue: &(Mutex<Queue>, Condvar)) {
                 if queue.closed {
                     return;
                 }
-                queue = ready.wait(queue).unwrap_or_else(PoisonError::into_inner);
+                queue = ready.wait(queue).unwrap_or_else(std::sync::PoisonError::into_inner);
             }
         };
         job();
