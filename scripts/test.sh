@@ -48,7 +48,7 @@ cargo test --all-targets --no-fail-fast 2>&1 | tee target/test-output.txt
 # write reaching the daemon at once, OPEN/RELEASE sent for every file.
 echo "== I/O suites with -o open_requests,no_writeback_cache"
 KMSFS_TEST_MOUNT_OPTIONS=open_requests,no_writeback_cache \
-    cargo test --test fsx --test stress --test posix --test tree --test tamper --no-fail-fast 2>&1 \
+    cargo test --test it --no-fail-fast -- fsx:: stress:: posix:: tree:: tamper:: 2>&1 \
     | sed 's/^test /test (open_requests,no_writeback_cache) /' | tee -a target/test-output.txt
 
 # The mount tests that matter, again as a normal user: a daemon without
@@ -75,15 +75,13 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["target"]["name"], m["executable"])' > target/test-binaries.txt
-    for spec in tree rotation fsck tamper golden fsx stress \
-        "posix rename_semantics hard_links fifos_symlinks fallocate concurrent_writers xattrs_on_files" \
-        "acl_atime acl_option_on_a_private_mount reads_move"; do
-        set -- $spec
-        bin=$(awk -v t="$1" '$1 == t {print $2}' target/test-binaries.txt)
-        shift
-        setpriv --reuid=kmsfs-ci --regid=kmsfs-ci --init-groups env HOME="$(getent passwd kmsfs-ci | cut -d: -f6)" \
-            "$bin" --test-threads=2 "$@" 2>&1 | sed 's/^test /test (normal user) /' | tee -a target/test-output.txt
-    done
+    bin=$(awk '$1 == "it" {print $2}' target/test-binaries.txt)
+    setpriv --reuid=kmsfs-ci --regid=kmsfs-ci --init-groups env HOME="$(getent passwd kmsfs-ci | cut -d: -f6)" \
+        "$bin" --test-threads=2 tree:: rotation:: fsck:: tamper:: golden:: fsx:: stress:: \
+        posix::rename_semantics posix::hard_links posix::fifos_symlinks posix::fallocate \
+        posix::concurrent_writers posix::xattrs_on_files \
+        acl_atime::acl_option_on_a_private_mount acl_atime::reads_move 2>&1 \
+        | sed 's/^test /test (normal user) /' | tee -a target/test-output.txt
 fi
 passed=$(grep -Eo '[0-9]+ passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')

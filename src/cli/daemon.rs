@@ -2,7 +2,6 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -149,10 +148,9 @@ fn daemonize() -> Result<File, CliError> {
     drop(read_end);
     let _ = rustix::process::setsid();
     if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
-        for fd in 0..3 {
-            // SAFETY: dup2 onto the standard descriptors, which this process owns.
-            unsafe { libc::dup2(null.as_raw_fd(), fd) };
-        }
+        let _ = rustix::stdio::dup2_stdin(&null);
+        let _ = rustix::stdio::dup2_stdout(&null);
+        let _ = rustix::stdio::dup2_stderr(&null);
     }
     Ok(File::from(write_end))
 }
@@ -164,26 +162,21 @@ fn raise_fd_limit() {
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(1 << 20);
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let hard = getrlimit(Resource::Nofile).maximum;
+    let wanted = Rlimit {
+        current: Some(ceiling),
+        maximum: Some(hard.map_or(ceiling, |h| h.max(ceiling))),
     };
-    // SAFETY: plain getrlimit/setrlimit calls on a stack value.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return;
-        }
-        let wanted = libc::rlimit {
-            rlim_cur: ceiling,
-            rlim_max: ceiling.max(lim.rlim_max),
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
-            let soft = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
-        }
+    if setrlimit(Resource::Nofile, wanted).is_err() {
+        // Not allowed past the hard limit (no CAP_SYS_RESOURCE): up to it.
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: hard,
+                maximum: hard,
+            },
+        );
     }
 }
 
@@ -381,15 +374,10 @@ const COMMIT_ATTEMPTS_AT_EXIT: u32 = 5;
 /// Unmounts `mountpoint` now, or fails (EBUSY while in use): umount2 as
 /// root, fusermount3 otherwise.
 fn unmount_now(mountpoint: &Path) -> std::io::Result<()> {
-    let c_path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: c_path is a valid NUL-terminated string.
-    if unsafe { libc::umount2(c_path.as_ptr(), 0) } == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EPERM) {
-        return Err(err);
+    match rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty()) {
+        Ok(()) => return Ok(()),
+        Err(rustix::io::Errno::PERM) => {}
+        Err(e) => return Err(e.into()),
     }
     let out = std::process::Command::new("fusermount3")
         .arg("-u")

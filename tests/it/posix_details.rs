@@ -3,8 +3,6 @@
 //! fstat after unlink/replace, SEEK_HOLE/SEEK_DATA, open flags, mmap, and
 //! files beyond 4 GiB.
 
-mod common;
-
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -12,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use common::TestVolume;
+use crate::common::TestVolume;
 
 fn c(p: &Path) -> CString {
     CString::new(p.as_os_str().as_encoded_bytes()).unwrap()

@@ -2,14 +2,14 @@
 //! sealed, inherited, in step with chmod) and access times (moved by the
 //! user's reads as the mount says, never by the daemon's own).
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{TestVolume, path_str, xattr_list};
+use crate::common::{TestVolume, path_str, xattr_list};
 
 fn run(program: &str, args: &[&str]) -> Output {
     Command::new(program)

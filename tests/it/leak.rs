@@ -2,11 +2,9 @@
 //! names, contents, xattrs and symlink targets appear nowhere in it, the
 //! metadata DB and its WAL included.
 
-mod common;
-
 use std::fs;
 
-use common::{TestVolume, all_backing_bytes, xattr_set};
+use crate::common::{TestVolume, all_backing_bytes, xattr_set};
 
 const MARKER: &str = "MARKERplaintextLEAK";
 

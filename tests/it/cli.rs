@@ -1,13 +1,13 @@
 //! The command line: read-only mounts, the mount(8) helper form, foreground
 //! mode with signals, and `status --json`.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{PASSPHRASE, TestVolume, path_str};
+use crate::common::{PASSPHRASE, TestVolume, path_str};
 
 fn is_mounted(path: &std::path::Path) -> bool {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();

@@ -2,13 +2,11 @@
 //! truncates, extends and reads through the mount, each checked against an
 //! in-memory model, and the whole file checked again after a remount.
 
-mod common;
-
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 
-use common::{Rng, TestVolume};
+use crate::common::{Rng, TestVolume};
 
 const MAX_SIZE: u64 = 600_000;
 

@@ -1,13 +1,13 @@
 //! fsck detects each kind of damage, repairs what can be repaired without
 //! guessing, and moves unreadable entries into lost+found with a report.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::{Rng, TestVolume, fsck, kinds, path_str};
+use crate::common::{Rng, TestVolume, fsck, kinds, path_str};
 
 /// Backing entries of a directory that are user entries (encrypted names).
 fn entries(dir: &Path) -> Vec<PathBuf> {

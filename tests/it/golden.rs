@@ -3,13 +3,11 @@
 //! passing fsck. Made with the local provider, a key file, the files below
 //! and one `kmsfs rotate`; no hard links or xattrs, which git does not keep.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::{TestVolume, path_str};
+use crate::common::{TestVolume, path_str};
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/format1");
 

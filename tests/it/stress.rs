@@ -4,14 +4,12 @@
 //! again after a remount. KMSFS_STRESS_SECONDS sets the duration (default
 //! 12); the daemon's peak RSS is printed at the end.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use common::{Rng, TestVolume, path_str, xattr_get, xattr_list, xattr_remove, xattr_set};
+use crate::common::{Rng, TestVolume, path_str, xattr_get, xattr_list, xattr_remove, xattr_set};
 
 #[derive(Default, Clone)]
 struct Inode {

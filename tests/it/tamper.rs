@@ -2,14 +2,14 @@
 //! the file and block, never as wrong plaintext; bad input to the CLI gets a
 //! clear message and a distinct exit code and changes nothing.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::{Rng, TestVolume, all_backing_bytes, path_str};
+use crate::common::{Rng, TestVolume, all_backing_bytes, path_str};
 
 const HEADER: u64 = 18;
 const CBLOCK: u64 = 4096 + 28;

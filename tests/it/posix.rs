@@ -1,8 +1,6 @@
 //! POSIX behaviour through the mount: concurrency, rename and link semantics,
 //! xattrs, fifos, permissions, times, fallocate and name limits.
 
-mod common;
-
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -10,7 +8,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 
-use common::{Rng, TestVolume, xattr_get, xattr_list, xattr_remove, xattr_set};
+use crate::common::{Rng, TestVolume, xattr_get, xattr_list, xattr_remove, xattr_set};
 
 fn c(p: &Path) -> CString {
     CString::new(p.as_os_str().as_encoded_bytes()).unwrap()

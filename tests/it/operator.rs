@@ -2,13 +2,13 @@
 //! unmount, a killed daemon, a mount point in use, an `init` to repeat.
 //! Each gets a message naming the problem and the command that fixes it.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestVolume, path_str};
+use crate::common::{TestVolume, path_str};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -3,8 +3,6 @@
 //! every fsynced file reads back byte for byte, every fsynced directory
 //! lists, and the metadata DB passes `PRAGMA integrity_check`.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::Write;
@@ -14,7 +12,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Rng, TestVolume, path_str};
+use crate::common::{Rng, TestVolume, path_str};
 
 fn is_mounted(path: &Path) -> bool {
     fs::read_to_string("/proc/self/mountinfo")

@@ -2,7 +2,7 @@
 //! records about the key provider may name a key, never code to load, an
 //! address to send credentials to, or a file to read.
 
-mod common;
+use crate::common;
 
 use std::io::ErrorKind;
 use std::net::TcpListener;
@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestVolume, path_str};
+use crate::common::{TestVolume, path_str};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -2,12 +2,12 @@
 //! Vault Transit (OpenBao), PKCS#11 (SoftHSM2), plus scripted fakes for the
 //! failures the peers cannot produce.
 
-mod common;
+use crate::common;
 
 use std::fs;
 
-use common::peers::{self, SoftHsm};
-use common::{TestVolume, path_str};
+use crate::common::peers::{self, SoftHsm};
+use crate::common::{TestVolume, path_str};
 
 const AWS_ENV: &[(&str, &str)] = &[
     ("AWS_ACCESS_KEY_ID", "test"),

@@ -1,12 +1,10 @@
 //! A generated tree copied into the mount, compared byte for byte, then
 //! compared again after an unmount and a remount.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::{Rng, TestVolume, all_backing_bytes};
+use crate::common::{Rng, TestVolume, all_backing_bytes};
 
 /// Relative path -> content (None for directories).
 fn generate_tree(seed: u64) -> BTreeMap<PathBuf, Option<Vec<u8>>> {

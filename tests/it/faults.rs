@@ -1,14 +1,14 @@
 //! Resource faults: a backing filesystem that fills up, a read-only backing
 //! filesystem, and a daemon that runs out of file descriptors.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{Rng, TestVolume, path_str};
+use crate::common::{Rng, TestVolume, path_str};
 
 /// A mount made by the test (tmpfs, bind), unmounted on drop.
 struct TestMount(PathBuf);

@@ -3,14 +3,12 @@
 //! racing with them: every byte must come back as written. Also the
 //! readahead across files (prefetch.rs), observed in the backing page cache.
 
-mod common;
-
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use common::{Rng, TestVolume, path_str};
+use crate::common::{Rng, TestVolume, path_str};
 
 const FILES: usize = 12;
 const FILE_LEN: usize = 1 << 20;

@@ -2,14 +2,14 @@
 //! master-key rotation re-wraps only volume-key blobs; rekey is atomic per
 //! file; deleting a file shreds its key.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{Rng, TestVolume, path_str, xattr_get, xattr_set};
+use crate::common::{Rng, TestVolume, path_str, xattr_get, xattr_set};
 
 fn json(out: &Output) -> serde_json::Value {
     assert!(

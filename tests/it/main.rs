@@ -1,0 +1,26 @@
+//! The integration tests, one binary with a module per feature (one link
+//! of kmsfs and its dependencies instead of one per file). Tests that mount
+//! hold a `common::Mount`, which unmounts on drop, even on panic.
+//! `cargo test --test it -- MODULE::` runs one module.
+
+mod common;
+
+mod acl_atime;
+mod cli;
+mod cold_io;
+mod crash;
+mod faults;
+mod format_interop;
+mod fsck;
+mod fsx;
+mod golden;
+mod hostile_provider;
+mod leak;
+mod operator;
+mod posix;
+mod posix_details;
+mod providers;
+mod rotation;
+mod stress;
+mod tamper;
+mod tree;
