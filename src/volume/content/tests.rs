@@ -1,0 +1,205 @@
+//! The content layout: size mapping, random writes and truncates against a
+//! model in both formats, concurrent writers, and the cuts each format detects.
+
+use super::*;
+use crate::crypto::SecretKey;
+
+fn setup() -> (tempfile::TempDir, File, BlockCipher) {
+    setup_with(Layout::Lenient)
+}
+
+fn setup_with(layout: Layout) -> (tempfile::TempDir, File, BlockCipher) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("f"))
+        .unwrap();
+    let cipher = BlockCipher::new(&SecretKey::random(), [5u8; 16], layout);
+    create(&file, &cipher).unwrap();
+    (dir, file, cipher)
+}
+
+#[test]
+fn sizes_map_both_ways() {
+    for plain in [0u64, 1, 4095, 4096, 4097, 10 * 4096, 10 * 4096 + 17] {
+        assert_eq!(plain_size(backing_size(plain)), plain);
+    }
+    assert_eq!(plain_size(0), 0);
+}
+
+#[test]
+fn seeded_random_writes_and_truncates_match_a_model() {
+    for layout in [Layout::Lenient, Layout::Sealed] {
+        model_check(layout);
+    }
+}
+
+fn model_check(layout: Layout) {
+    let (_dir, file, cipher) = setup_with(layout);
+    let mut model: Vec<u8> = Vec::new();
+    let mut state = 0x1234_5678_u64;
+    let mut next = |m: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % m
+    };
+    for step in 0..600 {
+        match next(10) {
+            0..=5 => {
+                // One write in three is whole blocks at a block boundary
+                // (what the writeback cache sends), sealed before the lock.
+                let (off, len) = if next(3) == 0 {
+                    (next(18) * BS, (next(5) as usize + 1) * BLOCK_SIZE)
+                } else {
+                    (next(70_000), next(20_000) as usize + 1)
+                };
+                let data: Vec<u8> = (0..len).map(|i| (i as u64 + step) as u8 | 1).collect();
+                write(&file, &cipher, off, &data).unwrap();
+                if model.len() < off as usize + len {
+                    model.resize(off as usize + len, 0);
+                }
+                model[off as usize..off as usize + len].copy_from_slice(&data);
+            }
+            6 | 7 => {
+                let size = next(90_000);
+                truncate(&file, &cipher, size).unwrap();
+                model.resize(size as usize, 0);
+            }
+            _ => {
+                let off = next(80_000);
+                let len = next(30_000) as usize;
+                let got = read(&file, &cipher, off, len).unwrap();
+                let lo = (off as usize).min(model.len());
+                let hi = (off as usize + len).min(model.len());
+                assert_eq!(got, &model[lo..hi], "step {step}");
+            }
+        }
+        assert_eq!(
+            current_plain_size(&file, &cipher).unwrap(),
+            model.len() as u64,
+            "step {step}"
+        );
+        if layout == Layout::Sealed {
+            // Always an authenticated end: a cut or appended zeros would show.
+            let len = file.metadata().unwrap().len();
+            assert!(sealed_length_ok(len), "step {step}: length {len}");
+            let (_, bad) = check_blocks(&file, &cipher, &|_| ()).unwrap();
+            assert!(bad.is_empty(), "step {step}: {bad:?}");
+        }
+    }
+    assert_eq!(read(&file, &cipher, 0, model.len()).unwrap(), model);
+}
+
+#[test]
+fn concurrent_whole_block_writers_leave_one_final_block() {
+    // As the kernel's writeback does: several large writes to one file
+    // at once, extending it in any order.
+    let (_dir, file, cipher) = setup();
+    let writers = std::sync::Mutex::new(());
+    let (chunk, chunks) = (8 * BLOCK_SIZE, 24);
+    let expected: Vec<u8> = (0..chunks * chunk).map(|i| (i / BLOCK_SIZE * 7 + i) as u8).collect();
+    for round in 0..6 {
+        file.set_len(HEADER_LEN as u64).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (file, cipher, writers, expected) = (&file, &cipher, &writers, &expected);
+                s.spawn(move || {
+                    let mine = (0..chunks).filter(|c| (c + round) % 4 == t);
+                    let order: Vec<usize> = if round % 2 == 0 {
+                        mine.rev().collect()
+                    } else {
+                        mine.collect()
+                    };
+                    for c in order {
+                        let range = c * chunk..(c + 1) * chunk;
+                        let lock = || writers.lock().unwrap();
+                        write_under(file, cipher, range.start as u64, &expected[range], lock).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            read(&file, &cipher, 0, expected.len()).unwrap(),
+            expected,
+            "round {round}"
+        );
+        // Only the real last block is sealed as final: a cut anywhere is detected.
+        let keep = (5 + 13 * round as u64) % (chunks * 8) as u64 + 1;
+        file.set_len(block_offset(keep)).unwrap();
+        let cut = read(&file, &cipher, 0, expected.len());
+        assert!(
+            matches!(cut, Err(ContentError::Corrupt { block }) if block == keep - 1),
+            "round {round}: cut after block {keep} not detected"
+        );
+    }
+}
+
+#[test]
+fn truncation_at_a_block_boundary_is_detected() {
+    let (_dir, file, cipher) = setup();
+    write(&file, &cipher, 0, &vec![7u8; 3 * BLOCK_SIZE]).unwrap();
+    file.set_len(block_offset(2)).unwrap();
+    assert!(
+        read(&file, &cipher, 0, 100).is_ok(),
+        "blocks before the cut are authentic"
+    );
+    assert!(matches!(
+        read(&file, &cipher, 0, 3 * BLOCK_SIZE),
+        Err(ContentError::Corrupt { block: 1 })
+    ));
+}
+
+#[test]
+fn sealed_layout_detects_cuts_and_appended_zeros() {
+    let (_dir, file, cipher) = setup_with(Layout::Sealed);
+    assert_eq!(file.metadata().unwrap().len(), (HEADER_LEN + BLOCK_OVERHEAD) as u64);
+    assert_eq!(read(&file, &cipher, 0, 10).unwrap(), b"");
+    // An empty file cut to its header, or into its empty final block.
+    for len in [0, HEADER_LEN as u64, HEADER_LEN as u64 + 5] {
+        file.set_len(len).unwrap();
+        assert!(read(&file, &cipher, 0, 10).is_err(), "cut to {len}");
+    }
+    // Header plus 28 zero bytes: the empty final block replaced by a hole.
+    file.set_len((HEADER_LEN + BLOCK_OVERHEAD) as u64).unwrap();
+    assert!(matches!(
+        read(&file, &cipher, 0, 1),
+        Err(ContentError::Corrupt { block: 0 })
+    ));
+
+    truncate(&file, &cipher, 0).unwrap();
+    write(&file, &cipher, 0, &[7u8; 5000]).unwrap();
+    // Whole zero blocks appended: the new last one is a hole.
+    let len = file.metadata().unwrap().len();
+    file.set_len(len + 2 * CIPHER_BLOCK_SIZE as u64).unwrap();
+    assert!(read(&file, &cipher, 0, 20_000).is_err(), "grown by zero blocks");
+    file.set_len(len).unwrap();
+    assert_eq!(read(&file, &cipher, 0, 20_000).unwrap(), vec![7u8; 5000]);
+    // Cut into the last block's overhead, or just past a whole block.
+    for cut in [len - 1000 - 4, block_offset(1) + 10, block_offset(1) + 28] {
+        file.set_len(cut).unwrap();
+        assert!(read(&file, &cipher, 0, 20_000).is_err(), "cut to {cut}");
+    }
+    // Growing keeps a sealed final block.
+    truncate(&file, &cipher, 0).unwrap();
+    truncate(&file, &cipher, 3 * BS + 7).unwrap();
+    assert_eq!(read(&file, &cipher, 0, 20_000).unwrap(), vec![0u8; 3 * BLOCK_SIZE + 7]);
+    let (blocks, bad) = check_blocks(&file, &cipher, &|_| ()).unwrap();
+    assert_eq!((blocks, bad.len()), (4, 0));
+}
+
+#[test]
+fn lenient_layout_keeps_reading_format_1_files() {
+    let (_dir, file, cipher) = setup_with(Layout::Lenient);
+    assert_eq!(file.metadata().unwrap().len(), HEADER_LEN as u64, "header only");
+    assert_eq!(read(&file, &cipher, 0, 10).unwrap(), b"");
+    truncate(&file, &cipher, 2 * BS).unwrap();
+    assert_eq!(
+        read(&file, &cipher, 0, 3 * BLOCK_SIZE).unwrap(),
+        vec![0u8; 2 * BLOCK_SIZE],
+        "ends in a hole"
+    );
+}
