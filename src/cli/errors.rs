@@ -17,6 +17,22 @@ pub enum ExitCode {
     ProviderUnreachable = 8,
 }
 
+impl ExitCode {
+    /// The name `--json` errors give the code.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitCode::Internal => "internal",
+            ExitCode::Usage => "usage",
+            ExitCode::Secret => "secret",
+            ExitCode::Volume => "volume",
+            ExitCode::Provider => "provider",
+            ExitCode::Mount => "mount",
+            ExitCode::Io => "io",
+            ExitCode::ProviderUnreachable => "provider_unreachable",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct CliError {
     pub code: ExitCode,
@@ -38,7 +54,10 @@ impl From<KmsError> for CliError {
             KmsError::WrongPassphrase(_) | KmsError::WrongKeyFile(_) | KmsError::BadSecret(_) => ExitCode::Secret,
             KmsError::Io { .. } => ExitCode::Io,
             KmsError::Unreachable { .. } => ExitCode::ProviderUnreachable,
-            KmsError::BadUri { .. } | KmsError::InsecureTransport { .. } | KmsError::WeakKdf { .. } => ExitCode::Usage,
+            KmsError::BadUri { .. }
+            | KmsError::BadSetting { .. }
+            | KmsError::InsecureTransport { .. }
+            | KmsError::WeakKdf { .. } => ExitCode::Usage,
             _ => ExitCode::Provider,
         };
         CliError::new(code, e.to_string())

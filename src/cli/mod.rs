@@ -3,6 +3,7 @@
 mod daemon;
 mod errors;
 mod fsck;
+mod generate;
 mod harden;
 mod host_config;
 mod logging;
@@ -27,7 +28,8 @@ pub use errors::{CliError, ExitCode};
     after_help = "Exit codes: 0 ok, 1 internal error, 2 usage, 3 wrong or missing passphrase/key file,\n\
 4 not a volume or damaged volume, 5 key provider refused (or missing key, disabled key, bad credentials),\n\
 6 mount problem, 7 I/O error, 8 key provider unreachable.\n\
-Logging: set RUST_LOG (e.g. RUST_LOG=info or RUST_LOG=kmsfs=debug)."
+Logging: set RUST_LOG (e.g. RUST_LOG=info or RUST_LOG=kmsfs=debug).\n\
+With --json, errors are one JSON object on stderr: {\"error\": {\"code\", \"exit_status\", \"message\"}}."
 )]
 struct Cli {
     #[command(flatten)]
@@ -82,6 +84,7 @@ enum Command {
     Rotate {
         /// The backing directory
         backing: PathBuf,
+        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
         #[arg(long)]
         json: bool,
     },
@@ -89,6 +92,7 @@ enum Command {
     Rewrap {
         /// The backing directory
         backing: PathBuf,
+        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
         #[arg(long)]
         json: bool,
     },
@@ -98,6 +102,7 @@ enum Command {
         /// Files to re-key
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
         #[arg(long)]
         json: bool,
     },
@@ -112,17 +117,30 @@ enum Command {
         /// With --repair: rewrite unreadable blocks as zeros (reported) so the rest of a file reads
         #[arg(long)]
         salvage: bool,
+        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
         #[arg(long)]
         json: bool,
     },
     /// Master keys in the local keystore
     #[command(subcommand)]
     Key(rotation::KeyCommand),
+    /// Print a shell completion script (bash: `kmsfs completions bash >
+    /// /etc/bash_completion.d/kmsfs`; zsh: into a directory of $fpath as `_kmsfs`;
+    /// fish: ~/.config/fish/completions/kmsfs.fish)
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (kmsfs.1 and one per command) into DIR, e.g. /usr/share/man/man1
+    Manpages {
+        /// Where to write them (created if missing)
+        dir: PathBuf,
+    },
     /// Show a volume's id, key provider, volume-key versions and mount state
     Status {
         /// The backing directory, or a mount point of one
         backing: PathBuf,
-        /// Machine-readable output
+        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
         #[arg(long)]
         json: bool,
         /// Also ask the key provider for the master key's state (DescribeKey; needs its credentials)
@@ -144,7 +162,7 @@ struct InitArgs {
     /// Argon2id iterations when a new keystore is created
     #[arg(long, default_value_t = 3, value_name = "N")]
     kdf_iterations: u32,
-    /// Machine-readable output
+    /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
     #[arg(long)]
     json: bool,
 }
@@ -282,8 +300,18 @@ fn arguments() -> Vec<std::ffi::OsString> {
 pub fn run() -> i32 {
     harden::harden_process();
     let env_passphrase = harden::take_env_secret(secrets::PASSPHRASE_ENV);
-    let mut cli = match Cli::try_parse_from(arguments()) {
+    let args = arguments();
+    // With --json a script reads errors too: as JSON, on stderr.
+    let json_errors = args.iter().any(|a| a == "--json");
+    let mut cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
+        Err(e) if e.use_stderr() && json_errors => {
+            let message = e.render().to_string();
+            return report(
+                &CliError::new(ExitCode::Usage, message.trim().trim_start_matches("error: ")),
+                true,
+            );
+        }
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() { ExitCode::Usage as i32 } else { 0 };
@@ -295,8 +323,7 @@ pub fn run() -> i32 {
         _ => None,
     };
     if let Err(e) = logging::init(log_file.as_deref()) {
-        eprintln!("kmsfs: {}", e.message);
-        return e.code as i32;
+        return report(&e, json_errors);
     }
     let result = match cli.command {
         Command::Init(args) => init(args, &cli.keys),
@@ -311,6 +338,8 @@ pub fn run() -> i32 {
         Command::Rewrap { backing, json } => rotation::rewrap(&backing, &cli.keys, json),
         Command::Key(command) => rotation::key(command, &cli.keys),
         Command::Rekey { paths, json } => rekey::rekey(&paths, &cli.keys, json),
+        Command::Completions { shell } => generate::completions(shell),
+        Command::Manpages { dir } => generate::man_pages(&dir),
         Command::Fsck {
             backing,
             repair,
@@ -330,9 +359,22 @@ pub fn run() -> i32 {
     };
     match result {
         Ok(()) => 0,
-        Err(e) => {
-            eprintln!("kmsfs: {}", printable(&e.message));
-            e.code as i32
-        }
+        Err(e) => report(&e, json_errors),
     }
+}
+
+/// Prints a failure on stderr (a line, or with --json one JSON object) and
+/// returns the exit status.
+fn report(e: &CliError, json: bool) -> i32 {
+    if json {
+        let error = serde_json::json!({"error": {
+            "code": e.code.name(),
+            "exit_status": e.code as i32,
+            "message": e.message,
+        }});
+        eprintln!("{error}");
+    } else {
+        eprintln!("kmsfs: {}", printable(&e.message));
+    }
+    e.code as i32
 }

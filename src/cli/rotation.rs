@@ -13,11 +13,13 @@ pub enum KeyCommand {
     Rotate {
         /// Key id or alias
         key: String,
+        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
         #[arg(long)]
         json: bool,
     },
     /// List the keystore's master keys
     List {
+        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
         #[arg(long)]
         json: bool,
     },

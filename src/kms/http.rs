@@ -1,6 +1,6 @@
 //! The small blocking HTTP client the remote providers share.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ureq::Agent;
 use ureq::tls::{PemItem, RootCerts, TlsConfig, parse_pem};
@@ -10,9 +10,35 @@ use zeroize::Zeroizing;
 
 use super::KmsError;
 
+/// How long one provider call may take, retries included
+/// (`KMSFS_PROVIDER_TIMEOUT`, seconds).
+pub const TIMEOUT_ENV: &str = "KMSFS_PROVIDER_TIMEOUT";
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// One attempt never waits longer than this: a retry may find another server.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The time budget of one provider call: `KMSFS_PROVIDER_TIMEOUT` (1–600
+/// seconds), else 30 s.
+pub fn call_timeout(provider: &str) -> Result<Duration, KmsError> {
+    match std::env::var(TIMEOUT_ENV) {
+        Err(_) => Ok(DEFAULT_TIMEOUT),
+        Ok(v) => v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| (1.0..=600.0).contains(s))
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| KmsError::BadSetting {
+                name: TIMEOUT_ENV,
+                message: format!("{v:?} for {provider}: give seconds from 1 to 600"),
+            }),
+    }
+}
+
 /// An agent with bounded timeouts, non-2xx answers returned as responses,
 /// and optionally a custom CA bundle (PEM).
 pub fn agent(provider: &str, ca_file: Option<&str>) -> Result<Agent, KmsError> {
+    let budget = call_timeout(provider)?;
     let mut tls = TlsConfig::builder();
     if let Some(path) = ca_file {
         let pem = std::fs::read(path).map_err(|e| KmsError::Config {
@@ -35,8 +61,8 @@ pub fn agent(provider: &str, ca_file: Option<&str>) -> Result<Agent, KmsError> {
     }
     Ok(Agent::config_builder()
         .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(3)))
-        .timeout_global(Some(Duration::from_secs(15)))
+        .timeout_connect(Some(Duration::from_secs(3).min(budget)))
+        .timeout_global(Some(ATTEMPT_TIMEOUT.min(budget)))
         .tls_config(tls.build())
         .build()
         .new_agent())
@@ -84,21 +110,36 @@ const MAX_ATTEMPTS: u32 = 4;
 pub type Refusal<'a> = dyn Fn(u16, &Value) -> (KmsError, bool) + 'a;
 
 /// Sends a request up to MAX_ATTEMPTS times with exponential backoff,
-/// retrying transport errors and the answers `refusal` marks as retryable.
-/// `send` builds and sends one attempt (an Err from it is final, e.g. no
-/// credentials); a 2xx answer is parsed as JSON.
+/// retrying transport errors and the answers `refusal` marks as retryable,
+/// within the call's time budget (`call_timeout`). `send` builds and sends
+/// one attempt (an Err from it is final, e.g. no credentials); a 2xx answer
+/// is parsed as JSON.
 pub fn call_with_retries(
     unreachable: &dyn Fn(String) -> KmsError,
     send: &mut dyn FnMut() -> Result<Result<ureq::http::Response<ureq::Body>, ureq::Error>, KmsError>,
     refusal: &Refusal<'_>,
 ) -> Result<Value, KmsError> {
+    let budget = call_timeout("").unwrap_or(DEFAULT_TIMEOUT);
+    let started = Instant::now();
     let mut last_error = None;
     for attempt in 0..MAX_ATTEMPTS {
         if attempt > 0 {
-            std::thread::sleep(backoff(attempt - 1));
+            let wait = backoff(attempt - 1);
+            if started.elapsed() + wait >= budget {
+                break;
+            }
+            std::thread::sleep(wait);
         }
         let mut response = match send()? {
             Ok(r) => r,
+            Err(ureq::Error::Timeout(_)) => {
+                let waited = ATTEMPT_TIMEOUT.min(budget).as_secs_f64();
+                last_error = Some(unreachable(format!(
+                    "no answer within {waited} s ({TIMEOUT_ENV} bounds each call, retries included: {} s)",
+                    budget.as_secs_f64()
+                )));
+                continue;
+            }
             Err(e) => {
                 last_error = Some(unreachable(e.to_string()));
                 continue;

@@ -88,6 +88,8 @@ pub enum KmsError {
     BadUri { uri: String, reason: String },
     #[error("key provider {provider}: {message}")]
     Config { provider: String, message: String },
+    #[error("bad setting {name}: {message}")]
+    BadSetting { name: &'static str, message: String },
     #[error("keystore I/O on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }

@@ -13,6 +13,7 @@ mod faults;
 mod format_interop;
 mod fsck;
 mod fsx;
+mod generated;
 mod golden;
 mod hostile_provider;
 mod leak;

@@ -152,6 +152,41 @@ fn aws_kms_failures_unreachable_disabled_and_throttled() {
         stderr(&out)
     );
 
+    // A provider that accepts and never answers: one call is bounded by
+    // KMSFS_PROVIDER_TIMEOUT, retries included, and says so.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_url = format!("aws-kms:alias/fail?endpoint=http://{}", hung.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in hung.incoming().flatten() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(conn); // never answered, never closed
+        }
+    });
+    let out = vol
+        .command()
+        .env("KMSFS_PROVIDER_TIMEOUT", "2")
+        .args(["--kms", &hung_url, "mount", backing, mnt])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(8), "hung: {}", stderr(&out));
+    assert!(stderr(&out).contains("no answer within 2 s"), "{}", stderr(&out));
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "no retry once the 2 s are spent"
+    );
+    let bad = vol
+        .command()
+        .env("KMSFS_PROVIDER_TIMEOUT", "0")
+        .args(["--kms", &hung_url, "mount", backing, mnt])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("KMSFS_PROVIDER_TIMEOUT"), "{}", stderr(&bad));
+
     for (mode, code, attempts) in [
         ("disabled", "DisabledException", 1),
         ("throttle", "ThrottlingException", 4),

@@ -1,0 +1,107 @@
+//! What scripts and packagers take from the command line: shell completions
+//! and man pages generated from the clap definitions, and errors as JSON
+//! under `--json`.
+
+use std::process::Command;
+
+use crate::common::{TestVolume, kmsfs_bin};
+
+fn kmsfs(args: &[&str]) -> std::process::Output {
+    Command::new(kmsfs_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn completions_for_each_shell_name_the_commands_and_parse() {
+    for (shell, marker) in [
+        ("bash", "_kmsfs()"),
+        ("zsh", "#compdef kmsfs"),
+        ("fish", "complete -c kmsfs"),
+    ] {
+        let out = kmsfs(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.contains(marker), "{shell}: {}", &script[..script.len().min(200)]);
+        for command in ["mount", "umount", "rotate", "fsck", "status"] {
+            assert!(script.contains(command), "{shell} completes {command}");
+        }
+    }
+    let script = String::from_utf8(kmsfs(&["completions", "bash"]).stdout).unwrap();
+    let checked = Command::new("bash").args(["-n", "-c", &script]).status().unwrap();
+    assert!(checked.success(), "bash parses its completion script");
+    let bad = kmsfs(&["completions", "tcsh"]);
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[test]
+fn man_pages_cover_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("man1");
+    let out = kmsfs(&["manpages", out_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let main = std::fs::read_to_string(out_dir.join("kmsfs.1")).unwrap();
+    assert!(main.contains(".TH kmsfs 1"), "{main}");
+    for page in [
+        "mount",
+        "umount",
+        "init",
+        "rotate",
+        "rewrap",
+        "rekey",
+        "fsck",
+        "status",
+        "key-rotate",
+    ] {
+        let text = std::fs::read_to_string(out_dir.join(format!("kmsfs-{page}.1")))
+            .unwrap_or_else(|e| panic!("kmsfs-{page}.1: {e}"));
+        assert!(text.contains(".SH SYNOPSIS"), "kmsfs-{page}.1");
+    }
+    let mount = std::fs::read_to_string(out_dir.join("kmsfs-mount.1")).unwrap();
+    assert!(mount.contains("allow_other"), "the -o options are in the mount page");
+}
+
+#[test]
+fn with_json_errors_are_json_on_stderr_with_code_and_exit_status() {
+    let vol = TestVolume::init();
+    let missing = vol.dir.path().join("missing");
+    let out = vol.run(&["status", missing.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(out.stdout.is_empty());
+    let error: serde_json::Value =
+        serde_json::from_slice(&out.stderr).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(error["error"]["code"], "volume");
+    assert_eq!(error["error"]["exit_status"], 4);
+    assert!(error["error"]["message"].as_str().unwrap().contains("does not exist"));
+
+    // Usage errors too, and the exit status is the one given.
+    let out = vol.run(&["fsck", "--json", "--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(2));
+    let error: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(error["error"]["code"], "usage");
+    assert!(error["error"]["message"].as_str().unwrap().contains("--no-such-flag"));
+
+    // Without --json: one line for a person.
+    let out = vol.run(&["status", missing.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("kmsfs: "));
+
+    // Every command that takes --json says what it does.
+    for command in [
+        &["init"][..],
+        &["rotate"],
+        &["rewrap"],
+        &["rekey"],
+        &["fsck"],
+        &["status"],
+        &["key", "list"],
+        &["key", "rotate"],
+    ] {
+        let help = kmsfs(&[command, &["--help"]].concat());
+        assert!(
+            String::from_utf8_lossy(&help.stdout).contains("errors as JSON on stderr"),
+            "{command:?} --help"
+        );
+    }
+}
