@@ -50,6 +50,10 @@ pub struct KeyOptions {
     /// Unlock the keystore with a 32-byte key file instead of a passphrase (created by `init` if missing)
     #[arg(long, global = true, value_name = "FILE")]
     key_file: Option<PathBuf>,
+    /// Run CMD (with sh -c) and take the passphrase from the first line it prints, as gocryptfs's
+    /// -extpass (e.g. "systemd-ask-password kmsfs", "pass show kmsfs/backup", "secret-tool lookup kmsfs backup")
+    #[arg(long, global = true, value_name = "CMD", conflicts_with_all = ["key_file", "passphrase_file"])]
+    extpass: Option<String>,
     /// Key provider URI: with `init`, where the master key lives (the volume records only the key's
     /// identifiers; the rest goes to the host configuration). Otherwise how to reach the key the volume
     /// records (refused with exit 5 if it names another key). local:[KEY],

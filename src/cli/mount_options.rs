@@ -145,6 +145,7 @@ mod tests {
             keystore: None,
             passphrase_file: None,
             key_file: None,
+            extpass: None,
             kms: None,
             config: None,
             env_passphrase: None,

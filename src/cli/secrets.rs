@@ -27,14 +27,51 @@ pub fn keystore_path(keys: &KeyOptions) -> Result<PathBuf, CliError> {
     Ok(data.join("kmsfs").join("keystore.json"))
 }
 
-fn passphrase(keys: &KeyOptions, confirm: bool) -> Result<Zeroizing<String>, CliError> {
-    let secret_err = |m: String| CliError::new(ExitCode::Secret, m);
-    if let Some(p) = &keys.env_passphrase {
-        return Ok(p.clone());
+/// systemd's credentials (`LoadCredential=kmsfs-passphrase:…` or
+/// `kmsfs-key-file:…`), when the service has them.
+const CREDENTIAL_PASSPHRASE: &str = "kmsfs-passphrase";
+const CREDENTIAL_KEY_FILE: &str = "kmsfs-key-file";
+
+fn secret_err(message: String) -> CliError {
+    CliError::new(ExitCode::Secret, message)
+}
+
+/// The first line of a passphrase file.
+fn first_line_of(path: &std::path::Path, what: &str) -> Result<Zeroizing<String>, CliError> {
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| secret_err(format!("cannot read {what} {}: {e}", path.display())))?,
+    );
+    Ok(Zeroizing::new(text.lines().next().unwrap_or("").to_string()))
+}
+
+/// Runs the --extpass command; its first line of output is the passphrase.
+fn external_passphrase(command: &str) -> Result<Zeroizing<String>, CliError> {
+    let out = std::process::Command::new("/bin/sh")
+        .args(["-c", command])
+        .stdin(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| secret_err(format!("--extpass: cannot run /bin/sh: {e}")))?;
+    let stdout = Zeroizing::new(out.stdout);
+    if !out.status.success() {
+        return Err(secret_err(format!(
+            "--extpass command failed ({}); no passphrase",
+            out.status
+        )));
     }
+    let text = std::str::from_utf8(&stdout).map_err(|_| secret_err("--extpass printed no UTF-8 text".into()))?;
+    let line = text.lines().next().unwrap_or("");
+    if line.is_empty() {
+        return Err(secret_err("--extpass command printed an empty passphrase".into()));
+    }
+    Ok(Zeroizing::new(line.to_string()))
+}
+
+fn prompt_passphrase(confirm: bool) -> Result<Zeroizing<String>, CliError> {
     if !std::io::stdin().is_terminal() {
         return Err(secret_err(format!(
-            "no passphrase: use --passphrase-file, {PASSPHRASE_ENV}, or run on a terminal"
+            "no passphrase: use --passphrase-file, --extpass, {PASSPHRASE_ENV}, a systemd credential \
+             ({CREDENTIAL_PASSPHRASE} or {CREDENTIAL_KEY_FILE}), or run on a terminal"
         )));
     }
     let first = Zeroizing::new(rpassword::prompt_password("Passphrase: ").map_err(|e| secret_err(e.to_string()))?);
@@ -53,16 +90,28 @@ fn unlock_secret(keys: &KeyOptions, confirm: bool) -> Result<UnlockSecret, CliEr
         return Ok(UnlockSecret::KeyFile(k.clone()));
     }
     if let Some(f) = &keys.passphrase_file {
-        let text = Zeroizing::new(std::fs::read_to_string(f).map_err(|e| {
-            CliError::new(
-                ExitCode::Secret,
-                format!("cannot read passphrase file {}: {e}", f.display()),
-            )
-        })?);
-        let line = text.lines().next().unwrap_or("");
-        return Ok(UnlockSecret::Passphrase(Zeroizing::new(line.to_string())));
+        return Ok(UnlockSecret::Passphrase(first_line_of(f, "passphrase file")?));
     }
-    Ok(UnlockSecret::Passphrase(passphrase(keys, confirm)?))
+    if let Some(command) = &keys.extpass {
+        return Ok(UnlockSecret::Passphrase(external_passphrase(command)?));
+    }
+    if let Some(p) = &keys.env_passphrase {
+        return Ok(UnlockSecret::Passphrase(p.clone()));
+    }
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from) {
+        let key_file = dir.join(CREDENTIAL_KEY_FILE);
+        if key_file.is_file() {
+            return Ok(UnlockSecret::KeyFile(key_file));
+        }
+        let passphrase = dir.join(CREDENTIAL_PASSPHRASE);
+        if passphrase.is_file() {
+            return Ok(UnlockSecret::Passphrase(first_line_of(
+                &passphrase,
+                "systemd credential",
+            )?));
+        }
+    }
+    Ok(UnlockSecret::Passphrase(prompt_passphrase(confirm)?))
 }
 
 pub fn open_keystore(keys: &KeyOptions) -> Result<LocalKeystore, CliError> {

@@ -105,3 +105,92 @@ fn with_json_errors_are_json_on_stderr_with_code_and_exit_status() {
         );
     }
 }
+
+/// The passphrase from a program (`--extpass`, as gocryptfs's -extpass) or
+/// from systemd's credentials directory (`LoadCredential=`), with no
+/// passphrase in the environment.
+#[test]
+fn passphrase_from_extpass_and_from_systemd_credentials() {
+    let vol = TestVolume::init();
+    let without_env = |args: &[&str], extra: &[(&str, &std::path::Path)]| {
+        let mut cmd = vol.command();
+        cmd.env_remove("KMSFS_PASSPHRASE");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.args(args).output().unwrap()
+    };
+    let right = format!("printf '%s\\n' '{}'", crate::common::PASSPHRASE);
+    let out = without_env(&["--extpass", &right, "key", "list", "--json"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("mk-"));
+
+    for (command, why) in [
+        ("printf 'wrong\\n'", "passphrase"),
+        ("exit 3", "--extpass command failed"),
+        ("true", "empty passphrase"),
+    ] {
+        let out = without_env(&["--extpass", command, "key", "list"], &[]);
+        assert_eq!(out.status.code(), Some(3), "{command}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(why),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let both = without_env(
+        &["--extpass", &right, "--passphrase-file", "/dev/null", "key", "list"],
+        &[],
+    );
+    assert_eq!(both.status.code(), Some(2), "--extpass and --passphrase-file conflict");
+
+    let credentials = tempfile::tempdir().unwrap();
+    let out = without_env(&["key", "list"], &[("CREDENTIALS_DIRECTORY", credentials.path())]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "an empty credentials directory gives nothing"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kmsfs-passphrase"));
+    std::fs::write(
+        credentials.path().join("kmsfs-passphrase"),
+        format!("{}\n", crate::common::PASSPHRASE),
+    )
+    .unwrap();
+    let out = without_env(&["key", "list"], &[("CREDENTIALS_DIRECTORY", credentials.path())]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A keystore unlocked by a key file: the credential `kmsfs-key-file`.
+    let keyed_dir = tempfile::tempdir().unwrap();
+    let key_file = keyed_dir.path().join("volume.key");
+    let keyed = TestVolume::init_with(
+        &[],
+        &[
+            "--key-file",
+            key_file.to_str().unwrap(),
+            "--kdf-memory-mib",
+            "19",
+            "--kdf-iterations",
+            "2",
+        ],
+    );
+    let listed = |creds: &std::path::Path| {
+        keyed
+            .command()
+            .env_remove("KMSFS_PASSPHRASE")
+            .env("CREDENTIALS_DIRECTORY", creds)
+            .args(["key", "list"])
+            .output()
+            .unwrap()
+    };
+    let key_credentials = tempfile::tempdir().unwrap();
+    std::fs::copy(&key_file, key_credentials.path().join("kmsfs-key-file")).unwrap();
+    let out = listed(key_credentials.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(key_credentials.path().join("kmsfs-key-file"), [7u8; 32]).unwrap();
+    assert_eq!(
+        listed(key_credentials.path()).status.code(),
+        Some(3),
+        "another key file is refused"
+    );
+}
