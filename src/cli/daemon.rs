@@ -259,6 +259,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
             // second, and at once on every further signal.
             let Some(sig) = signals.forever().next() else { return };
             log::info!("signal {sig}: unmounting {mount_display}");
+            super::systemd::stopping(&format!("unmounting {mount_display}"));
             for attempt in 0u64.. {
                 match unmount_now(&unmount_path) {
                     Ok(()) => return,
@@ -283,7 +284,9 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     if let Some(mut pipe) = ready_pipe.take() {
         let _ = pipe.write_all(READY);
     }
+    super::systemd::ready(&format!("serving {} on {}", backing.display(), mountpoint.display()));
     let served = session.run();
+    super::systemd::stopping(&format!("unmounted {}; committing file keys", mountpoint.display()));
     stop_publishing.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = publisher.join();
     // The daemon's last word, which `kmsfs umount` reads once the lock is free.
@@ -295,6 +298,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     });
     if let Err(e) = committed {
         log::error!("{e}");
+        super::systemd::status(&format!("file keys not committed: {e}"));
         return Err(CliError::new(ExitCode::Io, e));
     }
     // Close the DB (SQLite checkpoints the WAL on close) before releasing the
@@ -332,6 +336,12 @@ fn publish_status(
                 let now = current();
                 if now != published {
                     lock.publish(&now);
+                    if now.commit_error != published.commit_error {
+                        super::systemd::status(&match &now.commit_error {
+                            Some(e) => format!("file keys not committed, retrying: {e}"),
+                            None => "serving; file keys committed again".to_string(),
+                        });
+                    }
                     published = now;
                 }
             }

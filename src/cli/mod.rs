@@ -14,6 +14,7 @@ mod rekey;
 mod rotation;
 mod secrets;
 mod status;
+mod systemd;
 mod volumes;
 
 use std::path::PathBuf;

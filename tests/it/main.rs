@@ -22,6 +22,7 @@ mod posix;
 mod posix_details;
 mod providers;
 mod rotation;
+mod service;
 mod stress;
 mod tamper;
 mod tree;
