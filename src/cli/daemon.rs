@@ -236,6 +236,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         .map_err(|e| report(&mut ready_pipe, kmsfs::volume::VolumeError::from(e).into()))?;
     volume.start_background_flush();
     let fs = KmsFs::new(Arc::clone(&volume), options.fs).map_err(|e| report(&mut ready_pipe, CliError::from(e)))?;
+    let activity = fs.activity();
     let session = kmsfs::fs::mount(fs, &mountpoint, &options).map_err(|e| {
         report(
             &mut ready_pipe,
@@ -285,6 +286,9 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         let _ = pipe.write_all(READY);
     }
     super::systemd::ready(&format!("serving {} on {}", backing.display(), mountpoint.display()));
+    if let Some(idle) = options.idle {
+        watch_idle(activity, idle, mountpoint.clone());
+    }
     let served = session.run();
     super::systemd::stopping(&format!("unmounted {}; committing file keys", mountpoint.display()));
     stop_publishing.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -307,6 +311,41 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     volume.db().disconnect();
     drop(lock);
     served.map_err(|e| mount_error(format!("serving {}: {e}", mountpoint.display())))
+}
+
+/// Unmounts once no request has named a file for `idle` (as gocryptfs's
+/// `-idle`). The unmount is never lazy: while a file is open (or a process
+/// has its working directory inside) the kernel refuses it, and the mount
+/// stays until it is idle and free.
+fn watch_idle(activity: Arc<kmsfs::fs::Activity>, idle: Duration, mountpoint: PathBuf) {
+    let check_every = (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(10));
+    let spawned = std::thread::Builder::new().name("kmsfs-idle".into()).spawn(move || {
+        let mut said_busy = false;
+        loop {
+            std::thread::sleep(check_every);
+            if activity.idle_for() < idle {
+                said_busy = false;
+                continue;
+            }
+            match unmount_now(&mountpoint) {
+                Ok(()) => {
+                    log::info!("unmounted {} after {idle:?} without use", mountpoint.display());
+                    return;
+                }
+                Err(e) if !said_busy => {
+                    log::info!(
+                        "idle, but {} is in use ({e}); unmounting once it is free",
+                        mountpoint.display()
+                    );
+                    said_busy = true;
+                }
+                Err(_) => {}
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        log::error!("idle unmounting is off: cannot start its thread: {e}");
+    }
 }
 
 /// Publishes the daemon's pid, provider-call count and commit failures in

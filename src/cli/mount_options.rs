@@ -48,6 +48,7 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
             // Accepted for fstab compatibility; handled by mount(8) or meaningless here.
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" => {}
             o if o.starts_with("fsname=") => opts.fsname = Some(value(o)?.to_string()),
+            o if o.starts_with("idle=") => opts.idle = Some(duration(o)?).filter(|d| !d.is_zero()),
             o if o.starts_with("threads=") => opts.threads = number(o, 1, 64)? as usize,
             o if o.starts_with("sync_threads=") => opts.sync_threads = number(o, 1, 64)? as usize,
             "bdi_defaults" => {
@@ -120,6 +121,45 @@ fn value(option: &str) -> Result<&str, CliError> {
     }
 }
 
+/// A duration after `name=`: `90`/`90s`, `30m`, `2h`, or a sum such as
+/// `1h30m` (as gocryptfs's `-idle` takes them); at most a week.
+fn duration(option: &str) -> Result<std::time::Duration, CliError> {
+    let text = value(option)?;
+    let bad = || {
+        CliError::new(
+            ExitCode::Usage,
+            format!("bad mount option {option}: give a duration such as 90s, 30m, 2h or 1h30m"),
+        )
+    };
+    let mut total = 0u64;
+    let mut digits = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return Err(bad()),
+        };
+        total += digits
+            .parse::<u64>()
+            .map_err(|_| bad())?
+            .checked_mul(unit)
+            .ok_or_else(bad)?;
+        digits.clear();
+    }
+    if !digits.is_empty() {
+        total += digits.parse::<u64>().map_err(|_| bad())?;
+    }
+    if total > 7 * 24 * 3600 {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs(total))
+}
+
 /// The number after `name=` in a mount option, within `min..=max`.
 fn number(option: &str, min: u32, max: u32) -> Result<u32, CliError> {
     let (name, value) = option.split_once('=').unwrap_or((option, ""));
@@ -180,6 +220,13 @@ mod tests {
         assert!(!acl("noacl,allow_other") && !acl("allow_other,noxattr"));
         let quiet = parse_one("noatime").unwrap().fs;
         assert!(!quiet.file_atime && !quiet.dir_atime);
+        let idle = |raw| parse_one(raw).unwrap().idle;
+        assert_eq!(idle("idle=90"), Some(std::time::Duration::from_secs(90)));
+        assert_eq!(idle("idle=1h30m"), Some(std::time::Duration::from_secs(5400)));
+        assert_eq!(idle("idle=0"), None, "0 turns it off");
+        for bad in ["idle=", "idle=5d", "idle=h", "idle=9999h"] {
+            assert_eq!(parse_one(bad).err().unwrap().code, ExitCode::Usage, "{bad}");
+        }
         let conflict = parse_one("noxattr,acl").err().unwrap();
         assert_eq!(conflict.code, ExitCode::Usage);
         assert!(conflict.message.contains("acl and noxattr"), "{}", conflict.message);

@@ -25,7 +25,7 @@ mod xattrs;
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fuser::{Errno, FileHandle, Generation, INodeNo, ReplyDirectoryPlus};
@@ -66,6 +66,36 @@ pub struct KmsFs {
     kill_suidgid: AtomicBool,
     /// The kernel enforces POSIX ACLs (FUSE_POSIX_ACL); see acl.rs.
     acl_on: AtomicBool,
+    /// When a request last named a file (`-o idle=`).
+    activity: Arc<Activity>,
+}
+
+/// When the mount was last used: any request that names a file or reads a
+/// directory, not the kernel's own housekeeping (FORGET, RELEASE).
+pub struct Activity {
+    start: std::time::Instant,
+    /// Milliseconds after `start`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: std::time::Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long no request has named a file.
+    pub fn idle_for(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
 }
 
 impl KmsFs {
@@ -91,10 +121,17 @@ impl KmsFs {
             space,
             kill_suidgid: AtomicBool::new(false),
             acl_on: AtomicBool::new(false),
+            activity: Arc::new(Activity::new()),
         })
     }
 
+    /// The mount's use, for idle unmounting.
+    pub fn activity(&self) -> Arc<Activity> {
+        Arc::clone(&self.activity)
+    }
+
     fn node(&self, ino: INodeNo) -> FsResult<Arc<Node>> {
+        self.activity.touch();
         self.inodes.get(ino.0).ok_or(Errno::ENOENT)
     }
 

@@ -92,6 +92,8 @@ pub struct MountOptions {
     pub bdi: bdi::BdiTuning,
     /// Further kernel mount flags (`noexec`, `nosuid`, `noatime` …).
     pub kernel: Vec<MountOption>,
+    /// Unmount after this long without a request naming a file (`idle=`).
+    pub idle: Option<Duration>,
 }
 
 /// Mounts the filesystem; the returned session serves requests when run.

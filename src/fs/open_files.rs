@@ -44,6 +44,7 @@ impl KmsFs {
     /// with files the kernel opened without asking (no OPEN requests), and
     /// `write` says whether the request needs to write.
     pub(super) fn open_file(&self, ino: INodeNo, fh: FileHandle, write: bool) -> FsResult<Arc<OpenFile>> {
+        self.activity.touch();
         if fh.0 == NO_OPEN_HANDLE {
             return self.node_file(ino, write);
         }
@@ -79,6 +80,7 @@ impl KmsFs {
     }
 
     pub(super) fn dir_listing(&self, fh: FileHandle) -> FsResult<Arc<Vec<DirEntry>>> {
+        self.activity.touch();
         match crate::util::lock(&self.handles).get(&fh.0) {
             Some(Handle::Dir(d)) => Ok(Arc::clone(d)),
             _ => Err(Errno::EBADF),

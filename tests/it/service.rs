@@ -69,3 +69,36 @@ fn under_systemd_the_daemon_reports_ready_status_and_stopping() {
     assert!(stopping.iter().any(|m| m.contains("STATUS=")), "{stopping:?}");
     assert!(daemon.child.wait().unwrap().success());
 }
+
+/// `-o idle=`: unmounted once nothing names a file for that long, never
+/// while a file is open (the kernel refuses a non-lazy unmount then); the
+/// daemon commits and exits as after `kmsfs umount`.
+#[test]
+fn idle_mounts_unmount_once_unused_and_never_while_a_file_is_open() {
+    let vol = TestVolume::init();
+    let m = vol.mount_with(&["-o", "idle=2s"]);
+    let mut held = std::fs::File::create(vol.path("held")).unwrap();
+    std::io::Write::write_all(&mut held, b"kept open").unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(is_mounted(&vol.mnt), "a file is open: the mount stays");
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while is_mounted(&vol.mnt) {
+        assert!(std::time::Instant::now() < deadline, "never unmounted once idle");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(m);
+    // The daemon commits its keys and exits, releasing the volume lock.
+    loop {
+        let status = vol.run(&["status", "--json", path_str(&vol.backing)]);
+        let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        if json["mounted"] == false {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the daemon never exited: {json}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let again = vol.mount();
+    assert_eq!(std::fs::read(vol.path("held")).unwrap(), b"kept open");
+    again.unmount();
+}
