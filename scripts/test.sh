@@ -83,6 +83,12 @@ for line in sys.stdin:
         acl_atime::acl_option_on_a_private_mount acl_atime::reads_move 2>&1 \
         | sed 's/^test /test (normal user) /' | tee -a target/test-output.txt
 fi
+# The Debian package, installed with apt-get and used as an administrator
+# would (root only: it installs into /usr and mounts).
+if [ "$(id -u)" -eq 0 ]; then
+    echo "== the Debian package"
+    scripts/check-package.sh 2>&1 | tee -a target/test-output.txt
+fi
 passed=$(grep -Eo '[0-9]+ passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 

@@ -15,6 +15,8 @@ use kmsfs::volume::lock::{DaemonInfo, VolumeLock};
 use super::{CliError, ExitCode, KeyOptions};
 
 const READY: &[u8] = b"ready";
+/// How long SIGTERM waits for a busy mount before detaching it.
+const DEFAULT_LAZY_UNMOUNT_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Args)]
 pub struct MountArgs {
@@ -253,6 +255,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         })?;
     let mount_display = mountpoint.display().to_string();
     let unmount_path = mountpoint.clone();
+    let lazy_after = options.lazy_unmount_after.unwrap_or(DEFAULT_LAZY_UNMOUNT_AFTER);
     std::thread::Builder::new()
         .name("kmsfs-signals".into())
         .spawn(move || {
@@ -261,8 +264,20 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
             let Some(sig) = signals.forever().next() else { return };
             log::info!("signal {sig}: unmounting {mount_display}");
             super::systemd::stopping(&format!("unmounting {mount_display}"));
+            let asked = std::time::Instant::now();
             for attempt in 0u64.. {
-                match unmount_now(&unmount_path) {
+                // Busy for too long: detached, so that a stop always ends
+                // (the daemon exits once the last open file closes).
+                let lazy = asked.elapsed() >= lazy_after;
+                match unmount(&unmount_path, lazy) {
+                    Ok(()) if lazy => {
+                        log::warn!(
+                            "{mount_display} was still busy after {lazy_after:?}: detached; \
+                             the daemon exits once its last open file is closed"
+                        );
+                        super::systemd::status(&format!("detached {mount_display}; waiting for open files to close"));
+                        return;
+                    }
                     Ok(()) => return,
                     Err(e) if attempt % 60 == 0 => {
                         log::warn!("unmounting {mount_display} failed ({e}); retrying every second")
@@ -310,7 +325,15 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     // directory must not change after that.
     volume.db().disconnect();
     drop(lock);
-    served.map_err(|e| mount_error(format!("serving {}: {e}", mountpoint.display())))
+    match served {
+        // How the kernel ends the connection of a lazily unmounted (detached)
+        // mount once its last open file closes: the end of serving, like ENODEV.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+            log::info!("{}: the kernel closed the connection", mountpoint.display());
+            Ok(())
+        }
+        other => other.map_err(|e| mount_error(format!("serving {}: {e}", mountpoint.display()))),
+    }
 }
 
 /// Unmounts once no request has named a file for `idle` (as gocryptfs's
@@ -423,13 +446,24 @@ const COMMIT_ATTEMPTS_AT_EXIT: u32 = 5;
 /// Unmounts `mountpoint` now, or fails (EBUSY while in use): umount2 as
 /// root, fusermount3 otherwise.
 fn unmount_now(mountpoint: &Path) -> std::io::Result<()> {
-    match rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty()) {
+    unmount(mountpoint, false)
+}
+
+/// Unmounts `mountpoint`; `lazy`: detached even while in use (MNT_DETACH),
+/// the daemon serving its open files until the last one closes.
+fn unmount(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
+    let flags = if lazy {
+        rustix::mount::UnmountFlags::DETACH
+    } else {
+        rustix::mount::UnmountFlags::empty()
+    };
+    match rustix::mount::unmount(mountpoint, flags) {
         Ok(()) => return Ok(()),
         Err(rustix::io::Errno::PERM) => {}
         Err(e) => return Err(e.into()),
     }
     let out = std::process::Command::new("fusermount3")
-        .arg("-u")
+        .arg(if lazy { "-uz" } else { "-u" })
         .arg(mountpoint)
         .stderr(std::process::Stdio::piped())
         .output()?;

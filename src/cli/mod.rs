@@ -295,7 +295,12 @@ fn mount_hint(backing: &std::path::Path, keys: &KeyOptions) -> String {
 fn arguments() -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let invoked_as = args.first().map(std::path::PathBuf::from);
-    if invoked_as.as_deref().and_then(|p| p.file_name()) == Some(std::ffi::OsStr::new("mount.kmsfs")) {
+    let name = invoked_as
+        .as_deref()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str());
+    // mount(8) runs mount.kmsfs for `-t kmsfs`, mount.fuse.kmsfs for `-t fuse.kmsfs`.
+    if matches!(name, Some("mount.kmsfs" | "mount.fuse.kmsfs")) {
         args.retain(|a| !matches!(a.to_str(), Some("-n" | "-s" | "-v" | "-f")));
         args.insert(1, "mount".into());
     }

@@ -49,6 +49,7 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" => {}
             o if o.starts_with("fsname=") => opts.fsname = Some(value(o)?.to_string()),
             o if o.starts_with("idle=") => opts.idle = Some(duration(o)?).filter(|d| !d.is_zero()),
+            o if o.starts_with("lazy_unmount_after=") => opts.lazy_unmount_after = Some(duration(o)?),
             o if o.starts_with("threads=") => opts.threads = number(o, 1, 64)? as usize,
             o if o.starts_with("sync_threads=") => opts.sync_threads = number(o, 1, 64)? as usize,
             "bdi_defaults" => {

@@ -94,6 +94,9 @@ pub struct MountOptions {
     pub kernel: Vec<MountOption>,
     /// Unmount after this long without a request naming a file (`idle=`).
     pub idle: Option<Duration>,
+    /// After SIGTERM, how long a busy mount is retried before it is
+    /// detached (`lazy_unmount_after=`; the daemon's default otherwise).
+    pub lazy_unmount_after: Option<Duration>,
 }
 
 /// Mounts the filesystem; the returned session serves requests when run.

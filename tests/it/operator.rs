@@ -54,6 +54,41 @@ fn sigterm_on_a_busy_mount_unmounts_once_it_is_free() {
     assert!(daemon.wait().unwrap().success());
 }
 
+/// A stop must end (systemd waits for it): after `lazy_unmount_after` a
+/// busy mount is detached, its open files keep working, and the daemon
+/// commits and exits once the last one closes. Never a stale mount.
+#[test]
+fn sigterm_on_a_mount_busy_too_long_detaches_it_and_exits_once_free() {
+    let vol = TestVolume::init();
+    let mut daemon = vol
+        .command()
+        .args([
+            "mount",
+            "-f",
+            "-o",
+            "lazy_unmount_after=1s",
+            path_str(&vol.backing),
+            path_str(&vol.mnt),
+        ])
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&vol.log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("mounted", || mount_type(&vol.mnt).is_some());
+    let mut busy = fs::File::create(vol.path("open")).unwrap();
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    wait_until("detached", || mount_type(&vol.mnt).is_none());
+    std::io::Write::write_all(&mut busy, b"written after the detach").unwrap();
+    busy.sync_all().unwrap();
+    assert!(daemon.try_wait().unwrap().is_none(), "serving the open file");
+    drop(busy);
+    wait_until("exited once free", || daemon.try_wait().unwrap().is_some());
+    assert!(daemon.wait().unwrap().success(), "{}", vol.log_text());
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("open")).unwrap(), b"written after the detach");
+    m.unmount();
+}
+
 #[test]
 fn a_killed_daemon_leaves_a_mount_that_status_mount_and_umount_name() {
     let vol = TestVolume::init();
