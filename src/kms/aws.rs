@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use super::aws_credentials::{self, AwsCredentials};
-use super::http::{agent, call_with_retries, check_transport};
+use super::http::{Client, check_transport};
 use super::{EncryptionContext, KeyProvider, KmsError, ProviderId};
 use crate::crypto::{SecretKey, WrappedKey};
 
@@ -31,7 +31,7 @@ pub struct AwsKmsProvider {
     region: String,
     endpoint: String,
     profile: Option<String>,
-    agent: ureq::Agent,
+    client: Client,
     calls: AtomicU64,
 }
 
@@ -94,7 +94,11 @@ impl AwsKmsProvider {
             region,
             endpoint: endpoint.trim_end_matches('/').to_string() + "/",
             profile,
-            agent: agent("aws-kms", query.get("ca_cert").map(String::as_str))?,
+            client: Client::new(
+                "aws-kms",
+                query.get("ca_cert").map(String::as_str),
+                query.get("timeout").map(String::as_str),
+            )?,
             calls: AtomicU64::new(0),
         })
     }
@@ -128,7 +132,7 @@ impl AwsKmsProvider {
                 provider: "aws-kms".into(),
                 message: format!("SigV4 signing: {e}"),
             })?;
-            let mut request = self.agent.post(&self.endpoint);
+            let mut request = self.client.agent.post(&self.endpoint);
             for (k, v) in headers
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -166,7 +170,7 @@ impl AwsKmsProvider {
                 retry,
             )
         };
-        call_with_retries(&|cause| self.unreachable(cause), &mut send, &refusal)
+        self.client.call(&|cause| self.unreachable(cause), &mut send, &refusal)
     }
 
     fn blob_of(&self, v: &Value, field: &str) -> Result<Vec<u8>, KmsError> {

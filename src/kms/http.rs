@@ -17,28 +17,57 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// One attempt never waits longer than this: a retry may find another server.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The time budget of one provider call: `KMSFS_PROVIDER_TIMEOUT` (1–600
-/// seconds), else 30 s.
-pub fn call_timeout(provider: &str) -> Result<Duration, KmsError> {
-    match std::env::var(TIMEOUT_ENV) {
-        Err(_) => Ok(DEFAULT_TIMEOUT),
-        Ok(v) => v
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|s| (1.0..=600.0).contains(s))
-            .map(Duration::from_secs_f64)
-            .ok_or_else(|| KmsError::BadSetting {
-                name: TIMEOUT_ENV,
-                message: format!("{v:?} for {provider}: give seconds from 1 to 600"),
-            }),
+/// The time budget of one provider call: `KMSFS_PROVIDER_TIMEOUT`, else the
+/// provider URI's `timeout=` (kept per volume in the host configuration),
+/// else 30 s; 1–600 seconds.
+pub fn call_timeout(provider: &str, from_uri: Option<&str>) -> Result<Duration, KmsError> {
+    let (name, value) = match (std::env::var(TIMEOUT_ENV), from_uri) {
+        (Ok(v), _) => (TIMEOUT_ENV, v),
+        (Err(_), Some(v)) => ("timeout= in the provider URI", v.to_string()),
+        (Err(_), None) => return Ok(DEFAULT_TIMEOUT),
+    };
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| (1.0..=600.0).contains(s))
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| KmsError::BadSetting {
+            name,
+            message: format!("{value:?} for {provider}: give seconds from 1 to 600"),
+        })
+}
+
+/// A remote provider's HTTP client: its agent, and the time one call may take.
+pub struct Client {
+    pub agent: Agent,
+    budget: Duration,
+}
+
+impl Client {
+    /// `uri_timeout`: the provider URI's `timeout=`, if any.
+    pub fn new(provider: &str, ca_file: Option<&str>, uri_timeout: Option<&str>) -> Result<Self, KmsError> {
+        let budget = call_timeout(provider, uri_timeout)?;
+        Ok(Client {
+            agent: agent(provider, ca_file, budget)?,
+            budget,
+        })
+    }
+
+    /// `call_with_retries` within this client's budget.
+    pub fn call(
+        &self,
+        unreachable: &dyn Fn(String) -> KmsError,
+        send: &mut dyn FnMut() -> Result<Result<ureq::http::Response<ureq::Body>, ureq::Error>, KmsError>,
+        refusal: &Refusal<'_>,
+    ) -> Result<Value, KmsError> {
+        call_with_retries(self.budget, unreachable, send, refusal)
     }
 }
 
 /// An agent with bounded timeouts, non-2xx answers returned as responses,
 /// and optionally a custom CA bundle (PEM).
-pub fn agent(provider: &str, ca_file: Option<&str>) -> Result<Agent, KmsError> {
-    let budget = call_timeout(provider)?;
+fn agent(provider: &str, ca_file: Option<&str>, budget: Duration) -> Result<Agent, KmsError> {
     let mut tls = TlsConfig::builder();
     if let Some(path) = ca_file {
         let pem = std::fs::read(path).map_err(|e| KmsError::Config {
@@ -114,12 +143,12 @@ pub type Refusal<'a> = dyn Fn(u16, &Value) -> (KmsError, bool) + 'a;
 /// within the call's time budget (`call_timeout`). `send` builds and sends
 /// one attempt (an Err from it is final, e.g. no credentials); a 2xx answer
 /// is parsed as JSON.
-pub fn call_with_retries(
+fn call_with_retries(
+    budget: Duration,
     unreachable: &dyn Fn(String) -> KmsError,
     send: &mut dyn FnMut() -> Result<Result<ureq::http::Response<ureq::Body>, ureq::Error>, KmsError>,
     refusal: &Refusal<'_>,
 ) -> Result<Value, KmsError> {
-    let budget = call_timeout("").unwrap_or(DEFAULT_TIMEOUT);
     let started = Instant::now();
     let mut last_error = None;
     for attempt in 0..MAX_ATTEMPTS {
@@ -135,7 +164,8 @@ pub fn call_with_retries(
             Err(ureq::Error::Timeout(_)) => {
                 let waited = ATTEMPT_TIMEOUT.min(budget).as_secs_f64();
                 last_error = Some(unreachable(format!(
-                    "no answer within {waited} s ({TIMEOUT_ENV} bounds each call, retries included: {} s)",
+                    "no answer within {waited} s (each call, retries included, may take {} s: \
+                     {TIMEOUT_ENV} or timeout= in the provider URI)",
                     budget.as_secs_f64()
                 )));
                 continue;

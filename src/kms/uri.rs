@@ -2,8 +2,8 @@
 //! configuration). A volume records only the [`ProviderId`] part.
 //!
 //! - `local:<key id or alias>`
-//! - `aws-kms:<key id, alias/NAME or ARN>[?region=R&endpoint=URL&profile=P&ca_cert=F]`
-//! - `vault-transit:[<http(s)://host:port>/]<mount>/<key>[?token_file=F&ca_cert=F]`
+//! - `aws-kms:<key id, alias/NAME or ARN>[?region=R&endpoint=URL&profile=P&ca_cert=F&timeout=S]`
+//! - `vault-transit:[<http(s)://host:port>/]<mount>/<key>[?token_file=F&ca_cert=F&timeout=S]`
 //! - `pkcs11:[token=<label>;]object=<label>[?module-path=<path>&pin-source=<file:PATH|env:VAR>&pin-value=PIN]` (RFC 7512)
 
 use std::collections::BTreeMap;

@@ -11,7 +11,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use super::http::{agent, call_with_retries, check_transport};
+use super::http::{Client, check_transport};
 use super::{EncryptionContext, KeyProvider, KmsError, ProviderId};
 use crate::crypto::{SecretKey, WrappedKey};
 
@@ -20,7 +20,7 @@ pub struct VaultTransitProvider {
     mount: String,
     key: String,
     token: Zeroizing<String>,
-    agent: ureq::Agent,
+    client: Client,
     calls: AtomicU64,
 }
 
@@ -75,7 +75,7 @@ impl VaultTransitProvider {
             mount: mount.to_string(),
             key: key.to_string(),
             token: Zeroizing::new(token),
-            agent: agent("vault-transit", ca.as_deref())?,
+            client: Client::new("vault-transit", ca.as_deref(), query.get("timeout").map(String::as_str))?,
             calls: AtomicU64::new(0),
         })
     }
@@ -93,9 +93,14 @@ impl VaultTransitProvider {
         let body = Zeroizing::new(body.map(|b| b.to_string()).unwrap_or_default());
         let mut send = || {
             Ok(if method == "GET" {
-                self.agent.get(&url).header("X-Vault-Token", self.token.as_str()).call()
+                self.client
+                    .agent
+                    .get(&url)
+                    .header("X-Vault-Token", self.token.as_str())
+                    .call()
             } else {
-                self.agent
+                self.client
+                    .agent
                     .post(&url)
                     .header("X-Vault-Token", self.token.as_str())
                     .header("Content-Type", "application/json")
@@ -114,7 +119,7 @@ impl VaultTransitProvider {
             };
             (refused, status >= 500 || status == 429)
         };
-        call_with_retries(&|cause| self.unreachable(cause), &mut send, &refusal)
+        self.client.call(&|cause| self.unreachable(cause), &mut send, &refusal)
     }
 
     fn field<'a>(&self, v: &'a Value, name: &str) -> Result<&'a str, KmsError> {

@@ -178,6 +178,12 @@ fn aws_kms_failures_unreachable_disabled_and_throttled() {
         1,
         "no retry once the 2 s are spent"
     );
+    // The same bound kept with the volume's URI (the host configuration's
+    // `kms = "…&timeout=2"`), without the variable.
+    let out = vol.run(&["--kms", &format!("{hung_url}&timeout=2"), "mount", backing, mnt]);
+    assert_eq!(out.status.code(), Some(8), "hung: {}", stderr(&out));
+    assert!(stderr(&out).contains("no answer within 2 s"), "{}", stderr(&out));
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     let bad = vol
         .command()
         .env("KMSFS_PROVIDER_TIMEOUT", "0")
