@@ -35,6 +35,10 @@ grep -q "_kmsfs" /usr/share/bash-completion/completions/kmsfs || fail "bash comp
 [ -s /usr/share/zsh/vendor-completions/_kmsfs ] || fail "zsh completion"
 [ -s /usr/share/fish/vendor_completions.d/kmsfs.fish ] || fail "fish completion"
 grep -q "^Type=notify" /usr/lib/systemd/system/kmsfs@.service || fail "systemd unit"
+if command -v systemd-analyze >/dev/null 2>&1; then
+    verified=$(systemd-analyze verify --man=no kmsfs@check.service 2>&1 || true)
+    if echo "$verified" | grep -q "kmsfs@"; then fail "systemd-analyze verify: $verified"; fi
+fi
 [ "$(stat -c %a /etc/kmsfs/providers.toml)" = 600 ] || fail "host configuration mode"
 
 export KMSFS_KEYSTORE="$work/keystore.json"
