@@ -3,20 +3,17 @@
 //! passphrase (Argon2id) or a key file (HKDF-SHA256).
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use argon2::{Algorithm, Argon2, Params, Version};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::{EncryptionContext, KeyProvider, KmsError, ProviderId};
-use crate::crypto::{KEY_LEN, Sealer, SecretKey, WrappedKey, random_array};
+use crate::crypto::{Sealer, SecretKey, WrappedKey, random_array};
 use crate::util::hex;
 
 /// Format 2 authenticates the whole file (states, aliases, dates), not only
@@ -28,44 +25,10 @@ const VERIFIER_PLAINTEXT: &[u8] = b"kmsfs keystore";
 const INTEGRITY_AAD: &[u8] = b"kmsfs-keystore-integrity-v1\0";
 const DATA_KEY_BLOB_VERSION: u8 = 1;
 
-/// What unlocks the keystore.
-pub enum UnlockSecret {
-    Passphrase(Zeroizing<String>),
-    KeyFile(PathBuf),
-}
+mod unlock;
 
-/// Argon2id cost parameters, stored in the keystore so they can be raised later.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct KdfParams {
-    pub memory_kib: u32,
-    pub iterations: u32,
-    pub parallelism: u32,
-}
-
-/// The weakest Argon2id setting a new keystore accepts: OWASP's minimum
-/// for Argon2id (19 MiB of memory, 2 passes).
-pub const MIN_KDF: KdfParams = KdfParams {
-    memory_kib: 19 * 1024,
-    iterations: 2,
-    parallelism: 1,
-};
-
-impl Default for KdfParams {
-    fn default() -> Self {
-        KdfParams {
-            memory_kib: 64 * 1024,
-            iterations: 3,
-            parallelism: 1,
-        }
-    }
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-enum Protection {
-    Argon2id { params: KdfParams, salt: String },
-    KeyFile { salt: String },
-}
+pub use unlock::{KdfParams, MIN_KDF, UnlockSecret, create_key_file};
+use unlock::{Protection, derive_kek};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum KeyState {
@@ -202,65 +165,6 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> KmsError {
         path: path.to_path_buf(),
         reason: reason.into(),
     }
-}
-
-fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, KmsError> {
-    let bytes = Zeroizing::new(fs::read(path).map_err(io_err(path))?);
-    if bytes.len() != KEY_LEN {
-        return Err(KmsError::BadSecret(format!(
-            "key file {} must hold exactly {KEY_LEN} bytes, it holds {}",
-            path.display(),
-            bytes.len()
-        )));
-    }
-    Ok(bytes)
-}
-
-/// Creates a key file with 32 random bytes, readable only by its owner.
-pub fn create_key_file(path: &Path) -> Result<(), KmsError> {
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(path))?;
-    let bytes = Zeroizing::new(random_array::<KEY_LEN>());
-    file.write_all(bytes.as_slice()).map_err(io_err(path))?;
-    file.sync_all().map_err(io_err(path))
-}
-
-fn derive_kek(protection: &Protection, secret: &UnlockSecret, path: &Path) -> Result<SecretKey, KmsError> {
-    let mut out = Zeroizing::new([0u8; KEY_LEN]);
-    match (protection, secret) {
-        (Protection::Argon2id { params, salt }, UnlockSecret::Passphrase(pass)) => {
-            let salt = B64.decode(salt).map_err(|_| corrupt(path, "salt is not base64"))?;
-            let params = Params::new(params.memory_kib, params.iterations, params.parallelism, Some(KEY_LEN))
-                .map_err(|e| corrupt(path, format!("bad Argon2id parameters: {e}")))?;
-            Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-                .hash_password_into(pass.as_bytes(), &salt, out.as_mut_slice())
-                .map_err(|e| corrupt(path, format!("Argon2id failed: {e}")))?;
-        }
-        (Protection::KeyFile { salt }, UnlockSecret::KeyFile(key_path)) => {
-            let salt = B64.decode(salt).map_err(|_| corrupt(path, "salt is not base64"))?;
-            let ikm = read_key_file(key_path)?;
-            hkdf::Hkdf::<sha2::Sha256>::new(Some(&salt), &ikm)
-                .expand(b"kmsfs-keyfile-kek-v1", out.as_mut_slice())
-                .map_err(|_| corrupt(path, "HKDF output length"))?;
-        }
-        (Protection::Argon2id { .. }, UnlockSecret::KeyFile(_)) => {
-            return Err(KmsError::BadSecret(format!(
-                "keystore {} is protected by a passphrase, not a key file",
-                path.display()
-            )));
-        }
-        (Protection::KeyFile { .. }, UnlockSecret::Passphrase(_)) => {
-            return Err(KmsError::BadSecret(format!(
-                "keystore {} is protected by a key file: pass --key-file",
-                path.display()
-            )));
-        }
-    }
-    SecretKey::from_slice(out.as_slice()).ok_or_else(|| corrupt(path, "key length"))
 }
 
 fn material_aad(key_id: &str, version: u32) -> Vec<u8> {
@@ -630,108 +534,4 @@ impl KeyProvider for LocalProvider {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fast() -> KdfParams {
-        MIN_KDF
-    }
-
-    #[test]
-    fn passphrase_keystore_generate_and_decrypt_with_context() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ks.json");
-        let secret = UnlockSecret::Passphrase(Zeroizing::new("correct horse".into()));
-        let mut ks = LocalKeystore::create(&path, &secret, fast()).unwrap();
-        let id = ks.create_key("test").unwrap();
-        let ks = Arc::new(LocalKeystore::open(&path, &secret).unwrap());
-        let p = ks.provider(&id).unwrap();
-        let ctx = EncryptionContext::for_volume(&[1; 16]);
-        let (key, wrapped) = p.generate_data_key(&ctx).unwrap();
-        assert_eq!(p.decrypt(&wrapped, &ctx).unwrap(), key);
-        let other = EncryptionContext::for_volume(&[2; 16]);
-        assert!(matches!(
-            p.decrypt(&wrapped, &other),
-            Err(KmsError::InvalidCiphertext(_))
-        ));
-        assert_eq!(p.call_count(), 3);
-        let wrong = UnlockSecret::Passphrase(Zeroizing::new("wrong".into()));
-        assert!(matches!(
-            LocalKeystore::open(&path, &wrong),
-            Err(KmsError::WrongPassphrase(_))
-        ));
-        let text = fs::read_to_string(&path).unwrap();
-        assert!(!text.contains("correct horse"));
-    }
-
-    #[test]
-    fn key_file_keystore_rejects_other_key_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let (k1, k2) = (dir.path().join("k1"), dir.path().join("k2"));
-        create_key_file(&k1).unwrap();
-        create_key_file(&k2).unwrap();
-        let path = dir.path().join("ks.json");
-        LocalKeystore::create(&path, &UnlockSecret::KeyFile(k1.clone()), fast()).unwrap();
-        assert!(LocalKeystore::open(&path, &UnlockSecret::KeyFile(k1)).is_ok());
-        assert!(matches!(
-            LocalKeystore::open(&path, &UnlockSecret::KeyFile(k2)),
-            Err(KmsError::WrongKeyFile(_))
-        ));
-    }
-
-    #[test]
-    fn states_aliases_and_versions_are_authenticated() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ks.json");
-        let secret = UnlockSecret::Passphrase(Zeroizing::new("pass".into()));
-        let mut ks = LocalKeystore::create(&path, &secret, fast()).unwrap();
-        let id = ks.create_key("test").unwrap();
-        let original = fs::read_to_string(&path).unwrap();
-        for (from, to) in [
-            ("\"state\": \"Enabled\"", "\"state\": \"Disabled\""),
-            ("\"alias\": null", "\"alias\": \"prod\""),
-            ("\"description\": \"test\"", "\"description\": \"x\""),
-        ] {
-            assert!(original.contains(from), "{from}");
-            fs::write(&path, original.replace(from, to)).unwrap();
-            match LocalKeystore::open(&path, &secret) {
-                Err(KmsError::KeystoreCorrupt { reason, .. }) => {
-                    assert!(reason.contains("changed outside"), "{reason}")
-                }
-                other => panic!("{to}: {:?}", other.map(|_| ())),
-            }
-        }
-        // Dropping the tag, or claiming the old format, does not get around it.
-        let mut value: serde_json::Value = serde_json::from_str(&original).unwrap();
-        value.as_object_mut().unwrap().remove("integrity");
-        fs::write(&path, value.to_string()).unwrap();
-        assert!(LocalKeystore::open(&path, &secret).is_err());
-        value["format"] = 1.into();
-        fs::write(&path, value.to_string()).unwrap();
-        assert!(matches!(
-            LocalKeystore::open(&path, &secret),
-            Err(KmsError::WrongPassphrase(_))
-        ));
-        fs::write(&path, &original).unwrap();
-        assert_eq!(LocalKeystore::open(&path, &secret).unwrap().key_id(&id).unwrap(), id);
-    }
-
-    #[test]
-    fn weak_argon2_settings_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let secret = UnlockSecret::Passphrase(Zeroizing::new("pass".into()));
-        for (memory_kib, iterations) in [(8 * 1024, 3), (64 * 1024, 1)] {
-            let weak = KdfParams {
-                memory_kib,
-                iterations,
-                parallelism: 1,
-            };
-            let path = dir.path().join(format!("{memory_kib}-{iterations}.json"));
-            assert!(matches!(
-                LocalKeystore::create(&path, &secret, weak),
-                Err(KmsError::WeakKdf { .. })
-            ));
-            assert!(!path.exists());
-        }
-    }
-}
+mod tests;

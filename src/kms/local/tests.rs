@@ -1,0 +1,105 @@
+//! The keystore: creation, unlocking, integrity, concurrent writers, providers.
+
+use super::*;
+
+fn fast() -> KdfParams {
+    MIN_KDF
+}
+
+#[test]
+fn passphrase_keystore_generate_and_decrypt_with_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ks.json");
+    let secret = UnlockSecret::Passphrase(Zeroizing::new("correct horse".into()));
+    let mut ks = LocalKeystore::create(&path, &secret, fast()).unwrap();
+    let id = ks.create_key("test").unwrap();
+    let ks = Arc::new(LocalKeystore::open(&path, &secret).unwrap());
+    let p = ks.provider(&id).unwrap();
+    let ctx = EncryptionContext::for_volume(&[1; 16]);
+    let (key, wrapped) = p.generate_data_key(&ctx).unwrap();
+    assert_eq!(p.decrypt(&wrapped, &ctx).unwrap(), key);
+    let other = EncryptionContext::for_volume(&[2; 16]);
+    assert!(matches!(
+        p.decrypt(&wrapped, &other),
+        Err(KmsError::InvalidCiphertext(_))
+    ));
+    assert_eq!(p.call_count(), 3);
+    let wrong = UnlockSecret::Passphrase(Zeroizing::new("wrong".into()));
+    assert!(matches!(
+        LocalKeystore::open(&path, &wrong),
+        Err(KmsError::WrongPassphrase(_))
+    ));
+    let text = fs::read_to_string(&path).unwrap();
+    assert!(!text.contains("correct horse"));
+}
+
+#[test]
+fn key_file_keystore_rejects_other_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (k1, k2) = (dir.path().join("k1"), dir.path().join("k2"));
+    create_key_file(&k1).unwrap();
+    create_key_file(&k2).unwrap();
+    let path = dir.path().join("ks.json");
+    LocalKeystore::create(&path, &UnlockSecret::KeyFile(k1.clone()), fast()).unwrap();
+    assert!(LocalKeystore::open(&path, &UnlockSecret::KeyFile(k1)).is_ok());
+    assert!(matches!(
+        LocalKeystore::open(&path, &UnlockSecret::KeyFile(k2)),
+        Err(KmsError::WrongKeyFile(_))
+    ));
+}
+
+#[test]
+fn states_aliases_and_versions_are_authenticated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ks.json");
+    let secret = UnlockSecret::Passphrase(Zeroizing::new("pass".into()));
+    let mut ks = LocalKeystore::create(&path, &secret, fast()).unwrap();
+    let id = ks.create_key("test").unwrap();
+    let original = fs::read_to_string(&path).unwrap();
+    for (from, to) in [
+        ("\"state\": \"Enabled\"", "\"state\": \"Disabled\""),
+        ("\"alias\": null", "\"alias\": \"prod\""),
+        ("\"description\": \"test\"", "\"description\": \"x\""),
+    ] {
+        assert!(original.contains(from), "{from}");
+        fs::write(&path, original.replace(from, to)).unwrap();
+        match LocalKeystore::open(&path, &secret) {
+            Err(KmsError::KeystoreCorrupt { reason, .. }) => {
+                assert!(reason.contains("changed outside"), "{reason}")
+            }
+            other => panic!("{to}: {:?}", other.map(|_| ())),
+        }
+    }
+    // Dropping the tag, or claiming the old format, does not get around it.
+    let mut value: serde_json::Value = serde_json::from_str(&original).unwrap();
+    value.as_object_mut().unwrap().remove("integrity");
+    fs::write(&path, value.to_string()).unwrap();
+    assert!(LocalKeystore::open(&path, &secret).is_err());
+    value["format"] = 1.into();
+    fs::write(&path, value.to_string()).unwrap();
+    assert!(matches!(
+        LocalKeystore::open(&path, &secret),
+        Err(KmsError::WrongPassphrase(_))
+    ));
+    fs::write(&path, &original).unwrap();
+    assert_eq!(LocalKeystore::open(&path, &secret).unwrap().key_id(&id).unwrap(), id);
+}
+
+#[test]
+fn weak_argon2_settings_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = UnlockSecret::Passphrase(Zeroizing::new("pass".into()));
+    for (memory_kib, iterations) in [(8 * 1024, 3), (64 * 1024, 1)] {
+        let weak = KdfParams {
+            memory_kib,
+            iterations,
+            parallelism: 1,
+        };
+        let path = dir.path().join(format!("{memory_kib}-{iterations}.json"));
+        assert!(matches!(
+            LocalKeystore::create(&path, &secret, weak),
+            Err(KmsError::WeakKdf { .. })
+        ));
+        assert!(!path.exists());
+    }
+}
