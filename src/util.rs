@@ -10,8 +10,12 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Seconds since the Unix epoch (0 for a clock set before it).
+/// Seconds since the Unix epoch (0 for a clock set before it). Test builds
+/// read `KMSFS_TEST_NOW` instead when it is set (scheduled key deletion).
 pub fn unix_now() -> u64 {
+    if let Some(now) = crate::test_hooks::number("KMSFS_TEST_NOW") {
+        return now;
+    }
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

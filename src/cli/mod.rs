@@ -6,6 +6,7 @@ mod fsck;
 mod generate;
 mod harden;
 mod host_config;
+mod keys;
 mod logging;
 mod mount_options;
 mod mounts;
@@ -128,7 +129,7 @@ enum Command {
     },
     /// Master keys in the local keystore
     #[command(subcommand)]
-    Key(rotation::KeyCommand),
+    Key(keys::KeyCommand),
     /// Print a shell completion script (bash: `kmsfs completions bash >
     /// /etc/bash_completion.d/kmsfs`; zsh: into a directory of $fpath as `_kmsfs`;
     /// fish: ~/.config/fish/completions/kmsfs.fish)
@@ -346,7 +347,7 @@ pub fn run() -> i32 {
         } => status::status(&backing, json, check_key, &cli.keys),
         Command::Rotate { backing, json } => rotation::rotate(&backing, &cli.keys, json),
         Command::Rewrap { backing, json } => rotation::rewrap(&backing, &cli.keys, json),
-        Command::Key(command) => rotation::key(command, &cli.keys),
+        Command::Key(command) => keys::key(command, &cli.keys),
         Command::Rekey { paths, json } => rekey::rekey(&paths, &cli.keys, json),
         Command::Completions { shell } => generate::completions(shell),
         Command::Manpages { dir } => generate::man_pages(&dir),

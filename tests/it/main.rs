@@ -16,6 +16,7 @@ mod fsx;
 mod generated;
 mod golden;
 mod hostile_provider;
+mod keys;
 mod leak;
 mod operator;
 mod posix;

@@ -25,6 +25,7 @@ const VERIFIER_PLAINTEXT: &[u8] = b"kmsfs keystore";
 const INTEGRITY_AAD: &[u8] = b"kmsfs-keystore-integrity-v1\0";
 const DATA_KEY_BLOB_VERSION: u8 = 1;
 
+mod lifecycle;
 mod unlock;
 
 pub use unlock::{KdfParams, MIN_KDF, UnlockSecret, create_key_file};
@@ -35,6 +36,9 @@ pub enum KeyState {
     Enabled,
     Disabled,
     PendingDeletion,
+    /// Its material is destroyed; the record stays so that volumes that used
+    /// it say so instead of "not found".
+    Deleted,
 }
 
 /// What `kmsfs key list` shows of a master key.
@@ -44,7 +48,10 @@ pub struct KeyInfo {
     pub alias: Option<String>,
     pub description: String,
     pub state: KeyState,
+    pub created: u64,
     pub versions: Vec<u32>,
+    /// When a key pending deletion is destroyed (seconds since the epoch).
+    pub deletion_date: Option<u64>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -63,6 +70,8 @@ struct MasterKeyRecord {
     state: KeyState,
     created: u64,
     versions: Vec<KeyVersion>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    deletion_date: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -76,7 +85,32 @@ struct KeystoreFile {
     integrity: Option<String>,
 }
 
+impl MasterKeyRecord {
+    fn info(&self) -> KeyInfo {
+        KeyInfo {
+            id: self.id.clone(),
+            alias: self.alias.clone(),
+            description: self.description.clone(),
+            state: self.state,
+            created: self.created,
+            versions: self.versions.iter().map(|v| v.version).collect(),
+            deletion_date: self.deletion_date,
+        }
+    }
+
+    fn named(&self, id_or_alias: &str) -> bool {
+        self.id == id_or_alias || self.alias.as_deref() == Some(id_or_alias)
+    }
+}
+
 impl KeystoreFile {
+    fn key_mut(&mut self, id_or_alias: &str) -> Result<&mut MasterKeyRecord, KmsError> {
+        self.keys
+            .iter_mut()
+            .find(|k| k.named(id_or_alias))
+            .ok_or_else(|| KmsError::KeyNotFound(id_or_alias.to_string()))
+    }
+
     /// The bytes the integrity tag covers: the file as JSON without the tag.
     fn authenticated_bytes(&self, path: &Path) -> Result<Vec<u8>, KmsError> {
         let mut value = serde_json::to_value(self).map_err(|e| corrupt(path, e.to_string()))?;
@@ -264,11 +298,16 @@ impl LocalKeystore {
                 );
             }
         }
-        Ok(LocalKeystore {
+        let due = file.keys.iter().any(|k| k.deletion_is_due());
+        let mut store = LocalKeystore {
             path: path.to_path_buf(),
             kek,
             file: RwLock::new(file),
-        })
+        };
+        if due {
+            store.destroy_due_keys()?;
+        }
+        Ok(store)
     }
 
     fn file(&self) -> RwLockReadGuard<'_, KeystoreFile> {
@@ -333,6 +372,7 @@ impl LocalKeystore {
                 description: description.to_string(),
                 state: KeyState::Enabled,
                 created: crate::util::unix_now(),
+                deletion_date: None,
                 versions: vec![KeyVersion {
                     version: 1,
                     created: crate::util::unix_now(),
@@ -373,17 +413,7 @@ impl LocalKeystore {
 
     /// Every master key, without its material.
     pub fn list(&self) -> Vec<KeyInfo> {
-        self.file()
-            .keys
-            .iter()
-            .map(|k| KeyInfo {
-                id: k.id.clone(),
-                alias: k.alias.clone(),
-                description: k.description.clone(),
-                state: k.state,
-                versions: k.versions.iter().map(|v| v.version).collect(),
-            })
-            .collect()
+        self.file().keys.iter().map(MasterKeyRecord::info).collect()
     }
 
     fn record(&self, id_or_alias: &str) -> Result<MasterKeyRecord, KmsError> {

@@ -1,0 +1,220 @@
+//! `kmsfs key …`: the life of the local keystore's master keys, as AWS KMS
+//! users know it (create, describe, list, aliases, disable/enable,
+//! scheduled deletion, rotation). Every command takes `--json`.
+
+use clap::Subcommand;
+use kmsfs::kms::local::{KeyInfo, LocalKeystore};
+
+use super::{CliError, KeyOptions, secrets};
+
+const JSON_HELP: &str = "Machine-readable output: JSON on stdout, and errors as JSON on stderr";
+
+#[derive(Subcommand)]
+pub enum KeyCommand {
+    /// Create a master key (CreateKey), enabled, with one version
+    Create {
+        /// An alias to name it by (letters, digits, '/', '_', '-')
+        #[arg(long)]
+        alias: Option<String>,
+        /// What it is for
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// Show one master key (DescribeKey): state, alias, versions, deletion date
+    Describe {
+        /// Key id or alias
+        key: String,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// List the keystore's master keys
+    List {
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// Give a master key a new version (old versions stay for decryption); then run `kmsfs rewrap`
+    Rotate {
+        /// Key id or alias
+        key: String,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// Create, move or delete an alias
+    #[command(subcommand)]
+    Alias(AliasCommand),
+    /// Disable a master key (DisableKey): `init`, `mount`, `rotate` and `rewrap` of its volumes
+    /// fail with exit 5; volumes mounted before keep working
+    Disable {
+        /// Key id or alias
+        key: String,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// Enable a disabled master key (EnableKey)
+    Enable {
+        /// Key id or alias
+        key: String,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// Schedule a master key's deletion (ScheduleKeyDeletion): unusable at once, its material
+    /// destroyed for good when the keystore is opened after the waiting period
+    ScheduleDeletion {
+        /// Key id or alias
+        key: String,
+        /// Waiting period in days (7-30)
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// Cancel a scheduled deletion (CancelKeyDeletion); the key comes back disabled
+    CancelDeletion {
+        /// Key id or alias
+        key: String,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AliasCommand {
+    /// Name a key (it has at most one alias)
+    Create {
+        alias: String,
+        /// Key id or alias
+        key: String,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// Point an existing alias at another key
+    Update {
+        alias: String,
+        /// Key id or alias
+        key: String,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// Remove an alias (the key stays)
+    Delete {
+        alias: String,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+}
+
+/// One line for a person.
+fn line(k: &KeyInfo) -> String {
+    let alias = k.alias.as_deref().map(|a| format!(" ({a})")).unwrap_or_default();
+    let deletion = k
+        .deletion_date
+        .map(|d| format!("  deleted on {}", date(d)))
+        .unwrap_or_default();
+    format!(
+        "{}{alias}  {:?}  versions {:?}{deletion}  {}",
+        k.id, k.state, k.versions, k.description
+    )
+}
+
+/// A UTC date and time, as `date -u +%FT%TZ` prints it.
+fn date(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn show(k: &KeyInfo, json: bool, what: &str) {
+    if json {
+        println!("{}", serde_json::to_string(k).unwrap_or_default());
+    } else {
+        println!("{what}: {}", line(k));
+    }
+}
+
+pub fn key(command: KeyCommand, keys: &KeyOptions) -> Result<(), CliError> {
+    let mut store: LocalKeystore = secrets::open_keystore(keys)?;
+    match command {
+        KeyCommand::Create {
+            alias,
+            description,
+            json,
+        } => {
+            let id = store.create_named_key(alias.as_deref(), &description)?;
+            show(&store.describe(&id)?, json, "Created");
+        }
+        KeyCommand::Describe { key, json } => show(&store.describe(&key)?, json, "Key"),
+        KeyCommand::List { json } => {
+            let list = store.list();
+            if json {
+                println!("{}", serde_json::to_string(&list).unwrap_or_default());
+            } else {
+                list.iter().for_each(|k| println!("{}", line(k)));
+            }
+        }
+        KeyCommand::Rotate { key, json } => {
+            let version = store.rotate_key(&key)?;
+            let id = store.key_id(&key)?;
+            if json {
+                println!("{}", serde_json::json!({ "key_id": id, "new_version": version }));
+            } else {
+                println!("Master key {id} is now at version {version}; run `kmsfs rewrap BACKING` for its volumes");
+            }
+        }
+        KeyCommand::Alias(alias) => {
+            let (name, json) = match alias {
+                AliasCommand::Create { alias, key, json } => {
+                    store.set_alias(&alias, &key, false)?;
+                    (alias, json)
+                }
+                AliasCommand::Update { alias, key, json } => {
+                    store.set_alias(&alias, &key, true)?;
+                    (alias, json)
+                }
+                AliasCommand::Delete { alias, json } => {
+                    store.delete_alias(&alias)?;
+                    if json {
+                        println!("{}", serde_json::json!({ "alias": alias, "deleted": true }));
+                    } else {
+                        println!("Alias {alias} deleted");
+                    }
+                    return Ok(());
+                }
+            };
+            show(&store.describe(&name)?, json, "Alias set");
+        }
+        KeyCommand::Disable { key, json } => show(&store.set_enabled(&key, false)?, json, "Disabled"),
+        KeyCommand::Enable { key, json } => show(&store.set_enabled(&key, true)?, json, "Enabled"),
+        KeyCommand::ScheduleDeletion { key, days, json } => {
+            show(&store.schedule_deletion(&key, days)?, json, "Scheduled for deletion")
+        }
+        KeyCommand::CancelDeletion { key, json } => show(&store.cancel_deletion(&key)?, json, "Deletion cancelled"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates_are_utc_civil_dates() {
+        assert_eq!(super::date(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::date(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::date(1_796_165_400), "2026-12-01T22:50:00Z");
+    }
+}

@@ -1,0 +1,187 @@
+//! The life of a master key, as AWS KMS runs it: CreateKey with an alias
+//! and description, DescribeKey, aliases, DisableKey/EnableKey, and
+//! ScheduleKeyDeletion with its waiting period (7–30 days) after which the
+//! material is destroyed the next time the keystore is opened.
+
+use super::{KeyInfo, KeyState, KeystoreFile, LocalKeystore, MasterKeyRecord};
+use crate::kms::KmsError;
+
+const DAY: u64 = 24 * 3600;
+/// AWS KMS's bounds for the waiting period of a scheduled deletion.
+pub const DELETION_DAYS: std::ops::RangeInclusive<u32> = 7..=30;
+
+fn invalid_state(record: &MasterKeyRecord, action: &str) -> KmsError {
+    KmsError::KeyNotUsable {
+        key: record.id.clone(),
+        state: format!("{:?} ({action} is not possible in that state)", record.state),
+    }
+}
+
+/// An alias: 1–256 characters of letters, digits, `/`, `_` and `-`, not
+/// shaped like a key id.
+fn check_alias(alias: &str) -> Result<(), KmsError> {
+    let ok = !alias.is_empty()
+        && alias.len() <= 256
+        && !alias.starts_with("mk-")
+        && alias.chars().all(|c| c.is_ascii_alphanumeric() || "/_-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(KmsError::BadSetting {
+            name: "alias",
+            message: format!("{alias:?}: use 1-256 letters, digits, '/', '_' or '-', not starting with mk-"),
+        })
+    }
+}
+
+impl MasterKeyRecord {
+    pub(super) fn deletion_is_due(&self) -> bool {
+        self.state == KeyState::PendingDeletion
+            && self.deletion_date.is_some_and(|date| crate::util::unix_now() >= date)
+    }
+}
+
+impl KeystoreFile {
+    fn alias_free(&self, alias: &str) -> Result<(), KmsError> {
+        match self.keys.iter().find(|k| k.alias.as_deref() == Some(alias)) {
+            Some(k) => Err(KmsError::BadSetting {
+                name: "alias",
+                message: format!("{alias} already names key {}", k.id),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl LocalKeystore {
+    /// CreateKey with an alias and a description.
+    pub fn create_named_key(&mut self, alias: Option<&str>, description: &str) -> Result<String, KmsError> {
+        if let Some(alias) = alias {
+            check_alias(alias)?;
+            self.file().alias_free(alias)?;
+        }
+        let id = self.create_key(description)?;
+        if let Some(alias) = alias {
+            self.set_alias(alias, &id, false)?;
+        }
+        Ok(id)
+    }
+
+    /// DescribeKey.
+    pub fn describe(&self, id_or_alias: &str) -> Result<KeyInfo, KmsError> {
+        Ok(self.record(id_or_alias)?.info())
+    }
+
+    /// CreateAlias (`moving`: false) or UpdateAlias (`moving`: true, the
+    /// alias must exist and moves to `key`). A key has at most one alias.
+    pub fn set_alias(&mut self, alias: &str, key: &str, moving: bool) -> Result<(), KmsError> {
+        check_alias(alias)?;
+        self.update(|_, file| {
+            let exists = file.keys.iter().any(|k| k.alias.as_deref() == Some(alias));
+            match (moving, exists) {
+                (false, true) => file.alias_free(alias)?,
+                (true, false) => return Err(KmsError::KeyNotFound(format!("alias {alias}"))),
+                _ => {}
+            }
+            let target = file.key_mut(key)?;
+            if target.state == KeyState::Deleted {
+                return Err(invalid_state(target, "naming it"));
+            }
+            if let Some(other) = target.alias.as_deref().filter(|a| *a != alias) {
+                return Err(KmsError::BadSetting {
+                    name: "alias",
+                    message: format!("key {} already has alias {other}; delete that first", target.id),
+                });
+            }
+            let target_id = target.id.clone();
+            for k in &mut file.keys {
+                if k.alias.as_deref() == Some(alias) {
+                    k.alias = None;
+                }
+            }
+            file.key_mut(&target_id)?.alias = Some(alias.to_string());
+            Ok(())
+        })
+    }
+
+    /// DeleteAlias.
+    pub fn delete_alias(&mut self, alias: &str) -> Result<(), KmsError> {
+        self.update(|_, file| {
+            let k = file
+                .keys
+                .iter_mut()
+                .find(|k| k.alias.as_deref() == Some(alias))
+                .ok_or_else(|| KmsError::KeyNotFound(format!("alias {alias}")))?;
+            k.alias = None;
+            Ok(())
+        })
+    }
+
+    /// EnableKey (`true`) or DisableKey: a disabled key neither makes nor
+    /// opens data keys; volumes mounted before keep their keys in memory.
+    pub fn set_enabled(&mut self, id_or_alias: &str, enabled: bool) -> Result<KeyInfo, KmsError> {
+        self.update(|_, file| {
+            let k = file.key_mut(id_or_alias)?;
+            match k.state {
+                KeyState::Enabled | KeyState::Disabled => {
+                    k.state = if enabled { KeyState::Enabled } else { KeyState::Disabled };
+                    Ok(k.info())
+                }
+                KeyState::PendingDeletion => Err(invalid_state(k, "cancel the deletion first; changing it")),
+                KeyState::Deleted => Err(invalid_state(k, "changing it")),
+            }
+        })
+    }
+
+    /// ScheduleKeyDeletion: unusable at once, destroyed after `days`.
+    pub fn schedule_deletion(&mut self, id_or_alias: &str, days: u32) -> Result<KeyInfo, KmsError> {
+        if !DELETION_DAYS.contains(&days) {
+            return Err(KmsError::BadSetting {
+                name: "--days",
+                message: format!("{days}: the waiting period is 7 to 30 days"),
+            });
+        }
+        self.update(|_, file| {
+            let k = file.key_mut(id_or_alias)?;
+            if matches!(k.state, KeyState::PendingDeletion | KeyState::Deleted) {
+                return Err(invalid_state(k, "scheduling its deletion"));
+            }
+            k.state = KeyState::PendingDeletion;
+            k.deletion_date = Some(crate::util::unix_now() + u64::from(days) * DAY);
+            Ok(k.info())
+        })
+    }
+
+    /// CancelKeyDeletion: the key comes back disabled, as in AWS KMS.
+    pub fn cancel_deletion(&mut self, id_or_alias: &str) -> Result<KeyInfo, KmsError> {
+        self.update(|_, file| {
+            let k = file.key_mut(id_or_alias)?;
+            if k.state != KeyState::PendingDeletion {
+                return Err(invalid_state(k, "cancelling a deletion"));
+            }
+            k.state = KeyState::Disabled;
+            k.deletion_date = None;
+            Ok(k.info())
+        })
+    }
+
+    /// Destroys the material of every key whose deletion date has passed.
+    pub(super) fn destroy_due_keys(&mut self) -> Result<(), KmsError> {
+        let destroyed = self.update(|_, file| {
+            let mut destroyed = Vec::new();
+            for k in file.keys.iter_mut().filter(|k| k.deletion_is_due()) {
+                k.versions.clear();
+                k.state = KeyState::Deleted;
+                destroyed.push(k.id.clone());
+            }
+            Ok(destroyed)
+        })?;
+        for id in destroyed {
+            log::warn!(
+                "master key {id}: its scheduled deletion date has passed; its material is destroyed, \
+                 and volumes it protected can no longer be opened"
+            );
+        }
+        Ok(())
+    }
+}

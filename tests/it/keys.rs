@@ -1,0 +1,153 @@
+//! The local keystore's key lifecycle through `kmsfs key …`: create with an
+//! alias, describe, aliases, disable/enable (a mounted volume keeps
+//! working), scheduled deletion with its waiting period, destruction after
+//! it (the clock set through KMSFS_TEST_NOW), and every refusal.
+
+use crate::common::{TestVolume, path_str};
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn key_lifecycle_disable_enable_schedule_cancel_and_destroy() {
+    let vol = TestVolume::init();
+    let (backing, mnt) = (path_str(&vol.backing), path_str(&vol.mnt));
+    let list = json(&vol.run(&["key", "list", "--json"]));
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(list[0]["state"], "Enabled");
+
+    // Aliases: named at creation, moved, refused twice, deleted.
+    let other = json(&vol.run(&[
+        "key",
+        "create",
+        "--alias",
+        "backup",
+        "--description",
+        "for backups",
+        "--json",
+    ]));
+    let other_id = other["id"].as_str().unwrap().to_string();
+    assert_eq!(other["alias"], "backup");
+    assert_eq!(
+        json(&vol.run(&["key", "describe", "backup", "--json"]))["description"],
+        "for backups"
+    );
+    let taken = vol.run(&["key", "create", "--alias", "backup"]);
+    assert_eq!(taken.status.code(), Some(2), "{}", stderr(&taken));
+    assert!(stderr(&taken).contains(&other_id));
+    let bad = vol.run(&["key", "alias", "create", "mk-lookalike", &id]);
+    assert_eq!(bad.status.code(), Some(2));
+    json(&vol.run(&["key", "alias", "delete", "backup", "--json"]));
+    json(&vol.run(&["key", "alias", "create", "volume-key", &id, "--json"]));
+    let moved = json(&vol.run(&["key", "alias", "update", "volume-key", &other_id, "--json"]));
+    assert_eq!(moved["id"], other_id.as_str());
+    json(&vol.run(&["key", "alias", "update", "volume-key", &id, "--json"]));
+    assert_eq!(
+        json(&vol.run(&["key", "describe", "volume-key", "--json"]))["id"],
+        id.as_str()
+    );
+
+    // Disabled: a mounted volume keeps working; nothing new opens it.
+    let m = vol.mount();
+    std::fs::write(vol.path("before"), b"written before").unwrap();
+    assert_eq!(
+        json(&vol.run(&["key", "disable", "volume-key", "--json"]))["state"],
+        "Disabled"
+    );
+    std::fs::write(vol.path("during"), b"written while disabled").unwrap();
+    assert_eq!(std::fs::read(vol.path("before")).unwrap(), b"written before");
+    let status = json(&vol.run(&["status", "--json", "--check-key", backing]));
+    assert_eq!(status["key_state"], "Disabled", "{status}");
+    m.unmount();
+    for args in [
+        vec!["mount", backing, mnt],
+        vec!["rotate", backing],
+        vec!["rewrap", backing],
+        vec!["key", "rotate", "volume-key"],
+    ] {
+        let out = vol.run(&args);
+        assert_eq!(out.status.code(), Some(5), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&id) && stderr(&out).contains("Disabled"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let fresh = vol.dir.path().join("fresh");
+    let out = vol.run(&["init", path_str(&fresh), "--key", "volume-key"]);
+    assert_eq!(out.status.code(), Some(5), "init with a disabled key: {}", stderr(&out));
+    json(&vol.run(&["key", "enable", &id, "--json"]));
+    let m = vol.mount();
+    assert_eq!(std::fs::read(vol.path("during")).unwrap(), b"written while disabled");
+    m.unmount();
+
+    // Scheduled deletion: 7-30 days, unusable at once, cancellable (back
+    // disabled), and destroyed once the date has passed.
+    assert_eq!(
+        vol.run(&["key", "schedule-deletion", &id, "--days", "6"]).status.code(),
+        Some(2)
+    );
+    let scheduled = json(&vol.run(&["key", "schedule-deletion", &id, "--days", "7", "--json"]));
+    assert_eq!(scheduled["state"], "PendingDeletion");
+    let date = scheduled["deletion_date"].as_u64().unwrap();
+    let out = vol.run(&["mount", backing, mnt]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let refused = vol.run(&["key", "enable", &id]);
+    assert_eq!(refused.status.code(), Some(5));
+    assert!(
+        stderr(&refused).contains("cancel the deletion first"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(
+        json(&vol.run(&["key", "cancel-deletion", &id, "--json"]))["state"],
+        "Disabled"
+    );
+    json(&vol.run(&["key", "enable", &id, "--json"]));
+    vol.mount().unmount();
+
+    json(&vol.run(&["key", "schedule-deletion", &id, "--days", "7", "--json"]));
+    let keystore = || std::fs::read_to_string(&vol.keystore).unwrap();
+    let before = vol
+        .command()
+        .env("KMSFS_TEST_NOW", (date - 60).to_string())
+        .args(["key", "list", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(json(&before)[0]["state"], "PendingDeletion", "not yet due");
+    let after = vol
+        .command()
+        .env("KMSFS_TEST_NOW", (date + 8 * 86_400).to_string())
+        .args(["key", "describe", &id, "--json"])
+        .output()
+        .unwrap();
+    let after = json(&after);
+    assert_eq!(after["state"], "Deleted");
+    assert_eq!(after["versions"], serde_json::json!([]));
+    let stored: serde_json::Value = serde_json::from_str(&keystore()).unwrap();
+    let record = stored["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(
+        record["versions"],
+        serde_json::json!([]),
+        "the material is gone from the file"
+    );
+    let out = vol.run(&["mount", backing, mnt]);
+    assert_eq!(out.status.code(), Some(5));
+    assert!(stderr(&out).contains("Deleted"), "{}", stderr(&out));
+    // The other key is untouched.
+    assert_eq!(
+        json(&vol.run(&["key", "describe", &other_id, "--json"]))["state"],
+        "Enabled"
+    );
+}
