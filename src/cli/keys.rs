@@ -3,7 +3,7 @@
 //! scheduled deletion, rotation). Every command takes `--json`.
 
 use clap::Subcommand;
-use kmsfs::kms::local::{KeyInfo, LocalKeystore};
+use kmsfs::kms::local::{KeyInfo, LocalKeystore, UnlockSecret};
 
 use super::{CliError, KeyOptions, secrets};
 
@@ -77,6 +77,64 @@ pub enum KeyCommand {
         #[arg(long, help = JSON_HELP)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum KeystoreCommand {
+    /// Protect the keystore with another secret: a new passphrase, a key file instead of a
+    /// passphrase or the other way round, or a higher Argon2id cost. The current secret is
+    /// given as for any command (--passphrase-file, --key-file, --extpass, KMSFS_PASSPHRASE);
+    /// no volume is touched
+    Passwd {
+        /// Protect it with this 32-byte key file from now on (created if missing)
+        #[arg(long, value_name = "FILE", conflicts_with = "new_passphrase_file")]
+        new_key_file: Option<std::path::PathBuf>,
+        /// The new passphrase: first line of FILE (else KMSFS_NEW_PASSPHRASE, else a prompt)
+        #[arg(long, value_name = "FILE")]
+        new_passphrase_file: Option<std::path::PathBuf>,
+        /// Argon2id memory cost in MiB for the new passphrase
+        #[arg(long, default_value_t = 64, value_name = "MIB")]
+        kdf_memory_mib: u32,
+        /// Argon2id iterations for the new passphrase
+        #[arg(long, default_value_t = 3, value_name = "N")]
+        kdf_iterations: u32,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+}
+
+pub fn keystore(command: KeystoreCommand, keys: &KeyOptions) -> Result<(), CliError> {
+    let KeystoreCommand::Passwd {
+        new_key_file,
+        new_passphrase_file,
+        kdf_memory_mib,
+        kdf_iterations,
+        json,
+    } = command;
+    let mut store: LocalKeystore = secrets::open_keystore(keys)?;
+    let kdf = kmsfs::kms::local::KdfParams {
+        memory_kib: kdf_memory_mib.saturating_mul(1024),
+        iterations: kdf_iterations,
+        parallelism: 1,
+    };
+    let secret = secrets::new_secret(new_key_file.as_deref(), new_passphrase_file.as_deref())?;
+    store.change_secret(&secret, kdf)?;
+    let protection = match secret {
+        UnlockSecret::KeyFile(_) => "key file",
+        UnlockSecret::Passphrase(_) => "passphrase",
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"keystore": store.path(), "protected_by": protection})
+        );
+    } else {
+        println!(
+            "Keystore {} is now protected by the new {protection}; volumes unchanged",
+            store.path().display()
+        );
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]

@@ -130,6 +130,9 @@ enum Command {
     /// Master keys in the local keystore
     #[command(subcommand)]
     Key(keys::KeyCommand),
+    /// The local keystore itself
+    #[command(subcommand)]
+    Keystore(keys::KeystoreCommand),
     /// Print a shell completion script (bash: `kmsfs completions bash >
     /// /etc/bash_completion.d/kmsfs`; zsh: into a directory of $fpath as `_kmsfs`;
     /// fish: ~/.config/fish/completions/kmsfs.fish)
@@ -348,6 +351,7 @@ pub fn run() -> i32 {
         Command::Rotate { backing, json } => rotation::rotate(&backing, &cli.keys, json),
         Command::Rewrap { backing, json } => rotation::rewrap(&backing, &cli.keys, json),
         Command::Key(command) => keys::key(command, &cli.keys),
+        Command::Keystore(command) => keys::keystore(command, &cli.keys),
         Command::Rekey { paths, json } => rekey::rekey(&paths, &cli.keys, json),
         Command::Completions { shell } => generate::completions(shell),
         Command::Manpages { dir } => generate::man_pages(&dir),

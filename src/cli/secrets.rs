@@ -9,6 +9,8 @@ use zeroize::Zeroizing;
 use super::{CliError, ExitCode, KeyOptions};
 
 pub const PASSPHRASE_ENV: &str = "KMSFS_PASSPHRASE";
+/// The new passphrase for `keystore passwd`, when not prompted for.
+const NEW_PASSPHRASE_ENV: &str = "KMSFS_NEW_PASSPHRASE";
 
 pub fn keystore_path(keys: &KeyOptions) -> Result<PathBuf, CliError> {
     if let Some(p) = &keys.keystore {
@@ -112,6 +114,30 @@ fn unlock_secret(keys: &KeyOptions, confirm: bool) -> Result<UnlockSecret, CliEr
         }
     }
     Ok(UnlockSecret::Passphrase(prompt_passphrase(confirm)?))
+}
+
+/// The secret `keystore passwd` protects the keystore with from now on.
+pub fn new_secret(
+    key_file: Option<&std::path::Path>,
+    passphrase_file: Option<&std::path::Path>,
+) -> Result<UnlockSecret, CliError> {
+    if let Some(k) = key_file {
+        if !k.exists() {
+            create_key_file(k)?;
+            eprintln!(
+                "kmsfs: created key file {} (keep it safe: without it the keystore cannot be opened)",
+                k.display()
+            );
+        }
+        return Ok(UnlockSecret::KeyFile(k.to_path_buf()));
+    }
+    if let Some(f) = passphrase_file {
+        return Ok(UnlockSecret::Passphrase(first_line_of(f, "new passphrase file")?));
+    }
+    if let Some(p) = crate::cli::harden::take_env_secret(NEW_PASSPHRASE_ENV) {
+        return Ok(UnlockSecret::Passphrase(p));
+    }
+    Ok(UnlockSecret::Passphrase(prompt_passphrase(true)?))
 }
 
 pub fn open_keystore(keys: &KeyOptions) -> Result<LocalKeystore, CliError> {

@@ -151,3 +151,73 @@ fn key_lifecycle_disable_enable_schedule_cancel_and_destroy() {
         "Enabled"
     );
 }
+
+/// `keystore passwd`: another passphrase, then a key file, at a chosen
+/// Argon2id cost; the old secret stops working, the volume is untouched
+/// and mounts with the new one; a weak cost is refused and changes nothing.
+#[test]
+fn keystore_passwd_changes_the_secret_without_touching_volumes() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    std::fs::write(vol.path("f"), b"before the change").unwrap();
+    m.unmount();
+    let volume_bytes = crate::common::all_backing_bytes(&vol.backing);
+    let new_pass = vol.dir.path().join("new.pass");
+    std::fs::write(&new_pass, "a second passphrase\n").unwrap();
+    let pass_file = path_str(&new_pass);
+    let changed = vol.run(&[
+        "keystore",
+        "passwd",
+        "--new-passphrase-file",
+        pass_file,
+        "--kdf-memory-mib",
+        "19",
+        "--kdf-iterations",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(json(&changed)["protected_by"], "passphrase");
+    let old = vol.run(&["key", "list"]);
+    assert_eq!(old.status.code(), Some(3), "the old passphrase: {}", stderr(&old));
+    assert_eq!(
+        crate::common::all_backing_bytes(&vol.backing),
+        volume_bytes,
+        "no volume touched"
+    );
+    let m = vol.mount_with(&["--passphrase-file", pass_file]);
+    assert_eq!(std::fs::read(vol.path("f")).unwrap(), b"before the change");
+    m.unmount();
+
+    let key_file = vol.dir.path().join("keystore.key");
+    let key = path_str(&key_file);
+    json(&vol.run(&[
+        "--passphrase-file",
+        pass_file,
+        "keystore",
+        "passwd",
+        "--new-key-file",
+        key,
+        "--json",
+    ]));
+    assert!(key_file.exists());
+    assert_eq!(
+        vol.run(&["--passphrase-file", pass_file, "key", "list"]).status.code(),
+        Some(3)
+    );
+    json(&vol.run(&["--key-file", key, "key", "list", "--json"]));
+    let weak = vol.run(&[
+        "--key-file",
+        key,
+        "keystore",
+        "passwd",
+        "--new-passphrase-file",
+        pass_file,
+        "--kdf-memory-mib",
+        "8",
+    ]);
+    assert_eq!(weak.status.code(), Some(2), "{}", stderr(&weak));
+    json(&vol.run(&["--key-file", key, "key", "list", "--json"]));
+    let m = vol.mount_with(&["--key-file", key]);
+    assert_eq!(std::fs::read(vol.path("f")).unwrap(), b"before the change");
+    m.unmount();
+}

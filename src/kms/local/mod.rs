@@ -229,22 +229,7 @@ impl LocalKeystore {
 
     /// Creates a new, empty keystore. Refuses to overwrite an existing one.
     pub fn create(path: &Path, secret: &UnlockSecret, kdf: KdfParams) -> Result<Self, KmsError> {
-        let salt = B64.encode(random_array::<16>());
-        let protection = match secret {
-            UnlockSecret::Passphrase(p) => {
-                if p.is_empty() {
-                    return Err(KmsError::BadSecret("the passphrase must not be empty".into()));
-                }
-                if kdf.memory_kib < MIN_KDF.memory_kib || kdf.iterations < MIN_KDF.iterations || kdf.parallelism < 1 {
-                    return Err(KmsError::WeakKdf {
-                        memory_mib: kdf.memory_kib / 1024,
-                        iterations: kdf.iterations,
-                    });
-                }
-                Protection::Argon2id { params: kdf, salt }
-            }
-            UnlockSecret::KeyFile(_) => Protection::KeyFile { salt },
-        };
+        let protection = Protection::new(secret, kdf)?;
         let kek = Sealer::new(&derive_kek(&protection, secret, path)?);
         let verifier = B64.encode(kek.seal(VERIFIER_AAD, VERIFIER_PLAINTEXT));
         let mut file = KeystoreFile {

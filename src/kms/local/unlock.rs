@@ -12,8 +12,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::{corrupt, io_err};
-use crate::crypto::{KEY_LEN, SecretKey, random_array};
+use super::{LocalKeystore, VERIFIER_AAD, VERIFIER_PLAINTEXT, corrupt, io_err, material_aad};
+use crate::crypto::{KEY_LEN, Sealer, SecretKey, random_array};
 use crate::kms::KmsError;
 
 /// What unlocks the keystore.
@@ -53,6 +53,64 @@ impl Default for KdfParams {
 pub(super) enum Protection {
     Argon2id { params: KdfParams, salt: String },
     KeyFile { salt: String },
+}
+
+impl Protection {
+    /// How a new secret protects the keystore: a fresh salt, and for a
+    /// passphrase Argon2id no weaker than MIN_KDF.
+    pub(super) fn new(secret: &UnlockSecret, kdf: KdfParams) -> Result<Self, KmsError> {
+        let salt = B64.encode(random_array::<16>());
+        Ok(match secret {
+            UnlockSecret::Passphrase(p) => {
+                if p.is_empty() {
+                    return Err(KmsError::BadSecret("the passphrase must not be empty".into()));
+                }
+                if kdf.memory_kib < MIN_KDF.memory_kib || kdf.iterations < MIN_KDF.iterations || kdf.parallelism < 1 {
+                    return Err(KmsError::WeakKdf {
+                        memory_mib: kdf.memory_kib / 1024,
+                        iterations: kdf.iterations,
+                    });
+                }
+                Protection::Argon2id { params: kdf, salt }
+            }
+            UnlockSecret::KeyFile(_) => Protection::KeyFile { salt },
+        })
+    }
+}
+
+impl LocalKeystore {
+    /// Protects the keystore with another secret (a new passphrase, a key
+    /// file instead of one or the other way round, a higher Argon2id
+    /// cost): every key's material is sealed again under the new
+    /// key-encryption key, in one atomic rewrite. Volumes are not touched:
+    /// their keys are wrapped by the master keys, which do not change.
+    pub fn change_secret(&mut self, secret: &UnlockSecret, kdf: KdfParams) -> Result<(), KmsError> {
+        let protection = Protection::new(secret, kdf)?;
+        let new_kek = Sealer::new(&derive_kek(&protection, secret, &self.path)?);
+        let _lock = super::super::locked_file::lock(&self.path).map_err(io_err(&self.path))?;
+        let mut file = self.reread()?;
+        for key in &mut file.keys {
+            for version in &mut key.versions {
+                let aad = material_aad(&key.id, version.version);
+                let sealed = B64
+                    .decode(&version.material)
+                    .map_err(|_| corrupt(&self.path, "key material is not base64"))?;
+                let plain = Zeroizing::new(self.kek.open(&aad, &sealed).map_err(|_| {
+                    corrupt(
+                        &self.path,
+                        format!("material of key {} v{} fails authentication", key.id, version.version),
+                    )
+                })?);
+                version.material = B64.encode(new_kek.seal(&aad, &plain));
+            }
+        }
+        file.protection = protection;
+        file.verifier = B64.encode(new_kek.seal(VERIFIER_AAD, VERIFIER_PLAINTEXT));
+        Self::write(&self.path, &new_kek, &mut file, false)?;
+        self.kek = new_kek;
+        *crate::util::write(&self.file) = file;
+        Ok(())
+    }
 }
 
 fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, KmsError> {
