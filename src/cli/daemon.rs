@@ -205,6 +205,16 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         kmsfs::util::hex(&row.volume_id),
         volume.provider_calls()
     );
+    // After an automatic rotation of its master key, the volume key moves
+    // to the newest version (as `kmsfs rewrap` would); the old one still
+    // opens it if this fails.
+    match kmsfs::volume::rotate::rewrap_if_behind(&volume) {
+        Ok(moved) if !moved.is_empty() => {
+            log::info!("volume key version(s) {moved:?} re-wrapped under the master key's newest version")
+        }
+        Ok(_) => {}
+        Err(e) => log::warn!("re-wrapping the volume key under the master key's newest version failed: {e}"),
+    }
 
     // No SQLite connection may cross the fork: its POSIX locks would not.
     volume.db().disconnect();

@@ -44,6 +44,10 @@ pub enum KeyCommand {
     /// Create, move or delete an alias
     #[command(subcommand)]
     Alias(AliasCommand),
+    /// Automatic rotation: a new version when the newest is PERIOD days old (made when the
+    /// keystore is next opened; `mount` then re-wraps its volume's key under it)
+    #[command(subcommand)]
+    Rotation(RotationCommand),
     /// Disable a master key (DisableKey): `init`, `mount`, `rotate` and `rewrap` of its volumes
     /// fail with exit 5; volumes mounted before keep working
     Disable {
@@ -138,6 +142,27 @@ pub fn keystore(command: KeystoreCommand, keys: &KeyOptions) -> Result<(), CliEr
 }
 
 #[derive(Subcommand)]
+pub enum RotationCommand {
+    /// Turn automatic rotation on (EnableKeyRotation)
+    Enable {
+        /// Key id or alias
+        key: String,
+        /// Days between versions (90-2560)
+        #[arg(long, default_value_t = 365)]
+        period_days: u32,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// Turn automatic rotation off (DisableKeyRotation)
+    Disable {
+        /// Key id or alias
+        key: String,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum AliasCommand {
     /// Name a key (it has at most one alias)
     Create {
@@ -170,8 +195,12 @@ fn line(k: &KeyInfo) -> String {
         .deletion_date
         .map(|d| format!("  deleted on {}", date(d)))
         .unwrap_or_default();
+    let rotation = k
+        .rotation_period_days
+        .map(|d| format!("  rotates every {d} days"))
+        .unwrap_or_default();
     format!(
-        "{}{alias}  {:?}  versions {:?}{deletion}  {}",
+        "{}{alias}  {:?}  versions {:?}{rotation}{deletion}  {}",
         k.id, k.state, k.versions, k.description
     )
 }
@@ -256,6 +285,14 @@ pub fn key(command: KeyCommand, keys: &KeyOptions) -> Result<(), CliError> {
                 }
             };
             show(&store.describe(&name)?, json, "Alias set");
+        }
+        KeyCommand::Rotation(RotationCommand::Enable { key, period_days, json }) => show(
+            &store.set_rotation(&key, Some(period_days))?,
+            json,
+            "Automatic rotation on",
+        ),
+        KeyCommand::Rotation(RotationCommand::Disable { key, json }) => {
+            show(&store.set_rotation(&key, None)?, json, "Automatic rotation off")
         }
         KeyCommand::Disable { key, json } => show(&store.set_enabled(&key, false)?, json, "Disabled"),
         KeyCommand::Enable { key, json } => show(&store.set_enabled(&key, true)?, json, "Enabled"),

@@ -115,6 +115,13 @@ pub trait KeyProvider: Send + Sync {
 
     /// The master key's state as the provider reports it (DescribeKey).
     fn key_state(&self) -> Result<String, KmsError>;
+
+    /// Whether `wrapped` is under an older version of the master key than
+    /// the newest (so a ReEncrypt would move it forward). Only the local
+    /// provider can tell without a call; the others say no.
+    fn is_behind(&self, _wrapped: &WrappedKey) -> bool {
+        false
+    }
 }
 
 /// Connects to a remote provider named by a URI the user gave (`local:`

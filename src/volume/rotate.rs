@@ -176,6 +176,28 @@ fn erase_old_bytes(db: &MetadataDb) {
 /// After the master key was rotated in the provider: every live volume-key
 /// blob wrapped again under its newest version (ReEncrypt). One provider
 /// call per volume-key version; no file is touched.
+/// Re-wraps the volume-key blobs that are under an older master-key version
+/// than the newest (after an automatic rotation of a local key): one
+/// ReEncrypt per such blob, nothing else rewritten. Returns the volume-key
+/// versions moved forward.
+pub fn rewrap_if_behind(volume: &Volume) -> Result<Vec<u32>, VolumeError> {
+    let db = volume.db();
+    let keys = volume.keys();
+    let mut moved = Vec::new();
+    for row in db.volume_keys()? {
+        let Some(blob) = row.wrapped else { continue };
+        if keys.provider().is_behind(&blob) {
+            let new_blob = keys.provider().re_encrypt(&blob, keys.context())?;
+            db.set_volume_key_blob(row.version, &new_blob)?;
+            moved.push(row.version);
+        }
+    }
+    if !moved.is_empty() {
+        erase_old_bytes(db);
+    }
+    Ok(moved)
+}
+
 pub fn rewrap_volume_keys(volume: &Volume) -> Result<RewrapReport, VolumeError> {
     let db = volume.db();
     let keys = volume.keys();

@@ -221,3 +221,86 @@ fn keystore_passwd_changes_the_secret_without_touching_volumes() {
     assert_eq!(std::fs::read(vol.path("f")).unwrap(), b"before the change");
     m.unmount();
 }
+
+/// Automatic rotation: due when the keystore is next opened after the
+/// period (the clock set through KMSFS_TEST_NOW); `mount` then re-wraps the
+/// volume key under the new version with one provider call, and the volume
+/// keeps mounting afterwards, with and without the rotation.
+#[test]
+fn automatic_rotation_comes_due_and_mount_moves_the_volume_key_forward() {
+    let vol = TestVolume::init();
+    let (backing, mnt) = (path_str(&vol.backing), path_str(&vol.mnt));
+    let m = vol.mount();
+    std::fs::write(vol.path("f"), b"before the rotation").unwrap();
+    m.unmount();
+    let id = json(&vol.run(&["key", "list", "--json"]))[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        vol.run(&["key", "rotation", "enable", &id, "--period-days", "30"])
+            .status
+            .code(),
+        Some(2)
+    );
+    let on = json(&vol.run(&["key", "rotation", "enable", &id, "--period-days", "90", "--json"]));
+    assert_eq!(on["rotation_period_days"], 90);
+    let created = on["newest_version_created"].as_u64().unwrap();
+    let blob_version = || {
+        let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
+        let blob: Vec<u8> = db
+            .query_row("SELECT wrapped FROM volume_keys WHERE state = 'active'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        u32::from_be_bytes([blob[1], blob[2], blob[3], blob[4]])
+    };
+    assert_eq!(blob_version(), 1);
+
+    let at = |days: u64| (created + days * 86_400).to_string();
+    let early = vol
+        .command()
+        .env("KMSFS_TEST_NOW", at(89))
+        .args(["key", "describe", &id, "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        json(&early)["versions"],
+        serde_json::json!([1]),
+        "not due before 90 days"
+    );
+    let out = vol
+        .command()
+        .env("KMSFS_TEST_NOW", at(91))
+        .args(["mount", backing, mnt, "--log-file", path_str(&vol.log)])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(vol.path("f")).unwrap(), b"before the rotation");
+    let status = json(&vol.run(&["status", "--json", backing]));
+    assert_eq!(
+        status["daemon_provider_calls"], 2,
+        "one Decrypt and one ReEncrypt: {status}"
+    );
+    assert!(vol.run(&["umount", mnt]).status.success());
+    assert_eq!(blob_version(), 2, "the volume key moved to the new version");
+    assert_eq!(
+        json(&vol.run(&["key", "describe", &id, "--json"]))["versions"],
+        serde_json::json!([1, 2])
+    );
+
+    // Later mounts: no further rotation or re-wrap until the next period.
+    let m = vol.mount();
+    assert_eq!(std::fs::read(vol.path("f")).unwrap(), b"before the rotation");
+    m.unmount();
+    assert_eq!(blob_version(), 2);
+    json(&vol.run(&["key", "rotation", "disable", &id, "--json"]));
+    let off = vol
+        .command()
+        .env("KMSFS_TEST_NOW", at(400))
+        .args(["key", "describe", &id, "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(json(&off)["versions"], serde_json::json!([1, 2]), "off: no rotation");
+}

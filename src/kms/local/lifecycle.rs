@@ -34,10 +34,23 @@ fn check_alias(alias: &str) -> Result<(), KmsError> {
     }
 }
 
+/// AWS KMS's bounds for a rotation period (days).
+pub const ROTATION_DAYS: std::ops::RangeInclusive<u32> = 90..=2560;
+
 impl MasterKeyRecord {
     pub(super) fn deletion_is_due(&self) -> bool {
         self.state == KeyState::PendingDeletion
             && self.deletion_date.is_some_and(|date| crate::util::unix_now() >= date)
+    }
+
+    pub(super) fn rotation_is_due(&self) -> bool {
+        let newest = self.versions.iter().map(|v| v.created).max();
+        match (self.state, self.rotation_period_days, newest) {
+            (KeyState::Enabled, Some(days), Some(created)) => {
+                crate::util::unix_now() >= created + u64::from(days) * DAY
+            }
+            _ => false,
+        }
     }
 }
 
@@ -165,17 +178,46 @@ impl LocalKeystore {
         })
     }
 
-    /// Destroys the material of every key whose deletion date has passed.
-    pub(super) fn destroy_due_keys(&mut self) -> Result<(), KmsError> {
-        let destroyed = self.update(|_, file| {
+    /// EnableKeyRotation (`Some(days)`, 90–2560) or DisableKeyRotation.
+    pub fn set_rotation(&mut self, id_or_alias: &str, period_days: Option<u32>) -> Result<KeyInfo, KmsError> {
+        if let Some(days) = period_days.filter(|d| !ROTATION_DAYS.contains(d)) {
+            return Err(KmsError::BadSetting {
+                name: "--period-days",
+                message: format!("{days}: the rotation period is 90 to 2560 days"),
+            });
+        }
+        self.update(|_, file| {
+            let k = file.key_mut(id_or_alias)?;
+            if k.state != KeyState::Enabled {
+                return Err(invalid_state(k, "changing its rotation"));
+            }
+            k.rotation_period_days = period_days;
+            Ok(k.info())
+        })
+    }
+
+    /// What is due when the keystore is opened: scheduled deletions whose
+    /// date has passed destroy their key's material; keys whose rotation
+    /// period has run out get a new version (old versions keep decrypting;
+    /// `mount` moves its volume's key forward).
+    pub(super) fn run_schedules(&mut self) -> Result<(), KmsError> {
+        let (destroyed, rotated) = self.update(|kek, file| {
             let mut destroyed = Vec::new();
             for k in file.keys.iter_mut().filter(|k| k.deletion_is_due()) {
                 k.versions.clear();
                 k.state = KeyState::Deleted;
                 destroyed.push(k.id.clone());
             }
-            Ok(destroyed)
+            let mut rotated = Vec::new();
+            for k in file.keys.iter_mut().filter(|k| k.rotation_is_due()) {
+                let version = k.add_version(kek);
+                rotated.push((k.id.clone(), version));
+            }
+            Ok((destroyed, rotated))
         })?;
+        for (id, version) in rotated {
+            log::info!("master key {id}: its rotation period has run out; version {version} made");
+        }
         for id in destroyed {
             log::warn!(
                 "master key {id}: its scheduled deletion date has passed; its material is destroyed, \

@@ -52,6 +52,10 @@ pub struct KeyInfo {
     pub versions: Vec<u32>,
     /// When a key pending deletion is destroyed (seconds since the epoch).
     pub deletion_date: Option<u64>,
+    /// Automatic rotation's period, when it is on.
+    pub rotation_period_days: Option<u32>,
+    /// When the newest version was made (seconds since the epoch).
+    pub newest_version_created: Option<u64>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -72,6 +76,9 @@ struct MasterKeyRecord {
     versions: Vec<KeyVersion>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     deletion_date: Option<u64>,
+    /// Automatic rotation: a new version when the newest is this many days old.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rotation_period_days: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -95,7 +102,22 @@ impl MasterKeyRecord {
             created: self.created,
             versions: self.versions.iter().map(|v| v.version).collect(),
             deletion_date: self.deletion_date,
+            rotation_period_days: self.rotation_period_days,
+            newest_version_created: self.versions.iter().map(|v| v.created).max(),
         }
+    }
+
+    /// A new version with fresh material sealed under `kek`; returns its number.
+    fn add_version(&mut self, kek: &Sealer) -> u32 {
+        let material = SecretKey::random();
+        let version = self.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+        let sealed = kek.seal(&material_aad(&self.id, version), material.expose());
+        self.versions.push(KeyVersion {
+            version,
+            created: crate::util::unix_now(),
+            material: B64.encode(sealed),
+        });
+        version
     }
 
     fn named(&self, id_or_alias: &str) -> bool {
@@ -283,14 +305,14 @@ impl LocalKeystore {
                 );
             }
         }
-        let due = file.keys.iter().any(|k| k.deletion_is_due());
+        let due = file.keys.iter().any(|k| k.deletion_is_due() || k.rotation_is_due());
         let mut store = LocalKeystore {
             path: path.to_path_buf(),
             kek,
             file: RwLock::new(file),
         };
         if due {
-            store.destroy_due_keys()?;
+            store.run_schedules()?;
         }
         Ok(store)
     }
@@ -358,6 +380,7 @@ impl LocalKeystore {
                 state: KeyState::Enabled,
                 created: crate::util::unix_now(),
                 deletion_date: None,
+                rotation_period_days: None,
                 versions: vec![KeyVersion {
                     version: 1,
                     created: crate::util::unix_now(),
@@ -372,27 +395,15 @@ impl LocalKeystore {
     /// On-demand rotation: a new version of the master key's material. Old
     /// versions stay, so everything they wrapped still decrypts.
     pub fn rotate_key(&mut self, id_or_alias: &str) -> Result<u32, KmsError> {
-        let material = SecretKey::random();
         self.update(|kek, file| {
-            let record = file
-                .keys
-                .iter_mut()
-                .find(|k| k.id == id_or_alias || k.alias.as_deref() == Some(id_or_alias))
-                .ok_or_else(|| KmsError::KeyNotFound(id_or_alias.to_string()))?;
+            let record = file.key_mut(id_or_alias)?;
             if record.state != KeyState::Enabled {
                 return Err(KmsError::KeyNotUsable {
                     key: record.id.clone(),
                     state: format!("{:?}", record.state),
                 });
             }
-            let version = record.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
-            let sealed = kek.seal(&material_aad(&record.id, version), material.expose());
-            record.versions.push(KeyVersion {
-                version,
-                created: crate::util::unix_now(),
-                material: B64.encode(sealed),
-            });
-            Ok(version)
+            Ok(record.add_version(kek))
         })
     }
 
@@ -537,6 +548,16 @@ impl KeyProvider for LocalProvider {
                 &WrappedKey::from_bytes(bytes[5..].to_vec()),
             )
             .map_err(|_| KmsError::InvalidCiphertext(self.key_id.clone()))
+    }
+
+    fn is_behind(&self, wrapped: &WrappedKey) -> bool {
+        match (
+            LocalProvider::blob_version(wrapped),
+            self.store.newest_version(&self.key_id),
+        ) {
+            (Some(version), Ok(newest)) => version < newest,
+            _ => false,
+        }
     }
 
     fn call_count(&self) -> u64 {
