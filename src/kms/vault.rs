@@ -108,10 +108,18 @@ impl VaultTransitProvider {
             })
         };
         let refusal = |status: u16, errors: &Value| {
-            let message = errors["errors"]
+            let mut message = errors["errors"]
                 .as_array()
                 .map(|e| e.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; "))
                 .unwrap_or_default();
+            if status == 403 {
+                // Separation of duties: name what the token's policy lacks.
+                let capability = if method == "GET" { "read" } else { "update" };
+                message = format!(
+                    "{message} (the token's policy does not grant \"{capability}\" on {}/{path}, or the token is not valid)",
+                    self.mount
+                );
+            }
             let refused = KmsError::Refused {
                 provider: format!("vault-transit key {}/{}", self.mount, self.key),
                 code: format!("HTTP {status}"),

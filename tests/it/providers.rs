@@ -386,3 +386,57 @@ fn bad_provider_uris_are_usage_errors() {
         assert!(stderr(&out).contains("bad key provider URI"), "{}", stderr(&out));
     }
 }
+
+/// Separation of duties, as Vault/OpenBao enforce it: a token whose policy
+/// allows only `transit/decrypt/KEY` mounts and uses a volume; `rotate`,
+/// `rewrap` and `init` with it fail with exit 5 naming the path and the
+/// capability its policy lacks; the administrator's token can rotate.
+#[test]
+fn vault_transit_decrypt_only_token_mounts_but_cannot_administer() {
+    let bao = peers::openbao(false);
+    let uri = format!("vault-transit:{}/transit/kmsfs", peers::bao_addr(&bao, false));
+    let vol = TestVolume::init_with(&[("VAULT_TOKEN", "root")], &["--kms", &uri]);
+    let written = round_trip(&vol, 5);
+    let policy = bao.dir.path().join("mount-only.hcl");
+    fs::write(
+        &policy,
+        "path \"transit/decrypt/kmsfs\" {\n  capabilities = [\"update\"]\n}\n",
+    )
+    .unwrap();
+    peers::bao(&bao, false, &["policy", "write", "mount-only", path_str(&policy)]);
+    let token =
+        String::from_utf8(peers::bao(&bao, false, &["token", "create", "-policy=mount-only", "-field=token"]).stdout)
+            .unwrap();
+    let mut user_vol = vol.view_of(vol.backing.clone());
+    user_vol.env.push(("VAULT_TOKEN".into(), token.trim().into()));
+    let user = |args: &[&str]| user_vol.run(args);
+    let backing = path_str(&vol.backing);
+
+    // The user's mount: one Decrypt, then file keys under the volume key.
+    check_read(&user_vol, &written);
+
+    for (args, path) in [
+        (vec!["rotate", backing], "transit/datakey/plaintext/kmsfs"),
+        (vec!["rewrap", backing], "transit/rewrap/kmsfs"),
+    ] {
+        let out = user(&args);
+        assert_eq!(out.status.code(), Some(5), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(path) && stderr(&out).contains("\"update\""),
+            "{args:?} names the missing capability: {}",
+            stderr(&out)
+        );
+    }
+    let fresh = vol.dir.path().join("fresh");
+    let out = user(&["--kms", &uri, "init", path_str(&fresh)]);
+    assert_eq!(out.status.code(), Some(5), "init: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("transit/datakey/plaintext/kmsfs"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = vol.run(&["rotate", backing]);
+    assert!(out.status.success(), "the administrator rotates: {}", stderr(&out));
+    check_read(&vol, &written);
+}
