@@ -70,6 +70,12 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             .unwrap_or(0)
     };
     let rotating = keys.iter().any(|k| k.state == "retiring");
+    // The active volume key's age: how long since the volume was last rotated (or made).
+    let days_since_rotation = keys
+        .iter()
+        .filter(|k| k.state == "active")
+        .map(|k| (kmsfs::util::unix_now() as i64 - k.created_at).max(0) / 86_400)
+        .next();
     let pending = kmsfs::volume::rescue::waiting(backing);
     if json {
         let versions: Vec<_> = keys
@@ -80,6 +86,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
                     "state": k.state,
                     "created_at": k.created_at,
                     "files": files_of(k.version),
+                    "master_key_version": k.wrapped.as_ref().and_then(|b| provider.wrapping_version(b)),
                 })
             })
             .collect();
@@ -101,6 +108,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "commit_error": daemon.as_ref().and_then(|d| d.commit_error.clone()),
             "pending_keys_file": pending,
             "key_state": key_state,
+            "days_since_rotation": days_since_rotation,
         });
         println!("{out}");
         return Ok(());
@@ -111,12 +119,21 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     println!("provider:       {}", super::printable(&provider.to_string()));
     println!("master key:     {}", super::printable(provider.key_label()));
     for k in &keys {
+        let wrapped_by = k
+            .wrapped
+            .as_ref()
+            .and_then(|b| provider.wrapping_version(b))
+            .map(|v| format!(", wrapped by master-key version {v}"))
+            .unwrap_or_default();
         println!(
-            "volume key v{}:  {} ({} files)",
+            "volume key v{}:  {} ({} files{wrapped_by})",
             k.version,
             k.state,
             files_of(k.version)
         );
+    }
+    if let Some(days) = days_since_rotation {
+        println!("last rotation:  {days} day(s) ago (`kmsfs rotate` makes a new volume key)");
     }
     println!(
         "rotation:       {}",

@@ -89,6 +89,23 @@ impl ProviderId {
         }
     }
 
+    /// Which version of the master key wrapped `blob`, where the provider's
+    /// blob says it without a call: the local keystore's (a version field)
+    /// and Vault's (`vault:vN:…`). AWS and PKCS#11 blobs do not say.
+    pub fn wrapping_version(&self, blob: &crate::crypto::WrappedKey) -> Option<u32> {
+        match self {
+            ProviderId::Local { .. } => super::local::LocalProvider::blob_version(blob),
+            ProviderId::VaultTransit { .. } => std::str::from_utf8(blob.as_bytes())
+                .ok()?
+                .strip_prefix("vault:v")?
+                .split(':')
+                .next()?
+                .parse()
+                .ok(),
+            ProviderId::AwsKms { .. } | ProviderId::Pkcs11 { .. } => None,
+        }
+    }
+
     /// A URI naming this key with no connection settings at all: whatever
     /// it needs to connect comes from the environment.
     pub fn bare_uri(&self) -> ProviderUri {

@@ -285,6 +285,9 @@ fn automatic_rotation_comes_due_and_mount_moves_the_volume_key_forward() {
     );
     assert!(vol.run(&["umount", mnt]).status.success());
     assert_eq!(blob_version(), 2, "the volume key moved to the new version");
+    let status = json(&vol.run(&["status", "--json", backing]));
+    assert_eq!(status["volume_keys"][0]["master_key_version"], 2, "{status}");
+    assert_eq!(status["days_since_rotation"], 0);
     assert_eq!(
         json(&vol.run(&["key", "describe", &id, "--json"]))["versions"],
         serde_json::json!([1, 2])

@@ -241,6 +241,9 @@ fn vault_transit_with_openbao_round_trip_rewrap_and_failures() {
         blob(&vol).starts_with("vault:v2:"),
         "re-wrapped under the transit key's newest version"
     );
+    let status = vol.run(&["status", "--json", path_str(&vol.backing)]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["volume_keys"][0]["master_key_version"], 2, "{status}");
     check_read(&vol, &written);
 
     // Token from a file instead of the environment.
