@@ -215,6 +215,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         Ok(_) => {}
         Err(e) => log::warn!("re-wrapping the volume key under the master key's newest version failed: {e}"),
     }
+    super::volumes::note_use(&**volume.keys().provider(), &backing);
 
     // No SQLite connection may cross the fork: its POSIX locks would not.
     volume.db().disconnect();

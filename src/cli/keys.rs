@@ -41,6 +41,17 @@ pub enum KeyCommand {
         #[arg(long, help = JSON_HELP)]
         json: bool,
     },
+    /// Destroy the versions below MIN (as Vault's min_decryption_version); refused while a
+    /// volume this keystore knows of still has keys wrapped by one (it names them)
+    Trim {
+        /// Key id or alias
+        key: String,
+        /// The oldest version to keep
+        #[arg(long)]
+        min_version: u32,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
     /// Create, move or delete an alias
     #[command(subcommand)]
     Alias(AliasCommand),
@@ -293,6 +304,17 @@ pub fn key(command: KeyCommand, keys: &KeyOptions) -> Result<(), CliError> {
         ),
         KeyCommand::Rotation(RotationCommand::Disable { key, json }) => {
             show(&store.set_rotation(&key, None)?, json, "Automatic rotation off")
+        }
+        KeyCommand::Trim { key, min_version, json } => {
+            let trimmed = store.trim(&key, min_version)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "key_id": store.key_id(&key)?, "destroyed_versions": trimmed })
+                );
+            } else {
+                println!("Destroyed versions {trimmed:?} of {}", store.key_id(&key)?);
+            }
         }
         KeyCommand::Disable { key, json } => show(&store.set_enabled(&key, false)?, json, "Disabled"),
         KeyCommand::Enable { key, json } => show(&store.set_enabled(&key, true)?, json, "Enabled"),

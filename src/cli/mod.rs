@@ -232,10 +232,9 @@ fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
             };
             let store = std::sync::Arc::new(store);
             let provider = store.provider(&key_id)?;
-            (
-                kmsfs::volume::Volume::create(&args.backing, &provider)?,
-                Some((store.path().to_path_buf(), created)),
-            )
+            let row = kmsfs::volume::Volume::create(&args.backing, &provider)?;
+            volumes::note_use(&provider, &args.backing);
+            (row, Some((store.path().to_path_buf(), created)))
         }
     };
     let volume_id = kmsfs::util::hex(&row.volume_id);

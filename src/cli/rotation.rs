@@ -11,6 +11,7 @@ pub fn rotate(backing: &Path, keys: &KeyOptions, json: bool) -> Result<(), CliEr
     let progress = super::progress::Progress::new("re-wrapping file keys", json);
     let report = rotate::rotate(&volume, &mut |done, total| progress.update(done, total))?;
     progress.finish();
+    volumes::note_use(&**volume.keys().provider(), backing);
     if json {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
     } else {
@@ -38,6 +39,7 @@ pub fn rotate(backing: &Path, keys: &KeyOptions, json: bool) -> Result<(), CliEr
 pub fn rewrap(backing: &Path, keys: &KeyOptions, json: bool) -> Result<(), CliError> {
     let volume = volumes::open_volume(backing, keys)?;
     let report = rotate::rewrap_volume_keys(&volume)?;
+    volumes::note_use(&**volume.keys().provider(), backing);
     if json {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
     } else {

@@ -115,6 +115,17 @@ pub fn provider_for(backing: &Path, row: &VolumeRow, keys: &KeyOptions) -> Resul
     }
 }
 
+/// Tells the provider which of its key versions the volume's keys are
+/// wrapped by now (the local keystore remembers it for `key trim`).
+pub fn note_use(provider: &dyn KeyProvider, backing: &Path) {
+    let Ok(summary) = kmsfs::volume::read_info(backing) else {
+        return;
+    };
+    let blobs: Vec<_> = summary.volume_keys.into_iter().filter_map(|k| k.wrapped).collect();
+    let place = std::fs::canonicalize(backing).unwrap_or_else(|_| backing.to_path_buf());
+    provider.note_volume(&summary.volume.volume_id, &place, &blobs);
+}
+
 pub fn open_volume(backing: &Path, keys: &KeyOptions) -> Result<Volume, CliError> {
     let row = kmsfs::volume::read_info(backing)?.volume;
     let provider = provider_for(backing, &row, keys)?;

@@ -88,6 +88,14 @@ pub enum KmsError {
     BadUri { uri: String, reason: String },
     #[error("key provider {provider}: {message}")]
     Config { provider: String, message: String },
+    #[error(
+        "key {key}: versions below {min_version} still wrap the keys of {users}; run `kmsfs rewrap BACKING` on each first"
+    )]
+    VersionsInUse {
+        key: String,
+        min_version: u32,
+        users: String,
+    },
     #[error("bad setting {name}: {message}")]
     BadSetting { name: &'static str, message: String },
     #[error("keystore I/O on {path}: {source}")]
@@ -122,6 +130,11 @@ pub trait KeyProvider: Send + Sync {
     fn is_behind(&self, _wrapped: &WrappedKey) -> bool {
         false
     }
+
+    /// Remembers that volume `volume_id` at `backing` holds `blobs` wrapped
+    /// by this key, so that old versions are never trimmed from under it.
+    /// Only the local keystore keeps such a record; best effort.
+    fn note_volume(&self, _volume_id: &[u8; 16], _backing: &std::path::Path, _blobs: &[WrappedKey]) {}
 }
 
 /// Connects to a remote provider named by a URI the user gave (`local:`

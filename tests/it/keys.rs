@@ -307,3 +307,43 @@ fn automatic_rotation_comes_due_and_mount_moves_the_volume_key_forward() {
         .unwrap();
     assert_eq!(json(&off)["versions"], serde_json::json!([1, 2]), "off: no rotation");
 }
+
+/// `key trim`: old versions are destroyed only once no volume the keystore
+/// knows of still has keys wrapped by one; until then it names them.
+#[test]
+fn key_trim_refuses_while_a_known_volume_needs_an_old_version() {
+    let vol = TestVolume::init();
+    let backing = path_str(&vol.backing);
+    let m = vol.mount();
+    std::fs::write(vol.path("f"), b"kept across the trim").unwrap();
+    m.unmount();
+    let id = json(&vol.run(&["key", "list", "--json"]))[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    json(&vol.run(&["key", "rotate", &id, "--json"]));
+
+    let refused = vol.run(&["key", "trim", &id, "--min-version", "2"]);
+    assert_eq!(refused.status.code(), Some(5), "{}", stderr(&refused));
+    let canonical = std::fs::canonicalize(&vol.backing).unwrap();
+    assert!(
+        stderr(&refused).contains(canonical.to_str().unwrap()) && stderr(&refused).contains("kmsfs rewrap"),
+        "names the volume and what to do: {}",
+        stderr(&refused)
+    );
+    assert_eq!(
+        vol.run(&["key", "trim", &id, "--min-version", "3"]).status.code(),
+        Some(2)
+    );
+
+    assert!(vol.run(&["rewrap", backing]).status.success());
+    let trimmed = json(&vol.run(&["key", "trim", &id, "--min-version", "2", "--json"]));
+    assert_eq!(trimmed["destroyed_versions"], serde_json::json!([1]));
+    assert_eq!(
+        json(&vol.run(&["key", "describe", &id, "--json"]))["versions"],
+        serde_json::json!([2])
+    );
+    let m = vol.mount();
+    assert_eq!(std::fs::read(vol.path("f")).unwrap(), b"kept across the trim");
+    m.unmount();
+}

@@ -3,7 +3,9 @@
 //! ScheduleKeyDeletion with its waiting period (7–30 days) after which the
 //! material is destroyed the next time the keystore is opened.
 
-use super::{KeyInfo, KeyState, KeystoreFile, LocalKeystore, MasterKeyRecord};
+use std::path::Path;
+
+use super::{KeyInfo, KeyState, KeystoreFile, KnownVolume, LocalKeystore, MasterKeyRecord};
 use crate::kms::KmsError;
 
 const DAY: u64 = 24 * 3600;
@@ -32,6 +34,11 @@ fn check_alias(alias: &str) -> Result<(), KmsError> {
             message: format!("{alias:?}: use 1-256 letters, digits, '/', '_' or '-', not starting with mk-"),
         })
     }
+}
+
+/// Whether volume `id` (hex) is still at `backing`.
+fn still_there(id: &str, backing: &Path) -> bool {
+    crate::volume::read_info(backing).is_ok_and(|info| crate::util::hex(&info.volume.volume_id) == id)
 }
 
 /// AWS KMS's bounds for a rotation period (days).
@@ -178,6 +185,61 @@ impl LocalKeystore {
         })
     }
 
+    /// Records which versions of `key` volume `volume_id` (at `backing`) uses.
+    pub fn note_volume(&self, key: &str, volume_id: &str, backing: &Path, versions: Vec<u32>) -> Result<(), KmsError> {
+        let known = KnownVolume {
+            backing: backing.to_path_buf(),
+            versions,
+        };
+        if self.record(key)?.volumes.get(volume_id) == Some(&known) {
+            return Ok(());
+        }
+        self.update(|_, file| {
+            file.key_mut(key)?.volumes.insert(volume_id.to_string(), known);
+            Ok(())
+        })
+    }
+
+    /// Retires the versions of `key` below `min_version` for good (as
+    /// Vault's `min_decryption_version`, but their material is destroyed),
+    /// refused while a volume the keystore knows of still uses one: it names
+    /// them. A volume no longer at its recorded place (or replaced by
+    /// another) no longer counts. Returns the versions destroyed.
+    pub fn trim(&mut self, key: &str, min_version: u32) -> Result<Vec<u32>, KmsError> {
+        let record = self.record(key)?;
+        let newest = record.versions.iter().map(|v| v.version).max().unwrap_or(0);
+        if min_version == 0 || min_version > newest {
+            return Err(KmsError::BadSetting {
+                name: "--min-version",
+                message: format!("{min_version}: key {} has versions up to {newest}", record.id),
+            });
+        }
+        let needing: Vec<String> = record
+            .volumes
+            .iter()
+            .filter(|(id, v)| v.versions.iter().any(|&n| n < min_version) && still_there(id, &v.backing))
+            .map(|(id, v)| format!("{} (volume {id}, versions {:?})", v.backing.display(), v.versions))
+            .collect();
+        if !needing.is_empty() {
+            return Err(KmsError::VersionsInUse {
+                key: record.id.clone(),
+                min_version,
+                users: needing.join(", "),
+            });
+        }
+        self.update(|_, file| {
+            let k = file.key_mut(key)?;
+            let trimmed: Vec<u32> = k
+                .versions
+                .iter()
+                .map(|v| v.version)
+                .filter(|&n| n < min_version)
+                .collect();
+            k.versions.retain(|v| v.version >= min_version);
+            k.volumes.retain(|id, v| still_there(id, &v.backing));
+            Ok(trimmed)
+        })
+    }
     /// EnableKeyRotation (`Some(days)`, 90–2560) or DisableKeyRotation.
     pub fn set_rotation(&mut self, id_or_alias: &str, period_days: Option<u32>) -> Result<KeyInfo, KmsError> {
         if let Some(days) = period_days.filter(|d| !ROTATION_DAYS.contains(d)) {

@@ -79,6 +79,16 @@ struct MasterKeyRecord {
     /// Automatic rotation: a new version when the newest is this many days old.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rotation_period_days: Option<u32>,
+    /// The volumes this keystore saw use the key (by volume id, hex): where
+    /// they were and which versions wrap their keys. `key trim` consults it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    volumes: std::collections::BTreeMap<String, KnownVolume>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KnownVolume {
+    pub backing: PathBuf,
+    pub versions: Vec<u32>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -355,10 +365,7 @@ impl LocalKeystore {
 
     /// Read-modify-write under the keystore's lock: concurrent `init`s and
     /// `key rotate`s each see the others' keys and none is lost.
-    fn update<T>(
-        &mut self,
-        change: impl FnOnce(&Sealer, &mut KeystoreFile) -> Result<T, KmsError>,
-    ) -> Result<T, KmsError> {
+    fn update<T>(&self, change: impl FnOnce(&Sealer, &mut KeystoreFile) -> Result<T, KmsError>) -> Result<T, KmsError> {
         let _lock = super::locked_file::lock(&self.path).map_err(io_err(&self.path))?;
         let mut file = self.reread()?;
         let out = change(&self.kek, &mut file)?;
@@ -381,6 +388,7 @@ impl LocalKeystore {
                 created: crate::util::unix_now(),
                 deletion_date: None,
                 rotation_period_days: None,
+                volumes: Default::default(),
                 versions: vec![KeyVersion {
                     version: 1,
                     created: crate::util::unix_now(),
@@ -557,6 +565,15 @@ impl KeyProvider for LocalProvider {
         ) {
             (Some(version), Ok(newest)) => version < newest,
             _ => false,
+        }
+    }
+
+    fn note_volume(&self, volume_id: &[u8; 16], backing: &Path, blobs: &[WrappedKey]) {
+        let mut versions: Vec<u32> = blobs.iter().filter_map(LocalProvider::blob_version).collect();
+        versions.sort_unstable();
+        versions.dedup();
+        if let Err(e) = self.store.note_volume(&self.key_id, &hex(volume_id), backing, versions) {
+            log::warn!("could not record in the keystore which key versions this volume uses: {e}");
         }
     }
 
