@@ -272,7 +272,9 @@ pub fn key(command: KeyCommand, keys: &KeyOptions) -> Result<(), CliError> {
             if json {
                 println!("{}", serde_json::json!({ "key_id": id, "new_version": version }));
             } else {
-                println!("Master key {id} is now at version {version}; run `kmsfs rewrap BACKING` for its volumes");
+                println!(
+                    "Master key {id} is now at version {version}; each of its volumes moves to it at its next mount, or with `kmsfs rewrap BACKING`"
+                );
             }
         }
         KeyCommand::Alias(alias) => {

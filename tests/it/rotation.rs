@@ -235,10 +235,18 @@ fn master_key_rotation_then_rewrap_touches_only_volume_key_blobs() {
     let key_id = status(&vol)["master_key_id"].as_str().unwrap().to_string();
     let rotated = json(&vol.run(&["key", "rotate", &key_id, "--json"]));
     assert_eq!(rotated["new_version"], 2);
-    // Old master-key versions still decrypt: the volume mounts before the rewrap.
-    verify(&vol, &files);
     let blob = &query_blobs(&vol, "SELECT wrapped FROM volume_keys WHERE state = 'active'")[0];
     assert_eq!(u32::from_be_bytes(blob[1..5].try_into().unwrap()), 1);
+    // Old master-key versions still decrypt: the volume mounts, and the
+    // mount moves its volume key forward (one ReEncrypt).
+    verify(&vol, &files);
+    let moved = &query_blobs(&vol, "SELECT wrapped FROM volume_keys WHERE state = 'active'")[0];
+    assert_eq!(
+        u32::from_be_bytes(moved[1..5].try_into().unwrap()),
+        2,
+        "mount re-wrapped it"
+    );
+    // `rewrap` does it for volumes not mounted meanwhile (and again here).
     let report = json(&vol.run(&["rewrap", "--json", path_str(&vol.backing)]));
     assert_eq!(report["rewrapped_volume_keys"], serde_json::json!([1]));
     assert!(
