@@ -49,6 +49,10 @@ pub enum KeyCommand {
         /// The oldest version to keep
         #[arg(long)]
         min_version: u32,
+        /// Stop counting this volume (id, as the refusal names it): one that is gone for good.
+        /// Its copies and backups need the old versions too
+        #[arg(long, value_name = "VOLUME_ID")]
+        forget: Vec<String>,
         #[arg(long, help = JSON_HELP)]
         json: bool,
     },
@@ -307,8 +311,13 @@ pub fn key(command: KeyCommand, keys: &KeyOptions) -> Result<(), CliError> {
         KeyCommand::Rotation(RotationCommand::Disable { key, json }) => {
             show(&store.set_rotation(&key, None)?, json, "Automatic rotation off")
         }
-        KeyCommand::Trim { key, min_version, json } => {
-            let trimmed = store.trim(&key, min_version)?;
+        KeyCommand::Trim {
+            key,
+            min_version,
+            forget,
+            json,
+        } => {
+            let trimmed = store.trim(&key, min_version, &forget)?;
             if json {
                 println!(
                     "{}",

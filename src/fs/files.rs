@@ -550,8 +550,8 @@ impl KmsFs {
             }
         }
         if let Some(mode) = mode {
-            self.set_mode(&node, mode)?;
             self.chmod_acl(&node, mode)?;
+            self.set_mode(&node, mode)?;
         }
         if uid.is_some() || gid.is_some() {
             self.set_owner_of(&node, uid, gid)?;

@@ -69,7 +69,18 @@ impl KmsFs {
 
     fn store_xattr(&self, node: &Node, stored: &StoredName, value: &[u8], flags: XattrFlags) -> FsResult<()> {
         let owner = self.xattr_owner(node, true)?.ok_or(Errno::EPERM)?;
-        let sealed = self.volume.seal_xattr(&owner, stored, value);
+        self.store_xattr_of(node, &owner, stored, value, flags)
+    }
+
+    fn store_xattr_of(
+        &self,
+        node: &Node,
+        owner: &[u8; 16],
+        stored: &StoredName,
+        value: &[u8],
+        flags: XattrFlags,
+    ) -> FsResult<()> {
+        let sealed = self.volume.seal_xattr(owner, stored, value);
         rustix::fs::setxattr(
             node.fd()?.proc_path().as_str(),
             self.volume.xattr_backing_name(stored).as_str(),
@@ -200,16 +211,31 @@ impl KmsFs {
     }
 
     /// After a chmod: the access ACL, if any, takes the new bits.
+    /// Whether or not this mount enforces ACLs (one that does, later, must
+    /// not find a stale one), and before the mode itself changes. The file
+    /// already has its id when it has an ACL: nothing is opened for writing
+    /// (a chmod to a mode without owner write must not fail on that).
     pub(super) fn chmod_acl(&self, node: &Node, mode: u32) -> FsResult<()> {
-        if !self.acl_on() {
+        let Some(stored) = StoredName::of(ACL_ACCESS, true) else {
+            return Ok(());
+        };
+        if !self.keeps_acls(node)? {
             return Ok(());
         }
-        if let Some(mut acl) = self.stored_acl(node, ACL_ACCESS)? {
-            acl.chmod(mode);
-            let stored = self.stored_name(ACL_ACCESS).ok_or(Errno::EOPNOTSUPP)?;
-            self.store_xattr(node, &stored, &acl.to_bytes(), XattrFlags::empty())?;
-        }
-        Ok(())
+        let Some(owner) = self.xattr_owner(node, false)? else {
+            return Ok(());
+        };
+        let value = match self.load_xattr(node, &stored) {
+            Ok(value) => value,
+            Err(e) if e == Errno::NO_XATTR => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut acl = Acl::parse(&value).ok_or_else(|| {
+            log::error!("{} holds a malformed ACL; returning EIO", self.describe(node));
+            Errno::EIO
+        })?;
+        acl.chmod(mode);
+        self.store_xattr_of(node, &owner, &stored, &acl.to_bytes(), XattrFlags::empty())
     }
 
     /// The mode a node created in `parent` gets, and what it inherits: with

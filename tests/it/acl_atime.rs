@@ -161,6 +161,14 @@ fn acls_are_enforced_inherited_kept_in_step_with_chmod_and_stored_sealed() {
     let refused = run("setfacl", &["-m", "u:1001:r", path_str(&p)]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not supported"));
+    // A chmod where ACLs are not enforced still reaches the stored ACL: a
+    // later mount that enforces it must not grant what the mode took away.
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+    m.unmount();
+    let m = vol.mount_with(&["-o", "allow_other"]);
+    assert!(getfacl(&p).contains("mask::---"), "{}", getfacl(&p));
+    assert!(!as_user(1000, read, &p), "the chmod under noacl holds");
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
     m.unmount();
 
     // A sealed ACL edited in the backing directory reads as EIO.

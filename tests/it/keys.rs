@@ -336,12 +336,46 @@ fn key_trim_refuses_while_a_known_volume_needs_an_old_version() {
         Some(2)
     );
 
+    // A volume that cannot be read now (its disk not mounted, say) still counts.
+    let away = vol.dir.path().join("away");
+    std::fs::rename(&vol.backing, &away).unwrap();
+    let refused = vol.run(&["key", "trim", &id, "--min-version", "2"]);
+    std::fs::rename(&away, &vol.backing).unwrap();
+    assert_eq!(
+        refused.status.code(),
+        Some(5),
+        "an unreadable volume counts: {}",
+        stderr(&refused)
+    );
+
     assert!(vol.run(&["rewrap", backing]).status.success());
-    let trimmed = json(&vol.run(&["key", "trim", &id, "--min-version", "2", "--json"]));
-    assert_eq!(trimmed["destroyed_versions"], serde_json::json!([1]));
+    // A second volume of the key, gone for good: named until forgotten.
+    let second = vol.dir.path().join("second");
+    assert!(vol.run(&["init", path_str(&second), "--key", &id]).status.success());
+    let second_id = json(&vol.run(&["status", "--json", path_str(&second)]))["volume_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    json(&vol.run(&["key", "rotate", &id, "--json"]));
+    assert!(vol.run(&["rewrap", backing]).status.success());
+    std::fs::remove_dir_all(&second).unwrap();
+    let refused = vol.run(&["key", "trim", &id, "--min-version", "3"]);
+    assert_eq!(refused.status.code(), Some(5));
+    assert!(stderr(&refused).contains(&second_id), "{}", stderr(&refused));
+    let trimmed = json(&vol.run(&[
+        "key",
+        "trim",
+        &id,
+        "--min-version",
+        "3",
+        "--forget",
+        &second_id,
+        "--json",
+    ]));
+    assert_eq!(trimmed["destroyed_versions"], serde_json::json!([1, 2]));
     assert_eq!(
         json(&vol.run(&["key", "describe", &id, "--json"]))["versions"],
-        serde_json::json!([2])
+        serde_json::json!([3])
     );
     let m = vol.mount();
     assert_eq!(std::fs::read(vol.path("f")).unwrap(), b"kept across the trim");

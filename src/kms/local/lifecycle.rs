@@ -36,9 +36,19 @@ fn check_alias(alias: &str) -> Result<(), KmsError> {
     }
 }
 
-/// Whether volume `id` (hex) is still at `backing`.
-fn still_there(id: &str, backing: &Path) -> bool {
-    crate::volume::read_info(backing).is_ok_and(|info| crate::util::hex(&info.volume.volume_id) == id)
+enum VolumeAt {
+    /// A volume, with this id (hex).
+    Volume(String),
+    /// Nothing readable: the volume may be on a disk not mounted now.
+    Unknown,
+}
+
+/// What is at a recorded volume's place now.
+fn volume_at(backing: &Path) -> VolumeAt {
+    match crate::volume::read_info(backing) {
+        Ok(info) => VolumeAt::Volume(crate::util::hex(&info.volume.volume_id)),
+        Err(_) => VolumeAt::Unknown,
+    }
 }
 
 /// AWS KMS's bounds for a rotation period (days).
@@ -202,33 +212,42 @@ impl LocalKeystore {
 
     /// Retires the versions of `key` below `min_version` for good (as
     /// Vault's `min_decryption_version`, but their material is destroyed),
-    /// refused while a volume the keystore knows of still uses one: it names
-    /// them. A volume no longer at its recorded place (or replaced by
-    /// another) no longer counts. Returns the versions destroyed.
-    pub fn trim(&mut self, key: &str, min_version: u32) -> Result<Vec<u32>, KmsError> {
-        let record = self.record(key)?;
-        let newest = record.versions.iter().map(|v| v.version).max().unwrap_or(0);
-        if min_version == 0 || min_version > newest {
-            return Err(KmsError::BadSetting {
-                name: "--min-version",
-                message: format!("{min_version}: key {} has versions up to {newest}", record.id),
-            });
-        }
-        let needing: Vec<String> = record
-            .volumes
-            .iter()
-            .filter(|(id, v)| v.versions.iter().any(|&n| n < min_version) && still_there(id, &v.backing))
-            .map(|(id, v)| format!("{} (volume {id}, versions {:?})", v.backing.display(), v.versions))
-            .collect();
-        if !needing.is_empty() {
-            return Err(KmsError::VersionsInUse {
-                key: record.id.clone(),
-                min_version,
-                users: needing.join(", "),
-            });
-        }
+    /// refused while a volume the keystore knows of may still use one: it
+    /// names them. Only a volume whose recorded place now holds another
+    /// volume stops counting; one that cannot be read (a disk not mounted,
+    /// a path gone) still counts unless `forget` names its id. Checked and
+    /// done in one locked read-modify-write. Returns the versions destroyed.
+    pub fn trim(&mut self, key: &str, min_version: u32, forget: &[String]) -> Result<Vec<u32>, KmsError> {
+        let key_id = self.record(key)?.id;
         self.update(|_, file| {
-            let k = file.key_mut(key)?;
+            let k = file.key_mut(&key_id)?;
+            let newest = k.versions.iter().map(|v| v.version).max().unwrap_or(0);
+            if min_version == 0 || min_version > newest {
+                return Err(KmsError::BadSetting {
+                    name: "--min-version",
+                    message: format!("{min_version}: key {} has versions up to {newest}", k.id),
+                });
+            }
+            k.volumes.retain(|id, v| {
+                !forget.contains(id)
+                    && match volume_at(&v.backing) {
+                        VolumeAt::Volume(found) => &found == id,
+                        VolumeAt::Unknown => true,
+                    }
+            });
+            let needing: Vec<String> = k
+                .volumes
+                .iter()
+                .filter(|(_, v)| v.versions.iter().any(|&n| n < min_version))
+                .map(|(id, v)| format!("{} (volume {id}, versions {:?})", v.backing.display(), v.versions))
+                .collect();
+            if !needing.is_empty() {
+                return Err(KmsError::VersionsInUse {
+                    key: k.id.clone(),
+                    min_version,
+                    users: needing.join(", "),
+                });
+            }
             let trimmed: Vec<u32> = k
                 .versions
                 .iter()
@@ -236,10 +255,10 @@ impl LocalKeystore {
                 .filter(|&n| n < min_version)
                 .collect();
             k.versions.retain(|v| v.version >= min_version);
-            k.volumes.retain(|id, v| still_there(id, &v.backing));
             Ok(trimmed)
         })
     }
+
     /// EnableKeyRotation (`Some(days)`, 90–2560) or DisableKeyRotation.
     pub fn set_rotation(&mut self, id_or_alias: &str, period_days: Option<u32>) -> Result<KeyInfo, KmsError> {
         if let Some(days) = period_days.filter(|d| !ROTATION_DAYS.contains(d)) {
