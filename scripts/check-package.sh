@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # It installs into /usr and /etc and purges again: never over a real setup.
-if dpkg -s kmsfs >/dev/null 2>&1 || [ -e /etc/kmsfs ]; then
+if dpkg -s kmsfs >/dev/null 2>&1 || [ -e /etc/kmsfs ] || [ -e /usr/bin/kmsfs ] || [ -e /usr/sbin/mount.kmsfs ]; then
     echo "package check: kmsfs is installed here or /etc/kmsfs exists; run it on a scratch machine" >&2
     exit 1
 fi
@@ -22,6 +22,7 @@ cleanup() {
     done
     rm -rf "$work"
     DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq kmsfs >/dev/null
+    rm -rf /etc/kmsfs   # made by postinst on this scratch machine (checked absent above)
 }
 trap cleanup EXIT
 fail() { echo "package check failed: $*" >&2; exit 1; }

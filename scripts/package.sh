@@ -3,10 +3,11 @@
 # dpkg-deb: the release binary as /usr/bin/kmsfs, /usr/sbin/mount.kmsfs and
 # mount.fuse.kmsfs (so `mount -t kmsfs` and `mount -t fuse.kmsfs` and fstab
 # work), man pages and shell completions generated from the binary, the
-# kmsfs@.service template, an example volume file, and an empty host
-# configuration. Install with `apt-get install ./target/debian/kmsfs_*.deb`.
+# kmsfs@.service template, an example volume file, and (created at install
+# when missing) an empty host configuration. Install with `apt-get install ./target/debian/kmsfs_*.deb`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+umask 022
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 arch=$(dpkg --print-architecture)
@@ -32,18 +33,28 @@ install -d "$root/usr/share/bash-completion/completions" "$root/usr/share/zsh/ve
 install -D -m 0644 packaging/systemd/kmsfs@.service "$root/usr/lib/systemd/system/kmsfs@.service"
 install -D -m 0644 packaging/volume.conf.example "$root/usr/share/doc/kmsfs/volume.conf.example"
 install -D -m 0644 README.md "$root/usr/share/doc/kmsfs/README.md"
-install -d -m 0700 "$root/etc/kmsfs" "$root/etc/kmsfs/volumes"
-cat > "$root/etc/kmsfs/providers.toml" <<'TOML'
+# The host configuration is the host's (`kmsfs init` writes it): not a
+# package file, which an upgrade would replace or a purge delete. postinst
+# creates an empty one if there is none.
+install -d "$root/usr/share/kmsfs"
+cat > "$root/usr/share/kmsfs/providers.toml" <<'TOML'
 # kmsfs: how this host reaches the key provider of each volume, by volume id.
 # Written by `kmsfs init --kms URI`; edit freely. Connection settings
 # (addresses, module paths, CA and token files) are read only from here,
 # --kms and the environment, never from a volume's backing directory.
 # Secrets (pin-value=) are never written here: use pin-source=file:PATH.
 TOML
-chmod 0600 "$root/etc/kmsfs/providers.toml"
 
 install -d "$root/DEBIAN"
-echo "/etc/kmsfs/providers.toml" > "$root/DEBIAN/conffiles"
+cat > "$root/DEBIAN/postinst" <<'SH'
+#!/bin/sh
+set -e
+if [ "$1" = configure ]; then
+    install -d -m 0700 /etc/kmsfs /etc/kmsfs/volumes
+    [ -e /etc/kmsfs/providers.toml ] || install -m 0600 /usr/share/kmsfs/providers.toml /etc/kmsfs/providers.toml
+fi
+SH
+chmod 0755 "$root/DEBIAN/postinst"
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
 cat > "$root/DEBIAN/control" <<CONTROL
 Package: kmsfs

@@ -267,6 +267,8 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let mount_display = mountpoint.display().to_string();
     let unmount_path = mountpoint.clone();
     let lazy_after = options.lazy_unmount_after.unwrap_or(DEFAULT_LAZY_UNMOUNT_AFTER);
+    let detached = Arc::new(AtomicBool::new(false));
+    let detached_by_us = Arc::clone(&detached);
     std::thread::Builder::new()
         .name("kmsfs-signals".into())
         .spawn(move || {
@@ -282,6 +284,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
                 let lazy = asked.elapsed() >= lazy_after;
                 match unmount(&unmount_path, lazy) {
                     Ok(()) if lazy => {
+                        detached_by_us.store(true, std::sync::atomic::Ordering::Relaxed);
                         log::warn!(
                             "{mount_display} was still busy after {lazy_after:?}: detached; \
                              the daemon exits once its last open file is closed"
@@ -337,9 +340,12 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     volume.db().disconnect();
     drop(lock);
     match served {
-        // How the kernel ends the connection of a lazily unmounted (detached)
-        // mount once its last open file closes: the end of serving, like ENODEV.
-        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+        // How the kernel ends the connection of a mount this daemon detached
+        // once its last open file closes: the end of serving, like ENODEV.
+        // (Anything else that aborts the connection is reported.)
+        Err(e)
+            if e.raw_os_error() == Some(libc::ECONNABORTED) && detached.load(std::sync::atomic::Ordering::Relaxed) =>
+        {
             log::info!("{}: the kernel closed the connection", mountpoint.display());
             Ok(())
         }

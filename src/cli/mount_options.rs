@@ -153,7 +153,9 @@ fn duration(option: &str) -> Result<std::time::Duration, CliError> {
         digits.clear();
     }
     if !digits.is_empty() {
-        total += digits.parse::<u64>().map_err(|_| bad())?;
+        total = total
+            .checked_add(digits.parse::<u64>().map_err(|_| bad())?)
+            .ok_or_else(bad)?;
     }
     if total > 7 * 24 * 3600 {
         return Err(bad());
@@ -225,7 +227,13 @@ mod tests {
         assert_eq!(idle("idle=90"), Some(std::time::Duration::from_secs(90)));
         assert_eq!(idle("idle=1h30m"), Some(std::time::Duration::from_secs(5400)));
         assert_eq!(idle("idle=0"), None, "0 turns it off");
-        for bad in ["idle=", "idle=5d", "idle=h", "idle=9999h"] {
+        for bad in [
+            "idle=",
+            "idle=5d",
+            "idle=h",
+            "idle=9999h",
+            "idle=18446744073709551615h1",
+        ] {
             assert_eq!(parse_one(bad).err().unwrap().code, ExitCode::Usage, "{bad}");
         }
         let conflict = parse_one("noxattr,acl").err().unwrap();

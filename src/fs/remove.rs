@@ -212,7 +212,12 @@ impl KmsFs {
             Some(t) => self.before_last_name_goes(new_parent, to.as_str(), t),
             None => Orphans::default(),
         };
-        self.write_sidecar(new_parent, &to)?;
+        if let Err(e) = self.write_sidecar(new_parent, &to) {
+            if let Some(iv) = &stripped_iv {
+                self.restore_dir_iv(new_parent, to.as_str(), iv);
+            }
+            return Err(e);
+        }
         if let Err(e) = rustix::fs::renameat_with(
             parent.fd()?.as_fd(),
             from.as_str(),

@@ -367,7 +367,7 @@ impl fuser::Filesystem for Mounted {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -382,7 +382,7 @@ impl fuser::Filesystem for Mounted {
             reply,
             self.fs
                 .node(ino)
-                .and_then(|n| self.fs.set_xattr(&n, name.as_bytes(), value, flags)),
+                .and_then(|n| self.fs.set_xattr(&n, name.as_bytes(), value, flags, owner(req))),
         );
     }
 

@@ -118,12 +118,20 @@ impl KmsFs {
         .map_err(errno)
     }
 
-    pub(super) fn set_xattr(&self, node: &Node, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+    /// `caller`: the (uid, gid) of the process setting it.
+    pub(super) fn set_xattr(
+        &self,
+        node: &Node,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+        caller: (u32, u32),
+    ) -> FsResult<()> {
         let stored = self.stored_name(name).ok_or(Errno::EOPNOTSUPP)?;
         let flags = XattrFlags::from_bits(flags as u32).ok_or(Errno::EINVAL)?;
         if name == ACL_ACCESS {
             let acl = Acl::parse(value).ok_or(Errno::EINVAL)?;
-            return self.set_access_acl(node, &acl);
+            return self.set_access_acl(node, &acl, caller);
         }
         if name == ACL_DEFAULT {
             Acl::parse(value).ok_or(Errno::EINVAL)?;
@@ -194,7 +202,12 @@ impl KmsFs {
 
     /// Sets an access ACL and the mode bits that mirror it; one the mode
     /// bits say all of is not stored (as a disk filesystem does).
-    fn set_access_acl(&self, node: &Node, acl: &Acl) -> FsResult<()> {
+    /// Setting it clears set-group-ID when the caller is neither root nor
+    /// of the file's group, as the kernel does for a disk filesystem (it
+    /// would tell FUSE so through FUSE_SETXATTR_ACL_KILL_SGID, which the
+    /// FUSE library here does not pass). Only the caller's primary group is
+    /// known: a member through a supplementary group loses the bit too.
+    fn set_access_acl(&self, node: &Node, acl: &Acl, caller: (u32, u32)) -> FsResult<()> {
         let stored = self.stored_name(ACL_ACCESS).ok_or(Errno::EOPNOTSUPP)?;
         let st = rustix::fs::fstat(node.fd()?.as_fd()).map_err(errno)?;
         match (acl.is_minimal(), keeps_acls(&st)) {
@@ -207,7 +220,11 @@ impl KmsFs {
             (false, true) => self.store_xattr(node, &stored, &acl.to_bytes(), XattrFlags::empty())?,
             (false, false) => return Err(Errno::EOPNOTSUPP),
         }
-        self.set_mode(node, (st.st_mode as u32 & 0o7000) | acl.mode())
+        let mut special = st.st_mode as u32 & 0o7000;
+        if caller.0 != 0 && caller.1 != st.st_gid {
+            special &= !libc::S_ISGID;
+        }
+        self.set_mode(node, special | acl.mode())
     }
 
     /// After a chmod: the access ACL, if any, takes the new bits.

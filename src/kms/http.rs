@@ -153,8 +153,9 @@ fn call_with_retries(
     let mut last_error = None;
     for attempt in 0..MAX_ATTEMPTS {
         if attempt > 0 {
+            // No attempt starts that could run past the budget.
             let wait = backoff(attempt - 1);
-            if started.elapsed() + wait >= budget {
+            if started.elapsed() + wait + ATTEMPT_TIMEOUT.min(budget) > budget {
                 break;
             }
             std::thread::sleep(wait);

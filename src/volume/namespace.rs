@@ -118,7 +118,13 @@ pub fn take_dir_iv(dir: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
             return Err(rustix::io::Errno::NOTEMPTY.into());
         }
     }
-    let iv = read_small(dir, DIR_IV_FILE, 16).unwrap_or_default();
+    // An IV that cannot be read now (out of descriptors, say) is not taken:
+    // it could not be put back if the removal failed.
+    let iv = match read_small(dir, DIR_IV_FILE, 16) {
+        Ok(iv) => iv,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
     match rustix::fs::unlinkat(dir, DIR_IV_FILE, AtFlags::empty()) {
         Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(iv),
         Err(e) => Err(e.into()),
@@ -132,10 +138,15 @@ pub fn restore_dir_iv(dir: BorrowedFd<'_>, iv: &[u8]) -> io::Result<()> {
     write_small(dir, DIR_IV_FILE, iv, true, true)
 }
 
-/// Writes the sidecar of a long name (nothing for a short one).
+/// Writes the sidecar of a long name (nothing for a short one). One that
+/// exists already is left as it is: its content follows from its name
+/// (the name is a hash of it), and it is read-only.
 pub fn write_sidecar(dir: BorrowedFd<'_>, name: &BackingName) -> io::Result<()> {
     match name.sidecar() {
-        Some((sidecar, content)) => write_small(dir, &sidecar, content.as_bytes(), false, false),
+        Some((sidecar, content)) => match write_small(dir, &sidecar, content.as_bytes(), true, false) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            other => other,
+        },
         None => Ok(()),
     }
 }

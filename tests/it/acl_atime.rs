@@ -205,7 +205,9 @@ fn acls_are_enforced_inherited_kept_in_step_with_chmod_and_stored_sealed() {
 #[test]
 fn new_directories_inherit_set_group_id() {
     let vol = TestVolume::init();
+    fs::set_permissions(vol.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let m = vol.mount_with(&["-o", "allow_other"]);
+    fs::set_permissions(&vol.mnt, fs::Permissions::from_mode(0o755)).unwrap();
     let top = vol.path("shared");
     fs::create_dir(&top).unwrap();
     std::os::unix::fs::chown(&top, None, Some(2002)).unwrap();
@@ -221,6 +223,17 @@ fn new_directories_inherit_set_group_id() {
     ok("setfacl", &["-d", "-m", "u:1000:rwx", path_str(&top)]);
     fs::create_dir(top.join("with-acl")).unwrap();
     assert_eq!(mode(&top.join("with-acl")) & 0o2000, 0o2000);
+
+    // setfacl by an owner outside the file's group clears set-group-ID (as
+    // the kernel does on ext4); root keeps it.
+    let f = vol.path("setgid-file");
+    fs::write(&f, b"x").unwrap();
+    std::os::unix::fs::chown(&f, Some(1000), Some(2002)).unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o2770)).unwrap();
+    ok("setfacl", &["-m", "u:1001:r", path_str(&f)]);
+    assert_eq!(mode(&f) & 0o2000, 0o2000, "root keeps it");
+    assert!(as_user(1000, r#"setfacl -m u:1002:r "$1""#, &f));
+    assert_eq!(mode(&f) & 0o2000, 0, "an owner outside group 2002 clears it");
     m.unmount();
 }
 
