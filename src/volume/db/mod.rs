@@ -106,6 +106,8 @@ pub struct MetadataDb {
     format: u32,
 }
 
+const READ_WRITE: OpenFlags = OpenFlags::SQLITE_OPEN_READ_WRITE.union(OpenFlags::SQLITE_OPEN_NO_MUTEX);
+
 impl MetadataDb {
     fn sqlite(&self) -> impl FnOnce(rusqlite::Error) -> DbError + '_ {
         move |source| DbError::Sqlite {
@@ -175,21 +177,11 @@ impl MetadataDb {
         tx.pragma_update(None, "user_version", volume.format_version)
             .map_err(err)?;
         tx.commit().map_err(err)?;
-        Ok(MetadataDb {
-            path: path.to_path_buf(),
-            conn: Mutex::new(Some(conn)),
-            reader: Mutex::new(Some(Self::connect(
-                path,
-                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )?)),
-            pending: Mutex::default(),
-            format: volume.format_version,
-        })
+        Self::serving(path, conn, volume.format_version)
     }
 
     pub fn open(path: &Path) -> Result<Self, DbError> {
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Self::connect(path, flags)?;
+        let conn = Self::connect(path, READ_WRITE)?;
         let damaged = |e: rusqlite::Error| DbError::Damaged {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -216,15 +208,17 @@ impl MetadataDb {
                 found: version,
             });
         }
+        Self::serving(path, conn, version)
+    }
+
+    /// The DB over `conn`, with its second connection for first-open lookups.
+    fn serving(path: &Path, conn: Connection, format: u32) -> Result<Self, DbError> {
         Ok(MetadataDb {
             path: path.to_path_buf(),
             conn: Mutex::new(Some(conn)),
-            reader: Mutex::new(Some(Self::connect(
-                path,
-                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )?)),
+            reader: Mutex::new(Some(Self::connect(path, READ_WRITE)?)),
             pending: Mutex::default(),
-            format: version,
+            format,
         })
     }
 
@@ -247,9 +241,8 @@ impl MetadataDb {
 
     /// Opens a fresh connection (after a fork).
     pub fn reconnect(&self) -> Result<(), DbError> {
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Self::connect(&self.path, flags)?;
-        let reader = Self::connect(&self.path, flags)?;
+        let conn = Self::connect(&self.path, READ_WRITE)?;
+        let reader = Self::connect(&self.path, READ_WRITE)?;
         *lock(&self.conn) = Some(conn);
         *lock(&self.reader) = Some(reader);
         Ok(())
