@@ -55,6 +55,15 @@ if [ "$1" = configure ]; then
 fi
 SH
 chmod 0755 "$root/DEBIAN/postinst"
+cat > "$root/DEBIAN/postrm" <<'SH'
+#!/bin/sh
+set -e
+if [ "$1" = purge ]; then
+    rm -f /etc/kmsfs/providers.toml
+    rmdir /etc/kmsfs/volumes /etc/kmsfs 2>/dev/null || true
+fi
+SH
+chmod 0755 "$root/DEBIAN/postrm"
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
 cat > "$root/DEBIAN/control" <<CONTROL
 Package: kmsfs

@@ -322,12 +322,19 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     super::systemd::stopping(&format!("unmounted {}; committing file keys", mountpoint.display()));
     stop_publishing.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = publisher.join();
+    lock.publish(&DaemonInfo {
+        pid: std::process::id(),
+        provider_calls: volume.total_provider_calls(),
+        commit_error: volume.commit_error(),
+        finishing: true,
+    });
     // The daemon's last word, which `kmsfs umount` reads once the lock is free.
     let committed = commit_at_exit(&volume);
     lock.publish(&DaemonInfo {
         pid: std::process::id(),
         provider_calls: volume.total_provider_calls(),
         commit_error: committed.as_ref().err().cloned(),
+        finishing: true,
     });
     if let Err(e) = committed {
         log::error!("{e}");
@@ -401,6 +408,7 @@ fn publish_status(
             pid: std::process::id(),
             provider_calls: volume.total_provider_calls(),
             commit_error: volume.commit_error(),
+            finishing: false,
         }
     };
     let mut published = current();

@@ -129,7 +129,7 @@ fn duration(option: &str) -> Result<std::time::Duration, CliError> {
     let bad = || {
         CliError::new(
             ExitCode::Usage,
-            format!("bad mount option {option}: give a duration such as 90s, 30m, 2h or 1h30m"),
+            format!("bad mount option {option}: give a duration such as 90s, 30m, 2h or 1h30m, at most a week (168h)"),
         )
     };
     let mut total = 0u64;

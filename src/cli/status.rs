@@ -62,6 +62,8 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     let mount = mounted_at(backing);
     // In the mount table, but no daemon holds the volume: it died.
     let stale = daemon.is_none() && mount.is_some();
+    // Unmounted, committing its last keys, about to exit.
+    let finishing = daemon.as_ref().is_some_and(|d| d.finishing);
     let files_of = |v: u32| {
         counts
             .iter()
@@ -100,7 +102,8 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "volume_keys": versions,
             "file_keys": counts.iter().map(|(_, n)| n).sum::<u64>(),
             "rotation_in_progress": rotating,
-            "mounted": daemon.is_some(),
+            "mounted": daemon.is_some() && !finishing,
+            "daemon_finishing": finishing,
             "mountpoint": mount.as_ref().map(|m| &m.mountpoint),
             "stale_mount": stale,
             "daemon_pid": daemon.as_ref().map(|d| d.pid),
@@ -148,6 +151,10 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         .map(|m| format!(" at {}", m.mountpoint.display()))
         .unwrap_or_default();
     match (&daemon, &mount) {
+        (Some(d), _) if finishing => println!(
+            "mounted:        no (unmounted; its daemon, pid {}, is committing its last file keys)",
+            d.pid
+        ),
         (Some(d), _) => println!(
             "mounted:        yes{at} (daemon pid {}, {} key-provider call(s) since mount)",
             d.pid, d.provider_calls

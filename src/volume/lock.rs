@@ -23,6 +23,10 @@ pub struct DaemonInfo {
     /// Why committing file keys fails, while it does (or why it failed at exit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_error: Option<String>,
+    /// Unmounted, committing its last keys and about to exit: the volume is
+    /// free in a moment (whatever unmounted it: `umount`, idle, a signal).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub finishing: bool,
 }
 
 pub struct VolumeLock {
@@ -66,6 +70,16 @@ fn open(backing: &Path) -> Result<File, LockError> {
 impl VolumeLock {
     pub fn acquire(backing: &Path) -> Result<Self, LockError> {
         let mut file = open(backing)?;
+        // A daemon that is finishing (unmounted, committing) lets go soon:
+        // waited for rather than called "already mounted". So is one for a
+        // moment (it may not have seen its unmount yet).
+        let start = Instant::now();
+        while flock(file.as_fd(), FlockOperation::NonBlockingLockExclusive).is_err()
+            && (start.elapsed() < Duration::from_secs(2)
+                || start.elapsed() < Duration::from_secs(30) && Self::daemon(backing).is_some_and(|d| d.finishing))
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         if flock(file.as_fd(), FlockOperation::NonBlockingLockExclusive).is_err() {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);

@@ -223,3 +223,30 @@ fn the_init_hint_repeats_the_options_mounting_needs() {
         "{hint}"
     );
 }
+
+/// A plain `umount` (fstab users, `-o idle=`) returns before the daemon has
+/// committed and exited: the next mount, `fsck` and `status` wait for it or
+/// say so instead of calling the volume "already mounted".
+#[test]
+fn plain_umount_then_mount_again_at_once() {
+    let vol = TestVolume::init();
+    let (backing, mnt) = (path_str(&vol.backing), path_str(&vol.mnt));
+    for round in 0..3 {
+        let m = vol.mount();
+        fs::write(vol.path(&format!("f{round}")), b"x").unwrap();
+        assert!(Command::new("umount").arg(&vol.mnt).status().unwrap().success());
+        drop(m);
+    }
+    // `status` stops saying "mounted" once the daemon has seen its unmount.
+    wait_until("status says unmounted", || {
+        let status = vol.run(&["status", "--json", backing]);
+        let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        json["mounted"] == false
+    });
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("f2")).unwrap(), b"x");
+    m.unmount();
+    let _ = mnt;
+    let (code, report) = crate::common::fsck(&vol, &[]);
+    assert_eq!(code, 0, "{report}");
+}
