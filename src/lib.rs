@@ -7,6 +7,7 @@
 //! - [`fs`]: the FUSE adapter;
 //! - [`util`]: hex, the clock and poison-tolerant locks, for all of them.
 
+pub mod audit;
 pub mod crypto;
 pub mod fs;
 pub mod kms;

@@ -33,3 +33,91 @@ pub fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 pub fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
+
+/// A UTC date and time, as `date -u +%FT%TZ` prints it.
+pub fn utc_date(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Seconds since the epoch of a UTC date: `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM:SSZ`
+/// (the `T` may be a space, the `Z` left out) or `@SECONDS`.
+pub fn parse_utc_date(text: &str) -> Option<u64> {
+    if let Some(secs) = text.strip_prefix('@') {
+        return secs.parse().ok();
+    }
+    let text = text.strip_suffix('Z').unwrap_or(text);
+    let (date, time) = match text.split_once(['T', ' ']) {
+        Some((d, t)) => (d, Some(t)),
+        None => (text, None),
+    };
+    let number = |s: &str, len: usize| (s.len() == len && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<i64>().ok()).flatten();
+    let mut parts = date.split('-');
+    let (y, m, d) = (number(parts.next()?, 4)?, number(parts.next()?, 2)?, number(parts.next()?, 2)?);
+    if parts.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    let (hh, mm, ss) = match time {
+        None => (0, 0, 0),
+        Some(t) => {
+            let mut t = t.split(':');
+            let hms = (number(t.next()?, 2)?, number(t.next()?, 2)?, number(t.next()?, 2)?);
+            if t.next().is_some() || hms.0 > 23 || hms.1 > 59 || hms.2 > 60 {
+                return None;
+            }
+            hms
+        }
+    };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    let secs = u64::try_from(secs).ok()?;
+    (utc_date(secs).get(..10) == Some(&format!("{:04}-{:02}-{:02}", if m <= 2 { y + 1 } else { y }, m, d))).then_some(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_utc_date, utc_date};
+
+    #[test]
+    fn dates_are_utc_civil_dates() {
+        assert_eq!(utc_date(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_date(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_date(1_796_165_400), "2026-12-01T22:50:00Z");
+    }
+
+    #[test]
+    fn dates_parse_back() {
+        for secs in [0, 951_782_400, 1_796_165_400, 4_102_444_799] {
+            assert_eq!(parse_utc_date(&utc_date(secs)), Some(secs));
+        }
+        assert_eq!(parse_utc_date("2000-02-29"), Some(951_782_400));
+        assert_eq!(parse_utc_date("2026-12-01 22:50:00"), Some(1_796_165_400));
+        assert_eq!(parse_utc_date("@12"), Some(12));
+        for bad in ["2001-02-29", "2026-13-01", "26-12-01", "2026-12-01T25:00:00Z", "yesterday", ""] {
+            assert_eq!(parse_utc_date(bad), None, "{bad}");
+        }
+    }
+}

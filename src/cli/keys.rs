@@ -208,7 +208,7 @@ fn line(k: &KeyInfo) -> String {
     let alias = k.alias.as_deref().map(|a| format!(" ({a})")).unwrap_or_default();
     let deletion = k
         .deletion_date
-        .map(|d| format!("  deleted on {}", date(d)))
+        .map(|d| format!("  deleted on {}", kmsfs::util::utc_date(d)))
         .unwrap_or_default();
     let rotation = k
         .rotation_period_days
@@ -217,28 +217,6 @@ fn line(k: &KeyInfo) -> String {
     format!(
         "{}{alias}  {:?}  versions {:?}{rotation}{deletion}  {}",
         k.id, k.state, k.versions, k.description
-    )
-}
-
-/// A UTC date and time, as `date -u +%FT%TZ` prints it.
-fn date(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
     )
 }
 
@@ -335,14 +313,4 @@ pub fn key(command: KeyCommand, keys: &KeyOptions) -> Result<(), CliError> {
         KeyCommand::CancelDeletion { key, json } => show(&store.cancel_deletion(&key)?, json, "Deletion cancelled"),
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn dates_are_utc_civil_dates() {
-        assert_eq!(super::date(0), "1970-01-01T00:00:00Z");
-        assert_eq!(super::date(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(super::date(1_796_165_400), "2026-12-01T22:50:00Z");
-    }
 }
