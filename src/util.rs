@@ -67,9 +67,17 @@ pub fn parse_utc_date(text: &str) -> Option<u64> {
         Some((d, t)) => (d, Some(t)),
         None => (text, None),
     };
-    let number = |s: &str, len: usize| (s.len() == len && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<i64>().ok()).flatten();
+    let number = |s: &str, len: usize| {
+        (s.len() == len && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<i64>().ok())
+            .flatten()
+    };
     let mut parts = date.split('-');
-    let (y, m, d) = (number(parts.next()?, 4)?, number(parts.next()?, 2)?, number(parts.next()?, 2)?);
+    let (y, m, d) = (
+        number(parts.next()?, 4)?,
+        number(parts.next()?, 2)?,
+        number(parts.next()?, 2)?,
+    );
     if parts.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return None;
     }
@@ -94,7 +102,8 @@ pub fn parse_utc_date(text: &str) -> Option<u64> {
     let days = era * 146_097 + doe - 719_468;
     let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
     let secs = u64::try_from(secs).ok()?;
-    (utc_date(secs).get(..10) == Some(&format!("{:04}-{:02}-{:02}", if m <= 2 { y + 1 } else { y }, m, d))).then_some(secs)
+    (utc_date(secs).get(..10) == Some(&format!("{:04}-{:02}-{:02}", if m <= 2 { y + 1 } else { y }, m, d)))
+        .then_some(secs)
 }
 
 #[cfg(test)]
@@ -116,7 +125,14 @@ mod tests {
         assert_eq!(parse_utc_date("2000-02-29"), Some(951_782_400));
         assert_eq!(parse_utc_date("2026-12-01 22:50:00"), Some(1_796_165_400));
         assert_eq!(parse_utc_date("@12"), Some(12));
-        for bad in ["2001-02-29", "2026-13-01", "26-12-01", "2026-12-01T25:00:00Z", "yesterday", ""] {
+        for bad in [
+            "2001-02-29",
+            "2026-13-01",
+            "26-12-01",
+            "2026-12-01T25:00:00Z",
+            "yesterday",
+            "",
+        ] {
             assert_eq!(parse_utc_date(bad), None, "{bad}");
         }
     }

@@ -303,9 +303,15 @@ impl AuditLog {
         }
         let mut end = state.anchor.end;
         for line in tail.split_inclusive('\n') {
-            let Some(line_text) = line.strip_suffix('\n') else { break };
-            let Some((body, mac)) = split_line(line_text) else { break };
-            let Ok(record) = serde_json::from_str::<Record>(&body) else { break };
+            let Some(line_text) = line.strip_suffix('\n') else {
+                break;
+            };
+            let Some((body, mac)) = split_line(line_text) else {
+                break;
+            };
+            let Ok(record) = serde_json::from_str::<Record>(&body) else {
+                break;
+            };
             let expected = state.key.mac(&[MAC_DOMAIN, body.as_bytes()].concat());
             if expected != mac || record.seq != state.anchor.seq + 1 || record.prev != state.anchor.mac {
                 break;

@@ -17,7 +17,11 @@ fn log_with(records: usize) -> (tempfile::TempDir, AuditLog) {
 }
 
 fn lines(log: &AuditLog) -> Vec<String> {
-    std::fs::read_to_string(log.path()).unwrap().lines().map(str::to_string).collect()
+    std::fs::read_to_string(log.path())
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 fn rewrite(log: &AuditLog, lines: &[String]) {
@@ -71,8 +75,16 @@ fn each_kind_of_tampering_is_found_where_it_is() {
     reordered.swap(1, 2);
     rewrite(&log, &reordered);
     let found = problems(&log);
-    assert!(found.iter().any(|(line, what)| *line == 2 && what.contains("removed")), "{found:?}");
-    assert!(found.iter().any(|(line, what)| *line == 3 && what.contains("reordered")), "{found:?}");
+    assert!(
+        found.iter().any(|(line, what)| *line == 2 && what.contains("removed")),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|(line, what)| *line == 3 && what.contains("reordered")),
+        "{found:?}"
+    );
 
     let mut inserted = original.clone();
     inserted.insert(3, original[0].clone());
@@ -124,7 +136,10 @@ fn failures_are_recorded_and_a_lost_state_file_restarts_the_chain_visibly() {
     log.append(Event::new("Decrypt").outcome(&failed)).unwrap();
     let records = verify::read(log.path()).unwrap();
     assert_eq!(records[1].1.result, "error");
-    assert_eq!(records[1].1.error.as_deref(), Some("key mk-1 is Disabled and cannot be used"));
+    assert_eq!(
+        records[1].1.error.as_deref(),
+        Some("key mk-1 is Disabled and cannot be used")
+    );
 
     std::fs::remove_file(state::state_path(log.path())).unwrap();
     assert!(verify(log.path()).is_err(), "no key, no verification");
@@ -146,6 +161,10 @@ fn the_state_file_is_private() {
     use std::os::unix::fs::PermissionsExt;
     let (_dir, log) = log_with(1);
     for path in [log.path().to_path_buf(), state::state_path(log.path())] {
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o077, 0, "{path:?}");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o077,
+            0,
+            "{path:?}"
+        );
     }
 }

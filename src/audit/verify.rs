@@ -74,7 +74,9 @@ pub fn verify(log: &Path) -> Result<Verification, AuditError> {
         let at = i + 1;
         let problem = |what: String| Problem { line: at, what };
         let Some((body, mac)) = split_line(line) else {
-            problems.push(problem("not a record (inserted, edited, or cut short by a crash)".into()));
+            problems.push(problem(
+                "not a record (inserted, edited, or cut short by a crash)".into(),
+            ));
             continue;
         };
         if state.key.mac(&[MAC_DOMAIN, body.as_bytes()].concat()) != mac {
@@ -113,7 +115,10 @@ pub fn verify(log: &Path) -> Result<Verification, AuditError> {
         if record.seq == state.anchor.seq {
             anchor_seen = anchor_seen || mac == state.anchor.mac;
             if mac != state.anchor.mac {
-                problems.push(problem(format!("record {} is not the one the anchor names", record.seq)));
+                problems.push(problem(format!(
+                    "record {} is not the one the anchor names",
+                    record.seq
+                )));
             }
         }
         expected_seq = record.seq + 1;

@@ -182,7 +182,25 @@ fn raise_fd_limit() {
     }
 }
 
+/// Set once the mount is up: a failure before it is a failed Mount, one
+/// after it a failed Unmount.
+static SERVING: AtomicBool = AtomicBool::new(false);
+
 pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
+    let backing = args.backing.clone();
+    let result = serve(args, keys);
+    let action = if SERVING.load(std::sync::atomic::Ordering::Relaxed) {
+        "Unmount"
+    } else {
+        "Mount"
+    };
+    kmsfs::audit::record(
+        super::volumes::volume_event(action, &backing).outcome(&result.as_ref().map_err(|e| &e.message)),
+    );
+    result
+}
+
+fn serve(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let mut keys = keys.clone();
     let options = super::mount_options::parse(&args.options, &mut keys)?;
     let keys = &keys;
@@ -311,6 +329,11 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
             )
         })?;
     log::info!("mounted {} on {}", backing.display(), mountpoint.display());
+    SERVING.store(true, std::sync::atomic::Ordering::Relaxed);
+    kmsfs::audit::record(
+        super::volumes::volume_event("Mount", &backing)
+            .details(serde_json::json!({ "mountpoint": mountpoint, "provider_calls": volume.provider_calls() })),
+    );
     if let Some(mut pipe) = ready_pipe.take() {
         let _ = pipe.write_all(READY);
     }

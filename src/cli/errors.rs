@@ -15,6 +15,8 @@ pub enum ExitCode {
     Mount = 6,
     Io = 7,
     ProviderUnreachable = 8,
+    /// `audit verify` found the log tampered with, or cannot check it.
+    AuditFailed = 9,
 }
 
 impl ExitCode {
@@ -29,6 +31,7 @@ impl ExitCode {
             ExitCode::Mount => "mount",
             ExitCode::Io => "io",
             ExitCode::ProviderUnreachable => "provider_unreachable",
+            ExitCode::AuditFailed => "audit_failed",
         }
     }
 }
@@ -89,6 +92,12 @@ impl From<LockError> for CliError {
             LockError::Held { .. } => CliError::new(ExitCode::Mount, e.to_string()),
             LockError::Io { .. } => CliError::new(ExitCode::Io, e.to_string()),
         }
+    }
+}
+
+impl From<kmsfs::audit::AuditError> for CliError {
+    fn from(e: kmsfs::audit::AuditError) -> Self {
+        CliError::new(ExitCode::Io, e.to_string())
     }
 }
 

@@ -137,11 +137,15 @@ pub fn keystore(command: KeystoreCommand, keys: &KeyOptions) -> Result<(), CliEr
         parallelism: 1,
     };
     let secret = secrets::new_secret(new_key_file.as_deref(), new_passphrase_file.as_deref())?;
-    store.change_secret(&secret, kdf)?;
     let protection = match secret {
         UnlockSecret::KeyFile(_) => "key file",
         UnlockSecret::Passphrase(_) => "passphrase",
     };
+    let changed = store.change_secret(&secret, kdf);
+    let event = kmsfs::audit::Event::new("ChangeKeystoreProtection")
+        .details(serde_json::json!({ "keystore": store.path(), "protected_by": protection }));
+    kmsfs::audit::record(event.outcome(&changed));
+    changed?;
     if json {
         println!(
             "{}",
@@ -229,7 +233,7 @@ fn show(k: &KeyInfo, json: bool, what: &str) {
 }
 
 pub fn key(command: KeyCommand, keys: &KeyOptions) -> Result<(), CliError> {
-    let mut store: LocalKeystore = secrets::open_keystore(keys)?;
+    let store: LocalKeystore = secrets::open_keystore(keys)?;
     match command {
         KeyCommand::Create {
             alias,
@@ -239,9 +243,14 @@ pub fn key(command: KeyCommand, keys: &KeyOptions) -> Result<(), CliError> {
             let id = store.create_named_key(alias.as_deref(), &description)?;
             show(&store.describe(&id)?, json, "Created");
         }
-        KeyCommand::Describe { key, json } => show(&store.describe(&key)?, json, "Key"),
+        KeyCommand::Describe { key, json } => show(
+            &store.audited("DescribeKey", &key, None, || store.describe(&key))?,
+            json,
+            "Key",
+        ),
         KeyCommand::List { json } => {
             let list = store.list();
+            kmsfs::audit::record(kmsfs::audit::Event::new("ListKeys"));
             if json {
                 println!("{}", serde_json::to_string(&list).unwrap_or_default());
             } else {

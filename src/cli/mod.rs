@@ -1,5 +1,6 @@
 //! Command-line interface: argument parsing, exit codes and the commands.
 
+mod audit;
 mod daemon;
 mod errors;
 mod fsck;
@@ -29,7 +30,8 @@ pub use errors::{CliError, ExitCode};
 #[command(
     after_help = "Exit codes: 0 ok, 1 internal error, 2 usage, 3 wrong or missing passphrase/key file,\n\
 4 not a volume or damaged volume, 5 key provider refused (or missing key, disabled key, bad credentials),\n\
-6 mount problem, 7 I/O error, 8 key provider unreachable.\n\
+6 mount problem, 7 I/O error, 8 key provider unreachable, 9 audit log fails `audit verify`.\n\
+Every key operation and volume event is recorded in the audit log (see `kmsfs audit --help`).\n\
 Logging: set RUST_LOG (e.g. RUST_LOG=info or RUST_LOG=kmsfs=debug).\n\
 With --json, errors are one JSON object on stderr: {\"error\": {\"code\", \"exit_status\", \"message\"}}."
 )]
@@ -68,6 +70,11 @@ pub struct KeyOptions {
     /// [default: /etc/kmsfs/providers.toml for root, else $XDG_CONFIG_HOME/kmsfs/providers.toml]
     #[arg(long, global = true, value_name = "PATH", env = "KMSFS_CONFIG")]
     config: Option<PathBuf>,
+    /// Audit log: every key operation (provider calls and key administration, failures too) and
+    /// volume event is appended here, HMAC-chained; its key and anchor go to PATH.state
+    /// [default: audit.jsonl beside the keystore]
+    #[arg(long, global = true, value_name = "PATH", env = "KMSFS_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
     /// KMSFS_PASSPHRASE, taken out of the environment at start.
     #[arg(skip)]
     env_passphrase: Option<zeroize::Zeroizing<String>>,
@@ -133,6 +140,8 @@ enum Command {
     /// The local keystore itself
     #[command(subcommand)]
     Keystore(keys::KeystoreCommand),
+    /// List the audit log's records (filtered), or check it with `audit verify`
+    Audit(audit::AuditArgs),
     /// Print a shell completion script (bash: `kmsfs completions bash >
     /// /etc/bash_completion.d/kmsfs`; zsh: into a directory of $fpath as `_kmsfs`;
     /// fish: ~/.config/fish/completions/kmsfs.fish)
@@ -177,6 +186,14 @@ struct InitArgs {
 }
 
 fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
+    let backing = args.backing.clone();
+    let result = create_volume(args, keys);
+    let event = volumes::volume_event("CreateVolume", &backing);
+    kmsfs::audit::record(event.outcome(&result.as_ref().map_err(|e| &e.message)));
+    result
+}
+
+fn create_volume(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let remote = keys.kms.as_deref().filter(|u| !u.starts_with("local:"));
     let (row, keystore) = match remote {
         Some(raw) => {
@@ -185,7 +202,7 @@ fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
             let config_path = host_config::path(keys.config.as_deref())?;
             // Fail on a bad configuration before a volume exists.
             host_config::HostConfig::load(&config_path)?;
-            let provider = kmsfs::kms::connect(&uri)?;
+            let provider = kmsfs::kms::audited::audited(kmsfs::kms::connect(&uri)?);
             let row = kmsfs::volume::Volume::create(&args.backing, &*provider)?;
             let entry = host_config::VolumeEntry {
                 kms: kmsfs::kms::uri::without_secrets(raw),
@@ -217,7 +234,7 @@ fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
                 iterations: args.kdf_iterations,
                 parallelism: 1,
             };
-            let (mut store, created) = secrets::open_or_create_keystore(keys, kdf)?;
+            let (store, created) = secrets::open_or_create_keystore(keys, kdf)?;
             let named = keys
                 .kms
                 .as_deref()
@@ -231,9 +248,9 @@ fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
                 }
             };
             let store = std::sync::Arc::new(store);
-            let provider = store.provider(&key_id)?;
-            let row = kmsfs::volume::Volume::create(&args.backing, &provider)?;
-            volumes::note_use(&provider, &args.backing);
+            let provider = kmsfs::kms::audited::audited(std::sync::Arc::new(store.provider(&key_id)?));
+            let row = kmsfs::volume::Volume::create(&args.backing, &*provider)?;
+            volumes::note_use(&*provider, &args.backing);
             (row, Some((store.path().to_path_buf(), created)))
         }
     };
@@ -338,7 +355,13 @@ pub fn run() -> i32 {
     if let Err(e) = logging::init(log_file.as_deref()) {
         return report(&e, json_errors);
     }
+    if let Some(name) = audited_command(&args) {
+        if let Err(e) = audit::install(&cli.keys, &name) {
+            return report(&e, json_errors);
+        }
+    }
     let result = match cli.command {
+        Command::Audit(args) => audit::audit(args, &cli.keys),
         Command::Init(args) => init(args, &cli.keys),
         Command::Mount(args) => daemon::mount(args, &cli.keys),
         Command::Umount { mountpoint } => daemon::umount(&mountpoint),
@@ -375,6 +398,22 @@ pub fn run() -> i32 {
         Ok(()) => 0,
         Err(e) => report(&e, json_errors),
     }
+}
+
+/// The command's name as the audit log records it (`mount`, `key disable`,
+/// `key alias create`), or None for commands that use no key and change no
+/// volume (`audit`, `umount` (its daemon records), completions, man pages).
+fn audited_command(args: &[std::ffi::OsString]) -> Option<String> {
+    use clap::CommandFactory;
+    let matches = Cli::command().try_get_matches_from(args).ok()?;
+    let mut names = Vec::new();
+    let mut at = matches.subcommand();
+    while let Some((name, sub)) = at {
+        names.push(name.to_string());
+        at = sub.subcommand();
+    }
+    let first = names.first()?.as_str();
+    (!matches!(first, "audit" | "umount" | "completions" | "manpages")).then(|| names.join(" "))
 }
 
 /// Prints a failure on stderr (a line, or with --json one JSON object) and

@@ -107,7 +107,13 @@ pub fn rekey(paths: &[PathBuf], keys: &KeyOptions, json: bool) -> Result<(), Cli
         let abs = fs::canonicalize(path).map_err(io(path))?;
         let outcome = match locate(&abs)? {
             Location::Mounted => {
-                let bytes = rekey_through_mount(&abs)?;
+                let bytes = rekey_through_mount(&abs);
+                kmsfs::audit::record(
+                    kmsfs::audit::Event::new("Rekey")
+                        .details(serde_json::json!({ "via": "mount" }))
+                        .outcome(&bytes.as_ref().map_err(|e| &e.message)),
+                );
+                let bytes = bytes?;
                 serde_json::json!({"path": path, "via": "mount", "bytes": bytes})
             }
             Location::Backing(root) => {
@@ -121,7 +127,16 @@ pub fn rekey(paths: &[PathBuf], keys: &KeyOptions, json: bool) -> Result<(), Cli
                 let (_, volume, _) = open
                     .as_ref()
                     .ok_or_else(|| CliError::new(ExitCode::Internal, "no volume"))?;
-                let outcome = rekey_backing_file(volume, &abs)?;
+                let outcome = rekey_backing_file(volume, &abs);
+                let event = volumes::volume_event("Rekey", &open.as_ref().map_or(abs.clone(), |(r, _, _)| r.clone()));
+                let event = match &outcome {
+                    Ok(o) => event.details(serde_json::json!({
+                        "via": "backing", "old_file_id": o.old_file_id, "new_file_id": o.new_file_id,
+                    })),
+                    Err(_) => event,
+                };
+                kmsfs::audit::record(event.outcome(&outcome));
+                let outcome = outcome?;
                 serde_json::json!({"path": path, "via": "backing", "bytes": outcome.bytes,
                     "old_file_id": outcome.old_file_id, "new_file_id": outcome.new_file_id})
             }

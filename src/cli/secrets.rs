@@ -145,7 +145,13 @@ pub fn open_keystore(keys: &KeyOptions) -> Result<LocalKeystore, CliError> {
     if !LocalKeystore::exists(&path) {
         return Err(kmsfs::kms::KmsError::KeystoreMissing(path).into());
     }
-    Ok(LocalKeystore::open(&path, &unlock_secret(keys, false)?)?)
+    let opened = LocalKeystore::open(&path, &unlock_secret(keys, false)?);
+    if let Err(e) = &opened {
+        // A wrong passphrase is someone trying the keys: worth a record.
+        let event = kmsfs::audit::Event::new("UnlockKeystore").details(serde_json::json!({ "keystore": path }));
+        kmsfs::audit::record(event.outcome::<(), _>(&Err(e)));
+    }
+    Ok(opened?)
 }
 
 /// Opens the keystore, creating it (and a key file, if one was asked for) when missing.

@@ -67,8 +67,12 @@ fn mismatch(backing: &Path, recorded: &ProviderId, given: &ProviderId, source: &
 }
 
 /// The volume's key provider, reached through the user's own settings and
-/// unlocked with the user's secret.
+/// unlocked with the user's secret; every call it makes is audited.
 pub fn provider_for(backing: &Path, row: &VolumeRow, keys: &KeyOptions) -> Result<Arc<dyn KeyProvider>, CliError> {
+    Ok(kmsfs::kms::audited::audited(reach_provider(backing, row, keys)?))
+}
+
+fn reach_provider(backing: &Path, row: &VolumeRow, keys: &KeyOptions) -> Result<Arc<dyn KeyProvider>, CliError> {
     let recorded = recorded_provider(backing, row)?;
     let configured = configured_uri(row, keys)?;
     let uri = match configured {
@@ -130,4 +134,18 @@ pub fn open_volume(backing: &Path, keys: &KeyOptions) -> Result<Volume, CliError
     let row = kmsfs::volume::read_info(backing)?.volume;
     let provider = provider_for(backing, &row, keys)?;
     Ok(Volume::open(backing, provider)?)
+}
+
+/// An audit event about the volume at `backing`, with its id as the
+/// context (when the volume can be read).
+pub fn volume_event(action: &str, backing: &Path) -> kmsfs::audit::Event {
+    let place = std::fs::canonicalize(backing).unwrap_or_else(|_| backing.to_path_buf());
+    let event = kmsfs::audit::Event::new(action).volume(&place);
+    match kmsfs::volume::read_info(backing) {
+        Ok(info) => {
+            let context = kmsfs::kms::EncryptionContext::for_volume(&info.volume.volume_id);
+            event.context(context.pairs())
+        }
+        Err(_) => event,
+    }
 }

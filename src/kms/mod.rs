@@ -1,6 +1,7 @@
 //! Key providers: where the master key (CMK) lives. Every provider offers the
 //! same two KMS operations on data keys, bound to an encryption context.
 
+pub mod audited;
 pub mod aws;
 mod aws_credentials;
 mod http;

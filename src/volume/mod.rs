@@ -381,10 +381,29 @@ impl Volume {
                 return Err(e);
             }
             match self.db.commit_batch(&batch, active.0)? {
-                db::Commit::Done => return Ok(()),
+                db::Commit::Done => {
+                    self.audit_shredded(&batch);
+                    return Ok(());
+                }
                 db::Commit::ActiveChanged => {}
             }
         }
+    }
+
+    /// Crypto-shredding is a key operation: the erased keys' files (by id,
+    /// never by name) go to the audit log once the erasure is durable.
+    fn audit_shredded(&self, batch: &db::PendingBatch) {
+        let ids: Vec<String> = batch.erased().map(|id| crate::util::hex(id)).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let context = EncryptionContext::for_volume(&self.info.volume_id);
+        crate::audit::record(
+            crate::audit::Event::new("CryptoShred")
+                .volume(&self.backing)
+                .context(context.pairs())
+                .details(serde_json::json!({ "erased_file_keys": ids.len(), "file_ids": ids })),
+        );
     }
 
     /// A file key queued under version `from`, wrapped again under the

@@ -6,7 +6,8 @@
 use std::path::Path;
 
 use super::{KeyInfo, KeyState, KeystoreFile, KnownVolume, LocalKeystore, MasterKeyRecord};
-use crate::kms::KmsError;
+use crate::kms::audited::key_event;
+use crate::kms::{KmsError, ProviderId};
 
 const DAY: u64 = 24 * 3600;
 /// AWS KMS's bounds for the waiting period of a scheduled deletion.
@@ -85,7 +86,7 @@ impl KeystoreFile {
 
 impl LocalKeystore {
     /// CreateKey with an alias and a description.
-    pub fn create_named_key(&mut self, alias: Option<&str>, description: &str) -> Result<String, KmsError> {
+    pub fn create_named_key(&self, alias: Option<&str>, description: &str) -> Result<String, KmsError> {
         if let Some(alias) = alias {
             check_alias(alias)?;
             self.file().alias_free(alias)?;
@@ -104,94 +105,124 @@ impl LocalKeystore {
 
     /// CreateAlias (`moving`: false) or UpdateAlias (`moving`: true, the
     /// alias must exist and moves to `key`). A key has at most one alias.
-    pub fn set_alias(&mut self, alias: &str, key: &str, moving: bool) -> Result<(), KmsError> {
+    pub fn set_alias(&self, alias: &str, key: &str, moving: bool) -> Result<(), KmsError> {
         check_alias(alias)?;
-        self.update(|_, file| {
-            let exists = file.keys.iter().any(|k| k.alias.as_deref() == Some(alias));
-            match (moving, exists) {
-                (false, true) => file.alias_free(alias)?,
-                (true, false) => return Err(KmsError::KeyNotFound(format!("alias {alias}"))),
-                _ => {}
-            }
-            let target = file.key_mut(key)?;
-            if target.state == KeyState::Deleted {
-                return Err(invalid_state(target, "naming it"));
-            }
-            if let Some(other) = target.alias.as_deref().filter(|a| *a != alias) {
-                return Err(KmsError::BadSetting {
-                    name: "alias",
-                    message: format!("key {} already has alias {other}; delete that first", target.id),
-                });
-            }
-            let target_id = target.id.clone();
-            for k in &mut file.keys {
-                if k.alias.as_deref() == Some(alias) {
-                    k.alias = None;
-                }
-            }
-            file.key_mut(&target_id)?.alias = Some(alias.to_string());
-            Ok(())
-        })
+        self.audited(
+            if moving { "UpdateAlias" } else { "CreateAlias" },
+            key,
+            Some(serde_json::json!({ "alias": alias })),
+            || {
+                self.update(|_, file| {
+                    let exists = file.keys.iter().any(|k| k.alias.as_deref() == Some(alias));
+                    match (moving, exists) {
+                        (false, true) => file.alias_free(alias)?,
+                        (true, false) => return Err(KmsError::KeyNotFound(format!("alias {alias}"))),
+                        _ => {}
+                    }
+                    let target = file.key_mut(key)?;
+                    if target.state == KeyState::Deleted {
+                        return Err(invalid_state(target, "naming it"));
+                    }
+                    if let Some(other) = target.alias.as_deref().filter(|a| *a != alias) {
+                        return Err(KmsError::BadSetting {
+                            name: "alias",
+                            message: format!("key {} already has alias {other}; delete that first", target.id),
+                        });
+                    }
+                    let target_id = target.id.clone();
+                    for k in &mut file.keys {
+                        if k.alias.as_deref() == Some(alias) {
+                            k.alias = None;
+                        }
+                    }
+                    file.key_mut(&target_id)?.alias = Some(alias.to_string());
+                    Ok(())
+                })
+            },
+        )
     }
 
     /// DeleteAlias.
-    pub fn delete_alias(&mut self, alias: &str) -> Result<(), KmsError> {
-        self.update(|_, file| {
-            let k = file
-                .keys
-                .iter_mut()
-                .find(|k| k.alias.as_deref() == Some(alias))
-                .ok_or_else(|| KmsError::KeyNotFound(format!("alias {alias}")))?;
-            k.alias = None;
-            Ok(())
-        })
+    pub fn delete_alias(&self, alias: &str) -> Result<(), KmsError> {
+        self.audited(
+            "DeleteAlias",
+            alias,
+            Some(serde_json::json!({ "alias": alias })),
+            || {
+                self.update(|_, file| {
+                    let k = file
+                        .keys
+                        .iter_mut()
+                        .find(|k| k.alias.as_deref() == Some(alias))
+                        .ok_or_else(|| KmsError::KeyNotFound(format!("alias {alias}")))?;
+                    k.alias = None;
+                    Ok(())
+                })
+            },
+        )
     }
 
     /// EnableKey (`true`) or DisableKey: a disabled key neither makes nor
     /// opens data keys; volumes mounted before keep their keys in memory.
-    pub fn set_enabled(&mut self, id_or_alias: &str, enabled: bool) -> Result<KeyInfo, KmsError> {
-        self.update(|_, file| {
-            let k = file.key_mut(id_or_alias)?;
-            match k.state {
-                KeyState::Enabled | KeyState::Disabled => {
-                    k.state = if enabled { KeyState::Enabled } else { KeyState::Disabled };
-                    Ok(k.info())
-                }
-                KeyState::PendingDeletion => Err(invalid_state(k, "cancel the deletion first; changing it")),
-                KeyState::Deleted => Err(invalid_state(k, "changing it")),
-            }
-        })
+    pub fn set_enabled(&self, id_or_alias: &str, enabled: bool) -> Result<KeyInfo, KmsError> {
+        self.audited(
+            if enabled { "EnableKey" } else { "DisableKey" },
+            id_or_alias,
+            None,
+            || {
+                self.update(|_, file| {
+                    let k = file.key_mut(id_or_alias)?;
+                    match k.state {
+                        KeyState::Enabled | KeyState::Disabled => {
+                            k.state = if enabled { KeyState::Enabled } else { KeyState::Disabled };
+                            Ok(k.info())
+                        }
+                        KeyState::PendingDeletion => Err(invalid_state(k, "cancel the deletion first; changing it")),
+                        KeyState::Deleted => Err(invalid_state(k, "changing it")),
+                    }
+                })
+            },
+        )
     }
 
     /// ScheduleKeyDeletion: unusable at once, destroyed after `days`.
-    pub fn schedule_deletion(&mut self, id_or_alias: &str, days: u32) -> Result<KeyInfo, KmsError> {
+    pub fn schedule_deletion(&self, id_or_alias: &str, days: u32) -> Result<KeyInfo, KmsError> {
         if !DELETION_DAYS.contains(&days) {
             return Err(KmsError::BadSetting {
                 name: "--days",
                 message: format!("{days}: the waiting period is 7 to 30 days"),
             });
         }
-        self.update(|_, file| {
-            let k = file.key_mut(id_or_alias)?;
-            if matches!(k.state, KeyState::PendingDeletion | KeyState::Deleted) {
-                return Err(invalid_state(k, "scheduling its deletion"));
-            }
-            k.state = KeyState::PendingDeletion;
-            k.deletion_date = Some(crate::util::unix_now() + u64::from(days) * DAY);
-            Ok(k.info())
-        })
+        self.audited(
+            "ScheduleKeyDeletion",
+            id_or_alias,
+            Some(serde_json::json!({ "pending_window_days": days })),
+            || {
+                self.update(|_, file| {
+                    let k = file.key_mut(id_or_alias)?;
+                    if matches!(k.state, KeyState::PendingDeletion | KeyState::Deleted) {
+                        return Err(invalid_state(k, "scheduling its deletion"));
+                    }
+                    k.state = KeyState::PendingDeletion;
+                    k.deletion_date = Some(crate::util::unix_now() + u64::from(days) * DAY);
+                    Ok(k.info())
+                })
+            },
+        )
     }
 
     /// CancelKeyDeletion: the key comes back disabled, as in AWS KMS.
-    pub fn cancel_deletion(&mut self, id_or_alias: &str) -> Result<KeyInfo, KmsError> {
-        self.update(|_, file| {
-            let k = file.key_mut(id_or_alias)?;
-            if k.state != KeyState::PendingDeletion {
-                return Err(invalid_state(k, "cancelling a deletion"));
-            }
-            k.state = KeyState::Disabled;
-            k.deletion_date = None;
-            Ok(k.info())
+    pub fn cancel_deletion(&self, id_or_alias: &str) -> Result<KeyInfo, KmsError> {
+        self.audited("CancelKeyDeletion", id_or_alias, None, || {
+            self.update(|_, file| {
+                let k = file.key_mut(id_or_alias)?;
+                if k.state != KeyState::PendingDeletion {
+                    return Err(invalid_state(k, "cancelling a deletion"));
+                }
+                k.state = KeyState::Disabled;
+                k.deletion_date = None;
+                Ok(k.info())
+            })
         })
     }
 
@@ -217,64 +248,82 @@ impl LocalKeystore {
     /// volume stops counting; one that cannot be read (a disk not mounted,
     /// a path gone) still counts unless `forget` names its id. Checked and
     /// done in one locked read-modify-write. Returns the versions destroyed.
-    pub fn trim(&mut self, key: &str, min_version: u32, forget: &[String]) -> Result<Vec<u32>, KmsError> {
+    pub fn trim(&self, key: &str, min_version: u32, forget: &[String]) -> Result<Vec<u32>, KmsError> {
         let key_id = self.record(key)?.id;
-        self.update(|_, file| {
-            let k = file.key_mut(&key_id)?;
-            let newest = k.versions.iter().map(|v| v.version).max().unwrap_or(0);
-            if min_version == 0 || min_version > newest {
-                return Err(KmsError::BadSetting {
-                    name: "--min-version",
-                    message: format!("{min_version}: key {} has versions up to {newest}", k.id),
-                });
-            }
-            k.volumes.retain(|id, v| {
-                !forget.contains(id)
-                    && match volume_at(&v.backing) {
-                        VolumeAt::Volume(found) => &found == id,
-                        VolumeAt::Unknown => true,
+        self.audited(
+            "TrimKeyVersions",
+            key,
+            Some(serde_json::json!({ "min_version": min_version, "forget": forget })),
+            || {
+                self.update(|_, file| {
+                    let k = file.key_mut(&key_id)?;
+                    let newest = k.versions.iter().map(|v| v.version).max().unwrap_or(0);
+                    if min_version == 0 || min_version > newest {
+                        return Err(KmsError::BadSetting {
+                            name: "--min-version",
+                            message: format!("{min_version}: key {} has versions up to {newest}", k.id),
+                        });
                     }
-            });
-            let needing: Vec<String> = k
-                .volumes
-                .iter()
-                .filter(|(_, v)| v.versions.iter().any(|&n| n < min_version))
-                .map(|(id, v)| format!("{} (volume {id}, versions {:?})", v.backing.display(), v.versions))
-                .collect();
-            if !needing.is_empty() {
-                return Err(KmsError::VersionsInUse {
-                    key: k.id.clone(),
-                    min_version,
-                    users: needing.join(", "),
-                });
-            }
-            let trimmed: Vec<u32> = k
-                .versions
-                .iter()
-                .map(|v| v.version)
-                .filter(|&n| n < min_version)
-                .collect();
-            k.versions.retain(|v| v.version >= min_version);
-            Ok(trimmed)
-        })
+                    k.volumes.retain(|id, v| {
+                        !forget.contains(id)
+                            && match volume_at(&v.backing) {
+                                VolumeAt::Volume(found) => &found == id,
+                                VolumeAt::Unknown => true,
+                            }
+                    });
+                    let needing: Vec<String> = k
+                        .volumes
+                        .iter()
+                        .filter(|(_, v)| v.versions.iter().any(|&n| n < min_version))
+                        .map(|(id, v)| format!("{} (volume {id}, versions {:?})", v.backing.display(), v.versions))
+                        .collect();
+                    if !needing.is_empty() {
+                        return Err(KmsError::VersionsInUse {
+                            key: k.id.clone(),
+                            min_version,
+                            users: needing.join(", "),
+                        });
+                    }
+                    let trimmed: Vec<u32> = k
+                        .versions
+                        .iter()
+                        .map(|v| v.version)
+                        .filter(|&n| n < min_version)
+                        .collect();
+                    k.versions.retain(|v| v.version >= min_version);
+                    Ok(trimmed)
+                })
+            },
+        )
     }
 
     /// EnableKeyRotation (`Some(days)`, 90–2560) or DisableKeyRotation.
-    pub fn set_rotation(&mut self, id_or_alias: &str, period_days: Option<u32>) -> Result<KeyInfo, KmsError> {
+    pub fn set_rotation(&self, id_or_alias: &str, period_days: Option<u32>) -> Result<KeyInfo, KmsError> {
         if let Some(days) = period_days.filter(|d| !ROTATION_DAYS.contains(d)) {
             return Err(KmsError::BadSetting {
                 name: "--period-days",
                 message: format!("{days}: the rotation period is 90 to 2560 days"),
             });
         }
-        self.update(|_, file| {
-            let k = file.key_mut(id_or_alias)?;
-            if k.state != KeyState::Enabled {
-                return Err(invalid_state(k, "changing its rotation"));
-            }
-            k.rotation_period_days = period_days;
-            Ok(k.info())
-        })
+        self.audited(
+            if period_days.is_some() {
+                "EnableKeyRotation"
+            } else {
+                "DisableKeyRotation"
+            },
+            id_or_alias,
+            Some(serde_json::json!({ "rotation_period_days": period_days })),
+            || {
+                self.update(|_, file| {
+                    let k = file.key_mut(id_or_alias)?;
+                    if k.state != KeyState::Enabled {
+                        return Err(invalid_state(k, "changing its rotation"));
+                    }
+                    k.rotation_period_days = period_days;
+                    Ok(k.info())
+                })
+            },
+        )
     }
 
     /// What is due when the keystore is opened: scheduled deletions whose
@@ -298,8 +347,15 @@ impl LocalKeystore {
         })?;
         for (id, version) in rotated {
             log::info!("master key {id}: its rotation period has run out; version {version} made");
+            let event = key_event("RotateKey", &ProviderId::Local { key: id }).key_version(Some(version));
+            crate::audit::record(event.details(serde_json::json!({ "automatic": true })));
         }
         for id in destroyed {
+            let event = key_event("DeleteKey", &ProviderId::Local { key: id.clone() });
+            crate::audit::record(
+                event
+                    .details(serde_json::json!({ "reason": "the scheduled deletion date passed; material destroyed" })),
+            );
             log::warn!(
                 "master key {id}: its scheduled deletion date has passed; its material is destroyed, \
                  and volumes it protected can no longer be opened"

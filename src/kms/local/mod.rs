@@ -374,44 +374,68 @@ impl LocalKeystore {
         Ok(out)
     }
 
+    /// Runs an administrative action on `key` and records it, with its
+    /// outcome, in the audit log.
+    pub fn audited<T>(
+        &self,
+        action: &str,
+        key: &str,
+        details: Option<serde_json::Value>,
+        run: impl FnOnce() -> Result<T, KmsError>,
+    ) -> Result<T, KmsError> {
+        let result = run();
+        let id = self.record(key).map(|r| r.id).unwrap_or_else(|_| key.to_string());
+        let event = super::audited::key_event(action, &ProviderId::Local { key: id });
+        let event = match details {
+            Some(d) => event.details(d),
+            None => event,
+        };
+        crate::audit::record(event.outcome(&result));
+        result
+    }
+
     /// CreateKey: a new enabled master key with one version. Returns its id.
-    pub fn create_key(&mut self, description: &str) -> Result<String, KmsError> {
+    pub fn create_key(&self, description: &str) -> Result<String, KmsError> {
         let id = format!("mk-{}", hex(&random_array::<12>()));
         let material = SecretKey::random();
-        self.update(|kek, file| {
-            let sealed = kek.seal(&material_aad(&id, 1), material.expose());
-            file.keys.push(MasterKeyRecord {
-                id: id.clone(),
-                alias: None,
-                description: description.to_string(),
-                state: KeyState::Enabled,
-                created: crate::util::unix_now(),
-                deletion_date: None,
-                rotation_period_days: None,
-                volumes: Default::default(),
-                versions: vec![KeyVersion {
-                    version: 1,
+        self.audited("CreateKey", &id.clone(), None, || {
+            self.update(|kek, file| {
+                let sealed = kek.seal(&material_aad(&id, 1), material.expose());
+                file.keys.push(MasterKeyRecord {
+                    id: id.clone(),
+                    alias: None,
+                    description: description.to_string(),
+                    state: KeyState::Enabled,
                     created: crate::util::unix_now(),
-                    material: B64.encode(sealed),
-                }],
-            });
-            Ok(())
+                    deletion_date: None,
+                    rotation_period_days: None,
+                    volumes: Default::default(),
+                    versions: vec![KeyVersion {
+                        version: 1,
+                        created: crate::util::unix_now(),
+                        material: B64.encode(sealed),
+                    }],
+                });
+                Ok(())
+            })
         })?;
         Ok(id)
     }
 
     /// On-demand rotation: a new version of the master key's material. Old
     /// versions stay, so everything they wrapped still decrypts.
-    pub fn rotate_key(&mut self, id_or_alias: &str) -> Result<u32, KmsError> {
-        self.update(|kek, file| {
-            let record = file.key_mut(id_or_alias)?;
-            if record.state != KeyState::Enabled {
-                return Err(KmsError::KeyNotUsable {
-                    key: record.id.clone(),
-                    state: format!("{:?}", record.state),
-                });
-            }
-            Ok(record.add_version(kek))
+    pub fn rotate_key(&self, id_or_alias: &str) -> Result<u32, KmsError> {
+        self.audited("RotateKeyOnDemand", id_or_alias, None, || {
+            self.update(|kek, file| {
+                let record = file.key_mut(id_or_alias)?;
+                if record.state != KeyState::Enabled {
+                    return Err(KmsError::KeyNotUsable {
+                        key: record.id.clone(),
+                        state: format!("{:?}", record.state),
+                    });
+                }
+                Ok(record.add_version(kek))
+            })
         })
     }
 

@@ -36,6 +36,11 @@ impl PendingBatch {
         !self.inserts.is_empty()
     }
 
+    /// The files whose keys this batch erases.
+    pub fn erased(&self) -> impl Iterator<Item = &FileId> {
+        self.deletes.iter()
+    }
+
     /// Re-wraps every key queued under another version than `active` (a
     /// rotation began after it was queued) with `rewrap`.
     pub fn rewrap_stale<E>(
