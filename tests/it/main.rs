@@ -6,6 +6,7 @@
 mod common;
 
 mod acl_atime;
+mod audit;
 mod cli;
 mod cold_io;
 mod crash;

@@ -442,4 +442,32 @@ fn vault_transit_decrypt_only_token_mounts_but_cannot_administer() {
     let out = vol.run(&["rotate", backing]);
     assert!(out.status.success(), "the administrator rotates: {}", stderr(&out));
     check_read(&vol, &written);
+
+    // The audit log has the remote provider's calls, refusals included.
+    let out = vol.run(&["audit", "--json", "--key", "transit/kmsfs"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let records: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let find = |command: &str, action: &str, result: &str| {
+        records
+            .iter()
+            .find(|r| r["command"] == command && r["action"] == action && r["result"] == result)
+            .unwrap_or_else(|| panic!("no {result} {action} by {command} in {records:#?}"))
+    };
+    let decrypt = find("mount", "Decrypt", "ok");
+    assert_eq!(decrypt["provider"], "vault-transit");
+    assert_eq!(decrypt["key_version"], 1);
+    assert!(decrypt["context"]["kmsfs:volume-id"].is_string());
+    let refused = find("rotate", "GenerateDataKey", "error");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("transit/datakey/plaintext/kmsfs"),
+        "{refused}"
+    );
+    find("rewrap", "ReEncrypt", "error");
+    find("init", "GenerateDataKey", "error");
+    find("rotate", "GenerateDataKey", "ok");
+    let verify = vol.run(&["audit", "verify"]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
 }
