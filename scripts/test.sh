@@ -18,6 +18,8 @@ command -v setfacl >/dev/null 2>&1 || need_pkgs+=(acl)
 # PKCS#11 peer: SoftHSM2 and pkcs11-tool (to create the token's AES key)
 [ -e /usr/lib/softhsm/libsofthsm2.so ] || need_pkgs+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need_pkgs+=(opensc)
+# Bring-your-own-key test: the material is wrapped with openssl, as users do
+command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "== installing ${need_pkgs[*]}"
     as_root apt-get update -qq

@@ -3,9 +3,9 @@
 //! scheduled deletion, rotation). Every command takes `--json`.
 
 use clap::Subcommand;
-use kmsfs::kms::local::{KeyInfo, LocalKeystore, UnlockSecret};
+use kmsfs::kms::local::{KeyInfo, LocalKeystore, Origin, UnlockSecret};
 
-use super::{CliError, KeyOptions, secrets};
+use super::{CliError, ExitCode, KeyOptions, secrets};
 
 const JSON_HELP: &str = "Machine-readable output: JSON on stdout, and errors as JSON on stderr";
 
@@ -19,6 +19,42 @@ pub enum KeyCommand {
         /// What it is for
         #[arg(long, default_value = "")]
         description: String,
+        /// generated: kmsfs makes the material; external: you bring it (`key import-params`,
+        /// then `key import`); the key is PendingImport until then
+        #[arg(long, value_enum, default_value_t = Origin::Generated)]
+        origin: Origin,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// Get what wraps key material for import into an external key (GetParametersForImport): a
+    /// one-time RSA-3072 public key for RSAES-OAEP SHA-256 and an import token, valid 24 hours.
+    /// Wrap 32 bytes of material with it, e.g.
+    /// `openssl pkeyutl -encrypt -pubin -inkey wrapping.pem -pkeyopt rsa_padding_mode:oaep
+    /// -pkeyopt rsa_oaep_md:sha256 -pkeyopt rsa_mgf1_md:sha256 -in material.bin -out material.enc`
+    ImportParams {
+        /// Key id or alias
+        key: String,
+        /// Write the public key (PEM) to FILE instead of printing it
+        #[arg(long, value_name = "FILE")]
+        public_key_out: Option<std::path::PathBuf>,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// Import wrapped key material into an external key (ImportKeyMaterial); the key becomes
+    /// Enabled. Re-importing (after an expiry) takes the same material only
+    Import {
+        /// Key id or alias
+        key: String,
+        /// The material, wrapped with the public key of `key import-params` (raw or base64)
+        #[arg(long, value_name = "FILE")]
+        material: std::path::PathBuf,
+        /// The material expires then (UTC: YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or @SECONDS): the key
+        /// is unusable (PendingImport) after it until imported again. Default: never
+        #[arg(long, value_name = "DATE")]
+        valid_to: Option<String>,
+        /// The token `key import-params` gave; checked when given
+        #[arg(long, value_name = "TOKEN")]
+        import_token: Option<String>,
         #[arg(long, help = JSON_HELP)]
         json: bool,
     },
@@ -218,8 +254,13 @@ fn line(k: &KeyInfo) -> String {
         .rotation_period_days
         .map(|d| format!("  rotates every {d} days"))
         .unwrap_or_default();
+    let origin = match (k.origin, k.material_valid_to) {
+        (Origin::Generated, _) => String::new(),
+        (Origin::External, Some(to)) => format!("  imported, expires {}", kmsfs::util::utc_date(to)),
+        (Origin::External, None) => "  imported".to_string(),
+    };
     format!(
-        "{}{alias}  {:?}  versions {:?}{rotation}{deletion}  {}",
+        "{}{alias}  {:?}  versions {:?}{origin}{rotation}{deletion}  {}",
         k.id, k.state, k.versions, k.description
     )
 }
@@ -232,16 +273,87 @@ fn show(k: &KeyInfo, json: bool, what: &str) {
     }
 }
 
+fn import_params(
+    store: &LocalKeystore,
+    key: &str,
+    public_key_out: Option<&std::path::Path>,
+    json: bool,
+) -> Result<(), CliError> {
+    let params = store.import_params(key)?;
+    if let Some(path) = public_key_out {
+        std::fs::write(path, &params.public_key_pem)
+            .map_err(|e| CliError::new(ExitCode::Io, format!("cannot write {}: {e}", path.display())))?;
+    }
+    if json {
+        println!("{}", serde_json::to_string(&params).unwrap_or_default());
+        return Ok(());
+    }
+    if public_key_out.is_none() {
+        print!("{}", params.public_key_pem);
+    }
+    println!(
+        "Import token {} for key {}, valid until {}: wrap 32 bytes of material with {} ({}), then run\n  \
+         kmsfs key import {} --material FILE --import-token {}",
+        params.import_token,
+        params.key_id,
+        kmsfs::util::utc_date(params.parameters_valid_to),
+        public_key_out.map_or("the public key above".to_string(), |p| p.display().to_string()),
+        params.wrapping_algorithm,
+        params.key_id,
+        params.import_token
+    );
+    Ok(())
+}
+
+/// Wrapped material as openssl writes it (raw), or base64 of it.
+fn read_wrapped_material(path: &std::path::Path) -> Result<Vec<u8>, CliError> {
+    use base64::Engine;
+    let bytes = std::fs::read(path)
+        .map_err(|e| CliError::new(ExitCode::Io, format!("cannot read --material {}: {e}", path.display())))?;
+    let text: Vec<u8> = bytes.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+    Ok(match base64::engine::general_purpose::STANDARD.decode(&text) {
+        Ok(decoded) if bytes.len() != 384 => decoded,
+        _ => bytes,
+    })
+}
+
 pub fn key(command: KeyCommand, keys: &KeyOptions) -> Result<(), CliError> {
     let store: LocalKeystore = secrets::open_keystore(keys)?;
     match command {
         KeyCommand::Create {
             alias,
             description,
+            origin,
             json,
         } => {
-            let id = store.create_named_key(alias.as_deref(), &description)?;
+            let id = store.create_named_key(alias.as_deref(), &description, origin)?;
             show(&store.describe(&id)?, json, "Created");
+        }
+        KeyCommand::ImportParams {
+            key,
+            public_key_out,
+            json,
+        } => import_params(&store, &key, public_key_out.as_deref(), json)?,
+        KeyCommand::Import {
+            key,
+            material,
+            valid_to,
+            import_token,
+            json,
+        } => {
+            let valid_to = valid_to
+                .map(|d| {
+                    kmsfs::util::parse_utc_date(&d).ok_or_else(|| {
+                        CliError::new(
+                            ExitCode::Usage,
+                            format!("--valid-to {d:?}: use YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ (UTC) or @SECONDS"),
+                        )
+                    })
+                })
+                .transpose()?;
+            let wrapped = read_wrapped_material(&material)?;
+            let info = store.import_material(&key, &wrapped, valid_to, import_token.as_deref())?;
+            show(&info, json, "Imported");
         }
         KeyCommand::Describe { key, json } => show(
             &store.audited("DescribeKey", &key, None, || store.describe(&key))?,

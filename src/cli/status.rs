@@ -110,7 +110,9 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "daemon_provider_calls": daemon.as_ref().map(|d| d.provider_calls),
             "commit_error": daemon.as_ref().and_then(|d| d.commit_error.clone()),
             "pending_keys_file": pending,
-            "key_state": key_state,
+            "key_state": key_state.as_ref().map(|k| &k.state),
+            "key_deletion_date": key_state.as_ref().and_then(|k| k.deletion_date).map(kmsfs::util::utc_date),
+            "key_material_valid_to": key_state.as_ref().and_then(|k| k.material_valid_to).map(kmsfs::util::utc_date),
             "days_since_rotation": days_since_rotation,
         });
         println!("{out}");
@@ -174,8 +176,21 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             kmsfs::volume::rescue::PENDING_FILE
         );
     }
-    if let Some(state) = key_state {
-        println!("key state:      {state} (as the provider reports it)");
+    if let Some(key) = key_state {
+        println!("key state:      {} (as the provider reports it)", key.state);
+        if let Some(date) = key.deletion_date {
+            println!(
+                "WARNING:        the master key is scheduled for deletion on {}: after that this volume \
+                 can never be opened again (`kmsfs key cancel-deletion` stops it)",
+                kmsfs::util::utc_date(date)
+            );
+        }
+        if let Some(date) = key.material_valid_to {
+            println!(
+                "key material:   imported; expires {} (then the key is unusable until imported again)",
+                kmsfs::util::utc_date(date)
+            );
+        }
     }
     Ok(())
 }

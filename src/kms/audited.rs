@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{EncryptionContext, KeyProvider, KmsError, ProviderId};
+use super::{EncryptionContext, KeyProvider, KeyStatus, KmsError, ProviderId};
 use crate::audit::{self, Event};
 use crate::crypto::{SecretKey, WrappedKey};
 
@@ -64,11 +64,11 @@ impl KeyProvider for Audited {
         self.inner.call_count()
     }
 
-    fn key_state(&self) -> Result<String, KmsError> {
+    fn key_state(&self) -> Result<KeyStatus, KmsError> {
         let result = self.inner.key_state();
         let event = key_event("DescribeKey", &self.inner.id());
         let event = match &result {
-            Ok(state) => event.details(serde_json::json!({ "state": state })),
+            Ok(status) => event.details(serde_json::json!({ "state": status.state })),
             Err(_) => event,
         };
         audit::record(event.outcome(&result));

@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use super::aws_credentials::{self, AwsCredentials};
 use super::http::{Client, check_transport};
-use super::{EncryptionContext, KeyProvider, KmsError, ProviderId};
+use super::{EncryptionContext, KeyProvider, KeyStatus, KmsError, ProviderId};
 use crate::crypto::{SecretKey, WrappedKey};
 
 /// Error types worth retrying (AWS's own SDKs retry these).
@@ -187,9 +187,15 @@ impl AwsKmsProvider {
     }
 
     /// DescribeKey: the key's state as AWS reports it (Enabled, Disabled, PendingDeletion…).
-    pub fn key_state(&self) -> Result<String, KmsError> {
+    pub fn key_state(&self) -> Result<KeyStatus, KmsError> {
         let v = self.call("DescribeKey", json!({ "KeyId": self.key }))?;
-        Ok(v["KeyMetadata"]["KeyState"].as_str().unwrap_or("Unknown").to_string())
+        let meta = &v["KeyMetadata"];
+        let date = |field: &str| meta[field].as_f64().filter(|t| *t >= 0.0).map(|t| t as u64);
+        Ok(KeyStatus {
+            state: meta["KeyState"].as_str().unwrap_or("Unknown").to_string(),
+            deletion_date: date("DeletionDate"),
+            material_valid_to: date("ValidTo"),
+        })
     }
 }
 
@@ -239,7 +245,7 @@ impl KeyProvider for AwsKmsProvider {
         self.calls.load(Ordering::Relaxed)
     }
 
-    fn key_state(&self) -> Result<String, KmsError> {
+    fn key_state(&self) -> Result<KeyStatus, KmsError> {
         AwsKmsProvider::key_state(self)
     }
 }

@@ -97,10 +97,32 @@ pub enum KmsError {
         min_version: u32,
         users: String,
     },
+    #[error("key {key}: import refused: {reason}")]
+    ImportRejected { key: String, reason: String },
     #[error("bad setting {name}: {message}")]
     BadSetting { name: &'static str, message: String },
     #[error("keystore I/O on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+}
+
+/// What DescribeKey says of a master key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KeyStatus {
+    /// The provider's word for it: Enabled, Disabled, PendingDeletion, …
+    pub state: String,
+    /// When a key pending deletion is destroyed (seconds since the epoch).
+    pub deletion_date: Option<u64>,
+    /// When imported key material expires (seconds since the epoch).
+    pub material_valid_to: Option<u64>,
+}
+
+impl KeyStatus {
+    pub fn of(state: impl Into<String>) -> Self {
+        KeyStatus {
+            state: state.into(),
+            ..KeyStatus::default()
+        }
+    }
 }
 
 /// A master key in some key provider. Implementations count their calls so
@@ -123,7 +145,7 @@ pub trait KeyProvider: Send + Sync {
     fn call_count(&self) -> u64;
 
     /// The master key's state as the provider reports it (DescribeKey).
-    fn key_state(&self) -> Result<String, KmsError>;
+    fn key_state(&self) -> Result<KeyStatus, KmsError>;
 
     /// Whether `wrapped` is under an older version of the master key than
     /// the newest (so a ReEncrypt would move it forward). Only the local

@@ -15,7 +15,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
-use super::{EncryptionContext, KeyProvider, KmsError, ProviderId};
+use super::{EncryptionContext, KeyProvider, KeyStatus, KmsError, ProviderId};
 use crate::crypto::{SecretKey, WrappedKey, random_array};
 
 const BLOB_VERSION: u8 = 1;
@@ -241,7 +241,7 @@ impl KeyProvider for Pkcs11Provider {
         self.calls.load(Ordering::Relaxed)
     }
 
-    fn key_state(&self) -> Result<String, KmsError> {
-        self.with_session(|_, _| Ok("Enabled (found in the token)".to_string()))
+    fn key_state(&self) -> Result<KeyStatus, KmsError> {
+        self.with_session(|_, _| Ok(KeyStatus::of("Enabled (found in the token)")))
     }
 }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use super::http::{Client, check_transport};
-use super::{EncryptionContext, KeyProvider, KmsError, ProviderId};
+use super::{EncryptionContext, KeyProvider, KeyStatus, KmsError, ProviderId};
 use crate::crypto::{SecretKey, WrappedKey};
 
 pub struct VaultTransitProvider {
@@ -192,10 +192,12 @@ impl KeyProvider for VaultTransitProvider {
         self.calls.load(Ordering::Relaxed)
     }
 
-    fn key_state(&self) -> Result<String, KmsError> {
+    fn key_state(&self) -> Result<KeyStatus, KmsError> {
         let v = self.request("GET", &format!("keys/{}", self.key), None)?;
         let latest = v["data"]["latest_version"].as_u64().unwrap_or(0);
         let min = v["data"]["min_decryption_version"].as_u64().unwrap_or(0);
-        Ok(format!("Enabled (version {latest}, decrypts from version {min})"))
+        Ok(KeyStatus::of(format!(
+            "Enabled (version {latest}, decrypts from version {min})"
+        )))
     }
 }

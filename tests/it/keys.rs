@@ -113,6 +113,11 @@ fn key_lifecycle_disable_enable_schedule_cancel_and_destroy() {
     vol.mount().unmount();
 
     json(&vol.run(&["key", "schedule-deletion", &id, "--days", "7", "--json"]));
+    let status = json(&vol.run(&["status", "--json", "--check-key", backing]));
+    assert_eq!(status["key_state"], "PendingDeletion", "{status}");
+    assert!(status["key_deletion_date"].as_str().unwrap().ends_with('Z'), "{status}");
+    let human = String::from_utf8(vol.run(&["status", "--check-key", backing]).stdout).unwrap();
+    assert!(human.contains("scheduled for deletion on"), "{human}");
     let keystore = || std::fs::read_to_string(&vol.keystore).unwrap();
     let before = vol
         .command()
@@ -145,6 +150,12 @@ fn key_lifecycle_disable_enable_schedule_cancel_and_destroy() {
     let out = vol.run(&["mount", backing, mnt]);
     assert_eq!(out.status.code(), Some(5));
     assert!(stderr(&out).contains("Deleted"), "{}", stderr(&out));
+    let audit = json(&vol.run(&["audit", "--json", "--action", "DeleteKey", "--key", &id]));
+    assert_eq!(
+        audit.as_array().unwrap().len(),
+        1,
+        "the destruction is audited: {audit}"
+    );
     // The other key is untouched.
     assert_eq!(
         json(&vol.run(&["key", "describe", &other_id, "--json"]))["state"],

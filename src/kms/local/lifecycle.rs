@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use super::{KeyInfo, KeyState, KeystoreFile, KnownVolume, LocalKeystore, MasterKeyRecord};
+use super::{KeyInfo, KeyState, KeystoreFile, KnownVolume, LocalKeystore, MasterKeyRecord, Origin};
 use crate::kms::audited::key_event;
 use crate::kms::{KmsError, ProviderId};
 
@@ -85,13 +85,28 @@ impl KeystoreFile {
 }
 
 impl LocalKeystore {
-    /// CreateKey with an alias and a description.
-    pub fn create_named_key(&self, alias: Option<&str>, description: &str) -> Result<String, KmsError> {
+    /// CreateKey with an alias and a description; an `External` key has no
+    /// material until it is imported.
+    pub fn create_named_key(&self, alias: Option<&str>, description: &str, origin: Origin) -> Result<String, KmsError> {
         if let Some(alias) = alias {
             check_alias(alias)?;
             self.file().alias_free(alias)?;
         }
-        let id = self.create_key(description)?;
+        let id = match origin {
+            Origin::Generated => self.create_key(description)?,
+            Origin::External => {
+                let id = format!("mk-{}", crate::util::hex(&crate::crypto::random_array::<12>()));
+                let details = Some(serde_json::json!({ "origin": "external" }));
+                self.audited("CreateKey", &id.clone(), details, || {
+                    self.update(|_, file| {
+                        file.keys
+                            .push(MasterKeyRecord::new(id.clone(), description, Origin::External));
+                        Ok(())
+                    })
+                })?;
+                id
+            }
+        };
         if let Some(alias) = alias {
             self.set_alias(alias, &id, false)?;
         }
@@ -179,6 +194,7 @@ impl LocalKeystore {
                         }
                         KeyState::PendingDeletion => Err(invalid_state(k, "cancel the deletion first; changing it")),
                         KeyState::Deleted => Err(invalid_state(k, "changing it")),
+                        KeyState::PendingImport => Err(invalid_state(k, "import its material first; changing it")),
                     }
                 })
             },
@@ -316,6 +332,7 @@ impl LocalKeystore {
             || {
                 self.update(|_, file| {
                     let k = file.key_mut(id_or_alias)?;
+                    k.refuse_if_imported("automatic rotation")?;
                     if k.state != KeyState::Enabled {
                         return Err(invalid_state(k, "changing its rotation"));
                     }
@@ -331,20 +348,30 @@ impl LocalKeystore {
     /// period has run out get a new version (old versions keep decrypting;
     /// `mount` moves its volume's key forward).
     pub(super) fn run_schedules(&mut self) -> Result<(), KmsError> {
-        let (destroyed, rotated) = self.update(|kek, file| {
+        let (destroyed, rotated, expired) = self.update(|kek, file| {
             let mut destroyed = Vec::new();
             for k in file.keys.iter_mut().filter(|k| k.deletion_is_due()) {
                 k.versions.clear();
                 k.state = KeyState::Deleted;
                 destroyed.push(k.id.clone());
             }
+            let mut expired = Vec::new();
+            for k in file.keys.iter_mut().filter(|k| k.import_has_expired()) {
+                k.expire_import();
+                expired.push(k.id.clone());
+            }
             let mut rotated = Vec::new();
             for k in file.keys.iter_mut().filter(|k| k.rotation_is_due()) {
                 let version = k.add_version(kek);
                 rotated.push((k.id.clone(), version));
             }
-            Ok((destroyed, rotated))
+            Ok((destroyed, rotated, expired))
         })?;
+        for id in expired {
+            log::warn!("master key {id}: its imported material expired and is deleted; import it again to use the key");
+            let event = key_event("DeleteImportedKeyMaterial", &ProviderId::Local { key: id });
+            crate::audit::record(event.details(serde_json::json!({ "reason": "the imported material expired" })));
+        }
         for (id, version) in rotated {
             log::info!("master key {id}: its rotation period has run out; version {version} made");
             let event = key_event("RotateKey", &ProviderId::Local { key: id }).key_version(Some(version));

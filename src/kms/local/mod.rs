@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::{EncryptionContext, KeyProvider, KmsError, ProviderId};
+use super::{EncryptionContext, KeyProvider, KeyStatus, KmsError, ProviderId};
 use crate::crypto::{Sealer, SecretKey, WrappedKey, random_array};
 use crate::util::hex;
 
@@ -25,6 +25,7 @@ const VERIFIER_PLAINTEXT: &[u8] = b"kmsfs keystore";
 const INTEGRITY_AAD: &[u8] = b"kmsfs-keystore-integrity-v1\0";
 const DATA_KEY_BLOB_VERSION: u8 = 1;
 
+mod import;
 mod lifecycle;
 mod unlock;
 
@@ -39,6 +40,19 @@ pub enum KeyState {
     /// Its material is destroyed; the record stays so that volumes that used
     /// it say so instead of "not found".
     Deleted,
+    /// An imported key without material: never imported, or its import expired.
+    PendingImport,
+}
+
+/// Where a master key's material comes from (AWS KMS's Origin).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// Made by kmsfs.
+    #[default]
+    Generated,
+    /// Brought by the user (`key import-params`, then `key import`).
+    External,
 }
 
 /// What `kmsfs key list` shows of a master key.
@@ -56,6 +70,10 @@ pub struct KeyInfo {
     pub rotation_period_days: Option<u32>,
     /// When the newest version was made (seconds since the epoch).
     pub newest_version_created: Option<u64>,
+    pub origin: Origin,
+    /// When imported material expires (seconds since the epoch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub material_valid_to: Option<u64>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -83,6 +101,15 @@ struct MasterKeyRecord {
     /// they were and which versions wrap their keys. `key trim` consults it.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     volumes: std::collections::BTreeMap<String, KnownVolume>,
+    #[serde(default, skip_serializing_if = "is_generated")]
+    origin: Origin,
+    /// Imported keys: what `key import` needs (see `import.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    import: Option<import::ImportState>,
+}
+
+fn is_generated(origin: &Origin) -> bool {
+    *origin == Origin::Generated
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -103,6 +130,27 @@ struct KeystoreFile {
 }
 
 impl MasterKeyRecord {
+    /// A key without material: enabled once it has some (generated keys at
+    /// once, imported ones at their import).
+    fn new(id: String, description: &str, origin: Origin) -> Self {
+        MasterKeyRecord {
+            id,
+            alias: None,
+            description: description.to_string(),
+            state: match origin {
+                Origin::Generated => KeyState::Enabled,
+                Origin::External => KeyState::PendingImport,
+            },
+            created: crate::util::unix_now(),
+            versions: Vec::new(),
+            deletion_date: None,
+            rotation_period_days: None,
+            volumes: Default::default(),
+            origin,
+            import: (origin == Origin::External).then(import::ImportState::default),
+        }
+    }
+
     fn info(&self) -> KeyInfo {
         KeyInfo {
             id: self.id.clone(),
@@ -114,6 +162,8 @@ impl MasterKeyRecord {
             deletion_date: self.deletion_date,
             rotation_period_days: self.rotation_period_days,
             newest_version_created: self.versions.iter().map(|v| v.created).max(),
+            origin: self.origin,
+            material_valid_to: self.import.as_ref().and_then(|i| i.material_valid_to),
         }
     }
 
@@ -315,7 +365,10 @@ impl LocalKeystore {
                 );
             }
         }
-        let due = file.keys.iter().any(|k| k.deletion_is_due() || k.rotation_is_due());
+        let due = file
+            .keys
+            .iter()
+            .any(|k| k.deletion_is_due() || k.rotation_is_due() || k.import_has_expired());
         let mut store = LocalKeystore {
             path: path.to_path_buf(),
             kek,
@@ -401,21 +454,13 @@ impl LocalKeystore {
         self.audited("CreateKey", &id.clone(), None, || {
             self.update(|kek, file| {
                 let sealed = kek.seal(&material_aad(&id, 1), material.expose());
-                file.keys.push(MasterKeyRecord {
-                    id: id.clone(),
-                    alias: None,
-                    description: description.to_string(),
-                    state: KeyState::Enabled,
+                let mut record = MasterKeyRecord::new(id.clone(), description, Origin::Generated);
+                record.versions = vec![KeyVersion {
+                    version: 1,
                     created: crate::util::unix_now(),
-                    deletion_date: None,
-                    rotation_period_days: None,
-                    volumes: Default::default(),
-                    versions: vec![KeyVersion {
-                        version: 1,
-                        created: crate::util::unix_now(),
-                        material: B64.encode(sealed),
-                    }],
-                });
+                    material: B64.encode(sealed),
+                }];
+                file.keys.push(record);
                 Ok(())
             })
         })?;
@@ -428,6 +473,7 @@ impl LocalKeystore {
         self.audited("RotateKeyOnDemand", id_or_alias, None, || {
             self.update(|kek, file| {
                 let record = file.key_mut(id_or_alias)?;
+                record.refuse_if_imported("rotating it")?;
                 if record.state != KeyState::Enabled {
                     return Err(KmsError::KeyNotUsable {
                         key: record.id.clone(),
@@ -464,6 +510,15 @@ impl LocalKeystore {
             return Err(KmsError::KeyNotUsable {
                 key: key_id.to_string(),
                 state: format!("{:?}", record.state),
+            });
+        }
+        if record.import_has_expired() {
+            return Err(KmsError::KeyNotUsable {
+                key: key_id.to_string(),
+                state: format!(
+                    "PendingImport (its imported material expired on {}; import it again)",
+                    crate::util::utc_date(record.import.as_ref().and_then(|i| i.material_valid_to).unwrap_or(0))
+                ),
             });
         }
         Ok(record)
@@ -605,8 +660,18 @@ impl KeyProvider for LocalProvider {
         self.calls.load(Ordering::Relaxed)
     }
 
-    fn key_state(&self) -> Result<String, KmsError> {
-        Ok(format!("{:?}", self.store.record(&self.key_id)?.state))
+    fn key_state(&self) -> Result<KeyStatus, KmsError> {
+        let record = self.store.record(&self.key_id)?;
+        let state = if record.import_has_expired() {
+            KeyState::PendingImport
+        } else {
+            record.state
+        };
+        Ok(KeyStatus {
+            state: format!("{state:?}"),
+            deletion_date: record.deletion_date,
+            material_valid_to: record.import.as_ref().and_then(|i| i.material_valid_to),
+        })
     }
 }
 

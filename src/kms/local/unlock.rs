@@ -90,6 +90,9 @@ impl LocalKeystore {
         let _lock = super::super::locked_file::lock(&self.path).map_err(io_err(&self.path))?;
         let mut file = self.reread()?;
         for key in &mut file.keys {
+            if let Some(import) = &mut key.import {
+                import.reseal(&key.id, &self.kek, &new_kek)?;
+            }
             for version in &mut key.versions {
                 let aad = material_aad(&key.id, version.version);
                 let sealed = B64
