@@ -204,6 +204,7 @@ fn serve(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let mut keys = keys.clone();
     let options = super::mount_options::parse(&args.options, &mut keys)?;
     let keys = &keys;
+    super::audit::install(keys, "mount")?;
     let backing = absolute(&args.backing, "backing directory")?;
     let mountpoint = absolute(&args.mountpoint, "mount point")?;
     check_mount_point(&mountpoint, options.nonempty)?;

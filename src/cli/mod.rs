@@ -355,7 +355,8 @@ pub fn run() -> i32 {
     if let Err(e) = logging::init(log_file.as_deref()) {
         return report(&e, json_errors);
     }
-    if let Some(name) = audited_command(&args) {
+    // `mount` installs its log once its -o options (keystore=, audit_log=) are read.
+    if let Some(name) = audited_command(&args).filter(|name| name != "mount") {
         if let Err(e) = audit::install(&cli.keys, &name) {
             return report(&e, json_errors);
         }

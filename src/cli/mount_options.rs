@@ -45,6 +45,7 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
             o if o.starts_with("keystore=") => keys.keystore = Some(PathBuf::from(value(o)?)),
             o if o.starts_with("passphrase_file=") => keys.passphrase_file = Some(PathBuf::from(value(o)?)),
             o if o.starts_with("key_file=") => keys.key_file = Some(PathBuf::from(value(o)?)),
+            o if o.starts_with("audit_log=") => keys.audit_log = Some(PathBuf::from(value(o)?)),
             // Accepted for fstab compatibility; handled by mount(8) or meaningless here.
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" => {}
             o if o.starts_with("fsname=") => opts.fsname = Some(value(o)?.to_string()),
@@ -191,6 +192,7 @@ mod tests {
             extpass: None,
             kms: None,
             config: None,
+            audit_log: None,
             env_passphrase: None,
         }
     }

@@ -19,7 +19,7 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let secret = UnlockSecret::Passphrase(Zeroizing::new("volume tests".into()));
-    let mut store = LocalKeystore::create(&dir.path().join("ks.json"), &secret, MIN_KDF).unwrap();
+    let store = LocalKeystore::create(&dir.path().join("ks.json"), &secret, MIN_KDF).unwrap();
     let key = store.create_key("volume tests").unwrap();
     let store = Arc::new(store);
     let backing = dir.path().join("backing");
@@ -103,7 +103,7 @@ fn keys_queued_before_a_rotation_are_committed_under_the_new_version() {
     let daemon = f.open();
     let queued: Vec<FileId> = (0..5).map(|_| daemon.new_file_key().unwrap().0).collect();
     // Another process rotates meanwhile (with a new master-key version too).
-    let mut store = LocalKeystore::open(
+    let store = LocalKeystore::open(
         f.store.path(),
         &UnlockSecret::Passphrase(Zeroizing::new("volume tests".into())),
     )

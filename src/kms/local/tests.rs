@@ -11,7 +11,7 @@ fn passphrase_keystore_generate_and_decrypt_with_context() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ks.json");
     let secret = UnlockSecret::Passphrase(Zeroizing::new("correct horse".into()));
-    let mut ks = LocalKeystore::create(&path, &secret, fast()).unwrap();
+    let ks = LocalKeystore::create(&path, &secret, fast()).unwrap();
     let id = ks.create_key("test").unwrap();
     let ks = Arc::new(LocalKeystore::open(&path, &secret).unwrap());
     let p = ks.provider(&id).unwrap();
@@ -53,7 +53,7 @@ fn states_aliases_and_versions_are_authenticated() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ks.json");
     let secret = UnlockSecret::Passphrase(Zeroizing::new("pass".into()));
-    let mut ks = LocalKeystore::create(&path, &secret, fast()).unwrap();
+    let ks = LocalKeystore::create(&path, &secret, fast()).unwrap();
     let id = ks.create_key("test").unwrap();
     let original = fs::read_to_string(&path).unwrap();
     for (from, to) in [
