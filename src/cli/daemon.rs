@@ -27,16 +27,17 @@ pub struct MountArgs {
     /// Stay in the foreground (logs go to stderr)
     #[arg(short = 'f', long)]
     foreground: bool,
-    /// Mount options, comma-separated: ro, allow_other (implies default_permissions), default_permissions
-    /// (the kernel checks permissions; off by default, when only the mounting user has access), fsname=NAME, threads=N (threads taking requests, default 16), sync_threads=N (threads running fsync, default
-    /// 4), noexec, nosuid, nodev, noatime,
-    /// sync, dirsync; caching: attr_timeout=SECS (entries and attributes, default 1), writeback_cache /
-    /// no_writeback_cache (default on), keep_cache / no_keep_cache (default on), noxattr (no extended attributes: fewer round trips), prefetch=N (files of a directory read ahead
-    /// when its files are read in listing order, default 8, 0 off), open_requests (have the kernel send
-    /// OPEN and RELEASE; by default it does not when the daemon runs as root or the kernel checks permissions); kernel limits (root only):
-    /// bdi_max_ratio=PCT, bdi_strict_limit=0|1 (default: the kernel's, 1 and 1), read_ahead_kb=KB
-    /// (default 1024), bdi_defaults (leave all three to the kernel); and keystore=PATH, passphrase_file=PATH, key_file=PATH
-    /// (for fstab)
+    /// Mount options, comma-separated (all are in the README, "Mount options").
+    /// Access: ro, allow_other (implies default_permissions), default_permissions (the kernel checks
+    /// permissions), acl / noacl (POSIX ACLs), noexec, nosuid / suid, nodev / dev, nonempty,
+    /// fsname=NAME. Times and syncing: noatime, nodiratime, relatime, strictatime, sync, dirsync.
+    /// Caching: attr_timeout=SECS (default 1), writeback_cache / no_writeback_cache (default on),
+    /// keep_cache / no_keep_cache (default on), noxattr, prefetch=N (default 8, 0 off),
+    /// open_requests, write_through_below=MIB (default 256, 0 off). Threads: threads=N (default 16),
+    /// sync_threads=N (default 4). Kernel limits (root only): bdi_max_ratio=PCT,
+    /// bdi_strict_limit=0|1, read_ahead_kb=KB (default 1024), bdi_defaults. Life: idle=DURATION
+    /// (unmount when unused, e.g. 30m), lazy_unmount_after=DURATION (after SIGTERM, default 30s).
+    /// For fstab: keystore=PATH, passphrase_file=PATH, key_file=PATH, audit_log=PATH
     #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
     options: Vec<String>,
     /// Append the daemon's log to this file (level from RUST_LOG, default warn)
@@ -182,22 +183,30 @@ fn raise_fd_limit() {
     }
 }
 
-/// Set once the mount is up: a failure before it is a failed Mount, one
-/// after it a failed Unmount.
+/// Set once the mount is up: from then on the daemon records the Mount and
+/// its Unmount itself; a failure before it is a failed Mount.
 static SERVING: AtomicBool = AtomicBool::new(false);
+/// The volume being mounted, once its DB was read.
+static MOUNTING: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
 
 pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let backing = args.backing.clone();
     let result = serve(args, keys);
-    let action = if SERVING.load(std::sync::atomic::Ordering::Relaxed) {
-        "Unmount"
-    } else {
-        "Mount"
-    };
-    kmsfs::audit::record(
-        super::volumes::volume_event(action, &backing).outcome(&result.as_ref().map_err(|e| &e.message)),
-    );
+    if result.is_err() && !SERVING.load(std::sync::atomic::Ordering::Relaxed) {
+        let event = volume_event("Mount", &backing, MOUNTING.get());
+        kmsfs::audit::record(event.outcome(&result.as_ref().map_err(|e| &e.message)));
+    }
     result
+}
+
+/// An audit event about the volume at `backing`, read from nothing on disk
+/// (the daemon must not touch the backing directory once it is unmounted).
+fn volume_event(action: &str, backing: &Path, volume_id: Option<&[u8; 16]>) -> kmsfs::audit::Event {
+    let event = kmsfs::audit::Event::new(action).volume(backing);
+    match volume_id {
+        Some(id) => event.context(kmsfs::kms::EncryptionContext::for_volume(id).pairs()),
+        None => event,
+    }
 }
 
 fn serve(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
@@ -216,6 +225,7 @@ fn serve(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         )));
     }
     let row = kmsfs::volume::read_info(&backing)?.volume;
+    let _ = MOUNTING.set(row.volume_id);
     let provider = super::volumes::provider_for(&backing, &row, keys)?;
     let lock = VolumeLock::acquire(&backing)?;
     let volume = Arc::new(Volume::open(&backing, provider)?);
@@ -332,7 +342,7 @@ fn serve(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     log::info!("mounted {} on {}", backing.display(), mountpoint.display());
     SERVING.store(true, std::sync::atomic::Ordering::Relaxed);
     kmsfs::audit::record(
-        super::volumes::volume_event("Mount", &backing)
+        volume_event("Mount", &backing, Some(&row.volume_id))
             .details(serde_json::json!({ "mountpoint": mountpoint, "provider_calls": volume.provider_calls() })),
     );
     if let Some(mut pipe) = ready_pipe.take() {
@@ -360,28 +370,35 @@ fn serve(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         commit_error: committed.as_ref().err().cloned(),
         finishing: true,
     });
-    if let Err(e) = committed {
-        log::error!("{e}");
-        super::systemd::status(&format!("file keys not committed: {e}"));
-        return Err(CliError::new(ExitCode::Io, e));
-    }
+    let outcome = match committed {
+        Err(e) => {
+            log::error!("{e}");
+            super::systemd::status(&format!("file keys not committed: {e}"));
+            Err(CliError::new(ExitCode::Io, e))
+        }
+        Ok(()) => match served {
+            // How the kernel ends the connection of a mount this daemon detached
+            // once its last open file closes: the end of serving, like ENODEV.
+            // (Anything else that aborts the connection is reported.)
+            Err(e)
+                if e.raw_os_error() == Some(libc::ECONNABORTED)
+                    && detached.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                log::info!("{}: the kernel closed the connection", mountpoint.display());
+                Ok(())
+            }
+            other => other.map_err(|e| mount_error(format!("serving {}: {e}", mountpoint.display()))),
+        },
+    };
+    kmsfs::audit::record(
+        volume_event("Unmount", &backing, Some(&row.volume_id)).outcome(&outcome.as_ref().map_err(|e| &e.message)),
+    );
     // Close the DB (SQLite checkpoints the WAL on close) before releasing the
     // lock: `kmsfs umount` returns when the lock is free, and the backing
     // directory must not change after that.
     volume.db().disconnect();
     drop(lock);
-    match served {
-        // How the kernel ends the connection of a mount this daemon detached
-        // once its last open file closes: the end of serving, like ENODEV.
-        // (Anything else that aborts the connection is reported.)
-        Err(e)
-            if e.raw_os_error() == Some(libc::ECONNABORTED) && detached.load(std::sync::atomic::Ordering::Relaxed) =>
-        {
-            log::info!("{}: the kernel closed the connection", mountpoint.display());
-            Ok(())
-        }
-        other => other.map_err(|e| mount_error(format!("serving {}: {e}", mountpoint.display()))),
-    }
+    outcome
 }
 
 /// Unmounts once no request has named a file for `idle` (as gocryptfs's

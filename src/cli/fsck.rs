@@ -14,6 +14,17 @@ pub const ALL_REPAIRED: i32 = 11;
 pub const PROBLEMS_REMAIN: i32 = 12;
 
 pub fn fsck(backing: &Path, keys: &KeyOptions, opts: FsckOptions, json: bool) -> Result<i32, CliError> {
+    // Not a volume: said before a lock file is left in someone's directory.
+    if !backing.is_dir() {
+        return Err(CliError::new(
+            ExitCode::Volume,
+            format!(
+                "{} is not a directory: fsck takes a volume's backing directory",
+                backing.display()
+            ),
+        ));
+    }
+    kmsfs::volume::read_info(backing)?;
     let _lock = VolumeLock::acquire(backing).map_err(|e| match e {
         held @ kmsfs::volume::lock::LockError::Held { .. } => {
             CliError::new(ExitCode::Mount, format!("{held}; unmount it before fsck"))

@@ -145,7 +145,8 @@ impl Volume {
     /// `kmsfs init`: a new volume in an empty (or missing) directory.
     pub fn create(backing: &Path, provider: &dyn KeyProvider) -> Result<VolumeRow, VolumeError> {
         Self::check_new_backing(backing)?;
-        if !backing.exists() {
+        let made_dir = !backing.exists();
+        if made_dir {
             // Only its owner may list, read or replace what it holds.
             fs::DirBuilder::new()
                 .recursive(true)
@@ -153,6 +154,15 @@ impl Volume {
                 .create(backing)
                 .map_err(io_at(backing))?;
         }
+        let created = Self::create_in(backing, provider);
+        if created.is_err() && made_dir {
+            // A refused init (a disabled key, a provider down) leaves nothing behind.
+            let _ = fs::remove_dir(backing);
+        }
+        created
+    }
+
+    fn create_in(backing: &Path, provider: &dyn KeyProvider) -> Result<VolumeRow, VolumeError> {
         let volume_id: [u8; 16] = random_array();
         let context = EncryptionContext::for_volume(&volume_id);
         let (volume_key, wrapped_vk) = provider.generate_data_key(&context)?;

@@ -60,6 +60,29 @@ fn clean_volume_is_clean_and_mounted_volume_is_refused() {
 }
 
 #[test]
+fn fsck_of_something_that_is_not_a_volume_says_so_and_leaves_nothing() {
+    let vol = TestVolume::init();
+    let missing = vol.dir.path().join("missing");
+    let plain = vol.dir.path().join("just-a-directory");
+    fs::create_dir(&plain).unwrap();
+    for dir in [&missing, &plain] {
+        let out = vol.run(&["fsck", path_str(dir)]);
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "{dir:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(!missing.exists());
+    assert!(
+        entries(&plain).is_empty(),
+        "no lock file left behind: {:?}",
+        entries(&plain)
+    );
+}
+
+#[test]
 fn a_write_cut_short_at_a_page_boundary_is_named_as_such() {
     let vol = TestVolume::init();
     let data = Rng::new(3).bytes(3 * 4096);

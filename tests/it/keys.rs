@@ -98,6 +98,10 @@ fn key_lifecycle_disable_enable_schedule_cancel_and_destroy() {
     let date = scheduled["deletion_date"].as_u64().unwrap();
     let out = vol.run(&["mount", backing, mnt]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let fresh = vol.dir.path().join("fresh-volume");
+    let out = vol.run(&["init", path_str(&fresh), "--key", &id]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(!fresh.exists(), "a refused init leaves no directory behind");
     let refused = vol.run(&["key", "enable", &id]);
     assert_eq!(refused.status.code(), Some(5));
     assert!(

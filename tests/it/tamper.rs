@@ -238,7 +238,7 @@ fn bad_input_gets_distinct_exit_codes_and_changes_nothing() {
         .collect();
     assert!(
         after.len() == before.len() && changed.is_empty(),
-        "a failed command changed the backing directory: {changed:?}"
+        "a failed command changed the backing directory: {changed:?} before {before:?} after {after:?}"
     );
 
     // A second mount of a mounted volume is refused.
