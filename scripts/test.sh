@@ -20,6 +20,11 @@ command -v setfacl >/dev/null 2>&1 || need_pkgs+=(acl)
 command -v pkcs11-tool >/dev/null 2>&1 || need_pkgs+=(opensc)
 # Bring-your-own-key test: the material is wrapped with openssl, as users do
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+# Backup tools run into a mount
+command -v rsync >/dev/null 2>&1 || need_pkgs+=(rsync)
+command -v restic >/dev/null 2>&1 || need_pkgs+=(restic)
+command -v borg >/dev/null 2>&1 || need_pkgs+=(borgbackup)
+command -v diff >/dev/null 2>&1 || need_pkgs+=(diffutils)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "== installing ${need_pkgs[*]}"
     as_root apt-get update -qq
@@ -50,7 +55,7 @@ cargo test --all-targets --no-fail-fast 2>&1 | tee target/test-output.txt
 # write reaching the daemon at once, OPEN/RELEASE sent for every file.
 echo "== I/O suites with -o open_requests,no_writeback_cache"
 KMSFS_TEST_MOUNT_OPTIONS=open_requests,no_writeback_cache \
-    cargo test --test it --no-fail-fast -- fsx:: stress:: posix:: tree:: tamper:: 2>&1 \
+    cargo test --test it --no-fail-fast -- fsx:: stress:: posix:: tree:: tamper:: backups:: 2>&1 \
     | sed 's/^test /test (open_requests,no_writeback_cache) /' | tee -a target/test-output.txt
 
 # The mount tests that matter, again as a normal user: a daemon without
@@ -79,7 +84,7 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])' > target/test-binaries.txt
     bin=$(awk '$1 == "it" {print $2}' target/test-binaries.txt)
     setpriv --reuid=kmsfs-ci --regid=kmsfs-ci --init-groups env HOME="$(getent passwd kmsfs-ci | cut -d: -f6)" \
-        "$bin" --test-threads=2 tree:: rotation:: fsck:: tamper:: golden:: fsx:: stress:: \
+        "$bin" --test-threads=2 tree:: rotation:: fsck:: tamper:: golden:: fsx:: stress:: backups:: audit:: \
         posix::rename_semantics posix::hard_links posix::fifos_symlinks posix::fallocate \
         posix::concurrent_writers posix::xattrs_on_files \
         acl_atime::acl_option_on_a_private_mount acl_atime::reads_move 2>&1 \

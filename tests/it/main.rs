@@ -7,6 +7,7 @@ mod common;
 
 mod acl_atime;
 mod audit;
+mod backups;
 mod byok;
 mod cli;
 mod cold_io;
