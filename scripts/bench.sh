@@ -26,7 +26,7 @@ ROOT=$PWD
 TARGETS=(${TARGETS:-raw bindfs gocryptfs securefs floor kmsfs})
 ALL_WORKLOADS=(dd_write dd_read_cold untar ls_lR read_all rm_rf
     fio_seq_write fio_seq_read fio_rand_read_qd1 fio_rand_read_4jobs fio_rand_write_qd1 fio_rand_write_4jobs
-    meta_create meta_stat meta_unlink)
+    meta_create meta_stat meta_unlink rsync_initial rsync_incremental restic_backup)
 WANTED_WORKLOADS=${WORKLOADS:-${ALL_WORKLOADS[*]}}
 for w in $WANTED_WORKLOADS; do
     if [[ " ${ALL_WORKLOADS[*]} " != *" $w "* ]]; then
@@ -56,6 +56,8 @@ command -v securefs >/dev/null || need+=(securefs)
 command -v bindfs >/dev/null || need+=(bindfs)
 command -v fio >/dev/null || need+=(fio)
 command -v bc >/dev/null || need+=(bc)
+command -v rsync >/dev/null || need+=(rsync)
+command -v restic >/dev/null || need+=(restic)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 if [ ${#need[@]} -gt 0 ]; then
     echo "== installing ${need[*]}"
@@ -85,7 +87,7 @@ export KMSFS_KEYSTORE=$WORK/kmsfs-keystore.json KMSFS_PASSPHRASE=bench
 
 mounted=()
 cleanup() {
-    rm -f /dev/shm/kmsfs-bench-tree.tar
+    rm -rf /dev/shm/kmsfs-bench-tree.tar /dev/shm/kmsfs-bench-src
     for m in "${mounted[@]}"; do
         if [[ $m == */kmsfs ]]; then
             "$KMSFS" umount "$m" 2>/dev/null || umount "$m" 2>/dev/null || true
@@ -139,6 +141,11 @@ TREE_TAR=/dev/shm/kmsfs-bench-tree.tar
 echo "== generating a tarball of $FILES small files (0-16 KiB) in $DIRS directories (seed 1)"
 python3 "$ROOT/scripts/make_tree.py" "$TREE_TAR" "$FILES" "$DIRS"
 
+BACKUP_SRC=/dev/shm/kmsfs-bench-src
+if [[ " ${WORKLOADS[*]} " == *" rsync_"* || " ${WORKLOADS[*]} " == *" restic_"* ]]; then
+    rm -rf "$BACKUP_SRC" && mkdir -p "$BACKUP_SRC" && tar -xf "$TREE_TAR" -C "$BACKUP_SRC"
+fi
+
 for t in "${TARGETS[@]}"; do setup_target "$t"; done
 KMSFS_PID=
 if [[ " ${TARGETS[*]} " == *" kmsfs "* ]]; then
@@ -187,6 +194,17 @@ run_meta_create() { python3 "$ROOT/scripts/meta_ops.py" "$1/meta" "$META" create
 prepare_meta_stat() { drop_caches; }
 run_meta_stat() { python3 "$ROOT/scripts/meta_ops.py" "$1/meta" "$META" stat; }
 run_meta_unlink() { python3 "$ROOT/scripts/meta_ops.py" "$1/meta" "$META" unlink; }
+# Backups into the mount: the same tree (extracted once in /dev/shm) copied
+# with rsync, then again with nothing changed, then backed up with restic.
+prepare_rsync_initial() { rm -rf "$1/rsync" "$1/restic"; }
+run_rsync_initial() { rsync -a "$BACKUP_SRC/" "$1/rsync/"; }
+prepare_rsync_incremental() { drop_caches; }
+run_rsync_incremental() { rsync -a "$BACKUP_SRC/" "$1/rsync/"; }
+prepare_restic_backup() {
+    rm -rf "$1/rsync"
+    RESTIC_PASSWORD=bench restic --no-cache --quiet --repo "$1/restic" init >/dev/null
+}
+run_restic_backup() { RESTIC_PASSWORD=bench restic --no-cache --quiet --repo "$1/restic" backup "$BACKUP_SRC" >/dev/null; }
 
 RESULTS=$WORK/results.tsv
 printf "round\tworkload\ttarget\tseconds\n" > "$RESULTS"

@@ -139,10 +139,54 @@ pub struct AuditLog {
 }
 
 static INSTALLED: OnceLock<AuditLog> = OnceLock::new();
+/// The first append that failed in this process: the command reports it in
+/// its exit status, since what it did went unrecorded.
+static FAILED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Every action a record may name (`kmsfs audit --action` checks against it).
+pub const ACTIONS: &[&str] = &[
+    "GenerateDataKey",
+    "Decrypt",
+    "ReEncrypt",
+    "DescribeKey",
+    "ListKeys",
+    "CreateKey",
+    "DisableKey",
+    "EnableKey",
+    "ScheduleKeyDeletion",
+    "CancelKeyDeletion",
+    "DeleteKey",
+    "RotateKey",
+    "RotateKeyOnDemand",
+    "EnableKeyRotation",
+    "DisableKeyRotation",
+    "CreateAlias",
+    "UpdateAlias",
+    "DeleteAlias",
+    "TrimKeyVersions",
+    "GetParametersForImport",
+    "ImportKeyMaterial",
+    "DeleteImportedKeyMaterial",
+    "ChangeKeystoreProtection",
+    "UnlockKeystore",
+    "CreateVolume",
+    "Mount",
+    "Unmount",
+    "Rotate",
+    "Rewrap",
+    "Rekey",
+    "CryptoShred",
+    "AuditLogRestarted",
+];
 
 /// Makes `log` the process's audit log (the first call wins).
 pub fn install(log: AuditLog) {
     let _ = INSTALLED.set(log);
+}
+
+/// Why an append failed in this process, if one did.
+pub fn failure() -> Option<String> {
+    crate::util::lock(&FAILED).clone()
 }
 
 /// The process's audit log, if one is installed.
@@ -157,6 +201,7 @@ pub fn record(event: Event) {
     if let Some(log) = INSTALLED.get() {
         if let Err(e) = log.append(event) {
             log::error!("could not append to the audit log: {e}");
+            crate::util::lock(&FAILED).get_or_insert_with(|| e.to_string());
         }
     }
 }
@@ -208,7 +253,9 @@ impl AuditLog {
         };
         let restarted = {
             let _lock = crate::kms::locked_file::lock(&log.path).map_err(io(&log.path))?;
-            AuditState::load_or_create(&log.path)?.1
+            let restarted = AuditState::load_or_create(&log.path)?.1;
+            log.open_for_append()?;
+            restarted
         };
         if let Some(aside) = restarted {
             log::warn!(
@@ -228,6 +275,26 @@ impl AuditLog {
         &self.path
     }
 
+    /// The log, opened to append; never through a symbolic link (a link
+    /// planted in its directory would send records into another file).
+    fn open_for_append(&self) -> Result<std::fs::File, AuditError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&self.path)
+            .map_err(io(&self.path))?;
+        if !file.metadata().map_err(io(&self.path))?.is_file() {
+            return Err(AuditError::Corrupt {
+                path: self.path.clone(),
+                reason: "not a regular file".into(),
+            });
+        }
+        Ok(file)
+    }
+
     /// Appends one record, durably, and moves the anchor to it. Records a
     /// crash left after the anchor are adopted when they continue the chain.
     pub fn append(&self, event: Event) -> Result<(), AuditError> {
@@ -240,13 +307,7 @@ impl AuditLog {
                 aside.display()
             );
         }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&self.path)
-            .map_err(io(&self.path))?;
+        let mut file = self.open_for_append()?;
         let len = file.metadata().map_err(io(&self.path))?.len();
         if len > state.anchor.end {
             self.adopt_tail(&mut file, &mut state)?;

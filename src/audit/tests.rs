@@ -45,11 +45,11 @@ fn an_untouched_log_verifies_and_reads_back() {
     assert_eq!((v.valid_records, v.anchored_records), (5, 5));
     let records = verify::read(log.path()).unwrap();
     assert_eq!(records.len(), 5);
-    assert_eq!(records[2].1.seq, 3);
-    assert_eq!(records[2].1.action, "Decrypt");
-    assert_eq!(records[2].1.command, "test");
-    assert_eq!(records[2].1.result, "ok");
-    assert_eq!(records[2].1.prev, split_line(&lines(&log)[1]).unwrap().1);
+    assert_eq!(records[2].record.seq, 3);
+    assert_eq!(records[2].record.action, "Decrypt");
+    assert_eq!(records[2].record.command, "test");
+    assert_eq!(records[2].record.result, "ok");
+    assert_eq!(records[2].record.prev, split_line(&lines(&log)[1]).unwrap().1);
 }
 
 #[test]
@@ -103,8 +103,39 @@ fn each_kind_of_tampering_is_found_where_it_is() {
     assert_eq!(found[0].0, 0, "truncated");
     assert!(found[0].1.contains("ends at record 4 but 5 were written"), "{found:?}");
 
+    let mut crlf = original.clone();
+    crlf[1].push('\r');
+    rewrite(&log, &crlf);
+    assert_eq!(problems(&log)[0].0, 2, "a carriage return is a change");
+
     rewrite(&log, &original);
     assert!(problems(&log).is_empty());
+}
+
+#[test]
+fn an_edited_record_is_reported_once() {
+    let (_dir, log) = log_with(4);
+    let mut edited = lines(&log);
+    edited[1] = edited[1].replace("\"ok\"", "\"error\"");
+    rewrite(&log, &edited);
+    let found = problems(&log);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].0, 2);
+}
+
+#[test]
+fn the_log_is_never_written_through_a_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("precious");
+    std::fs::write(&precious, "keep").unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(&path, "test").unwrap();
+    log.append(Event::new("Mount")).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&precious, &path).unwrap();
+    assert!(log.append(Event::new("Unmount")).is_err());
+    assert!(AuditLog::open(&path, "test").is_err());
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep");
 }
 
 #[test]
@@ -135,9 +166,9 @@ fn failures_are_recorded_and_a_lost_state_file_restarts_the_chain_visibly() {
     let failed: Result<(), String> = Err("key mk-1 is Disabled and cannot be used".into());
     log.append(Event::new("Decrypt").outcome(&failed)).unwrap();
     let records = verify::read(log.path()).unwrap();
-    assert_eq!(records[1].1.result, "error");
+    assert_eq!(records[1].record.result, "error");
     assert_eq!(
-        records[1].1.error.as_deref(),
+        records[1].record.error.as_deref(),
         Some("key mk-1 is Disabled and cannot be used")
     );
 
@@ -146,7 +177,7 @@ fn failures_are_recorded_and_a_lost_state_file_restarts_the_chain_visibly() {
     let log = AuditLog::open(log.path(), "test").unwrap();
     let records = verify::read(log.path()).unwrap();
     assert_eq!(records.len(), 1);
-    assert_eq!(records[0].1.action, "AuditLogRestarted");
+    assert_eq!(records[0].record.action, "AuditLogRestarted");
     assert!(verify(log.path()).unwrap().intact());
     let aside: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

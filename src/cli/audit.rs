@@ -1,5 +1,6 @@
 //! `kmsfs audit`: the audit log, listed and verified; and where it is.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
@@ -14,15 +15,16 @@ const JSON_HELP: &str = "Machine-readable output: JSON on stdout, and errors as 
 pub struct AuditArgs {
     #[command(subcommand)]
     verify: Option<AuditCommand>,
-    /// Only records about this key (as recorded: a local key's id, an AWS key id/alias/ARN,
-    /// Vault's MOUNT/KEY, PKCS#11's token=…;object=…)
+    /// Only records about this key, as recorded: a local key's id (aliases are not resolved),
+    /// an AWS key id/alias/ARN as the volume names it, Vault's MOUNT/KEY, PKCS#11's token=…;object=…
     #[arg(long, value_name = "KEY")]
     key: Option<String>,
     /// Only this action (GenerateDataKey, Decrypt, ReEncrypt, DescribeKey, CreateKey, DisableKey,
     /// ScheduleKeyDeletion, Mount, Unmount, Rotate, CryptoShred, …)
     #[arg(long, value_name = "ACTION")]
     action: Option<String>,
-    /// Only records from this time on (UTC: YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or @SECONDS)
+    /// Only records from this time on (UTC: YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ (the T may be a
+    /// space, the Z left out) or @SECONDS)
     #[arg(long, value_name = "TIME")]
     since: Option<String>,
     /// Only records before this time (same forms as --since)
@@ -106,8 +108,32 @@ pub fn audit(args: AuditArgs, keys: &KeyOptions) -> Result<(), CliError> {
         return verify_log(&path, json);
     }
     let (since, until) = (time_bound(&args.since, "--since")?, time_bound(&args.until, "--until")?);
+    if let Some(action) = args.action.as_deref() {
+        if !kmsfs::audit::ACTIONS.iter().any(|a| a.eq_ignore_ascii_case(action)) {
+            return Err(CliError::new(
+                ExitCode::Usage,
+                format!(
+                    "--action {action:?}: no such action (known: {})",
+                    kmsfs::audit::ACTIONS.join(", ")
+                ),
+            ));
+        }
+    }
     let records = verify::read(&path)?;
-    let wanted = records.iter().map(|(_, r)| r).filter(|r| {
+    // The listing shows records as they read now: say so when they fail verification.
+    match verify::verify(&path) {
+        Ok(report) if report.intact() => {}
+        Ok(report) => eprintln!(
+            "kmsfs: warning: audit log {} fails verification ({} problem(s)); what follows may have been \
+             changed: run `kmsfs audit verify`",
+            path.display(),
+            report.problems.len()
+        ),
+        Err(e) if records.is_empty() => log::debug!("audit log not verified: {e}"),
+        Err(e) => eprintln!("kmsfs: warning: audit log {} cannot be verified: {e}", path.display()),
+    }
+    let wanted = records.iter().filter(|listed| {
+        let r = &listed.record;
         let at = kmsfs::util::parse_utc_date(&r.time);
         args.key.as_ref().is_none_or(|k| r.key_id.as_ref() == Some(k))
             && args.action.as_ref().is_none_or(|a| r.action.eq_ignore_ascii_case(a))
@@ -115,13 +141,18 @@ pub fn audit(args: AuditArgs, keys: &KeyOptions) -> Result<(), CliError> {
             && since.is_none_or(|s| at.is_some_and(|t| t >= s))
             && until.is_none_or(|u| at.is_some_and(|t| t < u))
     });
-    if args.json {
-        let list: Vec<&Record> = wanted.collect();
-        println!("{}", serde_json::to_string(&list).unwrap_or_default());
+    // Written so that a reader that stops early (`| head`) ends the listing quietly.
+    let mut out = std::io::stdout().lock();
+    let written = if args.json {
+        let list: Vec<&verify::Listed> = wanted.collect();
+        writeln!(out, "{}", serde_json::to_string(&list).unwrap_or_default())
     } else {
-        wanted.for_each(|r| println!("{}", line(r)));
+        wanted.map(|listed| writeln!(out, "{}", line(&listed.record))).collect()
+    };
+    match written.and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn verify_log(path: &std::path::Path, json: bool) -> Result<(), CliError> {

@@ -202,7 +202,8 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
 /// An audit event about the volume at `backing`, read from nothing on disk
 /// (the daemon must not touch the backing directory once it is unmounted).
 fn volume_event(action: &str, backing: &Path, volume_id: Option<&[u8; 16]>) -> kmsfs::audit::Event {
-    let event = kmsfs::audit::Event::new(action).volume(backing);
+    let place = std::path::absolute(backing).unwrap_or_else(|_| backing.to_path_buf());
+    let event = kmsfs::audit::Event::new(action).volume(&place);
     match volume_id {
         Some(id) => event.context(kmsfs::kms::EncryptionContext::for_volume(id).pairs()),
         None => event,

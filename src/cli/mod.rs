@@ -395,6 +395,14 @@ pub fn run() -> i32 {
             }
         }
     };
+    // Done, but unrecorded: the exit status says so (the failure is not hidden behind a 0).
+    let result = result.and_then(|()| match kmsfs::audit::failure() {
+        Some(e) => Err(CliError::new(
+            ExitCode::Io,
+            format!("the command was carried out, but its audit record could not be written: {e}"),
+        )),
+        None => Ok(()),
+    });
     match result {
         Ok(()) => 0,
         Err(e) => report(&e, json_errors),

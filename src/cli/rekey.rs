@@ -99,48 +99,16 @@ fn rekey_through_mount(path: &Path) -> Result<u64, CliError> {
     result
 }
 
+/// A volume open for offline re-keying, with its lock (it cannot be mounted meanwhile).
+type OpenVolume = Option<(PathBuf, Volume, VolumeLock)>;
+
 pub fn rekey(paths: &[PathBuf], keys: &KeyOptions, json: bool) -> Result<(), CliError> {
-    // One open volume (and its lock, so it cannot be mounted meanwhile) per backing directory.
-    let mut open: Option<(PathBuf, Volume, VolumeLock)> = None;
+    let mut open: OpenVolume = None;
     let mut report = Vec::new();
     for path in paths {
-        let abs = fs::canonicalize(path).map_err(io(path))?;
-        let outcome = match locate(&abs)? {
-            Location::Mounted => {
-                let bytes = rekey_through_mount(&abs);
-                kmsfs::audit::record(
-                    kmsfs::audit::Event::new("Rekey")
-                        .details(serde_json::json!({ "via": "mount" }))
-                        .outcome(&bytes.as_ref().map_err(|e| &e.message)),
-                );
-                let bytes = bytes?;
-                serde_json::json!({"path": path, "via": "mount", "bytes": bytes})
-            }
-            Location::Backing(root) => {
-                if open.as_ref().is_none_or(|(r, _, _)| *r != root) {
-                    let lock = VolumeLock::acquire(&root).map_err(|e| {
-                        CliError::new(ExitCode::Mount, format!("{e}; re-key through its mount point instead"))
-                    })?;
-                    let volume = volumes::open_volume(&root, keys)?;
-                    open = Some((root, volume, lock));
-                }
-                let (_, volume, _) = open
-                    .as_ref()
-                    .ok_or_else(|| CliError::new(ExitCode::Internal, "no volume"))?;
-                let outcome = rekey_backing_file(volume, &abs);
-                let event = volumes::volume_event("Rekey", &open.as_ref().map_or(abs.clone(), |(r, _, _)| r.clone()));
-                let event = match &outcome {
-                    Ok(o) => event.details(serde_json::json!({
-                        "via": "backing", "old_file_id": o.old_file_id, "new_file_id": o.new_file_id,
-                    })),
-                    Err(_) => event,
-                };
-                kmsfs::audit::record(event.outcome(&outcome));
-                let outcome = outcome?;
-                serde_json::json!({"path": path, "via": "backing", "bytes": outcome.bytes,
-                    "old_file_id": outcome.old_file_id, "new_file_id": outcome.new_file_id})
-            }
-        };
+        let outcome = rekey_one(path, &mut open, keys);
+        audit_rekey(&outcome, &open);
+        let outcome = outcome?;
         if !json {
             println!("re-keyed {} ({} bytes)", path.display(), outcome["bytes"]);
         }
@@ -150,4 +118,54 @@ pub fn rekey(paths: &[PathBuf], keys: &KeyOptions, json: bool) -> Result<(), Cli
         println!("{}", serde_json::Value::Array(report));
     }
     Ok(())
+}
+
+/// One Rekey record per path: the volume and file ids when known, and for
+/// a failure its kind only (error messages name the file, which the audit
+/// log never does).
+fn audit_rekey(outcome: &Result<serde_json::Value, CliError>, open: &OpenVolume) {
+    let event = match open {
+        Some((root, _, _)) => volumes::volume_event("Rekey", root),
+        None => kmsfs::audit::Event::new("Rekey"),
+    };
+    let event = match outcome {
+        Ok(o) => {
+            let mut details = o.clone();
+            if let Some(map) = details.as_object_mut() {
+                map.remove("path");
+            }
+            event.details(details)
+        }
+        Err(_) => event,
+    };
+    let result: Result<(), String> = match outcome {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("failed: {} error (exit {})", e.code.name(), e.code as i32)),
+    };
+    kmsfs::audit::record(event.outcome(&result));
+}
+
+fn rekey_one(path: &Path, open: &mut OpenVolume, keys: &KeyOptions) -> Result<serde_json::Value, CliError> {
+    let abs = fs::canonicalize(path).map_err(io(path))?;
+    Ok(match locate(&abs)? {
+        Location::Mounted => {
+            let bytes = rekey_through_mount(&abs)?;
+            serde_json::json!({"path": path, "via": "mount", "bytes": bytes})
+        }
+        Location::Backing(root) => {
+            if open.as_ref().is_none_or(|(r, _, _)| *r != root) {
+                let lock = VolumeLock::acquire(&root).map_err(|e| {
+                    CliError::new(ExitCode::Mount, format!("{e}; re-key through its mount point instead"))
+                })?;
+                let volume = volumes::open_volume(&root, keys)?;
+                *open = Some((root, volume, lock));
+            }
+            let (_, volume, _) = open
+                .as_ref()
+                .ok_or_else(|| CliError::new(ExitCode::Internal, "no volume"))?;
+            let outcome = rekey_backing_file(volume, &abs)?;
+            serde_json::json!({"path": path, "via": "backing", "bytes": outcome.bytes,
+                "old_file_id": outcome.old_file_id, "new_file_id": outcome.new_file_id})
+        }
+    })
 }

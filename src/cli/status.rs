@@ -185,11 +185,17 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
                 kmsfs::util::utc_date(date)
             );
         }
-        if let Some(date) = key.material_valid_to {
-            println!(
+        match key.material_valid_to {
+            Some(date) if date <= kmsfs::util::unix_now() => println!(
+                "WARNING:        the imported key material expired on {}: this volume cannot be opened \
+                 until the same material is imported again (`kmsfs key import-params`, `key import`)",
+                kmsfs::util::utc_date(date)
+            ),
+            Some(date) => println!(
                 "key material:   imported; expires {} (then the key is unusable until imported again)",
                 kmsfs::util::utc_date(date)
-            );
+            ),
+            None => {}
         }
     }
     Ok(())

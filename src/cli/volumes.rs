@@ -139,7 +139,9 @@ pub fn open_volume(backing: &Path, keys: &KeyOptions) -> Result<Volume, CliError
 /// An audit event about the volume at `backing`, with its id as the
 /// context (when the volume can be read).
 pub fn volume_event(action: &str, backing: &Path) -> kmsfs::audit::Event {
-    let place = std::fs::canonicalize(backing).unwrap_or_else(|_| backing.to_path_buf());
+    let place = std::fs::canonicalize(backing)
+        .or_else(|_| std::path::absolute(backing))
+        .unwrap_or_else(|_| backing.to_path_buf());
     let event = kmsfs::audit::Event::new(action).volume(&place);
     match kmsfs::volume::read_info(backing) {
         Ok(info) => {

@@ -31,6 +31,7 @@ pub fn lock(path: &Path) -> std::io::Result<FileLock> {
         .create(true)
         .truncate(false)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(lock_path(path))?;
     flock(&file, FlockOperation::LockExclusive)?;
     Ok(FileLock { _file: file })

@@ -97,6 +97,10 @@ pub enum KmsError {
         min_version: u32,
         users: String,
     },
+    #[error(
+        "key {key} holds imported material: {action} is not possible for it; create a new key and import new material"
+    )]
+    ImportedKey { key: String, action: String },
     #[error("key {key}: import refused: {reason}")]
     ImportRejected { key: String, reason: String },
     #[error("bad setting {name}: {message}")]

@@ -53,6 +53,9 @@ fn a_volume_life_is_recorded_with_failures_and_verifies() {
     for i in 0..3 {
         fs::remove_file(vol.path(&format!("private-name-{i}"))).unwrap();
     }
+    fs::create_dir(vol.path("private-name-dir")).unwrap();
+    let refused = vol.run(&["rekey", path_str(&vol.path("private-name-dir"))]);
+    assert!(!refused.status.success(), "a directory is not re-keyed");
     m.unmount();
     assert!(vol.run(&["key", "disable", &key]).status.success());
     assert_eq!(vol.run(&["rotate", backing]).status.code(), Some(5));
@@ -105,6 +108,7 @@ fn a_volume_life_is_recorded_with_failures_and_verifies() {
             .position(|s| s == want)
             .unwrap_or_else(|| panic!("{want:?} missing (in order) from {seen:#?}"));
     }
+    assert!(seen.contains(&"rekey Rekey error".to_string()), "{seen:#?}");
     for (i, r) in all.iter().enumerate() {
         assert_eq!(r["seq"], i as u64 + 1);
         assert!(r["uid"].is_u64() && r["pid"].as_u64().unwrap() > 0, "{r}");
@@ -139,6 +143,25 @@ fn a_volume_life_is_recorded_with_failures_and_verifies() {
     assert!(records(&vol, &["--key", "mk-none"]).is_empty());
     assert!(records(&vol, &["--until", "2000-01-01"]).is_empty());
     assert_eq!(records(&vol, &["--since", "2000-01-01"]).len(), all.len());
+    let bogus = vol.run(&["audit", "--action", "Bogus"]);
+    assert_eq!(bogus.status.code(), Some(2));
+    // A reader that stops early ends the listing quietly.
+    let mut child = vol
+        .command()
+        .args(["audit"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let early = child.wait_with_output().unwrap();
+    assert_ne!(
+        early.status.code(),
+        Some(101),
+        "{}",
+        String::from_utf8_lossy(&early.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&early.stderr).contains("panicked"));
     let bad = vol.run(&["audit", "--since", "last tuesday"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--since"));
@@ -212,6 +235,11 @@ fn audit_verify_finds_each_kind_of_tampering_and_says_where() {
         assert_eq!(human.status.code(), Some(9));
         assert!(String::from_utf8_lossy(&human.stderr).contains("fails verification"));
     }
+    // The listing warns about a tampered log.
+    write(&[&original[..2], &original[3..]].concat());
+    let listed = vol.run(&["audit"]);
+    assert!(listed.status.success());
+    assert!(String::from_utf8_lossy(&listed.stderr).contains("fails verification"));
     write(&original);
     assert_eq!(verify(&vol).0, 0);
 
@@ -228,6 +256,39 @@ fn audit_verify_finds_each_kind_of_tampering_and_says_where() {
     );
     fs::write(&state, saved).unwrap();
     assert_eq!(verify(&vol).0, 0);
+
+    // A log replaced by a directory or by a symlink stops a command before it does anything.
+    let elsewhere = vol.dir.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    let other_log = elsewhere.join("audit.jsonl");
+    let with_other_log = |args: &[&str]| {
+        vol.command()
+            .env("KMSFS_AUDIT_LOG", &other_log)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(with_other_log(&["key", "list"]).status.success());
+    fs::remove_file(&other_log).unwrap();
+    std::os::unix::fs::symlink(&log, &other_log).unwrap();
+    let before = fs::read(&log).unwrap();
+    let out = with_other_log(&["key", "create"]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "symlink: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read(&log).unwrap(), before, "nothing written through the symlink");
+    fs::remove_file(&other_log).unwrap();
+    fs::create_dir(&other_log).unwrap();
+    let out = with_other_log(&["key", "create"]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "directory: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A log that cannot be written stops a command before it does anything.
     let out = vol

@@ -52,6 +52,12 @@ fn imported_key_material_lifecycle_with_expiry_and_refusals() {
     assert_eq!(key["origin"], "external");
     assert_eq!(key["versions"], serde_json::json!([]));
     let id = key["id"].as_str().unwrap().to_string();
+    // A deletion cancelled before any import leaves it waiting for material, not enabled.
+    json(&vol.run(&["key", "schedule-deletion", "byok", "--days", "7", "--json"]));
+    assert_eq!(
+        json(&vol.run(&["key", "cancel-deletion", "byok", "--json"]))["state"],
+        "PendingImport"
+    );
     let backing = vol.dir.path().join("byok-volume");
     let mnt = vol.dir.path().join("byok-mnt");
     std::fs::create_dir(&mnt).unwrap();
@@ -135,7 +141,7 @@ fn imported_key_material_lifecycle_with_expiry_and_refusals() {
     for args in [vec!["key", "rotate", "byok"], vec!["key", "rotation", "enable", "byok"]] {
         let out = vol.run(&args);
         assert_eq!(out.status.code(), Some(5), "{args:?}");
-        assert!(stderr(&out).contains("imported key material"), "{}", stderr(&out));
+        assert!(stderr(&out).contains("holds imported material"), "{}", stderr(&out));
     }
 
     // The expiry passes: the material is deleted and the key waits for it again.
@@ -144,10 +150,12 @@ fn imported_key_material_lifecycle_with_expiry_and_refusals() {
     let out = at_later(&["mount", &backing, &mnt]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains(&id) && stderr(&out).contains("PendingImport"),
+        stderr(&out).contains(&id) && stderr(&out).contains("expired on"),
         "{}",
         stderr(&out)
     );
+    let status = String::from_utf8(at_later(&["status", "--check-key", &backing]).stdout).unwrap();
+    assert!(status.contains("expired on"), "{status}");
     let described = json(&vol.run(&["key", "describe", "byok", "--json"]));
     assert_eq!(described["state"], "PendingImport");
     assert_eq!(described["versions"], serde_json::json!([]));

@@ -130,10 +130,10 @@ impl MasterKeyRecord {
     /// Imported keys keep the one material their owner brought.
     pub(super) fn refuse_if_imported(&self, action: &str) -> Result<(), KmsError> {
         if self.origin == Origin::External {
-            return Err(rejected(
-                &self.id,
-                format!("{action} is not possible for imported key material: create a new key and import new material"),
-            ));
+            return Err(KmsError::ImportedKey {
+                key: self.id.clone(),
+                action: action.to_string(),
+            });
         }
         Ok(())
     }

@@ -159,22 +159,18 @@ impl LocalKeystore {
 
     /// DeleteAlias.
     pub fn delete_alias(&self, alias: &str) -> Result<(), KmsError> {
-        self.audited(
-            "DeleteAlias",
-            alias,
-            Some(serde_json::json!({ "alias": alias })),
-            || {
-                self.update(|_, file| {
-                    let k = file
-                        .keys
-                        .iter_mut()
-                        .find(|k| k.alias.as_deref() == Some(alias))
-                        .ok_or_else(|| KmsError::KeyNotFound(format!("alias {alias}")))?;
-                    k.alias = None;
-                    Ok(())
-                })
-            },
-        )
+        let key = self.record(alias).map(|r| r.id).unwrap_or_else(|_| alias.to_string());
+        self.audited("DeleteAlias", &key, Some(serde_json::json!({ "alias": alias })), || {
+            self.update(|_, file| {
+                let k = file
+                    .keys
+                    .iter_mut()
+                    .find(|k| k.alias.as_deref() == Some(alias))
+                    .ok_or_else(|| KmsError::KeyNotFound(format!("alias {alias}")))?;
+                k.alias = None;
+                Ok(())
+            })
+        })
     }
 
     /// EnableKey (`true`) or DisableKey: a disabled key neither makes nor
@@ -188,6 +184,9 @@ impl LocalKeystore {
                 self.update(|_, file| {
                     let k = file.key_mut(id_or_alias)?;
                     match k.state {
+                        KeyState::Enabled | KeyState::Disabled if enabled && k.versions.is_empty() => {
+                            Err(invalid_state(k, "it has no key material: import it first; enabling it"))
+                        }
                         KeyState::Enabled | KeyState::Disabled => {
                             k.state = if enabled { KeyState::Enabled } else { KeyState::Disabled };
                             Ok(k.info())
@@ -235,7 +234,12 @@ impl LocalKeystore {
                 if k.state != KeyState::PendingDeletion {
                     return Err(invalid_state(k, "cancelling a deletion"));
                 }
-                k.state = KeyState::Disabled;
+                // As AWS KMS: back disabled, or waiting for material if it has none.
+                k.state = if k.origin == Origin::External && k.versions.is_empty() {
+                    KeyState::PendingImport
+                } else {
+                    KeyState::Disabled
+                };
                 k.deletion_date = None;
                 Ok(k.info())
             })

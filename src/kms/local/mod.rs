@@ -506,6 +506,16 @@ impl LocalKeystore {
 
     fn usable_record(&self, key_id: &str) -> Result<MasterKeyRecord, KmsError> {
         let record = self.record(key_id)?;
+        let expired_on = record.import.as_ref().and_then(|i| i.material_valid_to);
+        if let (KeyState::PendingImport, Some(date)) = (record.state, expired_on) {
+            return Err(KmsError::KeyNotUsable {
+                key: key_id.to_string(),
+                state: format!(
+                    "PendingImport (its imported material expired on {}; import the same material again)",
+                    crate::util::utc_date(date)
+                ),
+            });
+        }
         if record.state != KeyState::Enabled {
             return Err(KmsError::KeyNotUsable {
                 key: key_id.to_string(),
