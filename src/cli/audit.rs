@@ -147,7 +147,7 @@ pub fn audit(args: AuditArgs, keys: &KeyOptions) -> Result<(), CliError> {
         let list: Vec<&verify::Listed> = wanted.collect();
         writeln!(out, "{}", serde_json::to_string(&list).unwrap_or_default())
     } else {
-        wanted.map(|listed| writeln!(out, "{}", line(&listed.record))).collect()
+        wanted.try_for_each(|listed| writeln!(out, "{}", line(&listed.record)))
     };
     match written.and_then(|()| out.flush()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
