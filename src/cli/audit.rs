@@ -132,7 +132,7 @@ pub fn audit(args: AuditArgs, keys: &KeyOptions) -> Result<(), CliError> {
         Err(e) if records.is_empty() => log::debug!("audit log not verified: {e}"),
         Err(e) => eprintln!("kmsfs: warning: audit log {} cannot be verified: {e}", path.display()),
     }
-    let wanted = records.iter().filter(|listed| {
+    let mut wanted = records.iter().filter(|listed| {
         let r = &listed.record;
         let at = kmsfs::util::parse_utc_date(&r.time);
         args.key.as_ref().is_none_or(|k| r.key_id.as_ref() == Some(k))
