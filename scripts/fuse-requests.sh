@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Counts the FUSE requests kmsfs receives, by type, for each phase of a
-# small-file workload: extract a tarball, `ls -lR`, read every file, `rm -rf`.
+# small-file workload: extract a tarball, `ls -lR` (cold, then warm), stat
+# every file (warm), read every file, `rm -rf`.
 # The figures in docs/DESIGN.md ("the levers and what each bought") come
 # from here. Needs root (mounts, drop_caches).
 #
@@ -22,7 +23,8 @@ export KMSFS_KEYSTORE=$WORK/keystore.json KMSFS_PASSPHRASE=requests
 mkdir -p "$WORK/mnt"
 "$KMSFS" init "$WORK/backing" --kdf-memory-mib 19 --kdf-iterations 2 >/dev/null
 # shellcheck disable=SC2086
-RUST_LOG=fuser=debug "$KMSFS" mount -f "$WORK/backing" "$WORK/mnt" ${KMSFS_MOUNT_OPTS:-} 2>"$WORK/log" &
+# Per-request lines name files in plaintext: kmsfs writes them only when asked.
+KMSFS_DEBUG_FUSE_REQUESTS=1 RUST_LOG=fuser=debug "$KMSFS" mount -f "$WORK/backing" "$WORK/mnt" ${KMSFS_MOUNT_OPTS:-} 2>"$WORK/log" &
 DAEMON=$!
 cleanup() {
     "$KMSFS" umount "$WORK/mnt" 2>/dev/null || umount "$WORK/mnt" 2>/dev/null || true
@@ -59,6 +61,8 @@ drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 phase "tar -x" tar -xf "$WORK/tree.tar" -C "$WORK/mnt"
 drop_caches
 phase "ls -lR" sh -c "ls -lR '$WORK/mnt/tree' >/dev/null"
+phase "ls -lR again at once (warm)" sh -c "ls -lR '$WORK/mnt/tree' >/dev/null"
+phase "stat every file (warm)" sh -c "find '$WORK/mnt/tree' -type f -print0 | xargs -0 stat >/dev/null"
 drop_caches
 phase "read every file" sh -c "find '$WORK/mnt/tree' -type f -print0 | xargs -0 cat >/dev/null"
 phase "rm -rf" rm -rf "$WORK/mnt/tree"

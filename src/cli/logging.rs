@@ -16,6 +16,9 @@ struct Logger {
     inner: env_logger::Logger,
     /// Set once the daemon is in the background without a log file.
     syslog: Mutex<Option<UnixDatagram>>,
+    /// KMSFS_DEBUG_FUSE_REQUESTS=1: fuser's per-request lines (with plaintext
+    /// names) are let through, for counting requests on a test mount.
+    fuse_requests: bool,
 }
 
 static LOGGER: OnceLock<&'static Logger> = OnceLock::new();
@@ -23,9 +26,10 @@ static LOGGER: OnceLock<&'static Logger> = OnceLock::new();
 impl log::Log for Logger {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
         // fuser logs every request, plaintext names included, at debug
-        // level: whatever RUST_LOG says, nothing below info from it is written.
+        // level: whatever RUST_LOG says, nothing below info from it is
+        // written (unless KMSFS_DEBUG_FUSE_REQUESTS=1 asks for them).
         let fuser = metadata.target() == "fuser" || metadata.target().starts_with("fuser::");
-        !(fuser && metadata.level() > log::Level::Info) && self.inner.enabled(metadata)
+        !(fuser && metadata.level() > log::Level::Info && !self.fuse_requests) && self.inner.enabled(metadata)
     }
 
     fn log(&self, record: &log::Record) {
@@ -77,6 +81,7 @@ pub fn init(log_file: Option<&Path>) -> Result<(), CliError> {
     let logger: &'static Logger = Box::leak(Box::new(Logger {
         inner,
         syslog: Mutex::new(None),
+        fuse_requests: std::env::var_os("KMSFS_DEBUG_FUSE_REQUESTS").is_some_and(|v| v == "1"),
     }));
     if log::set_logger(logger).is_ok() {
         log::set_max_level(max);

@@ -73,6 +73,8 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
             }
             "keep_cache" => opts.fs.keep_cache = true,
             "no_keep_cache" => opts.fs.keep_cache = false,
+            "cache_dir" => opts.fs.cache_dir = true,
+            "no_cache_dir" => opts.fs.cache_dir = false,
             o if o.starts_with("attr_timeout=") => {
                 opts.fs.ttl = o["attr_timeout=".len()..]
                     .parse::<f64>()

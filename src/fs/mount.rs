@@ -27,6 +27,10 @@ pub struct FsOptions {
     pub writeback: bool,
     /// Keep a file's page cache across opens (FOPEN_KEEP_CACHE).
     pub keep_cache: bool,
+    /// Let the kernel keep directory listings (FOPEN_CACHE_DIR): a listing
+    /// read again is served from the kernel until the directory changes.
+    /// Safe because the daemon is the backing directory's only writer.
+    pub cache_dir: bool,
     /// Have the kernel send OPEN and RELEASE for regular files. Without
     /// them it opens files by itself, so nobody but the kernel checks the
     /// access mode: only safe when the kernel checks permissions
@@ -62,6 +66,7 @@ impl Default for FsOptions {
             ttl: Duration::from_secs(1),
             writeback: true,
             keep_cache: true,
+            cache_dir: false,
             open_requests: true,
             xattrs: true,
             prefetch_files: prefetch::DEFAULT_WINDOW,

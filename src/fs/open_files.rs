@@ -16,7 +16,24 @@ pub(super) const NO_OPEN_HANDLE: u64 = 0;
 
 pub(super) enum Handle {
     File(Arc<OpenFile>),
-    Dir(Arc<Vec<DirEntry>>),
+    Dir(Arc<DirHandle>),
+}
+
+/// An open directory. Listed at its first READDIR, not at OPENDIR: when
+/// the kernel serves the listing from its cache, it still opens the
+/// directory but never reads it, and nothing is listed for nothing.
+pub(super) struct DirHandle {
+    node: Arc<super::inodes::Node>,
+    listing: std::sync::OnceLock<Arc<Vec<DirEntry>>>,
+}
+
+impl DirHandle {
+    pub(super) fn new(node: Arc<super::inodes::Node>) -> Self {
+        DirHandle {
+            node,
+            listing: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 impl KmsFs {
@@ -79,12 +96,27 @@ impl KmsFs {
         Ok(open)
     }
 
+    /// How the kernel is to treat a directory it opens.
+    pub(super) fn dir_open_flags(&self) -> FopenFlags {
+        if self.options.cache_dir {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        }
+    }
+
     pub(super) fn dir_listing(&self, fh: FileHandle) -> FsResult<Arc<Vec<DirEntry>>> {
         self.activity.touch();
-        match crate::util::lock(&self.handles).get(&fh.0) {
-            Some(Handle::Dir(d)) => Ok(Arc::clone(d)),
-            _ => Err(Errno::EBADF),
+        let dir = match crate::util::lock(&self.handles).get(&fh.0) {
+            Some(Handle::Dir(d)) => Arc::clone(d),
+            _ => return Err(Errno::EBADF),
+        };
+        if let Some(listing) = dir.listing.get() {
+            return Ok(Arc::clone(listing));
         }
+        let listing = Arc::new(self.list_dir(&dir.node)?);
+        self.read_orders.listed(&listing);
+        Ok(Arc::clone(dir.listing.get_or_init(|| listing)))
     }
 
     pub(super) fn drop_handle(&self, fh: FileHandle) {

@@ -15,16 +15,16 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Errno, FileHandle, FileType, FopenFlags, INodeNo, KernelConfig, LockOwner, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, Errno, FileHandle, FileType, INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use rustix::fs::OFlags;
 
 use super::attr::{errno, reply_empty, reply_entry, reply_xattr};
 use super::files::{AttrChange, OpenFile};
 use super::mounted::Mounted;
-use super::open_files::{Handle, NO_OPEN_HANDLE};
+use super::open_files::{DirHandle, Handle, NO_OPEN_HANDLE};
 use super::{GENERATION, inodes, xattrs};
 
 fn owner(req: &Request) -> (u32, u32) {
@@ -296,11 +296,11 @@ impl fuser::Filesystem for Mounted {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.node(ino).and_then(|n| self.fs.list_dir(&n)) {
-            Ok(entries) => {
-                self.fs.read_orders.listed(&entries);
-                reply.opened(self.fs.add_handle(Handle::Dir(Arc::new(entries))), FopenFlags::empty())
-            }
+        match self.fs.node(ino) {
+            Ok(node) => reply.opened(
+                self.fs.add_handle(Handle::Dir(Arc::new(DirHandle::new(node)))),
+                self.fs.dir_open_flags(),
+            ),
             Err(e) => reply.error(e),
         }
     }

@@ -405,3 +405,46 @@ fn new_files_open_whatever_their_mode_and_get_the_right_owner() {
         m.unmount();
     }
 }
+
+/// With the kernel keeping listings (`cache_dir`, long TTLs), every change
+/// made through the mount shows in the next listing: creates, renames
+/// within and across directories, unlinks, mkdir/rmdir, hard links.
+#[test]
+fn cached_listings_follow_every_change_made_through_the_mount() {
+    let vol = TestVolume::init();
+    let m = vol.mount_with(&["-o", "cache_dir,attr_timeout=60"]);
+    let names = |dir: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(vol.path(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    std::fs::create_dir(vol.path("d")).unwrap();
+    std::fs::create_dir(vol.path("e")).unwrap();
+    std::fs::write(vol.path("d/a"), b"a").unwrap();
+    assert_eq!(names("d"), ["a"]);
+    assert_eq!(names("d"), ["a"], "read again from the cache");
+    std::fs::write(vol.path("d/b"), b"b").unwrap();
+    assert_eq!(names("d"), ["a", "b"]);
+    std::fs::rename(vol.path("d/a"), vol.path("d/c")).unwrap();
+    assert_eq!(names("d"), ["b", "c"]);
+    std::fs::rename(vol.path("d/b"), vol.path("e/b")).unwrap();
+    assert_eq!((names("d"), names("e")), (vec!["c".to_string()], vec!["b".to_string()]));
+    std::fs::hard_link(vol.path("d/c"), vol.path("e/link")).unwrap();
+    assert_eq!(names("e"), ["b", "link"]);
+    assert_eq!(std::fs::metadata(vol.path("d/c")).unwrap().nlink(), 2);
+    std::fs::remove_file(vol.path("d/c")).unwrap();
+    assert!(names("d").is_empty());
+    assert_eq!(std::fs::metadata(vol.path("e/link")).unwrap().nlink(), 1);
+    std::fs::create_dir(vol.path("d/sub")).unwrap();
+    assert_eq!(names("d"), ["sub"]);
+    std::fs::remove_dir(vol.path("d/sub")).unwrap();
+    assert!(names("d").is_empty());
+    assert_eq!(std::fs::read(vol.path("e/link")).unwrap(), b"a");
+    m.unmount();
+    let m = vol.mount();
+    assert_eq!(names("e"), ["b", "link"]);
+    m.unmount();
+}
