@@ -57,6 +57,11 @@ echo "== I/O suites with -o open_requests,no_writeback_cache"
 KMSFS_TEST_MOUNT_OPTIONS=open_requests,no_writeback_cache \
     cargo test --test it --no-fail-fast -- fsx:: stress:: posix:: tree:: tamper:: backups:: 2>&1 \
     | sed 's/^test /test (open_requests,no_writeback_cache) /' | tee -a target/test-output.txt
+# And with the kernel keeping listings and entries for a minute.
+echo "== namespace suites with -o cache_dir,attr_timeout=60"
+KMSFS_TEST_MOUNT_OPTIONS=cache_dir,attr_timeout=60 \
+    cargo test --test it --no-fail-fast -- posix:: posix_details:: tree:: stress:: fsx:: 2>&1 \
+    | sed 's/^test /test (cache_dir,attr_timeout=60) /' | tee -a target/test-output.txt
 
 # The mount tests that matter, again as a normal user: a daemon without
 # capabilities (no open_by_handle_at), mounting through fusermount3.
