@@ -19,6 +19,8 @@ pub mod verify;
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
+
+use sha2::Digest;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -177,6 +179,7 @@ pub const ACTIONS: &[&str] = &[
     "Rekey",
     "CryptoShred",
     "AuditLogRestarted",
+    "DiscardedTail",
 ];
 
 /// Makes `log` the process's audit log (the first call wins).
@@ -187,11 +190,6 @@ pub fn install(log: AuditLog) {
 /// Why an append failed in this process, if one did.
 pub fn failure() -> Option<String> {
     crate::util::lock(&FAILED).clone()
-}
-
-/// The process's audit log, if one is installed.
-pub fn installed() -> Option<&'static AuditLog> {
-    INSTALLED.get()
 }
 
 /// Appends `event` to the process's audit log. A failure to record is
@@ -237,8 +235,9 @@ pub(crate) fn split_line(line: &str) -> Option<(String, &str)> {
 
 impl AuditLog {
     /// The log at `path`, for records made by `command`. Creates its
-    /// directory, its key and its state file if they do not exist yet, so
-    /// that a log that cannot be written is found before anything is done.
+    /// directory, its key and its state file if they do not exist yet, and
+    /// opens the log, so that a log that cannot be written is found before
+    /// anything is done.
     pub fn open(path: &Path, command: &str) -> Result<Self, AuditError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::DirBuilder::new()
@@ -251,28 +250,43 @@ impl AuditLog {
             path: path.to_path_buf(),
             command: command.to_string(),
         };
-        let restarted = {
-            let _lock = crate::kms::locked_file::lock(&log.path).map_err(io(&log.path))?;
-            let restarted = AuditState::load_or_create(&log.path)?.1;
-            log.open_for_append()?;
-            restarted
-        };
-        if let Some(aside) = restarted {
-            log::warn!(
-                "audit log {}: its state file was missing, so it could not be verified; moved to {} and a new log started",
-                log.path.display(),
-                aside.display()
-            );
-            log.append(Event::new("AuditLogRestarted").details(serde_json::json!({
-                "reason": "the state file (key and anchor) was missing",
-                "previous_log": aside.display().to_string(),
-            })))?;
-        }
+        log.locked(|_| Ok(()))?;
         Ok(log)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Appends one record, durably, and moves the anchor to it.
+    pub fn append(&self, event: Event) -> Result<(), AuditError> {
+        self.locked(|writer| writer.write(event))
+    }
+
+    /// Runs `f` under the log's lock with the log open and its tail settled:
+    /// a state file that vanished starts a new chain (its first record says
+    /// so), and what lies after the anchor is adopted or set aside.
+    fn locked<T>(&self, f: impl FnOnce(&mut Writer<'_>) -> Result<T, AuditError>) -> Result<T, AuditError> {
+        let _lock = crate::kms::locked_file::lock(&self.path).map_err(io(&self.path))?;
+        let (state, restarted) = AuditState::load_or_create(&self.path)?;
+        let mut writer = Writer {
+            log: self,
+            file: self.open_for_append()?,
+            state,
+        };
+        writer.settle_tail()?;
+        if let Some(aside) = restarted {
+            log::warn!(
+                "audit log {}: its state file was missing, so it could not be verified; moved to {} and a new log started",
+                self.path.display(),
+                aside.display()
+            );
+            writer.write(Event::new("AuditLogRestarted").details(serde_json::json!({
+                "reason": "the state file (key and anchor) was missing",
+                "previous_log": aside.display().to_string(),
+            })))?;
+        }
+        f(&mut writer)
     }
 
     /// The log, opened to append; never through a symbolic link (a link
@@ -294,31 +308,30 @@ impl AuditLog {
         }
         Ok(file)
     }
+}
 
-    /// Appends one record, durably, and moves the anchor to it. Records a
-    /// crash left after the anchor are adopted when they continue the chain.
-    pub fn append(&self, event: Event) -> Result<(), AuditError> {
-        let _lock = crate::kms::locked_file::lock(&self.path).map_err(io(&self.path))?;
-        let (mut state, restarted) = AuditState::load_or_create(&self.path)?;
-        if let Some(aside) = restarted {
-            log::warn!(
-                "audit log {}: its state file vanished; the log was moved to {} and a new one started",
-                self.path.display(),
-                aside.display()
-            );
-        }
-        let mut file = self.open_for_append()?;
-        let len = file.metadata().map_err(io(&self.path))?.len();
-        if len > state.anchor.end {
-            self.adopt_tail(&mut file, &mut state)?;
-        }
+/// The log under its lock: the open file and the state read for it.
+struct Writer<'a> {
+    log: &'a AuditLog,
+    file: std::fs::File,
+    state: AuditState,
+}
+
+impl Writer<'_> {
+    fn len(&self) -> Result<u64, AuditError> {
+        Ok(self.file.metadata().map_err(io(&self.log.path))?.len())
+    }
+
+    fn write(&mut self, event: Event) -> Result<(), AuditError> {
+        let path = &self.log.path;
+        let len = self.len()?;
         let record = Record {
-            seq: state.anchor.seq + 1,
+            seq: self.state.anchor.seq + 1,
             time: crate::util::utc_date(crate::util::unix_now()),
             uid: rustix::process::getuid().as_raw(),
             pid: std::process::id(),
             process: process_name(),
-            command: self.command.clone(),
+            command: self.log.command.clone(),
             action: event.action,
             provider: event.provider,
             key_id: event.key_id,
@@ -328,63 +341,86 @@ impl AuditLog {
             details: event.details,
             result: if event.error.is_some() { "error" } else { "ok" }.to_string(),
             error: event.error,
-            prev: state.anchor.mac.clone(),
+            prev: self.state.anchor.mac.clone(),
         };
-        let (line, mac) = seal_line(&state.key, &record).map_err(|e| AuditError::Corrupt {
-            path: self.path.clone(),
+        let (line, mac) = seal_line(&self.state.key, &record).map_err(|e| AuditError::Corrupt {
+            path: path.clone(),
             reason: e.to_string(),
         })?;
-        // A line a crash cut short is ended first, so that this record starts a line of its own.
+        // A log cut short mid-line (it is shorter than its anchor, which
+        // verify reports) gets this record on a line of its own.
         let torn = len > 0 && {
             let mut last = [0u8; 1];
-            file.seek(SeekFrom::Start(len - 1))
-                .and_then(|_| file.read_exact(&mut last))
-                .map_err(io(&self.path))?;
+            self.file
+                .seek(SeekFrom::Start(len - 1))
+                .and_then(|_| self.file.read_exact(&mut last))
+                .map_err(io(path))?;
             last[0] != b'\n'
         };
         let text = format!("{}{line}\n", if torn { "\n" } else { "" });
-        file.write_all(text.as_bytes()).map_err(io(&self.path))?;
-        file.sync_data().map_err(io(&self.path))?;
-        state.anchor = Anchor {
+        self.file.write_all(text.as_bytes()).map_err(io(path))?;
+        self.file.sync_data().map_err(io(path))?;
+        self.state.anchor = Anchor {
             seq: record.seq,
             mac,
             end: len + text.len() as u64,
         };
-        state.save(&self.path)
+        self.state.save(path)
     }
 
-    /// Whole records after the anchor that continue the chain (written by a
-    /// process that crashed before moving the anchor) become part of it.
-    /// Anything else there is left for `verify` to report.
-    fn adopt_tail(&self, file: &mut std::fs::File, state: &mut AuditState) -> Result<(), AuditError> {
-        let mut tail = String::new();
-        file.seek(SeekFrom::Start(state.anchor.end)).map_err(io(&self.path))?;
-        if Read::by_ref(file).take(1 << 20).read_to_string(&mut tail).is_err() {
+    /// What lies after the anchor: whole records that continue the chain
+    /// (written by a process that crashed before moving the anchor) join
+    /// it; anything else (a line a crash cut short, bytes appended by
+    /// someone else) is cut off and a DiscardedTail record keeps its size
+    /// and SHA-256, so the log verifies again and the cut is on record.
+    fn settle_tail(&mut self) -> Result<(), AuditError> {
+        let path = &self.log.path;
+        let len = self.len()?;
+        if len <= self.state.anchor.end {
             return Ok(());
         }
-        let mut end = state.anchor.end;
-        for line in tail.split_inclusive('\n') {
-            let Some(line_text) = line.strip_suffix('\n') else {
+        let mut tail = Vec::new();
+        self.file
+            .seek(SeekFrom::Start(self.state.anchor.end))
+            .and_then(|_| self.file.read_to_end(&mut tail))
+            .map_err(io(path))?;
+        let mut adopted = 0usize;
+        for line in tail.split_inclusive(|&b| b == b'\n') {
+            let Some(text) = line.strip_suffix(b"\n").and_then(|l| std::str::from_utf8(l).ok()) else {
                 break;
             };
-            let Some((body, mac)) = split_line(line_text) else {
-                break;
-            };
+            let Some((body, mac)) = split_line(text) else { break };
             let Ok(record) = serde_json::from_str::<Record>(&body) else {
                 break;
             };
-            let expected = state.key.mac(&[MAC_DOMAIN, body.as_bytes()].concat());
-            if expected != mac || record.seq != state.anchor.seq + 1 || record.prev != state.anchor.mac {
+            let expected = self.state.key.mac(&[MAC_DOMAIN, body.as_bytes()].concat());
+            if expected != mac || record.seq != self.state.anchor.seq + 1 || record.prev != self.state.anchor.mac {
                 break;
             }
-            end += line.len() as u64;
-            state.anchor = Anchor {
+            adopted += line.len();
+            self.state.anchor = Anchor {
                 seq: record.seq,
                 mac: mac.to_string(),
-                end,
+                end: self.state.anchor.end + line.len() as u64,
             };
         }
-        Ok(())
+        if adopted > 0 {
+            self.state.save(path)?;
+        }
+        let rest = &tail[adopted..];
+        if rest.is_empty() {
+            return Ok(());
+        }
+        let digest = crate::util::hex(&sha2::Sha256::digest(rest));
+        let bytes = rest.len();
+        self.file.set_len(self.state.anchor.end).map_err(io(path))?;
+        self.file.sync_data().map_err(io(path))?;
+        log::warn!(
+            "audit log {}: {bytes} byte(s) after its last record were not a record (a write cut short by a crash, \
+             or bytes added); removed, and recorded with their SHA-256",
+            path.display()
+        );
+        self.write(Event::new("DiscardedTail").details(serde_json::json!({ "bytes": bytes, "sha256": digest })))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The audit log's state file (`<log>.state`, mode 0600): the audit key and
 //! the anchor, the last record's number, MAC and end offset in the log.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use aws_lc_rs::hmac;
@@ -73,7 +74,16 @@ impl AuditState {
     /// Reads the state of the log at `log`.
     pub fn load(log: &Path) -> Result<Option<Self>, AuditError> {
         let path = state_path(log);
-        let text = match std::fs::read_to_string(&path) {
+        // Never through a symlink: a planted link would hand in a key its planter knows.
+        let read = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .and_then(|mut f| {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut f, &mut text).map(|_| text)
+            });
+        let text = match read {
             Ok(text) => Zeroizing::new(text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(AuditError::Io { path, source }),
@@ -107,7 +117,11 @@ impl AuditState {
         let orphaned = match std::fs::metadata(log) {
             Ok(m) if m.len() > 0 => {
                 let mut name = log.file_name().unwrap_or_default().to_os_string();
-                name.push(format!(".unverifiable-{}", crate::util::unix_now()));
+                name.push(format!(
+                    ".unverifiable-{}-{}",
+                    crate::util::unix_now(),
+                    crate::util::hex(&random_array::<4>())
+                ));
                 let aside = log.with_file_name(name);
                 std::fs::rename(log, &aside).map_err(|source| AuditError::Io {
                     path: log.to_path_buf(),

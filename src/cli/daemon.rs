@@ -193,7 +193,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let backing = args.backing.clone();
     let result = serve(args, keys);
     if result.is_err() && !SERVING.load(std::sync::atomic::Ordering::Relaxed) {
-        let event = volume_event("Mount", &backing, MOUNTING.get());
+        let event = daemon_event("Mount", &backing, MOUNTING.get());
         kmsfs::audit::record(event.outcome(&result.as_ref().map_err(|e| &e.message)));
     }
     result
@@ -201,7 +201,7 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
 
 /// An audit event about the volume at `backing`, read from nothing on disk
 /// (the daemon must not touch the backing directory once it is unmounted).
-fn volume_event(action: &str, backing: &Path, volume_id: Option<&[u8; 16]>) -> kmsfs::audit::Event {
+fn daemon_event(action: &str, backing: &Path, volume_id: Option<&[u8; 16]>) -> kmsfs::audit::Event {
     let place = std::path::absolute(backing).unwrap_or_else(|_| backing.to_path_buf());
     let event = kmsfs::audit::Event::new(action).volume(&place);
     match volume_id {
@@ -342,10 +342,13 @@ fn serve(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         })?;
     log::info!("mounted {} on {}", backing.display(), mountpoint.display());
     SERVING.store(true, std::sync::atomic::Ordering::Relaxed);
-    kmsfs::audit::record(
-        volume_event("Mount", &backing, Some(&row.volume_id))
-            .details(serde_json::json!({ "mountpoint": mountpoint, "provider_calls": volume.provider_calls() })),
-    );
+    // Recorded beside serving, not before it: the kernel already sends
+    // requests, and the record's fsyncs would hold them up.
+    let mount_event = daemon_event("Mount", &backing, Some(&row.volume_id))
+        .details(serde_json::json!({ "mountpoint": mountpoint, "provider_calls": volume.provider_calls() }));
+    let mount_recorded = std::thread::Builder::new()
+        .name("kmsfs-audit".into())
+        .spawn(move || kmsfs::audit::record(mount_event));
     if let Some(mut pipe) = ready_pipe.take() {
         let _ = pipe.write_all(READY);
     }
@@ -391,8 +394,14 @@ fn serve(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
             other => other.map_err(|e| mount_error(format!("serving {}: {e}", mountpoint.display()))),
         },
     };
+    match mount_recorded {
+        Ok(thread) => {
+            let _ = thread.join();
+        }
+        Err(e) => log::error!("could not start the thread recording the mount in the audit log: {e}"),
+    }
     kmsfs::audit::record(
-        volume_event("Unmount", &backing, Some(&row.volume_id)).outcome(&outcome.as_ref().map_err(|e| &e.message)),
+        daemon_event("Unmount", &backing, Some(&row.volume_id)).outcome(&outcome.as_ref().map_err(|e| &e.message)),
     );
     // Close the DB (SQLite checkpoints the WAL on close) before releasing the
     // lock: `kmsfs umount` returns when the lock is free, and the backing

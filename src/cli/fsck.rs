@@ -24,7 +24,9 @@ pub fn fsck(backing: &Path, keys: &KeyOptions, opts: FsckOptions, json: bool) ->
             ),
         ));
     }
-    kmsfs::volume::read_info(backing)?;
+    if !backing.join("kmsfs.db").is_file() {
+        return Err(kmsfs::volume::VolumeError::NotAVolume(backing.to_path_buf()).into());
+    }
     let _lock = VolumeLock::acquire(backing).map_err(|e| match e {
         held @ kmsfs::volume::lock::LockError::Held { .. } => {
             CliError::new(ExitCode::Mount, format!("{held}; unmount it before fsck"))

@@ -390,7 +390,13 @@ pub fn run() -> i32 {
                 kmsfs::volume::fsck::FsckOptions { repair, salvage },
                 json,
             ) {
-                Ok(code) => return code,
+                Ok(code) => match kmsfs::audit::failure() {
+                    None => return code,
+                    Some(e) => Err(CliError::new(
+                        ExitCode::Io,
+                        format!("fsck ran (exit {code}), but its audit record could not be written: {e}"),
+                    )),
+                },
                 Err(e) => Err(e),
             }
         }

@@ -124,9 +124,11 @@ pub fn rekey(paths: &[PathBuf], keys: &KeyOptions, json: bool) -> Result<(), Cli
 /// a failure its kind only (error messages name the file, which the audit
 /// log never does).
 fn audit_rekey(outcome: &Result<serde_json::Value, CliError>, open: &OpenVolume) {
+    // The volume is named only when this path was re-keyed in it (offline).
+    let offline = outcome.as_ref().is_ok_and(|o| o["via"] == "backing");
     let event = match open {
-        Some((root, _, _)) => volumes::volume_event("Rekey", root),
-        None => kmsfs::audit::Event::new("Rekey"),
+        Some((root, _, _)) if offline => volumes::volume_event("Rekey", root),
+        _ => kmsfs::audit::Event::new("Rekey"),
     };
     let event = match outcome {
         Ok(o) => {

@@ -156,8 +156,9 @@ impl Volume {
         }
         let created = Self::create_in(backing, provider);
         if created.is_err() && made_dir {
-            // A refused init (a disabled key, a provider down) leaves nothing behind.
-            let _ = fs::remove_dir(backing);
+            // A refused or failed init (a disabled key, a provider down, a
+            // full disk) leaves nothing behind in the directory it made.
+            let _ = fs::remove_dir_all(backing);
         }
         created
     }
@@ -404,16 +405,16 @@ impl Volume {
     /// never by name) go to the audit log once the erasure is durable.
     fn audit_shredded(&self, batch: &db::PendingBatch) {
         let ids: Vec<String> = batch.erased().map(|id| crate::util::hex(id)).collect();
-        if ids.is_empty() {
-            return;
-        }
         let context = EncryptionContext::for_volume(&self.info.volume_id);
-        crate::audit::record(
-            crate::audit::Event::new("CryptoShred")
-                .volume(&self.backing)
-                .context(context.pairs())
-                .details(serde_json::json!({ "erased_file_keys": ids.len(), "file_ids": ids })),
-        );
+        // Records of bounded size: a record is written whole or discarded whole after a crash.
+        for chunk in ids.chunks(1000) {
+            crate::audit::record(
+                crate::audit::Event::new("CryptoShred")
+                    .volume(&self.backing)
+                    .context(context.pairs())
+                    .details(serde_json::json!({ "erased_file_keys": chunk.len(), "file_ids": chunk })),
+            );
+        }
     }
 
     /// A file key queued under version `from`, wrapped again under the

@@ -73,9 +73,6 @@ pub struct ImportParameters {
     pub key_id: String,
     pub wrapping_algorithm: &'static str,
     pub wrapping_key_spec: &'static str,
-    /// The public key, DER SubjectPublicKeyInfo.
-    #[serde(skip)]
-    pub public_key_der: Vec<u8>,
     pub public_key_pem: String,
     pub import_token: String,
     pub parameters_valid_to: u64,
@@ -193,7 +190,6 @@ impl LocalKeystore {
                     wrapping_algorithm: WRAPPING_ALGORITHM,
                     wrapping_key_spec: WRAPPING_KEY_SPEC,
                     public_key_pem: pem(public.as_ref()),
-                    public_key_der: public.as_ref().to_vec(),
                     import_token: token,
                     parameters_valid_to: valid_to,
                 })

@@ -506,8 +506,13 @@ impl LocalKeystore {
 
     fn usable_record(&self, key_id: &str) -> Result<MasterKeyRecord, KmsError> {
         let record = self.record(key_id)?;
+        // Expired imported material: deleted already (PendingImport), or due
+        // to be at the next open of the keystore.
         let expired_on = record.import.as_ref().and_then(|i| i.material_valid_to);
-        if let (KeyState::PendingImport, Some(date)) = (record.state, expired_on) {
+        if let (true, Some(date)) = (
+            record.state == KeyState::PendingImport || record.import_has_expired(),
+            expired_on,
+        ) {
             return Err(KmsError::KeyNotUsable {
                 key: key_id.to_string(),
                 state: format!(
@@ -520,15 +525,6 @@ impl LocalKeystore {
             return Err(KmsError::KeyNotUsable {
                 key: key_id.to_string(),
                 state: format!("{:?}", record.state),
-            });
-        }
-        if record.import_has_expired() {
-            return Err(KmsError::KeyNotUsable {
-                key: key_id.to_string(),
-                state: format!(
-                    "PendingImport (its imported material expired on {}; import it again)",
-                    crate::util::utc_date(record.import.as_ref().and_then(|i| i.material_valid_to).unwrap_or(0))
-                ),
             });
         }
         Ok(record)
