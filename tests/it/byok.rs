@@ -6,16 +6,7 @@
 
 use std::process::Command;
 
-use crate::common::{TestVolume, path_str};
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use crate::common::{TestVolume, json, path_str, stderr};
 
 /// Fresh import parameters, and `material` wrapped with their public key by openssl.
 fn wrap_for_import(vol: &TestVolume, key: &str, material: &[u8], name: &str) -> (std::path::PathBuf, String) {

@@ -10,11 +10,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{TestVolume, path_str};
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use crate::common::{TestVolume, path_str, stderr};
 
 fn set_recorded_provider(vol: &TestVolume, provider: &str, blob: &[u8]) {
     let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();

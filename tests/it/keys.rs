@@ -3,16 +3,7 @@
 //! working), scheduled deletion with its waiting period, destruction after
 //! it (the clock set through KMSFS_TEST_NOW), and every refusal.
 
-use crate::common::{TestVolume, path_str};
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use crate::common::{TestVolume, json, path_str, stderr};
 
 #[test]
 fn key_lifecycle_disable_enable_schedule_cancel_and_destroy() {

@@ -5,14 +5,10 @@
 use crate::common;
 
 use std::fs;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{TestVolume, path_str};
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use crate::common::{TestVolume, path_str, stderr};
 
 fn mount_type(path: &std::path::Path) -> Option<String> {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();

@@ -7,7 +7,7 @@ use crate::common;
 use std::fs;
 
 use crate::common::peers::{self, SoftHsm};
-use crate::common::{TestVolume, path_str};
+use crate::common::{TestVolume, path_str, stderr};
 
 const AWS_ENV: &[(&str, &str)] = &[
     ("AWS_ACCESS_KEY_ID", "test"),
@@ -19,10 +19,6 @@ fn status(vol: &TestVolume) -> serde_json::Value {
     let out = vol.run(&["status", "--json", path_str(&vol.backing)]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// init, mount, write, unmount, remount, read back; returns what was written.

@@ -153,6 +153,21 @@ impl TestVolume {
     }
 }
 
+/// A command's stdout as JSON; the command must have succeeded.
+pub fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A command's stderr as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 test path")
 }
