@@ -193,21 +193,10 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let backing = args.backing.clone();
     let result = serve(args, keys);
     if result.is_err() && !SERVING.load(std::sync::atomic::Ordering::Relaxed) {
-        let event = daemon_event("Mount", &backing, MOUNTING.get());
+        let event = super::volumes::event_for("Mount", &backing, MOUNTING.get());
         kmsfs::audit::record(event.outcome(&result.as_ref().map_err(|e| &e.message)));
     }
     result
-}
-
-/// An audit event about the volume at `backing`, read from nothing on disk
-/// (the daemon must not touch the backing directory once it is unmounted).
-fn daemon_event(action: &str, backing: &Path, volume_id: Option<&[u8; 16]>) -> kmsfs::audit::Event {
-    let place = std::path::absolute(backing).unwrap_or_else(|_| backing.to_path_buf());
-    let event = kmsfs::audit::Event::new(action).volume(&place);
-    match volume_id {
-        Some(id) => event.context(kmsfs::kms::EncryptionContext::for_volume(id).pairs()),
-        None => event,
-    }
 }
 
 fn serve(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
@@ -344,7 +333,7 @@ fn serve(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     SERVING.store(true, std::sync::atomic::Ordering::Relaxed);
     // Recorded beside serving, not before it: the kernel already sends
     // requests, and the record's fsyncs would hold them up.
-    let mount_event = daemon_event("Mount", &backing, Some(&row.volume_id))
+    let mount_event = super::volumes::event_for("Mount", &backing, Some(&row.volume_id))
         .details(serde_json::json!({ "mountpoint": mountpoint, "provider_calls": volume.provider_calls() }));
     let mount_recorded = std::thread::Builder::new()
         .name("kmsfs-audit".into())
@@ -401,7 +390,8 @@ fn serve(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         Err(e) => log::error!("could not start the thread recording the mount in the audit log: {e}"),
     }
     kmsfs::audit::record(
-        daemon_event("Unmount", &backing, Some(&row.volume_id)).outcome(&outcome.as_ref().map_err(|e| &e.message)),
+        super::volumes::event_for("Unmount", &backing, Some(&row.volume_id))
+            .outcome(&outcome.as_ref().map_err(|e| &e.message)),
     );
     // Close the DB (SQLite checkpoints the WAL on close) before releasing the
     // lock: `kmsfs umount` returns when the lock is free, and the backing

@@ -139,15 +139,19 @@ pub fn open_volume(backing: &Path, keys: &KeyOptions) -> Result<Volume, CliError
 /// An audit event about the volume at `backing`, with its id as the
 /// context (when the volume can be read).
 pub fn volume_event(action: &str, backing: &Path) -> kmsfs::audit::Event {
-    let place = std::fs::canonicalize(backing)
-        .or_else(|_| std::path::absolute(backing))
-        .unwrap_or_else(|_| backing.to_path_buf());
+    let place = std::fs::canonicalize(backing).unwrap_or_else(|_| backing.to_path_buf());
+    let id = kmsfs::volume::read_info(backing).ok().map(|info| info.volume.volume_id);
+    event_for(action, &place, id.as_ref())
+}
+
+/// An audit event about the volume at `backing` whose id is known (or
+/// not), read from nothing on disk: what a daemon records once the backing
+/// directory is no longer its own.
+pub fn event_for(action: &str, backing: &Path, volume_id: Option<&[u8; 16]>) -> kmsfs::audit::Event {
+    let place = std::path::absolute(backing).unwrap_or_else(|_| backing.to_path_buf());
     let event = kmsfs::audit::Event::new(action).volume(&place);
-    match kmsfs::volume::read_info(backing) {
-        Ok(info) => {
-            let context = kmsfs::kms::EncryptionContext::for_volume(&info.volume.volume_id);
-            event.context(context.pairs())
-        }
-        Err(_) => event,
+    match volume_id {
+        Some(id) => event.context(kmsfs::kms::EncryptionContext::for_volume(id).pairs()),
+        None => event,
     }
 }
