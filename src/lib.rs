@@ -11,6 +11,7 @@ pub mod audit;
 pub mod crypto;
 pub mod fs;
 pub mod kms;
+pub mod reverse;
 pub mod test_hooks;
 pub mod util;
 pub mod volume;

@@ -14,7 +14,7 @@ use kmsfs::volume::lock::{DaemonInfo, VolumeLock};
 
 use super::{CliError, ExitCode, KeyOptions};
 
-const READY: &[u8] = b"ready";
+pub(super) const READY: &[u8] = b"ready";
 /// How long SIGTERM waits for a busy mount before detaching it.
 const DEFAULT_LAZY_UNMOUNT_AFTER: Duration = Duration::from_secs(30);
 
@@ -26,7 +26,7 @@ pub struct MountArgs {
     mountpoint: PathBuf,
     /// Stay in the foreground (logs go to stderr)
     #[arg(short = 'f', long)]
-    foreground: bool,
+    pub foreground: bool,
     /// Mount options, comma-separated (all are in the README, "Mount options").
     /// Access: ro, allow_other (implies default_permissions), default_permissions (the kernel checks
     /// permissions), acl / noacl (POSIX ACLs), noexec, nosuid / suid, nodev / dev, nonempty,
@@ -39,13 +39,24 @@ pub struct MountArgs {
     /// (unmount when unused, e.g. 30m), lazy_unmount_after=DURATION (after SIGTERM, default 30s).
     /// For fstab: keystore=PATH, passphrase_file=PATH, key_file=PATH, audit_log=PATH
     #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
-    options: Vec<String>,
+    pub options: Vec<String>,
     /// Append the daemon's log to this file (level from RUST_LOG, default warn)
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    /// Mount the encrypted, read-only view of the plaintext directory BACKING (made with
+    /// `kmsfs init --reverse`), for backup tools to copy; the copy mounts without --reverse
+    #[arg(long)]
+    pub reverse: bool,
+    /// With --reverse: leave out what matches PATTERN (.gitignore rules without `!`: `*.tmp`,
+    /// `/cache`, `build/`, `**/node_modules`); repeatable
+    #[arg(long, value_name = "PATTERN", requires = "reverse")]
+    pub exclude: Vec<String>,
+    /// With --reverse: patterns from FILE, one per line (`#` comments); repeatable
+    #[arg(long, value_name = "FILE", requires = "reverse")]
+    pub exclude_from: Vec<PathBuf>,
 }
 
-fn mount_error(message: impl Into<String>) -> CliError {
+pub(super) fn mount_error(message: impl Into<String>) -> CliError {
     CliError::new(ExitCode::Mount, message)
 }
 
@@ -120,7 +131,7 @@ fn check_mount_point(mountpoint: &Path, nonempty: bool) -> Result<(), CliError> 
 
 /// Detaches from the terminal. Returns in the child with the write end of
 /// a pipe on which it reports readiness; the parent waits and exits.
-fn daemonize() -> Result<File, CliError> {
+pub(super) fn daemonize() -> Result<File, CliError> {
     let (read_end, write_end) =
         rustix::pipe::pipe().map_err(|e| CliError::new(ExitCode::Internal, format!("pipe: {e}")))?;
     // SAFETY: no other thread exists yet (the key flusher, rayon and FUSE
@@ -185,9 +196,9 @@ fn raise_fd_limit() {
 
 /// Set once the mount is up: from then on the daemon records the Mount and
 /// its Unmount itself; a failure before it is a failed Mount.
-static SERVING: AtomicBool = AtomicBool::new(false);
+pub(super) static SERVING: AtomicBool = AtomicBool::new(false);
 /// The volume being mounted, once its DB was read.
-static MOUNTING: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+pub(super) static MOUNTING: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
 
 pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let backing = args.backing.clone();
@@ -207,6 +218,9 @@ fn serve(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let backing = absolute(&args.backing, "backing directory")?;
     let mountpoint = absolute(&args.mountpoint, "mount point")?;
     check_mount_point(&mountpoint, options.nonempty)?;
+    if args.reverse {
+        return super::reverse::serve(&args, keys, &options, &backing, &mountpoint);
+    }
     if rustix::fs::statvfs(&backing).is_ok_and(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY)) {
         return Err(mount_error(format!(
             "backing directory {} is on a read-only filesystem: kmsfs writes its metadata DB and lock there \
@@ -276,59 +290,13 @@ fn serve(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         )
     })?;
     kmsfs::fs::bdi::tune(&mountpoint, &options.bdi);
-    let mut signals =
-        signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]).map_err(|e| {
-            report(
-                &mut ready_pipe,
-                CliError::new(ExitCode::Internal, format!("signal handler: {e}")),
-            )
-        })?;
-    let mount_display = mountpoint.display().to_string();
-    let unmount_path = mountpoint.clone();
-    let lazy_after = options.lazy_unmount_after.unwrap_or(DEFAULT_LAZY_UNMOUNT_AFTER);
-    let detached = Arc::new(AtomicBool::new(false));
-    let detached_by_us = Arc::clone(&detached);
-    std::thread::Builder::new()
-        .name("kmsfs-signals".into())
-        .spawn(move || {
-            // A busy mount point cannot be unmounted yet: keep trying, once a
-            // second, and at once on every further signal.
-            let Some(sig) = signals.forever().next() else { return };
-            log::info!("signal {sig}: unmounting {mount_display}");
-            super::systemd::stopping(&format!("unmounting {mount_display}"));
-            let asked = std::time::Instant::now();
-            for attempt in 0u64.. {
-                // Busy for too long: detached, so that a stop always ends
-                // (the daemon exits once the last open file closes).
-                let lazy = asked.elapsed() >= lazy_after;
-                match unmount(&unmount_path, lazy) {
-                    Ok(()) if lazy => {
-                        detached_by_us.store(true, std::sync::atomic::Ordering::Relaxed);
-                        log::warn!(
-                            "{mount_display} was still busy after {lazy_after:?}: detached; \
-                             the daemon exits once its last open file is closed"
-                        );
-                        super::systemd::status(&format!("detached {mount_display}; waiting for open files to close"));
-                        return;
-                    }
-                    Ok(()) => return,
-                    Err(e) if attempt % 60 == 0 => {
-                        log::warn!("unmounting {mount_display} failed ({e}); retrying every second")
-                    }
-                    Err(_) => {}
-                }
-                let deadline = std::time::Instant::now() + Duration::from_secs(1);
-                while std::time::Instant::now() < deadline && signals.pending().next().is_none() {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        })
-        .map_err(|e| {
-            report(
-                &mut ready_pipe,
-                CliError::new(ExitCode::Internal, format!("signal thread: {e}")),
-            )
-        })?;
+    let signals = stop_signals().map_err(|e| report(&mut ready_pipe, e))?;
+    let detached = unmount_on_signal(signals, &mountpoint, lazy_after(&options)).map_err(|e| {
+        report(
+            &mut ready_pipe,
+            CliError::new(ExitCode::Internal, format!("signal thread: {e}")),
+        )
+    })?;
     log::info!("mounted {} on {}", backing.display(), mountpoint.display());
     SERVING.store(true, std::sync::atomic::Ordering::Relaxed);
     // Recorded beside serving, not before it: the kernel already sends
@@ -399,6 +367,65 @@ fn serve(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     volume.db().disconnect();
     drop(lock);
     outcome
+}
+
+pub(super) fn stop_signals() -> Result<signal_hook::iterator::Signals, CliError> {
+    signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+        .map_err(|e| CliError::new(ExitCode::Internal, format!("signal handler: {e}")))
+}
+
+pub(super) fn lazy_after(options: &kmsfs::fs::MountOptions) -> Duration {
+    options.lazy_unmount_after.unwrap_or(DEFAULT_LAZY_UNMOUNT_AFTER)
+}
+
+/// Unmounts `mountpoint` at the first of `signals`, retrying while it is
+/// busy and detaching it after `lazy_after`. Returns the flag set when it
+/// was detached.
+pub(super) fn unmount_on_signal(
+    mut signals: signal_hook::iterator::Signals,
+    mountpoint: &Path,
+    lazy_after: Duration,
+) -> std::io::Result<Arc<AtomicBool>> {
+    let mount_display = mountpoint.display().to_string();
+    let unmount_path = mountpoint.to_path_buf();
+    let detached = Arc::new(AtomicBool::new(false));
+    let detached_by_us = Arc::clone(&detached);
+    std::thread::Builder::new()
+        .name("kmsfs-signals".into())
+        .spawn(move || {
+            // A busy mount point cannot be unmounted yet: keep trying, once a
+            // second, and at once on every further signal.
+            let Some(sig) = signals.forever().next() else { return };
+            log::info!("signal {sig}: unmounting {mount_display}");
+            super::systemd::stopping(&format!("unmounting {mount_display}"));
+            let asked = std::time::Instant::now();
+            for attempt in 0u64.. {
+                // Busy for too long: detached, so that a stop always ends
+                // (the daemon exits once the last open file closes).
+                let lazy = asked.elapsed() >= lazy_after;
+                match unmount(&unmount_path, lazy) {
+                    Ok(()) if lazy => {
+                        detached_by_us.store(true, std::sync::atomic::Ordering::Relaxed);
+                        log::warn!(
+                            "{mount_display} was still busy after {lazy_after:?}: detached; \
+                             the daemon exits once its last open file is closed"
+                        );
+                        super::systemd::status(&format!("detached {mount_display}; waiting for open files to close"));
+                        return;
+                    }
+                    Ok(()) => return,
+                    Err(e) if attempt % 60 == 0 => {
+                        log::warn!("unmounting {mount_display} failed ({e}); retrying every second")
+                    }
+                    Err(_) => {}
+                }
+                let deadline = std::time::Instant::now() + Duration::from_secs(1);
+                while std::time::Instant::now() < deadline && signals.pending().next().is_none() {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })
+        .map(|_| detached)
 }
 
 /// Unmounts once no request has named a file for `idle` (as gocryptfs's
@@ -583,6 +610,7 @@ pub fn umount(mountpoint: &Path) -> Result<(), CliError> {
     if stale {
         return Ok(());
     }
+    let (backing, _) = super::volumes::volume_dir(&backing);
     if backing.join(kmsfs::volume::db::DB_FILE).exists()
         && !VolumeLock::wait_released(&backing, Duration::from_secs(60))
     {

@@ -13,6 +13,7 @@ mod mount_options;
 mod mounts;
 mod progress;
 mod rekey;
+mod reverse;
 mod rotation;
 mod secrets;
 mod status;
@@ -169,8 +170,12 @@ enum Command {
 
 #[derive(Args)]
 struct InitArgs {
-    /// The backing directory (created if missing; must be empty)
+    /// The backing directory (created if missing; must be empty); with --reverse, the plaintext directory
     backing: PathBuf,
+    /// Make a volume for an encrypted, read-only view of the plaintext directory BACKING (for backups):
+    /// kept in BACKING/.kmsfs-reverse, mounted with `kmsfs mount --reverse BACKING MOUNTPOINT`
+    #[arg(long)]
+    reverse: bool,
     /// Use this existing master key (id or alias) instead of creating one
     #[arg(long, value_name = "KEY")]
     key: Option<String>,
@@ -194,19 +199,31 @@ fn init(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
 }
 
 fn create_volume(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
+    let dir = if args.reverse {
+        reverse_volume_dir(&args.backing)?
+    } else {
+        args.backing.clone()
+    };
+    let make = |provider: &dyn kmsfs::kms::KeyProvider| {
+        if args.reverse {
+            kmsfs::volume::Volume::create_reverse(&dir, provider)
+        } else {
+            kmsfs::volume::Volume::create(&dir, provider)
+        }
+    };
     let remote = keys.kms.as_deref().filter(|u| !u.starts_with("local:"));
     let (row, keystore) = match remote {
         Some(raw) => {
             let uri = kmsfs::kms::uri::ProviderUri::parse(raw)?;
-            kmsfs::volume::Volume::check_new_backing(&args.backing)?;
+            kmsfs::volume::Volume::check_new_backing(&dir)?;
             let config_path = host_config::path(keys.config.as_deref())?;
             // Fail on a bad configuration before a volume exists.
             host_config::HostConfig::load(&config_path)?;
             let provider = kmsfs::kms::audited::audited(kmsfs::kms::connect(&uri)?);
-            let row = kmsfs::volume::Volume::create(&args.backing, &*provider)?;
+            let row = make(&*provider)?;
             let entry = host_config::VolumeEntry {
                 kms: kmsfs::kms::uri::without_secrets(raw),
-                backing: Some(std::fs::canonicalize(&args.backing).unwrap_or(args.backing.clone())),
+                backing: Some(std::fs::canonicalize(&dir).unwrap_or(dir.clone())),
             };
             host_config::HostConfig::record(&config_path, &kmsfs::util::hex(&row.volume_id), entry).map_err(|e| {
                 CliError::new(
@@ -228,7 +245,7 @@ fn create_volume(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
         }
         None => {
             // Before a master key is made for it, so a refused init leaves none behind.
-            kmsfs::volume::Volume::check_new_backing(&args.backing)?;
+            kmsfs::volume::Volume::check_new_backing(&dir)?;
             let kdf = kmsfs::kms::local::KdfParams {
                 memory_kib: args.kdf_memory_mib.saturating_mul(1024),
                 iterations: args.kdf_iterations,
@@ -249,8 +266,8 @@ fn create_volume(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
             };
             let store = std::sync::Arc::new(store);
             let provider = kmsfs::kms::audited::audited(std::sync::Arc::new(store.provider(&key_id)?));
-            let row = kmsfs::volume::Volume::create(&args.backing, &*provider)?;
-            volumes::note_use(&*provider, &args.backing);
+            let row = make(&*provider)?;
+            volumes::note_use(&*provider, &dir);
             (row, Some((store.path().to_path_buf(), created)))
         }
     };
@@ -259,6 +276,8 @@ fn create_volume(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
         let out = serde_json::json!({
             "volume_id": volume_id,
             "backing": args.backing,
+            "reverse": args.reverse,
+            "volume_dir": dir,
             "provider": row.provider,
             "master_key_id": row.master_key_id,
             "keystore": keystore.as_ref().map(|(p, _)| p),
@@ -266,14 +285,38 @@ fn create_volume(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
         });
         println!("{out}");
     } else {
-        println!("Created volume {volume_id} in {}", args.backing.display());
+        if args.reverse {
+            println!(
+                "Created volume {volume_id} for a reverse view of {} (kept in {})",
+                args.backing.display(),
+                dir.display()
+            );
+        } else {
+            println!("Created volume {volume_id} in {}", args.backing.display());
+        }
         match &keystore {
             Some((path, _)) => println!("Master key {} in keystore {}", row.master_key_id, path.display()),
             None => println!("Master key {} with provider {}", row.master_key_id, row.provider),
         }
-        println!("Mount it with: {}", mount_hint(&args.backing, keys));
+        println!("Mount it with: {}", mount_hint(&args.backing, args.reverse, keys));
     }
     Ok(())
+}
+
+/// Where the volume of a reverse view of `plain` goes: `plain` must be an
+/// existing directory (a reverse view encrypts what is there).
+fn reverse_volume_dir(plain: &std::path::Path) -> Result<PathBuf, CliError> {
+    match std::fs::metadata(plain) {
+        Ok(m) if m.is_dir() => Ok(kmsfs::reverse::volume_dir(plain)),
+        Ok(_) => Err(CliError::new(
+            ExitCode::Usage,
+            format!("{} is not a directory", plain.display()),
+        )),
+        Err(e) => Err(CliError::new(
+            ExitCode::Usage,
+            format!("plaintext directory {}: {e}", plain.display()),
+        )),
+    }
 }
 
 /// Text from the backing directory, fit for a terminal: control characters
@@ -292,7 +335,7 @@ pub fn printable(text: &str) -> String {
 
 /// The command that mounts a new volume, with the options `init` was given
 /// that mounting needs too.
-fn mount_hint(backing: &std::path::Path, keys: &KeyOptions) -> String {
+fn mount_hint(backing: &std::path::Path, reverse: bool, keys: &KeyOptions) -> String {
     let mut hint = String::from("kmsfs");
     let options = [
         ("--keystore", &keys.keystore),
@@ -307,7 +350,8 @@ fn mount_hint(backing: &std::path::Path, keys: &KeyOptions) -> String {
             hint.push_str(&format!(" {flag} {}", path.display()));
         }
     }
-    format!("{hint} mount {} MOUNTPOINT", backing.display())
+    let reverse = if reverse { " --reverse" } else { "" };
+    format!("{hint} mount{reverse} {} MOUNTPOINT", backing.display())
 }
 
 /// `mount.kmsfs BACKING MOUNTPOINT [-o OPTS] [-n] [-s] [-v]`, as mount(8)

@@ -21,6 +21,14 @@ pub fn rotate(backing: &Path, keys: &KeyOptions, json: bool) -> Result<(), CliEr
     let report = result?;
     if json {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    } else if volumes::volume_dir(backing).1 {
+        println!(
+            "Rotated the reverse view of {} to volume key v{} with new derived keys: every file, name and \
+             directory IV in the view has new ciphertext, so the next backup copies everything (copies \
+             made before still open with the keys in their own kmsfs.db)",
+            backing.display(),
+            report.new_version
+        );
     } else {
         let retired: Vec<String> = report.retired_versions.iter().map(|v| format!("v{v}")).collect();
         println!(
@@ -44,6 +52,10 @@ pub fn rotate(backing: &Path, keys: &KeyOptions, json: bool) -> Result<(), CliEr
 }
 
 fn rotate_volume(backing: &Path, keys: &KeyOptions, json: bool) -> Result<rotate::RotationReport, CliError> {
+    let (dir, reverse) = volumes::volume_dir(backing);
+    if reverse {
+        return rotate_reverse(&dir, keys);
+    }
     let volume = volumes::open_volume(backing, keys)?;
     let progress = super::progress::Progress::new("re-wrapping file keys", json);
     let report = rotate::rotate(&volume, &mut |done, total| progress.update(done, total))?;
@@ -52,10 +64,26 @@ fn rotate_volume(backing: &Path, keys: &KeyOptions, json: bool) -> Result<rotate
     Ok(report)
 }
 
+/// A reverse view's volume, while no view of it is mounted (its daemon
+/// would go on serving the old keys).
+fn rotate_reverse(dir: &Path, keys: &KeyOptions) -> Result<rotate::RotationReport, CliError> {
+    let _lock = kmsfs::volume::lock::VolumeLock::acquire(dir).map_err(|e| {
+        CliError::new(
+            super::ExitCode::Mount,
+            format!("{e}; a reverse view is rotated while it is not mounted: unmount it first"),
+        )
+    })?;
+    let volume = volumes::open_volume(dir, keys)?;
+    let report = rotate::rotate_reverse(&volume)?;
+    volumes::note_use(&**volume.keys().provider(), dir);
+    Ok(report)
+}
+
 pub fn rewrap(backing: &Path, keys: &KeyOptions, json: bool) -> Result<(), CliError> {
-    let result = volumes::open_volume(backing, keys).and_then(|volume| {
+    let (dir, _) = volumes::volume_dir(backing);
+    let result = volumes::open_volume(&dir, keys).and_then(|volume| {
         let report = rotate::rewrap_volume_keys(&volume)?;
-        volumes::note_use(&**volume.keys().provider(), backing);
+        volumes::note_use(&**volume.keys().provider(), &dir);
         Ok(report)
     });
     let event = volumes::volume_event("Rewrap", backing);

@@ -9,9 +9,10 @@ use kmsfs::volume::lock::VolumeLock;
 use super::mounts::{MountEntry, mounts};
 use super::{CliError, ExitCode, KeyOptions};
 
-/// The backing directory `path` names: itself, or the volume mounted at it.
+/// The backing directory `path` names: itself (or, for the plaintext
+/// directory of a reverse view, that directory), or the volume mounted at it.
 fn backing_of(path: &Path) -> Result<PathBuf, CliError> {
-    if path.join(DB_FILE).exists() {
+    if super::volumes::volume_dir(path).0.join(DB_FILE).exists() {
         return Ok(path.to_path_buf());
     }
     let at = match std::fs::canonicalize(path) {
@@ -20,7 +21,7 @@ fn backing_of(path: &Path) -> Result<PathBuf, CliError> {
         Err(_) => return Ok(path.to_path_buf()), // read_info names what is wrong
     };
     match mounts()?.into_iter().find(|m| m.mountpoint == at && m.is_kmsfs()) {
-        Some(m) if m.source.join(DB_FILE).exists() => Ok(m.source),
+        Some(m) if super::volumes::volume_dir(&m.source).0.join(DB_FILE).exists() => Ok(m.source),
         Some(_) => Err(CliError::new(
             ExitCode::Usage,
             format!(
@@ -48,7 +49,9 @@ fn mounted_at(backing: &Path) -> Option<MountEntry> {
 }
 
 pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Result<(), CliError> {
-    let backing_dir = backing_of(path)?;
+    let source = backing_of(path)?;
+    // A reverse view's volume lives in PLAIN/.kmsfs-reverse; it is mounted as PLAIN.
+    let (backing_dir, reverse) = super::volumes::volume_dir(&source);
     let backing = backing_dir.as_path();
     let summary = kmsfs::volume::read_info(backing)?;
     let key_state = if check_key {
@@ -59,7 +62,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     let provider = super::volumes::recorded_provider(backing, &summary.volume)?;
     let (row, keys, counts) = (summary.volume, summary.volume_keys, summary.file_keys);
     let daemon = VolumeLock::daemon(backing);
-    let mount = mounted_at(backing);
+    let mount = mounted_at(&source);
     // In the mount table, but no daemon holds the volume: it died.
     let stale = daemon.is_none() && mount.is_some();
     // Unmounted, committing its last keys, about to exit.
@@ -94,6 +97,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             .collect();
         let out = serde_json::json!({
             "backing": backing,
+            "reverse_view_of": reverse.then_some(&source),
             "volume_id": hex(&row.volume_id),
             "format_version": row.format_version,
             "provider": provider.to_string(),
@@ -120,6 +124,13 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     }
     println!("volume:         {}", hex(&row.volume_id));
     println!("backing:        {}", backing.display());
+    if reverse {
+        println!(
+            "reverse view:   of {} (read-only, derived keys: `kmsfs mount --reverse {} MOUNTPOINT`)",
+            source.display(),
+            source.display()
+        );
+    }
     println!("format:         {}", row.format_version);
     println!("provider:       {}", super::printable(&provider.to_string()));
     println!("master key:     {}", super::printable(provider.key_label()));
@@ -139,6 +150,12 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     }
     if let Some(days) = days_since_rotation {
         println!("last rotation:  {days} day(s) ago (`kmsfs rotate` makes a new volume key)");
+    }
+    if reverse {
+        println!(
+            "                a rotation gives every file, name and directory IV of the view new \
+             ciphertext: the next backup copies everything"
+        );
     }
     println!(
         "rotation:       {}",

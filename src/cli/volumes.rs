@@ -136,11 +136,27 @@ pub fn open_volume(backing: &Path, keys: &KeyOptions) -> Result<Volume, CliError
     Ok(Volume::open(backing, provider)?)
 }
 
-/// An audit event about the volume at `backing`, with its id as the
-/// context (when the volume can be read).
+/// The directory of the volume `path` names: `path` itself, or, for the
+/// plaintext directory of a reverse view, its `.kmsfs-reverse` (then
+/// `true`).
+pub fn volume_dir(path: &Path) -> (PathBuf, bool) {
+    let db = kmsfs::volume::db::DB_FILE;
+    let reverse = kmsfs::reverse::volume_dir(path);
+    if !path.join(db).exists() && reverse.join(db).exists() {
+        (reverse, true)
+    } else {
+        (path.to_path_buf(), false)
+    }
+}
+
+/// An audit event about the volume at `backing` (or the reverse view of
+/// that plaintext directory), with its id as the context (when the volume
+/// can be read).
 pub fn volume_event(action: &str, backing: &Path) -> kmsfs::audit::Event {
     let place = std::fs::canonicalize(backing).unwrap_or_else(|_| backing.to_path_buf());
-    let id = kmsfs::volume::read_info(backing).ok().map(|info| info.volume.volume_id);
+    let id = kmsfs::volume::read_info(&volume_dir(backing).0)
+        .ok()
+        .map(|info| info.volume.volume_id);
     event_for(action, &place, id.as_ref())
 }
 

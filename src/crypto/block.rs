@@ -90,7 +90,6 @@ impl BlockCipher {
     /// `sealed_len(plaintext.len())` bytes long, so that a caller can reuse
     /// one buffer for every write.
     pub fn seal_blocks_into(&self, first_index: u64, final_index: u64, plaintext: &[u8], out: &mut [u8]) {
-        assert_eq!(out.len(), sealed_len(plaintext.len()), "sealed buffer size");
         let count = plaintext.len().div_ceil(BLOCK_SIZE);
         // One request of up to 1 MiB (plus an unaligned edge) fits on the stack.
         let mut stack_nonces = [0u8; NONCE_LEN * (MAX_STACK_BLOCKS)];
@@ -103,12 +102,41 @@ impl BlockCipher {
         };
         getrandom::fill(nonces).expect("the operating system's random number generator failed");
         let nonces: &[u8] = nonces;
-        let seal_one = |(i, (plain, sealed)): (usize, (&[u8], &mut [u8]))| {
-            let index = first_index + i as u64;
+        self.seal_each(first_index, final_index, plaintext, out, |i, _| {
             let mut nonce = [0u8; NONCE_LEN];
             nonce.copy_from_slice(&nonces[i * NONCE_LEN..(i + 1) * NONCE_LEN]);
+            nonce
+        });
+    }
+
+    /// As `seal_blocks_into`, with each block's nonce given by `nonce_of`
+    /// (its index): the same plaintext then seals to the same bytes, which
+    /// is what a reverse view needs (AES-GCM-SIV tolerates the reuse).
+    pub fn seal_blocks_with_nonces(
+        &self,
+        first_index: u64,
+        final_index: u64,
+        plaintext: &[u8],
+        out: &mut [u8],
+        nonce_of: impl Fn(u64) -> [u8; NONCE_LEN] + Sync,
+    ) {
+        self.seal_each(first_index, final_index, plaintext, out, |_, index| nonce_of(index));
+    }
+
+    fn seal_each(
+        &self,
+        first_index: u64,
+        final_index: u64,
+        plaintext: &[u8],
+        out: &mut [u8],
+        nonce: impl Fn(usize, u64) -> [u8; NONCE_LEN] + Sync,
+    ) {
+        assert_eq!(out.len(), sealed_len(plaintext.len()), "sealed buffer size");
+        let count = plaintext.len().div_ceil(BLOCK_SIZE);
+        let seal_one = |(i, (plain, sealed)): (usize, (&[u8], &mut [u8]))| {
+            let index = first_index + i as u64;
             let aad = block_aad(&self.file_id, index, index == final_index);
-            self.sealer.seal_into(nonce, &aad, plain, sealed);
+            self.sealer.seal_into(nonce(i, index), &aad, plain, sealed);
         };
         if count >= PARALLEL_MIN_BLOCKS {
             plaintext
@@ -131,6 +159,14 @@ impl BlockCipher {
         let mut out = vec![0u8; plaintext.len() + BLOCK_OVERHEAD];
         let aad = block_aad(&self.file_id, index, last);
         self.sealer.seal_into(random_array(), &aad, plaintext, &mut out);
+        out
+    }
+
+    /// Seals a single block with a given nonce (a reverse view's derived one).
+    pub fn seal_block_with_nonce(&self, index: u64, last: bool, plaintext: &[u8], nonce: [u8; NONCE_LEN]) -> Vec<u8> {
+        let mut out = vec![0u8; plaintext.len() + BLOCK_OVERHEAD];
+        self.sealer
+            .seal_into(nonce, &block_aad(&self.file_id, index, last), plaintext, &mut out);
         out
     }
 

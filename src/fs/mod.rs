@@ -5,14 +5,14 @@
 
 mod acl;
 mod atime;
-mod attr;
+pub(crate) mod attr;
 pub mod bdi;
 mod bounded;
 mod dirs;
 mod files;
 mod handles;
-mod inodes;
-mod mount;
+pub(crate) mod inodes;
+pub(crate) mod mount;
 mod mounted;
 mod open_files;
 mod prefetch;

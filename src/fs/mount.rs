@@ -106,11 +106,21 @@ pub struct MountOptions {
 
 /// Mounts the filesystem; the returned session serves requests when run.
 pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result<fuser::Session<Mounted>> {
+    let config = session_config(fs.volume.backing(), options);
+    let fs = Mounted {
+        fs: Arc::new(fs),
+        syncs: WorkerPool::new("sync", options.sync_threads, usize::MAX)?,
+        // One thread: its jobs only start reads. At most a few sequential
+        // readers' worth of jobs wait; beyond that advice is dropped.
+        prefetches: WorkerPool::new("ahead", 1, 32)?,
+    };
+    fuser::Session::new(fs, mountpoint, &config)
+}
+
+/// The kernel's side of a kmsfs mount of `source` (forward or reverse).
+pub(crate) fn session_config(source: &Path, options: &MountOptions) -> Config {
     let mut config = Config::default();
-    let fsname = options
-        .fsname
-        .clone()
-        .unwrap_or_else(|| fs.volume.backing().display().to_string());
+    let fsname = options.fsname.clone().unwrap_or_else(|| source.display().to_string());
     config.mount_options = vec![MountOption::FSName(fsname)];
     // A root daemon mounts with mount(2) itself, where the subtype must be a
     // kernel option to make the type "fuse.kmsfs"; fusermount3 takes it as is.
@@ -144,14 +154,7 @@ pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result
     }
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
-    let fs = Mounted {
-        fs: Arc::new(fs),
-        syncs: WorkerPool::new("sync", options.sync_threads, usize::MAX)?,
-        // One thread: its jobs only start reads. At most a few sequential
-        // readers' worth of jobs wait; beyond that advice is dropped.
-        prefetches: WorkerPool::new("ahead", 1, 32)?,
-    };
-    fuser::Session::new(fs, mountpoint, &config)
+    config
 }
 
 /// Descriptors cached for nodes: a quarter of what the process may open,

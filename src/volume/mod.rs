@@ -27,7 +27,9 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use crate::crypto::{BlockCipher, FileId, Layout, NameCipher, NameError, Sealer, SecretKey, WrappedKey, random_array};
+use crate::crypto::{
+    BlockCipher, DerivedKeys, FileId, Layout, NameCipher, NameError, Sealer, SecretKey, WrappedKey, random_array,
+};
 use crate::kms::{EncryptionContext, KeyProvider, KmsError};
 use db::{DB_FILE, DbError, FORMAT_VERSION, MetadataDb, VolumeKeyRow, VolumeRow};
 use keyring::{KeyRing, secret_aad};
@@ -35,6 +37,9 @@ use layout::{DIR_IV_FILE, DirIv};
 
 const SECRET_NAMES: &str = "name";
 const SECRET_XATTRS: &str = "xattr";
+/// The secret of a volume whose files' keys are derived (a reverse view,
+/// and copies of it): see docs/FORMAT.md, "Derived keys".
+const SECRET_DERIVED: &str = "derived";
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +124,8 @@ pub struct Volume {
     xattr_names: NameCipher,
     xattr_values: Sealer,
     link_targets: Sealer,
+    /// Keys derived per file instead of stored (volumes of reverse views).
+    derived: Option<DerivedKeys>,
     provider_calls: u64,
     /// Why the last commit of file keys failed, until one succeeds.
     commit_error: std::sync::Mutex<Option<String>>,
@@ -144,6 +151,17 @@ impl Volume {
 
     /// `kmsfs init`: a new volume in an empty (or missing) directory.
     pub fn create(backing: &Path, provider: &dyn KeyProvider) -> Result<VolumeRow, VolumeError> {
+        Self::create_kind(backing, provider, false)
+    }
+
+    /// `kmsfs init --reverse`: the volume of a reverse view, in an empty (or
+    /// missing) directory that holds only its metadata DB. Its files' keys,
+    /// ids, directory IVs and nonces are derived from one more secret.
+    pub fn create_reverse(dir: &Path, provider: &dyn KeyProvider) -> Result<VolumeRow, VolumeError> {
+        Self::create_kind(dir, provider, true)
+    }
+
+    fn create_kind(backing: &Path, provider: &dyn KeyProvider, derived: bool) -> Result<VolumeRow, VolumeError> {
         Self::check_new_backing(backing)?;
         let made_dir = !backing.exists();
         if made_dir {
@@ -154,7 +172,7 @@ impl Volume {
                 .create(backing)
                 .map_err(io_at(backing))?;
         }
-        let created = Self::create_in(backing, provider);
+        let created = Self::create_in(backing, provider, derived);
         if created.is_err() && made_dir {
             // A refused or failed init (a disabled key, a provider down, a
             // full disk) leaves nothing behind in the directory it made.
@@ -163,7 +181,7 @@ impl Volume {
         created
     }
 
-    fn create_in(backing: &Path, provider: &dyn KeyProvider) -> Result<VolumeRow, VolumeError> {
+    fn create_in(backing: &Path, provider: &dyn KeyProvider, derived: bool) -> Result<VolumeRow, VolumeError> {
         let volume_id: [u8; 16] = random_array();
         let context = EncryptionContext::for_volume(&volume_id);
         let (volume_key, wrapped_vk) = provider.generate_data_key(&context)?;
@@ -172,6 +190,11 @@ impl Volume {
         let aad = |kind| secret_aad(&volume_id, kind, version, FORMAT_VERSION);
         let name_key = vk.wrap_key(&aad(SECRET_NAMES), &SecretKey::random());
         let xattr_key = vk.wrap_key(&aad(SECRET_XATTRS), &SecretKey::random());
+        let mut secrets = vec![(SECRET_NAMES, &name_key), (SECRET_XATTRS, &xattr_key)];
+        let derived_key = vk.wrap_key(&aad(SECRET_DERIVED), &SecretKey::random());
+        if derived {
+            secrets.push((SECRET_DERIVED, &derived_key));
+        }
         let provider_id = provider.id();
         let row = VolumeRow {
             volume_id,
@@ -181,12 +204,7 @@ impl Volume {
             created_at: crate::util::unix_now() as i64,
         };
         let db_path = backing.join(DB_FILE);
-        let created = MetadataDb::create(
-            &db_path,
-            &row,
-            (version, &wrapped_vk),
-            &[(SECRET_NAMES, &name_key), (SECRET_XATTRS, &xattr_key)],
-        );
+        let created = MetadataDb::create(&db_path, &row, (version, &wrapped_vk), &secrets);
         if let Err(e) = created {
             // A half-made DB would make the next `init` say "already a volume".
             for suffix in ["", "-wal", "-shm"] {
@@ -196,7 +214,9 @@ impl Volume {
             }
             return Err(e.into());
         }
-        write_dir_iv(backing)?;
+        if !derived {
+            write_dir_iv(backing)?;
+        }
         fs::File::open(backing)
             .and_then(|d| d.sync_all())
             .map_err(io_at(backing))?;
@@ -246,6 +266,7 @@ impl Volume {
             xattr_names: NameCipher::new(&subkey(xattr_key, "xattr-names")),
             xattr_values: Sealer::new(&subkey(xattr_key, "xattr-values")),
             link_targets: Sealer::new(&subkey(name_key, "symlink-targets")),
+            derived: secrets.get(SECRET_DERIVED).map(DerivedKeys::new),
             provider_calls: provider.call_count() - calls_before,
             commit_error: std::sync::Mutex::default(),
             keys,
@@ -328,13 +349,21 @@ impl Volume {
         Ok((file_id, BlockCipher::new(&dek, file_id, self.layout())))
     }
 
-    /// The cipher of an existing file, from its wrapped key in the DB.
+    /// The derived keys of a volume made for a reverse view (and of its copies).
+    pub fn derived(&self) -> Option<&DerivedKeys> {
+        self.derived.as_ref()
+    }
+
+    /// The cipher of an existing file, from its wrapped key in the DB, or,
+    /// in a volume with derived keys, derived from its id when it has no row.
     pub fn file_cipher(&self, file_id: &FileId) -> Result<BlockCipher, VolumeError> {
         let id_hex = crate::util::hex(file_id);
-        let (version, wrapped) = self
-            .db
-            .file_key(file_id)?
-            .ok_or_else(|| VolumeError::MissingFileKey(id_hex.clone()))?;
+        let Some((version, wrapped)) = self.db.file_key(file_id)? else {
+            return match &self.derived {
+                Some(derived) => Ok(BlockCipher::new(&derived.data_key(file_id), *file_id, self.layout())),
+                None => Err(VolumeError::MissingFileKey(id_hex)),
+            };
+        };
         let tampered = || VolumeError::Tampered {
             volume: self.backing.clone(),
             what: format!("the data key of file {id_hex}"),
@@ -459,6 +488,17 @@ impl Volume {
         let sealed = self.link_targets.seal(&self.link_aad(Some(&id)), target);
         self.db.insert_link_target(&id, &sealed)?;
         Ok(format!("{LONG_LINK_PREFIX}{}", crate::util::hex(&id)))
+    }
+
+    /// A symlink target sealed with a given nonce (a reverse view's derived
+    /// one), inline only: `None` when it is too long for a symlink, since a
+    /// reverse view cannot add rows to the DB.
+    pub fn encrypt_link_target_with_nonce(&self, target: &[u8], nonce: [u8; 12]) -> Option<String> {
+        let mut sealed = vec![0u8; target.len() + crate::crypto::SEAL_OVERHEAD];
+        self.link_targets
+            .seal_into(nonce, &self.link_aad(None), target, &mut sealed);
+        let inline = URL_SAFE_NO_PAD.encode(sealed);
+        (inline.len() < INLINE_LINK_MAX).then_some(inline)
     }
 
     pub fn decrypt_link_target(&self, stored: &[u8]) -> Result<Vec<u8>, NameError> {

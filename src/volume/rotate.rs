@@ -65,13 +65,24 @@ fn begin(volume: &Volume) -> Result<u32, VolumeError> {
     Ok(version)
 }
 
-fn rewrap_secrets(volume: &Volume, to: u32) -> Result<(), VolumeError> {
+/// Moves the volume's secrets under version `to`: the same secrets
+/// re-wrapped, or (`fresh`) new ones.
+fn rewrap_secrets(volume: &Volume, to: u32, fresh: bool) -> Result<(), VolumeError> {
     let db = volume.db();
     let keys = volume.keys();
     let format = volume.info().format_version;
     let new_key = keys.key(db, to)?;
     for (kind, version, wrapped) in db.secrets()? {
         if version == to {
+            continue;
+        }
+        if fresh {
+            let secret = crate::crypto::SecretKey::random();
+            db.set_secret(
+                &kind,
+                to,
+                &new_key.wrap_key(&secret_aad(keys.volume_id(), &kind, to, format), &secret),
+            )?;
             continue;
         }
         let old_key = keys.key(db, version)?;
@@ -101,12 +112,29 @@ fn kill_hook(done: u64) {
 /// Rotates the volume key, or resumes an interrupted rotation. `progress`
 /// receives (re-wrapped, total) after every batch.
 pub fn rotate(volume: &Volume, progress: &mut dyn FnMut(u64, u64)) -> Result<RotationReport, VolumeError> {
+    rotate_secrets(volume, progress, false)
+}
+
+/// Rotates the volume of a reverse view. Its files have no stored keys:
+/// their keys, ids, directory IVs and nonces derive from the volume's
+/// secrets, so these are made anew under the new version, and every file,
+/// name and directory IV of the view gets new ciphertext (the next backup
+/// copies everything). The view must not be mounted meanwhile.
+pub fn rotate_reverse(volume: &Volume) -> Result<RotationReport, VolumeError> {
+    rotate_secrets(volume, &mut |_, _| (), true)
+}
+
+fn rotate_secrets(
+    volume: &Volume,
+    progress: &mut dyn FnMut(u64, u64),
+    fresh_secrets: bool,
+) -> Result<RotationReport, VolumeError> {
     let start = Instant::now();
     volume.sync_keys()?;
     let db = volume.db();
     let resumed = !retiring_versions(db)?.is_empty();
     let to = if resumed { active_version(db)? } else { begin(volume)? };
-    rewrap_secrets(volume, to)?;
+    rewrap_secrets(volume, to, fresh_secrets)?;
     let keys = volume.keys();
     let new_key = keys.key(db, to)?;
     let total = db.count_file_keys_not_under(to)?;

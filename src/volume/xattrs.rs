@@ -39,6 +39,11 @@ impl StoredName {
         }
     }
 
+    /// The name as it is sealed (and bound into the value's associated data).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     pub fn is_acl(&self) -> bool {
         self.0.starts_with(b"\0")
     }
@@ -76,6 +81,13 @@ impl Volume {
 
     pub fn seal_xattr(&self, owner: &[u8; 16], name: &StoredName, value: &[u8]) -> Vec<u8> {
         self.xattr_values.seal(&aad(owner, name), value)
+    }
+
+    /// As `seal_xattr`, with a given nonce (a reverse view's derived one).
+    pub fn seal_xattr_with_nonce(&self, owner: &[u8; 16], name: &StoredName, value: &[u8], nonce: [u8; 12]) -> Vec<u8> {
+        let mut out = vec![0u8; value.len() + crate::crypto::SEAL_OVERHEAD];
+        self.xattr_values.seal_into(nonce, &aad(owner, name), value, &mut out);
+        out
     }
 
     pub fn open_xattr(&self, owner: &[u8; 16], name: &StoredName, sealed: &[u8]) -> Option<Vec<u8>> {

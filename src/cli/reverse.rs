@@ -1,0 +1,166 @@
+//! `kmsfs mount --reverse PLAIN MOUNTPOINT`: the daemon serving a reverse
+//! view. It shares the forward daemon's life cycle (daemonizing, signals,
+//! audit records, the volume lock) but has no keys to commit.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use kmsfs::fs::MountOptions;
+use kmsfs::reverse::exclude::Excludes;
+use kmsfs::reverse::{ReverseFs, ReverseOptions};
+use kmsfs::volume::Volume;
+use kmsfs::volume::lock::{DaemonInfo, VolumeLock};
+
+use super::daemon::{self, MountArgs, mount_error};
+use super::{CliError, ExitCode, KeyOptions};
+
+pub fn serve(
+    args: &MountArgs,
+    keys: &KeyOptions,
+    options: &MountOptions,
+    plain: &Path,
+    mountpoint: &Path,
+) -> Result<(), CliError> {
+    if mountpoint.starts_with(plain) {
+        return Err(mount_error(format!(
+            "mount point {} is inside the plaintext directory {}: the view would contain itself; \
+             mount it elsewhere",
+            mountpoint.display(),
+            plain.display()
+        )));
+    }
+    if options.idle.is_some() {
+        return Err(CliError::new(
+            ExitCode::Usage,
+            "-o idle= is not supported with --reverse",
+        ));
+    }
+    let dir = kmsfs::reverse::volume_dir(plain);
+    if !dir.join(kmsfs::volume::db::DB_FILE).exists() {
+        return Err(CliError::new(
+            ExitCode::Volume,
+            format!(
+                "{} has no reverse-view volume (no {}): run `kmsfs init --reverse {}` first",
+                plain.display(),
+                dir.display(),
+                plain.display()
+            ),
+        ));
+    }
+    let excludes =
+        Excludes::new(&args.exclude, &args.exclude_from).map_err(|e| CliError::new(ExitCode::Usage, e.to_string()))?;
+    let row = kmsfs::volume::read_info(&dir)?.volume;
+    let _ = daemon::MOUNTING.set(row.volume_id);
+    let provider = super::volumes::provider_for(&dir, &row, keys)?;
+    let lock = VolumeLock::acquire(&dir)?;
+    let volume = Arc::new(Volume::open(&dir, provider)?);
+    if volume.derived().is_none() {
+        return Err(CliError::new(
+            ExitCode::Volume,
+            format!(
+                "{}: the metadata DB has no derived keys; the volume is damaged",
+                dir.display()
+            ),
+        ));
+    }
+    if let Err(e) = kmsfs::volume::rotate::rewrap_if_behind(&volume) {
+        log::warn!("re-wrapping the volume key under the master key's newest version failed: {e}");
+    }
+    super::volumes::note_use(&**volume.keys().provider(), &dir);
+
+    // No SQLite connection may cross the fork.
+    volume.db().disconnect();
+    let mut ready_pipe = if args.foreground {
+        None
+    } else {
+        Some(daemon::daemonize()?)
+    };
+    if ready_pipe.is_some() && args.log_file.is_none() {
+        super::logging::to_syslog();
+    }
+    let report = |pipe: &mut Option<std::fs::File>, e: CliError| {
+        if let Some(p) = pipe.as_mut() {
+            let _ = p.write_all(e.message.as_bytes());
+        }
+        e
+    };
+    volume
+        .db()
+        .reconnect()
+        .map_err(|e| report(&mut ready_pipe, kmsfs::volume::VolumeError::from(e).into()))?;
+    lock.publish(&DaemonInfo {
+        pid: std::process::id(),
+        provider_calls: volume.total_provider_calls(),
+        commit_error: None,
+        finishing: false,
+    });
+    let view = ReverseFs::new(
+        Arc::clone(&volume),
+        plain,
+        ReverseOptions {
+            // The plaintext changes behind the view's back: unless asked
+            // otherwise, the kernel asks again every time, so that a backup
+            // started right after a change sees it.
+            ttl: if args.options.iter().any(|o| o.contains("attr_timeout=")) {
+                options.fs.ttl
+            } else {
+                Duration::ZERO
+            },
+            excludes,
+        },
+    )
+    .map_err(|e| report(&mut ready_pipe, CliError::new(ExitCode::Io, e.to_string())))?;
+    let session = kmsfs::reverse::mount(view, plain, mountpoint, options).map_err(|e| {
+        report(
+            &mut ready_pipe,
+            mount_error(format!("cannot mount on {}: {e}", mountpoint.display())),
+        )
+    })?;
+    let signals = daemon::stop_signals().map_err(|e| report(&mut ready_pipe, e))?;
+    let detached = daemon::unmount_on_signal(signals, mountpoint, daemon::lazy_after(options)).map_err(|e| {
+        report(
+            &mut ready_pipe,
+            CliError::new(ExitCode::Internal, format!("signal thread: {e}")),
+        )
+    })?;
+    log::info!(
+        "mounted the reverse view of {} on {}",
+        plain.display(),
+        mountpoint.display()
+    );
+    daemon::SERVING.store(true, Ordering::Relaxed);
+    kmsfs::audit::record(
+        super::volumes::event_for("Mount", plain, Some(&row.volume_id))
+            .details(serde_json::json!({ "mountpoint": mountpoint, "reverse": true })),
+    );
+    if let Some(mut pipe) = ready_pipe.take() {
+        let _ = pipe.write_all(daemon::READY);
+    }
+    super::systemd::ready(&format!(
+        "serving the reverse view of {} on {}",
+        plain.display(),
+        mountpoint.display()
+    ));
+    let served = session.run();
+    let outcome = match served {
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) && detached.load(Ordering::Relaxed) => Ok(()),
+        other => other.map_err(|e| mount_error(format!("serving {}: {e}", mountpoint.display()))),
+    };
+    kmsfs::audit::record(
+        super::volumes::event_for("Unmount", plain, Some(&row.volume_id))
+            .outcome(&outcome.as_ref().map_err(|e| &e.message)),
+    );
+    lock.publish(&DaemonInfo {
+        pid: std::process::id(),
+        provider_calls: volume.total_provider_calls(),
+        commit_error: None,
+        finishing: true,
+    });
+    volume.db().disconnect();
+    // Released last: `kmsfs umount` returns once it is free.
+    drop(lock);
+    outcome
+}

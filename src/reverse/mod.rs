@@ -1,0 +1,627 @@
+//! Reverse mode: a read-only, encrypted view of a plaintext directory, laid
+//! out as a forward volume's backing directory (docs/FORMAT.md), so that a
+//! copy of it mounts in normal mode. Everything in the view is derived
+//! (crypto::DerivedKeys) from the volume kept in `PLAIN/.kmsfs-reverse`:
+//! the same plaintext gives the same bytes on every mount, and a backup
+//! tool copies only what changed.
+//!
+//! The view holds, in every directory, the entries of the plaintext
+//! directory under encrypted names (long ones with their sidecars) and a
+//! `.kmsfs.diriv`; at its top also `kmsfs.db`, the volume's metadata DB
+//! (wrapped keys only). It leaves out `.kmsfs-reverse`, excluded entries,
+//! and whatever lies on another filesystem (mount points inside PLAIN).
+
+// `stat` field types differ between architectures; the casts are for the others.
+#![allow(clippy::unnecessary_cast)]
+
+pub mod exclude;
+mod names;
+mod requests;
+mod view;
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{Errno, FileAttr, FileType, INodeNo};
+use rustix::fs::{Mode, OFlags, ResolveFlags, Stat};
+
+use crate::crypto::{DerivedKeys, Layout};
+use crate::fs::attr::to_attr;
+use crate::volume::Volume;
+use exclude::Excludes;
+use view::{ViewFile, view_size};
+
+pub use requests::mount;
+
+/// Where `kmsfs init --reverse PLAIN` keeps the volume: `PLAIN/.kmsfs-reverse`.
+pub const VOLUME_DIR: &str = ".kmsfs-reverse";
+/// The view's copy of the volume's metadata DB, at its top.
+const DESCRIPTOR: &str = "kmsfs.db";
+
+type FsResult<T> = Result<T, Errno>;
+
+pub fn volume_dir(plain: &Path) -> PathBuf {
+    plain.join(VOLUME_DIR)
+}
+
+/// Node ids at and above this are the view's own files (directory IVs,
+/// sidecars, the DB); below it, a node id is the plaintext inode number
+/// (the top directory's swapped with 1, which FUSE reserves for it).
+const VIRTUAL_BASE: u64 = 1 << 63;
+
+/// A file of the view that has no plaintext counterpart.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Virtual {
+    Descriptor,
+    DirIv { dir: u64 },
+    Sidecar { dir: u64, hashed: String },
+}
+
+struct VirtualNode {
+    content: Arc<[u8]>,
+    /// Owner and times: the directory's owner, and the time the volume's
+    /// keys were made (so that a rotation, which changes every IV and
+    /// sidecar, changes their times too and `rsync` copies them again).
+    owner: (u32, u32),
+    mode: u16,
+    time: SystemTime,
+    lookups: u64,
+}
+
+#[derive(Default)]
+struct Virtuals {
+    by_id: HashMap<u64, (Virtual, VirtualNode)>,
+    ids: HashMap<Virtual, u64>,
+    next: u64,
+}
+
+pub struct ReverseOptions {
+    pub ttl: Duration,
+    pub excludes: Excludes,
+}
+
+pub struct ReverseFs {
+    volume: Arc<Volume>,
+    root: OwnedFd,
+    root_ino: u64,
+    root_dev: u64,
+    options: ReverseOptions,
+    /// The plaintext path (from the top) each node was last looked up by.
+    paths: Mutex<HashMap<u64, (PathBuf, u64)>>,
+    virtuals: Mutex<Virtuals>,
+    descriptor: (Arc<[u8]>, Stat),
+    keys_made: SystemTime,
+    files: Mutex<HashMap<u64, Arc<ViewFile>>>,
+    next_handle: AtomicU64,
+    long_names: names::LongNames,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReverseError {
+    #[error("{0} is not a volume of a reverse view: its metadata DB has no derived keys")]
+    NotReverse(PathBuf),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+impl ReverseFs {
+    /// The view of `plain`, whose volume (`plain/.kmsfs-reverse`) is open.
+    pub fn new(volume: Arc<Volume>, plain: &Path, options: ReverseOptions) -> Result<Self, ReverseError> {
+        if volume.derived().is_none() {
+            return Err(ReverseError::NotReverse(volume.backing().to_path_buf()));
+        }
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e: std::io::Error| ReverseError::Io { path, source: e }
+        };
+        let root = rustix::fs::open(plain, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| io(plain)(e.into()))?;
+        let st = rustix::fs::fstat(&root).map_err(|e| io(plain)(e.into()))?;
+        // Whatever the DB's WAL holds goes into the file served as the descriptor.
+        volume
+            .db()
+            .checkpoint()
+            .map_err(|e| io(volume.backing())(std::io::Error::other(e.to_string())))?;
+        let db_path = volume.backing().join(crate::volume::db::DB_FILE);
+        let db_bytes = std::fs::read(&db_path).map_err(io(&db_path))?;
+        let db_stat = rustix::fs::stat(&db_path).map_err(|e| io(&db_path)(e.into()))?;
+        let active = volume
+            .db()
+            .volume_keys()
+            .ok()
+            .and_then(|keys| keys.into_iter().find(|k| k.state == "active").map(|k| k.created_at));
+        let keys_made = UNIX_EPOCH + Duration::from_secs(active.unwrap_or(0).max(0) as u64);
+        Ok(ReverseFs {
+            root_ino: st.st_ino as u64,
+            root_dev: st.st_dev as u64,
+            root,
+            volume,
+            options,
+            paths: Mutex::new(HashMap::from([(1, (PathBuf::new(), 1))])),
+            virtuals: Mutex::new(Virtuals {
+                next: VIRTUAL_BASE + 1,
+                ..Virtuals::default()
+            }),
+            descriptor: (db_bytes.into(), db_stat),
+            keys_made,
+            files: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            long_names: names::LongNames::default(),
+        })
+    }
+
+    fn derived(&self) -> &DerivedKeys {
+        self.volume.derived().expect("checked when the view was made")
+    }
+
+    /// Node id of a plaintext inode, and back (the map is its own inverse).
+    fn node_id(&self, plain_ino: u64) -> u64 {
+        match plain_ino {
+            i if i == self.root_ino => 1,
+            1 => self.root_ino,
+            i => i,
+        }
+    }
+
+    /// Opens a plaintext path below the top, never through a symlink and
+    /// never onto another filesystem.
+    fn open_plain(&self, relative: &Path, flags: OFlags) -> FsResult<OwnedFd> {
+        let path = if relative.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            relative
+        };
+        rustix::fs::openat2(
+            &self.root,
+            path,
+            flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV,
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::XDEV | rustix::io::Errno::LOOP => Errno::ENOENT,
+            e => Errno::from_i32(e.raw_os_error()),
+        })
+    }
+
+    /// The plaintext path of a node, and that it is still the same inode.
+    fn path_of(&self, ino: u64) -> FsResult<PathBuf> {
+        crate::util::lock(&self.paths)
+            .get(&ino)
+            .map(|(path, _)| path.clone())
+            .ok_or(Errno::ENOENT)
+    }
+
+    /// Opens a node's plaintext inode; ESTALE if its path now names another.
+    fn open_node(&self, ino: u64, flags: OFlags) -> FsResult<(OwnedFd, Stat)> {
+        let fd = self.open_plain(&self.path_of(ino)?, flags)?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+        if self.node_id(st.st_ino as u64) != ino {
+            return Err(Errno::ESTALE);
+        }
+        Ok((fd, st))
+    }
+
+    fn remember(&self, ino: u64, path: PathBuf) {
+        let mut paths = crate::util::lock(&self.paths);
+        let entry = paths.entry(ino).or_insert((PathBuf::new(), 0));
+        entry.0 = path;
+        entry.1 += 1;
+    }
+
+    fn forget(&self, ino: u64, count: u64) {
+        if ino >= VIRTUAL_BASE {
+            let mut virtuals = crate::util::lock(&self.virtuals);
+            let gone = virtuals.by_id.get_mut(&ino).is_some_and(|(_, node)| {
+                node.lookups = node.lookups.saturating_sub(count);
+                node.lookups == 0
+            });
+            if gone && let Some((what, _)) = virtuals.by_id.remove(&ino) {
+                virtuals.ids.remove(&what);
+            }
+            return;
+        }
+        let mut paths = crate::util::lock(&self.paths);
+        let gone = paths.get_mut(&ino).is_some_and(|(_, lookups)| {
+            *lookups = lookups.saturating_sub(count);
+            *lookups == 0 && ino != 1
+        });
+        if gone {
+            paths.remove(&ino);
+        }
+    }
+
+    /// The attributes the view shows for a plaintext inode (`fd` opened on it).
+    fn plain_attr(&self, fd: &OwnedFd, st: &Stat) -> FsResult<FileAttr> {
+        let ino = self.node_id(st.st_ino as u64);
+        if ino >= VIRTUAL_BASE {
+            log::error!("an inode number of the plaintext directory is too large for the view");
+            return Err(Errno::EIO);
+        }
+        let mut attr = match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG => {
+                let size = view_size(st.st_size as u64);
+                let mut attr = to_attr(ino, st, Some(size));
+                // As much more as the blocks' overhead adds (holes stay holes).
+                attr.blocks = (st.st_blocks as u64 * size).div_ceil((st.st_size as u64).max(1)).max(1);
+                attr
+            }
+            libc::S_IFLNK => {
+                let target = self.link_target(fd, st)?;
+                to_attr(ino, st, Some(target.len() as u64))
+            }
+            _ => to_attr(ino, st, None),
+        };
+        attr.ino = INodeNo(ino);
+        Ok(attr)
+    }
+
+    /// A symlink's target as the view shows it: sealed with a derived nonce.
+    fn link_target(&self, fd: &OwnedFd, st: &Stat) -> FsResult<String> {
+        let target = rustix::fs::readlinkat(fd, "", Vec::new()).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+        let nonce = self
+            .derived()
+            .nonce("symlink", &[&(st.st_ino as u64).to_be_bytes(), target.as_bytes()]);
+        self.volume
+            .encrypt_link_target_with_nonce(target.as_bytes(), nonce)
+            .ok_or_else(|| {
+                log::error!(
+                    "a symlink target of {} bytes is too long for a reverse view (inode {})",
+                    target.as_bytes().len(),
+                    st.st_ino
+                );
+                Errno::ENAMETOOLONG
+            })
+    }
+
+    fn virtual_attr(&self, ino: u64) -> FsResult<FileAttr> {
+        let virtuals = crate::util::lock(&self.virtuals);
+        let (what, node) = virtuals.by_id.get(&ino).ok_or(Errno::ENOENT)?;
+        if *what == Virtual::Descriptor {
+            let mut attr = to_attr(ino, &self.descriptor.1, Some(node.content.len() as u64));
+            attr.ino = INodeNo(ino);
+            return Ok(attr);
+        }
+        Ok(FileAttr {
+            ino: INodeNo(ino),
+            size: node.content.len() as u64,
+            blocks: (node.content.len() as u64).div_ceil(512),
+            atime: node.time,
+            mtime: node.time,
+            ctime: node.time,
+            crtime: node.time,
+            kind: FileType::RegularFile,
+            perm: node.mode,
+            nlink: 1,
+            uid: node.owner.0,
+            gid: node.owner.1,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    /// Looks a virtual file up (making it if new); counts the lookup when `count`.
+    fn virtual_node(&self, what: Virtual, content: Arc<[u8]>, owner: (u32, u32), count: bool) -> u64 {
+        let mut virtuals = crate::util::lock(&self.virtuals);
+        let id = match virtuals.ids.get(&what) {
+            Some(&id) => id,
+            None => {
+                let id = virtuals.next;
+                virtuals.next += 1;
+                let mode = if what == Virtual::Descriptor {
+                    (self.descriptor.1.st_mode & 0o7777) as u16
+                } else {
+                    0o444
+                };
+                let node = VirtualNode {
+                    content,
+                    owner,
+                    mode,
+                    time: self.keys_made,
+                    lookups: 0,
+                };
+                virtuals.ids.insert(what.clone(), id);
+                virtuals.by_id.insert(id, (what, node));
+                id
+            }
+        };
+        if count && let Some((_, node)) = virtuals.by_id.get_mut(&id) {
+            node.lookups += 1;
+        }
+        id
+    }
+
+    fn virtual_content(&self, ino: u64) -> FsResult<Arc<[u8]>> {
+        crate::util::lock(&self.virtuals)
+            .by_id
+            .get(&ino)
+            .map(|(_, node)| Arc::clone(&node.content))
+            .ok_or(Errno::ENOENT)
+    }
+
+    /// Whether an entry of the plaintext directory `dir` is in the view.
+    fn shown(&self, dir: &Path, name: &OsStr, st: &Stat) -> bool {
+        if dir.as_os_str().is_empty() && name == VOLUME_DIR {
+            return false;
+        }
+        st.st_dev as u64 == self.root_dev
+            && !self
+                .options
+                .excludes
+                .excludes(&dir.join(name), st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+    }
+
+    fn dir_iv(&self, dir_st: &Stat) -> [u8; 16] {
+        self.derived().dir_iv(dir_st.st_ino as u64)
+    }
+
+    /// LOOKUP: an encrypted name (or a name of the view's own) in a directory.
+    fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<FileAttr> {
+        let (dir_fd, dir_st) = self.open_node(parent, OFlags::PATH | OFlags::DIRECTORY)?;
+        let dir_path = self.path_of(parent)?;
+        let name = name.as_bytes();
+        let owner = (dir_st.st_uid, dir_st.st_gid);
+        if name == crate::volume::layout::DIR_IV_FILE.as_bytes() {
+            let iv = self.dir_iv(&dir_st);
+            let id = self.virtual_node(
+                Virtual::DirIv {
+                    dir: dir_st.st_ino as u64,
+                },
+                Arc::from(&iv[..]),
+                owner,
+                true,
+            );
+            return self.virtual_attr(id);
+        }
+        if parent == 1 && name == DESCRIPTOR.as_bytes() {
+            let id = self.virtual_node(Virtual::Descriptor, Arc::clone(&self.descriptor.0), owner, true);
+            return self.virtual_attr(id);
+        }
+        let iv = self.dir_iv(&dir_st);
+        let plain_name = match names::parse(name) {
+            names::ViewName::Sidecar(hashed) => {
+                let (_, encrypted) = self.find_long(&dir_fd, &dir_st, &iv, hashed)?;
+                let what = Virtual::Sidecar {
+                    dir: dir_st.st_ino as u64,
+                    hashed: hashed.to_string(),
+                };
+                let id = self.virtual_node(what, Arc::from(encrypted.as_bytes()), owner, true);
+                return self.virtual_attr(id);
+            }
+            names::ViewName::Long(hashed) => self.find_long(&dir_fd, &dir_st, &iv, hashed)?.0,
+            names::ViewName::Short(encrypted) => names::decrypt_short(self.volume.names(), &iv, encrypted)?,
+            names::ViewName::Other => return Err(Errno::ENOENT),
+        };
+        drop(dir_fd);
+        let path = dir_path.join(&plain_name);
+        let fd = self.open_plain(&path, OFlags::PATH)?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+        if !self.shown(&dir_path, &plain_name, &st) {
+            return Err(Errno::ENOENT);
+        }
+        let attr = self.plain_attr(&fd, &st)?;
+        self.remember(attr.ino.0, path);
+        Ok(attr)
+    }
+
+    fn find_long(&self, dir_fd: &OwnedFd, dir_st: &Stat, iv: &[u8; 16], hashed: &str) -> FsResult<(OsString, String)> {
+        let dir = self.open_plain_dir_at(dir_fd)?;
+        self.long_names
+            .find(self.volume.names(), dir, dir_st, iv, hashed)
+            .ok_or(Errno::ENOENT)
+    }
+
+    fn open_plain_dir_at(&self, dir_fd: &OwnedFd) -> FsResult<OwnedFd> {
+        rustix::fs::openat(
+            dir_fd,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Errno::from_i32(e.raw_os_error()))
+    }
+
+    fn getattr(&self, ino: u64) -> FsResult<FileAttr> {
+        if ino >= VIRTUAL_BASE {
+            return self.virtual_attr(ino);
+        }
+        let (fd, st) = self.open_node(ino, OFlags::PATH)?;
+        self.plain_attr(&fd, &st)
+    }
+
+    fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let (fd, st) = self.open_node(ino, OFlags::PATH)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            return Err(Errno::EINVAL);
+        }
+        Ok(self.link_target(&fd, &st)?.into_bytes())
+    }
+
+    /// OPEN of a regular file: the plaintext opened, its size taken.
+    fn open(&self, ino: u64) -> FsResult<u64> {
+        if ino >= VIRTUAL_BASE {
+            self.virtual_content(ino)?;
+            return Ok(0);
+        }
+        // A backup should not move the access times of what it reads.
+        let (fd, st) = match self.open_node(ino, OFlags::RDONLY | OFlags::NOATIME) {
+            Err(e) if e == Errno::EPERM => self.open_node(ino, OFlags::RDONLY)?,
+            other => other?,
+        };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(Errno::EINVAL);
+        }
+        let derived = self.derived();
+        let Some(file_id) = derived.file_id(st.st_ino as u64) else {
+            return Err(Errno::EIO);
+        };
+        let cipher = crate::crypto::BlockCipher::new(&derived.data_key(&file_id), file_id, Layout::Sealed);
+        let file = Arc::new(ViewFile::new(fd, st.st_size as u64, file_id, cipher));
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        crate::util::lock(&self.files).insert(fh, file);
+        Ok(fh)
+    }
+
+    fn read(&self, ino: u64, fh: u64, offset: u64, size: usize) -> FsResult<Vec<u8>> {
+        if ino >= VIRTUAL_BASE {
+            let content = self.virtual_content(ino)?;
+            let start = (offset as usize).min(content.len());
+            let end = start.saturating_add(size).min(content.len());
+            return Ok(content[start..end].to_vec());
+        }
+        let file = crate::util::lock(&self.files).get(&fh).cloned().ok_or(Errno::EBADF)?;
+        file.read(self.derived(), offset, size)
+            .map_err(|e| Errno::from_i32(e.raw_os_error()))
+    }
+
+    fn release(&self, fh: u64) {
+        crate::util::lock(&self.files).remove(&fh);
+    }
+
+    /// The entries of a directory as the view lists them: name, node id, type.
+    fn list(&self, ino: u64) -> FsResult<Vec<(OsString, u64, FileType)>> {
+        let (dir_fd, dir_st) = self.open_node(ino, OFlags::RDONLY | OFlags::DIRECTORY)?;
+        let dir_path = self.path_of(ino)?;
+        let iv = self.dir_iv(&dir_st);
+        let owner = (dir_st.st_uid, dir_st.st_gid);
+        let mut entries = Vec::new();
+        let diriv = Virtual::DirIv {
+            dir: dir_st.st_ino as u64,
+        };
+        let id = self.virtual_node(diriv, Arc::from(&iv[..]), owner, false);
+        entries.push((crate::volume::layout::DIR_IV_FILE.into(), id, FileType::RegularFile));
+        if ino == 1 {
+            let id = self.virtual_node(Virtual::Descriptor, Arc::clone(&self.descriptor.0), owner, false);
+            entries.push((DESCRIPTOR.into(), id, FileType::RegularFile));
+        }
+        let dir = rustix::fs::Dir::read_from(&dir_fd).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+        for entry in dir {
+            let entry = entry.map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if name == "." || name == ".." {
+                continue;
+            }
+            let st = match rustix::fs::statat(&dir_fd, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(rustix::io::Errno::NOENT) => continue, // removed meanwhile
+                Err(e) => return Err(Errno::from_i32(e.raw_os_error())),
+            };
+            if !self.shown(&dir_path, name, &st) {
+                continue;
+            }
+            let kind = crate::fs::inodes::file_type(st.st_mode as u32);
+            let node = self.node_id(st.st_ino as u64);
+            match crate::volume::layout::backing_name(self.volume.names(), &iv, name.as_bytes()) {
+                crate::volume::layout::BackingName::Short(encrypted) => entries.push((encrypted.into(), node, kind)),
+                long @ crate::volume::layout::BackingName::Long { .. } => {
+                    let (sidecar, _) = long.sidecar().expect("a long name has a sidecar");
+                    entries.push((long.as_str().into(), node, kind));
+                    entries.push((sidecar.into(), VIRTUAL_BASE, FileType::RegularFile));
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    fn statfs(&self) -> FsResult<rustix::fs::StatVfs> {
+        rustix::fs::fstatvfs(&self.root).map_err(|e| Errno::from_i32(e.raw_os_error()))
+    }
+
+    /// The xattrs of a regular file or directory, under their view names.
+    fn list_xattrs(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let Some((fd, _)) = self.xattr_target(ino)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for name in plain_xattr_names(&fd)? {
+            if let Some(stored) = crate::volume::xattrs::StoredName::of(&name, true) {
+                out.extend_from_slice(self.volume.xattr_backing_name(&stored).as_bytes());
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+
+    fn get_xattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        let Some((fd, st)) = self.xattr_target(ino)? else {
+            return Err(Errno::NO_XATTR);
+        };
+        let stored = self.volume.xattr_stored_name(name).ok_or(Errno::NO_XATTR)?;
+        let value = plain_xattr(&fd, &stored.full_name())?;
+        let derived = self.derived();
+        let owner = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            self.dir_iv(&st)
+        } else {
+            derived.file_id(st.st_ino as u64).ok_or(Errno::EIO)?
+        };
+        let nonce = derived.nonce("xattr", &[&owner, stored.as_bytes(), &value]);
+        Ok(self.volume.seal_xattr_with_nonce(&owner, &stored, &value, nonce))
+    }
+
+    /// Regular files and directories carry xattrs in the forward format;
+    /// `None` for other nodes (and the view's own files).
+    fn xattr_target(&self, ino: u64) -> FsResult<Option<(OwnedFd, Stat)>> {
+        if ino >= VIRTUAL_BASE {
+            return Ok(None);
+        }
+        let (fd, st) = self.open_node(ino, OFlags::PATH)?;
+        if !matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFDIR) {
+            return Ok(None);
+        }
+        // The xattr calls need a descriptor opened for real, not O_PATH:
+        // the same inode opened again through /proc (never a device).
+        let again = format!("/proc/self/fd/{}", fd_number(&fd));
+        let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let real = match rustix::fs::open(&again, flags | OFlags::NOATIME, Mode::empty()) {
+            Err(rustix::io::Errno::PERM) => rustix::fs::open(&again, flags, Mode::empty()),
+            other => other,
+        }
+        .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+        Ok(Some((real, st)))
+    }
+}
+
+fn fd_number(fd: &OwnedFd) -> i32 {
+    use std::os::fd::AsRawFd;
+    fd.as_fd().as_raw_fd()
+}
+
+fn plain_xattr_names(fd: &OwnedFd) -> FsResult<Vec<Vec<u8>>> {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match rustix::fs::flistxattr(fd, &mut buf) {
+            Ok(n) => {
+                return Ok(buf[..n]
+                    .split(|&b| b == 0)
+                    .filter(|n| !n.is_empty())
+                    .map(<[u8]>::to_vec)
+                    .collect());
+            }
+            Err(rustix::io::Errno::RANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            Err(rustix::io::Errno::OPNOTSUPP) => return Ok(Vec::new()),
+            Err(e) => return Err(Errno::from_i32(e.raw_os_error())),
+        }
+    }
+}
+
+fn plain_xattr(fd: &OwnedFd, name: &[u8]) -> FsResult<Vec<u8>> {
+    let name = std::ffi::CString::new(name).map_err(|_| Errno::NO_XATTR)?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match rustix::fs::fgetxattr(fd, name.as_c_str(), &mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            Err(e) => return Err(Errno::from_i32(e.raw_os_error())),
+        }
+    }
+}
