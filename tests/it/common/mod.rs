@@ -44,7 +44,34 @@ impl TestVolume {
         Self::create(&[], &["--kdf-memory-mib", "19", "--kdf-iterations", "2"], Some(backing))
     }
 
+    /// A new reverse-view volume of the plaintext directory `backing`
+    /// (made in the tempdir and filled by `fill` before `init --reverse`);
+    /// `mount_with(&["--reverse"])` mounts its encrypted view.
+    pub fn init_reverse(fill: impl FnOnce(&Path)) -> Self {
+        let vol = Self::unmade(&[], None);
+        fill(&vol.backing);
+        vol.run_init(&["--reverse", "--kdf-memory-mib", "19", "--kdf-iterations", "2"]);
+        vol
+    }
+
     fn create(env: &[(&str, &str)], init_args: &[&str], backing: Option<PathBuf>) -> Self {
+        let vol = Self::unmade(env, backing);
+        vol.run_init(init_args);
+        vol
+    }
+
+    fn run_init(&self, init_args: &[&str]) {
+        let mut args = vec!["init", path_str(&self.backing)];
+        args.extend_from_slice(init_args);
+        let out = self.run(&args);
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn unmade(env: &[(&str, &str)], backing: Option<PathBuf>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("kmsfs-test-")
             .tempdir()
@@ -62,14 +89,6 @@ impl TestVolume {
             dir,
         };
         std::fs::create_dir(&vol.mnt).expect("mkdir mountpoint");
-        let mut args = vec!["init", path_str(&vol.backing)];
-        args.extend_from_slice(init_args);
-        let out = vol.run(&args);
-        assert!(
-            out.status.success(),
-            "init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         vol
     }
 

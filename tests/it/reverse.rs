@@ -1,0 +1,232 @@
+//! Reverse mode, end to end with the real tools: the encrypted view of a
+//! plaintext tree copied with rsync (twice; then once more after one
+//! change: exactly one file moves), identical on every mount, backed up
+//! with restic; the copies mount in forward mode and read back the tree,
+//! fsck passes on them and a flipped byte reads as EIO. Then excludes,
+//! refusals, and rotation (new ciphertext everywhere; old copies still open).
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+use crate::backups::{assert_same_tree, make_source, run, transferred};
+use crate::common::{TestVolume, fsck, json, path_str, stderr};
+
+fn rsync(view: &Path, dest: &Path, extra: &[&str]) -> String {
+    run(
+        "rsync",
+        Command::new("rsync")
+            .args(["-aHX", "--delete", "--stats"])
+            .args(extra)
+            .arg(format!("{}/", view.display()))
+            .arg(dest),
+    )
+}
+
+/// A volume over `dir` (a copy of a view) with the same keys, mounted forward.
+fn forward(vol: &TestVolume, dir: &Path) -> TestVolume {
+    vol.view_of(dir.to_path_buf())
+}
+
+#[test]
+fn reverse_view_backs_up_with_rsync_and_restic_and_the_copies_mount_forward() {
+    let vol = TestVolume::init_reverse(make_source);
+    let plain = vol.backing.clone();
+    let view = vol.mnt.clone();
+    let m = vol.mount_with(&["--reverse"]);
+    assert!(!view.join(".kmsfs-reverse").exists());
+    assert!(view.join("kmsfs.db").is_file() && view.join(".kmsfs.diriv").is_file());
+    // Nothing of the plaintext shows: every name is encrypted.
+    let names: Vec<String> = fs::read_dir(&view)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n == "a" || n == "empty" || n.contains("space")),
+        "{names:?}"
+    );
+    let write = fs::OpenOptions::new().write(true).open(view.join("kmsfs.db"));
+    assert!(write.is_err(), "the view is read-only");
+
+    let dest = vol.dir.path().join("dest");
+    let first = rsync(&view, &dest, &[]);
+    assert!(transferred(&first) > 10, "{first}");
+    let again = rsync(&view, &dest, &[]);
+    assert_eq!(transferred(&again), 0, "nothing changed, nothing moves:\n{again}");
+    fs::write(plain.join("a/b/c/deep.bin"), b"changed in place").unwrap();
+    let changed = rsync(&view, &dest, &[]);
+    assert_eq!(transferred(&changed), 1, "exactly the changed file:\n{changed}");
+
+    // Deterministic: another mount shows byte-identical files and targets.
+    m.unmount();
+    let m = vol.mount_with(&["--reverse"]);
+    let same = Command::new("diff")
+        .args(["-r", "--no-dereference"])
+        .arg(&view)
+        .arg(&dest)
+        .output()
+        .unwrap();
+    assert!(same.status.success(), "{}", String::from_utf8_lossy(&same.stdout));
+
+    // restic stores the view; its restore is another copy.
+    let repo = vol.dir.path().join("restic-repo");
+    let restic = |args: &[&str]| {
+        run(
+            &format!("restic {args:?}"),
+            Command::new("restic")
+                .current_dir(&view)
+                .env("RESTIC_PASSWORD", "restic test password")
+                .env("RESTIC_CACHE_DIR", vol.dir.path().join("restic-cache"))
+                .arg("--repo")
+                .arg(&repo)
+                .args(args),
+        )
+    };
+    restic(&["init"]);
+    restic(&["backup", "--quiet", "."]);
+    restic(&["check", "--read-data"]);
+    let restored = vol.dir.path().join("restic-restore");
+    restic(&["restore", "latest", "--target", path_str(&restored)]);
+    m.unmount();
+
+    for (copy, what) in [(&dest, "rsync copy"), (&restored, "restic restore")] {
+        let fwd = forward(&vol, copy);
+        let mounted = fwd.mount();
+        assert_same_tree(&plain, &fwd.mnt, what);
+        assert_eq!(fs::metadata(fwd.path("a/sparse.img")).unwrap().len(), 64 << 20);
+        mounted.unmount();
+        let (code, report) = fsck(&fwd, &[]);
+        assert_eq!(code, 0, "{what}: fsck: {report}");
+    }
+
+    // A flipped byte in the copy: that file reads as EIO, the rest reads.
+    let (target, _) = largest_file(&dest);
+    let file = fs::OpenOptions::new().read(true).write(true).open(&target).unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, 40).unwrap();
+    file.write_all_at(&[byte[0] ^ 1], 40).unwrap();
+    drop(file);
+    let fwd = forward(&vol, &dest);
+    let mounted = fwd.mount();
+    let err = fs::read(fwd.path("a/sparse.img")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(
+        fs::read(fwd.path("a/plain.txt")).unwrap(),
+        fs::read(plain.join("a/plain.txt")).unwrap()
+    );
+    mounted.unmount();
+}
+
+fn largest_file(dir: &Path) -> (std::path::PathBuf, u64) {
+    let mut best = (dir.to_path_buf(), 0);
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        if meta.is_dir() {
+            let inner = largest_file(&entry.path());
+            if inner.1 > best.1 {
+                best = inner;
+            }
+        } else if meta.is_file() && meta.len() > best.1 && entry.file_name() != "kmsfs.db" {
+            best = (entry.path(), meta.len());
+        }
+    }
+    best
+}
+
+fn fill_small(plain: &Path) {
+    for dir in ["sub/cache", "cache", "keep"] {
+        fs::create_dir_all(plain.join(dir)).unwrap();
+    }
+    for file in [
+        "keep.txt",
+        "skip.tmp",
+        "cache/big",
+        "sub/deep.tmp",
+        "sub/cache/x",
+        "keep/cache",
+    ] {
+        fs::write(plain.join(file), file.as_bytes()).unwrap();
+    }
+}
+
+#[test]
+fn reverse_excludes_refusals_and_rotation() {
+    let vol = TestVolume::init_reverse(fill_small);
+    let plain = vol.backing.clone();
+    let patterns = vol.dir.path().join("excludes");
+    fs::write(&patterns, "# directories named cache\ncache/\n").unwrap();
+
+    // Bad input: named, with a usage exit, nothing mounted.
+    let bad = vol.run(&[
+        "mount",
+        "--reverse",
+        path_str(&plain),
+        path_str(&vol.mnt),
+        "--exclude",
+        "!keep",
+    ]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("!keep"), "{}", stderr(&bad));
+    let forward_only = vol.run(&["mount", path_str(&plain), path_str(&vol.mnt), "--exclude", "*.tmp"]);
+    assert_eq!(forward_only.status.code(), Some(2), "{}", stderr(&forward_only));
+    let inside = plain.join("sub");
+    let nested = vol.run(&["mount", "--reverse", path_str(&plain), path_str(&inside)]);
+    assert_eq!(nested.status.code(), Some(6), "{}", stderr(&nested));
+    let other = vol.dir.path().join("not-a-view");
+    fs::create_dir(&other).unwrap();
+    let none = vol.run(&["mount", "--reverse", path_str(&other), path_str(&vol.mnt)]);
+    assert_eq!(none.status.code(), Some(4), "{}", stderr(&none));
+    assert!(stderr(&none).contains("init --reverse"), "{}", stderr(&none));
+
+    let options = ["--reverse", "--exclude", "*.tmp", "--exclude-from", path_str(&patterns)];
+    let m = vol.mount_with(&options);
+    let status = json(&vol.run(&["status", path_str(&plain), "--json"]));
+    assert_eq!(status["reverse_view_of"], path_str(&plain), "{status}");
+    assert_eq!(status["mounted"], true, "{status}");
+    let busy = vol.run(&["rotate", path_str(&plain)]);
+    assert_eq!(
+        busy.status.code(),
+        Some(6),
+        "rotation waits for the view to go: {}",
+        stderr(&busy)
+    );
+    let dest = vol.dir.path().join("dest");
+    rsync(&vol.mnt, &dest, &[]);
+    m.unmount();
+
+    let old_copy = vol.dir.path().join("before-rotation");
+    run("cp -a", Command::new("cp").arg("-a").arg(&dest).arg(&old_copy));
+    let check = |copy: &Path| {
+        let fwd = forward(&vol, copy);
+        let mounted = fwd.mount();
+        assert_eq!(fs::read(fwd.path("keep.txt")).unwrap(), b"keep.txt");
+        assert_eq!(
+            fs::read(fwd.path("keep/cache")).unwrap(),
+            b"keep/cache",
+            "a file named cache stays"
+        );
+        for gone in ["skip.tmp", "cache", "sub/deep.tmp", "sub/cache"] {
+            assert!(!fwd.path(gone).exists(), "{gone} is excluded");
+        }
+        assert!(fwd.path("sub").is_dir());
+        mounted.unmount();
+    };
+    check(&dest);
+
+    let rotated = vol.run(&["rotate", path_str(&plain)]);
+    assert!(rotated.status.success(), "{}", stderr(&rotated));
+    assert!(String::from_utf8_lossy(&rotated.stdout).contains("copies everything"));
+    let m = vol.mount_with(&options);
+    let stats = rsync(&vol.mnt, &dest, &["--itemize-changes"]);
+    // Every regular file again: keep.txt, keep/cache, kmsfs.db and the three directory IVs.
+    assert_eq!(
+        transferred(&stats),
+        6,
+        "a rotation gives the view new ciphertext:\n{stats}"
+    );
+    m.unmount();
+    check(&dest);
+    check(&old_copy);
+}
