@@ -89,7 +89,7 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])' > target/test-binaries.txt
     bin=$(awk '$1 == "it" {print $2}' target/test-binaries.txt)
     setpriv --reuid=kmsfs-ci --regid=kmsfs-ci --init-groups env HOME="$(getent passwd kmsfs-ci | cut -d: -f6)" \
-        "$bin" --test-threads=2 tree:: rotation:: fsck:: tamper:: golden:: fsx:: stress:: backups:: audit:: \
+        "$bin" --test-threads=2 tree:: rotation:: fsck:: tamper:: golden:: fsx:: stress:: backups:: reverse:: audit:: \
         posix::rename_semantics posix::hard_links posix::fifos_symlinks posix::fallocate \
         posix::concurrent_writers posix::xattrs_on_files \
         acl_atime::acl_option_on_a_private_mount acl_atime::reads_move 2>&1 \

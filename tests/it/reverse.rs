@@ -230,3 +230,63 @@ fn reverse_excludes_refusals_and_rotation() {
     check(&dest);
     check(&old_copy);
 }
+
+/// The view file of the plaintext file of `plain_len` bytes (the only one
+/// of that size in `view`'s top directory).
+fn view_file_of_size(view: &Path, plain_len: u64) -> std::path::PathBuf {
+    let size = 18 + plain_len.div_ceil(4096) * 28 + plain_len;
+    fs::read_dir(view)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| fs::metadata(p).unwrap().len() == size)
+        .unwrap_or_else(|| panic!("no view file of {size} bytes"))
+}
+
+#[test]
+fn reverse_files_changing_during_a_copy_read_as_they_were_or_eio() {
+    let original: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8).collect();
+    let vol = TestVolume::init_reverse(|plain| {
+        fs::create_dir(plain).unwrap();
+        fs::write(plain.join("grows"), &original).unwrap();
+        fs::write(plain.join("shrinks"), [7u8; 3 * 4096 + 1]).unwrap();
+    });
+    let plain = vol.backing.clone();
+    let m = vol.mount_with(&["--reverse"]);
+    let dest = vol.dir.path().join("dest");
+    rsync(&vol.mnt, &dest, &[]);
+
+    // Opened, then the plaintext grows: the view reads as it was at open.
+    let grows = view_file_of_size(&vol.mnt, original.len() as u64);
+    let opened = fs::File::open(&grows).unwrap();
+    let mut appender = fs::OpenOptions::new().append(true).open(plain.join("grows")).unwrap();
+    std::io::Write::write_all(&mut appender, &[1u8; 5000]).unwrap();
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut &opened, &mut bytes).unwrap();
+    assert_eq!(bytes.len() as u64, 18 + 3 * 4124);
+    fs::write(dest.join(grows.file_name().unwrap()), &bytes).unwrap();
+    drop(opened);
+
+    // Opened, then the plaintext shrinks: the blocks it lost read as EIO.
+    let shrinks = view_file_of_size(&vol.mnt, 3 * 4096 + 1);
+    let opened = fs::File::open(&shrinks).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(plain.join("shrinks"))
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    let mut block = vec![0u8; 4124];
+    let err = opened.read_exact_at(&mut block, 18 + 2 * 4124).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(opened);
+    m.unmount();
+
+    let fwd = forward(&vol, &dest);
+    let mounted = fwd.mount();
+    assert_eq!(
+        fs::read(fwd.path("grows")).unwrap(),
+        original,
+        "the file as it was, whole"
+    );
+    mounted.unmount();
+}
