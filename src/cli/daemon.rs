@@ -20,7 +20,7 @@ const DEFAULT_LAZY_UNMOUNT_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Args)]
 pub struct MountArgs {
-    /// The backing directory holding the encrypted volume
+    /// The backing directory holding the encrypted volume (with --reverse: the plaintext directory)
     backing: PathBuf,
     /// Where the decrypted view appears (an existing directory)
     mountpoint: PathBuf,
