@@ -20,13 +20,18 @@
 #                                     (default /var/tmp/kmsfs-bench)
 #   KMSFS_MOUNT_OPTS="-o foo" scripts/bench.sh  extra kmsfs mount options
 #   FLOOR_OPTS="--no-writeback-cache" scripts/bench.sh  options of the FUSE floor
+#
+# The reverse_* workloads back the tree up through an encrypted reverse view
+# of it (gocryptfs -reverse, kmsfs --reverse; raw: the plaintext itself) to a
+# plain directory; the other targets have no reverse mode and skip them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 TARGETS=(${TARGETS:-raw bindfs gocryptfs securefs floor kmsfs})
 ALL_WORKLOADS=(dd_write dd_read_cold untar ls_lR read_all rm_rf
     fio_seq_write fio_seq_read fio_rand_read_qd1 fio_rand_read_4jobs fio_rand_write_qd1 fio_rand_write_4jobs
-    meta_create meta_stat meta_unlink rsync_initial rsync_incremental restic_backup)
+    meta_create meta_stat meta_unlink rsync_initial rsync_incremental restic_backup
+    reverse_rsync_initial reverse_rsync_incremental)
 WANTED_WORKLOADS=${WORKLOADS:-${ALL_WORKLOADS[*]}}
 for w in $WANTED_WORKLOADS; do
     if [[ " ${ALL_WORKLOADS[*]} " != *" $w "* ]]; then
@@ -89,7 +94,7 @@ mounted=()
 cleanup() {
     rm -rf /dev/shm/kmsfs-bench-tree.tar /dev/shm/kmsfs-bench-src
     for m in "${mounted[@]}"; do
-        if [[ $m == */kmsfs ]]; then
+        if [[ $m == */kmsfs || $m == */rev-kmsfs ]]; then
             "$KMSFS" umount "$m" 2>/dev/null || umount "$m" 2>/dev/null || true
         else
             umount "$m" 2>/dev/null || true
@@ -142,11 +147,32 @@ echo "== generating a tarball of $FILES small files (0-16 KiB) in $DIRS director
 python3 "$ROOT/scripts/make_tree.py" "$TREE_TAR" "$FILES" "$DIRS"
 
 BACKUP_SRC=/dev/shm/kmsfs-bench-src
-if [[ " ${WORKLOADS[*]} " == *" rsync_"* || " ${WORKLOADS[*]} " == *" restic_"* ]]; then
+if [[ " ${WORKLOADS[*]} " == *" rsync_"* || " ${WORKLOADS[*]} " == *" restic_"* || " ${WORKLOADS[*]} " == *" reverse_"* ]]; then
     rm -rf "$BACKUP_SRC" && mkdir -p "$BACKUP_SRC" && tar -xf "$TREE_TAR" -C "$BACKUP_SRC"
 fi
 
 for t in "${TARGETS[@]}"; do setup_target "$t"; done
+
+# Reverse views of the backup source, each leaving out the other's configuration.
+setup_reverse() {
+    local view=$WORK/rev-$1
+    case $1 in
+        gocryptfs)
+            gocryptfs -init -reverse -q -extpass "echo bench" "$BACKUP_SRC" >/dev/null
+            mkdir -p "$view"
+            gocryptfs -reverse -q -extpass "echo bench" -exclude .kmsfs-reverse "$BACKUP_SRC" "$view" ;;
+        kmsfs)
+            "$KMSFS" init --reverse "$BACKUP_SRC" --kdf-memory-mib 19 --kdf-iterations 2 >/dev/null
+            mkdir -p "$view"
+            "$KMSFS" mount --reverse "$BACKUP_SRC" "$view" --exclude /.gocryptfs.reverse.conf ;;
+        *) return ;;
+    esac
+    mounted+=("$view")
+    wait_mounted "$view"
+}
+if [[ " ${WORKLOADS[*]} " == *" reverse_"* ]]; then
+    for t in "${TARGETS[@]}"; do setup_reverse "$t"; done
+fi
 KMSFS_PID=
 if [[ " ${TARGETS[*]} " == *" kmsfs "* ]]; then
     KMSFS_PID=$("$KMSFS" status --json "$WORK/back-kmsfs" | python3 -c 'import json,sys; print(json.load(sys.stdin)["daemon_pid"])')
@@ -205,6 +231,14 @@ prepare_restic_backup() {
     RESTIC_PASSWORD=bench restic --no-cache --quiet --repo "$1/restic" init >/dev/null
 }
 run_restic_backup() { RESTIC_PASSWORD=bench restic --no-cache --quiet --repo "$1/restic" backup "$BACKUP_SRC" >/dev/null; }
+# Backups of the tree through its reverse view to a plain directory: the
+# first copy, then again with nothing changed.
+applies_reverse_rsync_initial() { [[ " raw gocryptfs kmsfs " == *" $1 "* ]]; }
+applies_reverse_rsync_incremental() { applies_reverse_rsync_initial "$1"; }
+reverse_source() { if [ "$1" = raw ]; then echo "$BACKUP_SRC"; else echo "$WORK/rev-$1"; fi; }
+prepare_reverse_rsync_initial() { rm -rf "$WORK/revdest-$(basename "$1")"; }
+run_reverse_rsync_initial() { rsync -a "$(reverse_source "$(basename "$1")")/" "$WORK/revdest-$(basename "$1")/"; }
+run_reverse_rsync_incremental() { run_reverse_rsync_initial "$1"; }
 
 RESULTS=$WORK/results.tsv
 printf "round\tworkload\ttarget\tseconds\n" > "$RESULTS"
@@ -219,6 +253,7 @@ for round in $(seq "$ROUNDS"); do
     for w in "${WORKLOADS[@]}"; do
         line="round $round  $w:"
         for t in "${order[@]}"; do
+            if declare -F "applies_$w" >/dev/null && ! "applies_$w" "$t"; then continue; fi
             dir=$WORK/$t
             if declare -F "prepare_$w" >/dev/null; then "prepare_$w" "$dir"; fi
             rm -f "$WORK/measured"
