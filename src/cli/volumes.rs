@@ -142,11 +142,13 @@ pub fn open_volume(backing: &Path, keys: &KeyOptions) -> Result<Volume, CliError
 pub fn volume_dir(path: &Path) -> (PathBuf, bool) {
     let db = kmsfs::volume::db::DB_FILE;
     let reverse = kmsfs::reverse::volume_dir(path);
-    if !path.join(db).exists() && reverse.join(db).exists() {
-        (reverse, true)
-    } else {
-        (path.to_path_buf(), false)
+    // A forward backing directory never holds `.kmsfs-reverse` (its
+    // entries' names are encrypted), whatever else a plaintext one holds.
+    if reverse.join(db).exists() {
+        return (reverse, true);
     }
+    let named_itself = path.file_name() == Some(std::ffi::OsStr::new(kmsfs::reverse::VOLUME_DIR));
+    (path.to_path_buf(), named_itself && path.join(db).exists())
 }
 
 /// An audit event about the volume at `backing` (or the reverse view of

@@ -50,17 +50,29 @@ impl DerivedKeys {
         truncated(&self.nonces, &[b"block\0", file_id, &index.to_be_bytes()])
     }
 
+    /// A stable number for something of the view that has no inode of its
+    /// own (a directory IV file, a sidecar): `purpose` and `parts` as for
+    /// `nonce`, under the ids key.
+    pub fn number(&self, purpose: &str, parts: &[&[u8]]) -> u64 {
+        u64::from_be_bytes(truncated(&self.ids, &[&labelled(purpose, parts)]))
+    }
+
     /// The nonce of a sealed symlink target or xattr value: `purpose`, then
     /// each part with its length in front (so that parts cannot run into
     /// each other).
     pub fn nonce(&self, purpose: &str, parts: &[&[u8]]) -> [u8; NONCE_LEN] {
-        let mut input = [purpose.as_bytes(), b"\0"].concat();
-        for part in parts {
-            input.extend_from_slice(&(part.len() as u64).to_be_bytes());
-            input.extend_from_slice(part);
-        }
-        truncated(&self.nonces, &[&input])
+        truncated(&self.nonces, &[&labelled(purpose, parts)])
     }
+}
+
+/// `purpose || 0x00`, then each part as `len (u64) || part`.
+fn labelled(purpose: &str, parts: &[&[u8]]) -> Vec<u8> {
+    let mut input = [purpose.as_bytes(), b"\0"].concat();
+    for part in parts {
+        input.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        input.extend_from_slice(part);
+    }
+    input
 }
 
 fn truncated<const N: usize>(key: &hmac::Key, parts: &[&[u8]]) -> [u8; N] {

@@ -29,9 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{Errno, FileAttr, FileType, INodeNo};
-use rustix::fs::{Mode, OFlags, ResolveFlags, Stat};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Stat, StatxAttributes, StatxFlags};
 
-use crate::crypto::{DerivedKeys, Layout};
+use crate::crypto::DerivedKeys;
 use crate::fs::attr::to_attr;
 use crate::volume::Volume;
 use exclude::Excludes;
@@ -74,12 +74,8 @@ struct VirtualNode {
     lookups: u64,
 }
 
-#[derive(Default)]
-struct Virtuals {
-    by_id: HashMap<u64, (Virtual, VirtualNode)>,
-    ids: HashMap<Virtual, u64>,
-    next: u64,
-}
+/// The view's own files the kernel holds, by node id.
+type Virtuals = HashMap<u64, (Virtual, VirtualNode)>;
 
 pub struct ReverseOptions {
     pub ttl: Duration,
@@ -131,12 +127,24 @@ impl ReverseFs {
         let db_path = volume.backing().join(crate::volume::db::DB_FILE);
         let db_bytes = std::fs::read(&db_path).map_err(io(&db_path))?;
         let db_stat = rustix::fs::stat(&db_path).map_err(|e| io(&db_path)(e.into()))?;
-        let active = volume
+        let keys = volume
             .db()
             .volume_keys()
-            .ok()
-            .and_then(|keys| keys.into_iter().find(|k| k.state == "active").map(|k| k.created_at));
+            .map_err(|e| io(volume.backing())(std::io::Error::other(e.to_string())))?;
+        let active = keys.into_iter().find(|k| k.state == "active").map(|k| k.created_at);
         let keys_made = UNIX_EPOCH + Duration::from_secs(active.unwrap_or(0).max(0) as u64);
+        // Every request resolves paths with openat2 (Linux 5.6).
+        let probe = rustix::fs::openat2(
+            &root,
+            ".",
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV,
+        );
+        if let Err(e) = probe {
+            let why = std::io::Error::other(format!("openat2 ({e}): reverse views need Linux 5.6 or later"));
+            return Err(io(plain)(why));
+        }
         Ok(ReverseFs {
             root_ino: st.st_ino as u64,
             root_dev: st.st_dev as u64,
@@ -144,10 +152,7 @@ impl ReverseFs {
             volume,
             options,
             paths: Mutex::new(HashMap::from([(1, (PathBuf::new(), 1))])),
-            virtuals: Mutex::new(Virtuals {
-                next: VIRTUAL_BASE + 1,
-                ..Virtuals::default()
-            }),
+            virtuals: Mutex::new(Virtuals::new()),
             descriptor: (db_bytes.into(), db_stat),
             keys_made,
             files: Mutex::new(HashMap::new()),
@@ -218,12 +223,12 @@ impl ReverseFs {
     fn forget(&self, ino: u64, count: u64) {
         if ino >= VIRTUAL_BASE {
             let mut virtuals = crate::util::lock(&self.virtuals);
-            let gone = virtuals.by_id.get_mut(&ino).is_some_and(|(_, node)| {
+            let gone = virtuals.get_mut(&ino).is_some_and(|(_, node)| {
                 node.lookups = node.lookups.saturating_sub(count);
                 node.lookups == 0
             });
-            if gone && let Some((what, _)) = virtuals.by_id.remove(&ino) {
-                virtuals.ids.remove(&what);
+            if gone {
+                virtuals.remove(&ino);
             }
             return;
         }
@@ -282,7 +287,7 @@ impl ReverseFs {
 
     fn virtual_attr(&self, ino: u64) -> FsResult<FileAttr> {
         let virtuals = crate::util::lock(&self.virtuals);
-        let (what, node) = virtuals.by_id.get(&ino).ok_or(Errno::ENOENT)?;
+        let (what, node) = virtuals.get(&ino).ok_or(Errno::ENOENT)?;
         if *what == Virtual::Descriptor {
             let mut attr = to_attr(ino, &self.descriptor.1, Some(node.content.len() as u64));
             attr.ino = INodeNo(ino);
@@ -307,19 +312,30 @@ impl ReverseFs {
         })
     }
 
-    /// Looks a virtual file up (making it if new); counts the lookup when `count`.
-    fn virtual_node(&self, what: Virtual, content: Arc<[u8]>, owner: (u32, u32), count: bool) -> u64 {
-        let mut virtuals = crate::util::lock(&self.virtuals);
-        let id = match virtuals.ids.get(&what) {
-            Some(&id) => id,
-            None => {
-                let id = virtuals.next;
-                virtuals.next += 1;
-                let mode = if what == Virtual::Descriptor {
-                    (self.descriptor.1.st_mode & 0o7777) as u16
-                } else {
-                    0o444
-                };
+    /// The node id of one of the view's own files: derived from what it is,
+    /// so that it is the same on every mount (restic, for one, records it).
+    fn virtual_id(&self, what: &Virtual) -> u64 {
+        let number = match what {
+            Virtual::Descriptor => self.derived().number("descriptor", &[]),
+            Virtual::DirIv { dir } => self.derived().number("diriv", &[&dir.to_be_bytes()]),
+            Virtual::Sidecar { dir, hashed } => self
+                .derived()
+                .number("sidecar", &[&dir.to_be_bytes(), hashed.as_bytes()]),
+        };
+        VIRTUAL_BASE | number
+    }
+
+    /// Looks a virtual file up: its node, made if the kernel holds none.
+    fn virtual_lookup(&self, what: Virtual, content: Arc<[u8]>, owner: (u32, u32)) -> FsResult<FileAttr> {
+        let id = self.virtual_id(&what);
+        {
+            let mut virtuals = crate::util::lock(&self.virtuals);
+            let mode = if what == Virtual::Descriptor {
+                (self.descriptor.1.st_mode & 0o7777) as u16
+            } else {
+                0o444
+            };
+            let (_, node) = virtuals.entry(id).or_insert_with(|| {
                 let node = VirtualNode {
                     content,
                     owner,
@@ -327,35 +343,27 @@ impl ReverseFs {
                     time: self.keys_made,
                     lookups: 0,
                 };
-                virtuals.ids.insert(what.clone(), id);
-                virtuals.by_id.insert(id, (what, node));
-                id
-            }
-        };
-        if count && let Some((_, node)) = virtuals.by_id.get_mut(&id) {
+                (what, node)
+            });
             node.lookups += 1;
         }
-        id
+        self.virtual_attr(id)
     }
 
     fn virtual_content(&self, ino: u64) -> FsResult<Arc<[u8]>> {
         crate::util::lock(&self.virtuals)
-            .by_id
             .get(&ino)
             .map(|(_, node)| Arc::clone(&node.content))
             .ok_or(Errno::ENOENT)
     }
 
-    /// Whether an entry of the plaintext directory `dir` is in the view.
-    fn shown(&self, dir: &Path, name: &OsStr, st: &Stat) -> bool {
+    /// Whether an entry of the plaintext directory `dir` (on the top's
+    /// filesystem) is in the view.
+    fn shown(&self, dir: &Path, name: &OsStr, is_dir: bool) -> bool {
         if dir.as_os_str().is_empty() && name == VOLUME_DIR {
             return false;
         }
-        st.st_dev as u64 == self.root_dev
-            && !self
-                .options
-                .excludes
-                .excludes(&dir.join(name), st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+        !self.options.excludes.excludes(&dir.join(name), is_dir)
     }
 
     fn dir_iv(&self, dir_st: &Stat) -> [u8; 16] {
@@ -370,30 +378,29 @@ impl ReverseFs {
         let owner = (dir_st.st_uid, dir_st.st_gid);
         if name == crate::volume::layout::DIR_IV_FILE.as_bytes() {
             let iv = self.dir_iv(&dir_st);
-            let id = self.virtual_node(
-                Virtual::DirIv {
-                    dir: dir_st.st_ino as u64,
-                },
-                Arc::from(&iv[..]),
-                owner,
-                true,
-            );
-            return self.virtual_attr(id);
+            let what = Virtual::DirIv {
+                dir: dir_st.st_ino as u64,
+            };
+            return self.virtual_lookup(what, Arc::from(&iv[..]), owner);
         }
         if parent == 1 && name == DESCRIPTOR.as_bytes() {
-            let id = self.virtual_node(Virtual::Descriptor, Arc::clone(&self.descriptor.0), owner, true);
-            return self.virtual_attr(id);
+            return self.virtual_lookup(Virtual::Descriptor, Arc::clone(&self.descriptor.0), owner);
         }
         let iv = self.dir_iv(&dir_st);
         let plain_name = match names::parse(name) {
             names::ViewName::Sidecar(hashed) => {
-                let (_, encrypted) = self.find_long(&dir_fd, &dir_st, &iv, hashed)?;
+                let (plain_name, encrypted) = self.find_long(&dir_fd, &dir_st, &iv, hashed)?;
+                // Only the sidecar of an entry the view shows.
+                let fd = self.open_plain(&dir_path.join(&plain_name), OFlags::PATH)?;
+                let st = rustix::fs::fstat(&fd).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+                if !self.shown(&dir_path, &plain_name, is_dir(&st)) {
+                    return Err(Errno::ENOENT);
+                }
                 let what = Virtual::Sidecar {
                     dir: dir_st.st_ino as u64,
                     hashed: hashed.to_string(),
                 };
-                let id = self.virtual_node(what, Arc::from(encrypted.as_bytes()), owner, true);
-                return self.virtual_attr(id);
+                return self.virtual_lookup(what, Arc::from(encrypted.as_bytes()), owner);
             }
             names::ViewName::Long(hashed) => self.find_long(&dir_fd, &dir_st, &iv, hashed)?.0,
             names::ViewName::Short(encrypted) => names::decrypt_short(self.volume.names(), &iv, encrypted)?,
@@ -403,7 +410,7 @@ impl ReverseFs {
         let path = dir_path.join(&plain_name);
         let fd = self.open_plain(&path, OFlags::PATH)?;
         let st = rustix::fs::fstat(&fd).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
-        if !self.shown(&dir_path, &plain_name, &st) {
+        if st.st_dev as u64 != self.root_dev || !self.shown(&dir_path, &plain_name, is_dir(&st)) {
             return Err(Errno::ENOENT);
         }
         let attr = self.plain_attr(&fd, &st)?;
@@ -450,19 +457,18 @@ impl ReverseFs {
             self.virtual_content(ino)?;
             return Ok(0);
         }
-        // A backup should not move the access times of what it reads.
-        let (fd, st) = match self.open_node(ino, OFlags::RDONLY | OFlags::NOATIME) {
-            Err(e) if e == Errno::EPERM => self.open_node(ino, OFlags::RDONLY)?,
-            other => other?,
-        };
+        // Checked to be a regular file before it is opened for reading: a
+        // fifo or device put in its place must not be opened.
+        let (path_fd, st) = self.open_node(ino, OFlags::PATH)?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err(Errno::EINVAL);
         }
+        let fd = reopen(&path_fd, OFlags::RDONLY)?;
         let derived = self.derived();
         let Some(file_id) = derived.file_id(st.st_ino as u64) else {
             return Err(Errno::EIO);
         };
-        let cipher = crate::crypto::BlockCipher::new(&derived.data_key(&file_id), file_id, Layout::Sealed);
+        let cipher = crate::crypto::BlockCipher::new(&derived.data_key(&file_id), file_id, self.volume.layout());
         let file = Arc::new(ViewFile::new(fd, st.st_size as u64, file_id, cipher));
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         crate::util::lock(&self.files).insert(fh, file);
@@ -487,19 +493,28 @@ impl ReverseFs {
 
     /// The entries of a directory as the view lists them: name, node id, type.
     fn list(&self, ino: u64) -> FsResult<Vec<(OsString, u64, FileType)>> {
-        let (dir_fd, dir_st) = self.open_node(ino, OFlags::RDONLY | OFlags::DIRECTORY)?;
+        let (path_fd, dir_st) = self.open_node(ino, OFlags::PATH | OFlags::DIRECTORY)?;
+        if !is_dir(&dir_st) {
+            return Err(Errno::ENOTDIR);
+        }
+        let dir_fd = reopen(&path_fd, OFlags::RDONLY | OFlags::DIRECTORY)?;
         let dir_path = self.path_of(ino)?;
         let iv = self.dir_iv(&dir_st);
-        let owner = (dir_st.st_uid, dir_st.st_gid);
         let mut entries = Vec::new();
         let diriv = Virtual::DirIv {
             dir: dir_st.st_ino as u64,
         };
-        let id = self.virtual_node(diriv, Arc::from(&iv[..]), owner, false);
-        entries.push((crate::volume::layout::DIR_IV_FILE.into(), id, FileType::RegularFile));
+        entries.push((
+            crate::volume::layout::DIR_IV_FILE.into(),
+            self.virtual_id(&diriv),
+            FileType::RegularFile,
+        ));
         if ino == 1 {
-            let id = self.virtual_node(Virtual::Descriptor, Arc::clone(&self.descriptor.0), owner, false);
-            entries.push((DESCRIPTOR.into(), id, FileType::RegularFile));
+            entries.push((
+                DESCRIPTOR.into(),
+                self.virtual_id(&Virtual::Descriptor),
+                FileType::RegularFile,
+            ));
         }
         let dir = rustix::fs::Dir::read_from(&dir_fd).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
         for entry in dir {
@@ -508,22 +523,39 @@ impl ReverseFs {
             if name == "." || name == ".." {
                 continue;
             }
-            let st = match rustix::fs::statat(&dir_fd, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+            let wanted = StatxFlags::TYPE | StatxFlags::INO;
+            let st = match rustix::fs::statx(&dir_fd, name, AtFlags::SYMLINK_NOFOLLOW, wanted) {
                 Ok(st) => st,
                 Err(rustix::io::Errno::NOENT) => continue, // removed meanwhile
                 Err(e) => return Err(Errno::from_i32(e.raw_os_error())),
             };
-            if !self.shown(&dir_path, name, &st) {
+            // Mount points (bind mounts of the same filesystem too) are left
+            // out, as LOOKUP's RESOLVE_NO_XDEV refuses them.
+            let root_dev = (rustix::fs::major(self.root_dev), rustix::fs::minor(self.root_dev));
+            let mount_root = st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT);
+            let mode = u32::from(st.stx_mode);
+            if mount_root
+                || (st.stx_dev_major, st.stx_dev_minor) != root_dev
+                || !self.shown(&dir_path, name, mode & libc::S_IFMT == libc::S_IFDIR)
+            {
                 continue;
             }
-            let kind = crate::fs::inodes::file_type(st.st_mode as u32);
-            let node = self.node_id(st.st_ino as u64);
+            let kind = crate::fs::inodes::file_type(mode);
+            let node = self.node_id(st.stx_ino);
+            if node >= VIRTUAL_BASE {
+                log::error!("an inode number of the plaintext directory is too large for the view");
+                return Err(Errno::EIO);
+            }
             match crate::volume::layout::backing_name(self.volume.names(), &iv, name.as_bytes()) {
                 crate::volume::layout::BackingName::Short(encrypted) => entries.push((encrypted.into(), node, kind)),
-                long @ crate::volume::layout::BackingName::Long { .. } => {
-                    let (sidecar, _) = long.sidecar().expect("a long name has a sidecar");
-                    entries.push((long.as_str().into(), node, kind));
-                    entries.push((sidecar.into(), VIRTUAL_BASE, FileType::RegularFile));
+                crate::volume::layout::BackingName::Long { hashed, .. } => {
+                    let sidecar = Virtual::Sidecar {
+                        dir: dir_st.st_ino as u64,
+                        hashed: hashed.clone(),
+                    };
+                    let sidecar_name = format!("{hashed}{}", crate::volume::layout::SIDECAR_SUFFIX);
+                    entries.push((hashed.into(), node, kind));
+                    entries.push((sidecar_name.into(), self.virtual_id(&sidecar), FileType::RegularFile));
                 }
             }
         }
@@ -575,22 +607,28 @@ impl ReverseFs {
         if !matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFDIR) {
             return Ok(None);
         }
-        // The xattr calls need a descriptor opened for real, not O_PATH:
-        // the same inode opened again through /proc (never a device).
-        let again = format!("/proc/self/fd/{}", fd_number(&fd));
-        let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
-        let real = match rustix::fs::open(&again, flags | OFlags::NOATIME, Mode::empty()) {
-            Err(rustix::io::Errno::PERM) => rustix::fs::open(&again, flags, Mode::empty()),
-            other => other,
-        }
-        .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+        // The xattr calls need a descriptor opened for real, not O_PATH.
+        let real = reopen(&fd, OFlags::RDONLY | OFlags::NONBLOCK)?;
         Ok(Some((real, st)))
     }
 }
 
-fn fd_number(fd: &OwnedFd) -> i32 {
+fn is_dir(st: &Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+/// The inode an `O_PATH` descriptor names, opened for real (through
+/// /proc: the same inode, whatever its path names now), without moving its
+/// access time where the daemon may say so.
+fn reopen(fd: &OwnedFd, flags: OFlags) -> FsResult<OwnedFd> {
     use std::os::fd::AsRawFd;
-    fd.as_fd().as_raw_fd()
+    let again = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+    let flags = flags | OFlags::CLOEXEC;
+    match rustix::fs::open(&again, flags | OFlags::NOATIME, Mode::empty()) {
+        Err(rustix::io::Errno::PERM) => rustix::fs::open(&again, flags, Mode::empty()),
+        other => other,
+    }
+    .map_err(|e| Errno::from_i32(e.raw_os_error()))
 }
 
 fn plain_xattr_names(fd: &OwnedFd) -> FsResult<Vec<Vec<u8>>> {

@@ -349,6 +349,12 @@ impl Volume {
         Ok((file_id, BlockCipher::new(&dek, file_id, self.layout())))
     }
 
+    /// Whether the file `file_id` has a derived key (no row, in a volume
+    /// with derived keys): one no unlink erases.
+    pub fn derives_key_of(&self, file_id: &FileId) -> bool {
+        self.derived.is_some() && matches!(self.db.file_key(file_id), Ok(None))
+    }
+
     /// The derived keys of a volume made for a reverse view (and of its copies).
     pub fn derived(&self) -> Option<&DerivedKeys> {
         self.derived.as_ref()

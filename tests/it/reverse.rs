@@ -6,7 +6,7 @@
 //! refusals, and rotation (new ciphertext everywhere; old copies still open).
 
 use std::fs;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::process::Command;
 
@@ -31,12 +31,19 @@ fn forward(vol: &TestVolume, dir: &Path) -> TestVolume {
 
 #[test]
 fn reverse_view_backs_up_with_rsync_and_restic_and_the_copies_mount_forward() {
-    let vol = TestVolume::init_reverse(make_source);
+    let vol = TestVolume::init_reverse(|plain| {
+        make_source(plain);
+        // Sparse to its end: a hole is never the last block.
+        let tail = fs::File::create(plain.join("a/ends-in-a-hole")).unwrap();
+        tail.write_all_at(b"start", 0).unwrap();
+        tail.set_len(1 << 20).unwrap();
+    });
     let plain = vol.backing.clone();
     let view = vol.mnt.clone();
     let m = vol.mount_with(&["--reverse"]);
-    assert!(!view.join(".kmsfs-reverse").exists());
     assert!(view.join("kmsfs.db").is_file() && view.join(".kmsfs.diriv").is_file());
+    // The top's five directories, the DB and the IV; not .kmsfs-reverse.
+    assert_eq!(fs::read_dir(&view).unwrap().count(), 5 + 2);
     // Nothing of the plaintext shows: every name is encrypted.
     let names: Vec<String> = fs::read_dir(&view)
         .unwrap()
@@ -58,9 +65,12 @@ fn reverse_view_backs_up_with_rsync_and_restic_and_the_copies_mount_forward() {
     let changed = rsync(&view, &dest, &[]);
     assert_eq!(transferred(&changed), 1, "exactly the changed file:\n{changed}");
 
-    // Deterministic: another mount shows byte-identical files and targets.
+    // Deterministic: another mount shows byte-identical files and targets,
+    // with the same inode numbers, sizes and times.
+    let before = view_attrs(&view);
     m.unmount();
     let m = vol.mount_with(&["--reverse"]);
+    assert_eq!(view_attrs(&view), before);
     let same = Command::new("diff")
         .args(["-r", "--no-dereference"])
         .arg(&view)
@@ -95,10 +105,60 @@ fn reverse_view_backs_up_with_rsync_and_restic_and_the_copies_mount_forward() {
         let mounted = fwd.mount();
         assert_same_tree(&plain, &fwd.mnt, what);
         assert_eq!(fs::metadata(fwd.path("a/sparse.img")).unwrap().len(), 64 << 20);
+        assert_eq!(
+            fs::read(fwd.path("a/ends-in-a-hole")).unwrap(),
+            fs::read(plain.join("a/ends-in-a-hole")).unwrap()
+        );
         mounted.unmount();
         let (code, report) = fsck(&fwd, &[]);
         assert_eq!(code, 0, "{what}: fsck: {report}");
     }
+
+    // A copy that split the hard links (as a copy without rsync -H does)
+    // reads the same and checks clean: the links share a derived key.
+    let split = vol.dir.path().join("split-links");
+    run(
+        "cp --no-preserve=links",
+        Command::new("cp")
+            .args(["-a", "--no-preserve=links"])
+            .arg(&dest)
+            .arg(&split),
+    );
+    let fwd = forward(&vol, &split);
+    let mounted = fwd.mount();
+    let linked = fs::read(plain.join("a/plain.txt")).unwrap();
+    for name in ["a/plain.txt", "with space/hard link", "a/b/second link"] {
+        assert_eq!(fs::read(fwd.path(name)).unwrap(), linked, "{name}");
+    }
+    assert_eq!(
+        fs::symlink_metadata(fwd.path("a/plain.txt")).unwrap().nlink(),
+        1,
+        "split"
+    );
+    mounted.unmount();
+    let (code, report) = fsck(&fwd, &[]);
+    assert_eq!(code, 0, "fsck of a copy with split hard links: {report}");
+
+    // A restored copy is a volume like any: files with derived keys change,
+    // new ones get keys of their own, and it all checks.
+    let fwd = forward(&vol, &restored);
+    let mounted = fwd.mount();
+    let mut appended = fs::OpenOptions::new()
+        .append(true)
+        .open(fwd.path("a/plain.txt"))
+        .unwrap();
+    std::io::Write::write_all(&mut appended, b" and more").unwrap();
+    drop(appended);
+    fs::write(fwd.path("a/new file"), b"written after the restore").unwrap();
+    mounted.unmount();
+    let (code, report) = fsck(&fwd, &[]);
+    assert_eq!(code, 0, "fsck after writing into a restored copy: {report}");
+    let mounted = fwd.mount();
+    let mut expected = fs::read(plain.join("a/plain.txt")).unwrap();
+    expected.extend_from_slice(b" and more");
+    assert_eq!(fs::read(fwd.path("a/plain.txt")).unwrap(), expected);
+    assert_eq!(fs::read(fwd.path("a/new file")).unwrap(), b"written after the restore");
+    mounted.unmount();
 
     // A flipped byte in the copy: that file reads as EIO, the rest reads.
     let (target, _) = largest_file(&dest);
@@ -116,6 +176,21 @@ fn reverse_view_backs_up_with_rsync_and_restic_and_the_copies_mount_forward() {
         fs::read(plain.join("a/plain.txt")).unwrap()
     );
     mounted.unmount();
+}
+
+/// Every entry under `dir` with its inode number, size and mtime, sorted.
+fn view_attrs(dir: &Path) -> Vec<(std::path::PathBuf, u64, u64, i64)> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        out.push((path.clone(), meta.ino(), meta.len(), meta.mtime()));
+        if meta.is_dir() {
+            out.extend(view_attrs(&path));
+        }
+    }
+    out.sort();
+    out
 }
 
 fn largest_file(dir: &Path) -> (std::path::PathBuf, u64) {
