@@ -6,7 +6,6 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use kmsfs::fs::MountOptions;
 use kmsfs::reverse::exclude::Excludes;
@@ -101,14 +100,7 @@ pub fn serve(
         Arc::clone(&volume),
         plain,
         ReverseOptions {
-            // The plaintext changes behind the view's back: unless asked
-            // otherwise, the kernel asks again every time, so that a backup
-            // started right after a change sees it.
-            ttl: if args.options.iter().any(|o| o.contains("attr_timeout=")) {
-                options.fs.ttl
-            } else {
-                Duration::ZERO
-            },
+            ttl: options.fs.ttl,
             excludes,
         },
     )

@@ -62,6 +62,9 @@ fn reverse_view_backs_up_with_rsync_and_restic_and_the_copies_mount_forward() {
     let again = rsync(&view, &dest, &[]);
     assert_eq!(transferred(&again), 0, "nothing changed, nothing moves:\n{again}");
     fs::write(plain.join("a/b/c/deep.bin"), b"changed in place").unwrap();
+    // The kernel keeps the view's attributes for attr_timeout (1 s) after
+    // the run before looked at them.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let changed = rsync(&view, &dest, &[]);
     assert_eq!(transferred(&changed), 1, "exactly the changed file:\n{changed}");
 
