@@ -210,8 +210,19 @@ pub fn mount(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     result
 }
 
-fn serve(args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
+fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let mut keys = keys.clone();
+    // fstab and mount(8) give everything as -o: `reverse`, `exclude_from=`.
+    let (reverse, exclude_from, rest) = super::mount_options::take_reverse_options(&args.options)?;
+    args.reverse |= reverse;
+    args.exclude_from.extend(exclude_from);
+    if !args.reverse && !args.exclude_from.is_empty() {
+        return Err(CliError::new(
+            ExitCode::Usage,
+            "exclude_from= is for reverse views only (with `reverse`)",
+        ));
+    }
+    args.options = rest;
     let options = super::mount_options::parse(&args.options, &mut keys)?;
     let keys = &keys;
     super::audit::install(keys, "mount")?;

@@ -6,6 +6,20 @@ use kmsfs::fs::MountOptions;
 
 use super::{CliError, ExitCode, KeyOptions};
 
+/// Takes the reverse-view options out of `-o` options: whether `reverse`
+/// is there, the `exclude_from=` files, and the other options.
+pub fn take_reverse_options(raw: &[String]) -> Result<(bool, Vec<PathBuf>, Vec<String>), CliError> {
+    let (mut reverse, mut files, mut rest) = (false, Vec::new(), Vec::new());
+    for opt in raw.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
+        match opt {
+            "reverse" => reverse = true,
+            o if o.starts_with("exclude_from=") => files.push(PathBuf::from(value(o)?)),
+            o => rest.push(o.to_string()),
+        }
+    }
+    Ok((reverse, files, rest))
+}
+
 /// Parses `-o` options. Key options (`keystore=`, `passphrase_file=`,
 /// `key_file=`) are accepted too, so that an fstab line can carry them.
 pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliError> {

@@ -77,6 +77,14 @@ struct VirtualNode {
 /// The view's own files the kernel holds, by node id.
 type Virtuals = HashMap<u64, (Virtual, VirtualNode)>;
 
+/// A directory of the view, opened: its node, plaintext path and inode.
+struct OpenDir {
+    ino: u64,
+    path: PathBuf,
+    fd: OwnedFd,
+    st: Stat,
+}
+
 pub struct ReverseOptions {
     pub ttl: Duration,
     pub excludes: Excludes,
@@ -372,8 +380,30 @@ impl ReverseFs {
 
     /// LOOKUP: an encrypted name (or a name of the view's own) in a directory.
     fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<FileAttr> {
-        let (dir_fd, dir_st) = self.open_node(parent, OFlags::PATH | OFlags::DIRECTORY)?;
-        let dir_path = self.path_of(parent)?;
+        self.lookup_in(&self.open_dir_node(parent)?, name)
+    }
+
+    /// A directory node opened for lookups in it.
+    fn open_dir_node(&self, ino: u64) -> FsResult<OpenDir> {
+        let (fd, st) = self.open_node(ino, OFlags::PATH | OFlags::DIRECTORY)?;
+        Ok(OpenDir {
+            ino,
+            path: self.path_of(ino)?,
+            fd,
+            st,
+        })
+    }
+
+    /// LOOKUP in a directory already opened (READDIRPLUS looks up every
+    /// entry of one directory).
+    fn lookup_in(&self, dir: &OpenDir, name: &OsStr) -> FsResult<FileAttr> {
+        let OpenDir {
+            ino: parent,
+            path: dir_path,
+            fd: dir_fd,
+            st: dir_st,
+        } = dir;
+        let (parent, dir_st) = (*parent, *dir_st);
         let name = name.as_bytes();
         let owner = (dir_st.st_uid, dir_st.st_gid);
         if name == crate::volume::layout::DIR_IV_FILE.as_bytes() {
@@ -389,11 +419,11 @@ impl ReverseFs {
         let iv = self.dir_iv(&dir_st);
         let plain_name = match names::parse(name) {
             names::ViewName::Sidecar(hashed) => {
-                let (plain_name, encrypted) = self.find_long(&dir_fd, &dir_st, &iv, hashed)?;
+                let (plain_name, encrypted) = self.find_long(dir_fd, &dir_st, &iv, hashed)?;
                 // Only the sidecar of an entry the view shows.
-                let fd = self.open_plain(&dir_path.join(&plain_name), OFlags::PATH)?;
+                let fd = self.open_child(dir_fd, &plain_name)?;
                 let st = rustix::fs::fstat(&fd).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
-                if !self.shown(&dir_path, &plain_name, is_dir(&st)) {
+                if !self.shown(dir_path, &plain_name, is_dir(&st)) {
                     return Err(Errno::ENOENT);
                 }
                 let what = Virtual::Sidecar {
@@ -402,20 +432,35 @@ impl ReverseFs {
                 };
                 return self.virtual_lookup(what, Arc::from(encrypted.as_bytes()), owner);
             }
-            names::ViewName::Long(hashed) => self.find_long(&dir_fd, &dir_st, &iv, hashed)?.0,
+            names::ViewName::Long(hashed) => self.find_long(dir_fd, &dir_st, &iv, hashed)?.0,
             names::ViewName::Short(encrypted) => names::decrypt_short(self.volume.names(), &iv, encrypted)?,
             names::ViewName::Other => return Err(Errno::ENOENT),
         };
-        drop(dir_fd);
         let path = dir_path.join(&plain_name);
-        let fd = self.open_plain(&path, OFlags::PATH)?;
+        let fd = self.open_child(dir_fd, &plain_name)?;
         let st = rustix::fs::fstat(&fd).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
-        if st.st_dev as u64 != self.root_dev || !self.shown(&dir_path, &plain_name, is_dir(&st)) {
+        if st.st_dev as u64 != self.root_dev || !self.shown(dir_path, &plain_name, is_dir(&st)) {
             return Err(Errno::ENOENT);
         }
         let attr = self.plain_attr(&fd, &st)?;
         self.remember(attr.ino.0, path);
         Ok(attr)
+    }
+
+    /// An entry of an opened directory (a single name, never `..`: names
+    /// come decrypted and checked), opened `O_PATH` as `open_plain` would.
+    fn open_child(&self, dir_fd: &OwnedFd, name: &OsStr) -> FsResult<OwnedFd> {
+        rustix::fs::openat2(
+            dir_fd,
+            name,
+            OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV,
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::XDEV | rustix::io::Errno::LOOP => Errno::ENOENT,
+            e => Errno::from_i32(e.raw_os_error()),
+        })
     }
 
     fn find_long(&self, dir_fd: &OwnedFd, dir_st: &Stat, iv: &[u8; 16], hashed: &str) -> FsResult<(OsString, String)> {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use fuser::{
     Errno, FileHandle, FopenFlags, INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 use super::ReverseFs;
@@ -53,6 +53,11 @@ impl fuser::Filesystem for Mounted {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         if let Err(limit) = config.set_max_readahead(1 << 20) {
             let _ = config.set_max_readahead(limit);
+        }
+        // Listings carry attributes: a backup tool's lstat of every entry
+        // then costs no LOOKUP each.
+        if config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS).is_err() {
+            log::info!("kernel does not offer readdirplus; going without");
         }
         Ok(())
     }
@@ -147,6 +152,45 @@ impl fuser::Filesystem for Mounted {
                 i => {
                     let (name, node, kind) = &listing[i - 2];
                     reply.add(INodeNo(*node), next, *kind, name)
+                }
+            };
+            if full {
+                break;
+            }
+            index += 1;
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let Some(listing) = crate::util::lock(&self.listings).get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        let ttl = self.fs.options.ttl;
+        let dir = match self.fs.open_dir_node(ino.0) {
+            Ok(dir) => dir,
+            Err(e) => return reply.error(e),
+        };
+        let mut index = offset as usize;
+        while index < listing.len() + 2 {
+            let next = index as u64 + 1;
+            let full = match index {
+                0 | 1 => match self.fs.getattr(ino.0) {
+                    Ok(attr) => reply.add(ino, next, if index == 0 { "." } else { ".." }, &ttl, &attr, GENERATION),
+                    Err(e) => return reply.error(e),
+                },
+                i => {
+                    let (name, _, _) = &listing[i - 2];
+                    // As LOOKUP would, counted; an entry gone meanwhile is skipped.
+                    let Ok(attr) = self.fs.lookup_in(&dir, name) else {
+                        index += 1;
+                        continue;
+                    };
+                    let full = reply.add(attr.ino, next, name, &ttl, &attr, GENERATION);
+                    if full {
+                        self.fs.forget(attr.ino.0, 1); // not sent: the kernel did not count it
+                    }
+                    full
                 }
             };
             if full {

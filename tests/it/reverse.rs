@@ -293,6 +293,15 @@ fn reverse_excludes_refusals_and_rotation() {
     };
     check(&dest);
 
+    // The same through -o, as fstab gives it: `cache` (a directory) left out.
+    let fstab = format!("reverse,exclude_from={}", patterns.display());
+    let m = vol.mount_with(&["-o", &fstab]);
+    let top = fs::read_dir(&vol.mnt).unwrap().count();
+    assert_eq!(top, 4 + 2, "keep.txt, skip.tmp, keep, sub, the DB and the IV");
+    m.unmount();
+    let bad = vol.run(&["mount", path_str(&plain), path_str(&vol.mnt), "-o", "exclude_from=/x"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+
     let rotated = vol.run(&["rotate", path_str(&plain)]);
     assert!(rotated.status.success(), "{}", stderr(&rotated));
     assert!(String::from_utf8_lossy(&rotated.stdout).contains("copies everything"));
