@@ -25,7 +25,7 @@ pub fn fsck(backing: &Path, keys: &KeyOptions, opts: FsckOptions, json: bool) ->
         ));
     }
     if !backing.join("kmsfs.db").is_file() {
-        return Err(kmsfs::volume::VolumeError::NotAVolume(backing.to_path_buf()).into());
+        return Err(kmsfs::volume::not_a_volume(backing).into());
     }
     let _lock = VolumeLock::acquire(backing).map_err(|e| match e {
         held @ kmsfs::volume::lock::LockError::Held { .. } => {

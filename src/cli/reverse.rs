@@ -38,6 +38,18 @@ pub fn serve(
         ));
     }
     let dir = kmsfs::reverse::volume_dir(plain);
+    if !plain.is_dir() {
+        return Err(mount_error(format!("{} is not a directory", plain.display())));
+    }
+    if plain.join(kmsfs::volume::db::DB_FILE).exists() && !dir.exists() {
+        return Err(CliError::new(
+            ExitCode::Usage,
+            format!(
+                "{} is a volume (a copy of a reverse view, or a backing directory): mount it without --reverse",
+                plain.display()
+            ),
+        ));
+    }
     if !dir.join(kmsfs::volume::db::DB_FILE).exists() {
         return Err(CliError::new(
             ExitCode::Volume,

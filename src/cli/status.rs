@@ -12,15 +12,17 @@ use super::{CliError, ExitCode, KeyOptions};
 /// The backing directory `path` names: itself (or, for the plaintext
 /// directory of a reverse view, that directory), or the volume mounted at it.
 fn backing_of(path: &Path) -> Result<PathBuf, CliError> {
-    if super::volumes::volume_dir(path).0.join(DB_FILE).exists() {
-        return Ok(path.to_path_buf());
-    }
     let at = match std::fs::canonicalize(path) {
         Ok(p) => p,
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => std::path::absolute(path)?,
         Err(_) => return Ok(path.to_path_buf()), // read_info names what is wrong
     };
-    match mounts()?.into_iter().find(|m| m.mountpoint == at && m.is_kmsfs()) {
+    // The mount table first: the top of a reverse view holds a kmsfs.db too.
+    let mounted = mounts()?.into_iter().find(|m| m.mountpoint == at && m.is_kmsfs());
+    if mounted.is_none() && super::volumes::volume_dir(path).0.join(DB_FILE).exists() {
+        return Ok(at);
+    }
+    match mounted {
         Some(m) if super::volumes::volume_dir(&m.source).0.join(DB_FILE).exists() => Ok(m.source),
         Some(_) => Err(CliError::new(
             ExitCode::Usage,
@@ -29,7 +31,7 @@ fn backing_of(path: &Path) -> Result<PathBuf, CliError> {
                 path.display()
             ),
         )),
-        None => Ok(path.to_path_buf()),
+        None => Ok(at),
     }
 }
 
@@ -154,7 +156,8 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     if reverse {
         println!(
             "                a rotation gives every file, name and directory IV of the view new \
-             ciphertext: the next backup copies everything"
+             ciphertext: the next backup copies everything; copies made before keep the keys \
+             they need in their own kmsfs.db"
         );
     }
     println!(

@@ -114,11 +114,7 @@ impl KmsFs {
                 return Err(Errno::EIO);
             }
         };
-        // Files whose keys are derived may share an id: hard links of a
-        // reverse view that a copy split (no key to erase twice, see shred.rs).
-        if !self.volume.derives_key_of(&id) {
-            self.claim_id(node, &id)?;
-        }
+        self.claim_id(node, &id)?;
         let cipher = Arc::new(self.volume.file_cipher(&id).map_err(|e| {
             log::error!("file {}: {e}", self.describe(node));
             Errno::EIO

@@ -266,8 +266,14 @@ impl ReverseFs {
                 attr
             }
             libc::S_IFLNK => {
-                let target = self.link_target(fd, st)?;
-                to_attr(ino, st, Some(target.len() as u64))
+                // A target too long to show still leaves the entry listed:
+                // its readlink fails, which the backup tool reports.
+                let shown = match self.link_target(fd, st) {
+                    Ok(target) => target.len() as u64,
+                    Err(e) if e == Errno::ENAMETOOLONG => 0,
+                    Err(e) => return Err(e),
+                };
+                to_attr(ino, st, Some(shown))
             }
             _ => to_attr(ino, st, None),
         };

@@ -46,6 +46,11 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 pub enum VolumeError {
     #[error("{0} is not a kmsfs volume (no {DB_FILE}); run `kmsfs init` first")]
     NotAVolume(PathBuf),
+    #[error(
+        "{0} is the plaintext directory of a reverse view: mount its view with `kmsfs mount --reverse`; \
+         check and restore the copies of the view, which are volumes"
+    )]
+    ReversePlain(PathBuf),
     #[error("{0} already holds a kmsfs volume")]
     AlreadyInitialized(PathBuf),
     #[error("{0} is not empty; kmsfs init needs an empty (or new) backing directory")]
@@ -99,6 +104,15 @@ pub fn read_info(backing: &Path) -> Result<VolumeSummary, VolumeError> {
     })
 }
 
+/// Why `backing`, which has no metadata DB, is not a volume.
+pub fn not_a_volume(backing: &Path) -> VolumeError {
+    if crate::reverse::volume_dir(backing).join(DB_FILE).exists() {
+        VolumeError::ReversePlain(backing.to_path_buf())
+    } else {
+        VolumeError::NotAVolume(backing.to_path_buf())
+    }
+}
+
 fn open_db(backing: &Path) -> Result<MetadataDb, VolumeError> {
     if !backing.is_dir() {
         return Err(if backing.exists() {
@@ -109,7 +123,7 @@ fn open_db(backing: &Path) -> Result<MetadataDb, VolumeError> {
     }
     let path = backing.join(DB_FILE);
     if !path.exists() {
-        return Err(VolumeError::NotAVolume(backing.to_path_buf()));
+        return Err(not_a_volume(backing));
     }
     Ok(MetadataDb::open(&path)?)
 }
@@ -347,12 +361,6 @@ impl Volume {
             self.sync_keys()?;
         }
         Ok((file_id, BlockCipher::new(&dek, file_id, self.layout())))
-    }
-
-    /// Whether the file `file_id` has a derived key (no row, in a volume
-    /// with derived keys): one no unlink erases.
-    pub fn derives_key_of(&self, file_id: &FileId) -> bool {
-        self.derived.is_some() && matches!(self.db.file_key(file_id), Ok(None))
     }
 
     /// The derived keys of a volume made for a reverse view (and of its copies).

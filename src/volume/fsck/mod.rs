@@ -385,10 +385,7 @@ pub fn fsck(
             FileOutcome::Fine(id, _) | FileOutcome::Unreadable { id, .. } => *id,
             FileOutcome::HeaderFixable(id, _) => Some(*id),
         };
-        // A copy of a reverse view made without keeping hard links has each
-        // link as a file of its own with the same derived id: that reads
-        // the same and erases no key when deleted (the key is derived).
-        if let Some(id) = id.filter(|id| !volume.derives_key_of(id)) {
+        if let Some(id) = id {
             if let Some(first) = referenced.get(&id) {
                 let detail = format!(
                     "has the same file id ({}) as {}, another backing file: one was copied over \
