@@ -169,6 +169,15 @@ pub(super) fn daemonize() -> Result<File, CliError> {
     Ok(File::from(write_end))
 }
 
+/// A failure of the daemon after it detached, told to the parent waiting
+/// on the readiness pipe (which prints it and exits non-zero) too.
+pub(super) fn report_to_parent(pipe: &mut Option<File>, e: CliError) -> CliError {
+    if let Some(p) = pipe.as_mut() {
+        let _ = p.write_all(e.message.as_bytes());
+    }
+    e
+}
+
 /// The daemon holds one descriptor per inode the kernel remembers: raise
 /// the limit as far as allowed (root may go up to fs.nr_open).
 fn raise_fd_limit() {
@@ -268,12 +277,7 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         super::logging::to_syslog();
     }
     // From here on this process is the daemon: report failures through the pipe too.
-    let report = |pipe: &mut Option<File>, e: CliError| {
-        if let Some(p) = pipe.as_mut() {
-            let _ = p.write_all(e.message.as_bytes());
-        }
-        e
-    };
+    let report = report_to_parent;
     rustix::process::umask(rustix::fs::Mode::empty());
     let lock = Arc::new(lock);
     let (stop_publishing, publisher) = publish_status(&lock, &volume).map_err(|e| report(&mut ready_pipe, e))?;

@@ -92,12 +92,7 @@ pub fn serve(
     if ready_pipe.is_some() && args.log_file.is_none() {
         super::logging::to_syslog();
     }
-    let report = |pipe: &mut Option<std::fs::File>, e: CliError| {
-        if let Some(p) = pipe.as_mut() {
-            let _ = p.write_all(e.message.as_bytes());
-        }
-        e
-    };
+    let report = daemon::report_to_parent;
     volume
         .db()
         .reconnect()

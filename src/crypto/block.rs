@@ -156,10 +156,7 @@ impl BlockCipher {
 
     /// Seals a single block with a fresh nonce.
     pub fn seal_block(&self, index: u64, last: bool, plaintext: &[u8]) -> Vec<u8> {
-        let mut out = vec![0u8; plaintext.len() + BLOCK_OVERHEAD];
-        let aad = block_aad(&self.file_id, index, last);
-        self.sealer.seal_into(random_array(), &aad, plaintext, &mut out);
-        out
+        self.seal_block_with_nonce(index, last, plaintext, random_array())
     }
 
     /// Seals a single block with a given nonce (a reverse view's derived one).

@@ -18,6 +18,8 @@ pub mod exclude;
 mod names;
 mod requests;
 mod view;
+mod virtuals;
+mod xattrs;
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -36,6 +38,7 @@ use crate::fs::attr::to_attr;
 use crate::volume::Volume;
 use exclude::Excludes;
 use view::{ViewFile, view_size};
+use virtuals::{Virtual, Virtuals};
 
 pub use requests::mount;
 
@@ -54,28 +57,6 @@ pub fn volume_dir(plain: &Path) -> PathBuf {
 /// sidecars, the DB); below it, a node id is the plaintext inode number
 /// (the top directory's swapped with 1, which FUSE reserves for it).
 const VIRTUAL_BASE: u64 = 1 << 63;
-
-/// A file of the view that has no plaintext counterpart.
-#[derive(Clone, PartialEq, Eq, Hash)]
-enum Virtual {
-    Descriptor,
-    DirIv { dir: u64 },
-    Sidecar { dir: u64, hashed: String },
-}
-
-struct VirtualNode {
-    content: Arc<[u8]>,
-    /// Owner and times: the directory's owner, and the time the volume's
-    /// keys were made (so that a rotation, which changes every IV and
-    /// sidecar, changes their times too and `rsync` copies them again).
-    owner: (u32, u32),
-    mode: u16,
-    time: SystemTime,
-    lookups: u64,
-}
-
-/// The view's own files the kernel holds, by node id.
-type Virtuals = HashMap<u64, (Virtual, VirtualNode)>;
 
 /// A directory of the view, opened: its node, plaintext path and inode.
 struct OpenDir {
@@ -230,15 +211,7 @@ impl ReverseFs {
 
     fn forget(&self, ino: u64, count: u64) {
         if ino >= VIRTUAL_BASE {
-            let mut virtuals = crate::util::lock(&self.virtuals);
-            let gone = virtuals.get_mut(&ino).is_some_and(|(_, node)| {
-                node.lookups = node.lookups.saturating_sub(count);
-                node.lookups == 0
-            });
-            if gone {
-                virtuals.remove(&ino);
-            }
-            return;
+            return self.forget_virtual(ino, count);
         }
         let mut paths = crate::util::lock(&self.paths);
         let gone = paths.get_mut(&ino).is_some_and(|(_, lookups)| {
@@ -297,78 +270,6 @@ impl ReverseFs {
                 );
                 Errno::ENAMETOOLONG
             })
-    }
-
-    fn virtual_attr(&self, ino: u64) -> FsResult<FileAttr> {
-        let virtuals = crate::util::lock(&self.virtuals);
-        let (what, node) = virtuals.get(&ino).ok_or(Errno::ENOENT)?;
-        if *what == Virtual::Descriptor {
-            let mut attr = to_attr(ino, &self.descriptor.1, Some(node.content.len() as u64));
-            attr.ino = INodeNo(ino);
-            return Ok(attr);
-        }
-        Ok(FileAttr {
-            ino: INodeNo(ino),
-            size: node.content.len() as u64,
-            blocks: (node.content.len() as u64).div_ceil(512),
-            atime: node.time,
-            mtime: node.time,
-            ctime: node.time,
-            crtime: node.time,
-            kind: FileType::RegularFile,
-            perm: node.mode,
-            nlink: 1,
-            uid: node.owner.0,
-            gid: node.owner.1,
-            rdev: 0,
-            blksize: 4096,
-            flags: 0,
-        })
-    }
-
-    /// The node id of one of the view's own files: derived from what it is,
-    /// so that it is the same on every mount (restic, for one, records it).
-    fn virtual_id(&self, what: &Virtual) -> u64 {
-        let number = match what {
-            Virtual::Descriptor => self.derived().number("descriptor", &[]),
-            Virtual::DirIv { dir } => self.derived().number("diriv", &[&dir.to_be_bytes()]),
-            Virtual::Sidecar { dir, hashed } => self
-                .derived()
-                .number("sidecar", &[&dir.to_be_bytes(), hashed.as_bytes()]),
-        };
-        VIRTUAL_BASE | number
-    }
-
-    /// Looks a virtual file up: its node, made if the kernel holds none.
-    fn virtual_lookup(&self, what: Virtual, content: Arc<[u8]>, owner: (u32, u32)) -> FsResult<FileAttr> {
-        let id = self.virtual_id(&what);
-        {
-            let mut virtuals = crate::util::lock(&self.virtuals);
-            let mode = if what == Virtual::Descriptor {
-                (self.descriptor.1.st_mode & 0o7777) as u16
-            } else {
-                0o444
-            };
-            let (_, node) = virtuals.entry(id).or_insert_with(|| {
-                let node = VirtualNode {
-                    content,
-                    owner,
-                    mode,
-                    time: self.keys_made,
-                    lookups: 0,
-                };
-                (what, node)
-            });
-            node.lookups += 1;
-        }
-        self.virtual_attr(id)
-    }
-
-    fn virtual_content(&self, ino: u64) -> FsResult<Arc<[u8]>> {
-        crate::util::lock(&self.virtuals)
-            .get(&ino)
-            .map(|(_, node)| Arc::clone(&node.content))
-            .ok_or(Errno::ENOENT)
     }
 
     /// Whether an entry of the plaintext directory `dir` (on the top's
@@ -616,52 +517,6 @@ impl ReverseFs {
     fn statfs(&self) -> FsResult<rustix::fs::StatVfs> {
         rustix::fs::fstatvfs(&self.root).map_err(|e| Errno::from_i32(e.raw_os_error()))
     }
-
-    /// The xattrs of a regular file or directory, under their view names.
-    fn list_xattrs(&self, ino: u64) -> FsResult<Vec<u8>> {
-        let Some((fd, _)) = self.xattr_target(ino)? else {
-            return Ok(Vec::new());
-        };
-        let mut out = Vec::new();
-        for name in plain_xattr_names(&fd)? {
-            if let Some(stored) = crate::volume::xattrs::StoredName::of(&name, true) {
-                out.extend_from_slice(self.volume.xattr_backing_name(&stored).as_bytes());
-                out.push(0);
-            }
-        }
-        Ok(out)
-    }
-
-    fn get_xattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
-        let Some((fd, st)) = self.xattr_target(ino)? else {
-            return Err(Errno::NO_XATTR);
-        };
-        let stored = self.volume.xattr_stored_name(name).ok_or(Errno::NO_XATTR)?;
-        let value = plain_xattr(&fd, &stored.full_name())?;
-        let derived = self.derived();
-        let owner = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-            self.dir_iv(&st)
-        } else {
-            derived.file_id(st.st_ino as u64).ok_or(Errno::EIO)?
-        };
-        let nonce = derived.nonce("xattr", &[&owner, stored.as_bytes(), &value]);
-        Ok(self.volume.seal_xattr_with_nonce(&owner, &stored, &value, nonce))
-    }
-
-    /// Regular files and directories carry xattrs in the forward format;
-    /// `None` for other nodes (and the view's own files).
-    fn xattr_target(&self, ino: u64) -> FsResult<Option<(OwnedFd, Stat)>> {
-        if ino >= VIRTUAL_BASE {
-            return Ok(None);
-        }
-        let (fd, st) = self.open_node(ino, OFlags::PATH)?;
-        if !matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFDIR) {
-            return Ok(None);
-        }
-        // The xattr calls need a descriptor opened for real, not O_PATH.
-        let real = reopen(&fd, OFlags::RDONLY | OFlags::NONBLOCK)?;
-        Ok(Some((real, st)))
-    }
 }
 
 fn is_dir(st: &Stat) -> bool {
@@ -680,37 +535,4 @@ fn reopen(fd: &OwnedFd, flags: OFlags) -> FsResult<OwnedFd> {
         other => other,
     }
     .map_err(|e| Errno::from_i32(e.raw_os_error()))
-}
-
-fn plain_xattr_names(fd: &OwnedFd) -> FsResult<Vec<Vec<u8>>> {
-    let mut buf = vec![0u8; 4096];
-    loop {
-        match rustix::fs::flistxattr(fd, &mut buf) {
-            Ok(n) => {
-                return Ok(buf[..n]
-                    .split(|&b| b == 0)
-                    .filter(|n| !n.is_empty())
-                    .map(<[u8]>::to_vec)
-                    .collect());
-            }
-            Err(rustix::io::Errno::RANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
-            Err(rustix::io::Errno::OPNOTSUPP) => return Ok(Vec::new()),
-            Err(e) => return Err(Errno::from_i32(e.raw_os_error())),
-        }
-    }
-}
-
-fn plain_xattr(fd: &OwnedFd, name: &[u8]) -> FsResult<Vec<u8>> {
-    let name = std::ffi::CString::new(name).map_err(|_| Errno::NO_XATTR)?;
-    let mut buf = vec![0u8; 4096];
-    loop {
-        match rustix::fs::fgetxattr(fd, name.as_c_str(), &mut buf) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf);
-            }
-            Err(rustix::io::Errno::RANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
-            Err(e) => return Err(Errno::from_i32(e.raw_os_error())),
-        }
-    }
 }

@@ -97,6 +97,20 @@ pub fn assert_same_tree(source: &Path, copy: &Path, what: &str) {
     );
 }
 
+/// Runs restic on `repo` in `cwd`, its cache in `scratch`; it must succeed.
+pub fn restic(scratch: &Path, repo: &Path, cwd: &Path, args: &[&str]) -> String {
+    run(
+        &format!("restic {args:?}"),
+        Command::new("restic")
+            .current_dir(cwd)
+            .env("RESTIC_PASSWORD", "restic test password")
+            .env("RESTIC_CACHE_DIR", scratch.join("restic-cache"))
+            .arg("--repo")
+            .arg(repo)
+            .args(args),
+    )
+}
+
 pub fn transferred(stats: &str) -> u64 {
     stats
         .lines()
@@ -173,17 +187,7 @@ fn restic_and_borg_repositories_on_the_mount_verify_and_restore() {
     let m = vol.mount();
 
     let repo = vol.path("restic-repo");
-    let restic = |args: &[&str]| {
-        run(
-            &format!("restic {args:?}"),
-            Command::new("restic")
-                .env("RESTIC_PASSWORD", "restic test password")
-                .env("RESTIC_CACHE_DIR", vol.dir.path().join("restic-cache"))
-                .arg("--repo")
-                .arg(&repo)
-                .args(args),
-        )
-    };
+    let restic = |args: &[&str]| restic(vol.dir.path(), &repo, vol.dir.path(), args);
     restic(&["init"]);
     restic(&["backup", "--quiet", path_str(&source)]);
     // A second snapshot of a changed tree: deduplication and pack rewrites on the mount.

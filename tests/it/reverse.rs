@@ -84,18 +84,7 @@ fn reverse_view_backs_up_with_rsync_and_restic_and_the_copies_mount_forward() {
 
     // restic stores the view; its restore is another copy.
     let repo = vol.dir.path().join("restic-repo");
-    let restic = |args: &[&str]| {
-        run(
-            &format!("restic {args:?}"),
-            Command::new("restic")
-                .current_dir(&view)
-                .env("RESTIC_PASSWORD", "restic test password")
-                .env("RESTIC_CACHE_DIR", vol.dir.path().join("restic-cache"))
-                .arg("--repo")
-                .arg(&repo)
-                .args(args),
-        )
-    };
+    let restic = |args: &[&str]| crate::backups::restic(vol.dir.path(), &repo, &view, args);
     restic(&["init"]);
     restic(&["backup", "--quiet", "."]);
     restic(&["check", "--read-data"]);
