@@ -203,3 +203,53 @@ fn lenient_layout_keeps_reading_format_1_files() {
         "ends in a hole"
     );
 }
+
+#[test]
+fn check_skips_backing_holes_and_still_finds_damage_after_them() {
+    for layout in [Layout::Lenient, Layout::Sealed] {
+        let (_dir, file, cipher) = setup_with(layout);
+        // 64 MiB of hole, then two blocks of data.
+        write(&file, &cipher, 64 << 20, &[7u8; 2 * BLOCK_SIZE]).unwrap();
+        let blocks = (64 << 20) / BS + 2;
+        // Block 0 shares its backing page with the header; from block 1 on,
+        // the hole ends in the page where the data starts.
+        let data = next_data_block(&file, 1, blocks);
+        assert!(
+            (blocks - 3..=blocks - 2).contains(&data),
+            "{layout:?}: the hole is skipped ({data})"
+        );
+        let checked = std::sync::atomic::AtomicU64::new(0);
+        let count = |n| {
+            checked.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        };
+        assert_eq!(check_blocks(&file, &cipher, &count).unwrap(), (blocks, vec![]));
+        assert_eq!(checked.into_inner(), blocks, "progress counts skipped blocks too");
+
+        // A flipped byte in the data after the hole is still found.
+        let at = block_offset(blocks - 2) + 40;
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, at).unwrap();
+        file.write_all_at(&[byte[0] ^ 1], at).unwrap();
+        assert_eq!(
+            check_blocks(&file, &cipher, &|_| {}).unwrap(),
+            (blocks, vec![blocks - 2])
+        );
+    }
+}
+
+#[test]
+fn check_reads_the_final_block_even_inside_a_hole() {
+    let (_dir, file, cipher) = setup_with(Layout::Sealed);
+    write(&file, &cipher, 0, &[1u8; 100]).unwrap();
+    truncate(&file, &cipher, 16 << 20).unwrap();
+    let blocks = (16 << 20) / BS;
+    // An attacker punches the sealed final block out: it reads as a hole,
+    // which the sealed layout refuses for a final block.
+    let len = file.metadata().unwrap().len();
+    file.set_len(block_offset(blocks - 1)).unwrap();
+    file.set_len(len).unwrap();
+    assert_eq!(
+        check_blocks(&file, &cipher, &|_| {}).unwrap(),
+        (blocks, vec![blocks - 1])
+    );
+}
