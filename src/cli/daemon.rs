@@ -336,6 +336,7 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         pid: std::process::id(),
         provider_calls: volume.total_provider_calls(),
         commit_error: volume.commit_error(),
+        removal_error: volume.lost_removals(),
         finishing: true,
     });
     // The daemon's last word, which `kmsfs umount` reads once the lock is free.
@@ -344,9 +345,14 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         pid: std::process::id(),
         provider_calls: volume.total_provider_calls(),
         commit_error: committed.as_ref().err().cloned(),
+        removal_error: volume.lost_removals(),
         finishing: true,
     });
     let outcome = match committed {
+        Ok(()) if volume.lost_removals().is_some() => Err(CliError::new(
+            ExitCode::Io,
+            format!("names not removed: {}", volume.lost_removals().unwrap_or_default()),
+        )),
         Err(e) => {
             log::error!("{e}");
             super::systemd::status(&format!("file keys not committed: {e}"));
@@ -491,6 +497,7 @@ fn publish_status(
             pid: std::process::id(),
             provider_calls: volume.total_provider_calls(),
             commit_error: volume.commit_error(),
+            removal_error: volume.lost_removals(),
             finishing: false,
         }
     };
@@ -634,7 +641,17 @@ pub fn umount(mountpoint: &Path) -> Result<(), CliError> {
             mountpoint.display()
         )));
     }
-    if let Some(error) = VolumeLock::last_published(&backing).and_then(|info| info.commit_error) {
+    let last = VolumeLock::last_published(&backing);
+    if let Some(error) = last.as_ref().and_then(|info| info.removal_error.clone()) {
+        return Err(CliError::new(
+            ExitCode::Io,
+            format!(
+                "unmounted {}, but names it reported removed are still there: {error}",
+                mountpoint.display()
+            ),
+        ));
+    }
+    if let Some(error) = last.and_then(|info| info.commit_error) {
         return Err(CliError::new(
             ExitCode::Io,
             format!("unmounted {}, but: {error}", mountpoint.display()),

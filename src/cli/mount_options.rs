@@ -53,9 +53,16 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
             "diratime" => nodiratime = false,
             "acl" => acl = Some(true),
             "noacl" => acl = Some(false),
-            "sync" => opts.kernel.push(K::Sync),
+            "sync" => {
+                opts.kernel.push(K::Sync);
+                opts.fs.deferred_removal = false;
+            }
             "async" => opts.kernel.push(K::Async),
-            "dirsync" => opts.kernel.push(K::DirSync),
+            "dirsync" => {
+                opts.kernel.push(K::DirSync);
+                opts.fs.deferred_removal = false;
+            }
+            "sync_unlink" => opts.fs.deferred_removal = false,
             o if o.starts_with("keystore=") => keys.keystore = Some(PathBuf::from(value(o)?)),
             o if o.starts_with("passphrase_file=") => keys.passphrase_file = Some(PathBuf::from(value(o)?)),
             o if o.starts_with("key_file=") => keys.key_file = Some(PathBuf::from(value(o)?)),

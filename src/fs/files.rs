@@ -509,6 +509,9 @@ impl KmsFs {
         )
         .map_err(errno)?;
         rustix::fs::fsync(dir.as_fd()).map_err(errno)?;
+        if let Some(e) = self.removals.take_failure(node.ino) {
+            return Err(e);
+        }
         self.sync_keys()
     }
 

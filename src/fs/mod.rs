@@ -16,6 +16,7 @@ pub(crate) mod mount;
 mod mounted;
 mod open_files;
 mod prefetch;
+mod removals;
 mod remove;
 mod requests;
 mod shred;
@@ -68,6 +69,10 @@ pub struct KmsFs {
     acl_on: AtomicBool,
     /// When a request last named a file (`-o idle=`).
     activity: Arc<Activity>,
+    /// Unlinks answered before their backing removal (removals.rs).
+    removals: removals::PendingRemovals,
+    /// Whether unlinks are answered before their backing removal.
+    defer_removals: bool,
 }
 
 /// When the mount was last used: any request that names a file or reads a
@@ -122,6 +127,8 @@ impl KmsFs {
             kill_suidgid: AtomicBool::new(false),
             acl_on: AtomicBool::new(false),
             activity: Arc::new(Activity::new()),
+            removals: removals::PendingRemovals::default(),
+            defer_removals: options.deferred_removal && rustix::process::geteuid().is_root(),
         })
     }
 
@@ -130,7 +137,16 @@ impl KmsFs {
         Arc::clone(&self.activity)
     }
 
+    /// The node of a request. If it is a directory with removals pending
+    /// (see removals.rs), they are done first: whatever the request does
+    /// with the directory or a name in it then sees them done.
     fn node(&self, ino: INodeNo) -> FsResult<Arc<Node>> {
+        self.removals.settle(ino.0);
+        self.node_unsettled(ino)
+    }
+
+    /// The node of a request that need not wait for pending removals.
+    fn node_unsettled(&self, ino: INodeNo) -> FsResult<Arc<Node>> {
         self.activity.touch();
         self.inodes.get(ino.0).ok_or(Errno::ENOENT)
     }

@@ -58,6 +58,9 @@ pub struct FsOptions {
     /// unless `noacl`): the kernel enforces them, the daemon stores them as
     /// encrypted xattrs and inherits default ACLs (see acl.rs).
     pub posix_acl: bool,
+    /// Answer unlinks before removing the backing file (off with
+    /// `sync_unlink`, `dirsync` or `sync`; see removals.rs).
+    pub deferred_removal: bool,
 }
 
 impl Default for FsOptions {
@@ -74,6 +77,7 @@ impl Default for FsOptions {
             file_atime: true,
             dir_atime: true,
             posix_acl: false,
+            deferred_removal: true,
         }
     }
 }
@@ -113,6 +117,9 @@ pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result
         // One thread: its jobs only start reads. At most a few sequential
         // readers' worth of jobs wait; beyond that advice is dropped.
         prefetches: WorkerPool::new("ahead", 1, 32)?,
+        // One thread: removals are short, and their number is bounded by
+        // PendingRemovals (beyond it, unlinks remove before replying).
+        removals: WorkerPool::new("remove", 1, usize::MAX)?,
     };
     fuser::Session::new(fs, mountpoint, &config)
 }

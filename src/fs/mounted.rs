@@ -9,6 +9,7 @@
 //! ones to a pool was measured and costs a second cross-CPU wake-up per
 //! request (DESIGN.md, "Request threads").
 
+use std::ffi::OsStr;
 use std::sync::Arc;
 
 use fuser::{FileHandle, INodeNo, ReplyEmpty};
@@ -23,6 +24,8 @@ pub struct Mounted {
     pub(super) fs: Arc<KmsFs>,
     pub(super) syncs: WorkerPool,
     pub(super) prefetches: WorkerPool,
+    /// Backing removals of unlinks already answered (removals.rs).
+    pub(super) removals: WorkerPool,
 }
 
 impl Mounted {
@@ -40,6 +43,22 @@ impl Mounted {
         let fs = Arc::clone(&self.fs);
         self.syncs
             .run(move || reply_empty(reply, fs.node(ino).and_then(|n| fs.sync_dir(&n))));
+    }
+
+    /// Removes a name, answering before the backing removal where the
+    /// mount allows it (see removals.rs).
+    pub(super) fn serve_unlink(&self, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let fs = &self.fs;
+        let result = fs.node_unsettled(parent).and_then(|p| {
+            let backing = fs.backing_name(&p, name)?;
+            if !(fs.defer_removals && fs.removals.begin(p.ino)) {
+                return fs.remove_backing_file(&p, &backing);
+            }
+            let fs = Arc::clone(fs);
+            self.removals.run(move || fs.finish_removal(&p, &backing));
+            Ok(())
+        });
+        reply_empty(reply, result);
     }
 
     /// Called when a file's first bytes are read: if the files of its

@@ -114,6 +114,7 @@ impl KmsFs {
         if let Some(listing) = dir.listing.get() {
             return Ok(Arc::clone(listing));
         }
+        self.removals.settle(dir.node.ino);
         let listing = Arc::new(self.list_dir(&dir.node)?);
         self.read_orders.listed(&listing);
         Ok(Arc::clone(dir.listing.get_or_init(|| listing)))

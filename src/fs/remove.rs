@@ -15,6 +15,7 @@ use super::atime;
 use super::attr::{FsResult, errno, io_errno};
 use super::inodes::{Node, file_type};
 use crate::volume::header::HEADER_LEN;
+use crate::volume::layout::BackingName;
 use crate::volume::namespace;
 
 /// What becomes garbage when an inode loses its last name.
@@ -106,8 +107,8 @@ impl KmsFs {
         }
     }
 
-    pub(super) fn remove_file(&self, parent: &Node, name: &OsStr) -> FsResult<()> {
-        let backing = self.backing_name(parent, name)?;
+    /// Removes the backing name of a file (not a directory) in `parent`.
+    pub(super) fn remove_backing_file(&self, parent: &Node, backing: &BackingName) -> FsResult<()> {
         let pfd = parent.fd()?;
         let st = rustix::fs::statat(pfd.as_fd(), backing.as_str(), AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
         if file_type(st.st_mode as u32) == FileType::Directory {
@@ -115,8 +116,37 @@ impl KmsFs {
         }
         let orphans = self.before_last_name_goes(parent, backing.as_str(), &st);
         rustix::fs::unlinkat(pfd.as_fd(), backing.as_str(), AtFlags::empty()).map_err(errno)?;
-        self.remove_sidecar(parent, &backing);
+        self.remove_sidecar(parent, backing);
         self.discard(orphans);
+        Ok(())
+    }
+
+    /// The backing half of an unlink already answered (see removals.rs).
+    pub(super) fn finish_removal(&self, parent: &Node, backing: &BackingName) {
+        if let Some(ms) = crate::test_hooks::number("KMSFS_TEST_REMOVAL_DELAY_MS") {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        let result = self.remove_backing_file(parent, backing);
+        if let Err(e) = result {
+            let what = format!(
+                "removing {} in {} after its unlink was answered failed ({e:?}); the name is back",
+                backing.as_str(),
+                self.describe(parent)
+            );
+            log::error!("{what}");
+            self.volume.record_lost_removal(what);
+        }
+        self.removals.end(parent.ino, result.err());
+    }
+
+    /// Waits for the removals pending in the directory `backing` of `parent`
+    /// (before it is removed or replaced: it must be empty by then).
+    fn settle_child_dir(&self, parent: &Node, backing: &str) -> FsResult<()> {
+        if !self.removals.any() {
+            return Ok(());
+        }
+        let st = rustix::fs::statat(parent.fd()?.as_fd(), backing, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        self.removals.settle(self.inodes.fuse_ino(st.st_ino as u64));
         Ok(())
     }
 
@@ -152,6 +182,7 @@ impl KmsFs {
     pub(super) fn remove_dir(&self, parent: &Node, name: &OsStr) -> FsResult<()> {
         let backing = self.backing_name(parent, name)?;
         let b = backing.as_str();
+        self.settle_child_dir(parent, b)?;
         let iv = self.strip_empty_dir(parent, b)?;
         if let Ok(st) = rustix::fs::statat(parent.fd()?.as_fd(), b, AtFlags::SYMLINK_NOFOLLOW) {
             self.before_last_name_goes(parent, b, &st);
@@ -202,7 +233,10 @@ impl KmsFs {
             let target_is_dir = file_type(t.st_mode as u32) == FileType::Directory;
             let source_is_dir = file_type(source.st_mode as u32) == FileType::Directory;
             match (source_is_dir, target_is_dir) {
-                (true, true) => stripped_iv = Some(self.strip_empty_dir(new_parent, to.as_str())?),
+                (true, true) => {
+                    self.settle_child_dir(new_parent, to.as_str())?;
+                    stripped_iv = Some(self.strip_empty_dir(new_parent, to.as_str())?)
+                }
                 (true, false) => return Err(Errno::ENOTDIR),
                 (false, true) => return Err(Errno::EISDIR),
                 (false, false) => {}

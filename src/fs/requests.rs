@@ -38,6 +38,8 @@ impl fuser::Filesystem for Mounted {
     }
 
     fn destroy(&mut self) {
+        self.fs.removals.settle_all();
+        self.removals.shutdown();
         self.syncs.shutdown();
         self.prefetches.shutdown();
         // Removed files still open (or not yet forgotten) at unmount.
@@ -151,7 +153,7 @@ impl fuser::Filesystem for Mounted {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.fs.node(parent).and_then(|p| self.fs.remove_file(&p, name)));
+        self.serve_unlink(parent, name, reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -346,6 +348,8 @@ impl fuser::Filesystem for Mounted {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // The space of removed files counts as free once they are.
+        self.fs.removals.settle_all();
         match self
             .fs
             .node(INodeNo(inodes::ROOT_INO))

@@ -143,6 +143,8 @@ pub struct Volume {
     provider_calls: u64,
     /// Why the last commit of file keys failed, until one succeeds.
     commit_error: std::sync::Mutex<Option<String>>,
+    /// Removals that failed after their unlink was answered: how many, the first.
+    lost_removals: std::sync::Mutex<(u64, Option<String>)>,
 }
 
 impl Volume {
@@ -283,6 +285,7 @@ impl Volume {
             derived: secrets.get(SECRET_DERIVED).map(DerivedKeys::new),
             provider_calls: provider.call_count() - calls_before,
             commit_error: std::sync::Mutex::default(),
+            lost_removals: std::sync::Mutex::default(),
             keys,
             info,
         })
@@ -483,6 +486,23 @@ impl Volume {
     /// Why committing file keys last failed, while it keeps failing.
     pub fn commit_error(&self) -> Option<String> {
         crate::util::lock(&self.commit_error).clone()
+    }
+
+    /// Records a name the mount said it removed but could not (see
+    /// fs/removals.rs): published for `status`, and `umount` fails.
+    pub fn record_lost_removal(&self, what: String) {
+        let mut lost = crate::util::lock(&self.lost_removals);
+        lost.0 += 1;
+        lost.1.get_or_insert(what);
+    }
+
+    /// How many removals failed after their unlink was answered, and the first.
+    pub fn lost_removals(&self) -> Option<String> {
+        let lost = crate::util::lock(&self.lost_removals);
+        lost.1.as_ref().map(|first| match lost.0 {
+            1 => first.clone(),
+            n => format!("{n} removals failed; the first: {first}"),
+        })
     }
 
     /// Saves the file keys that could not be committed beside the DB (see

@@ -98,9 +98,9 @@ fn rewrap_secrets(volume: &Volume, to: u32, fresh: bool) -> Result<(), VolumeErr
     Ok(())
 }
 
-fn next_batch(db: &MetadataDb, to: u32) -> Result<Vec<FileKeyRow>, VolumeError> {
+fn next_batch(db: &MetadataDb, to: u32, after: Option<&FileId>) -> Result<Vec<FileKeyRow>, VolumeError> {
     let batch = crate::test_hooks::number(BATCH_ENV).map_or(BATCH as i64, |b| b as i64);
-    Ok(db.file_keys_not_under(to, batch)?)
+    Ok(db.file_keys_not_under(to, after, batch)?)
 }
 
 fn kill_hook(done: u64) {
@@ -139,9 +139,14 @@ fn rotate_secrets(
     let new_key = keys.key(db, to)?;
     let total = db.count_file_keys_not_under(to)?;
     let mut done = 0u64;
+    // Where this pass over the file keys is (the last id of the last batch).
+    let mut after: Option<FileId> = None;
     loop {
-        let batch = next_batch(db, to)?;
+        let batch = next_batch(db, to, after.as_ref())?;
         if batch.is_empty() {
+            if after.take().is_some() {
+                continue; // the end of a pass: another finds keys committed meanwhile
+            }
             // Keys committed under the old version meanwhile: another pass.
             let retired = db.retire_if_done(to)?;
             let Some(retired_versions) = retired else { continue };
@@ -154,6 +159,7 @@ fn rotate_secrets(
                 seconds: start.elapsed().as_secs_f64(),
             });
         }
+        after = batch.last().map(|(id, _, _)| *id);
         let mut old_keys = std::collections::HashMap::new();
         for (_, version, _) in &batch {
             if !old_keys.contains_key(version) {

@@ -25,6 +25,7 @@ mod operator;
 mod posix;
 mod posix_details;
 mod providers;
+mod removals;
 mod reverse;
 mod rotation;
 mod service;

@@ -38,12 +38,19 @@ impl MetadataDb {
         })
     }
 
-    /// Up to `limit` file keys not yet under version `to`.
-    pub fn file_keys_not_under(&self, to: u32, limit: i64) -> Result<Vec<FileKeyRow>, DbError> {
+    /// Up to `limit` file keys not yet under version `to`, in file-id order
+    /// from the first id after `after`. Each batch starts where the last
+    /// ended, so a pass over a million keys reads each row once (starting
+    /// every batch from the first row read the rows already re-wrapped again:
+    /// quadratic).
+    pub fn file_keys_not_under(&self, to: u32, after: Option<&FileId>, limit: i64) -> Result<Vec<FileKeyRow>, DbError> {
         self.with_conn(|conn| {
-            let mut stmt = conn
-                .prepare_cached("SELECT file_id, vk_version, wrapped FROM file_keys WHERE vk_version != ?1 LIMIT ?2")?;
-            let rows = stmt.query_map(params![to, limit], |r| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT file_id, vk_version, wrapped FROM file_keys \
+                 WHERE file_id > ?3 AND vk_version != ?1 ORDER BY file_id LIMIT ?2",
+            )?;
+            let after: &[u8] = after.map_or(&[], |id| &id[..]);
+            let rows = stmt.query_map(params![to, limit, after], |r| {
                 let (id, version, wrapped): (Vec<u8>, i64, Vec<u8>) = (r.get(0)?, r.get(1)?, r.get(2)?);
                 decode_file_key_row(&id, version, wrapped).ok_or_else(|| {
                     rusqlite::Error::FromSqlConversionFailure(
