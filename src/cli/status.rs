@@ -62,7 +62,8 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         None
     };
     let provider = super::volumes::recorded_provider(backing, &summary.volume)?;
-    let (row, keys, counts) = (summary.volume, summary.volume_keys, summary.file_keys);
+    let counts = kmsfs::volume::file_key_counts(backing)?;
+    let (row, keys) = (summary.volume, summary.volume_keys);
     let daemon = VolumeLock::daemon(backing);
     let mount = mounted_at(&source);
     // In the mount table, but no daemon holds the volume: it died.

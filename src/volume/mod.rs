@@ -31,7 +31,7 @@ use crate::crypto::{
     BlockCipher, DerivedKeys, FileId, Layout, NameCipher, NameError, Sealer, SecretKey, WrappedKey, random_array,
 };
 use crate::kms::{EncryptionContext, KeyProvider, KmsError};
-use db::{DB_FILE, DbError, FORMAT_VERSION, MetadataDb, VolumeKeyRow, VolumeRow};
+use db::{Check, DB_FILE, DbError, FORMAT_VERSION, MetadataDb, VolumeKeyRow, VolumeRow};
 use keyring::{KeyRing, secret_aad};
 use layout::{DIR_IV_FILE, DirIv};
 
@@ -89,19 +89,24 @@ pub fn write_dir_iv(dir: &Path) -> Result<DirIv, VolumeError> {
 pub struct VolumeSummary {
     pub volume: VolumeRow,
     pub volume_keys: Vec<VolumeKeyRow>,
-    /// (volume-key version, number of file keys wrapped under it)
-    pub file_keys: Vec<(u32, u64)>,
 }
 
 /// Reads the volume's rows (for `status`, and to choose the key provider
-/// before mounting).
+/// before mounting). Only the schema is checked: these are a few rows of
+/// small tables, and `Volume::open` checks the whole DB before any key is
+/// used.
 pub fn read_info(backing: &Path) -> Result<VolumeSummary, VolumeError> {
-    let db = open_db(backing)?;
+    let db = open_db(backing, Check::Schema)?;
     Ok(VolumeSummary {
         volume: db.volume()?,
         volume_keys: db.volume_keys()?,
-        file_keys: db.file_key_counts()?,
     })
+}
+
+/// (volume-key version, number of file keys wrapped under it), for
+/// `status`: a pass over every file key.
+pub fn file_key_counts(backing: &Path) -> Result<Vec<(u32, u64)>, VolumeError> {
+    Ok(open_db(backing, Check::Schema)?.file_key_counts()?)
 }
 
 /// Why `backing`, which has no metadata DB, is not a volume.
@@ -113,7 +118,7 @@ pub fn not_a_volume(backing: &Path) -> VolumeError {
     }
 }
 
-fn open_db(backing: &Path) -> Result<MetadataDb, VolumeError> {
+fn open_db(backing: &Path, check: Check) -> Result<MetadataDb, VolumeError> {
     if !backing.is_dir() {
         return Err(if backing.exists() {
             VolumeError::NotADirectory(backing.to_path_buf())
@@ -125,7 +130,7 @@ fn open_db(backing: &Path) -> Result<MetadataDb, VolumeError> {
     if !path.exists() {
         return Err(not_a_volume(backing));
     }
-    Ok(MetadataDb::open(&path)?)
+    Ok(MetadataDb::open(&path, check)?)
 }
 
 /// An open volume with its keys unwrapped.
@@ -241,7 +246,7 @@ impl Volume {
 
     /// Opens a volume: one provider call per volume-key version, none after.
     pub fn open(backing: &Path, provider: Arc<dyn KeyProvider>) -> Result<Self, VolumeError> {
-        let db = open_db(backing)?;
+        let db = open_db(backing, Check::Whole)?;
         let info = db.volume()?;
         let calls_before = provider.call_count();
         let keys = KeyRing::load(&db, info.volume_id, Arc::clone(&provider))?;
