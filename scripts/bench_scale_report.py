@@ -57,9 +57,9 @@ def markdown(sizes, sparse, args):
     lines = [
         f"Machine: {args.machine}. Commit {args.commit}. Command: `scripts/bench-scale.sh`.",
         "",
-        "| files | init+fill s (µs/file) | mount s | ls -lR s (entries/s) | daemon RSS MB | "
+        "| files | init+fill s (µs/file) | mount s | ls -lR s (entries/s) | backing ls -lR s | daemon RSS MB | "
         "rotate s (files/s) | fsck s (files/s) | DB MB (bytes/file) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for n, row in sizes.items():
         entries = n + (n + 499) // 500 + 1
@@ -72,6 +72,7 @@ def markdown(sizes, sparse, args):
         db = row.get("db_mb")
         lines.append(
             f"| {n:,} | {fill:.1f} ({fill / n * 1e6:.0f}) | {row.get('mount_s', 0):.2f} | {rate('ls_lR_s', entries)} | "
+            f"{row.get('raw_ls_lR_s', 0):.2f} | "
             f"{row.get('rss_mb', 0):.0f} | {rate('rotate_s', row.get('rotate_files', n))} | "
             f"{rate('fsck_s', row.get('fsck_files', n))} | {db:.1f} ({db * 1048576 / n:.0f}) |"
         )

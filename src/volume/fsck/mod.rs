@@ -73,7 +73,13 @@ struct FileEntry {
     backing: PathBuf,
     plain: Option<String>,
     inode: (u64, u64),
+    /// Backing length when walked (for the progress total).
+    len: u64,
 }
+
+/// Threads checking files: the check waits on the disk for each small
+/// file's blocks, so more reads in flight than cores keep the disk busy.
+const CHECK_THREADS: usize = 16;
 
 /// An entry to move into lost+found, and the index of its problem.
 struct Rescue {
@@ -285,6 +291,7 @@ fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &mut Walk) ->
                 backing: path,
                 plain: child_plain,
                 inode: (meta.dev(), meta.ino()),
+                len: meta.len(),
             });
         } else if ft.is_symlink() {
             w.symlinks += 1;
@@ -362,16 +369,23 @@ pub fn fsck(
     let mut seen = HashSet::new();
     let all_files = std::mem::take(&mut w.files);
     let files: Vec<&FileEntry> = all_files.iter().filter(|f| seen.insert(f.inode)).collect();
-    let total: u64 = files
-        .iter()
-        .map(|f| plain_size(fs::metadata(&f.backing).map(|m| m.len()).unwrap_or(0)).div_ceil(4096))
-        .sum();
+    let total: u64 = files.iter().map(|f| plain_size(f.len).div_ceil(4096)).sum();
     let done = AtomicU64::new(0);
     let tick = |n: u64| progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
-    let outcomes: Vec<FileOutcome> = files
-        .par_iter()
-        .map(|f| check_file(volume, &f.backing, &tick))
-        .collect();
+    let check_all = || -> Vec<FileOutcome> {
+        files
+            .par_iter()
+            .map(|f| check_file(volume, &f.backing, &tick))
+            .collect()
+    };
+    let outcomes = match rayon::ThreadPoolBuilder::new()
+        .num_threads(CHECK_THREADS)
+        .thread_name(|i| format!("kmsfs-fsck-{i}"))
+        .build()
+    {
+        Ok(pool) => pool.install(check_all),
+        Err(_) => check_all(),
+    };
     // File id -> the first backing file (inode) seen with it.
     let mut referenced: HashMap<FileId, PathBuf> = HashMap::new();
     let mut report = FsckReport {
