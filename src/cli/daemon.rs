@@ -252,7 +252,7 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let _ = MOUNTING.set(row.volume_id);
     let provider = super::volumes::provider_for(&backing, &row, keys)?;
     let lock = VolumeLock::acquire(&backing)?;
-    let volume = Arc::new(Volume::open(&backing, provider)?);
+    let volume = Arc::new(Volume::open_to_serve(&backing, provider)?);
     log::info!(
         "volume {} opened with {} provider call(s)",
         kmsfs::util::hex(&row.volume_id),
@@ -325,6 +325,7 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         let _ = pipe.write_all(READY);
     }
     super::systemd::ready(&format!("serving {} on {}", backing.display(), mountpoint.display()));
+    volume.check_db_in_background();
     if let Some(idle) = options.idle {
         watch_idle(activity, idle, mountpoint.clone());
     }
@@ -336,7 +337,7 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         pid: std::process::id(),
         provider_calls: volume.total_provider_calls(),
         commit_error: volume.commit_error(),
-        removal_error: volume.lost_removals(),
+        problem: volume.problems(),
         finishing: true,
     });
     // The daemon's last word, which `kmsfs umount` reads once the lock is free.
@@ -345,14 +346,13 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         pid: std::process::id(),
         provider_calls: volume.total_provider_calls(),
         commit_error: committed.as_ref().err().cloned(),
-        removal_error: volume.lost_removals(),
+        problem: volume.problems(),
         finishing: true,
     });
     let outcome = match committed {
-        Ok(()) if volume.lost_removals().is_some() => Err(CliError::new(
-            ExitCode::Io,
-            format!("names not removed: {}", volume.lost_removals().unwrap_or_default()),
-        )),
+        Ok(()) if volume.problems().is_some() => {
+            Err(CliError::new(ExitCode::Io, volume.problems().unwrap_or_default()))
+        }
         Err(e) => {
             log::error!("{e}");
             super::systemd::status(&format!("file keys not committed: {e}"));
@@ -497,7 +497,7 @@ fn publish_status(
             pid: std::process::id(),
             provider_calls: volume.total_provider_calls(),
             commit_error: volume.commit_error(),
-            removal_error: volume.lost_removals(),
+            problem: volume.problems(),
             finishing: false,
         }
     };
@@ -642,13 +642,10 @@ pub fn umount(mountpoint: &Path) -> Result<(), CliError> {
         )));
     }
     let last = VolumeLock::last_published(&backing);
-    if let Some(error) = last.as_ref().and_then(|info| info.removal_error.clone()) {
+    if let Some(error) = last.as_ref().and_then(|info| info.problem.clone()) {
         return Err(CliError::new(
             ExitCode::Io,
-            format!(
-                "unmounted {}, but names it reported removed are still there: {error}",
-                mountpoint.display()
-            ),
+            format!("unmounted {}, but: {error}", mountpoint.display()),
         ));
     }
     if let Some(error) = last.and_then(|info| info.commit_error) {

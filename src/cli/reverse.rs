@@ -101,7 +101,7 @@ pub fn serve(
         pid: std::process::id(),
         provider_calls: volume.total_provider_calls(),
         commit_error: None,
-        removal_error: None,
+        problem: None,
         finishing: false,
     });
     let view = ReverseFs::new(
@@ -157,7 +157,7 @@ pub fn serve(
         pid: std::process::id(),
         provider_calls: volume.total_provider_calls(),
         commit_error: None,
-        removal_error: None,
+        problem: None,
         finishing: true,
     });
     volume.db().disconnect();

@@ -116,7 +116,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "daemon_pid": daemon.as_ref().map(|d| d.pid),
             "daemon_provider_calls": daemon.as_ref().map(|d| d.provider_calls),
             "commit_error": daemon.as_ref().and_then(|d| d.commit_error.clone()),
-            "removal_error": daemon.as_ref().and_then(|d| d.removal_error.clone()),
+            "problem": daemon.as_ref().and_then(|d| d.problem.clone()),
             "pending_keys_file": pending,
             "key_state": key_state.as_ref().map(|k| &k.state),
             "key_deletion_date": key_state.as_ref().and_then(|k| k.deletion_date).map(kmsfs::util::utc_date),
@@ -189,8 +189,8 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         ),
         (None, None) => println!("mounted:        no"),
     }
-    if let Some(e) = daemon.as_ref().and_then(|d| d.removal_error.as_ref()) {
-        println!("FAILING:        removing names: {e} (reported by fsync of the directory and at unmount)");
+    if let Some(e) = daemon.as_ref().and_then(|d| d.problem.as_ref()) {
+        println!("FAILING:        {e} (umount will report it)");
     }
     if let Some(e) = daemon.as_ref().and_then(|d| d.commit_error.as_ref()) {
         println!("FAILING:        committing file keys: {e} (the daemon keeps retrying; fsync reports EIO meanwhile)");

@@ -114,7 +114,10 @@ impl KmsFs {
             FileType::RegularFile => self.damaged_size(node, st.st_size as u64),
             _ => None,
         };
-        Ok(to_attr(node.ino, st, size))
+        let mut attr = to_attr(node.ino, st, size);
+        // Names answered removed and not yet removed (removals.rs) no longer count.
+        attr.nlink = attr.nlink.saturating_sub(self.removals.names_going(node.ino));
+        Ok(attr)
     }
 
     pub(super) fn stat_attr(&self, node: &Node) -> FsResult<FileAttr> {

@@ -73,6 +73,9 @@ pub struct KmsFs {
     removals: removals::PendingRemovals,
     /// Whether unlinks are answered before their backing removal.
     defer_removals: bool,
+    /// Held from the stat to the unlink or rename of a name being removed
+    /// while `defer_removals` (see `remove_backing_file`).
+    removal_lock: Mutex<()>,
 }
 
 /// When the mount was last used: any request that names a file or reads a
@@ -129,6 +132,7 @@ impl KmsFs {
             activity: Arc::new(Activity::new()),
             removals: removals::PendingRemovals::default(),
             defer_removals: options.deferred_removal && rustix::process::geteuid().is_root(),
+            removal_lock: Mutex::new(()),
         })
     }
 

@@ -51,11 +51,15 @@ impl Mounted {
         let fs = &self.fs;
         let result = fs.node_unsettled(parent).and_then(|p| {
             let backing = fs.backing_name(&p, name)?;
-            if !(fs.defer_removals && fs.removals.begin(p.ino)) {
+            let ticket = match fs.defer_removals {
+                true => fs.removal_ticket(&p, &backing)?,
+                false => None,
+            };
+            let Some(ticket) = ticket else {
                 return fs.remove_backing_file(&p, &backing);
-            }
+            };
             let fs = Arc::clone(fs);
-            self.removals.run(move || fs.finish_removal(&p, &backing));
+            self.removals.run(move || fs.finish_removal(&p, &backing, ticket));
             Ok(())
         });
         reply_empty(reply, result);

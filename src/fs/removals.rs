@@ -23,7 +23,7 @@
 //! backing filesystem does); a daemon of a normal user, and mounts with
 //! `sync_unlink`, `dirsync` or `sync`, remove before replying.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
@@ -33,49 +33,76 @@ use fuser::Errno;
 /// (memory stays bounded however fast names are removed).
 const MAX_PENDING: usize = 4096;
 
+/// One pending removal, from its unlink's reply to the end of its backing work.
+pub struct Ticket {
+    seq: u64,
+    dir: u64,
+    ino: u64,
+}
+
 #[derive(Default)]
 struct State {
-    /// Pending removals per parent directory (FUSE inode number).
-    by_dir: HashMap<u64, usize>,
+    next_seq: u64,
+    /// Removals answered and not yet done, by the order of their answers.
+    outstanding: BTreeSet<u64>,
+    /// Per parent directory (FUSE inode number): its latest removal still outstanding.
+    latest_in_dir: HashMap<u64, u64>,
+    /// Per inode: how many of its names are answered removed and still exist.
+    names_going: HashMap<u64, u32>,
     /// Directories with a removal that failed after its reply, and why, until
     /// an fsyncdir of the directory reports it.
     failed: HashMap<u64, Errno>,
 }
 
+impl State {
+    /// Whether every removal up to `seq` is done.
+    fn done_up_to(&self, seq: u64) -> bool {
+        self.outstanding.first().is_none_or(|&first| first > seq)
+    }
+}
+
 #[derive(Default)]
 pub struct PendingRemovals {
-    /// All pending removals: the fast path of `settle` when there are none.
+    /// Outstanding removals: the fast path of `settle` when there are none.
     total: AtomicUsize,
     state: Mutex<State>,
     done: Condvar,
 }
 
 impl PendingRemovals {
-    /// Counts a removal in `dir` as pending; false if too many are (the
-    /// caller then removes before replying).
-    pub fn begin(&self, dir: u64) -> bool {
+    /// Counts a removal of a name of inode `ino` in `dir` as pending; None
+    /// if too many are (the caller then removes before replying).
+    pub fn begin(&self, dir: u64, ino: u64) -> Option<Ticket> {
         let mut state = crate::util::lock(&self.state);
-        if self.total.load(Ordering::Relaxed) >= MAX_PENDING {
-            return false;
+        if state.outstanding.len() >= MAX_PENDING {
+            return None;
         }
-        *state.by_dir.entry(dir).or_insert(0) += 1;
-        self.total.fetch_add(1, Ordering::Relaxed);
-        true
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        state.outstanding.insert(seq);
+        state.latest_in_dir.insert(dir, seq);
+        *state.names_going.entry(ino).or_insert(0) += 1;
+        self.total.store(state.outstanding.len(), Ordering::Release);
+        Some(Ticket { seq, dir, ino })
     }
 
-    /// A pending removal in `dir` is done (`failed`: with this error).
-    pub fn end(&self, dir: u64, failed: Option<Errno>) {
+    /// A pending removal is done (`failed`: with this error).
+    pub fn end(&self, ticket: Ticket, failed: Option<Errno>) {
         let mut state = crate::util::lock(&self.state);
         if let Some(e) = failed {
-            state.failed.insert(dir, e);
+            state.failed.insert(ticket.dir, e);
         }
-        if let Some(count) = state.by_dir.get_mut(&dir) {
-            *count -= 1;
-            if *count == 0 {
-                state.by_dir.remove(&dir);
+        state.outstanding.remove(&ticket.seq);
+        if state.latest_in_dir.get(&ticket.dir) == Some(&ticket.seq) {
+            state.latest_in_dir.remove(&ticket.dir);
+        }
+        if let Some(going) = state.names_going.get_mut(&ticket.ino) {
+            *going -= 1;
+            if *going == 0 {
+                state.names_going.remove(&ticket.ino);
             }
         }
-        self.total.fetch_sub(1, Ordering::Relaxed);
+        self.total.store(state.outstanding.len(), Ordering::Release);
         drop(state);
         self.done.notify_all();
     }
@@ -85,25 +112,46 @@ impl PendingRemovals {
         self.total.load(Ordering::Acquire) != 0
     }
 
-    /// Waits until no removal in `dir` is pending.
+    /// Waits until every removal in `dir` answered so far is done (not for
+    /// those answered meanwhile: a reader never waits for a whole bulk delete).
     pub fn settle(&self, dir: u64) {
         if !self.any() {
             return;
         }
         let state = crate::util::lock(&self.state);
-        let _settled = self
+        let Some(&target) = state.latest_in_dir.get(&dir) else {
+            return;
+        };
+        self.wait_up_to(state, target);
+    }
+
+    /// Waits until every removal answered so far is done.
+    pub fn settle_all(&self) {
+        let state = crate::util::lock(&self.state);
+        let Some(target) = state.next_seq.checked_sub(1) else {
+            return;
+        };
+        self.wait_up_to(state, target);
+    }
+
+    fn wait_up_to(&self, state: std::sync::MutexGuard<'_, State>, seq: u64) {
+        let _done = self
             .done
-            .wait_while(state, |s| s.by_dir.contains_key(&dir))
+            .wait_while(state, |s| !s.done_up_to(seq))
             .unwrap_or_else(std::sync::PoisonError::into_inner);
     }
 
-    /// Waits until no removal is pending anywhere.
-    pub fn settle_all(&self) {
-        let state = crate::util::lock(&self.state);
-        let _settled = self
-            .done
-            .wait_while(state, |s| !s.by_dir.is_empty())
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// How many names of inode `ino` are answered removed but still exist in
+    /// the backing directory (its link count, as shown, leaves them out).
+    pub fn names_going(&self, ino: u64) -> u32 {
+        if !self.any() {
+            return 0;
+        }
+        crate::util::lock(&self.state)
+            .names_going
+            .get(&ino)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The error of a removal in `dir` that failed after its reply, once.
@@ -118,37 +166,60 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    #[test]
-    fn settle_waits_for_its_directory_only() {
-        let pending = Arc::new(PendingRemovals::default());
-        assert!(pending.begin(7));
-        assert!(pending.begin(7));
-        assert!(pending.begin(9));
-        pending.settle(8); // nothing pending there: returns at once
-        let waiter = {
-            let pending = Arc::clone(&pending);
-            std::thread::spawn(move || pending.settle(7))
-        };
+    fn waiting(
+        pending: &Arc<PendingRemovals>,
+        wait: impl FnOnce(&PendingRemovals) + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        let pending = Arc::clone(pending);
+        let waiter = std::thread::spawn(move || wait(&pending));
         std::thread::sleep(Duration::from_millis(50));
+        waiter
+    }
+
+    #[test]
+    fn settle_waits_for_the_removals_of_its_directory_answered_before() {
+        let pending = Arc::new(PendingRemovals::default());
+        let a = pending.begin(7, 100).unwrap();
+        let b = pending.begin(7, 101).unwrap();
+        let other = pending.begin(9, 102).unwrap();
+        pending.settle(8); // nothing pending there: returns at once
+        let waiter = waiting(&pending, |p| p.settle(7));
         assert!(!waiter.is_finished(), "settled with two removals pending");
-        pending.end(7, None);
+        // Removals answered after the wait began are not waited for.
+        let later = pending.begin(7, 103).unwrap();
+        pending.end(a, None);
         std::thread::sleep(Duration::from_millis(50));
         assert!(!waiter.is_finished(), "settled with one removal pending");
-        pending.end(7, Some(Errno::EROFS));
+        pending.end(b, Some(Errno::EROFS));
         waiter.join().unwrap();
         assert_eq!(pending.take_failure(7), Some(Errno::EROFS));
         assert_eq!(pending.take_failure(7), None, "reported once");
-        pending.end(9, None);
-        pending.settle_all();
-        assert_eq!(pending.total.load(Ordering::Relaxed), 0);
+        let all = waiting(&pending, PendingRemovals::settle_all);
+        pending.end(later, None);
+        assert!(!all.is_finished(), "settled all with one pending");
+        pending.end(other, None);
+        all.join().unwrap();
+        assert!(!pending.any());
+    }
+
+    #[test]
+    fn an_inode_counts_its_names_going() {
+        let pending = PendingRemovals::default();
+        let a = pending.begin(1, 50).unwrap();
+        let b = pending.begin(2, 50).unwrap();
+        assert_eq!(pending.names_going(50), 2);
+        assert_eq!(pending.names_going(51), 0);
+        pending.end(a, None);
+        assert_eq!(pending.names_going(50), 1);
+        pending.end(b, None);
+        assert_eq!(pending.names_going(50), 0);
     }
 
     #[test]
     fn beyond_the_limit_removals_are_not_deferred() {
         let pending = PendingRemovals::default();
-        for _ in 0..MAX_PENDING {
-            assert!(pending.begin(1));
-        }
-        assert!(!pending.begin(2));
+        let tickets: Vec<_> = (0..MAX_PENDING).map(|i| pending.begin(1, i as u64).unwrap()).collect();
+        assert!(pending.begin(2, 0).is_none());
+        drop(tickets);
     }
 }

@@ -14,6 +14,7 @@ use super::KmsFs;
 use super::atime;
 use super::attr::{FsResult, errno, io_errno};
 use super::inodes::{Node, file_type};
+use super::removals::Ticket;
 use crate::volume::header::HEADER_LEN;
 use crate::volume::layout::BackingName;
 use crate::volume::namespace;
@@ -109,6 +110,10 @@ impl KmsFs {
 
     /// Removes the backing name of a file (not a directory) in `parent`.
     pub(super) fn remove_backing_file(&self, parent: &Node, backing: &BackingName) -> FsResult<()> {
+        // From the stat that decides whether this is the last name to the
+        // unlink, no other removal of a name of the same inode may run (the
+        // kernel's inode lock no longer covers an unlink answered earlier).
+        let _one_at_a_time = self.removal_guard();
         let pfd = parent.fd()?;
         let st = rustix::fs::statat(pfd.as_fd(), backing.as_str(), AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
         if file_type(st.st_mode as u32) == FileType::Directory {
@@ -121,22 +126,56 @@ impl KmsFs {
         Ok(())
     }
 
+    /// Serialises the removals of names (see `remove_backing_file`) while
+    /// unlinks are answered before their backing removal.
+    fn removal_guard(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.defer_removals.then(|| crate::util::lock(&self.removal_lock))
+    }
+
+    /// A pending removal for an unlink of `backing` in `parent`, to be
+    /// answered now and finished by `finish_removal`; None when too many
+    /// are pending. Errors are the unlink's own (no such name, a directory).
+    pub(super) fn removal_ticket(&self, parent: &Node, backing: &BackingName) -> FsResult<Option<Ticket>> {
+        let st =
+            rustix::fs::statat(parent.fd()?.as_fd(), backing.as_str(), AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        if file_type(st.st_mode as u32) == FileType::Directory {
+            return Err(Errno::EISDIR);
+        }
+        Ok(self.removals.begin(parent.ino, self.inodes.fuse_ino(st.st_ino as u64)))
+    }
+
     /// The backing half of an unlink already answered (see removals.rs).
-    pub(super) fn finish_removal(&self, parent: &Node, backing: &BackingName) {
+    pub(super) fn finish_removal(&self, parent: &Node, backing: &BackingName, ticket: Ticket) {
         if let Some(ms) = crate::test_hooks::number("KMSFS_TEST_REMOVAL_DELAY_MS") {
             std::thread::sleep(std::time::Duration::from_millis(ms));
         }
-        let result = self.remove_backing_file(parent, backing);
-        if let Err(e) = result {
-            let what = format!(
-                "removing {} in {} after its unlink was answered failed ({e:?}); the name is back",
-                backing.as_str(),
-                self.describe(parent)
-            );
-            log::error!("{what}");
-            self.volume.record_lost_removal(what);
-        }
-        self.removals.end(parent.ino, result.err());
+        // The ticket must end whatever happens, or whatever waits for it hangs.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.remove_backing_file(parent, backing)
+        }))
+        .unwrap_or(Err(Errno::EIO));
+        let failed = match result {
+            Ok(()) => None,
+            Err(e) if e == Errno::ENOENT => {
+                log::warn!(
+                    "{} in {} was gone before its answered unlink removed it (changed behind the mount)",
+                    backing.as_str(),
+                    self.describe(parent)
+                );
+                None
+            }
+            Err(e) => {
+                let what = format!(
+                    "removing {} in {} after its unlink was answered failed ({e:?}); the name is back",
+                    backing.as_str(),
+                    self.describe(parent)
+                );
+                log::error!("{what}");
+                self.volume.record_problem(what);
+                Some(e)
+            }
+        };
+        self.removals.end(ticket, failed);
     }
 
     /// Waits for the removals pending in the directory `backing` of `parent`
@@ -217,6 +256,8 @@ impl KmsFs {
             )
             .map_err(errno);
         }
+        // A name replaced is a name removed (see `remove_backing_file`).
+        let _one_at_a_time = self.removal_guard();
         let source =
             rustix::fs::statat(parent.fd()?.as_fd(), from.as_str(), AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
         let target = rustix::fs::statat(new_parent.fd()?.as_fd(), to.as_str(), AtFlags::SYMLINK_NOFOLLOW).ok();

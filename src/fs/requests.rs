@@ -187,6 +187,9 @@ impl fuser::Filesystem for Mounted {
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        // The inode's link count must be what the removals answered say
+        // before it gains a name (removals.rs).
+        self.fs.removals.settle_all();
         let result = self.fs.node(ino).and_then(|n| {
             let np = self.fs.node(newparent)?;
             let attr = self.fs.make_link(&n, &np, newname)?;

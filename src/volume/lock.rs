@@ -23,9 +23,10 @@ pub struct DaemonInfo {
     /// Why committing file keys fails, while it does (or why it failed at exit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_error: Option<String>,
-    /// Names the mount said it removed but could not (sticky).
+    /// Something wrong the daemon cannot fix (sticky): names it said it
+    /// removed but could not, a damaged DB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub removal_error: Option<String>,
+    pub problem: Option<String>,
     /// Unmounted, committing its last keys and about to exit: the volume is
     /// free in a moment (whatever unmounted it: `umount`, idle, a signal).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -147,9 +147,15 @@ fn rotate_secrets(
             if after.take().is_some() {
                 continue; // the end of a pass: another finds keys committed meanwhile
             }
-            // Keys committed under the old version meanwhile: another pass.
-            let retired = db.retire_if_done(to)?;
-            let Some(retired_versions) = retired else { continue };
+            // A whole pass found nothing to re-wrap, and triggers refuse keys
+            // under a version that is not active: any row left is one no
+            // query by id reaches (an edited DB).
+            let Some(retired_versions) = db.retire_if_done(to)? else {
+                return Err(VolumeError::Tampered {
+                    volume: volume.backing().to_path_buf(),
+                    what: "file keys that no pass over them reaches".into(),
+                });
+            };
             erase_old_bytes(db);
             return Ok(RotationReport {
                 new_version: to,

@@ -47,9 +47,9 @@ impl MetadataDb {
         self.with_conn(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT file_id, vk_version, wrapped FROM file_keys \
-                 WHERE file_id > ?3 AND vk_version != ?1 ORDER BY file_id LIMIT ?2",
+                 WHERE (?3 IS NULL OR file_id > ?3) AND vk_version != ?1 ORDER BY file_id LIMIT ?2",
             )?;
-            let after: &[u8] = after.map_or(&[], |id| &id[..]);
+            let after: Option<&[u8]> = after.map(|id| &id[..]);
             let rows = stmt.query_map(params![to, limit, after], |r| {
                 let (id, version, wrapped): (Vec<u8>, i64, Vec<u8>) = (r.get(0)?, r.get(1)?, r.get(2)?);
                 decode_file_key_row(&id, version, wrapped).ok_or_else(|| {
