@@ -53,11 +53,11 @@ cargo test --all-targets --no-fail-fast 2>&1 | tee target/test-output.txt
 
 # The suites that exercise I/O, again under the other cache setting: every
 # write reaching the daemon at once, OPEN/RELEASE sent for every file, and
-# each unlink answered after its backing removal.
-echo "== I/O suites with -o open_requests,no_writeback_cache,sync_unlink"
-KMSFS_TEST_MOUNT_OPTIONS=open_requests,no_writeback_cache,sync_unlink \
+# each unlink answered before its backing removal.
+echo "== I/O suites with -o open_requests,no_writeback_cache,deferred_unlink"
+KMSFS_TEST_MOUNT_OPTIONS=open_requests,no_writeback_cache,deferred_unlink \
     cargo test --test it --no-fail-fast -- fsx:: stress:: posix:: tree:: tamper:: backups:: 2>&1 \
-    | sed 's/^test /test (open_requests,no_writeback_cache,sync_unlink) /' | tee -a target/test-output.txt
+    | sed 's/^test /test (open_requests,no_writeback_cache,deferred_unlink) /' | tee -a target/test-output.txt
 # And with the kernel keeping listings and entries for a minute.
 echo "== namespace suites with -o cache_dir,attr_timeout=60"
 KMSFS_TEST_MOUNT_OPTIONS=cache_dir,attr_timeout=60 \

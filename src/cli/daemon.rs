@@ -33,7 +33,7 @@ pub struct MountArgs {
     /// fsname=NAME. Times and syncing: noatime, nodiratime, relatime, strictatime, sync, dirsync.
     /// Caching: attr_timeout=SECS (default 1), writeback_cache / no_writeback_cache (default on),
     /// keep_cache / no_keep_cache (default on), cache_dir / no_cache_dir (default off), noxattr, prefetch=N (default 8, 0 off),
-    /// open_requests, write_through_below=MIB (default 256, 0 off), sync_unlink (remove before answering). Threads: threads=N (default 16),
+    /// open_requests, write_through_below=MIB (default 256, 0 off), deferred_unlink (answer before removing; root only). Threads: threads=N (default 16),
     /// sync_threads=N (default 4). Kernel limits (root only): bdi_max_ratio=PCT,
     /// bdi_strict_limit=0|1, read_ahead_kb=KB (default 1024), bdi_defaults. Life: idle=DURATION
     /// (unmount when unused, e.g. 30m), lazy_unmount_after=DURATION (after SIGTERM, default 30s).

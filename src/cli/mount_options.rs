@@ -32,6 +32,8 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
     let mut force_open_requests = false;
     let mut acl = None;
     let mut nodiratime = false;
+    // `sync` and `dirsync` ask for directory changes done when they return.
+    let mut synchronous = false;
     for opt in raw.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
         match opt {
             "ro" => opts.read_only = true,
@@ -55,13 +57,14 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
             "noacl" => acl = Some(false),
             "sync" => {
                 opts.kernel.push(K::Sync);
-                opts.fs.deferred_removal = false;
+                synchronous = true;
             }
             "async" => opts.kernel.push(K::Async),
             "dirsync" => {
                 opts.kernel.push(K::DirSync);
-                opts.fs.deferred_removal = false;
+                synchronous = true;
             }
+            "deferred_unlink" => opts.fs.deferred_removal = true,
             "sync_unlink" => opts.fs.deferred_removal = false,
             o if o.starts_with("keystore=") => keys.keystore = Some(PathBuf::from(value(o)?)),
             o if o.starts_with("passphrase_file=") => keys.passphrase_file = Some(PathBuf::from(value(o)?)),
@@ -120,6 +123,7 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
     let kernel_or_root_checks = opts.allow_other || opts.default_permissions || rustix::process::geteuid().is_root();
     opts.fs.open_requests = force_open_requests || !kernel_or_root_checks;
     opts.fs.dir_atime = opts.fs.file_atime && !nodiratime;
+    opts.fs.deferred_removal &= !synchronous;
     if !opts.fs.file_atime {
         opts.kernel.push(K::NoAtime);
     }
@@ -266,6 +270,14 @@ mod tests {
         assert!(conflict.message.contains("acl and noxattr"), "{}", conflict.message);
         let nodir = parse_one("nodiratime,relatime").unwrap().fs;
         assert!(nodir.file_atime && !nodir.dir_atime);
+        let deferred = |raw| parse_one(raw).unwrap().fs.deferred_removal;
+        assert!(!deferred("rw"), "off by default");
+        assert!(deferred("deferred_unlink"));
+        assert!(!deferred("deferred_unlink,sync_unlink"));
+        assert!(
+            !deferred("deferred_unlink,dirsync") && !deferred("sync,deferred_unlink"),
+            "sync and dirsync win"
+        );
         assert_eq!(
             parse_one("attr_timeout=2.5").unwrap().fs.ttl,
             std::time::Duration::from_millis(2500)

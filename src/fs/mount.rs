@@ -58,8 +58,8 @@ pub struct FsOptions {
     /// unless `noacl`): the kernel enforces them, the daemon stores them as
     /// encrypted xattrs and inherits default ACLs (see acl.rs).
     pub posix_acl: bool,
-    /// Answer unlinks before removing the backing file (off with
-    /// `sync_unlink`, `dirsync` or `sync`; see removals.rs).
+    /// Answer unlinks before removing the backing file (`deferred_unlink`;
+    /// never with `dirsync` or `sync`; see removals.rs).
     pub deferred_removal: bool,
 }
 
@@ -77,7 +77,7 @@ impl Default for FsOptions {
             file_atime: true,
             dir_atime: true,
             posix_acl: false,
-            deferred_removal: true,
+            deferred_removal: false,
         }
     }
 }

@@ -34,7 +34,7 @@ fn removed_names_stay_removed_and_can_be_reused_at_once() {
     // Each backing removal waits a moment, so that many are pending when
     // the names are used again.
     let vol = TestVolume::init_with(&[("KMSFS_TEST_REMOVAL_DELAY_MS", "1")], &[]);
-    let m = vol.mount();
+    let m = vol.mount_with(&["-o", "deferred_unlink"]);
     let dir = vol.path("d");
     fs::create_dir(&dir).unwrap();
     for round in 0..3u8 {
@@ -115,7 +115,7 @@ fn a_removal_failing_after_its_reply_is_reported() {
         "this test checks the daemon of root (scripts/test.sh runs it as root)"
     );
     let vol = TestVolume::init();
-    let m = vol.mount();
+    let m = vol.mount_with(&["-o", "deferred_unlink"]);
     fs::write(vol.path("kept"), b"immutable").unwrap();
     fs::write(vol.path("gone"), b"removable").unwrap();
     let ino = fs::metadata(vol.path("kept")).unwrap().ino();
@@ -169,8 +169,8 @@ fn a_removal_failing_after_its_reply_is_reported() {
     );
     assert!(!common::is_mounted(&vol.mnt));
 
-    // With sync_unlink the unlink itself fails, as the backing filesystem's.
-    let m = vol.mount_with(&["-o", "sync_unlink"]);
+    // By default the unlink itself fails, as the backing filesystem's.
+    let m = vol.mount();
     chattr("+i");
     let err = fs::remove_file(vol.path("kept")).unwrap_err();
     chattr("-i");
