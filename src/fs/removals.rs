@@ -9,8 +9,9 @@
 //!
 //! * every request that names a directory with removals pending, as itself
 //!   or as the parent of a name (lookup, create, rename, listing, getattr,
-//!   rmdir of it …), waits for them first (`settle`, called from
-//!   `KmsFs::node`), and `statfs`, `fsyncdir` and unmount wait for all;
+//!   rmdir of it …), waits for those answered before it (`settle`, called
+//!   from `KmsFs::node`), and `statfs`, `fsyncdir`, LINK and unmount wait
+//!   for all; link counts leave out the names answered removed;
 //! * a removal that fails once the kernel was told it worked (the backing
 //!   filesystem failed, or something changed the backing directory behind
 //!   the mount) is logged, reported by the next `fsyncdir` of its directory,
