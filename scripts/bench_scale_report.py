@@ -7,6 +7,8 @@ import json
 import math
 from collections import defaultdict
 
+from bench_report import esc
+
 PER_FILE = [  # (measure, label, colour): seconds of work whose cost per file should stay flat
     ("init_fill_s", "init+fill", "#1565c0"),
     ("ls_lR_s", "ls -lR", "#2e7d32"),
@@ -139,10 +141,6 @@ def svg(sizes, args):
     out.append(f'<text x="{left + plot_w / 2 - 30:.0f}" y="{height - 12}" fill="#444">files in the volume</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
-
-
-def esc(s):
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def main():
