@@ -158,7 +158,7 @@ pub fn audit(args: AuditArgs, keys: &KeyOptions) -> Result<(), CliError> {
 fn verify_log(path: &std::path::Path, json: bool) -> Result<(), CliError> {
     let report = verify::verify(path).map_err(|e| CliError::new(ExitCode::AuditFailed, e.to_string()))?;
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "log": path,
@@ -169,7 +169,7 @@ fn verify_log(path: &std::path::Path, json: bool) -> Result<(), CliError> {
             })
         );
     } else if report.intact() {
-        println!(
+        outln!(
             "Audit log {} is intact: {} records, chained and anchored",
             path.display(),
             report.valid_records
@@ -177,8 +177,8 @@ fn verify_log(path: &std::path::Path, json: bool) -> Result<(), CliError> {
     } else {
         for p in &report.problems {
             match p.line {
-                0 => println!("{}: {}", path.display(), p.what),
-                line => println!("{}:{line}: {}", path.display(), p.what),
+                0 => outln!("{}: {}", path.display(), p.what),
+                line => outln!("{}:{line}: {}", path.display(), p.what),
             }
         }
     }

@@ -80,6 +80,18 @@ impl From<VolumeError> for CliError {
                     | rusqlite::Error::IntegralValueOutOfRange(..),
                 ..
             }) => CliError::new(ExitCode::Volume, e.to_string()),
+            // So is a page SQLite finds malformed (the schema check before cannot see every page).
+            VolumeError::Db(DbError::Sqlite {
+                source:
+                    rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error {
+                            code: rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase,
+                            ..
+                        },
+                        _,
+                    ),
+                ..
+            }) => CliError::new(ExitCode::Volume, e.to_string()),
             VolumeError::Db(DbError::Sqlite { .. }) => CliError::new(ExitCode::Io, e.to_string()),
             _ => CliError::new(ExitCode::Volume, e.to_string()),
         }

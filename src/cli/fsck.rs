@@ -50,10 +50,10 @@ pub fn fsck(backing: &Path, keys: &KeyOptions, opts: FsckOptions, json: bool) ->
     if json {
         let mut value = serde_json::to_value(&report).unwrap_or_default();
         value["exit_code"] = code.into();
-        println!("{value}");
+        outln!("{value}");
         return Ok(code);
     }
-    println!(
+    outln!(
         "checked {} directories, {} files ({} blocks), {} symlinks; metadata DB: {}",
         report.directories,
         report.files,
@@ -69,7 +69,7 @@ pub fn fsck(backing: &Path, keys: &KeyOptions, opts: FsckOptions, json: bool) ->
             None => String::new(),
         };
         // Names and details come from the backing directory: shown escaped.
-        println!(
+        outln!(
             "{}: {}{}: {}{repair}",
             p.kind,
             super::printable(&p.backing),
@@ -78,19 +78,19 @@ pub fn fsck(backing: &Path, keys: &KeyOptions, opts: FsckOptions, json: bool) ->
         );
     }
     if !report.quarantined.is_empty() {
-        println!(
+        outln!(
             "{} damaged file(s) kept in lost+found from an earlier repair",
             report.quarantined.len()
         );
     }
     match code {
-        CLEAN => println!("no problems"),
-        PROBLEMS_FOUND => println!(
+        CLEAN => outln!("no problems"),
+        PROBLEMS_FOUND => outln!(
             "{} problem(s); run with --repair to fix what can be fixed",
             report.problems.len()
         ),
-        ALL_REPAIRED => println!("{} problem(s), all repaired", report.problems.len()),
-        _ => println!(
+        ALL_REPAIRED => outln!("{} problem(s), all repaired", report.problems.len()),
+        _ => outln!(
             "{} problem(s), {} not repairable",
             report.problems.len(),
             report.unrepaired()

@@ -183,12 +183,12 @@ pub fn keystore(command: KeystoreCommand, keys: &KeyOptions) -> Result<(), CliEr
     kmsfs::audit::record(event.outcome(&changed));
     changed?;
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"keystore": store.path(), "protected_by": protection})
         );
     } else {
-        println!(
+        outln!(
             "Keystore {} is now protected by the new {protection}; volumes unchanged",
             store.path().display()
         );
@@ -267,9 +267,9 @@ fn line(k: &KeyInfo) -> String {
 
 fn show(k: &KeyInfo, json: bool, what: &str) {
     if json {
-        println!("{}", serde_json::to_string(k).unwrap_or_default());
+        outln!("{}", serde_json::to_string(k).unwrap_or_default());
     } else {
-        println!("{what}: {}", line(k));
+        outln!("{what}: {}", line(k));
     }
 }
 
@@ -285,13 +285,13 @@ fn import_params(
             .map_err(|e| CliError::new(ExitCode::Io, format!("cannot write {}: {e}", path.display())))?;
     }
     if json {
-        println!("{}", serde_json::to_string(&params).unwrap_or_default());
+        outln!("{}", serde_json::to_string(&params).unwrap_or_default());
         return Ok(());
     }
     if public_key_out.is_none() {
-        print!("{}", params.public_key_pem);
+        out!("{}", params.public_key_pem);
     }
-    println!(
+    outln!(
         "Import token {} for key {}, valid until {}: wrap 32 bytes of material with {} ({}), then run\n  \
          kmsfs key import {} --material FILE --import-token {}",
         params.import_token,
@@ -364,18 +364,18 @@ pub fn key(command: KeyCommand, keys: &KeyOptions) -> Result<(), CliError> {
             let list = store.list();
             kmsfs::audit::record(kmsfs::audit::Event::new("ListKeys"));
             if json {
-                println!("{}", serde_json::to_string(&list).unwrap_or_default());
+                outln!("{}", serde_json::to_string(&list).unwrap_or_default());
             } else {
-                list.iter().for_each(|k| println!("{}", line(k)));
+                list.iter().for_each(|k| outln!("{}", line(k)));
             }
         }
         KeyCommand::Rotate { key, json } => {
             let version = store.rotate_key(&key)?;
             let id = store.key_id(&key)?;
             if json {
-                println!("{}", serde_json::json!({ "key_id": id, "new_version": version }));
+                outln!("{}", serde_json::json!({ "key_id": id, "new_version": version }));
             } else {
-                println!(
+                outln!(
                     "Master key {id} is now at version {version}; each of its volumes moves to it at its next mount, or with `kmsfs rewrap BACKING`"
                 );
             }
@@ -393,9 +393,9 @@ pub fn key(command: KeyCommand, keys: &KeyOptions) -> Result<(), CliError> {
                 AliasCommand::Delete { alias, json } => {
                     store.delete_alias(&alias)?;
                     if json {
-                        println!("{}", serde_json::json!({ "alias": alias, "deleted": true }));
+                        outln!("{}", serde_json::json!({ "alias": alias, "deleted": true }));
                     } else {
-                        println!("Alias {alias} deleted");
+                        outln!("Alias {alias} deleted");
                     }
                     return Ok(());
                 }
@@ -418,12 +418,12 @@ pub fn key(command: KeyCommand, keys: &KeyOptions) -> Result<(), CliError> {
         } => {
             let trimmed = store.trim(&key, min_version, &forget)?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "key_id": store.key_id(&key)?, "destroyed_versions": trimmed })
                 );
             } else {
-                println!("Destroyed versions {trimmed:?} of {}", store.key_id(&key)?);
+                outln!("Destroyed versions {trimmed:?} of {}", store.key_id(&key)?);
             }
         }
         KeyCommand::Disable { key, json } => show(&store.set_enabled(&key, false)?, json, "Disabled"),

@@ -1,5 +1,8 @@
 //! Command-line interface: argument parsing, exit codes and the commands.
 
+#[macro_use]
+mod output;
+
 mod audit;
 mod daemon;
 mod errors;
@@ -283,22 +286,22 @@ fn create_volume(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
             "keystore": keystore.as_ref().map(|(p, _)| p),
             "keystore_created": keystore.as_ref().map(|(_, c)| c),
         });
-        println!("{out}");
+        outln!("{out}");
     } else {
         if args.reverse {
-            println!(
+            outln!(
                 "Created volume {volume_id} for a reverse view of {} (kept in {})",
                 args.backing.display(),
                 dir.display()
             );
         } else {
-            println!("Created volume {volume_id} in {}", args.backing.display());
+            outln!("Created volume {volume_id} in {}", args.backing.display());
         }
         match &keystore {
-            Some((path, _)) => println!("Master key {} in keystore {}", row.master_key_id, path.display()),
-            None => println!("Master key {} with provider {}", row.master_key_id, row.provider),
+            Some((path, _)) => outln!("Master key {} in keystore {}", row.master_key_id, path.display()),
+            None => outln!("Master key {} with provider {}", row.master_key_id, row.provider),
         }
-        println!("Mount it with: {}", mount_hint(&args.backing, args.reverse, keys));
+        outln!("Mount it with: {}", mount_hint(&args.backing, args.reverse, keys));
     }
     Ok(())
 }

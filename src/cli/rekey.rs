@@ -110,12 +110,12 @@ pub fn rekey(paths: &[PathBuf], keys: &KeyOptions, json: bool) -> Result<(), Cli
         audit_rekey(&outcome, &open);
         let outcome = outcome?;
         if !json {
-            println!("re-keyed {} ({} bytes)", path.display(), outcome["bytes"]);
+            outln!("re-keyed {} ({} bytes)", path.display(), outcome["bytes"]);
         }
         report.push(outcome);
     }
     if json {
-        println!("{}", serde_json::Value::Array(report));
+        outln!("{}", serde_json::Value::Array(report));
     }
     Ok(())
 }

@@ -20,9 +20,9 @@ pub fn rotate(backing: &Path, keys: &KeyOptions, json: bool) -> Result<(), CliEr
     kmsfs::audit::record(event.outcome(&result.as_ref().map_err(|e| &e.message)));
     let report = result?;
     if json {
-        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        outln!("{}", serde_json::to_string(&report).unwrap_or_default());
     } else if volumes::volume_dir(backing).1 {
-        println!(
+        outln!(
             "Rotated the reverse view of {} to volume key v{} with new derived keys: every file, name and \
              directory IV in the view has new ciphertext, so the next backup copies everything (copies \
              made before still open with the keys in their own kmsfs.db)",
@@ -31,7 +31,7 @@ pub fn rotate(backing: &Path, keys: &KeyOptions, json: bool) -> Result<(), CliEr
         );
     } else {
         let retired: Vec<String> = report.retired_versions.iter().map(|v| format!("v{v}")).collect();
-        println!(
+        outln!(
             "{} volume key v{}: {} file keys re-wrapped in {:.2} s; retired {} (blobs erased); no file data rewritten",
             if report.resumed {
                 "Resumed rotation to"
@@ -94,9 +94,9 @@ pub fn rewrap(backing: &Path, keys: &KeyOptions, json: bool) -> Result<(), CliEr
     kmsfs::audit::record(event.outcome(&result.as_ref().map_err(|e| &e.message)));
     let report = result?;
     if json {
-        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        outln!("{}", serde_json::to_string(&report).unwrap_or_default());
     } else {
-        println!(
+        outln!(
             "Re-wrapped {} volume key version(s) under the master key's newest version ({} provider calls); no file touched",
             report.rewrapped_volume_keys.len(),
             report.provider_calls

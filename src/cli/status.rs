@@ -62,7 +62,12 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         None
     };
     let provider = super::volumes::recorded_provider(backing, &summary.volume)?;
-    let counts = kmsfs::volume::file_key_counts(backing)?;
+    // Counting reads every file-key row: damage there (which the schema check
+    // before it cannot see) is reported beside the rest, and fails the command.
+    let (counts, count_error) = match kmsfs::volume::file_key_counts(backing) {
+        Ok(counts) => (Some(counts), None),
+        Err(e) => (None, Some(CliError::from(e))),
+    };
     let (row, keys) = (summary.volume, summary.volume_keys);
     let daemon = VolumeLock::daemon(backing);
     let mount = mounted_at(&source);
@@ -72,10 +77,8 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     let finishing = daemon.as_ref().is_some_and(|d| d.finishing);
     let files_of = |v: u32| {
         counts
-            .iter()
-            .find(|(version, _)| *version == v)
-            .map(|(_, n)| *n)
-            .unwrap_or(0)
+            .as_ref()
+            .map(|counts| counts.iter().find(|(version, _)| *version == v).map_or(0, |(_, n)| *n))
     };
     let rotating = keys.iter().any(|k| k.state == "retiring");
     // The active volume key's age: how long since the volume was last rotated (or made).
@@ -107,7 +110,8 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "master_key_id": provider.key_label(),
             "created_at": row.created_at,
             "volume_keys": versions,
-            "file_keys": counts.iter().map(|(_, n)| n).sum::<u64>(),
+            "file_keys": counts.as_ref().map(|c| c.iter().map(|(_, n)| n).sum::<u64>()),
+            "file_key_error": count_error.as_ref().map(|e| &e.message),
             "rotation_in_progress": rotating,
             "mounted": daemon.is_some() && !finishing,
             "daemon_finishing": finishing,
@@ -123,21 +127,21 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "key_material_valid_to": key_state.as_ref().and_then(|k| k.material_valid_to).map(kmsfs::util::utc_date),
             "days_since_rotation": days_since_rotation,
         });
-        println!("{out}");
-        return Ok(());
+        outln!("{out}");
+        return count_error.map_or(Ok(()), Err);
     }
-    println!("volume:         {}", hex(&row.volume_id));
-    println!("backing:        {}", backing.display());
+    outln!("volume:         {}", hex(&row.volume_id));
+    outln!("backing:        {}", backing.display());
     if reverse {
-        println!(
+        outln!(
             "reverse view:   of {} (read-only, derived keys: `kmsfs mount --reverse {} MOUNTPOINT`)",
             source.display(),
             source.display()
         );
     }
-    println!("format:         {}", row.format_version);
-    println!("provider:       {}", super::printable(&provider.to_string()));
-    println!("master key:     {}", super::printable(provider.key_label()));
+    outln!("format:         {}", row.format_version);
+    outln!("provider:       {}", super::printable(&provider.to_string()));
+    outln!("master key:     {}", super::printable(provider.key_label()));
     for k in &keys {
         let wrapped_by = k
             .wrapped
@@ -145,24 +149,20 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             .and_then(|b| provider.wrapping_version(b))
             .map(|v| format!(", wrapped by master-key version {v}"))
             .unwrap_or_default();
-        println!(
-            "volume key v{}:  {} ({} files{wrapped_by})",
-            k.version,
-            k.state,
-            files_of(k.version)
-        );
+        let files = files_of(k.version).map_or_else(|| "? files".to_string(), |n| format!("{n} files"));
+        outln!("volume key v{}:  {} ({files}{wrapped_by})", k.version, k.state);
     }
     if let Some(days) = days_since_rotation {
-        println!("last rotation:  {days} day(s) ago (`kmsfs rotate` makes a new volume key)");
+        outln!("last rotation:  {days} day(s) ago (`kmsfs rotate` makes a new volume key)");
     }
     if reverse {
-        println!(
+        outln!(
             "                a rotation gives every file, name and directory IV of the view new \
              ciphertext: the next backup copies everything; copies made before keep the keys \
              they need in their own kmsfs.db"
         );
     }
-    println!(
+    outln!(
         "rotation:       {}",
         if rotating {
             "in progress (run `kmsfs rotate` to finish it)"
@@ -175,53 +175,60 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         .map(|m| format!(" at {}", m.mountpoint.display()))
         .unwrap_or_default();
     match (&daemon, &mount) {
-        (Some(d), _) if finishing => println!(
+        (Some(d), _) if finishing => outln!(
             "mounted:        no (unmounted; its daemon, pid {}, is committing its last file keys)",
             d.pid
         ),
-        (Some(d), _) => println!(
+        (Some(d), _) => outln!(
             "mounted:        yes{at} (daemon pid {}, {} key-provider call(s) since mount)",
-            d.pid, d.provider_calls
+            d.pid,
+            d.provider_calls
         ),
-        (None, Some(m)) => println!(
+        (None, Some(m)) => outln!(
             "mounted:        STALE{at}: its daemon is gone; clear it with `kmsfs umount {}`",
             m.mountpoint.display()
         ),
-        (None, None) => println!("mounted:        no"),
+        (None, None) => outln!("mounted:        no"),
+    }
+    if let Some(e) = &count_error {
+        outln!(
+            "FAILING:        counting file keys: {} (`kmsfs fsck` says more)",
+            e.message
+        );
     }
     if let Some(e) = daemon.as_ref().and_then(|d| d.problem.as_ref()) {
-        println!("FAILING:        {e} (umount will report it)");
+        outln!("FAILING:        {e} (umount will report it)");
     }
     if let Some(e) = daemon.as_ref().and_then(|d| d.commit_error.as_ref()) {
-        println!("FAILING:        committing file keys: {e} (the daemon keeps retrying; fsync reports EIO meanwhile)");
+        outln!("FAILING:        committing file keys: {e} (the daemon keeps retrying; fsync reports EIO meanwhile)");
     }
     if pending {
-        println!(
+        outln!(
             "pending keys:   {} holds file keys an unmount could not commit; the next mount or fsck stores them",
             kmsfs::volume::rescue::PENDING_FILE
         );
     }
     if let Some(key) = key_state {
-        println!("key state:      {} (as the provider reports it)", key.state);
+        outln!("key state:      {} (as the provider reports it)", key.state);
         if let Some(date) = key.deletion_date {
-            println!(
+            outln!(
                 "WARNING:        the master key is scheduled for deletion on {}: after that this volume \
                  can never be opened again (`kmsfs key cancel-deletion` stops it)",
                 kmsfs::util::utc_date(date)
             );
         }
         match key.material_valid_to {
-            Some(date) if date <= kmsfs::util::unix_now() => println!(
+            Some(date) if date <= kmsfs::util::unix_now() => outln!(
                 "WARNING:        the imported key material expired on {}: this volume cannot be opened \
                  until the same material is imported again (`kmsfs key import-params`, `key import`)",
                 kmsfs::util::utc_date(date)
             ),
-            Some(date) => println!(
+            Some(date) => outln!(
                 "key material:   imported; expires {} (then the key is unusable until imported again)",
                 kmsfs::util::utc_date(date)
             ),
             None => {}
         }
     }
-    Ok(())
+    count_error.map_or(Ok(()), Err)
 }

@@ -334,3 +334,36 @@ fn a_background_daemon_without_a_log_file_logs_to_syslog() {
         "an error at facility daemon: {received}"
     );
 }
+
+#[test]
+fn output_to_a_closed_pipe_or_a_full_disk_ends_cleanly_and_says_so() {
+    let vol = TestVolume::init();
+    // A reader that went away (`kmsfs status | head -0`): the status a shell
+    // reports for SIGPIPE, and no panic message.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = vol
+        .command()
+        .args(["status", path_str(&vol.backing)])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(141), "{}", common::stderr(&out));
+    assert!(!common::stderr(&out).contains("panick"), "{}", common::stderr(&out));
+    // Output redirected to a full disk is an I/O error, not a silent success.
+    let full = fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let out = vol
+        .command()
+        .args(["status", "--json", path_str(&vol.backing)])
+        .stdout(full)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", common::stderr(&out));
+    assert!(
+        common::stderr(&out).contains("cannot write the output"),
+        "{}",
+        common::stderr(&out)
+    );
+}
