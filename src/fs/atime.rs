@@ -67,12 +67,12 @@ impl KmsFs {
         if !self.options.file_atime {
             return;
         }
-        let moved = node.atime_moved.load(Ordering::Relaxed);
+        let moved = node.state().atime_moved.load(Ordering::Relaxed);
         let now = now_secs();
         if moved != 0 && now - moved < RETOUCH_AFTER_SECS {
             return;
         }
-        node.atime_moved.store(now, Ordering::Relaxed);
+        node.state().atime_moved.store(now, Ordering::Relaxed);
         if let Ok(fd) = node.reopen(OFlags::RDONLY | OFlags::CLOEXEC) {
             let _ = rustix::io::pread(&fd, &mut [0u8; 1], 0);
         }

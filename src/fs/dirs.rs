@@ -31,14 +31,14 @@ pub struct DirEntry {
 
 impl KmsFs {
     pub(super) fn dir_iv(&self, dir: &Node) -> FsResult<DirIv> {
-        if let Some(iv) = dir.dir_iv.get() {
+        if let Some(iv) = dir.state().dir_iv.get() {
             return Ok(*iv);
         }
         let iv = namespace::read_dir_iv(dir.fd()?.as_fd()).map_err(|e| {
             log::error!("directory {}: {e}", self.describe(dir));
             Errno::EIO
         })?;
-        Ok(*dir.dir_iv.get_or_init(|| iv))
+        Ok(*dir.state().dir_iv.get_or_init(|| iv))
     }
 
     pub(super) fn backing_name(&self, parent: &Node, name: &OsStr) -> FsResult<BackingName> {
@@ -90,7 +90,7 @@ impl KmsFs {
                 self.forget_node(node.ino, 1);
                 return Err(e);
             }
-            *lock(&node.cipher) = Some(cipher);
+            *lock(&node.state().cipher) = Some(cipher);
             node.mark_verified_empty(); // made here: its empty final block is ours
         }
         match self.attr_of(&node, &st) {

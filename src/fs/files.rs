@@ -94,7 +94,7 @@ impl KmsFs {
 
     /// The cipher of a file that has a header, loading it on first use.
     pub(super) fn cipher(&self, node: &Node, file: &File) -> FsResult<Option<Arc<BlockCipher>>> {
-        let mut cached = lock(&node.cipher);
+        let mut cached = lock(&node.state().cipher);
         if let Some(c) = cached.as_ref() {
             return Ok(Some(Arc::clone(c)));
         }
@@ -140,7 +140,7 @@ impl KmsFs {
             return None;
         }
         // Writers change the length in steps under the content lock: look again under it.
-        let _guard = crate::util::read(&node.content);
+        let _guard = crate::util::read(&node.state().content);
         let len = rustix::fs::fstat(node.fd().ok()?.as_fd()).ok()?.st_size as u64;
         if ok_or_empty(len) {
             return None;
@@ -263,7 +263,7 @@ impl KmsFs {
         rustix::io::pwrite(file, &header::encode(&id), 0).map_err(errno)?;
         self.claim_id(node, &id)?;
         let cipher = Arc::new(cipher);
-        *lock(&node.cipher) = Some(Arc::clone(&cipher));
+        *lock(&node.state().cipher) = Some(Arc::clone(&cipher));
         Ok(cipher)
     }
 
@@ -297,7 +297,7 @@ impl KmsFs {
         size: usize,
         reply: impl FnOnce(&[u8]) -> R,
     ) -> FsResult<R> {
-        let _guard = crate::util::read(&open.node.content);
+        let _guard = crate::util::read(&open.node.state().content);
         let Some(cipher) = self.cipher(&open.node, &open.file)? else {
             return Ok(reply(&[]));
         };
@@ -309,10 +309,10 @@ impl KmsFs {
         if self.space.is_low() {
             self.reserve(open, offset, data.len() as u64)?;
         }
-        let content_lock = || crate::util::write(&open.node.content);
+        let content_lock = || crate::util::write(&open.node.state().content);
         // A node's cipher never changes once known, so with it at hand the
         // sealing can start before the content lock (see `content::write_under`).
-        let known = lock(&open.node.cipher).as_ref().map(Arc::clone);
+        let known = lock(&open.node.state().cipher).as_ref().map(Arc::clone);
         let result = match known {
             Some(cipher) => content::write_under(&open.file, &cipher, offset, data, content_lock),
             None => {
@@ -338,7 +338,7 @@ impl KmsFs {
 
     pub(super) fn truncate(&self, node: &Node, file: &File, size: u64) -> FsResult<()> {
         node.changed();
-        let _guard = crate::util::write(&node.content);
+        let _guard = crate::util::write(&node.state().content);
         let cipher = if size == 0 {
             match self.cipher(node, file)? {
                 Some(c) => c,

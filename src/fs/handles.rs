@@ -17,10 +17,40 @@ const MAX_HANDLE_BYTES: usize = 128;
 
 /// How a node finds its backing inode again.
 pub enum Locator {
-    /// A serialized `struct file_handle`.
-    Handle(Box<[u8]>),
+    Handle(FileHandle),
     /// A descriptor kept open for the node's lifetime.
     Pinned(Arc<OwnedFd>),
+}
+
+/// Handle bytes kept inside the node: ext4's handles (16 bytes with their
+/// header) and xfs's 32-bit-inode ones fit, so a million nodes make no
+/// million extra allocations.
+const INLINE_HANDLE_BYTES: usize = 22;
+
+/// A serialized `struct file_handle`, as `name_to_handle_at` wrote it.
+pub enum FileHandle {
+    Inline { len: u8, bytes: [u8; INLINE_HANDLE_BYTES] },
+    Boxed(Box<[u8]>),
+}
+
+impl FileHandle {
+    fn new(serialized: &[u8]) -> Self {
+        match u8::try_from(serialized.len()) {
+            Ok(len) if serialized.len() <= INLINE_HANDLE_BYTES => {
+                let mut bytes = [0u8; INLINE_HANDLE_BYTES];
+                bytes[..serialized.len()].copy_from_slice(serialized);
+                FileHandle::Inline { len, bytes }
+            }
+            _ => FileHandle::Boxed(serialized.into()),
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            FileHandle::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            FileHandle::Boxed(bytes) => bytes,
+        }
+    }
 }
 
 /// An `O_PATH` descriptor of a node, valid while this value lives.
@@ -39,7 +69,7 @@ impl NodeFd {
 }
 
 /// Reads the file handle of the inode behind `fd`, if the filesystem has them.
-pub fn handle_of(fd: BorrowedFd<'_>) -> Option<Box<[u8]>> {
+pub fn handle_of(fd: BorrowedFd<'_>) -> Option<FileHandle> {
     let mut buf = vec![0u8; HANDLE_HEADER + MAX_HANDLE_BYTES];
     buf[..4].copy_from_slice(&(MAX_HANDLE_BYTES as u32).to_ne_bytes());
     let mut mount_id: libc::c_int = 0;
@@ -58,8 +88,7 @@ pub fn handle_of(fd: BorrowedFd<'_>) -> Option<Box<[u8]>> {
         return None;
     }
     let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-    buf.truncate(HANDLE_HEADER + len.min(MAX_HANDLE_BYTES));
-    Some(buf.into_boxed_slice())
+    Some(FileHandle::new(&buf[..HANDLE_HEADER + len.min(MAX_HANDLE_BYTES)]))
 }
 
 /// Opens nodes' descriptors from their handles, caching up to `capacity`.
@@ -79,7 +108,7 @@ impl Opener {
     pub fn open(&self, ino: u64, locator: &Locator) -> Result<NodeFd, Errno> {
         let handle = match locator {
             Locator::Pinned(fd) => return Ok(NodeFd(Arc::clone(fd))),
-            Locator::Handle(h) => h,
+            Locator::Handle(h) => h.bytes(),
         };
         if let Some(fd) = self.cache.get(ino) {
             return Ok(NodeFd(fd));
@@ -121,5 +150,41 @@ impl Opener {
 
     pub fn forget(&self, ino: u64) {
         self.cache.remove(ino);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_handles_are_kept_inline_and_long_ones_boxed_both_byte_for_byte() {
+        let short: Vec<u8> = (1..=16).collect();
+        let h = FileHandle::new(&short);
+        assert!(matches!(h, FileHandle::Inline { .. }));
+        assert_eq!(h.bytes(), &short[..]);
+        let at_limit: Vec<u8> = (1..=INLINE_HANDLE_BYTES as u8).collect();
+        assert!(matches!(FileHandle::new(&at_limit), FileHandle::Inline { .. }));
+        assert_eq!(FileHandle::new(&at_limit).bytes(), &at_limit[..]);
+        let long: Vec<u8> = (0..40).collect();
+        let h = FileHandle::new(&long);
+        assert!(matches!(h, FileHandle::Boxed(_)));
+        assert_eq!(h.bytes(), &long[..]);
+    }
+
+    #[test]
+    fn a_handle_read_from_a_directory_reopens_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = rustix::fs::open(dir.path(), rustix::fs::OFlags::PATH, rustix::fs::Mode::empty()).unwrap();
+        let Some(handle) = handle_of(fd.as_fd()) else {
+            return; // a backing filesystem without handles (tmpfs of old kernels)
+        };
+        let mount_fd = rustix::fs::open(dir.path(), rustix::fs::OFlags::RDONLY, rustix::fs::Mode::empty()).unwrap();
+        let opener = Opener::new(mount_fd, 4);
+        let Ok(reopened) = opener.open_handle(handle.bytes(), libc::O_PATH) else {
+            return; // no CAP_DAC_READ_SEARCH: the daemon falls back to pinned descriptors
+        };
+        let ino = |fd: BorrowedFd<'_>| rustix::fs::fstat(fd).unwrap().st_ino;
+        assert_eq!(ino(reopened.as_fd()), ino(fd.as_fd()));
     }
 }

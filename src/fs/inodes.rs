@@ -4,9 +4,9 @@
 //! FUSE inode numbers are the backing inode numbers (the backing root is
 //! swapped with 1), so they are stable for as long as the volume is mounted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use fuser::FileType;
@@ -23,6 +23,22 @@ pub struct Node {
     locator: Locator,
     opener: Arc<Opener>,
     lookups: AtomicU64,
+    /// UNLINKED and VERIFIED_EMPTY.
+    flags: AtomicU8,
+    /// Made when first needed: `ls -lR` of a million files makes a million
+    /// nodes and needs none of it.
+    state: OnceLock<Box<NodeState>>,
+}
+
+/// Its last name is gone while the kernel still knows it (open files): its
+/// key is erased once the kernel forgets it.
+const UNLINKED: u8 = 1;
+/// An empty file whose final block authenticated (sealed layout).
+const VERIFIED_EMPTY: u8 = 2;
+
+/// What a node needs once it is read, written or listed.
+#[derive(Default)]
+pub struct NodeState {
     /// Directory IV, read once.
     pub dir_iv: OnceLock<DirIv>,
     /// Serialises writers of a regular file against each other and readers.
@@ -33,20 +49,34 @@ pub struct Node {
     /// still knows the node: it keeps the backing inode (and so its number,
     /// which is this node's id) from being freed and reused.
     pinned: OnceLock<NodeFd>,
-    /// Its last name is gone while the kernel still knows it (open files):
-    /// its key is erased once the kernel forgets it.
-    unlinked: AtomicBool,
-    /// An empty file whose final block authenticated (sealed layout).
-    verified_empty: AtomicBool,
     /// When a read last moved the access time (atime.rs; 0: not since the
     /// node was looked up or last changed).
     pub atime_moved: AtomicU64,
 }
 
 impl Node {
+    fn new(ino: u64, locator: Locator, opener: Arc<Opener>, lookups: u64) -> Self {
+        Node {
+            ino,
+            locator,
+            opener,
+            lookups: AtomicU64::new(lookups),
+            flags: AtomicU8::new(0),
+            state: OnceLock::new(),
+        }
+    }
+
+    pub fn state(&self) -> &NodeState {
+        self.state.get_or_init(Box::default)
+    }
+
+    fn pinned(&self) -> Option<&NodeFd> {
+        self.state.get().and_then(|state| state.pinned.get())
+    }
+
     /// An `O_PATH` descriptor of the backing inode.
     pub fn fd(&self) -> Result<NodeFd, fuser::Errno> {
-        if let Some(fd) = self.pinned.get() {
+        if let Some(fd) = self.pinned() {
             return Ok(fd.clone());
         }
         self.opener.open(self.ino, &self.locator)
@@ -59,8 +89,8 @@ impl Node {
     /// since a handle to an inode without names is not reliably reopened.
     pub fn reopen(&self, flags: OFlags) -> Result<OwnedFd, fuser::Errno> {
         let errno = |e: rustix::io::Errno| fuser::Errno::from_i32(e.raw_os_error());
-        match (&self.locator, self.pinned.get()) {
-            (Locator::Handle(handle), None) => self.opener.open_handle(handle, flags.bits() as libc::c_int),
+        match (&self.locator, self.pinned()) {
+            (Locator::Handle(handle), None) => self.opener.open_handle(handle.bytes(), flags.bits() as libc::c_int),
             _ => {
                 // The node's descriptor must stay open while its /proc path is used.
                 let node_fd = self.fd()?;
@@ -71,37 +101,41 @@ impl Node {
 
     /// The file id, once its header was read or written.
     pub fn file_id(&self) -> Option<FileId> {
-        crate::util::lock(&self.cipher).as_ref().map(|c| *c.file_id())
+        let state = self.state.get()?;
+        crate::util::lock(&state.cipher).as_ref().map(|c| *c.file_id())
     }
 
-    /// Marks the node as having lost its last name; see `unlinked`.
+    /// Marks the node as having lost its last name; see `UNLINKED`.
     pub fn mark_unlinked(&self) {
-        self.unlinked.store(true, Ordering::Relaxed);
+        self.flags.fetch_or(UNLINKED, Ordering::Relaxed);
     }
 
     pub fn is_unlinked(&self) -> bool {
-        self.unlinked.load(Ordering::Relaxed)
+        self.flags.load(Ordering::Relaxed) & UNLINKED != 0
     }
 
     pub fn mark_verified_empty(&self) {
-        self.verified_empty.store(true, Ordering::Relaxed);
+        self.flags.fetch_or(VERIFIED_EMPTY, Ordering::Relaxed);
     }
 
     pub fn is_verified_empty(&self) -> bool {
-        self.verified_empty.load(Ordering::Relaxed)
+        self.flags.load(Ordering::Relaxed) & VERIFIED_EMPTY != 0
     }
 
     /// Its data or attributes changed: the next read moves the access time
     /// again (relatime moves it once it is not newer than the mtime/ctime).
     pub fn changed(&self) {
-        self.atime_moved.store(0, Ordering::Relaxed);
+        if let Some(state) = self.state.get() {
+            state.atime_moved.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Holds the inode open until the kernel forgets the node.
     pub fn pin(&self) {
-        if self.pinned.get().is_none() {
+        let state = self.state();
+        if state.pinned.get().is_none() {
             if let Ok(fd) = self.opener.open(self.ino, &self.locator) {
-                let _ = self.pinned.set(fd);
+                let _ = state.pinned.set(fd);
             }
         }
     }
@@ -152,8 +186,32 @@ impl LiveIds {
     }
 }
 
+/// A node in the table, found by its inode number: a set of these costs a
+/// pointer per slot where a map from number to node would cost two.
+struct ByIno(Arc<Node>);
+
+impl std::borrow::Borrow<u64> for ByIno {
+    fn borrow(&self) -> &u64 {
+        &self.0.ino
+    }
+}
+
+impl std::hash::Hash for ByIno {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.ino.hash(state);
+    }
+}
+
+impl PartialEq for ByIno {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ino == other.0.ino
+    }
+}
+
+impl Eq for ByIno {}
+
 pub struct InodeTable {
-    nodes: RwLock<HashMap<u64, Arc<Node>>>,
+    nodes: RwLock<HashSet<ByIno>>,
     root_backing_ino: u64,
     opener: Arc<Opener>,
     /// `open_by_handle_at` needs CAP_DAC_READ_SEARCH: without it (a daemon
@@ -173,26 +231,19 @@ impl InodeTable {
             rustix::fs::Mode::empty(),
         )?;
         let opener = Arc::new(Opener::new(mount_fd, fd_cache));
-        let handles_open =
-            handle_of(root_fd.as_fd()).is_some_and(|h| opener.open_handle(&h, libc::O_PATH | libc::O_CLOEXEC).is_ok());
+        let handles_open = handle_of(root_fd.as_fd())
+            .is_some_and(|h| opener.open_handle(h.bytes(), libc::O_PATH | libc::O_CLOEXEC).is_ok());
         if !handles_open {
             log::info!("file handles cannot be opened here (no CAP_DAC_READ_SEARCH): one descriptor per known inode");
         }
-        let root = Arc::new(Node {
-            ino: ROOT_INO,
-            locator: Locator::Pinned(Arc::new(root_fd)),
-            opener: Arc::clone(&opener),
-            lookups: AtomicU64::new(1),
-            dir_iv: OnceLock::new(),
-            content: RwLock::new(()),
-            cipher: Mutex::new(None),
-            pinned: OnceLock::new(),
-            unlinked: AtomicBool::new(false),
-            verified_empty: AtomicBool::new(false),
-            atime_moved: AtomicU64::new(0),
-        });
-        let mut nodes = HashMap::new();
-        nodes.insert(ROOT_INO, root);
+        let root = Arc::new(Node::new(
+            ROOT_INO,
+            Locator::Pinned(Arc::new(root_fd)),
+            Arc::clone(&opener),
+            1,
+        ));
+        let mut nodes = HashSet::new();
+        nodes.insert(ByIno(root));
         Ok(InodeTable {
             nodes: RwLock::new(nodes),
             root_backing_ino: root_stat.st_ino as u64,
@@ -214,7 +265,7 @@ impl InodeTable {
     }
 
     pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
-        crate::util::read(&self.nodes).get(&ino).cloned()
+        crate::util::read(&self.nodes).get(&ino).map(|n| Arc::clone(&n.0))
     }
 
     /// Registers a lookup of the inode behind `fd` (counted once), reusing
@@ -222,31 +273,24 @@ impl InodeTable {
     pub fn remember(&self, fd: OwnedFd, stat: &Stat) -> Arc<Node> {
         let ino = self.fuse_ino(stat.st_ino as u64);
         let mut nodes = crate::util::write(&self.nodes);
-        let node = nodes.entry(ino).or_insert_with(|| {
-            let fd = Arc::new(fd);
-            let locator = match handle_of(fd.as_fd()).filter(|_| self.handles_open) {
-                Some(handle) => {
-                    self.opener.remember(ino, &fd);
-                    Locator::Handle(handle)
-                }
-                None => Locator::Pinned(fd),
-            };
-            Arc::new(Node {
-                ino,
-                locator,
-                opener: Arc::clone(&self.opener),
-                lookups: AtomicU64::new(0),
-                dir_iv: OnceLock::new(),
-                content: RwLock::new(()),
-                cipher: Mutex::new(None),
-                pinned: OnceLock::new(),
-                unlinked: AtomicBool::new(false),
-                verified_empty: AtomicBool::new(false),
-                atime_moved: AtomicU64::new(0),
-            })
-        });
+        let node = match nodes.get(&ino) {
+            Some(known) => Arc::clone(&known.0),
+            None => {
+                let fd = Arc::new(fd);
+                let locator = match handle_of(fd.as_fd()).filter(|_| self.handles_open) {
+                    Some(handle) => {
+                        self.opener.remember(ino, &fd);
+                        Locator::Handle(handle)
+                    }
+                    None => Locator::Pinned(fd),
+                };
+                let node = Arc::new(Node::new(ino, locator, Arc::clone(&self.opener), 0));
+                nodes.insert(ByIno(Arc::clone(&node)));
+                node
+            }
+        };
         node.lookups.fetch_add(1, Ordering::Relaxed);
-        Arc::clone(node)
+        node
     }
 
     /// Gives back the cached descriptors (on EMFILE).
@@ -265,14 +309,14 @@ impl InodeTable {
             return None;
         }
         let mut nodes = crate::util::write(&self.nodes);
-        let node = nodes.get(&ino)?;
+        let node = &nodes.get(&ino)?.0;
         let before = node
             .lookups
             .fetch_sub(count.min(node.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
         if before > count {
             return None;
         }
-        let node = nodes.remove(&ino)?;
+        let ByIno(node) = nodes.take(&ino)?;
         self.opener.forget(ino);
         if let Some(id) = node.file_id() {
             self.ids.release(&id, ino);
@@ -283,6 +327,24 @@ impl InodeTable {
     /// Every node that lost its last name and is still held (at unmount).
     pub fn unlinked_nodes(&self) -> Vec<Arc<Node>> {
         let nodes = crate::util::read(&self.nodes);
-        nodes.values().filter(|n| n.is_unlinked()).cloned().collect()
+        nodes
+            .iter()
+            .filter(|n| n.0.is_unlinked())
+            .map(|n| Arc::clone(&n.0))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node per inode the kernel knows: `ls -lR` of a million files keeps a
+    /// million. Its allocation (with Arc's counts) stays in glibc's 96-byte
+    /// chunks; what only some nodes need goes in `NodeState`.
+    #[test]
+    fn a_node_stays_small() {
+        assert!(std::mem::size_of::<Node>() <= 72, "{}", std::mem::size_of::<Node>());
+        assert_eq!(std::mem::size_of::<Locator>(), 24);
     }
 }

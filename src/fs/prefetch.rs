@@ -23,10 +23,11 @@ pub const DEFAULT_WINDOW: usize = 8;
 /// Backing bytes asked for per file: small files whole, large ones are
 /// left to the kernel's readahead once they are read.
 const PREFETCH_BYTES: u64 = 128 << 10;
-/// Files remembered across all listings (about 10 MB). A reader can be far
-/// behind the lister (`find | xargs cat`: thousands of files), so listings
-/// are kept until this many files were listed, then all are forgotten.
-const MAX_TRACKED: usize = 1 << 18;
+/// Files remembered across all listings (at most about 7 MB). A reader can
+/// be far behind the lister (`find | xargs cat`: thousands of files), so
+/// listings are kept until this many files were listed, then all are
+/// forgotten.
+const MAX_TRACKED: usize = 1 << 17;
 
 /// The regular files of one directory listing, in listing order.
 struct ReadOrder {

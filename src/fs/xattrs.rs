@@ -54,7 +54,7 @@ impl KmsFs {
             FileType::RegularFile => {
                 let file = self.reopen(node, if create { libc::O_RDWR } else { libc::O_RDONLY })?;
                 if create {
-                    let _guard = crate::util::write(&node.content);
+                    let _guard = crate::util::write(&node.state().content);
                     Ok(Some(*self.cipher_for_write(node, &file)?.file_id()))
                 } else {
                     Ok(self.cipher(node, &file)?.map(|c| *c.file_id()))
