@@ -222,6 +222,8 @@ pub struct InodeTable {
 
 impl InodeTable {
     /// `fd_cache` bounds the descriptors kept open for nodes.
+    // ByIno hashes and compares only the node's number, which never changes.
+    #[allow(clippy::mutable_key_type)]
     pub fn new(root_fd: OwnedFd, root_stat: &Stat, fd_cache: usize) -> std::io::Result<Self> {
         // open_by_handle_at refuses an O_PATH descriptor as its mount fd.
         let mount_fd: OwnedFd = rustix::fs::openat(
