@@ -1,4 +1,4 @@
-//! `kmsfs mount` and `kmsfs umount`: the mount daemon's life cycle.
+//! `kmsfs mount`: the mount daemon's life cycle.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -12,6 +12,7 @@ use kmsfs::fs::KmsFs;
 use kmsfs::volume::Volume;
 use kmsfs::volume::lock::{DaemonInfo, VolumeLock};
 
+use super::umount::{unmount, unmount_now};
 use super::{CliError, ExitCode, KeyOptions};
 
 pub(super) const READY: &[u8] = b"ready";
@@ -85,7 +86,7 @@ fn stale_mount(path: &Path) -> CliError {
 
 /// A mount point that may be stale: canonical when it answers, else made
 /// absolute as given (a stale mount point cannot be resolved).
-fn mount_point_path(path: &Path) -> Result<PathBuf, CliError> {
+pub(super) fn mount_point_path(path: &Path) -> Result<PathBuf, CliError> {
     match std::fs::canonicalize(path) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(std::path::absolute(path)?),
         _ => absolute(path, "mount point"),
@@ -557,102 +558,3 @@ fn commit_at_exit(volume: &Volume) -> Result<(), String> {
 }
 
 const COMMIT_ATTEMPTS_AT_EXIT: u32 = 5;
-
-/// Unmounts `mountpoint` now, or fails (EBUSY while in use): umount2 as
-/// root, fusermount3 otherwise.
-fn unmount_now(mountpoint: &Path) -> std::io::Result<()> {
-    unmount(mountpoint, false)
-}
-
-/// Unmounts `mountpoint`; `lazy`: detached even while in use (MNT_DETACH),
-/// the daemon serving its open files until the last one closes.
-fn unmount(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
-    let flags = if lazy {
-        rustix::mount::UnmountFlags::DETACH
-    } else {
-        rustix::mount::UnmountFlags::empty()
-    };
-    match rustix::mount::unmount(mountpoint, flags) {
-        Ok(()) => return Ok(()),
-        Err(rustix::io::Errno::PERM) => {}
-        Err(e) => return Err(e.into()),
-    }
-    let out = std::process::Command::new("fusermount3")
-        .arg(if lazy { "-uz" } else { "-u" })
-        .arg(mountpoint)
-        .stderr(std::process::Stdio::piped())
-        .output()?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let said = String::from_utf8_lossy(&out.stderr);
-    Err(if said.contains("busy") {
-        std::io::Error::from_raw_os_error(libc::EBUSY)
-    } else {
-        std::io::Error::other(said.trim().to_string())
-    })
-}
-
-/// The backing directory of the kmsfs mount at exactly `mountpoint`.
-fn mounted_backing(mountpoint: &Path) -> Result<Option<PathBuf>, CliError> {
-    let Some(mount) = super::mounts::mounts()?
-        .into_iter()
-        .find(|m| m.mountpoint == mountpoint)
-    else {
-        return Ok(None);
-    };
-    if !mount.is_kmsfs() {
-        return Err(mount_error(format!(
-            "{} is not a kmsfs mount ({})",
-            mountpoint.display(),
-            mount.fstype
-        )));
-    }
-    Ok(Some(mount.source))
-}
-
-pub fn umount(mountpoint: &Path) -> Result<(), CliError> {
-    let mountpoint = mount_point_path(mountpoint)?;
-    let backing =
-        mounted_backing(&mountpoint)?.ok_or_else(|| mount_error(format!("{} is not mounted", mountpoint.display())))?;
-    // A stale mount (its daemon died) has no daemon to wait for; the volume
-    // may meanwhile be mounted elsewhere by another.
-    let stale = std::fs::metadata(&mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
-    if let Err(err) = unmount_now(&mountpoint) {
-        let hint = if err.raw_os_error() == Some(libc::EBUSY) {
-            " (a process is using it: see `fuser -m`)"
-        } else {
-            ""
-        };
-        return Err(mount_error(format!(
-            "cannot unmount {}: {err}{hint}",
-            mountpoint.display()
-        )));
-    }
-    if stale {
-        return Ok(());
-    }
-    let (backing, _) = super::volumes::volume_dir(&backing);
-    if backing.join(kmsfs::volume::db::DB_FILE).exists()
-        && !VolumeLock::wait_released(&backing, Duration::from_secs(60))
-    {
-        return Err(mount_error(format!(
-            "unmounted {}, but its daemon has not exited after 60 s",
-            mountpoint.display()
-        )));
-    }
-    let last = VolumeLock::last_published(&backing);
-    if let Some(error) = last.as_ref().and_then(|info| info.problem.clone()) {
-        return Err(CliError::new(
-            ExitCode::Io,
-            format!("unmounted {}, but: {error}", mountpoint.display()),
-        ));
-    }
-    if let Some(error) = last.and_then(|info| info.commit_error) {
-        return Err(CliError::new(
-            ExitCode::Io,
-            format!("unmounted {}, but: {error}", mountpoint.display()),
-        ));
-    }
-    Ok(())
-}

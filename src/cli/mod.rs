@@ -21,6 +21,7 @@ mod rotation;
 mod secrets;
 mod status;
 mod systemd;
+mod umount;
 mod volumes;
 
 use std::path::PathBuf;
@@ -412,7 +413,7 @@ pub fn run() -> i32 {
         Command::Audit(args) => audit::audit(args, &cli.keys),
         Command::Init(args) => init(args, &cli.keys),
         Command::Mount(args) => daemon::mount(args, &cli.keys),
-        Command::Umount { mountpoint } => daemon::umount(&mountpoint),
+        Command::Umount { mountpoint } => umount::umount(&mountpoint),
         Command::Status {
             backing,
             json,

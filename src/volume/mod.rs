@@ -1,6 +1,7 @@
 //! The volume: the backing directory, its metadata DB and the unwrapped key
 //! hierarchy. Testable without mounting; the FUSE layer is built on it.
 
+mod commit;
 pub mod content;
 pub mod db;
 pub mod fsck;
@@ -21,15 +22,12 @@ use std::fs;
 use std::os::fd::AsFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use crate::crypto::{
-    BlockCipher, DerivedKeys, FileId, Layout, NameCipher, NameError, Sealer, SecretKey, WrappedKey, random_array,
-};
+use crate::crypto::{BlockCipher, DerivedKeys, FileId, Layout, NameCipher, NameError, Sealer, SecretKey, random_array};
 use crate::kms::{EncryptionContext, KeyProvider, KmsError};
 use db::{Check, DB_FILE, DbError, FORMAT_VERSION, MetadataDb, VolumeKeyRow, VolumeRow};
 use keyring::{KeyRing, secret_aad};
@@ -40,7 +38,6 @@ const SECRET_XATTRS: &str = "xattr";
 /// The secret of a volume whose files' keys are derived (a reverse view,
 /// and copies of it): see docs/FORMAT.md, "Derived keys".
 const SECRET_DERIVED: &str = "derived";
-const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -329,31 +326,6 @@ impl Volume {
         })
     }
 
-    /// Commits queued file keys every 200 ms until the volume is dropped.
-    /// Call after any fork: the thread does not survive one.
-    pub fn start_background_flush(self: &Arc<Self>) {
-        let weak: Weak<Volume> = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("kmsfs-db-flush".into())
-            .spawn(move || {
-                let mut failing = false;
-                loop {
-                    std::thread::sleep(FLUSH_INTERVAL);
-                    let Some(volume) = weak.upgrade() else { return };
-                    // Logged when it starts and stops failing, not every 200 ms.
-                    match volume.sync_keys() {
-                        Err(e) if !failing => log::error!("committing file keys failed (retrying): {e}"),
-                        Ok(()) if failing => log::warn!("committing file keys works again"),
-                        _ => {}
-                    }
-                    failing = volume.commit_error().is_some();
-                }
-            });
-        if let Err(e) = spawned {
-            log::error!("cannot start the key flusher thread; keys are committed on fsync and unmount only: {e}");
-        }
-    }
-
     pub fn backing(&self) -> &Path {
         &self.backing
     }
@@ -434,120 +406,6 @@ impl Volume {
     /// Crypto-shredding: the file's last link is gone, so is its key.
     pub fn forget_file_key(&self, file_id: &FileId) {
         self.db.queue_file_key_delete(*file_id);
-    }
-
-    /// Makes every queued key change durable.
-    pub fn sync_keys(&self) -> Result<(), VolumeError> {
-        let result = self.commit_queued();
-        *crate::util::lock(&self.commit_error) = result.as_ref().err().map(|e| e.to_string());
-        result
-    }
-
-    fn commit_queued(&self) -> Result<(), VolumeError> {
-        loop {
-            let Some(mut batch) = self.db.take_batch() else {
-                if self.db.has_in_flight() {
-                    // Another thread is committing: wait for it, so that
-                    // what was queued before this call is durable on return.
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
-                }
-                return Ok(());
-            };
-            // Keys queued under an older volume-key version (a rotation began
-            // since) are re-wrapped under the active one first, with the DB
-            // free: adopting a new version may ask the key provider.
-            let active = match self.db.active_volume_key() {
-                Ok(active) => active,
-                Err(e) => {
-                    self.db.give_back();
-                    return Err(e.into());
-                }
-            };
-            let rewrapped = if batch.has_inserts() {
-                batch.rewrap_stale(active.0, |id, from, wrapped| {
-                    self.rewrap_queued(id, from, wrapped, &active)
-                })
-            } else {
-                Ok(())
-            };
-            if let Err(e) = rewrapped {
-                self.db.give_back();
-                return Err(e);
-            }
-            match self.db.commit_batch(&batch, active.0)? {
-                db::Commit::Done => {
-                    self.audit_shredded(&batch);
-                    return Ok(());
-                }
-                db::Commit::ActiveChanged => {}
-            }
-        }
-    }
-
-    /// Crypto-shredding is a key operation: the erased keys' files (by id,
-    /// never by name) go to the audit log once the erasure is durable.
-    fn audit_shredded(&self, batch: &db::PendingBatch) {
-        let ids: Vec<String> = batch.erased().map(|id| crate::util::hex(id)).collect();
-        let context = EncryptionContext::for_volume(&self.info.volume_id);
-        // Records of bounded size: a record is written whole or discarded whole after a crash.
-        for chunk in ids.chunks(1000) {
-            crate::audit::record(
-                crate::audit::Event::new("CryptoShred")
-                    .volume(&self.backing)
-                    .context(context.pairs())
-                    .details(serde_json::json!({ "erased_file_keys": chunk.len(), "file_ids": chunk })),
-            );
-        }
-    }
-
-    /// A file key queued under version `from`, wrapped again under the
-    /// active volume key.
-    fn rewrap_queued(
-        &self,
-        id: &FileId,
-        from: u32,
-        wrapped: &WrappedKey,
-        (active, blob): &(u32, WrappedKey),
-    ) -> Result<WrappedKey, VolumeError> {
-        let tampered = || VolumeError::Tampered {
-            volume: self.backing.clone(),
-            what: format!("a new file key under volume key version {from}"),
-        };
-        let from_key = self.keys.key_cached_or_err(from).map_err(|_| tampered())?;
-        let to_key = self.keys.adopt(*active, blob, true)?;
-        self.keys
-            .rewrap(id, (from, &from_key), wrapped, (*active, &to_key))
-            .ok_or_else(tampered)
-    }
-
-    /// Why committing file keys last failed, while it keeps failing.
-    pub fn commit_error(&self) -> Option<String> {
-        crate::util::lock(&self.commit_error).clone()
-    }
-
-    /// Records something wrong that the mount cannot fix (a name it said
-    /// it removed but could not, see fs/removals.rs; a damaged DB):
-    /// published for `status`, and `umount` fails.
-    pub fn record_problem(&self, what: String) {
-        let mut problems = crate::util::lock(&self.problems);
-        problems.0 += 1;
-        problems.1.get_or_insert(what);
-    }
-
-    /// How many problems were recorded, and the first.
-    pub fn problems(&self) -> Option<String> {
-        let problems = crate::util::lock(&self.problems);
-        problems.1.as_ref().map(|first| match problems.0 {
-            1 => first.clone(),
-            n => format!("{n} problems; the first: {first}"),
-        })
-    }
-
-    /// Saves the file keys that could not be committed beside the DB (see
-    /// `rescue`); the next open of the volume stores them.
-    pub fn save_pending_keys(&self) -> Result<usize, VolumeError> {
-        rescue::save(&self.backing, &self.info.volume_id, &self.db)
     }
 
     /// What to store as a backing symlink's target: the sealed target itself,

@@ -1,0 +1,109 @@
+//! `kmsfs umount`, and the unmount the daemon itself does on a signal or
+//! when idle: umount2 as root, fusermount3 for a normal user.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kmsfs::volume::lock::VolumeLock;
+
+use super::daemon::{mount_error, mount_point_path};
+use super::{CliError, ExitCode};
+
+/// Unmounts `mountpoint` now, or fails (EBUSY while in use): umount2 as
+/// root, fusermount3 otherwise.
+pub(super) fn unmount_now(mountpoint: &Path) -> std::io::Result<()> {
+    unmount(mountpoint, false)
+}
+
+/// Unmounts `mountpoint`; `lazy`: detached even while in use (MNT_DETACH),
+/// the daemon serving its open files until the last one closes.
+pub(super) fn unmount(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
+    let flags = if lazy {
+        rustix::mount::UnmountFlags::DETACH
+    } else {
+        rustix::mount::UnmountFlags::empty()
+    };
+    match rustix::mount::unmount(mountpoint, flags) {
+        Ok(()) => return Ok(()),
+        Err(rustix::io::Errno::PERM) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let out = std::process::Command::new("fusermount3")
+        .arg(if lazy { "-uz" } else { "-u" })
+        .arg(mountpoint)
+        .stderr(std::process::Stdio::piped())
+        .output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    Err(if said.contains("busy") {
+        std::io::Error::from_raw_os_error(libc::EBUSY)
+    } else {
+        std::io::Error::other(said.trim().to_string())
+    })
+}
+
+/// The backing directory of the kmsfs mount at exactly `mountpoint`.
+fn mounted_backing(mountpoint: &Path) -> Result<Option<PathBuf>, CliError> {
+    let Some(mount) = super::mounts::mounts()?
+        .into_iter()
+        .find(|m| m.mountpoint == mountpoint)
+    else {
+        return Ok(None);
+    };
+    if !mount.is_kmsfs() {
+        return Err(mount_error(format!(
+            "{} is not a kmsfs mount ({})",
+            mountpoint.display(),
+            mount.fstype
+        )));
+    }
+    Ok(Some(mount.source))
+}
+
+pub fn umount(mountpoint: &Path) -> Result<(), CliError> {
+    let mountpoint = mount_point_path(mountpoint)?;
+    let backing =
+        mounted_backing(&mountpoint)?.ok_or_else(|| mount_error(format!("{} is not mounted", mountpoint.display())))?;
+    // A stale mount (its daemon died) has no daemon to wait for; the volume
+    // may meanwhile be mounted elsewhere by another.
+    let stale = std::fs::metadata(&mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+    if let Err(err) = unmount_now(&mountpoint) {
+        let hint = if err.raw_os_error() == Some(libc::EBUSY) {
+            " (a process is using it: see `fuser -m`)"
+        } else {
+            ""
+        };
+        return Err(mount_error(format!(
+            "cannot unmount {}: {err}{hint}",
+            mountpoint.display()
+        )));
+    }
+    if stale {
+        return Ok(());
+    }
+    let (backing, _) = super::volumes::volume_dir(&backing);
+    if backing.join(kmsfs::volume::db::DB_FILE).exists()
+        && !VolumeLock::wait_released(&backing, Duration::from_secs(60))
+    {
+        return Err(mount_error(format!(
+            "unmounted {}, but its daemon has not exited after 60 s",
+            mountpoint.display()
+        )));
+    }
+    let last = VolumeLock::last_published(&backing);
+    if let Some(error) = last.as_ref().and_then(|info| info.problem.clone()) {
+        return Err(CliError::new(
+            ExitCode::Io,
+            format!("unmounted {}, but: {error}", mountpoint.display()),
+        ));
+    }
+    if let Some(error) = last.and_then(|info| info.commit_error) {
+        return Err(CliError::new(
+            ExitCode::Io,
+            format!("unmounted {}, but: {error}", mountpoint.display()),
+        ));
+    }
+    Ok(())
+}
