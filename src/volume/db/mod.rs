@@ -390,6 +390,18 @@ impl MetadataDb {
             .map_err(self.sqlite())
     }
 
+    /// Lets the connection that looks up file keys cache up to `mib` MiB of
+    /// the DB's pages (SQLite's default is 2 MiB). For fsck, which looks up
+    /// every file's key in the order of the walk: once the key b-tree
+    /// outgrows the cache (tens of thousands of files), every lookup reads
+    /// pages again.
+    pub fn cache_for_lookups(&self, mib: u64) -> Result<(), DbError> {
+        let mut guard = lock(&self.reader);
+        let conn = self.connected(&mut guard)?;
+        let kib = i64::try_from(mib.saturating_mul(1024)).unwrap_or(i64::MAX);
+        conn.pragma_update(None, "cache_size", -kib).map_err(self.sqlite())
+    }
+
     /// Runs `f` on the connection (the one place SQL meets it).
     fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, DbError> {
         let mut guard = lock(&self.conn);

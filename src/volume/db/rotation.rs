@@ -10,6 +10,11 @@ use crate::util::lock;
 /// A `file_keys` row: (file id, volume-key version, wrapped key).
 pub type FileKeyRow = (FileId, u32, WrappedKey);
 
+/// One batch of a rotation pass: ?1 the new version, ?2 the batch size, ?3
+/// the last id of the batch before.
+const FILE_KEYS_NOT_UNDER: &str = "SELECT file_id, vk_version, wrapped FROM file_keys \
+     WHERE file_id > ?3 AND vk_version != ?1 ORDER BY file_id LIMIT ?2";
+
 impl MetadataDb {
     /// Starts a rotation: version max+1 with `blob` becomes active, the
     /// active one retiring, in one transaction. Returns the new version.
@@ -45,11 +50,11 @@ impl MetadataDb {
     /// quadratic).
     pub fn file_keys_not_under(&self, to: u32, after: Option<&FileId>, limit: i64) -> Result<Vec<FileKeyRow>, DbError> {
         self.with_conn(|conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT file_id, vk_version, wrapped FROM file_keys \
-                 WHERE (?3 IS NULL OR file_id > ?3) AND vk_version != ?1 ORDER BY file_id LIMIT ?2",
-            )?;
-            let after: Option<&[u8]> = after.map(|id| &id[..]);
+            let mut stmt = conn.prepare_cached(FILE_KEYS_NOT_UNDER)?;
+            // A range on the primary key, so SQLite seeks to it: the empty
+            // blob sorts before every id. (`?3 IS NULL OR file_id > ?3` made
+            // it scan from the first row again for every batch.)
+            let after: &[u8] = after.map_or(&[], |id| &id[..]);
             let rows = stmt.query_map(params![to, limit, after], |r| {
                 let (id, version, wrapped): (Vec<u8>, i64, Vec<u8>) = (r.get(0)?, r.get(1)?, r.get(2)?);
                 decode_file_key_row(&id, version, wrapped).ok_or_else(|| {
@@ -130,5 +135,30 @@ impl MetadataDb {
         let mut guard = lock(&self.conn);
         let conn = self.connected(&mut guard)?;
         checkpoint_truncate(conn).map_err(self.sqlite())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each batch must seek to where the last one ended: a plan that scans
+    /// the table re-reads every row before it, for every batch.
+    #[test]
+    fn a_rotation_batch_seeks_by_file_id() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(super::super::SCHEMA).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {FILE_KEYS_NOT_UNDER}"))
+            .unwrap()
+            .query_map(params![2, 5000, &[0u8; 16][..]], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("SEARCH file_keys USING PRIMARY KEY (file_id>?)")),
+            "{plan:?}"
+        );
     }
 }

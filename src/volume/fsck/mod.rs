@@ -80,6 +80,9 @@ struct FileEntry {
 /// Threads checking files: the check waits on the disk for each small
 /// file's blocks, so more reads in flight than cores keep the disk busy.
 const CHECK_THREADS: usize = 16;
+/// The most of the DB fsck keeps in SQLite's cache (a million files' keys
+/// take about 90 MiB).
+const MAX_DB_CACHE_MIB: u64 = 256;
 
 /// An entry to move into lost+found, and the index of its problem.
 struct Rescue {
@@ -362,6 +365,9 @@ pub fn fsck(
     let repair = opts.repair || opts.salvage;
     let root = volume.backing().to_path_buf();
     volume.sync_keys()?;
+    // The whole DB in SQLite's cache, up to a bound: every file's key is looked up.
+    let db_mib = fs::symlink_metadata(root.join(DB_FILE)).map_or(0, |m| m.len() >> 20);
+    volume.db().cache_for_lookups((db_mib + 2).min(MAX_DB_CACHE_MIB))?;
     let mut w = Walk::default();
     walk_dir(volume, &root, Some(String::new()), &mut w)?;
 
