@@ -150,8 +150,12 @@ pub fn audit(args: AuditArgs, keys: &KeyOptions) -> Result<(), CliError> {
         wanted.try_for_each(|listed| writeln!(out, "{}", line(&listed.record)))
     };
     match written.and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
-        _ => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            super::output::reader_gone();
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+        Ok(()) => Ok(()),
     }
 }
 

@@ -11,7 +11,9 @@ use super::{Cli, CliError, ExitCode};
 /// Prints the completion script for `shell` to stdout.
 pub fn completions(shell: Shell) -> Result<(), CliError> {
     let mut command = Cli::command();
-    clap_complete::generate(shell, &mut command, "kmsfs", &mut std::io::stdout());
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "kmsfs", &mut script);
+    out!("{}", String::from_utf8_lossy(&script));
     Ok(())
 }
 

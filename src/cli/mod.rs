@@ -24,6 +24,7 @@ mod systemd;
 mod umount;
 mod volumes;
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -409,6 +410,8 @@ pub fn run() -> i32 {
             return report(&e, json_errors);
         }
     }
+    // fsck's own exit status (0 clean, 10, 11, 12), when it ran to the end.
+    let mut fsck_exit = None;
     let result = match cli.command {
         Command::Audit(args) => audit::audit(args, &cli.keys),
         Command::Init(args) => init(args, &cli.keys),
@@ -431,35 +434,40 @@ pub fn run() -> i32 {
             repair,
             salvage,
             json,
-        } => {
-            match fsck::fsck(
-                &backing,
-                &cli.keys,
-                kmsfs::volume::fsck::FsckOptions { repair, salvage },
-                json,
-            ) {
-                Ok(code) => match kmsfs::audit::failure() {
-                    None => return code,
-                    Some(e) => Err(CliError::new(
-                        ExitCode::Io,
-                        format!("fsck ran (exit {code}), but its audit record could not be written: {e}"),
-                    )),
-                },
-                Err(e) => Err(e),
-            }
-        }
+        } => fsck::fsck(
+            &backing,
+            &cli.keys,
+            kmsfs::volume::fsck::FsckOptions { repair, salvage },
+            json,
+        )
+        .map(|code| fsck_exit = Some(code)),
     };
     // Done, but unrecorded: the exit status says so (the failure is not hidden behind a 0).
-    let result = result.and_then(|()| match kmsfs::audit::failure() {
-        Some(e) => Err(CliError::new(
+    let result = result.and_then(|()| match (kmsfs::audit::failure(), fsck_exit) {
+        (Some(e), Some(code)) => Err(CliError::new(
+            ExitCode::Io,
+            format!("fsck ran (exit {code}), but its audit record could not be written: {e}"),
+        )),
+        (Some(e), None) => Err(CliError::new(
             ExitCode::Io,
             format!("the command was carried out, but its audit record could not be written: {e}"),
         )),
-        None => Ok(()),
+        (None, _) => Ok(()),
     });
-    match result {
-        Ok(()) => 0,
-        Err(e) => report(&e, json_errors),
+    // The output goes out once the work and its record are done: a reader
+    // that went away can cost only output.
+    let written = output::flush();
+    match (result, written) {
+        (Err(e), _) => report(&e, json_errors),
+        (Ok(()), Ok(())) => fsck_exit.unwrap_or(0),
+        (Ok(()), Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => output::BROKEN_PIPE_STATUS,
+        (Ok(()), Err(e)) => report(
+            &CliError::new(
+                ExitCode::Io,
+                format!("the command was carried out, but its output could not be written: {e}"),
+            ),
+            json_errors,
+        ),
     }
 }
 
@@ -488,9 +496,10 @@ fn report(e: &CliError, json: bool) -> i32 {
             "exit_status": e.code as i32,
             "message": e.message,
         }});
-        eprintln!("{error}");
+        // Ignored if stderr is gone too: the exit status still says it.
+        let _ = writeln!(std::io::stderr(), "{error}");
     } else {
-        eprintln!("kmsfs: {}", printable(&e.message));
+        let _ = writeln!(std::io::stderr(), "kmsfs: {}", printable(&e.message));
     }
     e.code as i32
 }

@@ -1,28 +1,43 @@
-//! The commands' standard output. Rust ignores SIGPIPE, so `println!` panics
-//! when the reader went away (`kmsfs status | head -1`); these print instead
-//! and end the program the way a Unix tool ends.
+//! The commands' standard output, held until the command's work is done.
+//! Rust ignores SIGPIPE, so `println!` panics when the reader went away
+//! (`kmsfs status | head -1`), and a write that fails halfway through would
+//! stop a command between two steps (a `rekey` of many files, `init` before
+//! its audit record). Commands print here instead, and `run` writes it all
+//! out once the command has finished and its audit record is written.
 
 use std::io::Write;
-
-use super::ExitCode;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The status a shell reports for a program killed by SIGPIPE.
-const BROKEN_PIPE_STATUS: i32 = 128 + libc::SIGPIPE;
+pub const BROKEN_PIPE_STATUS: i32 = 128 + libc::SIGPIPE;
 
-/// Writes `args` to standard output. A closed pipe ends the program quietly
-/// with 141, as SIGPIPE would; any other failure (a full disk behind a
-/// redirect) says so on stderr and exits with the I/O status, so no output is
-/// lost silently. Commands that change a volume print once the change is
-/// made, so a reader that goes away early loses only output.
+static HELD: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+/// A command that writes its own output (a streamed listing) met a closed pipe.
+static READER_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Adds `args` to the command's output.
 pub fn write(args: std::fmt::Arguments<'_>) {
+    let mut held = HELD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    // Writing into a Vec fails only if a Display impl does, which ours do not.
+    let _ = held.write_fmt(args);
+}
+
+/// Records that the reader of a streamed output went away.
+pub fn reader_gone() {
+    READER_GONE.store(true, Ordering::Relaxed);
+}
+
+/// Writes the held output to standard output. Err(BrokenPipe) also when a
+/// streaming command met a closed pipe before.
+pub fn flush() -> std::io::Result<()> {
+    let held = std::mem::take(&mut *HELD.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
     let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(BROKEN_PIPE_STATUS);
-        }
-        eprintln!("kmsfs: cannot write the output: {e}");
-        std::process::exit(ExitCode::Io as i32);
+    out.write_all(&held).and_then(|()| out.flush())?;
+    if READER_GONE.load(Ordering::Relaxed) {
+        return Err(std::io::ErrorKind::BrokenPipe.into());
     }
+    Ok(())
 }
 
 /// `println!` for command output, through [`write`].

@@ -193,7 +193,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     if let Some(e) = &count_error {
         outln!(
             "FAILING:        counting file keys: {} (`kmsfs fsck` says more)",
-            e.message
+            super::printable(&e.message)
         );
     }
     if let Some(e) = daemon.as_ref().and_then(|d| d.problem.as_ref()) {

@@ -338,32 +338,62 @@ fn a_background_daemon_without_a_log_file_logs_to_syslog() {
 #[test]
 fn output_to_a_closed_pipe_or_a_full_disk_ends_cleanly_and_says_so() {
     let vol = TestVolume::init();
+    let closed_pipe = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
+    let run_into = |args: &[&str], stdout: Stdio| {
+        vol.command()
+            .args(args)
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
     // A reader that went away (`kmsfs status | head -0`): the status a shell
     // reports for SIGPIPE, and no panic message.
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
-    let out = vol
-        .command()
-        .args(["status", path_str(&vol.backing)])
-        .stdout(writer)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let out = run_into(&["status", path_str(&vol.backing)], closed_pipe().into());
     assert_eq!(out.status.code(), Some(141), "{}", common::stderr(&out));
-    assert!(!common::stderr(&out).contains("panick"), "{}", common::stderr(&out));
-    // Output redirected to a full disk is an I/O error, not a silent success.
-    let full = fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
-    let out = vol
-        .command()
-        .args(["status", "--json", path_str(&vol.backing)])
-        .stdout(full)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    assert!(common::stderr(&out).is_empty(), "{}", common::stderr(&out));
+    // The work is done whole, its audit record included, before any output.
+    let second = vol.dir.path().join("second");
+    let out = run_into(
+        &[
+            "init",
+            path_str(&second),
+            "--kdf-memory-mib",
+            "19",
+            "--kdf-iterations",
+            "2",
+        ],
+        closed_pipe().into(),
+    );
+    assert_eq!(out.status.code(), Some(141), "{}", common::stderr(&out));
+    let audit = vol.run(&["audit", "--json"]);
+    let records: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
+    let created = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "CreateVolume" && r["result"] == "ok")
+        .count();
+    assert_eq!(created, 2, "{records}");
+    // A streamed listing ends the same way.
+    let out = run_into(&["audit"], closed_pipe().into());
+    assert_eq!(out.status.code(), Some(141), "{}", common::stderr(&out));
+    // Output redirected to a full disk is an I/O error, not a silent success,
+    // and with --json the error is JSON too.
+    let full = || fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let out = run_into(&["status", "--json", path_str(&vol.backing)], full().into());
     assert_eq!(out.status.code(), Some(7), "{}", common::stderr(&out));
+    let error: serde_json::Value = serde_json::from_str(common::stderr(&out).trim()).unwrap();
+    assert_eq!(error["error"]["code"], "io", "{error}");
     assert!(
-        common::stderr(&out).contains("cannot write the output"),
-        "{}",
-        common::stderr(&out)
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("output could not be written"),
+        "{error}"
     );
 }
