@@ -154,7 +154,10 @@ pub fn audit(args: AuditArgs, keys: &KeyOptions) -> Result<(), CliError> {
             super::output::reader_gone();
             Ok(())
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(CliError::new(
+            ExitCode::Io,
+            format!("the listing could not be written: {e}"),
+        )),
         Ok(()) => Ok(()),
     }
 }

@@ -24,7 +24,7 @@ pub fn fsck(backing: &Path, keys: &KeyOptions, opts: FsckOptions, json: bool) ->
             ),
         ));
     }
-    if !backing.join("kmsfs.db").is_file() {
+    if std::fs::symlink_metadata(backing.join("kmsfs.db")).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
         return Err(kmsfs::volume::not_a_volume(backing).into());
     }
     let _lock = VolumeLock::acquire(backing).map_err(|e| match e {

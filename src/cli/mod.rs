@@ -392,8 +392,13 @@ pub fn run() -> i32 {
             );
         }
         Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() { ExitCode::Usage as i32 } else { 0 };
+            // --help and --version print to stdout: a failed write is not a success.
+            return match e.print() {
+                Err(w) if w.kind() == std::io::ErrorKind::BrokenPipe => output::BROKEN_PIPE_STATUS,
+                Err(_) => ExitCode::Io as i32,
+                Ok(()) if e.use_stderr() => ExitCode::Usage as i32,
+                Ok(()) => 0,
+            };
         }
     };
     cli.keys.env_passphrase = env_passphrase;

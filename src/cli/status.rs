@@ -128,7 +128,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "days_since_rotation": days_since_rotation,
         });
         outln!("{out}");
-        return count_error.map_or(Ok(()), Err);
+        return failing(count_error, daemon.as_ref());
     }
     outln!("volume:         {}", hex(&row.volume_id));
     outln!("backing:        {}", backing.display());
@@ -230,5 +230,20 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             None => {}
         }
     }
-    count_error.map_or(Ok(()), Err)
+    failing(count_error, daemon.as_ref())
+}
+
+/// The command fails when it reported something failing: a script that
+/// checks only the exit status learns of it too.
+fn failing(count_error: Option<CliError>, daemon: Option<&kmsfs::volume::lock::DaemonInfo>) -> Result<(), CliError> {
+    if let Some(e) = count_error {
+        return Err(e);
+    }
+    match daemon.and_then(|d| d.problem.as_ref().or(d.commit_error.as_ref())) {
+        Some(e) => Err(CliError::new(
+            ExitCode::Io,
+            format!("the mounted volume is failing: {}", super::printable(e)),
+        )),
+        None => Ok(()),
+    }
 }

@@ -36,7 +36,8 @@ const UNLINKED: u8 = 1;
 /// An empty file whose final block authenticated (sealed layout).
 const VERIFIED_EMPTY: u8 = 2;
 
-/// What a node needs once it is read, written or listed.
+/// What a node needs once it is read or written, lists its entries (a
+/// directory) or loses its last name.
 #[derive(Default)]
 pub struct NodeState {
     /// Directory IV, read once.

@@ -166,9 +166,10 @@ impl KmsFs {
             }
             Err(e) => {
                 let what = format!(
-                    "removing {} in {} after its unlink was answered failed ({e:?}); the name is back",
+                    "removing {} in {} after its unlink was answered failed ({}); the name is back",
                     backing.as_str(),
-                    self.describe(parent)
+                    self.describe(parent),
+                    std::io::Error::from_raw_os_error(e.code())
                 );
                 log::error!("{what}");
                 self.volume.record_problem(what);
@@ -256,6 +257,13 @@ impl KmsFs {
             )
             .map_err(errno);
         }
+        // A directory replaced must be empty: its pending removals finish
+        // first, before the guard, which each of them takes. (The kernel
+        // holds the target directory's lock meanwhile: none can start.)
+        match self.settle_child_dir(new_parent, to.as_str()) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
         // A name replaced is a name removed (see `remove_backing_file`).
         let _one_at_a_time = self.removal_guard();
         let source =
@@ -274,10 +282,7 @@ impl KmsFs {
             let target_is_dir = file_type(t.st_mode as u32) == FileType::Directory;
             let source_is_dir = file_type(source.st_mode as u32) == FileType::Directory;
             match (source_is_dir, target_is_dir) {
-                (true, true) => {
-                    self.settle_child_dir(new_parent, to.as_str())?;
-                    stripped_iv = Some(self.strip_empty_dir(new_parent, to.as_str())?)
-                }
+                (true, true) => stripped_iv = Some(self.strip_empty_dir(new_parent, to.as_str())?),
                 (true, false) => return Err(Errno::ENOTDIR),
                 (false, true) => return Err(Errno::EISDIR),
                 (false, false) => {}

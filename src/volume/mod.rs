@@ -48,6 +48,11 @@ pub enum VolumeError {
          check and restore the copies of the view, which are volumes"
     )]
     ReversePlain(PathBuf),
+    #[error(
+        "{0} holds a kmsfs volume whose metadata DB ({DB_FILE}) is gone: restore it from a backup \
+         (without it no file's key exists; do not run `kmsfs init` here)"
+    )]
+    DbMissing(PathBuf),
     #[error("{0} already holds a kmsfs volume")]
     AlreadyInitialized(PathBuf),
     #[error("{0} is not empty; kmsfs init needs an empty (or new) backing directory")]
@@ -110,6 +115,9 @@ pub fn file_key_counts(backing: &Path) -> Result<Vec<(u32, u64)>, VolumeError> {
 pub fn not_a_volume(backing: &Path) -> VolumeError {
     if crate::reverse::volume_dir(backing).join(DB_FILE).exists() {
         VolumeError::ReversePlain(backing.to_path_buf())
+    } else if backing.join(DIR_IV_FILE).exists() {
+        // Its root directory IV is there: a volume that lost its DB.
+        VolumeError::DbMissing(backing.to_path_buf())
     } else {
         VolumeError::NotAVolume(backing.to_path_buf())
     }
@@ -124,8 +132,19 @@ fn open_db(backing: &Path, check: Check) -> Result<MetadataDb, VolumeError> {
         });
     }
     let path = backing.join(DB_FILE);
-    if !path.exists() {
-        return Err(not_a_volume(backing));
+    // Looked at, not opened: SQLite is the only opener of the DB file.
+    match fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_a_volume(backing)),
+        Err(source) => return Err(VolumeError::Io { path, source }),
+        // SQLite would make an empty file a new DB, writing to it.
+        Ok(meta) if meta.len() == 0 => {
+            return Err(DbError::Damaged {
+                path,
+                reason: "the file is empty (cut to 0 bytes); restore it from a backup".into(),
+            }
+            .into());
+        }
+        Ok(_) => {}
     }
     Ok(MetadataDb::open(&path, check)?)
 }

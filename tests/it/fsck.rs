@@ -350,6 +350,33 @@ fn orphans_temporaries_ivs_and_names() {
 }
 
 #[test]
+fn an_unreadable_entry_inside_an_unreadable_directory_is_rescued_with_it() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    let (_, dir) = new_entry(&vol, &vol.backing, || fs::create_dir(vol.path("outer")).unwrap());
+    let (_, file) = new_entry(&vol, &dir, || fs::write(vol.path("outer/inner"), b"nested").unwrap());
+    m.unmount();
+    // Both names replaced by names that do not decrypt: the file's first.
+    fs::rename(&file, dir.join("BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB")).unwrap();
+    fs::rename(&dir, vol.backing.join("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")).unwrap();
+    let (code, report) = fsck(&vol, &["--repair"]);
+    assert_eq!(code, 11, "every problem repaired: {report}");
+    assert_eq!(kinds(&report), vec!["bad_name", "bad_name"], "{report}");
+    let _m = vol.mount();
+    let lost: Vec<String> = fs::read_dir(vol.path("lost+found"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("fsck-report"))
+        .collect();
+    assert_eq!(lost.len(), 2, "{lost:?}");
+    let contents: Vec<Vec<u8>> = lost
+        .iter()
+        .filter_map(|n| fs::read(vol.path(&format!("lost+found/{n}"))).ok())
+        .collect();
+    assert_eq!(contents, vec![b"nested".to_vec()], "{lost:?}");
+}
+
+#[test]
 fn orphan_long_symlink_targets_are_reported_and_erased() {
     let vol = TestVolume::init();
     let long_target = "t/".repeat(1900);

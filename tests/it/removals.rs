@@ -150,15 +150,19 @@ fn a_removal_failing_after_its_reply_is_reported() {
     assert!(!vol.path("gone").exists());
     // The daemon publishes its state four times a second.
     let mut text = String::new();
+    let mut code = None;
     for _ in 0..40 {
         let status = vol.run(&["status", path_str(&vol.backing)]);
         text = String::from_utf8_lossy(&status.stdout).to_string();
+        code = status.status.code();
         if text.contains("FAILING:        removing ") {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(text.contains("FAILING:        removing "), "{text}");
+    assert!(text.contains("Operation not permitted"), "the OS's words: {text}");
+    assert_eq!(code, Some(7), "status fails while it reports a failure: {text}");
     let out = m.umount_output();
     chattr("-i");
     assert!(!out.status.success(), "umount hid the failed removal");
@@ -178,5 +182,6 @@ fn a_removal_failing_after_its_reply_is_reported() {
     assert_eq!(fs::read(vol.path("kept")).unwrap(), b"immutable");
     let status = vol.run(&["status", path_str(&vol.backing)]);
     assert!(!String::from_utf8_lossy(&status.stdout).contains("FAILING"));
+    assert!(status.status.success(), "{}", common::stderr(&status));
     m.unmount();
 }

@@ -553,3 +553,28 @@ fn a_damaged_db_page_found_after_mounting_is_reported() {
     assert!(!fsck.status.success());
     assert!(common::stderr(&fsck).contains("damaged"), "{}", common::stderr(&fsck));
 }
+
+#[test]
+fn an_empty_or_missing_db_is_named_and_left_as_it_is() {
+    let vol = TestVolume::init();
+    let db = vol.backing.join("kmsfs.db");
+    fs::write(&db, b"").unwrap();
+    for args in [&["status"][..], &["fsck"][..]] {
+        let out = vol.run(&[args, &[path_str(&vol.backing)]].concat());
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {}", common::stderr(&out));
+        assert!(
+            common::stderr(&out).contains("empty"),
+            "{args:?}: {}",
+            common::stderr(&out)
+        );
+        assert_eq!(fs::metadata(&db).unwrap().len(), 0, "{args:?} wrote to the DB");
+    }
+    fs::remove_file(&db).unwrap();
+    let out = vol.run(&["status", path_str(&vol.backing)]);
+    assert_eq!(out.status.code(), Some(4), "{}", common::stderr(&out));
+    assert!(
+        common::stderr(&out).contains("restore it from a backup"),
+        "{}",
+        common::stderr(&out)
+    );
+}

@@ -59,10 +59,13 @@ pub(super) fn repair_volume(
         w.problems[i].repair = Some("row erased".into());
     }
     volume.sync_keys()?;
-    let rescues = std::mem::take(&mut w.rescues);
+    let mut rescues = std::mem::take(&mut w.rescues);
     if rescues.is_empty() {
         return Ok(());
     }
+    // Deepest first: an unreadable entry inside an unreadable directory is
+    // moved out before its directory, whose move would take it along.
+    rescues.sort_by_key(|r| std::cmp::Reverse(r.backing.components().count()));
     let lost = LostFound::open(volume)?;
     let mut lines = vec![format!("kmsfs fsck report, {} entries moved here", rescues.len())];
     for r in rescues {
@@ -85,8 +88,15 @@ pub(super) fn repair_volume(
                 }
             }
         }
-        lost.move_in(volume, &r.backing, &name)?;
         let problem = &mut w.problems[r.problem];
+        if let Err(e) = lost.move_in(volume, &r.backing, &name) {
+            // Left where it is and reported: the other entries are still moved.
+            lines.push(format!(
+                "{}: NOT moved ({e})",
+                r.plain.as_deref().unwrap_or("<name unknown>")
+            ));
+            continue;
+        }
         lines.push(format!(
             "{name}: was {} ({}): {}{note}",
             r.plain.as_deref().unwrap_or("<name unknown>"),
