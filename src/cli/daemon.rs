@@ -179,6 +179,18 @@ pub(super) fn report_to_parent(pipe: &mut Option<File>, e: CliError) -> CliError
     e
 }
 
+/// Why a normal user's mount was refused, when it is the FUSE device:
+/// kmsfs opens it itself before it would ask the setuid `fusermount3`.
+fn fuse_device_hint(e: &std::io::Error) -> &'static str {
+    let device_closed =
+        rustix::fs::access("/dev/fuse", rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK).is_err();
+    if e.kind() == std::io::ErrorKind::PermissionDenied && device_closed {
+        " (/dev/fuse is not open to this user: it should be mode 0666, as the fuse3 package's udev rule makes it)"
+    } else {
+        ""
+    }
+}
+
 /// The daemon holds one descriptor per inode the kernel remembers: raise
 /// the limit as far as allowed (root may go up to fs.nr_open).
 fn raise_fd_limit() {
@@ -302,7 +314,11 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let session = kmsfs::fs::mount(fs, &mountpoint, &options).map_err(|e| {
         report(
             &mut ready_pipe,
-            mount_error(format!("cannot mount on {}: {e}", mountpoint.display())),
+            mount_error(format!(
+                "cannot mount on {}: {e}{}",
+                mountpoint.display(),
+                fuse_device_hint(&e)
+            )),
         )
     })?;
     kmsfs::fs::bdi::tune(&mountpoint, &options.bdi);

@@ -105,7 +105,7 @@ pub enum KmsError {
     ImportRejected { key: String, reason: String },
     #[error("bad setting {name}: {message}")]
     BadSetting { name: &'static str, message: String },
-    #[error("keystore I/O on {path}: {source}")]
+    #[error("keystore I/O on {path}: {source} (the keystore's place is set with --keystore or KMSFS_KEYSTORE)")]
     Io { path: PathBuf, source: std::io::Error },
 }
 
