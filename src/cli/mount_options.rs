@@ -123,6 +123,9 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliE
     let kernel_or_root_checks = opts.allow_other || opts.default_permissions || rustix::process::geteuid().is_root();
     opts.fs.open_requests = force_open_requests || !kernel_or_root_checks;
     opts.fs.dir_atime = opts.fs.file_atime && !nodiratime;
+    if opts.fs.deferred_removal && synchronous {
+        log::warn!("deferred_unlink is off on this mount: sync and dirsync ask for every unlink done when it returns");
+    }
     opts.fs.deferred_removal &= !synchronous;
     if !opts.fs.file_atime {
         opts.kernel.push(K::NoAtime);

@@ -106,6 +106,16 @@ impl Activity {
     }
 }
 
+/// Unlinks are answered before the backing removal only for a daemon run
+/// as root (see removals.rs).
+fn defer_removals_allowed() -> bool {
+    let root = rustix::process::geteuid().is_root();
+    if !root {
+        log::warn!("deferred_unlink is off on this mount: it needs a daemon run as root");
+    }
+    root
+}
+
 impl KmsFs {
     pub fn new(volume: Arc<Volume>, options: FsOptions) -> io::Result<Self> {
         let root = rustix::fs::open(
@@ -131,7 +141,7 @@ impl KmsFs {
             acl_on: AtomicBool::new(false),
             activity: Arc::new(Activity::new()),
             removals: removals::PendingRemovals::default(),
-            defer_removals: options.deferred_removal && rustix::process::geteuid().is_root(),
+            defer_removals: options.deferred_removal && defer_removals_allowed(),
             removal_lock: Mutex::new(()),
         })
     }
