@@ -5,7 +5,7 @@
 #
 #   scripts/bench-levers.sh                 (BENCH_SCALE=small, ROUNDS=3)
 #   BENCH_SCALE=full ROUNDS=3 scripts/bench-levers.sh
-#   LEVERS="default sync_unlink" WORKLOADS="rm_rf meta_unlink" scripts/bench-levers.sh   some settings, some workloads
+#   LEVERS="default deferred_unlink" WORKLOADS="rm_rf meta_unlink" scripts/bench-levers.sh   some settings, some workloads
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export BENCH_SCALE=${BENCH_SCALE:-small} ROUNDS=${ROUNDS:-3} TARGETS="raw kmsfs"
@@ -18,7 +18,7 @@ settings=(
     "attr_timeout=0:-o attr_timeout=0"
     "attr_timeout=10:-o attr_timeout=10"
     "threads=1:-o threads=1"
-    "sync_unlink:-o sync_unlink"
+    "deferred_unlink:-o deferred_unlink"
 )
 if [ -n "${LEVERS:-}" ]; then
     chosen=()

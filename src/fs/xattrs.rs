@@ -139,8 +139,12 @@ impl KmsFs {
         self.store_xattr(node, &stored, value, flags)
     }
 
+    /// A name outside the namespaces this mount keeps is EOPNOTSUPP, as on
+    /// a disk filesystem without them (ext4 `noacl`): `ls -l` then stops
+    /// asking this filesystem for SELinux labels and ACLs (coreutils
+    /// remembers the device), two round trips per file.
     pub(super) fn get_xattr(&self, node: &Node, name: &[u8]) -> FsResult<Vec<u8>> {
-        let stored = self.stored_name(name).ok_or(Errno::NO_XATTR)?;
+        let stored = self.stored_name(name).ok_or(Errno::EOPNOTSUPP)?;
         self.load_xattr(node, &stored)
     }
 
@@ -171,7 +175,7 @@ impl KmsFs {
     }
 
     pub(super) fn remove_xattr(&self, node: &Node, name: &[u8]) -> FsResult<()> {
-        let stored = self.stored_name(name).ok_or(Errno::NO_XATTR)?;
+        let stored = self.stored_name(name).ok_or(Errno::EOPNOTSUPP)?;
         if stored.is_acl() && !self.keeps_acls(node)? {
             return Ok(());
         }

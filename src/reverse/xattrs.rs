@@ -27,6 +27,10 @@ impl ReverseFs {
     }
 
     pub(super) fn get_xattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        if !name.starts_with(b"user.") {
+            // As forward (fs/xattrs.rs): `ls -l` stops asking for labels and ACLs.
+            return Err(Errno::EOPNOTSUPP);
+        }
         let Some((fd, st)) = self.xattr_target(ino)? else {
             return Err(Errno::NO_XATTR);
         };

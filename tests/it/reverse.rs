@@ -55,6 +55,12 @@ fn reverse_view_backs_up_with_rsync_and_restic_and_the_copies_mount_forward() {
     );
     let write = fs::OpenOptions::new().write(true).open(view.join("kmsfs.db"));
     assert!(write.is_err(), "the view is read-only");
+    let label = crate::common::xattr_get(&view.join("kmsfs.db"), b"security.selinux");
+    assert_eq!(
+        label.unwrap_err().raw_os_error(),
+        Some(libc::EOPNOTSUPP),
+        "labels are not kept"
+    );
 
     let dest = vol.dir.path().join("dest");
     let first = rsync(&view, &dest, &[]);
