@@ -45,7 +45,7 @@ ratios, workloads = {}, []
 for n in names:
     t = defaultdict(list)
     for line in list(open(f"{out}/{n}.tsv"))[1:]:
-        _, w, target, s = line.split("\t")
+        _, w, target, s = line.rstrip("\n").split("\t")[:4]
         t[w, target].append(float(s))
         if w not in workloads:
             workloads.append(w)

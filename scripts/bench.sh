@@ -180,6 +180,12 @@ fi
 
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 now() { date +%s.%N; }
+# CPU time the hypervisor gave to others ("steal", summed over the CPUs, in
+# clock ticks). On a shared VM it comes and goes and can double a
+# workload's time; each measurement records how much of it fell in its
+# window, and the report says how much each target got.
+steal_ticks() { awk '/^cpu / {print $9}' /proc/stat; }
+TICKS_PER_CPU_SECOND=$(( $(getconf CLK_TCK) * $(nproc) ))
 # fio's own start-up takes about 0.3 s, so a fio workload's time is the
 # runtime fio reports (which includes its end_fsync), not the wall clock.
 fio_timed() {
@@ -245,7 +251,7 @@ run_reverse_rsync_initial() { rsync -a "$(reverse_source "$(basename "$1")")/" "
 run_reverse_rsync_incremental() { run_reverse_rsync_initial "$1"; }
 
 RESULTS=$WORK/results.tsv
-printf "round\tworkload\ttarget\tseconds\n" > "$RESULTS"
+printf "round\tworkload\ttarget\tseconds\tstolen\n" > "$RESULTS"
 for round in $(seq "$ROUNDS"); do
     # Each round starts one target later (raw bindfs ... kmsfs, then bindfs
     # ... kmsfs raw, ...): this VM's disk slows down after a few GiB of
@@ -262,13 +268,20 @@ for round in $(seq "$ROUNDS"); do
             if declare -F "prepare_$w" >/dev/null; then "prepare_$w" "$dir"; fi
             rm -f "$WORK/measured"
             sync # no target pays for the previous one's writeback
+            steal_before=$(steal_ticks)
             s=$(now)
             "run_$w" "$dir"
             e=$(now)
+            steal_after=$(steal_ticks)
             secs=$(echo "$e - $s" | bc)
+            # The share of the wall-clock window the CPUs were taken away.
+            stolen=$(echo "scale=3; ($steal_after - $steal_before) / $TICKS_PER_CPU_SECOND / ($secs + 0.001)" | bc)
             if [ -s "$WORK/measured" ]; then secs=$(cat "$WORK/measured"); fi
-            printf "%s\t%s\t%s\t%s\n" "$round" "$w" "$t" "$secs" >> "$RESULTS"
+            printf "%s\t%s\t%s\t%s\t%s\n" "$round" "$w" "$t" "$secs" "$stolen" >> "$RESULTS"
             line+=" $t $(printf %.2f "$secs")"
+            if [ "$(echo "$stolen > 0.05" | bc)" = 1 ]; then
+                line+=" (steal $(echo "$stolen * 100 / 1" | bc)%)"
+            fi
         done
         echo "$line"
     done

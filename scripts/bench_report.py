@@ -25,18 +25,44 @@ COLORS = {
 
 
 def load(path):
-    times = defaultdict(list)
+    """Times per (workload, target), and the share of each measurement's
+    wall-clock window the hypervisor took the CPUs away (steal)."""
+    times, stolen = defaultdict(list), defaultdict(list)
     workloads, targets = [], []
     with open(path) as f:
         next(f)
         for line in f:
-            _, w, t, s = line.rstrip("\n").split("\t")
+            fields = line.rstrip("\n").split("\t")
+            _, w, t, s = fields[:4]
             times[w, t].append(float(s))
+            if len(fields) > 4:
+                stolen[w, t].append(float(fields[4]))
             if w not in workloads:
                 workloads.append(w)
             if t not in targets:
                 targets.append(t)
-    return times, workloads, targets
+    return times, stolen, workloads, targets
+
+
+def steal_note(stolen, workloads, targets):
+    """Lines saying how much CPU steal each target's measurements had."""
+    if not stolen:
+        return []
+    per_target = []
+    for t in targets:
+        shares = [s for w in workloads for s in stolen.get((w, t), [])]
+        if shares:
+            per_target.append(f"{t} {100 * statistics.mean(shares):.0f}%")
+    hit = [(w, t, max(v)) for (w, t), v in stolen.items() if max(v) > 0.1]
+    lines = [f"CPU steal (the hypervisor running others on this VM's CPUs) during the measurements, "
+             f"mean share of their time: {', '.join(per_target)}."]
+    if hit:
+        worst = sorted(hit, key=lambda h: -h[2])[:6]
+        lines.append(f"Measurements with more than 10% steal: {len(hit)} of {len(stolen)} workload/target pairs "
+                     f"had at least one (worst: "
+                     + ", ".join(f"{w} on {t} {100 * s:.0f}%" for w, t, s in worst)
+                     + "); their min is a better guide than their median.")
+    return lines
 
 
 def ratio(times, w, a, b):
@@ -74,7 +100,7 @@ def goals(times, workloads, rss_mb):
     return out
 
 
-def markdown(times, workloads, targets, args, rss_mb):
+def markdown(times, stolen, workloads, targets, args, rss_mb):
     head = ["workload"] + [f"{t} s" for t in targets]
     if "raw" in targets and "kmsfs" in targets:
         head.append("kmsfs/raw")
@@ -88,6 +114,10 @@ def markdown(times, workloads, targets, args, rss_mb):
         f"Versions: {args.versions}.  ",
         f"Command: `{args.command.strip()}`",
         "",
+    ]
+    note = steal_note(stolen, workloads, targets)
+    lines += ["  \n".join(note), ""] if note else []
+    lines += [
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
@@ -188,9 +218,9 @@ def main():
     p.add_argument("--rss-kb", type=int, default=0)
     p.add_argument("--command", default="scripts/bench.sh")
     args = p.parse_args()
-    times, workloads, targets = load(args.results)
+    times, stolen, workloads, targets = load(args.results)
     rss_mb = args.rss_kb / 1024 if args.rss_kb else None
-    md = markdown(times, workloads, targets, args, rss_mb)
+    md = markdown(times, stolen, workloads, targets, args, rss_mb)
     if rss_mb:
         md += f"\nkmsfs daemon peak RSS over the whole run (VmHWM): {rss_mb:.1f} MB\n"
     print(md)
@@ -203,6 +233,7 @@ def main():
         "rounds": int(args.rounds),
         "kmsfs_peak_rss_mb": rss_mb,
         "times": {f"{w}/{t}": v for (w, t), v in times.items()},
+        "steal_share": {f"{w}/{t}": v for (w, t), v in stolen.items()},
         "goals": [
             {"goal": d, "value": v, "limit": limit, "met": met, "floor": floor}
             for d, v, limit, met, floor in goals(times, workloads, rss_mb)
