@@ -8,6 +8,9 @@
 # on A B C D E, ...; then round 2 in the order B C D E A ...). Prints medians, min-max and the ratios
 # kmsfs/gocryptfs and kmsfs/raw, and writes docs/bench.svg, target/bench/latest.md
 # (to be added to docs/bench.md under its date and commit) and $WORK/results.json. Needs root (mounts, drop_caches).
+# Each measurement also records the CPU steal in its window (a shared VM's
+# hypervisor running others): the log marks rounds above 5%, the report
+# gives each target's share.
 #
 #   scripts/bench.sh                  one round per target (6), full size (about 30 minutes)
 #   ROUNDS=3 scripts/bench.sh         fewer rounds
