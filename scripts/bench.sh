@@ -21,6 +21,12 @@
 #                                     needs the write that makes its file)
 #   BENCH_DIR=/mnt/disk/x scripts/bench.sh  where the backing dirs live
 #                                     (default /var/tmp/kmsfs-bench)
+#   BENCH_FS=ext4-image scripts/bench.sh  the backing dirs on a fresh ext4
+#                                     with a journal (a sparse image beside
+#                                     BENCH_DIR on a loop device with direct
+#                                     I/O, removed afterwards): what a user's
+#                                     disk is, where this VM's root is ext4
+#                                     without a journal
 #   KMSFS_MOUNT_OPTS="-o foo" scripts/bench.sh  extra kmsfs mount options
 #   FLOOR_OPTS="--no-writeback-cache" scripts/bench.sh  options of the FUSE floor
 #
@@ -77,6 +83,11 @@ cargo build --release --quiet --bin kmsfs --example fuse_floor
 KMSFS=$ROOT/target/release/kmsfs
 FLOOR=$ROOT/target/release/examples/fuse_floor
 
+case ${BENCH_FS:-} in
+    "" | ext4-image) ;;
+    *) echo "BENCH_FS must be unset or ext4-image" >&2; exit 2 ;;
+esac
+
 case $SCALE in
     full) FILES=20000 DIRS=1000 SEQ=1G RAND=256M RANDIO=32M META=10000 DD_COUNT=2000 ;;
     small) FILES=2500 DIRS=125 SEQ=128M RAND=64M RANDIO=4M META=1250 DD_COUNT=250 ;;
@@ -92,6 +103,9 @@ if [ -e "$WORK" ]; then
 fi
 mkdir -p "$WORK"
 export KMSFS_KEYSTORE=$WORK/kmsfs-keystore.json KMSFS_PASSPHRASE=bench
+# Where the targets' backing directories (and the reverse backups' copies) live.
+BACK=$WORK
+FS_IMAGE= LOOP_DEV=
 
 mounted=()
 cleanup() {
@@ -103,8 +117,23 @@ cleanup() {
             umount "$m" 2>/dev/null || true
         fi
     done
+    if [ -n "$LOOP_DEV" ]; then
+        # The daemons may still be closing their backing files.
+        for _ in $(seq 50); do umount "$BACK" 2>/dev/null && break; sleep 0.1; done
+        losetup -d "$LOOP_DEV" 2>/dev/null || true
+        rm -f "$FS_IMAGE"
+    fi
 }
 trap cleanup EXIT
+if [ "${BENCH_FS:-}" = ext4-image ]; then
+    FS_IMAGE=$WORK.img BACK=$WORK/fs
+    rm -f "$FS_IMAGE"
+    truncate -s 32G "$FS_IMAGE"
+    LOOP_DEV=$(losetup --find --show --direct-io=on "$FS_IMAGE")
+    mkfs.ext4 -q -F "$LOOP_DEV"
+    mkdir -p "$BACK"
+    mount "$LOOP_DEV" "$BACK"
+fi
 
 wait_mounted() {
     for _ in $(seq 200); do
@@ -115,9 +144,9 @@ wait_mounted() {
     exit 1
 }
 
-# Every target gets a backing directory $WORK/back-NAME and is used at $WORK/NAME.
+# Every target gets a backing directory $BACK/back-NAME and is used at $WORK/NAME.
 setup_target() {
-    local t=$1 back=$WORK/back-$1 mnt=$WORK/$1
+    local t=$1 back=$BACK/back-$1 mnt=$WORK/$1
     mkdir -p "$back" "$mnt"
     case $t in
         raw) rmdir "$mnt"; ln -s "$back" "$mnt"; return ;;
@@ -178,7 +207,7 @@ if [[ " ${WORKLOADS[*]} " == *" reverse_"* ]]; then
 fi
 KMSFS_PID=
 if [[ " ${TARGETS[*]} " == *" kmsfs "* ]]; then
-    KMSFS_PID=$("$KMSFS" status --json "$WORK/back-kmsfs" | python3 -c 'import json,sys; print(json.load(sys.stdin)["daemon_pid"])')
+    KMSFS_PID=$("$KMSFS" status --json "$BACK/back-kmsfs" | python3 -c 'import json,sys; print(json.load(sys.stdin)["daemon_pid"])')
 fi
 
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
@@ -249,8 +278,8 @@ run_restic_backup() { RESTIC_PASSWORD=bench restic --no-cache --quiet --repo "$1
 applies_reverse_rsync_initial() { [[ " raw gocryptfs kmsfs " == *" $1 "* ]]; }
 applies_reverse_rsync_incremental() { applies_reverse_rsync_initial "$1"; }
 reverse_source() { if [ "$1" = raw ]; then echo "$BACKUP_SRC"; else echo "$WORK/rev-$1"; fi; }
-prepare_reverse_rsync_initial() { rm -rf "$WORK/revdest-$(basename "$1")"; }
-run_reverse_rsync_initial() { rsync -a "$(reverse_source "$(basename "$1")")/" "$WORK/revdest-$(basename "$1")/"; }
+prepare_reverse_rsync_initial() { rm -rf "$BACK/revdest-$(basename "$1")"; }
+run_reverse_rsync_initial() { rsync -a "$(reverse_source "$(basename "$1")")/" "$BACK/revdest-$(basename "$1")/"; }
 run_reverse_rsync_incremental() { run_reverse_rsync_initial "$1"; }
 
 RESULTS=$WORK/results.tsv
@@ -295,7 +324,7 @@ if [ -n "$KMSFS_PID" ] && [ -r "/proc/$KMSFS_PID/status" ]; then
     RSS_KB=$(awk '/^VmHWM/ {print $2}' "/proc/$KMSFS_PID/status")
 fi
 versions="kmsfs $("$KMSFS" --version | awk '{print $2}'), gocryptfs $(gocryptfs -version | awk '{print $2}' | tr -d ';'), securefs $(dpkg-query -W -f='${Version}' securefs), bindfs $(bindfs --version | awk '{print $2}'), $(fio --version)"
-machine="$(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r), backing fs $(stat -f -c %T "$WORK")"
+machine="$(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r), backing fs $(stat -f -c %T "$BACK")${LOOP_DEV:+ (ext4 with a journal on a loop image, BENCH_FS=ext4-image)}"
 python3 "$ROOT/scripts/bench_report.py" "$RESULTS" "$OUT_MD" "$OUT_SVG" "$WORK/results.json" \
     --machine "$machine" --versions "$versions" --scale "$SCALE" --rounds "$ROUNDS" \
     --rss-kb "${RSS_KB:-0}" --command "$(basename "$0") ${BENCH_ARGS_NOTE:-}"
