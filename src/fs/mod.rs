@@ -8,6 +8,7 @@ mod atime;
 pub(crate) mod attr;
 pub mod bdi;
 mod bounded;
+mod check_ahead;
 mod dirs;
 mod files;
 mod handles;
@@ -58,6 +59,8 @@ pub struct KmsFs {
     shredder: shred::Shredder,
     /// The order of the files in recent directory listings (prefetch.rs).
     read_orders: prefetch::ReadOrders,
+    /// Empty files whose final blocks are read ahead (check_ahead.rs).
+    checks_ahead: check_ahead::ChecksAhead,
     /// Free space on the backing filesystem (new files written through when low).
     space: space::FreeSpace,
     /// The kernel leaves clearing set-user/group-ID bits on write and
@@ -129,6 +132,7 @@ impl KmsFs {
         Ok(KmsFs {
             shredder: shred::Shredder::new(Arc::clone(&volume), Arc::clone(&inodes.ids)),
             read_orders: prefetch::ReadOrders::new(options.prefetch_files),
+            checks_ahead: check_ahead::ChecksAhead::default(),
             volume,
             inodes,
             node_files: BoundedCache::new(mount::fd_cache_capacity()),

@@ -12,12 +12,15 @@
 use std::ffi::OsStr;
 use std::sync::Arc;
 
-use fuser::{FileHandle, INodeNo, ReplyEmpty};
+use fuser::{FileAttr, FileHandle, FileType, INodeNo, ReplyEmpty};
 
 use super::KmsFs;
 use super::attr::reply_empty;
+use super::check_ahead::{self, Ahead};
+use super::inodes::Node;
 use super::prefetch;
 use super::workers::WorkerPool;
+use crate::crypto::Layout;
 
 /// The filesystem as the FUSE session sees it: `KmsFs` plus its worker pools.
 pub struct Mounted {
@@ -63,6 +66,44 @@ impl Mounted {
             Ok(())
         });
         reply_empty(reply, result);
+    }
+
+    /// Called when a file was looked up: if it is one of the empty files
+    /// of its directory being checked in inode order, asks for the next
+    /// ones (check_ahead.rs).
+    pub(super) fn check_ahead(&self, parent: Arc<Node>, attr: &FileAttr) {
+        let off = self.fs.options.prefetch_files == 0; // `prefetch=0`: no reading ahead of any kind
+        if off || attr.kind != FileType::RegularFile || attr.size != 0 || self.fs.volume.layout() != Layout::Sealed {
+            return;
+        }
+        let dir = parent.ino;
+        match self.fs.checks_ahead.checked(dir, attr.ino.0) {
+            Ahead::Nothing => {}
+            Ahead::Ask(names) => {
+                self.prefetches.offer(move || {
+                    if let Ok(fd) = parent.fd() {
+                        check_ahead::start_reading(fd.as_fd(), &names);
+                    }
+                });
+            }
+            Ahead::Read { above } => {
+                let fs = Arc::clone(&self.fs);
+                let queued = self.prefetches.offer(move || {
+                    let read = parent.fd().ok().and_then(|fd| check_ahead::read_entries(fd.as_fd(), above).ok());
+                    let Some((entries, cut)) = read else {
+                        return fs.checks_ahead.abandoned(dir);
+                    };
+                    if let Ahead::Ask(names) = fs.checks_ahead.swept(dir, entries, cut) {
+                        if let Ok(fd) = parent.fd() {
+                            check_ahead::start_reading(fd.as_fd(), &names);
+                        }
+                    }
+                });
+                if !queued {
+                    self.fs.checks_ahead.abandoned(dir);
+                }
+            }
+        }
     }
 
     /// Called when a file's first bytes are read: if the files of its

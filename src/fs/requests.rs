@@ -53,11 +53,12 @@ impl fuser::Filesystem for Mounted {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(
-            reply,
-            &self.fs.options.ttl,
-            self.fs.node(parent).and_then(|p| self.fs.lookup(&p, name)),
-        );
+        let found = self.fs.node(parent).and_then(|p| {
+            let found = self.fs.lookup(&p, name)?;
+            self.check_ahead(p, &found.1);
+            Ok(found)
+        });
+        reply_entry(reply, &self.fs.options.ttl, found);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
