@@ -7,14 +7,16 @@
 //! the hypervisor. Reads asked for together cost a tenth of that (DESIGN.md,
 //! "What detecting every cut costs").
 //!
-//! Files are usually made in the order they are later visited, so their
-//! backing inode numbers rise in that order; backing names are encrypted and
-//! say nothing. When two empty files of one directory are checked in rising
-//! inode order, the directory's entries are read once (on a worker thread)
-//! and its following empty files, by inode number, are asked for
-//! (`POSIX_FADV_WILLNEED`) in bursts as the checks move along. Checks in any
-//! other order ask for nothing. Advice only: the check itself still reads
-//! and authenticates every final block.
+//! When empty files of one directory are checked one after another, the
+//! directory's entries are read once (on the prefetch worker) and its empty
+//! files are asked for (`POSIX_FADV_WILLNEED`) in bursts, by inode number:
+//! 256 before any check, then 4 more for each file checked. Backing names
+//! are encrypted and inode numbers follow the order files were made in
+//! only loosely, so nothing here guesses which file comes next: whatever
+//! the order, most files are in the cache by their turn, and a program that
+//! looks at a few empty files of a large directory costs at most 256 reads
+//! more, plus 4 per file it looked at. Advice only: every check still reads
+//! and authenticates its final block.
 
 use std::collections::{BinaryHeap, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -23,18 +25,21 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Mutex;
 
-use rustix::fs::{Advice, FileType as DirentType, Mode, OFlags};
+use rustix::fs::{Advice, AtFlags, FileType as DirentType, Mode, OFlags};
 
 use super::atime;
 use crate::volume::content::EMPTY_FILE_LEN;
 
-/// Files asked for ahead of the one being checked.
-const WINDOW: usize = 256;
-/// A new burst is asked for once fewer than this many are left ahead.
-const REFILL_BELOW: usize = WINDOW / 2;
+/// Files asked for as soon as a directory's entries are read.
+const LEAD: usize = 256;
+/// Files asked for per file checked, beyond the lead.
+const PER_CHECK: usize = 4;
+/// The smallest burst but the last of a reading: reads asked for together
+/// are what saves the time.
+const MIN_BURST: usize = 128;
 /// Entries kept from one reading of a directory (about 5 MB with long
-/// backing names): the ones with the next inode numbers. A larger directory
-/// is read again from where the checks have got to.
+/// backing names): those with the lowest inode numbers above where the
+/// previous reading ended. The rest is read once these were asked for.
 const MAX_SWEPT: usize = 1 << 16;
 /// Directories followed at once; beyond this all are forgotten.
 const MAX_DIRS: usize = 64;
@@ -46,13 +51,13 @@ struct Sweep {
     cut: bool,
     /// Entries below this index were asked for.
     asked_until: usize,
-    /// Index after the last checked file.
-    at: usize,
+    /// Files of the directory checked since the reading.
+    checks: usize,
 }
 
 enum Progress {
-    /// One empty file checked, by its inode number.
-    Seen(u64),
+    /// One empty file checked.
+    Seen,
     /// A worker is reading the directory.
     Reading,
     Swept(Sweep),
@@ -75,52 +80,44 @@ pub struct ChecksAhead {
 }
 
 impl ChecksAhead {
-    /// An empty file, backing inode `file`, of directory `dir` was checked.
-    pub fn checked(&self, dir: u64, file: u64) -> Ahead {
+    /// An empty file of directory `dir` was checked.
+    pub fn checked(&self, dir: u64) -> Ahead {
         let mut dirs = crate::util::lock(&self.dirs);
         if !dirs.contains_key(&dir) && dirs.len() >= MAX_DIRS {
             dirs.clear();
         }
         let Some(progress) = dirs.get_mut(&dir) else {
-            dirs.insert(dir, Progress::Seen(file));
+            dirs.insert(dir, Progress::Seen);
             return Ahead::Nothing;
         };
         match progress {
-            Progress::Seen(last) if file > *last => {
+            Progress::Seen => {
                 *progress = Progress::Reading;
-                Ahead::Read { above: file }
-            }
-            Progress::Seen(last) => {
-                *last = file;
-                Ahead::Nothing
+                Ahead::Read { above: 0 }
             }
             Progress::Reading => Ahead::Nothing,
             Progress::Swept(sweep) => {
-                let next = sweep.entries.partition_point(|(ino, _)| *ino <= file);
-                // In order: a little past where the checks were.
-                let in_order = next > sweep.at && next <= sweep.at + WINDOW;
-                sweep.at = next;
-                if !in_order {
-                    return Ahead::Nothing;
+                sweep.checks += 1;
+                match sweep.entries.last() {
+                    Some(&(last, _)) if sweep.cut && sweep.asked_until == sweep.entries.len() => {
+                        *progress = Progress::Reading;
+                        Ahead::Read { above: last }
+                    }
+                    _ => ask(sweep),
                 }
-                if next == sweep.entries.len() && sweep.cut {
-                    *progress = Progress::Reading;
-                    return Ahead::Read { above: file };
-                }
-                ask(sweep)
             }
         }
     }
 
     /// The worker read the directory: `entries` are its regular entries
-    /// above the file that started the reading, by rising inode number;
-    /// `cut` says whether higher ones were left out.
+    /// above the inode number it was given, by rising number; `cut` says
+    /// whether higher ones were left out.
     pub fn swept(&self, dir: u64, entries: Vec<(u64, OsString)>, cut: bool) -> Ahead {
         let mut sweep = Sweep {
             entries,
             cut,
             asked_until: 0,
-            at: 0,
+            checks: 0,
         };
         let first = ask(&mut sweep);
         crate::util::lock(&self.dirs).insert(dir, Progress::Swept(sweep));
@@ -134,18 +131,16 @@ impl ChecksAhead {
     }
 }
 
-/// The next burst, once fewer than `REFILL_BELOW` files are asked for ahead.
+/// The next burst, if the checks made room for one.
 fn ask(sweep: &mut Sweep) -> Ahead {
-    if sweep.asked_until.saturating_sub(sweep.at) >= REFILL_BELOW {
+    let len = sweep.entries.len();
+    let allowed = (LEAD + PER_CHECK * sweep.checks).min(len);
+    if allowed <= sweep.asked_until || (allowed - sweep.asked_until < MIN_BURST && allowed < len) {
         return Ahead::Nothing;
     }
-    let start = sweep.asked_until.max(sweep.at);
-    let end = (sweep.at + WINDOW).min(sweep.entries.len());
-    if start >= end {
-        return Ahead::Nothing;
-    }
-    sweep.asked_until = end;
-    Ahead::Ask(sweep.entries[start..end].iter().map(|(_, name)| name.clone()).collect())
+    let burst = &sweep.entries[sweep.asked_until..allowed];
+    sweep.asked_until = allowed;
+    Ahead::Ask(burst.iter().map(|(_, name)| name.clone()).collect())
 }
 
 /// Reads the regular entries of `dir` with inode numbers above `above`:
@@ -176,20 +171,25 @@ pub fn read_entries(dir: impl AsFd, above: u64) -> rustix::io::Result<(Vec<(u64,
 }
 
 /// Asks the backing filesystem to start reading those of `names` in `dir`
-/// that are empty files; anything else, or a name that is gone, is skipped.
+/// that are empty files. Anything else, or a name that is gone, is skipped
+/// before it is opened: the backing directory may hold device nodes or
+/// FIFOs, whose opening can do more than read.
 pub fn start_reading(dir: impl AsFd, names: &[OsString]) {
+    let empty_file = |st: &rustix::fs::Stat| {
+        DirentType::from_raw_mode(st.st_mode) == DirentType::RegularFile && st.st_size as u64 == EMPTY_FILE_LEN
+    };
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
     for name in names {
-        let Ok(file) = atime::open_with(OFlags::NOATIME, flags, |f| {
-            rustix::fs::openat(&dir, name.as_os_str(), f, Mode::empty())
-        }) else {
+        let name = name.as_os_str();
+        if !rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| empty_file(&st)) {
             continue;
-        };
-        let empty = rustix::fs::fstat(&file).is_ok_and(|st| {
-            DirentType::from_raw_mode(st.st_mode) == DirentType::RegularFile && st.st_size as u64 == EMPTY_FILE_LEN
-        });
-        if empty {
-            let _ = rustix::fs::fadvise(&file, 0, NonZeroU64::new(EMPTY_FILE_LEN), Advice::WillNeed);
+        }
+        let opened = atime::open_with(OFlags::NOATIME, flags, |f| rustix::fs::openat(&dir, name, f, Mode::empty()));
+        if let Ok(file) = opened {
+            // Still the same kind of file once open (names can change meanwhile).
+            if rustix::fs::fstat(&file).is_ok_and(|st| empty_file(&st)) {
+                let _ = rustix::fs::fadvise(&file, 0, NonZeroU64::new(EMPTY_FILE_LEN), Advice::WillNeed);
+            }
         }
     }
 }
@@ -207,74 +207,53 @@ mod tests {
     }
 
     #[test]
-    fn two_checks_in_rising_order_read_the_directory_then_bursts_follow() {
+    fn a_second_check_reads_the_directory_and_bursts_follow_the_checks() {
         let ahead = ChecksAhead::default();
-        assert_eq!(ahead.checked(7, 100), Ahead::Nothing, "one check says nothing yet");
-        assert_eq!(ahead.checked(7, 101), Ahead::Read { above: 101 });
-        assert_eq!(ahead.checked(7, 102), Ahead::Nothing, "being read");
-        assert_eq!(ahead.swept(7, entries(102..1000), false), names(102..102 + WINDOW as u64));
-        // Checks moving along ask nothing until half the window is used...
-        for file in 102..102 + REFILL_BELOW as u64 {
-            assert_eq!(ahead.checked(7, file), Ahead::Nothing, "file {file}");
-        }
-        // ...then the next burst, up to a window ahead.
-        let at = 102 + REFILL_BELOW as u64;
-        assert_eq!(ahead.checked(7, at), names(102 + WINDOW as u64..at + 1 + WINDOW as u64));
-        // Every entry is asked for once, in order, and none after the last.
-        let mut asked = match names(102..at + 1 + WINDOW as u64) {
-            Ahead::Ask(names) => names,
-            _ => unreachable!(),
-        };
-        for file in at + 1..1000 {
-            if let Ahead::Ask(names) = ahead.checked(7, file) {
-                assert!(names.len() > REFILL_BELOW || asked.len() + names.len() == 898, "bursts, not trickles");
-                asked.extend(names);
+        assert_eq!(ahead.checked(7), Ahead::Nothing, "one check says nothing yet");
+        assert_eq!(ahead.checked(7), Ahead::Read { above: 0 });
+        assert_eq!(ahead.checked(7), Ahead::Nothing, "being read");
+        assert_eq!(ahead.swept(7, entries(0..1000), false), names(0..LEAD as u64));
+        // Each check makes room for PER_CHECK more, asked for in bursts.
+        let mut asked = LEAD;
+        for check in 1..=1000 {
+            match ahead.checked(7) {
+                Ahead::Ask(burst) => {
+                    assert!(burst.len() >= MIN_BURST || asked + burst.len() == 1000, "a trickle");
+                    assert_eq!(Ahead::Ask(burst.clone()), names(asked as u64..(asked + burst.len()) as u64));
+                    asked += burst.len();
+                }
+                other => assert_eq!(other, Ahead::Nothing),
             }
+            assert!(asked <= LEAD + PER_CHECK * check, "more than the checks allow");
+            assert!(asked + MIN_BURST > (LEAD + PER_CHECK * check).min(1000), "fell behind");
         }
-        assert_eq!(Ahead::Ask(asked), names(102..1000));
-        assert_eq!(ahead.checked(7, 1000), Ahead::Nothing);
-    }
-
-    #[test]
-    fn falling_or_scattered_checks_ask_for_nothing() {
-        let ahead = ChecksAhead::default();
-        assert_eq!(ahead.checked(1, 500), Ahead::Nothing);
-        assert_eq!(ahead.checked(1, 400), Ahead::Nothing, "falling");
-        assert_eq!(ahead.checked(1, 300), Ahead::Nothing);
-        assert_eq!(ahead.checked(1, 301), Ahead::Read { above: 301 });
-        ahead.swept(1, entries(302..5000), false);
-        assert_eq!(ahead.checked(1, 4000), Ahead::Nothing, "a jump past the window");
-        assert_eq!(ahead.checked(1, 3000), Ahead::Nothing, "a jump back");
-        assert_eq!(ahead.checked(1, 3500), Ahead::Nothing, "a jump past the window again");
-        // Back in order from there: asked for again.
-        assert!(matches!(ahead.checked(1, 3501), Ahead::Ask(names) if names.len() == WINDOW));
-        // Another directory has its own progress.
-        assert_eq!(ahead.checked(2, 3502), Ahead::Nothing);
+        assert_eq!(asked, 1000, "every entry, once");
+        assert_eq!(ahead.checked(7), Ahead::Nothing, "nothing after the last");
+        assert_eq!(ahead.checked(8), Ahead::Nothing, "another directory has its own");
     }
 
     #[test]
     fn a_cut_reading_is_read_again_where_it_ended_and_failures_start_over() {
         let ahead = ChecksAhead::default();
-        ahead.checked(3, 10);
-        ahead.checked(3, 11);
-        ahead.swept(3, entries(12..20), true);
-        for file in 12..19 {
-            ahead.checked(3, file);
-        }
-        assert_eq!(ahead.checked(3, 19), Ahead::Read { above: 19 }, "past the last entry kept");
+        ahead.checked(3);
+        ahead.checked(3);
+        assert_eq!(ahead.swept(3, entries(12..20), true), names(12..20), "a short last burst");
+        assert_eq!(ahead.checked(3), Ahead::Read { above: 19 }, "past the last entry kept");
         ahead.abandoned(3);
-        assert_eq!(ahead.checked(3, 20), Ahead::Nothing, "starts over");
-        assert_eq!(ahead.checked(3, 21), Ahead::Read { above: 21 });
+        assert_eq!(ahead.checked(3), Ahead::Nothing, "starts over");
+        assert_eq!(ahead.checked(3), Ahead::Read { above: 0 });
+        assert_eq!(ahead.swept(3, Vec::new(), false), Ahead::Nothing, "an empty directory");
+        assert_eq!(ahead.checked(3), Ahead::Nothing);
     }
 
     #[test]
     fn directories_beyond_the_bound_are_forgotten_together() {
         let ahead = ChecksAhead::default();
         for dir in 0..MAX_DIRS as u64 {
-            ahead.checked(dir, 1);
+            ahead.checked(dir);
         }
-        assert_eq!(ahead.checked(0, 2), Ahead::Read { above: 2 });
-        ahead.checked(MAX_DIRS as u64, 1); // one too many: all forgotten
-        assert_eq!(ahead.checked(1, 2), Ahead::Nothing, "forgotten: a first check again");
+        assert_eq!(ahead.checked(0), Ahead::Read { above: 0 });
+        ahead.checked(MAX_DIRS as u64); // one too many: all forgotten
+        assert_eq!(ahead.checked(1), Ahead::Nothing, "forgotten: a first check again");
     }
 }

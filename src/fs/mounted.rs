@@ -69,15 +69,15 @@ impl Mounted {
     }
 
     /// Called when a file was looked up: if it is one of the empty files
-    /// of its directory being checked in inode order, asks for the next
-    /// ones (check_ahead.rs).
+    /// of its directory being checked one after another, asks for more of
+    /// them (check_ahead.rs).
     pub(super) fn check_ahead(&self, parent: Arc<Node>, attr: &FileAttr) {
         let off = self.fs.options.prefetch_files == 0; // `prefetch=0`: no reading ahead of any kind
         if off || attr.kind != FileType::RegularFile || attr.size != 0 || self.fs.volume.layout() != Layout::Sealed {
             return;
         }
         let dir = parent.ino;
-        match self.fs.checks_ahead.checked(dir, attr.ino.0) {
+        match self.fs.checks_ahead.checked(dir) {
             Ahead::Nothing => {}
             Ahead::Ask(names) => {
                 self.prefetches.offer(move || {

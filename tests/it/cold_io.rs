@@ -338,7 +338,7 @@ fn eventually(done: impl Fn() -> bool) -> bool {
 }
 
 #[test]
-fn looking_up_empty_files_in_inode_order_reads_their_final_blocks_ahead() {
+fn looking_up_empty_files_one_after_another_reads_their_final_blocks_ahead() {
     const FILES: usize = 400;
     let vol = TestVolume::init();
     let m = vol.mount();
@@ -348,7 +348,8 @@ fn looking_up_empty_files_in_inode_order_reads_their_final_blocks_ahead() {
     for i in 0..FILES {
         fs::write(dir.join(format!("e{i}")), if i % 10 == 9 { &b"x"[..] } else { b"" }).unwrap();
     }
-    // Mounted files by inode number, as the daemon sees their backing files.
+    // Mounted files by inode number (the order they are asked for in), as
+    // the daemon sees their backing files.
     let backing_of = backing_files(&vol, &dir);
     let mut files: Vec<(u64, std::path::PathBuf, bool)> = (0..FILES)
         .map(|i| {
@@ -358,48 +359,40 @@ fn looking_up_empty_files_in_inode_order_reads_their_final_blocks_ahead() {
         .collect();
     files.sort();
     let backing = |i: usize| &backing_of[&files[i].0];
-    let empties_resident = |range: std::ops::Range<usize>| {
-        files[range.clone()]
-            .iter()
-            .zip(range)
-            .filter(|(f, _)| f.2)
-            .all(|(_, i)| resident(backing(i)))
-    };
+    let empties_resident = |range: std::ops::Range<usize>| range.filter(|&i| files[i].2).all(|i| resident(backing(i)));
     let resident_count = |range: std::ops::Range<usize>| range.filter(|&i| resident(backing(i))).count();
-    let stat_in_order = |range: std::ops::Range<usize>| {
-        for f in &files[range] {
+    let stat = |indexes: std::ops::Range<usize>| {
+        // From the highest inode number down: the order is not what it follows.
+        for f in files[indexes].iter().rev() {
             assert_eq!(fs::metadata(&f.1).unwrap().len(), u64::from(!f.2), "{}", f.1.display());
         }
     };
-    // Two empty files in rising inode order start it.
-    let second_empty = files.iter().enumerate().filter(|(_, f)| f.2).nth(1).unwrap().0;
-    let (start, window_end) = (second_empty + 1, second_empty + 200);
+    // Two empty files checked start it.
+    let two_empties = FILES - files.iter().rev().enumerate().filter(|(_, f)| f.2).nth(1).unwrap().0 - 1;
     m.unmount();
     for prefetch in ["8", "0"] {
         // A fresh mount knows none of the files, so each stat checks one.
         let m = vol.mount_with(&["-o", &format!("prefetch={prefetch}")]);
         drop_cached_pages(&vol.backing);
         assert_eq!(resident_count(0..FILES), 0, "run this test on a disk filesystem");
-        stat_in_order(0..start);
+        stat(two_empties..FILES);
         if prefetch == "8" {
-            // The reading of the directory and the first burst: the next
-            // window's empty files, not the files with a byte.
-            assert!(eventually(|| empties_resident(start..window_end)), "not read ahead");
-            let with_bytes: Vec<usize> = (start..FILES).filter(|&i| !files[i].2).collect();
+            // The directory is read and the first burst asked for: the
+            // empty files with the 256 lowest inode numbers (the directory
+            // IV file is one of the entries too).
+            assert!(eventually(|| empties_resident(0..250)), "not read ahead");
+            let with_bytes: Vec<usize> = (0..two_empties).filter(|&i| !files[i].2).collect();
             assert!(
                 with_bytes.iter().all(|&i| !resident(backing(i))),
                 "a file with a byte was read ahead"
             );
-            assert_eq!(resident_count(start + 300..FILES), 0, "beyond the window");
-            // Going on in order asks for more, in bursts, a window ahead.
-            stat_in_order(start..window_end);
-            assert!(
-                eventually(|| empties_resident(window_end..window_end + 100)),
-                "the next burst was not asked for"
-            );
+            assert_eq!(resident_count(260..two_empties), 0, "more than the first burst");
+            // Each file checked makes room for more: 40 are enough for the rest.
+            stat(two_empties - 45..two_empties);
+            assert!(eventually(|| empties_resident(0..FILES)), "the next burst was not asked for");
         } else {
             std::thread::sleep(std::time::Duration::from_millis(300));
-            assert_eq!(resident_count(start..FILES), 0, "read ahead with prefetch=0");
+            assert_eq!(resident_count(0..two_empties), 0, "read ahead with prefetch=0");
         }
         // Whatever was read ahead is still checked: every file reads as written.
         for f in &files {
