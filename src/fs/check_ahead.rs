@@ -24,10 +24,13 @@ use std::num::NonZeroU64;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::{Advice, AtFlags, FileType as DirentType, Mode, OFlags};
 
 use super::atime;
+use super::handles::NodeFd;
+use super::inodes::Node;
 use crate::volume::content::EMPTY_FILE_LEN;
 
 /// Files asked for as soon as a directory's entries are read.
@@ -68,20 +71,74 @@ enum Progress {
 pub enum Ahead {
     Nothing,
     /// Read the directory's entries above this inode number, then `swept`.
-    Read { above: u64 },
+    Read {
+        above: u64,
+    },
     /// Ask for these backing names.
     Ask(Vec<OsString>),
 }
 
-/// The directories whose empty files are being checked, keyed by inode.
+/// What the worker should do, and in which directory.
+pub struct Job {
+    pub dir: u64,
+    pub dir_fd: NodeFd,
+    pub ahead: Ahead,
+}
+
+/// The directories whose empty files are being checked, keyed by inode,
+/// and the jobs decided on request threads that a worker has yet to take.
 #[derive(Default)]
 pub struct ChecksAhead {
     dirs: Mutex<HashMap<u64, Progress>>,
+    jobs: Mutex<Vec<Job>>,
+    has_jobs: AtomicBool,
 }
 
 impl ChecksAhead {
+    /// An empty file of `parent` is about to be checked: queues what is
+    /// to be read ahead, if anything.
+    pub fn checking(&self, parent: &Node) {
+        let ahead = self.checked(parent.ino);
+        if ahead == Ahead::Nothing {
+            return;
+        }
+        let Ok(dir_fd) = parent.fd() else {
+            return self.abandoned(parent.ino);
+        };
+        crate::util::lock(&self.jobs).push(Job {
+            dir: parent.ino,
+            dir_fd,
+            ahead,
+        });
+        self.has_jobs.store(true, Ordering::Release);
+    }
+
+    /// The jobs queued since the last call (no lock taken when there are none).
+    pub fn take_jobs(&self) -> Vec<Job> {
+        if !self.has_jobs.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *crate::util::lock(&self.jobs))
+    }
+
+    /// Does a job on the worker thread.
+    pub fn run(&self, job: Job) {
+        let names = match job.ahead {
+            Ahead::Nothing => return,
+            Ahead::Ask(names) => names,
+            Ahead::Read { above } => match read_entries(job.dir_fd.as_fd(), above) {
+                Ok((entries, cut)) => match self.swept(job.dir, entries, cut) {
+                    Ahead::Ask(names) => names,
+                    _ => return,
+                },
+                Err(_) => return self.abandoned(job.dir),
+            },
+        };
+        start_reading(job.dir_fd.as_fd(), &names);
+    }
+
     /// An empty file of directory `dir` was checked.
-    pub fn checked(&self, dir: u64) -> Ahead {
+    fn checked(&self, dir: u64) -> Ahead {
         let mut dirs = crate::util::lock(&self.dirs);
         if !dirs.contains_key(&dir) && dirs.len() >= MAX_DIRS {
             dirs.clear();
@@ -184,7 +241,9 @@ pub fn start_reading(dir: impl AsFd, names: &[OsString]) {
         if !rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| empty_file(&st)) {
             continue;
         }
-        let opened = atime::open_with(OFlags::NOATIME, flags, |f| rustix::fs::openat(&dir, name, f, Mode::empty()));
+        let opened = atime::open_with(OFlags::NOATIME, flags, |f| {
+            rustix::fs::openat(&dir, name, f, Mode::empty())
+        });
         if let Ok(file) = opened {
             // Still the same kind of file once open (names can change meanwhile).
             if rustix::fs::fstat(&file).is_ok_and(|st| empty_file(&st)) {
@@ -219,7 +278,10 @@ mod tests {
             match ahead.checked(7) {
                 Ahead::Ask(burst) => {
                     assert!(burst.len() >= MIN_BURST || asked + burst.len() == 1000, "a trickle");
-                    assert_eq!(Ahead::Ask(burst.clone()), names(asked as u64..(asked + burst.len()) as u64));
+                    assert_eq!(
+                        Ahead::Ask(burst.clone()),
+                        names(asked as u64..(asked + burst.len()) as u64)
+                    );
                     asked += burst.len();
                 }
                 other => assert_eq!(other, Ahead::Nothing),
@@ -237,7 +299,11 @@ mod tests {
         let ahead = ChecksAhead::default();
         ahead.checked(3);
         ahead.checked(3);
-        assert_eq!(ahead.swept(3, entries(12..20), true), names(12..20), "a short last burst");
+        assert_eq!(
+            ahead.swept(3, entries(12..20), true),
+            names(12..20),
+            "a short last burst"
+        );
         assert_eq!(ahead.checked(3), Ahead::Read { above: 19 }, "past the last entry kept");
         ahead.abandoned(3);
         assert_eq!(ahead.checked(3), Ahead::Nothing, "starts over");

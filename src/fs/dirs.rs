@@ -13,9 +13,10 @@ use super::KmsFs;
 use super::atime;
 use super::attr::{FsResult, errno, io_errno, to_attr};
 use super::inodes::{Node, file_type};
-use crate::crypto::{BlockCipher, random_array};
+use crate::crypto::{BlockCipher, Layout, random_array};
 use crate::util::hex;
 use crate::util::lock;
+use crate::volume::content;
 use crate::volume::layout::{self, BackingName, DIR_IV_FILE, DirIv, NAME_MAX, TEMP_PREFIX};
 use crate::volume::namespace;
 
@@ -92,6 +93,8 @@ impl KmsFs {
             }
             *lock(&node.state().cipher) = Some(cipher);
             node.mark_verified_empty(); // made here: its empty final block is ours
+        } else if self.reads_checks_ahead(&st, &node) {
+            self.checks_ahead.checking(parent);
         }
         match self.attr_of(&node, &st) {
             Ok(attr) => Ok((node, attr)),
@@ -105,6 +108,17 @@ impl KmsFs {
     pub(super) fn lookup(&self, parent: &Node, name: &OsStr) -> FsResult<(Arc<Node>, FileAttr)> {
         let backing = self.backing_name(parent, name)?;
         self.lookup_backing(parent, backing.as_str())
+    }
+
+    /// Whether `node`, just looked up, is an empty file about to be checked
+    /// whose check counts towards reading others ahead (check_ahead.rs;
+    /// `prefetch=0` turns off reading ahead of any kind).
+    fn reads_checks_ahead(&self, st: &Stat, node: &Node) -> bool {
+        self.options.prefetch_files > 0
+            && st.st_size as u64 == content::EMPTY_FILE_LEN
+            && file_type(st.st_mode as u32) == FileType::RegularFile
+            && self.volume.layout() == Layout::Sealed
+            && !node.is_verified_empty()
     }
 
     pub(super) fn attr_of(&self, node: &Node, st: &Stat) -> FsResult<FileAttr> {

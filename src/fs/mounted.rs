@@ -12,15 +12,12 @@
 use std::ffi::OsStr;
 use std::sync::Arc;
 
-use fuser::{FileAttr, FileHandle, FileType, INodeNo, ReplyEmpty};
+use fuser::{FileHandle, INodeNo, ReplyEmpty};
 
 use super::KmsFs;
 use super::attr::reply_empty;
-use super::check_ahead::{self, Ahead};
-use super::inodes::Node;
 use super::prefetch;
 use super::workers::WorkerPool;
-use crate::crypto::Layout;
 
 /// The filesystem as the FUSE session sees it: `KmsFs` plus its worker pools.
 pub struct Mounted {
@@ -68,40 +65,14 @@ impl Mounted {
         reply_empty(reply, result);
     }
 
-    /// Called when a file was looked up: if it is one of the empty files
-    /// of its directory being checked one after another, asks for more of
-    /// them (check_ahead.rs).
-    pub(super) fn check_ahead(&self, parent: Arc<Node>, attr: &FileAttr) {
-        let off = self.fs.options.prefetch_files == 0; // `prefetch=0`: no reading ahead of any kind
-        if off || attr.kind != FileType::RegularFile || attr.size != 0 || self.fs.volume.layout() != Layout::Sealed {
-            return;
-        }
-        let dir = parent.ino;
-        match self.fs.checks_ahead.checked(dir) {
-            Ahead::Nothing => {}
-            Ahead::Ask(names) => {
-                self.prefetches.offer(move || {
-                    if let Ok(fd) = parent.fd() {
-                        check_ahead::start_reading(fd.as_fd(), &names);
-                    }
-                });
-            }
-            Ahead::Read { above } => {
-                let fs = Arc::clone(&self.fs);
-                let queued = self.prefetches.offer(move || {
-                    let read = parent.fd().ok().and_then(|fd| check_ahead::read_entries(fd.as_fd(), above).ok());
-                    let Some((entries, cut)) = read else {
-                        return fs.checks_ahead.abandoned(dir);
-                    };
-                    if let Ahead::Ask(names) = fs.checks_ahead.swept(dir, entries, cut) {
-                        if let Ok(fd) = parent.fd() {
-                            check_ahead::start_reading(fd.as_fd(), &names);
-                        }
-                    }
-                });
-                if !queued {
-                    self.fs.checks_ahead.abandoned(dir);
-                }
+    /// Hands the reading ahead of empty files' final blocks that lookups
+    /// decided on to the prefetch worker (check_ahead.rs).
+    pub(super) fn start_checks_ahead(&self) {
+        for job in self.fs.checks_ahead.take_jobs() {
+            let dir = job.dir;
+            let fs = Arc::clone(&self.fs);
+            if !self.prefetches.offer(move || fs.checks_ahead.run(job)) {
+                self.fs.checks_ahead.abandoned(dir);
             }
         }
     }

@@ -53,11 +53,8 @@ impl fuser::Filesystem for Mounted {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let found = self.fs.node(parent).and_then(|p| {
-            let found = self.fs.lookup(&p, name)?;
-            self.check_ahead(p, &found.1);
-            Ok(found)
-        });
+        let found = self.fs.node(parent).and_then(|p| self.fs.lookup(&p, name));
+        self.start_checks_ahead();
         reply_entry(reply, &self.fs.options.ttl, found);
     }
 
@@ -336,7 +333,9 @@ impl fuser::Filesystem for Mounted {
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        match self.fs.readdirplus_inner(ino, fh, offset, &mut reply) {
+        let listed = self.fs.readdirplus_inner(ino, fh, offset, &mut reply);
+        self.start_checks_ahead();
+        match listed {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
