@@ -15,18 +15,22 @@
 //! only loosely, so nothing here guesses which file comes next: whatever
 //! the order, most files are in the cache by their turn, and a program that
 //! looks at a few empty files of a large directory costs at most 256 reads
-//! more, plus 4 per file it looked at. Advice only: every check still reads
+//! more, plus 4 per file it looked at, and one reading of up to 65,536 of
+//! the directory's entries (a larger directory is read on where that
+//! stopped once what it found was asked for). The entries are read again
+//! once more files were checked than the reading found (files made since),
+//! and forgotten with the directory. Advice only: every check still reads
 //! and authenticates its final block.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::num::NonZeroU64;
-use std::os::fd::AsFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rustix::fs::{Advice, AtFlags, FileType as DirentType, Mode, OFlags};
+use rustix::fs::{Advice, AtFlags, Dir, FileType as DirentType, Mode, OFlags, Stat};
 
 use super::atime;
 use super::handles::NodeFd;
@@ -40,18 +44,24 @@ const PER_CHECK: usize = 4;
 /// The smallest burst but the last of a reading: reads asked for together
 /// are what saves the time.
 const MIN_BURST: usize = 128;
-/// Entries kept from one reading of a directory (about 5 MB with long
-/// backing names): those with the lowest inode numbers above where the
-/// previous reading ended. The rest is read once these were asked for.
-const MAX_SWEPT: usize = 1 << 16;
+/// Regular entries kept from one reading of a directory.
+const MAX_SWEPT: usize = 16_384;
+/// Entries of any kind looked at in one reading.
+const MAX_SCANNED: usize = 4 * MAX_SWEPT;
+/// Names held for all directories and not yet asked for (about 18 MB with
+/// 255-byte names); a reading that would hold more makes the others
+/// forgotten.
+const MAX_HELD: usize = 65_536;
 /// Directories followed at once; beyond this all are forgotten.
 const MAX_DIRS: usize = 64;
 
-/// A directory's regular entries by rising inode number, from one reading.
+/// What one reading of a directory found.
 struct Sweep {
-    entries: Vec<(u64, OsString)>,
-    /// Whether entries with higher numbers were left out (`MAX_SWEPT`).
-    cut: bool,
+    /// Its regular entries by rising inode number, each taken out when it
+    /// is asked for.
+    names: Vec<OsString>,
+    /// Where the reading stopped, if it did before the end.
+    more_at: Option<i64>,
     /// Entries below this index were asked for.
     asked_until: usize,
     /// Files of the directory checked since the reading.
@@ -70,9 +80,10 @@ enum Progress {
 #[derive(Debug, PartialEq)]
 pub enum Ahead {
     Nothing,
-    /// Read the directory's entries above this inode number, then `swept`.
+    /// Read the directory's entries from this offset (0: its start), then
+    /// hand them to `swept`.
     Read {
-        above: u64,
+        from: i64,
     },
     /// Ask for these backing names.
     Ask(Vec<OsString>),
@@ -80,16 +91,48 @@ pub enum Ahead {
 
 /// What the worker should do, and in which directory.
 pub struct Job {
-    pub dir: u64,
-    pub dir_fd: NodeFd,
-    pub ahead: Ahead,
+    dir: u64,
+    dir_fd: NodeFd,
+    ahead: Ahead,
+}
+
+impl Job {
+    /// A job that reads a directory, which must be started over if it is
+    /// dropped; asking is only advice.
+    pub fn reads(&self) -> bool {
+        matches!(self.ahead, Ahead::Read { .. })
+    }
+
+    pub fn dir(&self) -> u64 {
+        self.dir
+    }
+}
+
+#[derive(Default)]
+struct Dirs {
+    by_ino: HashMap<u64, Progress>,
+    /// Names in `Swept` states not yet asked for.
+    held: usize,
+}
+
+impl Dirs {
+    fn forget_all(&mut self) {
+        self.by_ino.clear();
+        self.held = 0;
+    }
+
+    fn remove(&mut self, dir: u64) {
+        if let Some(Progress::Swept(sweep)) = self.by_ino.remove(&dir) {
+            self.held -= sweep.names.len() - sweep.asked_until;
+        }
+    }
 }
 
 /// The directories whose empty files are being checked, keyed by inode,
 /// and the jobs decided on request threads that a worker has yet to take.
 #[derive(Default)]
 pub struct ChecksAhead {
-    dirs: Mutex<HashMap<u64, Progress>>,
+    dirs: Mutex<Dirs>,
     jobs: Mutex<Vec<Job>>,
     has_jobs: AtomicBool,
 }
@@ -113,9 +156,10 @@ impl ChecksAhead {
         self.has_jobs.store(true, Ordering::Release);
     }
 
-    /// The jobs queued since the last call (no lock taken when there are none).
+    /// The jobs queued since the last call (no lock taken, and no cache
+    /// line written, when there are none).
     pub fn take_jobs(&self) -> Vec<Job> {
-        if !self.has_jobs.swap(false, Ordering::AcqRel) {
+        if !self.has_jobs.load(Ordering::Relaxed) || !self.has_jobs.swap(false, Ordering::AcqRel) {
             return Vec::new();
         }
         std::mem::take(&mut *crate::util::lock(&self.jobs))
@@ -123,132 +167,162 @@ impl ChecksAhead {
 
     /// Does a job on the worker thread.
     pub fn run(&self, job: Job) {
-        let names = match job.ahead {
-            Ahead::Nothing => return,
-            Ahead::Ask(names) => names,
-            Ahead::Read { above } => match read_entries(job.dir_fd.as_fd(), above) {
-                Ok((entries, cut)) => match self.swept(job.dir, entries, cut) {
-                    Ahead::Ask(names) => names,
-                    _ => return,
-                },
-                Err(_) => return self.abandoned(job.dir),
+        let dir_fd = job.dir_fd.as_fd();
+        match job.ahead {
+            Ahead::Nothing => {}
+            Ahead::Ask(names) => start_reading(dir_fd, &names),
+            Ahead::Read { from } => match read_entries(dir_fd, from) {
+                Ok((names, more_at)) => {
+                    if let Ahead::Ask(names) = self.swept(job.dir, names, more_at) {
+                        start_reading(dir_fd, &names);
+                    }
+                }
+                Err(_) => self.abandoned(job.dir),
             },
-        };
-        start_reading(job.dir_fd.as_fd(), &names);
+        }
     }
 
     /// An empty file of directory `dir` was checked.
     fn checked(&self, dir: u64) -> Ahead {
         let mut dirs = crate::util::lock(&self.dirs);
-        if !dirs.contains_key(&dir) && dirs.len() >= MAX_DIRS {
-            dirs.clear();
+        if !dirs.by_ino.contains_key(&dir) && dirs.by_ino.len() >= MAX_DIRS {
+            dirs.forget_all();
         }
-        let Some(progress) = dirs.get_mut(&dir) else {
-            dirs.insert(dir, Progress::Seen);
+        let Dirs { by_ino, held } = &mut *dirs;
+        let Some(progress) = by_ino.get_mut(&dir) else {
+            by_ino.insert(dir, Progress::Seen);
             return Ahead::Nothing;
         };
         match progress {
             Progress::Seen => {
                 *progress = Progress::Reading;
-                Ahead::Read { above: 0 }
+                Ahead::Read { from: 0 }
             }
             Progress::Reading => Ahead::Nothing,
             Progress::Swept(sweep) => {
                 sweep.checks += 1;
-                match sweep.entries.last() {
-                    Some(&(last, _)) if sweep.cut && sweep.asked_until == sweep.entries.len() => {
-                        *progress = Progress::Reading;
-                        Ahead::Read { above: last }
+                let all_asked = sweep.asked_until == sweep.names.len();
+                let read_from = match sweep.more_at {
+                    Some(offset) if all_asked => Some(offset),
+                    // More checks than entries: files made since the reading.
+                    None if all_asked && sweep.checks > sweep.names.len() => Some(0),
+                    _ => None,
+                };
+                match read_from {
+                    Some(from) => {
+                        *progress = Progress::Reading; // nothing of it was held
+                        Ahead::Read { from }
                     }
-                    _ => ask(sweep),
+                    None => ask(sweep, held),
                 }
             }
         }
     }
 
-    /// The worker read the directory: `entries` are its regular entries
-    /// above the inode number it was given, by rising number; `cut` says
-    /// whether higher ones were left out.
-    pub fn swept(&self, dir: u64, entries: Vec<(u64, OsString)>, cut: bool) -> Ahead {
+    /// The worker read the directory: `names` are regular entries by rising
+    /// inode number, and `more_at` is where the reading stopped, if it did.
+    /// Dropped if the directory was forgotten meanwhile.
+    fn swept(&self, dir: u64, names: Vec<OsString>, more_at: Option<i64>) -> Ahead {
+        let mut dirs = crate::util::lock(&self.dirs);
+        if !matches!(dirs.by_ino.get(&dir), Some(Progress::Reading)) {
+            return Ahead::Nothing;
+        }
+        if dirs.held + names.len() > MAX_HELD {
+            dirs.forget_all();
+        }
+        dirs.held += names.len();
         let mut sweep = Sweep {
-            entries,
-            cut,
+            names,
+            more_at,
             asked_until: 0,
             checks: 0,
         };
-        let first = ask(&mut sweep);
-        crate::util::lock(&self.dirs).insert(dir, Progress::Swept(sweep));
+        let first = ask(&mut sweep, &mut dirs.held);
+        dirs.by_ino.insert(dir, Progress::Swept(sweep));
         first
     }
 
-    /// The directory could not be read, or the worker had no room for the
-    /// job: start over at the next check.
+    /// The directory could not be read, the worker had no room for the
+    /// job, or the kernel forgot the directory (its number may come back
+    /// as another one's): start over at the next check.
     pub fn abandoned(&self, dir: u64) {
-        crate::util::lock(&self.dirs).remove(&dir);
+        crate::util::lock(&self.dirs).remove(dir);
     }
 }
 
 /// The next burst, if the checks made room for one.
-fn ask(sweep: &mut Sweep) -> Ahead {
-    let len = sweep.entries.len();
+fn ask(sweep: &mut Sweep, held: &mut usize) -> Ahead {
+    let len = sweep.names.len();
     let allowed = (LEAD + PER_CHECK * sweep.checks).min(len);
     if allowed <= sweep.asked_until || (allowed - sweep.asked_until < MIN_BURST && allowed < len) {
         return Ahead::Nothing;
     }
-    let burst = &sweep.entries[sweep.asked_until..allowed];
+    let burst: Vec<OsString> = sweep.names[sweep.asked_until..allowed]
+        .iter_mut()
+        .map(std::mem::take)
+        .collect();
+    *held -= burst.len();
     sweep.asked_until = allowed;
-    Ahead::Ask(burst.iter().map(|(_, name)| name.clone()).collect())
+    Ahead::Ask(burst)
 }
 
-/// Reads the regular entries of `dir` with inode numbers above `above`:
-/// the `MAX_SWEPT` lowest of them by rising number, and whether any were
-/// left out. Moves no access time.
-pub fn read_entries(dir: impl AsFd, above: u64) -> rustix::io::Result<(Vec<(u64, OsString)>, bool)> {
+/// Reads the directory's entries from offset `from`: its regular entries
+/// by rising inode number (at most `MAX_SWEPT`, among at most
+/// `MAX_SCANNED` entries), and the offset to go on from if it stopped
+/// before the end. Moves no access time.
+fn read_entries(dir: BorrowedFd<'_>, from: i64) -> rustix::io::Result<(Vec<OsString>, Option<i64>)> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
     let fd = atime::open_with(OFlags::NOATIME, flags, |f| {
-        rustix::fs::openat(&dir, ".", f, Mode::empty())
+        rustix::fs::openat(dir, ".", f, Mode::empty())
     })?;
-    let mut lowest: BinaryHeap<(u64, OsString)> = BinaryHeap::new();
-    let mut cut = false;
-    let mut entries = rustix::fs::Dir::read_from(&fd)?;
+    let mut entries = Dir::new(fd)?;
+    if from != 0 {
+        entries.seek(from)?;
+    }
+    let (mut found, mut scanned, mut more_at) = (Vec::new(), 0, None);
     while let Some(entry) = entries.read() {
         let entry = entry?;
-        let regular = matches!(entry.file_type(), DirentType::RegularFile | DirentType::Unknown);
-        if !regular || entry.ino() <= above {
-            continue;
+        if matches!(entry.file_type(), DirentType::RegularFile | DirentType::Unknown) {
+            found.push((
+                entry.ino(),
+                OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string(),
+            ));
         }
-        let name = OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string();
-        lowest.push((entry.ino(), name));
-        if lowest.len() > MAX_SWEPT {
-            lowest.pop();
-            cut = true;
+        scanned += 1;
+        if found.len() == MAX_SWEPT || scanned == MAX_SCANNED {
+            more_at = Some(entry.offset());
+            break;
         }
     }
-    Ok((lowest.into_sorted_vec(), cut))
+    found.sort_unstable_by_key(|(ino, _)| *ino);
+    Ok((found.into_iter().map(|(_, name)| name).collect(), more_at))
 }
 
 /// Asks the backing filesystem to start reading those of `names` in `dir`
-/// that are empty files. Anything else, or a name that is gone, is skipped
-/// before it is opened: the backing directory may hold device nodes or
-/// FIFOs, whose opening can do more than read.
-pub fn start_reading(dir: impl AsFd, names: &[OsString]) {
-    let empty_file = |st: &rustix::fs::Stat| {
+/// that are empty files. Anything else (a device node, a FIFO, a symlink),
+/// or a name that is gone, is never opened for reading: the inode is
+/// looked at through an `O_PATH` descriptor first and reopened through it,
+/// so a name swapped meanwhile changes nothing.
+fn start_reading(dir: BorrowedFd<'_>, names: &[OsString]) {
+    let empty_file = |st: &Stat| {
         DirentType::from_raw_mode(st.st_mode) == DirentType::RegularFile && st.st_size as u64 == EMPTY_FILE_LEN
     };
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
     for name in names {
-        let name = name.as_os_str();
-        if !rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| empty_file(&st)) {
+        // A cheap look first: most entries of most directories are not empty files.
+        if !rustix::fs::statat(dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| empty_file(&st)) {
             continue;
         }
-        let opened = atime::open_with(OFlags::NOATIME, flags, |f| {
-            rustix::fs::openat(&dir, name, f, Mode::empty())
-        });
-        if let Ok(file) = opened {
-            // Still the same kind of file once open (names can change meanwhile).
-            if rustix::fs::fstat(&file).is_ok_and(|st| empty_file(&st)) {
-                let _ = rustix::fs::fadvise(&file, 0, NonZeroU64::new(EMPTY_FILE_LEN), Advice::WillNeed);
-            }
+        let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let Ok(inode) = rustix::fs::openat(dir, name.as_os_str(), flags, Mode::empty()) else {
+            continue;
+        };
+        if !rustix::fs::fstat(&inode).is_ok_and(|st| empty_file(&st)) {
+            continue;
+        }
+        let reopen = OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let path = format!("/proc/self/fd/{}", inode.as_raw_fd());
+        if let Ok(file) = rustix::fs::open(path.as_str(), reopen, Mode::empty()) {
+            let _ = rustix::fs::fadvise(&file, 0, NonZeroU64::new(EMPTY_FILE_LEN), Advice::WillNeed);
         }
     }
 }
@@ -257,31 +331,33 @@ pub fn start_reading(dir: impl AsFd, names: &[OsString]) {
 mod tests {
     use super::*;
 
-    fn entries(inos: std::ops::Range<u64>) -> Vec<(u64, OsString)> {
-        inos.map(|i| (i, OsString::from(format!("b{i}")))).collect()
+    fn names(inos: std::ops::Range<u64>) -> Vec<OsString> {
+        inos.map(|i| OsString::from(format!("b{i}"))).collect()
     }
 
-    fn names(inos: std::ops::Range<u64>) -> Ahead {
-        Ahead::Ask(inos.map(|i| OsString::from(format!("b{i}"))).collect())
+    fn ask_for(inos: std::ops::Range<u64>) -> Ahead {
+        Ahead::Ask(names(inos))
+    }
+
+    fn held(ahead: &ChecksAhead) -> usize {
+        crate::util::lock(&ahead.dirs).held
     }
 
     #[test]
     fn a_second_check_reads_the_directory_and_bursts_follow_the_checks() {
         let ahead = ChecksAhead::default();
         assert_eq!(ahead.checked(7), Ahead::Nothing, "one check says nothing yet");
-        assert_eq!(ahead.checked(7), Ahead::Read { above: 0 });
+        assert_eq!(ahead.checked(7), Ahead::Read { from: 0 });
         assert_eq!(ahead.checked(7), Ahead::Nothing, "being read");
-        assert_eq!(ahead.swept(7, entries(0..1000), false), names(0..LEAD as u64));
+        assert_eq!(ahead.swept(7, names(0..1000), None), ask_for(0..LEAD as u64));
+        assert_eq!(held(&ahead), 1000 - LEAD, "asked-for names are let go");
         // Each check makes room for PER_CHECK more, asked for in bursts.
         let mut asked = LEAD;
         for check in 1..=1000 {
             match ahead.checked(7) {
                 Ahead::Ask(burst) => {
                     assert!(burst.len() >= MIN_BURST || asked + burst.len() == 1000, "a trickle");
-                    assert_eq!(
-                        Ahead::Ask(burst.clone()),
-                        names(asked as u64..(asked + burst.len()) as u64)
-                    );
+                    assert_eq!(burst, names(asked as u64..(asked + burst.len()) as u64));
                     asked += burst.len();
                 }
                 other => assert_eq!(other, Ahead::Nothing),
@@ -290,35 +366,59 @@ mod tests {
             assert!(asked + MIN_BURST > (LEAD + PER_CHECK * check).min(1000), "fell behind");
         }
         assert_eq!(asked, 1000, "every entry, once");
-        assert_eq!(ahead.checked(7), Ahead::Nothing, "nothing after the last");
+        assert_eq!(held(&ahead), 0);
+        // More checks than entries: files were made since, so the
+        // directory is read again.
+        assert_eq!(ahead.checked(7), Ahead::Read { from: 0 }, "read again");
         assert_eq!(ahead.checked(8), Ahead::Nothing, "another directory has its own");
     }
 
     #[test]
-    fn a_cut_reading_is_read_again_where_it_ended_and_failures_start_over() {
+    fn a_reading_that_stopped_goes_on_and_failures_start_over() {
         let ahead = ChecksAhead::default();
         ahead.checked(3);
         ahead.checked(3);
         assert_eq!(
-            ahead.swept(3, entries(12..20), true),
-            names(12..20),
+            ahead.swept(3, names(12..20), Some(77)),
+            ask_for(12..20),
             "a short last burst"
         );
-        assert_eq!(ahead.checked(3), Ahead::Read { above: 19 }, "past the last entry kept");
+        assert_eq!(ahead.checked(3), Ahead::Read { from: 77 }, "on from where it stopped");
         ahead.abandoned(3);
         assert_eq!(ahead.checked(3), Ahead::Nothing, "starts over");
-        assert_eq!(ahead.checked(3), Ahead::Read { above: 0 });
-        assert_eq!(ahead.swept(3, Vec::new(), false), Ahead::Nothing, "an empty directory");
-        assert_eq!(ahead.checked(3), Ahead::Nothing);
+        assert_eq!(ahead.checked(3), Ahead::Read { from: 0 });
+        assert_eq!(ahead.swept(3, Vec::new(), None), Ahead::Nothing, "an empty directory");
+        assert_eq!(ahead.checked(3), Ahead::Read { from: 0 }, "a file made since");
     }
 
     #[test]
-    fn directories_beyond_the_bound_are_forgotten_together() {
+    fn a_directory_forgotten_while_read_stays_forgotten() {
+        let ahead = ChecksAhead::default();
+        ahead.checked(5);
+        assert_eq!(ahead.checked(5), Ahead::Read { from: 0 });
+        ahead.abandoned(5); // the kernel forgot it; the number may be another's now
+        assert_eq!(ahead.swept(5, names(0..10), None), Ahead::Nothing);
+        assert_eq!(held(&ahead), 0);
+        assert_eq!(ahead.checked(5), Ahead::Nothing, "a first check again");
+    }
+
+    #[test]
+    fn names_held_and_directories_are_bounded() {
+        let ahead = ChecksAhead::default();
+        for dir in [1, 2] {
+            ahead.checked(dir);
+            ahead.checked(dir);
+        }
+        ahead.swept(1, names(0..(MAX_HELD - 100) as u64), None);
+        assert_eq!(held(&ahead), MAX_HELD - 100 - LEAD);
+        ahead.swept(2, names(0..1000), None); // over the bound: the others go
+        assert_eq!(held(&ahead), 1000 - LEAD);
+        assert_eq!(ahead.checked(1), Ahead::Nothing, "forgotten: a first check again");
         let ahead = ChecksAhead::default();
         for dir in 0..MAX_DIRS as u64 {
             ahead.checked(dir);
         }
-        assert_eq!(ahead.checked(0), Ahead::Read { above: 0 });
+        assert_eq!(ahead.checked(0), Ahead::Read { from: 0 });
         ahead.checked(MAX_DIRS as u64); // one too many: all forgotten
         assert_eq!(ahead.checked(1), Ahead::Nothing, "forgotten: a first check again");
     }

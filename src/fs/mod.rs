@@ -172,6 +172,7 @@ impl KmsFs {
     fn forget_node(&self, ino: u64, count: u64) {
         if let Some(node) = self.inodes.forget(ino, count) {
             self.node_files.remove(ino);
+            self.checks_ahead.abandoned(ino);
             if node.is_unlinked() {
                 self.erase_key_of_unlinked(&node);
             }

@@ -69,9 +69,10 @@ impl Mounted {
     /// decided on to the prefetch worker (check_ahead.rs).
     pub(super) fn start_checks_ahead(&self) {
         for job in self.fs.checks_ahead.take_jobs() {
-            let dir = job.dir;
+            // A reading dropped is started over; a burst dropped is only advice lost.
+            let (dir, reads) = (job.dir(), job.reads());
             let fs = Arc::clone(&self.fs);
-            if !self.prefetches.offer(move || fs.checks_ahead.run(job)) {
+            if !self.prefetches.offer(move || fs.checks_ahead.run(job)) && reads {
                 self.fs.checks_ahead.abandoned(dir);
             }
         }

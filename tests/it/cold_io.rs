@@ -326,9 +326,10 @@ fn reading_a_directory_in_listing_order_prefetches_the_next_files() {
     m.unmount();
 }
 
-/// Waits until `done` holds, for at most 5 s; false if it never did.
+/// Waits until `done` holds, for at most 30 s (a loaded machine); false if
+/// it never did.
 fn eventually(done: impl Fn() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !done() {
         if std::time::Instant::now() > deadline {
             return false;
@@ -373,8 +374,30 @@ fn make_markers(vol: &TestVolume) -> Vec<Marker> {
         })
         .collect();
     m.unmount();
+    // What else a backing directory may hold: a FIFO (opening it would
+    // wait for a writer) and a symlink to an empty file's twin outside.
+    let backing_dir = files[0].1.backing.parent().unwrap().to_owned();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        backing_dir.join("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    fs::copy(
+        &files.iter().find(|f| f.1.empty).unwrap().1.backing,
+        outside_target(vol),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(outside_target(vol), backing_dir.join("link")).unwrap();
     files.sort_by_key(|(ino, _)| *ino);
     files.into_iter().map(|(_, marker)| marker).collect()
+}
+
+/// A 46-byte file outside the backing directory, linked to from inside it.
+fn outside_target(vol: &TestVolume) -> std::path::PathBuf {
+    vol.dir.path().join("outside")
 }
 
 fn empties_resident(files: &[Marker]) -> bool {
@@ -389,7 +412,7 @@ fn resident_count(files: &[Marker]) -> usize {
 /// is checked when first shown) with the backing pages dropped.
 fn mount_cold<'a>(vol: &'a TestVolume, files: &[Marker], prefetch: &str) -> crate::common::Mount<'a> {
     let m = vol.mount_with(&["-o", &format!("prefetch={prefetch}")]);
-    drop_cached_pages(&vol.backing);
+    drop_cached_pages(&vol.backing); // the symlink's target too
     assert_eq!(resident_count(files), 0, "run this test on a disk filesystem");
     m
 }
@@ -444,8 +467,18 @@ fn looking_up_empty_files_one_after_another_reads_their_final_blocks_ahead() {
                 "a file with a byte was read ahead"
             );
             assert_eq!(resident_count(&files[260..two_empties]), 0, "more than the first burst");
-            // Each file checked makes room for more: 40 are enough for the rest.
-            stat(&files[two_empties - 45..two_empties]);
+            assert!(!resident(&outside_target(&vol)), "a backing symlink was followed");
+            // Each file checked makes room for 4 more: 40 checks are
+            // enough for the rest of the 401 entries.
+            let mut empties = 0;
+            let from = (0..two_empties)
+                .rev()
+                .find(|&i| {
+                    empties += usize::from(files[i].empty);
+                    empties == 40
+                })
+                .unwrap();
+            stat(&files[from..two_empties]);
             assert!(
                 eventually(|| empties_resident(&files)),
                 "the next burst was not asked for"
