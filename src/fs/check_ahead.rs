@@ -17,9 +17,9 @@
 //! looks at a few empty files of a large directory costs at most 256 reads
 //! more, plus 4 per file it looked at, and one reading of up to 65,536 of
 //! the directory's entries (a larger directory is read on where that
-//! stopped once what it found was asked for). The entries are read again
-//! once more files were checked than the reading found (files made since),
-//! and forgotten with the directory. Advice only: every check still reads
+//! stopped once what it found was asked for). A new pass through the
+//! directory starts once more files were checked than the whole last pass
+//! found (files made since), and all of it is forgotten with the directory. Advice only: every check still reads
 //! and authenticates its final block.
 
 use std::collections::HashMap;
@@ -66,13 +66,24 @@ struct Sweep {
     asked_until: usize,
     /// Files of the directory checked since the reading.
     checks: usize,
+    pass: Pass,
+}
+
+/// One pass through the directory, from its start, over one reading or
+/// several (each stops after `MAX_SWEPT` files).
+#[derive(Clone, Copy, Default)]
+struct Pass {
+    /// Regular entries found.
+    names: usize,
+    /// Files of the directory checked.
+    checks: usize,
 }
 
 enum Progress {
     /// One empty file checked.
     Seen,
     /// A worker is reading the directory.
-    Reading,
+    Reading(Pass),
     Swept(Sweep),
 }
 
@@ -195,26 +206,26 @@ impl ChecksAhead {
         };
         match progress {
             Progress::Seen => {
-                *progress = Progress::Reading;
+                *progress = Progress::Reading(Pass::default());
                 Ahead::Read { from: 0 }
             }
-            Progress::Reading => Ahead::Nothing,
+            Progress::Reading(pass) => {
+                pass.checks += 1;
+                Ahead::Nothing
+            }
             Progress::Swept(sweep) => {
                 sweep.checks += 1;
+                sweep.pass.checks += 1;
                 let all_asked = sweep.asked_until == sweep.names.len();
-                let read_from = match sweep.more_at {
-                    Some(offset) if all_asked => Some(offset),
-                    // More checks than entries: files made since the reading.
-                    None if all_asked && sweep.checks > sweep.names.len() => Some(0),
-                    _ => None,
+                let (from, pass) = match sweep.more_at {
+                    Some(offset) if all_asked => (offset, sweep.pass),
+                    // A whole pass, and more checks than it found files:
+                    // files were made since.
+                    None if all_asked && sweep.pass.checks > sweep.pass.names => (0, Pass::default()),
+                    _ => return ask(sweep, held),
                 };
-                match read_from {
-                    Some(from) => {
-                        *progress = Progress::Reading; // nothing of it was held
-                        Ahead::Read { from }
-                    }
-                    None => ask(sweep, held),
-                }
+                *progress = Progress::Reading(pass); // nothing of the sweep was held
+                Ahead::Read { from }
             }
         }
     }
@@ -224,9 +235,10 @@ impl ChecksAhead {
     /// Dropped if the directory was forgotten meanwhile.
     fn swept(&self, dir: u64, names: Vec<OsString>, more_at: Option<i64>) -> Ahead {
         let mut dirs = crate::util::lock(&self.dirs);
-        if !matches!(dirs.by_ino.get(&dir), Some(Progress::Reading)) {
+        let Some(&Progress::Reading(mut pass)) = dirs.by_ino.get(&dir) else {
             return Ahead::Nothing;
-        }
+        };
+        pass.names += names.len();
         if dirs.held + names.len() > MAX_HELD {
             dirs.forget_all();
         }
@@ -236,6 +248,7 @@ impl ChecksAhead {
             more_at,
             asked_until: 0,
             checks: 0,
+            pass,
         };
         let first = ask(&mut sweep, &mut dirs.held);
         dirs.by_ino.insert(dir, Progress::Swept(sweep));
@@ -348,12 +361,12 @@ mod tests {
         let ahead = ChecksAhead::default();
         assert_eq!(ahead.checked(7), Ahead::Nothing, "one check says nothing yet");
         assert_eq!(ahead.checked(7), Ahead::Read { from: 0 });
-        assert_eq!(ahead.checked(7), Ahead::Nothing, "being read");
+        assert_eq!(ahead.checked(7), Ahead::Nothing, "being read (counted: 1 check)");
         assert_eq!(ahead.swept(7, names(0..1000), None), ask_for(0..LEAD as u64));
         assert_eq!(held(&ahead), 1000 - LEAD, "asked-for names are let go");
         // Each check makes room for PER_CHECK more, asked for in bursts.
         let mut asked = LEAD;
-        for check in 1..=1000 {
+        for check in 1..=999 {
             match ahead.checked(7) {
                 Ahead::Ask(burst) => {
                     assert!(burst.len() >= MIN_BURST || asked + burst.len() == 1000, "a trickle");
@@ -367,8 +380,8 @@ mod tests {
         }
         assert_eq!(asked, 1000, "every entry, once");
         assert_eq!(held(&ahead), 0);
-        // More checks than entries: files were made since, so the
-        // directory is read again.
+        // More checks in the pass than entries: files were made since, so
+        // the directory is read again.
         assert_eq!(ahead.checked(7), Ahead::Read { from: 0 }, "read again");
         assert_eq!(ahead.checked(8), Ahead::Nothing, "another directory has its own");
     }
@@ -384,6 +397,13 @@ mod tests {
             "a short last burst"
         );
         assert_eq!(ahead.checked(3), Ahead::Read { from: 77 }, "on from where it stopped");
+        // The last piece holds 2 files: only more checks than the 10 of
+        // the whole pass mean files were made since.
+        assert_eq!(ahead.swept(3, names(20..22), None), ask_for(20..22));
+        for check in 2..=10 {
+            assert_eq!(ahead.checked(3), Ahead::Nothing, "check {check} of the pass");
+        }
+        assert_eq!(ahead.checked(3), Ahead::Read { from: 0 }, "a new pass");
         ahead.abandoned(3);
         assert_eq!(ahead.checked(3), Ahead::Nothing, "starts over");
         assert_eq!(ahead.checked(3), Ahead::Read { from: 0 });
