@@ -100,6 +100,12 @@ impl Node {
         }
     }
 
+    /// Whether names in this directory were looked up or listed (its IV
+    /// was read): only then can per-directory state have been kept for it.
+    pub fn names_resolved(&self) -> bool {
+        self.state.get().is_some_and(|state| state.dir_iv.get().is_some())
+    }
+
     /// The file id, once its header was read or written.
     pub fn file_id(&self) -> Option<FileId> {
         let state = self.state.get()?;

@@ -172,7 +172,9 @@ impl KmsFs {
     fn forget_node(&self, ino: u64, count: u64) {
         if let Some(node) = self.inodes.forget(ino, count) {
             self.node_files.remove(ino);
-            self.checks_ahead.abandoned(ino);
+            if node.names_resolved() {
+                self.checks_ahead.abandoned(ino); // no lock taken for each file forgotten
+            }
             if node.is_unlinked() {
                 self.erase_key_of_unlinked(&node);
             }
