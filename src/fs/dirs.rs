@@ -345,6 +345,10 @@ impl KmsFs {
         .map_err(errno)?;
         let mut entries = rustix::fs::Dir::read_from(&fd).map_err(errno)?;
         let mut out = Vec::new();
+        // One log line per listing, not per name: a backing directory full
+        // of foreign names must not fill the log.
+        let mut hidden = 0usize;
+        let mut first_hidden = None;
         while let Some(entry) = entries.read() {
             let entry = entry.map_err(errno)?;
             let raw = entry.file_name().to_bytes();
@@ -359,12 +363,17 @@ impl KmsFs {
                     ino: self.inodes.fuse_ino(entry.ino()),
                     kind: fuse_kind(entry.file_type()),
                 }),
-                Err(e) => log::warn!(
-                    "directory {}: entry {} does not decrypt ({e}); hidden",
-                    self.describe(dir),
-                    String::from_utf8_lossy(raw)
-                ),
+                Err(e) => {
+                    hidden += 1;
+                    first_hidden.get_or_insert_with(|| format!("{} ({e})", String::from_utf8_lossy(raw)));
+                }
             }
+        }
+        if let Some(first) = first_hidden {
+            log::warn!(
+                "directory {}: names that do not decrypt, hidden: {hidden} (the first: {first})",
+                self.describe(dir)
+            );
         }
         Ok(out)
     }

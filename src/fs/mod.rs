@@ -192,6 +192,8 @@ impl KmsFs {
         let entries = self.dir_listing(fh)?;
         let dir_attr = self.stat_attr(&dir)?;
         let mut index = offset;
+        let mut left_out = 0usize;
+        let mut first_left_out = None;
         while (index as usize) < entries.len() + 2 {
             let next = index + 1;
             let full = match index {
@@ -201,8 +203,14 @@ impl KmsFs {
                     let entry = &entries[i as usize - 2];
                     let (node, attr) = match self.lookup_backing(&dir, &entry.backing) {
                         Ok(found) => found,
-                        Err(_) => {
-                            index = next; // removed since opendir
+                        Err(e) => {
+                            if e != Errno::ENOENT {
+                                // Damaged: looking it up by name gives `e`.
+                                left_out += 1;
+                                let why = io::Error::from_raw_os_error(e.code());
+                                first_left_out.get_or_insert_with(|| format!("{} ({why})", entry.backing));
+                            } // else removed since opendir
+                            index = next;
                             continue;
                         }
                     };
@@ -217,6 +225,12 @@ impl KmsFs {
                 break;
             }
             index = next;
+        }
+        if let Some(first) = first_left_out {
+            log::warn!(
+                "directory {}: entries that cannot be read, left out of the listing: {left_out} (the first: {first})",
+                self.describe(&dir)
+            );
         }
         Ok(())
     }

@@ -18,6 +18,7 @@ mod fsck;
 mod fsx;
 mod generated;
 mod golden;
+mod hostile_listing;
 mod hostile_provider;
 mod keys;
 mod leak;
