@@ -19,22 +19,23 @@
 //! the directory's entries (a larger directory is read on where that
 //! stopped once what it found was asked for). A new pass through the
 //! directory starts once more files were checked than the whole last pass
-//! found (files made since), and all of it is forgotten with the directory. Advice only: every check still reads
-//! and authenticates its final block.
+//! found (files made since), and all of it is forgotten with the directory.
+//! Once a chunk of a burst is asked for, each of its files is handed back
+//! to be authenticated on the worker (verified_ahead.rs).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::num::NonZeroU64;
+use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rustix::fs::{Advice, AtFlags, Dir, FileType as DirentType, Mode, OFlags, Stat};
+use rustix::fs::{AtFlags, Dir, FileType as DirentType, Mode, OFlags, Stat};
 
-use super::atime;
 use super::handles::NodeFd;
 use super::inodes::Node;
+use super::{atime, batch_read};
 use crate::volume::content::EMPTY_FILE_LEN;
 
 /// Files asked for as soon as a directory's entries are read.
@@ -54,6 +55,8 @@ const MAX_SCANNED: usize = 4 * MAX_SWEPT;
 const MAX_HELD: usize = 65_536;
 /// Directories followed at once; beyond this all are forgotten.
 const MAX_DIRS: usize = 64;
+/// Files opened at once: a burst is asked for and authenticated in chunks.
+const CHUNK: usize = 256;
 
 /// What one reading of a directory found.
 struct Sweep {
@@ -98,6 +101,13 @@ pub enum Ahead {
     },
     /// Ask for these backing names.
     Ask(Vec<OsString>),
+}
+
+/// An empty file the worker opened, with what `fstat` showed of it before
+/// any of it was read.
+pub struct OpenedEmpty {
+    pub file: File,
+    pub stat: Stat,
 }
 
 /// What the worker should do, and in which directory.
@@ -176,16 +186,18 @@ impl ChecksAhead {
         std::mem::take(&mut *crate::util::lock(&self.jobs))
     }
 
-    /// Does a job on the worker thread.
-    pub fn run(&self, job: Job) {
+    /// Does a job on the worker thread; `authenticate` gets the empty files
+    /// asked for, a chunk at a time once all their reads were asked for,
+    /// each with what `fstat` showed of it before.
+    pub fn run(&self, job: Job, authenticate: &dyn Fn(&[OpenedEmpty])) {
         let dir_fd = job.dir_fd.as_fd();
         match job.ahead {
             Ahead::Nothing => {}
-            Ahead::Ask(names) => start_reading(dir_fd, &names),
+            Ahead::Ask(names) => start_reading(dir_fd, &names, authenticate),
             Ahead::Read { from } => match read_entries(dir_fd, from) {
                 Ok((names, more_at)) => {
                     if let Ahead::Ask(names) = self.swept(job.dir, names, more_at) {
-                        start_reading(dir_fd, &names);
+                        start_reading(dir_fd, &names, authenticate);
                     }
                 }
                 Err(_) => self.abandoned(job.dir),
@@ -312,32 +324,42 @@ fn read_entries(dir: BorrowedFd<'_>, from: i64) -> rustix::io::Result<(Vec<OsStr
 }
 
 /// Asks the backing filesystem to start reading those of `names` in `dir`
-/// that are empty files. Anything else (a device node, a FIFO, a symlink),
-/// or a name that is gone, is never opened for reading: the inode is
-/// looked at through an `O_PATH` descriptor first and reopened through it,
-/// so a name swapped meanwhile changes nothing.
-fn start_reading(dir: BorrowedFd<'_>, names: &[OsString]) {
+/// that are empty files, `CHUNK` at a time, then hands those of a chunk to
+/// `authenticate`, each with what `fstat` showed of it before it was read.
+fn start_reading(dir: BorrowedFd<'_>, names: &[OsString], authenticate: &dyn Fn(&[OpenedEmpty])) {
+    for chunk in names.chunks(CHUNK) {
+        let asked: Vec<OpenedEmpty> = chunk.iter().filter_map(|name| open_empty_file(dir, name)).collect();
+        let files: Vec<&File> = asked.iter().map(|opened| &opened.file).collect();
+        batch_read::ask_for(&files, EMPTY_FILE_LEN as usize);
+        authenticate(&asked);
+    }
+}
+
+/// Opens `name` in `dir` for reading, if it is an empty file. Anything else (a device node, a FIFO, a symlink), or a name
+/// that is gone, is never opened for reading: the inode is looked at
+/// through an `O_PATH` descriptor first and reopened through it, so a name
+/// swapped meanwhile changes nothing.
+fn open_empty_file(dir: BorrowedFd<'_>, name: &OsStr) -> Option<OpenedEmpty> {
     let empty_file = |st: &Stat| {
         DirentType::from_raw_mode(st.st_mode) == DirentType::RegularFile && st.st_size as u64 == EMPTY_FILE_LEN
     };
-    for name in names {
-        // A cheap look first: most entries of most directories are not empty files.
-        if !rustix::fs::statat(dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| empty_file(&st)) {
-            continue;
-        }
-        let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let Ok(inode) = rustix::fs::openat(dir, name.as_os_str(), flags, Mode::empty()) else {
-            continue;
-        };
-        if !rustix::fs::fstat(&inode).is_ok_and(|st| empty_file(&st)) {
-            continue;
-        }
-        let reopen = OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK | OFlags::CLOEXEC;
-        let path = format!("/proc/self/fd/{}", inode.as_raw_fd());
-        if let Ok(file) = rustix::fs::open(path.as_str(), reopen, Mode::empty()) {
-            let _ = rustix::fs::fadvise(&file, 0, NonZeroU64::new(EMPTY_FILE_LEN), Advice::WillNeed);
-        }
+    // A cheap look first: most entries of most directories are not empty files.
+    if !rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| empty_file(&st)) {
+        return None;
     }
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let inode = rustix::fs::openat(dir, name, flags, Mode::empty()).ok()?;
+    let st = rustix::fs::fstat(&inode).ok().filter(empty_file)?;
+    let reopen = OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let path = format!("/proc/self/fd/{}", inode.as_raw_fd());
+    let file = atime::open_with(OFlags::NOATIME, reopen, |f| {
+        rustix::fs::open(path.as_str(), f, Mode::empty())
+    })
+    .ok()?;
+    Some(OpenedEmpty {
+        file: File::from(file),
+        stat: st,
+    })
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 mod acl;
 mod atime;
 pub(crate) mod attr;
+mod batch_read;
 pub mod bdi;
 mod bounded;
 mod check_ahead;
@@ -22,6 +23,7 @@ mod remove;
 mod requests;
 mod shred;
 mod space;
+mod verified_ahead;
 mod workers;
 mod xattrs;
 
@@ -61,6 +63,8 @@ pub struct KmsFs {
     read_orders: prefetch::ReadOrders,
     /// Empty files whose final blocks are read ahead (check_ahead.rs).
     checks_ahead: check_ahead::ChecksAhead,
+    /// And those of them found intact there (verified_ahead.rs).
+    verified_ahead: verified_ahead::VerifiedAhead,
     /// Free space on the backing filesystem (new files written through when low).
     space: space::FreeSpace,
     /// The kernel leaves clearing set-user/group-ID bits on write and
@@ -133,6 +137,7 @@ impl KmsFs {
             shredder: shred::Shredder::new(Arc::clone(&volume), Arc::clone(&inodes.ids)),
             read_orders: prefetch::ReadOrders::new(options.prefetch_files),
             checks_ahead: check_ahead::ChecksAhead::default(),
+            verified_ahead: verified_ahead::VerifiedAhead::default(),
             volume,
             inodes,
             node_files: BoundedCache::new(mount::fd_cache_capacity()),
@@ -174,6 +179,7 @@ impl KmsFs {
             self.node_files.remove(ino);
             if node.names_resolved() {
                 self.checks_ahead.abandoned(ino); // no lock taken for each file forgotten
+                self.verified_ahead.forget(ino);
             }
             if node.is_unlinked() {
                 self.erase_key_of_unlinked(&node);

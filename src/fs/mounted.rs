@@ -72,7 +72,8 @@ impl Mounted {
             // A reading dropped is started over; a burst dropped is only advice lost.
             let (dir, reads) = (job.dir(), job.reads());
             let fs = Arc::clone(&self.fs);
-            if !self.prefetches.offer(move || fs.checks_ahead.run(job)) && reads {
+            let authenticate_ahead = move || fs.checks_ahead.run(job, &|asked| fs.authenticate_ahead(dir, asked));
+            if !self.prefetches.offer(authenticate_ahead) && reads {
                 self.fs.checks_ahead.abandoned(dir);
             }
         }

@@ -42,6 +42,7 @@ impl fuser::Filesystem for Mounted {
         self.removals.shutdown();
         self.syncs.shutdown();
         self.prefetches.shutdown();
+        self.fs.verified_ahead.log_summary();
         // Removed files still open (or not yet forgotten) at unmount.
         for node in self.fs.inodes.unlinked_nodes() {
             self.fs.erase_key_of_unlinked(&node);

@@ -403,16 +403,36 @@ impl Volume {
     /// The cipher of an existing file, from its wrapped key in the DB, or,
     /// in a volume with derived keys, derived from its id when it has no row.
     pub fn file_cipher(&self, file_id: &FileId) -> Result<BlockCipher, VolumeError> {
-        let id_hex = crate::util::hex(file_id);
-        let Some((version, wrapped)) = self.db.file_key(file_id)? else {
+        let row = self.db.file_key(file_id)?;
+        self.cipher_from_row(file_id, row)
+    }
+
+    /// `file_cipher` of each of `file_ids`, their keys read from the DB at once.
+    pub fn file_ciphers(&self, file_ids: &[FileId]) -> Result<Vec<Result<BlockCipher, VolumeError>>, VolumeError> {
+        let rows = self.db.file_keys(file_ids)?;
+        Ok(file_ids
+            .iter()
+            .zip(rows)
+            .map(|(id, row)| self.cipher_from_row(id, row))
+            .collect())
+    }
+
+    fn cipher_from_row(
+        &self,
+        file_id: &FileId,
+        row: Option<(u32, crate::crypto::WrappedKey)>,
+    ) -> Result<BlockCipher, VolumeError> {
+        // Formatted only for an error: this runs for every file a mount opens.
+        let id_hex = || crate::util::hex(file_id);
+        let Some((version, wrapped)) = row else {
             return match &self.derived {
                 Some(derived) => Ok(BlockCipher::new(&derived.data_key(file_id), *file_id, self.layout())),
-                None => Err(VolumeError::MissingFileKey(id_hex)),
+                None => Err(VolumeError::MissingFileKey(id_hex())),
             };
         };
         let tampered = || VolumeError::Tampered {
             volume: self.backing.clone(),
-            what: format!("the data key of file {id_hex}"),
+            what: format!("the data key of file {}", id_hex()),
         };
         let vk = self.keys.key(&self.db, version)?;
         let dek = self

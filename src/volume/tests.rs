@@ -152,3 +152,30 @@ fn an_interrupted_rotation_resumes() {
     assert_eq!((report.new_version, report.retired_versions), (2, vec![1]));
     assert!(file_key_rows(&volume).iter().all(|(_, v)| *v == 2));
 }
+
+#[test]
+fn keys_read_together_are_the_keys_read_one_by_one() {
+    let f = fixture();
+    let volume = f.open();
+    let committed: Vec<FileId> = (0..3).map(|_| volume.new_file_key().unwrap().0).collect();
+    volume.sync_keys().unwrap();
+    let queued = volume.new_file_key().unwrap().0;
+    let forgotten = committed[1];
+    volume.forget_file_key(&forgotten);
+    let unknown = [9u8; 16];
+    let ids = [committed[0], forgotten, queued, unknown, committed[2]];
+    let together = volume.file_ciphers(&ids).unwrap();
+    let sealed = |id: &FileId| volume.file_cipher(id).map(|c| c.seal_block(0, true, b"x"));
+    for (id, cipher) in ids.iter().zip(together) {
+        match (sealed(id), cipher) {
+            (Ok(block), Ok(cipher)) => {
+                let mut out = [0u8; 1];
+                cipher.open_block(0, true, &block, &mut out).unwrap();
+                assert_eq!(&out, b"x");
+            }
+            (Err(one), Err(both)) => assert_eq!(one.to_string(), both.to_string()),
+            (one, both) => panic!("{id:?}: one by one {:?}, together {:?}", one.is_ok(), both.is_ok()),
+        }
+    }
+    assert!(volume.file_cipher(&forgotten).is_err() && volume.file_cipher(&unknown).is_err());
+}

@@ -1,7 +1,8 @@
 //! Reads and writes whose backing pages are not cached, alone and from many
 //! threads at once, and fsyncs (which run on the daemon's sync threads)
 //! racing with them: every byte must come back as written. Also the
-//! readahead across files (prefetch.rs), observed in the backing page cache.
+//! readahead across files (prefetch.rs), observed in the backing page cache
+//! (empty files' checks ahead: empty_checks.rs).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -15,7 +16,7 @@ const FILE_LEN: usize = 1 << 20;
 
 /// Drops the clean cached pages of every file under `dir`, so that the next
 /// read of them goes to the disk (for the mount: to the daemon).
-fn drop_cached_pages(dir: &Path) {
+pub(crate) fn drop_cached_pages(dir: &Path) {
     for entry in fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.is_file() {
@@ -184,7 +185,7 @@ fn daemon_threads(vol: &TestVolume, prefix: &str) -> usize {
 }
 
 /// Whether every page of `path` is in the page cache.
-fn resident(path: &Path) -> bool {
+pub(crate) fn resident(path: &Path) -> bool {
     let file = File::open(path).unwrap();
     let len = file.metadata().unwrap().len() as usize;
     let pages = len.div_ceil(4096);
@@ -207,13 +208,16 @@ fn resident(path: &Path) -> bool {
     vec.iter().all(|&page| page & 1 == 1)
 }
 
-fn ino(p: &std::path::Path) -> u64 {
+pub(crate) fn ino(p: &std::path::Path) -> u64 {
     std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap())
 }
 
 /// The backing files of a mounted directory's entries, by inode number
 /// (the same through the mount).
-fn backing_files(vol: &TestVolume, dir: &std::path::Path) -> std::collections::HashMap<u64, std::path::PathBuf> {
+pub(crate) fn backing_files(
+    vol: &TestVolume,
+    dir: &std::path::Path,
+) -> std::collections::HashMap<u64, std::path::PathBuf> {
     let wanted = ino(dir);
     let mut stack = vec![vol.backing.clone()];
     while let Some(d) = stack.pop() {
@@ -328,7 +332,7 @@ fn reading_a_directory_in_listing_order_prefetches_the_next_files() {
 
 /// Waits until `done` holds, for at most 30 s (a loaded machine); false if
 /// it never did.
-fn eventually(done: impl Fn() -> bool) -> bool {
+pub(crate) fn eventually(done: impl Fn() -> bool) -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !done() {
         if std::time::Instant::now() > deadline {
@@ -337,198 +341,4 @@ fn eventually(done: impl Fn() -> bool) -> bool {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     true
-}
-
-/// A file of the directory `markers` made by `make_markers`.
-struct Marker {
-    path: std::path::PathBuf,
-    backing: std::path::PathBuf,
-    empty: bool,
-}
-
-const MARKERS: usize = 400;
-
-/// Makes `markers/e0` … `e399`, empty but for every tenth (which needs no
-/// check and is never read ahead), and returns them by inode number.
-fn make_markers(vol: &TestVolume) -> Vec<Marker> {
-    let m = vol.mount();
-    let dir = vol.path("markers");
-    fs::create_dir(&dir).unwrap();
-    for i in 0..MARKERS {
-        fs::write(dir.join(format!("e{i}")), if i % 10 == 9 { &b"x"[..] } else { b"" }).unwrap();
-    }
-    let backing_of = backing_files(vol, &dir);
-    let mut files: Vec<(u64, Marker)> = (0..MARKERS)
-        .map(|i| {
-            let path = dir.join(format!("e{i}"));
-            let ino = ino(&path);
-            let backing = backing_of[&ino].clone();
-            (
-                ino,
-                Marker {
-                    path,
-                    backing,
-                    empty: i % 10 != 9,
-                },
-            )
-        })
-        .collect();
-    m.unmount();
-    // What else a backing directory may hold: a FIFO (opening it would
-    // wait for a writer) and a symlink to an empty file's twin outside.
-    let backing_dir = files[0].1.backing.parent().unwrap().to_owned();
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        backing_dir.join("fifo"),
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o644),
-        0,
-    )
-    .unwrap();
-    fs::copy(
-        &files.iter().find(|f| f.1.empty).unwrap().1.backing,
-        outside_target(vol),
-    )
-    .unwrap();
-    std::os::unix::fs::symlink(outside_target(vol), backing_dir.join("link")).unwrap();
-    files.sort_by_key(|(ino, _)| *ino);
-    files.into_iter().map(|(_, marker)| marker).collect()
-}
-
-/// A 46-byte file outside the backing directory, linked to from inside it.
-fn outside_target(vol: &TestVolume) -> std::path::PathBuf {
-    vol.dir.path().join("outside")
-}
-
-fn empties_resident(files: &[Marker]) -> bool {
-    files.iter().filter(|f| f.empty).all(|f| resident(&f.backing))
-}
-
-fn resident_count(files: &[Marker]) -> usize {
-    files.iter().filter(|f| resident(&f.backing)).count()
-}
-
-/// Mounts with `prefetch=N` (a fresh mount knows none of the files, so each
-/// is checked when first shown) with the backing pages dropped.
-fn mount_cold<'a>(vol: &'a TestVolume, files: &[Marker], prefetch: &str) -> crate::common::Mount<'a> {
-    let m = vol.mount_with(&["-o", &format!("prefetch={prefetch}")]);
-    drop_cached_pages(&vol.backing); // the symlink's target too
-    assert_eq!(resident_count(files), 0, "run this test on a disk filesystem");
-    m
-}
-
-/// Whatever was read ahead is still checked: every file reads as written.
-fn read_back(files: &[Marker]) {
-    for f in files {
-        let expected: &[u8] = if f.empty { b"" } else { b"x" };
-        assert_eq!(fs::read(&f.path).unwrap(), expected, "{}", f.path.display());
-    }
-}
-
-#[test]
-fn looking_up_empty_files_one_after_another_reads_their_final_blocks_ahead() {
-    let vol = TestVolume::init();
-    let files = make_markers(&vol);
-    let stat = |some: &[Marker]| {
-        // From the highest inode number down: the order is not what it follows.
-        for f in some.iter().rev() {
-            assert_eq!(
-                fs::metadata(&f.path).unwrap().len(),
-                u64::from(!f.empty),
-                "{}",
-                f.path.display()
-            );
-        }
-    };
-    // Two empty files checked start it.
-    let two_empties = MARKERS
-        - files
-            .iter()
-            .rev()
-            .enumerate()
-            .filter(|(_, f)| f.empty)
-            .nth(1)
-            .unwrap()
-            .0
-        - 1;
-    for prefetch in ["8", "0"] {
-        let m = mount_cold(&vol, &files, prefetch);
-        stat(&files[two_empties..]);
-        if prefetch == "8" {
-            // The directory is read and the first burst asked for: the
-            // empty files with the 256 lowest inode numbers (the directory
-            // IV file is one of the entries too).
-            assert!(eventually(|| empties_resident(&files[..250])), "not read ahead");
-            assert!(
-                files[..two_empties]
-                    .iter()
-                    .filter(|f| !f.empty)
-                    .all(|f| !resident(&f.backing)),
-                "a file with a byte was read ahead"
-            );
-            assert_eq!(resident_count(&files[260..two_empties]), 0, "more than the first burst");
-            assert!(!resident(&outside_target(&vol)), "a backing symlink was followed");
-            // Each file checked makes room for 4 more: 40 checks are
-            // enough for the rest of the 401 entries.
-            let mut empties = 0;
-            let from = (0..two_empties)
-                .rev()
-                .find(|&i| {
-                    empties += usize::from(files[i].empty);
-                    empties == 40
-                })
-                .unwrap();
-            stat(&files[from..two_empties]);
-            assert!(
-                eventually(|| empties_resident(&files)),
-                "the next burst was not asked for"
-            );
-        } else {
-            std::thread::sleep(std::time::Duration::from_millis(300));
-            assert_eq!(resident_count(&files[..two_empties]), 0, "read ahead with prefetch=0");
-        }
-        read_back(&files);
-        m.unmount();
-    }
-}
-
-#[test]
-fn listing_empty_files_reads_their_final_blocks_ahead() {
-    let vol = TestVolume::init();
-    let files = make_markers(&vol);
-    for prefetch in ["8", "0"] {
-        let m = mount_cold(&vol, &files, prefetch);
-        // One small getdents: the kernel asks for one READDIRPLUS page of
-        // entries (a few dozen, each checked as it is listed).
-        let dir = File::open(vol.path("markers")).unwrap();
-        let mut buf = [0u8; 256];
-        // SAFETY: getdents64 writes at most `buf.len()` bytes into `buf`.
-        let got = unsafe {
-            libc::syscall(
-                libc::SYS_getdents64,
-                std::os::fd::AsRawFd::as_raw_fd(&dir),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        };
-        assert!(got > 0, "getdents64: {}", std::io::Error::last_os_error());
-        if prefetch == "8" {
-            // The first burst: about 256 files, nearly all empty.
-            assert!(
-                eventually(|| resident_count(&files) > 200),
-                "not read ahead: {} files resident",
-                resident_count(&files)
-            );
-        } else {
-            std::thread::sleep(std::time::Duration::from_millis(300));
-            let listed = resident_count(&files);
-            assert!(
-                listed < 60,
-                "{listed} files read with prefetch=0, not one READDIRPLUS page"
-            );
-        }
-        drop(dir);
-        read_back(&files);
-        m.unmount();
-    }
 }

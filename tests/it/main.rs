@@ -12,6 +12,7 @@ mod byok;
 mod cli;
 mod cold_io;
 mod crash;
+mod empty_checks;
 mod faults;
 mod format_interop;
 mod fsck;

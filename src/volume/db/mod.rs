@@ -363,31 +363,50 @@ impl MetadataDb {
     }
 
     pub fn file_key(&self, file_id: &FileId) -> Result<Option<(u32, WrappedKey)>, DbError> {
-        {
-            let pending = lock(&self.pending);
-            for queued in [
-                (&pending.inserts, &pending.deletes),
-                (&pending.in_flight.inserts, &pending.in_flight.deletes),
-            ] {
-                if let Some((v, w)) = queued.0.get(file_id) {
-                    return Ok(Some((*v, w.clone())));
-                }
-                if queued.1.contains(file_id) {
-                    return Ok(None);
-                }
-            }
+        if let Some(queued) = self.queued_file_key(file_id) {
+            return Ok(queued);
         }
         // Not found queued: then it was committed before it left the queue,
         // and the reader's snapshot (taken now) has it.
         let mut guard = lock(&self.reader);
         let conn = self.connected(&mut guard)?;
-        // Cached: this runs on every first open of a file, where parsing the SQL showed in profiles.
-        conn.prepare_cached("SELECT vk_version, wrapped FROM file_keys WHERE file_id = ?1")
-            .and_then(|mut stmt| {
-                stmt.query_row([&file_id[..]], |r| Ok((r.get(0)?, WrappedKey::from_bytes(r.get(1)?))))
-                    .optional()
-            })
-            .map_err(self.sqlite())
+        read_file_key(conn, file_id).map_err(self.sqlite())
+    }
+
+    /// `file_key` of each of `file_ids`, those not queued read in one
+    /// transaction (one lock of the DB instead of one per key).
+    pub fn file_keys(&self, file_ids: &[FileId]) -> Result<Vec<Option<(u32, WrappedKey)>>, DbError> {
+        let queued: Vec<_> = file_ids.iter().map(|id| self.queued_file_key(id)).collect();
+        let mut guard = lock(&self.reader);
+        let conn = self.connected(&mut guard)?;
+        let read = || -> rusqlite::Result<Vec<_>> {
+            let tx = conn.transaction()?;
+            let keys = file_ids
+                .iter()
+                .zip(queued)
+                .map(|(id, queued)| queued.map_or_else(|| read_file_key(&tx, id), Ok))
+                .collect::<rusqlite::Result<_>>()?;
+            tx.finish()?;
+            Ok(keys)
+        };
+        read().map_err(self.sqlite())
+    }
+
+    /// A key still queued (or being committed): `Some(None)` if queued for deletion.
+    fn queued_file_key(&self, file_id: &FileId) -> Option<Option<(u32, WrappedKey)>> {
+        let pending = lock(&self.pending);
+        for queued in [
+            (&pending.inserts, &pending.deletes),
+            (&pending.in_flight.inserts, &pending.in_flight.deletes),
+        ] {
+            if let Some((v, w)) = queued.0.get(file_id) {
+                return Some(Some((*v, w.clone())));
+            }
+            if queued.1.contains(file_id) {
+                return Some(None);
+            }
+        }
+        None
     }
 
     /// Lets the connection that looks up file keys cache up to `mib` MiB of
@@ -488,4 +507,11 @@ pub fn checkpoint_truncate(conn: &Connection) -> rusqlite::Result<()> {
         ));
     }
     Ok(())
+}
+
+fn read_file_key(conn: &Connection, file_id: &FileId) -> rusqlite::Result<Option<(u32, WrappedKey)>> {
+    // Cached: this runs on every first open of a file, where parsing the SQL showed in profiles.
+    let mut stmt = conn.prepare_cached("SELECT vk_version, wrapped FROM file_keys WHERE file_id = ?1")?;
+    stmt.query_row([&file_id[..]], |r| Ok((r.get(0)?, WrappedKey::from_bytes(r.get(1)?))))
+        .optional()
 }
