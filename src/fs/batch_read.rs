@@ -10,6 +10,7 @@
 //! (no context to be had, a seccomp filter, a filesystem without `NOWAIT`
 //! reads) each file falls back to `POSIX_FADV_WILLNEED`.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::num::NonZeroU64;
 use std::os::fd::AsRawFd;
@@ -50,24 +51,31 @@ struct IoEvent {
 }
 
 /// An AIO context, destroyed on drop.
-struct Context(libc::c_ulong);
+struct Context {
+    id: libc::c_ulong,
+    /// Waiting for events failed: requests may be left in it.
+    broken: Cell<bool>,
+}
 
 impl Context {
     fn new(nr: usize) -> Option<Self> {
         let mut ctx: libc::c_ulong = 0;
         // SAFETY: io_setup writes the context id to `ctx`, which outlives the call.
         let r = unsafe { libc::syscall(libc::SYS_io_setup, nr as libc::c_long, &mut ctx as *mut libc::c_ulong) };
-        (r == 0).then_some(Context(ctx))
+        (r == 0).then_some(Context {
+            id: ctx,
+            broken: Cell::new(false),
+        })
     }
 
     /// Submits `iocbs`; the number submitted, or an error if the first was refused.
     fn submit(&self, iocbs: &mut [*mut Iocb]) -> Result<usize, ()> {
         // SAFETY: every pointer is to an `Iocb` whose buffer stays alive until
-        // `reap` returned its event (see `ask_for`).
+        // `reap` returned its event (see `ask_for_at_once`).
         let r = unsafe {
             libc::syscall(
                 libc::SYS_io_submit,
-                self.0,
+                self.id,
                 iocbs.len() as libc::c_long,
                 iocbs.as_mut_ptr(),
             )
@@ -75,15 +83,15 @@ impl Context {
         usize::try_from(r).map_err(|_| ())
     }
 
-    /// Waits for `n` events.
-    fn reap(&self, mut n: usize) {
+    /// Waits for `n` events; false if waiting failed.
+    fn reap(&self, mut n: usize) -> bool {
         let mut events = vec![IoEvent::default(); n];
         while n > 0 {
             // SAFETY: `events` holds room for `n` events; no timeout.
             let r = unsafe {
                 libc::syscall(
                     libc::SYS_io_getevents,
-                    self.0,
+                    self.id,
                     n as libc::c_long,
                     n as libc::c_long,
                     events.as_mut_ptr(),
@@ -93,30 +101,46 @@ impl Context {
             match usize::try_from(r) {
                 Ok(got) => n -= got.min(n),
                 Err(_) if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => {}
-                // io_destroy (on drop) waits for what is still in flight.
-                Err(_) => return,
+                Err(_) => return false,
             }
         }
+        true
     }
 }
 
 impl Drop for Context {
     fn drop(&mut self) {
         // SAFETY: the context is ours; io_destroy waits for requests in flight.
-        unsafe { libc::syscall(libc::SYS_io_destroy, self.0) };
+        unsafe { libc::syscall(libc::SYS_io_destroy, self.id) };
     }
+}
+
+/// Requests one context holds at once.
+const AT_ONCE: usize = 256;
+
+thread_local! {
+    /// One context per thread, made at its first use and kept: destroying
+    /// one waits for an RCU grace period (milliseconds).
+    static CONTEXT: Option<Context> = Context::new(AT_ONCE);
 }
 
 /// Asks for the first `len` bytes of each of `files`, without waiting;
 /// returns how many were asked for together (the others one by one).
 pub fn ask_for(files: &[&File], len: usize) -> usize {
+    files
+        .chunks(AT_ONCE)
+        .map(|files| CONTEXT.with(|ctx| ask_for_at_once(ctx.as_ref(), files, len)))
+        .sum()
+}
+
+fn ask_for_at_once(ctx: Option<&Context>, files: &[&File], len: usize) -> usize {
     let fallback = |files: &[&File]| {
         for file in files {
             let _ = rustix::fs::fadvise(file, 0, NonZeroU64::new(len as u64), Advice::WillNeed);
         }
     };
     // Plugged and merged only when more than two are submitted at once.
-    let Some(ctx) = (files.len() > 2).then(|| Context::new(files.len())).flatten() else {
+    let Some(ctx) = ctx.filter(|ctx| files.len() > 2 && !ctx.broken.get()) else {
         fallback(files);
         return 0;
     };
@@ -150,10 +174,13 @@ pub fn ask_for(files: &[&File], len: usize) -> usize {
         }
     }
     fallback(&files[next..]);
-    ctx.reap(submitted);
-    drop(ctx); // before the buffers and iocbs go
-    drop(iocbs);
-    drop(scratch);
+    // A request's buffer and iocb go only once it is over; reads with
+    // RWF_NOWAIT end within io_submit, so waiting does not fail in practice.
+    if !ctx.reap(submitted) {
+        ctx.broken.set(true);
+        std::mem::forget(iocbs);
+        std::mem::forget(scratch);
+    }
     submitted
 }
 
