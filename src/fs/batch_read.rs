@@ -53,8 +53,9 @@ struct IoEvent {
 /// An AIO context, destroyed on drop.
 struct Context {
     id: libc::c_ulong,
-    /// Waiting for events failed: requests may be left in it.
-    broken: Cell<bool>,
+    /// Not to be used again: waiting for events failed (requests may be
+    /// left in it), or the backing filesystem refuses `RWF_NOWAIT` reads.
+    unusable: Cell<bool>,
 }
 
 impl Context {
@@ -64,12 +65,12 @@ impl Context {
         let r = unsafe { libc::syscall(libc::SYS_io_setup, nr as libc::c_long, &mut ctx as *mut libc::c_ulong) };
         (r == 0).then_some(Context {
             id: ctx,
-            broken: Cell::new(false),
+            unusable: Cell::new(false),
         })
     }
 
-    /// Submits `iocbs`; the number submitted, or an error if the first was refused.
-    fn submit(&self, iocbs: &mut [*mut Iocb]) -> Result<usize, ()> {
+    /// Submits `iocbs`; the number submitted, or why the first was refused.
+    fn submit(&self, iocbs: &mut [*mut Iocb]) -> Result<usize, i32> {
         // SAFETY: every pointer is to an `Iocb` whose buffer stays alive until
         // `reap` returned its event (see `ask_for_at_once`).
         let r = unsafe {
@@ -80,31 +81,32 @@ impl Context {
                 iocbs.as_mut_ptr(),
             )
         };
-        usize::try_from(r).map_err(|_| ())
+        usize::try_from(r).map_err(|_| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
     }
 
-    /// Waits for `n` events; false if waiting failed.
-    fn reap(&self, mut n: usize) -> bool {
+    /// Waits for `n` events; `None` if waiting failed.
+    fn reap(&self, n: usize) -> Option<Vec<IoEvent>> {
         let mut events = vec![IoEvent::default(); n];
-        while n > 0 {
-            // SAFETY: `events` holds room for `n` events; no timeout.
+        let mut got = 0;
+        while got < n {
+            // SAFETY: `events[got..]` holds room for `n - got` events; no timeout.
             let r = unsafe {
                 libc::syscall(
                     libc::SYS_io_getevents,
                     self.id,
-                    n as libc::c_long,
-                    n as libc::c_long,
-                    events.as_mut_ptr(),
+                    (n - got) as libc::c_long,
+                    (n - got) as libc::c_long,
+                    events[got..].as_mut_ptr(),
                     std::ptr::null_mut::<libc::timespec>(),
                 )
             };
             match usize::try_from(r) {
-                Ok(got) => n -= got.min(n),
+                Ok(more) => got += more.min(n - got),
                 Err(_) if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => {}
-                Err(_) => return false,
+                Err(_) => return None,
             }
         }
-        true
+        Some(events)
     }
 }
 
@@ -127,6 +129,9 @@ thread_local! {
 /// Asks for the first `len` bytes of each of `files`, without waiting;
 /// returns how many were asked for together (the others one by one).
 pub fn ask_for(files: &[&File], len: usize) -> usize {
+    if len == 0 {
+        return 0;
+    }
     files
         .chunks(AT_ONCE)
         .map(|files| CONTEXT.with(|ctx| ask_for_at_once(ctx.as_ref(), files, len)))
@@ -140,7 +145,7 @@ fn ask_for_at_once(ctx: Option<&Context>, files: &[&File], len: usize) -> usize 
         }
     };
     // Plugged and merged only when more than two are submitted at once.
-    let Some(ctx) = ctx.filter(|ctx| files.len() > 2 && !ctx.broken.get()) else {
+    let Some(ctx) = ctx.filter(|ctx| files.len() > 2 && !ctx.unusable.get()) else {
         fallback(files);
         return 0;
     };
@@ -149,7 +154,9 @@ fn ask_for_at_once(ctx: Option<&Context>, files: &[&File], len: usize) -> usize 
     let mut iocbs: Vec<Iocb> = files
         .iter()
         .zip(scratch.chunks_mut(len))
-        .map(|(file, buf)| Iocb {
+        .enumerate()
+        .map(|(index, (file, buf))| Iocb {
+            aio_data: index as u64,
             aio_lio_opcode: IOCB_CMD_PREAD,
             aio_fildes: file.as_raw_fd() as u32,
             aio_buf: buf.as_mut_ptr() as u64,
@@ -167,19 +174,32 @@ fn ask_for_at_once(ctx: Option<&Context>, files: &[&File], len: usize) -> usize 
                 next += n;
                 submitted += n;
             }
-            Err(()) => {
-                fallback(&files[next..=next]);
-                next += 1;
+            Err(errno) => {
+                // What one request is refused for, the next would be too.
+                if matches!(errno, libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS | libc::EBADF) {
+                    ctx.unusable.set(true);
+                }
+                break;
             }
         }
     }
     fallback(&files[next..]);
     // A request's buffer and iocb go only once it is over; reads with
     // RWF_NOWAIT end within io_submit, so waiting does not fail in practice.
-    if !ctx.reap(submitted) {
-        ctx.broken.set(true);
+    let Some(events) = ctx.reap(submitted) else {
+        ctx.unusable.set(true);
         std::mem::forget(iocbs);
         std::mem::forget(scratch);
+        return submitted;
+    };
+    // EAGAIN: the read was started and not waited for; a page already
+    // cached was copied. Any other error started nothing.
+    for event in events {
+        if event.res < 0 && event.res != -i64::from(libc::EAGAIN) {
+            if let Some(file) = usize::try_from(event.data).ok().and_then(|i| files.get(i)) {
+                fallback(&[file]);
+            }
+        }
     }
     submitted
 }

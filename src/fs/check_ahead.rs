@@ -42,6 +42,10 @@ use crate::volume::content::EMPTY_FILE_LEN;
 const LEAD: usize = 256;
 /// Files asked for per file checked, beyond the lead.
 const PER_CHECK: usize = 4;
+/// And more per file checked that the worker had authenticated already: a
+/// program going through the whole directory (the worker is read from,
+/// not a few files of a large directory looked at).
+const PER_TAKEN: usize = 12;
 /// The smallest burst but the last of a reading: reads asked for together
 /// are what saves the time.
 const MIN_BURST: usize = 128;
@@ -69,6 +73,8 @@ struct Sweep {
     asked_until: usize,
     /// Files of the directory checked since the reading.
     checks: usize,
+    /// Of those, the ones the worker had authenticated.
+    taken: usize,
     pass: Pass,
 }
 
@@ -104,10 +110,11 @@ pub enum Ahead {
 }
 
 /// An empty file the worker opened, with what `fstat` showed of it before
-/// any of it was read.
+/// any of it was read, and the time just before that `fstat`.
 pub struct OpenedEmpty {
     pub file: File,
     pub stat: Stat,
+    pub stat_after: std::time::SystemTime,
 }
 
 /// What the worker should do, and in which directory.
@@ -159,10 +166,10 @@ pub struct ChecksAhead {
 }
 
 impl ChecksAhead {
-    /// An empty file of `parent` is about to be checked: queues what is
-    /// to be read ahead, if anything.
-    pub fn checking(&self, parent: &Node) {
-        let ahead = self.checked(parent.ino);
+    /// An empty file of `parent` is about to be checked (`taken`: it was
+    /// authenticated ahead): queues what is to be read ahead, if anything.
+    pub fn checking(&self, parent: &Node, taken: bool) {
+        let ahead = self.checked(parent.ino, taken);
         if ahead == Ahead::Nothing {
             return;
         }
@@ -206,7 +213,7 @@ impl ChecksAhead {
     }
 
     /// An empty file of directory `dir` was checked.
-    fn checked(&self, dir: u64) -> Ahead {
+    fn checked(&self, dir: u64, taken: bool) -> Ahead {
         let mut dirs = crate::util::lock(&self.dirs);
         if !dirs.by_ino.contains_key(&dir) && dirs.by_ino.len() >= MAX_DIRS {
             dirs.forget_all();
@@ -227,6 +234,7 @@ impl ChecksAhead {
             }
             Progress::Swept(sweep) => {
                 sweep.checks += 1;
+                sweep.taken += usize::from(taken);
                 sweep.pass.checks += 1;
                 let all_asked = sweep.asked_until == sweep.names.len();
                 let (from, pass) = match sweep.more_at {
@@ -260,6 +268,7 @@ impl ChecksAhead {
             more_at,
             asked_until: 0,
             checks: 0,
+            taken: 0,
             pass,
         };
         let first = ask(&mut sweep, &mut dirs.held);
@@ -278,7 +287,7 @@ impl ChecksAhead {
 /// The next burst, if the checks made room for one.
 fn ask(sweep: &mut Sweep, held: &mut usize) -> Ahead {
     let len = sweep.names.len();
-    let allowed = (LEAD + PER_CHECK * sweep.checks).min(len);
+    let allowed = (LEAD + PER_CHECK * sweep.checks + PER_TAKEN * sweep.taken).min(len);
     if allowed <= sweep.asked_until || (allowed - sweep.asked_until < MIN_BURST && allowed < len) {
         return Ahead::Nothing;
     }
@@ -349,6 +358,7 @@ fn open_empty_file(dir: BorrowedFd<'_>, name: &OsStr) -> Option<OpenedEmpty> {
     }
     let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let inode = rustix::fs::openat(dir, name, flags, Mode::empty()).ok()?;
+    let stat_after = std::time::SystemTime::now();
     let st = rustix::fs::fstat(&inode).ok().filter(empty_file)?;
     let reopen = OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let path = format!("/proc/self/fd/{}", inode.as_raw_fd());
@@ -359,6 +369,7 @@ fn open_empty_file(dir: BorrowedFd<'_>, name: &OsStr) -> Option<OpenedEmpty> {
     Some(OpenedEmpty {
         file: File::from(file),
         stat: st,
+        stat_after,
     })
 }
 
@@ -381,15 +392,15 @@ mod tests {
     #[test]
     fn a_second_check_reads_the_directory_and_bursts_follow_the_checks() {
         let ahead = ChecksAhead::default();
-        assert_eq!(ahead.checked(7), Ahead::Nothing, "one check says nothing yet");
-        assert_eq!(ahead.checked(7), Ahead::Read { from: 0 });
-        assert_eq!(ahead.checked(7), Ahead::Nothing, "being read (counted: 1 check)");
+        assert_eq!(ahead.checked(7, false), Ahead::Nothing, "one check says nothing yet");
+        assert_eq!(ahead.checked(7, false), Ahead::Read { from: 0 });
+        assert_eq!(ahead.checked(7, false), Ahead::Nothing, "being read (counted: 1 check)");
         assert_eq!(ahead.swept(7, names(0..1000), None), ask_for(0..LEAD as u64));
         assert_eq!(held(&ahead), 1000 - LEAD, "asked-for names are let go");
         // Each check makes room for PER_CHECK more, asked for in bursts.
         let mut asked = LEAD;
         for check in 1..=999 {
-            match ahead.checked(7) {
+            match ahead.checked(7, false) {
                 Ahead::Ask(burst) => {
                     assert!(burst.len() >= MIN_BURST || asked + burst.len() == 1000, "a trickle");
                     assert_eq!(burst, names(asked as u64..(asked + burst.len()) as u64));
@@ -404,64 +415,94 @@ mod tests {
         assert_eq!(held(&ahead), 0);
         // More checks in the pass than entries: files were made since, so
         // the directory is read again.
-        assert_eq!(ahead.checked(7), Ahead::Read { from: 0 }, "read again");
-        assert_eq!(ahead.checked(8), Ahead::Nothing, "another directory has its own");
+        assert_eq!(ahead.checked(7, false), Ahead::Read { from: 0 }, "read again");
+        assert_eq!(ahead.checked(8, false), Ahead::Nothing, "another directory has its own");
+    }
+
+    #[test]
+    fn checks_that_take_results_of_the_worker_make_room_faster() {
+        let ahead = ChecksAhead::default();
+        ahead.checked(7, false);
+        ahead.checked(7, false);
+        assert_eq!(ahead.swept(7, names(0..2000), None), ask_for(0..LEAD as u64));
+        let mut asked = LEAD;
+        for check in 1..=120 {
+            if let Ahead::Ask(burst) = ahead.checked(7, true) {
+                asked += burst.len();
+            }
+            let room = LEAD + (PER_CHECK + PER_TAKEN) * check;
+            assert!(asked <= room, "more than the checks allow");
+            assert!(asked + MIN_BURST > room.min(2000), "fell behind");
+        }
+        assert_eq!(asked, 2000);
     }
 
     #[test]
     fn a_reading_that_stopped_goes_on_and_failures_start_over() {
         let ahead = ChecksAhead::default();
-        ahead.checked(3);
-        ahead.checked(3);
+        ahead.checked(3, false);
+        ahead.checked(3, false);
         assert_eq!(
             ahead.swept(3, names(12..20), Some(77)),
             ask_for(12..20),
             "a short last burst"
         );
-        assert_eq!(ahead.checked(3), Ahead::Read { from: 77 }, "on from where it stopped");
+        assert_eq!(
+            ahead.checked(3, false),
+            Ahead::Read { from: 77 },
+            "on from where it stopped"
+        );
         // The last piece holds 2 files: only more checks than the 10 of
         // the whole pass mean files were made since.
         assert_eq!(ahead.swept(3, names(20..22), None), ask_for(20..22));
         for check in 2..=10 {
-            assert_eq!(ahead.checked(3), Ahead::Nothing, "check {check} of the pass");
+            assert_eq!(ahead.checked(3, false), Ahead::Nothing, "check {check} of the pass");
         }
-        assert_eq!(ahead.checked(3), Ahead::Read { from: 0 }, "a new pass");
+        assert_eq!(ahead.checked(3, false), Ahead::Read { from: 0 }, "a new pass");
         ahead.abandoned(3);
-        assert_eq!(ahead.checked(3), Ahead::Nothing, "starts over");
-        assert_eq!(ahead.checked(3), Ahead::Read { from: 0 });
+        assert_eq!(ahead.checked(3, false), Ahead::Nothing, "starts over");
+        assert_eq!(ahead.checked(3, false), Ahead::Read { from: 0 });
         assert_eq!(ahead.swept(3, Vec::new(), None), Ahead::Nothing, "an empty directory");
-        assert_eq!(ahead.checked(3), Ahead::Read { from: 0 }, "a file made since");
+        assert_eq!(ahead.checked(3, false), Ahead::Read { from: 0 }, "a file made since");
     }
 
     #[test]
     fn a_directory_forgotten_while_read_stays_forgotten() {
         let ahead = ChecksAhead::default();
-        ahead.checked(5);
-        assert_eq!(ahead.checked(5), Ahead::Read { from: 0 });
+        ahead.checked(5, false);
+        assert_eq!(ahead.checked(5, false), Ahead::Read { from: 0 });
         ahead.abandoned(5); // the kernel forgot it; the number may be another's now
         assert_eq!(ahead.swept(5, names(0..10), None), Ahead::Nothing);
         assert_eq!(held(&ahead), 0);
-        assert_eq!(ahead.checked(5), Ahead::Nothing, "a first check again");
+        assert_eq!(ahead.checked(5, false), Ahead::Nothing, "a first check again");
     }
 
     #[test]
     fn names_held_and_directories_are_bounded() {
         let ahead = ChecksAhead::default();
         for dir in [1, 2] {
-            ahead.checked(dir);
-            ahead.checked(dir);
+            ahead.checked(dir, false);
+            ahead.checked(dir, false);
         }
         ahead.swept(1, names(0..(MAX_HELD - 100) as u64), None);
         assert_eq!(held(&ahead), MAX_HELD - 100 - LEAD);
         ahead.swept(2, names(0..1000), None); // over the bound: the others go
         assert_eq!(held(&ahead), 1000 - LEAD);
-        assert_eq!(ahead.checked(1), Ahead::Nothing, "forgotten: a first check again");
+        assert_eq!(
+            ahead.checked(1, false),
+            Ahead::Nothing,
+            "forgotten: a first check again"
+        );
         let ahead = ChecksAhead::default();
         for dir in 0..MAX_DIRS as u64 {
-            ahead.checked(dir);
+            ahead.checked(dir, false);
         }
-        assert_eq!(ahead.checked(0), Ahead::Read { from: 0 });
-        ahead.checked(MAX_DIRS as u64); // one too many: all forgotten
-        assert_eq!(ahead.checked(1), Ahead::Nothing, "forgotten: a first check again");
+        assert_eq!(ahead.checked(0, false), Ahead::Read { from: 0 });
+        ahead.checked(MAX_DIRS as u64, false); // one too many: all forgotten
+        assert_eq!(
+            ahead.checked(1, false),
+            Ahead::Nothing,
+            "forgotten: a first check again"
+        );
     }
 }

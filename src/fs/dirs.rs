@@ -94,8 +94,8 @@ impl KmsFs {
             *lock(&node.state().cipher) = Some(cipher);
             node.mark_verified_empty(); // made here: its empty final block is ours
         } else if self.reads_checks_ahead(&st, &node) {
-            self.take_authenticated_ahead(parent, &node, &st);
-            self.checks_ahead.checking(parent);
+            let taken = self.take_authenticated_ahead(parent, &node);
+            self.checks_ahead.checking(parent, taken);
         }
         match self.attr_of(&node, &st) {
             Ok(attr) => Ok((node, attr)),
@@ -366,7 +366,7 @@ impl KmsFs {
                 }),
                 Err(e) => {
                     hidden += 1;
-                    first_hidden.get_or_insert_with(|| format!("{} ({e})", String::from_utf8_lossy(raw)));
+                    first_hidden.get_or_insert_with(|| format!("{:?} ({e})", String::from_utf8_lossy(raw)));
                 }
             }
         }

@@ -46,6 +46,9 @@ pub struct NodeState {
     pub content: RwLock<()>,
     /// The file's block cipher once its header has been read or written.
     pub cipher: Mutex<Option<Arc<BlockCipher>>>,
+    /// The file id claimed when the lookup took the reading ahead's result
+    /// (verified_ahead.rs), before any cipher: released with the node.
+    pub taken_id: OnceLock<FileId>,
     /// A descriptor held once the inode's last name is gone, while the kernel
     /// still knows the node: it keeps the backing inode (and so its number,
     /// which is this node's id) from being freed and reused.
@@ -109,7 +112,18 @@ impl Node {
     /// The file id, once its header was read or written.
     pub fn file_id(&self) -> Option<FileId> {
         let state = self.state.get()?;
-        crate::util::lock(&state.cipher).as_ref().map(|c| *c.file_id())
+        let cipher_id = crate::util::lock(&state.cipher).as_ref().map(|c| *c.file_id());
+        cipher_id.or_else(|| state.taken_id.get().copied())
+    }
+
+    /// The ids this node holds in `LiveIds`.
+    fn held_ids(&self) -> Vec<FileId> {
+        let Some(state) = self.state.get() else {
+            return Vec::new();
+        };
+        let cipher_id = crate::util::lock(&state.cipher).as_ref().map(|c| *c.file_id());
+        let taken = state.taken_id.get().copied().filter(|id| Some(*id) != cipher_id);
+        cipher_id.into_iter().chain(taken).collect()
     }
 
     /// Marks the node as having lost its last name; see `UNLINKED`.
@@ -327,7 +341,7 @@ impl InodeTable {
         }
         let ByIno(node) = nodes.take(&ino)?;
         self.opener.forget(ino);
-        if let Some(id) = node.file_id() {
+        for id in node.held_ids() {
             self.ids.release(&id, ino);
         }
         Some(node)

@@ -132,12 +132,13 @@ impl KmsFs {
         )?;
         let st = rustix::fs::fstat(&root)?;
         let space = space::FreeSpace::new(rustix::io::dup(&root)?, options.write_through_below);
+        let verified_ahead = verified_ahead::VerifiedAhead::new(std::os::fd::AsFd::as_fd(&root));
         let inodes = InodeTable::new(root, &st, mount::fd_cache_capacity())?;
         Ok(KmsFs {
             shredder: shred::Shredder::new(Arc::clone(&volume), Arc::clone(&inodes.ids)),
             read_orders: prefetch::ReadOrders::new(options.prefetch_files),
             checks_ahead: check_ahead::ChecksAhead::default(),
-            verified_ahead: verified_ahead::VerifiedAhead::default(),
+            verified_ahead,
             volume,
             inodes,
             node_files: BoundedCache::new(mount::fd_cache_capacity()),
@@ -200,6 +201,7 @@ impl KmsFs {
         let mut index = offset;
         let mut left_out = 0usize;
         let mut first_left_out = None;
+        let mut failed = None;
         while (index as usize) < entries.len() + 2 {
             let next = index + 1;
             let full = match index {
@@ -209,15 +211,24 @@ impl KmsFs {
                     let entry = &entries[i as usize - 2];
                     let (node, attr) = match self.lookup_backing(&dir, &entry.backing) {
                         Ok(found) => found,
-                        Err(e) => {
-                            if e != Errno::ENOENT {
-                                // Damaged: looking it up by name gives `e`.
-                                left_out += 1;
-                                let why = io::Error::from_raw_os_error(e.code());
-                                first_left_out.get_or_insert_with(|| format!("{} ({why})", entry.backing));
-                            } // else removed since opendir
+                        // Removed since opendir.
+                        Err(e) if e == Errno::ENOENT => {
                             index = next;
                             continue;
+                        }
+                        // Damaged: looking it up by name gives EIO too.
+                        Err(e) if e == Errno::EIO => {
+                            left_out += 1;
+                            first_left_out.get_or_insert_with(|| format!("{:?}", entry.backing));
+                            index = next;
+                            continue;
+                        }
+                        // Out of descriptors or memory, say: not the entry's
+                        // fault. What was added goes; the next request
+                        // starts at this entry, and fails if nothing can.
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
                         }
                     };
                     let full = reply.add(attr.ino, next, &entry.name, &self.options.ttl, &attr, GENERATION);
@@ -234,10 +245,13 @@ impl KmsFs {
         }
         if let Some(first) = first_left_out {
             log::warn!(
-                "directory {}: entries that cannot be read, left out of the listing: {left_out} (the first: {first})",
+                "directory {}: entries that cannot be read (EIO), left out of the listing: {left_out} (the first: {first})",
                 self.describe(&dir)
             );
         }
-        Ok(())
+        match failed {
+            Some(e) if index == offset => Err(e),
+            _ => Ok(()),
+        }
     }
 }

@@ -8,14 +8,19 @@
 //! result instead of reading and authenticating the file itself: a backing
 //! file written, cut or replaced since the worker looked at it has another
 //! change time (or inode), and is checked on the request path as before.
-//! A change within the same timestamp tick as the one before it, on a
-//! filesystem or kernel without fine-grained change times, keeps the time:
-//! that takes a writer racing the worker on the live backing directory,
-//! which could as well change the file after its check (SECURITY.md).
+//! Only where the change time is the kernel's own: on a local filesystem
+//! (a network or FUSE backing reports what its server says, and sshfs's
+//! change time is the settable modification time), on the backing
+//! directory's own device, and for inodes last changed at least a second
+//! before the worker looked (a change within the same timestamp tick, or
+//! the same second on a filesystem that keeps only seconds, would keep the
+//! time: git's "racily clean" rule).
 
 use std::collections::HashMap;
+use std::os::fd::BorrowedFd;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::Stat;
 
@@ -29,6 +34,13 @@ use crate::volume::namespace::{self, FileIdRead};
 /// Results held over all directories (about 80 bytes each); a result that
 /// would make more makes all of them forgotten.
 const MAX_HELD: usize = 65_536;
+
+/// Local filesystems whose inodes' change times only their kernel sets
+/// (`statfs` magic numbers): ext2/3/4, XFS, Btrfs, F2FS, tmpfs.
+const KERNEL_TIMES: [i64; 5] = [0xEF53, 0x5846_5342, 0x9123_683E, 0xF2F5_2010, 0x0102_1994];
+
+/// How long before the worker looked an inode must have last changed.
+const SETTLED: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What `fstat` showed of a backing inode before it was read.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -63,15 +75,40 @@ struct Held {
 
 #[derive(Default)]
 pub struct VerifiedAhead {
+    /// The backing directory's device, if its filesystem is one of
+    /// `KERNEL_TIMES`; otherwise nothing is authenticated ahead.
+    device: Option<u64>,
     held: Mutex<Held>,
     authenticated: AtomicU64,
     taken: AtomicU64,
 }
 
 impl VerifiedAhead {
+    pub fn new(backing_root: BorrowedFd<'_>) -> Self {
+        let kernel_times = rustix::fs::fstatfs(backing_root).is_ok_and(|fs| KERNEL_TIMES.contains(&(fs.f_type as i64)));
+        VerifiedAhead {
+            device: rustix::fs::fstat(backing_root)
+                .ok()
+                .filter(|_| kernel_times)
+                .map(|st| st.st_dev as u64),
+            ..VerifiedAhead::default()
+        }
+    }
+
+    /// Whether results can be trusted on this backing filesystem.
+    pub fn enabled(&self) -> bool {
+        self.device.is_some()
+    }
+
     /// The worker found the empty file of directory `dir` that `st`
-    /// describes (taken before the file was read) intact, with id `id`.
-    pub fn insert(&self, dir: u64, st: &Stat, id: FileId) {
+    /// describes intact, with id `id`; `stat_after` is the time just
+    /// before `st` was taken (and so before the file was read).
+    pub fn insert(&self, dir: u64, st: &Stat, stat_after: SystemTime, id: FileId) {
+        let changed = UNIX_EPOCH + Duration::new(st.st_ctime as u64, st.st_ctime_nsec as u32);
+        let settled = changed + SETTLED <= stat_after;
+        if self.device != Some(st.st_dev as u64) || !settled || st.st_ctime < 0 {
+            return;
+        }
         let mut held = crate::util::lock(&self.held);
         if held.count >= MAX_HELD {
             *held = Held::default();
@@ -97,6 +134,9 @@ impl VerifiedAhead {
         let mut held = crate::util::lock(&self.held);
         let files = held.by_dir.get_mut(&dir)?;
         let (seen, id) = files.remove(&key(st))?;
+        if files.is_empty() {
+            held.by_dir.remove(&dir);
+        }
         held.count -= 1;
         if seen != Seen::of(st) {
             return None;
@@ -130,6 +170,9 @@ impl KmsFs {
     /// files of directory `dir`. What fails is left to the lookup, which
     /// checks it again and says why.
     pub(super) fn authenticate_ahead(&self, dir: u64, asked: &[OpenedEmpty]) {
+        if !self.verified_ahead.enabled() {
+            return;
+        }
         let (read, ids): (Vec<&OpenedEmpty>, Vec<FileId>) = asked
             .iter()
             .filter_map(|opened| match namespace::read_file_id(&opened.file) {
@@ -142,25 +185,35 @@ impl KmsFs {
         };
         for ((opened, id), cipher) in read.into_iter().zip(ids).zip(ciphers) {
             if cipher.is_ok_and(|cipher| content::check_empty_final(&opened.file, &cipher).is_ok()) {
-                self.verified_ahead.insert(dir, &opened.stat, id);
+                self.verified_ahead.insert(dir, &opened.stat, opened.stat_after, id);
             }
         }
     }
 
-    /// An empty file of `parent` was just looked up, its backing inode
-    /// showing `st`: it counts as checked if the worker authenticated it as
-    /// it still is, and no other inode of this mount has its id.
-    pub(super) fn take_authenticated_ahead(&self, parent: &Node, node: &Node, st: &Stat) {
-        let Some(id) = self.verified_ahead.take(parent.ino, st) else {
-            return;
+    /// An empty file of `parent` was just looked up: it counts as checked
+    /// if the worker authenticated it as it still is, and no other inode
+    /// of this mount has its id. Whether it did.
+    pub(super) fn take_authenticated_ahead(&self, parent: &Node, node: &Node) -> bool {
+        let state = node.state();
+        // Under the content lock, as in `damaged_size`: this mount's
+        // writers change a file's length in steps under it.
+        let _guard = crate::util::read(&state.content);
+        let Some(st) = node.fd().ok().and_then(|fd| rustix::fs::fstat(fd.as_fd()).ok()) else {
+            return false;
         };
-        let _guard = crate::util::read(&node.state().content);
-        let known_as_other = crate::util::lock(&node.state().cipher)
+        let Some(id) = self.verified_ahead.take(parent.ino, &st) else {
+            return false;
+        };
+        let known_as_other = crate::util::lock(&state.cipher)
             .as_ref()
-            .is_some_and(|cipher| *cipher.file_id() != id);
-        if !known_as_other && self.inodes.ids.claim(id, node.ino).is_ok() {
+            .is_some_and(|cipher| *cipher.file_id() != id)
+            || state.taken_id.get().is_some_and(|taken| *taken != id);
+        let taken = !known_as_other && self.inodes.ids.claim(id, node.ino).is_ok();
+        if taken {
+            let _ = state.taken_id.set(id);
             node.mark_verified_empty();
         }
+        taken
     }
 }
 
@@ -179,12 +232,45 @@ mod tests {
         st
     }
 
+    fn on_device_7() -> VerifiedAhead {
+        VerifiedAhead {
+            device: Some(7),
+            ..VerifiedAhead::default()
+        }
+    }
+
+    /// Long after the inodes of `stat` last changed.
+    fn later() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_000)
+    }
+
+    #[test]
+    fn only_inodes_settled_on_the_backing_device_are_kept() {
+        let ahead = on_device_7();
+        ahead.insert(1, &stat(10, 100), UNIX_EPOCH + Duration::from_millis(100_999), [1; 16]);
+        assert_eq!(ahead.take(1, &stat(10, 100)), None, "changed less than a second before");
+        ahead.insert(1, &stat(10, 100), UNIX_EPOCH + Duration::from_secs(101), [1; 16]);
+        assert_eq!(ahead.take(1, &stat(10, 100)), Some([1; 16]));
+        let mut elsewhere = stat(11, 100);
+        elsewhere.st_dev = 8;
+        ahead.insert(1, &elsewhere, later(), [2; 16]);
+        assert_eq!(ahead.take(1, &elsewhere), None, "another device");
+        let off = VerifiedAhead::default();
+        assert!(!off.enabled());
+        off.insert(1, &stat(10, 100), later(), [1; 16]);
+        assert_eq!(
+            off.take(1, &stat(10, 100)),
+            None,
+            "a filesystem whose times are not the kernel's"
+        );
+    }
+
     #[test]
     fn a_result_is_taken_once_and_only_for_the_inode_as_it_was() {
-        let ahead = VerifiedAhead::default();
-        ahead.insert(1, &stat(10, 100), [1; 16]);
-        ahead.insert(1, &stat(11, 100), [2; 16]);
-        ahead.insert(1, &stat(12, 100), [3; 16]);
+        let ahead = on_device_7();
+        ahead.insert(1, &stat(10, 100), later(), [1; 16]);
+        ahead.insert(1, &stat(11, 100), later(), [2; 16]);
+        ahead.insert(1, &stat(12, 100), later(), [3; 16]);
         assert_eq!(ahead.take(1, &stat(10, 100)), Some([1; 16]));
         assert_eq!(ahead.take(1, &stat(10, 100)), None, "taken once");
         assert_eq!(ahead.take(2, &stat(11, 100)), None, "another directory");
@@ -206,14 +292,14 @@ mod tests {
 
     #[test]
     fn results_are_forgotten_with_their_directory_and_bounded() {
-        let ahead = VerifiedAhead::default();
-        ahead.insert(1, &stat(10, 100), [1; 16]);
-        ahead.insert(2, &stat(20, 100), [2; 16]);
+        let ahead = on_device_7();
+        ahead.insert(1, &stat(10, 100), later(), [1; 16]);
+        ahead.insert(2, &stat(20, 100), later(), [2; 16]);
         ahead.forget(1);
         assert_eq!(ahead.take(1, &stat(10, 100)), None);
         assert_eq!(crate::util::lock(&ahead.held).count, 1);
         for ino in 0..MAX_HELD as u64 {
-            ahead.insert(3, &stat(1_000 + ino, 100), [3; 16]);
+            ahead.insert(3, &stat(1_000 + ino, 100), later(), [3; 16]);
         }
         let held = crate::util::lock(&ahead.held);
         assert!(held.count <= MAX_HELD);

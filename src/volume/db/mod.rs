@@ -373,9 +373,18 @@ impl MetadataDb {
         read_file_key(conn, file_id).map_err(self.sqlite())
     }
 
-    /// `file_key` of each of `file_ids`, those not queued read in one
-    /// transaction (one lock of the DB instead of one per key).
+    /// `file_key` of each of `file_ids`, those not queued read a few dozen
+    /// to a transaction (one lock of the DB instead of one per key, and
+    /// the reader not held long from the files being opened).
     pub fn file_keys(&self, file_ids: &[FileId]) -> Result<Vec<Option<(u32, WrappedKey)>>, DbError> {
+        let mut keys = Vec::with_capacity(file_ids.len());
+        for some in file_ids.chunks(32) {
+            keys.extend(self.file_keys_at_once(some)?);
+        }
+        Ok(keys)
+    }
+
+    fn file_keys_at_once(&self, file_ids: &[FileId]) -> Result<Vec<Option<(u32, WrappedKey)>>, DbError> {
         let queued: Vec<_> = file_ids.iter().map(|id| self.queued_file_key(id)).collect();
         let mut guard = lock(&self.reader);
         let conn = self.connected(&mut guard)?;
