@@ -276,6 +276,12 @@ impl ChecksAhead {
         first
     }
 
+    /// Whether the directory's files are being read ahead (it was not
+    /// forgotten since).
+    pub fn follows(&self, dir: u64) -> bool {
+        matches!(crate::util::lock(&self.dirs).by_ino.get(&dir), Some(Progress::Swept(_)))
+    }
+
     /// The directory could not be read, the worker had no room for the
     /// job, or the kernel forgot the directory (its number may come back
     /// as another one's): start over at the next check.
@@ -344,10 +350,11 @@ fn start_reading(dir: BorrowedFd<'_>, names: &[OsString], authenticate: &dyn Fn(
     }
 }
 
-/// Opens `name` in `dir` for reading, if it is an empty file. Anything else (a device node, a FIFO, a symlink), or a name
-/// that is gone, is never opened for reading: the inode is looked at
-/// through an `O_PATH` descriptor first and reopened through it, so a name
-/// swapped meanwhile changes nothing.
+/// Opens `name` in `dir` for reading, if it is an empty file. Anything
+/// else (a device node, a FIFO, a symlink), or a name that is gone, is
+/// never opened for reading: the inode is looked at through an `O_PATH`
+/// descriptor first and reopened through it, so a name swapped meanwhile
+/// changes nothing.
 fn open_empty_file(dir: BorrowedFd<'_>, name: &OsStr) -> Option<OpenedEmpty> {
     let empty_file = |st: &Stat| {
         DirentType::from_raw_mode(st.st_mode) == DirentType::RegularFile && st.st_size as u64 == EMPTY_FILE_LEN
