@@ -109,12 +109,10 @@ pub enum Ahead {
     Ask(Vec<OsString>),
 }
 
-/// An empty file the worker opened, with what `fstat` showed of it before
-/// any of it was read, and the time just before that `fstat`.
+/// An empty file the worker opened, and what `fstat` showed of it.
 pub struct OpenedEmpty {
     pub file: File,
     pub stat: Stat,
-    pub stat_after: std::time::SystemTime,
 }
 
 /// What the worker should do, and in which directory.
@@ -365,7 +363,6 @@ fn open_empty_file(dir: BorrowedFd<'_>, name: &OsStr) -> Option<OpenedEmpty> {
     }
     let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let inode = rustix::fs::openat(dir, name, flags, Mode::empty()).ok()?;
-    let stat_after = std::time::SystemTime::now();
     let st = rustix::fs::fstat(&inode).ok().filter(empty_file)?;
     let reopen = OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let path = format!("/proc/self/fd/{}", inode.as_raw_fd());
@@ -376,7 +373,6 @@ fn open_empty_file(dir: BorrowedFd<'_>, name: &OsStr) -> Option<OpenedEmpty> {
     Some(OpenedEmpty {
         file: File::from(file),
         stat: st,
-        stat_after,
     })
 }
 

@@ -132,13 +132,12 @@ impl KmsFs {
         )?;
         let st = rustix::fs::fstat(&root)?;
         let space = space::FreeSpace::new(rustix::io::dup(&root)?, options.write_through_below);
-        let verified_ahead = verified_ahead::VerifiedAhead::new(std::os::fd::AsFd::as_fd(&root));
         let inodes = InodeTable::new(root, &st, mount::fd_cache_capacity())?;
         Ok(KmsFs {
             shredder: shred::Shredder::new(Arc::clone(&volume), Arc::clone(&inodes.ids)),
             read_orders: prefetch::ReadOrders::new(options.prefetch_files),
             checks_ahead: check_ahead::ChecksAhead::default(),
-            verified_ahead,
+            verified_ahead: verified_ahead::VerifiedAhead::default(),
             volume,
             inodes,
             node_files: BoundedCache::new(mount::fd_cache_capacity()),

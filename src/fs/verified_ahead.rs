@@ -1,26 +1,19 @@
 //! Empty files authenticated ahead. The read-ahead worker (check_ahead.rs)
 //! asks for a directory's empty files in bursts; once a burst is read it
-//! also authenticates each file's final block there, off the request path
-//! (one DB key lookup and two AES-GCM-SIV opens per file), and remembers the
-//! file id by backing inode, with the inode's change and modification times
-//! as `fstat` showed them before the file was read. A lookup whose own
-//! `fstat` shows the same inode with the same times and length takes that
-//! result instead of reading and authenticating the file itself: a backing
-//! file written, cut or replaced since the worker looked at it has another
-//! change time (or inode), and is checked on the request path as before.
-//! Only where the change time is the kernel's own: on a local filesystem
-//! (a network or FUSE backing reports what its server says, and sshfs's
-//! change time is the settable modification time), on the backing
-//! directory's own device, and for inodes last changed at least a second
-//! before the worker looked (a change within the same timestamp tick, or
-//! the same second on a filesystem that keeps only seconds, would keep the
-//! time: git's "racily clean" rule).
+//! also authenticates each file's 46 bytes there, off the request path (a
+//! DB key lookup and two AES-GCM-SIV opens per file), and keeps those bytes
+//! and the file id by backing inode. A lookup of such a file reads its 46
+//! bytes again and takes the result if they are the bytes authenticated:
+//! the same check as reading and authenticating them itself, made when the
+//! size is shown, at the cost of one read of a cached page instead of a
+//! key lookup and two decryptions. Nothing about the inode (its times,
+//! which a write through a shared mapping need not move) is trusted.
 
 use std::collections::HashMap;
-use std::os::fd::BorrowedFd;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::Stat;
 
@@ -28,37 +21,15 @@ use super::KmsFs;
 use super::check_ahead::OpenedEmpty;
 use super::inodes::Node;
 use crate::crypto::FileId;
-use crate::volume::content::{self, EMPTY_FILE_LEN};
-use crate::volume::namespace::{self, FileIdRead};
+use crate::volume::content::EMPTY_FILE_LEN;
+use crate::volume::header::{self, HEADER_LEN};
 
-/// Results held over all directories (about 80 bytes each); a result that
+/// Results held over all directories (about 100 bytes each); a result that
 /// would make more makes all of them forgotten.
 const MAX_HELD: usize = 65_536;
 
-/// Local filesystems whose inodes' change times only their kernel sets
-/// (`statfs` magic numbers): ext2/3/4, XFS, Btrfs, F2FS, tmpfs.
-const KERNEL_TIMES: [i64; 5] = [0xEF53, 0x5846_5342, 0x9123_683E, 0xF2F5_2010, 0x0102_1994];
-
-/// How long before the worker looked an inode must have last changed.
-const SETTLED: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// What `fstat` showed of a backing inode before it was read.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct Seen {
-    ctime: (i64, i64),
-    mtime: (i64, i64),
-    size: i64,
-}
-
-impl Seen {
-    fn of(st: &Stat) -> Self {
-        Seen {
-            ctime: (st.st_ctime as i64, st.st_ctime_nsec as i64),
-            mtime: (st.st_mtime as i64, st.st_mtime_nsec as i64),
-            size: st.st_size as i64,
-        }
-    }
-}
+/// An empty file's whole backing content.
+type Sealed = [u8; EMPTY_FILE_LEN as usize];
 
 type InodeKey = (u64, u64);
 
@@ -66,49 +37,44 @@ fn key(st: &Stat) -> InodeKey {
     (st.st_dev as u64, st.st_ino as u64)
 }
 
+/// The backing content of an empty file: exactly `EMPTY_FILE_LEN` bytes.
+fn read_sealed(file: &File) -> Option<Sealed> {
+    // One byte more: a file that grew is not one.
+    let mut buf = [0u8; EMPTY_FILE_LEN as usize + 1];
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    (got == EMPTY_FILE_LEN as usize).then(|| {
+        let mut sealed = [0u8; EMPTY_FILE_LEN as usize];
+        sealed.copy_from_slice(&buf[..got]);
+        sealed
+    })
+}
+
 #[derive(Default)]
 struct Held {
     /// By directory (its FUSE inode), then by backing device and inode.
-    by_dir: HashMap<u64, HashMap<InodeKey, (Seen, FileId)>>,
+    by_dir: HashMap<u64, HashMap<InodeKey, (Sealed, FileId)>>,
     count: usize,
 }
 
 #[derive(Default)]
 pub struct VerifiedAhead {
-    /// The backing directory's device, if its filesystem is one of
-    /// `KERNEL_TIMES`; otherwise nothing is authenticated ahead.
-    device: Option<u64>,
     held: Mutex<Held>,
     authenticated: AtomicU64,
     taken: AtomicU64,
 }
 
 impl VerifiedAhead {
-    pub fn new(backing_root: BorrowedFd<'_>) -> Self {
-        let kernel_times = rustix::fs::fstatfs(backing_root).is_ok_and(|fs| KERNEL_TIMES.contains(&(fs.f_type as i64)));
-        VerifiedAhead {
-            device: rustix::fs::fstat(backing_root)
-                .ok()
-                .filter(|_| kernel_times)
-                .map(|st| st.st_dev as u64),
-            ..VerifiedAhead::default()
-        }
-    }
-
-    /// Whether results can be trusted on this backing filesystem.
-    pub fn enabled(&self) -> bool {
-        self.device.is_some()
-    }
-
-    /// The worker found the empty file of directory `dir` that `st`
-    /// describes intact, with id `id`; `stat_after` is the time just
-    /// before `st` was taken (and so before the file was read).
-    pub fn insert(&self, dir: u64, st: &Stat, stat_after: SystemTime, id: FileId) {
-        let changed = UNIX_EPOCH + Duration::new(st.st_ctime as u64, st.st_ctime_nsec as u32);
-        let settled = changed + SETTLED <= stat_after;
-        if self.device != Some(st.st_dev as u64) || !settled || st.st_ctime < 0 {
-            return;
-        }
+    /// The worker found `sealed`, the content of the backing inode `st`
+    /// describes (an empty file of directory `dir`), intact, with id `id`.
+    fn insert(&self, dir: u64, st: &Stat, sealed: Sealed, id: FileId) {
         let mut held = crate::util::lock(&self.held);
         if held.count >= MAX_HELD {
             *held = Held::default();
@@ -117,32 +83,28 @@ impl VerifiedAhead {
             .by_dir
             .entry(dir)
             .or_default()
-            .insert(key(st), (Seen::of(st), id))
+            .insert(key(st), (sealed, id))
             .is_none()
         {
             held.count += 1;
+            self.authenticated.fetch_add(1, Ordering::Relaxed);
         }
-        self.authenticated.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The id of the empty file of `dir` that a lookup's `st` describes, if
-    /// the worker authenticated it and the inode is as the worker saw it.
-    pub fn take(&self, dir: u64, st: &Stat) -> Option<FileId> {
+    /// What the worker found intact in the backing inode a lookup's `st`
+    /// describes, an empty file of `dir`, if anything.
+    fn take(&self, dir: u64, st: &Stat) -> Option<(Sealed, FileId)> {
         if st.st_size as u64 != EMPTY_FILE_LEN {
             return None;
         }
         let mut held = crate::util::lock(&self.held);
         let files = held.by_dir.get_mut(&dir)?;
-        let (seen, id) = files.remove(&key(st))?;
+        let found = files.remove(&key(st))?;
         if files.is_empty() {
             held.by_dir.remove(&dir);
         }
         held.count -= 1;
-        if seen != Seen::of(st) {
-            return None;
-        }
-        self.taken.fetch_add(1, Ordering::Relaxed);
-        Some(id)
+        Some(found)
     }
 
     /// The kernel forgot directory `dir`.
@@ -166,18 +128,16 @@ impl VerifiedAhead {
 }
 
 impl KmsFs {
-    /// On the read-ahead worker: authenticates the final blocks of empty
-    /// files of directory `dir`. What fails is left to the lookup, which
-    /// checks it again and says why.
+    /// On the read-ahead worker: authenticates empty files of directory
+    /// `dir`. What fails is left to the lookup, which checks it again and
+    /// says why.
     pub(super) fn authenticate_ahead(&self, dir: u64, asked: &[OpenedEmpty]) {
-        if !self.verified_ahead.enabled() {
-            return;
-        }
-        let (read, ids): (Vec<&OpenedEmpty>, Vec<FileId>) = asked
+        let (read, ids): (Vec<(&OpenedEmpty, Sealed)>, Vec<FileId>) = asked
             .iter()
-            .filter_map(|opened| match namespace::read_file_id(&opened.file) {
-                Ok(FileIdRead::Id(id)) => Some((opened, id)),
-                _ => None,
+            .filter_map(|opened| {
+                let sealed = read_sealed(&opened.file)?;
+                let id = header::decode(&sealed[..HEADER_LEN]).ok()?;
+                Some(((opened, sealed), id))
             })
             .unzip();
         let ciphers = match self.volume.file_ciphers(&ids) {
@@ -192,15 +152,16 @@ impl KmsFs {
         if !self.checks_ahead.follows(dir) {
             return;
         }
-        for ((opened, id), cipher) in read.into_iter().zip(ids).zip(ciphers) {
-            if cipher.is_ok_and(|cipher| content::check_empty_final(&opened.file, &cipher).is_ok()) {
-                self.verified_ahead.insert(dir, &opened.stat, opened.stat_after, id);
+        for (((opened, sealed), id), cipher) in read.into_iter().zip(ids).zip(ciphers) {
+            let intact = cipher.is_ok_and(|cipher| cipher.open_block(0, true, &sealed[HEADER_LEN..], &mut []).is_ok());
+            if intact {
+                self.verified_ahead.insert(dir, &opened.stat, sealed, id);
             }
         }
     }
 
     /// An empty file of `parent` was just looked up: it counts as checked
-    /// if the worker authenticated it as it still is, and no other inode
+    /// if its content is what the worker authenticated, and no other inode
     /// of this mount has its id. Whether it did.
     pub(super) fn take_authenticated_ahead(&self, parent: &Node, node: &Node) -> bool {
         let state = node.state();
@@ -210,17 +171,23 @@ impl KmsFs {
         let Some(st) = node.fd().ok().and_then(|fd| rustix::fs::fstat(fd.as_fd()).ok()) else {
             return false;
         };
-        let Some(id) = self.verified_ahead.take(parent.ino, &st) else {
+        let Some((sealed, id)) = self.verified_ahead.take(parent.ino, &st) else {
             return false;
         };
+        let unchanged = self
+            .reopen(node, libc::O_RDONLY)
+            .ok()
+            .and_then(|file| read_sealed(&file))
+            .is_some_and(|now| now == sealed);
         let known_as_other = crate::util::lock(&state.cipher)
             .as_ref()
             .is_some_and(|cipher| *cipher.file_id() != id)
             || state.taken_id.get().is_some_and(|taken| *taken != id);
-        let taken = !known_as_other && self.inodes.ids.claim(id, node.ino).is_ok();
+        let taken = unchanged && !known_as_other && self.inodes.ids.claim(id, node.ino).is_ok();
         if taken {
             let _ = state.taken_id.set(id);
             node.mark_verified_empty();
+            self.verified_ahead.taken.fetch_add(1, Ordering::Relaxed);
         }
         taken
     }
@@ -230,88 +197,60 @@ impl KmsFs {
 mod tests {
     use super::*;
 
-    fn stat(ino: u64, ctime: i64) -> Stat {
+    fn stat(ino: u64) -> Stat {
         // SAFETY: `stat` is plain old data; all zeros is a valid value.
         let mut st: Stat = unsafe { std::mem::zeroed() };
         st.st_dev = 7;
         st.st_ino = ino as _;
         st.st_size = EMPTY_FILE_LEN as _;
-        st.st_ctime = ctime as _;
-        st.st_mtime = 5;
         st
     }
 
-    fn on_device_7() -> VerifiedAhead {
-        VerifiedAhead {
-            device: Some(7),
-            ..VerifiedAhead::default()
-        }
-    }
-
-    /// Long after the inodes of `stat` last changed.
-    fn later() -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(1_000)
-    }
-
     #[test]
-    fn only_inodes_settled_on_the_backing_device_are_kept() {
-        let ahead = on_device_7();
-        ahead.insert(1, &stat(10, 100), UNIX_EPOCH + Duration::from_millis(100_999), [1; 16]);
-        assert_eq!(ahead.take(1, &stat(10, 100)), None, "changed less than a second before");
-        ahead.insert(1, &stat(10, 100), UNIX_EPOCH + Duration::from_secs(101), [1; 16]);
-        assert_eq!(ahead.take(1, &stat(10, 100)), Some([1; 16]));
-        let mut elsewhere = stat(11, 100);
+    fn a_result_is_taken_once_for_its_inode_and_directory() {
+        let ahead = VerifiedAhead::default();
+        ahead.insert(1, &stat(10), [1; 46], [1; 16]);
+        ahead.insert(1, &stat(11), [2; 46], [2; 16]);
+        ahead.insert(1, &stat(11), [2; 46], [2; 16]);
+        assert_eq!(ahead.authenticated.load(Ordering::Relaxed), 2, "counted once");
+        assert_eq!(ahead.take(1, &stat(10)), Some(([1; 46], [1; 16])));
+        assert_eq!(ahead.take(1, &stat(10)), None, "taken once");
+        assert_eq!(ahead.take(2, &stat(11)), None, "another directory");
+        let mut elsewhere = stat(11);
         elsewhere.st_dev = 8;
-        ahead.insert(1, &elsewhere, later(), [2; 16]);
         assert_eq!(ahead.take(1, &elsewhere), None, "another device");
-        let off = VerifiedAhead::default();
-        assert!(!off.enabled());
-        off.insert(1, &stat(10, 100), later(), [1; 16]);
-        assert_eq!(
-            off.take(1, &stat(10, 100)),
-            None,
-            "a filesystem whose times are not the kernel's"
-        );
-    }
-
-    #[test]
-    fn a_result_is_taken_once_and_only_for_the_inode_as_it_was() {
-        let ahead = on_device_7();
-        ahead.insert(1, &stat(10, 100), later(), [1; 16]);
-        ahead.insert(1, &stat(11, 100), later(), [2; 16]);
-        ahead.insert(1, &stat(12, 100), later(), [3; 16]);
-        assert_eq!(ahead.take(1, &stat(10, 100)), Some([1; 16]));
-        assert_eq!(ahead.take(1, &stat(10, 100)), None, "taken once");
-        assert_eq!(ahead.take(2, &stat(11, 100)), None, "another directory");
-        assert_eq!(ahead.take(1, &stat(11, 101)), None, "changed since");
-        assert_eq!(
-            ahead.take(1, &stat(11, 100)),
-            None,
-            "a changed inode's result is dropped"
-        );
-        let mut grown = stat(12, 100);
+        let mut grown = stat(11);
         grown.st_size += 1;
         assert_eq!(ahead.take(1, &grown), None, "no longer empty");
-        let mut touched = stat(12, 100);
-        touched.st_mtime_nsec = 1;
-        assert_eq!(ahead.take(1, &touched), None, "modified since");
-        assert_eq!(crate::util::lock(&ahead.held).count, 0);
-        assert_eq!(ahead.taken.load(Ordering::Relaxed), 1);
+        assert_eq!(ahead.take(1, &stat(11)), Some(([2; 46], [2; 16])));
+        let held = crate::util::lock(&ahead.held);
+        assert_eq!((held.count, held.by_dir.len()), (0, 0));
     }
 
     #[test]
     fn results_are_forgotten_with_their_directory_and_bounded() {
-        let ahead = on_device_7();
-        ahead.insert(1, &stat(10, 100), later(), [1; 16]);
-        ahead.insert(2, &stat(20, 100), later(), [2; 16]);
+        let ahead = VerifiedAhead::default();
+        ahead.insert(1, &stat(10), [1; 46], [1; 16]);
+        ahead.insert(2, &stat(20), [2; 46], [2; 16]);
         ahead.forget(1);
-        assert_eq!(ahead.take(1, &stat(10, 100)), None);
+        assert_eq!(ahead.take(1, &stat(10)), None);
         assert_eq!(crate::util::lock(&ahead.held).count, 1);
         for ino in 0..MAX_HELD as u64 {
-            ahead.insert(3, &stat(1_000 + ino, 100), later(), [3; 16]);
+            ahead.insert(3, &stat(1_000 + ino), [3; 46], [3; 16]);
         }
         let held = crate::util::lock(&ahead.held);
         assert!(held.count <= MAX_HELD);
         assert_eq!(held.count, held.by_dir.values().map(HashMap::len).sum::<usize>());
+    }
+
+    #[test]
+    fn only_exactly_an_empty_files_length_is_read_as_one() {
+        let dir = tempfile::tempdir().unwrap();
+        for (len, whole) in [(46, true), (45, false), (47, false), (0, false)] {
+            let path = dir.path().join(format!("f{len}"));
+            std::fs::write(&path, vec![5u8; len]).unwrap();
+            let read = read_sealed(&File::open(&path).unwrap());
+            assert_eq!(read.is_some(), whole, "{len} bytes");
+        }
     }
 }

@@ -211,6 +211,47 @@ fn flip_last_byte(path: &std::path::Path) {
     file.write_all_at(&[last[0] ^ 1], 45).unwrap();
 }
 
+/// A backing file mapped shared and writable.
+struct Mapping {
+    _file: File,
+    addr: *mut u8,
+}
+
+impl Mapping {
+    fn of(path: &std::path::Path) -> Self {
+        let file = File::options().read(true).write(true).open(path).unwrap();
+        // SAFETY: a shared mapping of the file's first 46 bytes (one page),
+        // unmapped on drop while `file` is still open.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                46,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        Mapping {
+            _file: file,
+            addr: addr.cast(),
+        }
+    }
+
+    fn flip_last_byte(&self) {
+        // SAFETY: byte 45 lies within the 46 bytes mapped.
+        unsafe { *self.addr.add(45) ^= 1 };
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `of`.
+        unsafe { libc::munmap(self.addr.cast(), 46) };
+    }
+}
+
 #[test]
 fn files_authenticated_ahead_are_taken_and_damage_is_still_caught() {
     let vol = TestVolume::init();
@@ -227,9 +268,13 @@ fn files_authenticated_ahead_are_taken_and_damage_is_still_caught() {
         .unwrap()
         .set_len(46)
         .unwrap();
-    // The worker keeps results only for inodes changed a second before it looked.
-    std::thread::sleep(std::time::Duration::from_millis(1_100));
     let m = mount_cold(&vol, &files, "8");
+    // A shared mapping written once (which moves the change time) and left
+    // dirty: a second write through it moves no time at all.
+    let mapped = Mapping::of(&empties[60].backing);
+    mapped.flip_last_byte();
+    mapped.flip_last_byte();
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
     for f in empties.iter().rev().take(2) {
         assert_eq!(fs::metadata(&f.path).unwrap().len(), 0);
     }
@@ -240,7 +285,8 @@ fn files_authenticated_ahead_are_taken_and_damage_is_still_caught() {
     // Damaged after the worker authenticated it: its change time moved.
     let damaged_after = empties[50];
     flip_last_byte(&damaged_after.backing);
-    let damaged = [damaged_before, damaged_after, cut];
+    mapped.flip_last_byte();
+    let damaged = [damaged_before, damaged_after, empties[60], cut];
     for f in &files {
         let is_damaged = damaged.iter().any(|d| d.path == f.path);
         let len = if is_damaged { 1 } else { u64::from(!f.empty) };

@@ -66,7 +66,7 @@ pub fn create(file: &File, cipher: &BlockCipher) -> io::Result<()> {
 
 /// With the sealed layout an empty file still ends in an authenticated
 /// (empty) final block: a file cut to its header and a few bytes is caught.
-pub fn check_empty_final(file: &File, cipher: &BlockCipher) -> Result<(), ContentError> {
+fn check_empty_final(file: &File, cipher: &BlockCipher) -> Result<(), ContentError> {
     let mut sealed = [0u8; BLOCK_OVERHEAD];
     read_exact_at(file, &mut sealed, HEADER_LEN as u64)?;
     cipher
