@@ -116,6 +116,10 @@ impl KmsFs {
         };
         self.claim_id(node, &id)?;
         let cipher = Arc::new(self.volume.file_cipher(&id).map_err(|e| {
+            // Not held without a cipher: its removal would take it for a copy's.
+            if node.state().taken_id.get() != Some(&id) {
+                self.inodes.ids.release(&id, node.ino);
+            }
             log::error!("file {}: {e}", self.describe(node));
             Errno::EIO
         })?);

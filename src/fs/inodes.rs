@@ -194,7 +194,7 @@ impl LiveIds {
         }
     }
 
-    fn release(&self, id: &FileId, ino: u64) {
+    pub fn release(&self, id: &FileId, ino: u64) {
         let mut map = self.map();
         if map.get(id) == Some(&ino) {
             map.remove(id);
