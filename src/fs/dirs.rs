@@ -94,7 +94,7 @@ impl KmsFs {
             *lock(&node.state().cipher) = Some(cipher);
             node.mark_verified_empty(); // made here: its empty final block is ours
         } else if self.reads_checks_ahead(&st, &node) {
-            let taken = self.take_authenticated_ahead(parent, &node);
+            let taken = self.take_authenticated_ahead(parent, &node, &st);
             self.checks_ahead.checking(parent, taken);
         }
         match self.attr_of(&node, &st) {

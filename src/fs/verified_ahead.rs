@@ -160,20 +160,18 @@ impl KmsFs {
         }
     }
 
-    /// An empty file of `parent` was just looked up: it counts as checked
-    /// if its content is what the worker authenticated, and no other inode
-    /// of this mount has its id. Whether it did.
-    pub(super) fn take_authenticated_ahead(&self, parent: &Node, node: &Node) -> bool {
+    /// An empty file of `parent` was just looked up (its backing inode
+    /// showing `st`): it counts as checked if its content is what the
+    /// worker authenticated, and no other inode of this mount has its id.
+    /// Whether it did.
+    pub(super) fn take_authenticated_ahead(&self, parent: &Node, node: &Node, st: &Stat) -> bool {
+        let Some((sealed, id)) = self.verified_ahead.take(parent.ino, st) else {
+            return false;
+        };
         let state = node.state();
-        // Under the content lock, as in `damaged_size`: this mount's
-        // writers change a file's length in steps under it.
+        // Read again under the content lock, as in `damaged_size`: this
+        // mount's writers change a file's length in steps under it.
         let _guard = crate::util::read(&state.content);
-        let Some(st) = node.fd().ok().and_then(|fd| rustix::fs::fstat(fd.as_fd()).ok()) else {
-            return false;
-        };
-        let Some((sealed, id)) = self.verified_ahead.take(parent.ino, &st) else {
-            return false;
-        };
         let unchanged = self
             .reopen(node, libc::O_RDONLY)
             .ok()
