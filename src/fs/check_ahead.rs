@@ -9,15 +9,18 @@
 //!
 //! When empty files of one directory are checked one after another, the
 //! directory's entries are read once (on the prefetch worker) and its empty
-//! files are asked for (`POSIX_FADV_WILLNEED`) in bursts, by inode number:
-//! 256 before any check, then 4 more for each file checked. Backing names
-//! are encrypted and inode numbers follow the order files were made in
-//! only loosely, so nothing here guesses which file comes next: whatever
-//! the order, most files are in the cache by their turn, and a program that
-//! looks at a few empty files of a large directory costs at most 256 reads
-//! more, plus 4 per file it looked at, and one reading of up to 65,536 of
-//! the directory's entries (a larger directory is read on where that
-//! stopped once what it found was asked for). A new pass through the
+//! files are asked for (batch_read.rs) in bursts, by inode number: 256
+//! before any check, then 4 more for each file checked, and all the rest
+//! once the checks reach a sixteenth of the files the reading found.
+//! Backing names are encrypted and inode numbers follow the order files
+//! were made in only loosely, so nothing here guesses which file comes
+//! next: whatever the order, most files are in the cache by their turn, and
+//! a program that looks at a few empty files of a large directory costs at
+//! most 256 reads more, plus 4 per file it looked at (16 once it looked at
+//! a sixteenth of them), and one reading of up to 65,536 of the directory's
+//! entries (a larger directory is read on where that stopped once what it
+//! found was asked for). Bursts are queued for the worker, never dropped:
+//! their names have left the directory's state. A new pass through the
 //! directory starts once more files were checked than the whole last pass
 //! found (files made since), and all of it is forgotten with the directory.
 //! Once a chunk of a burst is asked for, each of its files is handed back
@@ -49,6 +52,12 @@ const PER_TAKEN: usize = 12;
 /// The smallest burst but the last of a reading: reads asked for together
 /// are what saves the time.
 const MIN_BURST: usize = 128;
+/// Once the checks since a reading reach this fraction (1/N) of the files
+/// it found, the program is taken to be going through the whole directory
+/// and the rest of them are asked for at once: checks in an order the
+/// worker cannot follow otherwise meet unread files until the bursts
+/// caught up (a fifth of them for 10,000 files).
+const WHOLE_AFTER: usize = 16;
 /// Regular entries kept from one reading of a directory.
 const MAX_SWEPT: usize = 16_384;
 /// Entries of any kind looked at in one reading.
@@ -198,7 +207,9 @@ impl ChecksAhead {
         let dir_fd = job.dir_fd.as_fd();
         match job.ahead {
             Ahead::Nothing => {}
-            Ahead::Ask(names) => start_reading(dir_fd, &names, authenticate),
+            // A burst for a directory forgotten or read again since is left.
+            Ahead::Ask(names) if self.follows(job.dir) => start_reading(dir_fd, &names, authenticate),
+            Ahead::Ask(_) => {}
             Ahead::Read { from } => match read_entries(dir_fd, from) {
                 Ok((names, more_at)) => {
                     if let Ahead::Ask(names) = self.swept(job.dir, names, more_at) {
@@ -291,7 +302,11 @@ impl ChecksAhead {
 /// The next burst, if the checks made room for one.
 fn ask(sweep: &mut Sweep, held: &mut usize) -> Ahead {
     let len = sweep.names.len();
-    let allowed = (LEAD + PER_CHECK * sweep.checks + PER_TAKEN * sweep.taken).min(len);
+    let allowed = if sweep.checks * WHOLE_AFTER >= len {
+        len
+    } else {
+        (LEAD + PER_CHECK * sweep.checks + PER_TAKEN * sweep.taken).min(len)
+    };
     if allowed <= sweep.asked_until || (allowed - sweep.asked_until < MIN_BURST && allowed < len) {
         return Ahead::Nothing;
     }
@@ -400,7 +415,12 @@ mod tests {
         assert_eq!(ahead.checked(7, false), Ahead::Nothing, "being read (counted: 1 check)");
         assert_eq!(ahead.swept(7, names(0..1000), None), ask_for(0..LEAD as u64));
         assert_eq!(held(&ahead), 1000 - LEAD, "asked-for names are let go");
-        // Each check makes room for PER_CHECK more, asked for in bursts.
+        // Each check makes room for PER_CHECK more, asked for in bursts,
+        // and the rest once a sixteenth of the files were checked.
+        let room = |check: usize| match check * WHOLE_AFTER >= 1000 {
+            true => 1000,
+            false => (LEAD + PER_CHECK * check).min(1000),
+        };
         let mut asked = LEAD;
         for check in 1..=999 {
             match ahead.checked(7, false) {
@@ -411,8 +431,8 @@ mod tests {
                 }
                 other => assert_eq!(other, Ahead::Nothing),
             }
-            assert!(asked <= LEAD + PER_CHECK * check, "more than the checks allow");
-            assert!(asked + MIN_BURST > (LEAD + PER_CHECK * check).min(1000), "fell behind");
+            assert!(asked <= room(check), "more than the checks allow");
+            assert!(asked + MIN_BURST > room(check), "fell behind");
         }
         assert_eq!(asked, 1000, "every entry, once");
         assert_eq!(held(&ahead), 0);
@@ -420,6 +440,30 @@ mod tests {
         // the directory is read again.
         assert_eq!(ahead.checked(7, false), Ahead::Read { from: 0 }, "read again");
         assert_eq!(ahead.checked(8, false), Ahead::Nothing, "another directory has its own");
+    }
+
+    #[test]
+    fn a_sixteenth_of_a_directory_checked_asks_for_the_rest_and_fewer_checks_do_not() {
+        let ahead = ChecksAhead::default();
+        ahead.checked(7, false);
+        ahead.checked(7, false);
+        let len = 16_000;
+        assert_eq!(ahead.swept(7, names(0..len as u64), None), ask_for(0..LEAD as u64));
+        let mut asked = LEAD;
+        for check in 1..len / WHOLE_AFTER {
+            if let Ahead::Ask(burst) = ahead.checked(7, false) {
+                asked += burst.len();
+            }
+            assert!(
+                asked <= LEAD + PER_CHECK * check,
+                "a few files looked at cost a few more"
+            );
+        }
+        match ahead.checked(7, false) {
+            Ahead::Ask(burst) => assert_eq!(burst, names(asked as u64..len as u64), "the rest, at once"),
+            other => panic!("the rest was not asked for: {other:?}"),
+        }
+        assert_eq!(held(&ahead), 0);
     }
 
     #[test]

@@ -69,12 +69,21 @@ impl Mounted {
     /// decided on to the prefetch worker (check_ahead.rs).
     pub(super) fn start_checks_ahead(&self) {
         for job in self.fs.checks_ahead.take_jobs() {
-            // A reading dropped is started over; a burst dropped is only advice lost.
             let (dir, reads) = (job.dir(), job.reads());
             let fs = Arc::clone(&self.fs);
             let authenticate_ahead = move || fs.checks_ahead.run(job, &|asked| fs.authenticate_ahead(dir, asked));
-            if !self.prefetches.offer(authenticate_ahead) && reads {
-                self.fs.checks_ahead.abandoned(dir);
+            if reads {
+                // A reading dropped is started over at the next check.
+                if !self.prefetches.offer(authenticate_ahead) {
+                    self.fs.checks_ahead.abandoned(dir);
+                }
+            } else {
+                // A burst is never dropped: its names left the directory's
+                // sweep, so a dropped one would leave its files to be read
+                // on the request path for the rest of the pass (a third of
+                // 10,000 files when lookups outran the worker). The bursts
+                // queued are bounded by the names swept.
+                self.prefetches.queue(authenticate_ahead);
             }
         }
     }

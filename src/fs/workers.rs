@@ -44,29 +44,35 @@ impl WorkerPool {
     /// Queues `job` unless `max_waiting` jobs are waiting already or the
     /// pool is shut down (for work that may be skipped, such as advice).
     pub fn offer(&self, job: impl FnOnce() + Send + 'static) -> bool {
-        let (lock, ready) = &*self.queue;
-        let mut queue = crate::util::lock(lock);
-        if queue.closed || queue.jobs.len() >= self.max_waiting {
-            return false;
-        }
-        queue.jobs.push_back(Box::new(job));
-        drop(queue);
-        ready.notify_one();
-        true
+        self.push(Box::new(job), self.max_waiting).is_ok()
+    }
+
+    /// Queues `job` however many jobs are waiting, unless the pool is shut
+    /// down (for work that may be skipped but whose amount is bounded elsewhere).
+    pub fn queue(&self, job: impl FnOnce() + Send + 'static) {
+        let _ = self.push(Box::new(job), usize::MAX);
     }
 
     /// Runs `job` on a pool thread (on this one once the pool is shut down),
     /// however many jobs are waiting.
     pub fn run(&self, job: impl FnOnce() + Send + 'static) {
+        if let Err(job) = self.push(Box::new(job), usize::MAX) {
+            job();
+        }
+    }
+
+    /// Queues `job` if fewer than `limit` are waiting and the pool runs;
+    /// gives it back otherwise.
+    fn push(&self, job: Job, limit: usize) -> Result<(), Job> {
         let (lock, ready) = &*self.queue;
         let mut queue = crate::util::lock(lock);
-        if queue.closed {
-            drop(queue);
-            return job();
+        if queue.closed || queue.jobs.len() >= limit {
+            return Err(job);
         }
-        queue.jobs.push_back(Box::new(job));
+        queue.jobs.push_back(job);
         drop(queue);
         ready.notify_one();
+        Ok(())
     }
 
     /// Finishes the queued jobs and stops the threads.
@@ -135,7 +141,7 @@ mod tests {
     }
 
     #[test]
-    fn offer_refuses_jobs_beyond_the_limit_and_after_shutdown() {
+    fn offer_refuses_jobs_beyond_the_limit_queue_does_not_and_neither_after_shutdown() {
         let pool = WorkerPool::new("test", 1, 2).unwrap();
         let (started, wait_started) = mpsc::channel();
         let (release, blocked) = mpsc::channel::<()>();
@@ -152,9 +158,14 @@ mod tests {
             })
             .collect();
         assert_eq!(offered, [true, true, false]);
+        let queued = Arc::clone(&ran);
+        pool.queue(move || *queued.lock().unwrap() += 1); // beyond the limit: queued all the same
         release.send(()).unwrap();
         pool.shutdown();
-        assert_eq!(*ran.lock().unwrap(), 2);
+        assert_eq!(*ran.lock().unwrap(), 3);
         assert!(!pool.offer(|| {}));
+        let late = Arc::clone(&ran);
+        pool.queue(move || *late.lock().unwrap() += 1);
+        assert_eq!(*ran.lock().unwrap(), 3, "nothing queued after shutdown runs");
     }
 }
