@@ -240,6 +240,10 @@ run_ls_lR() { ls -lR "$1/tree" >/dev/null; }
 run_ls_lR_warm() { run_ls_lR "$1"; }
 prepare_read_all() { drop_caches; }
 run_read_all() { find "$1/tree" -type f -print0 | xargs -0 cat >/dev/null; }
+# The removals start cold for every target: otherwise the cache drops of the
+# targets after this one in a round (before their reads) make it cold for all
+# but the round's last target, which then removes names it still knows.
+prepare_rm_rf() { drop_caches; }
 run_rm_rf() { rm -rf "$1/tree"; }
 run_fio_seq_write() { fio_timed --name=seqw --filename="$1/seq.bin" --rw=write --bs=1M --size="$SEQ" --end_fsync=1 >/dev/null; }
 prepare_fio_seq_read() { drop_caches; }
@@ -261,6 +265,7 @@ run_meta_create() { python3 "$ROOT/scripts/meta_ops.py" "$1/meta" "$META" create
 run_meta_stat_warm() { python3 "$ROOT/scripts/meta_ops.py" "$1/meta" "$META" stat; }
 prepare_meta_stat() { drop_caches; }
 run_meta_stat() { python3 "$ROOT/scripts/meta_ops.py" "$1/meta" "$META" stat; }
+prepare_meta_unlink() { drop_caches; } # cold for every target, as rm_rf
 run_meta_unlink() { python3 "$ROOT/scripts/meta_ops.py" "$1/meta" "$META" unlink; }
 # Backups into the mount: the same tree (extracted once in /dev/shm) copied
 # with rsync, then again with nothing changed, then backed up with restic.
