@@ -80,9 +80,9 @@ impl Mounted {
             } else {
                 // A burst is never dropped: its names left the directory's
                 // sweep, so a dropped one would leave its files to be read
-                // on the request path for the rest of the pass (a third of
-                // 10,000 files when lookups outran the worker). The bursts
-                // queued are bounded by the names swept.
+                // on the request path for the rest of the pass (over 4,000
+                // of 10,000 files when lookups outran the worker). The
+                // bursts queued are bounded by the names swept.
                 self.prefetches.queue(authenticate_ahead);
             }
         }
