@@ -4,16 +4,23 @@
 //! (a cold `rm -rf`). The unlink instead hands a descriptor of the removed
 //! inode to one worker thread, which reads the id and queues the key's
 //! deletion. The descriptor keeps the inode, and so its header, alive until
-//! then; the queue is bounded, so descriptors cannot pile up.
+//! then; the queue is bounded, so descriptors cannot pile up. The headers
+//! of the files waiting are asked for together (`batch_read`) before the
+//! thread reads them one by one: read one at a time, each cold header is
+//! a disk read waited for alone, and an `rm -rf` of 20,000 small files
+//! took a third longer (docs/DESIGN.md).
 
+use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::batch_read;
 use super::inodes::LiveIds;
 use crate::crypto::FileId;
 use crate::volume::Volume;
+use crate::volume::header::HEADER_LEN;
 use crate::volume::namespace::{self, FileIdRead};
 
 /// Files waiting for their id to be read.
@@ -21,7 +28,7 @@ const QUEUE: usize = 256;
 
 enum State {
     Idle,
-    Running(SyncSender<OwnedFd>, JoinHandle<()>),
+    Running(SyncSender<File>, JoinHandle<()>),
     /// Unmounting: whatever still comes is handled at once.
     Drained,
 }
@@ -46,7 +53,7 @@ fn erase(volume: &Volume, ids: &LiveIds, id: &FileId, ino: Option<u64>) {
 }
 
 /// Reads the id of a removed file and queues the deletion of its key.
-fn erase_key_of(volume: &Volume, ids: &LiveIds, file: OwnedFd) {
+fn erase_key_of(volume: &Volume, ids: &LiveIds, file: File) {
     match namespace::read_file_id(&file) {
         Ok(FileIdRead::Id(id)) => erase(volume, ids, &id, None),
         // Not a kmsfs file (or a damaged one): there is no key to erase.
@@ -56,6 +63,18 @@ fn erase_key_of(volume: &Volume, ids: &LiveIds, file: OwnedFd) {
         }
         Err(e) => log::error!("reading the header of a removed file failed ({e}); its key stays until fsck"),
     }
+}
+
+/// Starts the reads of the headers of `files` at once, by rising inode
+/// number (so that the reads of small neighbouring files merge).
+fn ask_for_headers(files: &[File]) {
+    let mut by_inode: Vec<(u64, &File)> = files
+        .iter()
+        .map(|file| (rustix::fs::fstat(file).map_or(0, |st| st.st_ino), file))
+        .collect();
+    by_inode.sort_unstable_by_key(|(ino, _)| *ino);
+    let files: Vec<&File> = by_inode.into_iter().map(|(_, file)| file).collect();
+    batch_read::ask_for(&files, HEADER_LEN);
 }
 
 impl Shredder {
@@ -80,14 +99,20 @@ impl Shredder {
     /// Erases the key of the file behind `file`, a descriptor of an inode
     /// whose last name is gone. The thread starts with the first removal.
     pub fn shred(&self, file: OwnedFd) {
+        let file = File::from(file);
         let sender = {
             let mut state = self.state();
             if let State::Idle = *state {
-                let (sender, receiver) = sync_channel::<OwnedFd>(QUEUE);
+                let (sender, receiver) = sync_channel::<File>(QUEUE);
                 let (volume, ids) = (Arc::clone(&self.volume), Arc::clone(&self.ids));
                 let spawned = std::thread::Builder::new().name("kmsfs-shred".into()).spawn(move || {
-                    for file in receiver {
-                        erase_key_of(&volume, &ids, file);
+                    while let Ok(first) = receiver.recv() {
+                        let mut waiting = vec![first];
+                        waiting.extend(receiver.try_iter().take(QUEUE));
+                        ask_for_headers(&waiting);
+                        for file in waiting {
+                            erase_key_of(&volume, &ids, file);
+                        }
                     }
                 });
                 match spawned {

@@ -3,7 +3,8 @@
 //! emptied a moment ago can be removed, every key goes with its file, and
 //! a removal that fails after its reply is reported by fsync of the
 //! directory, by `status` and by `umount`. Root only: a normal user's
-//! daemon removes before replying.
+//! daemon removes before replying. And, for any daemon, the keys of files
+//! whose headers nothing had read are erased too.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -184,4 +185,50 @@ fn a_removal_failing_after_its_reply_is_reported() {
     assert!(!String::from_utf8_lossy(&status.stdout).contains("FAILING"));
     assert!(status.status.success(), "{}", common::stderr(&status));
     m.unmount();
+}
+
+/// Files removed before anything read their headers (a fresh mount, files
+/// never opened) have their ids read off the unlink path, many asked for
+/// at once: every key goes with its file, except that of a file whose
+/// header was damaged, which names no id to erase.
+#[test]
+fn the_keys_of_files_removed_unread_are_all_erased() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    let dir = vol.path("d");
+    fs::create_dir(&dir).unwrap();
+    for i in 0..1200 {
+        fs::write(dir.join(format!("f{i}")), [i as u8; 100]).unwrap();
+    }
+    let damaged_ino = fs::metadata(dir.join("f7")).unwrap().ino();
+    m.unmount();
+    let backing_dir = fs::read_dir(&vol.backing)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .expect("backing directory of d");
+    let damaged = fs::read_dir(&backing_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| fs::symlink_metadata(p).unwrap().ino() == damaged_ino)
+        .expect("backing file of f7");
+    let mut bytes = fs::read(&damaged).unwrap();
+    bytes[0] ^= 0xff; // the header's version
+    fs::write(&damaged, bytes).unwrap();
+
+    let m = vol.mount();
+    let status = json(&vol.run(&["status", "--json", path_str(&vol.backing)]));
+    assert_eq!(status["file_keys"], 1200, "{status}");
+    fs::remove_dir_all(&dir).unwrap();
+    m.unmount();
+    let status = json(&vol.run(&["status", "--json", path_str(&vol.backing)]));
+    assert_eq!(
+        status["file_keys"], 1,
+        "the damaged file's key stays, no other: {status}"
+    );
+    assert!(
+        vol.log_text().contains("removed file without a readable header"),
+        "{}",
+        vol.log_text()
+    );
 }
