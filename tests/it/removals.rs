@@ -26,6 +26,15 @@ fn backing_entries(dir: &Path) -> usize {
         .count()
 }
 
+/// The entry of backing directory `dir` whose inode is `ino` (the number
+/// the mount shows).
+fn backing_entry_with_ino(dir: &Path, ino: u64) -> Option<std::path::PathBuf> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| fs::symlink_metadata(p).unwrap().ino() == ino)
+}
+
 #[test]
 fn removed_names_stay_removed_and_can_be_reused_at_once() {
     assert!(
@@ -120,11 +129,7 @@ fn a_removal_failing_after_its_reply_is_reported() {
     fs::write(vol.path("kept"), b"immutable").unwrap();
     fs::write(vol.path("gone"), b"removable").unwrap();
     let ino = fs::metadata(vol.path("kept")).unwrap().ino();
-    let backing = fs::read_dir(&vol.backing)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| fs::symlink_metadata(p).unwrap().ino() == ino)
-        .expect("backing file of kept");
+    let backing = backing_entry_with_ino(&vol.backing, ino).expect("backing file of kept");
     let chattr = |flag: &str| {
         let out = Command::new("chattr").arg(flag).arg(&backing).output().unwrap();
         assert!(
@@ -207,11 +212,7 @@ fn the_keys_of_files_removed_unread_are_all_erased() {
         .map(|e| e.unwrap().path())
         .find(|p| p.is_dir())
         .expect("backing directory of d");
-    let damaged = fs::read_dir(&backing_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| fs::symlink_metadata(p).unwrap().ino() == damaged_ino)
-        .expect("backing file of f7");
+    let damaged = backing_entry_with_ino(&backing_dir, damaged_ino).expect("backing file of f7");
     let mut bytes = fs::read(&damaged).unwrap();
     bytes[0] ^= 0xff; // the header's version
     fs::write(&damaged, bytes).unwrap();
