@@ -38,6 +38,20 @@ pub struct OpenFile {
     pub writable: bool,
 }
 
+/// Gives the unnamed (`O_TMPFILE`) `file` the name `name` in `dir`. Linking
+/// the descriptor itself (`AT_EMPTY_PATH`) spares the kernel resolving a
+/// `/proc` path; it needs CAP_DAC_READ_SEARCH or, since Linux 6.10, a
+/// descriptor opened by the caller, and is refused with ENOENT otherwise.
+fn link_unnamed(file: &File, dir: BorrowedFd<'_>, name: &str) -> rustix::io::Result<()> {
+    match rustix::fs::linkat(file, "", dir, name, AtFlags::EMPTY_PATH) {
+        Err(rustix::io::Errno::NOENT) => {
+            let unnamed = format!("/proc/self/fd/{}", file.as_raw_fd());
+            rustix::fs::linkat(rustix::fs::CWD, unnamed.as_str(), dir, name, AtFlags::SYMLINK_FOLLOW)
+        }
+        linked => linked,
+    }
+}
+
 fn timespec(t: Option<TimeOrNow>) -> Timespec {
     match t {
         None => Timespec {
@@ -220,10 +234,7 @@ impl KmsFs {
             Ok(fd) => {
                 let file = File::from(fd);
                 let cipher = new_content(&file)?;
-                let unnamed = format!("/proc/self/fd/{}", file.as_raw_fd());
-                if let Err(e) =
-                    rustix::fs::linkat(rustix::fs::CWD, unnamed.as_str(), dir, name, AtFlags::SYMLINK_FOLLOW)
-                {
+                if let Err(e) = link_unnamed(&file, dir, name) {
                     self.volume.forget_file_key(cipher.file_id()); // the file never got a name
                     return Err(errno(e));
                 }

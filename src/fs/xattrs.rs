@@ -243,6 +243,14 @@ impl KmsFs {
         if !self.keeps_acls(node)? {
             return Ok(());
         }
+        // Most files have no ACL: asked first, that costs one call where
+        // finding the value's owner (the file id) reopens the file.
+        let backing = self.volume.xattr_backing_name(&stored);
+        match rustix::fs::getxattr_query(node.fd()?.proc_path().as_str(), backing.as_str()) {
+            Err(e) if e == rustix::io::Errno::NODATA => return Ok(()),
+            Err(e) => return Err(errno(e)),
+            Ok(_) => {}
+        }
         let Some(owner) = self.xattr_owner(node, false)? else {
             return Ok(());
         };

@@ -54,14 +54,13 @@ pub fn sealed_length_ok(len: u64) -> bool {
 }
 
 /// A new file's content: its header and, with the sealed layout, the empty
-/// final block that an empty file ends in.
+/// final block that an empty file ends in. `file` was just created (empty).
 pub fn create(file: &File, cipher: &BlockCipher) -> io::Result<()> {
     let mut content = header::encode(cipher.file_id()).to_vec();
     if cipher.layout() == Layout::Sealed {
         content.extend_from_slice(&cipher.seal_block(0, true, &[]));
     }
-    file.write_all_at(&content, 0)?;
-    file.set_len(content.len() as u64)
+    file.write_all_at(&content, 0)
 }
 
 /// With the sealed layout an empty file still ends in an authenticated
