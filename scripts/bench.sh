@@ -36,6 +36,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# The report names the command with the settings it was given.
+RUN_SETTINGS=
+for v in BENCH_SCALE ROUNDS TARGETS WORKLOADS BENCH_FS KMSFS_MOUNT_OPTS FLOOR_OPTS; do
+    if [ -n "${!v:-}" ]; then RUN_SETTINGS+="$v=\"${!v}\" "; fi
+done
 TARGETS=(${TARGETS:-raw bindfs gocryptfs securefs floor kmsfs})
 ALL_WORKLOADS=(dd_write dd_read_cold untar ls_lR ls_lR_warm read_all rm_rf
     fio_seq_write fio_seq_read fio_rand_read_qd1 fio_rand_read_4jobs fio_rand_write_qd1 fio_rand_write_4jobs
@@ -332,4 +337,4 @@ versions="kmsfs $("$KMSFS" --version | awk '{print $2}'), gocryptfs $(gocryptfs 
 machine="$(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r), backing fs $(stat -f -c %T "$BACK")${LOOP_DEV:+ (ext4 with a journal on a loop image, BENCH_FS=ext4-image)}"
 python3 "$ROOT/scripts/bench_report.py" "$RESULTS" "$OUT_MD" "$OUT_SVG" "$WORK/results.json" \
     --machine "$machine" --versions "$versions" --scale "$SCALE" --rounds "$ROUNDS" \
-    --rss-kb "${RSS_KB:-0}" --command "$(basename "$0") ${BENCH_ARGS_NOTE:-}"
+    --rss-kb "${RSS_KB:-0}" --command "${RUN_SETTINGS}scripts/$(basename "$0")"
