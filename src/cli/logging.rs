@@ -23,6 +23,18 @@ struct Logger {
 
 static LOGGER: OnceLock<&'static Logger> = OnceLock::new();
 
+/// fuser unmounts once serving ends, which it does when the kernel ends the
+/// connection: after `umount` or `kmsfs umount`, the mount is already gone
+/// and its unmount fails with EINVAL ("not a mount point"): a warning at
+/// every unmount that would say nothing. Any other failure still shows.
+fn is_unmount_of_a_mount_gone(record: &log::Record) -> bool {
+    record.target() == "fuser::session" && record.level() == log::Level::Warn && {
+        let message = record.args().to_string();
+        message.starts_with("Failed to umount filesystem")
+            && message.contains(&std::io::Error::from_raw_os_error(libc::EINVAL).to_string())
+    }
+}
+
 impl log::Log for Logger {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
         // fuser logs every request, plaintext names included, at debug
@@ -33,7 +45,7 @@ impl log::Log for Logger {
     }
 
     fn log(&self, record: &log::Record) {
-        if !self.enabled(record.metadata()) {
+        if !self.enabled(record.metadata()) || is_unmount_of_a_mount_gone(record) {
             return;
         }
         let syslog = kmsfs::util::lock(&self.syslog);
