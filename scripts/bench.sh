@@ -38,8 +38,11 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 # The report names the command with the settings it was given.
 RUN_SETTINGS=
-for v in BENCH_SCALE ROUNDS TARGETS WORKLOADS BENCH_FS KMSFS_MOUNT_OPTS FLOOR_OPTS; do
-    if [ -n "${!v:-}" ]; then RUN_SETTINGS+="$v=\"${!v}\" "; fi
+for v in BENCH_SCALE ROUNDS TARGETS WORKLOADS BENCH_DIR BENCH_FS KMSFS_MOUNT_OPTS FLOOR_OPTS; do
+    if [ -n "${!v:-}" ]; then
+        printf -v quoted '%q' "${!v}"
+        RUN_SETTINGS+="$v=$quoted "
+    fi
 done
 TARGETS=(${TARGETS:-raw bindfs gocryptfs securefs floor kmsfs})
 ALL_WORKLOADS=(dd_write dd_read_cold untar ls_lR ls_lR_warm read_all rm_rf

@@ -26,7 +26,9 @@ static LOGGER: OnceLock<&'static Logger> = OnceLock::new();
 /// fuser unmounts once serving ends, which it does when the kernel ends the
 /// connection: after `umount` or `kmsfs umount`, the mount is already gone
 /// and its unmount fails with EINVAL ("not a mount point"): a warning at
-/// every unmount that would say nothing. Any other failure still shows.
+/// every unmount that would say nothing. Any other failure still shows, and
+/// serving that ends any other way is reported by the daemon itself (an
+/// error and a non-zero exit).
 fn is_unmount_of_a_mount_gone(record: &log::Record) -> bool {
     record.target() == "fuser::session" && record.level() == log::Level::Warn && {
         let message = record.args().to_string();

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use fuser::{Errno, FileHandle, FileType, INodeNo, TimeOrNow};
 use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, Timespec, Timestamps, UTIME_NOW, UTIME_OMIT};
@@ -41,12 +42,25 @@ pub struct OpenFile {
 /// Gives the unnamed (`O_TMPFILE`) `file` the name `name` in `dir`. Linking
 /// the descriptor itself (`AT_EMPTY_PATH`) spares the kernel resolving a
 /// `/proc` path; it needs CAP_DAC_READ_SEARCH or, since Linux 6.10, a
-/// descriptor opened by the caller, and is refused with ENOENT otherwise.
+/// descriptor opened with the caller's credentials, and is refused with
+/// ENOENT otherwise: once the `/proc` path worked where that was refused,
+/// it is the only way tried.
 fn link_unnamed(file: &File, dir: BorrowedFd<'_>, name: &str) -> rustix::io::Result<()> {
+    static BY_PROC_PATH: AtomicBool = AtomicBool::new(false);
+    let by_proc_path = || {
+        let unnamed = format!("/proc/self/fd/{}", file.as_raw_fd());
+        rustix::fs::linkat(rustix::fs::CWD, unnamed.as_str(), dir, name, AtFlags::SYMLINK_FOLLOW)
+    };
+    if BY_PROC_PATH.load(Ordering::Relaxed) {
+        return by_proc_path();
+    }
     match rustix::fs::linkat(file, "", dir, name, AtFlags::EMPTY_PATH) {
         Err(rustix::io::Errno::NOENT) => {
-            let unnamed = format!("/proc/self/fd/{}", file.as_raw_fd());
-            rustix::fs::linkat(rustix::fs::CWD, unnamed.as_str(), dir, name, AtFlags::SYMLINK_FOLLOW)
+            let linked = by_proc_path();
+            if linked.is_ok() {
+                BY_PROC_PATH.store(true, Ordering::Relaxed);
+            }
+            linked
         }
         linked => linked,
     }
