@@ -1,6 +1,6 @@
 //! The FUSE floor: an in-memory filesystem with no disk and no crypto,
 //! built on the same fuser and asking the kernel for the same settings as
-//! kmsfs (1 MiB requests, readdirplus, writeback cache, no OPEN, 1 s TTLs,
+//! kmsfs (1 MiB requests, readdirplus, writeback cache, no OPEN, a volume's TTLs,
 //! 16 request threads, 1 MiB readahead). Whatever it takes for a workload is
 //! what the kernel's FUSE round trips alone cost on this machine, a lower
 //! bound for kmsfs and for any FUSE filesystem: `scripts/bench.sh` runs it
@@ -16,7 +16,7 @@ use std::ffi::{OsStr, OsString};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
@@ -24,9 +24,9 @@ use fuser::{
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
     WriteFlags,
 };
+use kmsfs::fs::VOLUME_ATTR_TIMEOUT as TTL;
 use kmsfs::fs::bdi::{BdiTuning, tune};
 
-const TTL: Duration = Duration::from_secs(1);
 const MAX_REQUEST: u32 = 1 << 20;
 /// File data is kept in chunks of this size; a missing chunk reads as zeros.
 const CHUNK: u64 = 64 * 1024;

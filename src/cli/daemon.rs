@@ -32,7 +32,7 @@ pub struct MountArgs {
     /// Access: ro, allow_other (implies default_permissions), default_permissions (the kernel checks
     /// permissions), acl / noacl (POSIX ACLs), noexec, nosuid / suid, nodev / dev, nonempty,
     /// fsname=NAME. Times and syncing: noatime, nodiratime, relatime, strictatime, sync, dirsync.
-    /// Caching: attr_timeout=SECS (default 1), writeback_cache / no_writeback_cache (default on),
+    /// Caching: attr_timeout=SECS (default 30, reverse views 1), writeback_cache / no_writeback_cache (default on),
     /// keep_cache / no_keep_cache (default on), cache_dir / no_cache_dir (default off), noxattr, prefetch=N (default 8, 0 off),
     /// open_requests, write_through_below=MIB (default 256, 0 off), deferred_unlink (answer before removing; root only). Threads: threads=N (default 16),
     /// sync_threads=N (default 4). Kernel limits (root only): bdi_max_ratio=PCT,
@@ -245,7 +245,7 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         ));
     }
     args.options = rest;
-    let options = super::mount_options::parse(&args.options, &mut keys)?;
+    let options = super::mount_options::parse(&args.options, &mut keys, args.reverse)?;
     let keys = &keys;
     super::audit::install(keys, "mount")?;
     let backing = absolute(&args.backing, "backing directory")?;

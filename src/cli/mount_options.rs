@@ -20,14 +20,21 @@ pub fn take_reverse_options(raw: &[String]) -> Result<(bool, Vec<PathBuf>, Vec<S
     Ok((reverse, files, rest))
 }
 
-/// Parses `-o` options. Key options (`keystore=`, `passphrase_file=`,
-/// `key_file=`) are accepted too, so that an fstab line can carry them.
-pub fn parse(raw: &[String], keys: &mut KeyOptions) -> Result<MountOptions, CliError> {
+/// Parses `-o` options for a volume or, with `view`, a reverse view (their
+/// default `attr_timeout` differs). Key options (`keystore=`,
+/// `passphrase_file=`, `key_file=`) are accepted too, so that an fstab line
+/// can carry them.
+pub fn parse(raw: &[String], keys: &mut KeyOptions, view: bool) -> Result<MountOptions, CliError> {
     use fuser::MountOption as K;
     let mut opts = MountOptions {
         threads: 16,
         sync_threads: 4,
         ..MountOptions::default()
+    };
+    opts.fs.ttl = if view {
+        kmsfs::fs::VIEW_ATTR_TIMEOUT
+    } else {
+        kmsfs::fs::VOLUME_ATTR_TIMEOUT
     };
     let mut force_open_requests = false;
     let mut acl = None;
@@ -228,7 +235,7 @@ mod tests {
     }
 
     fn parse_one(raw: &str) -> Result<MountOptions, CliError> {
-        parse(&[raw.to_string()], &mut keys())
+        parse(&[raw.to_string()], &mut keys(), false)
     }
 
     #[test]
@@ -240,6 +247,7 @@ mod tests {
                 "keystore=/k,key_file=/f".into(),
             ],
             &mut k,
+            false,
         )
         .unwrap();
         assert!(o.read_only && o.allow_other);
@@ -285,6 +293,14 @@ mod tests {
             parse_one("attr_timeout=2.5").unwrap().fs.ttl,
             std::time::Duration::from_millis(2500)
         );
+        let ttl = |raw: &str, view| parse(&[raw.to_string()], &mut keys(), view).unwrap().fs.ttl;
+        assert_eq!(
+            ttl("rw", false),
+            std::time::Duration::from_secs(30),
+            "a volume's default"
+        );
+        assert_eq!(ttl("rw", true), std::time::Duration::from_secs(1), "a view's default");
+        assert_eq!(ttl("attr_timeout=0", true), std::time::Duration::ZERO);
     }
 
     #[test]

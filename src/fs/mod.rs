@@ -42,7 +42,7 @@ use open_files::Handle;
 
 use crate::volume::Volume;
 use bounded::BoundedCache;
-pub use mount::{FsOptions, MountOptions, mount};
+pub use mount::{FsOptions, MountOptions, VIEW_ATTR_TIMEOUT, VOLUME_ATTR_TIMEOUT, mount};
 pub use mounted::Mounted;
 
 const GENERATION: Generation = Generation(0);

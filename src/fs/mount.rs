@@ -14,13 +14,27 @@ use super::prefetch;
 use super::workers::WorkerPool;
 use super::{KmsFs, MAX_WRITE, bdi};
 
+/// How long the kernel keeps a volume's entries and attributes by default.
+/// Every change to a mounted volume goes through the daemon, which holds the
+/// volume lock, so what the kernel learnt stays true; a short TTL only makes
+/// it ask again (a LOOKUP of each directory along a path once it expired:
+/// a third of an extraction's LOOKUPs at 1 s). securefs uses 30 s too.
+pub const VOLUME_ATTR_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the kernel keeps a reverse view's entries and attributes by
+/// default: the plaintext directory under a view changes behind it, and a
+/// backup must see a change soon after it was made (gocryptfs `-reverse`
+/// uses 1 s too).
+pub const VIEW_ATTR_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How the daemon serves the mount: the kernel caches it asks for (every
 /// change goes through the daemon, so the kernel's view can only go stale
 /// if the backing directory is changed behind the mount's back, which is
 /// unsupported), the requests it takes, and what it keeps of POSIX.
 #[derive(Debug, Clone, Copy)]
 pub struct FsOptions {
-    /// Entry and attribute TTL (`attr_timeout=`).
+    /// Entry and attribute TTL (`attr_timeout=`): [`VOLUME_ATTR_TIMEOUT`]
+    /// unless given.
     pub ttl: Duration,
     /// The kernel writeback cache: writes land in the page cache and reach
     /// the daemon in large batches, at the latest on close or fsync.
@@ -66,7 +80,7 @@ pub struct FsOptions {
 impl Default for FsOptions {
     fn default() -> Self {
         FsOptions {
-            ttl: Duration::from_secs(1),
+            ttl: VOLUME_ATTR_TIMEOUT,
             writeback: true,
             keep_cache: true,
             cache_dir: false,

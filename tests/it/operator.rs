@@ -249,3 +249,40 @@ fn plain_umount_then_mount_again_at_once() {
     let log = vol.log_text();
     assert!(!log.contains("umount"), "{log}");
 }
+
+/// A volume's mount lets the kernel keep what it looked up for 30 s (the
+/// daemon is its backing directory's only writer), and `attr_timeout=`
+/// shortens that. Seen from outside, with the one change a mount never
+/// expects: a file whose backing name went away behind the mount is still
+/// found 1.5 s later by default, and no longer with `attr_timeout=1`.
+#[test]
+fn the_kernel_keeps_a_volumes_entries_for_the_attr_timeout() {
+    let vol = TestVolume::init();
+    let backing_names = || -> Vec<std::ffi::OsString> {
+        let mut names: Vec<_> = fs::read_dir(&vol.backing)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let aside = vol.dir.path().join("aside");
+    for (name, options, kept) in [
+        ("default", &[][..], true),
+        ("short", &["-o", "attr_timeout=1"][..], false),
+    ] {
+        let m = vol.mount_with(options);
+        let before = backing_names();
+        fs::write(vol.path(name), b"x").unwrap();
+        let made: Vec<_> = backing_names().into_iter().filter(|n| !before.contains(n)).collect();
+        assert_eq!(made.len(), 1, "one backing name for {name}: {made:?}");
+        let backing_file = vol.backing.join(&made[0]);
+        assert!(fs::metadata(vol.path(name)).is_ok());
+        fs::rename(&backing_file, &aside).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let found = fs::metadata(vol.path(name)).is_ok();
+        fs::rename(&aside, &backing_file).unwrap();
+        assert_eq!(found, kept, "{name}: the entry looked up 1.5 s ago");
+        m.unmount();
+    }
+}
