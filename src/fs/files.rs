@@ -39,12 +39,10 @@ pub struct OpenFile {
     pub writable: bool,
 }
 
-/// Gives the unnamed (`O_TMPFILE`) `file` the name `name` in `dir`. Linking
-/// the descriptor itself (`AT_EMPTY_PATH`) spares the kernel resolving a
-/// `/proc` path; it needs CAP_DAC_READ_SEARCH or, since Linux 6.10, a
-/// descriptor opened with the caller's credentials, and is refused with
-/// ENOENT otherwise: once the `/proc` path worked where that was refused,
-/// it is the only way tried.
+/// Gives the unnamed (`O_TMPFILE`) `file` the name `name` in `dir`: by its
+/// descriptor (`AT_EMPTY_PATH`, no `/proc` path to resolve) where allowed
+/// (CAP_DAC_READ_SEARCH, or since Linux 6.10 the opener's credentials; else
+/// ENOENT), else, from the first such refusal on, by its `/proc` path.
 fn link_unnamed(file: &File, dir: BorrowedFd<'_>, name: &str) -> rustix::io::Result<()> {
     static BY_PROC_PATH: AtomicBool = AtomicBool::new(false);
     let by_proc_path = || {
@@ -214,7 +212,8 @@ impl KmsFs {
     /// file's descriptor may write whatever its mode). With the sealed layout
     /// it gets its key, header and empty final block before its name: an
     /// `O_TMPFILE` linked in once complete, so no crash leaves a file
-    /// without them. (A format-1 file gets them at its first write.)
+    /// without them (a format-1 file, at its first write). Its descriptor is
+    /// O_NOATIME where allowed: its reads are the daemon's (see atime.rs).
     pub(super) fn create_regular(
         &self,
         dir: BorrowedFd<'_>,
@@ -222,13 +221,16 @@ impl KmsFs {
         perm: Mode,
         access: OFlags,
     ) -> FsResult<(OwnedFd, Option<Arc<BlockCipher>>)> {
+        // Named at once, so O_NOATIME comes after the open (a refusal at open leaves the file).
         let create = |access| {
-            rustix::fs::openat(
+            let fd = rustix::fs::openat(
                 dir,
                 name,
                 access | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
                 perm,
-            )
+            )?;
+            let _ = rustix::fs::fcntl_getfl(&fd).and_then(|f| rustix::fs::fcntl_setfl(&fd, f | OFlags::NOATIME));
+            Ok(fd)
         };
         if self.volume.layout() != Layout::Sealed {
             return Ok((create(access).map_err(errno)?, None));
@@ -244,7 +246,9 @@ impl KmsFs {
             }
             Ok(Arc::new(cipher))
         };
-        match rustix::fs::openat(dir, ".", OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC, perm) {
+        let unnamed =
+            |flags| rustix::fs::openat(dir, ".", flags | OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC, perm);
+        match atime::open_with(OFlags::NOATIME, OFlags::empty(), unnamed) {
             Ok(fd) => {
                 let file = File::from(fd);
                 let cipher = new_content(&file)?;

@@ -475,13 +475,7 @@ impl fuser::Filesystem for Mounted {
                 Some(_) => self.fs.apply_inherited(&node, inherited, mode)?,
             };
             let file = match fd {
-                Some(fd) => {
-                    // Its reads are the daemon's (see atime.rs); O_TMPFILE
-                    // and O_CREAT take no O_NOATIME.
-                    let quiet = rustix::fs::fcntl_getfl(&fd).map(|f| f | OFlags::NOATIME);
-                    let _ = quiet.and_then(|f| rustix::fs::fcntl_setfl(&fd, f));
-                    std::fs::File::from(fd)
-                }
+                Some(fd) => std::fs::File::from(fd),
                 None => self.fs.reopen(&node, flags)?,
             };
             let writable = access != libc::O_RDONLY;

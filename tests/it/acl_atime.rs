@@ -353,3 +353,28 @@ fn reads_move_access_times_as_the_mount_says_and_the_daemons_own_reads_never_do(
         assert_eq!(after_read.1, Y2000, "{options:?}: reading f listed nothing");
     }
 }
+
+/// A new file's own descriptor serves its I/O for the rest of the mount,
+/// and the daemon's reads through it move no access time either: here the
+/// final block an append reseals (without the writeback cache the append
+/// reaches the daemon as it was made, not as a whole page).
+#[test]
+fn the_daemons_reads_through_a_new_files_descriptor_move_no_access_time() {
+    let vol = TestVolume::init();
+    let m = vol.mount_with(&["-o", "no_writeback_cache"]);
+    fs::File::create(vol.path("g"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"made").and_then(|()| f.sync_all()))
+        .unwrap();
+    set_atime(&vol.path("g"), Y2000);
+    fs::OpenOptions::new()
+        .append(true)
+        .open(vol.path("g"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b" here"))
+        .unwrap();
+    m.unmount();
+    let m = vol.mount();
+    let atime = fs::metadata(vol.path("g")).unwrap().atime();
+    assert_eq!(fs::read(vol.path("g")).unwrap(), b"made here");
+    m.unmount();
+    assert_eq!(atime, Y2000, "the append's read of the final block moved the atime");
+}
