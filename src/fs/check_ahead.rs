@@ -11,13 +11,15 @@
 //! directory's entries are read once (on the prefetch worker) and its empty
 //! files are asked for (batch_read.rs) in bursts, by inode number: 256
 //! before any check, then 4 more for each file checked, and all the rest
-//! once the checks reach a sixteenth of the files the reading found.
+//! once the checks reach a sixteenth of the files the reading found, or
+//! once 32 checks, most of them, were of files past the last one asked for.
 //! Backing names are encrypted and inode numbers follow the order files
 //! were made in only loosely, so nothing here guesses which file comes
 //! next: whatever the order, most files are in the cache by their turn, and
 //! a program that looks at a few empty files of a large directory costs at
 //! most 256 reads more, plus 4 per file it looked at (16 once it looked at
-//! a sixteenth of them), and one reading of up to 65,536 of the directory's
+//! a sixteenth of them, or 32 out of inode order: a program going its own
+//! way through the directory), and one reading of up to 65,536 of the directory's
 //! entries (a larger directory is read on where that stopped once what it
 //! found was asked for). Bursts are queued for the worker, never dropped:
 //! their names have left the directory's state. A new pass through the
@@ -58,6 +60,12 @@ const MIN_BURST: usize = 128;
 /// worker cannot follow otherwise meet unread files until the bursts
 /// caught up (a fifth of them for 10,000 files).
 const WHOLE_AFTER: usize = 16;
+/// Checks of files past the last one asked for (by inode number) after
+/// which, if they are most of the checks, the rest is asked for at once:
+/// the program goes through the directory in an order of its own (names
+/// made one after another get inode numbers all over), and bursts in inode
+/// order would meet almost none of its next files.
+const OUT_OF_ORDER_AFTER: usize = 32;
 /// Regular entries kept from one reading of a directory.
 const MAX_SWEPT: usize = 16_384;
 /// Entries of any kind looked at in one reading.
@@ -71,11 +79,16 @@ const MAX_DIRS: usize = 64;
 /// Files opened at once: a burst is asked for and authenticated in chunks.
 const CHUNK: usize = 256;
 
+/// A regular entry of a directory: its inode number and name.
+type Entry = (u64, OsString);
+
 /// What one reading of a directory found.
 struct Sweep {
     /// Its regular entries by rising inode number, each taken out when it
     /// is asked for.
     names: Vec<OsString>,
+    /// Their inode numbers.
+    inos: Vec<u64>,
     /// Where the reading stopped, if it did before the end.
     more_at: Option<i64>,
     /// Entries below this index were asked for.
@@ -84,6 +97,8 @@ struct Sweep {
     checks: usize,
     /// Of those, the ones the worker had authenticated.
     taken: usize,
+    /// Of those, the ones past the last file asked for.
+    beyond: usize,
     pass: Pass,
 }
 
@@ -173,10 +188,11 @@ pub struct ChecksAhead {
 }
 
 impl ChecksAhead {
-    /// An empty file of `parent` is about to be checked (`taken`: it was
-    /// authenticated ahead): queues what is to be read ahead, if anything.
-    pub fn checking(&self, parent: &Node, taken: bool) {
-        let ahead = self.checked(parent.ino, taken);
+    /// An empty file of `parent`, backing inode `ino`, is about to be
+    /// checked (`taken`: it was authenticated ahead): queues what is to be
+    /// read ahead, if anything.
+    pub fn checking(&self, parent: &Node, ino: u64, taken: bool) {
+        let ahead = self.checked(parent.ino, ino, taken);
         if ahead == Ahead::Nothing {
             return;
         }
@@ -221,8 +237,8 @@ impl ChecksAhead {
         }
     }
 
-    /// An empty file of directory `dir` was checked.
-    fn checked(&self, dir: u64, taken: bool) -> Ahead {
+    /// An empty file of directory `dir`, inode `ino`, was checked.
+    fn checked(&self, dir: u64, ino: u64, taken: bool) -> Ahead {
         let mut dirs = crate::util::lock(&self.dirs);
         if !dirs.by_ino.contains_key(&dir) && dirs.by_ino.len() >= MAX_DIRS {
             dirs.forget_all();
@@ -244,6 +260,8 @@ impl ChecksAhead {
             Progress::Swept(sweep) => {
                 sweep.checks += 1;
                 sweep.taken += usize::from(taken);
+                let last_asked = sweep.asked_until.checked_sub(1).map(|i| sweep.inos[i]);
+                sweep.beyond += usize::from(last_asked.is_some_and(|last| ino > last));
                 sweep.pass.checks += 1;
                 let all_asked = sweep.asked_until == sweep.names.len();
                 let (from, pass) = match sweep.more_at {
@@ -259,10 +277,12 @@ impl ChecksAhead {
         }
     }
 
-    /// The worker read the directory: `names` are regular entries by rising
-    /// inode number, and `more_at` is where the reading stopped, if it did.
-    /// Dropped if the directory was forgotten meanwhile.
-    fn swept(&self, dir: u64, names: Vec<OsString>, more_at: Option<i64>) -> Ahead {
+    /// The worker read the directory: `entries` are its regular entries
+    /// (inode number, name) by rising inode number, and `more_at` is where
+    /// the reading stopped, if it did. Dropped if the directory was
+    /// forgotten meanwhile.
+    fn swept(&self, dir: u64, entries: Vec<Entry>, more_at: Option<i64>) -> Ahead {
+        let (inos, names): (Vec<u64>, Vec<OsString>) = entries.into_iter().unzip();
         let mut dirs = crate::util::lock(&self.dirs);
         let Some(&Progress::Reading(mut pass)) = dirs.by_ino.get(&dir) else {
             return Ahead::Nothing;
@@ -274,10 +294,12 @@ impl ChecksAhead {
         dirs.held += names.len();
         let mut sweep = Sweep {
             names,
+            inos,
             more_at,
             asked_until: 0,
             checks: 0,
             taken: 0,
+            beyond: 0,
             pass,
         };
         let first = ask(&mut sweep, &mut dirs.held);
@@ -302,7 +324,8 @@ impl ChecksAhead {
 /// The next burst, if the checks made room for one.
 fn ask(sweep: &mut Sweep, held: &mut usize) -> Ahead {
     let len = sweep.names.len();
-    let allowed = if sweep.checks * WHOLE_AFTER >= len {
+    let out_of_order = sweep.beyond >= OUT_OF_ORDER_AFTER && 2 * sweep.beyond > sweep.checks;
+    let allowed = if sweep.checks * WHOLE_AFTER >= len || out_of_order {
         len
     } else {
         (LEAD + PER_CHECK * sweep.checks + PER_TAKEN * sweep.taken).min(len)
@@ -320,10 +343,10 @@ fn ask(sweep: &mut Sweep, held: &mut usize) -> Ahead {
 }
 
 /// Reads the directory's entries from offset `from`: its regular entries
-/// by rising inode number (at most `MAX_SWEPT`, among at most
-/// `MAX_SCANNED` entries), and the offset to go on from if it stopped
-/// before the end. Moves no access time.
-fn read_entries(dir: BorrowedFd<'_>, from: i64) -> rustix::io::Result<(Vec<OsString>, Option<i64>)> {
+/// (inode number, name) by rising inode number (at most `MAX_SWEPT`, among
+/// at most `MAX_SCANNED` entries), and the offset to go on from if it
+/// stopped before the end. Moves no access time.
+fn read_entries(dir: BorrowedFd<'_>, from: i64) -> rustix::io::Result<(Vec<Entry>, Option<i64>)> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
     let fd = atime::open_with(OFlags::NOATIME, flags, |f| {
         rustix::fs::openat(dir, ".", f, Mode::empty())
@@ -348,7 +371,7 @@ fn read_entries(dir: BorrowedFd<'_>, from: i64) -> rustix::io::Result<(Vec<OsStr
         }
     }
     found.sort_unstable_by_key(|(ino, _)| *ino);
-    Ok((found.into_iter().map(|(_, name)| name).collect(), more_at))
+    Ok((found, more_at))
 }
 
 /// Asks the backing filesystem to start reading those of `names` in `dir`
@@ -392,164 +415,4 @@ fn open_empty_file(dir: BorrowedFd<'_>, name: &OsStr) -> Option<OpenedEmpty> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn names(inos: std::ops::Range<u64>) -> Vec<OsString> {
-        inos.map(|i| OsString::from(format!("b{i}"))).collect()
-    }
-
-    fn ask_for(inos: std::ops::Range<u64>) -> Ahead {
-        Ahead::Ask(names(inos))
-    }
-
-    fn held(ahead: &ChecksAhead) -> usize {
-        crate::util::lock(&ahead.dirs).held
-    }
-
-    #[test]
-    fn a_second_check_reads_the_directory_and_bursts_follow_the_checks() {
-        let ahead = ChecksAhead::default();
-        assert_eq!(ahead.checked(7, false), Ahead::Nothing, "one check says nothing yet");
-        assert_eq!(ahead.checked(7, false), Ahead::Read { from: 0 });
-        assert_eq!(ahead.checked(7, false), Ahead::Nothing, "being read (counted: 1 check)");
-        assert_eq!(ahead.swept(7, names(0..1000), None), ask_for(0..LEAD as u64));
-        assert_eq!(held(&ahead), 1000 - LEAD, "asked-for names are let go");
-        // Each check makes room for PER_CHECK more, asked for in bursts,
-        // and the rest once a sixteenth of the files were checked.
-        let room = |check: usize| match check * WHOLE_AFTER >= 1000 {
-            true => 1000,
-            false => (LEAD + PER_CHECK * check).min(1000),
-        };
-        let mut asked = LEAD;
-        for check in 1..=999 {
-            match ahead.checked(7, false) {
-                Ahead::Ask(burst) => {
-                    assert!(burst.len() >= MIN_BURST || asked + burst.len() == 1000, "a trickle");
-                    assert_eq!(burst, names(asked as u64..(asked + burst.len()) as u64));
-                    asked += burst.len();
-                }
-                other => assert_eq!(other, Ahead::Nothing),
-            }
-            assert!(asked <= room(check), "more than the checks allow");
-            assert!(asked + MIN_BURST > room(check), "fell behind");
-        }
-        assert_eq!(asked, 1000, "every entry, once");
-        assert_eq!(held(&ahead), 0);
-        // More checks in the pass than entries: files were made since, so
-        // the directory is read again.
-        assert_eq!(ahead.checked(7, false), Ahead::Read { from: 0 }, "read again");
-        assert_eq!(ahead.checked(8, false), Ahead::Nothing, "another directory has its own");
-    }
-
-    #[test]
-    fn a_sixteenth_of_a_directory_checked_asks_for_the_rest_and_fewer_checks_do_not() {
-        let ahead = ChecksAhead::default();
-        ahead.checked(7, false);
-        ahead.checked(7, false);
-        let len = 16_000;
-        assert_eq!(ahead.swept(7, names(0..len as u64), None), ask_for(0..LEAD as u64));
-        let mut asked = LEAD;
-        for check in 1..len / WHOLE_AFTER {
-            if let Ahead::Ask(burst) = ahead.checked(7, false) {
-                asked += burst.len();
-            }
-            assert!(
-                asked <= LEAD + PER_CHECK * check,
-                "a few files looked at cost a few more"
-            );
-        }
-        match ahead.checked(7, false) {
-            Ahead::Ask(burst) => assert_eq!(burst, names(asked as u64..len as u64), "the rest, at once"),
-            other => panic!("the rest was not asked for: {other:?}"),
-        }
-        assert_eq!(held(&ahead), 0);
-    }
-
-    #[test]
-    fn checks_that_take_results_of_the_worker_make_room_faster() {
-        let ahead = ChecksAhead::default();
-        ahead.checked(7, false);
-        ahead.checked(7, false);
-        assert_eq!(ahead.swept(7, names(0..2000), None), ask_for(0..LEAD as u64));
-        let mut asked = LEAD;
-        for check in 1..=120 {
-            if let Ahead::Ask(burst) = ahead.checked(7, true) {
-                asked += burst.len();
-            }
-            let room = LEAD + (PER_CHECK + PER_TAKEN) * check;
-            assert!(asked <= room, "more than the checks allow");
-            assert!(asked + MIN_BURST > room.min(2000), "fell behind");
-        }
-        assert_eq!(asked, 2000);
-    }
-
-    #[test]
-    fn a_reading_that_stopped_goes_on_and_failures_start_over() {
-        let ahead = ChecksAhead::default();
-        ahead.checked(3, false);
-        ahead.checked(3, false);
-        assert_eq!(
-            ahead.swept(3, names(12..20), Some(77)),
-            ask_for(12..20),
-            "a short last burst"
-        );
-        assert_eq!(
-            ahead.checked(3, false),
-            Ahead::Read { from: 77 },
-            "on from where it stopped"
-        );
-        // The last piece holds 2 files: only more checks than the 10 of
-        // the whole pass mean files were made since.
-        assert_eq!(ahead.swept(3, names(20..22), None), ask_for(20..22));
-        for check in 2..=10 {
-            assert_eq!(ahead.checked(3, false), Ahead::Nothing, "check {check} of the pass");
-        }
-        assert_eq!(ahead.checked(3, false), Ahead::Read { from: 0 }, "a new pass");
-        ahead.abandoned(3);
-        assert_eq!(ahead.checked(3, false), Ahead::Nothing, "starts over");
-        assert_eq!(ahead.checked(3, false), Ahead::Read { from: 0 });
-        assert_eq!(ahead.swept(3, Vec::new(), None), Ahead::Nothing, "an empty directory");
-        assert_eq!(ahead.checked(3, false), Ahead::Read { from: 0 }, "a file made since");
-    }
-
-    #[test]
-    fn a_directory_forgotten_while_read_stays_forgotten() {
-        let ahead = ChecksAhead::default();
-        ahead.checked(5, false);
-        assert_eq!(ahead.checked(5, false), Ahead::Read { from: 0 });
-        ahead.abandoned(5); // the kernel forgot it; the number may be another's now
-        assert_eq!(ahead.swept(5, names(0..10), None), Ahead::Nothing);
-        assert_eq!(held(&ahead), 0);
-        assert_eq!(ahead.checked(5, false), Ahead::Nothing, "a first check again");
-    }
-
-    #[test]
-    fn names_held_and_directories_are_bounded() {
-        let ahead = ChecksAhead::default();
-        for dir in [1, 2] {
-            ahead.checked(dir, false);
-            ahead.checked(dir, false);
-        }
-        ahead.swept(1, names(0..(MAX_HELD - 100) as u64), None);
-        assert_eq!(held(&ahead), MAX_HELD - 100 - LEAD);
-        ahead.swept(2, names(0..1000), None); // over the bound: the others go
-        assert_eq!(held(&ahead), 1000 - LEAD);
-        assert_eq!(
-            ahead.checked(1, false),
-            Ahead::Nothing,
-            "forgotten: a first check again"
-        );
-        let ahead = ChecksAhead::default();
-        for dir in 0..MAX_DIRS as u64 {
-            ahead.checked(dir, false);
-        }
-        assert_eq!(ahead.checked(0, false), Ahead::Read { from: 0 });
-        ahead.checked(MAX_DIRS as u64, false); // one too many: all forgotten
-        assert_eq!(
-            ahead.checked(1, false),
-            Ahead::Nothing,
-            "forgotten: a first check again"
-        );
-    }
-}
+mod tests;

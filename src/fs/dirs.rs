@@ -95,7 +95,7 @@ impl KmsFs {
             node.mark_verified_empty(); // made here: its empty final block is ours
         } else if self.reads_checks_ahead(&st, &node) {
             let taken = self.take_authenticated_ahead(parent, &node, &st);
-            self.checks_ahead.checking(parent, taken);
+            self.checks_ahead.checking(parent, st.st_ino, taken);
         }
         match self.attr_of(&node, &st) {
             Ok(attr) => Ok((node, attr)),
