@@ -31,11 +31,7 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions, view: bool) -> Result<MountO
         sync_threads: 4,
         ..MountOptions::default()
     };
-    opts.fs.ttl = if view {
-        kmsfs::fs::VIEW_ATTR_TIMEOUT
-    } else {
-        kmsfs::fs::VOLUME_ATTR_TIMEOUT
-    };
+    let mut ttl = None;
     let mut force_open_requests = false;
     let mut acl = None;
     let mut nodiratime = false;
@@ -107,11 +103,12 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions, view: bool) -> Result<MountO
             "cache_dir" => opts.fs.cache_dir = true,
             "no_cache_dir" => opts.fs.cache_dir = false,
             o if o.starts_with("attr_timeout=") => {
-                opts.fs.ttl = o["attr_timeout=".len()..]
+                ttl = o["attr_timeout=".len()..]
                     .parse::<f64>()
                     .ok()
                     .filter(|s| (0.0..=86400.0).contains(s))
                     .map(std::time::Duration::from_secs_f64)
+                    .map(Some)
                     .ok_or_else(|| {
                         CliError::new(
                             ExitCode::Usage,
@@ -125,6 +122,15 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions, view: bool) -> Result<MountO
             }
         }
     }
+    // A write clears set-ID bits in the daemon without the kernel learning
+    // of it, so where they count (`suid`) its cached mode may say set-ID
+    // for the TTL after: as short as a view's there.
+    let suid = opts.kernel.contains(&K::Suid);
+    opts.fs.ttl = ttl.unwrap_or(if view || suid {
+        kmsfs::fs::VIEW_ATTR_TIMEOUT
+    } else {
+        kmsfs::fs::VOLUME_ATTR_TIMEOUT
+    });
     // Without OPEN requests only the kernel checks a file's access mode:
     // see FsOptions::open_requests.
     let kernel_or_root_checks = opts.allow_other || opts.default_permissions || rustix::process::geteuid().is_root();
@@ -301,6 +307,12 @@ mod tests {
         );
         assert_eq!(ttl("rw", true), std::time::Duration::from_secs(1), "a view's default");
         assert_eq!(ttl("attr_timeout=0", true), std::time::Duration::ZERO);
+        assert_eq!(
+            ttl("suid", false),
+            std::time::Duration::from_secs(1),
+            "set-ID bits honoured"
+        );
+        assert_eq!(ttl("suid,attr_timeout=30", false), std::time::Duration::from_secs(30));
     }
 
     #[test]

@@ -12,14 +12,16 @@
 //! files are asked for (batch_read.rs) in bursts, by inode number: 256
 //! before any check, then 4 more for each file checked, and all the rest
 //! once the checks reach a sixteenth of the files the reading found, or
-//! once 32 checks, most of them, were of files past the last one asked for.
+//! once 32 checks (one per 128 files of a larger directory), most of them,
+//! were of files past the last one asked for.
 //! Backing names are encrypted and inode numbers follow the order files
 //! were made in only loosely, so nothing here guesses which file comes
 //! next: whatever the order, most files are in the cache by their turn, and
 //! a program that looks at a few empty files of a large directory costs at
 //! most 256 reads more, plus 4 per file it looked at (16 once it looked at
-//! a sixteenth of them, or 32 out of inode order: a program going its own
-//! way through the directory), and one reading of up to 65,536 of the directory's
+//! a sixteenth of them; 128 per file once it looked at 32, or one per 128
+//! files, out of inode order: a program going its own way through the
+//! directory), and one reading of up to 65,536 of the directory's
 //! entries (a larger directory is read on where that stopped once what it
 //! found was asked for). Bursts are queued for the worker, never dropped:
 //! their names have left the directory's state. A new pass through the
@@ -64,8 +66,12 @@ const WHOLE_AFTER: usize = 16;
 /// which, if they are most of the checks, the rest is asked for at once:
 /// the program goes through the directory in an order of its own (names
 /// made one after another get inode numbers all over), and bursts in inode
-/// order would meet almost none of its next files.
+/// order would meet almost none of its next files. At least this many, and
+/// one per `OUT_OF_ORDER_SHARE` files of the reading, so that a program
+/// looking at a few files of a large directory costs at most that many
+/// reads per file looked at.
 const OUT_OF_ORDER_AFTER: usize = 32;
+const OUT_OF_ORDER_SHARE: usize = 128;
 /// Regular entries kept from one reading of a directory.
 const MAX_SWEPT: usize = 16_384;
 /// Entries of any kind looked at in one reading.
@@ -324,7 +330,8 @@ impl ChecksAhead {
 /// The next burst, if the checks made room for one.
 fn ask(sweep: &mut Sweep, held: &mut usize) -> Ahead {
     let len = sweep.names.len();
-    let out_of_order = sweep.beyond >= OUT_OF_ORDER_AFTER && 2 * sweep.beyond > sweep.checks;
+    let out_of_order_after = (len / OUT_OF_ORDER_SHARE).max(OUT_OF_ORDER_AFTER);
+    let out_of_order = sweep.beyond >= out_of_order_after && 2 * sweep.beyond > sweep.checks;
     let allowed = if sweep.checks * WHOLE_AFTER >= len || out_of_order {
         len
     } else {

@@ -16,7 +16,8 @@ use super::{KmsFs, MAX_WRITE, bdi};
 
 /// How long the kernel keeps a volume's entries and attributes by default.
 /// Every change to a mounted volume goes through the daemon, which holds the
-/// volume lock, so what the kernel learnt stays true; a short TTL only makes
+/// volume lock, so what the kernel learnt stays true (but for set-ID bits a
+/// write clears: mounts with `suid` keep the short TTL); a short TTL only makes
 /// it ask again (a LOOKUP of each directory along a path once it expired:
 /// a third of an extraction's LOOKUPs at 1 s). securefs uses 30 s too.
 pub const VOLUME_ATTR_TIMEOUT: Duration = Duration::from_secs(30);

@@ -87,32 +87,34 @@ fn a_sixteenth_of_a_directory_checked_asks_for_the_rest_and_fewer_checks_do_not(
 
 #[test]
 fn checks_out_of_inode_order_ask_for_the_rest_soon() {
-    let ahead = ChecksAhead::default();
-    ahead.checked(7, 0, false);
-    ahead.checked(7, 0, false);
-    let len = 10_000;
-    assert_eq!(ahead.swept(7, entries(0..len), None), ask_for(0..LEAD as u64));
-    // Checks within what was asked for, then past it (the program
-    // goes its own way): the rest once those are most of the checks.
-    let (mut asked, mut beyond) = (LEAD as u64, 0);
-    for check in 0..len {
-        let ino = if check < 8 { check } else { len - 1 - check };
-        beyond += usize::from(check >= 8);
-        match ahead.checked(7, ino, false) {
-            Ahead::Ask(burst) if asked + burst.len() as u64 == len => {
-                assert_eq!(beyond, OUT_OF_ORDER_AFTER, "asked for the rest too early or late");
-                assert_eq!(burst, names(asked..len));
-                break;
+    // At least 32 such checks, and one per 128 files of the reading.
+    for (len, after) in [(2_000, OUT_OF_ORDER_AFTER), (10_000, 78)] {
+        let ahead = ChecksAhead::default();
+        ahead.checked(7, 0, false);
+        ahead.checked(7, 0, false);
+        assert_eq!(ahead.swept(7, entries(0..len), None), ask_for(0..LEAD as u64));
+        // Checks within what was asked for, then past it (the program
+        // goes its own way): the rest once those are most of the checks.
+        let (mut asked, mut beyond) = (LEAD as u64, 0);
+        for check in 0..len {
+            let ino = if check < 8 { check } else { len - 1 - check };
+            beyond += usize::from(check >= 8);
+            match ahead.checked(7, ino, false) {
+                Ahead::Ask(burst) if asked + burst.len() as u64 == len => {
+                    assert_eq!(beyond, after, "asked for the rest too early or late");
+                    assert_eq!(burst, names(asked..len));
+                    break;
+                }
+                Ahead::Ask(burst) => {
+                    assert_eq!(burst, names(asked..asked + burst.len() as u64), "a burst in order");
+                    asked += burst.len() as u64;
+                }
+                other => assert_eq!(other, Ahead::Nothing),
             }
-            Ahead::Ask(burst) => {
-                assert_eq!(burst, names(asked..asked + burst.len() as u64), "a burst in order");
-                asked += burst.len() as u64;
-            }
-            other => assert_eq!(other, Ahead::Nothing),
+            assert!(beyond < after, "the rest was not asked for");
         }
-        assert!(beyond < OUT_OF_ORDER_AFTER, "the rest was not asked for");
+        assert_eq!(held(&ahead), 0);
     }
-    assert_eq!(held(&ahead), 0);
 }
 
 #[test]
