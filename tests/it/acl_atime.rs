@@ -273,6 +273,14 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 
 const Y2000: i64 = 946_684_800;
 
+fn append(p: &Path, bytes: &[u8]) {
+    fs::OpenOptions::new()
+        .append(true)
+        .open(p)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, bytes))
+        .unwrap();
+}
+
 fn set_atime(p: &Path, secs: i64) {
     let c = std::ffi::CString::new(path_str(p)).unwrap();
     let times = [
@@ -335,11 +343,7 @@ fn reads_move_access_times_as_the_mount_says_and_the_daemons_own_reads_never_do(
         // writes into, a READ like any other: that one moves the atime.)
         let m = vol.mount_with(options);
         set_atime(&vol.path("d"), Y2000);
-        fs::OpenOptions::new()
-            .append(true)
-            .open(vol.path("f"))
-            .and_then(|mut f| std::io::Write::write_all(&mut f, b" and more"))
-            .unwrap();
+        append(&vol.path("f"), b" and more");
         m.unmount();
         if !moves {
             assert_eq!(atimes(&vol).0, Y2000, "{options:?}: appending moved the atime");
@@ -366,11 +370,7 @@ fn the_daemons_reads_through_a_new_files_descriptor_move_no_access_time() {
         .and_then(|mut f| std::io::Write::write_all(&mut f, b"made").and_then(|()| f.sync_all()))
         .unwrap();
     set_atime(&vol.path("g"), Y2000);
-    fs::OpenOptions::new()
-        .append(true)
-        .open(vol.path("g"))
-        .and_then(|mut f| std::io::Write::write_all(&mut f, b" here"))
-        .unwrap();
+    append(&vol.path("g"), b" here");
     m.unmount();
     let m = vol.mount();
     let atime = fs::metadata(vol.path("g")).unwrap().atime();
