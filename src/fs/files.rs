@@ -342,14 +342,14 @@ impl KmsFs {
         if self.space.is_low() {
             self.reserve(open, offset, data.len() as u64)?;
         }
-        let content_lock = || crate::util::write(&open.node.state().content);
+        let content_lock = &open.node.state().content;
         // A node's cipher never changes once known, so with it at hand the
         // sealing can start before the content lock (see `content::write_under`).
         let known = lock(&open.node.state().cipher).as_ref().map(Arc::clone);
         let result = match known {
             Some(cipher) => content::write_under(&open.file, &cipher, offset, data, content_lock),
             None => {
-                let _guard = content_lock();
+                let _guard = crate::util::write(content_lock);
                 let cipher = self.cipher_for_write(&open.node, &open.file)?;
                 content::write(&open.file, &cipher, offset, data)
             }

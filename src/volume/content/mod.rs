@@ -7,6 +7,7 @@ use std::io;
 use std::num::NonZeroU64;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::{RwLock, RwLockWriteGuard, TryLockError};
 
 use crate::crypto::{BLOCK_OVERHEAD, BLOCK_SIZE, BlockCipher, CIPHER_BLOCK_SIZE, Layout, sealed_len};
 
@@ -346,27 +347,29 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 /// Writes `data` at `offset`, extending the file if needed (one writer at
 /// a time: see `write_under`).
 pub fn write(file: &File, cipher: &BlockCipher, offset: u64, data: &[u8]) -> Result<(), ContentError> {
-    write_under(file, cipher, offset, data, || ())
+    write_under(file, cipher, offset, data, &RwLock::new(()))
 }
 
 /// Block index no block has: sealing with it as the final index marks no
 /// block as the file's last.
 const NO_FINAL_BLOCK: u64 = u64::MAX;
 
-/// Writes `data` at `offset`, extending the file if needed, calling `lock`
-/// for the guard that keeps other writers of the file out (and holding it
-/// to the end) once the work that needs no lock is done. Whole blocks at a
-/// block boundary need nothing from the file, so they are sealed before the
-/// lock: the kernel's writeback sends several large writes to one file at
-/// once, and they then seal in parallel and queue only for the backing
-/// write. Which block is the file's last is known only under the lock; if
+/// Writes `data` at `offset`, extending the file if needed, taking `lock`
+/// (which keeps other writers of the file out) once the work that needs no
+/// lock is done and holding it to the end. Whole blocks at a block boundary
+/// need nothing from the file, so they are sealed before the lock: the
+/// kernel's writeback sends several writes to one file at once, and they
+/// then seal in parallel and queue only for the backing write. A write that
+/// has to queue asks for its partly covered backing pages before it waits,
+/// so that their reads overlap the writes ahead of it instead of following
+/// them. Which block is the file's last is known only under the lock; if
 /// it is one of these, that block alone is sealed again.
-pub fn write_under<G>(
+pub fn write_under(
     file: &File,
     cipher: &BlockCipher,
     offset: u64,
     data: &[u8],
-    lock: impl FnOnce() -> G,
+    lock: &RwLock<()>,
 ) -> Result<(), ContentError> {
     if data.is_empty() {
         return Ok(());
@@ -375,12 +378,26 @@ pub fn write_under<G>(
     let first = offset / BS;
     let last = (end - 1) / BS;
     let whole_blocks = offset % BS == 0 && data.len() as u64 % BS == 0;
-    let (_guard, old_size) = with_scratch(|scratch| -> Result<(G, u64), ContentError> {
+    let (_guard, old_size) = with_scratch(|scratch| -> Result<(RwLockWriteGuard<'_, ()>, u64), ContentError> {
         if whole_blocks {
             let sealed = scratch_slice(&mut scratch.sealed, sealed_len(data.len()));
             cipher.seal_blocks_into(first, NO_FINAL_BLOCK, data, sealed);
         }
-        let guard = lock();
+        let mut prefetched = false;
+        let guard = match lock.try_write() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                // The size read here may be stale by the time the lock is
+                // held: advice only, and the pages are the same unless the
+                // file was cut or grown meanwhile.
+                if whole_blocks && let Ok(meta) = file.metadata() {
+                    prefetch_partial_pages(file, block_offset(first), sealed_len(data.len()) as u64, meta.len());
+                    prefetched = true;
+                }
+                lock.write().unwrap_or_else(|p| p.into_inner())
+            }
+        };
         let old_size = current_plain_size(file, cipher)?;
         if old_size == 0 && first > 0 && cipher.layout() == Layout::Sealed {
             // The empty final block goes: block 0 becomes a hole.
@@ -426,8 +443,10 @@ pub fn write_under<G>(
             cipher.seal_blocks_into(first, new_final, plain, sealed);
             sealed
         };
-        let backing_len = if old_size == 0 { 0 } else { backing_size(old_size) };
-        prefetch_partial_pages(file, block_offset(first), sealed.len() as u64, backing_len);
+        if !prefetched {
+            let backing_len = if old_size == 0 { 0 } else { backing_size(old_size) };
+            prefetch_partial_pages(file, block_offset(first), sealed.len() as u64, backing_len);
+        }
         file.write_all_at(sealed, block_offset(first))?;
         if sealed.len() >= WRITEBACK_KICK {
             start_writeback(file, block_offset(first), sealed.len() as u64);

@@ -99,7 +99,7 @@ fn concurrent_whole_block_writers_leave_one_final_block() {
     // As the kernel's writeback does: several large writes to one file
     // at once, extending it in any order.
     let (_dir, file, cipher) = setup();
-    let writers = std::sync::Mutex::new(());
+    let writers = std::sync::RwLock::new(());
     let (chunk, chunks) = (8 * BLOCK_SIZE, 24);
     let expected: Vec<u8> = (0..chunks * chunk).map(|i| (i / BLOCK_SIZE * 7 + i) as u8).collect();
     for round in 0..6 {
@@ -116,8 +116,7 @@ fn concurrent_whole_block_writers_leave_one_final_block() {
                     };
                     for c in order {
                         let range = c * chunk..(c + 1) * chunk;
-                        let lock = || writers.lock().unwrap();
-                        write_under(file, cipher, range.start as u64, &expected[range], lock).unwrap();
+                        write_under(file, cipher, range.start as u64, &expected[range], writers).unwrap();
                     }
                 });
             }
@@ -136,6 +135,74 @@ fn concurrent_whole_block_writers_leave_one_final_block() {
             "round {round}: cut after block {keep} not detected"
         );
     }
+}
+
+/// Whether page `page` of `file` is in the page cache.
+fn resident(file: &File, page: u64) -> bool {
+    let len = file.metadata().unwrap().len() as usize;
+    let mut pages = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: a read-only shared mapping of the open file, unmapped before
+    // returning; mincore writes one byte per page into `pages`.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(addr, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(addr, len, pages.as_mut_ptr()), 0);
+        libc::munmap(addr, len);
+    }
+    pages[page as usize] & 1 == 1
+}
+
+#[test]
+fn a_write_queued_behind_another_asks_for_its_partly_covered_pages_while_it_waits() {
+    // Not tmpfs, whose pages cannot be dropped.
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("f"))
+        .unwrap();
+    let cipher = BlockCipher::new(&SecretKey::random(), [5u8; 16], Layout::Sealed);
+    create(&file, &cipher).unwrap();
+    write(&file, &cipher, 0, &vec![7u8; 64 * BLOCK_SIZE]).unwrap();
+    file.sync_all().unwrap();
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    let block = 40;
+    let start = block_offset(block);
+    let (head, tail) = (start / 4096, (start + CIPHER_BLOCK_SIZE as u64) / 4096);
+    assert!(
+        start % 4096 != 0 && tail == head + 1,
+        "the block covers two pages in part"
+    );
+    assert!(!resident(&file, head) && !resident(&file, tail), "pages dropped");
+    let lock = RwLock::new(());
+    std::thread::scope(|s| {
+        // Dropped on a failed assertion too, before the scope waits for the writer.
+        let ahead = lock.write().unwrap();
+        let queued = s.spawn(|| write_under(&file, &cipher, block * BS, &[9u8; BLOCK_SIZE], &lock));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !(resident(&file, head) && resident(&file, tail)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the queued write's pages were not read"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        drop(ahead);
+        queued.join().unwrap().unwrap();
+    });
+    assert_eq!(
+        read(&file, &cipher, block * BS, BLOCK_SIZE).unwrap(),
+        vec![9u8; BLOCK_SIZE]
+    );
 }
 
 #[test]
