@@ -28,6 +28,7 @@ mod posix;
 mod posix_details;
 mod providers;
 mod removals;
+mod requests;
 mod reverse;
 mod rotation;
 mod service;
