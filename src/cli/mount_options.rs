@@ -122,11 +122,7 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions, view: bool) -> Result<MountO
             }
         }
     }
-    // A write clears set-ID bits in the daemon without the kernel learning
-    // of it, so where they count (`suid`) its cached mode may say set-ID
-    // for the TTL after: as short as a view's there.
-    let suid = opts.kernel.contains(&K::Suid);
-    opts.fs.ttl = ttl.unwrap_or(if view || suid {
+    opts.fs.ttl = ttl.unwrap_or(if view {
         kmsfs::fs::VIEW_ATTR_TIMEOUT
     } else {
         kmsfs::fs::VOLUME_ATTR_TIMEOUT
@@ -307,12 +303,7 @@ mod tests {
         );
         assert_eq!(ttl("rw", true), std::time::Duration::from_secs(1), "a view's default");
         assert_eq!(ttl("attr_timeout=0", true), std::time::Duration::ZERO);
-        assert_eq!(
-            ttl("suid", false),
-            std::time::Duration::from_secs(1),
-            "set-ID bits honoured"
-        );
-        assert_eq!(ttl("suid,attr_timeout=30", false), std::time::Duration::from_secs(30));
+        assert_eq!(ttl("attr_timeout=2", false), std::time::Duration::from_secs(2));
     }
 
     #[test]

@@ -484,7 +484,8 @@ impl KmsFs {
     /// Clears set-user-ID (and set-group-ID on group-executable files), as
     /// a write or truncation by someone without CAP_FSETID must. The daemon
     /// writes as root, so the backing filesystem does not do it for us.
-    pub(super) fn kill_suidgid(&self, file: &File) -> FsResult<()> {
+    /// Returns whether the mode changed.
+    pub(super) fn kill_suidgid(&self, file: &File) -> FsResult<bool> {
         let st = rustix::fs::fstat(file).map_err(errno)?;
         let mode = st.st_mode as u32 & 0o7777;
         let mut kill = libc::S_ISUID;
@@ -492,9 +493,23 @@ impl KmsFs {
             kill |= libc::S_ISGID;
         }
         if mode & kill == 0 {
-            return Ok(());
+            return Ok(false);
         }
-        rustix::fs::fchmod(file, Mode::from_raw_mode(mode & !kill)).map_err(errno)
+        rustix::fs::fchmod(file, Mode::from_raw_mode(mode & !kill)).map_err(errno)?;
+        Ok(true)
+    }
+
+    /// Makes the kernel drop its cached attributes of `ino`, changed by a
+    /// request whose reply does not carry them (a WRITE that cleared
+    /// set-ID bits): otherwise it would go on using the old mode, for an
+    /// `exec` too, until the attribute timeout. Attributes only (offset
+    /// -1): nothing a request in progress may hold is waited for.
+    pub(super) fn attributes_changed(&self, ino: u64) {
+        if let Some(notifier) = self.notifier.get()
+            && let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), -1, 0)
+        {
+            log::debug!("inode {ino}: the kernel's cached attributes not invalidated: {e}");
+        }
     }
 
     pub(super) fn set_owner_of(&self, node: &Node, uid: Option<u32>, gid: Option<u32>) -> FsResult<()> {
@@ -581,6 +596,7 @@ impl KmsFs {
                 _ => &self.reopen(&node, libc::O_RDWR)?,
             };
             self.truncate(&node, file, size)?;
+            // The reply carries the new mode.
             if kill_suidgid && mode.is_none() {
                 self.kill_suidgid(file)?;
             }

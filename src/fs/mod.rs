@@ -72,6 +72,9 @@ pub struct KmsFs {
     /// `security.capability` lookup per write; the 6.18 kernel here still
     /// sends it (see DESIGN.md), but the bits must be cleared either way.
     kill_suidgid: AtomicBool,
+    /// Tells the kernel of changes it cannot see in a reply (set once the
+    /// session exists; see `attributes_changed`).
+    notifier: std::sync::OnceLock<fuser::Notifier>,
     /// The kernel enforces POSIX ACLs (FUSE_POSIX_ACL); see acl.rs.
     acl_on: AtomicBool,
     /// When a request last named a file (`-o idle=`).
@@ -147,6 +150,7 @@ impl KmsFs {
             options,
             space,
             kill_suidgid: AtomicBool::new(false),
+            notifier: std::sync::OnceLock::new(),
             acl_on: AtomicBool::new(false),
             activity: Arc::new(Activity::new()),
             removals: removals::PendingRemovals::default(),

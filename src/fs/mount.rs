@@ -126,8 +126,9 @@ pub struct MountOptions {
 /// Mounts the filesystem; the returned session serves requests when run.
 pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result<fuser::Session<Mounted>> {
     let config = session_config(fs.volume.backing(), options);
-    let fs = Mounted {
-        fs: Arc::new(fs),
+    let fs = Arc::new(fs);
+    let mounted = Mounted {
+        fs: Arc::clone(&fs),
         syncs: WorkerPool::new("sync", options.sync_threads, usize::MAX)?,
         // One thread: its jobs only start reads. At most a few sequential
         // readers' worth of jobs wait; beyond that advice is dropped.
@@ -136,7 +137,9 @@ pub fn mount(fs: KmsFs, mountpoint: &Path, options: &MountOptions) -> io::Result
         // PendingRemovals (beyond it, unlinks remove before replying).
         removals: WorkerPool::new("remove", 1, usize::MAX)?,
     };
-    fuser::Session::new(fs, mountpoint, &config)
+    let session = fuser::Session::new(mounted, mountpoint, &config)?;
+    let _ = fs.notifier.set(session.notifier());
+    Ok(session)
 }
 
 /// The kernel's side of a kmsfs mount of `source` (forward or reverse).

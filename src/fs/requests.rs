@@ -278,7 +278,10 @@ impl fuser::Filesystem for Mounted {
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         let result = self.fs.open_file(ino, fh, true).and_then(|f| {
             self.fs.write(&f, offset, data)?;
-            if kill { self.fs.kill_suidgid(&f.file) } else { Ok(()) }
+            if kill && self.fs.kill_suidgid(&f.file)? {
+                self.fs.attributes_changed(ino.0);
+            }
+            Ok(())
         });
         match result {
             Ok(()) => reply.written(data.len() as u32),

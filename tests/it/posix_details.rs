@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use crate::common::TestVolume;
+use crate::common::{TestVolume, stderr};
 
 fn c(p: &Path) -> CString {
     CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
@@ -332,6 +332,45 @@ fn writes_and_truncation_by_a_non_root_owner_clear_set_id_bits() {
         "truncation clears set-user-ID; set-group-ID stays without group exec"
     );
     assert_eq!(fs::read(&p).unwrap(), b"x");
+}
+
+/// On a `suid` mount a set-user-ID program that another user writes to
+/// loses the bit at once for `exec` too, not only for `stat`: the daemon
+/// clears it and tells the kernel, whose cached mode would otherwise run
+/// the changed program as its owner until the attribute timeout.
+#[test]
+fn a_set_user_id_program_written_by_another_user_stops_running_as_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let vol = TestVolume::init();
+    fs::set_permissions(vol.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let _m = vol.mount_with(&["-o", "allow_other,suid"]);
+    fs::set_permissions(&vol.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+    let program = vol.path("id");
+    fs::copy("/usr/bin/id", &program).unwrap();
+    fs::set_permissions(&program, fs::Permissions::from_mode(0o4757)).unwrap();
+    let as_user = |script: &str| {
+        let out = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=1000",
+                "--regid=1000",
+                "--clear-groups",
+                "sh",
+                "-c",
+                script,
+                "sh",
+            ])
+            .arg(&program)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script} as uid 1000: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(as_user(r#""$1""#).contains("euid=0"), "runs as its owner, root");
+    // Bytes appended to a program change nothing it runs.
+    as_user(r#"printf x >> "$1""#);
+    let after = as_user(r#""$1""#);
+    assert!(!after.contains("euid=0"), "runs as its caller after the write: {after}");
+    assert_eq!(fs::metadata(&program).unwrap().permissions().mode() & 0o7777, 0o757);
 }
 
 /// A new file is open for writing whatever mode it was created with, and
