@@ -126,28 +126,14 @@ impl fuser::Filesystem for Mounted {
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
-        // Without OPEN requests every regular file is made here (see
-        // `create`) and opened by the kernel at once: the new file's
-        // descriptor is kept for its I/O, as CREATE's would be.
-        let regular = matches!(mode & libc::S_IFMT, libc::S_IFREG | 0);
-        let keep_open = (regular && !self.fs.options.open_requests).then_some(OFlags::RDWR);
         let result = self.fs.node(parent).and_then(|p| {
             let (mode, inherited) = self.fs.creation_mode(&p, mode, umask, mode & libc::S_IFMT)?;
             let initial = xattrs::provisional_mode(mode, inherited.as_ref());
-            let (node, attr, fd) = self.fs.make_node(&p, name, initial, rdev, owner(req), keep_open)?;
-            let attr = match inherited {
-                None => attr,
-                Some(_) => self.fs.apply_inherited(&node, inherited, mode)?,
-            };
-            if let Some(fd) = fd {
-                let open = OpenFile {
-                    node: Arc::clone(&node),
-                    file: fd.into(),
-                    writable: true,
-                };
-                self.fs.node_files.insert(node.ino, Arc::new(open));
+            let (node, attr, _) = self.fs.make_node(&p, name, initial, rdev, owner(req), None)?;
+            match inherited {
+                None => Ok((node, attr)),
+                Some(_) => Ok((Arc::clone(&node), self.fs.apply_inherited(&node, inherited, mode)?)),
             }
-            Ok((node, attr))
         });
         reply_entry(reply, &self.fs.options.ttl, result);
     }
@@ -475,23 +461,18 @@ impl fuser::Filesystem for Mounted {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        if !self.fs.options.open_requests {
-            // The kernel then makes regular files with MKNOD and opens them
-            // by itself. A file made by CREATE would get a RELEASE until the
-            // kernel's first OPEN on the mount has been refused (ENOSYS):
-            // one more request per file while a fresh mount is being filled.
-            reply.error(Errno::ENOSYS);
-            return;
-        }
-        let access = if flags & libc::O_ACCMODE == libc::O_RDONLY {
-            OFlags::RDONLY
+        // Without OPEN requests the new file's descriptor serves every later
+        // open of it too, so it must allow writing.
+        let access = if flags & libc::O_ACCMODE == libc::O_RDONLY && self.fs.options.open_requests {
+            libc::O_RDONLY
         } else {
-            OFlags::RDWR
+            libc::O_RDWR
         };
+        let oflags = OFlags::from_bits_retain(access as u32);
         let result = self.fs.node(parent).and_then(|p| {
             let (mode, inherited) = self.fs.creation_mode(&p, libc::S_IFREG | mode, umask, libc::S_IFREG)?;
             let initial = xattrs::provisional_mode(mode, inherited.as_ref());
-            let (node, attr, fd) = self.fs.make_node(&p, name, initial, 0, owner(req), Some(access))?;
+            let (node, attr, fd) = self.fs.make_node(&p, name, initial, 0, owner(req), Some(oflags))?;
             let attr = match inherited {
                 None => attr,
                 Some(_) => self.fs.apply_inherited(&node, inherited, mode)?,
@@ -500,12 +481,15 @@ impl fuser::Filesystem for Mounted {
                 Some(fd) => std::fs::File::from(fd),
                 None => self.fs.reopen(&node, flags)?,
             };
-            let writable = access != OFlags::RDONLY;
-            Ok((
-                attr,
-                self.fs
-                    .add_handle(Handle::File(Arc::new(OpenFile { node, file, writable }))),
-            ))
+            let writable = access != libc::O_RDONLY;
+            let open = Arc::new(OpenFile { node, file, writable });
+            if !self.fs.options.open_requests {
+                // The kernel sends no RELEASE for this handle once it has
+                // stopped sending OPEN: the file joins the per-inode ones.
+                self.fs.node_files.insert(open.node.ino, open);
+                return Ok((attr, FileHandle(NO_OPEN_HANDLE)));
+            }
+            Ok((attr, self.fs.add_handle(Handle::File(open))))
         });
         match result {
             Ok((attr, fh)) => reply.created(&self.fs.options.ttl, &attr, GENERATION, fh, self.fs.file_open_flags()),

@@ -28,7 +28,6 @@ mod posix;
 mod posix_details;
 mod providers;
 mod removals;
-mod requests;
 mod reverse;
 mod rotation;
 mod service;

@@ -359,8 +359,8 @@ const NO_FINAL_BLOCK: u64 = u64::MAX;
 /// lock is done and holding it to the end. Whole blocks at a block boundary
 /// need nothing from the file, so they are sealed before the lock: the
 /// kernel's writeback sends several writes to one file at once, and they
-/// then seal in parallel and queue only for the backing write. A write that
-/// has to queue asks for its partly covered backing pages before it waits,
+/// then seal in parallel and queue only for the backing write. Such a write
+/// that has to queue asks for its partly covered backing pages before it waits,
 /// so that their reads overlap the writes ahead of it instead of following
 /// them. Which block is the file's last is known only under the lock; if
 /// it is one of these, that block alone is sealed again.
