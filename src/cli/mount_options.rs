@@ -132,6 +132,7 @@ pub fn parse(raw: &[String], keys: &mut KeyOptions, view: bool) -> Result<MountO
     let kernel_or_root_checks = opts.allow_other || opts.default_permissions || rustix::process::geteuid().is_root();
     opts.fs.open_requests = force_open_requests || !kernel_or_root_checks;
     opts.fs.dir_atime = opts.fs.file_atime && !nodiratime;
+    opts.fs.set_id_exec = opts.kernel.contains(&K::Suid) && !opts.kernel.contains(&K::NoSuid);
     if opts.fs.deferred_removal && synchronous {
         log::warn!("deferred_unlink is off on this mount: sync and dirsync ask for every unlink done when it returns");
     }
@@ -304,6 +305,11 @@ mod tests {
         assert_eq!(ttl("rw", true), std::time::Duration::from_secs(1), "a view's default");
         assert_eq!(ttl("attr_timeout=0", true), std::time::Duration::ZERO);
         assert_eq!(ttl("attr_timeout=2", false), std::time::Duration::from_secs(2));
+        assert_eq!(
+            ttl("suid", false),
+            std::time::Duration::from_secs(30),
+            "set-ID bits need no short TTL"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod prefetch;
 mod removals;
 mod remove;
 mod requests;
+mod setattr;
 mod shred;
 mod space;
 mod verified_ahead;

@@ -16,8 +16,8 @@ use super::{KmsFs, MAX_WRITE, bdi};
 
 /// How long the kernel keeps a volume's entries and attributes by default.
 /// Every change to a mounted volume goes through the daemon, which holds the
-/// volume lock, so what the kernel learnt stays true (but for set-ID bits a
-/// write clears: mounts with `suid` keep the short TTL); a short TTL only makes
+/// volume lock, so what the kernel learnt stays true (a write that clears
+/// set-ID bits is announced: see `KmsFs::attributes_changed`); a short TTL only makes
 /// it ask again (a LOOKUP of each directory along a path once it expired:
 /// a third of an extraction's LOOKUPs at 1 s). securefs uses 30 s too.
 pub const VOLUME_ATTR_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,6 +76,9 @@ pub struct FsOptions {
     /// Answer unlinks before removing the backing file (`deferred_unlink`;
     /// never with `dirsync` or `sync`; see removals.rs).
     pub deferred_removal: bool,
+    /// Set-ID bits take effect at `exec` (`suid`): the kernel then clears
+    /// them on write itself, before the data (see `KmsFs::negotiate`).
+    pub set_id_exec: bool,
 }
 
 impl Default for FsOptions {
@@ -93,6 +96,7 @@ impl Default for FsOptions {
             dir_atime: true,
             posix_acl: false,
             deferred_removal: false,
+            set_id_exec: false,
         }
     }
 }
@@ -216,8 +220,14 @@ impl KmsFs {
             // batch, and a `find | xargs cat` then costs a LOOKUP per file.
             (InitFlags::FUSE_DO_READDIRPLUS, "readdirplus"),
             (InitFlags::FUSE_PARALLEL_DIROPS, "parallel directory operations"),
-            (InitFlags::FUSE_HANDLE_KILLPRIV_V2, "clearing set-ID bits in the daemon"),
         ];
+        // Where set-ID bits take effect the kernel clears them itself, with
+        // a SETATTR under the inode lock before the data is written: cleared
+        // by the daemon, with the data, an `exec` that had just checked the
+        // cached mode could still run the new content with the old bits.
+        if !self.options.set_id_exec {
+            wanted.push((InitFlags::FUSE_HANDLE_KILLPRIV_V2, "clearing set-ID bits in the daemon"));
+        }
         if self.options.writeback {
             wanted.push((InitFlags::FUSE_WRITEBACK_CACHE, "the writeback cache"));
         }

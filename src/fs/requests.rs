@@ -22,9 +22,10 @@ use fuser::{
 use rustix::fs::OFlags;
 
 use super::attr::{errno, reply_empty, reply_entry, reply_xattr};
-use super::files::{AttrChange, OpenFile};
+use super::files::OpenFile;
 use super::mounted::Mounted;
 use super::open_files::{DirHandle, Handle, NO_OPEN_HANDLE};
+use super::setattr::AttrChange;
 use super::{GENERATION, inodes, xattrs};
 
 fn owner(req: &Request) -> (u32, u32) {
@@ -263,11 +264,12 @@ impl fuser::Filesystem for Mounted {
     ) {
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         let result = self.fs.open_file(ino, fh, true).and_then(|f| {
-            self.fs.write(&f, offset, data)?;
+            // Before the data, as the kernel would: a failed write leaves
+            // no new content with the old bits.
             if kill && self.fs.kill_suidgid(&f.file)? {
                 self.fs.attributes_changed(ino.0);
             }
-            Ok(())
+            self.fs.write(&f, offset, data)
         });
         match result {
             Ok(()) => reply.written(data.len() as u32),
@@ -519,7 +521,7 @@ impl fuser::Filesystem for Mounted {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -529,9 +531,14 @@ impl fuser::Filesystem for Mounted {
     ) {
         reply_empty(
             reply,
-            self.fs
-                .open_file(ino, fh, true)
-                .and_then(|f| self.fs.fallocate(&f, offset, length, mode)),
+            self.fs.open_file(ino, fh, true).and_then(|f| {
+                // The kernel leaves clearing set-ID bits to us here too, and
+                // sends no flag for it: root stands for CAP_FSETID, as in SETATTR.
+                if req.uid() != 0 && self.fs.kill_suidgid.load(Ordering::Relaxed) && self.fs.kill_suidgid(&f.file)? {
+                    self.fs.attributes_changed(ino.0);
+                }
+                self.fs.fallocate(&f, offset, length, mode)
+            }),
         );
     }
 }
