@@ -28,23 +28,9 @@ fn ok(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Runs `script` with `$1` = `path` as `uid` (group `uid`, no others).
+/// Whether `script` succeeds run as `uid` (see `common::run_as`).
 fn as_user(uid: u32, script: &str, path: &Path) -> bool {
-    Command::new("setpriv")
-        .args([
-            &format!("--reuid={uid}"),
-            &format!("--regid={uid}"),
-            "--clear-groups",
-            "sh",
-            "-c",
-            script,
-            "sh",
-        ])
-        .arg(path)
-        .output()
-        .unwrap()
-        .status
-        .success()
+    common::run_as(uid, script, path).status.success()
 }
 
 fn getfacl(p: &Path) -> String {

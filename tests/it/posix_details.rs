@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use crate::common::{TestVolume, stderr};
+use crate::common::{self, TestVolume, stderr};
 
 fn c(p: &Path) -> CString {
     CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
@@ -281,6 +281,13 @@ fn with_the_writeback_cache_seek_hole_never_skips_unwritten_data() {
     assert!(buf.iter().all(|&b| b == 2));
 }
 
+/// Runs `sh -c script` as uid 1000 with `path` as `$1`; its output.
+fn as_uid_1000(script: &str, path: &Path) -> String {
+    let out = common::run_as(1000, script, path);
+    assert!(out.status.success(), "{script} as uid 1000: {}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The kernel leaves clearing set-ID bits to the daemon (FUSE_HANDLE_KILLPRIV_V2).
 #[test]
 fn writes_and_truncation_by_a_non_root_owner_clear_set_id_bits() {
@@ -293,23 +300,7 @@ fn writes_and_truncation_by_a_non_root_owner_clear_set_id_bits() {
     fs::write(&p, b"x").unwrap();
     std::os::unix::fs::chown(&p, Some(1000), Some(1000)).unwrap();
     let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
-    let as_user = |script: &str| {
-        let ok = std::process::Command::new("setpriv")
-            .args([
-                "--reuid=1000",
-                "--regid=1000",
-                "--clear-groups",
-                "sh",
-                "-c",
-                script,
-                "sh",
-            ])
-            .arg(&p)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "{script} as uid 1000");
-    };
+    let as_user = |script: &str| as_uid_1000(script, &p);
 
     fs::set_permissions(&p, fs::Permissions::from_mode(0o6755)).unwrap();
     fs::OpenOptions::new()
@@ -367,23 +358,7 @@ fn a_set_user_id_program_written_by_another_user_stops_running_as_its_owner() {
     fs::copy("/usr/bin/id", &program).unwrap();
     std::os::unix::fs::chown(&program, Some(1001), Some(1001)).unwrap();
     fs::set_permissions(&program, fs::Permissions::from_mode(0o4757)).unwrap();
-    let as_user = |script: &str| {
-        let out = std::process::Command::new("setpriv")
-            .args([
-                "--reuid=1000",
-                "--regid=1000",
-                "--clear-groups",
-                "sh",
-                "-c",
-                script,
-                "sh",
-            ])
-            .arg(&program)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{script} as uid 1000: {}", stderr(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let as_user = |script: &str| as_uid_1000(script, &program);
     assert!(as_user(r#""$1""#).contains("euid=1001"), "runs as its owner");
     // Bytes appended to a program change nothing it runs.
     as_user(r#"printf x >> "$1""#);
@@ -425,15 +400,10 @@ fn new_files_open_whatever_their_mode_and_get_the_right_owner() {
         if !options.is_empty() {
             // Another user (only allow_other lets one in).
             let q = dir.join("theirs");
-            let ok = std::process::Command::new("setpriv")
-                // The shell creates with O_CREAT|O_EXCL (set -C) and mode
-                // 0666 & ~umask = 0444.
-                .args(["--reuid=1000", "--regid=1000", "--clear-groups", "sh", "-c"])
-                .arg(r#"umask 222; set -C; printf mine > "$1""#)
-                .args(["sh"])
-                .arg(&q)
-                .status()
-                .unwrap()
+            // The shell creates with O_CREAT|O_EXCL (set -C) and mode
+            // 0666 & ~umask = 0444.
+            let ok = common::run_as(1000, r#"umask 222; set -C; printf mine > "$1""#, &q)
+                .status
                 .success();
             assert!(ok, "uid 1000 creates a 0444 file and writes it");
             assert_eq!(fs::read(&q).unwrap(), b"mine");
@@ -445,13 +415,8 @@ fn new_files_open_whatever_their_mode_and_get_the_right_owner() {
             std::os::unix::fs::chown(&shared, None, Some(2000)).unwrap();
             fs::set_permissions(&shared, fs::Permissions::from_mode(0o2777)).unwrap();
             fs::write(shared.join("root's"), b"r").unwrap();
-            let ok = std::process::Command::new("setpriv")
-                .args(["--reuid=1000", "--regid=1000", "--clear-groups", "sh", "-c"])
-                .arg(r#"printf u > "$1/user's""#)
-                .args(["sh"])
-                .arg(&shared)
-                .status()
-                .unwrap()
+            let ok = common::run_as(1000, r#"printf u > "$1/user's""#, &shared)
+                .status
                 .success();
             assert!(ok, "uid 1000 creates in a set-group-ID directory");
             for (name, uid) in [("root's", 0), ("user's", 1000)] {

@@ -9,7 +9,11 @@ fn setup() -> (tempfile::TempDir, File, BlockCipher) {
 }
 
 fn setup_with(layout: Layout) -> (tempfile::TempDir, File, BlockCipher) {
-    let dir = tempfile::tempdir().unwrap();
+    setup_in(tempfile::tempdir().unwrap(), layout)
+}
+
+/// A new file `f` in `dir`, with a random key.
+fn setup_in(dir: tempfile::TempDir, layout: Layout) -> (tempfile::TempDir, File, BlockCipher) {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -162,16 +166,7 @@ fn resident(file: &File, page: u64) -> bool {
 #[test]
 fn a_write_queued_behind_another_asks_for_its_partly_covered_pages_while_it_waits() {
     // Not tmpfs, whose pages cannot be dropped.
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.path().join("f"))
-        .unwrap();
-    let cipher = BlockCipher::new(&SecretKey::random(), [5u8; 16], Layout::Sealed);
-    create(&file, &cipher).unwrap();
+    let (_dir, file, cipher) = setup_in(tempfile::tempdir_in("/var/tmp").unwrap(), Layout::Sealed);
     write(&file, &cipher, 0, &vec![7u8; 64 * BLOCK_SIZE]).unwrap();
     file.sync_all().unwrap();
     rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();

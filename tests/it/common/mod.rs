@@ -187,6 +187,24 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Runs `sh -c script` with `$1` = `path` as user `uid` (group `uid`, no
+/// others), through `setpriv`.
+pub fn run_as(uid: u32, script: &str, path: &Path) -> Output {
+    Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 test path")
 }
