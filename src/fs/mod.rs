@@ -69,7 +69,8 @@ pub struct KmsFs {
     /// Free space on the backing filesystem (new files written through when low).
     space: space::FreeSpace,
     /// The kernel leaves clearing set-user/group-ID bits on write and
-    /// truncate to us (FUSE_HANDLE_KILLPRIV_V2). Meant to spare a
+    /// truncate to us (FUSE_HANDLE_KILLPRIV_V2; not asked for on `suid`
+    /// mounts, where the kernel clears them before the data). Meant to spare a
     /// `security.capability` lookup per write; the 6.18 kernel here still
     /// sends it (see DESIGN.md), but the bits must be cleared either way.
     kill_suidgid: AtomicBool,
