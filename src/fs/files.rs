@@ -340,13 +340,26 @@ impl KmsFs {
         content::truncate(file, &cipher, size).map_err(|e| self.content_error(node, e))
     }
 
-    pub(super) fn fallocate(&self, open: &OpenFile, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+    /// `fallocate` by a caller that is root (`by_root`) or not: the kernel
+    /// leaves clearing set-ID bits to the daemon here too, and sends no flag
+    /// for it; root stands for CAP_FSETID, as in SETATTR.
+    pub(super) fn fallocate(
+        &self,
+        open: &OpenFile,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        by_root: bool,
+    ) -> FsResult<()> {
         open.node.changed();
         let keep_size = match mode {
             0 => false,
             libc::FALLOC_FL_KEEP_SIZE => true,
             _ => return Err(Errno::EOPNOTSUPP),
         };
+        if !by_root && self.kill_suidgid.load(Ordering::Relaxed) && self.kill_suidgid(&open.file)? {
+            self.attributes_changed(open.node.ino);
+        }
         let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
         if !keep_size {
             let size = content::plain_size(

@@ -531,14 +531,9 @@ impl fuser::Filesystem for Mounted {
     ) {
         reply_empty(
             reply,
-            self.fs.open_file(ino, fh, true).and_then(|f| {
-                // The kernel leaves clearing set-ID bits to us here too, and
-                // sends no flag for it: root stands for CAP_FSETID, as in SETATTR.
-                if req.uid() != 0 && self.fs.kill_suidgid.load(Ordering::Relaxed) && self.fs.kill_suidgid(&f.file)? {
-                    self.fs.attributes_changed(ino.0);
-                }
-                self.fs.fallocate(&f, offset, length, mode)
-            }),
+            self.fs
+                .open_file(ino, fh, true)
+                .and_then(|f| self.fs.fallocate(&f, offset, length, mode, req.uid() == 0)),
         );
     }
 }

@@ -187,25 +187,10 @@ fn daemon_threads(vol: &TestVolume, prefix: &str) -> usize {
 /// Whether every page of `path` is in the page cache.
 pub(crate) fn resident(path: &Path) -> bool {
     let file = File::open(path).unwrap();
-    let len = file.metadata().unwrap().len() as usize;
-    let pages = len.div_ceil(4096);
-    let mut vec = vec![0u8; pages];
-    // SAFETY: a read-only shared mapping of a file we keep open, unmapped
-    // before returning; mincore only writes `pages` bytes into `vec`.
-    unsafe {
-        let addr = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            std::os::fd::AsRawFd::as_raw_fd(&file),
-            0,
-        );
-        assert_ne!(addr, libc::MAP_FAILED, "mmap {}", path.display());
-        assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
-        libc::munmap(addr, len);
-    }
-    vec.iter().all(|&page| page & 1 == 1)
+    kmsfs::test_hooks::resident_pages(&file)
+        .unwrap()
+        .iter()
+        .all(|&page| page)
 }
 
 pub(crate) fn ino(p: &std::path::Path) -> u64 {

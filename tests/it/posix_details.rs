@@ -337,6 +337,12 @@ fn writes_and_truncation_by_a_non_root_owner_clear_set_id_bits() {
     assert_eq!(fs::read(&p).unwrap(), b"x");
 
     fs::set_permissions(&p, fs::Permissions::from_mode(0o6755)).unwrap();
+    as_user(r#"fallocate --punch-hole -o 0 -l 4096 "$1" 2>/dev/null || true"#);
+    assert_eq!(
+        mode(&p),
+        0o6755,
+        "an fallocate refused (punching holes) changes nothing"
+    );
     as_user(r#"fallocate -l 8192 "$1""#);
     assert_eq!(mode(&p), 0o755, "an fallocate by the owner clears both bits");
     assert_eq!(fs::metadata(&p).unwrap().len(), 8192);

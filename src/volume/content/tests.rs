@@ -143,24 +143,7 @@ fn concurrent_whole_block_writers_leave_one_final_block() {
 
 /// Whether page `page` of `file` is in the page cache.
 fn resident(file: &File, page: u64) -> bool {
-    let len = file.metadata().unwrap().len() as usize;
-    let mut pages = vec![0u8; len.div_ceil(4096)];
-    // SAFETY: a read-only shared mapping of the open file, unmapped before
-    // returning; mincore writes one byte per page into `pages`.
-    unsafe {
-        let addr = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        );
-        assert_ne!(addr, libc::MAP_FAILED);
-        assert_eq!(libc::mincore(addr, len, pages.as_mut_ptr()), 0);
-        libc::munmap(addr, len);
-    }
-    pages[page as usize] & 1 == 1
+    crate::test_hooks::resident_pages(file).unwrap()[page as usize]
 }
 
 #[test]
