@@ -92,11 +92,16 @@ enum Command {
     Init(InitArgs),
     /// Mount a volume (goes to the background once the mount is ready, unless -f)
     Mount(daemon::MountArgs),
-    /// Unmount a kmsfs mount point and wait for its daemon to finish
+    /// Unmount a kmsfs mount point and wait for its daemon to finish (refused, exit 7, while
+    /// the daemon cannot commit file keys, so that they are not lost: fix the cause, or --force)
     #[command(alias = "unmount")]
     Umount {
         /// The mount point
         mountpoint: PathBuf,
+        /// Unmount even while file keys cannot be committed: the daemon saves them to
+        /// kmsfs.pending-keys if it can, and the files whose keys it cannot save are lost
+        #[arg(long)]
+        force: bool,
     },
     /// Rotate the volume key: re-wrap every file key under a new version, retire the old one
     /// (no file data is rewritten; works mounted or not; resumes an interrupted rotation)
@@ -421,7 +426,7 @@ pub fn run() -> i32 {
         Command::Audit(args) => audit::audit(args, &cli.keys),
         Command::Init(args) => init(args, &cli.keys),
         Command::Mount(args) => daemon::mount(args, &cli.keys),
-        Command::Umount { mountpoint } => umount::umount(&mountpoint),
+        Command::Umount { mountpoint, force } => umount::umount(&mountpoint, force),
         Command::Status {
             backing,
             json,

@@ -128,7 +128,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "days_since_rotation": days_since_rotation,
         });
         outln!("{out}");
-        return failing(count_error, daemon.as_ref());
+        return failing(count_error, daemon.as_ref(), stale_at(stale, mount.as_ref()));
     }
     outln!("volume:         {}", hex(&row.volume_id));
     outln!("backing:        {}", backing.display());
@@ -230,14 +230,33 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             None => {}
         }
     }
-    failing(count_error, daemon.as_ref())
+    failing(count_error, daemon.as_ref(), stale_at(stale, mount.as_ref()))
+}
+
+/// The mount point of a mount whose daemon is gone.
+fn stale_at(stale: bool, mount: Option<&MountEntry>) -> Option<&Path> {
+    mount.filter(|_| stale).map(|m| m.mountpoint.as_path())
 }
 
 /// The command fails when it reported something failing: a script that
 /// checks only the exit status learns of it too.
-fn failing(count_error: Option<CliError>, daemon: Option<&kmsfs::volume::lock::DaemonInfo>) -> Result<(), CliError> {
+fn failing(
+    count_error: Option<CliError>,
+    daemon: Option<&kmsfs::volume::lock::DaemonInfo>,
+    stale_at: Option<&Path>,
+) -> Result<(), CliError> {
     if let Some(e) = count_error {
         return Err(e);
+    }
+    if let Some(mountpoint) = stale_at {
+        return Err(CliError::new(
+            ExitCode::Mount,
+            format!(
+                "the mount at {} is stale: its daemon is gone (clear it with `kmsfs umount {}`)",
+                mountpoint.display(),
+                mountpoint.display()
+            ),
+        ));
     }
     match daemon.and_then(|d| d.problem.as_ref().or(d.commit_error.as_ref())) {
         Some(e) => Err(CliError::new(

@@ -44,6 +44,28 @@ pub(super) fn unmount(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
     })
 }
 
+/// Keeps a daemon that cannot commit file keys mounted: it holds them and
+/// retries, and they would be lost if it had to save them to a backing
+/// filesystem that is failing (full, read-only) on its way out.
+fn refuse_while_keys_uncommitted(mountpoint: &Path, volume: &Path) -> Result<(), CliError> {
+    let failing = VolumeLock::daemon(volume).and_then(|daemon| daemon.commit_error);
+    match failing {
+        Some(error) => Err(CliError::new(
+            ExitCode::Io,
+            format!(
+                "not unmounting {}: its daemon cannot commit the keys of files written since its last \
+                 commit ({}); it keeps them and retries. Fix the backing filesystem (free space, \
+                 remount it read-write) and run `kmsfs umount` again once `kmsfs status` shows no \
+                 failure; `kmsfs umount --force` unmounts now, and the files whose keys cannot be \
+                 saved are lost",
+                mountpoint.display(),
+                super::printable(&error)
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The backing directory of the kmsfs mount at exactly `mountpoint`.
 fn mounted_backing(mountpoint: &Path) -> Result<Option<PathBuf>, CliError> {
     let Some(mount) = super::mounts::mounts()?
@@ -62,13 +84,17 @@ fn mounted_backing(mountpoint: &Path) -> Result<Option<PathBuf>, CliError> {
     Ok(Some(mount.source))
 }
 
-pub fn umount(mountpoint: &Path) -> Result<(), CliError> {
+pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
     let mountpoint = mount_point_path(mountpoint)?;
     let backing =
         mounted_backing(&mountpoint)?.ok_or_else(|| mount_error(format!("{} is not mounted", mountpoint.display())))?;
     // A stale mount (its daemon died) has no daemon to wait for; the volume
     // may meanwhile be mounted elsewhere by another.
     let stale = std::fs::metadata(&mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+    let (volume, _) = super::volumes::volume_dir(&backing);
+    if !stale && !force {
+        refuse_while_keys_uncommitted(&mountpoint, &volume)?;
+    }
     if let Err(err) = unmount_now(&mountpoint) {
         let hint = if err.raw_os_error() == Some(libc::EBUSY) {
             " (a process is using it: see `fuser -m`)"
@@ -83,7 +109,7 @@ pub fn umount(mountpoint: &Path) -> Result<(), CliError> {
     if stale {
         return Ok(());
     }
-    let (backing, _) = super::volumes::volume_dir(&backing);
+    let backing = volume;
     if backing.join(kmsfs::volume::db::DB_FILE).exists()
         && !VolumeLock::wait_released(&backing, Duration::from_secs(60))
     {

@@ -320,9 +320,19 @@ fn key_commits_that_keep_failing_are_reported_and_lose_nothing() {
             .contains("injected failure"),
         "status shows it: {status}"
     );
-    let out = m.umount_output();
+    // `umount` leaves the daemon holding the keys rather than risk them.
+    let mut m = m;
+    let out = m.umount_with(&[]);
     let said = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(7), "umount exits non-zero: {said}");
+    assert_eq!(out.status.code(), Some(7), "umount refuses: {said}");
+    assert!(
+        said.contains("injected failure") && said.contains("umount --force"),
+        "says why and how: {said}"
+    );
+    assert_eq!(fs::read(vol.path("during")).unwrap(), b"precious", "still mounted");
+    let out = m.umount_with(&["--force"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "umount --force exits non-zero: {said}");
     assert!(
         said.contains(backing) && said.contains("kmsfs.pending-keys") && said.contains("kmsfs fsck"),
         "names the volume and what to do: {said}"
@@ -340,4 +350,33 @@ fn key_commits_that_keep_failing_are_reported_and_lose_nothing() {
     assert!(!vol.backing.join("kmsfs.pending-keys").exists());
     let fsck = vol.run(&["fsck", backing]);
     assert_eq!(fsck.status.code(), Some(0), "{}", String::from_utf8_lossy(&fsck.stdout));
+}
+
+/// A refused `umount` loses nothing: once the cause is gone the daemon
+/// commits the keys it kept, and the next `umount` succeeds.
+#[test]
+fn an_unmount_refused_while_commits_fail_succeeds_once_they_commit() {
+    let vol = TestVolume::init();
+    let mut m = vol.mount();
+    let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON file_keys BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+    )
+    .unwrap();
+    fs::write(vol.path("kept"), b"kept in memory").unwrap();
+    common::wait_until("the daemon publishes the failure", || {
+        fs::read_to_string(vol.backing.join("kmsfs.lock")).is_ok_and(|t| t.contains("injected failure"))
+    });
+    let out = m.umount_with(&[]);
+    assert_eq!(out.status.code(), Some(7), "{}", common::stderr(&out));
+    db.execute_batch("DROP TRIGGER refuse;").unwrap();
+    drop(db);
+    common::wait_until("the keys committed", || {
+        fs::read_to_string(vol.backing.join("kmsfs.lock")).is_ok_and(|t| !t.contains("commit_error"))
+    });
+    m.unmount();
+    assert!(!vol.backing.join("kmsfs.pending-keys").exists());
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("kept")).unwrap(), b"kept in memory");
+    m.unmount();
 }

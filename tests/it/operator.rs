@@ -8,7 +8,7 @@ use std::fs;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{TestVolume, path_str, stderr};
+use crate::common::{TestVolume, path_str, stderr, wait_until};
 
 fn mount_type(path: &std::path::Path) -> Option<String> {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -17,14 +17,6 @@ fn mount_type(path: &std::path::Path) -> Option<String> {
         let dash = fields.iter().position(|f| *f == "-")?;
         (fields[4] == path_str(path)).then(|| fields[dash + 1].to_string())
     })
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < Duration::from_secs(20), "{what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -100,6 +92,17 @@ fn a_killed_daemon_leaves_a_mount_that_status_mount_and_umount_name() {
     assert!(
         text.contains("STALE") && text.contains(&format!("kmsfs umount {mnt}")),
         "{text}"
+    );
+    assert_eq!(
+        status.status.code(),
+        Some(6),
+        "a script checking the exit status learns of it too"
+    );
+    let status = vol.run(&["status", "--json", backing]);
+    assert_eq!(status.status.code(), Some(6));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&status.stdout).unwrap()["stale_mount"],
+        true
     );
     let out = vol.run(&["mount", backing, mnt]);
     assert_eq!(out.status.code(), Some(6));

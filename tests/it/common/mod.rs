@@ -236,6 +236,15 @@ pub fn kinds(report: &serde_json::Value) -> Vec<String> {
     k
 }
 
+/// Waits up to 20 s for `done`, failing the test with `what` after that.
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Whether something is mounted at exactly `path`.
 pub fn is_mounted(path: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -257,7 +266,15 @@ impl Mount<'_> {
     /// Runs `kmsfs umount` once and returns what it said, whatever it was
     /// (the guard still unmounts on drop if the mount is left).
     pub fn umount_output(mut self) -> Output {
-        let out = self.vol.run(&["umount", path_str(&self.vol.mnt)]);
+        self.umount_with(&[])
+    }
+
+    /// Runs `kmsfs umount OPTIONS MOUNTPOINT` once and returns what it said.
+    pub fn umount_with(&mut self, options: &[&str]) -> Output {
+        let mut args = vec!["umount"];
+        args.extend(options);
+        args.push(path_str(&self.vol.mnt));
+        let out = self.vol.run(&args);
         self.mounted = is_mounted(&self.vol.mnt);
         out
     }
