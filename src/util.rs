@@ -12,6 +12,14 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Seconds since the Unix epoch (0 for a clock set before it). Test builds
 /// read `KMSFS_TEST_NOW` instead when it is set (scheduled key deletion).
+/// Milliseconds since the Unix epoch, from the real clock (orders records).
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 pub fn unix_now() -> u64 {
     if let Some(now) = crate::test_hooks::number("KMSFS_TEST_NOW") {
         return now;

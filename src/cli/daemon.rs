@@ -356,6 +356,7 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         commit_error: volume.commit_error(),
         problem: volume.problems(),
         finishing: true,
+        ..DaemonInfo::default()
     });
     // The daemon's last word, which `kmsfs umount` reads once the lock is free.
     let committed = commit_at_exit(&volume);
@@ -365,6 +366,7 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         commit_error: committed.as_ref().err().cloned(),
         problem: volume.problems(),
         finishing: true,
+        ..DaemonInfo::default()
     });
     let outcome = match committed {
         Ok(()) if volume.problems().is_some() => {
@@ -516,6 +518,7 @@ fn publish_status(
             commit_error: volume.commit_error(),
             problem: volume.problems(),
             finishing: false,
+            ..DaemonInfo::default()
         }
     };
     let mut published = current();

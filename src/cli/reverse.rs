@@ -103,6 +103,7 @@ pub fn serve(
         commit_error: None,
         problem: None,
         finishing: false,
+        ..DaemonInfo::default()
     });
     let view = ReverseFs::new(
         Arc::clone(&volume),
@@ -159,6 +160,7 @@ pub fn serve(
         commit_error: None,
         problem: None,
         finishing: true,
+        ..DaemonInfo::default()
     });
     volume.db().disconnect();
     // Released last: `kmsfs umount` returns once it is free.

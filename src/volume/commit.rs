@@ -21,8 +21,10 @@ impl Volume {
             .name("kmsfs-db-flush".into())
             .spawn(move || {
                 let mut failing = false;
+                let interval = crate::test_hooks::number("KMSFS_TEST_FLUSH_INTERVAL_MS")
+                    .map_or(FLUSH_INTERVAL, Duration::from_millis);
                 loop {
-                    std::thread::sleep(FLUSH_INTERVAL);
+                    std::thread::sleep(interval);
                     let Some(volume) = weak.upgrade() else { return };
                     // Logged when it starts and stops failing, not every 200 ms.
                     match volume.sync_keys() {

@@ -1,11 +1,13 @@
 //! The volume lock: held by the mount daemon for as long as it runs, so a
 //! volume is never served by two daemons, and `umount` can wait for the
-//! daemon to finish committing.
+//! daemon to finish committing. The daemon publishes its state in the lock
+//! file and in a record on the host (see `host_record`), which `status` and
+//! `umount` read.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -31,10 +33,112 @@ pub struct DaemonInfo {
     /// free in a moment (whatever unmounted it: `umount`, idle, a signal).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub finishing: bool,
+    /// When it was published (Unix milliseconds; set by `publish`): of the
+    /// lock file and the host record, the later one is the daemon's word.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub published_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 pub struct VolumeLock {
     _file: File,
+    /// Where the daemon's state also goes (`host_record`).
+    record: Option<std::path::PathBuf>,
+    /// The lock file holds the last state published: the host record is
+    /// not needed once the daemon is gone.
+    lock_current: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for VolumeLock {
+    fn drop(&mut self) {
+        if let Some(record) = &self.record
+            && self.lock_current.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let _ = std::fs::remove_file(record);
+        }
+    }
+}
+
+/// The host's copy of what the daemon of the volume in `backing` publishes:
+/// `/run/kmsfs` for root, `$XDG_RUNTIME_DIR/kmsfs` for other users, named
+/// by the backing directory's device and inode. The lock file alone is not
+/// enough: a backing filesystem that fails (turned read-only, full) takes
+/// the daemon's report of that failure with it.
+fn host_record(backing: &Path, dir: &Path) -> Option<std::path::PathBuf> {
+    let st = rustix::fs::stat(backing).ok()?;
+    Some(dir.join(format!("daemon-{:x}-{:x}.json", st.st_dev, st.st_ino)))
+}
+
+/// The runtime directory this process publishes to.
+fn own_runtime_dir() -> Option<std::path::PathBuf> {
+    if rustix::process::geteuid().is_root() {
+        return Some("/run/kmsfs".into());
+    }
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .filter(|d| d.is_absolute())
+        .map(|d| d.join("kmsfs"))
+}
+
+/// The records that may hold the state of the daemon of `backing`: this
+/// process's own runtime directory's, root's, and the lock file owner's
+/// (`kmsfs status` run by root for a user's mount).
+fn host_records(backing: &Path) -> Vec<std::path::PathBuf> {
+    let owner = rustix::fs::stat(&backing.join(LOCK_FILE)).ok().map(|st| st.st_uid);
+    let mut dirs: Vec<std::path::PathBuf> = own_runtime_dir().into_iter().collect();
+    dirs.push("/run/kmsfs".into());
+    if let Some(uid) = owner.filter(|&uid| uid != 0) {
+        dirs.push(format!("/run/user/{uid}/kmsfs").into());
+    }
+    dirs.dedup();
+    dirs.iter().filter_map(|d| host_record(backing, d)).collect()
+}
+
+/// The latest of what the lock file (`text`) and the host records say.
+fn latest(backing: &Path, text: &str) -> Option<DaemonInfo> {
+    let in_lock = serde_json::from_str::<DaemonInfo>(text).ok();
+    host_records(backing)
+        .iter()
+        .filter_map(|path| read_nofollow(path))
+        .filter_map(|text| serde_json::from_str::<DaemonInfo>(&text).ok())
+        .chain(in_lock)
+        .max_by_key(|info| info.published_ms)
+}
+
+fn read_nofollow(path: &Path) -> Option<String> {
+    let mut text = String::new();
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?
+        .read_to_string(&mut text)
+        .ok()?;
+    Some(text)
+}
+
+/// Writes `text` to `path` whole (a new file renamed over it), in a
+/// directory only this user can enter.
+fn write_record(path: &Path, text: &str) -> std::io::Result<()> {
+    let dir = path.parent().ok_or_else(|| std::io::Error::other("no directory"))?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.{}",
+        std::process::id(),
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    std::fs::rename(&tmp, path)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,32 +199,44 @@ impl VolumeLock {
                 pid,
             });
         }
-        Ok(VolumeLock { _file: file })
+        let record = own_runtime_dir().and_then(|dir| host_record(backing, &dir));
+        Ok(VolumeLock {
+            _file: file,
+            record,
+            lock_current: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// Publishes what the daemon holding the lock has to say (its pid once
     /// it has forked into the background, its counts, its failures).
     pub fn publish(&self, info: &DaemonInfo) {
-        let text = serde_json::to_string(info).unwrap_or_default();
+        let info = DaemonInfo {
+            published_ms: crate::util::unix_now_ms(),
+            ..info.clone()
+        };
+        let text = serde_json::to_string(&info).unwrap_or_default();
         let mut f = &self._file;
-        let _ = f
+        let in_lock = f
             .set_len(0)
             .and_then(|_| f.seek(SeekFrom::Start(0)))
             .and_then(|_| f.write_all(text.as_bytes()));
+        let in_record = match &self.record {
+            Some(path) => write_record(path, &text),
+            None => Err(std::io::Error::other("no runtime directory (XDG_RUNTIME_DIR unset)")),
+        };
+        self.lock_current
+            .store(in_lock.is_ok(), std::sync::atomic::Ordering::Relaxed);
+        if let (Err(lock), Err(record)) = (in_lock, in_record) {
+            log::error!(
+                "cannot publish the daemon's state for `status` and `umount`: lock file: {lock}; host record: {record}"
+            );
+        }
     }
 
     /// What the last daemon published, held or not: after `umount`, its
     /// last word.
     pub fn last_published(backing: &Path) -> Option<DaemonInfo> {
-        let mut text = String::new();
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(backing.join(LOCK_FILE))
-            .ok()?
-            .read_to_string(&mut text)
-            .ok()?;
-        serde_json::from_str(&text).ok()
+        latest(backing, &read_nofollow(&backing.join(LOCK_FILE)).unwrap_or_default())
     }
 
     /// The pid of the daemon holding the lock, if any.
@@ -140,7 +256,7 @@ impl VolumeLock {
         }
         let mut text = String::new();
         file.read_to_string(&mut text).ok()?;
-        Some(serde_json::from_str(&text).unwrap_or(DaemonInfo {
+        Some(latest(backing, &text).unwrap_or(DaemonInfo {
             pid: text.trim().parse().unwrap_or(0),
             ..DaemonInfo::default()
         }))

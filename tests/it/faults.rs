@@ -15,7 +15,11 @@ struct TestMount(PathBuf);
 
 impl Drop for TestMount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        let unmounted = Command::new("umount").arg(&self.0).status();
+        if !unmounted.is_ok_and(|s| s.success()) {
+            // Still in use (a daemon finishing): detached, never left behind.
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
     }
 }
 
@@ -169,6 +173,69 @@ fn a_read_only_backing_filesystem_is_refused_clearly() {
     );
     let _m = vol.mount();
     assert_eq!(fs::read(vol.path("kept")).unwrap(), b"kept");
+}
+
+/// The device mounted at exactly `path` (from /proc/self/mountinfo).
+fn source_of(path: &std::path::Path) -> String {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(path_str(path)))
+        .expect("mounted");
+    let after_dash: Vec<&str> = line.split(" - ").nth(1).unwrap().split(' ').collect();
+    after_dash[1].to_string()
+}
+
+/// A backing filesystem that turns read-only under a mount takes the lock
+/// file, where the daemon reports its failures, with it: the report of the
+/// keys it can no longer commit reaches `status` and `umount` through its
+/// record on the host instead.
+#[test]
+fn keys_a_backing_filesystem_turned_read_only_keeps_from_committing_are_reported() {
+    let outer = tempfile::tempdir().unwrap();
+    let image = outer.path().join("ext4.img");
+    fs::File::create(&image).unwrap().set_len(64 << 20).unwrap();
+    sh(&["mkfs.ext4", "-q", "-F", path_str(&image)]);
+    let ext = outer.path().join("ext4");
+    fs::create_dir(&ext).unwrap();
+    sh(&[
+        "mount",
+        "-o",
+        "loop,errors=remount-ro",
+        path_str(&image),
+        path_str(&ext),
+    ]);
+    let _ext = TestMount(ext.clone());
+    let device = source_of(&ext);
+    // Keys are committed every 3 s instead of 200 ms: the filesystem fails in between.
+    let vol = TestVolume::init_on_with(&[("KMSFS_TEST_FLUSH_INTERVAL_MS", "3000")], ext.join("cipher"));
+    let mut m = vol.mount();
+    fs::write(vol.path("new"), b"not committed yet").unwrap();
+    let sysfs = format!("/sys/fs/ext4/{}/trigger_fs_error", device.trim_start_matches("/dev/"));
+    fs::write(&sysfs, "1").unwrap();
+    let backing = path_str(&vol.backing);
+    common::wait_until("status reports the failed commit", || {
+        vol.run(&["status", backing]).status.code() == Some(7)
+    });
+    let status = vol.run(&["status", backing]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("FAILING:        committing file keys"),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    let out = m.umount_with(&[]);
+    assert_eq!(out.status.code(), Some(7), "umount refuses: {}", common::stderr(&out));
+    let out = m.umount_with(&["--force"]);
+    let said = common::stderr(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the keys are lost, and umount says so: {said}"
+    );
+    assert!(
+        said.contains("kmsfs.pending-keys") && said.contains("kmsfs fsck"),
+        "{said}"
+    );
 }
 
 /// Mounts with the daemon limited to 100 descriptors (it inherits the hard limit).

@@ -44,6 +44,11 @@ impl TestVolume {
         Self::create(&[], &["--kdf-memory-mib", "19", "--kdf-iterations", "2"], Some(backing))
     }
 
+    /// `init_on` with `env` for every later command.
+    pub fn init_on_with(env: &[(&str, &str)], backing: PathBuf) -> Self {
+        Self::create(env, &["--kdf-memory-mib", "19", "--kdf-iterations", "2"], Some(backing))
+    }
+
     /// A new reverse-view volume of the plaintext directory `backing`
     /// (made in the tempdir and filled by `fill` before `init --reverse`);
     /// `mount_with(&["--reverse"])` mounts its encrypted view.
