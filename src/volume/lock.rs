@@ -87,7 +87,7 @@ fn own_runtime_dir() -> Option<std::path::PathBuf> {
 /// process's own runtime directory's, root's, and the lock file owner's
 /// (`kmsfs status` run by root for a user's mount).
 fn host_records(backing: &Path) -> Vec<std::path::PathBuf> {
-    let owner = rustix::fs::stat(&backing.join(LOCK_FILE)).ok().map(|st| st.st_uid);
+    let owner = rustix::fs::stat(backing.join(LOCK_FILE)).ok().map(|st| st.st_uid);
     let mut dirs: Vec<std::path::PathBuf> = own_runtime_dir().into_iter().collect();
     dirs.push("/run/kmsfs".into());
     if let Some(uid) = owner.filter(|&uid| uid != 0) {
