@@ -378,87 +378,101 @@ pub fn write_under(
     let first = offset / BS;
     let last = (end - 1) / BS;
     let whole_blocks = offset % BS == 0 && data.len() as u64 % BS == 0;
-    let (_guard, old_size) = with_scratch(|scratch| -> Result<(RwLockWriteGuard<'_, ()>, u64), ContentError> {
-        if whole_blocks {
-            let sealed = scratch_slice(&mut scratch.sealed, sealed_len(data.len()));
-            cipher.seal_blocks_into(first, NO_FINAL_BLOCK, data, sealed);
-        }
-        let mut prefetched = false;
-        let guard = match lock.try_write() {
-            Ok(guard) => guard,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                // The size read here may be stale by the time the lock is
-                // held: advice only, and the pages are the same unless the
-                // file was cut or grown meanwhile.
-                if whole_blocks && let Ok(meta) = file.metadata() {
-                    prefetch_partial_pages(file, block_offset(first), sealed_len(data.len()) as u64, meta.len());
-                    prefetched = true;
-                }
-                lock.write().unwrap_or_else(|p| p.into_inner())
+    let (_guard, old_final) = with_scratch(
+        |scratch| -> Result<(RwLockWriteGuard<'_, ()>, Option<(u64, Vec<u8>)>), ContentError> {
+            if whole_blocks {
+                let sealed = scratch_slice(&mut scratch.sealed, sealed_len(data.len()));
+                cipher.seal_blocks_into(first, NO_FINAL_BLOCK, data, sealed);
             }
-        };
-        let old_size = current_plain_size(file, cipher)?;
-        if old_size == 0 && first > 0 && cipher.layout() == Layout::Sealed {
-            // The empty final block goes: block 0 becomes a hole.
-            file.set_len(HEADER_LEN as u64)?;
-        }
-        let new_size = old_size.max(end);
-        let new_final = (new_size - 1) / BS;
-        let sealed: &[u8] = if whole_blocks {
-            let sealed = &mut scratch.sealed[..sealed_len(data.len())];
-            if new_final == last {
-                let at = (last - first) as usize;
-                let plain = &data[at * BLOCK_SIZE..];
-                cipher.seal_blocks_into(last, last, plain, &mut sealed[at * CIPHER_BLOCK_SIZE..]);
-            }
-            sealed
-        } else {
-            let span_start = first * BS;
-            let span_end = new_size.min((last + 1) * BS);
-            // Partially covered edge blocks keep their existing bytes.
-            let edges = [
-                (offset > span_start).then_some(first),
-                (end < span_end && (last != first || offset == span_start)).then_some(last),
-            ];
-            let plain: &[u8] = if edges == [None, None] {
-                data // Up to the end of the file: sealed as it is.
-            } else {
-                let plain = &mut scratch.plain;
-                plain.clear();
-                plain.resize((span_end - span_start) as usize, 0);
-                for block in edges.into_iter().flatten() {
-                    if block * BS < old_size {
-                        let existing = read_blocks(file, cipher, old_size, block, block)?;
-                        let at = ((block - first) * BS) as usize;
-                        let n = existing.len().min(plain.len() - at);
-                        plain[at..at + n].copy_from_slice(&existing[..n]);
+            let mut prefetched = false;
+            let guard = match lock.try_write() {
+                Ok(guard) => guard,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    // The size read here may be stale by the time the lock is
+                    // held: advice only, and the pages are the same unless the
+                    // file was cut or grown meanwhile.
+                    if whole_blocks && let Ok(meta) = file.metadata() {
+                        prefetch_partial_pages(file, block_offset(first), sealed_len(data.len()) as u64, meta.len());
+                        prefetched = true;
                     }
+                    lock.write().unwrap_or_else(|p| p.into_inner())
                 }
-                let at = (offset - span_start) as usize;
-                plain[at..at + data.len()].copy_from_slice(data);
-                plain
             };
-            let sealed = scratch_slice(&mut scratch.sealed, sealed_len(plain.len()));
-            cipher.seal_blocks_into(first, new_final, plain, sealed);
-            sealed
-        };
-        if !prefetched {
-            let backing_len = if old_size == 0 { 0 } else { backing_size(old_size) };
-            prefetch_partial_pages(file, block_offset(first), sealed.len() as u64, backing_len);
-        }
-        file.write_all_at(sealed, block_offset(first))?;
-        if sealed.len() >= WRITEBACK_KICK {
-            start_writeback(file, block_offset(first), sealed.len() as u64);
-        }
-        Ok((guard, old_size))
-    })?;
+            let old_size = current_plain_size(file, cipher)?;
+            // The file's final block is authenticated (as final) before anything
+            // is written when this write covers it or goes past it: a file cut at
+            // a block boundary ends in a block sealed as not final, and a write
+            // that made it a middle block, or replaced it, would hide the cut.
+            let old_final = old_size
+                .checked_sub(1)
+                .map(|s| s / BS)
+                .filter(|&f| f <= last)
+                .map(|f| read_blocks(file, cipher, old_size, f, f).map(|plain| (f, plain)))
+                .transpose()?;
+            if old_size == 0 && first > 0 && cipher.layout() == Layout::Sealed {
+                // The empty final block goes: block 0 becomes a hole.
+                file.set_len(HEADER_LEN as u64)?;
+            }
+            let new_size = old_size.max(end);
+            let new_final = (new_size - 1) / BS;
+            let sealed: &[u8] = if whole_blocks {
+                let sealed = &mut scratch.sealed[..sealed_len(data.len())];
+                if new_final == last {
+                    let at = (last - first) as usize;
+                    let plain = &data[at * BLOCK_SIZE..];
+                    cipher.seal_blocks_into(last, last, plain, &mut sealed[at * CIPHER_BLOCK_SIZE..]);
+                }
+                sealed
+            } else {
+                let span_start = first * BS;
+                let span_end = new_size.min((last + 1) * BS);
+                // Partially covered edge blocks keep their existing bytes.
+                let edges = [
+                    (offset > span_start).then_some(first),
+                    (end < span_end && (last != first || offset == span_start)).then_some(last),
+                ];
+                let plain: &[u8] = if edges == [None, None] {
+                    data // Up to the end of the file: sealed as it is.
+                } else {
+                    let plain = &mut scratch.plain;
+                    plain.clear();
+                    plain.resize((span_end - span_start) as usize, 0);
+                    for block in edges.into_iter().flatten() {
+                        if block * BS < old_size {
+                            let existing = match &old_final {
+                                Some((f, plain)) if *f == block => plain.clone(),
+                                _ => read_blocks(file, cipher, old_size, block, block)?,
+                            };
+                            let at = ((block - first) * BS) as usize;
+                            let n = existing.len().min(plain.len() - at);
+                            plain[at..at + n].copy_from_slice(&existing[..n]);
+                        }
+                    }
+                    let at = (offset - span_start) as usize;
+                    plain[at..at + data.len()].copy_from_slice(data);
+                    plain
+                };
+                let sealed = scratch_slice(&mut scratch.sealed, sealed_len(plain.len()));
+                cipher.seal_blocks_into(first, new_final, plain, sealed);
+                sealed
+            };
+            if !prefetched {
+                let backing_len = if old_size == 0 { 0 } else { backing_size(old_size) };
+                prefetch_partial_pages(file, block_offset(first), sealed.len() as u64, backing_len);
+            }
+            file.write_all_at(sealed, block_offset(first))?;
+            if sealed.len() >= WRITEBACK_KICK {
+                start_writeback(file, block_offset(first), sealed.len() as u64);
+            }
+            Ok((guard, old_final))
+        },
+    )?;
 
     // The old final block is no longer final: seal it again, padded to a full
     // block. Done after the new blocks so a crash in between leaves a readable
     // file (see BlockCipher::open_block).
-    if let Some(old_final) = old_size.checked_sub(1).map(|s| s / BS).filter(|&f| f < first) {
-        let mut block = read_blocks(file, cipher, old_size, old_final, old_final)?;
+    if let Some((old_final, mut block)) = old_final.filter(|&(f, _)| f < first) {
         block.resize(BLOCK_SIZE, 0);
         let sealed = cipher.seal_block(old_final, false, &block);
         file.write_all_at(&sealed, block_offset(old_final))?;

@@ -298,3 +298,39 @@ fn check_reads_the_final_block_even_inside_a_hole() {
         (blocks, vec![blocks - 1])
     );
 }
+
+/// A file cut at a block boundary ends in a block sealed as not final.
+/// Writing past it, or over it whole, would make that block a middle one
+/// (or replace it) and the cut undetectable: such a write fails and leaves
+/// the file as it was, damage and all.
+#[test]
+fn writes_do_not_heal_a_cut_at_a_block_boundary() {
+    let cases: [(&str, u64, usize); 4] = [
+        ("append", 2 * BS, 9),
+        ("write past the end", 40 * BS + 3, 100),
+        ("whole block over the last", BS, BLOCK_SIZE),
+        ("part of the last block", BS + 10, 20),
+    ];
+    for (what, offset, len) in cases {
+        let (_dir, file, cipher) = setup_with(Layout::Sealed);
+        write(&file, &cipher, 0, &vec![7u8; 3 * BLOCK_SIZE]).unwrap();
+        file.set_len(block_offset(2)).unwrap();
+        let cut = std::fs::read(_dir.path().join("f")).unwrap();
+        assert!(
+            matches!(
+                write(&file, &cipher, offset, &vec![9u8; len]),
+                Err(ContentError::Corrupt { block: 1 })
+            ),
+            "{what}"
+        );
+        assert_eq!(
+            std::fs::read(_dir.path().join("f")).unwrap(),
+            cut,
+            "{what}: nothing written"
+        );
+        assert!(
+            read(&file, &cipher, 0, 3 * BLOCK_SIZE).is_err(),
+            "{what}: still detected"
+        );
+    }
+}
