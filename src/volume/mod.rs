@@ -67,6 +67,8 @@ pub enum VolumeError {
     Kms(#[from] KmsError),
     #[error("{what} in {volume} fails authentication: the metadata DB does not belong to this key or was altered")]
     Tampered { volume: PathBuf, what: String },
+    #[error("{path} is not a pending-keys file kmsfs wrote: {reason}")]
+    PendingDamaged { path: PathBuf, reason: String },
     #[error("no data key for file {0} in the metadata DB")]
     MissingFileKey(String),
     #[error("{path}: {source}")]

@@ -34,9 +34,14 @@ struct PendingFile {
 pub fn save(backing: &Path, volume_id: &[u8; 16], db: &MetadataDb) -> Result<usize, VolumeError> {
     let path = backing.join(PENDING_FILE);
     let (inserts, deletes) = db.take_pending();
-    let mut file = match read(backing, volume_id)? {
-        Some((old_inserts, old_deletes)) => encode(volume_id, &old_inserts, &old_deletes),
-        None => encode(volume_id, &[], &[]),
+    let mut file = match read(backing, volume_id) {
+        Ok(Some((old_inserts, old_deletes))) => encode(volume_id, &old_inserts, &old_deletes),
+        Ok(None) => encode(volume_id, &[], &[]),
+        Err(e @ VolumeError::PendingDamaged { .. }) => {
+            set_aside(backing, &e)?;
+            encode(volume_id, &[], &[])
+        }
+        Err(e) => return Err(e),
     };
     let new = encode(volume_id, &inserts, &deletes);
     file.inserts.extend(new.inserts);
@@ -70,49 +75,62 @@ fn unhex(s: &str) -> Option<FileId> {
     decode_id(&bytes?)
 }
 
+/// Larger than any pending-keys file kmsfs writes (about 1.8 million keys).
+const MAX_PENDING_BYTES: u64 = 256 << 20;
+
 /// The rows of the pending file, if there is one for this volume.
 fn read(backing: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeError> {
     let path = backing.join(PENDING_FILE);
-    // Never through a symlink: the backing directory is not trusted to pick a file.
+    let damaged = |reason: &str| VolumeError::PendingDamaged {
+        path: path.clone(),
+        reason: reason.to_string(),
+    };
+    // Never through a symlink, never a FIFO or device: the backing directory
+    // is not trusted to pick a file, or to make kmsfs wait or read forever.
     let opened = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(&path);
-    let text = match opened.and_then(|mut f| {
-        let mut text = Vec::new();
-        std::io::Read::read_to_end(&mut f, &mut text).map(|_| text)
-    }) {
-        Ok(t) => t,
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            return Err(VolumeError::Tampered {
-                volume: path.clone(),
-                what: "the pending-keys file (a symlink)".into(),
-            });
-        }
+    let file = match opened {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(damaged("a symlink")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_at(&path)(e)),
     };
-    let damaged = |what: &str| VolumeError::Tampered {
-        volume: path.clone(),
-        what: what.to_string(),
-    };
-    let file: PendingFile = serde_json::from_slice(&text).map_err(|_| damaged("the pending-keys file"))?;
+    let meta = file.metadata().map_err(io_at(&path))?;
+    if !meta.is_file() {
+        return Err(damaged("not a regular file"));
+    }
+    if meta.len() > MAX_PENDING_BYTES {
+        return Err(damaged("larger than any kmsfs writes"));
+    }
+    let mut text = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_PENDING_BYTES), &mut text).map_err(io_at(&path))?;
+    let file: PendingFile = serde_json::from_slice(&text).map_err(|_| damaged("not its JSON"))?;
     if file.volume_id != hex(volume_id) {
-        return Err(damaged("the pending-keys file (it belongs to another volume)"));
+        return Err(damaged("it belongs to another volume"));
     }
     let inserts = file
         .inserts
         .iter()
         .map(|(id, v, w)| Some((unhex(id)?, *v, WrappedKey::from_bytes(B64.decode(w).ok()?))))
         .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| damaged("a row of the pending-keys file"))?;
+        .ok_or_else(|| damaged("a row is not a file id, version and wrapped key"))?;
     let deletes = file
         .deletes
         .iter()
         .map(|id| unhex(id))
         .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| damaged("a row of the pending-keys file"))?;
+        .ok_or_else(|| damaged("a row is not a file id"))?;
     Ok(Some((inserts, deletes)))
+}
+
+/// Moves a pending-keys file that is not one (`why`) out of the way, for a
+/// person to look at: never in the way of opening or leaving the volume.
+fn set_aside(backing: &Path, why: &VolumeError) -> Result<(), VolumeError> {
+    log::error!("{why}; moved to {PENDING_FILE}.unreadable, its keys are not stored");
+    let path = backing.join(PENDING_FILE);
+    std::fs::rename(&path, backing.join(format!("{PENDING_FILE}.unreadable"))).map_err(io_at(&path))
 }
 
 /// Stores what a previous daemon saved, then removes the file.
@@ -121,11 +139,7 @@ pub fn restore(backing: &Path, volume_id: &[u8; 16], db: &MetadataDb) -> Result<
         Ok(Some(rows)) => rows,
         Ok(None) => return Ok(()),
         // Unreadable: set aside (for a person to look at), never in the way of opening the volume.
-        Err(e @ VolumeError::Tampered { .. }) => {
-            log::error!("{e}; moved to {PENDING_FILE}.unreadable, its keys are not stored");
-            let path = backing.join(PENDING_FILE);
-            return std::fs::rename(&path, backing.join(format!("{PENDING_FILE}.unreadable"))).map_err(io_at(&path));
-        }
+        Err(e @ VolumeError::PendingDamaged { .. }) => return set_aside(backing, &e),
         Err(e) => return Err(e),
     };
     let (stored, skipped) = db.restore_rows(&inserts, &deletes)?;

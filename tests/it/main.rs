@@ -19,6 +19,7 @@ mod fsck;
 mod fsx;
 mod generated;
 mod golden;
+mod hostile_files;
 mod hostile_listing;
 mod hostile_provider;
 mod keys;

@@ -158,7 +158,18 @@ impl MetadataDb {
             path: path.to_path_buf(),
             reason: e.to_string(),
         };
-        let conn = Connection::open_with_flags(path, flags).map_err(damaged)?;
+        // The backing directory may not pick a file for kmsfs to open (a
+        // symlink to another volume's DB, a device, a FIFO).
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_file() => {
+                return Err(DbError::Damaged {
+                    path: path.to_path_buf(),
+                    reason: "not a regular file (a symlink, directory, device or FIFO in its place is refused)".into(),
+                });
+            }
+            _ => {}
+        }
+        let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NOFOLLOW).map_err(damaged)?;
         hardened(&conn).map_err(damaged)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(damaged)?;
         // WAL: readers never block the writer; FULL: a commit is durable when it returns.

@@ -1,0 +1,109 @@
+//! The files kmsfs itself keeps in the backing directory (the metadata DB,
+//! the lock, the pending keys) as an attacker may leave them: symlinks out
+//! of the directory, FIFOs, devices, huge or garbage files are refused or
+//! set aside, never followed, waited on or read without end.
+
+use crate::common;
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use crate::common::{TestVolume, path_str};
+
+#[test]
+fn files_kmsfs_writes_in_the_backing_directory_are_never_followed_through_symlinks() {
+    let vol = TestVolume::init();
+    let outside = vol.dir.path().join("victim");
+    fs::write(&outside, b"precious").unwrap();
+    let lock = vol.backing.join("kmsfs.lock");
+    let _ = fs::remove_file(&lock);
+    std::os::unix::fs::symlink(&outside, &lock).unwrap();
+    let pending = vol.backing.join("kmsfs.pending-keys");
+    std::os::unix::fs::symlink(&outside, &pending).unwrap();
+    for args in [
+        vec!["mount", path_str(&vol.backing), path_str(&vol.mnt)],
+        vec!["fsck", path_str(&vol.backing)],
+        vec!["status", path_str(&vol.backing)],
+    ] {
+        let out = vol.run(&args);
+        if args[0] != "status" {
+            assert!(!out.status.success(), "{args:?} went through the symlinked lock file");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("kmsfs.lock"), "{args:?}");
+        }
+    }
+    assert_eq!(fs::read(&outside).unwrap(), b"precious", "a file outside was written");
+    assert!(!common::is_mounted(&vol.mnt));
+}
+
+/// A `kmsfs.db` that is a symlink (here to another volume's DB on the same
+/// keystore, which the mount would otherwise write keys into) is refused.
+#[test]
+fn a_db_symlinked_out_of_the_backing_directory_is_refused() {
+    let vol = TestVolume::init();
+    let other = TestVolume::init();
+    let db = vol.backing.join("kmsfs.db");
+    fs::remove_file(&db).unwrap();
+    std::os::unix::fs::symlink(other.backing.join("kmsfs.db"), &db).unwrap();
+    let before = fs::read(other.backing.join("kmsfs.db")).unwrap();
+    for args in [
+        vec!["mount", path_str(&vol.backing), path_str(&vol.mnt)],
+        vec!["fsck", path_str(&vol.backing)],
+        vec!["status", path_str(&vol.backing)],
+    ] {
+        let out = vol.run(&args);
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {}", common::stderr(&out));
+        assert!(
+            common::stderr(&out).contains("not a regular file"),
+            "{args:?}: {}",
+            common::stderr(&out)
+        );
+    }
+    assert!(!common::is_mounted(&vol.mnt));
+    assert_eq!(
+        fs::read(other.backing.join("kmsfs.db")).unwrap(),
+        before,
+        "the other DB is untouched"
+    );
+}
+
+/// A `kmsfs.pending-keys` that is not one (a FIFO a reader would wait on
+/// forever, a device or a huge file it would read without end, garbage) is
+/// set aside with a log line, and the volume mounts at once.
+#[test]
+fn a_pending_keys_file_that_is_not_one_is_set_aside() {
+    let vol = TestVolume::init();
+    let pending = vol.backing.join("kmsfs.pending-keys");
+    let aside = vol.backing.join("kmsfs.pending-keys.unreadable");
+    let fifo = |p: &std::path::Path| {
+        let c = std::ffi::CString::new(path_str(p)).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    };
+    let device = |p: &std::path::Path| {
+        let c = std::ffi::CString::new(path_str(p)).unwrap();
+        assert_eq!(
+            unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 5)) },
+            0
+        );
+    };
+    let huge = |p: &std::path::Path| fs::File::create(p).unwrap().set_len(4 << 30).unwrap();
+    let garbage = |p: &std::path::Path| fs::write(p, b"{not json").unwrap();
+    let makers: [(&str, &dyn Fn(&std::path::Path)); 4] = [
+        ("a FIFO", &fifo),
+        ("a device", &device),
+        ("a 4 GiB file", &huge),
+        ("garbage", &garbage),
+    ];
+    for (what, make) in makers {
+        make(&pending);
+        let start = Instant::now();
+        let m = vol.mount();
+        assert!(start.elapsed() < Duration::from_secs(20), "{what}: mounted at once");
+        m.unmount();
+        assert!(!pending.exists() && aside.exists(), "{what}: set aside");
+        assert!(
+            vol.log_text().contains("is not a pending-keys file kmsfs wrote"),
+            "{what}"
+        );
+        fs::remove_file(&aside).unwrap();
+    }
+}
