@@ -87,7 +87,8 @@ fn a_pending_keys_file_that_is_not_one_is_set_aside() {
     };
     let huge = |p: &std::path::Path| fs::File::create(p).unwrap().set_len(4 << 30).unwrap();
     let garbage = |p: &std::path::Path| fs::write(p, b"{not json").unwrap();
-    let makers: [(&str, &dyn Fn(&std::path::Path)); 4] = [
+    type Maker<'a> = &'a dyn Fn(&std::path::Path);
+    let makers: [(&str, Maker); 4] = [
         ("a FIFO", &fifo),
         ("a device", &device),
         ("a 4 GiB file", &huge),

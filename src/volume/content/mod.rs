@@ -350,6 +350,9 @@ pub fn write(file: &File, cipher: &BlockCipher, offset: u64, data: &[u8]) -> Res
     write_under(file, cipher, offset, data, &RwLock::new(()))
 }
 
+/// A file's final block before a write: its index and its plaintext.
+type FinalBlock = (u64, Vec<u8>);
+
 /// Block index no block has: sealing with it as the final index marks no
 /// block as the file's last.
 const NO_FINAL_BLOCK: u64 = u64::MAX;
@@ -379,7 +382,7 @@ pub fn write_under(
     let last = (end - 1) / BS;
     let whole_blocks = offset % BS == 0 && data.len() as u64 % BS == 0;
     let (_guard, old_final) = with_scratch(
-        |scratch| -> Result<(RwLockWriteGuard<'_, ()>, Option<(u64, Vec<u8>)>), ContentError> {
+        |scratch| -> Result<(RwLockWriteGuard<'_, ()>, Option<FinalBlock>), ContentError> {
             if whole_blocks {
                 let sealed = scratch_slice(&mut scratch.sealed, sealed_len(data.len()));
                 cipher.seal_blocks_into(first, NO_FINAL_BLOCK, data, sealed);
