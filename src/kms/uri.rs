@@ -71,6 +71,28 @@ fn pairs(s: &str, sep: char, uri: &str) -> Result<BTreeMap<String, String>, KmsE
     Ok(out)
 }
 
+/// Refuses settings the provider does not know: a misspelt one (`edpoint=`)
+/// would otherwise be ignored, and the call go where the default points,
+/// credentials and all.
+fn only_known(
+    uri: &str,
+    settings: BTreeMap<String, String>,
+    known: &[&str],
+) -> Result<BTreeMap<String, String>, KmsError> {
+    match settings.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) => Err(bad(
+            uri,
+            &format!("unknown setting `{unknown}` (this provider takes {})", known.join(", ")),
+        )),
+        None => Ok(settings),
+    }
+}
+
+const AWS_SETTINGS: &[&str] = &["region", "endpoint", "profile", "ca_cert", "timeout"];
+const VAULT_SETTINGS: &[&str] = &["token_file", "ca_cert", "timeout"];
+const PKCS11_ATTRIBUTES: &[&str] = &["token", "object"];
+const PKCS11_SETTINGS: &[&str] = &["module-path", "pin-source", "pin-value"];
+
 fn split_query(rest: &str) -> (&str, &str) {
     rest.split_once('?').unwrap_or((rest, ""))
 }
@@ -89,7 +111,7 @@ impl ProviderUri {
                 }
                 Ok(ProviderUri::AwsKms {
                     key: percent_decode(key, uri)?,
-                    query: pairs(query, '&', uri)?,
+                    query: only_known(uri, pairs(query, '&', uri)?, AWS_SETTINGS)?,
                 })
             }
             "vault-transit" => {
@@ -120,18 +142,18 @@ impl ProviderUri {
                     address,
                     mount: percent_decode(mount, uri)?,
                     key: percent_decode(key, uri)?,
-                    query: pairs(query, '&', uri)?,
+                    query: only_known(uri, pairs(query, '&', uri)?, VAULT_SETTINGS)?,
                 })
             }
             "pkcs11" => {
                 let (path, query) = split_query(rest);
-                let path = pairs(path, ';', uri)?;
+                let path = only_known(uri, pairs(path, ';', uri)?, PKCS11_ATTRIBUTES)?;
                 if !path.contains_key("object") {
                     return Err(bad(uri, "missing object=<key label>"));
                 }
                 Ok(ProviderUri::Pkcs11 {
                     path,
-                    query: pairs(query, '&', uri)?,
+                    query: only_known(uri, pairs(query, '&', uri)?, PKCS11_SETTINGS)?,
                 })
             }
             other => Err(bad(uri, &format!("unknown provider `{other}`"))),
@@ -166,15 +188,22 @@ impl ProviderUri {
 }
 
 /// The URI with the values of secret parameters replaced, fit for error
-/// messages, logs and the host configuration.
+/// messages, logs and the host configuration. Values of settings no
+/// provider knows are replaced too: a misspelt `pin-value` is still a PIN.
 pub fn redact(uri: &str) -> String {
     let Some((head, query)) = uri.split_once('?') else {
         return uri.to_string();
     };
+    let shown = |k: &str| {
+        !SECRET_PARAMS.contains(&k)
+            && [AWS_SETTINGS, VAULT_SETTINGS, PKCS11_SETTINGS]
+                .iter()
+                .any(|known| known.contains(&k))
+    };
     let parts: Vec<String> = query
         .split('&')
         .map(|part| match part.split_once('=') {
-            Some((k, _)) if SECRET_PARAMS.contains(&k) => format!("{k}=<redacted>"),
+            Some((k, _)) if !shown(k) => format!("{k}=<redacted>"),
             _ => part.to_string(),
         })
         .collect();
@@ -258,9 +287,20 @@ mod tests {
             "vault-transit:ftp://h/transit/k",
             "vault-transit:k",
             "pkcs11:id=%01",
+            "aws-kms:alias/x?edpoint=http://127.0.0.1:5099",
+            "vault-transit:transit/k?token_flie=/t",
+            "pkcs11:serial=1;object=m",
+            "pkcs11:object=m?pin-valu=1234",
         ] {
             assert!(matches!(ProviderUri::parse(bad), Err(KmsError::BadUri { .. })), "{bad}");
         }
+        let misspelt = ProviderUri::parse("pkcs11:object=m?pin-valu=1234")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            misspelt.contains("unknown setting `pin-valu`") && !misspelt.contains("1234"),
+            "{misspelt}"
+        );
     }
 
     #[test]

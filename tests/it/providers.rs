@@ -376,6 +376,9 @@ fn bad_provider_uris_are_usage_errors() {
         "aws-kms:",
         "vault-transit:localhost:8200/transit",
         "pkcs11:token=x",
+        // Misspelt settings: ignored, the call would go to the default endpoint.
+        "aws-kms:alias/x?edpoint=http://127.0.0.1:5099",
+        "vault-transit:http://127.0.0.1:8200/transit/k?token_flie=/t",
     ] {
         let out = std::process::Command::new(common::kmsfs_bin())
             .args(["--kms", uri, "init", path_str(&dir.path().join("v"))])
