@@ -118,6 +118,12 @@ impl KmsFs {
     /// show instead of the stored one, if any. Checked when the size is
     /// reported (once per inode and mount for intact empty files).
     pub(super) fn damaged_size(&self, node: &Node, len: u64) -> Option<u64> {
+        let shown = self.damaged_size_of(node, len);
+        node.set_shown_damaged(shown.is_some());
+        shown
+    }
+
+    fn damaged_size_of(&self, node: &Node, len: u64) -> Option<u64> {
         if self.volume.layout() != Layout::Sealed {
             return None;
         }
@@ -288,6 +294,16 @@ impl KmsFs {
         reply: impl FnOnce(&[u8]) -> R,
     ) -> FsResult<R> {
         let _guard = crate::util::read(&open.node.state().content);
+        if open.node.is_shown_damaged() {
+            // Even should it read well now (a DB read that failed once): the
+            // kernel believes the size shown, and would pad a shorter answer
+            // with zeros.
+            log::error!(
+                "file {}: read of a file shown as damaged; returning EIO",
+                self.describe(&open.node)
+            );
+            return Err(Errno::EIO);
+        }
         let Some(cipher) = self.cipher(&open.node, &open.file)? else {
             return Ok(reply(&[]));
         };

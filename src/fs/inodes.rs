@@ -23,7 +23,7 @@ pub struct Node {
     locator: Locator,
     opener: Arc<Opener>,
     lookups: AtomicU64,
-    /// UNLINKED and VERIFIED_EMPTY.
+    /// UNLINKED, VERIFIED_EMPTY and SHOWN_DAMAGED.
     flags: AtomicU8,
     /// Made when first needed: `ls -lR` of a million files makes a million
     /// nodes and needs none of it.
@@ -35,6 +35,9 @@ pub struct Node {
 const UNLINKED: u8 = 1;
 /// An empty file whose final block authenticated (sealed layout).
 const VERIFIED_EMPTY: u8 = 2;
+/// Shown to the kernel with a size its backing file does not have, because
+/// that file is damaged (`KmsFs::damaged_size`): its reads answer EIO.
+const SHOWN_DAMAGED: u8 = 4;
 
 /// What a node needs once it is read or written, lists its entries (a
 /// directory) or loses its last name.
@@ -141,6 +144,20 @@ impl Node {
 
     pub fn is_verified_empty(&self) -> bool {
         self.flags.load(Ordering::Relaxed) & VERIFIED_EMPTY != 0
+    }
+
+    /// Records whether the size last shown for this file was the one of a
+    /// damaged file (see SHOWN_DAMAGED).
+    pub fn set_shown_damaged(&self, damaged: bool) {
+        if damaged {
+            self.flags.fetch_or(SHOWN_DAMAGED, Ordering::Relaxed);
+        } else if self.is_shown_damaged() {
+            self.flags.fetch_and(!SHOWN_DAMAGED, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_shown_damaged(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) & SHOWN_DAMAGED != 0
     }
 
     /// Its data or attributes changed: the next read moves the access time

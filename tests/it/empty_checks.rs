@@ -335,3 +335,35 @@ fn files_authenticated_ahead_are_taken_and_damage_is_still_caught() {
         .unwrap_or_else(|| panic!("{summary}"));
     assert!(taken > 100, "lookups took {taken} results of the worker: {summary}");
 }
+
+/// An empty file shown damaged (one byte long, so that its read reaches the
+/// daemon) reads as EIO even when its backing file reads well again by the
+/// time of the read: answered with no data, the kernel, believing the size
+/// it was shown, would pad the answer to one zero byte.
+#[test]
+fn an_empty_file_shown_damaged_never_reads_as_a_zero_byte() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    fs::create_dir(vol.path("d")).unwrap();
+    let path = vol.path("d/empty");
+    fs::write(&path, b"").unwrap();
+    let backing = backing_files(&vol, &vol.path("d"))[&ino(&path)].clone();
+    m.unmount();
+    let intact = fs::read(&backing).unwrap();
+    let mut flipped = intact.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    let m = vol.mount();
+    fs::write(&backing, &flipped).unwrap();
+    assert_eq!(fs::metadata(&path).unwrap().len(), 1, "shown damaged");
+    fs::write(&backing, &intact).unwrap();
+    let read = fs::read(&path);
+    assert_eq!(
+        read.as_ref().map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EIO)),
+        "{read:?}"
+    );
+    m.unmount();
+    let m = vol.mount();
+    assert_eq!(fs::read(&path).unwrap(), b"", "intact again on a new mount");
+    m.unmount();
+}
