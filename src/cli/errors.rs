@@ -92,7 +92,9 @@ impl From<VolumeError> for CliError {
                     ),
                 ..
             }) => CliError::new(ExitCode::Volume, e.to_string()),
-            VolumeError::Db(DbError::Sqlite { .. }) => CliError::new(ExitCode::Io, e.to_string()),
+            VolumeError::Db(DbError::Sqlite { .. } | DbError::Full { .. }) => {
+                CliError::new(ExitCode::Io, e.to_string())
+            }
             _ => CliError::new(ExitCode::Volume, e.to_string()),
         }
     }

@@ -447,3 +447,43 @@ fn an_unmount_refused_while_commits_fail_succeeds_once_they_commit() {
     assert_eq!(fs::read(vol.path("kept")).unwrap(), b"kept in memory");
     m.unmount();
 }
+
+/// A volume whose filesystem is full cannot open its DB (SQLite needs room
+/// for its journal files): mount, status and fsck say the filesystem is
+/// full (exit 7), not that the DB is damaged (exit 4, whose remedy is a
+/// restore from backup that would lose the keys made since).
+#[test]
+fn a_db_on_a_full_filesystem_is_not_called_damaged() {
+    let outer = tempfile::tempdir().unwrap();
+    let small = outer.path().join("small");
+    fs::create_dir(&small).unwrap();
+    sh(&["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", path_str(&small)]);
+    let _tmpfs = TestMount(small.clone());
+    let vol = TestVolume::init_on(small.join("cipher"));
+    let m = vol.mount();
+    fs::write(vol.path("kept"), b"kept").unwrap();
+    m.unmount();
+    let ballast = small.join("ballast");
+    let mut f = fs::File::create(&ballast).unwrap();
+    while f.write_all(&[7u8; 64 << 10]).is_ok() {}
+    drop(f);
+    let backing = path_str(&vol.backing);
+    for args in [
+        vec!["mount", backing, path_str(&vol.mnt)],
+        vec!["status", backing],
+        vec!["fsck", backing],
+    ] {
+        let out = vol.run(&args);
+        let said = common::stderr(&out);
+        assert_eq!(out.status.code(), Some(7), "{args:?}: {said}");
+        assert!(
+            said.contains("is full") && !said.contains("damaged or unreadable"),
+            "{args:?}: {said}"
+        );
+    }
+    assert!(!common::is_mounted(&vol.mnt));
+    fs::remove_file(&ballast).unwrap();
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("kept")).unwrap(), b"kept");
+    m.unmount();
+}

@@ -73,6 +73,49 @@ pub enum DbError {
     UnsupportedFormat { path: PathBuf, found: u32 },
     #[error("metadata DB {path}: {source}")]
     Sqlite { path: PathBuf, source: rusqlite::Error },
+    #[error(
+        "metadata DB {path} cannot be opened: the filesystem holding it is full ({reason}); \
+         free space there and try again (the DB itself is not damaged)"
+    )]
+    Full { path: PathBuf, reason: String },
+}
+
+/// What SQLite's failure to open or read the DB at `path` means: a full
+/// filesystem, or damage.
+fn unreadable(path: &Path) -> impl Fn(rusqlite::Error) -> DbError + Copy + '_ {
+    move |e| {
+        if full_filesystem(path, &e) {
+            DbError::Full {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }
+        } else {
+            DbError::Damaged {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }
+        }
+    }
+}
+
+/// Whether SQLite's failure `e` to open or set up the DB at `path` comes
+/// from a full filesystem, which it reports as a disk I/O error, not as
+/// damage to the DB.
+fn full_filesystem(path: &Path, e: &rusqlite::Error) -> bool {
+    let rusqlite::Error::SqliteFailure(failure, _) = e else {
+        return false;
+    };
+    if failure.code == rusqlite::ErrorCode::DiskFull {
+        return true;
+    }
+    let io = matches!(
+        failure.code,
+        rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::CannotOpen
+    );
+    io && path
+        .parent()
+        .and_then(|dir| rustix::fs::statvfs(dir).ok())
+        .is_some_and(|st| st.f_bavail == 0 || st.f_bfree == 0 || st.f_favail == 0)
 }
 
 #[derive(Debug, Clone)]
@@ -128,7 +171,7 @@ fn check_whole(conn: &Connection, path: &Path) -> Result<(), DbError> {
     };
     let check: String = conn
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(|e| damaged(e.to_string()))?;
+        .map_err(unreadable(path))?;
     if check != "ok" {
         return Err(damaged(check));
     }
@@ -154,10 +197,7 @@ impl MetadataDb {
             conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
             Ok(())
         };
-        let damaged = |e: rusqlite::Error| DbError::Damaged {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        };
+        let damaged = unreadable(path);
         // The backing directory may not pick a file for kmsfs to open (a
         // symlink to another volume's DB, a device, a FIFO).
         match std::fs::symlink_metadata(path) {
@@ -231,16 +271,12 @@ impl MetadataDb {
 
     pub fn open(path: &Path, check: Check) -> Result<Self, DbError> {
         let conn = Self::connect(path, READ_WRITE)?;
-        let damaged = |e: rusqlite::Error| DbError::Damaged {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        };
         if check == Check::Whole {
             check_whole(&conn, path)?;
         }
         let version: u32 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(damaged)?;
+            .map_err(unreadable(path))?;
         check_schema(&conn).map_err(|reason| DbError::Damaged {
             path: path.to_path_buf(),
             reason,
