@@ -440,3 +440,46 @@ fn a_damaged_file_id_is_restored_from_the_key_that_opens_its_blocks() {
         "not quarantined: repaired in place"
     );
 }
+
+/// A file the system will not let fsck read (here: mode 000, fsck run by
+/// its owner, not root) is not damage: it is reported and left alone, and
+/// since any key no file was seen to use may be its, `--repair` erases none.
+#[test]
+fn a_file_fsck_may_not_read_is_left_alone_and_its_key_kept() {
+    use std::os::unix::fs::PermissionsExt;
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    let data = Rng::new(5).bytes(9000);
+    fs::write(vol.path("private"), &data).unwrap();
+    m.unmount();
+    let [backing] = entries(&vol.backing).try_into().unwrap();
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "1000:1000", path_str(vol.dir.path())])
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    fs::set_permissions(&backing, fs::Permissions::from_mode(0o000)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=1000", "--regid=1000", "--clear-groups"])
+        .arg(common::kmsfs_bin())
+        .args(["fsck", "--json", "--repair", path_str(&vol.backing)])
+        .env("KMSFS_KEYSTORE", &vol.keystore)
+        .env("KMSFS_CONFIG", &vol.config)
+        .env("KMSFS_PASSPHRASE", common::PASSPHRASE)
+        .env("HOME", vol.dir.path())
+        .output()
+        .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", common::stderr(&out)));
+    assert_eq!(out.status.code(), Some(12), "some problems remain: {report}");
+    assert_eq!(kinds(&report), ["inaccessible", "orphan_key"], "{report}");
+    assert!(
+        report.to_string().contains("kept: 1 file(s) could not be read"),
+        "{report}"
+    );
+    fs::set_permissions(&backing, fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(fsck(&vol, &[]).0, 0, "nothing was lost");
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("private")).unwrap(), data);
+    m.unmount();
+}

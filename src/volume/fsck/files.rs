@@ -15,6 +15,9 @@ pub(super) enum FileOutcome {
     /// Only the header's version field is damaged: its file id has a key and
     /// every block authenticates with it, which proves the id right.
     HeaderFixable(FileId, u64),
+    /// The system refused to let fsck read it (permissions, an I/O error):
+    /// nothing is known of its content, or of which key is its.
+    Inaccessible(String),
     Unreadable {
         id: Option<FileId>,
         kind: &'static str,
@@ -37,6 +40,8 @@ pub(super) fn check_file(volume: &Volume, path: &Path, progress: &(dyn Fn(u64) +
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let file = match namespace::openat_quietly(rustix::fs::CWD, path, flags) {
         Ok(fd) => fs::File::from(fd),
+        // A symlink in a file's place (O_NOFOLLOW) is damage; anything else is the system's refusal.
+        Err(e) if e != rustix::io::Errno::LOOP => return FileOutcome::Inaccessible(format!("cannot open: {e}")),
         Err(e) => return unreadable(None, "damaged_header", format!("cannot open: {e}")),
     };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -55,7 +60,7 @@ pub(super) fn check_file(volume: &Volume, path: &Path, progress: &(dyn Fn(u64) +
     let id = match namespace::read_file_id(&file) {
         Ok(FileIdRead::Id(id)) => id,
         Ok(FileIdRead::Empty) => return unreadable(None, "damaged_header", "no header".into()),
-        Err(e) => return unreadable(None, "damaged_header", e.to_string()),
+        Err(e) => return FileOutcome::Inaccessible(format!("cannot read its header: {e}")),
         Ok(FileIdRead::Damaged { raw, error: e }) => {
             if let Some(id) = raw {
                 if let Ok(cipher) = volume.file_cipher(&id) {

@@ -31,7 +31,7 @@ pub const LOST_FOUND: &str = "lost+found";
 #[derive(Debug, Clone, Serialize)]
 pub struct Problem {
     /// missing_dir_iv, bad_dir_iv, bad_name, missing_sidecar, orphan_sidecar, leftover_temporary,
-    /// damaged_header, missing_key, bad_key, bad_blocks, bad_symlink, bad_xattr, orphan_key,
+    /// damaged_header, missing_key, bad_key, bad_blocks, bad_symlink, bad_xattr, orphan_key, inaccessible,
     /// orphan_link_target, db_integrity, no_header, bad_length, duplicate_file_id
     pub kind: &'static str,
     /// Path in the backing directory (relative), or the DB row.
@@ -110,6 +110,9 @@ struct Walk {
     long_links: HashSet<[u8; 16]>,
     /// Long symlink target rows to erase: (link id, problem index).
     orphan_links: Vec<([u8; 16], usize)>,
+    /// Files the system would not let fsck read: any key no file was seen
+    /// to use may be theirs, so none is erased.
+    inaccessible: u64,
 }
 
 fn rel(root: &Path, p: &Path) -> String {
@@ -404,6 +407,7 @@ pub fn fsck(
         let id = match &outcome {
             FileOutcome::Fine(id, _) | FileOutcome::Unreadable { id, .. } => *id,
             FileOutcome::HeaderFixable(id, _) => Some(*id),
+            FileOutcome::Inaccessible(_) => None,
         };
         if let Some(id) = id {
             if let Some(first) = referenced.get(&id) {
@@ -433,6 +437,12 @@ pub fn fsck(
                         );
                     }
                 }
+            }
+            FileOutcome::Inaccessible(detail) => {
+                // Not damage: left where it is, for whoever can read it.
+                w.inaccessible += 1;
+                let detail = format!("{detail}; not damage: run fsck as a user who can read it");
+                w.problem(&root, "inaccessible", &f.backing, f.plain.clone(), detail);
             }
             FileOutcome::HeaderFixable(id, blocks) => {
                 report.blocks += blocks;

@@ -51,6 +51,15 @@ pub(super) fn repair_volume(
         }
     }
     for (id, i) in orphan_keys {
+        if w.inaccessible > 0 {
+            // Not repaired: it stays a problem until a run that reads every file.
+            let kept = format!(
+                " (kept: {} file(s) could not be read, and it may be one of theirs)",
+                w.inaccessible
+            );
+            w.problems[*i].detail.push_str(&kept);
+            continue;
+        }
         volume.forget_file_key(id);
         w.problems[*i].repair = Some("key row erased".into());
     }
