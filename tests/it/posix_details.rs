@@ -477,3 +477,21 @@ fn cached_listings_follow_every_change_made_through_the_mount() {
     assert_eq!(names("e"), ["b", "link"]);
     m.unmount();
 }
+
+/// A terminal ioctl on a file (Python's `open` asks `isatty`) gets ENOTTY,
+/// as on a disk filesystem, and leaves no line in the daemon's log.
+#[test]
+fn terminal_ioctls_answer_enotty_without_a_log_line() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    fs::write(vol.path("f"), b"x").unwrap();
+    let f = fs::File::open(vol.path("f")).unwrap();
+    let mut termios = std::mem::MaybeUninit::<libc::termios>::uninit();
+    // SAFETY: TCGETS writes one termios into the buffer given.
+    let asked = unsafe { libc::ioctl(f.as_raw_fd(), libc::TCGETS, termios.as_mut_ptr()) };
+    assert_eq!(asked, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENOTTY));
+    drop(f);
+    m.unmount();
+    assert!(!vol.log_text().contains("ioctl"), "{}", vol.log_text());
+}
