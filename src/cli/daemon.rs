@@ -248,6 +248,13 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let options = super::mount_options::parse(&args.options, &mut keys, args.reverse)?;
     let keys = &keys;
     super::audit::install(keys, "mount")?;
+    // A backing directory that is not there is no volume (exit 4, as for status and fsck).
+    if std::fs::metadata(&args.backing).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+        return Err(CliError::new(
+            ExitCode::Volume,
+            format!("backing directory {} does not exist", args.backing.display()),
+        ));
+    }
     let backing = absolute(&args.backing, "backing directory")?;
     let mountpoint = absolute(&args.mountpoint, "mount point")?;
     check_mount_point(&mountpoint, options.nonempty)?;

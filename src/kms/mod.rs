@@ -54,7 +54,11 @@ pub enum KmsError {
     WrongPassphrase(PathBuf),
     #[error("wrong key file for keystore {0}")]
     WrongKeyFile(PathBuf),
-    #[error("keystore {0} does not exist (run `kmsfs init` first, or pass --keystore)")]
+    #[error(
+        "keystore {0} does not exist: pass --keystore (or set KMSFS_KEYSTORE) naming the one that \
+         holds the master key, or restore it from a backup; `kmsfs init` makes a new keystore for a \
+         new volume only, with keys no existing volume uses"
+    )]
     KeystoreMissing(PathBuf),
     #[error("keystore {path} is unreadable: {reason}")]
     KeystoreCorrupt { path: PathBuf, reason: String },

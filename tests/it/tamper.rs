@@ -223,10 +223,21 @@ fn bad_input_gets_distinct_exit_codes_and_changes_nothing() {
         .output()
         .unwrap();
     assert_eq!(missing_ks.status.code(), Some(5));
-    assert!(String::from_utf8_lossy(&missing_ks.stderr).contains("does not exist"));
+    let said = String::from_utf8_lossy(&missing_ks.stderr);
+    assert!(
+        said.contains("does not exist") && said.contains("restore it from a backup"),
+        "{said}"
+    );
 
     let not_volume = vol.run(&["mount", path_str(vol.dir.path()), mnt]);
     assert_eq!(not_volume.status.code(), Some(4));
+    let missing = vol.run(&["mount", path_str(&vol.dir.path().join("missing")), mnt]);
+    assert_eq!(
+        missing.status.code(),
+        Some(4),
+        "no directory, no volume: {}",
+        common::stderr(&missing)
+    );
     assert!(String::from_utf8_lossy(&not_volume.stderr).contains("not a kmsfs volume"));
 
     let no_mountpoint = vol.run(&["mount", backing, path_str(&vol.dir.path().join("missing"))]);
