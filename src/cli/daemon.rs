@@ -351,7 +351,7 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     super::systemd::ready(&format!("serving {} on {}", backing.display(), mountpoint.display()));
     volume.check_db_in_background();
     if let Some(idle) = options.idle {
-        watch_idle(activity, idle, mountpoint.clone());
+        watch_idle(activity, idle, mountpoint.clone(), Arc::clone(&volume));
     }
     let served = session.run();
     super::systemd::stopping(&format!("unmounted {}; committing file keys", mountpoint.display()));
@@ -478,14 +478,15 @@ pub(super) fn unmount_on_signal(
 /// Unmounts once no request has named a file for `idle` (as gocryptfs's
 /// `-idle`). The unmount is never lazy: while a file is open (or a process
 /// has its working directory inside) the kernel refuses it, and the mount
-/// stays until it is idle and free.
-fn watch_idle(activity: Arc<kmsfs::fs::Activity>, idle: Duration, mountpoint: PathBuf) {
+/// stays until it is idle and free. Nor while file keys cannot be
+/// committed: the daemon keeps them until it can (as `kmsfs umount` waits).
+fn watch_idle(activity: Arc<kmsfs::fs::Activity>, idle: Duration, mountpoint: PathBuf, volume: Arc<Volume>) {
     let check_every = (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(10));
     let spawned = std::thread::Builder::new().name("kmsfs-idle".into()).spawn(move || {
         let mut said_busy = false;
         loop {
             std::thread::sleep(check_every);
-            if activity.idle_for() < idle {
+            if activity.idle_for() < idle || volume.commit_error().is_some() {
                 said_busy = false;
                 continue;
             }

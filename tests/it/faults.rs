@@ -487,3 +487,30 @@ fn a_db_on_a_full_filesystem_is_not_called_damaged() {
     assert_eq!(fs::read(vol.path("kept")).unwrap(), b"kept");
     m.unmount();
 }
+
+/// An idle mount whose daemon cannot commit file keys stays mounted (as
+/// `kmsfs umount` refuses): unmounted, the keys would have to be saved on
+/// the very storage that is failing. It unmounts once they are committed.
+#[test]
+fn an_idle_mount_waits_for_its_keys_to_commit_before_unmounting() {
+    let vol = TestVolume::init();
+    let _m = vol.mount_with(&["-o", "idle=1s"]);
+    let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON file_keys BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+    )
+    .unwrap();
+    fs::write(vol.path("kept"), b"kept in memory").unwrap();
+    common::wait_until("the daemon publishes the failure", || {
+        fs::read_to_string(vol.backing.join("kmsfs.lock")).is_ok_and(|t| t.contains("injected failure"))
+    });
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert!(common::is_mounted(&vol.mnt), "idle, but keys are not committed");
+    db.execute_batch("DROP TRIGGER refuse;").unwrap();
+    drop(db);
+    common::wait_until("unmounted once idle and committed", || !common::is_mounted(&vol.mnt));
+    assert!(!vol.backing.join("kmsfs.pending-keys").exists());
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("kept")).unwrap(), b"kept in memory");
+    m.unmount();
+}
