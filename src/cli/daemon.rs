@@ -571,11 +571,10 @@ fn commit_at_exit(volume: &Volume) -> Result<(), String> {
     }
     let volume_name = volume.backing().display();
     match volume.save_pending_keys() {
-        Ok(rows) => Err(format!(
+        Ok((rows, saved_to)) => Err(format!(
             "committing file keys of volume {volume_name} failed at unmount ({last}); {rows} key change(s) \
-             were saved to {}/{} and are stored at the next mount or fsck: fix the cause, then run `kmsfs fsck {volume_name}`",
-            volume_name,
-            kmsfs::volume::rescue::PENDING_FILE
+             were saved to {} and are stored at the next mount or fsck: fix the cause, then run `kmsfs fsck {volume_name}`",
+            saved_to.display()
         )),
         Err(e) => Err(format!(
             "committing file keys of volume {volume_name} failed at unmount ({last}), and saving them failed too \

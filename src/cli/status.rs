@@ -87,7 +87,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         .filter(|k| k.state == "active")
         .map(|k| (kmsfs::util::unix_now() as i64 - k.created_at).max(0) / 86_400)
         .next();
-    let pending = kmsfs::volume::rescue::waiting(backing);
+    let pending = kmsfs::volume::rescue::waiting(backing, &row.volume_id);
     if json {
         let versions: Vec<_> = keys
             .iter()
@@ -121,7 +121,8 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "daemon_provider_calls": daemon.as_ref().map(|d| d.provider_calls),
             "commit_error": daemon.as_ref().and_then(|d| d.commit_error.clone()),
             "problem": daemon.as_ref().and_then(|d| d.problem.clone()),
-            "pending_keys_file": pending,
+            "pending_keys_file": !pending.is_empty(),
+            "pending_keys_files": pending,
             "key_state": key_state.as_ref().map(|k| &k.state),
             "key_deletion_date": key_state.as_ref().and_then(|k| k.deletion_date).map(kmsfs::util::utc_date),
             "key_material_valid_to": key_state.as_ref().and_then(|k| k.material_valid_to).map(kmsfs::util::utc_date),
@@ -202,10 +203,10 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     if let Some(e) = daemon.as_ref().and_then(|d| d.commit_error.as_ref()) {
         outln!("FAILING:        committing file keys: {e} (the daemon keeps retrying; fsync reports EIO meanwhile)");
     }
-    if pending {
+    for file in &pending {
         outln!(
             "pending keys:   {} holds file keys an unmount could not commit; the next mount or fsck stores them",
-            kmsfs::volume::rescue::PENDING_FILE
+            file.display()
         );
     }
     if let Some(key) = key_state {

@@ -148,9 +148,10 @@ impl Volume {
         })
     }
 
-    /// Saves the file keys that could not be committed beside the DB (see
-    /// `rescue`); the next open of the volume stores them.
-    pub fn save_pending_keys(&self) -> Result<usize, VolumeError> {
+    /// Saves the file keys that could not be committed beside the DB, else
+    /// on the host (see `rescue`); the next open of the volume stores them.
+    /// Returns how many and where.
+    pub fn save_pending_keys(&self) -> Result<(usize, std::path::PathBuf), VolumeError> {
         rescue::save(&self.backing, &self.info.volume_id, &self.db)
     }
 }

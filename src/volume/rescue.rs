@@ -1,14 +1,16 @@
 //! File keys a mount daemon could not commit to the metadata DB (a full
 //! disk, a provider that stayed away) are not dropped when it exits: they go
-//! to `kmsfs.pending-keys` beside the DB, wrapped as in the DB, and the next
-//! open of the volume (mount, fsck, rotate) stores them and removes the file.
+//! to `kmsfs.pending-keys` beside the DB, wrapped as in the DB, or, when
+//! that cannot be written either (the same full or read-only disk), to the
+//! host (`host_file`); the next open of the volume (mount, fsck, rotate)
+//! stores them and removes the file.
 //!
 //! The file sits in the backing directory, so it is as hostile as the DB: a
 //! row only ever fills a gap (never replaces a stored key), must be under
 //! the active volume-key version, and still has to unwrap under it.
 
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -30,28 +32,77 @@ struct PendingFile {
 }
 
 /// Writes the DB's queued changes to the pending file (merged with one a
-/// previous daemon left). Returns how many rows it holds.
-pub fn save(backing: &Path, volume_id: &[u8; 16], db: &MetadataDb) -> Result<usize, VolumeError> {
-    let path = backing.join(PENDING_FILE);
+/// previous daemon left) beside the DB, else on the host. Returns how many
+/// rows it holds and where it is.
+pub fn save(backing: &Path, volume_id: &[u8; 16], db: &MetadataDb) -> Result<(usize, PathBuf), VolumeError> {
     let (inserts, deletes) = db.take_pending();
-    let mut file = match read(backing, volume_id) {
+    let beside = write_merged(&backing.join(PENDING_FILE), volume_id, &inserts, &deletes);
+    let Err(beside_error) = beside else {
+        return beside;
+    };
+    let Some(host) = host_file(volume_id) else {
+        return Err(beside_error);
+    };
+    write_merged(&host, volume_id, &inserts, &deletes).map_err(|host_error| VolumeError::Io {
+        path: backing.join(PENDING_FILE),
+        source: std::io::Error::other(format!("{beside_error}; and on the host: {host_error}")),
+    })
+}
+
+/// Writes `inserts` and `deletes`, after the rows the file at `path` holds
+/// already, to `path`.
+fn write_merged(
+    path: &Path,
+    volume_id: &[u8; 16],
+    inserts: &[(FileId, u32, WrappedKey)],
+    deletes: &[FileId],
+) -> Result<(usize, PathBuf), VolumeError> {
+    let mut file = match read(path, volume_id) {
         Ok(Some((old_inserts, old_deletes))) => encode(volume_id, &old_inserts, &old_deletes),
         Ok(None) => encode(volume_id, &[], &[]),
         Err(e @ VolumeError::PendingDamaged { .. }) => {
-            set_aside(backing, &e)?;
+            set_aside(path, &e)?;
             encode(volume_id, &[], &[])
         }
         Err(e) => return Err(e),
     };
-    let new = encode(volume_id, &inserts, &deletes);
+    let new = encode(volume_id, inserts, deletes);
     file.inserts.extend(new.inserts);
     file.deletes.extend(new.deletes);
     let text = serde_json::to_vec(&file).map_err(|e| VolumeError::Io {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source: std::io::Error::other(e),
     })?;
-    crate::kms::locked_file::replace(&path, &text, 0o600, false).map_err(io_at(&path))?;
-    Ok(file.inserts.len() + file.deletes.len())
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_at(dir))?;
+    }
+    crate::kms::locked_file::replace(path, &text, 0o600, false).map_err(io_at(path))?;
+    Ok((file.inserts.len() + file.deletes.len(), path.to_path_buf()))
+}
+
+/// Where a volume's pending keys go when its backing directory cannot take
+/// them: `/var/lib/kmsfs/pending-keys/VOLUME-ID.json` for root, else under
+/// `$XDG_STATE_HOME` (default `~/.local/state`) `/kmsfs/pending-keys/`.
+pub fn host_file(volume_id: &[u8; 16]) -> Option<PathBuf> {
+    let dir = if rustix::process::geteuid().is_root() {
+        PathBuf::from("/var/lib/kmsfs")
+    } else {
+        let state = std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .filter(|d| d.is_absolute())
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .map(PathBuf::from)
+                    .filter(|d| d.is_absolute())
+                    .map(|home| home.join(".local/state"))
+            })?;
+        state.join("kmsfs")
+    };
+    Some(dir.join("pending-keys").join(format!("{}.json", hex(volume_id))))
 }
 
 fn encode(volume_id: &[u8; 16], inserts: &[(FileId, u32, WrappedKey)], deletes: &[FileId]) -> PendingFile {
@@ -78,9 +129,9 @@ fn unhex(s: &str) -> Option<FileId> {
 /// Larger than any pending-keys file kmsfs writes (about 1.8 million keys).
 const MAX_PENDING_BYTES: u64 = 256 << 20;
 
-/// The rows of the pending file, if there is one for this volume.
-fn read(backing: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeError> {
-    let path = backing.join(PENDING_FILE);
+/// The rows of the pending file at `path`, if there is one, for this volume.
+fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeError> {
+    let path = path.to_path_buf();
     let damaged = |reason: &str| VolumeError::PendingDamaged {
         path: path.clone(),
         reason: reason.to_string(),
@@ -127,19 +178,28 @@ fn read(backing: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeErro
 
 /// Moves a pending-keys file that is not one (`why`) out of the way, for a
 /// person to look at: never in the way of opening or leaving the volume.
-fn set_aside(backing: &Path, why: &VolumeError) -> Result<(), VolumeError> {
-    log::error!("{why}; moved to {PENDING_FILE}.unreadable, its keys are not stored");
-    let path = backing.join(PENDING_FILE);
-    std::fs::rename(&path, backing.join(format!("{PENDING_FILE}.unreadable"))).map_err(io_at(&path))
+fn set_aside(path: &Path, why: &VolumeError) -> Result<(), VolumeError> {
+    let aside = PathBuf::from(format!("{}.unreadable", path.display()));
+    log::error!("{why}; moved to {}, its keys are not stored", aside.display());
+    std::fs::rename(path, &aside).map_err(io_at(path))
 }
 
-/// Stores what a previous daemon saved, then removes the file.
+/// Stores what a previous daemon saved, beside the DB and on the host,
+/// then removes the files.
 pub fn restore(backing: &Path, volume_id: &[u8; 16], db: &MetadataDb) -> Result<(), VolumeError> {
-    let (inserts, deletes) = match read(backing, volume_id) {
+    restore_from(&backing.join(PENDING_FILE), volume_id, db)?;
+    match host_file(volume_id) {
+        Some(host) => restore_from(&host, volume_id, db),
+        None => Ok(()),
+    }
+}
+
+fn restore_from(path: &Path, volume_id: &[u8; 16], db: &MetadataDb) -> Result<(), VolumeError> {
+    let (inserts, deletes) = match read(path, volume_id) {
         Ok(Some(rows)) => rows,
         Ok(None) => return Ok(()),
         // Unreadable: set aside (for a person to look at), never in the way of opening the volume.
-        Err(e @ VolumeError::PendingDamaged { .. }) => return set_aside(backing, &e),
+        Err(e @ VolumeError::PendingDamaged { .. }) => return set_aside(path, &e),
         Err(e) => return Err(e),
     };
     let (stored, skipped) = db.restore_rows(&inserts, &deletes)?;
@@ -150,17 +210,19 @@ pub fn restore(backing: &Path, volume_id: &[u8; 16], db: &MetadataDb) -> Result<
         );
     }
     log::warn!(
-        "stored {stored} file key(s) and {} deletion(s) an earlier daemon could not commit",
-        deletes.len()
+        "stored {stored} file key(s) and {} deletion(s) an earlier daemon could not commit (from {})",
+        deletes.len(),
+        path.display()
     );
-    let path = backing.join(PENDING_FILE);
-    std::fs::remove_file(&path).map_err(io_at(&path))?;
-    std::fs::File::open(backing)
-        .and_then(|d| d.sync_all())
-        .map_err(io_at(backing))
+    std::fs::remove_file(path).map_err(io_at(path))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_at(dir))
 }
 
-/// Whether a daemon left keys waiting in the backing directory.
-pub fn waiting(backing: &Path) -> bool {
-    backing.join(PENDING_FILE).exists()
+/// Where a daemon left keys of this volume waiting: beside the DB, on the host.
+pub fn waiting(backing: &Path, volume_id: &[u8; 16]) -> Vec<PathBuf> {
+    std::iter::once(backing.join(PENDING_FILE))
+        .chain(host_file(volume_id))
+        .filter(|p| p.exists())
+        .collect()
 }

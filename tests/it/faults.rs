@@ -189,7 +189,8 @@ fn source_of(path: &std::path::Path) -> String {
 /// A backing filesystem that turns read-only under a mount takes the lock
 /// file, where the daemon reports its failures, with it: the report of the
 /// keys it can no longer commit reaches `status` and `umount` through its
-/// record on the host instead.
+/// record on the host instead, and the keys themselves, which cannot be
+/// saved beside the DB, are saved on the host and stored by the next mount.
 #[test]
 fn keys_a_backing_filesystem_turned_read_only_keeps_from_committing_are_reported() {
     let outer = tempfile::tempdir().unwrap();
@@ -211,6 +212,9 @@ fn keys_a_backing_filesystem_turned_read_only_keeps_from_committing_are_reported
     let vol = TestVolume::init_on_with(&[("KMSFS_TEST_FLUSH_INTERVAL_MS", "3000")], ext.join("cipher"));
     let mut m = vol.mount();
     fs::write(vol.path("new"), b"not committed yet").unwrap();
+    // The backing file is durable (the backing filesystem synced, not the
+    // volume: an fsync through the mount would commit the key too).
+    sh(&["sync", "-f", path_str(&ext)]);
     let sysfs = format!("/sys/fs/ext4/{}/trigger_fs_error", device.trim_start_matches("/dev/"));
     fs::write(&sysfs, "1").unwrap();
     let backing = path_str(&vol.backing);
@@ -225,16 +229,27 @@ fn keys_a_backing_filesystem_turned_read_only_keeps_from_committing_are_reported
     );
     let out = m.umount_with(&[]);
     assert_eq!(out.status.code(), Some(7), "umount refuses: {}", common::stderr(&out));
+    // Forced: the keys cannot go beside the DB, so they go to the host.
     let out = m.umount_with(&["--force"]);
     let said = common::stderr(&out);
-    assert_eq!(
-        out.status.code(),
-        Some(7),
-        "the keys are lost, and umount says so: {said}"
-    );
+    assert_eq!(out.status.code(), Some(7), "umount says what happened: {said}");
     assert!(
-        said.contains("kmsfs.pending-keys") && said.contains("kmsfs fsck"),
+        said.contains("saved to /var/lib/kmsfs/pending-keys/") && said.contains("kmsfs fsck"),
         "{said}"
+    );
+    // The filesystem repaired, the next mount stores them: nothing was lost.
+    sh(&["umount", path_str(&ext)]);
+    let _ = Command::new("e2fsck").args(["-fy", path_str(&image)]).output().unwrap();
+    sh(&["mount", "-o", "loop", path_str(&image), path_str(&ext)]);
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("new")).unwrap(), b"not committed yet");
+    m.unmount();
+    let status = vol.run(&["status", "--json", path_str(&vol.backing)]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        status["pending_keys_files"],
+        serde_json::json!([]),
+        "the host's file is gone"
     );
 }
 
