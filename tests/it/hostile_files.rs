@@ -108,3 +108,16 @@ fn a_pending_keys_file_that_is_not_one_is_set_aside() {
         fs::remove_file(&aside).unwrap();
     }
 }
+
+/// Only the DB's own name may not be a symlink: a volume reached through a
+/// symlinked path (the user's choice) opens.
+#[test]
+fn a_volume_reached_through_a_symlinked_path_opens() {
+    let vol = TestVolume::init();
+    let link = vol.dir.path().join("link");
+    std::os::unix::fs::symlink(&vol.backing, &link).unwrap();
+    for args in [vec!["status", path_str(&link)], vec!["fsck", path_str(&link)]] {
+        let out = vol.run(&args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", common::stderr(&out));
+    }
+}

@@ -108,14 +108,23 @@ fn full_filesystem(path: &Path, e: &rusqlite::Error) -> bool {
     if failure.code == rusqlite::ErrorCode::DiskFull {
         return true;
     }
-    let io = matches!(
-        failure.code,
-        rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::CannotOpen
-    );
-    io && path
-        .parent()
-        .and_then(|dir| rustix::fs::statvfs(dir).ok())
-        .is_some_and(|st| st.f_bavail == 0 || st.f_bfree == 0 || st.f_favail == 0)
+    if failure.code != rusqlite::ErrorCode::SystemIoFailure {
+        return false;
+    }
+    let Some(st) = path.parent().and_then(|dir| rustix::fs::statvfs(dir).ok()) else {
+        return false;
+    };
+    if st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY) {
+        return false;
+    }
+    // Root may use the reserved blocks; filesystems that count no inodes
+    // (btrfs, vfat) report none free.
+    let blocks_left = if rustix::process::geteuid().is_root() {
+        st.f_bfree
+    } else {
+        st.f_bavail
+    };
+    (st.f_blocks > 0 && blocks_left == 0) || (st.f_files > 0 && st.f_favail == 0)
 }
 
 #[derive(Debug, Clone)]
@@ -197,9 +206,19 @@ impl MetadataDb {
             conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
             Ok(())
         };
-        let damaged = unreadable(path);
         // The backing directory may not pick a file for kmsfs to open (a
-        // symlink to another volume's DB, a device, a FIFO).
+        // symlink to another volume's DB, a device, a FIFO). SQLite's
+        // NOFOLLOW refuses a symlink anywhere in the path, so the path up
+        // to the DB's own name (the user's to choose) is resolved first.
+        let resolved;
+        let path = match (path.parent().map(std::fs::canonicalize), path.file_name()) {
+            (Some(Ok(dir)), Some(name)) => {
+                resolved = dir.join(name);
+                resolved.as_path()
+            }
+            _ => path,
+        };
+        let damaged = unreadable(path);
         match std::fs::symlink_metadata(path) {
             Ok(meta) if !meta.file_type().is_file() => {
                 return Err(DbError::Damaged {
