@@ -7,7 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -84,39 +84,44 @@ fn own_runtime_dir() -> Option<std::path::PathBuf> {
 }
 
 /// The records that may hold the state of the daemon of `backing`: this
-/// process's own runtime directory's, root's, and the lock file owner's
-/// (`kmsfs status` run by root for a user's mount).
+/// process's own runtime directory's and root's. (Not those of the lock
+/// file's owner: whoever can write the backing directory can make that
+/// file theirs.)
 fn host_records(backing: &Path) -> Vec<std::path::PathBuf> {
-    let owner = rustix::fs::stat(backing.join(LOCK_FILE)).ok().map(|st| st.st_uid);
     let mut dirs: Vec<std::path::PathBuf> = own_runtime_dir().into_iter().collect();
     dirs.push("/run/kmsfs".into());
-    if let Some(uid) = owner.filter(|&uid| uid != 0) {
-        dirs.push(format!("/run/user/{uid}/kmsfs").into());
-    }
     dirs.dedup();
     dirs.iter().filter_map(|d| host_record(backing, d)).collect()
 }
 
-/// The latest of what the lock file (`text`) and the host records say.
+/// What the daemon last said: its host record (the newest, if both this
+/// user's and root's exist), which the backing directory cannot touch, else
+/// the lock file's `text`.
 fn latest(backing: &Path, text: &str) -> Option<DaemonInfo> {
-    let in_lock = serde_json::from_str::<DaemonInfo>(text).ok();
     host_records(backing)
         .iter()
-        .filter_map(|path| read_nofollow(path))
+        .filter_map(|path| read_small(path))
         .filter_map(|text| serde_json::from_str::<DaemonInfo>(&text).ok())
-        .chain(in_lock)
         .max_by_key(|info| info.published_ms)
+        .or_else(|| serde_json::from_str(text).ok())
 }
 
-fn read_nofollow(path: &Path) -> Option<String> {
-    let mut text = String::new();
-    OpenOptions::new()
+/// Longer than anything a daemon publishes.
+const MAX_PUBLISHED: u64 = 64 << 10;
+
+/// The text of the regular file at `path`, never through a symlink, never
+/// waiting on a FIFO, never more than MAX_PUBLISHED bytes.
+fn read_small(path: &Path) -> Option<String> {
+    let file = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
-        .ok()?
-        .read_to_string(&mut text)
         .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    file.take(MAX_PUBLISHED).read_to_string(&mut text).ok()?;
     Some(text)
 }
 
@@ -125,6 +130,13 @@ fn read_nofollow(path: &Path) -> Option<String> {
 fn write_record(path: &Path, text: &str) -> std::io::Result<()> {
     let dir = path.parent().ok_or_else(|| std::io::Error::other("no directory"))?;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() || meta.uid() != rustix::process::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory of this user's alone",
+            dir.display()
+        )));
+    }
     let tmp = dir.join(format!(
         ".{}.{}",
         std::process::id(),
@@ -236,7 +248,7 @@ impl VolumeLock {
     /// What the last daemon published, held or not: after `umount`, its
     /// last word.
     pub fn last_published(backing: &Path) -> Option<DaemonInfo> {
-        latest(backing, &read_nofollow(&backing.join(LOCK_FILE)).unwrap_or_default())
+        latest(backing, &read_small(&backing.join(LOCK_FILE)).unwrap_or_default())
     }
 
     /// The pid of the daemon holding the lock, if any.
@@ -246,16 +258,16 @@ impl VolumeLock {
 
     /// What the daemon holding the lock last recorded, if a daemon holds it.
     pub fn daemon(backing: &Path) -> Option<DaemonInfo> {
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(backing.join(LOCK_FILE))
             .ok()?;
-        if flock(file.as_fd(), FlockOperation::NonBlockingLockShared).is_ok() {
+        if !file.metadata().ok()?.is_file() || flock(file.as_fd(), FlockOperation::NonBlockingLockShared).is_ok() {
             return None;
         }
         let mut text = String::new();
-        file.read_to_string(&mut text).ok()?;
+        file.take(MAX_PUBLISHED).read_to_string(&mut text).ok()?;
         Some(latest(backing, &text).unwrap_or(DaemonInfo {
             pid: text.trim().parse().unwrap_or(0),
             ..DaemonInfo::default()
