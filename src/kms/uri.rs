@@ -191,23 +191,46 @@ impl ProviderUri {
 /// messages, logs and the host configuration. Values of settings no
 /// provider knows are replaced too: a misspelt `pin-value` is still a PIN.
 pub fn redact(uri: &str) -> String {
-    let Some((head, query)) = uri.split_once('?') else {
-        return uri.to_string();
+    let (head, query) = match uri.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (uri, None),
     };
     let shown = |k: &str| {
-        !SECRET_PARAMS.contains(&k)
+        let k = decoded(k);
+        !SECRET_PARAMS.contains(&k.as_str())
             && [AWS_SETTINGS, VAULT_SETTINGS, PKCS11_SETTINGS]
                 .iter()
-                .any(|known| known.contains(&k))
+                .any(|known| known.contains(&k.as_str()))
     };
-    let parts: Vec<String> = query
-        .split('&')
-        .map(|part| match part.split_once('=') {
-            Some((k, _)) if !shown(k) => format!("{k}=<redacted>"),
-            _ => part.to_string(),
-        })
-        .collect();
-    format!("{head}?{}", parts.join("&"))
+    let redacted = |parts: &str, sep: char, shown: &dyn Fn(&str) -> bool| -> String {
+        parts
+            .split(sep)
+            .map(|part| match part.split_once('=') {
+                Some((k, _)) if !shown(k) => format!("{k}=<redacted>"),
+                _ => part.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(&sep.to_string())
+    };
+    // A PKCS#11 path attribute that is none of the known ones may be a PIN
+    // given in the wrong place.
+    let head = match head.split_once(':') {
+        Some(("pkcs11", path)) => format!(
+            "pkcs11:{}",
+            redacted(path, ';', &|k| PKCS11_ATTRIBUTES.contains(&decoded(k).as_str()))
+        ),
+        _ => head.to_string(),
+    };
+    match query {
+        Some(query) => format!("{head}?{}", redacted(query, '&', &shown)),
+        None => head,
+    }
+}
+
+/// A setting's name as the parser sees it (%-escapes decoded); undecodable
+/// names come out as themselves, which no list holds.
+fn decoded(k: &str) -> String {
+    percent_decode(k, "").unwrap_or_else(|_| k.to_string())
 }
 
 /// The URI without its secret parameters: what the host configuration keeps.
@@ -217,7 +240,7 @@ pub fn without_secrets(uri: &str) -> String {
     };
     let kept: Vec<&str> = query
         .split('&')
-        .filter(|part| !SECRET_PARAMS.contains(&part.split_once('=').map_or(*part, |(k, _)| k)))
+        .filter(|part| !SECRET_PARAMS.contains(&decoded(part.split_once('=').map_or(*part, |(k, _)| k)).as_str()))
         .collect();
     if kept.is_empty() {
         head.to_string()
@@ -294,6 +317,13 @@ mod tests {
         ] {
             assert!(matches!(ProviderUri::parse(bad), Err(KmsError::BadUri { .. })), "{bad}");
         }
+        for leaky in ["pkcs11:object=m;pin-value=1234", "pkcs11:object=m;pin%2Dvalue=1234"] {
+            let said = ProviderUri::parse(leaky).unwrap_err().to_string();
+            assert!(!said.contains("1234"), "{said}");
+        }
+        let escaped = "pkcs11:object=m?pin%2Dvalue=1234";
+        assert!(ProviderUri::parse(escaped).unwrap().has_secret());
+        assert!(!redact(escaped).contains("1234") && !without_secrets(escaped).contains("1234"));
         let misspelt = ProviderUri::parse("pkcs11:object=m?pin-valu=1234")
             .unwrap_err()
             .to_string();
