@@ -407,10 +407,12 @@ pub fn write_under(
             // is written when this write covers it or goes past it: a file cut at
             // a block boundary ends in a block sealed as not final, and a write
             // that made it a middle block, or replaced it, would hide the cut.
-            let old_final = old_size
+            // (Format 1 cannot tell a cut at a block boundary: its final
+            // block is read only to be sealed again when it stops being last.)
+            let mut old_final = old_size
                 .checked_sub(1)
                 .map(|s| s / BS)
-                .filter(|&f| f <= last)
+                .filter(|&f| f < first || (f <= last && cipher.layout() == Layout::Sealed))
                 .map(|f| read_blocks(file, cipher, old_size, f, f).map(|plain| (f, plain)))
                 .transpose()?;
             if old_size == 0 && first > 0 && cipher.layout() == Layout::Sealed {
@@ -443,9 +445,9 @@ pub fn write_under(
                     plain.resize((span_end - span_start) as usize, 0);
                     for block in edges.into_iter().flatten() {
                         if block * BS < old_size {
-                            let existing = match &old_final {
-                                Some((f, plain)) if *f == block => plain.clone(),
-                                _ => read_blocks(file, cipher, old_size, block, block)?,
+                            let existing = match old_final.take_if(|(f, _)| *f == block) {
+                                Some((_, plain)) => plain,
+                                None => read_blocks(file, cipher, old_size, block, block)?,
                             };
                             let at = ((block - first) * BS) as usize;
                             let n = existing.len().min(plain.len() - at);
