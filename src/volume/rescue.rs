@@ -136,8 +136,14 @@ fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeError> 
         path: path.clone(),
         reason: reason.to_string(),
     };
-    // Never through a symlink, never a FIFO or device: the backing directory
-    // is not trusted to pick a file, or to make kmsfs wait or read forever.
+    // Never through a symlink, never a FIFO or device (not even opened: a
+    // device's open can act): the backing directory is not trusted to pick
+    // a file, or to make kmsfs wait or read forever.
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if !meta.is_file() => return Err(damaged("not a regular file")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        _ => {}
+    }
     let opened = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -179,7 +185,14 @@ fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeError> 
 /// Moves a pending-keys file that is not one (`why`) out of the way, for a
 /// person to look at: never in the way of opening or leaving the volume.
 fn set_aside(path: &Path, why: &VolumeError) -> Result<(), VolumeError> {
-    let aside = PathBuf::from(format!("{}.unreadable", path.display()));
+    // Beside any set aside before, never over it.
+    let aside = (0..)
+        .map(|n| match n {
+            0 => PathBuf::from(format!("{}.unreadable", path.display())),
+            n => PathBuf::from(format!("{}.unreadable.{n}", path.display())),
+        })
+        .find(|p| std::fs::symlink_metadata(p).is_err())
+        .unwrap_or_else(|| PathBuf::from(format!("{}.unreadable", path.display())));
     log::error!("{why}; moved to {}, its keys are not stored", aside.display());
     std::fs::rename(path, &aside).map_err(io_at(path))
 }
