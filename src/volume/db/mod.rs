@@ -117,14 +117,11 @@ fn full_filesystem(path: &Path, e: &rusqlite::Error) -> bool {
     if st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY) {
         return false;
     }
-    // Root may use the reserved blocks; filesystems that count no inodes
-    // (btrfs, vfat) report none free.
-    let blocks_left = if rustix::process::geteuid().is_root() {
-        st.f_bfree
-    } else {
-        st.f_bavail
-    };
-    (st.f_blocks > 0 && blocks_left == 0) || (st.f_files > 0 && st.f_favail == 0)
+    // Blocks available to normal users, for root too: ext4 counts as free
+    // a reserve (`reserved_clusters`) no one may use, so a disk that is
+    // full for root still shows free blocks. Filesystems that count no
+    // inodes (btrfs, vfat) report none free.
+    (st.f_blocks > 0 && st.f_bavail == 0) || (st.f_files > 0 && st.f_favail == 0)
 }
 
 #[derive(Debug, Clone)]
