@@ -51,6 +51,10 @@ fn mounted_at(backing: &Path) -> Option<MountEntry> {
 }
 
 pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Result<(), CliError> {
+    // Used only with --check-key, but a bad one is said at once, not when it is used.
+    if let Some(raw) = &keys.kms {
+        kmsfs::kms::uri::ProviderUri::parse(raw)?;
+    }
     let source = backing_of(path)?;
     // A reverse view's volume lives in PLAIN/.kmsfs-reverse; it is mounted as PLAIN.
     let (backing_dir, reverse) = super::volumes::volume_dir(&source);

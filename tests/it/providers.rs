@@ -386,6 +386,11 @@ fn bad_provider_uris_are_usage_errors() {
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{uri}: {}", stderr(&out));
         assert!(stderr(&out).contains("bad key provider URI"), "{}", stderr(&out));
+        let out = std::process::Command::new(common::kmsfs_bin())
+            .args(["--kms", uri, "status", path_str(dir.path())])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "status --kms {uri}: {}", stderr(&out));
     }
 }
 
