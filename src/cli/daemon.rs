@@ -272,6 +272,7 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let _ = MOUNTING.set(row.volume_id);
     let provider = super::volumes::provider_for(&backing, &row, keys)?;
     let lock = VolumeLock::acquire(&backing)?;
+    lock.serving(&mountpoint);
     let volume = Arc::new(Volume::open_to_serve(&backing, provider)?);
     log::info!(
         "volume {} opened with {} provider call(s)",

@@ -67,6 +67,7 @@ pub fn serve(
     let _ = daemon::MOUNTING.set(row.volume_id);
     let provider = super::volumes::provider_for(&dir, &row, keys)?;
     let lock = VolumeLock::acquire(&dir)?;
+    lock.serving(mountpoint);
     let volume = Arc::new(Volume::open(&dir, provider)?);
     if volume.derived().is_none() {
         return Err(CliError::new(

@@ -91,7 +91,13 @@ pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
     // A stale mount (its daemon died) has no daemon to wait for; the volume
     // may meanwhile be mounted elsewhere by another.
     let stale = std::fs::metadata(&mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
-    let (volume, _) = super::volumes::volume_dir(&backing);
+    let (mut volume, _) = super::volumes::volume_dir(&backing);
+    if !volume.join(kmsfs::volume::db::DB_FILE).exists()
+        && let Some(found) = VolumeLock::backing_mounted_at(&mountpoint)
+    {
+        // The source names no volume (`fsname=`): the daemon's record does.
+        volume = super::volumes::volume_dir(&found).0;
+    }
     if !stale && !force {
         refuse_while_keys_uncommitted(&mountpoint, &volume)?;
     }

@@ -33,10 +33,17 @@ pub struct DaemonInfo {
     /// free in a moment (whatever unmounted it: `umount`, idle, a signal).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub finishing: bool,
-    /// When it was published (Unix milliseconds; set by `publish`): of the
-    /// lock file and the host record, the later one is the daemon's word.
+    /// When it was published (Unix milliseconds; set by `publish`): of
+    /// this user's and root's host records, the later one is the daemon's word.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub published_ms: u64,
+    /// Where the volume is and where it is mounted: in the host record only
+    /// (the lock file travels with the backing directory), for `umount` of
+    /// a mount whose source names no directory (`fsname=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mountpoint: Option<std::path::PathBuf>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -50,6 +57,9 @@ pub struct VolumeLock {
     /// The lock file holds the last state published: the host record is
     /// not needed once the daemon is gone.
     lock_current: std::sync::atomic::AtomicBool,
+    backing: std::path::PathBuf,
+    /// Where the daemon serves the volume, once it does (`serving`).
+    mountpoint: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 impl Drop for VolumeLock {
@@ -216,6 +226,8 @@ impl VolumeLock {
             _file: file,
             record,
             lock_current: std::sync::atomic::AtomicBool::new(false),
+            backing: backing.to_path_buf(),
+            mountpoint: std::sync::OnceLock::new(),
         })
     }
 
@@ -232,8 +244,13 @@ impl VolumeLock {
             .set_len(0)
             .and_then(|_| f.seek(SeekFrom::Start(0)))
             .and_then(|_| f.write_all(text.as_bytes()));
+        let placed = DaemonInfo {
+            backing: Some(self.backing.clone()),
+            mountpoint: self.mountpoint.get().cloned(),
+            ..info
+        };
         let in_record = match &self.record {
-            Some(path) => write_record(path, &text),
+            Some(path) => write_record(path, &serde_json::to_string(&placed).unwrap_or_default()),
             None => Err(std::io::Error::other("no runtime directory (XDG_RUNTIME_DIR unset)")),
         };
         self.lock_current
@@ -243,6 +260,32 @@ impl VolumeLock {
                 "cannot publish the daemon's state for `status` and `umount`: lock file: {lock}; host record: {record}"
             );
         }
+    }
+
+    /// Records where the daemon serves the volume (published from then on).
+    pub fn serving(&self, mountpoint: &Path) {
+        let _ = self.mountpoint.set(mountpoint.to_path_buf());
+    }
+
+    /// The backing directory of the volume a live daemon of this user (or
+    /// root) serves at `mountpoint`, from its host record.
+    pub fn backing_mounted_at(mountpoint: &Path) -> Option<std::path::PathBuf> {
+        let dirs: Vec<std::path::PathBuf> = own_runtime_dir().into_iter().chain(["/run/kmsfs".into()]).collect();
+        dirs.iter()
+            .filter_map(|dir| std::fs::read_dir(dir).ok())
+            .flatten()
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with("daemon-"))
+            .filter_map(|entry| read_small(&entry.path()))
+            .filter_map(|text| serde_json::from_str::<DaemonInfo>(&text).ok())
+            .filter(|info| info.mountpoint.as_deref() == Some(mountpoint))
+            // Alive: a dead daemon's record may name a mount point reused since.
+            .filter(|info| {
+                rustix::process::Pid::from_raw(info.pid as i32)
+                    .is_some_and(|pid| rustix::process::test_kill_process(pid) != Err(rustix::io::Errno::SRCH))
+            })
+            .max_by_key(|info| info.published_ms)
+            .and_then(|info| info.backing)
     }
 
     /// What the last daemon published, held or not: after `umount`, its

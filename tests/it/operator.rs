@@ -289,3 +289,34 @@ fn the_kernel_keeps_a_volumes_entries_for_the_attr_timeout() {
         m.unmount();
     }
 }
+
+/// A mount whose source names no directory (`fsname=`) is found by its
+/// daemon's host record: `umount` still refuses while file keys cannot be
+/// committed, and still waits for the daemon once they are.
+#[test]
+fn umount_of_an_fsname_mount_finds_its_volume() {
+    let vol = TestVolume::init();
+    let mnt = path_str(&vol.mnt);
+    let m = vol.mount_with(&["-o", "fsname=my-volume"]);
+    let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON file_keys BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+    )
+    .unwrap();
+    fs::write(vol.path("kept"), b"kept").unwrap();
+    wait_until("the daemon publishes the failure", || {
+        fs::read_to_string(vol.backing.join("kmsfs.lock")).is_ok_and(|t| t.contains("injected failure"))
+    });
+    let out = vol.run(&["umount", mnt]);
+    assert_eq!(out.status.code(), Some(7), "refused: {}", stderr(&out));
+    assert!(mount_type(&vol.mnt).is_some());
+    db.execute_batch("DROP TRIGGER refuse;").unwrap();
+    drop(db);
+    wait_until("the keys committed", || {
+        vol.run(&["status", path_str(&vol.backing)]).status.success()
+    });
+    m.unmount();
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("kept")).unwrap(), b"kept");
+    m.unmount();
+}
