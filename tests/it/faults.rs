@@ -175,6 +175,18 @@ fn a_read_only_backing_filesystem_is_refused_clearly() {
     assert_eq!(fs::read(vol.path("kept")).unwrap(), b"kept");
 }
 
+/// A fresh ext4 of `mib` MiB in an image in `dir`, mounted with `options`:
+/// (image, mount point, the guard that unmounts it).
+fn ext4_image(dir: &std::path::Path, mib: u64, options: &str) -> (PathBuf, PathBuf, TestMount) {
+    let image = dir.join("ext4.img");
+    fs::File::create(&image).unwrap().set_len(mib << 20).unwrap();
+    sh(&["mkfs.ext4", "-q", "-F", path_str(&image)]);
+    let mounted = dir.join("ext4");
+    fs::create_dir(&mounted).unwrap();
+    sh(&["mount", "-o", options, path_str(&image), path_str(&mounted)]);
+    (image, mounted.clone(), TestMount(mounted))
+}
+
 /// The device mounted at exactly `path` (from /proc/self/mountinfo).
 fn source_of(path: &std::path::Path) -> String {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -194,19 +206,7 @@ fn source_of(path: &std::path::Path) -> String {
 #[test]
 fn keys_a_backing_filesystem_turned_read_only_keeps_from_committing_are_reported() {
     let outer = tempfile::tempdir().unwrap();
-    let image = outer.path().join("ext4.img");
-    fs::File::create(&image).unwrap().set_len(64 << 20).unwrap();
-    sh(&["mkfs.ext4", "-q", "-F", path_str(&image)]);
-    let ext = outer.path().join("ext4");
-    fs::create_dir(&ext).unwrap();
-    sh(&[
-        "mount",
-        "-o",
-        "loop,errors=remount-ro",
-        path_str(&image),
-        path_str(&ext),
-    ]);
-    let _ext = TestMount(ext.clone());
+    let (image, ext, _ext) = ext4_image(outer.path(), 64, "loop,errors=remount-ro");
     let device = source_of(&ext);
     // Keys are committed every 3 s instead of 200 ms: the filesystem fails in between.
     let vol = TestVolume::init_on_with(&[("KMSFS_TEST_FLUSH_INTERVAL_MS", "3000")], ext.join("cipher"));
@@ -370,12 +370,7 @@ fn key_commits_that_keep_failing_are_reported_and_lose_nothing() {
     let backing = path_str(&vol.backing);
     let m = vol.mount();
     fs::write(vol.path("before"), b"committed").unwrap();
-    // From now on every commit of file keys fails, as on a broken disk.
-    let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
-    db.execute_batch(
-        "CREATE TRIGGER refuse BEFORE INSERT ON file_keys BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
-    )
-    .unwrap();
+    let db = common::refuse_key_commits(&vol);
     let mut f = fs::File::create(vol.path("during")).unwrap();
     f.write_all(b"precious").unwrap();
     assert_eq!(
@@ -421,8 +416,7 @@ fn key_commits_that_keep_failing_are_reported_and_lose_nothing() {
     );
     // The cause goes away (a DB with a trigger of someone else's is refused
     // outright): the next mount stores the saved keys.
-    db.execute_batch("DROP TRIGGER refuse;").unwrap();
-    drop(db);
+    common::allow_key_commits(db);
     let status = vol.run(&["status", backing]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("pending keys"));
     let m = vol.mount();
@@ -440,11 +434,7 @@ fn key_commits_that_keep_failing_are_reported_and_lose_nothing() {
 fn an_unmount_refused_while_commits_fail_succeeds_once_they_commit() {
     let vol = TestVolume::init();
     let mut m = vol.mount();
-    let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
-    db.execute_batch(
-        "CREATE TRIGGER refuse BEFORE INSERT ON file_keys BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
-    )
-    .unwrap();
+    let db = common::refuse_key_commits(&vol);
     fs::write(vol.path("kept"), b"kept in memory").unwrap();
     common::wait_until("the daemon publishes the failure", || {
         fs::read_to_string(vol.backing.join("kmsfs.lock")).is_ok_and(|t| t.contains("injected failure"))
@@ -458,8 +448,7 @@ fn an_unmount_refused_while_commits_fail_succeeds_once_they_commit() {
     .unwrap();
     let out = m.umount_with(&[]);
     assert_eq!(out.status.code(), Some(7), "{}", common::stderr(&out));
-    db.execute_batch("DROP TRIGGER refuse;").unwrap();
-    drop(db);
+    common::allow_key_commits(db);
     common::wait_until("the keys committed", || {
         vol.run(&["status", path_str(&vol.backing)]).status.success()
     });
@@ -478,13 +467,7 @@ fn an_unmount_refused_while_commits_fail_succeeds_once_they_commit() {
 fn a_db_on_a_full_filesystem_is_not_called_damaged() {
     // ext4, whose reserve no one may use shows as free blocks even to root.
     let outer = tempfile::tempdir().unwrap();
-    let image = outer.path().join("ext4.img");
-    fs::File::create(&image).unwrap().set_len(32 << 20).unwrap();
-    sh(&["mkfs.ext4", "-q", "-F", path_str(&image)]);
-    let small = outer.path().join("small");
-    fs::create_dir(&small).unwrap();
-    sh(&["mount", "-o", "loop", path_str(&image), path_str(&small)]);
-    let _ext4 = TestMount(small.clone());
+    let (_, small, _ext4) = ext4_image(outer.path(), 32, "loop");
     let vol = TestVolume::init_on(small.join("cipher"));
     let m = vol.mount();
     fs::write(vol.path("kept"), b"kept").unwrap();
@@ -529,19 +512,14 @@ fn a_db_on_a_full_filesystem_is_not_called_damaged() {
 fn an_idle_mount_waits_for_its_keys_to_commit_before_unmounting() {
     let vol = TestVolume::init();
     let _m = vol.mount_with(&["-o", "idle=1s"]);
-    let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
-    db.execute_batch(
-        "CREATE TRIGGER refuse BEFORE INSERT ON file_keys BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
-    )
-    .unwrap();
+    let db = common::refuse_key_commits(&vol);
     fs::write(vol.path("kept"), b"kept in memory").unwrap();
     common::wait_until("the daemon publishes the failure", || {
         fs::read_to_string(vol.backing.join("kmsfs.lock")).is_ok_and(|t| t.contains("injected failure"))
     });
     std::thread::sleep(std::time::Duration::from_secs(4));
     assert!(common::is_mounted(&vol.mnt), "idle, but keys are not committed");
-    db.execute_batch("DROP TRIGGER refuse;").unwrap();
-    drop(db);
+    common::allow_key_commits(db);
     common::wait_until("unmounted once idle and committed", || !common::is_mounted(&vol.mnt));
     assert!(!vol.backing.join("kmsfs.pending-keys").exists());
     let m = vol.mount();

@@ -298,11 +298,7 @@ fn umount_of_an_fsname_mount_finds_its_volume() {
     let vol = TestVolume::init();
     let mnt = path_str(&vol.mnt);
     let m = vol.mount_with(&["-o", "fsname=my-volume"]);
-    let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
-    db.execute_batch(
-        "CREATE TRIGGER refuse BEFORE INSERT ON file_keys BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
-    )
-    .unwrap();
+    let db = common::refuse_key_commits(&vol);
     fs::write(vol.path("kept"), b"kept").unwrap();
     wait_until("the daemon publishes the failure", || {
         fs::read_to_string(vol.backing.join("kmsfs.lock")).is_ok_and(|t| t.contains("injected failure"))
@@ -310,8 +306,7 @@ fn umount_of_an_fsname_mount_finds_its_volume() {
     let out = vol.run(&["umount", mnt]);
     assert_eq!(out.status.code(), Some(7), "refused: {}", stderr(&out));
     assert!(mount_type(&vol.mnt).is_some());
-    db.execute_batch("DROP TRIGGER refuse;").unwrap();
-    drop(db);
+    common::allow_key_commits(db);
     wait_until("the keys committed", || {
         vol.run(&["status", path_str(&vol.backing)]).status.success()
     });

@@ -241,6 +241,22 @@ pub fn kinds(report: &serde_json::Value) -> Vec<String> {
     k
 }
 
+/// From now on every commit of file keys to the volume's DB fails ('injected
+/// failure'), as on a broken disk, until `allow_key_commits`.
+pub fn refuse_key_commits(vol: &TestVolume) -> rusqlite::Connection {
+    let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON file_keys BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+    )
+    .unwrap();
+    db
+}
+
+/// Undoes `refuse_key_commits`.
+pub fn allow_key_commits(db: rusqlite::Connection) {
+    db.execute_batch("DROP TRIGGER refuse;").unwrap();
+}
+
 /// Waits up to 20 s for `done`, failing the test with `what` after that.
 pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
