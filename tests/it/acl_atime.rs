@@ -44,9 +44,7 @@ fn mode(p: &Path) -> u32 {
 #[test]
 fn acls_are_enforced_inherited_kept_in_step_with_chmod_and_stored_sealed() {
     let vol = TestVolume::init();
-    fs::set_permissions(vol.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let m = vol.mount_with(&["-o", "allow_other"]);
-    fs::set_permissions(&vol.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+    let m = vol.mount_shared("allow_other");
 
     let p = vol.path("secret");
     fs::write(&p, b"for 1000 only").unwrap();
@@ -191,9 +189,7 @@ fn acls_are_enforced_inherited_kept_in_step_with_chmod_and_stored_sealed() {
 #[test]
 fn new_directories_inherit_set_group_id() {
     let vol = TestVolume::init();
-    fs::set_permissions(vol.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let m = vol.mount_with(&["-o", "allow_other"]);
-    fs::set_permissions(&vol.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+    let m = vol.mount_shared("allow_other");
     let top = vol.path("shared");
     fs::create_dir(&top).unwrap();
     std::os::unix::fs::chown(&top, None, Some(2002)).unwrap();

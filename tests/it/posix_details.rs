@@ -293,9 +293,7 @@ fn as_uid_1000(script: &str, path: &Path) -> String {
 fn writes_and_truncation_by_a_non_root_owner_clear_set_id_bits() {
     use std::os::unix::fs::PermissionsExt;
     let vol = TestVolume::init();
-    fs::set_permissions(vol.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let _m = vol.mount_with(&["-o", "allow_other"]);
-    fs::set_permissions(&vol.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+    let _m = vol.mount_shared("allow_other");
     let p = vol.path("setid");
     fs::write(&p, b"x").unwrap();
     std::os::unix::fs::chown(&p, Some(1000), Some(1000)).unwrap();
@@ -357,9 +355,7 @@ fn writes_and_truncation_by_a_non_root_owner_clear_set_id_bits() {
 fn a_set_user_id_program_written_by_another_user_stops_running_as_its_owner() {
     use std::os::unix::fs::PermissionsExt;
     let vol = TestVolume::init();
-    fs::set_permissions(vol.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let _m = vol.mount_with(&["-o", "allow_other,suid"]);
-    fs::set_permissions(&vol.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+    let _m = vol.mount_shared("allow_other,suid");
     let program = vol.path("id");
     fs::copy("/usr/bin/id", &program).unwrap();
     std::os::unix::fs::chown(&program, Some(1001), Some(1001)).unwrap();

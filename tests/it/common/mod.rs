@@ -117,6 +117,17 @@ impl TestVolume {
         self.mount_with(&[])
     }
 
+    /// Mounted with `-o OPTIONS` for other users to reach (the options
+    /// should include `allow_other`): the tempdir above it and the mount
+    /// root opened to them.
+    pub fn mount_shared(&self, options: &str) -> Mount<'_> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let m = self.mount_with(&["-o", options]);
+        std::fs::set_permissions(&self.mnt, std::fs::Permissions::from_mode(0o755)).unwrap();
+        m
+    }
+
     pub fn mount_with(&self, extra: &[&str]) -> Mount<'_> {
         let mut args = vec![
             "mount",
