@@ -87,33 +87,42 @@ fn prompt_passphrase(confirm: bool) -> Result<Zeroizing<String>, CliError> {
     Ok(first)
 }
 
+/// An empty passphrase is a mistake (an unset variable, an empty file), not
+/// a guess: said as such, never tried as a wrong one.
+fn passphrase(text: Zeroizing<String>, from: &str) -> Result<UnlockSecret, CliError> {
+    if text.is_empty() {
+        return Err(secret_err(format!("the passphrase from {from} is empty")));
+    }
+    Ok(UnlockSecret::Passphrase(text))
+}
+
 fn unlock_secret(keys: &KeyOptions, confirm: bool) -> Result<UnlockSecret, CliError> {
     if let Some(k) = &keys.key_file {
         return Ok(UnlockSecret::KeyFile(k.clone()));
     }
     if let Some(f) = &keys.passphrase_file {
-        return Ok(UnlockSecret::Passphrase(first_line_of(f, "passphrase file")?));
+        return passphrase(first_line_of(f, "passphrase file")?, "the passphrase file");
     }
     if let Some(command) = &keys.extpass {
         return Ok(UnlockSecret::Passphrase(external_passphrase(command)?));
     }
     if let Some(p) = &keys.env_passphrase {
-        return Ok(UnlockSecret::Passphrase(p.clone()));
+        return passphrase(p.clone(), PASSPHRASE_ENV);
     }
     if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from) {
         let key_file = dir.join(CREDENTIAL_KEY_FILE);
         if key_file.is_file() {
             return Ok(UnlockSecret::KeyFile(key_file));
         }
-        let passphrase = dir.join(CREDENTIAL_PASSPHRASE);
-        if passphrase.is_file() {
-            return Ok(UnlockSecret::Passphrase(first_line_of(
-                &passphrase,
-                "systemd credential",
-            )?));
+        let credential = dir.join(CREDENTIAL_PASSPHRASE);
+        if credential.is_file() {
+            return passphrase(
+                first_line_of(&credential, "systemd credential")?,
+                "the systemd credential",
+            );
         }
     }
-    Ok(UnlockSecret::Passphrase(prompt_passphrase(confirm)?))
+    passphrase(prompt_passphrase(confirm)?, "the terminal")
 }
 
 /// The secret `keystore passwd` protects the keystore with from now on.
@@ -132,12 +141,12 @@ pub fn new_secret(
         return Ok(UnlockSecret::KeyFile(k.to_path_buf()));
     }
     if let Some(f) = passphrase_file {
-        return Ok(UnlockSecret::Passphrase(first_line_of(f, "new passphrase file")?));
+        return passphrase(first_line_of(f, "new passphrase file")?, "the new passphrase file");
     }
     if let Some(p) = crate::cli::harden::take_env_secret(NEW_PASSPHRASE_ENV) {
-        return Ok(UnlockSecret::Passphrase(p));
+        return passphrase(p, NEW_PASSPHRASE_ENV);
     }
-    Ok(UnlockSecret::Passphrase(prompt_passphrase(true)?))
+    passphrase(prompt_passphrase(true)?, "the terminal")
 }
 
 pub fn open_keystore(keys: &KeyOptions) -> Result<LocalKeystore, CliError> {

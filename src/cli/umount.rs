@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kmsfs::volume::lock::VolumeLock;
+use kmsfs::volume::lock::{DaemonInfo, VolumeLock};
 
 use super::daemon::{mount_error, mount_point_path};
 use super::{CliError, ExitCode};
@@ -47,9 +47,8 @@ pub(super) fn unmount(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
 /// Keeps a daemon that cannot commit file keys mounted: it holds them and
 /// retries, and they would be lost if it had to save them to a backing
 /// filesystem that is failing (full, read-only) on its way out.
-fn refuse_while_keys_uncommitted(mountpoint: &Path, volume: &Path) -> Result<(), CliError> {
-    let failing = VolumeLock::daemon(volume).and_then(|daemon| daemon.commit_error);
-    match failing {
+fn refuse_while_keys_uncommitted(mountpoint: &Path, daemon: Option<&DaemonInfo>) -> Result<(), CliError> {
+    match daemon.and_then(|daemon| daemon.commit_error.clone()) {
         Some(error) => Err(CliError::new(
             ExitCode::Io,
             format!(
@@ -98,8 +97,10 @@ pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
         // The source names no volume (`fsname=`): the daemon's record does.
         volume = super::volumes::volume_dir(&found).0;
     }
-    if !stale && !force {
-        refuse_while_keys_uncommitted(&mountpoint, &volume)?;
+    // The daemon as it is now, to find its last word once it has exited.
+    let daemon = if stale { None } else { VolumeLock::daemon(&volume) };
+    if !force {
+        refuse_while_keys_uncommitted(&mountpoint, daemon.as_ref())?;
     }
     if let Err(err) = unmount_now(&mountpoint) {
         let hint = if err.raw_os_error() == Some(libc::EBUSY) {
@@ -124,7 +125,7 @@ pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
             mountpoint.display()
         )));
     }
-    let last = VolumeLock::last_published(&backing);
+    let last = daemon.and_then(|daemon| VolumeLock::last_published(&backing, &daemon));
     if let Some(error) = last.as_ref().and_then(|info| info.problem.clone()) {
         return Err(CliError::new(
             ExitCode::Io,

@@ -17,6 +17,12 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// One attempt never waits longer than this: a retry may find another server.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long one attempt may wait within a call's `budget`: short enough that
+/// a second attempt (and the backoff before it) fits in the budget too.
+fn attempt_timeout(budget: Duration) -> Duration {
+    ATTEMPT_TIMEOUT.min(budget.mul_f64(0.45))
+}
+
 /// The time budget of one provider call: `KMSFS_PROVIDER_TIMEOUT`, else the
 /// provider URI's `timeout=` (kept per volume in the host configuration),
 /// else 30 s; 1–600 seconds.
@@ -90,8 +96,8 @@ fn agent(provider: &str, ca_file: Option<&str>, budget: Duration) -> Result<Agen
     }
     Ok(Agent::config_builder()
         .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(3).min(budget)))
-        .timeout_global(Some(ATTEMPT_TIMEOUT.min(budget)))
+        .timeout_connect(Some(Duration::from_secs(3).min(attempt_timeout(budget))))
+        .timeout_global(Some(attempt_timeout(budget)))
         .tls_config(tls.build())
         .build()
         .new_agent())
@@ -155,7 +161,7 @@ fn call_with_retries(
         if attempt > 0 {
             // No attempt starts that could run past the budget.
             let wait = backoff(attempt - 1);
-            if started.elapsed() + wait + ATTEMPT_TIMEOUT.min(budget) > budget {
+            if started.elapsed() + wait + attempt_timeout(budget) > budget {
                 break;
             }
             std::thread::sleep(wait);
@@ -163,10 +169,12 @@ fn call_with_retries(
         let mut response = match send()? {
             Ok(r) => r,
             Err(ureq::Error::Timeout(_)) => {
-                let waited = ATTEMPT_TIMEOUT.min(budget).as_secs_f64();
                 last_error = Some(unreachable(format!(
-                    "no answer within {waited} s (each call, retries included, may take {} s: \
-                     {TIMEOUT_ENV} or timeout= in the provider URI)",
+                    "no answer within {:.1} s, {} attempt(s) in {:.1} s (a call, retries included, \
+                     may take {} s: {TIMEOUT_ENV} or timeout= in the provider URI)",
+                    attempt_timeout(budget).as_secs_f64(),
+                    attempt + 1,
+                    started.elapsed().as_secs_f64(),
                     budget.as_secs_f64()
                 )));
                 continue;

@@ -2,17 +2,18 @@
 //! volume is never served by two daemons, and `umount` can wait for the
 //! daemon to finish committing. The daemon publishes its state in the lock
 //! file and in a record on the host (see `host_record`), which `status` and
-//! `umount` read.
+//! `umount` read; the record counts over the lock file.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rustix::fs::{FlockOperation, flock};
 
+use super::host_record;
 use super::layout::LOCK_FILE;
 
 /// What the mount daemon publishes in the lock file, while it runs and (its
@@ -44,6 +45,13 @@ pub struct DaemonInfo {
     pub backing: Option<std::path::PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mountpoint: Option<std::path::PathBuf>,
+    /// The daemon's start time (`host_record::process_start`): with its
+    /// pid, which process wrote this (a later one may get the same pid).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub proc_start: u64,
+    /// The host record this was read from, if it was (not published).
+    #[serde(skip)]
+    pub record: Option<PathBuf>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -57,110 +65,26 @@ pub struct VolumeLock {
     /// The lock file holds the last state published: the host record is
     /// not needed once the daemon is gone.
     lock_current: std::sync::atomic::AtomicBool,
+    /// The last state published names a failure.
+    failed: std::sync::atomic::AtomicBool,
     backing: std::path::PathBuf,
     /// Where the daemon serves the volume, once it does (`serving`).
     mountpoint: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 impl Drop for VolumeLock {
+    /// The host record goes once the lock file holds the daemon's last
+    /// word, unless that word is a failure: the lock file can be forged, and
+    /// `umount` reads a failure from the record (the next daemon of the
+    /// volume replaces it).
     fn drop(&mut self) {
         if let Some(record) = &self.record
             && self.lock_current.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.failed.load(std::sync::atomic::Ordering::Relaxed)
         {
             let _ = std::fs::remove_file(record);
         }
     }
-}
-
-/// The host's copy of what the daemon of the volume in `backing` publishes:
-/// `/run/kmsfs` for root, `$XDG_RUNTIME_DIR/kmsfs` for other users, named
-/// by the backing directory's device and inode. The lock file alone is not
-/// enough: a backing filesystem that fails (turned read-only, full) takes
-/// the daemon's report of that failure with it.
-fn host_record(backing: &Path, dir: &Path) -> Option<std::path::PathBuf> {
-    let st = rustix::fs::stat(backing).ok()?;
-    Some(dir.join(format!("daemon-{:x}-{:x}.json", st.st_dev, st.st_ino)))
-}
-
-/// The runtime directory this process publishes to.
-fn own_runtime_dir() -> Option<std::path::PathBuf> {
-    if rustix::process::geteuid().is_root() {
-        return Some("/run/kmsfs".into());
-    }
-    std::env::var_os("XDG_RUNTIME_DIR")
-        .map(std::path::PathBuf::from)
-        .filter(|d| d.is_absolute())
-        .map(|d| d.join("kmsfs"))
-}
-
-/// The records that may hold the state of the daemon of `backing`: this
-/// process's own runtime directory's and root's. (Not those of the lock
-/// file's owner: whoever can write the backing directory can make that
-/// file theirs.)
-fn host_records(backing: &Path) -> Vec<std::path::PathBuf> {
-    let mut dirs: Vec<std::path::PathBuf> = own_runtime_dir().into_iter().collect();
-    dirs.push("/run/kmsfs".into());
-    dirs.dedup();
-    dirs.iter().filter_map(|d| host_record(backing, d)).collect()
-}
-
-/// What the daemon last said: its host record (the newest, if both this
-/// user's and root's exist), which the backing directory cannot touch, else
-/// the lock file's `text`.
-fn latest(backing: &Path, text: &str) -> Option<DaemonInfo> {
-    host_records(backing)
-        .iter()
-        .filter_map(|path| read_small(path))
-        .filter_map(|text| serde_json::from_str::<DaemonInfo>(&text).ok())
-        .max_by_key(|info| info.published_ms)
-        .or_else(|| serde_json::from_str(text).ok())
-}
-
-/// Longer than anything a daemon publishes.
-const MAX_PUBLISHED: u64 = 64 << 10;
-
-/// The text of the regular file at `path`, never through a symlink, never
-/// waiting on a FIFO, never more than MAX_PUBLISHED bytes.
-fn read_small(path: &Path) -> Option<String> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .ok()?;
-    if !file.metadata().ok()?.is_file() {
-        return None;
-    }
-    let mut text = String::new();
-    file.take(MAX_PUBLISHED).read_to_string(&mut text).ok()?;
-    Some(text)
-}
-
-/// Writes `text` to `path` whole (a new file renamed over it), in a
-/// directory only this user can enter.
-fn write_record(path: &Path, text: &str) -> std::io::Result<()> {
-    let dir = path.parent().ok_or_else(|| std::io::Error::other("no directory"))?;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.is_dir() || meta.uid() != rustix::process::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
-        return Err(std::io::Error::other(format!(
-            "{} is not a directory of this user's alone",
-            dir.display()
-        )));
-    }
-    let tmp = dir.join(format!(
-        ".{}.{}",
-        std::process::id(),
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    std::fs::rename(&tmp, path)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -221,11 +145,12 @@ impl VolumeLock {
                 pid,
             });
         }
-        let record = own_runtime_dir().and_then(|dir| host_record(backing, &dir));
+        let record = host_record::own_dir().and_then(|dir| host_record::path_in(backing, &dir));
         Ok(VolumeLock {
             _file: file,
             record,
             lock_current: std::sync::atomic::AtomicBool::new(false),
+            failed: std::sync::atomic::AtomicBool::new(false),
             backing: backing.to_path_buf(),
             mountpoint: std::sync::OnceLock::new(),
         })
@@ -236,6 +161,7 @@ impl VolumeLock {
     pub fn publish(&self, info: &DaemonInfo) {
         let info = DaemonInfo {
             published_ms: crate::util::unix_now_ms(),
+            proc_start: host_record::process_start(std::process::id()).unwrap_or(0),
             ..info.clone()
         };
         let text = serde_json::to_string(&info).unwrap_or_default();
@@ -250,11 +176,17 @@ impl VolumeLock {
             ..info
         };
         let in_record = match &self.record {
-            Some(path) => write_record(path, &serde_json::to_string(&placed).unwrap_or_default()),
-            None => Err(std::io::Error::other("no runtime directory (XDG_RUNTIME_DIR unset)")),
+            Some(path) => host_record::write(path, &serde_json::to_string(&placed).unwrap_or_default()),
+            None => Err(std::io::Error::other(
+                "no runtime or state directory (XDG_RUNTIME_DIR, HOME unset)",
+            )),
         };
         self.lock_current
             .store(in_lock.is_ok(), std::sync::atomic::Ordering::Relaxed);
+        self.failed.store(
+            placed.commit_error.is_some() || placed.problem.is_some(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if let (Err(lock), Err(record)) = (in_lock, in_record) {
             log::error!(
                 "cannot publish the daemon's state for `status` and `umount`: lock file: {lock}; host record: {record}"
@@ -270,28 +202,23 @@ impl VolumeLock {
     /// The backing directory of the volume a live daemon of this user (or
     /// root) serves at `mountpoint`, from its host record.
     pub fn backing_mounted_at(mountpoint: &Path) -> Option<std::path::PathBuf> {
-        let dirs: Vec<std::path::PathBuf> = own_runtime_dir().into_iter().chain(["/run/kmsfs".into()]).collect();
-        dirs.iter()
-            .filter_map(|dir| std::fs::read_dir(dir).ok())
-            .flatten()
-            .filter_map(|entry| entry.ok())
-            .filter(|entry| entry.file_name().to_string_lossy().starts_with("daemon-"))
-            .filter_map(|entry| read_small(&entry.path()))
-            .filter_map(|text| serde_json::from_str::<DaemonInfo>(&text).ok())
+        host_record::all_live()
+            .into_iter()
             .filter(|info| info.mountpoint.as_deref() == Some(mountpoint))
-            // Alive: a dead daemon's record may name a mount point reused since.
-            .filter(|info| {
-                rustix::process::Pid::from_raw(info.pid as i32)
-                    .is_some_and(|pid| rustix::process::test_kill_process(pid) != Err(rustix::io::Errno::SRCH))
-            })
             .max_by_key(|info| info.published_ms)
             .and_then(|info| info.backing)
     }
 
-    /// What the last daemon published, held or not: after `umount`, its
-    /// last word.
-    pub fn last_published(backing: &Path) -> Option<DaemonInfo> {
-        latest(backing, &read_small(&backing.join(LOCK_FILE)).unwrap_or_default())
+    /// What the daemon `was` (as `daemon` saw it) published last: after
+    /// `umount`, its last word. From the host record it was read from, if
+    /// that still holds that process's word, else the lock file.
+    pub fn last_published(backing: &Path, was: &DaemonInfo) -> Option<DaemonInfo> {
+        was.record
+            .as_deref()
+            .and_then(host_record::read_small)
+            .and_then(|text| serde_json::from_str::<DaemonInfo>(&text).ok())
+            .filter(|info| info.pid == was.pid && info.proc_start == was.proc_start)
+            .or_else(|| serde_json::from_str(&host_record::read_small(&backing.join(LOCK_FILE))?).ok())
     }
 
     /// The pid of the daemon holding the lock, if any.
@@ -299,19 +226,28 @@ impl VolumeLock {
         Self::daemon(backing).map(|d| d.pid.to_string())
     }
 
-    /// What the daemon holding the lock last recorded, if a daemon holds it.
+    /// What the daemon holding the lock last recorded, if a daemon holds
+    /// it: its host record (the newest, if both this user's and root's
+    /// exist) whose writer still runs, else the lock file.
     pub fn daemon(backing: &Path) -> Option<DaemonInfo> {
         let file = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(backing.join(LOCK_FILE))
             .ok()?;
-        if !file.metadata().ok()?.is_file() || flock(file.as_fd(), FlockOperation::NonBlockingLockShared).is_ok() {
+        let meta = file.metadata().ok()?;
+        if !meta.is_file() || flock(file.as_fd(), FlockOperation::NonBlockingLockShared).is_ok() {
             return None;
         }
+        let recorded = host_record::live(backing, Some(&meta))
+            .into_iter()
+            .max_by_key(|info| info.published_ms);
+        if recorded.is_some() {
+            return recorded;
+        }
         let mut text = String::new();
-        file.take(MAX_PUBLISHED).read_to_string(&mut text).ok()?;
-        Some(latest(backing, &text).unwrap_or(DaemonInfo {
+        file.take(host_record::MAX_PUBLISHED).read_to_string(&mut text).ok()?;
+        Some(serde_json::from_str(&text).unwrap_or(DaemonInfo {
             pid: text.trim().parse().unwrap_or(0),
             ..DaemonInfo::default()
         }))

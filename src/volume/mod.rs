@@ -6,6 +6,7 @@ pub mod content;
 pub mod db;
 pub mod fsck;
 pub mod header;
+mod host_record;
 pub mod keyring;
 pub mod layout;
 pub mod lock;

@@ -73,6 +73,16 @@ fn write_merged(
         path: path.to_path_buf(),
         source: std::io::Error::other(e),
     })?;
+    if text.len() as u64 > MAX_PENDING_BYTES {
+        return Err(VolumeError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(format!(
+                "{} keys and deletions would take more than {} bytes, the most a pending-keys file may hold",
+                file.inserts.len() + file.deletes.len(),
+                MAX_PENDING_BYTES
+            )),
+        });
+    }
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -126,8 +136,13 @@ fn unhex(s: &str) -> Option<FileId> {
     decode_id(&bytes?)
 }
 
-/// Larger than any pending-keys file kmsfs writes (about 1.8 million keys).
+/// The largest pending-keys file kmsfs writes or reads (about 1.8 million
+/// keys): one that would be larger is not written, as it would not be read
+/// back. (Small in unit tests, to reach it.)
+#[cfg(not(test))]
 const MAX_PENDING_BYTES: u64 = 256 << 20;
+#[cfg(test)]
+const MAX_PENDING_BYTES: u64 = 4 << 10;
 
 /// The rows of the pending file at `path`, if there is one, for this volume.
 fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeError> {
@@ -238,4 +253,37 @@ pub fn waiting(backing: &Path, volume_id: &[u8; 16]) -> Vec<PathBuf> {
         .chain(host_file(volume_id))
         .filter(|p| p.exists())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(n: u8) -> Vec<(FileId, u32, WrappedKey)> {
+        (0..n)
+            .map(|i| ([i; crate::crypto::FILE_ID_LEN], 1, WrappedKey::from_bytes(vec![i; 60])))
+            .collect()
+    }
+
+    /// Every file save writes, read can read back: one that would be too
+    /// large for read is refused (an error the daemon reports) instead of
+    /// written and set aside, keys and all, at the next open.
+    #[test]
+    fn never_writes_a_file_too_large_to_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PENDING_FILE);
+        let volume = [7u8; 16];
+        let first = rows(20);
+        write_merged(&path, &volume, &first, &[]).unwrap();
+        let (read_back, _) = read(&path, &volume).unwrap().unwrap();
+        assert_eq!(read_back.len(), 20);
+
+        // Merged with what is there, the file would pass the limit.
+        let more = rows(60);
+        let err = write_merged(&path, &volume, &more, &[]).unwrap_err().to_string();
+        assert!(err.contains("the most a pending-keys file may hold"), "{err}");
+        let (kept, _) = read(&path, &volume).unwrap().unwrap();
+        assert_eq!(kept.len(), 20, "the earlier rows are untouched");
+        assert!(std::fs::metadata(&path).unwrap().len() <= MAX_PENDING_BYTES);
+    }
 }

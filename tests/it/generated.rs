@@ -144,6 +144,31 @@ fn passphrase_from_extpass_and_from_systemd_credentials() {
     );
     assert_eq!(both.status.code(), Some(2), "--extpass and --passphrase-file conflict");
 
+    // An empty passphrase is a mistake named as one, not a wrong guess.
+    let empty_file = tempfile::NamedTempFile::new().unwrap();
+    let out = without_env(
+        &["--passphrase-file", empty_file.path().to_str().unwrap(), "key", "list"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the passphrase from the passphrase file is empty"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = vol
+        .command()
+        .env("KMSFS_PASSPHRASE", "")
+        .args(["key", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the passphrase from KMSFS_PASSPHRASE is empty"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let credentials = tempfile::tempdir().unwrap();
     let out = without_env(&["key", "list"], &[("CREDENTIALS_DIRECTORY", credentials.path())]);
     assert_eq!(

@@ -19,6 +19,7 @@ mod fsck;
 mod fsx;
 mod generated;
 mod golden;
+mod host_records;
 mod hostile_files;
 mod hostile_listing;
 mod hostile_provider;

@@ -149,7 +149,8 @@ fn aws_kms_failures_unreachable_disabled_and_throttled() {
     );
 
     // A provider that accepts and never answers: one call is bounded by
-    // KMSFS_PROVIDER_TIMEOUT, retries included, and says so.
+    // KMSFS_PROVIDER_TIMEOUT, retries included (two attempts fit in it),
+    // and says so.
     let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let hung_url = format!("aws-kms:alias/fail?endpoint=http://{}", hung.local_addr().unwrap());
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -161,25 +162,36 @@ fn aws_kms_failures_unreachable_disabled_and_throttled() {
             held.push(conn); // never answered, never closed
         }
     });
+    let started = std::time::Instant::now();
     let out = vol
         .command()
         .env("KMSFS_PROVIDER_TIMEOUT", "2")
         .args(["--kms", &hung_url, "mount", backing, mnt])
         .output()
         .unwrap();
+    let took = started.elapsed();
     assert_eq!(out.status.code(), Some(8), "hung: {}", stderr(&out));
-    assert!(stderr(&out).contains("no answer within 2 s"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no answer within 0.9 s, 2 attempt(s) in")
+            && stderr(&out).contains("may take 2 s: KMSFS_PROVIDER_TIMEOUT"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(
         accepted.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "no retry once the 2 s are spent"
+        2,
+        "a retry within the 2 s, and no third attempt"
+    );
+    assert!(
+        took >= std::time::Duration::from_millis(1800),
+        "both attempts waited: {took:?}"
     );
     // The same bound kept with the volume's URI (the host configuration's
     // `kms = "…&timeout=2"`), without the variable.
     let out = vol.run(&["--kms", &format!("{hung_url}&timeout=2"), "mount", backing, mnt]);
     assert_eq!(out.status.code(), Some(8), "hung: {}", stderr(&out));
-    assert!(stderr(&out).contains("no answer within 2 s"), "{}", stderr(&out));
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert!(stderr(&out).contains("may take 2 s"), "{}", stderr(&out));
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
     let bad = vol
         .command()
         .env("KMSFS_PROVIDER_TIMEOUT", "0")

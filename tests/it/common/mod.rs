@@ -159,6 +159,36 @@ impl TestVolume {
         }
     }
 
+    /// Mounts as the user `uid` (root only; the volume's directory must be
+    /// theirs), whose daemon sees only `env` besides the volume's settings.
+    pub fn mount_as(&self, uid: u32, env: &[(&str, &Path)]) -> Mount<'_> {
+        let out = self
+            .command_as(uid, env)
+            .args(["mount", path_str(&self.backing), path_str(&self.mnt)])
+            .output()
+            .expect("run kmsfs mount");
+        assert!(out.status.success(), "mount as {uid} failed: {}", stderr(&out));
+        Mount {
+            vol: self,
+            mounted: true,
+        }
+    }
+
+    /// A kmsfs command run as the user `uid` with only `env` and the
+    /// volume's settings in its environment.
+    pub fn command_as(&self, uid: u32, env: &[(&str, &Path)]) -> Command {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([&format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups"])
+            .arg(kmsfs_bin())
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("KMSFS_KEYSTORE", &self.keystore)
+            .env("KMSFS_CONFIG", &self.config)
+            .env("KMSFS_PASSPHRASE", PASSPHRASE)
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
     /// The same keys and environment, over another backing directory (a
     /// copy of this one) and with its own mount point.
     pub fn view_of(&self, backing: PathBuf) -> TestVolume {
@@ -196,6 +226,11 @@ pub fn json(out: &Output) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A command's stdout as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A command's stderr as text.

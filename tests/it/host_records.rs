@@ -1,0 +1,210 @@
+//! The host's records of mount daemons (a copy of the state each daemon
+//! publishes, out of the backing directory's reach): `status` and `umount`
+//! believe a record only while the process that wrote it runs, and root
+//! believes another user's record only from the process holding the
+//! volume lock. These run as root (they mount as other users).
+
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, chown};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::common::{self, TestVolume, path_str, stderr};
+
+/// The user whose daemon serves the volume.
+const USER: u32 = 1000;
+/// Another user, who forges records.
+const OTHER: u32 = 1002;
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Removes what the test made outside its temporary directory, last first.
+#[derive(Default)]
+struct Made(Vec<PathBuf>);
+
+impl Made {
+    /// `path` as a directory of `uid`'s with `mode`, made if it is not there.
+    fn dir(&mut self, path: &Path, uid: u32, mode: u32) -> PathBuf {
+        if !path.exists() {
+            fs::create_dir(path).unwrap();
+            self.0.push(path.to_path_buf());
+            chown(path, Some(uid), Some(uid)).unwrap();
+            fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+        }
+        path.to_path_buf()
+    }
+
+    fn file(&mut self, path: &Path, text: &str, uid: u32) {
+        fs::write(path, text).unwrap();
+        self.0.push(path.to_path_buf());
+        chown(path, Some(uid), Some(uid)).unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        for path in self.0.iter().rev() {
+            let _ = fs::remove_file(path).or_else(|_| fs::remove_dir(path));
+        }
+    }
+}
+
+fn give_to(path: &Path, uid: u32) {
+    let ok = Command::new("chown")
+        .args(["-R", &format!("{uid}:{uid}"), path_str(path)])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// Field 22 of /proc/PID/stat: when the process started.
+fn process_start(pid: u32) -> u64 {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    text[text.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The record of the daemon of `vol` in `dir`.
+fn record_in(dir: &Path, vol: &TestVolume) -> PathBuf {
+    let st = rustix::fs::stat(&vol.backing).unwrap();
+    dir.join(format!("daemon-{:x}-{:x}.json", st.st_dev, st.st_ino))
+}
+
+fn said(out: &std::process::Output) -> String {
+    common::stdout(out) + &stderr(out)
+}
+
+fn write_as(uid: u32, path: &Path, text: &str) {
+    let out = common::run_as(uid, &format!("printf {text} > \"$1\""), path);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Root's `umount` of a user's mount reads the user's daemon from its
+/// record (the lock file is the backing directory's to forge), and a record
+/// another user writes for the volume, naming a process of theirs, is not
+/// believed: that process does not hold the volume lock.
+#[test]
+fn root_believes_a_users_record_only_from_the_lock_holder() {
+    if !is_root() {
+        eprintln!("skipped: mounts as other users, needs root");
+        return;
+    }
+    let vol = TestVolume::init();
+    give_to(vol.dir.path(), USER);
+    let mut made = Made::default();
+    made.dir(Path::new("/run/user"), 0, 0o755);
+    let runtime = made.dir(Path::new(&format!("/run/user/{USER}")), USER, 0o700);
+    made.dir(&runtime.join("kmsfs"), USER, 0o700);
+    let record = record_in(&runtime.join("kmsfs"), &vol);
+    made.0.push(record.clone());
+    let mut m = vol.mount_as(USER, &[("XDG_RUNTIME_DIR", &runtime)]);
+    assert!(record.exists());
+
+    // Keys that cannot be committed keep the mount up: `umount` refuses,
+    // whatever the lock file says.
+    let db = common::refuse_key_commits(&vol);
+    write_as(USER, &vol.mnt.join("kept"), "kept");
+    common::wait_until("the daemon publishes the failure", || {
+        fs::read_to_string(vol.backing.join("kmsfs.lock")).is_ok_and(|t| t.contains("injected failure"))
+    });
+    fs::write(vol.backing.join("kmsfs.lock"), r#"{"pid":1,"provider_calls":0}"#).unwrap();
+    let refused = m.umount_with(&[]);
+    assert_eq!(refused.status.code(), Some(7), "{}", said(&refused));
+    assert!(said(&refused).contains("injected failure"));
+
+    // Another user's record: newer, all well, naming a process that runs.
+    let other = made.dir(Path::new(&format!("/run/user/{OTHER}")), OTHER, 0o700);
+    let other_records = made.dir(&other.join("kmsfs"), OTHER, 0o700);
+    let mut sleeper = Command::new("setpriv")
+        .args([
+            &format!("--reuid={OTHER}"),
+            &format!("--regid={OTHER}"),
+            "--clear-groups",
+        ])
+        .args(["sleep", "60"])
+        .spawn()
+        .unwrap();
+    let forged = serde_json::json!({
+        "pid": sleeper.id(),
+        "provider_calls": 0,
+        "published_ms": u64::MAX,
+        "proc_start": process_start(sleeper.id()),
+    });
+    made.file(
+        &other_records.join(record.file_name().unwrap()),
+        &forged.to_string(),
+        OTHER,
+    );
+    let refused = m.umount_with(&[]);
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    assert_eq!(refused.status.code(), Some(7), "{}", said(&refused));
+
+    common::allow_key_commits(db);
+    common::wait_until("the keys committed", || {
+        vol.run(&["status", path_str(&vol.backing)]).status.success()
+    });
+    m.unmount();
+    assert!(!record.exists(), "a clean exit takes its record along");
+    let m = vol.mount_as(USER, &[("XDG_RUNTIME_DIR", &runtime)]);
+    let out = common::run_as(USER, r#"cat "$1""#, &vol.mnt.join("kept"));
+    assert_eq!(out.stdout, b"kept");
+    m.unmount();
+}
+
+/// A daemon killed with SIGKILL leaves its record; when the next daemon
+/// of the volume has nowhere to write one (no runtime or state directory),
+/// `umount` reads that daemon's lock file, not the dead one's record, which
+/// says all is well.
+#[test]
+fn a_dead_daemons_record_is_not_believed() {
+    if !is_root() {
+        eprintln!("skipped: mounts as another user, needs root");
+        return;
+    }
+    let vol = TestVolume::init();
+    let runtime = vol.dir.path().join("runtime");
+    fs::create_dir(&runtime).unwrap();
+    fs::set_permissions(&runtime, fs::Permissions::from_mode(0o700)).unwrap();
+    give_to(vol.dir.path(), USER);
+    let with_runtime = [("XDG_RUNTIME_DIR", runtime.as_path())];
+    let m = vol.mount_as(USER, &with_runtime);
+    let record = record_in(&runtime.join("kmsfs"), &vol);
+    let published: serde_json::Value = serde_json::from_str(&fs::read_to_string(&record).unwrap()).unwrap();
+    let pid = published["pid"].as_i64().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let status_as_user = || {
+        vol.command_as(USER, &with_runtime)
+            .args(["status", path_str(&vol.backing)])
+            .output()
+            .unwrap()
+    };
+    common::wait_until("the mount is stale", || status_as_user().status.code() == Some(6));
+    m.unmount();
+    assert!(record.exists(), "a killed daemon's record stays");
+
+    let m = vol.mount_as(USER, &[]);
+    assert_eq!(fs::read_dir(runtime.join("kmsfs")).unwrap().count(), 1);
+    let db = common::refuse_key_commits(&vol);
+    write_as(USER, &vol.mnt.join("kept"), "kept");
+    common::wait_until("the daemon publishes the failure", || {
+        fs::read_to_string(vol.backing.join("kmsfs.lock")).is_ok_and(|t| t.contains("injected failure"))
+    });
+    let refused = vol
+        .command_as(USER, &with_runtime)
+        .args(["umount", path_str(&vol.mnt)])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(7), "{}", said(&refused));
+    assert!(said(&refused).contains("injected failure"));
+    common::allow_key_commits(db);
+    common::wait_until("the keys committed", || status_as_user().status.success());
+    m.unmount();
+}
