@@ -10,8 +10,6 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Seconds since the Unix epoch (0 for a clock set before it). Test builds
-/// read `KMSFS_TEST_NOW` instead when it is set (scheduled key deletion).
 /// Milliseconds since the Unix epoch, from the real clock (orders records).
 pub fn unix_now_ms() -> u64 {
     SystemTime::now()
@@ -20,6 +18,8 @@ pub fn unix_now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Seconds since the Unix epoch (0 for a clock set before it). Test builds
+/// read `KMSFS_TEST_NOW` instead when it is set (scheduled key deletion).
 pub fn unix_now() -> u64 {
     if let Some(now) = crate::test_hooks::number("KMSFS_TEST_NOW") {
         return now;
@@ -28,6 +28,40 @@ pub fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// This user's home: `$HOME` if absolute, else the account database's.
+pub fn home() -> Option<std::path::PathBuf> {
+    std::env::var_os("HOME")
+        .map(std::path::PathBuf::from)
+        .filter(|h| h.is_absolute())
+        .or_else(|| home_of(rustix::process::geteuid().as_raw()))
+}
+
+/// This user's state directory: `$XDG_STATE_HOME`, else `~/.local/state`.
+pub fn state_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("XDG_STATE_HOME")
+        .map(std::path::PathBuf::from)
+        .filter(|d| d.is_absolute())
+        .or_else(|| home().map(|home| home.join(".local/state")))
+}
+
+/// The home directory the account database gives user `uid`.
+pub fn home_of(uid: u32) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut buf = vec![0u8; 16 << 10];
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwuid_r writes the entry into `entry` and its strings into
+    // `buf` (whose length it is given), and sets `found` to `&entry` or null.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
+    if rc != 0 || found.is_null() || entry.pw_dir.is_null() {
+        return None;
+    }
+    // SAFETY: pw_dir points to a NUL-terminated string inside `buf`.
+    let dir = unsafe { std::ffi::CStr::from_ptr(entry.pw_dir) };
+    let dir = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()));
+    dir.is_absolute().then_some(dir)
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -44,9 +44,7 @@ fn mounted_at(backing: &Path) -> Option<MountEntry> {
         .into_iter()
         .filter(|m| m.source == backing && m.is_kmsfs())
         .collect();
-    let stale =
-        |m: &MountEntry| std::fs::metadata(&m.mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
-    ours.sort_by_key(stale);
+    ours.sort_by_key(MountEntry::is_stale);
     ours.into_iter().next()
 }
 
@@ -75,8 +73,10 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     let (row, keys) = (summary.volume, summary.volume_keys);
     let daemon = VolumeLock::daemon(backing);
     let mount = mounted_at(&source);
-    // In the mount table, but no daemon holds the volume: it died.
-    let stale = daemon.is_none() && mount.is_some();
+    // In the mount table, but no daemon holds the volume: it died, and
+    // the mount point says so; or it runs but cannot be seen from here.
+    let stale = daemon.is_none() && mount.as_ref().is_some_and(MountEntry::is_stale);
+    let unseen = daemon.is_none() && mount.is_some() && !stale;
     // Unmounted, committing its last keys, about to exit.
     let finishing = daemon.as_ref().is_some_and(|d| d.finishing);
     let files_of = |v: u32| {
@@ -117,10 +117,11 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "file_keys": counts.as_ref().map(|c| c.iter().map(|(_, n)| n).sum::<u64>()),
             "file_key_error": count_error.as_ref().map(|e| &e.message),
             "rotation_in_progress": rotating,
-            "mounted": daemon.is_some() && !finishing,
+            "mounted": daemon.is_some() && !finishing || unseen,
             "daemon_finishing": finishing,
             "mountpoint": mount.as_ref().map(|m| &m.mountpoint),
             "stale_mount": stale,
+            "daemon_unseen": unseen,
             "daemon_pid": daemon.as_ref().map(|d| d.pid),
             "daemon_provider_calls": daemon.as_ref().map(|d| d.provider_calls),
             "commit_error": daemon.as_ref().and_then(|d| d.commit_error.clone()),
@@ -133,7 +134,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "days_since_rotation": days_since_rotation,
         });
         outln!("{out}");
-        return failing(count_error, daemon.as_ref(), stale_at(stale, mount.as_ref()));
+        return failing(count_error, daemon.as_ref(), gone(stale, unseen, mount.as_ref()));
     }
     outln!("volume:         {}", hex(&row.volume_id));
     outln!("backing:        {}", backing.display());
@@ -189,6 +190,10 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             d.pid,
             d.provider_calls
         ),
+        (None, Some(_)) if unseen => outln!(
+            "mounted:        yes{at}, but its daemon cannot be seen from here (no record of it this user \
+             can read, and no daemon holds kmsfs.lock: replaced?); run `kmsfs status` as the user who mounted it"
+        ),
         (None, Some(m)) => outln!(
             "mounted:        STALE{at}: its daemon is gone; clear it with `kmsfs umount {}`",
             m.mountpoint.display()
@@ -201,11 +206,16 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             super::printable(&e.message)
         );
     }
+    // What a daemon said may come from the lock file, which anyone who can
+    // write the backing directory can forge: printed escaped.
     if let Some(e) = daemon.as_ref().and_then(|d| d.problem.as_ref()) {
-        outln!("FAILING:        {e} (umount will report it)");
+        outln!("FAILING:        {} (umount will report it)", super::printable(e));
     }
     if let Some(e) = daemon.as_ref().and_then(|d| d.commit_error.as_ref()) {
-        outln!("FAILING:        committing file keys: {e} (the daemon keeps retrying; fsync reports EIO meanwhile)");
+        outln!(
+            "FAILING:        committing file keys: {} (the daemon keeps retrying; fsync reports EIO meanwhile)",
+            super::printable(e)
+        );
     }
     for file in &pending {
         outln!(
@@ -235,12 +245,22 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             None => {}
         }
     }
-    failing(count_error, daemon.as_ref(), stale_at(stale, mount.as_ref()))
+    failing(count_error, daemon.as_ref(), gone(stale, unseen, mount.as_ref()))
 }
 
-/// The mount point of a mount whose daemon is gone.
-fn stale_at(stale: bool, mount: Option<&MountEntry>) -> Option<&Path> {
-    mount.filter(|_| stale).map(|m| m.mountpoint.as_path())
+/// A mount whose daemon is gone (stale) or cannot be seen from here.
+enum Gone<'a> {
+    Stale(&'a Path),
+    Unseen(&'a Path),
+}
+
+fn gone(stale: bool, unseen: bool, mount: Option<&MountEntry>) -> Option<Gone<'_>> {
+    let at = mount?.mountpoint.as_path();
+    match (stale, unseen) {
+        (true, _) => Some(Gone::Stale(at)),
+        (_, true) => Some(Gone::Unseen(at)),
+        _ => None,
+    }
 }
 
 /// The command fails when it reported something failing: a script that
@@ -248,20 +268,33 @@ fn stale_at(stale: bool, mount: Option<&MountEntry>) -> Option<&Path> {
 fn failing(
     count_error: Option<CliError>,
     daemon: Option<&kmsfs::volume::lock::DaemonInfo>,
-    stale_at: Option<&Path>,
+    gone: Option<Gone<'_>>,
 ) -> Result<(), CliError> {
     if let Some(e) = count_error {
         return Err(e);
     }
-    if let Some(mountpoint) = stale_at {
-        return Err(CliError::new(
-            ExitCode::Mount,
-            format!(
-                "the mount at {} is stale: its daemon is gone (clear it with `kmsfs umount {}`)",
-                mountpoint.display(),
-                mountpoint.display()
-            ),
-        ));
+    match gone {
+        Some(Gone::Stale(mountpoint)) => {
+            return Err(CliError::new(
+                ExitCode::Mount,
+                format!(
+                    "the mount at {} is stale: its daemon is gone (clear it with `kmsfs umount {}`)",
+                    mountpoint.display(),
+                    mountpoint.display()
+                ),
+            ));
+        }
+        Some(Gone::Unseen(mountpoint)) => {
+            return Err(CliError::new(
+                ExitCode::Io,
+                format!(
+                    "the daemon of the mount at {} cannot be seen from here: whether it commits its file \
+                     keys is unknown",
+                    mountpoint.display()
+                ),
+            ));
+        }
+        None => {}
     }
     match daemon.and_then(|d| d.problem.as_ref().or(d.commit_error.as_ref())) {
         Some(e) => Err(CliError::new(

@@ -1,7 +1,7 @@
 //! `kmsfs umount`, and the unmount the daemon itself does on a signal or
 //! when idle: umount2 as root, fusermount3 for a normal user.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use kmsfs::volume::lock::{DaemonInfo, VolumeLock};
@@ -65,8 +65,8 @@ fn refuse_while_keys_uncommitted(mountpoint: &Path, daemon: Option<&DaemonInfo>)
     }
 }
 
-/// The backing directory of the kmsfs mount at exactly `mountpoint`.
-fn mounted_backing(mountpoint: &Path) -> Result<Option<PathBuf>, CliError> {
+/// The kmsfs mount at exactly `mountpoint`.
+fn mounted(mountpoint: &Path) -> Result<Option<super::mounts::MountEntry>, CliError> {
     let Some(mount) = super::mounts::mounts()?
         .into_iter()
         .find(|m| m.mountpoint == mountpoint)
@@ -80,26 +80,48 @@ fn mounted_backing(mountpoint: &Path) -> Result<Option<PathBuf>, CliError> {
             mount.fstype
         )));
     }
-    Ok(Some(mount.source))
+    Ok(Some(mount))
 }
 
 pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
     let mountpoint = mount_point_path(mountpoint)?;
-    let backing =
-        mounted_backing(&mountpoint)?.ok_or_else(|| mount_error(format!("{} is not mounted", mountpoint.display())))?;
+    let mount = mounted(&mountpoint)?.ok_or_else(|| mount_error(format!("{} is not mounted", mountpoint.display())))?;
     // A stale mount (its daemon died) has no daemon to wait for; the volume
     // may meanwhile be mounted elsewhere by another.
-    let stale = std::fs::metadata(&mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+    let stale = mount.is_stale();
+    let backing = mount.source;
+    let serving = if stale {
+        None
+    } else {
+        VolumeLock::serving_at(&mountpoint, mount.owner.map(|(uid, _)| uid))
+    };
     let (mut volume, _) = super::volumes::volume_dir(&backing);
     if !volume.join(kmsfs::volume::db::DB_FILE).exists()
-        && let Some(found) = VolumeLock::backing_mounted_at(&mountpoint)
+        && let Some(found) = serving.as_ref().and_then(|daemon| daemon.backing.as_ref())
     {
-        // The source names no volume (`fsname=`): the daemon's record does.
-        volume = super::volumes::volume_dir(&found).0;
+        // The source names no volume (`fsname=`, moved): the daemon's record does.
+        volume = super::volumes::volume_dir(found).0;
     }
-    // The daemon as it is now, to find its last word once it has exited.
-    let daemon = if stale { None } else { VolumeLock::daemon(&volume) };
+    // The daemon as it is now, to wait for it and find its last word.
+    let daemon = if stale {
+        None
+    } else {
+        VolumeLock::daemon(&volume).or(serving)
+    };
     if !force {
+        if !stale && daemon.is_none() {
+            return Err(CliError::new(
+                ExitCode::Io,
+                format!(
+                    "not unmounting {}: its daemon cannot be found from here (no record of it that this \
+                     user can read, and no daemon holds the lock file of {}), so whether its file keys are \
+                     committed is unknown; run `kmsfs umount` as the user who mounted it, or \
+                     `kmsfs umount --force`",
+                    mountpoint.display(),
+                    volume.display()
+                ),
+            ));
+        }
         refuse_while_keys_uncommitted(&mountpoint, daemon.as_ref())?;
     }
     if let Err(err) = unmount_now(&mountpoint) {
@@ -116,26 +138,26 @@ pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
     if stale {
         return Ok(());
     }
-    let backing = volume;
-    if backing.join(kmsfs::volume::db::DB_FILE).exists()
-        && !VolumeLock::wait_released(&backing, Duration::from_secs(60))
-    {
+    let Some(daemon) = daemon else {
+        return Ok(());
+    };
+    if !VolumeLock::wait_exited(&volume, &daemon, Duration::from_secs(60)) {
         return Err(mount_error(format!(
             "unmounted {}, but its daemon has not exited after 60 s",
             mountpoint.display()
         )));
     }
-    let last = daemon.and_then(|daemon| VolumeLock::last_published(&backing, &daemon));
+    let last = VolumeLock::last_published(&volume, &daemon);
     if let Some(error) = last.as_ref().and_then(|info| info.problem.clone()) {
         return Err(CliError::new(
             ExitCode::Io,
-            format!("unmounted {}, but: {error}", mountpoint.display()),
+            format!("unmounted {}, but: {}", mountpoint.display(), super::printable(&error)),
         ));
     }
     if let Some(error) = last.and_then(|info| info.commit_error) {
         return Err(CliError::new(
             ExitCode::Io,
-            format!("unmounted {}, but: {error}", mountpoint.display()),
+            format!("unmounted {}, but: {}", mountpoint.display(), super::printable(&error)),
         ));
     }
     Ok(())

@@ -20,7 +20,7 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long one attempt may wait within a call's `budget`: short enough that
 /// a second attempt (and the backoff before it) fits in the budget too.
 fn attempt_timeout(budget: Duration) -> Duration {
-    ATTEMPT_TIMEOUT.min(budget.mul_f64(0.45))
+    ATTEMPT_TIMEOUT.min(budget.mul_f64(0.4))
 }
 
 /// The time budget of one provider call: `KMSFS_PROVIDER_TIMEOUT`, else the

@@ -2,21 +2,24 @@
 //! in the lock file, kept where the backing directory cannot touch it. A
 //! backing filesystem that fails (turned read-only, full) takes the daemon's
 //! report of that failure with it, and whoever can write the backing
-//! directory can forge the lock file; the record can be neither.
+//! directory can forge or replace the lock file; the record can be neither.
 //!
 //! Records are named by the backing directory's device and inode, in
 //! `/run/kmsfs` for root's daemons and, for other users', in
-//! `$XDG_RUNTIME_DIR/kmsfs` (else `$XDG_STATE_HOME/kmsfs/daemons`, default
-//! `~/.local/state`), a directory of its user's alone. A record counts only
-//! while the process that wrote it runs (its pid and start time match) and,
-//! when it is in a directory of another user than the reader's and root's,
-//! only if that process is seen holding the volume lock.
+//! `$XDG_RUNTIME_DIR/kmsfs` (else `/run/user/UID/kmsfs`, else
+//! `$XDG_STATE_HOME/kmsfs/daemons`, default `~/.local/state`): the first of
+//! those that is, or can be made, a directory of its user's alone. A record counts only while the process that wrote
+//! it runs (its pid, start time and boot match) as the user who owns the
+//! record, and, when it is in a directory of another user than the
+//! reader's and root's, only if that process is seen holding the volume
+//! lock.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use super::layout::LOCK_FILE;
 use super::lock::DaemonInfo;
 
 const ROOT_DIR: &str = "/run/kmsfs";
@@ -30,39 +33,73 @@ pub(super) fn path_in(backing: &Path, dir: &Path) -> Option<PathBuf> {
     Some(dir.join(format!("daemon-{:x}-{:x}.json", st.st_dev, st.st_ino)))
 }
 
-/// The directory this process publishes to.
-pub(super) fn own_dir() -> Option<PathBuf> {
-    if rustix::process::geteuid().is_root() {
-        return Some(ROOT_DIR.into());
-    }
-    let absolute = |name: &str| std::env::var_os(name).map(PathBuf::from).filter(|d| d.is_absolute());
-    absolute("XDG_RUNTIME_DIR")
-        .map(|d| d.join("kmsfs"))
-        .or_else(|| absolute("XDG_STATE_HOME").map(|d| d.join("kmsfs/daemons")))
-        .or_else(|| absolute("HOME").map(|d| d.join(".local/state/kmsfs/daemons")))
+/// A user's runtime directory under /run/user, if it is theirs alone.
+fn run_user_dir(uid: u32) -> Option<PathBuf> {
+    let dir = PathBuf::from(format!("/run/user/{uid}"));
+    let meta = std::fs::symlink_metadata(&dir).ok()?;
+    (meta.is_dir() && meta.uid() == uid && meta.mode() & 0o077 == 0).then_some(dir)
 }
 
-/// Where this process looks for records: its own directory and root's, and
-/// as root every user's runtime directory (`/run/user/UID/kmsfs`), whose
-/// records must prove their daemon holds the lock.
-fn dirs() -> Vec<(PathBuf, bool)> {
-    let mut dirs: Vec<(PathBuf, bool)> = own_dir().into_iter().map(|d| (d, true)).collect();
+/// The directories this process's records go to, the one it writes to
+/// first. For a user: the runtime directory (tmpfs, emptied at boot), else
+/// the state directory.
+fn own_dirs() -> Vec<PathBuf> {
+    let uid = rustix::process::geteuid();
+    if uid.is_root() {
+        return vec![ROOT_DIR.into()];
+    }
+    let absolute = |name: &str| std::env::var_os(name).map(PathBuf::from).filter(|d| d.is_absolute());
+    let mut dirs: Vec<PathBuf> = [absolute("XDG_RUNTIME_DIR"), run_user_dir(uid.as_raw())]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("kmsfs"))
+        .chain(crate::util::state_dir().map(|d| d.join("kmsfs/daemons")))
+        .collect();
+    dirs.dedup();
+    dirs
+}
+
+/// The directory this process publishes to: the first of its own that it
+/// can make (or finds) its own alone.
+pub(super) fn own_dir() -> Option<PathBuf> {
+    own_dirs().into_iter().find(|dir| private_dir(dir).is_ok())
+}
+
+/// Where this process looks for records: its own directories and root's
+/// (trusted: only their owner and root write there), and as root every
+/// user's runtime directory (`/run/user/UID/kmsfs`) and the state
+/// directories of the users `owners`, whose records must show their daemon
+/// holding the volume lock.
+fn dirs(owners: &[u32]) -> Vec<(PathBuf, bool)> {
+    let mut dirs: Vec<(PathBuf, bool)> = own_dirs().into_iter().map(|d| (d, true)).collect();
     if !dirs.iter().any(|(d, _)| d == Path::new(ROOT_DIR)) {
         dirs.push((ROOT_DIR.into(), true));
     }
-    if rustix::process::geteuid().is_root()
-        && let Ok(users) = std::fs::read_dir("/run/user")
-    {
-        dirs.extend(users.flatten().map(|u| (u.path().join("kmsfs"), false)));
+    if rustix::process::geteuid().is_root() {
+        if let Ok(users) = std::fs::read_dir("/run/user") {
+            dirs.extend(users.flatten().map(|u| (u.path().join("kmsfs"), false)));
+        }
+        let homes = owners
+            .iter()
+            .filter(|uid| **uid != 0)
+            .filter_map(|uid| crate::util::home_of(*uid));
+        dirs.extend(homes.map(|home| (home.join(".local/state/kmsfs/daemons"), false)));
     }
     dirs
+}
+
+/// This boot's id: a pid and a start time name one process of one boot.
+pub(super) fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// The start time of process `pid` (clock ticks after boot, /proc/PID/stat
 /// field 22), if it runs (a process that exited and was not yet reaped,
 /// a zombie, does not): with the pid, it names one process, never a later
 /// one given the same pid. Readable for every process, even one that is
-/// not dumpable.
+/// not dumpable (not with `hidepid`: then no record counts).
 pub(super) fn process_start(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: the
@@ -75,79 +112,120 @@ pub(super) fn process_start(pid: u32) -> Option<u64> {
     fields.nth(18)?.parse().ok()
 }
 
+/// The real user of process `pid`, if it is also its effective one.
+fn process_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let ids: Vec<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    (ids.len() >= 2 && ids[0] == ids[1]).then_some(ids[0])
+}
+
 /// Whether process `pid` holds the exclusive `flock` of the file `lock`:
 /// `/proc/PID/fdinfo` lists, with each descriptor, the locks taken through
-/// it (another descriptor of the same file lists none). None where this
-/// process may not look (another user's, or a non-dumpable process).
+/// it (another descriptor of the same file lists none), and the descriptor
+/// is that file as `stat` sees it (the device in the lock line is not that
+/// of a btrfs subvolume). None where this process may not look (another
+/// user's process, or a non-dumpable one).
 fn holds_lock(pid: u32, lock: &std::fs::Metadata) -> Option<bool> {
     let entries = match std::fs::read_dir(format!("/proc/{pid}/fdinfo")) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return None,
         Err(_) => return Some(false),
     };
-    let dev = lock.dev();
-    let id = format!(
-        "{:02x}:{:02x}:{} ",
-        rustix::fs::major(dev),
-        rustix::fs::minor(dev),
-        lock.ino()
-    );
+    let locked = |text: &str| {
+        text.lines()
+            .any(|l| l.starts_with("lock:") && l.contains(" FLOCK ") && l.contains(" WRITE "))
+    };
     Some(entries.flatten().any(|entry| {
-        std::fs::read_to_string(entry.path()).is_ok_and(|text| {
-            text.lines()
-                .any(|l| l.starts_with("lock:") && l.contains(" FLOCK ") && l.contains(" WRITE ") && l.contains(&id))
-        })
+        std::fs::read_to_string(entry.path()).is_ok_and(|text| locked(&text))
+            && std::fs::metadata(format!("/proc/{pid}/fd/{}", entry.file_name().to_string_lossy()))
+                .is_ok_and(|m| m.dev() == lock.dev() && m.ino() == lock.ino())
     }))
 }
 
-/// The process that wrote `info` still runs.
+/// The process that wrote `info` still runs (on this boot).
 pub(super) fn writer_runs(info: &DaemonInfo) -> bool {
-    info.proc_start != 0 && process_start(info.pid) == Some(info.proc_start)
+    info.proc_start != 0 && process_start(info.pid) == Some(info.proc_start) && info.boot == boot_id()
 }
 
-/// The records of the daemon of `backing` whose writer still runs; the
-/// lock file is `lock` (the records of a directory this process does not
-/// trust must show their writer holding it).
+/// Whether a record is the word of a daemon that runs as the user who owns
+/// the record and, in a directory not trusted, holds the volume lock: the
+/// file `lock` if given, else the lock file of the backing directory the
+/// record names.
+fn believed(info: &DaemonInfo, owner: u32, trusted: bool, lock: Option<&std::fs::Metadata>) -> bool {
+    if !writer_runs(info) || process_uid(info.pid) != Some(owner) {
+        return false;
+    }
+    if trusted {
+        return true;
+    }
+    let named = match lock {
+        Some(_) => None,
+        None => match info
+            .backing
+            .as_ref()
+            .map(|b| std::fs::symlink_metadata(b.join(LOCK_FILE)))
+        {
+            Some(Ok(meta)) => Some(meta),
+            _ => return false,
+        },
+    };
+    lock.or(named.as_ref())
+        .is_some_and(|lock| holds_lock(info.pid, lock) == Some(true))
+}
+
+/// The records of the daemon of `backing` that are believed (`believed`),
+/// `lock` being the volume's lock file as it is now, if there is one.
 pub(super) fn live(backing: &Path, lock: Option<&std::fs::Metadata>) -> Vec<DaemonInfo> {
-    dirs()
+    // A user's daemon made the lock file, unless one was there already.
+    let owners: Vec<u32> = lock
+        .map(|l| l.uid())
+        .into_iter()
+        .chain(std::fs::metadata(backing).map(|m| m.uid()))
+        .collect();
+    dirs(&owners)
         .into_iter()
         .filter_map(|(dir, trusted)| Some((path_in(backing, &dir)?, trusted)))
         .filter_map(|(path, trusted)| Some((read(&path, trusted)?, trusted)))
-        .filter(|(info, _)| writer_runs(info))
-        .filter(|(info, trusted)| *trusted || lock.is_some_and(|lock| holds_lock(info.pid, lock) == Some(true)))
-        .map(|(info, _)| info)
+        .filter(|((info, owner), trusted)| (*trusted || lock.is_some()) && believed(info, *owner, *trusted, lock))
+        .map(|((info, _), _)| info)
         .collect()
 }
 
-/// Every record of a daemon of this process's directories that still runs.
-pub(super) fn all_live() -> Vec<DaemonInfo> {
-    dirs()
+/// Every record believed (`believed`), of any volume; root also looks
+/// in the state directories of the users `owners`.
+pub(super) fn all_live(owners: &[u32]) -> Vec<DaemonInfo> {
+    dirs(owners)
         .into_iter()
-        .filter(|(_, trusted)| *trusted)
-        .filter_map(|(dir, _)| std::fs::read_dir(dir).ok())
-        .flatten()
-        .filter_map(|entry| entry.ok())
-        .filter(|entry| entry.file_name().to_string_lossy().starts_with("daemon-"))
-        .filter_map(|entry| read(&entry.path(), true))
-        .filter(writer_runs)
+        .filter_map(|(dir, trusted)| Some((std::fs::read_dir(dir).ok()?, trusted)))
+        .flat_map(|(entries, trusted)| entries.flatten().map(move |entry| (entry, trusted)))
+        .filter(|(entry, _)| entry.file_name().to_string_lossy().starts_with("daemon-"))
+        .filter_map(|(entry, trusted)| Some((read(&entry.path(), trusted)?, trusted)))
+        .filter(|((info, owner), trusted)| believed(info, *owner, *trusted, None))
+        .map(|((info, _), _)| info)
         .collect()
 }
 
-/// The record at `path`. One in a directory not trusted must be in a
-/// directory of its owner's alone, owned by them.
-fn read(path: &Path, trusted: bool) -> Option<DaemonInfo> {
+/// The record at `path` and its owner. One in a directory not trusted must
+/// be in a directory of its owner's alone.
+fn read(path: &Path, trusted: bool) -> Option<(DaemonInfo, u32)> {
+    let file = std::fs::symlink_metadata(path).ok()?;
     if !trusted {
         let dir = std::fs::symlink_metadata(path.parent()?).ok()?;
-        let file = std::fs::symlink_metadata(path).ok()?;
         if !dir.is_dir() || dir.mode() & 0o077 != 0 || dir.uid() != file.uid() {
             return None;
         }
     }
     let info: DaemonInfo = serde_json::from_str(&read_small(path)?).ok()?;
-    Some(DaemonInfo {
+    let info = DaemonInfo {
         record: Some(path.to_path_buf()),
         ..info
-    })
+    };
+    Some((info, file.uid()))
 }
 
 /// The text of the regular file at `path`, never through a symlink, never
@@ -166,10 +244,8 @@ pub(super) fn read_small(path: &Path) -> Option<String> {
     Some(text)
 }
 
-/// Writes `text` to `path` whole (a new file renamed over it), in a
-/// directory only this user can enter.
-pub(super) fn write(path: &Path, text: &str) -> std::io::Result<()> {
-    let dir = path.parent().ok_or_else(|| std::io::Error::other("no directory"))?;
+/// Makes `dir` if it is not there; it must be this user's alone.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     let meta = std::fs::symlink_metadata(dir)?;
     if !meta.is_dir() || meta.uid() != rustix::process::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
@@ -178,6 +254,14 @@ pub(super) fn write(path: &Path, text: &str) -> std::io::Result<()> {
             dir.display()
         )));
     }
+    Ok(())
+}
+
+/// Writes `text` to `path` whole (a new file renamed over it), in a
+/// directory only this user can enter.
+pub(super) fn write(path: &Path, text: &str) -> std::io::Result<()> {
+    let dir = path.parent().ok_or_else(|| std::io::Error::other("no directory"))?;
+    private_dir(dir)?;
     let tmp = dir.join(format!(
         ".{}.{}",
         std::process::id(),
@@ -208,6 +292,7 @@ mod tests {
         let info = DaemonInfo {
             pid: child.id(),
             proc_start: started,
+            boot: boot_id(),
             ..DaemonInfo::default()
         };
         assert!(writer_runs(&info));
@@ -215,6 +300,14 @@ mod tests {
             proc_start: started + 1,
             ..info.clone()
         }));
+        assert!(
+            !writer_runs(&DaemonInfo {
+                boot: "another boot".into(),
+                ..info.clone()
+            }),
+            "the same pid and start time on another boot"
+        );
+        assert_eq!(process_uid(child.id()), Some(rustix::process::geteuid().as_raw()));
         child.kill().unwrap();
         // Not reaped yet: a zombie, which runs no more.
         let zombie = || {

@@ -49,6 +49,9 @@ pub struct DaemonInfo {
     /// pid, which process wrote this (a later one may get the same pid).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub proc_start: u64,
+    /// The boot it ran in (`/proc/sys/kernel/random/boot_id`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub boot: String,
     /// The host record this was read from, if it was (not published).
     #[serde(skip)]
     pub record: Option<PathBuf>,
@@ -84,6 +87,27 @@ impl Drop for VolumeLock {
         {
             let _ = std::fs::remove_file(record);
         }
+    }
+}
+
+/// What the lock file says, if it is a daemon's JSON.
+fn read_lock(backing: &Path) -> Option<DaemonInfo> {
+    serde_json::from_str(&host_record::read_small(&backing.join(LOCK_FILE))?).ok()
+}
+
+/// The record `info`, with the failures the lock file names for the same
+/// process added: a record the daemon could not update (its directory on a
+/// filesystem that failed too) must not hide a failure the lock file got.
+/// (The lock file can only add failures: forged, it can keep a volume
+/// mounted until `umount --force`, never unmount it.)
+fn with_failures_of(info: DaemonInfo, lock: Option<&DaemonInfo>) -> DaemonInfo {
+    match lock {
+        Some(lock) if lock.pid == info.pid && lock.proc_start == info.proc_start => DaemonInfo {
+            commit_error: info.commit_error.or_else(|| lock.commit_error.clone()),
+            problem: info.problem.or_else(|| lock.problem.clone()),
+            ..info
+        },
+        _ => info,
     }
 }
 
@@ -162,6 +186,7 @@ impl VolumeLock {
         let info = DaemonInfo {
             published_ms: crate::util::unix_now_ms(),
             proc_start: host_record::process_start(std::process::id()).unwrap_or(0),
+            boot: host_record::boot_id(),
             ..info.clone()
         };
         let text = serde_json::to_string(&info).unwrap_or_default();
@@ -199,26 +224,29 @@ impl VolumeLock {
         let _ = self.mountpoint.set(mountpoint.to_path_buf());
     }
 
-    /// The backing directory of the volume a live daemon of this user (or
-    /// root) serves at `mountpoint`, from its host record.
-    pub fn backing_mounted_at(mountpoint: &Path) -> Option<std::path::PathBuf> {
-        host_record::all_live()
+    /// The daemon serving a volume at `mountpoint`, from its host record
+    /// (believed, see `host_record`): it names the backing directory, which
+    /// the mount's source may not (`fsname=`, or moved since).
+    /// Root also looks in the state directory of the mount's `owner`.
+    pub fn serving_at(mountpoint: &Path, owner: Option<u32>) -> Option<DaemonInfo> {
+        host_record::all_live(&owner.into_iter().collect::<Vec<_>>())
             .into_iter()
             .filter(|info| info.mountpoint.as_deref() == Some(mountpoint))
             .max_by_key(|info| info.published_ms)
-            .and_then(|info| info.backing)
     }
 
     /// What the daemon `was` (as `daemon` saw it) published last: after
     /// `umount`, its last word. From the host record it was read from, if
     /// that still holds that process's word, else the lock file.
     pub fn last_published(backing: &Path, was: &DaemonInfo) -> Option<DaemonInfo> {
+        let lock = read_lock(backing);
         was.record
             .as_deref()
             .and_then(host_record::read_small)
             .and_then(|text| serde_json::from_str::<DaemonInfo>(&text).ok())
             .filter(|info| info.pid == was.pid && info.proc_start == was.proc_start)
-            .or_else(|| serde_json::from_str(&host_record::read_small(&backing.join(LOCK_FILE))?).ok())
+            .map(|info| with_failures_of(info, lock.as_ref()))
+            .or(lock)
     }
 
     /// The pid of the daemon holding the lock, if any.
@@ -226,38 +254,46 @@ impl VolumeLock {
         Self::daemon(backing).map(|d| d.pid.to_string())
     }
 
-    /// What the daemon holding the lock last recorded, if a daemon holds
-    /// it: its host record (the newest, if both this user's and root's
-    /// exist) whose writer still runs, else the lock file.
+    /// What the daemon of the volume last recorded, if one runs: its host
+    /// record (the newest believed, see `host_record`), else, if a daemon
+    /// holds the lock file, what it says. A daemon with a record is found
+    /// even if the lock file was replaced or removed.
     pub fn daemon(backing: &Path) -> Option<DaemonInfo> {
         let file = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(backing.join(LOCK_FILE))
-            .ok()?;
-        let meta = file.metadata().ok()?;
-        if !meta.is_file() || flock(file.as_fd(), FlockOperation::NonBlockingLockShared).is_ok() {
-            return None;
-        }
-        let recorded = host_record::live(backing, Some(&meta))
+            .ok()
+            .and_then(|f| Some((f.metadata().ok()?, f)))
+            .filter(|(meta, _)| meta.is_file());
+        let lock_said = file.as_ref().and_then(|(_, f)| {
+            let mut text = String::new();
+            f.take(host_record::MAX_PUBLISHED).read_to_string(&mut text).ok()?;
+            Some(text)
+        });
+        let recorded = host_record::live(backing, file.as_ref().map(|(meta, _)| meta))
             .into_iter()
             .max_by_key(|info| info.published_ms);
-        if recorded.is_some() {
-            return recorded;
+        if let Some(info) = recorded {
+            let lock = lock_said.as_deref().and_then(|t| serde_json::from_str(t).ok());
+            return Some(with_failures_of(info, lock.as_ref()));
         }
-        let mut text = String::new();
-        file.take(host_record::MAX_PUBLISHED).read_to_string(&mut text).ok()?;
+        let (_, file) = file?;
+        if flock(file.as_fd(), FlockOperation::NonBlockingLockShared).is_ok() {
+            return None;
+        }
+        let text = lock_said.unwrap_or_default();
         Some(serde_json::from_str(&text).unwrap_or(DaemonInfo {
             pid: text.trim().parse().unwrap_or(0),
             ..DaemonInfo::default()
         }))
     }
 
-    /// Waits until no daemon holds the lock.
-    pub fn wait_released(backing: &Path, timeout: Duration) -> bool {
+    /// Waits until the daemon `was` has exited and no daemon holds the lock.
+    pub fn wait_exited(backing: &Path, was: &DaemonInfo, timeout: Duration) -> bool {
         let start = Instant::now();
         while start.elapsed() < timeout {
-            if Self::holder(backing).is_none() {
+            if !host_record::writer_runs(was) && Self::holder(backing).is_none() {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -96,21 +96,13 @@ fn write_merged(
 
 /// Where a volume's pending keys go when its backing directory cannot take
 /// them: `/var/lib/kmsfs/pending-keys/VOLUME-ID.json` for root, else under
-/// `$XDG_STATE_HOME` (default `~/.local/state`) `/kmsfs/pending-keys/`.
+/// `$XDG_STATE_HOME` (default `~/.local/state`, the home from the account
+/// database when `$HOME` is unset) `/kmsfs/pending-keys/`.
 pub fn host_file(volume_id: &[u8; 16]) -> Option<PathBuf> {
     let dir = if rustix::process::geteuid().is_root() {
         PathBuf::from("/var/lib/kmsfs")
     } else {
-        let state = std::env::var_os("XDG_STATE_HOME")
-            .map(PathBuf::from)
-            .filter(|d| d.is_absolute())
-            .or_else(|| {
-                std::env::var_os("HOME")
-                    .map(PathBuf::from)
-                    .filter(|d| d.is_absolute())
-                    .map(|home| home.join(".local/state"))
-            })?;
-        state.join("kmsfs")
+        crate::util::state_dir()?.join("kmsfs")
     };
     Some(dir.join("pending-keys").join(format!("{}.json", hex(volume_id))))
 }

@@ -2,7 +2,7 @@
 //! publishes, out of the backing directory's reach): `status` and `umount`
 //! believe a record only while the process that wrote it runs, and root
 //! believes another user's record only from the process holding the
-//! volume lock. These run as root (they mount as other users).
+//! volume lock. Most run as root (they mount as other users).
 
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, chown};
@@ -18,6 +18,13 @@ const OTHER: u32 = 1002;
 
 fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
+}
+
+/// The tests here make and remove /run/user/UID: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Removes what the test made outside its temporary directory, last first.
@@ -86,16 +93,19 @@ fn write_as(uid: u32, path: &Path, text: &str) {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
-/// Root's `umount` of a user's mount reads the user's daemon from its
-/// record (the lock file is the backing directory's to forge), and a record
-/// another user writes for the volume, naming a process of theirs, is not
-/// believed: that process does not hold the volume lock.
+/// Root's `umount` of a user's mount (named by `fsname=`, so only the
+/// daemon's record says where its volume is) reads the user's daemon from
+/// its record (the lock file is the backing directory's to forge), and a
+/// record another user writes for the volume is not believed: whether it
+/// names a process of theirs (which does not hold the volume lock) or the
+/// daemon itself (which does not run as them).
 #[test]
 fn root_believes_a_users_record_only_from_the_lock_holder() {
     if !is_root() {
         eprintln!("skipped: mounts as other users, needs root");
         return;
     }
+    let _serial = one_at_a_time();
     let vol = TestVolume::init();
     give_to(vol.dir.path(), USER);
     let mut made = Made::default();
@@ -104,7 +114,7 @@ fn root_believes_a_users_record_only_from_the_lock_holder() {
     made.dir(&runtime.join("kmsfs"), USER, 0o700);
     let record = record_in(&runtime.join("kmsfs"), &vol);
     made.0.push(record.clone());
-    let mut m = vol.mount_as(USER, &[("XDG_RUNTIME_DIR", &runtime)]);
+    let mut m = vol.mount_as(USER, &[("XDG_RUNTIME_DIR", &runtime)], &["-o", "fsname=users-volume"]);
     assert!(record.exists());
 
     // Keys that cannot be committed keep the mount up: `umount` refuses,
@@ -146,6 +156,21 @@ fn root_believes_a_users_record_only_from_the_lock_holder() {
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
     assert_eq!(refused.status.code(), Some(7), "{}", said(&refused));
+    // Naming the daemon itself, which holds the lock but is not theirs.
+    let daemon: serde_json::Value = serde_json::from_str(&fs::read_to_string(&record).unwrap()).unwrap();
+    let forged = serde_json::json!({
+        "pid": daemon["pid"],
+        "provider_calls": 0,
+        "published_ms": u64::MAX,
+        "proc_start": daemon["proc_start"],
+        "boot": daemon["boot"],
+        "backing": daemon["backing"],
+        "mountpoint": daemon["mountpoint"],
+    });
+    fs::write(other_records.join(record.file_name().unwrap()), forged.to_string()).unwrap();
+    let refused = m.umount_with(&[]);
+    assert_eq!(refused.status.code(), Some(7), "{}", said(&refused));
+    assert!(said(&refused).contains("injected failure"), "{}", said(&refused));
 
     common::allow_key_commits(db);
     common::wait_until("the keys committed", || {
@@ -153,7 +178,7 @@ fn root_believes_a_users_record_only_from_the_lock_holder() {
     });
     m.unmount();
     assert!(!record.exists(), "a clean exit takes its record along");
-    let m = vol.mount_as(USER, &[("XDG_RUNTIME_DIR", &runtime)]);
+    let m = vol.mount_as(USER, &[("XDG_RUNTIME_DIR", &runtime)], &[]);
     let out = common::run_as(USER, r#"cat "$1""#, &vol.mnt.join("kept"));
     assert_eq!(out.stdout, b"kept");
     m.unmount();
@@ -169,13 +194,14 @@ fn a_dead_daemons_record_is_not_believed() {
         eprintln!("skipped: mounts as another user, needs root");
         return;
     }
+    let _serial = one_at_a_time();
     let vol = TestVolume::init();
     let runtime = vol.dir.path().join("runtime");
     fs::create_dir(&runtime).unwrap();
     fs::set_permissions(&runtime, fs::Permissions::from_mode(0o700)).unwrap();
     give_to(vol.dir.path(), USER);
     let with_runtime = [("XDG_RUNTIME_DIR", runtime.as_path())];
-    let m = vol.mount_as(USER, &with_runtime);
+    let m = vol.mount_as(USER, &with_runtime, &[]);
     let record = record_in(&runtime.join("kmsfs"), &vol);
     let published: serde_json::Value = serde_json::from_str(&fs::read_to_string(&record).unwrap()).unwrap();
     let pid = published["pid"].as_i64().unwrap() as i32;
@@ -187,10 +213,13 @@ fn a_dead_daemons_record_is_not_believed() {
             .unwrap()
     };
     common::wait_until("the mount is stale", || status_as_user().status.code() == Some(6));
+    // Root, to whom the user's mount answers EACCES live or not, tells too.
+    let status = vol.run(&["status", path_str(&vol.backing)]);
+    assert_eq!(status.status.code(), Some(6), "{}", said(&status));
     m.unmount();
     assert!(record.exists(), "a killed daemon's record stays");
 
-    let m = vol.mount_as(USER, &[]);
+    let m = vol.mount_as(USER, &[], &[]);
     assert_eq!(fs::read_dir(runtime.join("kmsfs")).unwrap().count(), 1);
     let db = common::refuse_key_commits(&vol);
     write_as(USER, &vol.mnt.join("kept"), "kept");
@@ -206,5 +235,76 @@ fn a_dead_daemons_record_is_not_believed() {
     assert!(said(&refused).contains("injected failure"));
     common::allow_key_commits(db);
     common::wait_until("the keys committed", || status_as_user().status.success());
+    m.unmount();
+}
+
+/// A user's daemon with no runtime directory records under
+/// `~/.local/state`, where that user's `umount` finds it: a forged lock
+/// file does not let it unmount while file keys are not committed.
+#[test]
+fn a_record_in_the_state_directory_counts() {
+    if !is_root() {
+        eprintln!("skipped: mounts as another user, needs root");
+        return;
+    }
+    let _serial = one_at_a_time();
+    let vol = TestVolume::init();
+    let home = vol.dir.path().join("home");
+    fs::create_dir(&home).unwrap();
+    give_to(vol.dir.path(), USER);
+    let with_home = [("HOME", home.as_path())];
+    let m = vol.mount_as(USER, &with_home, &[]);
+    let record = record_in(&home.join(".local/state/kmsfs/daemons"), &vol);
+    assert!(record.exists());
+    let db = common::refuse_key_commits(&vol);
+    write_as(USER, &vol.mnt.join("kept"), "kept");
+    common::wait_until("the daemon publishes the failure", || {
+        fs::read_to_string(&record).is_ok_and(|t| t.contains("injected failure"))
+    });
+    fs::write(vol.backing.join("kmsfs.lock"), r#"{"pid":1,"provider_calls":0}"#).unwrap();
+    let umount = || {
+        vol.command_as(USER, &with_home)
+            .args(["umount", path_str(&vol.mnt)])
+            .output()
+            .unwrap()
+    };
+    let refused = umount();
+    assert_eq!(refused.status.code(), Some(7), "{}", said(&refused));
+    common::allow_key_commits(db);
+    common::wait_until("the keys committed", || {
+        fs::read_to_string(&record).is_ok_and(|t| !t.contains("injected failure"))
+    });
+    let out = umount();
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(!common::is_mounted(&vol.mnt));
+    drop(m);
+}
+
+/// The lock file replaced under a live mount (renamed away, a new one in
+/// its place that no daemon holds): the daemon's record still finds it, so
+/// `umount` still refuses while its file keys are not committed, then
+/// waits for it.
+#[test]
+fn a_replaced_lock_file_does_not_hide_the_daemon() {
+    let vol = TestVolume::init();
+    let mut m = vol.mount();
+    let db = common::refuse_key_commits(&vol);
+    fs::write(vol.path("kept"), b"kept").unwrap();
+    common::wait_until("the daemon publishes the failure", || {
+        fs::read_to_string(vol.backing.join("kmsfs.lock")).is_ok_and(|t| t.contains("injected failure"))
+    });
+    fs::rename(vol.backing.join("kmsfs.lock"), vol.dir.path().join("held-lock")).unwrap();
+    fs::write(vol.backing.join("kmsfs.lock"), "").unwrap();
+    let refused = m.umount_with(&[]);
+    assert_eq!(refused.status.code(), Some(7), "{}", said(&refused));
+    assert!(said(&refused).contains("injected failure"), "{}", said(&refused));
+    common::allow_key_commits(db);
+    common::wait_until("the keys committed", || {
+        vol.run(&["status", path_str(&vol.backing)]).status.success()
+    });
+    let out = m.umount_with(&[]);
+    assert!(out.status.success(), "{}", said(&out));
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("kept")).unwrap(), b"kept");
     m.unmount();
 }

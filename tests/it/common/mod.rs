@@ -160,11 +160,13 @@ impl TestVolume {
     }
 
     /// Mounts as the user `uid` (root only; the volume's directory must be
-    /// theirs), whose daemon sees only `env` besides the volume's settings.
-    pub fn mount_as(&self, uid: u32, env: &[(&str, &Path)]) -> Mount<'_> {
+    /// theirs), whose daemon sees only `env` besides the volume's settings,
+    /// with `extra` mount arguments.
+    pub fn mount_as(&self, uid: u32, env: &[(&str, &Path)], extra: &[&str]) -> Mount<'_> {
         let out = self
             .command_as(uid, env)
             .args(["mount", path_str(&self.backing), path_str(&self.mnt)])
+            .args(extra)
             .output()
             .expect("run kmsfs mount");
         assert!(out.status.success(), "mount as {uid} failed: {}", stderr(&out));
