@@ -86,6 +86,16 @@ fn mounted(mountpoint: &Path) -> Result<Option<super::mounts::MountEntry>, CliEr
 pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
     let mountpoint = mount_point_path(mountpoint)?;
     let mount = mounted(&mountpoint)?.ok_or_else(|| mount_error(format!("{} is not mounted", mountpoint.display())))?;
+    let me = rustix::process::geteuid();
+    if let Some((owner, _)) = mount.owner
+        && !me.is_root()
+        && owner != me.as_raw()
+    {
+        return Err(mount_error(format!(
+            "{} was mounted by user {owner}: only they or root can unmount it",
+            mountpoint.display()
+        )));
+    }
     // A stale mount (its daemon died) has no daemon to wait for; the volume
     // may meanwhile be mounted elsewhere by another.
     let stale = mount.is_stale();

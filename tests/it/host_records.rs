@@ -172,6 +172,20 @@ fn root_believes_a_users_record_only_from_the_lock_holder() {
     assert_eq!(refused.status.code(), Some(7), "{}", said(&refused));
     assert!(said(&refused).contains("injected failure"), "{}", said(&refused));
 
+    // The other user may not unmount it at all.
+    fs::set_permissions(vol.dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    let theirs = vol
+        .command_as(OTHER, &[])
+        .args(["umount", path_str(&vol.mnt)])
+        .output()
+        .unwrap();
+    assert_eq!(theirs.status.code(), Some(6), "{}", said(&theirs));
+    assert!(
+        said(&theirs).contains(&format!("mounted by user {USER}")),
+        "{}",
+        said(&theirs)
+    );
+
     common::allow_key_commits(db);
     common::wait_until("the keys committed", || {
         vol.run(&["status", path_str(&vol.backing)]).status.success()
