@@ -146,9 +146,13 @@ fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeError> 
     // Never through a symlink, never a FIFO or device (not even opened: a
     // device's open can act): the backing directory is not trusted to pick
     // a file, or to make kmsfs wait or read forever.
+    // Nothing there, also where a directory on the way is not one (a home
+    // that cannot hold files, say).
+    let absent =
+        |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR);
     match std::fs::symlink_metadata(&path) {
         Ok(meta) if !meta.is_file() => return Err(damaged("not a regular file")),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if absent(&e) => return Ok(None),
         _ => {}
     }
     let opened = std::fs::OpenOptions::new()
@@ -158,7 +162,7 @@ fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeError> 
     let file = match opened {
         Ok(f) => f,
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(damaged("a symlink")),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if absent(&e) => return Ok(None),
         Err(e) => return Err(io_at(&path)(e)),
     };
     let meta = file.metadata().map_err(io_at(&path))?;

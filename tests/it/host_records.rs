@@ -199,7 +199,8 @@ fn root_believes_a_users_record_only_from_the_lock_holder() {
 }
 
 /// A daemon killed with SIGKILL leaves its record; when the next daemon
-/// of the volume has nowhere to write one (no runtime or state directory),
+/// of the volume has nowhere to write one (no runtime or state directory:
+/// its home cannot hold one),
 /// `umount` reads that daemon's lock file, not the dead one's record, which
 /// says all is well.
 #[test]
@@ -233,7 +234,8 @@ fn a_dead_daemons_record_is_not_believed() {
     m.unmount();
     assert!(record.exists(), "a killed daemon's record stays");
 
-    let m = vol.mount_as(USER, &[], &[]);
+    // A home where nothing can be made, and no runtime directory.
+    let m = vol.mount_as(USER, &[("HOME", Path::new("/dev/null"))], &[]);
     assert_eq!(fs::read_dir(runtime.join("kmsfs")).unwrap().count(), 1);
     let db = common::refuse_key_commits(&vol);
     write_as(USER, &vol.mnt.join("kept"), "kept");
