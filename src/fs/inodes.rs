@@ -193,34 +193,49 @@ pub fn file_type(mode: u32) -> FileType {
 
 /// The file ids of the nodes whose headers this mount has read. Two backing
 /// inodes with one id (a backing file copied over another's name) are
-/// caught here, and deleting one never erases the key the other still uses.
+/// caught here, and deleting either never erases the key the other still
+/// uses: the node refused an id stays on record beside the one holding it.
 #[derive(Default)]
-pub struct LiveIds(Mutex<HashMap<FileId, u64>>);
+pub struct LiveIds(Mutex<Claims>);
+
+#[derive(Default)]
+struct Claims {
+    holders: HashMap<FileId, u64>,
+    /// Nodes that were refused an id another node holds (tampering only).
+    refused: HashMap<FileId, u64>,
+}
 
 impl LiveIds {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<FileId, u64>> {
+    fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
         crate::util::lock(&self.0)
     }
 
     /// Records that node `ino` has file id `id`; Err(other node) if another
     /// node already has it.
     pub fn claim(&self, id: FileId, ino: u64) -> Result<(), u64> {
-        match *self.map().entry(id).or_insert(ino) {
+        let mut claims = self.claims();
+        match *claims.holders.entry(id).or_insert(ino) {
             holder if holder == ino => Ok(()),
-            other => Err(other),
+            other => {
+                claims.refused.insert(id, ino);
+                Err(other)
+            }
         }
     }
 
     pub fn release(&self, id: &FileId, ino: u64) {
-        let mut map = self.map();
-        if map.get(id) == Some(&ino) {
-            map.remove(id);
+        let mut claims = self.claims();
+        if claims.holders.get(id) == Some(&ino) {
+            claims.holders.remove(id);
         }
     }
 
-    /// The node other than `ino` that has file id `id`, if this mount knows one.
+    /// A node other than `ino` that has file id `id`, or was refused it,
+    /// if this mount knows one.
     pub fn other_holder(&self, id: &FileId, ino: Option<u64>) -> Option<u64> {
-        self.map().get(id).copied().filter(|&holder| Some(holder) != ino)
+        let claims = self.claims();
+        let other = |node: Option<&u64>| node.copied().filter(|&node| Some(node) != ino);
+        other(claims.holders.get(id)).or_else(|| other(claims.refused.get(id)))
     }
 }
 

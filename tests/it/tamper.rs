@@ -451,6 +451,28 @@ fn a_backing_file_copied_over_another_is_caught_and_keeps_its_key() {
     );
     m.unmount();
     assert!(vol.log_text().contains("same file id"), "{}", vol.log_text());
+
+    // The other way round: deleting the one read first keeps the key of
+    // the copy, which was refused it.
+    let [c, d] = write_files(&vol, &[("c", three_blocks(3)), ("d", three_blocks(4))])
+        .try_into()
+        .unwrap();
+    fs::copy(&c, &d).unwrap();
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("c")).unwrap(), three_blocks(3));
+    assert_eq!(
+        fs::read(vol.path("d")).map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EIO))
+    );
+    fs::remove_file(vol.path("c")).unwrap();
+    m.unmount();
+    let m = vol.mount();
+    assert_eq!(
+        fs::read(vol.path("d")).unwrap(),
+        three_blocks(3),
+        "the copy's key was kept"
+    );
+    m.unmount();
 }
 
 #[test]
