@@ -116,7 +116,7 @@ pub enum LockError {
     #[error("volume {path} is already mounted (daemon pid {pid})")]
     Held { path: String, pid: String },
     #[error(
-        "cannot open the lock file {path}/kmsfs.lock ({source}); if it is a symlink or not a regular file, remove it"
+        "cannot open the lock file {path}/kmsfs.lock ({source}); if it is a symlink, not a regular file or has other names, remove it"
     )]
     Io { path: String, source: std::io::Error },
 }
@@ -133,10 +133,15 @@ fn open(backing: &Path) -> Result<File, LockError> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(backing.join(LOCK_FILE))
         .and_then(|f| {
-            if f.metadata()?.is_file() {
-                Ok(f)
-            } else {
+            let meta = f.metadata()?;
+            if !meta.is_file() {
                 Err(std::io::Error::other("not a regular file"))
+            } else if std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
+                // The daemon writes its state into it: through another name,
+                // into a file outside the volume.
+                Err(std::io::Error::other("it has other names (hard links)"))
+            } else {
+                Ok(f)
             }
         })
         .map_err(|source| LockError::Io {

@@ -121,3 +121,36 @@ fn a_volume_reached_through_a_symlinked_path_opens() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {}", common::stderr(&out));
     }
 }
+
+/// A file kmsfs writes in place (the lock file, the DB's `-shm`, `-wal`)
+/// that also has a name outside the volume (a hard link) is refused: the
+/// outside file is never written.
+#[test]
+fn files_kmsfs_writes_with_other_names_are_refused() {
+    let vol = TestVolume::init();
+    let outside = vol.dir.path().join("victim");
+    for name in ["kmsfs.lock", "kmsfs.db-shm", "kmsfs.db-wal"] {
+        fs::write(&outside, b"precious").unwrap();
+        let inside = vol.backing.join(name);
+        let _ = fs::remove_file(&inside);
+        fs::hard_link(&outside, &inside).unwrap();
+        let out = vol.run(&["mount", path_str(&vol.backing), path_str(&vol.mnt)]);
+        let fsck = vol.run(&["fsck", path_str(&vol.backing)]);
+        fs::remove_file(&inside).unwrap();
+        assert!(!common::is_mounted(&vol.mnt));
+        assert!(!out.status.success(), "{name}: mounted");
+        assert!(
+            common::stderr(&out).contains(name) && common::stderr(&out).contains("other names"),
+            "{name}: {}",
+            common::stderr(&out)
+        );
+        assert!(!fsck.status.success(), "{name}: fsck went ahead");
+        assert_eq!(
+            fs::read(&outside).unwrap(),
+            b"precious",
+            "{name}: the outside file was written"
+        );
+    }
+    let m = vol.mount();
+    m.unmount();
+}

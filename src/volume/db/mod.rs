@@ -3,7 +3,7 @@
 //! fsync of any file commits the queue first.
 
 use crate::util::lock;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -224,6 +224,25 @@ impl MetadataDb {
                 });
             }
             _ => {}
+        }
+        // SQLite writes the DB and its companions in place: one that has
+        // another name (a hard link) would have kmsfs write a file outside
+        // the volume.
+        for companion in ["", "-wal", "-shm", "-journal"] {
+            let mut file = path.as_os_str().to_owned();
+            file.push(companion);
+            let file = PathBuf::from(file);
+            if let Ok(meta) = std::fs::symlink_metadata(&file)
+                && meta.file_type().is_file()
+                && meta.nlink() > 1
+            {
+                return Err(DbError::Damaged {
+                    path: file,
+                    reason: "it has other names (hard links), so writing it would change a file outside the \
+                             volume; remove its other names, or make a copy of it in its place"
+                        .into(),
+                });
+            }
         }
         let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NOFOLLOW).map_err(damaged)?;
         hardened(&conn).map_err(damaged)?;
