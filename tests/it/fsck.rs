@@ -493,3 +493,31 @@ fn a_file_fsck_may_not_read_is_left_alone_and_its_key_kept() {
     assert_eq!(fs::read(vol.path("private")).unwrap(), data);
     m.unmount();
 }
+
+/// A repair never moves an entry over one `lost+found` already holds: it
+/// takes the next free name.
+#[test]
+fn repair_never_replaces_what_lost_found_holds() {
+    use std::os::unix::fs::MetadataExt;
+    let vol = TestVolume::init();
+    let (_, victim) = new_entry(&vol, &vol.backing, || {
+        let m = vol.mount();
+        fs::write(vol.path("victim"), b"victim").unwrap();
+        m.unmount();
+    });
+    let ino = fs::metadata(&victim).unwrap().ino();
+    // A name of the right shape that decrypts to nothing: the entry is unnamed.
+    fs::rename(&victim, vol.backing.join("A".repeat(43))).unwrap();
+    let m = vol.mount();
+    fs::create_dir(vol.path("lost+found")).unwrap();
+    let planted = format!("lost+found/unnamed-ino{ino}");
+    fs::write(vol.path(&planted), b"precious").unwrap();
+    m.unmount();
+    let (code, report) = fsck(&vol, &["--repair"]);
+    assert_eq!(code, 11, "{report}");
+    assert!(report.to_string().contains(&format!("unnamed-ino{ino}.1")), "{report}");
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path(&planted)).unwrap(), b"precious");
+    assert_eq!(fs::read(vol.path(&format!("{planted}.1"))).unwrap(), b"victim");
+    m.unmount();
+}

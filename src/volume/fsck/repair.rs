@@ -98,14 +98,17 @@ pub(super) fn repair_volume(
             }
         }
         let problem = &mut w.problems[r.problem];
-        if let Err(e) = lost.move_in(volume, &r.backing, &name) {
-            // Left where it is and reported: the other entries are still moved.
-            lines.push(format!(
-                "{}: NOT moved ({e})",
-                r.plain.as_deref().unwrap_or("<name unknown>")
-            ));
-            continue;
-        }
+        let name = match lost.move_in(volume, &r.backing, &name) {
+            Ok(name) => name,
+            Err(e) => {
+                // Left where it is and reported: the other entries are still moved.
+                lines.push(format!(
+                    "{}: NOT moved ({e})",
+                    r.plain.as_deref().unwrap_or("<name unknown>")
+                ));
+                continue;
+            }
+        };
         lines.push(format!(
             "{name}: was {} ({}): {}{note}",
             r.plain.as_deref().unwrap_or("<name unknown>"),
@@ -133,7 +136,7 @@ pub(super) fn salvage_in_place(volume: &Volume, r: &Rescue) -> Option<String> {
     content::zero_blocks(&file, &cipher, &r.bad_blocks).ok()?;
     let name = r.plain.as_deref()?.rsplit('/').next()?.to_string() + ".salvaged";
     let lost = LostFound::open(volume).ok()?;
-    lost.move_in(volume, &r.backing, &name).ok()?;
+    let name = lost.move_in(volume, &r.backing, &name).ok()?;
     Some(format!("blocks {:?} replaced by ZEROS; renamed {name}", r.bad_blocks))
 }
 
@@ -167,6 +170,15 @@ impl LostFound {
         })?;
         let name = layout::backing_name(volume.names(), &root_iv, LOST_FOUND.as_bytes());
         let dir = root.join(name.as_str());
+        if std::fs::symlink_metadata(&dir).is_ok_and(|m| !m.is_dir()) {
+            return Err(VolumeError::Tampered {
+                volume: root.to_path_buf(),
+                what: format!(
+                    "{LOST_FOUND} is not a directory (something else has its name); rename it through the \
+                     mount, then repair again"
+                ),
+            });
+        }
         if !dir.exists() {
             fs::create_dir(&dir).map_err(|e| VolumeError::Io {
                 path: dir.clone(),
@@ -200,12 +212,28 @@ impl LostFound {
         Ok(self.dir.join(backing.as_str()))
     }
 
-    fn move_in(&self, volume: &Volume, from: &Path, name: &str) -> Result<(), VolumeError> {
-        let to = self.target(volume, name)?;
-        fs::rename(from, &to).map_err(|e| VolumeError::Io {
+    /// Moves `from` in as `name`, or `name.N` if that is taken (never over
+    /// an entry); returns the name it got.
+    fn move_in(&self, volume: &Volume, from: &Path, name: &str) -> Result<String, VolumeError> {
+        let io = |e: std::io::Error| VolumeError::Io {
             path: from.to_path_buf(),
             source: e,
-        })?;
+        };
+        let mut taken = name.to_string();
+        for n in 1.. {
+            let to = self.target(volume, &taken)?;
+            match rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                from,
+                rustix::fs::CWD,
+                &to,
+                rustix::fs::RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => break,
+                Err(rustix::io::Errno::EXIST) if n < 1000 => taken = format!("{name}.{n}"),
+                Err(e) => return Err(io(e.into())),
+            }
+        }
         let from_name = from
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -213,7 +241,7 @@ impl LostFound {
         if from_name.starts_with(LONG_NAME_PREFIX) {
             let _ = fs::remove_file(from.with_file_name(format!("{from_name}{SIDECAR_SUFFIX}")));
         }
-        Ok(())
+        Ok(taken)
     }
 
     /// Writes a new encrypted file (the report) into lost+found.
