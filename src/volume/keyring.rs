@@ -13,11 +13,40 @@ use super::db::MetadataDb;
 
 struct Ring {
     keys: HashMap<u32, Arc<Sealer>>,
+    /// A value derived from each version's key (`fingerprint`): two
+    /// versions with one key are an old key put back in the DB.
+    fingerprints: HashMap<u32, [u8; 32]>,
     active: u32,
+}
+
+/// What a version that has the key of another is.
+fn same_key(version: u32, other: u32) -> String {
+    format!("volume key version {version}, which is the key of version {other} (an old volume key put back in the DB)")
+}
+
+/// A one-way value of a volume key, to tell two versions' keys apart.
+fn fingerprint(key: &SecretKey) -> [u8; 32] {
+    *key.derive(b"kmsfs-volume-key-fingerprint-v1").expose()
+}
+
+impl Ring {
+    /// Adds version `version` with `key`, unless another version has it.
+    fn insert(&mut self, version: u32, key: &SecretKey) -> Result<Arc<Sealer>, u32> {
+        let print = fingerprint(key);
+        if let Some((&other, _)) = self.fingerprints.iter().find(|(v, p)| **v != version && **p == print) {
+            return Err(other);
+        }
+        let sealer = Arc::new(Sealer::new(key));
+        self.keys.insert(version, Arc::clone(&sealer));
+        self.fingerprints.insert(version, print);
+        Ok(sealer)
+    }
 }
 
 pub struct KeyRing {
     volume_id: [u8; 16],
+    /// The metadata DB, named in errors.
+    db_path: std::path::PathBuf,
     context: EncryptionContext,
     provider: Arc<dyn KeyProvider>,
     ring: RwLock<Ring>,
@@ -55,25 +84,32 @@ impl KeyRing {
     /// Unwraps every version that still has a blob: one provider call each.
     pub fn load(db: &MetadataDb, volume_id: [u8; 16], provider: Arc<dyn KeyProvider>) -> Result<Self, VolumeError> {
         let context = EncryptionContext::for_volume(&volume_id);
-        let mut keys = HashMap::new();
+        let tampered = |what: String| VolumeError::Tampered {
+            volume: db.path().to_path_buf(),
+            what,
+        };
+        let mut ring = Ring {
+            keys: HashMap::new(),
+            fingerprints: HashMap::new(),
+            active: 0,
+        };
         let mut active = None;
         for row in db.volume_keys()? {
+            if row.state == "active" && active.replace(row.version).is_some() {
+                return Err(tampered("the volume keys (more than one is active)".into()));
+            }
             let Some(wrapped) = row.wrapped else { continue };
             let key = provider.decrypt(&wrapped, &context)?;
-            keys.insert(row.version, Arc::new(Sealer::new(&key)));
-            if row.state == "active" {
-                active = Some(row.version);
-            }
+            ring.insert(row.version, &key)
+                .map_err(|other| tampered(same_key(row.version, other)))?;
         }
-        let active = active.ok_or_else(|| VolumeError::Tampered {
-            volume: db.path().to_path_buf(),
-            what: "the active volume key".into(),
-        })?;
+        ring.active = active.ok_or_else(|| tampered("the active volume key".into()))?;
         Ok(KeyRing {
             volume_id,
+            db_path: db.path().to_path_buf(),
             context,
             provider,
-            ring: RwLock::new(Ring { keys, active }),
+            ring: RwLock::new(ring),
         })
     }
 
@@ -102,7 +138,12 @@ impl KeyRing {
     /// Adds a version whose plaintext key this process just generated.
     pub fn install(&self, version: u32, key: &SecretKey, make_active: bool) {
         let mut ring = crate::util::write(&self.ring);
-        ring.keys.insert(version, Arc::new(Sealer::new(key)));
+        // A key the provider just generated is new: were it not, the
+        // provider would be broken, and a rotation to it must not finish.
+        if let Err(other) = ring.insert(version, key) {
+            log::error!("the provider returned for volume key version {version} the key of version {other}");
+            return;
+        }
         if make_active && version > ring.active {
             ring.active = version;
         }
@@ -118,9 +159,12 @@ impl KeyRing {
             Some(s) => s,
             None => {
                 let key = self.provider.decrypt(blob, &self.context)?;
-                let sealer = Arc::new(Sealer::new(&key));
-                crate::util::write(&self.ring).keys.insert(version, Arc::clone(&sealer));
-                sealer
+                crate::util::write(&self.ring)
+                    .insert(version, &key)
+                    .map_err(|other| VolumeError::Tampered {
+                        volume: self.db_path.clone(),
+                        what: same_key(version, other),
+                    })?
             }
         };
         if make_active {

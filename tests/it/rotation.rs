@@ -9,7 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use crate::common::{Rng, TestVolume, path_str, xattr_get, xattr_set};
+use crate::common::{Rng, TestVolume, path_str, stderr, xattr_get, xattr_set};
 
 fn json(out: &Output) -> serde_json::Value {
     assert!(
@@ -435,4 +435,37 @@ fn removing_many_files_erases_every_key_by_unmount() {
     );
     let _m = vol.mount();
     assert_eq!(fs::read(vol.path("kept")).unwrap(), b"keep me");
+}
+
+/// An old volume key put back in the DB as a new version (the blob of
+/// version 1 copied into a version 2 row, version 1 marked retiring) would
+/// turn a rotation into one that changes nothing: no command opens it.
+#[test]
+fn an_old_volume_key_put_back_as_a_new_version_is_refused() {
+    let vol = TestVolume::init();
+    let files = populate(&vol, 3, 11);
+    let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
+    db.execute_batch(
+        "INSERT INTO volume_keys SELECT 2, 'active', wrapped, created_at FROM volume_keys WHERE version = 1;
+         UPDATE volume_keys SET state = 'retiring' WHERE version = 1;",
+    )
+    .unwrap();
+    for args in [
+        vec!["rotate", path_str(&vol.backing)],
+        vec!["mount", path_str(&vol.backing), path_str(&vol.mnt)],
+        vec!["fsck", path_str(&vol.backing)],
+    ] {
+        let out = vol.run(&args);
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("an old volume key put back"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    assert!(!crate::common::is_mounted(&vol.mnt));
+    // Put right, the volume is as it was.
+    db.execute_batch("DELETE FROM volume_keys WHERE version = 2; UPDATE volume_keys SET state = 'active';")
+        .unwrap();
+    verify(&vol, &files);
 }
