@@ -521,3 +521,64 @@ fn repair_never_replaces_what_lost_found_holds() {
     assert_eq!(fs::read(vol.path(&format!("{planted}.1"))).unwrap(), b"victim");
     m.unmount();
 }
+
+/// Copies that borrow what another entry's key or IV seals: a directory
+/// IV copied from another directory or from a file's id (attributes are
+/// sealed under either), a backing symlink copied with its long target
+/// (removing one erases the target of both). `fsck` names each.
+#[test]
+fn copied_ivs_and_long_links_are_reported() {
+    use std::os::unix::fs::PermissionsExt;
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    for d in ["d1", "d2", "d3"] {
+        fs::create_dir(vol.path(d)).unwrap();
+    }
+    fs::write(vol.path("f"), b"file").unwrap();
+    std::os::unix::fs::symlink("t".repeat(3500), vol.path("long")).unwrap();
+    std::os::unix::fs::symlink("short", vol.path("s")).unwrap();
+    m.unmount();
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 0, "{report}");
+
+    let backing = entries(&vol.backing);
+    let of = |pick: fn(&fs::Metadata) -> bool| -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = backing
+            .iter()
+            .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| pick(&m)))
+            .cloned()
+            .collect();
+        found.sort();
+        found
+    };
+    let dirs = of(|m| m.is_dir());
+    let [file] = of(|m| m.is_file()).try_into().unwrap();
+    let links = of(|m| m.file_type().is_symlink());
+    let long = links
+        .iter()
+        .find(|l| {
+            fs::read_link(l)
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("kmsfs.longlink.")
+        })
+        .unwrap();
+    let short = links.iter().find(|l| *l != long).unwrap();
+    let set_iv = |dir: &Path, iv: &[u8]| {
+        let path = dir.join(".kmsfs.diriv");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&path, iv).unwrap();
+    };
+    set_iv(&dirs[1], &fs::read(dirs[0].join(".kmsfs.diriv")).unwrap());
+    set_iv(&dirs[2], &fs::read(&file).unwrap()[2..18]);
+    // The short symlink's name now holds a copy of the long one.
+    fs::remove_file(short).unwrap();
+    std::os::unix::fs::symlink(fs::read_link(long).unwrap(), short).unwrap();
+
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 10, "{report}");
+    let found = kinds(&report);
+    for kind in ["duplicate_dir_iv", "dir_iv_is_file_id", "duplicate_long_link"] {
+        assert!(found.contains(&kind.to_string()), "{kind}: {report}");
+    }
+}

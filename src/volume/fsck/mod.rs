@@ -106,8 +106,11 @@ struct Walk {
     missing_ivs: Vec<(PathBuf, usize)>,
     /// Headers to rewrite: (file, its proven id, problem index).
     header_fixes: Vec<(PathBuf, FileId, usize)>,
-    /// DB rows of long symlink targets that some symlink refers to.
-    long_links: HashSet<[u8; 16]>,
+    /// DB rows of long symlink targets that some symlink refers to, and
+    /// the first backing symlink (inode, path) seen referring to each.
+    long_links: HashMap<[u8; 16], ((u64, u64), PathBuf)>,
+    /// Directory IVs, and the first directory seen with each.
+    dir_ivs: HashMap<layout::DirIv, PathBuf>,
     /// Long symlink target rows to erase: (link id, problem index).
     orphan_links: Vec<([u8; 16], usize)>,
     /// Files the system would not let fsck read: any key no file was seen
@@ -192,6 +195,19 @@ fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &mut Walk) ->
         }
     };
     if let Some(iv) = &iv {
+        match w.dir_ivs.get(iv) {
+            Some(first) => {
+                let detail = format!(
+                    "has the same IV as {}, another directory: one IV was copied, so the names and \
+                     attributes of one can be read in the other",
+                    rel(root, first)
+                );
+                w.problem(root, "duplicate_dir_iv", dir, plain.clone(), detail);
+            }
+            None => {
+                w.dir_ivs.insert(*iv, dir.to_path_buf());
+            }
+        }
         for x in check_xattrs(volume, dir, iv) {
             w.problem(
                 root,
@@ -304,7 +320,25 @@ fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &mut Walk) ->
             let target = fs::read_link(&path)
                 .map(|t| t.into_os_string().into_encoded_bytes())
                 .unwrap_or_default();
-            w.long_links.extend(super::long_link_id(&target));
+            if let Some(id) = super::long_link_id(&target) {
+                let inode = (meta.dev(), meta.ino());
+                match w.long_links.get(&id) {
+                    // Another name of the same symlink (a hard link) is fine.
+                    Some((first_inode, first)) if *first_inode != inode => {
+                        let detail = format!(
+                            "names the same long target ({}) as {}, another backing symlink: one was copied; \
+                             removing either through a mount erases the target of both",
+                            hex(&id),
+                            rel(root, first)
+                        );
+                        w.problem(root, "duplicate_long_link", &path, child_plain.clone(), detail);
+                    }
+                    Some(_) => {}
+                    None => {
+                        w.long_links.insert(id, (inode, path.clone()));
+                    }
+                }
+            }
             if let Err(e) = volume.decrypt_link_target(&target) {
                 w.problem(
                     root,
@@ -494,8 +528,22 @@ pub fn fsck(
         }
     }
     match_damaged_ids(volume, &mut w, &mut orphan_keys);
+    // Attributes are sealed under a file's id or a directory's IV, both 16
+    // random bytes: one equal to the other was copied to borrow them.
+    let borrowed: Vec<(PathBuf, PathBuf)> = w
+        .dir_ivs
+        .iter()
+        .filter_map(|(iv, dir)| Some((dir.clone(), referenced.get(iv)?.clone())))
+        .collect();
+    for (dir, file) in borrowed {
+        let detail = format!(
+            "its IV is the file id of {}: copied there, it makes the directory show that file's attributes",
+            rel(&root, &file)
+        );
+        w.problem(&root, "dir_iv_is_file_id", &dir, None, detail);
+    }
     for id in volume.db().link_target_ids()? {
-        if !w.long_links.contains(&id) {
+        if !w.long_links.contains_key(&id) {
             let detail = format!("long symlink target {} that no symlink uses", hex(&id));
             let i = w.problem(&root, "orphan_link_target", &root.join(DB_FILE), None, detail);
             w.orphan_links.push((id, i));
