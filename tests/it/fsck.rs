@@ -525,7 +525,8 @@ fn repair_never_replaces_what_lost_found_holds() {
 /// Copies that borrow what another entry's key or IV seals: a directory
 /// IV copied from another directory or from a file's id (attributes are
 /// sealed under either), a backing symlink copied with its long target
-/// (removing one erases the target of both). `fsck` names each.
+/// (removing one erases the target of both), a short name given a long
+/// form (listed twice). `fsck` names each.
 #[test]
 fn copied_ivs_and_long_links_are_reported() {
     use std::os::unix::fs::PermissionsExt;
@@ -535,6 +536,7 @@ fn copied_ivs_and_long_links_are_reported() {
         fs::create_dir(vol.path(d)).unwrap();
     }
     fs::write(vol.path("f"), b"file").unwrap();
+    fs::write(vol.path("g"), b"another").unwrap();
     std::os::unix::fs::symlink("t".repeat(3500), vol.path("long")).unwrap();
     std::os::unix::fs::symlink("short", vol.path("s")).unwrap();
     m.unmount();
@@ -552,7 +554,7 @@ fn copied_ivs_and_long_links_are_reported() {
         found
     };
     let dirs = of(|m| m.is_dir());
-    let [file] = of(|m| m.is_file()).try_into().unwrap();
+    let [file, other] = of(|m| m.is_file()).try_into().unwrap();
     let links = of(|m| m.file_type().is_symlink());
     let long = links
         .iter()
@@ -574,11 +576,24 @@ fn copied_ivs_and_long_links_are_reported() {
     // The short symlink's name now holds a copy of the long one.
     fs::remove_file(short).unwrap();
     std::os::unix::fs::symlink(fs::read_link(long).unwrap(), short).unwrap();
+    // The other file under the long form of the first one's name.
+    use base64::Engine;
+    use sha2::Digest;
+    let short_name = file.file_name().unwrap().to_str().unwrap();
+    let hash = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(short_name));
+    let alias = vol.backing.join(format!("kmsfs.longname.{hash}"));
+    fs::rename(&other, &alias).unwrap();
+    fs::write(alias.with_file_name(format!("kmsfs.longname.{hash}.name")), short_name).unwrap();
 
     let (code, report) = fsck(&vol, &[]);
     assert_eq!(code, 10, "{report}");
     let found = kinds(&report);
-    for kind in ["duplicate_dir_iv", "dir_iv_is_file_id", "duplicate_long_link"] {
+    for kind in [
+        "duplicate_dir_iv",
+        "dir_iv_is_file_id",
+        "duplicate_long_link",
+        "non_canonical_name",
+    ] {
         assert!(found.contains(&kind.to_string()), "{kind}: {report}");
     }
 }

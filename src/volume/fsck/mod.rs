@@ -279,6 +279,22 @@ fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &mut Walk) ->
             Ok(n) => join_plain(&plain, &String::from_utf8_lossy(n)),
             Err(_) => None,
         };
+        // Names are encrypted the same way every time: an entry under
+        // another form of its name (a long form of a short one) is a copy
+        // the listing would show twice, one of them unreachable by name.
+        if let (Ok(n), Some(iv)) = (&decrypted, &iv)
+            && layout::backing_name(volume.names(), iv, n).as_str().as_bytes() != raw
+        {
+            w.problem(
+                root,
+                "non_canonical_name",
+                &path,
+                child_plain.clone(),
+                "its name is stored in another form than kmsfs writes (a long form of a short name, made \
+                 by hand): the mount lists it but opens the other entry of that name, if any"
+                    .into(),
+            );
+        }
         if let Err(e) = &decrypted {
             let kind = if e.starts_with("sidecar") {
                 "missing_sidecar"
