@@ -20,6 +20,10 @@ pub enum NameError {
     Auth,
     #[error("bad padding in decrypted name")]
     Padding,
+    #[error("symlink target does not authenticate under this volume's key")]
+    LinkAuth,
+    #[error("its long target is not in the metadata DB (its row is missing, or the DB cannot be read)")]
+    MissingLinkTarget,
 }
 
 pub struct NameCipher {

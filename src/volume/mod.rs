@@ -476,18 +476,23 @@ impl Volume {
 
     pub fn decrypt_link_target(&self, stored: &[u8]) -> Result<Vec<u8>, NameError> {
         if let Some(id) = long_link_id(stored) {
-            let sealed = self.db.link_target(&id).ok().flatten().ok_or(NameError::Auth)?;
+            let sealed = self
+                .db
+                .link_target(&id)
+                .ok()
+                .flatten()
+                .ok_or(NameError::MissingLinkTarget)?;
             let plain = self
                 .link_targets
                 .open(&self.link_aad(Some(&id)), &sealed)
-                .map_err(|_| NameError::Auth)?;
+                .map_err(|_| NameError::LinkAuth)?;
             return Ok(plain.to_vec());
         }
         let sealed = URL_SAFE_NO_PAD.decode(stored).map_err(|_| NameError::Encoding)?;
         let plain = self
             .link_targets
             .open(&self.link_aad(None), &sealed)
-            .map_err(|_| NameError::Auth)?;
+            .map_err(|_| NameError::LinkAuth)?;
         Ok(plain.to_vec())
     }
 
