@@ -103,7 +103,9 @@ impl KeyRing {
             ring.insert(row.version, &key)
                 .map_err(|other| tampered(same_key(row.version, other)))?;
         }
-        ring.active = active.ok_or_else(|| tampered("the active volume key".into()))?;
+        ring.active = active
+            .filter(|active| ring.keys.contains_key(active))
+            .ok_or_else(|| tampered("the active volume key".into()))?;
         Ok(KeyRing {
             volume_id,
             db_path: db.path().to_path_buf(),
@@ -133,6 +135,23 @@ impl KeyRing {
     pub fn key_cached_or_err(&self, version: u32) -> Result<Arc<Sealer>, String> {
         self.cached(version)
             .ok_or_else(|| format!("volume key version {version} is not loaded"))
+    }
+
+    /// Refuses a key the provider just generated that a loaded version
+    /// already has (a broken provider), before any row is written for it.
+    pub fn check_new(&self, key: &SecretKey) -> Result<(), VolumeError> {
+        let print = fingerprint(key);
+        match crate::util::read(&self.ring)
+            .fingerprints
+            .iter()
+            .find(|(_, p)| **p == print)
+        {
+            Some((other, _)) => Err(VolumeError::Tampered {
+                volume: self.db_path.clone(),
+                what: format!("the new volume key (the provider returned the key of version {other})"),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Adds a version whose plaintext key this process just generated.

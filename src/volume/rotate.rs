@@ -60,6 +60,7 @@ fn active_version(db: &MetadataDb) -> Result<u32, VolumeError> {
 fn begin(volume: &Volume) -> Result<u32, VolumeError> {
     let keys = volume.keys();
     let (key, blob) = keys.provider().generate_data_key(keys.context())?;
+    keys.check_new(&key)?;
     let version = volume.db().begin_rotation(&blob, crate::util::unix_now() as i64)?;
     keys.install(version, &key, true);
     Ok(version)

@@ -464,6 +464,13 @@ fn an_old_volume_key_put_back_as_a_new_version_is_refused() {
         );
     }
     assert!(!crate::common::is_mounted(&vol.mnt));
+    // An active version whose blob is gone (retired, yet active).
+    db.execute_batch("UPDATE volume_keys SET wrapped = NULL WHERE version = 2;")
+        .unwrap();
+    let out = vol.run(&["mount", path_str(&vol.backing), path_str(&vol.mnt)]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the active volume key"), "{}", stderr(&out));
+    assert!(!crate::common::is_mounted(&vol.mnt));
     // Put right, the volume is as it was.
     db.execute_batch("DELETE FROM volume_keys WHERE version = 2; UPDATE volume_keys SET state = 'active';")
         .unwrap();
