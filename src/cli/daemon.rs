@@ -84,12 +84,17 @@ fn stale_mount(path: &Path) -> CliError {
     ))
 }
 
-/// A mount point that may be stale: canonical when it answers, else made
-/// absolute as given (a stale mount point cannot be resolved).
+/// A mount point that may be stale or hung: its directory made canonical
+/// and its own name kept, so that nothing asks its daemon (a stale mount
+/// point cannot be resolved, a hung one never answers).
 pub(super) fn mount_point_path(path: &Path) -> Result<PathBuf, CliError> {
-    match std::fs::canonicalize(path) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(std::path::absolute(path)?),
-        _ => absolute(path, "mount point"),
+    let path = std::path::absolute(path)?;
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) if name != ".." => Ok(absolute(dir, "directory of the mount point")?.join(name)),
+        _ => match std::fs::canonicalize(&path) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(path),
+            _ => absolute(&path, "mount point"),
+        },
     }
 }
 

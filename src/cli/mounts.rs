@@ -20,40 +20,70 @@ impl MountEntry {
         self.fstype == "fuse.kmsfs" || (self.fstype == "fuse" && self.source.join(kmsfs::volume::db::DB_FILE).exists())
     }
 
-    /// Its daemon is gone: the mount point answers ENOTCONN. Root looks as
-    /// the mount's owner, since to everyone else a FUSE mount that does
-    /// not allow others answers EACCES, live or not.
+    /// Its daemon is gone: the mount point answers ENOTCONN. Asked by a
+    /// child process given 2 s (a daemon that is stopped or hung never
+    /// answers, and is not gone), which root has take the mount owner's
+    /// credentials: to everyone else a FUSE mount that does not allow
+    /// others answers EACCES, live or not.
     pub fn is_stale(&self) -> bool {
-        let gone = |path: &Path| std::fs::metadata(path).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
-        if gone(&self.mountpoint) {
-            return true;
+        let owner = self
+            .owner
+            .filter(|(uid, _)| *uid != 0 && rustix::process::geteuid().is_root());
+        gone_as(&self.mountpoint, owner)
+    }
+}
+
+/// Whether `path` answers ENOTCONN, to user `uid` (group `gid`, no others)
+/// if given: asked by a child process that does nothing else (its memory
+/// is a copy of ours: it makes itself non-dumpable before anything, so that
+/// user cannot read it), given 2 s, then killed.
+fn gone_as(path: &Path, creds: Option<(u32, u32)>) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: the child makes only system calls (no allocation, no locks)
+    // and leaves with _exit; `path` was made before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe {
+            let failed = match creds {
+                Some((uid, gid)) => {
+                    libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                        || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                        || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+                        || libc::prctl(libc::PR_SET_DUMPABLE, 0) != 0
+                }
+                None => false,
+            };
+            if failed {
+                libc::_exit(2);
+            }
+            let mut st: libc::stat = std::mem::zeroed();
+            let gone = libc::stat(path.as_ptr(), &mut st) != 0 && *libc::__errno_location() == libc::ENOTCONN;
+            libc::_exit(if gone { 0 } else { 1 });
         }
-        let Some((uid, gid)) = self.owner.filter(|(uid, _)| *uid != 0) else {
-            return false;
-        };
-        if !rustix::process::geteuid().is_root() {
+    }
+    if pid < 0 {
+        return false;
+    }
+    let start = std::time::Instant::now();
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for our own child, writing its status into `status`.
+        let done = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if done == pid {
+            return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+        }
+        if done < 0 || start.elapsed() > std::time::Duration::from_secs(2) {
+            // SAFETY: our child, killed and reaped.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
             return false;
         }
-        // Credentials are per thread in Linux: this thread alone takes the
-        // owner's, and ends.
-        let path = self.mountpoint.clone();
-        std::thread::spawn(move || {
-            let as_owner = rustix::thread::set_thread_res_gid(
-                rustix::process::Gid::from_raw(gid),
-                rustix::process::Gid::from_raw(gid),
-                rustix::process::Gid::from_raw(gid),
-            )
-            .and_then(|_| {
-                rustix::thread::set_thread_res_uid(
-                    rustix::process::Uid::from_raw(uid),
-                    rustix::process::Uid::from_raw(uid),
-                    rustix::process::Uid::from_raw(uid),
-                )
-            });
-            as_owner.is_ok() && gone(&path)
-        })
-        .join()
-        .unwrap_or(false)
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 

@@ -37,15 +37,30 @@ fn backing_of(path: &Path) -> Result<PathBuf, CliError> {
 
 /// Where the volume in `backing` is mounted, as the mount table says: a
 /// live mount first (a stale one of a dead daemon may linger beside it).
+/// A user's mount counts only if that user owns the backing directory: any
+/// user may name a FUSE mount of their own after any directory.
 fn mounted_at(backing: &Path) -> Option<MountEntry> {
     let backing = std::fs::canonicalize(backing).ok()?;
+    let backing_owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&backing).ok()?);
     let mut ours: Vec<MountEntry> = mounts()
         .ok()?
         .into_iter()
         .filter(|m| m.source == backing && m.is_kmsfs())
+        .filter(|m| m.owner.is_none_or(|(uid, _)| uid == 0 || uid == backing_owner))
         .collect();
-    ours.sort_by_key(MountEntry::is_stale);
-    ours.into_iter().next()
+    ours.sort_by_cached_key(MountEntry::is_stale);
+    ours.into_iter().next().or_else(|| mounted_by_record(&backing))
+}
+
+/// A mount whose source names no directory (`fsname=`), found through the
+/// record of the daemon that serves `backing` there.
+fn mounted_by_record(backing: &Path) -> Option<MountEntry> {
+    mounts().ok()?.into_iter().filter(MountEntry::is_kmsfs).find(|m| {
+        VolumeLock::serving_at(&m.mountpoint, m.owner.map(|(uid, _)| uid))
+            .and_then(|daemon| daemon.backing)
+            .and_then(|found| std::fs::canonicalize(found).ok())
+            .is_some_and(|found| found == backing)
+    })
 }
 
 pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Result<(), CliError> {
@@ -71,8 +86,8 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         Err(e) => (None, Some(CliError::from(e))),
     };
     let (row, keys) = (summary.volume, summary.volume_keys);
-    let daemon = VolumeLock::daemon(backing);
     let mount = mounted_at(&source);
+    let daemon = VolumeLock::daemon(backing, mount.as_ref().and_then(|m| m.owner).map(|(uid, _)| uid));
     // In the mount table, but no daemon holds the volume: it died, and
     // the mount point says so; or it runs but cannot be seen from here.
     let stale = daemon.is_none() && mount.as_ref().is_some_and(MountEntry::is_stale);
@@ -137,7 +152,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         return failing(count_error, daemon.as_ref(), gone(stale, unseen, mount.as_ref()));
     }
     outln!("volume:         {}", hex(&row.volume_id));
-    outln!("backing:        {}", backing.display());
+    outln!("backing:        {}", super::printable(&backing.display().to_string()));
     if reverse {
         outln!(
             "reverse view:   of {} (read-only, derived keys: `kmsfs mount --reverse {} MOUNTPOINT`)",
@@ -178,7 +193,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     );
     let at = mount
         .as_ref()
-        .map(|m| format!(" at {}", m.mountpoint.display()))
+        .map(|m| format!(" at {}", super::printable(&m.mountpoint.display().to_string())))
         .unwrap_or_default();
     match (&daemon, &mount) {
         (Some(d), _) if finishing => outln!(
@@ -196,7 +211,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         ),
         (None, Some(m)) => outln!(
             "mounted:        STALE{at}: its daemon is gone; clear it with `kmsfs umount {}`",
-            m.mountpoint.display()
+            super::printable(&m.mountpoint.display().to_string())
         ),
         (None, None) => outln!("mounted:        no"),
     }

@@ -18,11 +18,14 @@ pub(super) fn unmount_now(mountpoint: &Path) -> std::io::Result<()> {
 /// Unmounts `mountpoint`; `lazy`: detached even while in use (MNT_DETACH),
 /// the daemon serving its open files until the last one closes.
 pub(super) fn unmount(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
-    let flags = if lazy {
-        rustix::mount::UnmountFlags::DETACH
-    } else {
-        rustix::mount::UnmountFlags::empty()
-    };
+    // Never through a symlink swapped in for the mount point since it was
+    // resolved: that would unmount something else.
+    let flags = rustix::mount::UnmountFlags::NOFOLLOW
+        | if lazy {
+            rustix::mount::UnmountFlags::DETACH
+        } else {
+            rustix::mount::UnmountFlags::empty()
+        };
     match rustix::mount::unmount(mountpoint, flags) {
         Ok(()) => return Ok(()),
         Err(rustix::io::Errno::PERM) => {}
@@ -99,11 +102,12 @@ pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
     // A stale mount (its daemon died) has no daemon to wait for; the volume
     // may meanwhile be mounted elsewhere by another.
     let stale = mount.is_stale();
+    let owner = mount.owner.map(|(uid, _)| uid);
     let backing = mount.source;
     let serving = if stale {
         None
     } else {
-        VolumeLock::serving_at(&mountpoint, mount.owner.map(|(uid, _)| uid))
+        VolumeLock::serving_at(&mountpoint, owner)
     };
     let (mut volume, _) = super::volumes::volume_dir(&backing);
     if !volume.join(kmsfs::volume::db::DB_FILE).exists()
@@ -116,7 +120,9 @@ pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
     let daemon = if stale {
         None
     } else {
-        VolumeLock::daemon(&volume).or(serving)
+        // The record of the daemon serving this very mount point first: the
+        // directory at the mount's source may have been swapped since.
+        serving.clone().or_else(|| VolumeLock::daemon(&volume, owner))
     };
     if !force {
         if !stale && daemon.is_none() {

@@ -201,8 +201,9 @@ pub struct LiveIds(Mutex<Claims>);
 #[derive(Default)]
 struct Claims {
     holders: HashMap<FileId, u64>,
-    /// Nodes that were refused an id another node holds (tampering only).
-    refused: HashMap<FileId, u64>,
+    /// Nodes that were refused an id another node holds (tampering only),
+    /// until their backing file is removed: a key is kept while any may use it.
+    refused: HashMap<FileId, std::collections::HashSet<u64>>,
 }
 
 impl LiveIds {
@@ -217,7 +218,7 @@ impl LiveIds {
         match *claims.holders.entry(id).or_insert(ino) {
             holder if holder == ino => Ok(()),
             other => {
-                claims.refused.insert(id, ino);
+                claims.refused.entry(id).or_default().insert(ino);
                 Err(other)
             }
         }
@@ -234,8 +235,28 @@ impl LiveIds {
     /// if this mount knows one.
     pub fn other_holder(&self, id: &FileId, ino: Option<u64>) -> Option<u64> {
         let claims = self.claims();
-        let other = |node: Option<&u64>| node.copied().filter(|&node| Some(node) != ino);
-        other(claims.holders.get(id)).or_else(|| other(claims.refused.get(id)))
+        let other = |node: &u64| Some(*node) != ino;
+        claims
+            .holders
+            .get(id)
+            .filter(|node| other(node))
+            .or_else(|| claims.refused.get(id)?.iter().find(|node| other(node)))
+            .copied()
+    }
+
+    /// The backing file of node `ino`, with id `id`, is gone: it uses the
+    /// id no more.
+    pub fn removed(&self, id: &FileId, ino: u64) {
+        let mut claims = self.claims();
+        if claims.holders.get(id) == Some(&ino) {
+            claims.holders.remove(id);
+        }
+        if let Some(refused) = claims.refused.get_mut(id) {
+            refused.remove(&ino);
+            if refused.is_empty() {
+                claims.refused.remove(id);
+            }
+        }
     }
 }
 
@@ -401,5 +422,27 @@ mod tests {
     fn a_node_stays_small() {
         assert!(std::mem::size_of::<Node>() <= 72, "{}", std::mem::size_of::<Node>());
         assert_eq!(std::mem::size_of::<Locator>(), 24);
+    }
+
+    /// A key is kept while any node this mount saw with its id (held or
+    /// refused) still has its backing file, and only then.
+    #[test]
+    fn a_file_id_is_free_once_every_copy_is_removed() {
+        let ids = LiveIds::default();
+        let id = [7u8; 16];
+        ids.claim(id, 1).unwrap();
+        assert_eq!(ids.claim(id, 2), Err(1));
+        assert_eq!(ids.claim(id, 3), Err(1));
+        assert!(
+            matches!(ids.other_holder(&id, Some(1)), Some(2 | 3)),
+            "the copies use it"
+        );
+        ids.removed(&id, 1);
+        let left = ids.other_holder(&id, Some(2));
+        assert_eq!(left, Some(3), "the third copy still uses it");
+        ids.removed(&id, 2);
+        assert_eq!(ids.other_holder(&id, Some(3)), None, "only the last copy is left");
+        ids.removed(&id, 3);
+        assert_eq!(ids.other_holder(&id, None), None);
     }
 }

@@ -42,6 +42,9 @@ pub struct Shredder {
 /// Queues the deletion of a removed file's key, unless another backing
 /// inode this mount has seen uses the same id (one was copied over another's name).
 fn erase(volume: &Volume, ids: &LiveIds, id: &FileId, ino: Option<u64>) {
+    if let Some(ino) = ino {
+        ids.removed(id, ino);
+    }
     match ids.other_holder(id, ino) {
         Some(other) => log::warn!(
             "removed file's id {} is also the id of inode {other} (a backing file copied over \

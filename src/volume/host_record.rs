@@ -41,22 +41,35 @@ fn run_user_dir(uid: u32) -> Option<PathBuf> {
 }
 
 /// The directories this process's records go to, the one it writes to
-/// first. For a user: the runtime directory (tmpfs, emptied at boot), else
-/// the state directory.
+/// first. For a user: `/run/user/UID` (tmpfs, emptied at boot, where root
+/// looks), the runtime directory, then the state directory (under the
+/// home the account database gives if `$HOME` cannot hold it).
 fn own_dirs() -> Vec<PathBuf> {
     let uid = rustix::process::geteuid();
     if uid.is_root() {
         return vec![ROOT_DIR.into()];
     }
-    let absolute = |name: &str| std::env::var_os(name).map(PathBuf::from).filter(|d| d.is_absolute());
-    let mut dirs: Vec<PathBuf> = [absolute("XDG_RUNTIME_DIR"), run_user_dir(uid.as_raw())]
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_absolute());
+    let mut dirs: Vec<PathBuf> = [run_user_dir(uid.as_raw()), runtime]
         .into_iter()
         .flatten()
         .map(|d| d.join("kmsfs"))
         .chain(crate::util::state_dir().map(|d| d.join("kmsfs/daemons")))
+        .chain(crate::util::home_of(uid.as_raw()).map(|h| h.join(".local/state/kmsfs/daemons")))
         .collect();
-    dirs.dedup();
+    let mut seen = std::collections::HashSet::new();
+    dirs.retain(|d| seen.insert(d.clone()));
     dirs
+}
+
+/// A directory of this user's alone (or root's), as one read from must be.
+fn is_private(dir: &Path) -> bool {
+    std::fs::symlink_metadata(dir).is_ok_and(|m| {
+        let me = rustix::process::geteuid().as_raw();
+        m.is_dir() && (m.uid() == me || m.uid() == 0) && m.mode() & 0o077 == 0
+    })
 }
 
 /// The directory this process publishes to: the first of its own that it
@@ -66,24 +79,27 @@ pub(super) fn own_dir() -> Option<PathBuf> {
 }
 
 /// Where this process looks for records: its own directories and root's
-/// (trusted: only their owner and root write there), and as root every
-/// user's runtime directory (`/run/user/UID/kmsfs`) and the state
-/// directories of the users `owners`, whose records must show their daemon
-/// holding the volume lock.
-fn dirs(owners: &[u32]) -> Vec<(PathBuf, bool)> {
-    let mut dirs: Vec<(PathBuf, bool)> = own_dirs().into_iter().map(|d| (d, true)).collect();
+/// (trusted: only their owner and root write there), and as root the
+/// runtime directory (`/run/user/UID/kmsfs`) and state directory of the
+/// user who mounted the volume (`mount_owner`), whose records must show
+/// their daemon holding the volume lock.
+fn dirs(mount_owner: Option<u32>) -> Vec<(PathBuf, bool)> {
+    // Another user's directory named by the environment is not trusted.
+    let mut dirs: Vec<(PathBuf, bool)> = own_dirs()
+        .into_iter()
+        .filter(|d| is_private(d))
+        .map(|d| (d, true))
+        .collect();
     if !dirs.iter().any(|(d, _)| d == Path::new(ROOT_DIR)) {
         dirs.push((ROOT_DIR.into(), true));
     }
-    if rustix::process::geteuid().is_root() {
-        if let Ok(users) = std::fs::read_dir("/run/user") {
-            dirs.extend(users.flatten().map(|u| (u.path().join("kmsfs"), false)));
+    if let Some(uid) = mount_owner.filter(|uid| *uid != 0)
+        && rustix::process::geteuid().is_root()
+    {
+        dirs.push((PathBuf::from(format!("/run/user/{uid}/kmsfs")), false));
+        if let Some(home) = crate::util::home_of(uid) {
+            dirs.push((home.join(".local/state/kmsfs/daemons"), false));
         }
-        let homes = owners
-            .iter()
-            .filter(|uid| **uid != 0)
-            .filter_map(|uid| crate::util::home_of(*uid));
-        dirs.extend(homes.map(|home| (home.join(".local/state/kmsfs/daemons"), false)));
     }
     dirs
 }
@@ -152,16 +168,34 @@ pub(super) fn writer_runs(info: &DaemonInfo) -> bool {
     info.proc_start != 0 && process_start(info.pid) == Some(info.proc_start) && info.boot == boot_id()
 }
 
+/// A record believed, and whether it came from a trusted directory (this
+/// user's own or root's).
+pub(super) struct Seen {
+    pub info: DaemonInfo,
+    pub trusted: bool,
+}
+
 /// Whether a record is the word of a daemon that runs as the user who owns
-/// the record and, in a directory not trusted, holds the volume lock: the
-/// file `lock` if given, else the lock file of the backing directory the
-/// record names.
-fn believed(info: &DaemonInfo, owner: u32, trusted: bool, lock: Option<&std::fs::Metadata>) -> bool {
+/// the record. One in a directory not trusted must also be owned by
+/// `mount_owner` (the user the kernel says mounted the volume; none: not
+/// believed) and its daemon must hold the volume lock: the file `lock` if
+/// given, else the lock file of the backing directory the record names.
+fn believed(
+    info: &DaemonInfo,
+    owner: u32,
+    trusted: bool,
+    mount_owner: Option<u32>,
+    lock: Option<&std::fs::Metadata>,
+) -> bool {
     if !writer_runs(info) || process_uid(info.pid) != Some(owner) {
         return false;
     }
     if trusted {
         return true;
+    }
+    // Root's daemons write only to root's directory.
+    if mount_owner != Some(owner) || owner == 0 {
+        return false;
     }
     let named = match lock {
         Some(_) => None,
@@ -178,49 +212,68 @@ fn believed(info: &DaemonInfo, owner: u32, trusted: bool, lock: Option<&std::fs:
         .is_some_and(|lock| holds_lock(info.pid, lock) == Some(true))
 }
 
+/// Whether process `pid` holds the lock file `lock` and runs as `owner`
+/// (if given). None where this process may not look.
+pub(super) fn lock_holder_is(pid: u32, lock: &std::fs::Metadata, owner: Option<u32>) -> Option<bool> {
+    let owner = owner.unwrap_or(rustix::process::geteuid().as_raw());
+    let uid = process_uid(pid);
+    match holds_lock(pid, lock) {
+        Some(holds) => Some(holds && uid == Some(owner)),
+        // Not to be looked at (a non-dumpable daemon, as every kmsfs
+        // process is): at least it must run as the owner, or as root.
+        None => (uid != Some(owner) && uid != Some(0)).then_some(false),
+    }
+}
+
 /// The records of the daemon of `backing` that are believed (`believed`),
-/// `lock` being the volume's lock file as it is now, if there is one.
-pub(super) fn live(backing: &Path, lock: Option<&std::fs::Metadata>) -> Vec<DaemonInfo> {
-    // A user's daemon made the lock file, unless one was there already.
-    let owners: Vec<u32> = lock
-        .map(|l| l.uid())
-        .into_iter()
-        .chain(std::fs::metadata(backing).map(|m| m.uid()))
-        .collect();
-    dirs(&owners)
+/// `lock` being the volume's lock file as it is now, if there is one, and
+/// `mount_owner` the user who mounted the volume, if known.
+pub(super) fn live(backing: &Path, lock: Option<&std::fs::Metadata>, mount_owner: Option<u32>) -> Vec<Seen> {
+    dirs(mount_owner)
         .into_iter()
         .filter_map(|(dir, trusted)| Some((path_in(backing, &dir)?, trusted)))
         .filter_map(|(path, trusted)| Some((read(&path, trusted)?, trusted)))
-        .filter(|((info, owner), trusted)| (*trusted || lock.is_some()) && believed(info, *owner, *trusted, lock))
-        .map(|((info, _), _)| info)
+        .filter(|((info, owner), trusted)| {
+            (*trusted || lock.is_some()) && believed(info, *owner, *trusted, mount_owner, lock)
+        })
+        .map(|((info, _), trusted)| Seen { info, trusted })
         .collect()
 }
 
-/// Every record believed (`believed`), of any volume; root also looks
-/// in the state directories of the users `owners`.
-pub(super) fn all_live(owners: &[u32]) -> Vec<DaemonInfo> {
-    dirs(owners)
+/// Every record believed (`believed`), of any volume; root also looks in
+/// the state directory of `mount_owner`.
+pub(super) fn all_live(mount_owner: Option<u32>) -> Vec<Seen> {
+    dirs(mount_owner)
         .into_iter()
         .filter_map(|(dir, trusted)| Some((std::fs::read_dir(dir).ok()?, trusted)))
         .flat_map(|(entries, trusted)| entries.flatten().map(move |entry| (entry, trusted)))
         .filter(|(entry, _)| entry.file_name().to_string_lossy().starts_with("daemon-"))
         .filter_map(|(entry, trusted)| Some((read(&entry.path(), trusted)?, trusted)))
-        .filter(|((info, owner), trusted)| believed(info, *owner, *trusted, None))
-        .map(|((info, _), _)| info)
+        .filter(|((info, owner), trusted)| believed(info, *owner, *trusted, mount_owner, None))
+        .map(|((info, _), trusted)| Seen { info, trusted })
         .collect()
+}
+
+/// The one to believe of `seen`: a trusted record before any other (an
+/// untrusted one never outranks it, whatever time it claims), then the
+/// newest.
+pub(super) fn best(seen: Vec<Seen>) -> Option<DaemonInfo> {
+    seen.into_iter()
+        .max_by_key(|s| (s.trusted, s.info.published_ms))
+        .map(|s| s.info)
 }
 
 /// The record at `path` and its owner. One in a directory not trusted must
 /// be in a directory of its owner's alone.
 fn read(path: &Path, trusted: bool) -> Option<(DaemonInfo, u32)> {
-    let file = std::fs::symlink_metadata(path).ok()?;
+    let (text, file) = read_small_file(path)?;
     if !trusted {
         let dir = std::fs::symlink_metadata(path.parent()?).ok()?;
         if !dir.is_dir() || dir.mode() & 0o077 != 0 || dir.uid() != file.uid() {
             return None;
         }
     }
-    let info: DaemonInfo = serde_json::from_str(&read_small(path)?).ok()?;
+    let info: DaemonInfo = serde_json::from_str(&text).ok()?;
     let info = DaemonInfo {
         record: Some(path.to_path_buf()),
         ..info
@@ -231,17 +284,23 @@ fn read(path: &Path, trusted: bool) -> Option<(DaemonInfo, u32)> {
 /// The text of the regular file at `path`, never through a symlink, never
 /// waiting on a FIFO, never more than MAX_PUBLISHED bytes.
 pub(super) fn read_small(path: &Path) -> Option<String> {
+    read_small_file(path).map(|(text, _)| text)
+}
+
+/// `read_small`, and the metadata of the file read.
+fn read_small_file(path: &Path) -> Option<(String, std::fs::Metadata)> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
         .ok()?;
-    if !file.metadata().ok()?.is_file() {
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() {
         return None;
     }
     let mut text = String::new();
     file.take(MAX_PUBLISHED).read_to_string(&mut text).ok()?;
-    Some(text)
+    Some((text, meta))
 }
 
 /// Makes `dir` if it is not there; it must be this user's alone.

@@ -49,9 +49,13 @@ pub struct DaemonInfo {
     /// pid, which process wrote this (a later one may get the same pid).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub proc_start: u64,
-    /// The boot it ran in (`/proc/sys/kernel/random/boot_id`).
+    /// The boot it ran in (`/proc/sys/kernel/random/boot_id`; in the host
+    /// record only: the lock file travels with the backing directory).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub boot: String,
+    /// The lock file it holds, as (device, inode) (in the host record only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_file: Option<(u64, u64)>,
     /// The host record this was read from, if it was (not published).
     #[serde(skip)]
     pub record: Option<PathBuf>,
@@ -63,6 +67,8 @@ fn is_zero(n: &u64) -> bool {
 
 pub struct VolumeLock {
     _file: File,
+    /// The lock file's (device, inode).
+    lock_file: Option<(u64, u64)>,
     /// Where the daemon's state also goes (`host_record`).
     record: Option<std::path::PathBuf>,
     /// The lock file holds the last state published: the host record is
@@ -90,23 +96,34 @@ impl Drop for VolumeLock {
     }
 }
 
-/// What the lock file says, if it is a daemon's JSON.
-fn read_lock(backing: &Path) -> Option<DaemonInfo> {
-    serde_json::from_str(&host_record::read_small(&backing.join(LOCK_FILE))?).ok()
+/// What the lock file says, if it is a daemon's JSON, and its metadata.
+fn read_lock(backing: &Path) -> Option<(DaemonInfo, std::fs::Metadata)> {
+    let meta = std::fs::symlink_metadata(backing.join(LOCK_FILE)).ok()?;
+    Some((
+        serde_json::from_str(&host_record::read_small(&backing.join(LOCK_FILE))?).ok()?,
+        meta,
+    ))
 }
 
 /// The record `info`, with the failures the lock file names for the same
 /// process added: a record the daemon could not update (its directory on a
 /// filesystem that failed too) must not hide a failure the lock file got.
-/// (The lock file can only add failures: forged, it can keep a volume
-/// mounted until `umount --force`, never unmount it.)
-fn with_failures_of(info: DaemonInfo, lock: Option<&DaemonInfo>) -> DaemonInfo {
+/// Only from the lock file the daemon holds (the record names it): one put
+/// in its place could otherwise keep a healthy volume mounted.
+fn with_failures_of(info: DaemonInfo, lock: Option<(&DaemonInfo, &std::fs::Metadata)>) -> DaemonInfo {
+    use std::os::unix::fs::MetadataExt;
     match lock {
-        Some(lock) if lock.pid == info.pid && lock.proc_start == info.proc_start => DaemonInfo {
-            commit_error: info.commit_error.or_else(|| lock.commit_error.clone()),
-            problem: info.problem.or_else(|| lock.problem.clone()),
-            ..info
-        },
+        Some((lock, meta))
+            if lock.pid == info.pid
+                && lock.proc_start == info.proc_start
+                && info.lock_file == Some((meta.dev(), meta.ino())) =>
+        {
+            DaemonInfo {
+                commit_error: info.commit_error.or_else(|| lock.commit_error.clone()),
+                problem: info.problem.or_else(|| lock.problem.clone()),
+                ..info
+            }
+        }
         _ => info,
     }
 }
@@ -159,7 +176,8 @@ impl VolumeLock {
         let start = Instant::now();
         while flock(file.as_fd(), FlockOperation::NonBlockingLockExclusive).is_err()
             && (start.elapsed() < Duration::from_secs(2)
-                || start.elapsed() < Duration::from_secs(30) && Self::daemon(backing).is_some_and(|d| d.finishing))
+                || start.elapsed() < Duration::from_secs(30)
+                    && Self::daemon(backing, None).is_some_and(|d| d.finishing))
         {
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -175,7 +193,20 @@ impl VolumeLock {
             });
         }
         let record = host_record::own_dir().and_then(|dir| host_record::path_in(backing, &dir));
+        if record.is_none() {
+            log::warn!(
+                "no directory for the daemon's host record (no /run/user/UID, XDG_RUNTIME_DIR or home of this \
+                 user's alone): `status` and `umount` read only kmsfs.lock, which the backing directory can forge"
+            );
+        }
+        let lock_file = file.metadata().ok().map(|m| {
+            (
+                std::os::unix::fs::MetadataExt::dev(&m),
+                std::os::unix::fs::MetadataExt::ino(&m),
+            )
+        });
         Ok(VolumeLock {
+            lock_file,
             _file: file,
             record,
             lock_current: std::sync::atomic::AtomicBool::new(false),
@@ -191,7 +222,6 @@ impl VolumeLock {
         let info = DaemonInfo {
             published_ms: crate::util::unix_now_ms(),
             proc_start: host_record::process_start(std::process::id()).unwrap_or(0),
-            boot: host_record::boot_id(),
             ..info.clone()
         };
         let text = serde_json::to_string(&info).unwrap_or_default();
@@ -203,6 +233,8 @@ impl VolumeLock {
         let placed = DaemonInfo {
             backing: Some(self.backing.clone()),
             mountpoint: self.mountpoint.get().cloned(),
+            boot: host_record::boot_id(),
+            lock_file: self.lock_file,
             ..info
         };
         let in_record = match &self.record {
@@ -232,12 +264,13 @@ impl VolumeLock {
     /// The daemon serving a volume at `mountpoint`, from its host record
     /// (believed, see `host_record`): it names the backing directory, which
     /// the mount's source may not (`fsname=`, or moved since).
-    /// Root also looks in the state directory of the mount's `owner`.
+    /// `owner` is the user who mounted it (mountinfo's `user_id=`).
     pub fn serving_at(mountpoint: &Path, owner: Option<u32>) -> Option<DaemonInfo> {
-        host_record::all_live(&owner.into_iter().collect::<Vec<_>>())
+        let seen = host_record::all_live(owner)
             .into_iter()
-            .filter(|info| info.mountpoint.as_deref() == Some(mountpoint))
-            .max_by_key(|info| info.published_ms)
+            .filter(|seen| seen.info.mountpoint.as_deref() == Some(mountpoint))
+            .collect();
+        host_record::best(seen)
     }
 
     /// What the daemon `was` (as `daemon` saw it) published last: after
@@ -250,20 +283,22 @@ impl VolumeLock {
             .and_then(host_record::read_small)
             .and_then(|text| serde_json::from_str::<DaemonInfo>(&text).ok())
             .filter(|info| info.pid == was.pid && info.proc_start == was.proc_start)
-            .map(|info| with_failures_of(info, lock.as_ref()))
-            .or(lock)
+            .map(|info| with_failures_of(info, lock.as_ref().map(|(lock, meta)| (lock, meta))))
+            .or(lock.map(|(lock, _)| lock))
     }
 
     /// The pid of the daemon holding the lock, if any.
     pub fn holder(backing: &Path) -> Option<String> {
-        Self::daemon(backing).map(|d| d.pid.to_string())
+        Self::daemon(backing, None).map(|d| d.pid.to_string())
     }
 
     /// What the daemon of the volume last recorded, if one runs: its host
-    /// record (the newest believed, see `host_record`), else, if a daemon
-    /// holds the lock file, what it says. A daemon with a record is found
+    /// record (see `host_record`), else, if a daemon holds the lock file,
+    /// what it says (root checks that the process holding it is the daemon
+    /// of `mount_owner`, the user who mounted the volume, if known). A
+    /// daemon with a record in this user's or root's directory is found
     /// even if the lock file was replaced or removed.
-    pub fn daemon(backing: &Path) -> Option<DaemonInfo> {
+    pub fn daemon(backing: &Path, mount_owner: Option<u32>) -> Option<DaemonInfo> {
         let file = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -276,22 +311,32 @@ impl VolumeLock {
             f.take(host_record::MAX_PUBLISHED).read_to_string(&mut text).ok()?;
             Some(text)
         });
-        let recorded = host_record::live(backing, file.as_ref().map(|(meta, _)| meta))
-            .into_iter()
-            .max_by_key(|info| info.published_ms);
+        let recorded = host_record::best(host_record::live(
+            backing,
+            file.as_ref().map(|(meta, _)| meta),
+            mount_owner,
+        ));
         if let Some(info) = recorded {
             let lock = lock_said.as_deref().and_then(|t| serde_json::from_str(t).ok());
-            return Some(with_failures_of(info, lock.as_ref()));
+            let current = file.as_ref().map(|(meta, _)| meta);
+            return Some(with_failures_of(info, lock.as_ref().zip(current)));
         }
-        let (_, file) = file?;
+        let (meta, file) = file?;
         if flock(file.as_fd(), FlockOperation::NonBlockingLockShared).is_ok() {
             return None;
         }
         let text = lock_said.unwrap_or_default();
-        Some(serde_json::from_str(&text).unwrap_or(DaemonInfo {
+        let info = serde_json::from_str(&text).unwrap_or(DaemonInfo {
             pid: text.trim().parse().unwrap_or(0),
             ..DaemonInfo::default()
-        }))
+        });
+        // The lock file's word, if this process can check the one who
+        // holds it is the daemon (root can): a file replaced and held by
+        // someone else would otherwise speak for the daemon.
+        match host_record::lock_holder_is(info.pid, &meta, mount_owner) {
+            Some(false) => None,
+            _ => Some(info),
+        }
     }
 
     /// Waits until the daemon `was` has exited and no daemon holds the lock.

@@ -9,7 +9,7 @@
 //! row only ever fills a gap (never replaces a stored key), must be under
 //! the active volume-key version, and still has to unwrap under it.
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -89,6 +89,18 @@ fn write_merged(
             .mode(0o700)
             .create(dir)
             .map_err(io_at(dir))?;
+        // On the host, keys go only to a directory of this user's that no
+        // one else may write (a $HOME set to another user's home must not
+        // receive them).
+        if path.file_name() != Some(std::ffi::OsStr::new(PENDING_FILE)) {
+            let meta = std::fs::symlink_metadata(dir).map_err(io_at(dir))?;
+            let me = rustix::process::geteuid().as_raw();
+            if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+                return Err(io_at(dir)(std::io::Error::other(
+                    "not a directory of this user's that only they may write",
+                )));
+            }
+        }
     }
     crate::kms::locked_file::replace(path, &text, 0o600, false).map_err(io_at(path))?;
     Ok((file.inserts.len() + file.deletes.len(), path.to_path_buf()))

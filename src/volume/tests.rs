@@ -132,11 +132,12 @@ fn an_interrupted_rotation_resumes() {
         volume.new_file_key().unwrap();
     }
     volume.sync_keys().unwrap();
-    // Begin a rotation by hand: a new active version, the old one retiring.
+    // Begin a rotation by hand: a new active version (a new key from the
+    // provider), the old one retiring.
+    let keys = volume.keys();
+    let (_, blob) = keys.provider().generate_data_key(keys.context()).unwrap();
+    let blob = blob.as_bytes().to_vec();
     let db = rusqlite::Connection::open(f.backing.join(DB_FILE)).unwrap();
-    let blob: Vec<u8> = db
-        .query_row("SELECT wrapped FROM volume_keys WHERE version = 1", [], |r| r.get(0))
-        .unwrap();
     db.execute("UPDATE volume_keys SET state = 'retiring' WHERE version = 1", [])
         .unwrap();
     db.execute(

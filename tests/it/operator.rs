@@ -315,3 +315,28 @@ fn umount_of_an_fsname_mount_finds_its_volume() {
     assert_eq!(fs::read(vol.path("kept")).unwrap(), b"kept");
     m.unmount();
 }
+
+/// A daemon that is stopped (SIGSTOP, a debugger) never answers: `umount`
+/// unmounts its mount without asking it anything, then waits for it.
+#[test]
+fn umount_of_a_stopped_daemons_mount_does_not_wait_on_it() {
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    let vol = TestVolume::init();
+    let backing = path_str(&vol.backing);
+    // No attributes kept by the kernel: a look at the mount point asks the daemon.
+    let m = vol.mount_with(&["-o", "attr_timeout=0"]);
+    let status: serde_json::Value = serde_json::from_slice(&vol.run(&["status", "--json", backing]).stdout).unwrap();
+    let pid = status["daemon_pid"].as_i64().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let resume = Resume(pid);
+    let mut umount = vol.command().args(["umount", path_str(&vol.mnt)]).spawn().unwrap();
+    wait_until("the stopped daemon's mount is gone", || !common::is_mounted(&vol.mnt));
+    drop(resume);
+    assert!(umount.wait().unwrap().success());
+    drop(m);
+}
