@@ -49,17 +49,31 @@ fn mounted_at(backing: &Path) -> Option<MountEntry> {
         .filter(|m| m.owner.is_none_or(|(uid, _)| uid == 0 || uid == backing_owner))
         .collect();
     ours.sort_by_cached_key(MountEntry::is_stale);
-    ours.into_iter().next().or_else(|| mounted_by_record(&backing))
+    ours.into_iter().next()
 }
 
-/// A mount whose source names no directory (`fsname=`), found through the
-/// record of the daemon that serves `backing` there.
-fn mounted_by_record(backing: &Path) -> Option<MountEntry> {
-    mounts().ok()?.into_iter().filter(MountEntry::is_kmsfs).find(|m| {
-        VolumeLock::serving_at(&m.mountpoint, m.owner.map(|(uid, _)| uid))
-            .and_then(|daemon| daemon.backing)
-            .and_then(|found| std::fs::canonicalize(found).ok())
-            .is_some_and(|found| found == backing)
+/// Where the volume in `backing` is mounted when the mount table's source
+/// does not say (`fsname=`, or the directory renamed since), and its
+/// daemon: the mount whose owner's daemon of this volume (its record is
+/// named by the directory's device and inode, not its path) says it
+/// serves there.
+fn mounted_by_record(backing: &Path) -> Option<(MountEntry, kmsfs::volume::lock::DaemonInfo)> {
+    let mut owners: Vec<u32> = mounts()
+        .ok()?
+        .into_iter()
+        .filter(MountEntry::is_kmsfs)
+        .filter_map(|m| m.owner.map(|(uid, _)| uid))
+        .collect();
+    owners.sort_unstable();
+    owners.dedup();
+    owners.into_iter().find_map(|owner| {
+        let daemon = VolumeLock::daemon(backing, Some(owner))?;
+        let at = daemon.mountpoint.clone()?;
+        let mount = mounts()
+            .ok()?
+            .into_iter()
+            .find(|m| m.mountpoint == at && m.owner.map(|(uid, _)| uid) == Some(owner))?;
+        Some((mount, daemon))
     })
 }
 
@@ -88,6 +102,13 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     let (row, keys) = (summary.volume, summary.volume_keys);
     let mount = mounted_at(&source);
     let daemon = VolumeLock::daemon(backing, mount.as_ref().and_then(|m| m.owner).map(|(uid, _)| uid));
+    let (mount, daemon) = match (mount, daemon) {
+        (None, daemon) => match mounted_by_record(backing) {
+            Some((mount, daemon)) => (Some(mount), Some(daemon)),
+            None => (None, daemon),
+        },
+        found => found,
+    };
     // In the mount table, but no daemon holds the volume: it died, and
     // the mount point says so; or it runs but cannot be seen from here.
     let stale = daemon.is_none() && mount.as_ref().is_some_and(MountEntry::is_stale);
@@ -156,8 +177,8 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     if reverse {
         outln!(
             "reverse view:   of {} (read-only, derived keys: `kmsfs mount --reverse {} MOUNTPOINT`)",
-            source.display(),
-            source.display()
+            super::printable(&source.display().to_string()),
+            super::printable(&source.display().to_string())
         );
     }
     outln!("format:         {}", row.format_version);
@@ -235,7 +256,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     for file in &pending {
         outln!(
             "pending keys:   {} holds file keys an unmount could not commit; the next mount or fsck stores them",
-            file.display()
+            super::printable(&file.display().to_string())
         );
     }
     if let Some(key) = key_state {

@@ -157,7 +157,7 @@ pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
     let Some(daemon) = daemon else {
         return Ok(());
     };
-    if !VolumeLock::wait_exited(&volume, &daemon, Duration::from_secs(60)) {
+    if !VolumeLock::wait_exited(&volume, &daemon, owner, Duration::from_secs(60)) {
         return Err(mount_error(format!(
             "unmounted {}, but its daemon has not exited after 60 s",
             mountpoint.display()

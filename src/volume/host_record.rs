@@ -44,7 +44,7 @@ fn run_user_dir(uid: u32) -> Option<PathBuf> {
 /// first. For a user: `/run/user/UID` (tmpfs, emptied at boot, where root
 /// looks), the runtime directory, then the state directory (under the
 /// home the account database gives if `$HOME` cannot hold it).
-fn own_dirs() -> Vec<PathBuf> {
+pub(super) fn own_dirs() -> Vec<PathBuf> {
     let uid = rustix::process::geteuid();
     if uid.is_root() {
         return vec![ROOT_DIR.into()];
@@ -140,6 +140,9 @@ fn process_uid(pid: u32) -> Option<u32> {
     (ids.len() >= 2 && ids[0] == ids[1]).then_some(ids[0])
 }
 
+/// How many of a process's descriptors `holds_lock` looks at.
+const MAX_DESCRIPTORS: usize = 1024;
+
 /// Whether process `pid` holds the exclusive `flock` of the file `lock`:
 /// `/proc/PID/fdinfo` lists, with each descriptor, the locks taken through
 /// it (another descriptor of the same file lists none), and the descriptor
@@ -156,16 +159,23 @@ fn holds_lock(pid: u32, lock: &std::fs::Metadata) -> Option<bool> {
         text.lines()
             .any(|l| l.starts_with("lock:") && l.contains(" FLOCK ") && l.contains(" WRITE "))
     };
-    Some(entries.flatten().any(|entry| {
+    // The lock is taken before the daemon opens anything else: among its
+    // first descriptors (a daemon may hold one per cached inode).
+    Some(entries.flatten().take(MAX_DESCRIPTORS).any(|entry| {
         std::fs::read_to_string(entry.path()).is_ok_and(|text| locked(&text))
             && std::fs::metadata(format!("/proc/{pid}/fd/{}", entry.file_name().to_string_lossy()))
                 .is_ok_and(|m| m.dev() == lock.dev() && m.ino() == lock.ino())
     }))
 }
 
+/// The process `info` names (by pid and start time) still runs.
+pub(super) fn still_runs(info: &DaemonInfo) -> bool {
+    info.proc_start != 0 && process_start(info.pid) == Some(info.proc_start)
+}
+
 /// The process that wrote `info` still runs (on this boot).
 pub(super) fn writer_runs(info: &DaemonInfo) -> bool {
-    info.proc_start != 0 && process_start(info.pid) == Some(info.proc_start) && info.boot == boot_id()
+    still_runs(info) && info.boot == boot_id()
 }
 
 /// A record believed, and whether it came from a trusted directory (this
@@ -220,8 +230,12 @@ pub(super) fn lock_holder_is(pid: u32, lock: &std::fs::Metadata, owner: Option<u
     match holds_lock(pid, lock) {
         Some(holds) => Some(holds && uid == Some(owner)),
         // Not to be looked at (a non-dumpable daemon, as every kmsfs
-        // process is): at least it must run as the owner, or as root.
-        None => (uid != Some(owner) && uid != Some(0)).then_some(false),
+        // process is): at least it must be a kmsfs process, running as the
+        // owner or as root.
+        None => {
+            let kmsfs = std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "kmsfs");
+            (!kmsfs || (uid != Some(owner) && uid != Some(0))).then_some(false)
+        }
     }
 }
 
@@ -240,15 +254,26 @@ pub(super) fn live(backing: &Path, lock: Option<&std::fs::Metadata>, mount_owner
         .collect()
 }
 
-/// Every record believed (`believed`), of any volume; root also looks in
-/// the state directory of `mount_owner`.
-pub(super) fn all_live(mount_owner: Option<u32>) -> Vec<Seen> {
+/// More records than one directory holds for the volumes of one user.
+const MAX_RECORDS: usize = 256;
+
+/// The records believed (`believed`) of daemons serving at `mountpoint`;
+/// root also looks in the directories of `mount_owner`. Each directory's
+/// first MAX_RECORDS records only: a user cannot make root read without
+/// end.
+pub(super) fn serving_at(mountpoint: &Path, mount_owner: Option<u32>) -> Vec<Seen> {
     dirs(mount_owner)
         .into_iter()
         .filter_map(|(dir, trusted)| Some((std::fs::read_dir(dir).ok()?, trusted)))
-        .flat_map(|(entries, trusted)| entries.flatten().map(move |entry| (entry, trusted)))
-        .filter(|(entry, _)| entry.file_name().to_string_lossy().starts_with("daemon-"))
+        .flat_map(|(entries, trusted)| {
+            entries
+                .flatten()
+                .filter(|entry| entry.file_name().to_string_lossy().starts_with("daemon-"))
+                .take(MAX_RECORDS)
+                .map(move |entry| (entry, trusted))
+        })
         .filter_map(|(entry, trusted)| Some((read(&entry.path(), trusted)?, trusted)))
+        .filter(|((info, _), _)| info.mountpoint.as_deref() == Some(mountpoint))
         .filter(|((info, owner), trusted)| believed(info, *owner, *trusted, mount_owner, None))
         .map(|((info, _), trusted)| Seen { info, trusted })
         .collect()

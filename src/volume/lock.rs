@@ -70,7 +70,7 @@ pub struct VolumeLock {
     /// The lock file's (device, inode).
     lock_file: Option<(u64, u64)>,
     /// Where the daemon's state also goes (`host_record`).
-    record: Option<std::path::PathBuf>,
+    record: std::sync::Mutex<Option<std::path::PathBuf>>,
     /// The lock file holds the last state published: the host record is
     /// not needed once the daemon is gone.
     lock_current: std::sync::atomic::AtomicBool,
@@ -87,7 +87,7 @@ impl Drop for VolumeLock {
     /// `umount` reads a failure from the record (the next daemon of the
     /// volume replaces it).
     fn drop(&mut self) {
-        if let Some(record) = &self.record
+        if let Some(record) = crate::util::lock(&self.record).as_ref()
             && self.lock_current.load(std::sync::atomic::Ordering::Relaxed)
             && !self.failed.load(std::sync::atomic::Ordering::Relaxed)
         {
@@ -208,7 +208,7 @@ impl VolumeLock {
         Ok(VolumeLock {
             lock_file,
             _file: file,
-            record,
+            record: std::sync::Mutex::new(record),
             lock_current: std::sync::atomic::AtomicBool::new(false),
             failed: std::sync::atomic::AtomicBool::new(false),
             backing: backing.to_path_buf(),
@@ -237,12 +237,7 @@ impl VolumeLock {
             lock_file: self.lock_file,
             ..info
         };
-        let in_record = match &self.record {
-            Some(path) => host_record::write(path, &serde_json::to_string(&placed).unwrap_or_default()),
-            None => Err(std::io::Error::other(
-                "no runtime or state directory (XDG_RUNTIME_DIR, HOME unset)",
-            )),
-        };
+        let in_record = self.write_record(&serde_json::to_string(&placed).unwrap_or_default());
         self.lock_current
             .store(in_lock.is_ok(), std::sync::atomic::Ordering::Relaxed);
         self.failed.store(
@@ -256,6 +251,31 @@ impl VolumeLock {
         }
     }
 
+    /// Writes the host record; where its directory fails (removed at
+    /// logout, its filesystem failing), in the next of this user's that
+    /// works, from then on.
+    fn write_record(&self, text: &str) -> std::io::Result<()> {
+        let mut record = crate::util::lock(&self.record);
+        let first = match record.as_ref() {
+            Some(path) => host_record::write(path, text),
+            None => Err(std::io::Error::other("no directory of this user's alone for it")),
+        };
+        let Err(first) = first else {
+            return Ok(());
+        };
+        for dir in host_record::own_dirs() {
+            let Some(path) = host_record::path_in(&self.backing, &dir) else {
+                continue;
+            };
+            if record.as_ref() != Some(&path) && host_record::write(&path, text).is_ok() {
+                log::warn!("the daemon's host record moved to {} ({first})", path.display());
+                *record = Some(path);
+                return Ok(());
+            }
+        }
+        Err(first)
+    }
+
     /// Records where the daemon serves the volume (published from then on).
     pub fn serving(&self, mountpoint: &Path) {
         let _ = self.mountpoint.set(mountpoint.to_path_buf());
@@ -266,11 +286,7 @@ impl VolumeLock {
     /// the mount's source may not (`fsname=`, or moved since).
     /// `owner` is the user who mounted it (mountinfo's `user_id=`).
     pub fn serving_at(mountpoint: &Path, owner: Option<u32>) -> Option<DaemonInfo> {
-        let seen = host_record::all_live(owner)
-            .into_iter()
-            .filter(|seen| seen.info.mountpoint.as_deref() == Some(mountpoint))
-            .collect();
-        host_record::best(seen)
+        host_record::best(host_record::serving_at(mountpoint, owner))
     }
 
     /// What the daemon `was` (as `daemon` saw it) published last: after
@@ -284,7 +300,10 @@ impl VolumeLock {
             .and_then(|text| serde_json::from_str::<DaemonInfo>(&text).ok())
             .filter(|info| info.pid == was.pid && info.proc_start == was.proc_start)
             .map(|info| with_failures_of(info, lock.as_ref().map(|(lock, meta)| (lock, meta))))
-            .or(lock.map(|(lock, _)| lock))
+            // The lock file's word, if it is that process's.
+            .or(lock
+                .map(|(lock, _)| lock)
+                .filter(|lock| lock.pid == was.pid && lock.proc_start == was.proc_start))
     }
 
     /// The pid of the daemon holding the lock, if any.
@@ -339,11 +358,12 @@ impl VolumeLock {
         }
     }
 
-    /// Waits until the daemon `was` has exited and no daemon holds the lock.
-    pub fn wait_exited(backing: &Path, was: &DaemonInfo, timeout: Duration) -> bool {
+    /// Waits until the daemon `was` has exited and no daemon (of
+    /// `mount_owner`, if known) holds the lock.
+    pub fn wait_exited(backing: &Path, was: &DaemonInfo, mount_owner: Option<u32>, timeout: Duration) -> bool {
         let start = Instant::now();
         while start.elapsed() < timeout {
-            if !host_record::writer_runs(was) && Self::holder(backing).is_none() {
+            if !host_record::still_runs(was) && Self::daemon(backing, mount_owner).is_none() {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));

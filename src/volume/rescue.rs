@@ -89,16 +89,22 @@ fn write_merged(
             .mode(0o700)
             .create(dir)
             .map_err(io_at(dir))?;
-        // On the host, keys go only to a directory of this user's that no
-        // one else may write (a $HOME set to another user's home must not
-        // receive them).
+        // On the host, keys go only where no one else may move them: the
+        // directories down from the state directory must be this user's,
+        // writable by no one else (a $HOME set to another user's home must
+        // not receive them).
         if path.file_name() != Some(std::ffi::OsStr::new(PENDING_FILE)) {
-            let meta = std::fs::symlink_metadata(dir).map_err(io_at(dir))?;
             let me = rustix::process::geteuid().as_raw();
-            if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
-                return Err(io_at(dir)(std::io::Error::other(
-                    "not a directory of this user's that only they may write",
-                )));
+            for ancestor in [Some(dir), dir.parent(), dir.parent().and_then(Path::parent)]
+                .into_iter()
+                .flatten()
+            {
+                let meta = std::fs::symlink_metadata(ancestor).map_err(io_at(ancestor))?;
+                if !meta.is_dir() || (meta.uid() != me && meta.uid() != 0) || meta.mode() & 0o022 != 0 {
+                    return Err(io_at(ancestor)(std::io::Error::other(
+                        "not a directory of this user's that only they may write",
+                    )));
+                }
             }
         }
     }
@@ -180,6 +186,11 @@ fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeError> 
     let meta = file.metadata().map_err(io_at(&path))?;
     if !meta.is_file() {
         return Err(damaged("not a regular file"));
+    }
+    // One on the host is this user's own: any other could delete key rows.
+    let on_host = path.file_name() != Some(std::ffi::OsStr::new(PENDING_FILE));
+    if on_host && meta.uid() != rustix::process::geteuid().as_raw() {
+        return Err(damaged("it is not this user's"));
     }
     if meta.len() > MAX_PENDING_BYTES {
         return Err(damaged("larger than any kmsfs writes"));
