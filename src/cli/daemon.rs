@@ -88,7 +88,15 @@ fn stale_mount(path: &Path) -> CliError {
 /// and its own name kept, so that nothing asks its daemon (a stale mount
 /// point cannot be resolved, a hung one never answers).
 pub(super) fn mount_point_path(path: &Path) -> Result<PathBuf, CliError> {
-    let path = std::path::absolute(path)?;
+    let mut path = std::path::absolute(path)?;
+    // A symlink to the mount point is followed (readlink of a mount point
+    // itself asks its daemon nothing).
+    for _ in 0..8 {
+        match std::fs::read_link(&path) {
+            Ok(target) => path = path.parent().unwrap_or(Path::new("/")).join(target),
+            Err(_) => break,
+        }
+    }
     match (path.parent(), path.file_name()) {
         (Some(dir), Some(name)) if name != ".." => Ok(absolute(dir, "directory of the mount point")?.join(name)),
         _ => match std::fs::canonicalize(&path) {

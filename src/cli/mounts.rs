@@ -35,8 +35,8 @@ impl MountEntry {
 
 /// Whether `path` answers ENOTCONN, to user `uid` (group `gid`, no others)
 /// if given: asked by a child process that does nothing else (its memory
-/// is a copy of ours: it makes itself non-dumpable before anything, so that
-/// user cannot read it), given 2 s, then killed.
+/// is a copy of ours: it makes itself non-dumpable right after taking
+/// their ids, so that user cannot read it), given 2 s, then killed.
 fn gone_as(path: &Path, creds: Option<(u32, u32)>) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let Ok(path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
@@ -75,11 +75,22 @@ fn gone_as(path: &Path, creds: Option<(u32, u32)>) -> bool {
         if done == pid {
             return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
         }
-        if done < 0 || start.elapsed() > std::time::Duration::from_secs(2) {
-            // SAFETY: our child, killed and reaped.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
+        if done < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        if done < 0 {
+            return false;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(2) {
+            // SAFETY: our child (not reaped yet, so its pid is still ours),
+            // killed; reaped if it dies at once. One stuck in a request the
+            // daemon took and never answers cannot die: left to init.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            for _ in 0..20 {
+                if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != 0 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
             }
             return false;
         }

@@ -233,7 +233,11 @@ pub(super) fn lock_holder_is(pid: u32, lock: &std::fs::Metadata, owner: Option<u
         // process is): at least it must be a kmsfs process, running as the
         // owner or as root.
         None => {
-            let kmsfs = std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "kmsfs");
+            // As the binary or its mount helper (fstab) names it; comm keeps 15 bytes.
+            let kmsfs = std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| {
+                let c = c.trim();
+                c == "kmsfs" || c == "mount.kmsfs" || c.starts_with("mount.fuse")
+            });
             (!kmsfs || (uid != Some(owner) && uid != Some(0))).then_some(false)
         }
     }

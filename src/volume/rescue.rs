@@ -95,14 +95,22 @@ fn write_merged(
         // not receive them).
         if path.file_name() != Some(std::ffi::OsStr::new(PENDING_FILE)) {
             let me = rustix::process::geteuid().as_raw();
-            for ancestor in [Some(dir), dir.parent(), dir.parent().and_then(Path::parent)]
-                .into_iter()
-                .flatten()
+            let real = std::fs::canonicalize(dir).map_err(io_at(dir))?;
+            for ancestor in [
+                Some(real.as_path()),
+                real.parent(),
+                real.parent().and_then(Path::parent),
+            ]
+            .into_iter()
+            .flatten()
             {
-                let meta = std::fs::symlink_metadata(ancestor).map_err(io_at(ancestor))?;
-                if !meta.is_dir() || (meta.uid() != me && meta.uid() != 0) || meta.mode() & 0o022 != 0 {
+                // This user's or root's; others may write it only if it is
+                // sticky (they cannot move this user's entries then).
+                let meta = std::fs::metadata(ancestor).map_err(io_at(ancestor))?;
+                let others_write = meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0;
+                if (meta.uid() != me && meta.uid() != 0) || others_write {
                     return Err(io_at(ancestor)(std::io::Error::other(
-                        "not a directory of this user's that only they may write",
+                        "not a directory of this user's that others cannot change",
                     )));
                 }
             }

@@ -340,3 +340,16 @@ fn umount_of_a_stopped_daemons_mount_does_not_wait_on_it() {
     assert!(umount.wait().unwrap().success());
     drop(m);
 }
+
+/// A symlink to a mount point names that mount for `umount`.
+#[test]
+fn umount_through_a_symlink_to_the_mount_point() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    let link = vol.dir.path().join("link-to-mount");
+    std::os::unix::fs::symlink(&vol.mnt, &link).unwrap();
+    let out = vol.run(&["umount", path_str(&link)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!common::is_mounted(&vol.mnt));
+    drop(m);
+}
