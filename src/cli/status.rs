@@ -125,7 +125,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     let days_since_rotation = keys
         .iter()
         .filter(|k| k.state == "active")
-        .map(|k| (kmsfs::util::unix_now() as i64 - k.created_at).max(0) / 86_400)
+        .map(|k| (kmsfs::util::unix_now() as i64).saturating_sub(k.created_at).max(0) / 86_400)
         .next();
     let pending = kmsfs::volume::rescue::waiting(backing, &row.volume_id);
     if json {
