@@ -306,11 +306,6 @@ impl VolumeLock {
                 .filter(|lock| lock.pid == was.pid && lock.proc_start == was.proc_start))
     }
 
-    /// The pid of the daemon holding the lock, if any.
-    pub fn holder(backing: &Path) -> Option<String> {
-        Self::daemon(backing, None).map(|d| d.pid.to_string())
-    }
-
     /// What the daemon of the volume last recorded, if one runs: its host
     /// record (see `host_record`), else, if a daemon holds the lock file,
     /// what it says (root checks that the process holding it is the daemon
