@@ -4,8 +4,9 @@
 //! encryption context as AAD. Blob: 0x01 || IV (12) || ciphertext || tag.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::Mechanism;
@@ -15,28 +16,55 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
+use super::http::{TIMEOUT_ENV, call_timeout};
 use super::{EncryptionContext, KeyProvider, KeyStatus, KmsError, ProviderId};
 use crate::crypto::{SecretKey, WrappedKey, random_array};
 
 const BLOB_VERSION: u8 = 1;
 
+/// How long `Drop` waits for the module's thread to close its session.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 struct Connection {
-    pid: u32,
     session: Session,
     key: ObjectHandle,
     _ctx: Pkcs11,
 }
 
-pub struct Pkcs11Provider {
+/// The token and key a provider names, and the PIN to log in with: all the
+/// module's thread needs to connect.
+struct Token {
     module: String,
-    token: Option<String>,
+    label: Option<String>,
     object: String,
     pin: Zeroizing<String>,
-    /// Opened on first use and again after a fork (PKCS#11 state does not survive one).
-    conn: Mutex<Option<Connection>>,
-    calls: AtomicU64,
 }
 
+/// A call into the module, run on its thread with the connection (made on
+/// the first call, and again after one failed to be made).
+type Job = Box<dyn FnOnce(&Token, &mut Option<Connection>) + Send>;
+
+/// The thread that makes every call into the module. A module may never
+/// return (a network HSM whose link went away, a token directory on a hung
+/// mount) and a call cannot be taken back from it: the caller waits at most
+/// the call's budget, and the thread stays with the call.
+struct Worker {
+    pid: u32,
+    jobs: mpsc::Sender<Job>,
+    ended: mpsc::Receiver<()>,
+}
+
+pub struct Pkcs11Provider {
+    token: Arc<Token>,
+    /// How long one call may take (`KMSFS_PROVIDER_TIMEOUT`, `timeout=`).
+    budget: Duration,
+    /// Started on first use and again after a fork (threads and PKCS#11
+    /// state do not survive one).
+    worker: Mutex<Option<Worker>>,
+    /// Set once a call was given up on: the module's thread may never come back.
+    abandoned: AtomicBool,
+    calls: AtomicU64,
+}
 fn read_pin(query: &BTreeMap<String, String>) -> Result<Zeroizing<String>, String> {
     if let Some(v) = query.get("pin-value") {
         return Ok(Zeroizing::new(v.clone()));
@@ -83,20 +111,144 @@ impl Pkcs11Provider {
             .cloned()
             .ok_or_else(|| config("no object= (key label) in the URI".into()))?;
         Ok(Pkcs11Provider {
-            module,
-            token: path.get("token").cloned(),
-            object,
-            pin: read_pin(query).map_err(config)?,
-            conn: Mutex::new(None),
+            budget: call_timeout("pkcs11", query.get("timeout").map(String::as_str))?,
+            token: Arc::new(Token {
+                module,
+                label: path.get("token").cloned(),
+                object,
+                pin: read_pin(query).map_err(config)?,
+            }),
+            worker: Mutex::new(None),
+            abandoned: AtomicBool::new(false),
             calls: AtomicU64::new(0),
         })
     }
 
+    /// Runs `op` with the session on the module's thread and waits for its
+    /// answer at most the call's budget.
+    fn call<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Token, &Session, ObjectHandle) -> Result<T, KmsError> + Send + 'static,
+    ) -> Result<T, KmsError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |token, conn| {
+            let result = match conn {
+                Some(c) => op(token, &c.session, c.key),
+                None => token.connect().and_then(|c| {
+                    let c = conn.insert(c);
+                    op(token, &c.session, c.key)
+                }),
+            };
+            let _ = reply.send(result);
+        });
+        self.submit(job)?;
+        match answer.recv_timeout(self.budget) {
+            Ok(result) => result,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.abandoned.store(true, Ordering::Relaxed);
+                ABANDONED.store(true, Ordering::Relaxed);
+                Err(self.token.unreachable(format!(
+                    "no answer within {} s: the module has not returned from its call ({TIMEOUT_ENV} or \
+                     timeout= in the provider URI sets how long a call may take)",
+                    self.budget.as_secs_f64(),
+                )))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(self.token.unreachable("the module's thread ended during the call"))
+            }
+        }
+    }
+
+    /// Hands `job` to the module's thread, starting one in this process if
+    /// there is none or the last one ended.
+    fn submit(&self, mut job: Job) -> Result<(), KmsError> {
+        let mut worker = crate::util::lock(&self.worker);
+        if worker.as_ref().is_some_and(|w| w.pid != std::process::id()) {
+            // Inherited across a fork: its thread is not in this process and
+            // the module's state is not ours to use or finalize.
+            std::mem::forget(worker.take());
+        }
+        for _ in 0..2 {
+            let w = match worker.as_mut() {
+                Some(w) => w,
+                None => worker.insert(
+                    Worker::start(self.token.clone())
+                        .map_err(|e| self.token.unreachable(format!("cannot start its thread: {e}")))?,
+                ),
+            };
+            match w.jobs.send(job) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::SendError(back)) => {
+                    // The thread ended (a panic in the module's binding): a new one.
+                    job = back;
+                    *worker = None;
+                }
+            }
+        }
+        Err(self.token.unreachable("its thread keeps ending"))
+    }
+
+    fn seal(&self, key: &SecretKey, context: &EncryptionContext) -> Result<WrappedKey, KmsError> {
+        let aad = context.canonical_bytes();
+        let mut iv: [u8; 12] = random_array();
+        let key = key.clone();
+        let sealed = self.call(move |token, session, handle| {
+            let params = GcmParams::new(&mut iv, &aad, 128.into()).map_err(|e| token.refused("CKM_AES_GCM", e))?;
+            session
+                .encrypt(&Mechanism::AesGcm(params), handle, key.expose())
+                .map_err(|e| token.refused("C_Encrypt", e))
+        })?;
+        Ok(WrappedKey::from_bytes([&[BLOB_VERSION][..], &iv, &sealed].concat()))
+    }
+}
+
+impl Drop for Pkcs11Provider {
+    fn drop(&mut self) {
+        let worker = self
+            .worker
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(worker) = worker {
+            if worker.pid != std::process::id() || self.abandoned.load(Ordering::Relaxed) {
+                std::mem::forget(worker);
+                return;
+            }
+            // Let the thread close the session and finalize the module
+            // before this process goes on or exits, but not for ever.
+            drop(worker.jobs);
+            let _ = worker.ended.recv_timeout(CLOSE_WAIT.min(self.budget));
+        }
+    }
+}
+
+impl Worker {
+    fn start(token: Arc<Token>) -> std::io::Result<Worker> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (done, ended) = mpsc::sync_channel(1);
+        std::thread::Builder::new().name("kmsfs-pkcs11".into()).spawn(move || {
+            let mut conn = None;
+            for job in queue {
+                job(&token, &mut conn);
+            }
+            drop(conn);
+            let _ = done.send(());
+        })?;
+        Ok(Worker {
+            pid: std::process::id(),
+            jobs,
+            ended,
+        })
+    }
+}
+
+impl Token {
     fn name(&self) -> String {
         format!(
             "pkcs11 ({}, token {})",
             self.module,
-            self.token.as_deref().unwrap_or("<first>")
+            self.label.as_deref().unwrap_or("<first>")
         )
     }
 
@@ -124,7 +276,7 @@ impl Pkcs11Provider {
             .map_err(|e| self.unreachable(format!("C_GetSlotList: {e}")))?;
         let slot = slots
             .into_iter()
-            .find(|s| match &self.token {
+            .find(|s| match &self.label {
                 Some(label) => ctx
                     .get_token_info(*s)
                     .map(|i| i.label().trim_end() == label)
@@ -166,45 +318,18 @@ impl Pkcs11Provider {
             }
         }
         Ok(Connection {
-            pid: std::process::id(),
             session,
             key,
             _ctx: ctx,
         })
-    }
-
-    fn with_session<T>(&self, f: impl FnOnce(&Session, ObjectHandle) -> Result<T, KmsError>) -> Result<T, KmsError> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        let mut conn = crate::util::lock(&self.conn);
-        if conn.as_ref().is_some_and(|c| c.pid != std::process::id()) {
-            // Inherited across a fork: the library's state is not ours to use or finalize.
-            std::mem::forget(conn.take());
-        }
-        if conn.is_none() {
-            *conn = Some(self.connect()?);
-        }
-        let c = conn.as_ref().ok_or_else(|| self.unreachable("no session"))?;
-        f(&c.session, c.key)
-    }
-
-    fn seal(&self, key: &SecretKey, context: &EncryptionContext) -> Result<WrappedKey, KmsError> {
-        let aad = context.canonical_bytes();
-        let mut iv: [u8; 12] = random_array();
-        let sealed = self.with_session(|session, handle| {
-            let params = GcmParams::new(&mut iv, &aad, 128.into()).map_err(|e| self.refused("CKM_AES_GCM", e))?;
-            session
-                .encrypt(&Mechanism::AesGcm(params), handle, key.expose())
-                .map_err(|e| self.refused("C_Encrypt", e))
-        })?;
-        Ok(WrappedKey::from_bytes([&[BLOB_VERSION][..], &iv, &sealed].concat()))
     }
 }
 
 impl KeyProvider for Pkcs11Provider {
     fn id(&self) -> ProviderId {
         ProviderId::Pkcs11 {
-            token: self.token.clone(),
-            object: self.object.clone(),
+            token: self.token.label.clone(),
+            object: self.token.object.clone(),
         }
     }
 
@@ -217,19 +342,20 @@ impl KeyProvider for Pkcs11Provider {
     fn decrypt(&self, wrapped: &WrappedKey, context: &EncryptionContext) -> Result<SecretKey, KmsError> {
         let blob = wrapped.as_bytes();
         if blob.len() != 1 + 12 + 32 + 16 || blob[0] != BLOB_VERSION {
-            return Err(KmsError::InvalidCiphertext(self.object.clone()));
+            return Err(KmsError::InvalidCiphertext(self.token.object.clone()));
         }
         let mut iv = [0u8; 12];
         iv.copy_from_slice(&blob[1..13]);
+        let sealed = blob[13..].to_vec();
         let aad = context.canonical_bytes();
-        let plain = self.with_session(|session, handle| {
-            let params = GcmParams::new(&mut iv, &aad, 128.into()).map_err(|e| self.refused("CKM_AES_GCM", e))?;
+        let plain = self.call(move |token, session, handle| {
+            let params = GcmParams::new(&mut iv, &aad, 128.into()).map_err(|e| token.refused("CKM_AES_GCM", e))?;
             session
-                .decrypt(&Mechanism::AesGcm(params), handle, &blob[13..])
+                .decrypt(&Mechanism::AesGcm(params), handle, &sealed)
                 .map(Zeroizing::new)
-                .map_err(|_| KmsError::InvalidCiphertext(self.object.clone()))
+                .map_err(|_| KmsError::InvalidCiphertext(token.object.clone()))
         })?;
-        SecretKey::from_slice(&plain).ok_or_else(|| KmsError::InvalidCiphertext(self.object.clone()))
+        SecretKey::from_slice(&plain).ok_or_else(|| KmsError::InvalidCiphertext(self.token.object.clone()))
     }
 
     fn re_encrypt(&self, wrapped: &WrappedKey, context: &EncryptionContext) -> Result<WrappedKey, KmsError> {
@@ -242,6 +368,15 @@ impl KeyProvider for Pkcs11Provider {
     }
 
     fn key_state(&self) -> Result<KeyStatus, KmsError> {
-        self.with_session(|_, _| Ok(KeyStatus::of("Enabled (found in the token)")))
+        self.call(|_, _, _| Ok(KeyStatus::of("Enabled (found in the token)")))
     }
 }
+
+/// Whether a provider call in this process was given up on: the module's
+/// thread may still be inside it, and a module's exit handlers could wait
+/// for it, so the process should leave with `_exit`.
+pub fn abandoned_calls() -> bool {
+    ABANDONED.load(Ordering::Relaxed)
+}
+
+static ABANDONED: AtomicBool = AtomicBool::new(false);

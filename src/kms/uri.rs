@@ -4,7 +4,7 @@
 //! - `local:<key id or alias>`
 //! - `aws-kms:<key id, alias/NAME or ARN>[?region=R&endpoint=URL&profile=P&ca_cert=F&timeout=S]`
 //! - `vault-transit:[<http(s)://host:port>/]<mount>/<key>[?token_file=F&ca_cert=F&timeout=S]`
-//! - `pkcs11:[token=<label>;]object=<label>[?module-path=<path>&pin-source=<file:PATH|env:VAR>&pin-value=PIN]` (RFC 7512)
+//! - `pkcs11:[token=<label>;]object=<label>[?module-path=<path>&pin-source=<file:PATH|env:VAR>&pin-value=PIN&timeout=S]` (RFC 7512)
 
 use std::collections::BTreeMap;
 
@@ -91,7 +91,7 @@ fn only_known(
 const AWS_SETTINGS: &[&str] = &["region", "endpoint", "profile", "ca_cert", "timeout"];
 const VAULT_SETTINGS: &[&str] = &["token_file", "ca_cert", "timeout"];
 const PKCS11_ATTRIBUTES: &[&str] = &["token", "object"];
-const PKCS11_SETTINGS: &[&str] = &["module-path", "pin-source", "pin-value"];
+const PKCS11_SETTINGS: &[&str] = &["module-path", "pin-source", "pin-value", "timeout"];
 
 fn split_query(rest: &str) -> (&str, &str) {
     rest.split_once('?').unwrap_or((rest, ""))

@@ -380,6 +380,67 @@ fn pkcs11_with_softhsm_round_trip_and_failures() {
     assert!(out.status.success(), "mount side needs only the PIN: {}", stderr(&out));
 }
 
+/// A module that never returns from a call (a network HSM whose link went
+/// away; here SoftHSM2 reading its configuration from a FIFO no one writes)
+/// costs a command the call's budget, not its life: exit 8 naming the wait,
+/// set by KMSFS_PROVIDER_TIMEOUT or the URI's `timeout=`.
+#[test]
+fn pkcs11_module_that_never_returns_fails_within_the_call_budget() {
+    let hsm = SoftHsm::new();
+    let conf = path_str(&hsm.conf).to_string();
+    let uri = hsm.uri("master", &hsm.pin_file);
+    let vol = TestVolume::init_with(&[("SOFTHSM2_CONF", &conf)], &["--kms", &uri]);
+    let fifo = vol.dir.path().join("softhsm2.fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo");
+    let (backing, mnt) = (path_str(&vol.backing), path_str(&vol.mnt));
+    let short = format!("{uri}&timeout=1");
+    let cases: [(Option<&str>, Vec<&str>, &str); 3] = [
+        (Some("2"), vec!["status", "--check-key", backing], "2"),
+        (Some("2"), vec!["mount", backing, mnt], "2"),
+        (None, vec!["--kms", &short, "status", "--check-key", backing], "1"),
+    ];
+    for (timeout, args, waited) in cases {
+        let mut command = vol.command();
+        command
+            .env("SOFTHSM2_CONF", &fifo)
+            .env_remove("KMSFS_PROVIDER_TIMEOUT")
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(t) = timeout {
+            command.env("KMSFS_PROVIDER_TIMEOUT", t);
+        }
+        let mut child = command.spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                let _ = child.wait();
+                panic!("{args:?} still waits for the module after 60 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        if common::is_mounted(&vol.mnt) {
+            vol.run(&["umount", mnt]);
+            panic!("mounted without its key: {}", stderr(&out));
+        }
+        assert_eq!(out.status.code(), Some(8), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("no answer within {waited} s")) && stderr(&out).contains("has not returned"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let out = vol.run(&["--kms", &format!("{uri}&timeout=0"), "status", "--check-key", backing]);
+    assert_eq!(out.status.code(), Some(2), "timeout=0: {}", stderr(&out));
+    assert!(stderr(&out).contains("seconds from 1 to 600"), "{}", stderr(&out));
+    // The token answers again once its configuration can be read.
+    let out = vol.run(&["status", "--check-key", backing]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 #[test]
 fn bad_provider_uris_are_usage_errors() {
     let dir = tempfile::tempdir().unwrap();
