@@ -475,4 +475,18 @@ fn an_old_volume_key_put_back_as_a_new_version_is_refused() {
     db.execute_batch("DELETE FROM volume_keys WHERE version = 2; UPDATE volume_keys SET state = 'active';")
         .unwrap();
     verify(&vol, &files);
+    // The last version there can be, retired: a rotation names it and
+    // changes nothing.
+    db.execute_batch(
+        "INSERT INTO volume_keys SELECT 4294967295, 'retired', NULL, created_at FROM volume_keys WHERE version = 1;",
+    )
+    .unwrap();
+    let out = vol.run(&["rotate", path_str(&vol.backing)]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("version 4294967295, after which no version can follow"),
+        "{}",
+        stderr(&out)
+    );
+    verify(&vol, &files);
 }

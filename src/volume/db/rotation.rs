@@ -21,14 +21,23 @@ impl MetadataDb {
     pub fn begin_rotation(&self, blob: &WrappedKey, created_at: i64) -> Result<u32, DbError> {
         self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let version: u32 = tx.query_row("SELECT max(version) + 1 FROM volume_keys", [], |r| r.get(0))?;
+            let last: i64 = tx.query_row("SELECT max(version) FROM volume_keys", [], |r| r.get(0))?;
+            let Some(version) = last.checked_add(1).and_then(|v| u32::try_from(v).ok()) else {
+                return Ok(Err(last));
+            };
             tx.execute("UPDATE volume_keys SET state = 'retiring' WHERE state = 'active'", [])?;
             tx.execute(
                 "INSERT INTO volume_keys (version, state, wrapped, created_at) VALUES (?1, 'active', ?2, ?3)",
                 params![version, blob.as_bytes(), created_at],
             )?;
             tx.commit()?;
-            Ok(version)
+            Ok(Ok(version))
+        })?
+        // Four billion rotations are not made: a DB edited to hold the last
+        // version there can be.
+        .map_err(|last| DbError::Damaged {
+            path: self.path.clone(),
+            reason: format!("it records volume key version {last}, after which no version can follow"),
         })
     }
 
