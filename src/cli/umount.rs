@@ -163,7 +163,7 @@ pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
             mountpoint.display()
         )));
     }
-    let last = VolumeLock::last_published(&volume, &daemon);
+    let last = VolumeLock::last_published(&volume, &daemon, owner);
     if let Some(error) = last.as_ref().and_then(|info| info.problem.clone()) {
         return Err(CliError::new(
             ExitCode::Io,

@@ -283,6 +283,29 @@ pub(super) fn serving_at(mountpoint: &Path, mount_owner: Option<u32>) -> Vec<See
         .collect()
 }
 
+/// The last word of the process `was` (same pid, start time and boot) as
+/// the daemon of `backing`: its record where `was` was read from, or in
+/// whichever of the directories looked in (see `dirs`) it moved to since,
+/// written by the user who wrote the record `was` came from.
+pub(super) fn last_of(backing: &Path, was: &DaemonInfo, mount_owner: Option<u32>) -> Option<DaemonInfo> {
+    let seen_at = was.record.as_deref()?;
+    let writer = std::fs::symlink_metadata(seen_at).ok().map(|m| m.uid());
+    let mut places: Vec<(PathBuf, bool)> = dirs(mount_owner)
+        .into_iter()
+        .filter_map(|(dir, trusted)| Some((path_in(backing, &dir)?, trusted)))
+        .collect();
+    if !places.iter().any(|(path, _)| path == seen_at) {
+        places.push((seen_at.to_path_buf(), false));
+    }
+    let found = places
+        .into_iter()
+        .filter_map(|(path, trusted)| Some((read(&path, trusted)?, trusted)))
+        .filter(|((_, owner), _)| writer.is_none_or(|w| w == *owner))
+        .filter(|((info, _), _)| info.pid == was.pid && info.proc_start == was.proc_start && info.boot == was.boot)
+        .map(|((info, _), trusted)| Seen { info, trusted });
+    best(found.collect())
+}
+
 /// The one to believe of `seen`: a trusted record before any other (an
 /// untrusted one never outranks it, whatever time it claims), then the
 /// newest.

@@ -269,7 +269,10 @@ impl VolumeLock {
             };
             if record.as_ref() != Some(&path) && host_record::write(&path, text).is_ok() {
                 log::warn!("the daemon's host record moved to {} ({first})", path.display());
-                *record = Some(path);
+                // Where it still can be, the old record goes: its word is no longer the last.
+                if let Some(old) = record.replace(path) {
+                    let _ = std::fs::remove_file(old);
+                }
                 return Ok(());
             }
         }
@@ -290,15 +293,12 @@ impl VolumeLock {
     }
 
     /// What the daemon `was` (as `daemon` saw it) published last: after
-    /// `umount`, its last word. From the host record it was read from, if
-    /// that still holds that process's word, else the lock file.
-    pub fn last_published(backing: &Path, was: &DaemonInfo) -> Option<DaemonInfo> {
+    /// `umount`, its last word. From its host record (where it was read
+    /// from, or where it moved since, see `host_record::last_of`), else the
+    /// lock file, if that holds that process's word.
+    pub fn last_published(backing: &Path, was: &DaemonInfo, mount_owner: Option<u32>) -> Option<DaemonInfo> {
         let lock = read_lock(backing);
-        was.record
-            .as_deref()
-            .and_then(host_record::read_small)
-            .and_then(|text| serde_json::from_str::<DaemonInfo>(&text).ok())
-            .filter(|info| info.pid == was.pid && info.proc_start == was.proc_start)
+        host_record::last_of(backing, was, mount_owner)
             .map(|info| with_failures_of(info, lock.as_ref().map(|(lock, meta)| (lock, meta))))
             // The lock file's word, if it is that process's.
             .or(lock

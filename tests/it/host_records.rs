@@ -324,3 +324,53 @@ fn a_replaced_lock_file_does_not_hide_the_daemon() {
     assert_eq!(fs::read(vol.path("kept")).unwrap(), b"kept");
     m.unmount();
 }
+
+/// A record whose directory stops being the user's alone moves to the next
+/// of the user's directories, and the copy left behind goes: `umount`
+/// reads the daemon's last word where it moved, never the stale one.
+#[test]
+fn a_record_that_moves_leaves_no_stale_copy() {
+    if !is_root() {
+        eprintln!("skipped: mounts as another user, needs root");
+        return;
+    }
+    let _serial = one_at_a_time();
+    let vol = TestVolume::init();
+    let home = vol.dir.path().join("home");
+    fs::create_dir(&home).unwrap();
+    give_to(vol.dir.path(), USER);
+    let mut made = Made::default();
+    made.dir(Path::new("/run/user"), 0, 0o755);
+    let runtime = made.dir(Path::new(&format!("/run/user/{USER}")), USER, 0o700);
+    let records = made.dir(&runtime.join("kmsfs"), USER, 0o700);
+    let first = record_in(&records, &vol);
+    made.0.push(first.clone());
+    let env = [("XDG_RUNTIME_DIR", runtime.as_path()), ("HOME", home.as_path())];
+    let m = vol.mount_as(USER, &env, &[]);
+    assert!(first.exists());
+    fs::set_permissions(&records, fs::Permissions::from_mode(0o755)).unwrap();
+    let db = common::refuse_key_commits(&vol);
+    write_as(USER, &vol.mnt.join("kept"), "kept");
+    let moved = record_in(&home.join(".local/state/kmsfs/daemons"), &vol);
+    common::wait_until("the failure published where the record moved", || {
+        fs::read_to_string(&moved).is_ok_and(|t| t.contains("injected failure"))
+    });
+    assert!(!first.exists(), "the record left behind is removed");
+    let umount = || {
+        vol.command_as(USER, &env)
+            .args(["umount", path_str(&vol.mnt)])
+            .output()
+            .unwrap()
+    };
+    let refused = umount();
+    assert_eq!(refused.status.code(), Some(7), "{}", said(&refused));
+    assert!(said(&refused).contains("injected failure"), "{}", said(&refused));
+    common::allow_key_commits(db);
+    common::wait_until("the keys committed", || {
+        fs::read_to_string(&moved).is_ok_and(|t| !t.contains("injected failure"))
+    });
+    let out = umount();
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(!common::is_mounted(&vol.mnt));
+    drop(m);
+}
