@@ -263,14 +263,15 @@ const MAX_RECORDS: usize = 256;
 
 /// The records believed (`believed`) of daemons serving at `mountpoint`;
 /// root also looks in the directories of `mount_owner`. Each directory's
-/// first MAX_RECORDS records only: a user cannot make root read without
-/// end.
+/// first MAX_RECORDS records among its first 2 × MAX_RECORDS entries only:
+/// a user cannot make root read without end.
 pub(super) fn serving_at(mountpoint: &Path, mount_owner: Option<u32>) -> Vec<Seen> {
     dirs(mount_owner)
         .into_iter()
         .filter_map(|(dir, trusted)| Some((std::fs::read_dir(dir).ok()?, trusted)))
         .flat_map(|(entries, trusted)| {
             entries
+                .take(2 * MAX_RECORDS)
                 .flatten()
                 .filter(|entry| entry.file_name().to_string_lossy().starts_with("daemon-"))
                 .take(MAX_RECORDS)
