@@ -37,13 +37,24 @@ fn is_unmount_of_a_mount_gone(record: &log::Record) -> bool {
     }
 }
 
+/// Other crates' trace lines are never written: the HTTP client's dump the
+/// bytes of each request and answer, provider tokens, SigV4 signatures and
+/// unwrapped volume keys included (at debug it redacts them).
+fn secret_bearing(metadata: &log::Metadata) -> bool {
+    let target = metadata.target();
+    let ours = target == "kmsfs" || target.starts_with("kmsfs::");
+    metadata.level() == log::Level::Trace && !ours
+}
+
 impl log::Log for Logger {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
         // fuser logs every request, plaintext names included, at debug
         // level: whatever RUST_LOG says, nothing below info from it is
         // written (unless KMSFS_DEBUG_FUSE_REQUESTS=1 asks for them).
         let fuser = metadata.target() == "fuser" || metadata.target().starts_with("fuser::");
-        !(fuser && metadata.level() > log::Level::Info && !self.fuse_requests) && self.inner.enabled(metadata)
+        !(fuser && metadata.level() > log::Level::Info && !self.fuse_requests)
+            && !secret_bearing(metadata)
+            && self.inner.enabled(metadata)
     }
 
     fn log(&self, record: &log::Record) {

@@ -266,6 +266,33 @@ fn vault_transit_with_openbao_round_trip_rewrap_and_failures() {
         .unwrap();
     assert!(out.status.success(), "token file: {}", stderr(&out));
 
+    // Traced, a rotation (Vault answers with the new volume key in the
+    // clear) writes no other crate's trace lines: the HTTP client's dump
+    // the token and the key.
+    let out = vol
+        .command()
+        .env("RUST_LOG", "trace")
+        .args(["rotate", path_str(&vol.backing)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rotate: {}", stderr(&out));
+    let theirs: Vec<&str> = std::str::from_utf8(&out.stderr)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" TRACE ") && !l.contains(" TRACE kmsfs"))
+        .collect();
+    assert!(
+        theirs.is_empty(),
+        "{} lines, the first: {:?}",
+        theirs.len(),
+        theirs.first()
+    );
+    assert!(
+        stderr(&out).contains(" TRACE kmsfs") || stderr(&out).contains(" DEBUG "),
+        "RUST_LOG=trace took"
+    );
+    check_read(&vol, &written);
+
     let (backing, mnt) = (path_str(&vol.backing), path_str(&vol.mnt));
     let out = vol
         .command()
