@@ -540,6 +540,7 @@ fn publish_status(
             commit_error: volume.commit_error(),
             problem: volume.problems(),
             finishing: false,
+            volume_key_version: volume.keys().active_version(),
             ..DaemonInfo::default()
         }
     };

@@ -71,6 +71,9 @@ impl From<VolumeError> for CliError {
     fn from(e: VolumeError) -> Self {
         match e {
             VolumeError::Kms(k) => k.into(),
+            VolumeError::KeyUnavailable { .. } | VolumeError::DaemonBehind { .. } => {
+                CliError::new(ExitCode::ProviderUnreachable, e.to_string())
+            }
             VolumeError::Io { .. } => CliError::new(ExitCode::Io, e.to_string()),
             // A value of the wrong type or range is a damaged DB, not an I/O failure.
             VolumeError::Db(DbError::Sqlite {

@@ -52,9 +52,8 @@ impl log::Log for Logger {
         // level: whatever RUST_LOG says, nothing below info from it is
         // written (unless KMSFS_DEBUG_FUSE_REQUESTS=1 asks for them).
         let fuser = metadata.target() == "fuser" || metadata.target().starts_with("fuser::");
-        !(fuser && metadata.level() > log::Level::Info && !self.fuse_requests)
-            && !secret_bearing(metadata)
-            && self.inner.enabled(metadata)
+        let hidden = (fuser && metadata.level() > log::Level::Info && !self.fuse_requests) || secret_bearing(metadata);
+        !hidden && self.inner.enabled(metadata)
     }
 
     fn log(&self, record: &log::Record) {

@@ -170,7 +170,8 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "days_since_rotation": days_since_rotation,
         });
         outln!("{out}");
-        return failing(count_error, daemon.as_ref(), gone(stale, unseen, mount.as_ref()));
+        return failing(count_error, daemon.as_ref(), gone(stale, unseen, mount.as_ref()))
+            .and_then(|()| usable(key_state.as_ref()));
     }
     outln!("volume:         {}", hex(&row.volume_id));
     outln!("backing:        {}", super::printable(&backing.display().to_string()));
@@ -259,13 +260,14 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             super::printable(&file.display().to_string())
         );
     }
-    if let Some(key) = key_state {
+    if let Some(key) = &key_state {
         outln!("key state:      {} (as the provider reports it)", key.state);
         if let Some(date) = key.deletion_date {
             outln!(
                 "WARNING:        the master key is scheduled for deletion on {}: after that this volume \
-                 can never be opened again (`kmsfs key cancel-deletion` stops it)",
-                kmsfs::util::utc_date(date)
+                 can never be opened again ({} stops it)",
+                kmsfs::util::utc_date(date),
+                super::printable(&cancel_deletion(&provider))
             );
         }
         match key.material_valid_to {
@@ -281,7 +283,22 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             None => {}
         }
     }
-    failing(count_error, daemon.as_ref(), gone(stale, unseen, mount.as_ref()))
+    failing(count_error, daemon.as_ref(), gone(stale, unseen, mount.as_ref())).and_then(|()| usable(key_state.as_ref()))
+}
+
+/// Exit code 5 when the provider says the master key cannot be used now
+/// (disabled, pending deletion or import): mounting would fail.
+fn usable(key_state: Option<&kmsfs::kms::KeyStatus>) -> Result<(), CliError> {
+    match key_state {
+        Some(key) if !key.state.starts_with("Enabled") => Err(CliError::new(
+            ExitCode::Provider,
+            format!(
+                "the master key is {}: this volume cannot be mounted until it is enabled again",
+                super::printable(&key.state)
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A mount whose daemon is gone (stale) or cannot be seen from here.
@@ -338,5 +355,15 @@ fn failing(
             format!("the mounted volume is failing: {}", super::printable(e)),
         )),
         None => Ok(()),
+    }
+}
+
+/// What stops the scheduled deletion of the master key `provider` names.
+fn cancel_deletion(provider: &kmsfs::kms::identity::ProviderId) -> String {
+    use kmsfs::kms::identity::ProviderId;
+    match provider {
+        ProviderId::Local { key } => format!("`kmsfs key cancel-deletion {key}`"),
+        ProviderId::AwsKms { key } => format!("`aws kms cancel-key-deletion --key-id {key}`"),
+        ProviderId::VaultTransit { .. } | ProviderId::Pkcs11 { .. } => "cancelling it in the key provider".into(),
     }
 }

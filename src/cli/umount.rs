@@ -56,9 +56,9 @@ fn refuse_while_keys_uncommitted(mountpoint: &Path, daemon: Option<&DaemonInfo>)
             ExitCode::Io,
             format!(
                 "not unmounting {}: its daemon cannot commit the keys of files written since its last \
-                 commit ({}); it keeps them and retries. Fix the backing filesystem (free space, \
-                 remount it read-write) and run `kmsfs umount` again once `kmsfs status` shows no \
-                 failure; `kmsfs umount --force` unmounts now, and the files whose keys cannot be \
+                 commit ({}); it keeps them and retries. Fix the cause it names (a key provider it \
+                 cannot reach; a backing filesystem that is full or read-only) and run `kmsfs umount` \
+                 again once `kmsfs status` shows no failure; `kmsfs umount --force` unmounts now, and the files whose keys cannot be \
                  saved are lost",
                 mountpoint.display(),
                 super::printable(&error)

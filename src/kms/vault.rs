@@ -108,10 +108,25 @@ impl VaultTransitProvider {
             })
         };
         let refusal = |status: u16, errors: &Value| {
+            // Vault's messages are multi-line lists ("1 error occurred:\n\t* …").
             let mut message = errors["errors"]
                 .as_array()
                 .map(|e| e.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; "))
-                .unwrap_or_default();
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            if message.is_empty() && status == 404 {
+                message = format!(
+                    "no key {} in the transit engine at {} (deleted, or never made)",
+                    self.key, self.mount
+                );
+            }
+            if status >= 500 || status == 429 {
+                // Sealed, in standby, overloaded: it may answer later, as an unreachable one may.
+                let down = self.unreachable(format!("HTTP {status}: {message}"));
+                return (down, true);
+            }
             if status == 403 {
                 // Separation of duties: name what the token's policy lacks.
                 let capability = if method == "GET" { "read" } else { "update" };
@@ -125,7 +140,7 @@ impl VaultTransitProvider {
                 code: format!("HTTP {status}"),
                 message,
             };
-            (refused, status >= 500 || status == 429)
+            (refused, false)
         };
         self.client.call(&|cause| self.unreachable(cause), &mut send, &refusal)
     }
@@ -149,6 +164,31 @@ impl VaultTransitProvider {
     }
 }
 
+impl VaultTransitProvider {
+    /// A transit key made without `derived=true` ignores the context that
+    /// binds each volume key to its volume: refused before any volume key
+    /// is made under it. A token that may not read the key's settings (a
+    /// narrow policy) is let through.
+    fn refuse_underived(&self) -> Result<(), KmsError> {
+        let settings = match self.request("GET", &format!("keys/{}", self.key), None) {
+            Ok(v) => v,
+            Err(KmsError::Refused { code, .. }) if code == "HTTP 403" => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if settings["data"]["derived"].as_bool() == Some(false) {
+            return Err(KmsError::Config {
+                provider: format!("vault-transit key {}/{}", self.mount, self.key),
+                message: format!(
+                    "the key is not derived: Vault would ignore the context that binds each volume key to its \
+                     volume; create one with `bao write -f {}/keys/NAME derived=true`",
+                    self.mount
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 fn context(context: &EncryptionContext) -> String {
     B64.encode(context.canonical_bytes())
 }
@@ -162,6 +202,7 @@ impl KeyProvider for VaultTransitProvider {
     }
 
     fn generate_data_key(&self, ctx: &EncryptionContext) -> Result<(SecretKey, WrappedKey), KmsError> {
+        self.refuse_underived()?;
         let v = self.request(
             "POST",
             &format!("datakey/plaintext/{}", self.key),
@@ -196,8 +237,12 @@ impl KeyProvider for VaultTransitProvider {
         let v = self.request("GET", &format!("keys/{}", self.key), None)?;
         let latest = v["data"]["latest_version"].as_u64().unwrap_or(0);
         let min = v["data"]["min_decryption_version"].as_u64().unwrap_or(0);
+        let derived = match v["data"]["derived"].as_bool() {
+            Some(false) => "; NOT derived: the volume-id context is ignored",
+            _ => "",
+        };
         Ok(KeyStatus::of(format!(
-            "Enabled (version {latest}, decrypts from version {min})"
+            "Enabled (version {latest}, decrypts from version {min}{derived})"
         )))
     }
 }

@@ -13,20 +13,34 @@ use crate::kms::EncryptionContext;
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
 impl Volume {
-    /// Commits queued file keys every 200 ms until the volume is dropped.
-    /// Call after any fork: the thread does not survive one.
+    /// Commits queued file keys every 200 ms, and takes up a new active
+    /// volume key as soon as it appears (`follow_rotation`), until the
+    /// volume is dropped. Call after any fork: the thread does not survive
+    /// one.
     pub fn start_background_flush(self: &Arc<Self>) {
         let weak: Weak<Volume> = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
             .name("kmsfs-db-flush".into())
             .spawn(move || {
-                let mut failing = false;
+                let (mut failing, mut behind) = (false, false);
+                // Tests leave keys queued longer (commits then come from
+                // fsync and unmount only).
                 let interval = crate::test_hooks::number("KMSFS_TEST_FLUSH_INTERVAL_MS")
                     .map_or(FLUSH_INTERVAL, Duration::from_millis);
+                let mut flushed = std::time::Instant::now();
                 loop {
-                    std::thread::sleep(interval);
+                    std::thread::sleep(FLUSH_INTERVAL);
                     let Some(volume) = weak.upgrade() else { return };
                     // Logged when it starts and stops failing, not every 200 ms.
+                    let followed = volume.follow_rotation();
+                    if let (Err(e), false) = (&followed, behind) {
+                        log::error!("cannot load the volume key a rotation made active (retrying): {e}");
+                    }
+                    behind = followed.is_err();
+                    if flushed.elapsed() < interval {
+                        continue;
+                    }
+                    flushed = std::time::Instant::now();
                     match volume.sync_keys() {
                         Err(e) if !failing => log::error!("committing file keys failed (retrying): {e}"),
                         Ok(()) if failing => log::warn!("committing file keys works again"),
@@ -38,6 +52,21 @@ impl Volume {
         if let Err(e) = spawned {
             log::error!("cannot start the key flusher thread; keys are committed on fsync and unmount only: {e}");
         }
+    }
+
+    /// Takes up a volume-key version another process made active (a
+    /// `kmsfs rotate` that began): one provider call, at once, while the
+    /// provider the rotation just used is likely to answer, so that new
+    /// keys are wrapped under it and the rotation can retire the old one
+    /// (it waits until the daemon serving the volume publishes that it
+    /// holds the new version).
+    pub fn follow_rotation(&self) -> Result<(), VolumeError> {
+        let (active, blob) = self.db.active_volume_key()?;
+        if active > self.keys.active_version() {
+            self.keys.adopt(active, &blob, true)?;
+            log::info!("volume key version {active} loaded: new file keys are wrapped under it");
+        }
+        Ok(())
     }
 
     /// Makes every queued key change durable.
@@ -152,6 +181,6 @@ impl Volume {
     /// on the host (see `rescue`); the next open of the volume stores them.
     /// Returns how many and where.
     pub fn save_pending_keys(&self) -> Result<(usize, std::path::PathBuf), VolumeError> {
-        rescue::save(&self.backing, &self.info.volume_id, &self.db)
+        rescue::save(&self.backing, &self.keys, &self.db)
     }
 }

@@ -3,13 +3,15 @@
 //! rotation in another process is loaded on first use.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::crypto::{FileId, Sealer, SecretKey, WrappedKey};
 use crate::kms::{EncryptionContext, KeyProvider};
 
 use super::VolumeError;
 use super::db::MetadataDb;
+use super::db::rotation::FileKeyRow;
 
 struct Ring {
     keys: HashMap<u32, Arc<Sealer>>,
@@ -43,6 +45,19 @@ impl Ring {
     }
 }
 
+/// After the provider failed to unwrap a version, how long others asking for
+/// it get that failure at once instead of a call of their own: longer than
+/// a daemon's retries at exit (about 11 s), so that a provider that does not
+/// answer costs an unmount one call's timeout, not one per retry.
+const RETRY_AFTER: Duration = Duration::from_secs(15);
+
+/// The last failure to unwrap a version not loaded.
+struct Failed {
+    version: u32,
+    at: Instant,
+    reason: String,
+}
+
 pub struct KeyRing {
     volume_id: [u8; 16],
     /// The metadata DB, named in errors.
@@ -50,6 +65,11 @@ pub struct KeyRing {
     context: EncryptionContext,
     provider: Arc<dyn KeyProvider>,
     ring: RwLock<Ring>,
+    /// Held during a provider call for a version not loaded: one at a time,
+    /// so that a provider that does not answer holds one thread (the
+    /// flusher, an fsync, an open), not every one that needs the key.
+    calling: Mutex<()>,
+    failed: Mutex<Option<Failed>>,
 }
 
 pub fn file_key_aad(volume_id: &[u8; 16], file_id: &FileId, vk_version: u32) -> Vec<u8> {
@@ -112,6 +132,8 @@ impl KeyRing {
             context,
             provider,
             ring: RwLock::new(ring),
+            calling: Mutex::new(()),
+            failed: Mutex::new(None),
         })
     }
 
@@ -176,15 +198,7 @@ impl KeyRing {
     pub fn adopt(&self, version: u32, blob: &WrappedKey, make_active: bool) -> Result<Arc<Sealer>, VolumeError> {
         let sealer = match self.cached(version) {
             Some(s) => s,
-            None => {
-                let key = self.provider.decrypt(blob, &self.context)?;
-                crate::util::write(&self.ring)
-                    .insert(version, &key)
-                    .map_err(|other| VolumeError::Tampered {
-                        volume: self.db_path.clone(),
-                        what: same_key(version, other),
-                    })?
-            }
+            None => self.unwrap_version(version, blob)?,
         };
         if make_active {
             let mut ring = crate::util::write(&self.ring);
@@ -193,6 +207,56 @@ impl KeyRing {
             }
         }
         Ok(sealer)
+    }
+
+    /// Asks the provider for version `version`, unless it failed to give it
+    /// less than RETRY_AFTER ago, or failed before and is being asked again
+    /// by another thread: then that failure at once.
+    fn unwrap_version(&self, version: u32, blob: &WrappedKey) -> Result<Arc<Sealer>, VolumeError> {
+        let recent = |failed: &Option<Failed>, any_age: bool| {
+            failed
+                .as_ref()
+                .filter(|f| f.version == version && (any_age || f.at.elapsed() < RETRY_AFTER))
+                .map(|f| VolumeError::KeyUnavailable {
+                    version,
+                    reason: f.reason.clone(),
+                    seconds_ago: f.at.elapsed().as_secs(),
+                })
+        };
+        if let Some(e) = recent(&crate::util::lock(&self.failed), false) {
+            return Err(e);
+        }
+        let _calling = match self.calling.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                if let Some(e) = recent(&crate::util::lock(&self.failed), true) {
+                    return Err(e);
+                }
+                crate::util::lock(&self.calling)
+            }
+        };
+        if let Some(s) = self.cached(version) {
+            return Ok(s);
+        }
+        let key = match self.provider.decrypt(blob, &self.context) {
+            Ok(key) => key,
+            Err(e) => {
+                *crate::util::lock(&self.failed) = Some(Failed {
+                    version,
+                    at: Instant::now(),
+                    reason: e.to_string(),
+                });
+                return Err(e.into());
+            }
+        };
+        *crate::util::lock(&self.failed) = None;
+        crate::util::write(&self.ring)
+            .insert(version, &key)
+            .map_err(|other| VolumeError::Tampered {
+                volume: self.db_path.clone(),
+                what: same_key(version, other),
+            })
     }
 
     /// The key of `version`, loaded from the DB if another process created it.
@@ -231,6 +295,27 @@ impl KeyRing {
         wrapped: &WrappedKey,
     ) -> Result<SecretKey, crate::crypto::AuthError> {
         sealer.unwrap_key(&file_key_aad(&self.volume_id, file_id, version), wrapped)
+    }
+
+    /// File-key rows under the active version: those under it, and those
+    /// this ring can move to it (it holds the key they are under, and they
+    /// authenticate), no provider asked; then the others, as they are.
+    pub fn rows_to_active(&self, rows: Vec<FileKeyRow>) -> (Vec<FileKeyRow>, Vec<FileKeyRow>) {
+        let ring = crate::util::read(&self.ring);
+        let (active, to) = (ring.active, &ring.keys[&ring.active]);
+        let (mut ready, mut left) = (Vec::new(), Vec::new());
+        for (id, version, wrapped) in rows {
+            let moved = match ring.keys.get(&version) {
+                _ if version == active => Some(wrapped.clone()),
+                Some(from) => self.rewrap(&id, (version, from), &wrapped, (active, to)),
+                None => None,
+            };
+            match moved {
+                Some(moved) => ready.push((id, active, moved)),
+                None => left.push((id, version, wrapped)),
+            }
+        }
+        (ready, left)
     }
 
     /// Re-wraps a file key from one version to another; both keys must be loaded.

@@ -56,9 +56,18 @@ pub struct DaemonInfo {
     /// The lock file it holds, as (device, inode) (in the host record only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_file: Option<(u64, u64)>,
+    /// The volume-key version under which the daemon wraps new file keys:
+    /// `kmsfs rotate` retires older versions only once the daemon serving
+    /// the volume holds the new one (0: not said).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub volume_key_version: u32,
     /// The host record this was read from, if it was (not published).
     #[serde(skip)]
     pub record: Option<PathBuf>,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -68,6 +68,27 @@ pub enum VolumeError {
     Kms(#[from] KmsError),
     #[error("{what} in {volume} fails authentication: the metadata DB does not belong to this key or was altered")]
     Tampered { volume: PathBuf, what: String },
+    #[error(
+        "the daemon serving {volume} (pid {pid}) has not loaded the new volume key (version {version}) \
+         (its log and `kmsfs status` say why; its key provider may fail it): {}",
+        if *undone {
+            "the rotation was undone, nothing changed; run `kmsfs rotate` again once it can reach the key provider"
+        } else {
+            "no key was moved and the older versions stay; run `kmsfs rotate` again to finish the rotation"
+        }
+    )]
+    DaemonBehind {
+        volume: PathBuf,
+        pid: u32,
+        version: u32,
+        undone: bool,
+    },
+    #[error("volume key version {version}: the key provider failed to give it {seconds_ago} s ago ({reason})")]
+    KeyUnavailable {
+        version: u32,
+        reason: String,
+        seconds_ago: u64,
+    },
     #[error("{path} is not a pending-keys file kmsfs wrote: {reason}")]
     PendingDamaged { path: PathBuf, reason: String },
     #[error("no data key for file {0} in the metadata DB")]
@@ -321,7 +342,7 @@ impl Volume {
         }
         let name_key = secrets.get(SECRET_NAMES).ok_or_else(|| tampered("the name key"))?;
         let xattr_key = secrets.get(SECRET_XATTRS).ok_or_else(|| tampered("the xattr key"))?;
-        rescue::restore(backing, &info.volume_id, &db)?;
+        let unrestored = rescue::restore(backing, &keys, &db)?;
         // Format 1 used the name key for names and symlink targets, and the
         // xattr key for xattr names and values; from format 2 each purpose
         // has its own subkey.
@@ -332,7 +353,7 @@ impl Volume {
                 key.clone()
             }
         };
-        Ok(Volume {
+        let volume = Volume {
             backing: backing.to_path_buf(),
             db,
             names: NameCipher::new(&subkey(name_key, "names")),
@@ -345,7 +366,11 @@ impl Volume {
             problems: std::sync::Mutex::default(),
             keys,
             info,
-        })
+        };
+        if let Some(what) = unrestored {
+            volume.record_problem(what);
+        }
+        Ok(volume)
     }
 
     pub fn backing(&self) -> &Path {

@@ -17,6 +17,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 
 use super::db::{MetadataDb, decode_id};
+use super::keyring::KeyRing;
 use super::{VolumeError, io_at};
 use crate::crypto::{FileId, WrappedKey};
 use crate::util::hex;
@@ -34,8 +35,14 @@ struct PendingFile {
 /// Writes the DB's queued changes to the pending file (merged with one a
 /// previous daemon left) beside the DB, else on the host. Returns how many
 /// rows it holds and where it is.
-pub fn save(backing: &Path, volume_id: &[u8; 16], db: &MetadataDb) -> Result<(usize, PathBuf), VolumeError> {
+pub fn save(backing: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<(usize, PathBuf), VolumeError> {
+    let volume_id = keys.volume_id();
     let (inserts, deletes) = db.take_pending();
+    // Under the active version where this process holds the key they are
+    // under: a rotation that finished meanwhile erased that version for
+    // anyone else.
+    let (mut inserts, left) = keys.rows_to_active(inserts);
+    inserts.extend(left);
     let beside = write_merged(&backing.join(PENDING_FILE), volume_id, &inserts, &deletes);
     let Err(beside_error) = beside else {
         return beside;
@@ -226,7 +233,7 @@ fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeError> 
 
 /// Moves a pending-keys file that is not one (`why`) out of the way, for a
 /// person to look at: never in the way of opening or leaving the volume.
-fn set_aside(path: &Path, why: &VolumeError) -> Result<(), VolumeError> {
+fn set_aside(path: &Path, why: &VolumeError) -> Result<PathBuf, VolumeError> {
     // Beside any set aside before, never over it.
     let aside = (0..)
         .map(|n| match n {
@@ -236,42 +243,60 @@ fn set_aside(path: &Path, why: &VolumeError) -> Result<(), VolumeError> {
         .find(|p| std::fs::symlink_metadata(p).is_err())
         .unwrap_or_else(|| PathBuf::from(format!("{}.unreadable", path.display())));
     log::error!("{why}; moved to {}, its keys are not stored", aside.display());
-    std::fs::rename(path, &aside).map_err(io_at(path))
+    std::fs::rename(path, &aside).map_err(io_at(path))?;
+    Ok(aside)
 }
 
 /// Stores what a previous daemon saved, beside the DB and on the host,
-/// then removes the files.
-pub fn restore(backing: &Path, volume_id: &[u8; 16], db: &MetadataDb) -> Result<(), VolumeError> {
-    restore_from(&backing.join(PENDING_FILE), volume_id, db)?;
-    match host_file(volume_id) {
-        Some(host) => restore_from(&host, volume_id, db),
-        None => Ok(()),
-    }
+/// then removes the files. Keys it cannot store (under a volume-key version
+/// `keys` does not hold, or that do not authenticate) are not dropped: their
+/// file is set aside, and what to say of them is returned.
+pub fn restore(backing: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<String>, VolumeError> {
+    let beside = restore_from(&backing.join(PENDING_FILE), keys, db)?;
+    let host = match host_file(keys.volume_id()) {
+        Some(host) => restore_from(&host, keys, db)?,
+        None => None,
+    };
+    Ok(beside.or(host))
 }
 
-fn restore_from(path: &Path, volume_id: &[u8; 16], db: &MetadataDb) -> Result<(), VolumeError> {
-    let (inserts, deletes) = match read(path, volume_id) {
+fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<String>, VolumeError> {
+    let (inserts, deletes) = match read(path, keys.volume_id()) {
         Ok(Some(rows)) => rows,
-        Ok(None) => return Ok(()),
+        Ok(None) => return Ok(None),
         // Unreadable: set aside (for a person to look at), never in the way of opening the volume.
-        Err(e @ VolumeError::PendingDamaged { .. }) => return set_aside(path, &e),
+        Err(e @ VolumeError::PendingDamaged { .. }) => return set_aside(path, &e).map(|_| None),
         Err(e) => return Err(e),
     };
-    let (stored, skipped) = db.restore_rows(&inserts, &deletes)?;
-    if skipped > 0 {
-        log::error!(
-            "{skipped} file key(s) saved by an earlier daemon are under a volume key that is no longer \
-             active and could not be stored; their files read as EIO (fsck lists them)"
-        );
-    }
+    // A rotation may have begun or ended since they were saved.
+    let (ready, left) = keys.rows_to_active(inserts);
+    let (stored, _) = db.restore_rows(&ready, &deletes)?;
     log::warn!(
         "stored {stored} file key(s) and {} deletion(s) an earlier daemon could not commit (from {})",
         deletes.len(),
         path.display()
     );
+    if !left.is_empty() {
+        let mut versions: Vec<u32> = left.iter().map(|(_, v, _)| *v).collect();
+        versions.sort_unstable();
+        versions.dedup();
+        let why = VolumeError::PendingDamaged {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{} of its file keys are under volume key version(s) {versions:?}, which this volume no longer \
+                 holds, or do not authenticate; their files read as EIO",
+                left.len()
+            ),
+        };
+        let aside = set_aside(path, &why)?;
+        return Ok(Some(format!("{why}; the file is kept as {}", aside.display())));
+    }
     std::fs::remove_file(path).map_err(io_at(path))?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_at(dir))
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_at(dir))?;
+    Ok(None)
 }
 
 /// Where a daemon left keys of this volume waiting: beside the DB, on the host.

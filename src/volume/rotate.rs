@@ -135,6 +135,16 @@ fn rotate_secrets(
     let db = volume.db();
     let resumed = !retiring_versions(db)?.is_empty();
     let to = if resumed { active_version(db)? } else { begin(volume)? };
+    if let Some(pid) = daemon_behind(volume, to) {
+        // Nothing is under the new version yet: the volume is left as it was.
+        let undone = !resumed && db.abandon_rotation(to)?;
+        return Err(VolumeError::DaemonBehind {
+            volume: volume.backing().to_path_buf(),
+            pid,
+            version: to,
+            undone,
+        });
+    }
     rewrap_secrets(volume, to, fresh_secrets)?;
     let keys = volume.keys();
     let new_key = keys.key(db, to)?;
@@ -197,6 +207,34 @@ fn rotate_secrets(
         done += rewrapped.len() as u64;
         progress(done, total.max(done));
         kill_hook(done);
+    }
+}
+
+/// How long a rotation waits for the daemon serving the volume to hold the
+/// new version before it gives up (`DAEMON_WAIT_ENV`: milliseconds, tests).
+const DAEMON_WAIT: Duration = Duration::from_secs(45);
+pub const DAEMON_WAIT_ENV: &str = "KMSFS_TEST_ROTATE_DAEMON_WAIT_MS";
+
+/// The pid of the daemon serving the volume if it does not hold version
+/// `to` within DAEMON_WAIT. A daemon wraps new file keys under the version
+/// it holds and keeps those it could not commit yet under it, and a file
+/// whose key was moved to a version it cannot load reads as EIO: it must
+/// hold `to` before any key moves there and before older versions are
+/// retired. It takes a new version up within a moment
+/// (`Volume::follow_rotation`), unless its key provider fails it.
+fn daemon_behind(volume: &Volume, to: u32) -> Option<u32> {
+    let wait = crate::test_hooks::number(DAEMON_WAIT_ENV).map_or(DAEMON_WAIT, Duration::from_millis);
+    let started = Instant::now();
+    loop {
+        let daemon = super::lock::VolumeLock::daemon(volume.backing(), None).filter(|d| d.pid != std::process::id())?;
+        // 0: a daemon that does not say (an older kmsfs).
+        if !daemon.finishing && (daemon.volume_key_version == 0 || daemon.volume_key_version >= to) {
+            return None;
+        }
+        if started.elapsed() > wait {
+            return Some(daemon.pid);
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

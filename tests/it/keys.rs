@@ -53,7 +53,14 @@ fn key_lifecycle_disable_enable_schedule_cancel_and_destroy() {
     );
     std::fs::write(vol.path("during"), b"written while disabled").unwrap();
     assert_eq!(std::fs::read(vol.path("before")).unwrap(), b"written before");
-    let status = json(&vol.run(&["status", "--json", "--check-key", backing]));
+    let checked = vol.run(&["status", "--json", "--check-key", backing]);
+    assert_eq!(
+        checked.status.code(),
+        Some(5),
+        "a key that cannot be used: {}",
+        stderr(&checked)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&checked.stdout).unwrap();
     assert_eq!(status["key_state"], "Disabled", "{status}");
     m.unmount();
     for args in [
@@ -108,11 +115,16 @@ fn key_lifecycle_disable_enable_schedule_cancel_and_destroy() {
     vol.mount().unmount();
 
     json(&vol.run(&["key", "schedule-deletion", &id, "--days", "7", "--json"]));
-    let status = json(&vol.run(&["status", "--json", "--check-key", backing]));
+    let checked = vol.run(&["status", "--json", "--check-key", backing]);
+    assert_eq!(checked.status.code(), Some(5), "{}", stderr(&checked));
+    let status: serde_json::Value = serde_json::from_slice(&checked.stdout).unwrap();
     assert_eq!(status["key_state"], "PendingDeletion", "{status}");
     assert!(status["key_deletion_date"].as_str().unwrap().ends_with('Z'), "{status}");
     let human = String::from_utf8(vol.run(&["status", "--check-key", backing]).stdout).unwrap();
-    assert!(human.contains("scheduled for deletion on"), "{human}");
+    assert!(
+        human.contains("scheduled for deletion on") && human.contains(&format!("`kmsfs key cancel-deletion {id}`")),
+        "{human}"
+    );
     let keystore = || std::fs::read_to_string(&vol.keystore).unwrap();
     let before = vol
         .command()

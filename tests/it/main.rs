@@ -28,6 +28,7 @@ mod leak;
 mod operator;
 mod posix;
 mod posix_details;
+mod provider_outage;
 mod providers;
 mod removals;
 mod reverse;

@@ -302,6 +302,14 @@ fn vault_transit_with_openbao_round_trip_rewrap_and_failures() {
         .unwrap();
     assert_eq!(out.status.code(), Some(5), "bad token: {}", stderr(&out));
     assert!(stderr(&out).contains("permission denied"), "{}", stderr(&out));
+    // A transit key made without derived=true would ignore the volume-id context.
+    peers::bao(&bao, false, &["write", "-f", "transit/keys/underived"]);
+    let underived = format!("vault-transit:{}/transit/underived", peers::bao_addr(&bao, false));
+    let refused = vol.dir.path().join("underived");
+    let out = vol.run(&["--kms", &underived, "init", path_str(&refused)]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not derived"), "{}", stderr(&out));
+    assert!(!refused.exists());
     let closed = format!("vault-transit:http://127.0.0.1:{}/transit/kmsfs", peers::free_port());
     let out = vol.run(&["--kms", &closed, "mount", backing, mnt]);
     assert_eq!(out.status.code(), Some(8), "unreachable: {}", stderr(&out));

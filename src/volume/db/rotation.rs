@@ -41,6 +41,37 @@ impl MetadataDb {
         })
     }
 
+    /// Undoes `begin_rotation` of `version` while no key is under it: the
+    /// version before it is active again, and `version` retired without its
+    /// blob (never reused: a process that loaded it keeps it under that
+    /// number). Returns whether it was undone.
+    pub fn abandon_rotation(&self, version: u32) -> Result<bool, DbError> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let used: i64 = tx.query_row(
+                "SELECT (SELECT count(*) FROM file_keys WHERE vk_version = ?1) \
+                      + (SELECT count(*) FROM volume_secrets WHERE vk_version = ?1)",
+                [version],
+                |r| r.get(0),
+            )?;
+            let retiring: Vec<u32> = tx
+                .prepare("SELECT version FROM volume_keys WHERE state = 'retiring'")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let [before] = retiring[..] else { return Ok(false) };
+            if used > 0 {
+                return Ok(false);
+            }
+            tx.execute(
+                "UPDATE volume_keys SET state = 'retired', wrapped = NULL WHERE version = ?1 AND state = 'active'",
+                [version],
+            )?;
+            tx.execute("UPDATE volume_keys SET state = 'active' WHERE version = ?1", [before])?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
     /// Replaces a volume secret's wrapping (name or xattr key).
     pub fn set_secret(&self, kind: &str, vk_version: u32, wrapped: &WrappedKey) -> Result<(), DbError> {
         self.with_conn(|conn| {

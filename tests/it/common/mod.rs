@@ -129,6 +129,11 @@ impl TestVolume {
     }
 
     pub fn mount_with(&self, extra: &[&str]) -> Mount<'_> {
+        self.mount_with_env(&[], extra)
+    }
+
+    /// `mount_with`, the daemon given `env` besides the volume's settings.
+    pub fn mount_with_env(&self, env: &[(&str, &str)], extra: &[&str]) -> Mount<'_> {
         let mut args = vec![
             "mount",
             path_str(&self.backing),
@@ -145,6 +150,7 @@ impl TestVolume {
         let out = self
             .command()
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .args(&args)
             .output()
             .expect("run kmsfs mount");

@@ -29,6 +29,26 @@ impl Peer {
     }
 
     pub fn stop(self) {}
+
+    /// Stops the server (SIGSTOP): it accepts connections and never
+    /// answers, as a provider whose host hangs, until the guard is dropped.
+    pub fn pause(&self) -> Paused<'_> {
+        let pid = self.child.id() as libc::pid_t;
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP");
+        Paused { pid, _peer: self }
+    }
+}
+
+/// A stopped server, continued when dropped.
+pub struct Paused<'a> {
+    pid: libc::pid_t,
+    _peer: &'a Peer,
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.pid, libc::SIGCONT) };
+    }
 }
 
 pub fn free_port() -> u16 {

@@ -1,0 +1,103 @@
+//! A key provider that goes away around a rotation of a mounted volume:
+//! no file key is lost, whatever the order of events, and a rotation the
+//! daemon cannot follow changes nothing.
+
+use std::fs;
+
+use crate::common::peers;
+use crate::common::{self, TestVolume, path_str, stderr};
+
+fn vault_volume(bao: &peers::Peer) -> TestVolume {
+    let uri = format!("vault-transit:{}/transit/kmsfs", peers::bao_addr(bao, false));
+    TestVolume::init_with(
+        &[("VAULT_TOKEN", "root"), ("KMSFS_PROVIDER_TIMEOUT", "2")],
+        &["--kms", &uri],
+    )
+}
+
+fn volume_key_states(vol: &TestVolume) -> Vec<(u32, String, bool)> {
+    let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
+    let mut stmt = db
+        .prepare("SELECT version, state, wrapped IS NOT NULL FROM volume_keys ORDER BY version")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// A file written before a rotation, its key still queued in the daemon
+/// under the old version (which the rotation erases once the daemon holds
+/// the new one), and one written after the provider went away: the
+/// daemon moves the first key to the new version itself, and when its
+/// commits fail too (a DB that refuses them) `umount --force` saves both
+/// keys under the version the next mount holds. Both files read back.
+#[test]
+fn keys_queued_across_a_rotation_survive_the_provider_going_away() {
+    let bao = peers::openbao(false);
+    let vol = vault_volume(&bao);
+    let backing = path_str(&vol.backing);
+    // Queued keys are committed at fsync and unmount only.
+    let mut m = vol.mount_with_env(&[("KMSFS_TEST_FLUSH_INTERVAL_MS", "600000")], &[]);
+    fs::write(vol.path("old"), b"written before the rotation").unwrap();
+    let out = vol.run(&["rotate", backing]);
+    assert!(out.status.success(), "rotate: {}", stderr(&out));
+    assert_eq!(
+        volume_key_states(&vol),
+        vec![(1, "retired".into(), false), (2, "active".into(), true)]
+    );
+    let db = common::refuse_key_commits(&vol);
+    {
+        let _hung = bao.pause();
+        fs::write(vol.path("new"), b"written with the provider gone").unwrap();
+        let out = m.umount_with(&["--force"]);
+        assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+        assert!(stderr(&out).contains("kmsfs.pending-keys"), "{}", stderr(&out));
+    }
+    common::allow_key_commits(db);
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("old")).unwrap(), b"written before the rotation");
+    assert_eq!(fs::read(vol.path("new")).unwrap(), b"written with the provider gone");
+    m.unmount();
+    assert!(!vol.backing.join("kmsfs.pending-keys").exists());
+    let (code, report) = common::fsck(&vol, &[]);
+    assert_eq!(code, 0, "{report}");
+}
+
+/// A daemon that cannot load the new volume key (its token revoked) would
+/// read files whose keys moved to it as EIO: the rotation waits for it,
+/// then is undone, and the mount keeps reading and writing.
+#[test]
+fn a_rotation_the_daemon_cannot_follow_is_undone() {
+    let bao = peers::openbao(false);
+    let vol = vault_volume(&bao);
+    let backing = path_str(&vol.backing);
+    let token = peers::bao(&bao, false, &["token", "create", "-field=token", "-policy=root"]);
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let mut m = vol.mount_with_env(&[("VAULT_TOKEN", &token)], &[]);
+    fs::write(vol.path("before"), b"before").unwrap();
+    peers::bao(&bao, false, &["token", "revoke", &token]);
+    let out = vol
+        .command()
+        .env(kmsfs::volume::rotate::DAEMON_WAIT_ENV, "3000")
+        .args(["rotate", backing])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(8), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the rotation was undone"), "{}", stderr(&out));
+    assert_eq!(
+        volume_key_states(&vol),
+        vec![(1, "active".into(), true), (2, "retired".into(), false)]
+    );
+    fs::write(vol.path("after"), b"after").unwrap();
+    assert_eq!(fs::read(vol.path("before")).unwrap(), b"before");
+    let out = m.umount_with(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Run again beside a daemon that can follow, it rotates.
+    let m = vol.mount();
+    let out = vol.run(&["rotate", backing]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(fs::read(vol.path("after")).unwrap(), b"after");
+    m.unmount();
+    assert_eq!(volume_key_states(&vol).last(), Some(&(3, "active".into(), true)));
+}
