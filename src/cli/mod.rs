@@ -308,7 +308,10 @@ fn create_volume(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
             Some((path, _)) => outln!("Master key {} in keystore {}", row.master_key_id, path.display()),
             None => outln!("Master key {} with provider {}", row.master_key_id, row.provider),
         }
-        outln!("Mount it with: {}", mount_hint(&args.backing, args.reverse, keys));
+        outln!(
+            "Mount it with: {}",
+            mount_hint(&args.backing, args.reverse, keys, keystore.is_some())
+        );
     }
     Ok(())
 }
@@ -345,7 +348,9 @@ pub fn printable(text: &str) -> String {
 
 /// The command that mounts a new volume, with the options `init` was given
 /// that mounting needs too.
-fn mount_hint(backing: &std::path::Path, reverse: bool, keys: &KeyOptions) -> String {
+/// `local`: the volume's master key is in the keystore (whose options then
+/// matter for mounting; for another provider they do not).
+fn mount_hint(backing: &std::path::Path, reverse: bool, keys: &KeyOptions, local: bool) -> String {
     let mut hint = String::from("kmsfs");
     let options = [
         ("--keystore", &keys.keystore),
@@ -354,8 +359,10 @@ fn mount_hint(backing: &std::path::Path, reverse: bool, keys: &KeyOptions) -> St
         ("--config", &keys.config),
     ];
     for (flag, value) in options {
-        // A host configuration init did not write is no use for mounting.
-        let unused = flag == "--config" && value.as_ref().is_some_and(|p| !p.exists());
+        // A host configuration init did not write is no use for mounting,
+        // nor a keystore that holds no key of the volume.
+        let unused =
+            (flag == "--config" && value.as_ref().is_some_and(|p| !p.exists())) || (flag != "--config" && !local);
         if let Some(path) = value.as_ref().filter(|_| !unused) {
             hint.push_str(&format!(" {flag} {}", path.display()));
         }
