@@ -160,6 +160,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "daemon_unseen": unseen,
             "daemon_pid": daemon.as_ref().map(|d| d.pid),
             "daemon_provider_calls": daemon.as_ref().map(|d| d.provider_calls),
+            "daemon_volume_key_version": daemon.as_ref().map(|d| d.volume_key_version).filter(|v| *v != 0),
             "commit_error": daemon.as_ref().and_then(|d| d.commit_error.clone()),
             "problem": daemon.as_ref().and_then(|d| d.problem.clone()),
             "pending_keys_file": !pending.is_empty(),
@@ -236,6 +237,17 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             super::printable(&m.mountpoint.display().to_string())
         ),
         (None, None) => outln!("mounted:        no"),
+    }
+    let active = keys.iter().find(|k| k.state == "active").map(|k| k.version);
+    if let (Some(d), Some(active)) = (&daemon, active)
+        && d.volume_key_version != 0
+        && d.volume_key_version < active
+        && !finishing
+    {
+        outln!(
+            "BEHIND:         the daemon has not loaded volume key version {active}, which a rotation made \
+             active (its log says why; `kmsfs rotate` waits for it, else undoes the rotation)"
+        );
     }
     if let Some(e) = &count_error {
         outln!(

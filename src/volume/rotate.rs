@@ -137,7 +137,7 @@ fn rotate_secrets(
     let to = if resumed { active_version(db)? } else { begin(volume)? };
     if let Some(pid) = daemon_behind(volume, to) {
         // Nothing is under the new version yet: the volume is left as it was.
-        let undone = !resumed && db.abandon_rotation(to)?;
+        let undone = db.abandon_rotation(to)?;
         return Err(VolumeError::DaemonBehind {
             volume: volume.backing().to_path_buf(),
             pid,

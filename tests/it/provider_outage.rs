@@ -77,12 +77,19 @@ fn a_rotation_the_daemon_cannot_follow_is_undone() {
     let mut m = vol.mount_with_env(&[("VAULT_TOKEN", &token)], &[]);
     fs::write(vol.path("before"), b"before").unwrap();
     peers::bao(&bao, false, &["token", "revoke", &token]);
-    let out = vol
+    let rotate = vol
         .command()
-        .env(kmsfs::volume::rotate::DAEMON_WAIT_ENV, "3000")
+        .env(kmsfs::volume::rotate::DAEMON_WAIT_ENV, "5000")
         .args(["rotate", backing])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // While it waits, `status` says what the daemon lacks.
+    common::wait_until("status shows the daemon behind", || {
+        common::stdout(&vol.run(&["status", backing])).contains("BEHIND")
+    });
+    let out = rotate.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(8), "{}", stderr(&out));
     assert!(stderr(&out).contains("the rotation was undone"), "{}", stderr(&out));
     assert_eq!(
