@@ -150,11 +150,19 @@ impl AwsKmsProvider {
                 .next()
                 .unwrap_or("")
                 .to_string();
-            let message = err["message"]
+            let mut message = err["message"]
                 .as_str()
                 .or(err["Message"].as_str())
                 .unwrap_or("")
                 .to_string();
+            if code == "NotFoundException" {
+                // A key id names a key in one region only.
+                message.push_str(&format!(
+                    " (looked for in region {}: `region=` in the URI, AWS_REGION or the profile's region \
+                     name another)",
+                    self.region
+                ));
+            }
             let retry = status >= 500 || RETRYABLE.contains(&code.as_str());
             let code = if code.is_empty() {
                 format!("HTTP {status}")

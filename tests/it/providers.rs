@@ -148,6 +148,16 @@ fn aws_kms_failures_unreachable_disabled_and_throttled() {
         stderr(&out)
     );
 
+    // The key looked for in another region: the refusal says which.
+    let elsewhere = format!("{uri}&region=eu-west-1");
+    let out = vol.run(&["--kms", &elsewhere, "status", "--check-key", backing]);
+    assert_eq!(out.status.code(), Some(5), "other region: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("looked for in region eu-west-1"),
+        "{}",
+        stderr(&out)
+    );
+
     // A provider that accepts and never answers: one call is bounded by
     // KMSFS_PROVIDER_TIMEOUT, retries included (two attempts fit in it),
     // and says so.
