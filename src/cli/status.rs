@@ -128,6 +128,19 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         .map(|k| (kmsfs::util::unix_now() as i64).saturating_sub(k.created_at).max(0) / 86_400)
         .next();
     let pending = kmsfs::volume::rescue::waiting(backing, &row.volume_id);
+    // Master-key versions wrapping live volume keys that the provider says it no longer decrypts.
+    let mut too_old: Vec<u32> = keys
+        .iter()
+        .filter_map(|k| provider.wrapping_version(k.wrapped.as_ref()?))
+        .filter(|v| {
+            key_state
+                .as_ref()
+                .and_then(|k| k.decrypts_from)
+                .is_some_and(|from| *v < from)
+        })
+        .collect();
+    too_old.sort_unstable();
+    too_old.dedup();
     if json {
         let versions: Vec<_> = keys
             .iter()
@@ -172,7 +185,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         });
         outln!("{out}");
         return failing(count_error, daemon.as_ref(), gone(stale, unseen, mount.as_ref()))
-            .and_then(|()| usable(key_state.as_ref()));
+            .and_then(|()| usable(key_state.as_ref(), &too_old));
     }
     outln!("volume:         {}", hex(&row.volume_id));
     outln!("backing:        {}", super::printable(&backing.display().to_string()));
@@ -295,18 +308,29 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             None => {}
         }
     }
-    failing(count_error, daemon.as_ref(), gone(stale, unseen, mount.as_ref())).and_then(|()| usable(key_state.as_ref()))
+    failing(count_error, daemon.as_ref(), gone(stale, unseen, mount.as_ref()))
+        .and_then(|()| usable(key_state.as_ref(), &too_old))
 }
 
 /// Exit code 5 when the provider says the master key cannot be used now
-/// (disabled, pending deletion or import): mounting would fail.
-fn usable(key_state: Option<&kmsfs::kms::KeyStatus>) -> Result<(), CliError> {
+/// (disabled, pending deletion or import), or no longer decrypts the
+/// master-key versions `too_old` (which wrap volume keys): mounting would fail.
+fn usable(key_state: Option<&kmsfs::kms::KeyStatus>, too_old: &[u32]) -> Result<(), CliError> {
     match key_state {
         Some(key) if !key.state.starts_with("Enabled") => Err(CliError::new(
             ExitCode::Provider,
             format!(
                 "the master key is {}: this volume cannot be mounted until it is enabled again",
                 super::printable(&key.state)
+            ),
+        )),
+        Some(key) if !too_old.is_empty() => Err(CliError::new(
+            ExitCode::Provider,
+            format!(
+                "volume keys are wrapped under master-key version(s) {too_old:?}, which the provider no \
+                 longer decrypts (it decrypts from version {}): this volume cannot be mounted; lower the \
+                 key's minimum decryption version, mount, and run `kmsfs rewrap`",
+                key.decrypts_from.unwrap_or_default()
             ),
         )),
         _ => Ok(()),

@@ -122,6 +122,9 @@ pub struct KeyStatus {
     pub deletion_date: Option<u64>,
     /// When imported key material expires (seconds since the epoch).
     pub material_valid_to: Option<u64>,
+    /// The oldest master-key version the provider still decrypts with
+    /// (Vault's `min_decryption_version`), where it has such a floor.
+    pub decrypts_from: Option<u32>,
 }
 
 impl KeyStatus {

@@ -241,8 +241,11 @@ impl KeyProvider for VaultTransitProvider {
             Some(false) => "; NOT derived: the volume-id context is ignored",
             _ => "",
         };
-        Ok(KeyStatus::of(format!(
-            "Enabled (version {latest}, decrypts from version {min}{derived})"
-        )))
+        Ok(KeyStatus {
+            decrypts_from: u32::try_from(min).ok(),
+            ..KeyStatus::of(format!(
+                "Enabled (version {latest}, decrypts from version {min}{derived})"
+            ))
+        })
     }
 }

@@ -253,6 +253,23 @@ fn vault_transit_with_openbao_round_trip_rewrap_and_failures() {
     assert!(blob(&vol).starts_with("vault:v1:"));
     let written = round_trip(&vol, 100);
     peers::bao(&bao, false, &["write", "-f", "transit/keys/kmsfs/rotate"]);
+    // Vault told to stop decrypting version 1, which wraps the volume key.
+    let min = |v: &str| {
+        peers::bao(
+            &bao,
+            false,
+            &[
+                "write",
+                "transit/keys/kmsfs/config",
+                &format!("min_decryption_version={v}"),
+            ],
+        )
+    };
+    min("2");
+    let out = vol.run(&["status", "--check-key", path_str(&vol.backing)]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no longer decrypts"), "{}", stderr(&out));
+    min("1");
     let out = vol.run(&["rewrap", path_str(&vol.backing)]);
     assert!(out.status.success(), "rewrap: {}", stderr(&out));
     assert!(

@@ -677,6 +677,7 @@ impl KeyProvider for LocalProvider {
             state: format!("{state:?}"),
             deletion_date: record.deletion_date,
             material_valid_to: record.import.as_ref().and_then(|i| i.material_valid_to),
+            decrypts_from: None,
         })
     }
 }
