@@ -305,7 +305,9 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     super::volumes::note_use(&**volume.keys().provider(), &backing);
 
     // No SQLite connection may cross the fork: its POSIX locks would not.
+    // Nor a PKCS#11 session: the library's state is not the child's.
     volume.db().disconnect();
+    volume.keys().provider().before_fork();
     let mut ready_pipe = if args.foreground { None } else { Some(daemonize()?) };
     if ready_pipe.is_some() && args.log_file.is_none() {
         super::logging::to_syslog();

@@ -83,8 +83,9 @@ pub fn serve(
     }
     super::volumes::note_use(&**volume.keys().provider(), &dir);
 
-    // No SQLite connection may cross the fork.
+    // No SQLite connection or PKCS#11 session may cross the fork.
     volume.db().disconnect();
+    volume.keys().provider().before_fork();
     let mut ready_pipe = if args.foreground {
         None
     } else {

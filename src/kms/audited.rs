@@ -37,6 +37,10 @@ impl KeyProvider for Audited {
         self.inner.id()
     }
 
+    fn before_fork(&self) {
+        self.inner.before_fork();
+    }
+
     fn generate_data_key(&self, context: &EncryptionContext) -> Result<(SecretKey, WrappedKey), KmsError> {
         let result = self.inner.generate_data_key(context);
         let blob = result.as_ref().ok().map(|(_, blob)| blob);

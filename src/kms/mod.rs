@@ -169,6 +169,11 @@ pub trait KeyProvider: Send + Sync {
     /// by this key, so that old versions are never trimmed from under it.
     /// Only the local keystore keeps such a record; best effort.
     fn note_volume(&self, _volume_id: &[u8; 16], _backing: &std::path::Path, _blobs: &[WrappedKey]) {}
+
+    /// Lets go of what a fork would leave half-usable in the child (a
+    /// PKCS#11 library's sessions and threads): the next call sets it up
+    /// again, in whichever process makes it.
+    fn before_fork(&self) {}
 }
 
 /// Connects to a remote provider named by a URI the user gave (`local:`

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
@@ -28,7 +29,18 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 struct Connection {
     session: Session,
     key: ObjectHandle,
-    _ctx: Pkcs11,
+    ctx: Pkcs11,
+}
+
+impl Connection {
+    /// Closes the session and finalizes the library (dropping a context
+    /// does not): a later connection, in this process or a child forked
+    /// from it, starts from a clean library.
+    fn close(self) {
+        let Connection { session, ctx, .. } = self;
+        drop(session);
+        let _ = ctx.finalize();
+    }
 }
 
 /// The token and key a provider names, and the PIN to log in with: all the
@@ -203,23 +215,25 @@ impl Pkcs11Provider {
     }
 }
 
-impl Drop for Pkcs11Provider {
-    fn drop(&mut self) {
-        let worker = self
-            .worker
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+impl Pkcs11Provider {
+    /// Ends the module's thread, which closes the session and finalizes the
+    /// library, waiting for it a little (never for a call given up on).
+    fn stop_worker(&self) {
+        let worker = crate::util::lock(&self.worker).take();
         if let Some(worker) = worker {
             if worker.pid != std::process::id() || self.abandoned.load(Ordering::Relaxed) {
                 std::mem::forget(worker);
                 return;
             }
-            // Let the thread close the session and finalize the module
-            // before this process goes on or exits, but not for ever.
             drop(worker.jobs);
             let _ = worker.ended.recv_timeout(CLOSE_WAIT.min(self.budget));
         }
+    }
+}
+
+impl Drop for Pkcs11Provider {
+    fn drop(&mut self) {
+        self.stop_worker();
     }
 }
 
@@ -228,11 +242,13 @@ impl Worker {
         let (jobs, queue) = mpsc::channel::<Job>();
         let (done, ended) = mpsc::sync_channel(1);
         std::thread::Builder::new().name("kmsfs-pkcs11".into()).spawn(move || {
-            let mut conn = None;
+            let mut conn: Option<Connection> = None;
             for job in queue {
                 job(&token, &mut conn);
             }
-            drop(conn);
+            if let Some(conn) = conn {
+                conn.close();
+            }
             let _ = done.send(());
         })?;
         Ok(Worker {
@@ -269,8 +285,18 @@ impl Token {
 
     fn connect(&self) -> Result<Connection, KmsError> {
         let ctx = Pkcs11::new(&self.module).map_err(|e| self.unreachable(format!("cannot load module: {e}")))?;
-        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-            .map_err(|e| self.unreachable(format!("C_Initialize: {e}")))?;
+        let initialize = || ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+        match initialize() {
+            // Initialized by the process this one forked from (or by a thread
+            // of this provider that ended): its state is not this process's
+            // to use. Finalized, and initialized again.
+            Err(cryptoki::error::Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+                let _ = ctx.clone().finalize();
+                initialize()
+            }
+            other => other,
+        }
+        .map_err(|e| self.unreachable(format!("C_Initialize: {e}")))?;
         let slots = ctx
             .get_slots_with_token()
             .map_err(|e| self.unreachable(format!("C_GetSlotList: {e}")))?;
@@ -317,11 +343,7 @@ impl Token {
                 log::warn!("PKCS#11 key {} is extractable; a master key should not be", self.object);
             }
         }
-        Ok(Connection {
-            session,
-            key,
-            _ctx: ctx,
-        })
+        Ok(Connection { session, key, ctx })
     }
 }
 
@@ -369,6 +391,10 @@ impl KeyProvider for Pkcs11Provider {
 
     fn key_state(&self) -> Result<KeyStatus, KmsError> {
         self.call(|_, _, _| Ok(KeyStatus::of("Enabled (found in the token)")))
+    }
+
+    fn before_fork(&self) {
+        self.stop_worker();
     }
 }
 

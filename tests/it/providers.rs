@@ -388,6 +388,18 @@ fn pkcs11_with_softhsm_round_trip_and_failures() {
     let out = vol.run(&["rotate", path_str(&vol.backing)]);
     assert!(out.status.success(), "rotate: {}", stderr(&out));
     check_read(&vol, &written);
+    // Rotated while mounted: the daemon (a child of the process that first
+    // opened the token) loads the new key from the token itself.
+    let m = vol.mount();
+    fs::write(vol.path("live"), b"written before a live rotation").unwrap();
+    let out = vol.run(&["rotate", path_str(&vol.backing)]);
+    assert!(out.status.success(), "live rotate: {}", stderr(&out));
+    fs::write(vol.path("after"), b"written after it").unwrap();
+    m.unmount();
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("live")).unwrap(), b"written before a live rotation");
+    assert_eq!(fs::read(vol.path("after")).unwrap(), b"written after it");
+    m.unmount();
 
     let (backing, mnt) = (path_str(&vol.backing), path_str(&vol.mnt));
     let bad_pin = vol.dir.path().join("bad-pin");
