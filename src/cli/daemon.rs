@@ -543,6 +543,7 @@ fn publish_status(
             problem: volume.problems(),
             finishing: false,
             volume_key_version: volume.keys().active_version(),
+            volume_key_error: volume.behind(),
             ..DaemonInfo::default()
         }
     };

@@ -320,8 +320,12 @@ fn usable(key_state: Option<&kmsfs::kms::KeyStatus>, too_old: &[u32]) -> Result<
         Some(key) if !key.state.starts_with("Enabled") => Err(CliError::new(
             ExitCode::Provider,
             format!(
-                "the master key is {}: this volume cannot be mounted until it is enabled again",
-                super::printable(&key.state)
+                "the master key is {}: this volume cannot be mounted until {}",
+                super::printable(&key.state),
+                match key.deletion_date {
+                    Some(_) => "its deletion is cancelled and it is enabled again",
+                    None => "it is usable again",
+                }
             ),
         )),
         Some(key) if !too_old.is_empty() => Err(CliError::new(

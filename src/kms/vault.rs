@@ -172,7 +172,15 @@ impl VaultTransitProvider {
     fn refuse_underived(&self) -> Result<(), KmsError> {
         let settings = match self.request("GET", &format!("keys/{}", self.key), None) {
             Ok(v) => v,
-            Err(KmsError::Refused { code, .. }) if code == "HTTP 403" => return Ok(()),
+            Err(KmsError::Refused { code, .. }) if code == "HTTP 403" => {
+                log::warn!(
+                    "cannot check that transit key {}/{} is derived (derived=true): the token may not read its \
+                     settings",
+                    self.mount,
+                    self.key
+                );
+                return Ok(());
+            }
             Err(e) => return Err(e),
         };
         if settings["data"]["derived"].as_bool() == Some(false) {

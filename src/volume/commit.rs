@@ -31,6 +31,9 @@ impl Volume {
                 loop {
                     std::thread::sleep(FLUSH_INTERVAL);
                     let Some(volume) = weak.upgrade() else { return };
+                    if volume.keys_saved.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
                     // Logged when it starts and stops failing, not every 200 ms.
                     let followed = volume.follow_rotation();
                     if let (Err(e), false) = (&followed, behind) {
@@ -62,8 +65,12 @@ impl Volume {
     /// holds the new version).
     pub fn follow_rotation(&self) -> Result<(), VolumeError> {
         let (active, blob) = self.db.active_volume_key()?;
-        if active > self.keys.active_version() {
-            self.keys.adopt(active, &blob, true)?;
+        let loaded = match active > self.keys.active_version() {
+            true => self.keys.adopt(active, &blob, true).map(|_| true),
+            false => Ok(false),
+        };
+        *crate::util::lock(&self.behind) = loaded.as_ref().err().map(|e| (active, e.to_string()));
+        if loaded? {
             log::info!("volume key version {active} loaded: new file keys are wrapped under it");
         }
         Ok(())
@@ -154,6 +161,12 @@ impl Volume {
             .ok_or_else(tampered)
     }
 
+    /// The volume-key version a rotation made active that this process
+    /// could not load, and why, until it loads it.
+    pub fn behind(&self) -> Option<(u32, String)> {
+        crate::util::lock(&self.behind).clone()
+    }
+
     /// Why committing file keys last failed, while it keeps failing.
     pub fn commit_error(&self) -> Option<String> {
         crate::util::lock(&self.commit_error).clone()
@@ -181,6 +194,7 @@ impl Volume {
     /// on the host (see `rescue`); the next open of the volume stores them.
     /// Returns how many and where.
     pub fn save_pending_keys(&self) -> Result<(usize, std::path::PathBuf), VolumeError> {
+        self.keys_saved.store(true, std::sync::atomic::Ordering::Relaxed);
         rescue::save(&self.backing, &self.keys, &self.db)
     }
 }

@@ -233,7 +233,12 @@ impl KeyRing {
                 if let Some(e) = recent(&crate::util::lock(&self.failed), true) {
                     return Err(e);
                 }
-                crate::util::lock(&self.calling)
+                let guard = crate::util::lock(&self.calling);
+                // The call waited for failed meanwhile: that answer, not another call.
+                if let Some(e) = recent(&crate::util::lock(&self.failed), false) {
+                    return Err(e);
+                }
+                guard
             }
         };
         if let Some(s) = self.cached(version) {

@@ -61,6 +61,10 @@ pub struct DaemonInfo {
     /// the volume holds the new one (0: not said).
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub volume_key_version: u32,
+    /// The version a rotation made active that the daemon could not load,
+    /// and why (`rotate` then stops waiting for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_key_error: Option<(u32, String)>,
     /// The host record this was read from, if it was (not published).
     #[serde(skip)]
     pub record: Option<PathBuf>,

@@ -70,7 +70,7 @@ pub enum VolumeError {
     Tampered { volume: PathBuf, what: String },
     #[error(
         "the daemon serving {volume} (pid {pid}) has not loaded the new volume key (version {version}) \
-         (its log and `kmsfs status` say why; its key provider may fail it): {}",
+         (its log and `kmsfs status` say why: its key provider may fail it, or it may be stopped): {}",
         if *undone {
             "the rotation was undone, nothing changed; run `kmsfs rotate` again once it can reach the key provider"
         } else {
@@ -83,6 +83,8 @@ pub enum VolumeError {
         version: u32,
         undone: bool,
     },
+    #[error("{0}")]
+    PendingKept(String),
     #[error("volume key version {version}: the key provider failed to give it {seconds_ago} s ago ({reason})")]
     KeyUnavailable {
         version: u32,
@@ -190,6 +192,12 @@ pub struct Volume {
     commit_error: std::sync::Mutex<Option<String>>,
     /// Problems the mount cannot fix (`record_problem`): how many, the first.
     problems: std::sync::Mutex<(u64, Option<String>)>,
+    /// Why the volume-key version a rotation made active could not be
+    /// loaded (`follow_rotation`), until it is.
+    behind: std::sync::Mutex<Option<(u32, String)>>,
+    /// Set once the keys not committed were saved for the next mount: the
+    /// flusher stops.
+    keys_saved: std::sync::atomic::AtomicBool,
 }
 
 impl Volume {
@@ -364,6 +372,8 @@ impl Volume {
             provider_calls: provider.call_count() - calls_before,
             commit_error: std::sync::Mutex::default(),
             problems: std::sync::Mutex::default(),
+            behind: std::sync::Mutex::default(),
+            keys_saved: std::sync::atomic::AtomicBool::new(false),
             keys,
             info,
         };

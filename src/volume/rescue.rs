@@ -68,7 +68,7 @@ fn write_merged(
         Ok(Some((old_inserts, old_deletes))) => encode(volume_id, &old_inserts, &old_deletes),
         Ok(None) => encode(volume_id, &[], &[]),
         Err(e @ VolumeError::PendingDamaged { .. }) => {
-            set_aside(path, &e)?;
+            set_aside(path, &e.to_string())?;
             encode(volume_id, &[], &[])
         }
         Err(e) => return Err(e),
@@ -233,7 +233,7 @@ fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeError> 
 
 /// Moves a pending-keys file that is not one (`why`) out of the way, for a
 /// person to look at: never in the way of opening or leaving the volume.
-fn set_aside(path: &Path, why: &VolumeError) -> Result<PathBuf, VolumeError> {
+fn set_aside(path: &Path, why: &str) -> Result<PathBuf, VolumeError> {
     // Beside any set aside before, never over it.
     let aside = (0..)
         .map(|n| match n {
@@ -265,7 +265,7 @@ fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<S
         Ok(Some(rows)) => rows,
         Ok(None) => return Ok(None),
         // Unreadable: set aside (for a person to look at), never in the way of opening the volume.
-        Err(e @ VolumeError::PendingDamaged { .. }) => return set_aside(path, &e).map(|_| None),
+        Err(e @ VolumeError::PendingDamaged { .. }) => return set_aside(path, &e.to_string()).map(|_| None),
         Err(e) => return Err(e),
     };
     // A rotation may have begun or ended since they were saved.
@@ -280,18 +280,20 @@ fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<S
         let mut versions: Vec<u32> = left.iter().map(|(_, v, _)| *v).collect();
         versions.sort_unstable();
         versions.dedup();
-        let why = VolumeError::PendingDamaged {
-            path: path.to_path_buf(),
-            reason: format!(
-                "{} of its file keys are under volume key version(s) {versions:?}, which this volume no longer \
-                 holds, or do not authenticate; their files read as EIO",
-                left.len()
-            ),
-        };
+        let why = format!(
+            "{} of the file keys saved in {} are under volume key version(s) {versions:?}, which this volume \
+             no longer holds, or do not authenticate: their files read as EIO",
+            left.len(),
+            path.display()
+        );
         let aside = set_aside(path, &why)?;
         return Ok(Some(format!("{why}; the file is kept as {}", aside.display())));
     }
-    std::fs::remove_file(path).map_err(io_at(path))?;
+    match std::fs::remove_file(path) {
+        // Stored at the same time by another process (a mount beside a rotation).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        other => other.map_err(io_at(path))?,
+    }
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())

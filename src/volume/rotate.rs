@@ -145,8 +145,8 @@ fn rotate_secrets(
             undone,
         });
     }
-    rewrap_secrets(volume, to, fresh_secrets)?;
     let keys = volume.keys();
+    rewrap_secrets(volume, to, fresh_secrets)?;
     let new_key = keys.key(db, to)?;
     let total = db.count_file_keys_not_under(to)?;
     let mut done = 0u64;
@@ -157,6 +157,24 @@ fn rotate_secrets(
         if batch.is_empty() {
             if after.take().is_some() {
                 continue; // the end of a pass: another finds keys committed meanwhile
+            }
+            // Before the old versions go: a daemon that stopped serving
+            // meanwhile (unmounted, killed) may have saved keys under them
+            // that it could not commit; they are stored now, under `to`. A
+            // daemon still serving holds `to`, so any it saves later are
+            // under `to` too.
+            if let Some(pid) = daemon_behind(volume, to) {
+                return Err(VolumeError::DaemonBehind {
+                    volume: volume.backing().to_path_buf(),
+                    pid,
+                    version: to,
+                    undone: false,
+                });
+            }
+            if let Some(kept) = super::rescue::restore(volume.backing(), keys, db)? {
+                return Err(VolumeError::PendingKept(format!(
+                    "{kept}: the old volume-key versions are kept; run `kmsfs rotate` again once they are stored"
+                )));
             }
             // A whole pass found nothing to re-wrap, and triggers refuse keys
             // under a version that is not active: any row left is one no
@@ -231,7 +249,15 @@ fn daemon_behind(volume: &Volume, to: u32) -> Option<u32> {
         if !daemon.finishing && (daemon.volume_key_version == 0 || daemon.volume_key_version >= to) {
             return None;
         }
-        if started.elapsed() > wait {
+        // It tried and failed (it retries, but a provider that refused it will again).
+        let failed = daemon.volume_key_error.as_ref().is_some_and(|(v, _)| *v == to);
+        if failed || started.elapsed() > wait {
+            if let Some((_, why)) = &daemon.volume_key_error {
+                log::error!(
+                    "the daemon (pid {}) could not load volume key version {to}: {why}",
+                    daemon.pid
+                );
+            }
             return Some(daemon.pid);
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -180,3 +180,31 @@ fn keys_read_together_are_the_keys_read_one_by_one() {
     }
     assert!(volume.file_cipher(&forgotten).is_err() && volume.file_cipher(&unknown).is_err());
 }
+
+#[test]
+fn keys_saved_under_the_old_version_during_a_rotation_are_stored_before_it_goes() {
+    let f = fixture();
+    let daemon = f.open();
+    let rotating = f.open();
+    let queued: Vec<FileId> = (0..3).map(|_| daemon.new_file_key().unwrap().0).collect();
+    // The daemon stops serving without having loaded the new version: its
+    // keys are saved under version 1, after the rotation opened the volume.
+    let (saved, path) = daemon.save_pending_keys().unwrap();
+    assert_eq!(
+        (saved, path.file_name().unwrap()),
+        (3, std::ffi::OsStr::new(rescue::PENDING_FILE))
+    );
+    drop(daemon);
+    let report = rotate::rotate(&rotating, &mut |_, _| ()).unwrap();
+    assert_eq!((report.new_version, report.retired_versions), (2, vec![1]));
+    assert!(!f.backing.join(rescue::PENDING_FILE).exists());
+    let rows = file_key_rows(&rotating);
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|(_, v)| *v == 2), "{rows:?}");
+    drop(rotating);
+    let reopened = f.open();
+    assert_eq!(reopened.problems(), None);
+    for id in &queued {
+        reopened.file_cipher(id).unwrap();
+    }
+}

@@ -65,8 +65,8 @@ fn keys_queued_across_a_rotation_survive_the_provider_going_away() {
 }
 
 /// A daemon that cannot load the new volume key (its token revoked) would
-/// read files whose keys moved to it as EIO: the rotation waits for it,
-/// then is undone, and the mount keeps reading and writing.
+/// read files whose keys moved to it as EIO: the rotation is undone as soon
+/// as the daemon says it failed, and the mount keeps reading and writing.
 #[test]
 fn a_rotation_the_daemon_cannot_follow_is_undone() {
     let bao = peers::openbao(false);
@@ -77,21 +77,24 @@ fn a_rotation_the_daemon_cannot_follow_is_undone() {
     let mut m = vol.mount_with_env(&[("VAULT_TOKEN", &token)], &[]);
     fs::write(vol.path("before"), b"before").unwrap();
     peers::bao(&bao, false, &["token", "revoke", &token]);
-    let rotate = vol
+    let started = std::time::Instant::now();
+    let out = vol
         .command()
-        .env(kmsfs::volume::rotate::DAEMON_WAIT_ENV, "5000")
+        .env(kmsfs::volume::rotate::DAEMON_WAIT_ENV, "60000")
         .args(["rotate", backing])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
+        .output()
         .unwrap();
-    // While it waits, `status` says what the daemon lacks.
-    common::wait_until("status shows the daemon behind", || {
-        common::stdout(&vol.run(&["status", backing])).contains("BEHIND")
-    });
-    let out = rotate.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(8), "{}", stderr(&out));
-    assert!(stderr(&out).contains("the rotation was undone"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the rotation was undone")
+            && stderr(&out).contains("could not load volume key version 2"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "stopped waiting when the daemon said it failed"
+    );
     assert_eq!(
         volume_key_states(&vol),
         vec![(1, "active".into(), true), (2, "retired".into(), false)]
@@ -107,4 +110,43 @@ fn a_rotation_the_daemon_cannot_follow_is_undone() {
     assert_eq!(fs::read(vol.path("after")).unwrap(), b"after");
     m.unmount();
     assert_eq!(volume_key_states(&vol).last(), Some(&(3, "active".into(), true)));
+}
+
+/// A daemon that is stopped (SIGSTOP) cannot load the new key either:
+/// `status` shows it BEHIND while `rotate` waits, then the rotation is
+/// undone, and the daemon, continued, serves as before.
+#[test]
+fn a_rotation_beside_a_stopped_daemon_is_undone() {
+    let bao = peers::openbao(false);
+    let vol = vault_volume(&bao);
+    let backing = path_str(&vol.backing);
+    let m = vol.mount();
+    fs::write(vol.path("before"), b"before").unwrap();
+    let status = common::json(&vol.run(&["status", "--json", backing]));
+    let pid = status["daemon_pid"].as_u64().unwrap() as libc::pid_t;
+    assert_eq!(status["daemon_volume_key_version"], 1, "{status}");
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let rotate = vol
+        .command()
+        .env(kmsfs::volume::rotate::DAEMON_WAIT_ENV, "5000")
+        .args(["rotate", backing])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let behind = std::time::Instant::now();
+    let mut seen = false;
+    while !seen && behind.elapsed() < std::time::Duration::from_secs(4) {
+        seen = common::stdout(&vol.run(&["status", backing])).contains("BEHIND");
+    }
+    let out = rotate.wait_with_output().unwrap();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(seen, "status showed the daemon behind");
+    assert_eq!(out.status.code(), Some(8), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the rotation was undone"), "{}", stderr(&out));
+    fs::write(vol.path("after"), b"after").unwrap();
+    assert_eq!(fs::read(vol.path("before")).unwrap(), b"before");
+    m.unmount();
+    let (code, report) = common::fsck(&vol, &[]);
+    assert_eq!(code, 0, "{report}");
 }
