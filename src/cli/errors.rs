@@ -74,6 +74,7 @@ impl From<VolumeError> for CliError {
             VolumeError::KeyUnavailable { .. } | VolumeError::DaemonBehind { .. } => {
                 CliError::new(ExitCode::ProviderUnreachable, e.to_string())
             }
+            VolumeError::RotationOvertaken { .. } => CliError::new(ExitCode::Mount, e.to_string()),
             VolumeError::Io { .. } => CliError::new(ExitCode::Io, e.to_string()),
             // A value of the wrong type or range is a damaged DB, not an I/O failure.
             VolumeError::Db(DbError::Sqlite {

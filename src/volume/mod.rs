@@ -85,6 +85,11 @@ pub enum VolumeError {
     },
     #[error("{0}")]
     PendingKept(String),
+    #[error(
+        "another `kmsfs rotate` of {volume} began a newer rotation (volume key version {now}) while this one \
+         moved keys to version {version}: that one finishes the work; run `kmsfs rotate` again if it fails"
+    )]
+    RotationOvertaken { volume: PathBuf, version: u32, now: u32 },
     #[error("volume key version {version}: the key provider failed to give it {seconds_ago} s ago ({reason})")]
     KeyUnavailable {
         version: u32,

@@ -158,6 +158,7 @@ fn rotate_secrets(
             if after.take().is_some() {
                 continue; // the end of a pass: another finds keys committed meanwhile
             }
+            overtaken(volume, to)?;
             // Before the old versions go: a daemon that stopped serving
             // meanwhile (unmounted, killed) may have saved keys under them
             // that it could not commit; they are stored now, under `to`. A
@@ -180,6 +181,7 @@ fn rotate_secrets(
             // under a version that is not active: any row left is one no
             // query by id reaches (an edited DB).
             let Some(retired_versions) = db.retire_if_done(to)? else {
+                overtaken(volume, to)?;
                 return Err(VolumeError::Tampered {
                     volume: volume.backing().to_path_buf(),
                     what: "file keys that no pass over them reaches".into(),
@@ -221,10 +223,26 @@ fn rotate_secrets(
             .into_iter()
             .filter_map(|(id, from, wrapped)| Some((id, from, wrapped?)))
             .collect();
-        db.store_rewrapped(to, &rewrapped)?;
+        if let Err(e) = db.store_rewrapped(to, &rewrapped) {
+            overtaken(volume, to)?;
+            return Err(e.into());
+        }
         done += rewrapped.len() as u64;
         progress(done, total.max(done));
         kill_hook(done);
+    }
+}
+
+/// Fails when version `to` is no longer the active one: another `kmsfs
+/// rotate` of the volume began a newer rotation meanwhile, and finishes it.
+fn overtaken(volume: &Volume, to: u32) -> Result<(), VolumeError> {
+    match active_version(volume.db())? {
+        now if now != to => Err(VolumeError::RotationOvertaken {
+            volume: volume.backing().to_path_buf(),
+            version: to,
+            now,
+        }),
+        _ => Ok(()),
     }
 }
 

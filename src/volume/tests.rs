@@ -208,3 +208,38 @@ fn keys_saved_under_the_old_version_during_a_rotation_are_stored_before_it_goes(
         reopened.file_cipher(id).unwrap();
     }
 }
+
+#[test]
+fn a_rotation_overtaken_by_a_newer_one_says_so() {
+    let f = fixture();
+    let volume = f.open();
+    for _ in 0..3 {
+        volume.new_file_key().unwrap();
+    }
+    volume.sync_keys().unwrap();
+    let keys = volume.keys();
+    let (_, newer) = keys.provider().generate_data_key(keys.context()).unwrap();
+    let newer = newer.as_bytes().to_vec();
+    let other = rusqlite::Connection::open(f.backing.join(DB_FILE)).unwrap();
+    // Another `rotate` begins version 3 once this one has moved its keys to 2.
+    let mut began = false;
+    let err = rotate::rotate(&volume, &mut |_, _| {
+        if !began {
+            began = true;
+            other
+                .execute_batch("UPDATE volume_keys SET state = 'retiring' WHERE state = 'active'")
+                .unwrap();
+            other
+                .execute(
+                    "INSERT INTO volume_keys (version, state, wrapped, created_at) VALUES (3, 'active', ?1, 0)",
+                    [&newer],
+                )
+                .unwrap();
+        }
+    })
+    .unwrap_err();
+    assert!(
+        matches!(err, VolumeError::RotationOvertaken { version: 2, now: 3, .. }),
+        "{err}"
+    );
+}

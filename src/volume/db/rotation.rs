@@ -136,14 +136,22 @@ impl MetadataDb {
 
     /// Ends a rotation once no file key is left under another version than
     /// `active`: the retiring versions become retired and lose their blobs.
-    /// Returns them, or None if keys under an old version remain.
+    /// Returns them, or None if keys under an old version remain or
+    /// `active` is no longer the active version.
     pub fn retire_if_done(&self, active: u32) -> Result<Option<Vec<u32>>, DbError> {
         self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // Another rotation that began meanwhile made `active` retiring:
+            // erasing it would take the keys just moved to it.
+            let still_active: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM volume_keys WHERE version = ?1 AND state = 'active')",
+                [active],
+                |r| r.get(0),
+            )?;
             let left: u64 = tx.query_row("SELECT count(*) FROM file_keys WHERE vk_version != ?1", [active], |r| {
                 r.get(0)
             })?;
-            if left > 0 {
+            if left > 0 || !still_active {
                 return Ok(None);
             }
             let retired: Vec<u32> = {
