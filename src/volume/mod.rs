@@ -74,7 +74,8 @@ pub enum VolumeError {
         if *undone {
             "the rotation was undone, nothing changed; run `kmsfs rotate` again once it can reach the key provider"
         } else {
-            "no key was moved and the older versions stay; run `kmsfs rotate` again to finish the rotation"
+            "the older versions stay, so no key under them is lost; run `kmsfs rotate` again to finish the \
+             rotation"
         }
     )]
     DaemonBehind {
@@ -342,9 +343,12 @@ impl Volume {
         };
         let mut secrets = HashMap::new();
         for (kind, version, wrapped) in db.secrets()? {
-            let vk = keys
-                .key(&db, version)
-                .map_err(|_| tampered(&format!("the {kind} key")))?;
+            // A provider that fails (a version a rotation made since the
+            // keys were loaded) is the provider's failure, not tampering.
+            let vk = keys.key(&db, version).map_err(|e| match e {
+                VolumeError::Kms(_) | VolumeError::KeyUnavailable { .. } => e,
+                _ => tampered(&format!("the {kind} key")),
+            })?;
             let key = vk
                 .unwrap_key(
                     &secret_aad(&info.volume_id, &kind, version, info.format_version),
