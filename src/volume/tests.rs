@@ -124,6 +124,21 @@ fn keys_queued_before_a_rotation_are_committed_under_the_new_version() {
     }
 }
 
+/// Begins a rotation as another process would: `version`, a new key from
+/// the provider, active; the active one retiring.
+fn begin_by_hand(f: &Fixture, volume: &Volume, version: u32) {
+    let keys = volume.keys();
+    let (_, blob) = keys.provider().generate_data_key(keys.context()).unwrap();
+    let db = rusqlite::Connection::open(f.backing.join(DB_FILE)).unwrap();
+    db.execute("UPDATE volume_keys SET state = 'retiring' WHERE state = 'active'", [])
+        .unwrap();
+    db.execute(
+        "INSERT INTO volume_keys (version, state, wrapped, created_at) VALUES (?1, 'active', ?2, 0)",
+        rusqlite::params![version, blob.as_bytes()],
+    )
+    .unwrap();
+}
+
 #[test]
 fn an_interrupted_rotation_resumes() {
     let f = fixture();
@@ -132,20 +147,7 @@ fn an_interrupted_rotation_resumes() {
         volume.new_file_key().unwrap();
     }
     volume.sync_keys().unwrap();
-    // Begin a rotation by hand: a new active version (a new key from the
-    // provider), the old one retiring.
-    let keys = volume.keys();
-    let (_, blob) = keys.provider().generate_data_key(keys.context()).unwrap();
-    let blob = blob.as_bytes().to_vec();
-    let db = rusqlite::Connection::open(f.backing.join(DB_FILE)).unwrap();
-    db.execute("UPDATE volume_keys SET state = 'retiring' WHERE version = 1", [])
-        .unwrap();
-    db.execute(
-        "INSERT INTO volume_keys (version, state, wrapped, created_at) VALUES (2, 'active', ?1, 0)",
-        [blob],
-    )
-    .unwrap();
-    drop(db);
+    begin_by_hand(&f, &volume, 2);
     drop(volume);
     let volume = f.open();
     let report = rotate::rotate(&volume, &mut |_, _| ()).unwrap();
@@ -217,24 +219,12 @@ fn a_rotation_overtaken_by_a_newer_one_says_so() {
         volume.new_file_key().unwrap();
     }
     volume.sync_keys().unwrap();
-    let keys = volume.keys();
-    let (_, newer) = keys.provider().generate_data_key(keys.context()).unwrap();
-    let newer = newer.as_bytes().to_vec();
-    let other = rusqlite::Connection::open(f.backing.join(DB_FILE)).unwrap();
     // Another `rotate` begins version 3 once this one has moved its keys to 2.
     let mut began = false;
     let err = rotate::rotate(&volume, &mut |_, _| {
         if !began {
             began = true;
-            other
-                .execute_batch("UPDATE volume_keys SET state = 'retiring' WHERE state = 'active'")
-                .unwrap();
-            other
-                .execute(
-                    "INSERT INTO volume_keys (version, state, wrapped, created_at) VALUES (3, 'active', ?1, 0)",
-                    [&newer],
-                )
-                .unwrap();
+            begin_by_hand(&f, &volume, 3);
         }
     })
     .unwrap_err();
