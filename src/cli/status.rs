@@ -199,7 +199,20 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     outln!("format:         {}", row.format_version);
     outln!("provider:       {}", super::printable(&provider.to_string()));
     outln!("master key:     {}", super::printable(provider.key_label()));
-    for k in &keys {
+    // Retired versions (and rotations that were undone) on one line: they
+    // have no key left, and a volume rotated for years has many.
+    let retired: Vec<String> = keys
+        .iter()
+        .filter(|k| k.state == "retired" && files_of(k.version) == Some(0))
+        .map(|k| format!("v{}", k.version))
+        .collect();
+    if !retired.is_empty() {
+        outln!("retired keys:   {} (erased, no files)", retired.join(", "));
+    }
+    for k in keys
+        .iter()
+        .filter(|k| !(k.state == "retired" && files_of(k.version) == Some(0)))
+    {
         let wrapped_by = k
             .wrapped
             .as_ref()

@@ -158,9 +158,15 @@ pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
         return Ok(());
     };
     if !VolumeLock::wait_exited(&volume, &daemon, owner, Duration::from_secs(60)) {
+        // Its last keys are not known to be committed: say where to look
+        // once it is done (it may be waiting for a slow key provider).
         return Err(mount_error(format!(
-            "unmounted {}, but its daemon has not exited after 60 s",
-            mountpoint.display()
+            "unmounted {}, but its daemon (pid {}) has not exited after 60 s: it may still be committing its \
+             last file keys or waiting for the key provider; once it has exited, `kmsfs status {}` says \
+             whether keys were left in kmsfs.pending-keys for the next mount",
+            mountpoint.display(),
+            daemon.pid,
+            volume.display()
         )));
     }
     let last = VolumeLock::last_published(&volume, &daemon, owner);

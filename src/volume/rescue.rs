@@ -270,20 +270,39 @@ fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<S
     };
     // A rotation may have begun or ended since they were saved.
     let (ready, left) = keys.rows_to_active(inserts);
-    let (stored, _) = db.restore_rows(&ready, &deletes)?;
-    log::warn!(
-        "stored {stored} file key(s) and {} deletion(s) an earlier daemon could not commit (from {})",
-        deletes.len(),
-        path.display()
-    );
-    if !left.is_empty() {
-        let mut versions: Vec<u32> = left.iter().map(|(_, v, _)| *v).collect();
+    let restored = db.restore_rows(&ready, &left, &deletes)?;
+    if restored.stored > 0 || !deletes.is_empty() {
+        log::warn!(
+            "stored {} file key(s) and {} deletion(s) an earlier daemon could not commit (from {})",
+            restored.stored,
+            deletes.len(),
+            path.display()
+        );
+    }
+    if restored.already > 0 {
+        log::info!(
+            "{} file key(s) in {} were stored already",
+            restored.already,
+            path.display()
+        );
+    }
+    if !restored.not_active.is_empty() {
+        // Left in place: the next open, under the new version, stores them.
+        return Ok(Some(format!(
+            "{} of the file keys saved in {} were not stored: a rotation began meanwhile; the next mount, \
+             fsck or rotate stores them",
+            restored.not_active.len(),
+            path.display()
+        )));
+    }
+    if !restored.unusable.is_empty() {
+        let mut versions: Vec<u32> = restored.unusable.iter().map(|(_, v, _)| *v).collect();
         versions.sort_unstable();
         versions.dedup();
         let why = format!(
             "{} of the file keys saved in {} are under volume key version(s) {versions:?}, which this volume \
              no longer holds, or do not authenticate: their files read as EIO",
-            left.len(),
+            restored.unusable.len(),
             path.display()
         );
         let aside = set_aside(path, &why)?;

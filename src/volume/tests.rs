@@ -233,3 +233,56 @@ fn a_rotation_overtaken_by_a_newer_one_says_so() {
         "{err}"
     );
 }
+
+/// A copy of a pending-keys file put back after its keys were stored, and
+/// their version retired since, names files that have keys: nothing to
+/// report, nothing set aside.
+#[test]
+fn a_stale_pending_keys_copy_of_stored_keys_is_no_problem() {
+    let f = fixture();
+    let daemon = f.open();
+    let queued: Vec<FileId> = (0..3).map(|_| daemon.new_file_key().unwrap().0).collect();
+    let (_, path) = daemon.save_pending_keys().unwrap();
+    drop(daemon);
+    let copy = std::fs::read(&path).unwrap();
+    let volume = f.open();
+    assert!(!path.exists());
+    rotate::rotate(&volume, &mut |_, _| ()).unwrap();
+    drop(volume);
+    std::fs::write(&path, copy).unwrap();
+    let reopened = f.open();
+    assert_eq!(reopened.problems(), None);
+    assert!(!path.exists());
+    let aside = std::fs::read_dir(&f.backing)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains("unreadable"))
+        .count();
+    assert_eq!(aside, 0);
+    for id in &queued {
+        reopened.file_cipher(id).unwrap();
+    }
+}
+
+/// Keys saved under the version that was active when the volume was
+/// opened, restored after another process began a rotation: not stored
+/// under a version that is retiring, and not dropped either.
+#[test]
+fn pending_keys_a_rotation_overtook_stay_for_the_next_open() {
+    let f = fixture();
+    let daemon = f.open();
+    let volume = f.open();
+    let queued: Vec<FileId> = (0..2).map(|_| daemon.new_file_key().unwrap().0).collect();
+    let (_, path) = daemon.save_pending_keys().unwrap();
+    begin_by_hand(&f, &volume, 2);
+    let kept = rescue::restore(&f.backing, &volume.keys, &volume.db).unwrap();
+    assert!(kept.unwrap().contains("a rotation began meanwhile"));
+    assert!(path.exists(), "the file stays for the next open");
+    assert!(file_key_rows(&volume).is_empty());
+    drop((daemon, volume));
+    let reopened = f.open();
+    assert_eq!(reopened.problems(), None);
+    assert!(!path.exists());
+    for id in &queued {
+        reopened.file_cipher(id).unwrap();
+    }
+}

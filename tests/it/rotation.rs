@@ -134,6 +134,10 @@ fn rotation_rewraps_keys_and_leaves_every_data_byte_alone() {
     assert_eq!(versions[&1], ("retired".into(), 0));
     assert_eq!(versions[&2], ("active".into(), 120));
     assert_eq!(status(&vol)["rotation_in_progress"], false);
+    let text = vol.run(&["status", path_str(&vol.backing)]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("retired keys:   v1 (erased, no files)"), "{text}");
+    assert!(text.contains("volume key v2:  active (120 files"), "{text}");
     verify(&vol, &files);
 }
 

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use rusqlite::params;
 
+use super::rotation::FileKeyRow;
 use super::{DbError, MAX_PENDING, MetadataDb, checkpoint_truncate};
 use crate::crypto::{FileId, WrappedKey};
 use crate::util::lock;
@@ -213,26 +214,39 @@ impl MetadataDb {
     }
 
     /// Stores rows saved by a daemon that could not commit them: a row never
-    /// replaces one the DB already has, and one under a version that no
-    /// longer has a key is skipped. Returns (stored, skipped).
+    /// replaces one the DB already has. `unusable` rows (under a version the
+    /// caller holds no key of) are never stored, only checked for a key
+    /// their file has already.
     pub fn restore_rows(
         &self,
-        inserts: &[(FileId, u32, WrappedKey)],
+        inserts: &[FileKeyRow],
+        unusable: &[FileKeyRow],
         deletes: &[FileId],
-    ) -> Result<(usize, usize), DbError> {
+    ) -> Result<Restored, DbError> {
         self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let (mut stored, mut skipped) = (0, 0);
+            let mut restored = Restored::default();
             {
+                let mut has_key = tx.prepare("SELECT 1 FROM file_keys WHERE file_id = ?1")?;
                 let mut insert = tx.prepare(
-                    "INSERT OR IGNORE INTO file_keys (file_id, vk_version, wrapped) \
+                    "INSERT INTO file_keys (file_id, vk_version, wrapped) \
                      SELECT ?1, ?2, ?3 WHERE EXISTS \
                      (SELECT 1 FROM volume_keys WHERE version = ?2 AND state = 'active')",
                 )?;
-                for (id, version, wrapped) in inserts {
-                    match insert.execute(params![&id[..], version, wrapped.as_bytes()])? {
-                        0 => skipped += 1,
-                        _ => stored += 1,
+                for row @ (id, version, wrapped) in inserts {
+                    if has_key.exists([&id[..]])? {
+                        restored.already += 1;
+                    } else if insert.execute(params![&id[..], version, wrapped.as_bytes()])? == 1 {
+                        restored.stored += 1;
+                    } else {
+                        restored.not_active.push(row.clone());
+                    }
+                }
+                for row @ (id, _, _) in unusable {
+                    if has_key.exists([&id[..]])? {
+                        restored.already += 1;
+                    } else {
+                        restored.unusable.push(row.clone());
                     }
                 }
                 let mut delete = tx.prepare("DELETE FROM file_keys WHERE file_id = ?1")?;
@@ -241,7 +255,21 @@ impl MetadataDb {
                 }
             }
             tx.commit()?;
-            Ok((stored, skipped))
+            Ok(restored)
         })
     }
+}
+
+/// What `restore_rows` did with saved rows.
+#[derive(Default)]
+pub struct Restored {
+    pub stored: usize,
+    /// Rows whose file has a key already (stored by another process, or
+    /// from an older copy of the same file): nothing to do.
+    pub already: usize,
+    /// Rows under a version that is no longer the active one (a rotation
+    /// began since the caller loaded its keys): to be stored by a later open.
+    pub not_active: Vec<FileKeyRow>,
+    /// Unusable rows whose file has no key.
+    pub unusable: Vec<FileKeyRow>,
 }
