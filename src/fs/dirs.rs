@@ -96,6 +96,9 @@ impl KmsFs {
         } else if self.reads_checks_ahead(&st, &node) {
             let taken = self.take_authenticated_ahead(parent, &node, &st);
             self.checks_ahead.checking(parent, st.st_ino, taken);
+        } else if self.options.prefetch_files > 0 && file_type(st.st_mode as u32) == FileType::Directory {
+            let parent_fd = || parent.fd().ok().and_then(|fd| rustix::io::dup(fd.as_fd()).ok());
+            self.ivs_ahead.subdirectory_looked_up(parent.ino, parent_fd);
         }
         match self.attr_of(&node, &st) {
             Ok(attr) => Ok((node, attr)),

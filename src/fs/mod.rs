@@ -14,6 +14,7 @@ mod dirs;
 mod files;
 mod handles;
 pub(crate) mod inodes;
+mod iv_ahead;
 pub(crate) mod mount;
 mod mounted;
 mod open_files;
@@ -66,6 +67,8 @@ pub struct KmsFs {
     checks_ahead: check_ahead::ChecksAhead,
     /// And those of them found intact there (verified_ahead.rs).
     verified_ahead: verified_ahead::VerifiedAhead,
+    /// Subdirectories' IV files read ahead (iv_ahead.rs).
+    ivs_ahead: iv_ahead::IvsAhead,
     /// Free space on the backing filesystem (new files written through when low).
     space: space::FreeSpace,
     /// The kernel leaves clearing set-user/group-ID bits on write and
@@ -143,6 +146,7 @@ impl KmsFs {
             read_orders: prefetch::ReadOrders::new(options.prefetch_files),
             checks_ahead: check_ahead::ChecksAhead::default(),
             verified_ahead: verified_ahead::VerifiedAhead::default(),
+            ivs_ahead: iv_ahead::IvsAhead::default(),
             volume,
             inodes,
             node_files: BoundedCache::new(mount::fd_cache_capacity()),
@@ -186,6 +190,7 @@ impl KmsFs {
             if node.names_resolved() {
                 self.checks_ahead.abandoned(ino); // no lock taken for each file forgotten
                 self.verified_ahead.forget(ino);
+                self.ivs_ahead.forget(ino);
             }
             if node.is_unlinked() {
                 self.erase_key_of_unlinked(&node);

@@ -65,9 +65,18 @@ impl Mounted {
         reply_empty(reply, result);
     }
 
-    /// Hands the reading ahead of empty files' final blocks that lookups
-    /// decided on to the prefetch worker (check_ahead.rs).
-    pub(super) fn start_checks_ahead(&self) {
+    /// Hands the reading ahead that lookups decided on to the prefetch
+    /// worker: empty files' final blocks (check_ahead.rs) and
+    /// subdirectories' IV files (iv_ahead.rs).
+    pub(super) fn start_reads_ahead(&self) {
+        for job in self.fs.ivs_ahead.take_jobs() {
+            let (dir, fs) = (job.dir(), Arc::clone(&self.fs));
+            if !self.prefetches.offer(move || {
+                fs.ivs_ahead.run(job);
+            }) {
+                self.fs.ivs_ahead.passed(dir, 0);
+            }
+        }
         for job in self.fs.checks_ahead.take_jobs() {
             let (dir, reads) = (job.dir(), job.reads());
             let fs = Arc::clone(&self.fs);

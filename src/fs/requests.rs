@@ -56,7 +56,7 @@ impl fuser::Filesystem for Mounted {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let found = self.fs.node(parent).and_then(|p| self.fs.lookup(&p, name));
-        self.start_checks_ahead();
+        self.start_reads_ahead();
         reply_entry(reply, &self.fs.options.ttl, found);
     }
 
@@ -340,7 +340,7 @@ impl fuser::Filesystem for Mounted {
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let listed = self.fs.readdirplus_inner(ino, fh, offset, &mut reply);
-        self.start_checks_ahead();
+        self.start_reads_ahead();
         match listed {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),

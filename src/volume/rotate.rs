@@ -261,6 +261,7 @@ pub const DAEMON_WAIT_ENV: &str = "KMSFS_TEST_ROTATE_DAEMON_WAIT_MS";
 fn daemon_behind(volume: &Volume, to: u32) -> Option<u32> {
     let wait = crate::test_hooks::number(DAEMON_WAIT_ENV).map_or(DAEMON_WAIT, Duration::from_millis);
     let started = Instant::now();
+    let mut said = false;
     loop {
         let daemon = super::lock::VolumeLock::daemon(volume.backing(), None).filter(|d| d.pid != std::process::id())?;
         // 0: a daemon that does not say (an older kmsfs).
@@ -277,6 +278,15 @@ fn daemon_behind(volume: &Volume, to: u32) -> Option<u32> {
                 );
             }
             return Some(daemon.pid);
+        }
+        // A silent wait of up to `wait` would look like a hang.
+        if !said && started.elapsed() > Duration::from_secs(2) {
+            said = true;
+            log::warn!(
+                "waiting (up to {} s) for the mounted daemon (pid {}) to load volume key version {to}",
+                wait.as_secs(),
+                daemon.pid
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -327,3 +327,55 @@ pub(crate) fn eventually(done: impl Fn() -> bool) -> bool {
     }
     true
 }
+
+/// Looking up a second subdirectory of a directory whose nodes are new
+/// reads the IV files of its subdirectories and of theirs into the page
+/// cache (iv_ahead.rs); `prefetch=0` reads none.
+#[test]
+fn a_walk_finds_the_next_directories_ivs_read_ahead() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    let top = vol.path("top");
+    let children: Vec<_> = (0..6).map(|i| top.join(format!("d{i}"))).collect();
+    for child in &children {
+        for j in 0..3 {
+            fs::create_dir_all(child.join(format!("e{j}"))).unwrap();
+        }
+    }
+    m.unmount();
+    // Every IV file below `top`, in the backing directory.
+    let ivs = {
+        let m = vol.mount();
+        let mut ivs = Vec::new();
+        for child in &children {
+            let of_top = backing_files(&vol, &top);
+            ivs.push(of_top[&ino(child)].join(".kmsfs.diriv"));
+            for backing in backing_files(&vol, child).values().filter(|p| p.is_dir()) {
+                ivs.push(backing.join(".kmsfs.diriv"));
+            }
+        }
+        m.unmount();
+        ivs
+    };
+    assert_eq!(ivs.len(), 6 + 18);
+    for options in [&[][..], &["-o", "prefetch=0"][..]] {
+        let m = vol.mount_with(options);
+        drop_cached_pages(&vol.backing);
+        assert!(!ivs.iter().any(|iv| resident(iv)), "dropped");
+        fs::metadata(&children[0]).unwrap();
+        fs::metadata(&children[1]).unwrap();
+        if options.is_empty() {
+            assert!(
+                eventually(|| ivs.iter().all(|iv| resident(iv))),
+                "IV files read ahead: {:?}",
+                ivs.iter().map(|iv| resident(iv)).collect::<Vec<_>>()
+            );
+        } else {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            // Only what the two lookups and `top` needed.
+            let read = ivs.iter().filter(|iv| resident(iv)).count();
+            assert!(read <= 2, "{read} IV files read with prefetch=0");
+        }
+        m.unmount();
+    }
+}

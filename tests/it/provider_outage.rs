@@ -144,6 +144,11 @@ fn a_rotation_beside_a_stopped_daemon_is_undone() {
     assert!(seen, "status showed the daemon behind");
     assert_eq!(out.status.code(), Some(8), "{}", stderr(&out));
     assert!(stderr(&out).contains("the rotation was undone"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("waiting (up to 5 s) for the mounted daemon (pid {pid})")),
+        "{}",
+        stderr(&out)
+    );
     fs::write(vol.path("after"), b"after").unwrap();
     assert_eq!(fs::read(vol.path("before")).unwrap(), b"before");
     m.unmount();

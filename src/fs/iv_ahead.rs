@@ -1,0 +1,308 @@
+//! Directory IVs read ahead. Every name in a directory is encrypted under
+//! the directory's IV, kept in a small file of its own (`.kmsfs.diriv`):
+//! the first request naming anything in a directory whose node is new (the
+//! kernel forgot it, the caches were dropped) reads that file, two disk
+//! reads after each other (its inode, then its data) when they are cold.
+//! A program walking a tree (`rsync` comparing a backup, `ls -lR`, `rm -rf`,
+//! `find`) pays them one directory after the other, since it enters the
+//! next directory only once it is done with the last.
+//!
+//! When a second subdirectory of one directory is looked up (or listed)
+//! since its subdirectories' IVs were last read ahead, the prefetch worker
+//! reads the directory's entries, the IV files of its subdirectories and
+//! those of their subdirectories (two levels: the walk, entering one, finds
+//! the next read too), at most `MAX_DIRS` of them after looking at most at
+//! `MAX_SCANNED` entries, on `THREADS` threads so that the disk reads
+//! overlap. The walk then finds them in the page cache. The IVs are only read, never
+//! kept: each directory's IV is still read and checked where it is used
+//! (namespace.rs). A directory is asked for again once more of its
+//! subdirectories were looked up than the last pass found.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use rustix::fs::{Dir, FileType as DirentType, Mode, OFlags};
+
+use super::atime;
+use crate::volume::layout::DIR_IV_FILE;
+
+/// Subdirectories whose IVs one pass reads, at most (over both levels).
+const MAX_DIRS: usize = 16_384;
+/// Directory entries one pass looks at, at most (over all it lists).
+const MAX_SCANNED: usize = 262_144;
+/// Threads reading IV files (each open waits for inode reads, each read
+/// for the data: on threads, the disk reads overlap).
+const THREADS: usize = 4;
+/// Directories whose lookups are counted; beyond it all are forgotten.
+const MAX_TRACKED: usize = 65_536;
+
+#[derive(Default)]
+struct Parent {
+    /// Subdirectories looked up since the last pass (or ever).
+    looked_up: usize,
+    /// How many the last pass found.
+    last_found: Option<usize>,
+    /// A pass is queued or running.
+    busy: bool,
+}
+
+/// A pass for the worker: the directory and a descriptor of it.
+pub struct Job {
+    dir: u64,
+    dir_fd: OwnedFd,
+}
+
+impl Job {
+    pub fn dir(&self) -> u64 {
+        self.dir
+    }
+}
+
+#[derive(Default)]
+pub struct IvsAhead {
+    parents: Mutex<HashMap<u64, Parent>>,
+    jobs: Mutex<Vec<Job>>,
+    has_jobs: AtomicBool,
+}
+
+impl IvsAhead {
+    /// Counts a subdirectory of `dir` looked up; queues a pass when it is
+    /// the second since the last one and outnumbers what that one found.
+    /// `dir_fd` gives a descriptor of `dir` for the pass.
+    pub fn subdirectory_looked_up(&self, dir: u64, dir_fd: impl FnOnce() -> Option<OwnedFd>) {
+        let mut parents = crate::util::lock(&self.parents);
+        if parents.len() >= MAX_TRACKED && !parents.contains_key(&dir) {
+            parents.clear();
+        }
+        let parent = parents.entry(dir).or_default();
+        parent.looked_up += 1;
+        let due = parent.looked_up >= 2 && parent.last_found.is_none_or(|found| parent.looked_up > found);
+        if !due || parent.busy {
+            return;
+        }
+        let Some(dir_fd) = dir_fd() else { return };
+        parent.busy = true;
+        parent.looked_up = 0;
+        drop(parents);
+        crate::util::lock(&self.jobs).push(Job { dir, dir_fd });
+        self.has_jobs.store(true, Ordering::Release);
+    }
+
+    /// The passes queued since the last call (no lock taken when there are none).
+    pub fn take_jobs(&self) -> Vec<Job> {
+        if !self.has_jobs.load(Ordering::Relaxed) || !self.has_jobs.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *crate::util::lock(&self.jobs))
+    }
+
+    /// Runs a pass on the worker: the IV files of the directory's
+    /// subdirectories asked for. Returns how many it found.
+    pub fn run(&self, job: Job) -> usize {
+        let found = read_ahead(job.dir_fd.as_fd());
+        self.passed(job.dir, found);
+        found
+    }
+
+    /// A pass that was dropped (the worker's queue was full) or done.
+    pub fn passed(&self, dir: u64, found: usize) {
+        if let Some(parent) = crate::util::lock(&self.parents).get_mut(&dir) {
+            parent.busy = false;
+            parent.last_found = Some(found);
+        }
+    }
+
+    /// The kernel forgot `dir`: a later walk starts over.
+    pub fn forget(&self, dir: u64) {
+        crate::util::lock(&self.parents).remove(&dir);
+    }
+}
+
+/// Reads ahead the IV files of the subdirectories of `dir` and of theirs
+/// (a walk entering one of them finds the next level read too); returns
+/// how many subdirectories of `dir` it found.
+fn read_ahead(dir: BorrowedFd<'_>) -> usize {
+    let budget = Budget {
+        dirs: AtomicUsize::new(MAX_DIRS),
+        entries: AtomicUsize::new(MAX_SCANNED),
+    };
+    let Ok(mut children) = subdirectories(dir, &budget) else {
+        return 0;
+    };
+    children.sort_unstable_by_key(|(ino, _)| *ino);
+    let grandchildren: Vec<(OwnedFd, Vec<(u64, OsString)>)> = on_threads(&children, |(_, name)| {
+        let sub = open_subdirectory(dir, name)?;
+        read_iv_file(sub.as_fd());
+        let theirs = subdirectories(sub.as_fd(), &budget).ok()?;
+        Some((sub, theirs))
+    });
+    let next: Vec<(BorrowedFd<'_>, &OsStr)> = grandchildren
+        .iter()
+        .flat_map(|(sub, theirs)| theirs.iter().map(|(_, name)| (sub.as_fd(), name.as_os_str())))
+        .collect();
+    on_threads(&next, |(sub, name)| {
+        read_iv_file(open_subdirectory(*sub, name)?.as_fd());
+        None::<()>
+    });
+    children.len()
+}
+
+/// What one pass may still look at, over all the directories it reads.
+struct Budget {
+    dirs: AtomicUsize,
+    entries: AtomicUsize,
+}
+
+impl Budget {
+    /// Takes one from `left`; false once there is none.
+    fn take(left: &AtomicUsize) -> bool {
+        left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+/// `work` on each of `items`, shared among `THREADS` threads (their disk
+/// reads overlap); what it returns, collected.
+fn on_threads<T: Sync, R: Send>(items: &[T], work: impl Fn(&T) -> Option<R> + Sync) -> Vec<R> {
+    let share = items.len().div_ceil(THREADS).max(1);
+    let work = &work;
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = items
+            .chunks(share)
+            .map(|part| scope.spawn(move || part.iter().filter_map(work).collect::<Vec<R>>()))
+            .collect();
+        threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect()
+    })
+}
+
+fn open_subdirectory(dir: BorrowedFd<'_>, name: &OsStr) -> Option<OwnedFd> {
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    rustix::fs::openat(dir, name, flags, Mode::empty()).ok()
+}
+
+/// Reads the IV file of directory `dir` into the page cache, if it is a
+/// regular file. Nothing else (a device node, a FIFO, a symlink) is ever
+/// opened for reading: the inode is looked at through an `O_PATH`
+/// descriptor first and reopened through it.
+fn read_iv_file(dir: BorrowedFd<'_>) -> Option<()> {
+    let iv = rustix::fs::openat(
+        dir,
+        DIR_IV_FILE,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let st = rustix::fs::fstat(&iv).ok()?;
+    if DirentType::from_raw_mode(st.st_mode) != DirentType::RegularFile {
+        return None;
+    }
+    let path = format!("/proc/self/fd/{}", iv.as_raw_fd());
+    let reopen = OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let file = atime::open_with(OFlags::NOATIME, reopen, |f| {
+        rustix::fs::open(path.as_str(), f, Mode::empty())
+    })
+    .ok()?;
+    let mut buf = [0u8; 64];
+    rustix::io::read(&file, &mut buf).ok()?;
+    Some(())
+}
+
+/// The subdirectories of `dir` (inode number, name), as its entries say,
+/// while `budget` lasts.
+fn subdirectories(dir: BorrowedFd<'_>, budget: &Budget) -> rustix::io::Result<Vec<(u64, OsString)>> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let fd = atime::open_with(OFlags::NOATIME, flags, |f| {
+        rustix::fs::openat(dir, ".", f, Mode::empty())
+    })?;
+    let mut entries = Dir::new(fd)?;
+    let mut found = Vec::new();
+    while Budget::take(&budget.entries)
+        && let Some(entry) = entries.read()
+    {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." && matches!(entry.file_type(), DirentType::Directory | DirentType::Unknown) {
+            if !Budget::take(&budget.dirs) {
+                break;
+            }
+            found.push((entry.ino(), OsStr::from_bytes(name).to_os_string()));
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Passes are queued at the second subdirectory looked up, not while
+    /// one runs, and again only once more were looked up since it was
+    /// queued than it found.
+    #[test]
+    fn passes_follow_the_lookups() {
+        let ahead = IvsAhead::default();
+        let fd = || rustix::fs::open(".", OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).ok();
+        ahead.subdirectory_looked_up(7, fd);
+        assert!(ahead.take_jobs().is_empty());
+        ahead.subdirectory_looked_up(7, fd);
+        let jobs = ahead.take_jobs();
+        assert_eq!(jobs.iter().map(Job::dir).collect::<Vec<_>>(), vec![7]);
+        ahead.subdirectory_looked_up(7, fd);
+        ahead.subdirectory_looked_up(7, fd);
+        assert!(ahead.take_jobs().is_empty(), "none while one is queued");
+        ahead.passed(7, 3);
+        // Counted since the pass was queued: 2 while it ran, 1 now.
+        ahead.subdirectory_looked_up(7, fd);
+        assert!(ahead.take_jobs().is_empty(), "not before more than the 3 found");
+        ahead.subdirectory_looked_up(7, fd);
+        assert_eq!(ahead.take_jobs().len(), 1);
+        ahead.forget(7);
+        ahead.subdirectory_looked_up(7, fd);
+        ahead.subdirectory_looked_up(7, fd);
+        assert_eq!(ahead.take_jobs().len(), 1, "a forgotten directory starts over");
+    }
+
+    /// A pass finds the subdirectories; an IV file is read only where it is
+    /// a regular file; a pass looks at no more than its budget.
+    #[test]
+    fn a_pass_reads_regular_iv_files_only_within_its_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..5 {
+            let sub = dir.path().join(format!("d{i}"));
+            std::fs::create_dir_all(sub.join("below")).unwrap();
+            std::fs::write(sub.join(DIR_IV_FILE), [i as u8; 16]).unwrap();
+        }
+        // A FIFO where an IV file should be is never opened.
+        std::fs::create_dir(dir.path().join("fifo")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.path().join("fifo").join(DIR_IV_FILE).as_path(),
+            DirentType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("file"), b"x").unwrap();
+        let fd = rustix::fs::open(dir.path(), OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).unwrap();
+        assert_eq!(read_ahead(fd.as_fd()), 6, "5 directories and the one with a FIFO");
+        let sub = |name: &str| open_subdirectory(fd.as_fd(), OsStr::new(name));
+        assert!(read_iv_file(sub("d3").unwrap().as_fd()).is_some());
+        assert!(read_iv_file(sub("fifo").unwrap().as_fd()).is_none());
+        assert!(read_iv_file(sub("d3").unwrap().as_fd()).is_some());
+        assert!(sub("file").is_none(), "not a directory");
+        let small = Budget {
+            dirs: AtomicUsize::new(2),
+            entries: AtomicUsize::new(100),
+        };
+        assert_eq!(subdirectories(fd.as_fd(), &small).unwrap().len(), 2);
+        let few_entries = Budget {
+            dirs: AtomicUsize::new(100),
+            entries: AtomicUsize::new(2),
+        };
+        assert!(subdirectories(fd.as_fd(), &few_entries).unwrap().len() <= 2);
+    }
+}
