@@ -39,25 +39,37 @@ impl<V: Clone> BoundedCache<V> {
         })
     }
 
+    /// Closing a descriptor can wait for the disk (the last one of an
+    /// unlinked inode frees its blocks: a discard on some disks), so values
+    /// leaving the map are dropped after its lock is released.
     pub fn insert(&self, key: u64, value: V) {
         let now = self.tick.fetch_add(1, Ordering::Relaxed);
-        let mut map = self.map();
-        map.insert(key, Entry { value, used: now });
-        if map.len() > self.capacity {
-            let mut ticks: Vec<u64> = map.values().map(|e| e.used).collect();
-            let mid = ticks.len() / 2;
-            let (_, median, _) = ticks.select_nth_unstable(mid);
-            let cutoff = *median;
-            map.retain(|_, e| e.used > cutoff);
+        let mut dropped = Vec::new();
+        {
+            let mut map = self.map();
+            dropped.extend(map.insert(key, Entry { value, used: now }));
+            if map.len() > self.capacity {
+                let mut ticks: Vec<u64> = map.values().map(|e| e.used).collect();
+                let mid = ticks.len() / 2;
+                let (_, median, _) = ticks.select_nth_unstable(mid);
+                let cutoff = *median;
+                let old: Vec<u64> = map.iter().filter(|(_, e)| e.used <= cutoff).map(|(k, _)| *k).collect();
+                dropped.extend(old.iter().filter_map(|k| map.remove(k)));
+            }
         }
+        drop(dropped);
     }
 
-    pub fn remove(&self, key: u64) {
-        self.map().remove(&key);
+    /// Takes `key`'s value out, for the caller to drop outside its own locks.
+    #[must_use = "dropping the value is the caller's: outside any lock it holds"]
+    pub fn remove(&self, key: u64) -> Option<V> {
+        let removed = self.map().remove(&key);
+        removed.map(|e| e.value)
     }
 
     pub fn clear(&self) {
-        self.map().clear();
+        let all = std::mem::take(&mut *self.map());
+        drop(all);
     }
 }
 
@@ -85,7 +97,7 @@ mod tests {
         let touched = (0..8).filter(|&key| cache.get(key) == Some(key * 10)).count();
         assert!(touched >= 7, "only {touched} of the 8 recently used keys survived");
         assert_eq!(cache.get(100), Some(1000));
-        cache.remove(100);
+        assert!(cache.remove(100).is_some());
         assert_eq!(cache.get(100), None);
         cache.clear();
         assert_eq!(cache.get(0), None);

@@ -148,8 +148,11 @@ impl Opener {
         self.cache.clear();
     }
 
-    pub fn forget(&self, ino: u64) {
-        self.cache.remove(ino);
+    /// Takes the cached descriptor of `ino` out, for the caller to close
+    /// outside its locks.
+    #[must_use = "closing the descriptor is the caller's: outside any lock it holds"]
+    pub fn forget(&self, ino: u64) -> Option<Arc<OwnedFd>> {
+        self.cache.remove(ino)
     }
 }
 

@@ -393,10 +393,15 @@ impl InodeTable {
             return None;
         }
         let ByIno(node) = nodes.take(&ino)?;
-        self.opener.forget(ino);
+        let cached_fd = self.opener.forget(ino);
         for id in node.held_ids() {
             self.ids.release(&id, ino);
         }
+        drop(nodes);
+        // The last descriptor of an unlinked inode frees its blocks when it
+        // closes (a discard on some disks): never under the table's lock,
+        // which every lookup takes.
+        drop(cached_fd);
         Some(node)
     }
 

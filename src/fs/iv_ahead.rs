@@ -165,17 +165,29 @@ impl Budget {
     }
 }
 
-/// `work` on each of `items`, shared among `THREADS` threads (their disk
-/// reads overlap); what it returns, collected.
+/// `work` on each of `items`, shared among `THREADS` threads named
+/// `kmsfs-ivs-N` (their disk reads overlap); what it returns, collected.
+/// A share no thread could be started for is done here.
 fn on_threads<T: Sync, R: Send>(items: &[T], work: impl Fn(&T) -> Option<R> + Sync) -> Vec<R> {
     let share = items.len().div_ceil(THREADS).max(1);
     let work = &work;
+    let run = move |part: &[T]| part.iter().filter_map(work).collect::<Vec<R>>();
     std::thread::scope(|scope| {
         let threads: Vec<_> = items
             .chunks(share)
-            .map(|part| scope.spawn(move || part.iter().filter_map(work).collect::<Vec<R>>()))
+            .enumerate()
+            .map(|(i, part)| {
+                let thread = std::thread::Builder::new().name(format!("kmsfs-ivs-{i}"));
+                thread.spawn_scoped(scope, move || run(part)).map_err(|_| part)
+            })
             .collect();
-        threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect()
+        threads
+            .into_iter()
+            .flat_map(|thread| match thread {
+                Ok(thread) => thread.join().unwrap_or_default(),
+                Err(part) => run(part),
+            })
+            .collect()
     })
 }
 

@@ -186,7 +186,7 @@ impl KmsFs {
 
     fn forget_node(&self, ino: u64, count: u64) {
         if let Some(node) = self.inodes.forget(ino, count) {
-            self.node_files.remove(ino);
+            drop(self.node_files.remove(ino)); // closed outside the cache's lock
             if node.names_resolved() {
                 self.checks_ahead.abandoned(ino); // no lock taken for each file forgotten
                 self.verified_ahead.forget(ino);

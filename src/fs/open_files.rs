@@ -121,6 +121,8 @@ impl KmsFs {
     }
 
     pub(super) fn drop_handle(&self, fh: FileHandle) {
-        crate::util::lock(&self.handles).remove(&fh.0);
+        // Closed after the lock is released (see `BoundedCache::insert`).
+        let handle = crate::util::lock(&self.handles).remove(&fh.0);
+        drop(handle);
     }
 }
