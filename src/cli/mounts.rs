@@ -83,10 +83,12 @@ fn gone_as(path: &Path, creds: Option<(u32, u32)>) -> bool {
         }
         if start.elapsed() > std::time::Duration::from_secs(2) {
             // SAFETY: our child (not reaped yet, so its pid is still ours),
-            // killed; reaped if it dies at once. One stuck in a request the
-            // daemon took and never answers cannot die: left to init.
+            // killed; reaped once it died (its FUSE request wait is
+            // killable), up to 2 s: until then it holds the mount, and an
+            // unmount right after this look would fail busy. One that cannot
+            // die is left to init.
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            for _ in 0..20 {
+            for _ in 0..400 {
                 if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != 0 {
                     break;
                 }

@@ -349,13 +349,14 @@ impl InodeTable {
     pub fn remember(&self, fd: OwnedFd, stat: &Stat) -> Arc<Node> {
         let ino = self.fuse_ino(stat.st_ino as u64);
         let mut nodes = crate::util::write(&self.nodes);
+        let mut to_cache = None;
         let node = match nodes.get(&ino) {
             Some(known) => Arc::clone(&known.0),
             None => {
                 let fd = Arc::new(fd);
                 let locator = match handle_of(fd.as_fd()).filter(|_| self.handles_open) {
                     Some(handle) => {
-                        self.opener.remember(ino, &fd);
+                        to_cache = Some(fd);
                         Locator::Handle(handle)
                     }
                     None => Locator::Pinned(fd),
@@ -366,6 +367,11 @@ impl InodeTable {
             }
         };
         node.lookups.fetch_add(1, Ordering::Relaxed);
+        drop(nodes);
+        // Caching may close others' descriptors (see `forget`): not under the lock.
+        if let Some(fd) = to_cache {
+            self.opener.remember(ino, &fd);
+        }
         node
     }
 

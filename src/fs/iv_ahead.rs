@@ -15,8 +15,11 @@
 //! `MAX_SCANNED` entries, on `THREADS` threads so that the disk reads
 //! overlap. The walk then finds them in the page cache. The IVs are only read, never
 //! kept: each directory's IV is still read and checked where it is used
-//! (namespace.rs). A directory is asked for again once more of its
-//! subdirectories were looked up than the last pass found.
+//! (namespace.rs). A directory is read again once more of its
+//! subdirectories were looked up than the last pass found (or than one per
+//! 64 entries it looked at: a directory of many files and a few
+//! subdirectories is not listed again and again), or once the kernel
+//! forgot it.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -39,13 +42,18 @@ const MAX_SCANNED: usize = 262_144;
 const THREADS: usize = 4;
 /// Directories whose lookups are counted; beyond it all are forgotten.
 const MAX_TRACKED: usize = 65_536;
+/// A pass that looked at this many entries per subdirectory it found waits
+/// for as many lookups more before the next.
+const SCANNED_PER_LOOKUP: usize = 64;
 
 #[derive(Default)]
 struct Parent {
-    /// Subdirectories looked up since the last pass (or ever).
+    /// Subdirectories looked up since the last pass was queued (or ever).
     looked_up: usize,
-    /// How many the last pass found.
-    last_found: Option<usize>,
+    /// Lookups the last pass asks for before the next: what it found, or
+    /// more where it looked at many entries to find few (a directory of
+    /// many files and a few subdirectories is not read again and again).
+    next_after: Option<usize>,
     /// A pass is queued or running.
     busy: bool,
 }
@@ -62,6 +70,13 @@ impl Job {
     }
 }
 
+/// What a pass did: subdirectories of its directory found, entries looked at.
+#[derive(Default, Clone, Copy, PartialEq, Debug)]
+pub struct Pass {
+    pub found: usize,
+    pub scanned: usize,
+}
+
 #[derive(Default)]
 pub struct IvsAhead {
     parents: Mutex<HashMap<u64, Parent>>,
@@ -72,24 +87,30 @@ pub struct IvsAhead {
 impl IvsAhead {
     /// Counts a subdirectory of `dir` looked up; queues a pass when it is
     /// the second since the last one and outnumbers what that one found.
-    /// `dir_fd` gives a descriptor of `dir` for the pass.
+    /// `dir_fd` gives a descriptor of `dir` for the pass (called without
+    /// the lock that every directory lookup takes).
     pub fn subdirectory_looked_up(&self, dir: u64, dir_fd: impl FnOnce() -> Option<OwnedFd>) {
-        let mut parents = crate::util::lock(&self.parents);
-        if parents.len() >= MAX_TRACKED && !parents.contains_key(&dir) {
-            parents.clear();
+        {
+            let mut parents = crate::util::lock(&self.parents);
+            if parents.len() >= MAX_TRACKED && !parents.contains_key(&dir) {
+                parents.clear();
+            }
+            let parent = parents.entry(dir).or_default();
+            parent.looked_up += 1;
+            let due = parent.looked_up >= 2 && parent.next_after.is_none_or(|after| parent.looked_up > after);
+            if !due || parent.busy {
+                return;
+            }
+            parent.busy = true;
+            parent.looked_up = 0;
         }
-        let parent = parents.entry(dir).or_default();
-        parent.looked_up += 1;
-        let due = parent.looked_up >= 2 && parent.last_found.is_none_or(|found| parent.looked_up > found);
-        if !due || parent.busy {
-            return;
+        match dir_fd() {
+            Some(dir_fd) => {
+                crate::util::lock(&self.jobs).push(Job { dir, dir_fd });
+                self.has_jobs.store(true, Ordering::Release);
+            }
+            None => self.passed(dir, Pass::default()),
         }
-        let Some(dir_fd) = dir_fd() else { return };
-        parent.busy = true;
-        parent.looked_up = 0;
-        drop(parents);
-        crate::util::lock(&self.jobs).push(Job { dir, dir_fd });
-        self.has_jobs.store(true, Ordering::Release);
     }
 
     /// The passes queued since the last call (no lock taken when there are none).
@@ -101,18 +122,19 @@ impl IvsAhead {
     }
 
     /// Runs a pass on the worker: the IV files of the directory's
-    /// subdirectories asked for. Returns how many it found.
-    pub fn run(&self, job: Job) -> usize {
-        let found = read_ahead(job.dir_fd.as_fd());
-        self.passed(job.dir, found);
-        found
+    /// subdirectories and of theirs read.
+    pub fn run(&self, job: Job) -> Pass {
+        let pass = read_ahead(job.dir_fd.as_fd());
+        drop(job.dir_fd);
+        self.passed(job.dir, pass);
+        pass
     }
 
     /// A pass that was dropped (the worker's queue was full) or done.
-    pub fn passed(&self, dir: u64, found: usize) {
+    pub fn passed(&self, dir: u64, pass: Pass) {
         if let Some(parent) = crate::util::lock(&self.parents).get_mut(&dir) {
             parent.busy = false;
-            parent.last_found = Some(found);
+            parent.next_after = Some(pass.found.max(pass.scanned / SCANNED_PER_LOOKUP));
         }
     }
 
@@ -123,32 +145,43 @@ impl IvsAhead {
 }
 
 /// Reads ahead the IV files of the subdirectories of `dir` and of theirs
-/// (a walk entering one of them finds the next level read too); returns
-/// how many subdirectories of `dir` it found.
-fn read_ahead(dir: BorrowedFd<'_>) -> usize {
+/// (a walk entering one of them finds the next level read too): first each
+/// subdirectory's IV, listing it at the same time, then their
+/// subdirectories' IVs, each level shared among the threads. Every
+/// descriptor is closed once used (a subdirectory is opened again by name
+/// for its own subdirectories, from the dentry cache): a pass holds a few,
+/// whatever the directory's size.
+fn read_ahead(dir: BorrowedFd<'_>) -> Pass {
     let budget = Budget {
         dirs: AtomicUsize::new(MAX_DIRS),
         entries: AtomicUsize::new(MAX_SCANNED),
     };
     let Ok(mut children) = subdirectories(dir, &budget) else {
-        return 0;
+        return Pass::default();
     };
     children.sort_unstable_by_key(|(ino, _)| *ino);
-    let grandchildren: Vec<(OwnedFd, Vec<(u64, OsString)>)> = on_threads(&children, |(_, name)| {
+    let listed: Vec<(OsString, Vec<(u64, OsString)>)> = on_threads(&children, |(_, name)| {
         let sub = open_subdirectory(dir, name)?;
         read_iv_file(sub.as_fd());
-        let theirs = subdirectories(sub.as_fd(), &budget).ok()?;
-        Some((sub, theirs))
+        Some((name.clone(), subdirectories(sub.as_fd(), &budget).ok()?))
     });
-    let next: Vec<(BorrowedFd<'_>, &OsStr)> = grandchildren
+    let grandchildren: Vec<(&OsStr, &OsStr)> = listed
         .iter()
-        .flat_map(|(sub, theirs)| theirs.iter().map(|(_, name)| (sub.as_fd(), name.as_os_str())))
+        .flat_map(|(child, theirs)| {
+            theirs
+                .iter()
+                .map(move |(_, name)| (child.as_os_str(), name.as_os_str()))
+        })
         .collect();
-    on_threads(&next, |(sub, name)| {
-        read_iv_file(open_subdirectory(*sub, name)?.as_fd());
+    on_threads(&grandchildren, |(child, name)| {
+        let sub = open_subdirectory(dir, child)?;
+        read_iv_file(open_subdirectory(sub.as_fd(), name)?.as_fd());
         None::<()>
     });
-    children.len()
+    Pass {
+        found: children.len(),
+        scanned: MAX_SCANNED - budget.entries.load(Ordering::Relaxed),
+    }
 }
 
 /// What one pass may still look at, over all the directories it reads.
@@ -266,10 +299,24 @@ mod tests {
         ahead.subdirectory_looked_up(7, fd);
         ahead.subdirectory_looked_up(7, fd);
         assert!(ahead.take_jobs().is_empty(), "none while one is queued");
-        ahead.passed(7, 3);
+        ahead.passed(7, Pass { found: 3, scanned: 50 });
         // Counted since the pass was queued: 2 while it ran, 1 now.
         ahead.subdirectory_looked_up(7, fd);
         assert!(ahead.take_jobs().is_empty(), "not before more than the 3 found");
+        ahead.subdirectory_looked_up(7, fd);
+        assert_eq!(ahead.take_jobs().len(), 1);
+        // A pass that looked at many entries to find few waits longer.
+        ahead.passed(
+            7,
+            Pass {
+                found: 2,
+                scanned: 6400,
+            },
+        );
+        for _ in 0..100 {
+            ahead.subdirectory_looked_up(7, fd);
+        }
+        assert!(ahead.take_jobs().is_empty(), "not before 100 more lookups");
         ahead.subdirectory_looked_up(7, fd);
         assert_eq!(ahead.take_jobs().len(), 1);
         ahead.forget(7);
@@ -300,7 +347,7 @@ mod tests {
         .unwrap();
         std::fs::write(dir.path().join("file"), b"x").unwrap();
         let fd = rustix::fs::open(dir.path(), OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).unwrap();
-        assert_eq!(read_ahead(fd.as_fd()), 6, "5 directories and the one with a FIFO");
+        assert_eq!(read_ahead(fd.as_fd()).found, 6, "5 directories and the one with a FIFO");
         let sub = |name: &str| open_subdirectory(fd.as_fd(), OsStr::new(name));
         assert!(read_iv_file(sub("d3").unwrap().as_fd()).is_some());
         assert!(read_iv_file(sub("fifo").unwrap().as_fd()).is_none());

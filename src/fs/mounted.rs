@@ -74,7 +74,7 @@ impl Mounted {
             if !self.prefetches.offer(move || {
                 fs.ivs_ahead.run(job);
             }) {
-                self.fs.ivs_ahead.passed(dir, 0);
+                self.fs.ivs_ahead.passed(dir, super::iv_ahead::Pass::default());
             }
         }
         for job in self.fs.checks_ahead.take_jobs() {

@@ -303,15 +303,22 @@ impl KeyRing {
     }
 
     /// File-key rows under the active version: those under it, and those
-    /// this ring can move to it (it holds the key they are under, and they
-    /// authenticate), no provider asked; then the others, as they are.
+    /// this ring can move to it (it holds the key they are under), that
+    /// authenticate, no provider asked; then the others, as they are.
     pub fn rows_to_active(&self, rows: Vec<FileKeyRow>) -> (Vec<FileKeyRow>, Vec<FileKeyRow>) {
         let ring = crate::util::read(&self.ring);
         let (active, to) = (ring.active, &ring.keys[&ring.active]);
         let (mut ready, mut left) = (Vec::new(), Vec::new());
         for (id, version, wrapped) in rows {
+            // Rows come from a file in the backing directory: even one under
+            // the active version must unwrap before it is stored (a forged
+            // row would otherwise fill the gap a genuine one saved on the
+            // host was to fill).
             let moved = match ring.keys.get(&version) {
-                _ if version == active => Some(wrapped.clone()),
+                _ if version == active => self
+                    .unwrap_with(to, &id, active, &wrapped)
+                    .ok()
+                    .map(|_| wrapped.clone()),
                 Some(from) => self.rewrap(&id, (version, from), &wrapped, (active, to)),
                 None => None,
             };

@@ -53,15 +53,9 @@ fn read_small(dir: BorrowedFd<'_>, path: &str, max: usize) -> io::Result<Vec<u8>
     }
     let reopen = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
     let again = format!("/proc/self/fd/{}", inode.as_raw_fd());
-    let file = match openat_quietly(rustix::fs::CWD, again.as_str(), reopen) {
-        // No /proc (a container without it): by name; a name swapped since
-        // the look is still refused below, though only once opened.
-        Err(rustix::io::Errno::NOENT) => openat_quietly(dir, path, reopen | OFlags::NOFOLLOW)?,
-        other => other?,
-    };
-    if rustix::fs::fstat(&file)?.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(io::Error::other("not a regular file"));
-    }
+    // Through /proc, never by name again: the name may have been swapped
+    // since the look (kmsfs needs /proc anyway).
+    let file = openat_quietly(rustix::fs::CWD, again.as_str(), reopen)?;
     let mut buf = vec![0u8; max];
     let mut len = 0;
     while len < max {

@@ -16,6 +16,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 
+use super::db::rotation::FileKeyRow;
 use super::db::{MetadataDb, decode_id};
 use super::keyring::KeyRing;
 use super::{VolumeError, io_at};
@@ -231,6 +232,15 @@ fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeError> 
     Ok(Some((inserts, deletes)))
 }
 
+/// Replaces the rows of the pending-keys file at `path` with `rows`.
+fn rewrite(path: &Path, volume_id: &[u8; 16], rows: &[FileKeyRow]) -> Result<(), VolumeError> {
+    let text = serde_json::to_vec(&encode(volume_id, rows, &[])).map_err(|e| VolumeError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e),
+    })?;
+    crate::kms::locked_file::replace(path, &text, 0o600, false).map_err(io_at(path))
+}
+
 /// Moves a pending-keys file that is not one (`why`) out of the way, for a
 /// person to look at: never in the way of opening or leaving the volume.
 fn set_aside(path: &Path, why: &str) -> Result<PathBuf, VolumeError> {
@@ -286,8 +296,15 @@ fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<S
             path.display()
         );
     }
+    // What was stored or applied leaves the file: left there, a deletion
+    // done since (a file removed, its key erased) would be undone by a
+    // later restore of its old row.
+    let kept: Vec<FileKeyRow> = restored.not_active.iter().chain(&restored.unusable).cloned().collect();
+    if !kept.is_empty() {
+        rewrite(path, keys.volume_id(), &kept)?;
+    }
     if !restored.not_active.is_empty() {
-        // Left in place: the next open, under the new version, stores them.
+        // Kept in place: the next open, under the new version, stores them.
         return Ok(Some(format!(
             "{} of the file keys saved in {} were not stored: a rotation began meanwhile; the next mount, \
              fsck or rotate stores them",

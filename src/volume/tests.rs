@@ -286,3 +286,38 @@ fn pending_keys_a_rotation_overtook_stay_for_the_next_open() {
         reopened.file_cipher(id).unwrap();
     }
 }
+
+/// A row of the pending-keys file under the active version that does not
+/// unwrap (edited in the backing directory) is never stored: the file is
+/// set aside and the open says so; the genuine rows are stored.
+#[test]
+fn a_forged_pending_key_under_the_active_version_is_not_stored() {
+    let f = fixture();
+    let daemon = f.open();
+    let ids: Vec<FileId> = (0..2).map(|_| daemon.new_file_key().unwrap().0).collect();
+    let (_, path) = daemon.save_pending_keys().unwrap();
+    drop(daemon);
+    let mut file: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let forged = crate::util::hex(&ids[0]);
+    let rows = file["inserts"].as_array_mut().unwrap();
+    let row = rows.iter_mut().find(|r| r[0] == forged.as_str()).unwrap();
+    let wrapped = row[2].as_str().unwrap().to_string();
+    row[2] = serde_json::Value::String(format!(
+        "{}{}",
+        if wrapped.starts_with('A') { "B" } else { "A" },
+        &wrapped[1..]
+    ));
+    std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+    let volume = f.open();
+    let problem = volume.problems().unwrap();
+    assert!(problem.contains("do not authenticate"), "{problem}");
+    assert!(volume.file_cipher(&ids[0]).is_err(), "the forged row was not stored");
+    volume.file_cipher(&ids[1]).unwrap();
+    assert!(!path.exists());
+    let aside: Vec<_> = std::fs::read_dir(&f.backing)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("unreadable"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+}
