@@ -52,12 +52,13 @@ impl KmsFs {
             FileType::RegularFile => match known_node {
                 Some(node) => orphans.held = Some(node),
                 // A file shorter than a header has none, and so no key. The
-                // inode is cached after the stat: opening it reads nothing from disk.
+                // inode is cached after the stat: opening it reads nothing from
+                // disk. Never waiting on a FIFO swapped in since the stat.
                 None if st.st_size >= HEADER_LEN as i64 => {
                     orphans.header_of = namespace::openat_quietly(
                         pfd.as_fd(),
                         backing,
-                        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
                     )
                     .ok();
                 }
