@@ -38,6 +38,7 @@ struct PendingFile {
 /// rows it holds and where it is.
 pub fn save(backing: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<(usize, PathBuf), VolumeError> {
     let volume_id = keys.volume_id();
+    let _files = FilesLock::take(backing);
     let (inserts, deletes) = db.take_pending();
     // Under the active version where this process holds the key they are
     // under: a rotation that finished meanwhile erased that version for
@@ -126,6 +127,57 @@ fn write_merged(
     }
     crate::kms::locked_file::replace(path, &text, 0o600, false).map_err(io_at(path))?;
     Ok((file.inserts.len() + file.deletes.len(), path.to_path_buf()))
+}
+
+/// Keeps other kmsfs processes of this volume from reading or writing its
+/// pending-keys files meanwhile: a daemon saving keys as it exits beside a
+/// `rotate` storing them would otherwise have its rows removed unread. An
+/// exclusive `flock` of the backing directory itself: nothing to create
+/// (the disk may be full), and no lock of the DB file, whose POSIX locks
+/// SQLite holds and a second descriptor's close would drop.
+pub(super) struct FilesLock {
+    _held: Option<std::fs::File>,
+}
+
+/// How long a process waits for another holding the pending-keys files
+/// (one that stopped, SIGSTOP, would otherwise keep a daemon from exiting).
+const FILES_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl FilesLock {
+    pub(super) fn take(backing: &Path) -> Self {
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(backing);
+        let start = std::time::Instant::now();
+        let locked = dir.and_then(|dir| {
+            loop {
+                match rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                    Ok(()) => return Ok(dir),
+                    Err(rustix::io::Errno::WOULDBLOCK) if start.elapsed() < FILES_LOCK_WAIT => {
+                        std::thread::sleep(std::time::Duration::from_millis(20))
+                    }
+                    Err(rustix::io::Errno::WOULDBLOCK) => {
+                        log::warn!(
+                            "another process has held the pending-keys files of {} for {} s; going on",
+                            backing.display(),
+                            FILES_LOCK_WAIT.as_secs()
+                        );
+                        return Err(std::io::Error::from(rustix::io::Errno::WOULDBLOCK));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        });
+        match locked {
+            Ok(dir) => FilesLock { _held: Some(dir) },
+            Err(e) => {
+                // A filesystem without flock: unguarded, as kmsfs was before.
+                log::debug!("pending-keys files of {} not locked: {e}", backing.display());
+                FilesLock { _held: None }
+            }
+        }
+    }
 }
 
 /// Where a volume's pending keys go when its backing directory cannot take
@@ -262,6 +314,7 @@ fn set_aside(path: &Path, why: &str) -> Result<PathBuf, VolumeError> {
 /// `keys` does not hold, or that do not authenticate) are not dropped: their
 /// file is set aside, and what to say of them is returned.
 pub fn restore(backing: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<String>, VolumeError> {
+    let _files = FilesLock::take(backing);
     let beside = restore_from(&backing.join(PENDING_FILE), keys, db)?;
     let host = match host_file(keys.volume_id()) {
         Some(host) => restore_from(&host, keys, db)?,

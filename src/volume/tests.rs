@@ -321,3 +321,20 @@ fn a_forged_pending_key_under_the_active_version_is_not_stored() {
         .collect();
     assert_eq!(aside.len(), 1, "{aside:?}");
 }
+
+/// A daemon saving its keys waits while another process of the volume
+/// holds the pending-keys files (a `rotate` storing them).
+#[test]
+fn saving_pending_keys_waits_for_a_restore_in_progress() {
+    let f = fixture();
+    let daemon = f.open();
+    daemon.new_file_key().unwrap();
+    let held = rescue::FilesLock::take(&f.backing);
+    std::thread::scope(|scope| {
+        let saving = scope.spawn(|| daemon.save_pending_keys().unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!saving.is_finished(), "saved while another process held the files");
+        drop(held);
+        assert_eq!(saving.join().unwrap().0, 1);
+    });
+}
