@@ -67,7 +67,7 @@ fn write_merged(
     deletes: &[FileId],
 ) -> Result<(usize, PathBuf), VolumeError> {
     let mut file = match read(path, volume_id) {
-        Ok(Some((old_inserts, old_deletes))) => encode(volume_id, &old_inserts, &old_deletes),
+        Ok(Some(((old_inserts, old_deletes), _))) => encode(volume_id, &old_inserts, &old_deletes),
         Ok(None) => encode(volume_id, &[], &[]),
         Err(e @ VolumeError::PendingDamaged { .. }) => {
             set_aside(path, &e.to_string())?;
@@ -206,6 +206,14 @@ fn encode(volume_id: &[u8; 16], inserts: &[(FileId, u32, WrappedKey)], deletes: 
 
 type Rows = (Vec<(FileId, u32, WrappedKey)>, Vec<FileId>);
 
+/// Which file was read (device, inode): a file replaced since (another
+/// process saved keys into it) is not removed or rewritten.
+type Identity = (u64, u64);
+
+fn identity(path: &Path) -> Option<Identity> {
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 fn unhex(s: &str) -> Option<FileId> {
     let bytes: Option<Vec<u8>> = (0..s.len())
         .step_by(2)
@@ -223,7 +231,7 @@ const MAX_PENDING_BYTES: u64 = 256 << 20;
 const MAX_PENDING_BYTES: u64 = 4 << 10;
 
 /// The rows of the pending file at `path`, if there is one, for this volume.
-fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeError> {
+fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<(Rows, Identity)>, VolumeError> {
     let path = path.to_path_buf();
     let damaged = |reason: &str| VolumeError::PendingDamaged {
         path: path.clone(),
@@ -281,16 +289,24 @@ fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<Rows>, VolumeError> 
         .map(|id| unhex(id))
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| damaged("a row is not a file id"))?;
-    Ok(Some((inserts, deletes)))
+    Ok(Some(((inserts, deletes), (meta.dev(), meta.ino()))))
 }
 
 /// Replaces the rows of the pending-keys file at `path` with `rows`.
+/// The new file keeps the old one's owner (a root `fsck` or `rotate` must
+/// not leave a user's volume a file that user cannot read).
 fn rewrite(path: &Path, volume_id: &[u8; 16], rows: &[FileKeyRow]) -> Result<(), VolumeError> {
     let text = serde_json::to_vec(&encode(volume_id, rows, &[])).map_err(|e| VolumeError::Io {
         path: path.to_path_buf(),
         source: std::io::Error::other(e),
     })?;
-    crate::kms::locked_file::replace(path, &text, 0o600, false).map_err(io_at(path))
+    let owner = std::fs::symlink_metadata(path).map_err(io_at(path))?;
+    crate::kms::locked_file::replace(path, &text, 0o600, false).map_err(io_at(path))?;
+    let me = rustix::process::geteuid().as_raw();
+    if me == 0 && (owner.uid(), owner.gid()) != (0, rustix::process::getegid().as_raw()) {
+        std::os::unix::fs::lchown(path, Some(owner.uid()), Some(owner.gid())).map_err(io_at(path))?;
+    }
+    Ok(())
 }
 
 /// Moves a pending-keys file that is not one (`why`) out of the way, for a
@@ -324,8 +340,8 @@ pub fn restore(backing: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option
 }
 
 fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<String>, VolumeError> {
-    let (inserts, deletes) = match read(path, keys.volume_id()) {
-        Ok(Some(rows)) => rows,
+    let ((inserts, deletes), was) = match read(path, keys.volume_id()) {
+        Ok(Some(read)) => read,
         Ok(None) => return Ok(None),
         // Unreadable: set aside (for a person to look at), never in the way of opening the volume.
         Err(e @ VolumeError::PendingDamaged { .. }) => return set_aside(path, &e.to_string()).map(|_| None),
@@ -349,12 +365,36 @@ fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<S
             path.display()
         );
     }
+    if identity(path) != Some(was) {
+        // Another process saved keys into it meanwhile (it waited for the
+        // lock longer than it would): left whole for the next open, which
+        // finds the rows stored now stored already.
+        log::info!("{} changed since it was read; left for the next open", path.display());
+        return Ok(None);
+    }
     // What was stored or applied leaves the file: left there, a deletion
     // done since (a file removed, its key erased) would be undone by a
     // later restore of its old row.
     let kept: Vec<FileKeyRow> = restored.not_active.iter().chain(&restored.unusable).cloned().collect();
-    if !kept.is_empty() {
-        rewrite(path, keys.volume_id(), &kept)?;
+    if !kept.is_empty()
+        && let Err(e) = rewrite(path, keys.volume_id(), &kept)
+    {
+        // The keys are stored; never in the way of opening the volume.
+        let why = format!("it could not be rewritten without the keys stored from it ({e})");
+        return Ok(Some(match set_aside(path, &why) {
+            Ok(aside) => format!(
+                "{} of the file keys saved in {} were not stored, and {why}: it is kept as {}",
+                kept.len(),
+                path.display(),
+                aside.display()
+            ),
+            Err(moving) => format!(
+                "{} of the file keys saved in {} were not stored, and {why} or moved ({moving}): the next open \
+                 reads it again",
+                kept.len(),
+                path.display()
+            ),
+        }));
     }
     if !restored.not_active.is_empty() {
         // Kept in place: the next open, under the new version, stores them.
@@ -418,14 +458,14 @@ mod tests {
         let volume = [7u8; 16];
         let first = rows(20);
         write_merged(&path, &volume, &first, &[]).unwrap();
-        let (read_back, _) = read(&path, &volume).unwrap().unwrap();
+        let ((read_back, _), _) = read(&path, &volume).unwrap().unwrap();
         assert_eq!(read_back.len(), 20);
 
         // Merged with what is there, the file would pass the limit.
         let more = rows(60);
         let err = write_merged(&path, &volume, &more, &[]).unwrap_err().to_string();
         assert!(err.contains("the most a pending-keys file may hold"), "{err}");
-        let (kept, _) = read(&path, &volume).unwrap().unwrap();
+        let ((kept, _), _) = read(&path, &volume).unwrap().unwrap();
         assert_eq!(kept.len(), 20, "the earlier rows are untouched");
         assert!(std::fs::metadata(&path).unwrap().len() <= MAX_PENDING_BYTES);
     }

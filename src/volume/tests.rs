@@ -274,9 +274,19 @@ fn pending_keys_a_rotation_overtook_stay_for_the_next_open() {
     let queued: Vec<FileId> = (0..2).map(|_| daemon.new_file_key().unwrap().0).collect();
     let (_, path) = daemon.save_pending_keys().unwrap();
     begin_by_hand(&f, &volume, 2);
+    // Another user's volume, restored by root: the file stays theirs.
+    let root = rustix::process::geteuid().is_root();
+    if root {
+        std::os::unix::fs::lchown(&path, Some(12345), Some(12345)).unwrap();
+    }
     let kept = rescue::restore(&f.backing, &volume.keys, &volume.db).unwrap();
     assert!(kept.unwrap().contains("a rotation began meanwhile"));
     assert!(path.exists(), "the file stays for the next open");
+    if root {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (12345, 12345));
+    }
     assert!(file_key_rows(&volume).is_empty());
     drop((daemon, volume));
     let reopened = f.open();
