@@ -54,6 +54,15 @@ fn file_key_rows(volume: &Volume) -> Vec<(FileId, u32)> {
     .collect()
 }
 
+/// The pending-keys files set aside in the backing directory.
+fn set_aside(backing: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(backing)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("unreadable"))
+        .collect()
+}
+
 #[test]
 fn new_keys_are_readable_queued_and_committed() {
     let f = fixture();
@@ -253,11 +262,7 @@ fn a_stale_pending_keys_copy_of_stored_keys_is_no_problem() {
     let reopened = f.open();
     assert_eq!(reopened.problems(), None);
     assert!(!path.exists());
-    let aside = std::fs::read_dir(&f.backing)
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains("unreadable"))
-        .count();
-    assert_eq!(aside, 0);
+    assert_eq!(set_aside(&f.backing), Vec::<String>::new());
     for id in &queued {
         reopened.file_cipher(id).unwrap();
     }
@@ -324,11 +329,7 @@ fn a_forged_pending_key_under_the_active_version_is_not_stored() {
     assert!(volume.file_cipher(&ids[0]).is_err(), "the forged row was not stored");
     volume.file_cipher(&ids[1]).unwrap();
     assert!(!path.exists());
-    let aside: Vec<_> = std::fs::read_dir(&f.backing)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("unreadable"))
-        .collect();
+    let aside = set_aside(&f.backing);
     assert_eq!(aside.len(), 1, "{aside:?}");
 }
 
