@@ -23,7 +23,8 @@ use crate::crypto::{SecretKey, WrappedKey, random_array};
 
 const BLOB_VERSION: u8 = 1;
 
-/// How long `Drop` waits for the module's thread to close its session.
+/// How long `Drop` (and a fork) waits for the module's thread to close its
+/// session and exit.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 struct Connection {
@@ -63,7 +64,7 @@ type Job = Box<dyn FnOnce(&Token, &mut Option<Connection>) + Send>;
 struct Worker {
     pid: u32,
     jobs: mpsc::Sender<Job>,
-    ended: mpsc::Receiver<()>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 pub struct Pkcs11Provider {
@@ -218,6 +219,12 @@ impl Pkcs11Provider {
 impl Pkcs11Provider {
     /// Ends the module's thread, which closes the session and finalizes the
     /// library, waiting for it a little (never for a call given up on).
+    ///
+    /// Waited for until the thread is gone, not only until its last call
+    /// returned: a thread's exit runs the module's per-thread cleanup
+    /// (OpenSSL's, under SoftHSM2), which takes the library's global locks.
+    /// A fork at that moment leaves the child a lock no one will release,
+    /// and its first call into the module, or its exit, waits forever.
     fn stop_worker(&self) {
         let worker = crate::util::lock(&self.worker).take();
         if let Some(worker) = worker {
@@ -226,9 +233,32 @@ impl Pkcs11Provider {
                 return;
             }
             drop(worker.jobs);
-            let _ = worker.ended.recv_timeout(CLOSE_WAIT.min(self.budget));
+            if !join_within(worker.thread, CLOSE_WAIT.min(self.budget)) {
+                log::warn!(
+                    "{}: the module's thread has not ended after {} s",
+                    self.token.name(),
+                    CLOSE_WAIT.min(self.budget).as_secs_f64()
+                );
+            }
         }
     }
+}
+
+/// Joins `thread` if it ends within `wait`; otherwise leaves it running.
+fn join_within(thread: std::thread::JoinHandle<()>, wait: Duration) -> bool {
+    use std::os::unix::thread::JoinHandleExt;
+    let native = thread.into_pthread_t();
+    let mut deadline = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid clock id and a pointer to a timespec we own.
+    if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut deadline) } != 0 {
+        return false;
+    }
+    let nanos = deadline.tv_nsec as u64 + u64::from(wait.subsec_nanos());
+    deadline.tv_sec += (wait.as_secs() + nanos / 1_000_000_000) as libc::time_t;
+    deadline.tv_nsec = (nanos % 1_000_000_000) as libc::c_long;
+    // SAFETY: `native` is a joinable thread whose ownership into_pthread_t
+    // gave to this function, joined at most once; the thread returns no value.
+    unsafe { libc::pthread_timedjoin_np(native, std::ptr::null_mut(), &deadline) == 0 }
 }
 
 impl Drop for Pkcs11Provider {
@@ -240,8 +270,7 @@ impl Drop for Pkcs11Provider {
 impl Worker {
     fn start(token: Arc<Token>) -> std::io::Result<Worker> {
         let (jobs, queue) = mpsc::channel::<Job>();
-        let (done, ended) = mpsc::sync_channel(1);
-        std::thread::Builder::new().name("kmsfs-pkcs11".into()).spawn(move || {
+        let thread = std::thread::Builder::new().name("kmsfs-pkcs11".into()).spawn(move || {
             let mut conn: Option<Connection> = None;
             for job in queue {
                 job(&token, &mut conn);
@@ -249,12 +278,11 @@ impl Worker {
             if let Some(conn) = conn {
                 conn.close();
             }
-            let _ = done.send(());
         })?;
         Ok(Worker {
             pid: std::process::id(),
             jobs,
-            ended,
+            thread,
         })
     }
 }
