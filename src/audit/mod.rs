@@ -196,11 +196,11 @@ pub fn failure() -> Option<String> {
 /// logged as an error and does not undo what was done (the operation has
 /// happened; kmsfs says so rather than hide it).
 pub fn record(event: Event) {
-    if let Some(log) = INSTALLED.get() {
-        if let Err(e) = log.append(event) {
-            log::error!("could not append to the audit log: {e}");
-            crate::util::lock(&FAILED).get_or_insert_with(|| e.to_string());
-        }
+    if let Some(log) = INSTALLED.get()
+        && let Err(e) = log.append(event)
+    {
+        log::error!("could not append to the audit log: {e}");
+        crate::util::lock(&FAILED).get_or_insert_with(|| e.to_string());
     }
 }
 

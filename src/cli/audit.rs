@@ -108,16 +108,16 @@ pub fn audit(args: AuditArgs, keys: &KeyOptions) -> Result<(), CliError> {
         return verify_log(&path, json);
     }
     let (since, until) = (time_bound(&args.since, "--since")?, time_bound(&args.until, "--until")?);
-    if let Some(action) = args.action.as_deref() {
-        if !kmsfs::audit::ACTIONS.iter().any(|a| a.eq_ignore_ascii_case(action)) {
-            return Err(CliError::new(
-                ExitCode::Usage,
-                format!(
-                    "--action {action:?}: no such action (known: {})",
-                    kmsfs::audit::ACTIONS.join(", ")
-                ),
-            ));
-        }
+    if let Some(action) = args.action.as_deref()
+        && !kmsfs::audit::ACTIONS.iter().any(|a| a.eq_ignore_ascii_case(action))
+    {
+        return Err(CliError::new(
+            ExitCode::Usage,
+            format!(
+                "--action {action:?}: no such action (known: {})",
+                kmsfs::audit::ACTIONS.join(", ")
+            ),
+        ));
     }
     let records = verify::read(&path)?;
     // The listing shows records as they read now: say so when they fail verification.

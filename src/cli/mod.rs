@@ -422,10 +422,10 @@ pub fn run() -> i32 {
         return report(&e, json_errors);
     }
     // `mount` installs its log once its -o options (keystore=, audit_log=) are read.
-    if let Some(name) = audited_command(&args).filter(|name| name != "mount") {
-        if let Err(e) = audit::install(&cli.keys, &name) {
-            return report(&e, json_errors);
-        }
+    if let Some(name) = audited_command(&args).filter(|name| name != "mount")
+        && let Err(e) = audit::install(&cli.keys, &name)
+    {
+        return report(&e, json_errors);
     }
     // fsck's own exit status (0 clean, 10, 11, 12), when it ran to the end.
     let mut fsck_exit = None;

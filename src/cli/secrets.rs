@@ -169,14 +169,14 @@ pub fn open_or_create_keystore(keys: &KeyOptions, kdf: KdfParams) -> Result<(Loc
     if LocalKeystore::exists(&path) {
         return Ok((open_keystore(keys)?, false));
     }
-    if let Some(k) = &keys.key_file {
-        if !k.exists() {
-            create_key_file(k)?;
-            eprintln!(
-                "kmsfs: created key file {} (keep it safe: without it the volume is lost)",
-                k.display()
-            );
-        }
+    if let Some(k) = &keys.key_file
+        && !k.exists()
+    {
+        create_key_file(k)?;
+        eprintln!(
+            "kmsfs: created key file {} (keep it safe: without it the volume is lost)",
+            k.display()
+        );
     }
     let secret = unlock_secret(keys, true)?;
     match LocalKeystore::create(&path, &secret, kdf) {

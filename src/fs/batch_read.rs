@@ -195,10 +195,11 @@ fn ask_for_at_once(ctx: Option<&Context>, files: &[&File], len: usize) -> usize 
     // EAGAIN: the read was started and not waited for; a page already
     // cached was copied. Any other error started nothing.
     for event in events {
-        if event.res < 0 && event.res != -i64::from(libc::EAGAIN) {
-            if let Some(file) = usize::try_from(event.data).ok().and_then(|i| files.get(i)) {
-                fallback(&[file]);
-            }
+        if event.res < 0
+            && event.res != -i64::from(libc::EAGAIN)
+            && let Some(file) = usize::try_from(event.data).ok().and_then(|i| files.get(i))
+        {
+            fallback(&[file]);
         }
     }
     submitted

@@ -171,10 +171,10 @@ impl Node {
     /// Holds the inode open until the kernel forgets the node.
     pub fn pin(&self) {
         let state = self.state();
-        if state.pinned.get().is_none() {
-            if let Ok(fd) = self.opener.open(self.ino, &self.locator) {
-                let _ = state.pinned.set(fd);
-            }
+        if state.pinned.get().is_none()
+            && let Ok(fd) = self.opener.open(self.ino, &self.locator)
+        {
+            let _ = state.pinned.set(fd);
         }
     }
 }

@@ -46,10 +46,11 @@ impl ProviderId {
     /// everything else in them (addresses, module paths, files) is dropped
     /// unread.
     pub fn parse_recorded(recorded: &str) -> Result<Self, KmsError> {
-        if let Some(rest) = recorded.strip_prefix("vault-transit:") {
-            if !rest.starts_with("http://") && !rest.starts_with("https://") {
-                return Self::vault_id(recorded, rest);
-            }
+        if let Some(rest) = recorded.strip_prefix("vault-transit:")
+            && !rest.starts_with("http://")
+            && !rest.starts_with("https://")
+        {
+            return Self::vault_id(recorded, rest);
         }
         Ok(ProviderUri::parse(recorded)?.id())
     }

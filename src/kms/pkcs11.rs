@@ -366,10 +366,10 @@ impl Token {
                 ));
             }
         };
-        if let Ok(attrs) = session.get_attributes(key, &[AttributeType::Extractable]) {
-            if attrs.iter().any(|a| matches!(a, Attribute::Extractable(true))) {
-                log::warn!("PKCS#11 key {} is extractable; a master key should not be", self.object);
-            }
+        if let Ok(attrs) = session.get_attributes(key, &[AttributeType::Extractable])
+            && attrs.iter().any(|a| matches!(a, Attribute::Extractable(true)))
+        {
+            log::warn!("PKCS#11 key {} is extractable; a master key should not be", self.object);
         }
         Ok(Connection { session, key, ctx })
     }

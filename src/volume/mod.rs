@@ -542,10 +542,10 @@ impl Volume {
 
     /// The symlink's last name is gone: erase its long target, if it has one.
     pub fn forget_link_target(&self, stored: &[u8]) {
-        if let Some(id) = long_link_id(stored) {
-            if let Err(e) = self.erase_long_link_target(&id) {
-                log::warn!("erasing a long symlink target failed: {e}");
-            }
+        if let Some(id) = long_link_id(stored)
+            && let Err(e) = self.erase_long_link_target(&id)
+        {
+            log::warn!("erasing a long symlink target failed: {e}");
         }
     }
 

@@ -357,13 +357,13 @@ impl LocalKeystore {
             }
             Err(VerifyError::Corrupt(e)) => return Err(e),
         }
-        if let Protection::Argon2id { params, .. } = &file.protection {
-            if params.memory_kib < MIN_KDF.memory_kib || params.iterations < MIN_KDF.iterations {
-                log::warn!(
-                    "keystore {} uses Argon2id below the minimum (19 MiB, 2 passes); re-create it with stronger settings",
-                    path.display()
-                );
-            }
+        if let Protection::Argon2id { params, .. } = &file.protection
+            && (params.memory_kib < MIN_KDF.memory_kib || params.iterations < MIN_KDF.iterations)
+        {
+            log::warn!(
+                "keystore {} uses Argon2id below the minimum (19 MiB, 2 passes); re-create it with stronger settings",
+                path.display()
+            );
         }
         let due = file
             .keys

@@ -312,8 +312,8 @@ pub fn zero_blocks(file: &File, cipher: &BlockCipher, bad: &[u64]) -> Result<(),
 fn prefetch_partial_pages(file: &File, start: u64, len: u64, backing_len: u64) {
     const PAGE: u64 = 4096;
     let end = start + len;
-    let head = (start % PAGE != 0).then_some(start - start % PAGE);
-    let tail = (end % PAGE != 0).then_some(end - end % PAGE);
+    let head = (!start.is_multiple_of(PAGE)).then_some(start - start % PAGE);
+    let tail = (!end.is_multiple_of(PAGE)).then_some(end - end % PAGE);
     let (Some(head), Some(tail)) = (head, tail) else { return };
     if tail == head || tail >= backing_len {
         return;
@@ -380,7 +380,7 @@ pub fn write_under(
     let end = offset + data.len() as u64;
     let first = offset / BS;
     let last = (end - 1) / BS;
-    let whole_blocks = offset % BS == 0 && data.len() as u64 % BS == 0;
+    let whole_blocks = offset.is_multiple_of(BS) && (data.len() as u64).is_multiple_of(BS);
     let (_guard, old_final) = with_scratch(
         |scratch| -> Result<(RwLockWriteGuard<'_, ()>, Option<FinalBlock>), ContentError> {
             if whole_blocks {

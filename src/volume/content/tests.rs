@@ -157,7 +157,7 @@ fn a_write_queued_behind_another_asks_for_its_partly_covered_pages_while_it_wait
     let start = block_offset(block);
     let (head, tail) = (start / 4096, (start + CIPHER_BLOCK_SIZE as u64) / 4096);
     assert!(
-        start % 4096 != 0 && tail == head + 1,
+        !start.is_multiple_of(4096) && tail == head + 1,
         "the block covers two pages in part"
     );
     assert!(!resident(&file, head) && !resident(&file, tail), "pages dropped");

@@ -62,14 +62,12 @@ pub(super) fn check_file(volume: &Volume, path: &Path, progress: &(dyn Fn(u64) +
         Ok(FileIdRead::Empty) => return unreadable(None, "damaged_header", "no header".into()),
         Err(e) => return FileOutcome::Inaccessible(format!("cannot read its header: {e}")),
         Ok(FileIdRead::Damaged { raw, error: e }) => {
-            if let Some(id) = raw {
-                if let Ok(cipher) = volume.file_cipher(&id) {
-                    if let Ok((blocks, bad)) = content::check_blocks(&file, &cipher, progress) {
-                        if bad.is_empty() {
-                            return FileOutcome::HeaderFixable(id, blocks);
-                        }
-                    }
-                }
+            if let Some(id) = raw
+                && let Ok(cipher) = volume.file_cipher(&id)
+                && let Ok((blocks, bad)) = content::check_blocks(&file, &cipher, progress)
+                && bad.is_empty()
+            {
+                return FileOutcome::HeaderFixable(id, blocks);
             }
             return unreadable(raw, "damaged_header", e.to_string());
         }

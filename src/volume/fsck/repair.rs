@@ -86,16 +86,14 @@ pub(super) fn repair_volume(
             .to_string();
         let mut name = format!("{}-{}", truncate(&base, 200), r.tag);
         let mut note = String::new();
-        if salvage && !r.bad_blocks.is_empty() {
-            if let Some(cipher) = file_cipher_of(volume, &r.backing) {
-                let file = fs::OpenOptions::new().read(true).write(true).open(&r.backing);
-                if let Ok(file) = file {
-                    if content::zero_blocks(&file, &cipher, &r.bad_blocks).is_ok() {
-                        name.push_str(".salvaged");
-                        note = format!("; blocks {:?} (4 KiB each) replaced by ZEROS", r.bad_blocks);
-                    }
-                }
-            }
+        if salvage
+            && !r.bad_blocks.is_empty()
+            && let Some(cipher) = file_cipher_of(volume, &r.backing)
+            && let Ok(file) = fs::OpenOptions::new().read(true).write(true).open(&r.backing)
+            && content::zero_blocks(&file, &cipher, &r.bad_blocks).is_ok()
+        {
+            name.push_str(".salvaged");
+            note = format!("; blocks {:?} (4 KiB each) replaced by ZEROS", r.bad_blocks);
         }
         let problem = &mut w.problems[r.problem];
         let name = match lost.move_in(volume, &r.backing, &name) {

@@ -393,12 +393,12 @@ pub fn all_backing_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             } else if ft.is_file() {
                 bytes.extend(std::fs::read(&path).expect("read backing file"));
             }
-            if !ft.is_symlink() {
-                if let Ok(names) = xattr_list(&path) {
-                    for name in names {
-                        bytes.extend_from_slice(&name);
-                        bytes.extend(xattr_get(&path, &name).unwrap_or_default());
-                    }
+            if !ft.is_symlink()
+                && let Ok(names) = xattr_list(&path)
+            {
+                for name in names {
+                    bytes.extend_from_slice(&name);
+                    bytes.extend(xattr_get(&path, &name).unwrap_or_default());
                 }
             }
             out.push((path, bytes));
