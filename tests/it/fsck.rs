@@ -484,7 +484,7 @@ fn a_file_fsck_may_not_read_is_left_alone_and_its_key_kept() {
     assert_eq!(out.status.code(), Some(12), "some problems remain: {report}");
     assert_eq!(kinds(&report), ["inaccessible", "orphan_key"], "{report}");
     assert!(
-        report.to_string().contains("kept: 1 file(s) could not be read"),
+        report.to_string().contains("kept: 1 entry could not be checked"),
         "{report}"
     );
     fs::set_permissions(&backing, fs::Permissions::from_mode(0o644)).unwrap();

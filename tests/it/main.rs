@@ -16,6 +16,7 @@ mod empty_checks;
 mod faults;
 mod format_interop;
 mod fsck;
+mod fsck_walk;
 mod fsx;
 mod generated;
 mod golden;

@@ -5,11 +5,12 @@
 
 mod files;
 mod repair;
+mod walk;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
@@ -17,14 +18,12 @@ use serde::Serialize;
 
 use super::content::{self, plain_size};
 use super::db::DB_FILE;
-use super::layout::{self, DIR_IV_FILE, Entry, LOCK_FILE, LONG_NAME_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX};
-use super::namespace;
-use super::rescue::PENDING_FILE;
+use super::layout;
 use super::{Volume, VolumeError};
 use crate::crypto::FileId;
 use crate::util::hex;
 use files::{FileOutcome, check_file, check_xattrs};
-use std::os::fd::AsFd;
+use walk::{rel, walk_dir};
 
 pub const LOST_FOUND: &str = "lost+found";
 
@@ -32,7 +31,7 @@ pub const LOST_FOUND: &str = "lost+found";
 pub struct Problem {
     /// missing_dir_iv, bad_dir_iv, bad_name, missing_sidecar, orphan_sidecar, leftover_temporary,
     /// damaged_header, missing_key, bad_key, bad_blocks, bad_symlink, bad_xattr, orphan_key, inaccessible,
-    /// orphan_link_target, db_integrity, no_header, bad_length, duplicate_file_id
+    /// unreached, orphan_link_target, db_integrity, no_header, bad_length, duplicate_file_id
     pub kind: &'static str,
     /// Path in the backing directory (relative), or the DB row.
     pub backing: String,
@@ -113,263 +112,12 @@ struct Walk {
     dir_ivs: HashMap<layout::DirIv, PathBuf>,
     /// Long symlink target rows to erase: (link id, problem index).
     orphan_links: Vec<([u8; 16], usize)>,
-    /// Files the system would not let fsck read: any key no file was seen
+    /// Files the system would not let fsck read, and entries it could not
+    /// look at or list (a path beyond PATH_MAX): any key no file was seen
     /// to use may be theirs, so none is erased.
     inaccessible: u64,
 }
 
-fn rel(root: &Path, p: &Path) -> String {
-    p.strip_prefix(root).unwrap_or(p).display().to_string()
-}
-
-fn join_plain(parent: &Option<String>, name: &str) -> Option<String> {
-    parent.as_ref().map(|p| {
-        if p.is_empty() {
-            name.to_string()
-        } else {
-            format!("{p}/{name}")
-        }
-    })
-}
-
-impl Walk {
-    fn problem(
-        &mut self,
-        root: &Path,
-        kind: &'static str,
-        backing: &Path,
-        path: Option<String>,
-        detail: String,
-    ) -> usize {
-        self.problems.push(Problem {
-            kind,
-            backing: rel(root, backing),
-            path,
-            detail,
-            repair: None,
-        });
-        self.problems.len() - 1
-    }
-}
-
-fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &mut Walk) -> Result<(), VolumeError> {
-    let root = volume.backing();
-    w.directories += 1;
-    let io = |e: std::io::Error| VolumeError::Io {
-        path: dir.to_path_buf(),
-        source: e,
-    };
-    let mut names: Vec<_> = fs::read_dir(dir)
-        .map_err(io)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name())
-        .collect();
-    names.sort();
-    let dir_fd = fs::File::open(dir).map_err(io)?;
-    let user_entries = names
-        .iter()
-        .filter(|n| !matches!(layout::classify(n.as_encoded_bytes()), Entry::Internal))
-        .count();
-    let iv = match namespace::read_dir_iv(dir_fd.as_fd()) {
-        Ok(iv) => Some(iv),
-        Err(e) if user_entries == 0 => {
-            let i = w.problem(
-                root,
-                "missing_dir_iv",
-                dir,
-                plain.clone(),
-                format!("empty directory without a usable IV ({e})"),
-            );
-            w.missing_ivs.push((dir.to_path_buf(), i));
-            None
-        }
-        Err(e) => {
-            w.problem(
-                root,
-                "missing_dir_iv",
-                dir,
-                plain.clone(),
-                format!("IV unusable ({e}); {user_entries} entries cannot be named"),
-            );
-            None
-        }
-    };
-    if let Some(iv) = &iv {
-        match w.dir_ivs.get(iv) {
-            Some(first) => {
-                let detail = format!(
-                    "has the same IV as {}, another directory: one IV was copied, so the names and \
-                     attributes of one can be read in the other",
-                    rel(root, first)
-                );
-                w.problem(root, "duplicate_dir_iv", dir, plain.clone(), detail);
-            }
-            None => {
-                w.dir_ivs.insert(*iv, dir.to_path_buf());
-            }
-        }
-        for x in check_xattrs(volume, dir, iv) {
-            w.problem(
-                root,
-                "bad_xattr",
-                dir,
-                plain.clone(),
-                format!("{x} does not authenticate"),
-            );
-        }
-    }
-    let is_root = dir == root;
-    for name in names {
-        let raw = name.as_encoded_bytes();
-        let path = dir.join(&name);
-        let text = name.to_string_lossy();
-        let internal = text.starts_with(DB_FILE) || text == LOCK_FILE || text.starts_with(PENDING_FILE);
-        if text == DIR_IV_FILE || (is_root && internal) {
-            continue;
-        }
-        if text.starts_with(TEMP_PREFIX) {
-            let i = w.problem(
-                root,
-                "leftover_temporary",
-                &path,
-                None,
-                "left by an interrupted mkdir or rekey".into(),
-            );
-            w.removals.push((path, i));
-            continue;
-        }
-        let meta = match fs::symlink_metadata(&path) {
-            Ok(m) => m,
-            Err(_) => continue,
-        };
-        let decrypted = match layout::classify(raw) {
-            Entry::Internal => {
-                if text.starts_with(LONG_NAME_PREFIX) && text.ends_with(SIDECAR_SUFFIX) {
-                    let owner = dir.join(&text[..text.len() - SIDECAR_SUFFIX.len()]);
-                    if fs::symlink_metadata(&owner).is_err() {
-                        let i = w.problem(
-                            root,
-                            "orphan_sidecar",
-                            &path,
-                            None,
-                            "long-name sidecar without its entry".into(),
-                        );
-                        w.removals.push((path, i));
-                    }
-                } else {
-                    w.problem(
-                        root,
-                        "unknown_entry",
-                        &path,
-                        None,
-                        "not a name kmsfs writes; left alone".into(),
-                    );
-                }
-                continue;
-            }
-            _ => match &iv {
-                Some(iv) => match namespace::plain_name(volume.names(), dir_fd.as_fd(), iv, raw) {
-                    Some(named) => named.map_err(|e| e.to_string()),
-                    None => continue,
-                },
-                None => Err("directory IV unusable".into()),
-            },
-        };
-        let child_plain = match &decrypted {
-            Ok(n) => join_plain(&plain, &String::from_utf8_lossy(n)),
-            Err(_) => None,
-        };
-        // Names are encrypted the same way every time: an entry under
-        // another form of its name (a long form of a short one) is a copy
-        // the listing would show twice, one of them unreachable by name.
-        if let (Ok(n), Some(iv)) = (&decrypted, &iv)
-            && layout::backing_name(volume.names(), iv, n).as_str().as_bytes() != raw
-        {
-            w.problem(
-                root,
-                "non_canonical_name",
-                &path,
-                child_plain.clone(),
-                "its name is stored in another form than kmsfs writes (a long form of a short name, made \
-                 by hand): the mount lists it but opens the other entry of that name, if any"
-                    .into(),
-            );
-        }
-        if let Err(e) = &decrypted {
-            let kind = if e.starts_with("sidecar") {
-                "missing_sidecar"
-            } else {
-                "bad_name"
-            };
-            let i = w.problem(
-                root,
-                kind,
-                &path,
-                None,
-                format!("name does not decrypt ({e}); invisible through the mount"),
-            );
-            w.rescues.push(Rescue {
-                backing: path.clone(),
-                plain: None,
-                tag: format!("ino{}", meta.ino()),
-                problem: i,
-                bad_blocks: Vec::new(),
-            });
-        }
-        let ft = meta.file_type();
-        if ft.is_dir() {
-            walk_dir(
-                volume,
-                &path,
-                child_plain.or_else(|| Some(format!("<unnamed {}>", meta.ino()))),
-                w,
-            )?;
-        } else if ft.is_file() {
-            w.files.push(FileEntry {
-                backing: path,
-                plain: child_plain,
-                inode: (meta.dev(), meta.ino()),
-                len: meta.len(),
-            });
-        } else if ft.is_symlink() {
-            w.symlinks += 1;
-            let target = fs::read_link(&path)
-                .map(|t| t.into_os_string().into_encoded_bytes())
-                .unwrap_or_default();
-            if let Some(id) = super::long_link_id(&target) {
-                let inode = (meta.dev(), meta.ino());
-                match w.long_links.get(&id) {
-                    // Another name of the same symlink (a hard link) is fine.
-                    Some((first_inode, first)) if *first_inode != inode => {
-                        let detail = format!(
-                            "names the same long target ({}) as {}, another backing symlink: one was copied; \
-                             removing either through a mount erases the target of both",
-                            hex(&id),
-                            rel(root, first)
-                        );
-                        w.problem(root, "duplicate_long_link", &path, child_plain.clone(), detail);
-                    }
-                    Some(_) => {}
-                    None => {
-                        w.long_links.insert(id, (inode, path.clone()));
-                    }
-                }
-            }
-            if let Err(e) = volume.decrypt_link_target(&target) {
-                w.problem(
-                    root,
-                    "bad_symlink",
-                    &path,
-                    child_plain,
-                    format!("target does not decrypt ({e})"),
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Runs the check; `progress` gets (blocks checked, total blocks).
 /// A file whose header names an id without a key, beside a key no file
 /// names: when that key opens every block of the file, the header's id was
 /// damaged (blocks are bound to their file's true id), and the repair is
@@ -410,6 +158,7 @@ fn match_damaged_ids(volume: &Volume, w: &mut Walk, orphan_keys: &mut Vec<(FileI
     }
 }
 
+/// Runs the check; `progress` gets (blocks checked, total blocks).
 pub fn fsck(
     volume: &Volume,
     opts: FsckOptions,

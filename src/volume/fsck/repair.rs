@@ -53,9 +53,10 @@ pub(super) fn repair_volume(
     for (id, i) in orphan_keys {
         if w.inaccessible > 0 {
             // Not repaired: it stays a problem until a run that reads every file.
+            let n = w.inaccessible;
             let kept = format!(
-                " (kept: {} file(s) could not be read, and it may be one of theirs)",
-                w.inaccessible
+                " (kept: {n} entr{} could not be checked, and it may be a file's there)",
+                if n == 1 { "y" } else { "ies" }
             );
             w.problems[*i].detail.push_str(&kept);
             continue;

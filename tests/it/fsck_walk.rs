@@ -1,0 +1,77 @@
+//! What fsck cannot walk into is never taken for absent: a key no file was
+//! seen to use may belong to a file there, and `--repair` erases none.
+
+use std::fs;
+use std::path::PathBuf;
+
+use crate::common::{TestVolume, fsck, kinds};
+
+/// The one subdirectory of the backing root.
+fn backing_subdir(vol: &TestVolume) -> PathBuf {
+    let dirs: Vec<PathBuf> = fs::read_dir(&vol.backing)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    let [dir] = dirs.try_into().expect("one subdirectory");
+    dir
+}
+
+/// Encrypted names are several times longer than short plain ones: a tree
+/// the mount serves well can lie beyond PATH_MAX in the backing directory,
+/// where path-based calls fail. Such entries are reported as unreached,
+/// and the keys of the files in them stay.
+#[test]
+fn a_tree_beyond_path_max_is_reported_and_its_keys_kept() {
+    let vol = TestVolume::init();
+    let deep = "cccc/".repeat(120);
+    let m = vol.mount();
+    fs::create_dir_all(vol.path(&deep)).unwrap();
+    fs::write(vol.path(&format!("{deep}deepfile")), b"deep data").unwrap();
+    fs::write(vol.path("shallow"), b"shallow data").unwrap();
+    m.unmount();
+
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 10, "{report}");
+    let k = kinds(&report);
+    assert!(k.contains(&"unreached".to_string()), "{report}");
+    let (code, report) = fsck(&vol, &["--repair"]);
+    assert_eq!(code, 12, "an unchecked tree is a problem that remains: {report}");
+    assert!(!report.to_string().contains("key row erased"), "{report}");
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path(&format!("{deep}deepfile"))).unwrap(), b"deep data");
+    assert_eq!(fs::read(vol.path("shallow")).unwrap(), b"shallow data");
+    m.unmount();
+}
+
+/// A directory under a temporary's name (an interrupted mkdir leaves one
+/// holding only its IV) that holds entries is checked like any other and
+/// left alone: renamed back, its files read as before.
+#[test]
+fn a_temporary_directory_with_files_is_checked_and_left_alone() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    fs::create_dir(vol.path("dir")).unwrap();
+    fs::write(vol.path("dir/a"), b"first").unwrap();
+    fs::write(vol.path("dir/b"), vec![7u8; 9000]).unwrap();
+    m.unmount();
+    let dir = backing_subdir(&vol);
+    let temporary = vol.backing.join("kmsfs.tmp.0123456789abcdef");
+    fs::rename(&dir, &temporary).unwrap();
+
+    let (code, report) = fsck(&vol, &["--repair"]);
+    assert_eq!(code, 12, "{report}");
+    assert_eq!(
+        kinds(&report),
+        ["leftover_temporary"],
+        "its files' keys are in use: {report}"
+    );
+    assert!(report.to_string().contains("not empty"), "{report}");
+    assert!(temporary.is_dir(), "left alone");
+    fs::rename(&temporary, &dir).unwrap();
+    assert_eq!(fsck(&vol, &[]).0, 0);
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("dir/a")).unwrap(), b"first");
+    assert_eq!(fs::read(vol.path("dir/b")).unwrap(), vec![7u8; 9000]);
+    m.unmount();
+}
