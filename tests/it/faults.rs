@@ -486,6 +486,7 @@ fn a_db_on_a_full_filesystem_is_not_called_damaged() {
         vec!["mount", backing, path_str(&vol.mnt)],
         vec!["status", backing],
         vec!["fsck", backing],
+        vec!["rotate", backing],
     ] {
         let out = vol.run(&args);
         if common::is_mounted(&vol.mnt) {

@@ -71,13 +71,23 @@ pub enum DbError {
     Damaged { path: PathBuf, reason: String },
     #[error("metadata DB {path} has format version {found}; this kmsfs supports 1 to {FORMAT_VERSION}")]
     UnsupportedFormat { path: PathBuf, found: u32 },
-    #[error("metadata DB {path}: {source}")]
+    #[error("metadata DB {path}: {source}{}", full_hint(source))]
     Sqlite { path: PathBuf, source: rusqlite::Error },
     #[error(
         "metadata DB {path} cannot be opened: the filesystem holding it is full ({reason}); \
          free space there and try again (the DB itself is not damaged)"
     )]
     Full { path: PathBuf, reason: String },
+}
+
+/// What a person can do about SQLite's SQLITE_FULL, said beside it.
+fn full_hint(e: &rusqlite::Error) -> &'static str {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull => {
+            " (the filesystem holding it is full: free space there and try again; the DB itself is not damaged)"
+        }
+        _ => "",
+    }
 }
 
 /// What SQLite's failure to open or read the DB at `path` means: a full
@@ -606,3 +616,6 @@ fn read_file_key(conn: &Connection, file_id: &FileId) -> rusqlite::Result<Option
     stmt.query_row([&file_id[..]], |r| Ok((r.get(0)?, WrappedKey::from_bytes(r.get(1)?))))
         .optional()
 }
+
+#[cfg(test)]
+mod tests;
