@@ -106,7 +106,7 @@ enum Command {
     /// Rotate the volume key: re-wrap every file key under a new version, retire the old one
     /// (no file data is rewritten; works mounted or not; resumes an interrupted rotation)
     Rotate {
-        /// The backing directory
+        /// The backing directory, or a mount point of one
         backing: PathBuf,
         /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
         #[arg(long)]
@@ -114,7 +114,7 @@ enum Command {
     },
     /// Re-wrap the volume-key blobs under the master key's newest version (after `kmsfs key rotate`)
     Rewrap {
-        /// The backing directory
+        /// The backing directory, or a mount point of one
         backing: PathBuf,
         /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
         #[arg(long)]
@@ -133,7 +133,7 @@ enum Command {
     /// Check a volume (unmounted): every directory IV, name, header, data key and block tag,
     /// and the metadata DB. Exit codes: 0 clean, 10 problems found, 11 all repaired, 12 some remain
     Fsck {
-        /// The backing directory
+        /// The backing directory, or a mount point of one (fsck checks unmounted volumes only)
         backing: PathBuf,
         /// Fix what can be fixed without guessing; move unreadable entries into lost+found
         #[arg(long)]
@@ -439,8 +439,12 @@ pub fn run() -> i32 {
             json,
             check_key,
         } => status::status(&backing, json, check_key, &cli.keys),
-        Command::Rotate { backing, json } => rotation::rotate(&backing, &cli.keys, json),
-        Command::Rewrap { backing, json } => rotation::rewrap(&backing, &cli.keys, json),
+        Command::Rotate { backing, json } => {
+            volumes::volume_arg(&backing).and_then(|b| rotation::rotate(&b, &cli.keys, json))
+        }
+        Command::Rewrap { backing, json } => {
+            volumes::volume_arg(&backing).and_then(|b| rotation::rewrap(&b, &cli.keys, json))
+        }
         Command::Key(command) => keys::key(command, &cli.keys),
         Command::Keystore(command) => keys::keystore(command, &cli.keys),
         Command::Rekey { paths, json } => rekey::rekey(&paths, &cli.keys, json),
@@ -451,13 +455,16 @@ pub fn run() -> i32 {
             repair,
             salvage,
             json,
-        } => fsck::fsck(
-            &backing,
-            &cli.keys,
-            kmsfs::volume::fsck::FsckOptions { repair, salvage },
-            json,
-        )
-        .map(|code| fsck_exit = Some(code)),
+        } => volumes::volume_arg(&backing)
+            .and_then(|backing| {
+                fsck::fsck(
+                    &backing,
+                    &cli.keys,
+                    kmsfs::volume::fsck::FsckOptions { repair, salvage },
+                    json,
+                )
+            })
+            .map(|code| fsck_exit = Some(code)),
     };
     // Done, but unrecorded: the exit status says so (the failure is not hidden behind a 0).
     let result = result.and_then(|()| match (kmsfs::audit::failure(), fsck_exit) {

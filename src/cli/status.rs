@@ -1,39 +1,12 @@
 //! `kmsfs status`: what a volume is, without unlocking anything.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use kmsfs::util::hex;
-use kmsfs::volume::db::DB_FILE;
 use kmsfs::volume::lock::VolumeLock;
 
 use super::mounts::{MountEntry, mounts};
 use super::{CliError, ExitCode, KeyOptions};
-
-/// The backing directory `path` names: itself (or, for the plaintext
-/// directory of a reverse view, that directory), or the volume mounted at it.
-fn backing_of(path: &Path) -> Result<PathBuf, CliError> {
-    let at = match std::fs::canonicalize(path) {
-        Ok(p) => p,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => std::path::absolute(path)?,
-        Err(_) => return Ok(path.to_path_buf()), // read_info names what is wrong
-    };
-    // The mount table first: the top of a reverse view holds a kmsfs.db too.
-    let mounted = mounts()?.into_iter().find(|m| m.mountpoint == at && m.is_kmsfs());
-    if mounted.is_none() && super::volumes::volume_dir(path).0.join(DB_FILE).exists() {
-        return Ok(at);
-    }
-    match mounted {
-        Some(m) if super::volumes::volume_dir(&m.source).0.join(DB_FILE).exists() => Ok(m.source),
-        Some(_) => Err(CliError::new(
-            ExitCode::Usage,
-            format!(
-                "{} is a kmsfs mount point mounted with fsname=: give its backing directory",
-                path.display()
-            ),
-        )),
-        None => Ok(at),
-    }
-}
 
 /// Where the volume in `backing` is mounted, as the mount table says: a
 /// live mount first (a stale one of a dead daemon may linger beside it).
@@ -82,7 +55,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     if let Some(raw) = &keys.kms {
         kmsfs::kms::uri::ProviderUri::parse(raw)?;
     }
-    let source = backing_of(path)?;
+    let source = super::volumes::backing_of(path)?;
     // A reverse view's volume lives in PLAIN/.kmsfs-reverse; it is mounted as PLAIN.
     let (backing_dir, reverse) = super::volumes::volume_dir(&source);
     let backing = backing_dir.as_path();

@@ -173,3 +173,42 @@ pub fn event_for(action: &str, backing: &Path, volume_id: Option<&[u8; 16]>) -> 
         None => event,
     }
 }
+
+/// The backing directory `path` names: itself (or, for the plaintext
+/// directory of a reverse view, that directory), or the volume mounted at it.
+pub fn backing_of(path: &Path) -> Result<PathBuf, CliError> {
+    let at = match std::fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => std::path::absolute(path)?,
+        Err(_) => return Ok(path.to_path_buf()), // read_info names what is wrong
+    };
+    // The mount table first: the top of a reverse view holds a kmsfs.db too.
+    let mounted = super::mounts::mounts()?
+        .into_iter()
+        .find(|m| m.mountpoint == at && m.is_kmsfs());
+    if mounted.is_none() && volume_dir(path).0.join(kmsfs::volume::db::DB_FILE).exists() {
+        return Ok(at);
+    }
+    match mounted {
+        Some(m) if volume_dir(&m.source).0.join(kmsfs::volume::db::DB_FILE).exists() => Ok(m.source),
+        Some(_) => Err(CliError::new(
+            ExitCode::Usage,
+            format!(
+                "{} is a kmsfs mount point mounted with fsname=: give its backing directory",
+                path.display()
+            ),
+        )),
+        None => Ok(at),
+    }
+}
+
+/// The backing directory a command that takes one is given: the path
+/// itself, or, for a kmsfs mount point, the volume mounted there.
+pub fn volume_arg(path: &Path) -> Result<PathBuf, CliError> {
+    let resolved = backing_of(path)?;
+    Ok(if std::fs::canonicalize(path).is_ok_and(|p| p == resolved) {
+        path.to_path_buf()
+    } else {
+        resolved
+    })
+}

@@ -49,6 +49,12 @@ fn clean_volume_is_clean_and_mounted_volume_is_refused() {
     common::xattr_set(&vol.path("d"), "user.x", b"y", 0).unwrap();
     let refused = vol.run(&["fsck", path_str(&vol.backing)]);
     assert_eq!(refused.status.code(), Some(6), "fsck refuses a mounted volume");
+    // Named by its mount point, the volume is found, and refused the same way.
+    let refused = vol.run(&["fsck", path_str(&vol.mnt)]);
+    assert_eq!(refused.status.code(), Some(6), "{}", common::stderr(&refused));
+    // A rotation named by the mount point rotates the volume mounted there.
+    let rotated = vol.run(&["rotate", path_str(&vol.mnt)]);
+    assert!(rotated.status.success(), "{}", common::stderr(&rotated));
     m.unmount();
     let (code, report) = fsck(&vol, &[]);
     assert_eq!(code, 0, "{report}");
