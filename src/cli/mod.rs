@@ -508,7 +508,11 @@ fn audited_command(args: &[std::ffi::OsString]) -> Option<String> {
         at = sub.subcommand();
     }
     let first = names.first()?.as_str();
-    (!matches!(first, "audit" | "umount" | "completions" | "manpages")).then(|| names.join(" "))
+    // `status` asks the key provider for nothing unless told to check the key.
+    let keyless_status = matches
+        .subcommand_matches("status")
+        .is_some_and(|m| !m.get_flag("check_key"));
+    (!keyless_status && !matches!(first, "audit" | "umount" | "completions" | "manpages")).then(|| names.join(" "))
 }
 
 /// Prints a failure on stderr (a line, or with --json one JSON object) and

@@ -299,6 +299,20 @@ fn audit_verify_finds_each_kind_of_tampering_and_says_where() {
         .unwrap();
     assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("KMSFS_AUDIT_LOG"));
+    // `status` uses no key and records nothing, so it needs no log; with
+    // --check-key it asks the provider, which is recorded.
+    let status = |extra: &[&str]| {
+        vol.command()
+            .env("KMSFS_AUDIT_LOG", "/proc/kmsfs-no-such/audit.jsonl")
+            .arg("status")
+            .args(extra)
+            .arg(&vol.backing)
+            .output()
+            .unwrap()
+    };
+    let out = status(&[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(status(&["--check-key"]).status.code(), Some(7));
     assert_eq!(
         vol.run(&["key", "list", "--json"])
             .stdout
