@@ -126,6 +126,16 @@ fn check_mount_point(mountpoint: &Path, nonempty: bool) -> Result<(), CliError> 
         .into_iter()
         .find(|m| m.mountpoint == mountpoint)
     {
+        if m.is_kmsfs() {
+            // Mounting over it would serve the same or another volume on
+            // top; what the user wants is most likely that it stays.
+            return Err(mount_error(format!(
+                "{} is already a kmsfs mount point (of {}); unmount it first (`kmsfs umount {}`)",
+                mountpoint.display(),
+                m.source.display(),
+                mountpoint.display()
+            )));
+        }
         return Err(mount_error(format!(
             "{} is already a mount point ({} of {}); unmount it first, or mount over it with -o nonempty",
             mountpoint.display(),

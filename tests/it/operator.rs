@@ -167,7 +167,12 @@ fn mount_points_in_use_are_refused_unless_nonempty() {
     let other = TestVolume::init();
     let out = other.run(&["mount", path_str(&other.backing), mnt]);
     assert_eq!(out.status.code(), Some(6));
-    assert!(stderr(&out).contains("already a mount point"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("already a kmsfs mount point"), "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("nonempty"),
+        "no advice to mount on top: {}",
+        stderr(&out)
+    );
     m.unmount();
     fs::remove_file(vol.mnt.join("already-here")).unwrap();
 }
