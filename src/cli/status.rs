@@ -88,6 +88,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     let unseen = daemon.is_none() && mount.is_some() && !stale;
     // Unmounted, committing its last keys, about to exit.
     let finishing = daemon.as_ref().is_some_and(|d| d.finishing);
+    let stopped = daemon.as_ref().is_some_and(|d| super::mounts::is_stopped(d.pid));
     let files_of = |v: u32| {
         counts
             .as_ref()
@@ -145,6 +146,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "stale_mount": stale,
             "daemon_unseen": unseen,
             "daemon_pid": daemon.as_ref().map(|d| d.pid),
+            "daemon_stopped": stopped,
             "daemon_provider_calls": daemon.as_ref().map(|d| d.provider_calls),
             "daemon_volume_key_version": daemon.as_ref().map(|d| d.volume_key_version).filter(|v| *v != 0),
             "commit_error": daemon.as_ref().and_then(|d| d.commit_error.clone()),
@@ -157,8 +159,13 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "days_since_rotation": days_since_rotation,
         });
         outln!("{out}");
-        return failing(count_error, daemon.as_ref(), gone(stale, unseen, mount.as_ref()))
-            .and_then(|()| usable(key_state.as_ref(), &too_old));
+        return failing(
+            count_error,
+            daemon.as_ref(),
+            stopped,
+            gone(stale, unseen, mount.as_ref()),
+        )
+        .and_then(|()| usable(key_state.as_ref(), &too_old));
     }
     outln!("volume:         {}", hex(&row.volume_id));
     outln!("backing:        {}", super::printable(&backing.display().to_string()));
@@ -221,6 +228,10 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         (Some(d), _) if finishing => outln!(
             "mounted:        no (unmounted; its daemon, pid {}, is committing its last file keys)",
             d.pid
+        ),
+        (Some(d), _) if stopped => outln!(
+            "mounted:        yes{at}, but {}: requests on the mount wait until then",
+            super::mounts::stopped_daemon(d.pid)
         ),
         (Some(d), _) => outln!(
             "mounted:        yes{at} (daemon pid {}, {} key-provider call(s) since mount)",
@@ -294,8 +305,13 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             None => {}
         }
     }
-    failing(count_error, daemon.as_ref(), gone(stale, unseen, mount.as_ref()))
-        .and_then(|()| usable(key_state.as_ref(), &too_old))
+    failing(
+        count_error,
+        daemon.as_ref(),
+        stopped,
+        gone(stale, unseen, mount.as_ref()),
+    )
+    .and_then(|()| usable(key_state.as_ref(), &too_old))
 }
 
 /// Exit code 5 when the provider says the master key cannot be used now
@@ -347,10 +363,17 @@ fn gone(stale: bool, unseen: bool, mount: Option<&MountEntry>) -> Option<Gone<'_
 fn failing(
     count_error: Option<CliError>,
     daemon: Option<&kmsfs::volume::lock::DaemonInfo>,
+    stopped: bool,
     gone: Option<Gone<'_>>,
 ) -> Result<(), CliError> {
     if let Some(e) = count_error {
         return Err(e);
+    }
+    if let Some(d) = daemon.filter(|_| stopped) {
+        return Err(CliError::new(
+            ExitCode::Mount,
+            format!("the volume is mounted, but {}", super::mounts::stopped_daemon(d.pid)),
+        ));
     }
     match gone {
         Some(Gone::Stale(mountpoint)) => {

@@ -339,6 +339,15 @@ fn umount_of_a_stopped_daemons_mount_does_not_wait_on_it() {
     let pid = status["daemon_pid"].as_i64().unwrap() as i32;
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let resume = Resume(pid);
+    wait_until("the daemon is stopped", || {
+        fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") T "))
+    });
+    // `status` says so, and fails: everything on the mount waits.
+    let out = vol.run(&["status", "--json", backing]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["daemon_stopped"], true, "{status}");
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("kill -CONT {pid}")), "{}", stderr(&out));
     let mut umount = vol.command().args(["umount", path_str(&vol.mnt)]).spawn().unwrap();
     wait_until("the stopped daemon's mount is gone", || !common::is_mounted(&vol.mnt));
     drop(resume);
