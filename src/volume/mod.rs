@@ -168,6 +168,14 @@ fn open_db(backing: &Path, check: Check) -> Result<MetadataDb, VolumeError> {
     match fs::symlink_metadata(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_a_volume(backing)),
         Err(source) => return Err(VolumeError::Io { path, source }),
+        // A FIFO or device would have SQLite wait on it or read what it is not.
+        Ok(meta) if !meta.is_file() && !meta.is_symlink() => {
+            return Err(DbError::Damaged {
+                path,
+                reason: "not a regular file; restore the DB from a backup".into(),
+            }
+            .into());
+        }
         // SQLite would make an empty file a new DB, writing to it.
         Ok(meta) if meta.len() == 0 => {
             return Err(DbError::Damaged {

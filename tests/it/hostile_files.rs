@@ -64,6 +64,17 @@ fn a_db_symlinked_out_of_the_backing_directory_is_refused() {
         before,
         "the other DB is untouched"
     );
+    // A FIFO (size 0) is named for what it is, not as a DB cut to 0 bytes.
+    fs::remove_file(&db).unwrap();
+    let c = std::ffi::CString::new(path_str(&db)).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let out = vol.run(&["status", path_str(&vol.backing)]);
+    assert_eq!(out.status.code(), Some(4), "{}", common::stderr(&out));
+    assert!(
+        common::stderr(&out).contains("not a regular file"),
+        "{}",
+        common::stderr(&out)
+    );
 }
 
 /// A `kmsfs.pending-keys` that is not one (a FIFO a reader would wait on
