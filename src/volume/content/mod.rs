@@ -421,6 +421,10 @@ pub fn write_under(
             }
             let new_size = old_size.max(end);
             let new_final = (new_size - 1) / BS;
+            // What puts the file back should this write fail part way (a
+            // full disk): the old final block, when the write covers it.
+            let grows = new_size > old_size;
+            let covered_final = old_final.as_ref().filter(|(f, _)| grows && *f >= first).cloned();
             let sealed: &[u8] = if whole_blocks {
                 let sealed = &mut scratch.sealed[..sealed_len(data.len())];
                 if new_final == last {
@@ -466,7 +470,12 @@ pub fn write_under(
                 let backing_len = if old_size == 0 { 0 } else { backing_size(old_size) };
                 prefetch_partial_pages(file, block_offset(first), sealed.len() as u64, backing_len);
             }
-            file.write_all_at(sealed, block_offset(first))?;
+            if let Err(e) = file.write_all_at(sealed, block_offset(first)) {
+                if grows {
+                    undo_growth(file, cipher, old_size, covered_final.as_ref());
+                }
+                return Err(e.into());
+            }
             if sealed.len() >= WRITEBACK_KICK {
                 start_writeback(file, block_offset(first), sealed.len() as u64);
             }
@@ -478,11 +487,37 @@ pub fn write_under(
     // block. Done after the new blocks so a crash in between leaves a readable
     // file (see BlockCipher::open_block).
     if let Some((old_final, mut block)) = old_final.filter(|&(f, _)| f < first) {
+        let old_len = block.len();
         block.resize(BLOCK_SIZE, 0);
         let sealed = cipher.seal_block(old_final, false, &block);
-        file.write_all_at(&sealed, block_offset(old_final))?;
+        if let Err(e) = file.write_all_at(&sealed, block_offset(old_final)) {
+            // Padded, the block may need room the disk no longer has.
+            block.truncate(old_len);
+            let old_size = old_final * BS + old_len as u64;
+            undo_growth(file, cipher, old_size, Some(&(old_final, block)));
+            return Err(e.into());
+        }
     }
     Ok(())
+}
+
+/// Puts back a file a write that grew it left part written (the backing
+/// filesystem filled up): cut to its old length, and its final block, which
+/// the write may have overwritten in part, sealed again. Without this the
+/// file would end inside a block, a length no file has, and read as EIO
+/// from then on. Cutting frees room, and the final block's room was held
+/// before, so this does not meet the same full disk.
+fn undo_growth(file: &File, cipher: &BlockCipher, old_size: u64, old_final: Option<&FinalBlock>) {
+    let restored = file.set_len(backing_size(old_size)).and_then(|()| match old_final {
+        Some((index, plain)) => file.write_all_at(&cipher.seal_block(*index, true, plain), block_offset(*index)),
+        None if old_size == 0 && cipher.layout() == Layout::Sealed => {
+            file.write_all_at(&cipher.seal_block(0, true, &[]), HEADER_LEN as u64)
+        }
+        None => Ok(()),
+    });
+    if let Err(e) = restored {
+        log::error!("a failed write could not be undone ({e}): the file reads as damaged from its old end");
+    }
 }
 
 /// Sets the plaintext size to `new_size`. Growing leaves holes, but with

@@ -334,3 +334,62 @@ fn writes_do_not_heal_a_cut_at_a_block_boundary() {
         );
     }
 }
+
+/// A write that grows a file and fails part way (the backing filesystem
+/// filled up; here RLIMIT_FSIZE cuts the backing write short, then fails
+/// it with EFBIG, in a forked child) leaves the file as it was: its old
+/// size, content and authenticated end, not a length no file has.
+#[test]
+fn a_growing_write_that_fails_part_way_leaves_the_file_as_it_was() {
+    // (old size, offset, length): into an empty file, at and past its start;
+    // appends that cover the old final block in part, whole, or not at all.
+    let cases = [
+        (0u64, 0u64, 10_000usize),
+        (0, 3 * BS, 2 * BLOCK_SIZE),
+        (5_000, 5_000, 10_000),
+        (5_000, 20_000, 3_000),
+        (2 * BS, 2 * BS, 2 * BLOCK_SIZE),
+        (2 * BS + 10, 2 * BS - 100, 5_000),
+    ];
+    for (old_size, offset, len) in cases {
+        let (_dir, file, cipher) = setup_with(Layout::Sealed);
+        let old: Vec<u8> = (0..old_size).map(|i| (i % 251) as u8).collect();
+        write(&file, &cipher, 0, &old).unwrap();
+        let data = vec![0xa5u8; len];
+        let start = block_offset(offset / BS).max(file.metadata().unwrap().len().min(block_offset(offset / BS)));
+        let limit = start + (backing_size(old_size.max(offset + len as u64)) - start) / 2;
+        // SAFETY: the child only writes with this file and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let cap = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            // SAFETY: plain system calls in the forked child.
+            let failed = unsafe {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                libc::setrlimit(libc::RLIMIT_FSIZE, &cap) == 0 && write(&file, &cipher, offset, &data).is_err()
+            };
+            unsafe { libc::_exit(if failed { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        let case = (old_size, offset, len);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{case:?}: the write failed"
+        );
+        assert_eq!(current_plain_size(&file, &cipher).unwrap(), old_size, "{case:?}");
+        // Bytes the write reached before it failed may hold its data, as
+        // on any filesystem; every other byte is as it was.
+        let now = read(&file, &cipher, 0, old.len() + 1).unwrap();
+        assert_eq!(now.len(), old.len(), "{case:?}");
+        let reached = offset as usize..offset as usize + len;
+        let changed = (0..old.len()).find(|&i| now[i] != old[i] && !(reached.contains(&i) && now[i] == 0xa5));
+        assert_eq!(changed, None, "{case:?}: a byte neither old nor written");
+        let (_, bad) = check_blocks(&file, &cipher, &|_| ()).unwrap();
+        assert!(bad.is_empty(), "{case:?}: {bad:?}");
+    }
+}
