@@ -88,7 +88,9 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     let unseen = daemon.is_none() && mount.is_some() && !stale;
     // Unmounted, committing its last keys, about to exit.
     let finishing = daemon.as_ref().is_some_and(|d| d.finishing);
-    let stopped = daemon.as_ref().is_some_and(|d| super::mounts::is_stopped(d.pid));
+    // Only a serving daemon's stop holds up a mount (one finishing after an
+    // unmount has no mount left to hold up).
+    let stopped = mount.is_some() && !finishing && daemon.as_ref().is_some_and(|d| super::mounts::is_stopped(d.pid));
     let files_of = |v: u32| {
         counts
             .as_ref()

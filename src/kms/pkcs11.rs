@@ -251,6 +251,8 @@ fn join_within(thread: std::thread::JoinHandle<()>, wait: Duration) -> bool {
     let mut deadline = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: a valid clock id and a pointer to a timespec we own.
     if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut deadline) } != 0 {
+        // SAFETY: as below, never joined: its resources go when it ends.
+        unsafe { libc::pthread_detach(native) };
         return false;
     }
     let nanos = deadline.tv_nsec as u64 + u64::from(wait.subsec_nanos());
@@ -258,7 +260,12 @@ fn join_within(thread: std::thread::JoinHandle<()>, wait: Duration) -> bool {
     deadline.tv_nsec = (nanos % 1_000_000_000) as libc::c_long;
     // SAFETY: `native` is a joinable thread whose ownership into_pthread_t
     // gave to this function, joined at most once; the thread returns no value.
-    unsafe { libc::pthread_timedjoin_np(native, std::ptr::null_mut(), &deadline) == 0 }
+    let joined = unsafe { libc::pthread_timedjoin_np(native, std::ptr::null_mut(), &deadline) == 0 };
+    if !joined {
+        // SAFETY: the same thread, not joined: its resources go when it ends.
+        unsafe { libc::pthread_detach(native) };
+    }
+    joined
 }
 
 impl Drop for Pkcs11Provider {

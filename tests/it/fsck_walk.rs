@@ -75,3 +75,29 @@ fn a_temporary_directory_with_files_is_checked_and_left_alone() {
     assert_eq!(fs::read(vol.path("dir/b")).unwrap(), vec![7u8; 9000]);
     m.unmount();
 }
+
+/// A symlink under a temporary's name is never followed: whatever it
+/// points at (here a directory outside the volume) is neither walked nor
+/// moved into lost+found; the link itself is removed.
+#[test]
+fn a_temporary_name_that_is_a_symlink_is_removed_not_followed() {
+    let vol = TestVolume::init();
+    let outside = vol.dir.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("precious"), b"not the volume's").unwrap();
+    fs::create_dir(outside.join("sub")).unwrap();
+    let link = vol.backing.join("kmsfs.tmp.0123456789abcdef");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+
+    let (code, report) = fsck(&vol, &["--repair"]);
+    assert_eq!(code, 11, "{report}");
+    assert_eq!(kinds(&report), ["leftover_temporary"], "{report}");
+    assert!(fs::symlink_metadata(&link).is_err(), "the link is removed");
+    assert_eq!(fs::read(outside.join("precious")).unwrap(), b"not the volume's");
+    assert_eq!(
+        fs::read_dir(outside.join("sub")).unwrap().count(),
+        0,
+        "no IV written outside"
+    );
+    assert!(!vol.backing.join("lost+found").exists());
+}

@@ -424,7 +424,17 @@ pub fn write_under(
             // What puts the file back should this write fail part way (a
             // full disk): the old final block, when the write covers it.
             let grows = new_size > old_size;
-            let covered_final = old_final.as_ref().filter(|(f, _)| grows && *f >= first).cloned();
+            let old_final_index = old_size.checked_sub(1).map(|s| s / BS);
+            let covers_old_final = grows && old_final_index.is_some_and(|f| f >= first);
+            let covered_final = match &old_final {
+                Some((f, _)) if covers_old_final && *f >= first => old_final.clone(),
+                // Format 1 reads its final block only to seal it again: here
+                // it is read for the undo, and without it there is no undo.
+                _ if covers_old_final => {
+                    old_final_index.and_then(|f| read_blocks(file, cipher, old_size, f, f).ok().map(|plain| (f, plain)))
+                }
+                _ => None,
+            };
             let sealed: &[u8] = if whole_blocks {
                 let sealed = &mut scratch.sealed[..sealed_len(data.len())];
                 if new_final == last {
@@ -471,7 +481,7 @@ pub fn write_under(
                 prefetch_partial_pages(file, block_offset(first), sealed.len() as u64, backing_len);
             }
             if let Err(e) = file.write_all_at(sealed, block_offset(first)) {
-                if grows {
+                if grows && (!covers_old_final || covered_final.is_some()) {
                     undo_growth(file, cipher, old_size, covered_final.as_ref());
                 }
                 return Err(e.into());
@@ -506,7 +516,8 @@ pub fn write_under(
 /// the write may have overwritten in part, sealed again. Without this the
 /// file would end inside a block, a length no file has, and read as EIO
 /// from then on. Cutting frees room, and the final block's room was held
-/// before, so this does not meet the same full disk.
+/// before, so on a filesystem that overwrites in place this does not meet
+/// the same full disk (on a copy-on-write one it can: then it is logged).
 fn undo_growth(file: &File, cipher: &BlockCipher, old_size: u64, old_final: Option<&FinalBlock>) {
     let restored = file.set_len(backing_size(old_size)).and_then(|()| match old_final {
         Some((index, plain)) => file.write_all_at(&cipher.seal_block(*index, true, plain), block_offset(*index)),

@@ -351,8 +351,13 @@ fn a_growing_write_that_fails_part_way_leaves_the_file_as_it_was() {
         (2 * BS, 2 * BS, 2 * BLOCK_SIZE),
         (2 * BS + 10, 2 * BS - 100, 5_000),
     ];
-    for (old_size, offset, len) in cases {
-        let (_dir, file, cipher) = setup_with(Layout::Sealed);
+    // Every case seals fewer than PARALLEL_MIN_BLOCKS blocks: rayon's pool
+    // has no threads in the forked child.
+    for ((old_size, offset, len), layout) in cases
+        .into_iter()
+        .flat_map(|c| [(c, Layout::Sealed), (c, Layout::Lenient)])
+    {
+        let (_dir, file, cipher) = setup_with(layout);
         let old: Vec<u8> = (0..old_size).map(|i| (i % 251) as u8).collect();
         write(&file, &cipher, 0, &old).unwrap();
         let data = vec![0xa5u8; len];
@@ -362,21 +367,26 @@ fn a_growing_write_that_fails_part_way_leaves_the_file_as_it_was() {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            let cap = libc::rlimit {
-                rlim_cur: limit,
-                rlim_max: libc::RLIM_INFINITY,
-            };
-            // SAFETY: plain system calls in the forked child.
-            let failed = unsafe {
-                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-                libc::setrlimit(libc::RLIMIT_FSIZE, &cap) == 0 && write(&file, &cipher, offset, &data).is_err()
-            };
-            unsafe { libc::_exit(if failed { 0 } else { 1 }) };
+            let failed = std::panic::catch_unwind(|| {
+                let mut cap = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                // SAFETY: plain system calls in the forked child; the hard
+                // limit stays as it is.
+                unsafe {
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                    libc::getrlimit(libc::RLIMIT_FSIZE, &mut cap);
+                    cap.rlim_cur = limit.min(cap.rlim_max);
+                    libc::setrlimit(libc::RLIMIT_FSIZE, &cap) == 0 && write(&file, &cipher, offset, &data).is_err()
+                }
+            });
+            unsafe { libc::_exit(if failed.unwrap_or(false) { 0 } else { 1 }) };
         }
         let mut status = 0;
         // SAFETY: waits for the child forked above.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        let case = (old_size, offset, len);
+        let case = (old_size, offset, len, layout);
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "{case:?}: the write failed"

@@ -20,7 +20,8 @@ pub(super) fn repair_volume(
     salvage: bool,
 ) -> Result<(), VolumeError> {
     for (path, i) in std::mem::take(&mut w.removals) {
-        let removed = if path.is_dir() {
+        // Not followed: a symlink in a temporary's place is removed itself.
+        let removed = if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
             // An interrupted mkdir: only its IV inside.
             let only_iv = fs::read_dir(&path)
                 .map(|d| d.filter_map(|e| e.ok()).all(|e| e.file_name() == DIR_IV_FILE))
@@ -65,6 +66,13 @@ pub(super) fn repair_volume(
         w.problems[*i].repair = Some("key row erased".into());
     }
     for (id, i) in std::mem::take(&mut w.orphan_links) {
+        if w.inaccessible > 0 {
+            // As for keys: the symlink may be in what was not checked.
+            w.problems[i]
+                .detail
+                .push_str(" (kept: not every entry could be checked)");
+            continue;
+        }
         volume.erase_long_link_target(&id)?;
         w.problems[i].repair = Some("row erased".into());
     }

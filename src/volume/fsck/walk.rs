@@ -64,10 +64,14 @@ fn walk_subdir(volume: &Volume, dir: &Path, plain: Option<String>, w: &mut Walk)
     }
 }
 
+/// Whether directory `dir` (a real one, not a symlink) holds anything but
+/// its IV; one that cannot be listed counts as holding something.
 fn holds_more_than_an_iv(dir: &Path) -> bool {
     match fs::read_dir(dir) {
-        Ok(entries) => entries.filter_map(|e| e.ok()).any(|e| e.file_name() != DIR_IV_FILE),
-        Err(_) => !fs::symlink_metadata(dir).is_ok_and(|m| !m.is_dir()),
+        Ok(entries) => entries
+            .into_iter()
+            .any(|e| e.map_or(true, |e| e.file_name() != DIR_IV_FILE)),
+        Err(_) => true,
     }
 }
 
@@ -78,11 +82,15 @@ pub(super) fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &m
         path: dir.to_path_buf(),
         source: e,
     };
+    let mut unlisted = 0;
     let mut names: Vec<_> = fs::read_dir(dir)
         .map_err(io)?
-        .filter_map(|e| e.ok())
+        .filter_map(|e| e.inspect_err(|_| unlisted += 1).ok())
         .map(|e| e.file_name())
         .collect();
+    if unlisted > 0 {
+        w.unreached(root, dir, format!("{unlisted} of its entries could not be listed"));
+    }
     names.sort();
     let dir_fd = fs::File::open(dir).map_err(io)?;
     let user_entries = names
@@ -147,6 +155,9 @@ pub(super) fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &m
             continue;
         }
         if text.starts_with(TEMP_PREFIX) {
+            // Looked at, never followed: a symlink in its place is removed,
+            // not walked (it could lead anywhere outside the volume).
+            let real_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
             let i = w.problem(
                 root,
                 "leftover_temporary",
@@ -157,7 +168,7 @@ pub(super) fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &m
             // An interrupted mkdir leaves only the IV inside. Anything else
             // (a directory renamed so) is checked like any other, so that
             // the keys of its files count as used; the repair leaves it.
-            if holds_more_than_an_iv(&path) {
+            if real_dir && holds_more_than_an_iv(&path) {
                 w.problems[i]
                     .detail
                     .push_str("; not empty: its entries are checked and it is left alone");
@@ -190,6 +201,14 @@ pub(super) fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &m
                         );
                         w.removals.push((path, i));
                     }
+                } else if meta.is_dir() {
+                    // Perhaps a directory renamed by hand: what it holds may
+                    // use keys no checked file uses.
+                    w.unreached(
+                        root,
+                        &path,
+                        "a directory under a name kmsfs does not write; left alone".into(),
+                    );
                 } else {
                     w.problem(
                         root,
@@ -267,9 +286,13 @@ pub(super) fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &m
             });
         } else if ft.is_symlink() {
             w.symlinks += 1;
-            let target = fs::read_link(&path)
-                .map(|t| t.into_os_string().into_encoded_bytes())
-                .unwrap_or_default();
+            let target = match fs::read_link(&path) {
+                Ok(t) => t.into_os_string().into_encoded_bytes(),
+                Err(e) => {
+                    w.unreached(root, &path, format!("symlink cannot be read ({e})"));
+                    continue;
+                }
+            };
             if let Some(id) = super::super::long_link_id(&target) {
                 let inode = (meta.dev(), meta.ino());
                 match w.long_links.get(&id) {
