@@ -118,6 +118,13 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     too_old.sort_unstable();
     too_old.dedup();
     if json {
+        let verdict = failing(
+            count_error.as_ref(),
+            daemon.as_ref(),
+            stopped,
+            gone(stale, unseen, mount.as_ref()),
+        )
+        .and_then(|()| usable(key_state.as_ref(), &too_old));
         let versions: Vec<_> = keys
             .iter()
             .map(|k| {
@@ -153,6 +160,8 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "daemon_volume_key_version": daemon.as_ref().map(|d| d.volume_key_version).filter(|v| *v != 0),
             "commit_error": daemon.as_ref().and_then(|d| d.commit_error.clone()),
             "problem": daemon.as_ref().and_then(|d| d.problem.clone()),
+            // Why the command exits non-zero, whichever field above says it.
+            "failing": verdict.as_ref().err().map(|e| &e.message),
             "pending_keys_file": !pending.is_empty(),
             "pending_keys_files": pending,
             "key_state": key_state.as_ref().map(|k| &k.state),
@@ -161,13 +170,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "days_since_rotation": days_since_rotation,
         });
         outln!("{out}");
-        return failing(
-            count_error,
-            daemon.as_ref(),
-            stopped,
-            gone(stale, unseen, mount.as_ref()),
-        )
-        .and_then(|()| usable(key_state.as_ref(), &too_old));
+        return verdict;
     }
     outln!("volume:         {}", hex(&row.volume_id));
     outln!("backing:        {}", super::printable(&backing.display().to_string()));
@@ -308,7 +311,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         }
     }
     failing(
-        count_error,
+        count_error.as_ref(),
         daemon.as_ref(),
         stopped,
         gone(stale, unseen, mount.as_ref()),
@@ -363,13 +366,13 @@ fn gone(stale: bool, unseen: bool, mount: Option<&MountEntry>) -> Option<Gone<'_
 /// The command fails when it reported something failing: a script that
 /// checks only the exit status learns of it too.
 fn failing(
-    count_error: Option<CliError>,
+    count_error: Option<&CliError>,
     daemon: Option<&kmsfs::volume::lock::DaemonInfo>,
     stopped: bool,
     gone: Option<Gone<'_>>,
 ) -> Result<(), CliError> {
     if let Some(e) = count_error {
-        return Err(e);
+        return Err(CliError::new(e.code, e.message.clone()));
     }
     if let Some(d) = daemon.filter(|_| stopped) {
         return Err(CliError::new(

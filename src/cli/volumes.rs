@@ -177,38 +177,76 @@ pub fn event_for(action: &str, backing: &Path, volume_id: Option<&[u8; 16]>) -> 
 /// The backing directory `path` names: itself (or, for the plaintext
 /// directory of a reverse view, that directory), or the volume mounted at it.
 pub fn backing_of(path: &Path) -> Result<PathBuf, CliError> {
-    let at = match std::fs::canonicalize(path) {
-        Ok(p) => p,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => std::path::absolute(path)?,
-        Err(_) => return Ok(path.to_path_buf()), // read_info names what is wrong
-    };
-    // The mount table first: the top of a reverse view holds a kmsfs.db too.
-    let mounted = super::mounts::mounts()?
-        .into_iter()
-        .find(|m| m.mountpoint == at && m.is_kmsfs());
-    if mounted.is_none() && volume_dir(path).0.join(kmsfs::volume::db::DB_FILE).exists() {
-        return Ok(at);
-    }
-    match mounted {
-        Some(m) if volume_dir(&m.source).0.join(kmsfs::volume::db::DB_FILE).exists() => Ok(m.source),
-        Some(_) => Err(CliError::new(
-            ExitCode::Usage,
-            format!(
-                "{} is a kmsfs mount point mounted with fsname=: give its backing directory",
-                path.display()
-            ),
-        )),
-        None => Ok(at),
-    }
+    resolve(path).map(|(backing, _)| backing)
 }
 
 /// The backing directory a command that takes one is given: the path
 /// itself, or, for a kmsfs mount point, the volume mounted there.
 pub fn volume_arg(path: &Path) -> Result<PathBuf, CliError> {
-    let resolved = backing_of(path)?;
-    Ok(if std::fs::canonicalize(path).is_ok_and(|p| p == resolved) {
-        path.to_path_buf()
-    } else {
-        resolved
+    Ok(match resolve(path)? {
+        (resolved, Named::Itself) => {
+            // As given (relative stays relative) when it is that directory.
+            if std::fs::canonicalize(path).is_ok_and(|p| p == resolved) {
+                path.to_path_buf()
+            } else {
+                resolved
+            }
+        }
+        (resolved, Named::Mount) => resolved,
     })
+}
+
+enum Named {
+    Itself,
+    Mount,
+}
+
+fn resolve(path: &Path) -> Result<(PathBuf, Named), CliError> {
+    // The mount table first: the top of a reverse view holds a kmsfs.db
+    // too. And before anything looks at the path: with its daemon stopped
+    // (SIGSTOP), a look at a mount point waits until it runs again.
+    if let Some(mount) = kmsfs_mount_named(path)? {
+        return mounted_volume(path, mount).map(|backing| (backing, Named::Mount));
+    }
+    let at = match std::fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => std::path::absolute(path)?,
+        Err(_) => return Ok((path.to_path_buf(), Named::Itself)), // read_info names what is wrong
+    };
+    // A path that reaches a mount point through a symlink.
+    let mounted = super::mounts::mounts()?
+        .into_iter()
+        .find(|m| m.mountpoint == at && m.is_kmsfs());
+    match mounted {
+        Some(mount) => mounted_volume(path, mount).map(|backing| (backing, Named::Mount)),
+        None => Ok((at, Named::Itself)),
+    }
+}
+
+/// The kmsfs mount whose mount point `path` names without a symlink in its
+/// last component, found without looking at that component.
+fn kmsfs_mount_named(path: &Path) -> Result<Option<super::mounts::MountEntry>, CliError> {
+    let Ok(lexical) = std::path::absolute(path) else {
+        return Ok(None);
+    };
+    let through_parent = match (lexical.parent(), lexical.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent).ok().map(|p| p.join(name)),
+        _ => None,
+    };
+    Ok(super::mounts::mounts()?
+        .into_iter()
+        .find(|m| m.is_kmsfs() && (m.mountpoint == lexical || Some(&m.mountpoint) == through_parent.as_ref())))
+}
+
+fn mounted_volume(path: &Path, mount: super::mounts::MountEntry) -> Result<PathBuf, CliError> {
+    if volume_dir(&mount.source).0.join(kmsfs::volume::db::DB_FILE).exists() {
+        return Ok(mount.source);
+    }
+    Err(CliError::new(
+        ExitCode::Usage,
+        format!(
+            "{} is a kmsfs mount point mounted with fsname=: give its backing directory",
+            path.display()
+        ),
+    ))
 }

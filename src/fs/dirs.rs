@@ -392,7 +392,15 @@ impl KmsFs {
     }
 
     pub(super) fn io_error(&self, node: &Node, what: &str, e: &std::io::Error) -> Errno {
-        log::warn!("{what} on {}: {e}", self.describe(node));
+        if !super::space::is_full(e) {
+            log::warn!("{what} on {}: {e}", self.describe(node));
+        } else if let Some(unlogged) = self.space.log_full_error() {
+            let since = match unlogged {
+                0 => String::new(),
+                n => format!(" ({n} more such errors since the last one logged)"),
+            };
+            log::warn!("{what} on {}: {e}{since}", self.describe(node));
+        }
         io_errno(e)
     }
 }

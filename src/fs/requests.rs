@@ -44,6 +44,10 @@ impl fuser::Filesystem for Mounted {
         self.syncs.shutdown();
         self.prefetches.shutdown();
         self.fs.verified_ahead.log_summary();
+        match self.fs.space.unlogged_full_errors() {
+            0 => {}
+            n => log::warn!("{n} more backing I/O requests failed for lack of space (not logged one by one)"),
+        }
         // Removed files still open (or not yet forgotten) at unmount.
         for node in self.fs.inodes.unlinked_nodes() {
             self.fs.erase_key_of_unlinked(&node);

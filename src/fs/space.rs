@@ -6,11 +6,15 @@
 //! itself fails with ENOSPC, as on a local filesystem.
 
 use std::os::fd::OwnedFd;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How often free space is looked at again (a statvfs).
 const RECHECK: Duration = Duration::from_millis(500);
+
+/// How long after a logged lack-of-space error the next ones are only counted.
+const FULL_LOG_QUIET: Duration = Duration::from_secs(10);
 
 pub struct FreeSpace {
     backing: OwnedFd,
@@ -20,6 +24,9 @@ pub struct FreeSpace {
     /// Milliseconds since `started` of the last check.
     checked_at: AtomicU64,
     low: AtomicBool,
+    /// When a lack-of-space error was last logged, and how many were not
+    /// logged since.
+    full_errors: Mutex<(Option<Instant>, u64)>,
 }
 
 impl FreeSpace {
@@ -30,6 +37,7 @@ impl FreeSpace {
             started: Instant::now(),
             checked_at: AtomicU64::new(0),
             low: AtomicBool::new(false),
+            full_errors: Mutex::new((None, 0)),
         };
         space.check();
         space
@@ -65,5 +73,52 @@ impl FreeSpace {
             self.check();
         }
         self.low.load(Ordering::Relaxed)
+    }
+
+    /// Whether a lack-of-space error (ENOSPC, EDQUOT) is to be logged now:
+    /// with the writeback cache every WRITE the kernel writes back to a full
+    /// disk fails alike, so after one is logged the next ones within
+    /// `FULL_LOG_QUIET` are only counted. Returns how many were not logged
+    /// before this one.
+    pub fn log_full_error(&self) -> Option<u64> {
+        let mut state = crate::util::lock(&self.full_errors);
+        let (last, unlogged) = &mut *state;
+        if last.is_some_and(|at| at.elapsed() < FULL_LOG_QUIET) {
+            *unlogged += 1;
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(std::mem::take(unlogged))
+    }
+
+    /// How many lack-of-space errors were counted and not logged (for the
+    /// summary at unmount).
+    pub fn unlogged_full_errors(&self) -> u64 {
+        std::mem::take(&mut crate::util::lock(&self.full_errors).1)
+    }
+}
+
+/// Whether an error is the backing filesystem's lack of space.
+pub fn is_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lack_of_space_errors_are_logged_once_then_counted() {
+        let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
+        let space = FreeSpace::new(dir.into(), 0);
+        assert_eq!(space.log_full_error(), Some(0));
+        assert_eq!(space.log_full_error(), None);
+        assert_eq!(space.log_full_error(), None);
+        assert_eq!(space.unlogged_full_errors(), 2);
+        assert_eq!(space.unlogged_full_errors(), 0);
+        // Once the quiet time is over the next one is logged with the count.
+        space.log_full_error();
+        crate::util::lock(&space.full_errors).0 = Instant::now().checked_sub(FULL_LOG_QUIET);
+        assert_eq!(space.log_full_error(), Some(1));
     }
 }

@@ -84,6 +84,7 @@ fn a_killed_daemon_leaves_a_mount_that_status_mount_and_umount_name() {
     let m = vol.mount();
     fs::write(vol.path("f"), b"x").unwrap();
     let status: serde_json::Value = serde_json::from_slice(&vol.run(&["status", "--json", backing]).stdout).unwrap();
+    assert!(status["failing"].is_null(), "a healthy mount: {status}");
     let pid = status["daemon_pid"].as_i64().unwrap() as i32;
     unsafe { libc::kill(pid, libc::SIGKILL) };
     wait_until("daemon gone", || unsafe { libc::kill(pid, 0) } != 0);
@@ -336,6 +337,7 @@ fn umount_of_a_stopped_daemons_mount_does_not_wait_on_it() {
     // No attributes kept by the kernel: a look at the mount point asks the daemon.
     let m = vol.mount_with(&["-o", "attr_timeout=0"]);
     let status: serde_json::Value = serde_json::from_slice(&vol.run(&["status", "--json", backing]).stdout).unwrap();
+    assert!(status["failing"].is_null(), "a healthy mount: {status}");
     let pid = status["daemon_pid"].as_i64().unwrap() as i32;
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let resume = Resume(pid);
@@ -346,8 +348,34 @@ fn umount_of_a_stopped_daemons_mount_does_not_wait_on_it() {
     let out = vol.run(&["status", "--json", backing]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["daemon_stopped"], true, "{status}");
+    assert!(
+        status["failing"]
+            .as_str()
+            .is_some_and(|why| why.contains(&format!("kill -CONT {pid}"))),
+        "one field says why it fails: {status}"
+    );
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     assert!(stderr(&out).contains(&format!("kill -CONT {pid}")), "{}", stderr(&out));
+    // Named by its mount point, the volume is found in the mount table,
+    // without a look at the mount point (which would wait on the daemon:
+    // resolving "MOUNTPOINT/" checks that it is a directory).
+    let mut by_mountpoint = vol
+        .command()
+        .args(["status", "--json", &format!("{}/", path_str(&vol.mnt))])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let finished = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        by_mountpoint.try_wait().unwrap().is_some()
+    });
+    if !finished {
+        let _ = by_mountpoint.kill();
+    }
+    let out = by_mountpoint.wait_with_output().unwrap();
+    assert!(finished, "status of the mount point waits on the stopped daemon");
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     let mut umount = vol.command().args(["umount", path_str(&vol.mnt)]).spawn().unwrap();
     wait_until("the stopped daemon's mount is gone", || !common::is_mounted(&vol.mnt));
     drop(resume);
