@@ -93,7 +93,8 @@ for line in sys.stdin:
         "$bin" --test-threads=2 tree:: rotation:: fsck:: tamper:: golden:: fsx:: stress:: backups:: reverse:: audit:: \
         posix::rename_semantics posix::hard_links posix::fifos_symlinks posix::fallocate \
         posix::concurrent_writers posix::xattrs_on_files \
-        acl_atime::acl_option_on_a_private_mount acl_atime::reads_move 2>&1 \
+        acl_atime::acl_option_on_a_private_mount acl_atime::reads_move \
+        operator::allow_other_by_a_normal_user_needs_user_allow_other 2>&1 \
         | sed 's/^test /test (normal user) /' | tee -a target/test-output.txt
 fi
 # The Debian package, installed with apt-get and used as an administrator

@@ -13,6 +13,7 @@ mod host_config;
 mod keys;
 mod logging;
 mod mount_options;
+mod mount_point;
 mod mounts;
 mod progress;
 mod rekey;

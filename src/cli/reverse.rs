@@ -13,7 +13,8 @@ use kmsfs::reverse::{ReverseFs, ReverseOptions};
 use kmsfs::volume::Volume;
 use kmsfs::volume::lock::{DaemonInfo, VolumeLock};
 
-use super::daemon::{self, MountArgs, mount_error};
+use super::daemon::{self, MountArgs};
+use super::mount_point::mount_error;
 use super::{CliError, ExitCode, KeyOptions};
 
 pub fn serve(

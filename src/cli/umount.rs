@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use kmsfs::volume::lock::{DaemonInfo, VolumeLock};
 
-use super::daemon::{mount_error, mount_point_path};
+use super::mount_point::{mount_error, mount_point_path};
 use super::{CliError, ExitCode};
 
 /// Unmounts `mountpoint` now, or fails (EBUSY while in use): umount2 as

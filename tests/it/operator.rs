@@ -395,3 +395,35 @@ fn umount_through_a_symlink_to_the_mount_point() {
     assert!(!common::is_mounted(&vol.mnt));
     drop(m);
 }
+
+/// fusermount3 refuses `allow_other` to a normal user unless /etc/fuse.conf
+/// says `user_allow_other`: the mount fails saying so, mounts nothing and
+/// leaves no daemon. Run by the normal-user pass of scripts/test.sh (root
+/// needs no such line).
+#[test]
+fn allow_other_by_a_normal_user_needs_user_allow_other() {
+    let conf = fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
+    let allowed = conf
+        .lines()
+        .any(|line| line.split('#').next().unwrap_or("").trim() == "user_allow_other");
+    if unsafe { libc::geteuid() } == 0 || allowed {
+        eprintln!("nothing to check: run as root, or /etc/fuse.conf allows other users");
+        return;
+    }
+    let vol = TestVolume::init();
+    let out = vol.run(&["mount", path_str(&vol.backing), path_str(&vol.mnt), "-o", "allow_other"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("user_allow_other") && stderr(&out).contains("/etc/fuse.conf"),
+        "names the setting and the file: {}",
+        stderr(&out)
+    );
+    assert!(!common::is_mounted(&vol.mnt));
+    let status: serde_json::Value =
+        serde_json::from_slice(&vol.run(&["status", "--json", path_str(&vol.backing)]).stdout).unwrap();
+    assert!(status["daemon_pid"].is_null(), "no daemon left: {status}");
+    // Without the option the same user mounts.
+    let m = vol.mount();
+    fs::write(vol.path("mine"), b"only mine").unwrap();
+    drop(m);
+}
