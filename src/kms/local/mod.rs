@@ -272,14 +272,25 @@ pub struct LocalKeystore {
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KmsError + '_ {
     move |source| KmsError::Io {
         path: path.to_path_buf(),
-        source,
+        source: match source.kind() {
+            // kmsfs makes it 0600: what is denied is most often another user.
+            std::io::ErrorKind::PermissionDenied => std::io::Error::new(
+                source.kind(),
+                format!("{source}; a keystore is its owner's alone (mode 0600): run kmsfs as that user"),
+            ),
+            _ => source,
+        },
     }
 }
 
+/// A keystore kmsfs did not write as it is: only its backup helps.
 fn corrupt(path: &Path, reason: impl Into<String>) -> KmsError {
     KmsError::KeystoreCorrupt {
         path: path.to_path_buf(),
-        reason: reason.into(),
+        reason: format!(
+            "{}; restore it from your backup of the keystore (kmsfs writes it whole or not at all)",
+            reason.into()
+        ),
     }
 }
 
@@ -408,10 +419,10 @@ impl LocalKeystore {
         let file: KeystoreFile = serde_json::from_str(&text).map_err(|e| corrupt(&self.path, e.to_string()))?;
         match file.check(&self.kek, &self.path) {
             Ok(()) => Ok(file),
-            Err(VerifyError::WrongKey) => Err(corrupt(
-                &self.path,
-                "the keystore was replaced or re-protected while this command ran; run it again",
-            )),
+            Err(VerifyError::WrongKey) => Err(KmsError::KeystoreCorrupt {
+                path: self.path.clone(),
+                reason: "the keystore was replaced or re-protected while this command ran; run it again".into(),
+            }),
             Err(VerifyError::Corrupt(e)) => Err(e),
         }
     }

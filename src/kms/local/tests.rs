@@ -65,7 +65,10 @@ fn states_aliases_and_versions_are_authenticated() {
         fs::write(&path, original.replace(from, to)).unwrap();
         match LocalKeystore::open(&path, &secret) {
             Err(KmsError::KeystoreCorrupt { reason, .. }) => {
-                assert!(reason.contains("changed outside"), "{reason}")
+                assert!(
+                    reason.contains("changed outside") && reason.contains("backup"),
+                    "{reason}"
+                )
             }
             other => panic!("{to}: {:?}", other.map(|_| ())),
         }
@@ -83,6 +86,26 @@ fn states_aliases_and_versions_are_authenticated() {
     ));
     fs::write(&path, &original).unwrap();
     assert_eq!(LocalKeystore::open(&path, &secret).unwrap().key_id(&id).unwrap(), id);
+}
+
+#[test]
+fn a_cut_keystore_says_to_restore_it_from_a_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ks.json");
+    let secret = UnlockSecret::Passphrase(Zeroizing::new("pass".into()));
+    LocalKeystore::create(&path, &secret, fast()).unwrap();
+    let text = fs::read(&path).unwrap();
+    fs::write(&path, &text[..text.len() / 2]).unwrap();
+    match LocalKeystore::open(&path, &secret) {
+        Err(e @ KmsError::KeystoreCorrupt { .. }) => {
+            let said = e.to_string();
+            assert!(
+                said.contains("ks.json") && said.contains("restore it from your backup"),
+                "{said}"
+            );
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
 }
 
 #[test]
