@@ -56,6 +56,19 @@ fn rotate_volume(backing: &Path, keys: &KeyOptions, json: bool) -> Result<rotate
     if reverse {
         return rotate_reverse(&dir, keys);
     }
+    // It would wait for the daemon to load the new version, then undo.
+    if let Some(daemon) = kmsfs::volume::lock::VolumeLock::daemon(backing, None)
+        .filter(|d| !d.finishing && super::mounts::is_stopped(d.pid))
+    {
+        return Err(CliError::new(
+            super::ExitCode::Mount,
+            format!(
+                "the volume is mounted, but {}: a rotation needs it to load the new volume key; resume it \
+                 first",
+                super::mounts::stopped_daemon(daemon.pid)
+            ),
+        ));
+    }
     let volume = volumes::open_volume(backing, keys)?;
     let progress = super::progress::Progress::new("re-wrapping file keys", json);
     let report = rotate::rotate(&volume, &mut |done, total| progress.update(done, total))?;

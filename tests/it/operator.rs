@@ -376,6 +376,14 @@ fn umount_of_a_stopped_daemons_mount_does_not_wait_on_it() {
     let out = by_mountpoint.wait_with_output().unwrap();
     assert!(finished, "status of the mount point waits on the stopped daemon");
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    // A rotation would wait for the daemon to take the new version up: it
+    // is refused at once, and nothing is begun.
+    let started = Instant::now();
+    let out = vol.run(&["rotate", path_str(&vol.mnt)]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("kill -CONT {pid}")), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(10), "refused without waiting");
+    assert!(common::stdout(&vol.run(&["status", backing])).contains("rotation:       none"));
     let mut umount = vol.command().args(["umount", path_str(&vol.mnt)]).spawn().unwrap();
     wait_until("the stopped daemon's mount is gone", || !common::is_mounted(&vol.mnt));
     drop(resume);
