@@ -64,6 +64,12 @@ pub enum KmsError {
     KeystoreCorrupt { path: PathBuf, reason: String },
     #[error("key {0} not found in the keystore")]
     KeyNotFound(String),
+    #[error(
+        "the wrapped key names version {version} of master key {key}, which keystore {path} does not \
+         hold: the keystore is older than the one that wrapped it (restore its newest backup), or what \
+         holds the wrapped key (the volume's metadata DB) was altered"
+    )]
+    UnknownKeyVersion { key: String, version: u32, path: PathBuf },
     #[error("key {key} is {state} and cannot be used")]
     KeyNotUsable { key: String, state: String },
     #[error("the wrapped volume key does not decrypt under key {0} with this volume's encryption context")]

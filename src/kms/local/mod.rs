@@ -554,7 +554,11 @@ impl LocalKeystore {
             .versions
             .iter()
             .find(|v| v.version == version)
-            .ok_or_else(|| corrupt(&self.path, format!("key {} has no version {version}", record.id)))?;
+            .ok_or_else(|| KmsError::UnknownKeyVersion {
+                key: record.id.clone(),
+                version,
+                path: self.path.clone(),
+            })?;
         let sealed = B64
             .decode(&v.material)
             .map_err(|_| corrupt(&self.path, "key material is not base64"))?;

@@ -24,6 +24,16 @@ fn passphrase_keystore_generate_and_decrypt_with_context() {
         Err(KmsError::InvalidCiphertext(_))
     ));
     assert_eq!(p.call_count(), 3);
+    // A blob naming a version the keystore never had (it comes from the
+    // volume's DB) is told apart from a damaged keystore.
+    let mut bytes = wrapped.as_bytes().to_vec();
+    bytes[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
+    match p.decrypt(&WrappedKey::from_bytes(bytes), &ctx) {
+        Err(e @ KmsError::UnknownKeyVersion { version: u32::MAX, .. }) => {
+            assert!(e.to_string().contains("metadata DB"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
     let wrong = UnlockSecret::Passphrase(Zeroizing::new("wrong".into()));
     assert!(matches!(
         LocalKeystore::open(&path, &wrong),
