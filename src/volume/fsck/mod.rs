@@ -3,6 +3,7 @@
 //! with repair, fixes what can be fixed without guessing and moves
 //! unreadable entries into `lost+found` with a report.
 
+mod confined;
 mod files;
 mod repair;
 mod walk;

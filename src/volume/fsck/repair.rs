@@ -1,15 +1,18 @@
 //! `--repair` and `--salvage`: acting on what the check found, and the
 //! lost+found directory that unreadable entries move into.
 
-use std::fs;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+
+use rustix::fs::{AtFlags, Mode, OFlags};
 
 use super::super::content;
 use super::super::header;
 use super::super::layout::{self, DIR_IV_FILE, DirIv, LONG_NAME_PREFIX, SIDECAR_SUFFIX};
 use super::super::namespace::{self, FileIdRead};
-use super::super::{Volume, VolumeError, write_dir_iv};
+use super::super::{Volume, VolumeError};
+use super::confined::Confined;
 use super::{LOST_FOUND, Rescue, Walk};
 use crate::crypto::FileId;
 
@@ -19,31 +22,28 @@ pub(super) fn repair_volume(
     orphan_keys: &[(FileId, usize)],
     salvage: bool,
 ) -> Result<(), VolumeError> {
+    let backing = volume.backing();
+    let confined = Confined::open(backing).map_err(|e| VolumeError::Io {
+        path: backing.to_path_buf(),
+        source: e,
+    })?;
     for (path, i) in std::mem::take(&mut w.removals) {
-        // Not followed: a symlink in a temporary's place is removed itself.
-        let removed = if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
-            // An interrupted mkdir: only its IV inside.
-            let only_iv = fs::read_dir(&path)
-                .map(|d| d.filter_map(|e| e.ok()).all(|e| e.file_name() == DIR_IV_FILE))
-                .unwrap_or(false);
-            if only_iv {
-                fs::remove_dir_all(&path).map(|_| "removed")
-            } else {
-                Ok("left alone: not empty")
-            }
-        } else {
-            fs::remove_file(&path).map(|_| "removed")
-        };
-        w.problems[i].repair = removed.ok().filter(|r| *r == "removed").map(str::to_string);
+        // An interrupted mkdir's directory goes only if its IV is all it holds.
+        if confined.remove(&path).unwrap_or(false) {
+            w.problems[i].repair = Some("removed".into());
+        }
     }
     for (dir, i) in std::mem::take(&mut w.missing_ivs) {
-        let _ = fs::remove_file(dir.join(DIR_IV_FILE));
-        if write_dir_iv(&dir).is_ok() {
+        let written = confined.dir(&dir).and_then(|dir| {
+            let _ = rustix::fs::unlinkat(&dir, DIR_IV_FILE, AtFlags::empty());
+            namespace::create_dir_iv(dir.as_fd())
+        });
+        if written.is_ok() {
             w.problems[i].repair = Some("wrote a new IV (the directory was empty)".into());
         }
     }
     for (path, id, i) in std::mem::take(&mut w.header_fixes) {
-        let fixed = fs::OpenOptions::new().write(true).open(&path).and_then(|f| {
+        let fixed = confined.file(&path).and_then(|f| {
             std::os::unix::fs::FileExt::write_all_at(&f, &header::encode(&id), 0).and_then(|_| f.sync_all())
         });
         if fixed.is_ok() {
@@ -84,7 +84,7 @@ pub(super) fn repair_volume(
     // Deepest first: an unreadable entry inside an unreadable directory is
     // moved out before its directory, whose move would take it along.
     rescues.sort_by_key(|r| std::cmp::Reverse(r.backing.components().count()));
-    let lost = LostFound::open(volume)?;
+    let lost = LostFound::open(volume, &confined)?;
     let mut lines = vec![format!("kmsfs fsck report, {} entries moved here", rescues.len())];
     for r in rescues {
         let base = r
@@ -97,15 +97,15 @@ pub(super) fn repair_volume(
         let mut note = String::new();
         if salvage
             && !r.bad_blocks.is_empty()
-            && let Some(cipher) = file_cipher_of(volume, &r.backing)
-            && let Ok(file) = fs::OpenOptions::new().read(true).write(true).open(&r.backing)
+            && let Ok(file) = confined.file(&r.backing)
+            && let Some(cipher) = file_cipher_of(volume, &file)
             && content::zero_blocks(&file, &cipher, &r.bad_blocks).is_ok()
         {
             name.push_str(".salvaged");
             note = format!("; blocks {:?} (4 KiB each) replaced by ZEROS", r.bad_blocks);
         }
         let problem = &mut w.problems[r.problem];
-        let name = match lost.move_in(volume, &r.backing, &name) {
+        let name = match lost.move_in(volume, &confined, &r.backing, &name) {
             Ok(name) => name,
             Err(e) => {
                 // Left where it is and reported: the other entries are still moved.
@@ -138,12 +138,13 @@ pub(super) fn repair_volume(
 
 /// Zeroes the bad blocks of a file already in lost+found and marks its name.
 pub(super) fn salvage_in_place(volume: &Volume, r: &Rescue) -> Option<String> {
-    let cipher = file_cipher_of(volume, &r.backing)?;
-    let file = fs::OpenOptions::new().read(true).write(true).open(&r.backing).ok()?;
+    let confined = Confined::open(volume.backing()).ok()?;
+    let file = confined.file(&r.backing).ok()?;
+    let cipher = file_cipher_of(volume, &file)?;
     content::zero_blocks(&file, &cipher, &r.bad_blocks).ok()?;
     let name = r.plain.as_deref()?.rsplit('/').next()?.to_string() + ".salvaged";
-    let lost = LostFound::open(volume).ok()?;
-    let name = lost.move_in(volume, &r.backing, &name).ok()?;
+    let lost = LostFound::open(volume, &confined).ok()?;
+    let name = lost.move_in(volume, &confined, &r.backing, &name).ok()?;
     Some(format!("blocks {:?} replaced by ZEROS; renamed {name}", r.bad_blocks))
 }
 
@@ -155,73 +156,73 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-fn file_cipher_of(volume: &Volume, path: &Path) -> Option<crate::crypto::BlockCipher> {
-    match namespace::read_file_id_at(path) {
+fn file_cipher_of(volume: &Volume, file: &File) -> Option<crate::crypto::BlockCipher> {
+    match namespace::read_file_id(file) {
         Ok(FileIdRead::Id(id)) => volume.file_cipher(&id).ok(),
         _ => None,
     }
 }
 
-/// The volume's `lost+found` directory (created when first needed).
+/// The volume's `lost+found` directory (created when first needed), held
+/// open: what moves in and what is written there goes by its descriptor.
 struct LostFound {
-    dir: PathBuf,
+    dir: OwnedFd,
     iv: DirIv,
 }
 
 impl LostFound {
-    fn open(volume: &Volume) -> Result<Self, VolumeError> {
+    fn open(volume: &Volume, confined: &Confined) -> Result<Self, VolumeError> {
         let root = volume.backing();
-        let root_iv = namespace::read_dir_iv_at(root).map_err(|e| VolumeError::Tampered {
+        let tampered = |what: String| VolumeError::Tampered {
             volume: root.to_path_buf(),
-            what: format!("root IV ({e})"),
-        })?;
+            what,
+        };
+        let io = |e: std::io::Error| VolumeError::Io {
+            path: root.join(LOST_FOUND),
+            source: e,
+        };
+        let root_dir = confined.dir(root).map_err(io)?;
+        let root_iv = namespace::read_dir_iv(root_dir.as_fd()).map_err(|e| tampered(format!("root IV ({e})")))?;
         let name = layout::backing_name(volume.names(), &root_iv, LOST_FOUND.as_bytes());
-        let dir = root.join(name.as_str());
-        if std::fs::symlink_metadata(&dir).is_ok_and(|m| !m.is_dir()) {
-            return Err(VolumeError::Tampered {
-                volume: root.to_path_buf(),
-                what: format!(
+        let made = match rustix::fs::mkdirat(&root_dir, name.as_str(), Mode::from_raw_mode(0o700)) {
+            Ok(()) => true,
+            Err(rustix::io::Errno::EXIST) => false,
+            Err(e) => return Err(io(e.into())),
+        };
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let dir = match rustix::fs::openat(&root_dir, name.as_str(), flags, Mode::empty()) {
+            Ok(dir) => dir,
+            Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
+                return Err(tampered(format!(
                     "{LOST_FOUND} is not a directory (something else has its name); rename it through the \
                      mount, then repair again"
-                ),
-            });
+                )));
+            }
+            Err(e) => return Err(io(e.into())),
+        };
+        if made {
+            rustix::fs::fchmod(&dir, Mode::from_raw_mode(0o700)).map_err(|e| io(e.into()))?;
+            namespace::create_dir_iv(dir.as_fd()).map_err(io)?;
         }
-        if !dir.exists() {
-            fs::create_dir(&dir).map_err(|e| VolumeError::Io {
-                path: dir.clone(),
-                source: e,
-            })?;
-            fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(|e| {
-                VolumeError::Io {
-                    path: dir.clone(),
-                    source: e,
-                }
-            })?;
-            write_dir_iv(&dir)?;
-        }
-        let iv = namespace::read_dir_iv_at(&dir).map_err(|e| VolumeError::Tampered {
-            volume: dir.clone(),
-            what: format!("lost+found IV ({e})"),
-        })?;
+        let iv = namespace::read_dir_iv(dir.as_fd()).map_err(|e| tampered(format!("lost+found IV ({e})")))?;
         Ok(LostFound { dir, iv })
     }
 
-    fn target(&self, volume: &Volume, name: &str) -> Result<PathBuf, VolumeError> {
+    /// The backing name of `name` in lost+found, its sidecar written if long.
+    fn target(&self, volume: &Volume, name: &str) -> Result<String, VolumeError> {
         let backing = layout::backing_name(volume.names(), &self.iv, name.as_bytes());
         if backing.sidecar().is_some() {
-            namespace::open_dir(&self.dir)
-                .and_then(|d| namespace::write_sidecar(std::os::fd::AsFd::as_fd(&d), &backing))
-                .map_err(|e| VolumeError::Io {
-                    path: self.dir.clone(),
-                    source: e,
-                })?;
+            namespace::write_sidecar(self.dir.as_fd(), &backing).map_err(|e| VolumeError::Io {
+                path: Path::new(LOST_FOUND).join(backing.as_str()),
+                source: e,
+            })?;
         }
-        Ok(self.dir.join(backing.as_str()))
+        Ok(backing.as_str().to_string())
     }
 
     /// Moves `from` in as `name`, or `name.N` if that is taken (never over
     /// an entry); returns the name it got.
-    fn move_in(&self, volume: &Volume, from: &Path, name: &str) -> Result<String, VolumeError> {
+    fn move_in(&self, volume: &Volume, confined: &Confined, from: &Path, name: &str) -> Result<String, VolumeError> {
         let io = |e: std::io::Error| VolumeError::Io {
             path: from.to_path_buf(),
             source: e,
@@ -229,42 +230,33 @@ impl LostFound {
         let mut taken = name.to_string();
         for n in 1.. {
             let to = self.target(volume, &taken)?;
-            match rustix::fs::renameat_with(
-                rustix::fs::CWD,
-                from,
-                rustix::fs::CWD,
-                &to,
-                rustix::fs::RenameFlags::NOREPLACE,
-            ) {
+            match confined.move_into(from, &self.dir, &to) {
                 Ok(()) => break,
-                Err(rustix::io::Errno::EXIST) if n < 1000 => taken = format!("{name}.{n}"),
-                Err(e) => return Err(io(e.into())),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) && n < 1000 => taken = format!("{name}.{n}"),
+                Err(e) => return Err(io(e)),
             }
         }
-        let from_name = from
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if from_name.starts_with(LONG_NAME_PREFIX) {
-            let _ = fs::remove_file(from.with_file_name(format!("{from_name}{SIDECAR_SUFFIX}")));
+        if let Ok((parent, from_name)) = confined.parent(from)
+            && from_name.to_string_lossy().starts_with(LONG_NAME_PREFIX)
+        {
+            let sidecar = format!("{}{SIDECAR_SUFFIX}", from_name.to_string_lossy());
+            let _ = rustix::fs::unlinkat(&parent, sidecar.as_str(), AtFlags::empty());
         }
         Ok(taken)
     }
 
     /// Writes a new encrypted file (the report) into lost+found.
     fn write_file(&self, volume: &Volume, name: &str, data: &[u8]) -> Result<(), VolumeError> {
-        let path = self.target(volume, name)?;
+        let backing_name = self.target(volume, name)?;
+        let path = Path::new(LOST_FOUND).join(&backing_name);
         let io = |e: std::io::Error| VolumeError::Io {
             path: path.clone(),
             source: e,
         };
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io)?;
+        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let file = rustix::fs::openat(&self.dir, backing_name.as_str(), flags, Mode::from_raw_mode(0o600))
+            .map(File::from)
+            .map_err(|e| io(e.into()))?;
         let (_, cipher) = volume.new_file_key()?;
         content::create(&file, &cipher).map_err(io)?;
         content::write(&file, &cipher, 0, data).map_err(|e| e.at(&path))?;
