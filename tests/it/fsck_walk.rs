@@ -101,3 +101,67 @@ fn a_temporary_name_that_is_a_symlink_is_removed_not_followed() {
     );
     assert!(!vol.backing.join("lost+found").exists());
 }
+
+/// The backing root's regular files, by name, other than kmsfs's own.
+fn backing_files(vol: &TestVolume) -> Vec<PathBuf> {
+    fs::read_dir(&vol.backing)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file() && !p.file_name().unwrap().to_string_lossy().starts_with("kmsfs."))
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect()
+}
+
+/// Entries under names kmsfs does not write are not checked, but what they
+/// may hold is never taken for gone: a file renamed by hand keeps its key
+/// (its header names it), a directory under a name beginning like the
+/// DB's is unreached, and a file under a temporary's name is checked and
+/// moved to lost+found, not deleted.
+#[test]
+fn files_under_names_kmsfs_does_not_write_keep_their_keys() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    fs::write(vol.path("renamed"), b"renamed by hand").unwrap();
+    fs::create_dir(vol.path("dir")).unwrap();
+    fs::write(vol.path("dir/inside"), b"in a directory renamed by hand").unwrap();
+    m.unmount();
+    let [file] = backing_files(&vol).try_into().expect("one file");
+    let aside = vol.backing.join("conflict copy.bak");
+    fs::rename(&file, &aside).unwrap();
+    let dir = backing_subdir(&vol);
+    let db_like = vol.backing.join("kmsfs.db.old");
+    fs::rename(&dir, &db_like).unwrap();
+
+    let (code, report) = fsck(&vol, &["--repair"]);
+    assert_eq!(code, 12, "the renamed directory could not be checked: {report}");
+    assert!(!report.to_string().contains("key row erased"), "{report}");
+    assert!(
+        report.to_string().contains("holds the header of a kmsfs file"),
+        "{report}"
+    );
+    assert!(kinds(&report).contains(&"unreached".to_string()), "{report}");
+    fs::rename(&aside, &file).unwrap();
+    fs::rename(&db_like, &dir).unwrap();
+    assert_eq!(fsck(&vol, &[]).0, 0);
+
+    // A file under a temporary's name: checked, its key used, moved.
+    let temporary = vol.backing.join("kmsfs.tmp.0123456789abcdef");
+    fs::rename(&file, &temporary).unwrap();
+    let (code, report) = fsck(&vol, &["--repair"]);
+    assert_eq!(code, 11, "{report}");
+    assert_eq!(kinds(&report), ["leftover_temporary"], "{report}");
+    assert!(!temporary.exists());
+    let m = vol.mount();
+    let lost: Vec<_> = fs::read_dir(vol.path("lost+found"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("kmsfs.tmp."))
+        .collect();
+    let [moved] = lost.try_into().expect("the temporary in lost+found");
+    assert_eq!(fs::read(moved).unwrap(), b"renamed by hand");
+    assert_eq!(
+        fs::read(vol.path("dir/inside")).unwrap(),
+        b"in a directory renamed by hand"
+    );
+    m.unmount();
+}

@@ -111,6 +111,9 @@ struct Walk {
     long_links: HashMap<[u8; 16], ((u64, u64), PathBuf)>,
     /// Directory IVs, and the first directory seen with each.
     dir_ivs: HashMap<layout::DirIv, PathBuf>,
+    /// Ids in the headers of files under names kmsfs does not write: their
+    /// keys are kept.
+    kept_ids: HashSet<FileId>,
     /// Long symlink target rows to erase: (link id, problem index).
     orphan_links: Vec<([u8; 16], usize)>,
     /// Files the system would not let fsck read, and entries it could not
@@ -288,7 +291,7 @@ pub fn fsck(
     }
     let mut orphan_keys = Vec::new();
     for id in volume.db().file_key_ids()? {
-        if !referenced.contains_key(&id) {
+        if !referenced.contains_key(&id) && !w.kept_ids.contains(&id) {
             let detail = format!("data key of file {} that no file uses", hex(&id));
             orphan_keys.push((id, w.problem(&root, "orphan_key", &root.join(DB_FILE), None, detail)));
         }

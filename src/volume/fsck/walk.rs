@@ -64,6 +64,24 @@ fn walk_subdir(volume: &Volume, dir: &Path, plain: Option<String>, w: &mut Walk)
     }
 }
 
+/// The files of the backing directory's top that are the volume's own:
+/// exact names, so that nothing else hides behind their prefixes.
+fn is_volume_file(name: &str) -> bool {
+    let db_companion = name
+        .strip_prefix(DB_FILE)
+        .is_some_and(|rest| matches!(rest, "" | "-wal" | "-shm" | "-journal"));
+    // A pending-keys file set aside as unreadable: `.unreadable` or `.unreadable.N`.
+    let set_aside = name
+        .strip_prefix(PENDING_FILE)
+        .and_then(|rest| rest.strip_prefix(".unreadable"))
+        .is_some_and(|n| {
+            n.is_empty()
+                || n.strip_prefix('.')
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        });
+    db_companion || name == LOCK_FILE || name == PENDING_FILE || set_aside
+}
+
 /// Whether directory `dir` (a real one, not a symlink) holds anything but
 /// its IV; one that cannot be listed counts as holding something.
 fn holds_more_than_an_iv(dir: &Path) -> bool {
@@ -150,14 +168,13 @@ pub(super) fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &m
         let raw = name.as_encoded_bytes();
         let path = dir.join(&name);
         let text = name.to_string_lossy();
-        let internal = text.starts_with(DB_FILE) || text == LOCK_FILE || text.starts_with(PENDING_FILE);
-        if text == DIR_IV_FILE || (is_root && internal) {
+        if text == DIR_IV_FILE || (is_root && is_volume_file(&text)) {
             continue;
         }
         if text.starts_with(TEMP_PREFIX) {
             // Looked at, never followed: a symlink in its place is removed,
             // not walked (it could lead anywhere outside the volume).
-            let real_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+            let meta = fs::symlink_metadata(&path);
             let i = w.problem(
                 root,
                 "leftover_temporary",
@@ -165,16 +182,40 @@ pub(super) fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &m
                 None,
                 "left by an interrupted mkdir or rekey".into(),
             );
-            // An interrupted mkdir leaves only the IV inside. Anything else
-            // (a directory renamed so) is checked like any other, so that
-            // the keys of its files count as used; the repair leaves it.
-            if real_dir && holds_more_than_an_iv(&path) {
-                w.problems[i]
-                    .detail
-                    .push_str("; not empty: its entries are checked and it is left alone");
-                walk_subdir(volume, &path, Some(format!("<{text}>")), w);
-            } else {
-                w.removals.push((path, i));
+            let shown = Some(format!("<{text}>"));
+            match meta {
+                // An interrupted mkdir leaves only the IV inside. Anything
+                // else (a directory renamed so) is checked like any other,
+                // so that the keys of its files count as used; the repair
+                // leaves it.
+                Ok(m) if m.is_dir() && holds_more_than_an_iv(&path) => {
+                    w.problems[i]
+                        .detail
+                        .push_str("; not empty: its entries are checked and it is left alone");
+                    walk_subdir(volume, &path, shown, w);
+                }
+                // An interrupted rekey's copy, or a file renamed so: checked
+                // (its key counts as used) and moved to lost+found, never
+                // deleted unseen.
+                Ok(m) if m.is_file() => {
+                    w.problems[i]
+                        .detail
+                        .push_str("; a file: checked, and moved to lost+found by --repair");
+                    w.rescues.push(Rescue {
+                        backing: path.clone(),
+                        plain: shown.clone(),
+                        tag: format!("ino{}", m.ino()),
+                        problem: i,
+                        bad_blocks: Vec::new(),
+                    });
+                    w.files.push(FileEntry {
+                        backing: path,
+                        plain: shown,
+                        inode: (m.dev(), m.ino()),
+                        len: m.len(),
+                    });
+                }
+                _ => w.removals.push((path, i)),
             }
             continue;
         }
@@ -210,13 +251,24 @@ pub(super) fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &m
                         "a directory under a name kmsfs does not write; left alone".into(),
                     );
                 } else {
-                    w.problem(
+                    let i = w.problem(
                         root,
                         "unknown_entry",
                         &path,
                         None,
                         "not a name kmsfs writes; left alone".into(),
                     );
+                    // A kmsfs file renamed by hand (a copy kept aside, a
+                    // sync tool's conflict copy): its key is still used.
+                    if meta.is_file()
+                        && let Ok(namespace::FileIdRead::Id(id)) = namespace::read_file_id_at(&path)
+                    {
+                        w.problems[i].detail.push_str(&format!(
+                            "; it holds the header of a kmsfs file (id {}), whose key is kept",
+                            hex(&id)
+                        ));
+                        w.kept_ids.insert(id);
+                    }
                 }
                 continue;
             }
