@@ -179,3 +179,15 @@ mod tests {
         }
     }
 }
+
+/// Whether process `pid` is stopped (SIGSTOP, or a debugger): everything
+/// its mount serves waits, though the process is alive.
+pub fn process_stopped(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (COMM) STATE …": COMM may hold spaces and parentheses.
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+        .is_some_and(|state| matches!(state, 'T' | 't'))
+}

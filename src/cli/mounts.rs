@@ -144,18 +144,6 @@ pub fn mount_containing(path: &Path) -> Result<Option<MountEntry>, CliError> {
         .max_by_key(|m| m.mountpoint.as_os_str().len()))
 }
 
-/// Whether process `pid` is stopped (SIGSTOP, or a debugger): everything
-/// its mount serves waits, though the process is alive.
-pub fn is_stopped(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // "PID (COMM) STATE …": COMM may hold spaces and parentheses.
-    stat.rsplit_once(") ")
-        .and_then(|(_, rest)| rest.chars().next())
-        .is_some_and(|state| matches!(state, 'T' | 't'))
-}
-
 /// What to tell about a stopped daemon `pid`.
 pub fn stopped_daemon(pid: u32) -> String {
     format!("its daemon (pid {pid}) is stopped (SIGSTOP; `kill -CONT {pid}` resumes it)")

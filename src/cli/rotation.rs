@@ -58,7 +58,7 @@ fn rotate_volume(backing: &Path, keys: &KeyOptions, json: bool) -> Result<rotate
     }
     // It would wait for the daemon to load the new version, then undo.
     if let Some(daemon) = kmsfs::volume::lock::VolumeLock::daemon(backing, None)
-        .filter(|d| !d.finishing && super::mounts::is_stopped(d.pid))
+        .filter(|d| !d.finishing && kmsfs::util::process_stopped(d.pid))
     {
         return Err(CliError::new(
             super::ExitCode::Mount,

@@ -88,9 +88,10 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     let unseen = daemon.is_none() && mount.is_some() && !stale;
     // Unmounted, committing its last keys, about to exit.
     let finishing = daemon.as_ref().is_some_and(|d| d.finishing);
-    // Only a serving daemon's stop holds up a mount (one finishing after an
-    // unmount has no mount left to hold up).
-    let stopped = mount.is_some() && !finishing && daemon.as_ref().is_some_and(|d| super::mounts::is_stopped(d.pid));
+    // A stopped daemon holds up its mount, or, once that was detached, the
+    // volume (its lock, its last keys); one finishing after an unmount has
+    // nothing left to hold up.
+    let stopped = !finishing && daemon.as_ref().is_some_and(|d| kmsfs::util::process_stopped(d.pid));
     let files_of = |v: u32| {
         counts
             .as_ref()
@@ -234,8 +235,13 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "mounted:        no (unmounted; its daemon, pid {}, is committing its last file keys)",
             d.pid
         ),
-        (Some(d), _) if stopped => outln!(
+        (Some(d), Some(_)) if stopped => outln!(
             "mounted:        yes{at}, but {}: requests on the mount wait until then",
+            super::mounts::stopped_daemon(d.pid)
+        ),
+        (Some(d), None) if stopped => outln!(
+            "mounted:        no (unmounted), but {}: it holds the volume until it has committed its last \
+             file keys and exited",
             super::mounts::stopped_daemon(d.pid)
         ),
         (Some(d), _) => outln!(
@@ -377,7 +383,10 @@ fn failing(
     if let Some(d) = daemon.filter(|_| stopped) {
         return Err(CliError::new(
             ExitCode::Mount,
-            format!("the volume is mounted, but {}", super::mounts::stopped_daemon(d.pid)),
+            format!(
+                "the volume is held by its daemon, but {}",
+                super::mounts::stopped_daemon(d.pid)
+            ),
         ));
     }
     match gone {

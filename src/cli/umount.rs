@@ -157,7 +157,7 @@ pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
     let Some(daemon) = daemon else {
         return Ok(());
     };
-    if super::mounts::is_stopped(daemon.pid) {
+    if kmsfs::util::process_stopped(daemon.pid) {
         log::warn!(
             "unmounted {}, but {}; waiting up to 60 s for it to exit",
             mountpoint.display(),
@@ -165,7 +165,7 @@ pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
         );
     }
     if !VolumeLock::wait_exited(&volume, &daemon, owner, Duration::from_secs(60)) {
-        if super::mounts::is_stopped(daemon.pid) {
+        if kmsfs::util::process_stopped(daemon.pid) {
             return Err(mount_error(format!(
                 "unmounted {}, but {}; it commits its last file keys and exits once continued",
                 mountpoint.display(),

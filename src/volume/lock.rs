@@ -143,8 +143,8 @@ fn with_failures_of(info: DaemonInfo, lock: Option<(&DaemonInfo, &std::fs::Metad
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("volume {path} is already mounted (daemon pid {pid})")]
-    Held { path: String, pid: String },
+    #[error("volume {path} is already mounted (daemon pid {pid}){stopped}")]
+    Held { path: String, pid: String, stopped: String },
     #[error(
         "cannot open the lock file {path}/kmsfs.lock ({source}); if it is a symlink, not a regular file or has other names, remove it"
     )]
@@ -197,12 +197,20 @@ impl VolumeLock {
         if flock(file.as_fd(), FlockOperation::NonBlockingLockExclusive).is_err() {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
-            let pid = serde_json::from_str::<DaemonInfo>(&text)
-                .map(|info| info.pid.to_string())
-                .unwrap_or_else(|_| "unknown".into());
+            let pid = serde_json::from_str::<DaemonInfo>(&text).map(|info| info.pid).ok();
+            // Its word, from a file anyone who can write the backing
+            // directory can forge: a hint only.
+            let stopped = match pid {
+                Some(pid) if crate::util::process_stopped(pid) => format!(
+                    "; that daemon is stopped (SIGSTOP; `kill -CONT {pid}` resumes it) and holds the volume \
+                     until it runs again"
+                ),
+                _ => String::new(),
+            };
             return Err(LockError::Held {
                 path: backing.display().to_string(),
-                pid,
+                pid: pid.map_or_else(|| "unknown".into(), |pid| pid.to_string()),
+                stopped,
             });
         }
         let record = host_record::own_dir().and_then(|dir| host_record::path_in(backing, &dir));

@@ -386,6 +386,19 @@ fn umount_of_a_stopped_daemons_mount_does_not_wait_on_it() {
     assert!(common::stdout(&vol.run(&["status", backing])).contains("rotation:       none"));
     let mut umount = vol.command().args(["umount", path_str(&vol.mnt)]).spawn().unwrap();
     wait_until("the stopped daemon's mount is gone", || !common::is_mounted(&vol.mnt));
+    // Unmounted, the stopped daemon still holds the volume: said, not
+    // "mounted: yes" with exit 0, nor a bare "already mounted".
+    let out = vol.run(&["status", backing]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(
+        common::stdout(&out).contains("no (unmounted), but") && stderr(&out).contains(&format!("kill -CONT {pid}")),
+        "{}{}",
+        common::stdout(&out),
+        stderr(&out)
+    );
+    let out = vol.run(&["mount", backing, path_str(&vol.mnt)]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("kill -CONT {pid}")), "{}", stderr(&out));
     drop(resume);
     assert!(umount.wait().unwrap().success());
     drop(m);
