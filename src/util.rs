@@ -148,6 +148,18 @@ pub fn parse_utc_date(text: &str) -> Option<u64> {
         .then_some(secs)
 }
 
+/// Whether process `pid` is stopped (SIGSTOP, or a debugger): everything
+/// its mount serves waits, though the process is alive.
+pub fn process_stopped(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (COMM) STATE …": COMM may hold spaces and parentheses.
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+        .is_some_and(|state| matches!(state, 'T' | 't'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::{parse_utc_date, utc_date};
@@ -178,16 +190,4 @@ mod tests {
             assert_eq!(parse_utc_date(bad), None, "{bad}");
         }
     }
-}
-
-/// Whether process `pid` is stopped (SIGSTOP, or a debugger): everything
-/// its mount serves waits, though the process is alive.
-pub fn process_stopped(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // "PID (COMM) STATE …": COMM may hold spaces and parentheses.
-    stat.rsplit_once(") ")
-        .and_then(|(_, rest)| rest.chars().next())
-        .is_some_and(|state| matches!(state, 'T' | 't'))
 }

@@ -1,7 +1,7 @@
 //! `kmsfs umount`, and the unmount the daemon itself does on a signal or
 //! when idle: umount2 as root, fusermount3 for a normal user.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kmsfs::volume::lock::{DaemonInfo, VolumeLock};
@@ -86,9 +86,38 @@ fn mounted(mountpoint: &Path) -> Result<Option<super::mounts::MountEntry>, CliEr
     Ok(Some(mount))
 }
 
+/// The one kmsfs mount of backing directory `backing` (a path that is no
+/// mount point), as `status`, `rotate` and `fsck` take either.
+fn mounted_from(backing: &Path) -> Result<(PathBuf, super::mounts::MountEntry), CliError> {
+    let source = std::fs::canonicalize(backing).unwrap_or_else(|_| backing.to_path_buf());
+    let mut of_it: Vec<_> = super::mounts::mounts()?
+        .into_iter()
+        .filter(|m| m.is_kmsfs() && m.source == source)
+        .collect();
+    match of_it.len() {
+        0 => Err(mount_error(format!("{} is not mounted", backing.display()))),
+        1 => {
+            let mount = of_it.remove(0);
+            Ok((mount.mountpoint.clone(), mount))
+        }
+        _ => Err(mount_error(format!(
+            "{} is mounted at {}: name the mount point to unmount",
+            backing.display(),
+            of_it
+                .iter()
+                .map(|m| m.mountpoint.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ))),
+    }
+}
+
 pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
-    let mountpoint = mount_point_path(mountpoint)?;
-    let mount = mounted(&mountpoint)?.ok_or_else(|| mount_error(format!("{} is not mounted", mountpoint.display())))?;
+    let given = mount_point_path(mountpoint)?;
+    let (mountpoint, mount) = match mounted(&given)? {
+        Some(mount) => (given, mount),
+        None => mounted_from(&given)?,
+    };
     let me = rustix::process::geteuid();
     if let Some((owner, _)) = mount.owner
         && !me.is_root()

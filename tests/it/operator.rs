@@ -417,6 +417,26 @@ fn umount_through_a_symlink_to_the_mount_point() {
     drop(m);
 }
 
+/// `umount BACKING` unmounts the volume's one mount, as `status`, `rotate`
+/// and `fsck` take either path; a volume that is not mounted is said to be
+/// so.
+#[test]
+fn umount_of_the_backing_directory_unmounts_its_mount() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    fs::write(vol.path("f"), b"kept").unwrap();
+    let out = vol.run(&["umount", path_str(&vol.backing)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!common::is_mounted(&vol.mnt));
+    drop(m);
+    let out = vol.run(&["umount", path_str(&vol.backing)]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is not mounted"), "{}", stderr(&out));
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("f")).unwrap(), b"kept");
+    drop(m);
+}
+
 /// fusermount3 refuses `allow_other` to a normal user unless /etc/fuse.conf
 /// says `user_allow_other`: the mount fails saying so, mounts nothing and
 /// leaves no daemon. Run by the normal-user pass of scripts/test.sh (root
