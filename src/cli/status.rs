@@ -124,6 +124,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             daemon.as_ref(),
             stopped,
             gone(stale, unseen, mount.as_ref()),
+            &pending,
         )
         .and_then(|()| usable(key_state.as_ref(), &too_old));
         let versions: Vec<_> = keys
@@ -321,6 +322,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         daemon.as_ref(),
         stopped,
         gone(stale, unseen, mount.as_ref()),
+        &pending,
     )
     .and_then(|()| usable(key_state.as_ref(), &too_old))
 }
@@ -376,6 +378,7 @@ fn failing(
     daemon: Option<&kmsfs::volume::lock::DaemonInfo>,
     stopped: bool,
     gone: Option<Gone<'_>>,
+    pending: &[std::path::PathBuf],
 ) -> Result<(), CliError> {
     if let Some(e) = count_error {
         return Err(CliError::new(e.code, e.message.clone()));
@@ -412,13 +415,26 @@ fn failing(
         }
         None => {}
     }
-    match daemon.and_then(|d| d.problem.as_ref().or(d.commit_error.as_ref())) {
-        Some(e) => Err(CliError::new(
+    if let Some(e) = daemon.and_then(|d| d.problem.as_ref().or(d.commit_error.as_ref())) {
+        return Err(CliError::new(
             ExitCode::Io,
             format!("the mounted volume is failing: {}", super::printable(e)),
-        )),
-        None => Ok(()),
+        ));
     }
+    // Keys only there are missing from any copy of the backing directory
+    // made meanwhile (a backup).
+    if let Some(first) = pending.first() {
+        return Err(CliError::new(
+            ExitCode::Io,
+            format!(
+                "file keys an unmount could not commit are not in the volume's metadata DB yet but in {}: \
+                 mount the volume or run `kmsfs fsck` to store them; until then a copy of the backing \
+                 directory cannot read those files",
+                super::printable(&first.display().to_string())
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// What stops the scheduled deletion of the master key `provider` names.

@@ -419,6 +419,13 @@ fn key_commits_that_keep_failing_are_reported_and_lose_nothing() {
     common::allow_key_commits(db);
     let status = vol.run(&["status", backing]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("pending keys"));
+    // Keys outside the DB: a backup of the directory now would lack them.
+    assert_eq!(status.status.code(), Some(7), "{}", common::stderr(&status));
+    assert!(
+        common::stderr(&status).contains("kmsfs.pending-keys") && common::stderr(&status).contains("kmsfs fsck"),
+        "{}",
+        common::stderr(&status)
+    );
     let m = vol.mount();
     assert_eq!(fs::read(vol.path("during")).unwrap(), b"precious");
     assert_eq!(fs::read(vol.path("before")).unwrap(), b"committed");
