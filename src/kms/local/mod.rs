@@ -273,13 +273,29 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KmsError + '_ {
     move |source| KmsError::Io {
         path: path.to_path_buf(),
         source: match source.kind() {
-            // kmsfs makes it 0600: what is denied is most often another user.
-            std::io::ErrorKind::PermissionDenied => std::io::Error::new(
-                source.kind(),
-                format!("{source}; a keystore is its owner's alone (mode 0600): run kmsfs as that user"),
-            ),
+            std::io::ErrorKind::PermissionDenied => {
+                let hint = denied_hint(path);
+                std::io::Error::new(source.kind(), format!("{source}; {hint}"))
+            }
             _ => source,
         },
+    }
+}
+
+/// What to do about a keystore this process may not read or write.
+fn denied_hint(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.uid() == rustix::process::geteuid().as_raw() => format!(
+            "its mode ({:o}) denies even its owner: `chmod 600 {}`",
+            meta.mode() & 0o7777,
+            path.display()
+        ),
+        Ok(meta) => format!(
+            "it belongs to user {} (a keystore is its owner's alone, mode 0600): run kmsfs as that user",
+            meta.uid()
+        ),
+        Err(_) => "its directory may not be entered by this user".into(),
     }
 }
 
