@@ -187,17 +187,42 @@ impl VolumeLock {
         // waited for rather than called "already mounted". So is one for a
         // moment (it may not have seen its unmount yet).
         let start = Instant::now();
-        while flock(file.as_fd(), FlockOperation::NonBlockingLockExclusive).is_err()
-            && (start.elapsed() < Duration::from_secs(2)
-                || start.elapsed() < Duration::from_secs(30)
-                    && Self::daemon(backing, None).is_some_and(|d| d.finishing))
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if flock(file.as_fd(), FlockOperation::NonBlockingLockExclusive).is_err() {
-            let mut text = String::new();
-            let _ = file.read_to_string(&mut text);
-            let pid = serde_json::from_str::<DaemonInfo>(&text).map(|info| info.pid).ok();
+        loop {
+            let locked = flock(file.as_fd(), FlockOperation::NonBlockingLockExclusive).is_ok();
+            // The lock file can be renamed away under a live daemon (by
+            // anyone who can write the backing directory), and a new one
+            // locked: the host records of this user's and root's daemons
+            // still know it.
+            let recorded = match locked {
+                true => {
+                    host_record::best(host_record::live(backing, None, None)).filter(|d| d.pid != std::process::id())
+                }
+                false => None,
+            };
+            if locked && recorded.is_none() {
+                break;
+            }
+            let finishing = recorded
+                .as_ref()
+                .map(|d| d.finishing)
+                .or_else(|| Self::daemon(backing, None).map(|d| d.finishing))
+                .unwrap_or(false);
+            let elapsed = start.elapsed();
+            if elapsed < Duration::from_secs(2) || elapsed < Duration::from_secs(30) && finishing {
+                if locked {
+                    let _ = flock(file.as_fd(), FlockOperation::Unlock);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            let pid = match recorded {
+                Some(daemon) => Some(daemon.pid),
+                None => {
+                    let mut text = String::new();
+                    let _ = file.read_to_string(&mut text);
+                    serde_json::from_str::<DaemonInfo>(&text).map(|info| info.pid).ok()
+                }
+            };
             // Its word, from a file anyone who can write the backing
             // directory can forge: a hint only.
             let stopped = match pid {

@@ -325,6 +325,32 @@ fn a_replaced_lock_file_does_not_hide_the_daemon() {
     m.unmount();
 }
 
+/// Nor does it let a second daemon, or fsck, in: the lock file renamed
+/// away under a serving daemon, a new one is locked at once, but the
+/// daemon's record says the volume is in use.
+#[test]
+fn a_lock_file_renamed_away_does_not_let_a_second_user_of_the_volume_in() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    fs::write(vol.path("f"), b"served").unwrap();
+    fs::rename(vol.backing.join("kmsfs.lock"), vol.dir.path().join("moved-lock")).unwrap();
+    let second = vol.dir.path().join("second");
+    fs::create_dir(&second).unwrap();
+    let out = vol.run(&["mount", path_str(&vol.backing), path_str(&second)]);
+    if common::is_mounted(&second) {
+        let _ = Command::new("umount").arg("-l").arg(&second).status();
+    }
+    assert_eq!(out.status.code(), Some(6), "{}", said(&out));
+    assert!(said(&out).contains("already mounted"), "{}", said(&out));
+    let out = vol.run(&["fsck", "--repair", path_str(&vol.backing)]);
+    assert_eq!(out.status.code(), Some(6), "{}", said(&out));
+    fs::rename(vol.dir.path().join("moved-lock"), vol.backing.join("kmsfs.lock")).unwrap();
+    m.unmount();
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("f")).unwrap(), b"served");
+    m.unmount();
+}
+
 /// A record whose directory stops being the user's alone moves to the next
 /// of the user's directories, and the copy left behind goes: `umount`
 /// reads the daemon's last word where it moved, never the stale one.
