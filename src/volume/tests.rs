@@ -349,3 +349,22 @@ fn saving_pending_keys_waits_for_a_restore_in_progress() {
         assert_eq!(saving.join().unwrap().0, 1);
     });
 }
+
+/// The whole-DB check a mount runs in the background finds a row that
+/// breaks a CHECK constraint (written with `ignore_check_constraints`),
+/// which a read-only connection's check passes over.
+#[test]
+fn the_background_db_check_finds_rows_that_break_check_constraints() {
+    let f = fixture();
+    let db = f.backing.join(DB_FILE);
+    MetadataDb::check_file(&db).unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "PRAGMA ignore_check_constraints = ON; \
+         INSERT INTO file_keys (file_id, vk_version, wrapped) VALUES (x'0011', 1, x'00');",
+    )
+    .unwrap();
+    drop(conn);
+    let found = MetadataDb::check_file(&db).unwrap_err().to_string();
+    assert!(found.contains("CHECK constraint"), "{found}");
+}
