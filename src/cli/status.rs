@@ -428,8 +428,8 @@ fn failing(
             ExitCode::Io,
             format!(
                 "file keys an unmount could not commit are not in the volume's metadata DB yet but in {}: \
-                 mount the volume or run `kmsfs fsck` to store them; until then a copy of the backing \
-                 directory cannot read those files",
+                 the next mount stores them, or `kmsfs fsck` while the volume is not mounted; until then a \
+                 copy of the backing directory cannot read those files",
                 super::printable(&first.display().to_string())
             ),
         ));

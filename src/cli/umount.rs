@@ -90,9 +90,13 @@ fn mounted(mountpoint: &Path) -> Result<Option<super::mounts::MountEntry>, CliEr
 /// mount point), as `status`, `rotate` and `fsck` take either.
 fn mounted_from(backing: &Path) -> Result<(PathBuf, super::mounts::MountEntry), CliError> {
     let source = std::fs::canonicalize(backing).unwrap_or_else(|_| backing.to_path_buf());
+    // Another user's mount can claim any source (`fsname=`): only the
+    // caller's own count, unless root.
+    let me = rustix::process::geteuid();
     let mut of_it: Vec<_> = super::mounts::mounts()?
         .into_iter()
         .filter(|m| m.is_kmsfs() && m.source == source)
+        .filter(|m| me.is_root() || m.owner.is_none_or(|(uid, _)| uid == me.as_raw()))
         .collect();
     match of_it.len() {
         0 => Err(mount_error(format!("{} is not mounted", backing.display()))),
@@ -114,9 +118,11 @@ fn mounted_from(backing: &Path) -> Result<(PathBuf, super::mounts::MountEntry), 
 
 pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
     let given = mount_point_path(mountpoint)?;
-    let (mountpoint, mount) = match mounted(&given)? {
-        Some(mount) => (given, mount),
-        None => mounted_from(&given)?,
+    let (mountpoint, mount) = match mounted(&given) {
+        Ok(Some(mount)) => (given, mount),
+        Ok(None) => mounted_from(&given)?,
+        // A backing directory that is itself the top of another filesystem.
+        Err(e) => mounted_from(&given).map_err(|_| e)?,
     };
     let me = rustix::process::geteuid();
     if let Some((owner, _)) = mount.owner

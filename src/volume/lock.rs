@@ -193,10 +193,17 @@ impl VolumeLock {
             // anyone who can write the backing directory), and a new one
             // locked: the host records of this user's and root's daemons
             // still know it.
+            // A daemon whose lock file is the one just locked holds it no
+            // more (its record may outlive the lock for a moment).
+            let just_locked = file.metadata().ok().map(|m| {
+                (
+                    std::os::unix::fs::MetadataExt::dev(&m),
+                    std::os::unix::fs::MetadataExt::ino(&m),
+                )
+            });
             let recorded = match locked {
-                true => {
-                    host_record::best(host_record::live(backing, None, None)).filter(|d| d.pid != std::process::id())
-                }
+                true => host_record::best(host_record::live(backing, None, None))
+                    .filter(|d| d.pid != std::process::id() && (just_locked.is_none() || d.lock_file != just_locked)),
                 false => None,
             };
             if locked && recorded.is_none() {

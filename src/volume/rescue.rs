@@ -434,7 +434,8 @@ fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<S
 pub fn waiting(backing: &Path, volume_id: &[u8; 16]) -> Vec<PathBuf> {
     std::iter::once(backing.join(PENDING_FILE))
         .chain(host_file(volume_id))
-        .filter(|p| p.exists())
+        // A regular file only: anything else there is set aside unread.
+        .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
         .collect()
 }
 

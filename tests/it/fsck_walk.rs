@@ -165,3 +165,27 @@ fn files_under_names_kmsfs_does_not_write_keep_their_keys() {
     );
     m.unmount();
 }
+
+/// A file under a temporary's name whose check finds damage too has both
+/// problems repaired by its one move to lost+found, and `--salvage` zeroes
+/// its bad block there.
+#[test]
+fn a_damaged_file_under_a_temporarys_name_is_moved_once_for_both_problems() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    fs::write(vol.path("damaged"), vec![3u8; 10_000]).unwrap();
+    m.unmount();
+    let [file] = backing_files(&vol).try_into().expect("one file");
+    let mut bytes = fs::read(&file).unwrap();
+    bytes[5000] ^= 1;
+    fs::write(&file, &bytes).unwrap();
+    let temporary = vol.backing.join("kmsfs.tmp.0123456789abcdef");
+    fs::rename(&file, &temporary).unwrap();
+
+    let (code, report) = fsck(&vol, &["--repair", "--salvage"]);
+    assert_eq!(code, 11, "every problem repaired: {report}");
+    assert_eq!(kinds(&report), ["bad_blocks", "leftover_temporary"], "{report}");
+    assert!(report.to_string().contains("ZEROS"), "salvaged: {report}");
+    assert!(!temporary.exists());
+    assert_eq!(fsck(&vol, &[]).0, 0);
+}

@@ -127,10 +127,20 @@ fn a_volume_reached_through_a_symlinked_path_opens() {
     let vol = TestVolume::init();
     let link = vol.dir.path().join("link");
     std::os::unix::fs::symlink(&vol.backing, &link).unwrap();
-    for args in [vec!["status", path_str(&link)], vec!["fsck", path_str(&link)]] {
+    for args in [
+        vec!["status", path_str(&link)],
+        vec!["fsck", path_str(&link)],
+        vec!["fsck", "--repair", path_str(&link)],
+    ] {
         let out = vol.run(&args);
         assert_eq!(out.status.code(), Some(0), "{args:?}: {}", common::stderr(&out));
     }
+    // A repair to make through it works too: a leftover temporary goes.
+    let leftover = vol.backing.join("kmsfs.tmp.0123456789abcdef");
+    fs::create_dir(&leftover).unwrap();
+    let out = vol.run(&["fsck", "--repair", path_str(&link)]);
+    assert_eq!(out.status.code(), Some(11), "{}", common::stderr(&out));
+    assert!(!leftover.exists());
 }
 
 /// A file kmsfs writes in place (the lock file, the DB's `-shm`, `-wal`)

@@ -195,13 +195,13 @@ impl KeystoreFile {
 
     /// The bytes the integrity tag covers: the file as JSON without the tag.
     fn authenticated_bytes(&self, path: &Path) -> Result<Vec<u8>, KmsError> {
-        let mut value = serde_json::to_value(self).map_err(|e| corrupt(path, e.to_string()))?;
+        let mut value = serde_json::to_value(self).map_err(|e| unusable(path, e.to_string()))?;
         if let Some(map) = value.as_object_mut() {
             map.remove("integrity");
         }
         Ok([
             INTEGRITY_AAD,
-            &serde_json::to_vec(&value).map_err(|e| corrupt(path, e.to_string()))?,
+            &serde_json::to_vec(&value).map_err(|e| unusable(path, e.to_string()))?,
         ]
         .concat())
     }
@@ -213,9 +213,9 @@ impl KeystoreFile {
             1 => VERIFIER_AAD_V1,
             FORMAT => VERIFIER_AAD,
             other => {
-                return Err(VerifyError::Corrupt(corrupt(
+                return Err(VerifyError::Corrupt(unusable(
                     path,
-                    format!("unsupported keystore format {other}"),
+                    format!("unsupported keystore format {other}: a newer kmsfs wrote it; use that version"),
                 )));
             }
         };
@@ -286,16 +286,29 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KmsError + '_ {
 fn denied_hint(path: &Path) -> String {
     use std::os::unix::fs::MetadataExt;
     match std::fs::metadata(path) {
-        Ok(meta) if meta.uid() == rustix::process::geteuid().as_raw() => format!(
+        Ok(meta) if meta.uid() != rustix::process::geteuid().as_raw() => format!(
+            "it belongs to user {} (a keystore is its owner's alone, mode 0600): run kmsfs as that user",
+            meta.uid()
+        ),
+        Ok(meta) if meta.mode() & 0o600 != 0o600 => format!(
             "its mode ({:o}) denies even its owner: `chmod 600 {}`",
             meta.mode() & 0o7777,
             path.display()
         ),
-        Ok(meta) => format!(
-            "it belongs to user {} (a keystore is its owner's alone, mode 0600): run kmsfs as that user",
-            meta.uid()
+        // The file is fine: its directory, where its lock file and each new
+        // version are written, is not.
+        _ => format!(
+            "this user may not enter or write {}, where the keystore's lock and new versions are written",
+            path.parent().unwrap_or(Path::new(".")).display()
         ),
-        Err(_) => "its directory may not be entered by this user".into(),
+    }
+}
+
+/// A keystore this kmsfs cannot use, for a reason a backup does not mend.
+fn unusable(path: &Path, reason: impl Into<String>) -> KmsError {
+    KmsError::KeystoreCorrupt {
+        path: path.to_path_buf(),
+        reason: reason.into(),
     }
 }
 
@@ -371,7 +384,13 @@ impl LocalKeystore {
         };
         let file: KeystoreFile = serde_json::from_str(&text).map_err(|e| corrupt(path, e.to_string()))?;
         if file.format != 1 && file.format != FORMAT {
-            return Err(corrupt(path, format!("unsupported keystore format {}", file.format)));
+            return Err(unusable(
+                path,
+                format!(
+                    "unsupported keystore format {}: a newer kmsfs wrote it; use that version",
+                    file.format
+                ),
+            ));
         }
         let kek = Sealer::new(&derive_kek(&file.protection, secret, path)?);
         match file.check(&kek, path) {
@@ -424,7 +443,7 @@ impl LocalKeystore {
 
     fn write(path: &Path, kek: &Sealer, file: &mut KeystoreFile, create_new: bool) -> Result<(), KmsError> {
         file.seal(kek, path)?;
-        let text = Zeroizing::new(serde_json::to_string_pretty(file).map_err(|e| corrupt(path, e.to_string()))?);
+        let text = Zeroizing::new(serde_json::to_string_pretty(file).map_err(|e| unusable(path, e.to_string()))?);
         super::locked_file::replace(path, text.as_bytes(), 0o600, create_new).map_err(io_err(path))
     }
 

@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::{LocalKeystore, VERIFIER_AAD, VERIFIER_PLAINTEXT, corrupt, io_err, material_aad};
+use super::{LocalKeystore, VERIFIER_AAD, VERIFIER_PLAINTEXT, corrupt, io_err, material_aad, unusable};
 use crate::crypto::{KEY_LEN, Sealer, SecretKey, random_array};
 use crate::kms::KmsError;
 
@@ -150,7 +150,7 @@ pub(super) fn derive_kek(protection: &Protection, secret: &UnlockSecret, path: &
                 .map_err(|e| corrupt(path, format!("bad Argon2id parameters: {e}")))?;
             Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
                 .hash_password_into(pass.as_bytes(), &salt, out.as_mut_slice())
-                .map_err(|e| corrupt(path, format!("Argon2id failed: {e}")))?;
+                .map_err(|e| unusable(path, format!("Argon2id failed: {e}")))?;
         }
         (Protection::KeyFile { salt }, UnlockSecret::KeyFile(key_path)) => {
             let salt = B64.decode(salt).map_err(|_| corrupt(path, "salt is not base64"))?;

@@ -28,8 +28,16 @@ pub(super) struct Confined {
 
 impl Confined {
     pub(super) fn open(backing: &Path) -> io::Result<Self> {
+        // The backing directory itself as the user named it, through a
+        // symlink if that is how (the user's choice); nothing below it.
+        let root = rustix::fs::openat(
+            rustix::fs::CWD,
+            backing,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         Ok(Confined {
-            root: namespace::open_dir(backing)?,
+            root,
             backing: backing.to_path_buf(),
         })
     }
@@ -156,6 +164,20 @@ mod tests {
         )
         .unwrap();
         assert!(c.file(&fifo).is_err());
+    }
+
+    #[test]
+    fn a_backing_directory_named_through_a_symlink_is_reached() {
+        let (top, backing, _) = swapped();
+        let link = top.path().join("link-to-backing");
+        std::os::unix::fs::symlink(&backing, &link).unwrap();
+        let c = Confined::open(&link).unwrap();
+        std::fs::write(backing.join("kept/f"), b"x").unwrap();
+        assert!(c.file(&link.join("kept/f")).is_ok());
+        assert!(
+            c.dir(&link.join("d")).is_err(),
+            "but nothing below it through a symlink"
+        );
     }
 
     #[test]

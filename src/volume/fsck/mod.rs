@@ -90,6 +90,10 @@ struct Rescue {
     plain: Option<String>,
     tag: String,
     problem: usize,
+    /// The entry's other problems, repaired with it (a file under a
+    /// temporary's name, or whose name does not decrypt, and whose check
+    /// found damage too).
+    also: Vec<usize>,
     bad_blocks: Vec<u64>,
 }
 
@@ -270,14 +274,19 @@ pub fn fsck(
                 let tag = id
                     .map(|id| hex(&id[..4]))
                     .unwrap_or_else(|| format!("ino{}", f.inode.1));
-                if !w.rescues.iter().any(|r| r.backing == f.backing) {
-                    w.rescues.push(Rescue {
+                match w.rescues.iter_mut().find(|r| r.backing == f.backing) {
+                    Some(r) => {
+                        r.also.push(i);
+                        r.bad_blocks = bad_blocks;
+                    }
+                    None => w.rescues.push(Rescue {
                         backing: f.backing.clone(),
                         plain: f.plain.clone(),
                         tag,
                         problem: i,
+                        also: Vec::new(),
                         bad_blocks,
-                    });
+                    }),
                 }
             }
         }
@@ -335,7 +344,9 @@ pub fn fsck(
     if opts.salvage {
         for r in held.iter().filter(|r| !r.bad_blocks.is_empty()) {
             if let Some(note) = repair::salvage_in_place(volume, r) {
-                w.problems[r.problem].repair = Some(note);
+                for i in std::iter::once(r.problem).chain(r.also.iter().copied()) {
+                    w.problems[i].repair = Some(note.clone());
+                }
             }
         }
     }

@@ -104,7 +104,6 @@ pub(super) fn repair_volume(
             name.push_str(".salvaged");
             note = format!("; blocks {:?} (4 KiB each) replaced by ZEROS", r.bad_blocks);
         }
-        let problem = &mut w.problems[r.problem];
         let name = match lost.move_in(volume, &confined, &r.backing, &name) {
             Ok(name) => name,
             Err(e) => {
@@ -116,13 +115,16 @@ pub(super) fn repair_volume(
                 continue;
             }
         };
-        lines.push(format!(
-            "{name}: was {} ({}): {}{note}",
-            r.plain.as_deref().unwrap_or("<name unknown>"),
-            problem.kind,
-            problem.detail
-        ));
-        problem.repair = Some(format!("moved to {LOST_FOUND}/{name}{note}"));
+        for i in std::iter::once(r.problem).chain(r.also.iter().copied()) {
+            let problem = &mut w.problems[i];
+            lines.push(format!(
+                "{name}: was {} ({}): {}{note}",
+                r.plain.as_deref().unwrap_or("<name unknown>"),
+                problem.kind,
+                problem.detail
+            ));
+            problem.repair = Some(format!("moved to {LOST_FOUND}/{name}{note}"));
+        }
     }
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

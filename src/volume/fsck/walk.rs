@@ -79,7 +79,12 @@ fn is_volume_file(name: &str) -> bool {
                 || n.strip_prefix('.')
                     .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
         });
-    db_companion || name == LOCK_FILE || name == PENDING_FILE || set_aside
+    // One being written when the writer was killed (`locked_file::replace`).
+    let being_written = name
+        .strip_prefix(PENDING_FILE)
+        .and_then(|rest| rest.strip_prefix(".tmp-"))
+        .is_some_and(|n| n.len() == 16 && n.bytes().all(|b| b.is_ascii_hexdigit()));
+    db_companion || name == LOCK_FILE || name == PENDING_FILE || set_aside || being_written
 }
 
 /// Whether directory `dir` (a real one, not a symlink) holds anything but
@@ -168,7 +173,10 @@ pub(super) fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &m
         let raw = name.as_encoded_bytes();
         let path = dir.join(&name);
         let text = name.to_string_lossy();
-        if text == DIR_IV_FILE || (is_root && is_volume_file(&text)) {
+        // A directory under one of those names is not the volume's own: it
+        // is looked at below (as unreached), never passed over.
+        let own_file = || fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir());
+        if text == DIR_IV_FILE || (is_root && is_volume_file(&text) && own_file()) {
             continue;
         }
         if text.starts_with(TEMP_PREFIX) {
@@ -206,6 +214,7 @@ pub(super) fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &m
                         plain: shown.clone(),
                         tag: format!("ino{}", m.ino()),
                         problem: i,
+                        also: Vec::new(),
                         bad_blocks: Vec::new(),
                     });
                     w.files.push(FileEntry {
@@ -318,6 +327,7 @@ pub(super) fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &m
                 plain: None,
                 tag: format!("ino{}", meta.ino()),
                 problem: i,
+                also: Vec::new(),
                 bad_blocks: Vec::new(),
             });
         }
@@ -376,4 +386,35 @@ pub(super) fn walk_dir(volume: &Volume, dir: &Path, plain: Option<String>, w: &m
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_the_exact_names_of_the_volume_files_are_its_own() {
+        use super::is_volume_file;
+        for own in [
+            "kmsfs.db",
+            "kmsfs.db-wal",
+            "kmsfs.db-shm",
+            "kmsfs.db-journal",
+            "kmsfs.lock",
+            "kmsfs.pending-keys",
+            "kmsfs.pending-keys.unreadable",
+            "kmsfs.pending-keys.unreadable.12",
+            "kmsfs.pending-keys.tmp-0123456789abcdef",
+        ] {
+            assert!(is_volume_file(own), "{own}");
+        }
+        for other in [
+            "kmsfs.db.old",
+            "kmsfs.db-walx",
+            "kmsfs.lock.moved",
+            "kmsfs.pending-keys.unreadable.x",
+            "kmsfs.pending-keys.tmp-0123",
+            "kmsfs.pending-keys.bak",
+        ] {
+            assert!(!is_volume_file(other), "{other}");
+        }
+    }
 }
