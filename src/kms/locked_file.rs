@@ -33,9 +33,49 @@ pub fn lock(path: &Path) -> std::io::Result<FileLock> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(lock_path(path))?;
-    flock(&file, FlockOperation::LockExclusive)?;
-    Ok(FileLock { _file: file })
+    // Held for a moment by whoever rewrites the file; but a holder that is
+    // stopped (SIGSTOP, a debugger: a mount daemon writing its audit record)
+    // holds it until continued, and a command must not wait for that in
+    // silence or forever.
+    let start = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(FileLock { _file: file }),
+            Err(rustix::io::Errno::WOULDBLOCK) if start.elapsed() < LOCK_WAIT => {
+                if !said && start.elapsed() > std::time::Duration::from_secs(2) {
+                    said = true;
+                    log::warn!(
+                        "waiting (up to {} s) for {}, which another process holds (a stopped kmsfs daemon \
+                         holds it until `kill -CONT`)",
+                        LOCK_WAIT.as_secs(),
+                        lock_path(path).display()
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    format!(
+                        "{} has been held by another process for {} s (a stopped kmsfs daemon, SIGSTOP, holds it \
+                         until `kill -CONT`; `kmsfs status` names a stopped daemon)",
+                        lock_path(path).display(),
+                        LOCK_WAIT.as_secs()
+                    ),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
+
+/// How long a command waits for the lock of a file another process
+/// rewrites. (Short in unit tests, to reach it.)
+#[cfg(not(test))]
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+#[cfg(test)]
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Replaces `path` with `contents`: written to a uniquely named temp file in
 /// the same directory, synced, renamed over `path`, and the directory synced,
@@ -71,6 +111,21 @@ pub fn replace(path: &Path, contents: &[u8], mode: u32, create_new: bool) -> std
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_held_too_long_is_an_error_that_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let held = lock(&path).unwrap();
+        let e = lock(&path).err().expect("a second holder waits, then gives up");
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        assert!(
+            e.to_string().contains("audit.jsonl.lock") && e.to_string().contains("kill -CONT"),
+            "{e}"
+        );
+        drop(held);
+        assert!(lock(&path).is_ok());
+    }
 
     #[test]
     fn concurrent_locked_updates_lose_nothing() {

@@ -339,6 +339,7 @@ fn umount_of_a_stopped_daemons_mount_does_not_wait_on_it() {
     let status: serde_json::Value = serde_json::from_slice(&vol.run(&["status", "--json", backing]).stdout).unwrap();
     assert!(status["failing"].is_null(), "a healthy mount: {status}");
     let pid = status["daemon_pid"].as_i64().unwrap() as i32;
+    common::wait_until_mount_recorded(&vol);
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let resume = Resume(pid);
     wait_until("the daemon is stopped", || {

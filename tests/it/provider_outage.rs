@@ -127,6 +127,7 @@ fn a_rotation_beside_a_stopped_daemon_begins_nothing() {
     let pid = status["daemon_pid"].as_u64().unwrap() as libc::pid_t;
     assert_eq!(status["daemon_volume_key_version"], 1, "{status}");
     let states = volume_key_states(&vol);
+    common::wait_until_mount_recorded(&vol);
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     let out = vol.run(&["rotate", backing]);
     unsafe { libc::kill(pid, libc::SIGCONT) };

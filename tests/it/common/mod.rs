@@ -320,6 +320,24 @@ pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until the daemon of `vol` has recorded its mount in the audit log
+/// and holds the log's lock no more. A thread of its own records it, under
+/// that lock: a daemon stopped (SIGSTOP) meanwhile would hold it, and every
+/// command would wait for it (and give up after 30 s, saying so).
+pub fn wait_until_mount_recorded(vol: &TestVolume) {
+    let log = vol.dir.path().join("audit.jsonl");
+    let lock_free = || {
+        use std::os::fd::AsRawFd;
+        std::fs::File::open(vol.dir.path().join("audit.jsonl.lock")).is_ok_and(|lock| {
+            // Taken and let go at once: nobody holds it now.
+            unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+        })
+    };
+    wait_until("the daemon recorded its mount", || {
+        std::fs::read_to_string(&log).is_ok_and(|text| text.contains("\"Mount\"")) && lock_free()
+    });
+}
+
 /// Whether something is mounted at exactly `path`.
 pub fn is_mounted(path: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
