@@ -85,6 +85,15 @@ pub(super) fn daemonize() -> Result<File, CliError> {
         } else {
             message
         };
+        // The daemon exits once it has reported (recording the failed mount
+        // first): waited for, so that a failed `mount` leaves nothing holding
+        // the volume, its lock or a record of it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut status = 0;
+        // SAFETY: waits for this process's own child; `status` outlives the call.
+        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         eprintln!("kmsfs: {message}");
         std::process::exit(ExitCode::Mount as i32);
     }
