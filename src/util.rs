@@ -160,6 +160,11 @@ pub fn process_stopped(pid: u32) -> bool {
         .is_some_and(|state| matches!(state, 'T' | 't'))
 }
 
+/// What to tell about a stopped daemon `pid`.
+pub fn stopped_daemon(pid: u32) -> String {
+    format!("its daemon (pid {pid}) is stopped (SIGSTOP; `kill -CONT {pid}` resumes it)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::{parse_utc_date, utc_date};

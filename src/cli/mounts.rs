@@ -143,8 +143,3 @@ pub fn mount_containing(path: &Path) -> Result<Option<MountEntry>, CliError> {
         .filter(|m| path.starts_with(&m.mountpoint))
         .max_by_key(|m| m.mountpoint.as_os_str().len()))
 }
-
-/// What to tell about a stopped daemon `pid`.
-pub fn stopped_daemon(pid: u32) -> String {
-    format!("its daemon (pid {pid}) is stopped (SIGSTOP; `kill -CONT {pid}` resumes it)")
-}

@@ -65,7 +65,7 @@ fn rotate_volume(backing: &Path, keys: &KeyOptions, json: bool) -> Result<rotate
             format!(
                 "the volume is mounted, but {}: a rotation needs it to load the new volume key; resume it \
                  first",
-                super::mounts::stopped_daemon(daemon.pid)
+                kmsfs::util::stopped_daemon(daemon.pid)
             ),
         ));
     }

@@ -238,12 +238,12 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         ),
         (Some(d), Some(_)) if stopped => outln!(
             "mounted:        yes{at}, but {}: requests on the mount wait until then",
-            super::mounts::stopped_daemon(d.pid)
+            kmsfs::util::stopped_daemon(d.pid)
         ),
         (Some(d), None) if stopped => outln!(
             "mounted:        no (unmounted), but {}: it holds the volume until it has committed its last \
              file keys and exited",
-            super::mounts::stopped_daemon(d.pid)
+            kmsfs::util::stopped_daemon(d.pid)
         ),
         (Some(d), _) => outln!(
             "mounted:        yes{at} (daemon pid {}, {} key-provider call(s) since mount)",
@@ -388,7 +388,7 @@ fn failing(
             ExitCode::Mount,
             format!(
                 "the volume is held by its daemon, but {}",
-                super::mounts::stopped_daemon(d.pid)
+                kmsfs::util::stopped_daemon(d.pid)
             ),
         ));
     }

@@ -196,7 +196,7 @@ pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
         log::warn!(
             "unmounted {}, but {}; waiting up to 60 s for it to exit",
             mountpoint.display(),
-            super::mounts::stopped_daemon(daemon.pid)
+            kmsfs::util::stopped_daemon(daemon.pid)
         );
     }
     if !VolumeLock::wait_exited(&volume, &daemon, owner, Duration::from_secs(60)) {
@@ -204,7 +204,7 @@ pub fn umount(mountpoint: &Path, force: bool) -> Result<(), CliError> {
             return Err(mount_error(format!(
                 "unmounted {}, but {}; it commits its last file keys and exits once continued",
                 mountpoint.display(),
-                super::mounts::stopped_daemon(daemon.pid)
+                kmsfs::util::stopped_daemon(daemon.pid)
             )));
         }
         // Its last keys are not known to be committed: say where to look

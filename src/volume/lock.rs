@@ -183,6 +183,12 @@ fn open(backing: &Path) -> Result<File, LockError> {
 impl VolumeLock {
     pub fn acquire(backing: &Path) -> Result<Self, LockError> {
         let mut file = open(backing)?;
+        let lock_file = file.metadata().ok().map(|m| {
+            (
+                std::os::unix::fs::MetadataExt::dev(&m),
+                std::os::unix::fs::MetadataExt::ino(&m),
+            )
+        });
         // A daemon that is finishing (unmounted, committing) lets go soon:
         // waited for rather than called "already mounted". So is one for a
         // moment (it may not have seen its unmount yet).
@@ -195,15 +201,9 @@ impl VolumeLock {
             // still know it.
             // A daemon whose lock file is the one just locked holds it no
             // more (its record may outlive the lock for a moment).
-            let just_locked = file.metadata().ok().map(|m| {
-                (
-                    std::os::unix::fs::MetadataExt::dev(&m),
-                    std::os::unix::fs::MetadataExt::ino(&m),
-                )
-            });
             let recorded = match locked {
                 true => host_record::best(host_record::live(backing, None, None))
-                    .filter(|d| d.pid != std::process::id() && (just_locked.is_none() || d.lock_file != just_locked)),
+                    .filter(|d| d.pid != std::process::id() && (lock_file.is_none() || d.lock_file != lock_file)),
                 false => None,
             };
             if locked && recorded.is_none() {
@@ -234,8 +234,8 @@ impl VolumeLock {
             // directory can forge: a hint only.
             let stopped = match pid {
                 Some(pid) if crate::util::process_stopped(pid) => format!(
-                    "; that daemon is stopped (SIGSTOP; `kill -CONT {pid}` resumes it) and holds the volume \
-                     until it runs again"
+                    "; {}, and holds the volume until it runs again",
+                    crate::util::stopped_daemon(pid)
                 ),
                 _ => String::new(),
             };
@@ -252,12 +252,6 @@ impl VolumeLock {
                  user's alone): `status` and `umount` read only kmsfs.lock, which the backing directory can forge"
             );
         }
-        let lock_file = file.metadata().ok().map(|m| {
-            (
-                std::os::unix::fs::MetadataExt::dev(&m),
-                std::os::unix::fs::MetadataExt::ino(&m),
-            )
-        });
         Ok(VolumeLock {
             lock_file,
             _file: file,
