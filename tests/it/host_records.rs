@@ -378,10 +378,11 @@ fn a_record_that_moves_leaves_no_stale_copy() {
     let db = common::refuse_key_commits(&vol);
     write_as(USER, &vol.mnt.join("kept"), "kept");
     let moved = record_in(&home.join(".local/state/kmsfs/daemons"), &vol);
-    common::wait_until("the failure published where the record moved", || {
-        fs::read_to_string(&moved).is_ok_and(|t| t.contains("injected failure"))
-    });
-    assert!(!first.exists(), "the record left behind is removed");
+    // The daemon writes the moved record before it removes the old one.
+    common::wait_until(
+        "the failure published where the record moved, the record left behind removed",
+        || fs::read_to_string(&moved).is_ok_and(|t| t.contains("injected failure")) && !first.exists(),
+    );
     let umount = || {
         vol.command_as(USER, &env)
             .args(["umount", path_str(&vol.mnt)])
