@@ -105,6 +105,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         .map(|k| (kmsfs::util::unix_now() as i64).saturating_sub(k.created_at).max(0) / 86_400)
         .next();
     let pending = kmsfs::volume::rescue::waiting(backing, &row.volume_id);
+    let set_aside = kmsfs::volume::rescue::set_aside_files(backing, &row.volume_id);
     // Master-key versions wrapping live volume keys that the provider says it no longer decrypts.
     let mut too_old: Vec<u32> = keys
         .iter()
@@ -125,6 +126,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             stopped,
             gone(stale, unseen, mount.as_ref()),
             &pending,
+            &set_aside,
         )
         .and_then(|()| usable(key_state.as_ref(), &too_old));
         let versions: Vec<_> = keys
@@ -166,6 +168,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "failing": verdict.as_ref().err().map(|e| &e.message),
             "pending_keys_file": !pending.is_empty(),
             "pending_keys_files": pending,
+            "set_aside_keys_files": set_aside,
             "key_state": key_state.as_ref().map(|k| &k.state),
             "key_deletion_date": key_state.as_ref().and_then(|k| k.deletion_date).map(kmsfs::util::utc_date),
             "key_material_valid_to": key_state.as_ref().and_then(|k| k.material_valid_to).map(kmsfs::util::utc_date),
@@ -294,6 +297,12 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             super::printable(&file.display().to_string())
         );
     }
+    for file in &set_aside {
+        outln!(
+            "set aside:      {} was set aside unstored (see `kmsfs fsck`); look at it, then remove it",
+            super::printable(&file.display().to_string())
+        );
+    }
     if let Some(key) = &key_state {
         outln!("key state:      {} (as the provider reports it)", key.state);
         if let Some(date) = key.deletion_date {
@@ -323,6 +332,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         stopped,
         gone(stale, unseen, mount.as_ref()),
         &pending,
+        &set_aside,
     )
     .and_then(|()| usable(key_state.as_ref(), &too_old))
 }
@@ -379,6 +389,7 @@ fn failing(
     stopped: bool,
     gone: Option<Gone<'_>>,
     pending: &[std::path::PathBuf],
+    set_aside: &[std::path::PathBuf],
 ) -> Result<(), CliError> {
     if let Some(e) = count_error {
         return Err(CliError::new(e.code, e.message.clone()));
@@ -430,6 +441,16 @@ fn failing(
                 "file keys an unmount could not commit are not in the volume's metadata DB yet but in {}: \
                  the next mount stores them, or `kmsfs fsck` while the volume is not mounted; until then a \
                  copy of the backing directory cannot read those files",
+                super::printable(&first.display().to_string())
+            ),
+        ));
+    }
+    if let Some(first) = set_aside.first() {
+        return Err(CliError::new(
+            ExitCode::Io,
+            format!(
+                "{} is a pending-keys file set aside unstored: files whose keys it held read as EIO; look at \
+                 it (`kmsfs fsck` names what it concerns), then remove it",
                 super::printable(&first.display().to_string())
             ),
         ));

@@ -394,8 +394,8 @@ impl Volume {
             keys,
             info,
         };
-        if let Some(what) = unrestored {
-            volume.record_problem(what);
+        for what in unrestored {
+            volume.record_problem(what.to_string());
         }
         Ok(volume)
     }

@@ -315,8 +315,8 @@ fn set_aside(path: &Path, why: &str) -> Result<PathBuf, VolumeError> {
     // Beside any set aside before, never over it.
     let aside = (0..)
         .map(|n| match n {
-            0 => PathBuf::from(format!("{}.unreadable", path.display())),
-            n => PathBuf::from(format!("{}.unreadable.{n}", path.display())),
+            0 => PathBuf::from(format!("{}{SET_ASIDE}", path.display())),
+            n => PathBuf::from(format!("{}{SET_ASIDE}.{n}", path.display())),
         })
         .find(|p| std::fs::symlink_metadata(p).is_err())
         .unwrap_or_else(|| PathBuf::from(format!("{}.unreadable", path.display())));
@@ -325,26 +325,51 @@ fn set_aside(path: &Path, why: &str) -> Result<PathBuf, VolumeError> {
     Ok(aside)
 }
 
+/// What an open could not store of the keys earlier daemons saved.
+#[derive(Debug)]
+pub enum Unstored {
+    /// Rows kept for a later open (a rotation began meanwhile), or set
+    /// aside because no volume-key version held opens them: the versions
+    /// they may be under must stay.
+    Keys(String),
+    /// A file that is not a pending-keys file kmsfs wrote, set aside unread.
+    NotAPendingFile(String),
+}
+
+impl std::fmt::Display for Unstored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unstored::Keys(what) | Unstored::NotAPendingFile(what) => f.write_str(what),
+        }
+    }
+}
+
 /// Stores what a previous daemon saved, beside the DB and on the host,
 /// then removes the files. Keys it cannot store (under a volume-key version
 /// `keys` does not hold, or that do not authenticate) are not dropped: their
 /// file is set aside, and what to say of them is returned.
-pub fn restore(backing: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<String>, VolumeError> {
+pub fn restore(backing: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Vec<Unstored>, VolumeError> {
     let _files = FilesLock::take(backing);
     let beside = restore_from(&backing.join(PENDING_FILE), keys, db)?;
     let host = match host_file(keys.volume_id()) {
         Some(host) => restore_from(&host, keys, db)?,
         None => None,
     };
-    Ok(beside.or(host))
+    Ok(beside.into_iter().chain(host).collect())
 }
 
-fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<String>, VolumeError> {
+fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<Unstored>, VolumeError> {
     let ((inserts, deletes), was) = match read(path, keys.volume_id()) {
         Ok(Some(read)) => read,
         Ok(None) => return Ok(None),
         // Unreadable: set aside (for a person to look at), never in the way of opening the volume.
-        Err(e @ VolumeError::PendingDamaged { .. }) => return set_aside(path, &e.to_string()).map(|_| None),
+        Err(e @ VolumeError::PendingDamaged { .. }) => {
+            let aside = set_aside(path, &e.to_string())?;
+            return Ok(Some(Unstored::NotAPendingFile(format!(
+                "{e}: it is kept as {} and any file keys in it are not stored; look at it, then remove it",
+                aside.display()
+            ))));
+        }
         Err(e) => return Err(e),
     };
     // A rotation may have begun or ended since they were saved.
@@ -381,7 +406,7 @@ fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<S
     {
         // The keys are stored; never in the way of opening the volume.
         let why = format!("it could not be rewritten without the keys stored from it ({e})");
-        return Ok(Some(match set_aside(path, &why) {
+        return Ok(Some(Unstored::Keys(match set_aside(path, &why) {
             Ok(aside) => format!(
                 "{} of the file keys saved in {} were not stored, and {why}: it is kept as {}",
                 kept.len(),
@@ -394,16 +419,16 @@ fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<S
                 kept.len(),
                 path.display()
             ),
-        }));
+        })));
     }
     if !restored.not_active.is_empty() {
         // Kept in place: the next open, under the new version, stores them.
-        return Ok(Some(format!(
+        return Ok(Some(Unstored::Keys(format!(
             "{} of the file keys saved in {} were not stored: a rotation began meanwhile; the next mount, \
              fsck or rotate stores them",
             restored.not_active.len(),
             path.display()
-        )));
+        ))));
     }
     if !restored.unusable.is_empty() {
         let mut versions: Vec<u32> = restored.unusable.iter().map(|(_, v, _)| *v).collect();
@@ -416,7 +441,10 @@ fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<S
             path.display()
         );
         let aside = set_aside(path, &why)?;
-        return Ok(Some(format!("{why}; the file is kept as {}", aside.display())));
+        return Ok(Some(Unstored::Keys(format!(
+            "{why}; the file is kept as {}",
+            aside.display()
+        ))));
     }
     match std::fs::remove_file(path) {
         // Stored at the same time by another process (a mount beside a rotation).
@@ -428,6 +456,45 @@ fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<S
         .and_then(|d| d.sync_all())
         .map_err(io_at(dir))?;
     Ok(None)
+}
+
+/// What `set_aside` adds to a pending-keys file's name, before a `.N` that
+/// keeps it beside those set aside before.
+const SET_ASIDE: &str = ".unreadable";
+
+/// Whether `name` is that of pending-keys file `base` set aside:
+/// `BASE.unreadable` or `BASE.unreadable.N`.
+pub fn is_set_aside(name: &str, base: &str) -> bool {
+    name.strip_prefix(base)
+        .and_then(|rest| rest.strip_prefix(SET_ASIDE))
+        .is_some_and(|n| {
+            n.is_empty()
+                || n.strip_prefix('.')
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+}
+
+/// The pending-keys files of this volume set aside, beside the DB and on
+/// the host: keys in them stay unstored until a person looks (whatever
+/// they are: a FIFO is set aside as it is).
+pub fn set_aside_files(backing: &Path, volume_id: &[u8; 16]) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::iter::once(backing.join(PENDING_FILE))
+        .chain(host_file(volume_id))
+        .filter_map(|pending| {
+            let base = pending.file_name()?.to_str()?.to_string();
+            let entries = std::fs::read_dir(pending.parent()?).ok()?;
+            Some(
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_str().is_some_and(|n| is_set_aside(n, &base)))
+                    .map(|e| e.path())
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .flatten()
+        .collect();
+    found.sort();
+    found
 }
 
 /// Where a daemon left keys of this volume waiting: beside the DB, on the host.

@@ -172,7 +172,10 @@ fn rotate_secrets(
                     undone: false,
                 });
             }
-            if let Some(kept) = super::rescue::restore(volume.backing(), keys, db)? {
+            // A file that was not one is set aside, and status and fsck name
+            // it until it is removed: no reason to keep the old versions.
+            let unstored = super::rescue::restore(volume.backing(), keys, db)?;
+            if let Some(kept) = unstored.iter().find(|u| matches!(u, super::rescue::Unstored::Keys(_))) {
                 return Err(VolumeError::PendingKept(format!(
                     "{kept}: the old volume-key versions are kept; run `kmsfs rotate` again once they are stored"
                 )));

@@ -9,7 +9,7 @@ use std::os::unix::fs::{PermissionsExt, chown};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{self, TestVolume, path_str, stderr};
+use crate::common::{self, TestVolume, path_str, said, stderr};
 
 /// The user whose daemon serves the volume.
 const USER: u32 = 1000;
@@ -82,10 +82,6 @@ fn process_start(pid: u32) -> u64 {
 fn record_in(dir: &Path, vol: &TestVolume) -> PathBuf {
     let st = rustix::fs::stat(&vol.backing).unwrap();
     dir.join(format!("daemon-{:x}-{:x}.json", st.st_dev, st.st_ino))
-}
-
-fn said(out: &std::process::Output) -> String {
-    common::stdout(out) + &stderr(out)
 }
 
 fn write_as(uid: u32, path: &Path, text: &str) {

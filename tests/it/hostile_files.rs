@@ -8,7 +8,7 @@ use crate::common;
 use std::fs;
 use std::time::{Duration, Instant};
 
-use crate::common::{TestVolume, path_str};
+use crate::common::{TestVolume, path_str, said};
 
 #[test]
 fn files_kmsfs_writes_in_the_backing_directory_are_never_followed_through_symlinks() {
@@ -79,7 +79,8 @@ fn a_db_symlinked_out_of_the_backing_directory_is_refused() {
 
 /// A `kmsfs.pending-keys` that is not one (a FIFO a reader would wait on
 /// forever, a device or a huge file it would read without end, garbage) is
-/// set aside with a log line, and the volume mounts at once.
+/// set aside with a log line, and the volume mounts at once. Keys in it
+/// are not stored: `umount`, `status` and `fsck` say so until it is removed.
 #[test]
 fn a_pending_keys_file_that_is_not_one_is_set_aside() {
     let vol = TestVolume::init();
@@ -110,13 +111,35 @@ fn a_pending_keys_file_that_is_not_one_is_set_aside() {
         let start = Instant::now();
         let m = vol.mount();
         assert!(start.elapsed() < Duration::from_secs(20), "{what}: mounted at once");
-        m.unmount();
+        let out = m.umount_output();
+        assert!(!common::is_mounted(&vol.mnt), "{what}");
+        assert_eq!(out.status.code(), Some(7), "{what}: {}", said(&out));
+        assert!(
+            said(&out).contains("kmsfs.pending-keys.unreadable"),
+            "{what}: {}",
+            said(&out)
+        );
         assert!(!pending.exists() && aside.exists(), "{what}: set aside");
         assert!(
             vol.log_text().contains("is not a pending-keys file kmsfs wrote"),
             "{what}"
         );
+        let out = vol.run(&["status", path_str(&vol.backing)]);
+        assert_eq!(out.status.code(), Some(7), "{what}: {}", said(&out));
+        assert!(said(&out).contains("set aside unstored"), "{what}: {}", said(&out));
+        let out = vol.run(&["fsck", "--repair", "--json", path_str(&vol.backing)]);
+        assert_eq!(out.status.code(), Some(12), "{what}: {}", said(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let problem = &report["problems"][0];
+        assert_eq!(
+            (&problem["kind"], &problem["backing"]),
+            (&"set_aside_keys".into(), &"kmsfs.pending-keys.unreadable".into()),
+            "{what}: {report}"
+        );
+        assert!(aside.exists(), "{what}: left for a person to look at");
         fs::remove_file(&aside).unwrap();
+        let out = vol.run(&["status", path_str(&vol.backing)]);
+        assert!(out.status.success(), "{what}: {}", said(&out));
     }
 }
 

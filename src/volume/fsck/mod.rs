@@ -32,7 +32,8 @@ pub const LOST_FOUND: &str = "lost+found";
 pub struct Problem {
     /// missing_dir_iv, bad_dir_iv, bad_name, missing_sidecar, orphan_sidecar, leftover_temporary,
     /// damaged_header, missing_key, bad_key, bad_blocks, bad_symlink, bad_xattr, orphan_key, inaccessible,
-    /// unreached, orphan_link_target, db_integrity, no_header, bad_length, duplicate_file_id
+    /// unreached, orphan_link_target, db_integrity, no_header, bad_length, duplicate_file_id,
+    /// set_aside_keys
     pub kind: &'static str,
     /// Path in the backing directory (relative), or the DB row.
     pub backing: String,
@@ -297,6 +298,14 @@ pub fn fsck(
     if report.db_integrity != "ok" {
         let d = report.db_integrity.clone();
         w.problem(&root, "db_integrity", &root.join(DB_FILE), None, d);
+    }
+    // Not repaired: what is in them is for a person to judge.
+    for aside in super::rescue::set_aside_files(&root, &volume.info().volume_id) {
+        let detail = "a pending-keys file set aside unstored (not one kmsfs wrote, or keys under a volume-key \
+                      version this volume no longer holds; the log of the open that set it aside says which): \
+                      files whose keys it held read as EIO; look at it, then remove it"
+            .to_string();
+        w.problem(&root, "set_aside_keys", &aside, None, detail);
     }
     let mut orphan_keys = Vec::new();
     for id in volume.db().file_key_ids()? {

@@ -70,15 +70,7 @@ fn is_volume_file(name: &str) -> bool {
     let db_companion = name
         .strip_prefix(DB_FILE)
         .is_some_and(|rest| matches!(rest, "" | "-wal" | "-shm" | "-journal"));
-    // A pending-keys file set aside as unreadable: `.unreadable` or `.unreadable.N`.
-    let set_aside = name
-        .strip_prefix(PENDING_FILE)
-        .and_then(|rest| rest.strip_prefix(".unreadable"))
-        .is_some_and(|n| {
-            n.is_empty()
-                || n.strip_prefix('.')
-                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        });
+    let set_aside = crate::volume::rescue::is_set_aside(name, PENDING_FILE);
     // One being written when the writer was killed (`locked_file::replace`).
     let being_written = name
         .strip_prefix(PENDING_FILE)
@@ -411,6 +403,7 @@ mod tests {
             "kmsfs.db-walx",
             "kmsfs.lock.moved",
             "kmsfs.pending-keys.unreadable.x",
+            "kmsfs.pending-keys.unreadable.",
             "kmsfs.pending-keys.tmp-0123",
             "kmsfs.pending-keys.bak",
         ] {

@@ -246,6 +246,11 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// All a command said, stdout then stderr.
+pub fn said(out: &Output) -> String {
+    stdout(out) + &stderr(out)
+}
+
 /// Runs `sh -c script` with `$1` = `path` as user `uid` (group `uid`, no
 /// others), through `setpriv`.
 pub fn run_as(uid: u32, script: &str, path: &Path) -> Output {
