@@ -89,9 +89,22 @@ impl log::Log for Logger {
     }
 }
 
-/// Sets up logging to stderr, or to `log_file`.
-pub fn init(log_file: Option<&Path>) -> Result<(), CliError> {
+/// Sets up logging to stderr, or to `log_file`. With `json`, a line on
+/// stderr is a JSON object (`{"log": {"level", "target", "message"}}`), as
+/// a failure is: a script reads stderr as JSON lines.
+pub fn init(log_file: Option<&Path>, json: bool) -> Result<(), CliError> {
     let mut builder = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn,fuser=error"));
+    if json && log_file.is_none() {
+        builder.format(|buf, record| {
+            use std::io::Write;
+            let line = serde_json::json!({"log": {
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "message": record.args().to_string(),
+            }});
+            writeln!(buf, "{line}")
+        });
+    }
     if let Some(path) = log_file {
         let file = std::fs::OpenOptions::new()
             .create(true)

@@ -419,7 +419,7 @@ pub fn run() -> i32 {
         Command::Mount(m) => m.log_file.clone(),
         _ => None,
     };
-    if let Err(e) = logging::init(log_file.as_deref()) {
+    if let Err(e) = logging::init(log_file.as_deref(), json_errors) {
         return report(&e, json_errors);
     }
     // `mount` installs its log once its -o options (keystore=, audit_log=) are read.

@@ -83,6 +83,22 @@ fn with_json_errors_are_json_on_stderr_with_code_and_exit_status() {
     assert_eq!(error["error"]["code"], "usage");
     assert!(error["error"]["message"].as_str().unwrap().contains("--no-such-flag"));
 
+    // Log lines are JSON objects too: stderr is read as JSON lines.
+    std::fs::write(vol.backing.join("kmsfs.pending-keys"), "{garbage").unwrap();
+    let out = vol.run(&["fsck", "--json", vol.backing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(10), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["log"]["level"] == "ERROR"
+            && l["log"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("is not a pending-keys file kmsfs wrote"))),
+        "{lines:?}"
+    );
+
     // Without --json: one line for a person.
     let out = vol.run(&["status", missing.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("kmsfs: "));
