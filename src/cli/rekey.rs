@@ -149,6 +149,18 @@ fn audit_rekey(outcome: &Result<serde_json::Value, CliError>, open: &OpenVolume)
 
 fn rekey_one(path: &Path, open: &mut OpenVolume, keys: &KeyOptions) -> Result<serde_json::Value, CliError> {
     let abs = fs::canonicalize(path).map_err(io(path))?;
+    if abs.is_dir() {
+        // Each file is re-keyed alone (atomically): which ones is the caller's choice.
+        return Err(CliError::new(
+            ExitCode::Usage,
+            format!(
+                "{} is a directory: rekey takes files (for every file under it: find {} -type f -exec kmsfs \
+                 rekey {{}} +)",
+                path.display(),
+                path.display()
+            ),
+        ));
+    }
     Ok(match locate(&abs)? {
         Location::Mounted => {
             let bytes = rekey_through_mount(&abs)?;

@@ -4,7 +4,7 @@
 
 use std::fs;
 
-use crate::common::{TestVolume, path_str};
+use crate::common::{TestVolume, path_str, stderr};
 
 fn records(vol: &TestVolume, filters: &[&str]) -> Vec<serde_json::Value> {
     let out = vol.run(&[&["audit", "--json"], filters].concat());
@@ -55,7 +55,12 @@ fn a_volume_life_is_recorded_with_failures_and_verifies() {
     }
     fs::create_dir(vol.path("private-name-dir")).unwrap();
     let refused = vol.run(&["rekey", path_str(&vol.path("private-name-dir"))]);
-    assert!(!refused.status.success(), "a directory is not re-keyed");
+    assert_eq!(refused.status.code(), Some(2), "a directory is not re-keyed");
+    assert!(
+        stderr(&refused).contains("is a directory: rekey takes files (for every file under it: find"),
+        "{}",
+        stderr(&refused)
+    );
     m.unmount();
     assert!(vol.run(&["key", "disable", &key]).status.success());
     assert_eq!(vol.run(&["rotate", backing]).status.code(), Some(5));
