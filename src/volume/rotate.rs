@@ -16,7 +16,9 @@ const BATCH: usize = 5000;
 /// Test hook: a smaller batch, so that crashes can be placed between batches.
 pub const BATCH_ENV: &str = "KMSFS_TEST_ROTATE_BATCH";
 /// Test hook: the process kills itself (SIGKILL) once this many file keys
-/// have been re-wrapped and committed, to exercise crash recovery.
+/// have been re-wrapped and committed, to exercise crash recovery; or,
+/// when it is `daemon-failed`, once the mounted daemon said it could not
+/// load the new volume key (before the rotation is undone).
 pub const KILL_AFTER_ENV: &str = "KMSFS_TEST_ROTATE_KILL_AFTER";
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -274,6 +276,7 @@ fn daemon_behind(volume: &Volume, to: u32) -> Option<u32> {
         // It tried and failed (it retries, but a provider that refused it will again).
         let failed = daemon.volume_key_error.as_ref().is_some_and(|(v, _)| *v == to);
         if failed || started.elapsed() > wait {
+            crate::test_hooks::kill_if(KILL_AFTER_ENV, |when| when == "daemon-failed");
             if let Some((_, why)) = &daemon.volume_key_error {
                 log::error!(
                     "the daemon (pid {}) could not load volume key version {to}: {why}",

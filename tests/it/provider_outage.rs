@@ -112,6 +112,49 @@ fn a_rotation_the_daemon_cannot_follow_is_undone() {
     assert_eq!(volume_key_states(&vol).last(), Some(&(3, "active".into(), true)));
 }
 
+/// A rotation killed while the daemon could not follow it leaves the daemon
+/// BEHIND, which `status` shows until the next `rotate` undoes the
+/// rotation; the mount reads and writes throughout.
+#[test]
+fn a_daemon_left_behind_by_a_killed_rotation_is_shown_until_the_next_rotate_undoes_it() {
+    let bao = peers::openbao(false);
+    let vol = vault_volume(&bao);
+    let backing = path_str(&vol.backing);
+    let token = peers::bao(&bao, false, &["token", "create", "-field=token", "-policy=root"]);
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let mut m = vol.mount_with_env(&[("VAULT_TOKEN", &token)], &[]);
+    fs::write(vol.path("before"), b"before").unwrap();
+    peers::bao(&bao, false, &["token", "revoke", &token]);
+    let killed = vol
+        .command()
+        .env(kmsfs::volume::rotate::KILL_AFTER_ENV, "daemon-failed")
+        .args(["rotate", backing])
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(killed.status.signal(), Some(libc::SIGKILL), "{}", stderr(&killed));
+    let status = vol.run(&["status", backing]);
+    assert!(
+        common::stdout(&status).contains("BEHIND:         the daemon has not loaded volume key version 2"),
+        "{}",
+        common::said(&status)
+    );
+    fs::write(vol.path("meanwhile"), b"meanwhile").unwrap();
+    let out = vol.run(&["rotate", backing]);
+    assert_eq!(out.status.code(), Some(8), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the rotation was undone"), "{}", stderr(&out));
+    let status = vol.run(&["status", backing]);
+    assert!(!common::stdout(&status).contains("BEHIND"), "{}", common::said(&status));
+    assert_eq!(
+        volume_key_states(&vol),
+        vec![(1, "active".into(), true), (2, "retired".into(), false)]
+    );
+    assert_eq!(fs::read(vol.path("before")).unwrap(), b"before");
+    assert_eq!(fs::read(vol.path("meanwhile")).unwrap(), b"meanwhile");
+    let out = m.umount_with(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 /// A daemon that is stopped (SIGSTOP) could not load a new key either:
 /// `rotate` refuses at once, naming `kill -CONT`, and begins nothing (no
 /// volume-key version is used up), and the daemon, continued, serves as
