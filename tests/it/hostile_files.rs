@@ -198,3 +198,36 @@ fn files_kmsfs_writes_with_other_names_are_refused() {
     let m = vol.mount();
     m.unmount();
 }
+
+/// A DB companion (`-wal`, `-shm`) that is a symlink (or anything but a
+/// regular file) is refused
+/// by name, status, mount and fsck alike (SQLite's own message names no
+/// file), and the volume opens once it is removed.
+#[test]
+fn a_db_companion_that_is_not_a_regular_file_is_named() {
+    let vol = TestVolume::init();
+    for name in ["kmsfs.db-wal", "kmsfs.db-shm"] {
+        let inside = vol.backing.join(name);
+        let _ = fs::remove_file(&inside);
+        std::os::unix::fs::symlink("/etc/passwd", &inside).unwrap();
+        for args in [&["status"][..], &["fsck"], &["mount"]] {
+            let mut args = args.to_vec();
+            args.push(path_str(&vol.backing));
+            if args[0] == "mount" {
+                args.push(path_str(&vol.mnt));
+            }
+            let out = vol.run(&args);
+            assert!(!common::is_mounted(&vol.mnt));
+            assert_eq!(out.status.code(), Some(4), "{name} {args:?}: {}", common::stderr(&out));
+            assert!(
+                common::stderr(&out).contains(&format!("{name} is damaged or unreadable: not a regular file"))
+                    && common::stderr(&out).contains("remove it, and the DB opens without it"),
+                "{name} {args:?}: {}",
+                common::stderr(&out)
+            );
+        }
+        fs::remove_file(&inside).unwrap();
+    }
+    let m = vol.mount();
+    m.unmount();
+}

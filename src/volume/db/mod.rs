@@ -226,26 +226,31 @@ impl MetadataDb {
             _ => path,
         };
         let damaged = unreadable(path);
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if !meta.file_type().is_file() => {
-                return Err(DbError::Damaged {
-                    path: path.to_path_buf(),
-                    reason: "not a regular file (a symlink, directory, device or FIFO in its place is refused)".into(),
-                });
-            }
-            _ => {}
-        }
         // SQLite writes the DB and its companions in place: one that has
         // another name (a hard link) would have kmsfs write a file outside
-        // the volume.
+        // the volume. SQLite refuses a companion that is not a regular file
+        // with "unable to open database file", naming no file: named here.
         for companion in ["", "-wal", "-shm", "-journal"] {
             let mut file = path.as_os_str().to_owned();
             file.push(companion);
             let file = PathBuf::from(file);
-            if let Ok(meta) = std::fs::symlink_metadata(&file)
-                && meta.file_type().is_file()
-                && meta.nlink() > 1
-            {
+            let Ok(meta) = std::fs::symlink_metadata(&file) else {
+                continue;
+            };
+            if !meta.file_type().is_file() {
+                let remedy = if companion.is_empty() {
+                    ""
+                } else {
+                    "; remove it, and the DB opens without it"
+                };
+                return Err(DbError::Damaged {
+                    path: file,
+                    reason: format!(
+                        "not a regular file (a symlink, directory, device or FIFO in its place is refused){remedy}"
+                    ),
+                });
+            }
+            if meta.nlink() > 1 {
                 return Err(DbError::Damaged {
                     path: file,
                     reason: "it has other names (hard links), so writing it would change a file outside the \
