@@ -62,7 +62,12 @@ pub fn fsck(backing: &Path, keys: &KeyOptions, opts: FsckOptions, json: bool) ->
         super::printable(&report.db_integrity)
     );
     for p in &report.problems {
-        let path = p.path.as_deref().map(|p| format!(" ({p})")).unwrap_or_default();
+        // The backing directory itself is the volume's root.
+        let path = p
+            .path
+            .as_deref()
+            .map(|p| format!(" ({})", if p.is_empty() { "/" } else { p }))
+            .unwrap_or_default();
         let repair = match &p.repair {
             Some(r) => format!(" -> {r}"),
             None if repair => " -> not repaired".to_string(),

@@ -189,3 +189,45 @@ fn a_damaged_file_under_a_temporarys_name_is_moved_once_for_both_problems() {
     assert!(!temporary.exists());
     assert_eq!(fsck(&vol, &[]).0, 0);
 }
+
+/// The backing directory's own IV replaced by a symlink: fsck reports it
+/// (at `.`), and `--repair`, which cannot name lost+found without it, says
+/// to restore that file instead of blaming the DB; the symlink's target is
+/// never read as an IV or written.
+#[test]
+fn a_root_iv_that_is_a_symlink_is_named_and_repair_says_to_restore_it() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    fs::write(vol.path("f"), b"data").unwrap();
+    m.unmount();
+    let iv = vol.backing.join(".kmsfs.diriv");
+    let saved = fs::read(&iv).unwrap();
+    let outside = vol.dir.path().join("outside");
+    fs::write(&outside, b"0123456789abcdef").unwrap();
+    fs::remove_file(&iv).unwrap();
+    std::os::unix::fs::symlink(&outside, &iv).unwrap();
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 10, "{report}");
+    assert!(
+        report["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["kind"] == "missing_dir_iv" && p["backing"] == "."),
+        "{report}"
+    );
+    let out = vol.run(&["fsck", "--repair", vol.backing.to_str().unwrap()]);
+    let said = crate::common::stderr(&out);
+    assert_eq!(out.status.code(), Some(7), "{said}");
+    assert!(
+        said.contains(".kmsfs.diriv: the backing directory's own IV is unusable")
+            && said.contains("restore this file from a backup")
+            && !said.contains("does not belong to this key"),
+        "{said}"
+    );
+    assert_eq!(fs::read(&outside).unwrap(), b"0123456789abcdef");
+    fs::remove_file(&iv).unwrap();
+    fs::write(&iv, saved).unwrap();
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 0, "{report}");
+}

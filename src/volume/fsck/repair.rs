@@ -184,7 +184,13 @@ impl LostFound {
             source: e,
         };
         let root_dir = confined.dir(root).map_err(io)?;
-        let root_iv = namespace::read_dir_iv(root_dir.as_fd()).map_err(|e| tampered(format!("root IV ({e})")))?;
+        let root_iv = namespace::read_dir_iv(root_dir.as_fd()).map_err(|e| VolumeError::Io {
+            path: root.join(DIR_IV_FILE),
+            source: std::io::Error::other(format!(
+                "the backing directory's own IV is unusable ({e}), so {LOST_FOUND} cannot be named and nothing \
+                 is moved there; restore this file from a backup of the backing directory, then repair again"
+            )),
+        })?;
         let name = layout::backing_name(volume.names(), &root_iv, LOST_FOUND.as_bytes());
         let made = match rustix::fs::mkdirat(&root_dir, name.as_str(), Mode::from_raw_mode(0o700)) {
             Ok(()) => true,

@@ -15,8 +15,13 @@ use super::{FileEntry, Problem, Rescue, Walk};
 use crate::util::hex;
 use std::os::fd::AsFd;
 
+/// `p` relative to the backing directory; `.` for the backing directory itself.
 pub(super) fn rel(root: &Path, p: &Path) -> String {
-    p.strip_prefix(root).unwrap_or(p).display().to_string()
+    match p.strip_prefix(root) {
+        Ok(rel) if rel.as_os_str().is_empty() => ".".into(),
+        Ok(rel) => rel.display().to_string(),
+        Err(_) => p.display().to_string(),
+    }
 }
 
 fn join_plain(parent: &Option<String>, name: &str) -> Option<String> {
