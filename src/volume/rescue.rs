@@ -319,7 +319,7 @@ fn set_aside(path: &Path, why: &str) -> Result<PathBuf, VolumeError> {
             n => PathBuf::from(format!("{}{SET_ASIDE}.{n}", path.display())),
         })
         .find(|p| std::fs::symlink_metadata(p).is_err())
-        .unwrap_or_else(|| PathBuf::from(format!("{}.unreadable", path.display())));
+        .unwrap_or_else(|| PathBuf::from(format!("{}{SET_ASIDE}", path.display())));
     log::error!("{why}; moved to {}, its keys are not stored", aside.display());
     std::fs::rename(path, &aside).map_err(io_at(path))?;
     Ok(aside)

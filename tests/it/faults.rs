@@ -67,7 +67,10 @@ fn a_full_backing_filesystem_gives_enospc_and_corrupts_nothing() {
         let out = kmsfs(&["mount", path_str(&backing), path_str(&mnt)]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     };
-    let umount = || assert!(kmsfs(&["umount", path_str(&mnt)]).status.success());
+    let umount = || {
+        let out = kmsfs(&["umount", path_str(&mnt)]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
     mount();
     let result = std::panic::catch_unwind(|| {
         let mut rng = Rng::new(9);
@@ -123,7 +126,7 @@ fn a_full_backing_filesystem_gives_enospc_and_corrupts_nothing() {
         // it has read its header (seen failing once in six runs under load
         // without the retry).
         fs::remove_file(&written.pop().unwrap().0).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             let res = fs::File::create(mnt.join("after"))
                 .and_then(|mut f| f.write_all(b"space again").and_then(|_| f.sync_all()));
@@ -137,8 +140,12 @@ fn a_full_backing_filesystem_gives_enospc_and_corrupts_nothing() {
         }
         written
     });
+    // A failure inside is what to report, not the unmount it makes fail.
+    let written = result.unwrap_or_else(|e| {
+        let _ = kmsfs(&["umount", "--force", path_str(&mnt)]);
+        std::panic::resume_unwind(e)
+    });
     umount();
-    let written = result.unwrap_or_else(|e| std::panic::resume_unwind(e));
     mount();
     let check = std::panic::catch_unwind(|| {
         for (p, d) in &written {
@@ -146,8 +153,11 @@ fn a_full_backing_filesystem_gives_enospc_and_corrupts_nothing() {
         }
         assert_eq!(fs::read(mnt.join("after")).unwrap(), b"space again");
     });
+    check.unwrap_or_else(|e| {
+        let _ = kmsfs(&["umount", "--force", path_str(&mnt)]);
+        std::panic::resume_unwind(e)
+    });
     umount();
-    check.unwrap_or_else(|e| std::panic::resume_unwind(e));
     let db = rusqlite::Connection::open(backing.join("kmsfs.db")).unwrap();
     let integrity: String = db.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
     assert_eq!(integrity, "ok");
