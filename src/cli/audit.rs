@@ -8,7 +8,7 @@ use kmsfs::audit::{AuditLog, Record, verify};
 
 use super::{CliError, ExitCode, KeyOptions, secrets};
 
-const JSON_HELP: &str = "Machine-readable output: JSON on stdout, and errors as JSON on stderr";
+const JSON_HELP: &str = "Machine-readable output: JSON on stdout, and errors as JSON on stderr (log lines too)";
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -123,14 +123,14 @@ pub fn audit(args: AuditArgs, keys: &KeyOptions) -> Result<(), CliError> {
     // The listing shows records as they read now: say so when they fail verification.
     match verify::verify(&path) {
         Ok(report) if report.intact() => {}
-        Ok(report) => eprintln!(
-            "kmsfs: warning: audit log {} fails verification ({} problem(s)); what follows may have been \
+        Ok(report) => log::warn!(
+            "audit log {} fails verification ({} problem(s)); what follows may have been \
              changed: run `kmsfs audit verify`",
             path.display(),
             report.problems.len()
         ),
         Err(e) if records.is_empty() => log::debug!("audit log not verified: {e}"),
-        Err(e) => eprintln!("kmsfs: warning: audit log {} cannot be verified: {e}", path.display()),
+        Err(e) => log::warn!("audit log {} cannot be verified: {e}", path.display()),
     }
     let mut wanted = records.iter().filter(|listed| {
         let r = &listed.record;

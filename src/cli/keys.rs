@@ -7,7 +7,7 @@ use kmsfs::kms::local::{KeyInfo, LocalKeystore, Origin, UnlockSecret};
 
 use super::{CliError, ExitCode, KeyOptions, secrets};
 
-const JSON_HELP: &str = "Machine-readable output: JSON on stdout, and errors as JSON on stderr";
+const JSON_HELP: &str = "Machine-readable output: JSON on stdout, and errors as JSON on stderr (log lines too)";
 
 #[derive(Subcommand)]
 pub enum KeyCommand {

@@ -109,7 +109,7 @@ enum Command {
     Rotate {
         /// The backing directory, or a mount point of one
         backing: PathBuf,
-        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
+        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr (log lines too)
         #[arg(long)]
         json: bool,
     },
@@ -117,7 +117,7 @@ enum Command {
     Rewrap {
         /// The backing directory, or a mount point of one
         backing: PathBuf,
-        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
+        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr (log lines too)
         #[arg(long)]
         json: bool,
     },
@@ -127,7 +127,7 @@ enum Command {
         /// Files to re-key
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
+        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr (log lines too)
         #[arg(long)]
         json: bool,
     },
@@ -142,7 +142,7 @@ enum Command {
         /// With --repair: rewrite unreadable blocks as zeros (reported) so the rest of a file reads
         #[arg(long)]
         salvage: bool,
-        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
+        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr (log lines too)
         #[arg(long)]
         json: bool,
     },
@@ -170,7 +170,7 @@ enum Command {
     Status {
         /// The backing directory, or a mount point of one
         backing: PathBuf,
-        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
+        /// Machine-readable output: JSON on stdout, and errors as JSON on stderr (log lines too)
         #[arg(long)]
         json: bool,
         /// Also ask the key provider for the master key's state (DescribeKey; needs its credentials)
@@ -196,7 +196,7 @@ struct InitArgs {
     /// Argon2id iterations when a new keystore is created
     #[arg(long, default_value_t = 3, value_name = "N")]
     kdf_iterations: u32,
-    /// Machine-readable output: JSON on stdout, and errors as JSON on stderr
+    /// Machine-readable output: JSON on stdout, and errors as JSON on stderr (log lines too)
     #[arg(long)]
     json: bool,
 }
@@ -247,8 +247,8 @@ fn create_volume(args: InitArgs, keys: &KeyOptions) -> Result<(), CliError> {
                 )
             })?;
             if uri.has_secret() {
-                eprintln!(
-                    "kmsfs: the PIN given with pin-value= is not saved; at mount give it with \
+                log::warn!(
+                    "the PIN given with pin-value= is not saved; at mount give it with \
                      pin-source=, KMSFS_PKCS11_PIN or --kms"
                 );
             }

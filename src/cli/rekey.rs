@@ -36,6 +36,19 @@ fn locate(path: &Path) -> Result<Location, CliError> {
     ))
 }
 
+/// `path` as one word for a POSIX shell, for a command to copy.
+fn shell_quoted(path: &Path) -> String {
+    let text = path.display().to_string();
+    if !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+,:@".contains(&b))
+    {
+        return text;
+    }
+    format!("'{}'", super::printable(&text).replace('\'', r"'\''"))
+}
+
 fn io(path: &Path) -> impl Fn(std::io::Error) -> CliError + '_ {
     move |e| CliError::new(ExitCode::Io, format!("{}: {e}", path.display()))
 }
@@ -149,19 +162,26 @@ fn audit_rekey(outcome: &Result<serde_json::Value, CliError>, open: &OpenVolume)
 
 fn rekey_one(path: &Path, open: &mut OpenVolume, keys: &KeyOptions) -> Result<serde_json::Value, CliError> {
     let abs = fs::canonicalize(path).map_err(io(path))?;
+    let location = locate(&abs)?;
     if abs.is_dir() {
         // Each file is re-keyed alone (atomically): which ones is the caller's choice.
+        let how = match location {
+            Location::Mounted => format!(
+                "for every file under it: find {} -type f -exec kmsfs rekey {{}} +",
+                shell_quoted(path)
+            ),
+            // Not in a backing directory, which holds the DB and the IV files too.
+            Location::Backing(_) => "name its files through the volume's mount".into(),
+        };
         return Err(CliError::new(
             ExitCode::Usage,
             format!(
-                "{} is a directory: rekey takes files (for every file under it: find {} -type f -exec kmsfs \
-                 rekey {{}} +)",
-                path.display(),
-                path.display()
+                "{} is a directory: rekey takes files ({how})",
+                super::printable(&path.display().to_string())
             ),
         ));
     }
-    Ok(match locate(&abs)? {
+    Ok(match location {
         Location::Mounted => {
             let bytes = rekey_through_mount(&abs)?;
             serde_json::json!({"path": path, "via": "mount", "bytes": bytes})

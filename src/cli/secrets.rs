@@ -133,8 +133,8 @@ pub fn new_secret(
     if let Some(k) = key_file {
         if !k.exists() {
             create_key_file(k)?;
-            eprintln!(
-                "kmsfs: created key file {} (keep it safe: without it the keystore cannot be opened)",
+            log::warn!(
+                "created key file {} (keep it safe: without it the keystore cannot be opened)",
                 k.display()
             );
         }
@@ -173,8 +173,8 @@ pub fn open_or_create_keystore(keys: &KeyOptions, kdf: KdfParams) -> Result<(Loc
         && !k.exists()
     {
         create_key_file(k)?;
-        eprintln!(
-            "kmsfs: created key file {} (keep it safe: without it the volume is lost)",
+        log::warn!(
+            "created key file {} (keep it safe: without it the volume is lost)",
             k.display()
         );
     }

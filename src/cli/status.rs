@@ -299,7 +299,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
     }
     for file in &set_aside {
         outln!(
-            "set aside:      {} was set aside unstored (see `kmsfs fsck`); look at it, then remove it",
+            "set aside:      {} was set aside unstored (the log says why); look at it, then remove it",
             super::printable(&file.display().to_string())
         );
     }
@@ -449,8 +449,8 @@ fn failing(
         return Err(CliError::new(
             ExitCode::Io,
             format!(
-                "{} is a pending-keys file set aside unstored: files whose keys it held read as EIO; look at \
-                 it (`kmsfs fsck` names what it concerns), then remove it",
+                "{} is a pending-keys file set aside unstored: files whose keys it held read as EIO (`kmsfs \
+                 fsck` of the unmounted volume lists them as missing_key); look at it, then remove it",
                 super::printable(&first.display().to_string())
             ),
         ));

@@ -394,8 +394,13 @@ impl Volume {
             keys,
             info,
         };
-        for what in unrestored {
-            volume.record_problem(what.to_string());
+        for unstored in unrestored {
+            match unstored {
+                // The mount's own: its files whose keys these are read as EIO while it serves.
+                rescue::Unstored::Keys(what) => volume.record_problem(what),
+                // Logged (`set_aside`); `status` and `fsck` report the file while it is there.
+                rescue::Unstored::NotAPendingFile(_) => {}
+            }
         }
         Ok(volume)
     }

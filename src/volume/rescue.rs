@@ -332,7 +332,8 @@ pub enum Unstored {
     /// aside because no volume-key version held opens them: the versions
     /// they may be under must stay.
     Keys(String),
-    /// A file that is not a pending-keys file kmsfs wrote, set aside unread.
+    /// A file that is not a pending-keys file kmsfs wrote, set aside unread
+    /// (and logged): `status` and `fsck` report it while it is there.
     NotAPendingFile(String),
 }
 
@@ -478,8 +479,12 @@ pub fn is_set_aside(name: &str, base: &str) -> bool {
 /// the host: keys in them stay unstored until a person looks (whatever
 /// they are: a FIFO is set aside as it is).
 pub fn set_aside_files(backing: &Path, volume_id: &[u8; 16]) -> Vec<PathBuf> {
-    let mut found: Vec<PathBuf> = std::iter::once(backing.join(PENDING_FILE))
-        .chain(host_file(volume_id))
+    set_aside_of(std::iter::once(backing.join(PENDING_FILE)).chain(host_file(volume_id)))
+}
+
+/// The files set aside from the pending-keys files at `pending`.
+fn set_aside_of(pending: impl Iterator<Item = PathBuf>) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = pending
         .filter_map(|pending| {
             let base = pending.file_name()?.to_str()?.to_string();
             let entries = std::fs::read_dir(pending.parent()?).ok()?;
@@ -509,6 +514,42 @@ pub fn waiting(backing: &Path, volume_id: &[u8; 16]) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only this volume's files set aside are listed, whatever they are;
+    /// the pending-keys files themselves and look-alikes are not.
+    #[test]
+    fn the_files_set_aside_are_this_volumes_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let beside = dir.path().join("backing");
+        let host = dir.path().join("host");
+        std::fs::create_dir_all(&beside).unwrap();
+        std::fs::create_dir_all(&host).unwrap();
+        for name in [
+            "kmsfs.pending-keys",
+            "kmsfs.pending-keys.unreadable",
+            "kmsfs.pending-keys.unreadable.2",
+            "kmsfs.pending-keys.unreadable.x",
+            "kmsfs.pending-keys.unreadable.",
+            "kmsfs.pending-keys.old",
+        ] {
+            std::fs::write(beside.join(name), b"").unwrap();
+        }
+        std::fs::create_dir(beside.join("kmsfs.pending-keys.unreadable.3")).unwrap();
+        for name in ["aa.json.unreadable", "bb.json.unreadable", "aa.json"] {
+            std::fs::write(host.join(name), b"").unwrap();
+        }
+        let found = set_aside_of([beside.join(PENDING_FILE), host.join("aa.json")].into_iter());
+        let expected: Vec<PathBuf> = [
+            beside.join("kmsfs.pending-keys.unreadable"),
+            beside.join("kmsfs.pending-keys.unreadable.2"),
+            beside.join("kmsfs.pending-keys.unreadable.3"),
+            host.join("aa.json.unreadable"),
+        ]
+        .into();
+        assert_eq!(found, expected);
+        // A directory that is not there holds none.
+        assert!(set_aside_of([dir.path().join("gone/kmsfs.pending-keys")].into_iter()).is_empty());
+    }
 
     fn rows(n: u8) -> Vec<(FileId, u32, WrappedKey)> {
         (0..n)

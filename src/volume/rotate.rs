@@ -276,7 +276,9 @@ fn daemon_behind(volume: &Volume, to: u32) -> Option<u32> {
         // It tried and failed (it retries, but a provider that refused it will again).
         let failed = daemon.volume_key_error.as_ref().is_some_and(|(v, _)| *v == to);
         if failed || started.elapsed() > wait {
-            crate::test_hooks::kill_if(KILL_AFTER_ENV, |when| when == "daemon-failed");
+            if failed {
+                crate::test_hooks::kill_if(KILL_AFTER_ENV, |when| when == "daemon-failed");
+            }
             if let Some((_, why)) = &daemon.volume_key_error {
                 log::error!(
                     "the daemon (pid {}) could not load volume key version {to}: {why}",

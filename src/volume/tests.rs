@@ -371,3 +371,32 @@ fn the_background_db_check_finds_rows_that_break_check_constraints() {
     let found = MetadataDb::check_file(&db).unwrap_err().to_string();
     assert!(found.contains("CHECK constraint"), "{found}");
 }
+
+/// At the end of a rotation the pending-keys files are stored again: one
+/// that is not a pending-keys file is set aside and the rotation finishes;
+/// keys under a version the volume does not hold keep the old versions.
+#[test]
+fn a_rotation_finishes_past_a_damaged_pending_file_but_not_past_unstored_keys() {
+    let f = fixture();
+    let volume = f.open();
+    volume.new_file_key().unwrap();
+    volume.sync_keys().unwrap();
+    let pending = f.backing.join(rescue::PENDING_FILE);
+    std::fs::write(&pending, b"{not json").unwrap();
+    let report = rotate::rotate(&volume, &mut |_, _| ()).unwrap();
+    assert_eq!(report.retired_versions, vec![1]);
+    assert_eq!(set_aside(&f.backing), vec!["kmsfs.pending-keys.unreadable".to_string()]);
+
+    let row = serde_json::json!({
+        "volume_id": crate::util::hex(&volume.info().volume_id),
+        "inserts": [[crate::util::hex(&[7u8; 16]), 99, "AAAA"]],
+        "deletes": [],
+    });
+    std::fs::write(&pending, serde_json::to_vec(&row).unwrap()).unwrap();
+    let err = rotate::rotate(&volume, &mut |_, _| ()).unwrap_err();
+    assert!(
+        matches!(&err, VolumeError::PendingKept(what) if what.contains("[99]")),
+        "{err}"
+    );
+    assert_eq!(set_aside(&f.backing).len(), 2, "kept beside the first");
+}

@@ -241,7 +241,8 @@ impl MetadataDb {
                 let remedy = if companion.is_empty() {
                     ""
                 } else {
-                    "; remove it, and the DB opens without it"
+                    "; if it links to this volume's own file, put a copy of that in its place, else remove it \
+                     (the DB opens without it)"
                 };
                 return Err(DbError::Damaged {
                     path: file,
