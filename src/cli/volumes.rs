@@ -133,7 +133,13 @@ pub fn note_use(provider: &dyn KeyProvider, backing: &Path) {
 pub fn open_volume(backing: &Path, keys: &KeyOptions) -> Result<Volume, CliError> {
     let row = kmsfs::volume::read_info(backing)?.volume;
     let provider = provider_for(backing, &row, keys)?;
-    Ok(Volume::open(backing, provider)?)
+    let volume = Volume::open(backing, provider)?;
+    // What opening found and could not fix (keys saved by an earlier daemon
+    // that it could not store): a mount reports it at unmount, a command now.
+    if let Some(problem) = volume.problems() {
+        log::warn!("{problem}");
+    }
+    Ok(volume)
 }
 
 /// The directory of the volume `path` names: `path` itself, or, for the
