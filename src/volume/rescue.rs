@@ -31,6 +31,44 @@ struct PendingFile {
     /// (file id, volume-key version, wrapped key)
     inserts: Vec<(String, u32, String)>,
     deletes: Vec<String>,
+    /// On the host only: the backing directory that saved it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    saved_from: Option<SavedFrom>,
+}
+
+/// Which backing directory saved a pending-keys file on the host: another
+/// copy of the volume (a backup being checked on the same host) must not
+/// take the keys of the one that saved them.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct SavedFrom {
+    path: String,
+    dev: u64,
+    ino: u64,
+}
+
+impl SavedFrom {
+    fn of(backing: &Path) -> Option<Self> {
+        let path = std::fs::canonicalize(backing).ok()?;
+        let meta = std::fs::metadata(&path).ok()?;
+        Some(SavedFrom {
+            path: path.to_string_lossy().into_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// The same volume: in the same place (put back from a backup there,
+    /// say), or the same directory moved.
+    fn is(&self, other: &SavedFrom) -> bool {
+        self.path == other.path || (self.dev, self.ino) == (other.dev, other.ino)
+    }
+}
+
+/// A pending-keys file as read: its rows, which file it was, who saved it.
+struct Saved {
+    rows: Rows,
+    identity: Identity,
+    from: Option<SavedFrom>,
 }
 
 /// Writes the DB's queued changes to the pending file (merged with one a
@@ -45,29 +83,44 @@ pub fn save(backing: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<(usize, P
     // anyone else.
     let (mut inserts, left) = keys.rows_to_active(inserts);
     inserts.extend(left);
-    let beside = write_merged(&backing.join(PENDING_FILE), volume_id, &inserts, &deletes);
+    let beside = write_merged(&backing.join(PENDING_FILE), volume_id, &inserts, &deletes, None);
     let Err(beside_error) = beside else {
         return beside;
     };
     let Some(host) = host_file(volume_id) else {
         return Err(beside_error);
     };
-    write_merged(&host, volume_id, &inserts, &deletes).map_err(|host_error| VolumeError::Io {
+    let from = SavedFrom::of(backing);
+    write_merged(&host, volume_id, &inserts, &deletes, from).map_err(|host_error| VolumeError::Io {
         path: backing.join(PENDING_FILE),
         source: std::io::Error::other(format!("{beside_error}; and on the host: {host_error}")),
     })
 }
 
 /// Writes `inserts` and `deletes`, after the rows the file at `path` holds
-/// already, to `path`.
+/// already, to `path`; on the host, with the backing directory that saved
+/// them (`from`).
 fn write_merged(
     path: &Path,
     volume_id: &[u8; 16],
     inserts: &[(FileId, u32, WrappedKey)],
     deletes: &[FileId],
+    from: Option<SavedFrom>,
 ) -> Result<(usize, PathBuf), VolumeError> {
     let mut file = match read(path, volume_id) {
-        Ok(Some(((old_inserts, old_deletes), _))) => encode(volume_id, &old_inserts, &old_deletes),
+        Ok(Some(saved)) => {
+            if let (Some(theirs), Some(ours)) = (&saved.from, &from)
+                && !theirs.is(ours)
+            {
+                return Err(io_at(path)(std::io::Error::other(format!(
+                    "it holds file keys another copy of this volume ({}) saved: mount or fsck that copy \
+                     first, so that they are stored",
+                    theirs.path
+                ))));
+            }
+            let (old_inserts, old_deletes) = saved.rows;
+            encode(volume_id, &old_inserts, &old_deletes)
+        }
         Ok(None) => encode(volume_id, &[], &[]),
         Err(e @ VolumeError::PendingDamaged { .. }) => {
             set_aside(path, &e.to_string())?;
@@ -75,6 +128,7 @@ fn write_merged(
         }
         Err(e) => return Err(e),
     };
+    file.saved_from = from;
     let new = encode(volume_id, inserts, deletes);
     file.inserts.extend(new.inserts);
     file.deletes.extend(new.deletes);
@@ -201,6 +255,7 @@ fn encode(volume_id: &[u8; 16], inserts: &[(FileId, u32, WrappedKey)], deletes: 
             .map(|(id, v, w)| (hex(id), *v, B64.encode(w.as_bytes())))
             .collect(),
         deletes: deletes.iter().map(|id| hex(id)).collect(),
+        saved_from: None,
     }
 }
 
@@ -231,7 +286,7 @@ const MAX_PENDING_BYTES: u64 = 256 << 20;
 const MAX_PENDING_BYTES: u64 = 4 << 10;
 
 /// The rows of the pending file at `path`, if there is one, for this volume.
-fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<(Rows, Identity)>, VolumeError> {
+fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<Saved>, VolumeError> {
     let path = path.to_path_buf();
     let damaged = |reason: &str| VolumeError::PendingDamaged {
         path: path.clone(),
@@ -289,14 +344,22 @@ fn read(path: &Path, volume_id: &[u8; 16]) -> Result<Option<(Rows, Identity)>, V
         .map(|id| unhex(id))
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| damaged("a row is not a file id"))?;
-    Ok(Some(((inserts, deletes), (meta.dev(), meta.ino()))))
+    Ok(Some(Saved {
+        rows: (inserts, deletes),
+        identity: (meta.dev(), meta.ino()),
+        from: file.saved_from,
+    }))
 }
 
 /// Replaces the rows of the pending-keys file at `path` with `rows`.
 /// The new file keeps the old one's owner (a root `fsck` or `rotate` must
 /// not leave a user's volume a file that user cannot read).
-fn rewrite(path: &Path, volume_id: &[u8; 16], rows: &[FileKeyRow]) -> Result<(), VolumeError> {
-    let text = serde_json::to_vec(&encode(volume_id, rows, &[])).map_err(|e| VolumeError::Io {
+fn rewrite(path: &Path, volume_id: &[u8; 16], rows: &[FileKeyRow], from: Option<SavedFrom>) -> Result<(), VolumeError> {
+    let file = PendingFile {
+        saved_from: from,
+        ..encode(volume_id, rows, &[])
+    };
+    let text = serde_json::to_vec(&file).map_err(|e| VolumeError::Io {
         path: path.to_path_buf(),
         source: std::io::Error::other(e),
     })?;
@@ -351,16 +414,27 @@ impl std::fmt::Display for Unstored {
 /// file is set aside, and what to say of them is returned.
 pub fn restore(backing: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Vec<Unstored>, VolumeError> {
     let _files = FilesLock::take(backing);
-    let beside = restore_from(&backing.join(PENDING_FILE), keys, db)?;
+    let beside = restore_from(&backing.join(PENDING_FILE), keys, db, None)?;
     let host = match host_file(keys.volume_id()) {
-        Some(host) => restore_from(&host, keys, db)?,
+        Some(host) => restore_from(&host, keys, db, SavedFrom::of(backing).as_ref())?,
         None => None,
     };
     Ok(beside.into_iter().chain(host).collect())
 }
 
-fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<Unstored>, VolumeError> {
-    let ((inserts, deletes), was) = match read(path, keys.volume_id()) {
+/// Stores the rows of the pending-keys file at `path`; one on the host only
+/// when the backing directory that saved it is the opener's (`opener`).
+fn restore_from(
+    path: &Path,
+    keys: &KeyRing,
+    db: &MetadataDb,
+    opener: Option<&SavedFrom>,
+) -> Result<Option<Unstored>, VolumeError> {
+    let Saved {
+        rows: (inserts, deletes),
+        identity: was,
+        from,
+    } = match read(path, keys.volume_id()) {
         Ok(Some(read)) => read,
         Ok(None) => return Ok(None),
         // Unreadable: set aside (for a person to look at), never in the way of opening the volume.
@@ -373,6 +447,17 @@ fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<U
         }
         Err(e) => return Err(e),
     };
+    if let (Some(theirs), Some(ours)) = (&from, opener)
+        && !theirs.is(ours)
+    {
+        log::warn!(
+            "{} holds file keys that another copy of this volume ({}) saved: left for that copy's next mount \
+             or fsck",
+            path.display(),
+            theirs.path
+        );
+        return Ok(None);
+    }
     // A rotation may have begun or ended since they were saved.
     let (ready, left) = keys.rows_to_active(inserts);
     let restored = db.restore_rows(&ready, &left, &deletes)?;
@@ -403,7 +488,7 @@ fn restore_from(path: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Option<U
     // later restore of its old row.
     let kept: Vec<FileKeyRow> = restored.not_active.iter().chain(&restored.unusable).cloned().collect();
     if !kept.is_empty()
-        && let Err(e) = rewrite(path, keys.volume_id(), &kept)
+        && let Err(e) = rewrite(path, keys.volume_id(), &kept, from)
     {
         // The keys are stored; never in the way of opening the volume.
         let why = format!("it could not be rewritten without the keys stored from it ({e})");
@@ -504,8 +589,13 @@ fn set_aside_of(pending: impl Iterator<Item = PathBuf>) -> Vec<PathBuf> {
 
 /// Where a daemon left keys of this volume waiting: beside the DB, on the host.
 pub fn waiting(backing: &Path, volume_id: &[u8; 16]) -> Vec<PathBuf> {
+    let opener = SavedFrom::of(backing);
     std::iter::once(backing.join(PENDING_FILE))
-        .chain(host_file(volume_id))
+        .chain(host_file(volume_id).filter(|host| {
+            // Not one another copy of the volume saved (it waits for that copy).
+            !matches!(read(host, volume_id), Ok(Some(Saved { from: Some(theirs), .. }))
+                if opener.as_ref().is_some_and(|ours| !theirs.is(ours)))
+        }))
         // A regular file only: anything else there is set aside unread.
         .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
         .collect()
@@ -566,15 +656,15 @@ mod tests {
         let path = dir.path().join(PENDING_FILE);
         let volume = [7u8; 16];
         let first = rows(20);
-        write_merged(&path, &volume, &first, &[]).unwrap();
-        let ((read_back, _), _) = read(&path, &volume).unwrap().unwrap();
+        write_merged(&path, &volume, &first, &[], None).unwrap();
+        let (read_back, _) = read(&path, &volume).unwrap().unwrap().rows;
         assert_eq!(read_back.len(), 20);
 
         // Merged with what is there, the file would pass the limit.
         let more = rows(60);
-        let err = write_merged(&path, &volume, &more, &[]).unwrap_err().to_string();
+        let err = write_merged(&path, &volume, &more, &[], None).unwrap_err().to_string();
         assert!(err.contains("the most a pending-keys file may hold"), "{err}");
-        let ((kept, _), _) = read(&path, &volume).unwrap().unwrap();
+        let (kept, _) = read(&path, &volume).unwrap().unwrap().rows;
         assert_eq!(kept.len(), 20, "the earlier rows are untouched");
         assert!(std::fs::metadata(&path).unwrap().len() <= MAX_PENDING_BYTES);
     }

@@ -251,6 +251,29 @@ fn keys_a_backing_filesystem_turned_read_only_keeps_from_committing_are_reported
     sh(&["umount", path_str(&ext)]);
     let _ = Command::new("e2fsck").args(["-fy", path_str(&image)]).output().unwrap();
     sh(&["mount", "-o", "loop", path_str(&image), path_str(&ext)]);
+    // A copy of the backing directory (a backup checked on this host) does
+    // not take them: they are the original's.
+    let copy = outer.path().join("copy");
+    sh(&["cp", "-a", backing, path_str(&copy)]);
+    let host: Vec<PathBuf> = fs::read_dir("/var/lib/kmsfs/pending-keys")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| fs::read_to_string(p).is_ok_and(|t| t.contains(backing)))
+        .collect();
+    assert_eq!(host.len(), 1, "{host:?}");
+    let status = vol.run(&["status", "--json", path_str(&copy)]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["pending_keys_files"], serde_json::json!([]), "not the copy's");
+    let out = vol.run(&["fsck", path_str(&copy)]);
+    assert!(
+        common::stderr(&out).contains("another copy of this volume"),
+        "{}",
+        common::stderr(&out)
+    );
+    assert!(host[0].exists(), "left for the original");
+    let status = vol.run(&["status", "--json", backing]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["pending_keys_files"], serde_json::json!([host[0]]));
     let m = vol.mount();
     assert_eq!(fs::read(vol.path("new")).unwrap(), b"not committed yet");
     m.unmount();
