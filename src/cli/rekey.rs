@@ -53,8 +53,51 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> CliError + '_ {
     move |e| CliError::new(ExitCode::Io, format!("{}: {e}", path.display()))
 }
 
+/// The processes (pid, name) that have `path` open or mapped, among those
+/// this user may look at: their writes after a rename over it would go to
+/// the old copy, and be lost.
+fn openers(path: &Path) -> Vec<(u32, String)> {
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let holds = |pid: u32| {
+        // readlink only: a stat through another process's descriptor could
+        // wait on a filesystem that hangs.
+        let open = fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == path));
+        open || fs::read_to_string(format!("/proc/{pid}/maps"))
+            .is_ok_and(|maps| maps.lines().any(|l| l.ends_with(&*path.to_string_lossy())))
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me && holds(pid))
+        .map(|pid| {
+            let name = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            (pid, name.trim().to_string())
+        })
+        .collect()
+}
+
+/// What says a file changed: (size, mtime, ctime).
+fn version_of(meta: &fs::Metadata) -> (u64, i64, i64, i64, i64) {
+    (
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    )
+}
+
 /// Copies the file under a temporary name (the daemon gives the copy a new
-/// data key), then renames it over the original: atomic per file.
+/// data key), then renames it over the original: atomic per file. A file
+/// another process has open is refused (it would go on writing to the old
+/// copy), and one that changes during the copy is left as it is.
 fn rekey_through_mount(path: &Path) -> Result<u64, CliError> {
     let meta = fs::symlink_metadata(path).map_err(io(path))?;
     if !meta.file_type().is_file() {
@@ -73,6 +116,23 @@ fn rekey_through_mount(path: &Path) -> Result<u64, CliError> {
             ),
         ));
     }
+    let refuse_open = || {
+        let open = openers(path);
+        if open.is_empty() {
+            return Ok(());
+        }
+        let who: Vec<String> = open.iter().map(|(pid, name)| format!("{name} (pid {pid})")).collect();
+        Err(CliError::new(
+            ExitCode::Mount,
+            format!(
+                "{} is open in {}: re-keying replaces the file, and writes through a descriptor opened \
+                 before would go to the old copy and be lost; re-key it once they have closed it",
+                super::printable(&path.display().to_string()),
+                who.join(", ")
+            ),
+        ))
+    };
+    refuse_open()?;
     let parent = path
         .parent()
         .ok_or_else(|| CliError::new(ExitCode::Usage, "no parent directory"))?;
@@ -102,6 +162,18 @@ fn rekey_through_mount(path: &Path) -> Result<u64, CliError> {
         }
         finish_copy(&meta, &dst).map_err(io(&tmp))?;
         kill_hook("before-rename");
+        // Written or opened meanwhile: the copy may lack what was written.
+        let now = fs::symlink_metadata(path).map_err(io(path))?;
+        if version_of(&now) != version_of(&meta) {
+            return Err(CliError::new(
+                ExitCode::Mount,
+                format!(
+                    "{} changed while it was copied: left as it was; re-key it when nothing writes it",
+                    super::printable(&path.display().to_string())
+                ),
+            ));
+        }
+        refuse_open()?;
         fs::rename(&tmp, path).map_err(io(path))?;
         File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent))?;
         Ok(bytes)
@@ -115,22 +187,44 @@ fn rekey_through_mount(path: &Path) -> Result<u64, CliError> {
 /// A volume open for offline re-keying, with its lock (it cannot be mounted meanwhile).
 type OpenVolume = Option<(PathBuf, Volume, VolumeLock)>;
 
+/// Re-keys each path in turn; one that fails does not stop the others
+/// (each is named), and the exit status is the first failure's.
 pub fn rekey(paths: &[PathBuf], keys: &KeyOptions, json: bool) -> Result<(), CliError> {
     let mut open: OpenVolume = None;
     let mut report = Vec::new();
+    let mut failures: Vec<CliError> = Vec::new();
     for path in paths {
         let outcome = rekey_one(path, &mut open, keys);
         audit_rekey(&outcome, &open);
-        let outcome = outcome?;
-        if !json {
-            outln!("re-keyed {} ({} bytes)", path.display(), outcome["bytes"]);
+        match outcome {
+            Ok(outcome) => {
+                if !json {
+                    outln!("re-keyed {} ({} bytes)", path.display(), outcome["bytes"]);
+                }
+                report.push(outcome);
+            }
+            Err(e) => {
+                if json {
+                    report.push(serde_json::json!({"path": path, "error": {
+                        "code": e.code.name(), "exit_status": e.code as i32, "message": e.message}}));
+                } else if paths.len() > 1 {
+                    log::error!("{}", e.message);
+                }
+                failures.push(e);
+            }
         }
-        report.push(outcome);
     }
     if json {
         outln!("{}", serde_json::Value::Array(report));
     }
-    Ok(())
+    match failures.len() {
+        0 => Ok(()),
+        1 if paths.len() == 1 => Err(failures.remove(0)),
+        n => Err(CliError::new(
+            failures[0].code,
+            format!("{n} of {} paths were not re-keyed (each is named above)", paths.len()),
+        )),
+    }
 }
 
 /// One Rekey record per path: the volume and file ids when known, and for

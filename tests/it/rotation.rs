@@ -6,6 +6,7 @@ use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -347,6 +348,32 @@ fn rekey_in_the_backing_directory_is_atomic() {
     let linked = vol.run(&["rekey", path_str(&vol.path("secret"))]);
     assert_eq!(linked.status.code(), Some(2), "hard-linked files are refused");
     fs::remove_file(vol.path("link")).unwrap();
+    // A path that fails does not stop the next one.
+    let missing = vol.path("missing");
+    let out = vol.run(&["rekey", "--json", path_str(&missing), path_str(&vol.path("secret"))]);
+    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
+    let each: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(each[0]["error"]["exit_status"], 7, "{each}");
+    assert_eq!(each[1]["via"], "mount", "{each}");
+    // A file a process holds open is refused: its later writes would go to
+    // the old copy, which the rename unlinks, and be lost.
+    let log = vol.path("log");
+    let mut held = fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+    held.write_all(b"line1\n").unwrap();
+    let refused = vol.run(&["rekey", path_str(&log)]);
+    assert_eq!(
+        refused.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(said.contains(&format!("(pid {})", std::process::id())), "{said}");
+    held.write_all(b"line2\n").unwrap();
+    drop(held);
+    json(&vol.run(&["rekey", "--json", path_str(&log)]));
+    assert_eq!(fs::read(&log).unwrap(), b"line1\nline2\n");
+    fs::remove_file(&log).unwrap();
     m.unmount();
     let [after] = backing_data_files(&vol).try_into().unwrap();
     assert_ne!(
