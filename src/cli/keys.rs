@@ -417,6 +417,13 @@ pub fn key(command: KeyCommand, keys: &KeyOptions) -> Result<(), CliError> {
             json,
         } => {
             let trimmed = store.trim(&key, min_version, &forget)?;
+            if !trimmed.is_empty() {
+                // The keystore knows the volumes, not their copies.
+                log::warn!(
+                    "backups of volumes made before their last `kmsfs rewrap` still have volume keys wrapped \
+                     under versions {trimmed:?}: they open only with a copy of this keystore from before the trim"
+                );
+            }
             if json {
                 outln!(
                     "{}",

@@ -66,10 +66,25 @@ pub enum KmsError {
     KeyNotFound(String),
     #[error(
         "the wrapped key names version {version} of master key {key}, which keystore {path} does not \
-         hold: the keystore is older than the one that wrapped it (restore its newest backup), or what \
-         holds the wrapped key (the volume's metadata DB) was altered"
+         hold: {}",
+        match (newest, oldest) {
+            (Some(newest), _) if version > newest =>
+                "the keystore is older than the one that wrapped it (restore its newest backup), or what holds \
+                 the wrapped key (the volume's metadata DB) was altered",
+            (_, Some(oldest)) if version < oldest =>
+                "that version was destroyed (`kmsfs key trim`): a volume, or a backup of one, still wrapped \
+                 under it opens only with a copy of the keystore from before the trim",
+            _ => "what holds the wrapped key (the volume's metadata DB) was altered",
+        }
     )]
-    UnknownKeyVersion { key: String, version: u32, path: PathBuf },
+    UnknownKeyVersion {
+        key: String,
+        version: u32,
+        path: PathBuf,
+        /// The versions the keystore holds, newest and oldest.
+        newest: Option<u32>,
+        oldest: Option<u32>,
+    },
     #[error("key {key} is {state} and cannot be used")]
     KeyNotUsable { key: String, state: String },
     #[error("the wrapped volume key does not decrypt under key {0} with this volume's encryption context")]

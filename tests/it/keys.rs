@@ -335,6 +335,13 @@ fn key_trim_refuses_while_a_known_volume_needs_an_old_version() {
     let m = vol.mount();
     std::fs::write(vol.path("f"), b"kept across the trim").unwrap();
     m.unmount();
+    // A backup made before the rewraps keeps its volume key under version 1.
+    let backup = vol.dir.path().join("backup");
+    let copied = std::process::Command::new("cp")
+        .args(["-a", path_str(&vol.backing), path_str(&backup)])
+        .status()
+        .unwrap();
+    assert!(copied.success());
     let id = json(&vol.run(&["key", "list", "--json"]))[0]["id"]
         .as_str()
         .unwrap()
@@ -380,7 +387,7 @@ fn key_trim_refuses_while_a_known_volume_needs_an_old_version() {
     let refused = vol.run(&["key", "trim", &id, "--min-version", "3"]);
     assert_eq!(refused.status.code(), Some(5));
     assert!(stderr(&refused).contains(&second_id), "{}", stderr(&refused));
-    let trimmed = json(&vol.run(&[
+    let out = vol.run(&[
         "key",
         "trim",
         &id,
@@ -389,8 +396,22 @@ fn key_trim_refuses_while_a_known_volume_needs_an_old_version() {
         "--forget",
         &second_id,
         "--json",
-    ]));
+    ]);
+    assert!(
+        stderr(&out).contains("from before the trim"),
+        "warns of backups: {}",
+        stderr(&out)
+    );
+    let trimmed = json(&out);
     assert_eq!(trimmed["destroyed_versions"], serde_json::json!([1, 2]));
+    // The backup names the destroyed version, not an older keystore.
+    let out = vol.run(&["mount", path_str(&backup), path_str(&vol.mnt)]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("version 1 of master key") && stderr(&out).contains("was destroyed (`kmsfs key trim`)"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(
         json(&vol.run(&["key", "describe", &id, "--json"]))["versions"],
         serde_json::json!([3])

@@ -593,6 +593,8 @@ impl LocalKeystore {
                 key: record.id.clone(),
                 version,
                 path: self.path.clone(),
+                newest: record.versions.iter().map(|v| v.version).max(),
+                oldest: record.versions.iter().map(|v| v.version).min(),
             })?;
         let sealed = B64
             .decode(&v.material)

@@ -34,6 +34,15 @@ fn passphrase_keystore_generate_and_decrypt_with_context() {
         }
         other => panic!("{other:?}"),
     }
+    // One naming a version destroyed by `key trim` says so, and what opens it.
+    ks.rotate_key(&id).unwrap();
+    ks.trim(&id, 2, &[]).unwrap();
+    match p.decrypt(&wrapped, &ctx) {
+        Err(e @ KmsError::UnknownKeyVersion { version: 1, .. }) => {
+            assert!(e.to_string().contains("was destroyed (`kmsfs key trim`)"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
     let wrong = UnlockSecret::Passphrase(Zeroizing::new("wrong".into()));
     assert!(matches!(
         LocalKeystore::open(&path, &wrong),
