@@ -12,7 +12,7 @@ use kmsfs::fs::KmsFs;
 use kmsfs::volume::Volume;
 use kmsfs::volume::lock::{DaemonInfo, VolumeLock};
 
-use super::mount_point::{absolute, check_mount_point, mount_error};
+use super::mount_point::{absolute, check_apart, check_mount_point, mount_error};
 use super::umount::{unmount, unmount_now};
 use super::{CliError, ExitCode, KeyOptions};
 
@@ -195,6 +195,7 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let backing = absolute(&args.backing, "backing directory")?;
     let mountpoint = absolute(&args.mountpoint, "mount point")?;
     check_mount_point(&mountpoint, options.nonempty)?;
+    check_apart(&backing, &mountpoint)?;
     if args.reverse {
         return super::reverse::serve(&args, keys, &options, &backing, &mountpoint);
     }

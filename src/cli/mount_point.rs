@@ -100,3 +100,27 @@ pub(super) fn check_mount_point(mountpoint: &Path, nonempty: bool) -> Result<(),
     }
     Ok(())
 }
+
+/// The mount point may be neither in the backing directory (the volume
+/// would hold itself: its DB and files reached through its own mount) nor
+/// above it (the backing directory hidden under the mount).
+pub(super) fn check_apart(backing: &Path, mountpoint: &Path) -> Result<(), CliError> {
+    let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let (backing, mountpoint) = (real(backing), real(mountpoint));
+    if mountpoint.starts_with(&backing) {
+        return Err(mount_error(format!(
+            "mount point {} is in the backing directory {}: mount it somewhere outside",
+            mountpoint.display(),
+            backing.display()
+        )));
+    }
+    if backing.starts_with(&mountpoint) {
+        return Err(mount_error(format!(
+            "the backing directory {} is in the mount point {}: the mount would hide it; mount it somewhere \
+             else",
+            backing.display(),
+            mountpoint.display()
+        )));
+    }
+    Ok(())
+}

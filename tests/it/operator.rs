@@ -176,6 +176,20 @@ fn mount_points_in_use_are_refused_unless_nonempty() {
     );
     m.unmount();
     fs::remove_file(vol.mnt.join("already-here")).unwrap();
+    // Not over the backing directory itself, in it, or above it.
+    let inside = vol.backing.join("mnt");
+    fs::create_dir(&inside).unwrap();
+    for (at, said) in [
+        (backing, "is in the backing directory"),
+        (path_str(&inside), "is in the backing directory"),
+        (path_str(vol.dir.path()), "the mount would hide it"),
+    ] {
+        let out = vol.run(&["mount", backing, at, "-o", "nonempty"]);
+        assert_eq!(out.status.code(), Some(6), "{at}: {}", stderr(&out));
+        assert!(stderr(&out).contains(said), "{at}: {}", stderr(&out));
+        assert!(!common::is_mounted(std::path::Path::new(at)));
+    }
+    fs::remove_dir(&inside).unwrap();
 }
 
 #[test]
