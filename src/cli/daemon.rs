@@ -233,9 +233,14 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     // Nor a PKCS#11 session: the library's state is not the child's.
     volume.db().disconnect();
     volume.keys().provider().before_fork();
+    let sink = if args.foreground || args.log_file.is_some() {
+        None
+    } else {
+        super::logging::daemon_sink(&row.volume_id)
+    };
     let mut ready_pipe = if args.foreground { None } else { Some(daemonize()?) };
-    if ready_pipe.is_some() && args.log_file.is_none() {
-        super::logging::to_syslog();
+    if let Some(sink) = sink {
+        super::logging::to(sink);
     }
     // From here on this process is the daemon: report failures through the pipe too.
     let report = report_to_parent;

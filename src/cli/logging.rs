@@ -1,8 +1,10 @@
 //! Logging: `RUST_LOG` filters, env_logger formats. A mount daemon in the
 //! background has no terminal: unless `--log-file` names a file, it logs to
-//! syslog (`/dev/log`, which journald serves too), so that tamper and EIO
+//! syslog (`/dev/log`, which journald serves too), or, on a host without
+//! one, to a file of its own (`daemon_log_file`), so that tamper and EIO
 //! reports are never dropped.
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
@@ -15,7 +17,7 @@ const SYSLOG_SOCKET: &str = "/dev/log";
 struct Logger {
     inner: env_logger::Logger,
     /// Set once the daemon is in the background without a log file.
-    syslog: Mutex<Option<UnixDatagram>>,
+    sink: Mutex<Option<Sink>>,
     /// KMSFS_DEBUG_FUSE_REQUESTS=1: fuser's per-request lines (with plaintext
     /// names) are let through, for counting requests on a test mount.
     fuse_requests: bool,
@@ -60,9 +62,20 @@ impl log::Log for Logger {
         if !self.enabled(record.metadata()) || is_unmount_of_a_mount_gone(record) {
             return;
         }
-        let syslog = kmsfs::util::lock(&self.syslog);
-        match syslog.as_ref() {
-            Some(socket) => {
+        let mut sink = kmsfs::util::lock(&self.sink);
+        match sink.as_mut() {
+            Some(Sink::File(file)) => {
+                use std::io::Write;
+                let _ = writeln!(
+                    file,
+                    "{} {} {}: {}",
+                    kmsfs::util::utc_date(kmsfs::util::unix_now()),
+                    record.level(),
+                    record.target(),
+                    record.args()
+                );
+            }
+            Some(Sink::Syslog(socket)) => {
                 // RFC 3164: <facility daemon (3) * 8 + severity>tag[pid]: message
                 let severity = match record.level() {
                     log::Level::Error => 3,
@@ -117,7 +130,7 @@ pub fn init(log_file: Option<&Path>, json: bool) -> Result<(), CliError> {
     let max = inner.filter();
     let logger: &'static Logger = Box::leak(Box::new(Logger {
         inner,
-        syslog: Mutex::new(None),
+        sink: Mutex::new(None),
         fuse_requests: std::env::var_os("KMSFS_DEBUG_FUSE_REQUESTS").is_some_and(|v| v == "1"),
     }));
     if log::set_logger(logger).is_ok() {
@@ -127,16 +140,74 @@ pub fn init(log_file: Option<&Path>, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-/// From now on log to syslog (the daemon has detached from the terminal
-/// and has no log file). Without a syslog socket, lines go where they went.
-pub fn to_syslog() {
+/// Where a daemon in the background logs.
+pub enum Sink {
+    Syslog(UnixDatagram),
+    File(std::fs::File),
+}
+
+/// Where the daemon of volume `volume_id` will log once it has detached
+/// (`to`): syslog, or, when the host has none, a file of its own, said
+/// now, while the terminal is still there.
+pub fn daemon_sink(volume_id: &[u8; 16]) -> Option<Sink> {
     let path = std::env::var_os("KMSFS_LOG_SOCKET").unwrap_or_else(|| SYSLOG_SOCKET.into());
-    let Some(logger) = LOGGER.get() else { return };
-    match UnixDatagram::unbound().and_then(|s| s.connect(&path).map(|()| s)) {
-        Ok(socket) => *kmsfs::util::lock(&logger.syslog) = Some(socket),
-        Err(e) => log::warn!(
-            "no syslog at {} ({e}): the daemon's log is lost; use --log-file",
+    let unavailable = match UnixDatagram::unbound().and_then(|s| s.connect(&path).map(|()| s)) {
+        Ok(socket) => return Some(Sink::Syslog(socket)),
+        Err(e) => e,
+    };
+    let Some(file) = daemon_log_file(volume_id) else {
+        log::warn!(
+            "no syslog at {} ({unavailable}) and no directory for a log file: the daemon's log is lost; use \
+             --log-file",
             Path::new(&path).display()
-        ),
+        );
+        return None;
+    };
+    let opened = file.parent().map_or(Ok(()), |dir| {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    });
+    match opened.and_then(|()| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&file)
+    }) {
+        Ok(opened) => {
+            log::warn!(
+                "no syslog at {} ({unavailable}): the daemon logs to {}",
+                Path::new(&path).display(),
+                file.display()
+            );
+            Some(Sink::File(opened))
+        }
+        Err(e) => {
+            log::warn!(
+                "no syslog at {} ({unavailable}), and {} cannot be opened ({e}): the daemon's log is lost; use \
+                 --log-file",
+                Path::new(&path).display(),
+                file.display()
+            );
+            None
+        }
+    }
+}
+
+/// The log file of a daemon on a host without syslog:
+/// `/var/log/kmsfs/VOLUME-ID.log` for root, else under `$XDG_STATE_HOME`
+/// (default `~/.local/state`) `/kmsfs/log/`.
+fn daemon_log_file(volume_id: &[u8; 16]) -> Option<std::path::PathBuf> {
+    let dir = if rustix::process::geteuid().is_root() {
+        std::path::PathBuf::from("/var/log/kmsfs")
+    } else {
+        kmsfs::util::state_dir()?.join("kmsfs/log")
+    };
+    Some(dir.join(format!("{}.log", kmsfs::util::hex(volume_id))))
+}
+
+/// From now on log to `sink` (the daemon has detached from the terminal).
+pub fn to(sink: Sink) {
+    if let Some(logger) = LOGGER.get() {
+        *kmsfs::util::lock(&logger.sink) = Some(sink);
     }
 }

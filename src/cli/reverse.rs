@@ -87,13 +87,18 @@ pub fn serve(
     // No SQLite connection or PKCS#11 session may cross the fork.
     volume.db().disconnect();
     volume.keys().provider().before_fork();
+    let sink = if args.foreground || args.log_file.is_some() {
+        None
+    } else {
+        super::logging::daemon_sink(&row.volume_id)
+    };
     let mut ready_pipe = if args.foreground {
         None
     } else {
         Some(daemon::daemonize()?)
     };
-    if ready_pipe.is_some() && args.log_file.is_none() {
-        super::logging::to_syslog();
+    if let Some(sink) = sink {
+        super::logging::to(sink);
     }
     let report = daemon::report_to_parent;
     volume

@@ -333,6 +333,30 @@ fn a_background_daemon_without_a_log_file_logs_to_syslog() {
         received.contains("<27>kmsfs["),
         "an error at facility daemon: {received}"
     );
+    // No syslog on the host: the daemon logs to a file of its own, which
+    // `mount` names while the terminal is there.
+    let out = vol
+        .command()
+        .env("KMSFS_LOG_SOCKET", vol.dir.path().join("no-syslog.sock"))
+        .args(["mount", path_str(&vol.backing), path_str(&vol.mnt)])
+        .output()
+        .unwrap();
+    let said = common::stderr(&out);
+    assert!(out.status.success(), "{said}");
+    let read = fs::read(vol.path("victim"));
+    let unmounted = vol.run(&["umount", path_str(&vol.mnt)]);
+    assert_eq!(read.unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert!(unmounted.status.success());
+    let log = said
+        .lines()
+        .find_map(|l| {
+            l.split_once("the daemon logs to ")
+                .map(|(_, file)| file.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("names its log file: {said}"));
+    let logged = fs::read_to_string(&log).unwrap();
+    fs::remove_file(&log).unwrap();
+    assert!(logged.contains("fails authentication"), "{logged}");
 }
 
 #[test]
