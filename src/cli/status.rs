@@ -166,6 +166,11 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             "problem": daemon.as_ref().and_then(|d| d.problem.clone()),
             // Why the command exits non-zero, whichever field above says it.
             "failing": verdict.as_ref().err().map(|e| &e.message),
+            // A file-by-file copy of the backing directory holds every key
+            // only when no daemon writes the DB meanwhile and no key waits
+            // outside it.
+            "safe_to_copy": daemon.is_none() && mount.is_none() && pending.is_empty() && set_aside.is_empty()
+                && count_error.is_none(),
             "pending_keys_file": !pending.is_empty(),
             "pending_keys_files": pending,
             "set_aside_keys_files": set_aside,

@@ -120,6 +120,7 @@ fn a_pending_keys_file_that_is_not_one_is_set_aside() {
             serde_json::json!([aside]),
             "{what}: {status}"
         );
+        assert_eq!(status["safe_to_copy"], false, "{what}: {status}");
         assert!(
             status["failing"]
                 .as_str()
@@ -145,8 +146,10 @@ fn a_pending_keys_file_that_is_not_one_is_set_aside() {
         );
         assert!(aside.exists(), "{what}: left for a person to look at");
         fs::remove_file(&aside).unwrap();
-        let out = vol.run(&["status", path_str(&vol.backing)]);
+        let out = vol.run(&["status", "--json", path_str(&vol.backing)]);
         assert!(out.status.success(), "{what}: {}", said(&out));
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(status["safe_to_copy"], true, "{what}: {status}");
     }
 }
 
