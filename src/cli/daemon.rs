@@ -195,8 +195,8 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
     let backing = absolute(&args.backing, "backing directory")?;
     let mountpoint = absolute(&args.mountpoint, "mount point")?;
     check_mount_point(&mountpoint, options.nonempty)?;
-    check_apart(&backing, &mountpoint)?;
     if args.reverse {
+        check_apart(&backing, &mountpoint)?;
         return super::reverse::serve(&args, keys, &options, &backing, &mountpoint);
     }
     if rustix::fs::statvfs(&backing).is_ok_and(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY)) {
@@ -207,6 +207,8 @@ fn serve(mut args: MountArgs, keys: &KeyOptions) -> Result<(), CliError> {
         )));
     }
     let row = kmsfs::volume::read_info(&backing)?.volume;
+    // After: a directory that is no volume is named as such first.
+    check_apart(&backing, &mountpoint)?;
     let _ = MOUNTING.set(row.volume_id);
     let provider = super::volumes::provider_for(&backing, &row, keys)?;
     let lock = VolumeLock::acquire(&backing)?;

@@ -82,10 +82,15 @@ pub fn fsck(backing: &Path, keys: &KeyOptions, opts: FsckOptions, json: bool) ->
             super::printable(&p.detail)
         );
     }
-    if !report.quarantined.is_empty() {
+    let kept_keys = report.quarantined.iter().filter(|p| p.kind == "orphan_key").count();
+    let kept_files = report.quarantined.len() - kept_keys;
+    if kept_files > 0 {
+        outln!("{kept_files} damaged file(s) kept in lost+found from an earlier repair");
+    }
+    if kept_keys > 0 {
         outln!(
-            "{} damaged file(s) kept in lost+found from an earlier repair",
-            report.quarantined.len()
+            "{kept_keys} key(s) no file uses kept: damaged files without a readable id may be theirs (a repair \
+             erases them once those files are gone)"
         );
     }
     match code {

@@ -231,3 +231,38 @@ fn a_root_iv_that_is_a_symlink_is_named_and_repair_says_to_restore_it() {
     let (code, report) = fsck(&vol, &[]);
     assert_eq!(code, 0, "{report}");
 }
+
+/// A file cut to nothing has no id: the key no file uses may be its, for
+/// an intact copy from a backup. `--repair` moves the file to lost+found
+/// and keeps the key (reported with the quarantined files), so the copy put
+/// back reads; once the damaged file is gone, a repair erases what no file
+/// uses.
+#[test]
+fn a_key_a_file_without_an_id_may_need_is_kept_until_that_file_is_gone() {
+    let vol = TestVolume::init();
+    let m = vol.mount();
+    fs::write(vol.path("doc"), b"a document").unwrap();
+    m.unmount();
+    let [backing] = backing_files(&vol).try_into().unwrap();
+    let intact = fs::read(&backing).unwrap();
+    fs::write(&backing, b"").unwrap();
+    let (code, report) = fsck(&vol, &["--repair"]);
+    assert_eq!(code, 11, "{report}");
+    assert_eq!(kinds(&report), ["no_header"], "{report}");
+    let kept = &report["quarantined"].as_array().unwrap();
+    assert!(kept.iter().any(|p| p["kind"] == "orphan_key"), "{report}");
+    let (code, report) = fsck(&vol, &[]);
+    assert_eq!(code, 0, "the damaged file waits in lost+found, its key kept: {report}");
+    // The intact copy put back from a backup reads.
+    fs::write(&backing, &intact).unwrap();
+    let m = vol.mount();
+    assert_eq!(fs::read(vol.path("doc")).unwrap(), b"a document");
+    fs::remove_dir_all(vol.path("lost+found")).unwrap();
+    m.unmount();
+    // With no file without an id left, a key no file uses is erased.
+    fs::remove_file(&backing).unwrap();
+    let (code, report) = fsck(&vol, &["--repair"]);
+    assert_eq!(code, 11, "{report}");
+    assert_eq!(kinds(&report), ["orphan_key"], "{report}");
+    assert!(report.to_string().contains("key row erased"), "{report}");
+}

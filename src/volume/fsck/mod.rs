@@ -53,7 +53,9 @@ pub struct FsckReport {
     pub db_integrity: String,
     pub problems: Vec<Problem>,
     /// Damaged files an earlier repair already moved into lost+found; they
-    /// stay there (readable parts can be copied out) and do not count as problems.
+    /// stay there (readable parts can be copied out) and do not count as
+    /// problems. So do keys no file uses while damaged files without a
+    /// readable id are about (`orphan_key`, kept).
     pub quarantined: Vec<Problem>,
 }
 
@@ -125,6 +127,10 @@ struct Walk {
     /// look at or list (a path beyond PATH_MAX): any key no file was seen
     /// to use may be theirs, so none is erased.
     inaccessible: u64,
+    /// Damaged files whose id cannot be read (cut to nothing, a header
+    /// destroyed): a key no file was seen to use may be theirs, for a copy
+    /// of the file from a backup, so none is erased.
+    idless: u64,
 }
 
 /// A file whose header names an id without a key, beside a key no file
@@ -271,6 +277,7 @@ pub fn fsck(
                 blocks,
             } => {
                 report.blocks += blocks;
+                w.idless += u64::from(id.is_none());
                 let i = w.problem(&root, kind, &f.backing, f.plain.clone(), detail);
                 let tag = id
                     .map(|id| hex(&id[..4]))
@@ -315,6 +322,21 @@ pub fn fsck(
         }
     }
     match_damaged_ids(volume, &mut w, &mut orphan_keys);
+    // Keys no file uses, while damaged files without a readable id are
+    // about (in lost+found too): kept, and reported with the quarantined
+    // files. One may be the key of such a file, for an intact copy of it
+    // put back from a backup; a repair erases them once those files are gone.
+    let held_keys: Vec<usize> = if w.idless > 0 {
+        orphan_keys.drain(..).map(|(_, i)| i).collect()
+    } else {
+        Vec::new()
+    };
+    for &i in &held_keys {
+        w.problems[i].repair = Some(format!(
+            "kept: {} damaged file(s) without a readable id may be its",
+            w.idless
+        ));
+    }
     // Attributes are sealed under a file's id or a directory's IV, both 16
     // random bytes: one equal to the other was copied to borrow them.
     let borrowed: Vec<(PathBuf, PathBuf)> = w
@@ -363,7 +385,7 @@ pub fn fsck(
         repair::repair_volume(volume, &mut w, &orphan_keys, opts.salvage)?;
     }
     for (i, p) in w.problems.into_iter().enumerate() {
-        if quarantined.contains(&i) {
+        if quarantined.contains(&i) || held_keys.contains(&i) {
             report.quarantined.push(p);
         } else {
             report.problems.push(p);
