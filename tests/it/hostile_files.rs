@@ -230,7 +230,7 @@ fn a_db_companion_that_is_not_a_regular_file_is_named() {
             assert!(!common::is_mounted(&vol.mnt));
             assert_eq!(out.status.code(), Some(4), "{name} {args:?}: {}", common::stderr(&out));
             assert!(
-                common::stderr(&out).contains(&format!("{name} is damaged or unreadable: not a regular file"))
+                common::stderr(&out).contains(&format!("{name} is refused: not a regular file"))
                     && common::stderr(&out).contains("else remove it (the DB opens without it)"),
                 "{name} {args:?}: {}",
                 common::stderr(&out)

@@ -69,6 +69,9 @@ BEGIN SELECT RAISE(ABORT, 'file key wrapped under a volume key that is not activ
 pub enum DbError {
     #[error("metadata DB {path} is damaged or unreadable: {reason}")]
     Damaged { path: PathBuf, reason: String },
+    /// Whole, perhaps, but not to be opened as it is (a symlink, a hard link).
+    #[error("metadata DB file {path} is refused: {reason}")]
+    Refused { path: PathBuf, reason: String },
     #[error("metadata DB {path} has format version {found}; this kmsfs supports 1 to {FORMAT_VERSION}")]
     UnsupportedFormat { path: PathBuf, found: u32 },
     #[error("metadata DB {path}: {source}{}", full_hint(source))]
@@ -244,7 +247,7 @@ impl MetadataDb {
                     "; if it links to this volume's own file, put a copy of that in its place, else remove it \
                      (the DB opens without it)"
                 };
-                return Err(DbError::Damaged {
+                return Err(DbError::Refused {
                     path: file,
                     reason: format!(
                         "not a regular file (a symlink, directory, device or FIFO in its place is refused){remedy}"
@@ -252,7 +255,7 @@ impl MetadataDb {
                 });
             }
             if meta.nlink() > 1 {
-                return Err(DbError::Damaged {
+                return Err(DbError::Refused {
                     path: file,
                     reason: "it has other names (hard links), so writing it would change a file outside the \
                              volume; remove its other names, or make a copy of it in its place"
