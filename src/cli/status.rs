@@ -119,6 +119,17 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         .collect();
     too_old.sort_unstable();
     too_old.dedup();
+    // Versions wrapping live volume keys that the keystore does not hold.
+    let mut unheld: Vec<u32> = match key_state.as_ref().and_then(|k| k.versions_held) {
+        Some((oldest, newest)) => keys
+            .iter()
+            .filter_map(|k| provider.wrapping_version(k.wrapped.as_ref()?))
+            .filter(|v| *v < oldest || *v > newest)
+            .collect(),
+        None => Vec::new(),
+    };
+    unheld.sort_unstable();
+    unheld.dedup();
     if json {
         let verdict = failing(
             count_error.as_ref(),
@@ -128,7 +139,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             &pending,
             &set_aside,
         )
-        .and_then(|()| usable(key_state.as_ref(), &too_old));
+        .and_then(|()| usable(key_state.as_ref(), &too_old, &unheld));
         let versions: Vec<_> = keys
             .iter()
             .map(|k| {
@@ -339,13 +350,13 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
         &pending,
         &set_aside,
     )
-    .and_then(|()| usable(key_state.as_ref(), &too_old))
+    .and_then(|()| usable(key_state.as_ref(), &too_old, &unheld))
 }
 
 /// Exit code 5 when the provider says the master key cannot be used now
 /// (disabled, pending deletion or import), or no longer decrypts the
 /// master-key versions `too_old` (which wrap volume keys): mounting would fail.
-fn usable(key_state: Option<&kmsfs::kms::KeyStatus>, too_old: &[u32]) -> Result<(), CliError> {
+fn usable(key_state: Option<&kmsfs::kms::KeyStatus>, too_old: &[u32], unheld: &[u32]) -> Result<(), CliError> {
     match key_state {
         Some(key) if !key.state.starts_with("Enabled") => Err(CliError::new(
             ExitCode::Provider,
@@ -367,6 +378,21 @@ fn usable(key_state: Option<&kmsfs::kms::KeyStatus>, too_old: &[u32]) -> Result<
                 key.decrypts_from.unwrap_or_default()
             ),
         )),
+        Some(key) if !unheld.is_empty() => {
+            let (oldest, newest) = key.versions_held.unwrap_or_default();
+            let why = if unheld.iter().any(|v| *v < oldest) {
+                "destroyed by `kmsfs key trim`: a copy of the keystore from before the trim opens it"
+            } else {
+                "newer than the keystore: it is older than the one that wrapped them (restore its newest backup)"
+            };
+            Err(CliError::new(
+                ExitCode::Provider,
+                format!(
+                    "volume keys are wrapped under master-key version(s) {unheld:?}, which the keystore does \
+                     not hold (versions {oldest} to {newest}): {why}; this volume cannot be mounted with it"
+                ),
+            ))
+        }
         _ => Ok(()),
     }
 }

@@ -203,7 +203,7 @@ impl AwsKmsProvider {
             state: meta["KeyState"].as_str().unwrap_or("Unknown").to_string(),
             deletion_date: date("DeletionDate"),
             material_valid_to: date("ValidTo"),
-            decrypts_from: None,
+            ..KeyStatus::default()
         })
     }
 }

@@ -146,6 +146,9 @@ pub struct KeyStatus {
     /// The oldest master-key version the provider still decrypts with
     /// (Vault's `min_decryption_version`), where it has such a floor.
     pub decrypts_from: Option<u32>,
+    /// The oldest and newest master-key versions the provider holds, where
+    /// it knows them all (the local keystore: `key trim` destroys the oldest).
+    pub versions_held: Option<(u32, u32)>,
 }
 
 impl KeyStatus {

@@ -412,6 +412,15 @@ fn key_trim_refuses_while_a_known_volume_needs_an_old_version() {
         "{}",
         stderr(&out)
     );
+    // `status --check-key` says so too, before anyone tries to mount it.
+    let out = vol.run(&["status", "--check-key", path_str(&backup)]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("master-key version(s) [1], which the keystore does not hold (versions 3 to 3)")
+            && stderr(&out).contains("destroyed by `kmsfs key trim`"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(
         json(&vol.run(&["key", "describe", &id, "--json"]))["versions"],
         serde_json::json!([3])

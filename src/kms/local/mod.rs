@@ -730,6 +730,12 @@ impl KeyProvider for LocalProvider {
             deletion_date: record.deletion_date,
             material_valid_to: record.import.as_ref().and_then(|i| i.material_valid_to),
             decrypts_from: None,
+            versions_held: record
+                .versions
+                .iter()
+                .map(|v| v.version)
+                .min()
+                .zip(record.versions.iter().map(|v| v.version).max()),
         })
     }
 }
