@@ -76,6 +76,7 @@ impl From<VolumeError> for CliError {
             }
             VolumeError::RotationOvertaken { .. } => CliError::new(ExitCode::Mount, e.to_string()),
             VolumeError::Io { .. } => CliError::new(ExitCode::Io, e.to_string()),
+            VolumeError::NotTaken { .. } => CliError::new(ExitCode::Usage, e.to_string()),
             // A value of the wrong type or range is a damaged DB, not an I/O failure.
             VolumeError::Db(DbError::Sqlite {
                 source:

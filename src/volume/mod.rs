@@ -103,6 +103,9 @@ pub enum VolumeError {
     MissingFileKey(String),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// A path the operation does not take (`rekey` of a hard-linked file).
+    #[error("{path}: {why}")]
+    NotTaken { path: PathBuf, why: String },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError + '_ {

@@ -50,16 +50,32 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> VolumeError + '_ {
     }
 }
 
-fn refuse(path: &Path, why: &str) -> VolumeError {
+/// A file that cannot be re-keyed as it is (`kmsfs fsck` says more).
+fn damaged(path: &Path, why: &str) -> VolumeError {
     VolumeError::Io {
         path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string()),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string()),
+    }
+}
+
+fn refuse(path: &Path, why: &str) -> VolumeError {
+    VolumeError::NotTaken {
+        path: path.to_path_buf(),
+        why: why.to_string(),
     }
 }
 
 /// Re-keys the backing file at `path`. The volume must not be mounted.
 pub fn rekey_backing_file(volume: &Volume, path: &Path) -> Result<RekeyOutcome, VolumeError> {
     let meta = fs::symlink_metadata(path).map_err(io(path))?;
+    // The DB, the lock, IV files, sidecars: the volume's own, not a file of it.
+    let name = path.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default();
+    if matches!(super::layout::classify(name), super::layout::Entry::Internal) {
+        return Err(refuse(
+            path,
+            "not a file of the volume but one kmsfs keeps beside them (the DB, the lock, an IV or a long name)",
+        ));
+    }
     if !meta.file_type().is_file() {
         return Err(refuse(path, "not a regular file"));
     }
@@ -76,8 +92,8 @@ pub fn rekey_backing_file(volume: &Volume, path: &Path) -> Result<RekeyOutcome, 
     let src = File::open(path).map_err(io(path))?;
     let old_id = match namespace::read_file_id(&src).map_err(io(path))? {
         FileIdRead::Id(id) => id,
-        FileIdRead::Damaged { error, .. } => return Err(refuse(path, &format!("damaged header: {error}"))),
-        FileIdRead::Empty => return Err(refuse(path, "damaged header: the file is empty")),
+        FileIdRead::Damaged { error, .. } => return Err(damaged(path, &format!("damaged header: {error}"))),
+        FileIdRead::Empty => return Err(damaged(path, "damaged header: the file is empty")),
     };
     let old = volume.file_cipher(&old_id)?;
     let parent = path.parent().ok_or_else(|| refuse(path, "no parent directory"))?;

@@ -318,6 +318,17 @@ fn rekey_in_the_backing_directory_is_atomic() {
 
     // A normal run: new id, the previous key row erased, content and xattr kept.
     let report = json(&vol.run(&["rekey", "--json", path_str(&backing)]));
+    // The files kmsfs keeps beside the volume's are not re-keyed.
+    for own in [".kmsfs.diriv", "kmsfs.db"] {
+        let out = vol.run(&["rekey", path_str(&vol.backing.join(own))]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{own}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not a file of the volume"));
+    }
     assert_eq!(report[0]["via"], "backing");
     let new_id = id_of(&backing);
     assert_ne!(new_id, mid_id);
