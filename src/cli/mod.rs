@@ -2,6 +2,9 @@
 
 #[macro_use]
 mod output;
+mod text;
+
+pub use text::{printable, shell_quoted};
 
 mod audit;
 mod daemon;
@@ -333,20 +336,6 @@ fn reverse_volume_dir(plain: &std::path::Path) -> Result<PathBuf, CliError> {
     }
 }
 
-/// Text from the backing directory, fit for a terminal: control characters
-/// (escape sequences, fake line breaks) are shown escaped, never sent.
-pub fn printable(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
-}
-
 /// The command that mounts a new volume, with the options `init` was given
 /// that mounting needs too.
 /// `local`: the volume's master key is in the keystore (whose options then
@@ -365,11 +354,11 @@ fn mount_hint(backing: &std::path::Path, reverse: bool, keys: &KeyOptions, local
         let unused =
             (flag == "--config" && value.as_ref().is_some_and(|p| !p.exists())) || (flag != "--config" && !local);
         if let Some(path) = value.as_ref().filter(|_| !unused) {
-            hint.push_str(&format!(" {flag} {}", path.display()));
+            hint.push_str(&format!(" {flag} {}", shell_quoted(path)));
         }
     }
     let reverse = if reverse { " --reverse" } else { "" };
-    format!("{hint} mount{reverse} {} MOUNTPOINT", backing.display())
+    format!("{hint} mount{reverse} {} MOUNTPOINT", shell_quoted(backing))
 }
 
 /// `mount.kmsfs BACKING MOUNTPOINT [-o OPTS] [-n] [-s] [-v]`, as mount(8)

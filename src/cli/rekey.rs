@@ -36,19 +36,6 @@ fn locate(path: &Path) -> Result<Location, CliError> {
     ))
 }
 
-/// `path` as one word for a POSIX shell, for a command to copy.
-fn shell_quoted(path: &Path) -> String {
-    let text = path.display().to_string();
-    if !text.is_empty()
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"/._-+,:@".contains(&b))
-    {
-        return text;
-    }
-    format!("'{}'", super::printable(&text).replace('\'', r"'\''"))
-}
-
 fn io(path: &Path) -> impl Fn(std::io::Error) -> CliError + '_ {
     move |e| CliError::new(ExitCode::Io, format!("{}: {e}", path.display()))
 }
@@ -262,7 +249,7 @@ fn rekey_one(path: &Path, open: &mut OpenVolume, keys: &KeyOptions) -> Result<se
         let how = match location {
             Location::Mounted => format!(
                 "for every file under it: find {} -type f -exec kmsfs rekey {{}} +",
-                shell_quoted(path)
+                super::shell_quoted(path)
             ),
             // Not in a backing directory, which holds the DB and the IV files too.
             Location::Backing(_) => "name its files through the volume's mount".into(),
