@@ -436,7 +436,18 @@ pub fn key(command: KeyCommand, keys: &KeyOptions) -> Result<(), CliError> {
         KeyCommand::Disable { key, json } => show(&store.set_enabled(&key, false)?, json, "Disabled"),
         KeyCommand::Enable { key, json } => show(&store.set_enabled(&key, true)?, json, "Enabled"),
         KeyCommand::ScheduleDeletion { key, days, json } => {
-            show(&store.schedule_deletion(&key, days)?, json, "Scheduled for deletion")
+            let info = store.schedule_deletion(&key, days)?;
+            let users = store.known_volumes(&key)?;
+            if !users.is_empty() {
+                log::warn!(
+                    "volumes this keystore knows use key {}: {}; once it is deleted they, and their backups, \
+                     cannot be opened (`kmsfs key cancel-deletion {}` stops it before then)",
+                    info.id,
+                    users.join(", "),
+                    info.id
+                );
+            }
+            show(&info, json, "Scheduled for deletion")
         }
         KeyCommand::CancelDeletion { key, json } => show(&store.cancel_deletion(&key)?, json, "Deletion cancelled"),
     }

@@ -68,10 +68,14 @@ fn a_volume_life_is_recorded_with_failures_and_verifies() {
     assert!(vol.run(&["rotate", backing]).status.success());
     assert!(vol.run(&["key", "rotate", &key]).status.success());
     assert!(vol.run(&["rewrap", backing]).status.success());
+    let scheduled = vol.run(&["key", "schedule-deletion", &key, "--days", "7"]);
+    assert!(scheduled.status.success());
+    // The volume that uses it is named, and what stops the deletion.
     assert!(
-        vol.run(&["key", "schedule-deletion", &key, "--days", "7"])
-            .status
-            .success()
+        stderr(&scheduled).contains("volumes this keystore knows use key")
+            && stderr(&scheduled).contains(&format!("kmsfs key cancel-deletion {key}")),
+        "{}",
+        stderr(&scheduled)
     );
     assert!(vol.run(&["key", "cancel-deletion", &key]).status.success());
     let wrong = vol

@@ -317,6 +317,17 @@ impl LocalKeystore {
         )
     }
 
+    /// The volumes this keystore knows to use `key` ("PATH (volume ID)"):
+    /// what deleting it would make unreadable, as far as it knows.
+    pub fn known_volumes(&self, key: &str) -> Result<Vec<String>, KmsError> {
+        Ok(self
+            .record(key)?
+            .volumes
+            .iter()
+            .map(|(id, v)| format!("{} (volume {id})", v.backing.display()))
+            .collect())
+    }
+
     /// EnableKeyRotation (`Some(days)`, 90–2560) or DisableKeyRotation.
     pub fn set_rotation(&self, id_or_alias: &str, period_days: Option<u32>) -> Result<KeyInfo, KmsError> {
         if let Some(days) = period_days.filter(|d| !ROTATION_DAYS.contains(d)) {
