@@ -66,14 +66,15 @@ impl log::Log for Logger {
         match sink.as_mut() {
             Some(Sink::File(file)) => {
                 use std::io::Write;
-                let _ = writeln!(
-                    file,
-                    "{} {} {}: {}",
+                // One write per line: two daemons of one volume share the file.
+                let line = format!(
+                    "{} {} {}: {}\n",
                     kmsfs::util::utc_date(kmsfs::util::unix_now()),
                     record.level(),
                     record.target(),
                     record.args()
                 );
+                let _ = file.write_all(line.as_bytes());
             }
             Some(Sink::Syslog(socket)) => {
                 // RFC 3164: <facility daemon (3) * 8 + severity>tag[pid]: message
@@ -163,16 +164,7 @@ pub fn daemon_sink(volume_id: &[u8; 16]) -> Option<Sink> {
         );
         return None;
     };
-    let opened = file.parent().map_or(Ok(()), |dir| {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
-    });
-    match opened.and_then(|()| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&file)
-    }) {
+    match open_own_log(&file) {
         Ok(opened) => {
             log::warn!(
                 "no syslog at {} ({unavailable}): the daemon logs to {}",
@@ -191,6 +183,34 @@ pub fn daemon_sink(volume_id: &[u8; 16]) -> Option<Sink> {
             None
         }
     }
+}
+
+/// Opens (or creates) `file` for appending, only in a directory of this
+/// user's that no one else may write, never through a symlink, and only a
+/// regular file with one name: a root daemon must not append to a file
+/// someone else chose.
+fn open_own_log(file: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = file.parent().unwrap_or(Path::new("/"));
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() || meta.uid() != rustix::process::geteuid().as_raw() || meta.mode() & 0o022 != 0 {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory of this user's that only they may write",
+            dir.display()
+        )));
+    }
+    let opened = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(file)?;
+    let meta = opened.metadata()?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err(std::io::Error::other("not a regular file with one name"));
+    }
+    Ok(opened)
 }
 
 /// The log file of a daemon on a host without syslog:

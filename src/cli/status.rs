@@ -181,7 +181,7 @@ pub fn status(path: &Path, json: bool, check_key: bool, keys: &KeyOptions) -> Re
             // only when no daemon writes the DB meanwhile and no key waits
             // outside it.
             "safe_to_copy": daemon.is_none() && mount.is_none() && pending.is_empty() && set_aside.is_empty()
-                && count_error.is_none(),
+                && count_error.is_none() && !kmsfs::volume::lock::VolumeLock::is_held(backing),
             "pending_keys_file": !pending.is_empty(),
             "pending_keys_files": pending,
             "set_aside_keys_files": set_aside,

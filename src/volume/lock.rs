@@ -181,6 +181,29 @@ fn open(backing: &Path) -> Result<File, LockError> {
 }
 
 impl VolumeLock {
+    /// Whether some process holds the volume's lock now (a daemon, an
+    /// offline `fsck --repair`, `rotate` or `rekey`), from the kernel's list
+    /// of locks: trying it would take it for a moment, in the way of a
+    /// mount starting then.
+    pub fn is_held(backing: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::symlink_metadata(backing.join(LOCK_FILE)) else {
+            return false;
+        };
+        let device = format!(
+            "{:02x}:{:02x}:{}",
+            libc::major(meta.dev()),
+            libc::minor(meta.dev()),
+            meta.ino()
+        );
+        std::fs::read_to_string("/proc/locks").is_ok_and(|locks| {
+            locks.lines().any(|l| {
+                let fields: Vec<&str> = l.split_whitespace().collect();
+                fields.get(1) == Some(&"FLOCK") && fields.get(5) == Some(&device.as_str())
+            })
+        })
+    }
+
     pub fn acquire(backing: &Path) -> Result<Self, LockError> {
         let mut file = open(backing)?;
         let lock_file = file.metadata().ok().map(|m| {
@@ -411,5 +434,21 @@ impl VolumeLock {
             std::thread::sleep(Duration::from_millis(20));
         }
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Held while a process holds it, seen without taking it.
+    #[test]
+    fn a_held_volume_lock_is_seen_from_the_kernels_list() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!VolumeLock::is_held(dir.path()), "no lock file");
+        let lock = VolumeLock::acquire(dir.path()).unwrap();
+        assert!(VolumeLock::is_held(dir.path()));
+        drop(lock);
+        assert!(!VolumeLock::is_held(dir.path()));
     }
 }

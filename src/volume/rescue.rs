@@ -23,8 +23,8 @@ use super::{VolumeError, io_at};
 use crate::crypto::{FileId, WrappedKey};
 use crate::util::hex;
 pub(super) use places::FilesLock;
-use places::{SavedFrom, set_aside};
-pub use places::{host_file, is_set_aside, set_aside_files};
+use places::{SavedFrom, host_file, host_files, set_aside};
+pub use places::{is_set_aside, set_aside_files};
 
 mod places;
 
@@ -64,10 +64,10 @@ pub fn save(backing: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<(usize, P
     let Err(beside_error) = beside else {
         return beside;
     };
-    let Some(host) = host_file(volume_id) else {
+    let from = SavedFrom::of(backing);
+    let Some(host) = host_file(volume_id, from.as_ref()) else {
         return Err(beside_error);
     };
-    let from = SavedFrom::of(backing);
     write_merged(&host, volume_id, &inserts, &deletes, from).map_err(|host_error| VolumeError::Io {
         path: backing.join(PENDING_FILE),
         source: std::io::Error::other(format!("{beside_error}; and on the host: {host_error}")),
@@ -86,15 +86,6 @@ fn write_merged(
 ) -> Result<(usize, PathBuf), VolumeError> {
     let mut file = match read(path, volume_id) {
         Ok(Some(saved)) => {
-            if let (Some(theirs), Some(ours)) = (&saved.from, &from)
-                && !theirs.is(ours)
-            {
-                return Err(io_at(path)(std::io::Error::other(format!(
-                    "it holds file keys another copy of this volume ({}) saved: mount or fsck that copy \
-                     first, so that they are stored",
-                    theirs.path
-                ))));
-            }
             let (old_inserts, old_deletes) = saved.rows;
             encode(volume_id, &old_inserts, &old_deletes)
         }
@@ -311,16 +302,21 @@ impl std::fmt::Display for Unstored {
 /// file is set aside, and what to say of them is returned.
 pub fn restore(backing: &Path, keys: &KeyRing, db: &MetadataDb) -> Result<Vec<Unstored>, VolumeError> {
     let _files = FilesLock::take(backing);
-    let beside = restore_from(&backing.join(PENDING_FILE), keys, db, None)?;
-    let host = match host_file(keys.volume_id()) {
-        Some(host) => restore_from(&host, keys, db, SavedFrom::of(backing).as_ref())?,
-        None => None,
-    };
-    Ok(beside.into_iter().chain(host).collect())
+    let mut unstored: Vec<Unstored> = restore_from(&backing.join(PENDING_FILE), keys, db, None)?
+        .into_iter()
+        .collect();
+    let opener = SavedFrom::of(backing);
+    for host in host_files(keys.volume_id()) {
+        unstored.extend(restore_from(&host, keys, db, opener.as_ref())?);
+    }
+    Ok(unstored)
 }
 
-/// Stores the rows of the pending-keys file at `path`; one on the host only
-/// when the backing directory that saved it is the opener's (`opener`).
+/// Stores the rows of the pending-keys file at `path`. One on the host that
+/// another copy of the volume saved (not `opener`) gives its new keys only
+/// (the files it wrote may be in this copy too): its deletions, which may
+/// be of files this copy still has, are not applied, and the file stays
+/// for that copy.
 fn restore_from(
     path: &Path,
     keys: &KeyRing,
@@ -347,11 +343,14 @@ fn restore_from(
     if let (Some(theirs), Some(ours)) = (&from, opener)
         && !theirs.is(ours)
     {
+        let (ready, _) = keys.rows_to_active(inserts);
+        let restored = db.restore_rows(&ready, &[], &[])?;
         log::warn!(
-            "{} holds file keys that another copy of this volume ({}) saved: left for that copy's next mount \
-             or fsck",
+            "{} holds file keys that another copy of this volume ({}) saved: {} of them stored here too; the \
+             file stays for that copy (remove it once that copy is gone)",
             path.display(),
-            theirs.path
+            theirs.path,
+            restored.stored
         );
         return Ok(None);
     }
@@ -445,7 +444,7 @@ fn restore_from(
 pub fn waiting(backing: &Path, volume_id: &[u8; 16]) -> Vec<PathBuf> {
     let opener = SavedFrom::of(backing);
     std::iter::once(backing.join(PENDING_FILE))
-        .chain(host_file(volume_id).filter(|host| {
+        .chain(host_files(volume_id).into_iter().filter(|host| {
             // Not one another copy of the volume saved (it waits for that copy).
             !matches!(read(host, volume_id), Ok(Some(Saved { from: Some(theirs), .. }))
                 if opener.as_ref().is_some_and(|ours| !theirs.is(ours)))

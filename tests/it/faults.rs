@@ -251,8 +251,9 @@ fn keys_a_backing_filesystem_turned_read_only_keeps_from_committing_are_reported
     sh(&["umount", path_str(&ext)]);
     let _ = Command::new("e2fsck").args(["-fy", path_str(&image)]).output().unwrap();
     sh(&["mount", "-o", "loop", path_str(&image), path_str(&ext)]);
-    // A copy of the backing directory (a backup checked on this host) does
-    // not take them: they are the original's.
+    // A copy of the backing directory (a backup checked on this host) stores
+    // the new keys too (the files are in it as well), but leaves the file,
+    // and its deletions, to the original.
     let copy = outer.path().join("copy");
     sh(&["cp", "-a", backing, path_str(&copy)]);
     let host: Vec<PathBuf> = fs::read_dir("/var/lib/kmsfs/pending-keys")
@@ -268,6 +269,12 @@ fn keys_a_backing_filesystem_turned_read_only_keeps_from_committing_are_reported
     assert!(
         common::stderr(&out).contains("another copy of this volume"),
         "{}",
+        common::stderr(&out)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the copy's file has its key: {}",
         common::stderr(&out)
     );
     assert!(host[0].exists(), "left for the original");

@@ -90,17 +90,61 @@ impl FilesLock {
     }
 }
 
-/// Where a volume's pending keys go when its backing directory cannot take
-/// them: `/var/lib/kmsfs/pending-keys/VOLUME-ID.json` for root, else under
-/// `$XDG_STATE_HOME` (default `~/.local/state`, the home from the account
-/// database when `$HOME` is unset) `/kmsfs/pending-keys/`.
-pub fn host_file(volume_id: &[u8; 16]) -> Option<PathBuf> {
+/// Where the host keeps pending keys: `/var/lib/kmsfs/pending-keys` for
+/// root, else under `$XDG_STATE_HOME` (default `~/.local/state`, the home
+/// from the account database when `$HOME` is unset) `/kmsfs/pending-keys`.
+fn host_dir() -> Option<PathBuf> {
     let dir = if rustix::process::geteuid().is_root() {
         PathBuf::from("/var/lib/kmsfs")
     } else {
         crate::util::state_dir()?.join("kmsfs")
     };
-    Some(dir.join("pending-keys").join(format!("{}.json", hex(volume_id))))
+    Some(dir.join("pending-keys"))
+}
+
+/// Where the keys of volume `volume_id` that the backing directory `from`
+/// could not take go on the host: `VOLUME-ID-PLACE.json`, PLACE naming the
+/// directory (copies of one volume each have their own); `VOLUME-ID.json`
+/// when the directory cannot be named.
+pub(super) fn host_file(volume_id: &[u8; 16], from: Option<&SavedFrom>) -> Option<PathBuf> {
+    let name = match from {
+        Some(from) => {
+            use sha2::Digest;
+            let place = sha2::Sha256::digest(from.path.as_bytes());
+            format!("{}-{}.json", hex(volume_id), hex(&place[..8]))
+        }
+        None => format!("{}.json", hex(volume_id)),
+    };
+    Some(host_dir()?.join(name))
+}
+
+/// Every pending-keys file of volume `volume_id` on the host, whichever
+/// copy of it saved it (`VOLUME-ID.json`, `VOLUME-ID-PLACE.json`).
+pub(super) fn host_files(volume_id: &[u8; 16]) -> Vec<PathBuf> {
+    let Some(dir) = host_dir() else {
+        return Vec::new();
+    };
+    let id = hex(volume_id);
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name().to_str().is_some_and(|n| {
+                n.strip_prefix(id.as_str())
+                    .and_then(|rest| rest.strip_suffix(".json"))
+                    .is_some_and(|place| {
+                        place.is_empty()
+                            || place
+                                .strip_prefix('-')
+                                .is_some_and(|p| p.len() == 16 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+                    })
+            })
+        })
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found
 }
 
 /// Moves a pending-keys file that is not one (`why`) out of the way, for a
@@ -139,7 +183,12 @@ pub fn is_set_aside(name: &str, base: &str) -> bool {
 /// the host: keys in them stay unstored until a person looks (whatever
 /// they are: a FIFO is set aside as it is).
 pub fn set_aside_files(backing: &Path, volume_id: &[u8; 16]) -> Vec<PathBuf> {
-    set_aside_of(std::iter::once(backing.join(PENDING_FILE)).chain(host_file(volume_id)))
+    let from = SavedFrom::of(backing);
+    set_aside_of(
+        std::iter::once(backing.join(PENDING_FILE))
+            .chain(host_file(volume_id, None))
+            .chain(from.and_then(|from| host_file(volume_id, Some(&from)))),
+    )
 }
 
 /// The files set aside from the pending-keys files at `pending`.
