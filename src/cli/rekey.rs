@@ -47,6 +47,13 @@ fn openers(path: &Path) -> Vec<(u32, String)> {
     let Ok(procs) = fs::read_dir("/proc") else {
         return Vec::new();
     };
+    // A mapping is named by device and inode in /proc/PID/maps.
+    let mapped_as = fs::metadata(path).ok().map(|m| {
+        (
+            format!("{:02x}:{:02x}", libc::major(m.dev()), libc::minor(m.dev())),
+            m.ino().to_string(),
+        )
+    });
     let me = std::process::id();
     let holds = |pid: u32| {
         // readlink only: a stat through another process's descriptor could
@@ -56,8 +63,14 @@ fn openers(path: &Path) -> Vec<(u32, String)> {
             .flatten()
             .flatten()
             .any(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == path));
-        open || fs::read_to_string(format!("/proc/{pid}/maps"))
-            .is_ok_and(|maps| maps.lines().any(|l| l.ends_with(&*path.to_string_lossy())))
+        open || mapped_as.as_ref().is_some_and(|(dev, ino)| {
+            fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|maps| {
+                maps.lines().any(|l| {
+                    let fields: Vec<&str> = l.split_whitespace().collect();
+                    fields.get(3) == Some(&dev.as_str()) && fields.get(4) == Some(&ino.as_str())
+                })
+            })
+        })
     };
     procs
         .flatten()

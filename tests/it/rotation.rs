@@ -384,6 +384,32 @@ fn rekey_in_the_backing_directory_is_atomic() {
     drop(held);
     json(&vol.run(&["rekey", "--json", path_str(&log)]));
     assert_eq!(fs::read(&log).unwrap(), b"line1\nline2\n");
+    // So is one mapped, with no descriptor left open.
+    let map = {
+        use std::os::fd::AsRawFd;
+        let file = fs::File::open(&log).unwrap();
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                12,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        map
+    };
+    let refused = vol.run(&["rekey", path_str(&log)]);
+    assert_eq!(
+        refused.status.code(),
+        Some(6),
+        "mapped: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(unsafe { libc::munmap(map, 12) }, 0);
+    json(&vol.run(&["rekey", "--json", path_str(&log)]));
     fs::remove_file(&log).unwrap();
     m.unmount();
     let [after] = backing_data_files(&vol).try_into().unwrap();
