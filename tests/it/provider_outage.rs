@@ -15,6 +15,17 @@ fn vault_volume(bao: &peers::Peer) -> TestVolume {
     )
 }
 
+/// `vol` mounted with a token of its own, a file written, then the token
+/// revoked: the daemon can no longer reach the provider.
+fn mounted_with_its_token_revoked<'a>(bao: &peers::Peer, vol: &'a TestVolume) -> common::Mount<'a> {
+    let token = peers::bao(bao, false, &["token", "create", "-field=token", "-policy=root"]);
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let m = vol.mount_with_env(&[("VAULT_TOKEN", &token)], &[]);
+    fs::write(vol.path("before"), b"before").unwrap();
+    peers::bao(bao, false, &["token", "revoke", &token]);
+    m
+}
+
 fn volume_key_states(vol: &TestVolume) -> Vec<(u32, String, bool)> {
     let db = rusqlite::Connection::open(vol.backing.join("kmsfs.db")).unwrap();
     let mut stmt = db
@@ -72,11 +83,7 @@ fn a_rotation_the_daemon_cannot_follow_is_undone() {
     let bao = peers::openbao(false);
     let vol = vault_volume(&bao);
     let backing = path_str(&vol.backing);
-    let token = peers::bao(&bao, false, &["token", "create", "-field=token", "-policy=root"]);
-    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
-    let mut m = vol.mount_with_env(&[("VAULT_TOKEN", &token)], &[]);
-    fs::write(vol.path("before"), b"before").unwrap();
-    peers::bao(&bao, false, &["token", "revoke", &token]);
+    let mut m = mounted_with_its_token_revoked(&bao, &vol);
     let started = std::time::Instant::now();
     let out = vol
         .command()
@@ -120,11 +127,7 @@ fn a_daemon_left_behind_by_a_killed_rotation_is_shown_until_the_next_rotate_undo
     let bao = peers::openbao(false);
     let vol = vault_volume(&bao);
     let backing = path_str(&vol.backing);
-    let token = peers::bao(&bao, false, &["token", "create", "-field=token", "-policy=root"]);
-    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
-    let mut m = vol.mount_with_env(&[("VAULT_TOKEN", &token)], &[]);
-    fs::write(vol.path("before"), b"before").unwrap();
-    peers::bao(&bao, false, &["token", "revoke", &token]);
+    let mut m = mounted_with_its_token_revoked(&bao, &vol);
     let killed = vol
         .command()
         .env(kmsfs::volume::rotate::KILL_AFTER_ENV, "daemon-failed")
