@@ -72,6 +72,8 @@ fn a_full_backing_filesystem_gives_enospc_and_corrupts_nothing() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     };
     mount();
+    // Whatever fails, the volume's mount goes first, then the tmpfs under it.
+    let _mounted = TestMount(mnt.clone());
     let result = std::panic::catch_unwind(|| {
         let mut rng = Rng::new(9);
         let mut written: Vec<(PathBuf, Vec<u8>)> = Vec::new();
