@@ -82,6 +82,19 @@ pub fn fsck(backing: &Path, keys: &KeyOptions, opts: FsckOptions, json: bool) ->
             super::printable(&p.detail)
         );
     }
+    // Files in lost+found this run salvaged (`--salvage`): said, not counted as problems.
+    for p in report.quarantined.iter().filter(|p| p.kind != "orphan_key") {
+        if let Some(done) = &p.repair {
+            let path = p.path.as_deref().map(|p| format!(" ({p})")).unwrap_or_default();
+            outln!(
+                "in lost+found: {}{}: {} -> {}",
+                super::printable(&p.backing),
+                super::printable(&path),
+                super::printable(&p.detail),
+                super::printable(done)
+            );
+        }
+    }
     let kept_keys = report.quarantined.iter().filter(|p| p.kind == "orphan_key").count();
     let kept_files = report.quarantined.len() - kept_keys;
     if kept_files > 0 {
