@@ -38,6 +38,21 @@ pub fn home() -> Option<std::path::PathBuf> {
         .or_else(|| home_of(rustix::process::geteuid().as_raw()))
 }
 
+/// Makes `dir` if it is not there; it must be this user's alone (a record
+/// or log kept there must not be one someone else chose).
+pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() || meta.uid() != rustix::process::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory of this user's alone",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// This user's state directory: `$XDG_STATE_HOME`, else `~/.local/state`.
 pub fn state_dir() -> Option<std::path::PathBuf> {
     std::env::var_os("XDG_STATE_HOME")

@@ -4,7 +4,7 @@
 //! one, to a file of its own (`daemon_log_file`), so that tamper and EIO
 //! reports are never dropped.
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
@@ -186,20 +186,12 @@ pub fn daemon_sink(volume_id: &[u8; 16]) -> Option<Sink> {
 }
 
 /// Opens (or creates) `file` for appending, only in a directory of this
-/// user's that no one else may write, never through a symlink, and only a
+/// user's alone (`util::private_dir`), never through a symlink, and only a
 /// regular file with one name: a root daemon must not append to a file
 /// someone else chose.
 fn open_own_log(file: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::MetadataExt;
-    let dir = file.parent().unwrap_or(Path::new("/"));
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.is_dir() || meta.uid() != rustix::process::geteuid().as_raw() || meta.mode() & 0o022 != 0 {
-        return Err(std::io::Error::other(format!(
-            "{} is not a directory of this user's that only they may write",
-            dir.display()
-        )));
-    }
+    kmsfs::util::private_dir(file.parent().unwrap_or(Path::new("/")))?;
     let opened = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -16,7 +16,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::layout::LOCK_FILE;
@@ -75,7 +75,7 @@ fn is_private(dir: &Path) -> bool {
 /// The directory this process publishes to: the first of its own that it
 /// can make (or finds) its own alone.
 pub(super) fn own_dir() -> Option<PathBuf> {
-    own_dirs().into_iter().find(|dir| private_dir(dir).is_ok())
+    own_dirs().into_iter().find(|dir| crate::util::private_dir(dir).is_ok())
 }
 
 /// Where this process looks for records: its own directories and root's
@@ -356,24 +356,11 @@ fn read_small_file(path: &Path) -> Option<(String, std::fs::Metadata)> {
     Some((text, meta))
 }
 
-/// Makes `dir` if it is not there; it must be this user's alone.
-fn private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.is_dir() || meta.uid() != rustix::process::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
-        return Err(std::io::Error::other(format!(
-            "{} is not a directory of this user's alone",
-            dir.display()
-        )));
-    }
-    Ok(())
-}
-
 /// Writes `text` to `path` whole (a new file renamed over it), in a
 /// directory only this user can enter.
 pub(super) fn write(path: &Path, text: &str) -> std::io::Result<()> {
     let dir = path.parent().ok_or_else(|| std::io::Error::other("no directory"))?;
-    private_dir(dir)?;
+    crate::util::private_dir(dir)?;
     let tmp = dir.join(format!(
         ".{}.{}",
         std::process::id(),
